@@ -1,0 +1,105 @@
+"""What went wrong with a request, and what to do about it: retry, fail the row, or stop the job.
+
+Zhipu puts the meaning in a business code inside the body (`{"error": {"code": "1113", ...}}`),
+and the HTTP status alone misleads: 1113 (arrears) and 1304 (daily quota) arrive as 429, which
+the openai SDK would retry forever. So we classify on the code first, the status second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import openai
+
+Scope = Literal["retry", "row", "job"]
+
+RATE_LIMIT_CODES = {1302, 1303, 1305, 1312}
+ROW_CODES = {1210: "bad_request", 1213: "bad_request", 1214: "bad_request", 1215: "bad_request",
+             1261: "prompt_too_long", 1301: "content_filter"}
+JOB_CODE_CLASSES: list[tuple[range, str]] = [
+    (range(1000, 1006), "auth"),
+    (range(1110, 1122), "account"),
+    (range(1211, 1213), "model_not_found"),
+    (range(1220, 1223), "permission"),
+    (range(1304, 1305), "quota"),
+    (range(1308, 1312), "quota"),
+    (range(1313, 1314), "quota"),
+]
+
+
+@dataclass
+class Failure(Exception):
+    scope: Scope
+    error_class: str
+    message: str
+    retry_after: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.error_class}: {self.message}"
+
+
+def classify(exc: BaseException) -> Failure:
+    if isinstance(exc, Failure):
+        return exc
+    if isinstance(exc, openai.APITimeoutError):
+        return Failure("retry", "timeout", "request timed out")
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__
+        detail = f": {type(cause).__name__}" if cause is not None else ""
+        return Failure("retry", "connection", f"connection error{detail}")
+    if isinstance(exc, openai.APIStatusError):
+        return classify_status(exc.status_code, _body_code(exc.body), _body_message(exc),
+                               retry_after_seconds(exc.response.headers))
+    return Failure("retry", "bad_response", f"{type(exc).__name__}: {exc}"[:300])
+
+
+def classify_status(status: int, code: int | None, message: str, retry_after: float | None = None) -> Failure:
+    described = f"HTTP {status}" + (f" code {code}" if code is not None else "") + (f": {message}" if message else "")
+    if code is not None:
+        for codes, error_class in JOB_CODE_CLASSES:
+            if code in codes:
+                return Failure("job", error_class, described)
+    if status in (401, 403):
+        return Failure("job", "auth", described)
+    if status == 429:
+        if code is None or code in RATE_LIMIT_CODES:
+            return Failure("retry", "rate_limited", described, retry_after)
+        return Failure("job", "quota", described)
+    if status >= 500 or status == 408 or code in (1200, 1230, 1234):
+        return Failure("retry", "server_error", described, retry_after)
+    if status == 404:
+        # Every row would hit the same missing endpoint or model.
+        return Failure("job", "not_found", described)
+    if code in ROW_CODES:
+        return Failure("row", ROW_CODES[code], described)
+    return Failure("row", "bad_request", described)
+
+
+def retry_after_seconds(headers: object) -> float | None:
+    get = getattr(headers, "get", None)
+    if get is None:
+        return None
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = get(name)
+        if value is None:
+            continue
+        try:
+            return max(0.0, float(value) * scale)
+        except ValueError:
+            continue  # An HTTP date: rare from API servers; fall back to our own backoff.
+    return None
+
+
+def _body_code(body: object) -> int | None:
+    code = body.get("code") if isinstance(body, dict) else None
+    try:
+        return int(code) if code is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _body_message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    message = body.get("message") if isinstance(body, dict) else None
+    return str(message or "")[:300]

@@ -1,0 +1,167 @@
+"""One row's request: rate limits, the call, retries with backoff, and the result record.
+
+The openai SDK's own retries are off (max_retries=0): they would retry 1113 (arrears, sent as
+HTTP 429) forever and multiply with ours. We read the raw body instead of the SDK's pydantic
+model: it is cheaper per request and lets us see Zhipu-only fields and malformed 200s ourselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import openai
+from aiolimiter import AsyncLimiter
+from tenacity import (AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt,
+                      stop_when_event_set, wait_exponential_jitter)
+
+from batch.config import JobSpec
+from batch.failures import RATE_LIMIT_CODES, ROW_CODES, Failure, classify, classify_status
+from batch.pricing import cost_of
+from batch.reader import Row
+
+MAX_RETRY_AFTER_S = 600.0
+
+
+class JobFatal(Exception):
+    """The API refused the job as a whole; carries the failure that said so."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(str(failure))
+        self.failure = failure
+
+
+def make_client(spec: JobSpec, api_key: str) -> openai.AsyncOpenAI:
+    # aiohttp transport: about half the client CPU per request of the default httpx one.
+    return openai.AsyncOpenAI(
+        api_key=api_key,
+        base_url=spec.model.resolved_base_url,
+        max_retries=0,
+        timeout=spec.limits.timeout_s,
+        http_client=openai.DefaultAioHttpClient(timeout=spec.limits.timeout_s),
+    )
+
+
+def rate_limiter(per_minute: float | None) -> AsyncLimiter | None:
+    """A limiter that spreads `per_minute` over one-second slices instead of allowing a minute's burst."""
+    if per_minute is None:
+        return None
+    per_second = per_minute / 60
+    capacity = max(1.0, per_second)
+    return AsyncLimiter(capacity, time_period=capacity / per_second)
+
+
+class Pool:
+    def __init__(self, client: openai.AsyncOpenAI, spec: JobSpec, stopping: asyncio.Event) -> None:
+        self.client = client
+        self.model = spec.model.name
+        self.body_params = dict(spec.model.params)
+        # Provider-only fields and OpenAI ones go the same way: the SDK's create() has fixed kwargs.
+        self.body_params.update(self.body_params.pop("extra_body", None) or {})
+        self.max_tokens = int(self.body_params.get("max_tokens") or 0)
+        self.requests = rate_limiter(spec.limits.requests_per_minute)
+        self.tokens = rate_limiter(spec.limits.tokens_per_minute)
+        self.retry = spec.retry
+        self.stopping = stopping
+        self._backoff = wait_exponential_jitter(initial=spec.retry.initial_backoff_s, max=spec.retry.max_backoff_s)
+
+    async def answer(self, row: Row, messages: list[dict[str, Any]], estimated_tokens: int) -> dict[str, Any]:
+        """The result record for a row; raises JobFatal when the whole job must stop."""
+        attempts = 0
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.retry.max_attempts) | stop_when_event_set(self.stopping),  # type: ignore[arg-type]
+            wait=self._wait,
+            retry=retry_if_exception(lambda exc: isinstance(exc, Failure) and exc.scope == "retry"),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts += 1
+                    return await self._attempt(row, messages, estimated_tokens, attempts)
+        except Failure as failure:
+            if failure.scope == "job":
+                raise JobFatal(failure) from None
+            return failed_record(row, failure.error_class, failure.message, attempts, self.model)
+        raise AssertionError("unreachable: tenacity either returns or raises")
+
+    def _wait(self, state: RetryCallState) -> float:
+        failure = state.outcome.exception() if state.outcome else None
+        if isinstance(failure, Failure) and failure.retry_after is not None:
+            return min(failure.retry_after, MAX_RETRY_AFTER_S)
+        return self._backoff(state)
+
+    async def _attempt(self, row: Row, messages: list[dict[str, Any]], estimated_tokens: int, attempts: int) -> dict[str, Any]:
+        if self.tokens is not None:
+            await self.tokens.acquire(min(estimated_tokens + self.max_tokens, self.tokens.max_rate))
+        if self.requests is not None:
+            await self.requests.acquire()
+        started = time.perf_counter()
+        try:
+            raw = await self.client.chat.completions.with_raw_response.create(
+                model=self.model, messages=messages, extra_body=self.body_params)  # type: ignore[arg-type]
+            body = raw.http_response.content
+        except Exception as exc:  # every transport and status error is classified, none escapes raw
+            raise classify(exc) from None
+        latency = time.perf_counter() - started
+        return self._record(row, parse_body(body), latency, attempts)
+
+    def _record(self, row: Row, data: dict[str, Any], latency: float, attempts: int) -> dict[str, Any]:
+        choice = data["choices"][0]
+        message = choice.get("message") or {}
+        usage = data.get("usage") or {}
+        prompt_tokens = usage.get("prompt_tokens")
+        completion_tokens = usage.get("completion_tokens")
+        return {
+            "id": row.id, "seq": row.seq, "status": "ok",
+            "response": message.get("content"),
+            "reasoning_content": message.get("reasoning_content"),
+            "finish_reason": choice.get("finish_reason"),
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": usage.get("total_tokens"),
+            "cost": cost_of(self.model, prompt_tokens, completion_tokens),
+            "model": data.get("model") or self.model,
+            "request_id": data.get("request_id") or data.get("id"),
+            "latency_s": round(latency, 4), "attempts": attempts,
+            "error_class": None, "error": None,
+        }
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    """A 200's body as a completion, or the Failure it really is."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise Failure("retry", "bad_response", "HTTP 200 with a body that is not JSON") from None
+    if not isinstance(data, dict):
+        raise Failure("retry", "bad_response", "HTTP 200 with a body that is not a JSON object")
+    error = data.get("error")
+    if isinstance(error, dict) and not data.get("choices"):
+        # Some gateways answer 200 with an error body; judge it by its business code.
+        code = _int_or_none(error.get("code"))
+        status = 429 if code in RATE_LIMIT_CODES else 400 if code in ROW_CODES else 500
+        raise classify_status(status, code, str(error.get("message") or "")[:300])
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise Failure("retry", "bad_response", "HTTP 200 without choices")
+    if choices[0].get("finish_reason") == "network_error":
+        raise Failure("retry", "server_error", "finish_reason network_error (model inference error)")
+    return data
+
+
+def failed_record(row: Row, error_class: str, error: str, attempts: int, model: str) -> dict[str, Any]:
+    return {
+        "id": row.id, "seq": row.seq, "status": "failed", "response": None, "reasoning_content": None,
+        "finish_reason": None, "prompt_tokens": None, "completion_tokens": None, "total_tokens": None,
+        "cost": None, "model": model, "request_id": None, "latency_s": None, "attempts": attempts,
+        "error_class": error_class, "error": error,
+    }
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,81 @@
+"""From a row's values to the chat messages sent for it."""
+
+from __future__ import annotations
+
+import json
+import string
+from typing import Any
+
+from batch.config import PromptSpec
+from batch.errors import ConfigError
+
+
+class RowPromptError(Exception):
+    """This row cannot be sent (empty prompt, bad messages); it fails without a request."""
+
+
+def template_columns(template: str) -> list[str]:
+    """The column names a template's `{placeholders}` refer to (`{{` and `}}` are literal braces)."""
+    columns = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigError(f"prompt.template: {exc} (write literal braces as '{{{{' and '}}}}')") from None
+    for _literal, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if field == "" or field.isdigit() or spec or conversion or any(c in field for c in ".["):
+            raise ConfigError(f"prompt.template: placeholder '{{{field}}}' must be a plain column name like {{text}}")
+        columns.append(field)
+    return columns
+
+
+class PromptBuilder:
+    def __init__(self, spec: PromptSpec) -> None:
+        self.spec = spec
+        self.columns = template_columns(spec.template) if spec.template is not None else [spec.messages_column]
+        self._system = [{"role": "system", "content": spec.system}] if spec.system else []
+
+    def messages(self, values: dict[str, Any]) -> list[dict[str, Any]]:
+        if self.spec.template is not None:
+            return self._system + [{"role": "user", "content": self._render(values)}]
+        return self._system + _parse_messages(values.get(self.spec.messages_column), self.spec.messages_column)
+
+    def _render(self, values: dict[str, Any]) -> str:
+        rendered = {}
+        for column in self.columns:
+            value = values.get(column)
+            if value is None or (isinstance(value, float) and value != value) or str(value).strip() == "":
+                raise RowPromptError(f"column '{column}' is empty")
+            rendered[column] = value
+        return self.spec.template.format_map(rendered)  # type: ignore[union-attr]
+
+
+def _parse_messages(value: Any, column: str | None) -> list[dict[str, Any]]:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise RowPromptError(f"column '{column}' is empty")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise RowPromptError(f"column '{column}' is not valid JSON: {exc.msg}") from None
+    if hasattr(value, "tolist"):  # a list read from Parquet arrives as a numpy array
+        value = value.tolist()
+    if not isinstance(value, list) or not value:
+        raise RowPromptError(f"column '{column}' must hold a non-empty JSON list of messages")
+    for message in value:
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str) and "content" in message):
+            raise RowPromptError(f"column '{column}': each message needs 'role' and 'content'")
+    return value
+
+
+def estimate_tokens(messages: list[dict[str, Any]]) -> int:
+    """A cheap upper-ish estimate: one token per non-ASCII character (CJK), one per 4 ASCII ones."""
+    total = 0
+    for message in messages:
+        text = message.get("content")
+        text = text if isinstance(text, str) else json.dumps(text, ensure_ascii=False)
+        chars = len(text)
+        non_ascii = (len(text.encode("utf-8")) - chars) // 2
+        total += 4 + non_ascii + (chars - non_ascii) // 4
+    return total

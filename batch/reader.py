@@ -1,0 +1,187 @@
+"""The input table, streamed in record batches: the whole table is never in memory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from batch.errors import ConfigError
+
+BATCH_ROWS = 8192
+CSV_BLOCK_BYTES = 1 << 20
+
+
+@dataclass(slots=True)
+class Row:
+    seq: int  # position in the input, from 0
+    id: str
+    values: dict[str, Any]
+
+
+class InputTable:
+    """One input file (.csv, .parquet, .jsonl) and the columns a job needs from it."""
+
+    def __init__(self, path: Path, id_column: str | None, prompt_columns: list[str], keep_columns: list[str]) -> None:
+        self.path = path
+        self.id_column = id_column
+        self.prompt_columns = prompt_columns
+        self.keep_columns = keep_columns
+        self.format = path.suffix.lower().lstrip(".")
+        if not path.is_file():
+            raise ConfigError(f"{path}: input file not found")
+        self.columns = self._column_names()
+        self._check_columns()
+
+    def _column_names(self) -> list[str]:
+        try:
+            if self.format == "parquet":
+                return list(pq.ParquetFile(self.path).schema_arrow.names)
+            if self.format == "csv":
+                with pacsv.open_csv(self.path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES)) as reader:
+                    return list(reader.schema.names)
+            first = next(self._jsonl_records(), None)
+            return list(first) if first is not None else []
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ConfigError(f"{self.path}: cannot read {self.format.upper()}: {_arrow_message(exc)}") from None
+
+    def _check_columns(self) -> None:
+        wanted = [("input.id_column", self.id_column)] if self.id_column else []
+        wanted += [("prompt", c) for c in self.prompt_columns] + [("output.keep_columns", c) for c in self.keep_columns]
+        for key, column in wanted:
+            if column not in self.columns:
+                raise ConfigError(
+                    f"{self.path}: {key} names column '{column}', which is not in the input "
+                    f"(columns: {', '.join(self.columns) or 'none'})"
+                )
+
+    def batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        """Record batches holding just `columns`, in input order."""
+        columns = list(dict.fromkeys(columns)) or self.columns[:1]
+        try:
+            if self.format == "parquet":
+                yield from pq.ParquetFile(self.path).iter_batches(batch_size=BATCH_ROWS, columns=columns)
+            elif self.format == "csv":
+                yield from self._csv_batches(columns)
+            else:
+                yield from self._jsonl_batches(columns)
+        except pa.ArrowInvalid as exc:
+            raise ConfigError(f"{self.path}: cannot read {self.format.upper()}: {_arrow_message(exc)}") from None
+
+    def _csv_batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        # Every CSV column as text: type inference per block can change its mind mid-file.
+        convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}, include_columns=columns,
+                                       strings_can_be_null=False, quoted_strings_can_be_null=False)
+        read = pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES)
+        with pacsv.open_csv(self.path, read_options=read, convert_options=convert) as reader:
+            yield from reader
+
+    def _jsonl_records(self) -> Iterator[dict[str, Any]]:
+        try:
+            with open(self.path, encoding="utf-8") as lines:
+                for number, line in enumerate(lines, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ConfigError(f"{self.path} line {number}: not valid JSON: {exc.msg}") from None
+                    if not isinstance(record, dict):
+                        raise ConfigError(f"{self.path} line {number}: each line must be a JSON object")
+                    yield record
+        except UnicodeDecodeError:
+            raise ConfigError(f"{self.path}: not UTF-8 text: save the file as UTF-8") from None
+
+    def _jsonl_batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        schema: pa.Schema | None = None
+        chunk: list[dict[str, Any]] = []
+        for record in self._jsonl_records():
+            chunk.append({c: record.get(c) for c in columns})
+            if len(chunk) == BATCH_ROWS:
+                batch = _jsonl_batch(chunk, schema, self.path)
+                schema = batch.schema
+                yield batch
+                chunk = []
+        if chunk:
+            yield _jsonl_batch(chunk, schema, self.path)
+
+    def scan(self) -> int:
+        """Read the job's columns once before any request: count rows, find bad ids and bad text early."""
+        seen: set[str] = set()
+        total = 0
+        for batch in self.batches(self._job_columns()):
+            if self.id_column:
+                for offset, value in enumerate(batch.column(self.id_column).to_pylist()):
+                    row_id = _id_text(value)
+                    where = f"{self.path} row {total + offset + 1}"
+                    if row_id is None:
+                        raise ConfigError(f"{where}: empty id in column '{self.id_column}'")
+                    if row_id in seen:
+                        raise ConfigError(f"{where}: duplicate id '{row_id}' in column '{self.id_column}'")
+                    seen.add(row_id)
+            total += batch.num_rows
+        if total == 0:
+            raise ConfigError(f"{self.path}: the input has no rows")
+        return total
+
+    def _job_columns(self) -> list[str]:
+        return ([self.id_column] if self.id_column else []) + self.prompt_columns + self.keep_columns
+
+    def rows(self) -> Iterator[Row]:
+        """Every row with its id and the values its prompt needs."""
+        columns = ([self.id_column] if self.id_column else []) + self.prompt_columns
+        derived = DerivedIds()
+        seq = 0
+        for batch in self.batches(columns):
+            values = {c: batch.column(c).to_pylist() for c in self.prompt_columns}
+            ids = batch.column(self.id_column).to_pylist() if self.id_column else None
+            for i in range(batch.num_rows):
+                row_values = {c: v[i] for c, v in values.items()}
+                row_id = _id_text(ids[i]) if ids is not None else derived.next(row_values)
+                yield Row(seq, row_id or "", row_values)
+                seq += 1
+
+
+class DerivedIds:
+    """Stable ids from a row's prompt values; repeats of the same content get '-2', '-3', ..."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+        self._repeats: dict[str, int] = {}
+
+    def next(self, values: dict[str, Any]) -> str:
+        digest = hashlib.sha256(json.dumps(values, ensure_ascii=False, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        if digest not in self._seen:
+            self._seen.add(digest)
+            return digest
+        count = self._repeats.get(digest, 1) + 1
+        self._repeats[digest] = count
+        return f"{digest}-{count}"
+
+
+def _id_text(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _jsonl_batch(chunk: list[dict[str, Any]], schema: pa.Schema | None, path: Path) -> pa.RecordBatch:
+    try:
+        return pa.RecordBatch.from_pylist(chunk, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise ConfigError(f"{path}: a column changes type between lines: {_arrow_message(exc)}") from None
+
+
+def _arrow_message(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "invalid UTF8" in text or "UTF-8" in text:
+        return "not UTF-8 text: save the file as UTF-8"
+    return text[:300]

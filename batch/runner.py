@@ -1,0 +1,176 @@
+"""A whole run: rows from the reader, through the pool, into the checkpoint, then the final output."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+from batch.config import JobSpec
+from batch.errors import EXIT_INTERRUPTED, EXIT_JOB_FATAL, EXIT_OK, EXIT_ROWS_FAILED
+from batch.pool import JobFatal, Pool, failed_record, make_client
+from batch.prompts import PromptBuilder, RowPromptError, estimate_tokens
+from batch.reader import InputTable, Row
+from batch.summary import Progress, RunStats, build_summary, save_summary
+from batch.writer import Checkpoint, write_final
+
+log = logging.getLogger("batch")
+
+TICK_S = 0.25
+GRACE_S = 10.0  # how long in-flight requests may finish after Ctrl-C / SIGTERM
+
+
+@dataclass
+class RunOptions:
+    retry_failed: bool = False
+    progress_interval_s: float = 5.0
+    tty: bool | None = None
+
+
+class Run:
+    def __init__(self, spec: JobSpec, api_key: str, options: RunOptions) -> None:
+        self.spec = spec
+        self.api_key = api_key
+        self.options = options
+        self.builder = PromptBuilder(spec.prompt)
+        self.table = InputTable(spec.input.path, spec.input.id_column, self.builder.columns, spec.output.keep_columns)
+        self.checkpoint = Checkpoint(spec.checkpoint_dir, spec.output.checkpoint_rows, spec.output.checkpoint_seconds)
+        self.stopping = asyncio.Event()
+        self.stopped: str | None = None
+        self.exit_code: int | None = None
+
+    async def execute(self) -> dict[str, Any]:
+        total = self.table.scan()  # bad ids or text fail here, before any request
+        done = self.checkpoint.open()
+        stats = RunStats(total)
+        progress = Progress(stats, self.options.progress_interval_s, self.options.tty)
+        self._install_signal_handlers()
+        try:
+            async with make_client(self.spec, self.api_key) as client:
+                await self._process(Pool(client, self.spec, self.stopping), done, stats, progress)
+        finally:
+            self._remove_signal_handlers()
+            progress.close()
+            self.checkpoint.close()
+        return self._finish(stats)
+
+    async def _process(self, pool: Pool, done: dict[str, str], stats: RunStats, progress: Progress) -> None:
+        concurrency = self.spec.limits.concurrency
+        queue: asyncio.Queue[tuple[Row, list[dict[str, Any]]] | None] = asyncio.Queue(maxsize=2 * concurrency)
+
+        def record(result: dict[str, Any]) -> None:
+            self.checkpoint.append(result)
+            stats.add(result)
+
+        async def feed() -> None:
+            try:
+                await feed_rows()
+            finally:  # also when reading fails mid-file: the workers must not wait forever
+                for _ in range(concurrency):
+                    await queue.put(None)
+
+        async def feed_rows() -> None:
+            for row in self.table.rows():
+                if self.stopping.is_set():
+                    break
+                status = done.get(row.id)
+                if status == "ok" or (status is not None and not self.options.retry_failed):
+                    stats.skipped += 1
+                    continue
+                try:
+                    messages = self.builder.messages(row.values)
+                except RowPromptError as exc:
+                    record(failed_record(row, "bad_prompt", str(exc), 0, self.spec.model.name))
+                    continue
+                await queue.put((row, messages))
+
+        async def work() -> None:
+            while not self.stopping.is_set() and (item := await queue.get()) is not None:
+                row, messages = item
+                try:
+                    record(await pool.answer(row, messages, estimate_tokens(messages)))
+                except JobFatal as fatal:
+                    if self.stopped is None:
+                        self.stopped = f"the API refused the job: {fatal.failure}"
+                        self.exit_code = EXIT_JOB_FATAL
+                        log.error("stopping: %s", self.stopped)
+                    self.stopping.set()
+
+        async def tick() -> None:
+            while True:
+                await asyncio.sleep(TICK_S)
+                self.checkpoint.tick()
+                progress.refresh()
+
+        feeder = asyncio.create_task(feed())
+        ticker = asyncio.create_task(tick())
+        self._workers = [asyncio.create_task(work()) for _ in range(concurrency)]
+        try:
+            for outcome in await asyncio.gather(*self._workers, return_exceptions=True):
+                if isinstance(outcome, Exception):
+                    raise outcome
+            if not self.stopping.is_set():
+                await feeder  # re-raises a read error met mid-file
+        finally:
+            feeder.cancel()
+            ticker.cancel()
+            await asyncio.gather(feeder, ticker, return_exceptions=True)
+
+    def _finish(self, stats: RunStats) -> dict[str, Any]:
+        results = self.checkpoint.results()
+        statuses = results.column("status").to_pylist()
+        totals = {"ok": statuses.count("ok"), "failed": statuses.count("failed")}
+        totals["pending"] = stats.rows_total - totals["ok"] - totals["failed"]
+        output = None
+        if totals["pending"] == 0:
+            output = self.spec.output.path
+            if self.checkpoint.appended or not output.exists():
+                write_final(output, self.table.batches(self.spec.output.keep_columns),
+                            (row.id for row in self.table.rows()), self.spec.id_column_out,
+                            self.spec.output.keep_columns, results)
+        if self.exit_code is None:
+            if self.stopped is not None:
+                self.exit_code = EXIT_INTERRUPTED
+            else:
+                self.exit_code = EXIT_ROWS_FAILED if totals["failed"] else EXIT_OK
+        summary = build_summary(self.spec.name, self.spec.model.name, stats, totals, self.stopped, output, self.exit_code)
+        save_summary(summary, self.spec.checkpoint_dir / "summary.json")
+        return summary
+
+    # -- signals: the first asks for a graceful stop, a second one stops at once -----------------
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._signals: list[int] = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self._on_signal, sig)
+                self._signals.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread (tests run jobs in threads): no handlers
+
+    def _remove_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in self._signals:
+            loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        name = signal.Signals(sig).name
+        if self.stopping.is_set():
+            log.warning("%s again: stopping now; in-flight requests will be sent again on resume", name)
+            self._cancel_workers()
+            return
+        self.stopped = f"interrupted by {name}"
+        self.exit_code = self.exit_code or EXIT_INTERRUPTED
+        log.warning("%s: taking no more rows; waiting up to %.0f s for requests in flight", name, GRACE_S)
+        self.stopping.set()
+        asyncio.get_running_loop().call_later(GRACE_S, self._cancel_workers)
+
+    def _cancel_workers(self) -> None:
+        for task in self._workers:
+            task.cancel()
+
+
+async def run_job(spec: JobSpec, api_key: str, options: RunOptions | None = None) -> dict[str, Any]:
+    return await Run(spec, api_key, options or RunOptions()).execute()

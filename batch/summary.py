@@ -1,0 +1,140 @@
+"""Counting what a run did, showing progress while it runs, and the summary at the end."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from batch.pricing import CURRENCY
+
+log = logging.getLogger("batch")
+
+
+@dataclass
+class RunStats:
+    rows_total: int
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    cost_unknown_rows: int = 0
+    attempts: int = 0
+    finish_reasons: Counter[str] = field(default_factory=Counter)
+    error_classes: Counter[str] = field(default_factory=Counter)
+    started: float = field(default_factory=time.monotonic)
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.attempts += record["attempts"] or 0
+        if record["status"] == "ok":
+            self.ok += 1
+            self.prompt_tokens += record["prompt_tokens"] or 0
+            self.completion_tokens += record["completion_tokens"] or 0
+            if record["cost"] is None:
+                self.cost_unknown_rows += 1
+            else:
+                self.cost += record["cost"]
+            if record["finish_reason"]:
+                self.finish_reasons[record["finish_reason"]] += 1
+        else:
+            self.failed += 1
+            self.error_classes[record["error_class"]] += 1
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.failed + self.skipped
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+class Progress:
+    """A tqdm bar on a terminal; a plain log line every few seconds otherwise (cron, CI, pipes)."""
+
+    def __init__(self, stats: RunStats, interval_s: float = 5.0, tty: bool | None = None) -> None:
+        self.stats = stats
+        self.interval_s = interval_s
+        self._last_line = time.monotonic()
+        use_bar = sys.stdout.isatty() if tty is None else tty
+        self.bar = tqdm(total=stats.rows_total, unit="row", dynamic_ncols=True, file=sys.stderr) if use_bar else None
+
+    def refresh(self) -> None:
+        s = self.stats
+        if self.bar is not None:
+            self.bar.n = s.done
+            self.bar.set_postfix_str(f"ok={s.ok} failed={s.failed} tokens={s.prompt_tokens + s.completion_tokens}")
+        elif time.monotonic() - self._last_line >= self.interval_s:
+            self._last_line = time.monotonic()
+            rate = (s.ok + s.failed) / max(s.elapsed, 1e-9)
+            log.info("progress %d/%d rows (ok %d, failed %d, skipped %d), %d tokens, %.1f rows/s",
+                     s.done, s.rows_total, s.ok, s.failed, s.skipped, s.prompt_tokens + s.completion_tokens, rate)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.refresh()
+            self.bar.close()
+
+
+def build_summary(job: str, model: str, stats: RunStats, totals: dict[str, int], stopped: str | None,
+                  output: Path | None, exit_code: int) -> dict[str, Any]:
+    wall = stats.elapsed
+    sent = stats.ok + stats.failed
+    return {
+        "job": job,
+        "model": model,
+        "rows_total": stats.rows_total,
+        "run": {"ok": stats.ok, "failed": stats.failed, "skipped": stats.skipped,
+                "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
+                "total_tokens": stats.prompt_tokens + stats.completion_tokens,
+                "cost": round(stats.cost, 6), "currency": CURRENCY, "cost_unknown_rows": stats.cost_unknown_rows,
+                "attempts": stats.attempts, "wall_s": round(wall, 3),
+                "requests_per_s": round(stats.attempts / wall, 2) if wall > 0 else 0.0,
+                "rows_per_s": round(sent / wall, 2) if wall > 0 else 0.0,
+                "finish_reasons": dict(stats.finish_reasons), "error_classes": dict(stats.error_classes)},
+        "job_totals": totals,
+        "stopped": stopped,
+        "output": str(output) if output else None,
+        "exit_code": exit_code,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    run, totals = summary["run"], summary["job_totals"]
+    lines = [
+        f"job {summary['job']} ({summary['model']}): {summary['rows_total']} rows",
+        f"  this run: ok {run['ok']}, failed {run['failed']}, skipped (done before) {run['skipped']}",
+        f"  all runs: ok {totals['ok']}, failed {totals['failed']}, pending {totals['pending']}",
+        f"  tokens: {run['prompt_tokens']} prompt + {run['completion_tokens']} completion = {run['total_tokens']}",
+        f"  cost: {run['cost']:.6f} {run['currency']}"
+        + (f" (+ {run['cost_unknown_rows']} rows of unknown price)" if run["cost_unknown_rows"] else ""),
+        f"  time: {run['wall_s']:.1f} s, {run['requests_per_s']} requests/s, {run['attempts']} requests",
+    ]
+    if run["error_classes"]:
+        lines.append("  failures: " + ", ".join(f"{k} {v}" for k, v in sorted(run["error_classes"].items())))
+    odd = {k: v for k, v in run["finish_reasons"].items() if k != "stop"}
+    if odd:
+        lines.append("  finish reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(odd.items())))
+    if summary["stopped"]:
+        lines.append(f"  stopped: {summary['stopped']}")
+    if summary["output"]:
+        lines.append(f"  output: {summary['output']}")
+    return "\n".join(lines)
+
+
+def save_summary(summary: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+__all__ = ["RunStats", "Progress", "build_summary", "format_summary", "save_summary"]
