@@ -65,7 +65,8 @@ class Pool:
         self.tokens = rate_limiter(spec.limits.tokens_per_minute)
         self.retry = spec.retry
         self.stopping = stopping
-        self._backoff = wait_exponential_jitter(initial=spec.retry.initial_backoff_s, max=spec.retry.max_backoff_s)
+        self._backoff = wait_exponential_jitter(
+            multiplier=spec.retry.initial_backoff_s, max=spec.retry.max_backoff_s, jitter=spec.retry.initial_backoff_s)
 
     async def answer(self, row: Row, messages: list[dict[str, Any]], estimated_tokens: int) -> dict[str, Any]:
         """The result record for a row; raises JobFatal when the whole job must stop."""

@@ -64,12 +64,16 @@ class Run:
             self.checkpoint.append(result)
             stats.add(result)
 
+        feed_errors: list[Exception] = []
+
         async def feed() -> None:
             try:
                 await feed_rows()
-            finally:  # also when reading fails mid-file: the workers must not wait forever
-                for _ in range(concurrency):
-                    await queue.put(None)
+            except Exception as exc:  # a read error mid-file: stop, and let the workers see the end
+                feed_errors.append(exc)
+                self.stopping.set()
+            for _ in range(concurrency):
+                await queue.put(None)
 
         async def feed_rows() -> None:
             for row in self.table.rows():
@@ -111,9 +115,9 @@ class Run:
             for outcome in await asyncio.gather(*self._workers, return_exceptions=True):
                 if isinstance(outcome, Exception):
                     raise outcome
-            if not self.stopping.is_set():
-                await feeder  # re-raises a read error met mid-file
-        finally:
+            if feed_errors:
+                raise feed_errors[0]
+        finally:  # the feeder may be blocked on a full queue that no worker will drain
             feeder.cancel()
             ticker.cancel()
             await asyncio.gather(feeder, ticker, return_exceptions=True)

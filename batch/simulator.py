@@ -1,0 +1,489 @@
+"""A local OpenAI-compatible chat completions server for the demo, tests and benchmarks.
+
+Answers are pure functions of the request (see `answer_for` / `completion_for`), so a
+test can check every output row without a real model.  Failure modes that a batch
+runner must survive (rate limits, 5xx, resets, malformed bodies, hangs, arrears) can be
+switched on through `SimConfig` or triggered per row with markers in the last user
+message: ``[[error:STATUS:CODE]]``, ``[[flaky:N]]``, ``[[malformed]]``,
+``[[nochoices]]``, ``[[hang]]``, ``[[reset]]``, ``[[slow:MS]]``.
+
+Run ``python -m batch.simulator --help`` for the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from typing import Any
+
+from aiohttp import web
+
+_CJK = "\u3400-\u9fff\uf900-\ufaff"
+_TOKEN_RE = re.compile(f"[{_CJK}]|[^\\W{_CJK}]+|[^\\w\\s]")
+_MARKER_RE = re.compile(r"\[\[(error|flaky|malformed|nochoices|hang|reset|slow)(?::([^\]]*))?\]\]")
+_MALFORMED_BODY = b'{"id": "x", "choices": ['
+# Codes that mean "slow down"; only these get a Retry-After header.
+_RATE_LIMIT_CODES = frozenset({"1302", "1303", "1305"})
+_MESSAGES = {
+    "1000": "身份验证失败 / authentication failed",
+    "1113": "您的账户已欠费，请充值后重试 / account in arrears",
+    "1200": "服务内部错误 / internal error (simulated)",
+    "1214": "请求参数非法 / invalid request body",
+    "1301": "系统检测到输入或生成内容可能包含不安全或敏感内容",
+    "1302": "您当前使用该API的并发数过高 / concurrency limit",
+    "1305": "该模型当前访问量过大，请您稍后再试 / service overloaded",
+}
+# How long stop() lets in-flight handlers finish before cancelling them (hangs never finish).
+_SHUTDOWN_GRACE_S = 0.2
+
+
+def count_tokens(text: str) -> int:
+    """Approximate token count, stable and cheap.
+
+    Each CJK character (U+3400-U+9FFF, U+F900-U+FAFF) is one token; every other maximal
+    run of word characters (``\\w+`` minus CJK) is one token; every other non-space
+    character (punctuation, symbols, CJK punctuation such as "，") is one token.
+    Whitespace is free.  Example: ``count_tokens("你好, world!") == 5``.
+    """
+    return len(_TOKEN_RE.findall(text))
+
+
+def _number(text: str, default: float) -> float:
+    """Marker arguments are typed by hand; a typo should not crash the handler."""
+    try:
+        return float(text)
+    except ValueError:
+        return default
+
+
+def _text(content: Any) -> str:
+    """Text of a message content, which may be a string or a list of typed parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return "" if content is None else str(content)
+
+
+def last_user_text(messages: list[dict[str, Any]]) -> str:
+    """Content of the last user message ("" if none): the prompt key for stats and markers."""
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            return _text(message.get("content"))
+    return ""
+
+
+def answer_for(model: str, messages: list[dict[str, Any]]) -> str:
+    """The deterministic reply text; identical across processes and runs."""
+    canonical = json.dumps(messages, ensure_ascii=False, sort_keys=True)
+    digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:10]
+    return f"[{model}] reply {digest} to: {last_user_text(messages)[:32]}"
+
+
+def completion_for(model: str, messages: list[dict[str, Any]], max_tokens: int | None) -> dict[str, Any]:
+    """Content, finish_reason and usage the simulator returns for a request."""
+    answer = answer_for(model, messages)
+    prompt_tokens = sum(count_tokens(_text(m.get("content"))) + 3 for m in messages)
+    completion_tokens = count_tokens(answer)
+    finish_reason = "stop"
+    if max_tokens is not None and completion_tokens > max_tokens:
+        # Cut the original string after the max_tokens-th token so the result stays a
+        # readable prefix of the full answer and re-counts to exactly max_tokens.
+        keep = max(max_tokens, 0)
+        end = 0
+        for i, match in enumerate(_TOKEN_RE.finditer(answer)):
+            if i == keep:
+                break
+            end = match.end()
+        answer, completion_tokens, finish_reason = answer[:end], keep, "length"
+    return {"content": answer, "finish_reason": finish_reason,
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+
+
+@dataclasses.dataclass
+class SimConfig:
+    latency_ms: float = 0
+    latency_dist: str = "fixed"  # "fixed" or "lognormal" (median latency_ms)
+    latency_sigma: float = 0.5
+    max_concurrency: int | None = None
+    rpm: int | None = None
+    retry_after: float | None = None
+    p_500: float = 0.0
+    p_503: float = 0.0
+    p_reset: float = 0.0
+    p_malformed: float = 0.0
+    p_hang: float = 0.0
+    hang_s: float = 3600
+    fail_after: int | None = None
+    fail_status: int = 429
+    fail_code: str = "1113"
+    api_key: str | None = dataclasses.field(default=None, repr=False)  # keep it out of reprs/logs
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.latency_dist not in ("fixed", "lognormal"):
+            raise ValueError(f"latency_dist must be 'fixed' or 'lognormal', not {self.latency_dist!r}")
+
+
+class Simulator:
+    """The aiohttp application plus its counters; all state lives on one event loop."""
+
+    def __init__(self, config: SimConfig | None = None) -> None:
+        self.config = config or SimConfig()
+        self._runner: web.AppRunner | None = None
+        self._auth = f"Bearer {self.config.api_key}" if self.config.api_key is not None else None
+        self._in_flight = 0
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self._requests = 0
+        self._by_status: dict[str, int] = {}
+        self._by_prompt: dict[str, int] = {}
+        self._max_in_flight = self._in_flight
+        self._flaky_seen: dict[str, int] = {}
+        self._successes = 0
+        self._slice, self._slice_count = -1, 0
+        # Separate streams so enabling latency jitter does not shift which requests fault.
+        self._fault_rng = random.Random(self.config.seed)
+        self._latency_rng = random.Random(self.config.seed + 1)
+
+    @property
+    def port(self) -> int:
+        if self._runner is None or not self._runner.addresses:
+            raise RuntimeError("simulator is not running")
+        return int(self._runner.addresses[0][1])
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Snapshot of the counters (also served at GET /_stats).
+
+        by_status keys are HTTP statuses as strings ("200" includes malformed and empty
+        bodies) plus "reset" (connection aborted) and "disconnected" (the client left
+        before the answer).  by_prompt counts every parsed request by last user message,
+        rejected ones included.  max_in_flight counts admitted requests only.
+        """
+        return {"requests": self._requests, "by_status": dict(self._by_status),
+                "by_prompt": dict(self._by_prompt), "max_in_flight": self._max_in_flight}
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        app = web.Application()
+        for path in ("/v1/chat/completions", "/api/paas/v4/chat/completions"):
+            app.router.add_post(path, self._handle)
+        app.router.add_get("/_stats", self._handle_stats)
+        app.router.add_post("/_reset", self._handle_reset)
+        # handler_cancellation: a client that times out on a hang frees its in-flight slot.
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
+                                     shutdown_timeout=_SHUTDOWN_GRACE_S)
+        await self._runner.setup()
+        # A deep backlog so benchmark bursts are not dropped at the kernel.
+        await web.TCPSite(self._runner, host, port, backlog=2048).start()
+        return f"http://{host}:{self.port}/v1"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def _count(self, status: str) -> None:
+        self._by_status[status] = self._by_status.get(status, 0) + 1
+
+    def _json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> web.Response:
+        self._count(str(status))
+        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+    def _error(self, status: int, code: str, message: str | None = None) -> web.Response:
+        headers = None
+        if status == 429 and code in _RATE_LIMIT_CODES and self.config.retry_after is not None:
+            headers = {"Retry-After": f"{self.config.retry_after:g}"}
+        text = message or _MESSAGES.get(code, f"simulated error {status}")
+        return self._json(status, {"error": {"code": code, "message": text}}, headers)
+
+    def _rpm_exceeded(self) -> bool:
+        rpm = self.config.rpm
+        if rpm is None:
+            return False
+        now = int(time.monotonic())
+        if now != self._slice:
+            self._slice, self._slice_count = now, 0
+        if self._slice_count >= max(1, int(rpm / 60)):
+            return True
+        self._slice_count += 1  # rejected requests do not use up the slice
+        return False
+
+    async def _handle_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats, dumps=lambda obj: json.dumps(obj, ensure_ascii=False))
+
+    async def _handle_reset(self, request: web.Request) -> web.Response:
+        self._reset_state()
+        return web.json_response({"ok": True})
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self._requests += 1
+        cfg = self.config
+        if self._auth is not None and request.headers.get("Authorization") != self._auth:
+            return self._error(401, "1000")
+        try:
+            body = json.loads(await request.read())
+            messages = body["messages"]
+            if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+                raise ValueError("messages must be a non-empty list of objects")
+            model = str(body.get("model") or "")
+            max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+            max_tokens = None if max_tokens is None else int(max_tokens)
+        except (ValueError, KeyError, TypeError) as exc:
+            return self._error(400, "1214", f"请求参数非法 / invalid request: {type(exc).__name__}")
+        prompt = last_user_text(messages)
+        self._by_prompt[prompt] = self._by_prompt.get(prompt, 0) + 1
+        # No await between this check and the increment, so the limit is exact.
+        if cfg.max_concurrency is not None and self._in_flight >= cfg.max_concurrency:
+            return self._error(429, "1302")
+        if self._rpm_exceeded():
+            return self._error(429, "1302")
+        self._in_flight += 1
+        if self._in_flight > self._max_in_flight:
+            self._max_in_flight = self._in_flight
+        try:
+            return await self._respond(request, model, messages, max_tokens, prompt)
+        except asyncio.CancelledError:
+            self._count("disconnected")  # the client gave up (timeout) before we answered
+            raise
+        finally:
+            self._in_flight -= 1
+
+    async def _respond(self, request: web.Request, model: str, messages: list[dict[str, Any]],
+                       max_tokens: int | None, prompt: str) -> web.StreamResponse:
+        cfg = self.config
+        if cfg.fail_after is not None and self._successes >= cfg.fail_after:
+            return self._error(cfg.fail_status, cfg.fail_code)
+        markers = dict(_MARKER_RE.findall(prompt)) if "[[" in prompt else {}
+        delay = 0.0
+        if cfg.latency_ms > 0:
+            delay = cfg.latency_ms
+            if cfg.latency_dist == "lognormal":
+                delay = self._latency_rng.lognormvariate(math.log(cfg.latency_ms), cfg.latency_sigma)
+        if "slow" in markers:
+            delay += _number(markers["slow"], 0)
+        if delay > 0:
+            await asyncio.sleep(delay / 1000)
+
+        if "error" in markers:
+            status, _, code = markers["error"].partition(":")
+            return self._error(int(_number(status, 500)), code or status)
+        if "flaky" in markers:
+            seen = self._flaky_seen[prompt] = self._flaky_seen.get(prompt, 0) + 1
+            if seen <= _number(markers["flaky"], 1):
+                return self._error(500, "1200")
+        outcome = ""
+        for name in ("malformed", "nochoices", "hang", "reset"):
+            if name in markers:
+                outcome = name
+                break
+        else:
+            # One draw per request over the cumulative probabilities: faults are exclusive.
+            draw = self._fault_rng.random()
+            for name, p in (("500", cfg.p_500), ("503", cfg.p_503), ("reset", cfg.p_reset),
+                            ("malformed", cfg.p_malformed), ("hang", cfg.p_hang)):
+                if draw < p:
+                    outcome = name
+                    break
+                draw -= p
+
+        if outcome == "500":
+            return self._error(500, "1200")
+        if outcome == "503":
+            return self._error(503, "1305")
+        if outcome == "reset":
+            return self._reset_connection(request)
+        if outcome == "malformed":
+            self._count("200")
+            return web.Response(status=200, body=_MALFORMED_BODY, content_type="application/json")
+        if outcome == "hang":
+            await asyncio.sleep(cfg.hang_s)
+        # Re-check after the sleeps so concurrent requests cannot overshoot fail_after.
+        if cfg.fail_after is not None and self._successes >= cfg.fail_after:
+            return self._error(cfg.fail_status, cfg.fail_code)
+
+        result = completion_for(model, messages, max_tokens)
+        request_id = "chatcmpl-" + os.urandom(6).hex()
+        choices = [] if outcome == "nochoices" else [{
+            "index": 0, "finish_reason": result["finish_reason"],
+            "message": {"role": "assistant", "content": result["content"]}}]
+        prompt_tokens, completion_tokens = result["prompt_tokens"], result["completion_tokens"]
+        if outcome != "nochoices":
+            self._successes += 1
+        return self._json(200, {
+            "id": request_id, "request_id": request_id, "object": "chat.completion",
+            "created": int(time.time()), "model": model, "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }, {"x-request-id": request_id})
+
+    def _reset_connection(self, request: web.Request) -> web.Response:
+        self._count("reset")
+        transport = request.transport
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                # SO_LINGER 0 turns the close into a TCP RST, i.e. a real "connection reset".
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            transport.abort()
+        # aiohttp fails to write this to the dead transport and drops it quietly.
+        return web.Response(status=200)
+
+
+class SimulatorThread:
+    """A Simulator on its own event loop in a daemon thread, for sync code and other loops."""
+
+    def __init__(self, config: SimConfig | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.simulator = Simulator(config)
+        self.url = ""
+        self._host, self._port = host, port
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.simulator.port
+
+    def start(self) -> str:
+        """Start serving; returns once the server accepts connections (or raises its error)."""
+        ready = threading.Event()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            loop = self._loop = asyncio.new_event_loop()
+            try:
+                self.url = loop.run_until_complete(self.simulator.start(self._host, self._port))
+            except BaseException as exc:  # reported to the starting thread
+                errors.append(exc)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self.simulator.stop())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="batch-simulator", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if errors:
+            self._thread.join()
+            self._thread = None
+            raise errors[0]
+        return self.url
+
+    def stop(self) -> None:
+        if self._thread is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+        self._thread = None
+
+    def _call(self, fn: Any) -> Any:
+        """Run fn on the server loop: the counters are only ever touched from that thread."""
+        assert self._loop is not None, "simulator thread is not running"
+
+        async def wrapper() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result()
+
+    def stats(self) -> dict[str, Any]:
+        return self._call(lambda: self.simulator.stats)
+
+    def reset(self) -> None:
+        self._call(self.simulator._reset_state)
+
+    def __enter__(self) -> SimulatorThread:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _add_signal_handler(loop: asyncio.AbstractEventLoop, sig: int, callback: Any) -> None:
+    # Only possible in the main thread on Unix; elsewhere the default handling applies.
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(sig, callback)
+
+
+async def _serve(config: SimConfig, host: str, port: int, command: list[str]) -> int:
+    simulator = Simulator(config)
+    url = await simulator.start(host, port)
+    print(f"simulator listening on {url}", file=sys.stderr, flush=True)
+    loop = asyncio.get_running_loop()
+    try:
+        if not command:
+            stopped = asyncio.Event()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                _add_signal_handler(loop, sig, stopped.set)
+            await stopped.wait()
+            return 0
+        try:
+            proc = await asyncio.create_subprocess_exec(*command, env={**os.environ, "BATCH_SIMULATOR_URL": url})
+        except OSError as exc:
+            print(f"simulator: cannot run {command[0]!r}: {exc}", file=sys.stderr)
+            return 127
+        # Ctrl-C already reaches the child through the terminal's process group; keep
+        # serving until it exits.  A SIGTERM aimed at us alone is passed on.
+        _add_signal_handler(loop, signal.SIGINT, lambda: None)
+        _add_signal_handler(loop, signal.SIGTERM, proc.terminate)
+        code = await proc.wait()
+        return code if code >= 0 else 128 - code
+    finally:
+        await simulator.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if "--" in args_list:
+        split = args_list.index("--")
+        args_list, command = args_list[:split], args_list[split + 1:]
+    parser = argparse.ArgumentParser(
+        prog="python -m batch.simulator", description=__doc__.split("\n\n")[0],
+        epilog="With '-- COMMAND ARGS...' the command runs with BATCH_SIMULATOR_URL set, "
+               "then the server stops and its exit code is returned.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=18080, help="0 picks a free port")
+    parser.add_argument("--api-key-env", metavar="NAME", help="require the key held in this env variable")
+    for field in dataclasses.fields(SimConfig):
+        if field.name == "api_key":
+            continue
+        kind = {"int | None": int, "float | None": float}.get(str(field.type))
+        kind = kind or {"float": float, "int": int, "str": str}[str(field.type)]
+        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=field.default)
+    args = parser.parse_args(args_list)
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(SimConfig) if f.name != "api_key"}
+    if args.api_key_env:
+        options["api_key"] = os.environ.get(args.api_key_env)
+        if not options["api_key"]:
+            parser.error(f"environment variable {args.api_key_env} is not set")
+    try:
+        config = SimConfig(**options)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        return asyncio.run(_serve(config, args.host, args.port, command))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

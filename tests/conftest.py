@@ -1,0 +1,99 @@
+"""Shared fixtures: a real simulator on 127.0.0.1, job files in a temp folder, the real CLI."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+
+from batch.cli import main
+from batch.simulator import SimConfig, SimulatorThread
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+@pytest.fixture
+def start_sim() -> Iterator[Callable[..., SimulatorThread]]:
+    """Start simulators with the given SimConfig fields; all are stopped after the test."""
+    started: list[SimulatorThread] = []
+
+    def start(**config: Any) -> SimulatorThread:
+        sim = SimulatorThread(SimConfig(**config))
+        sim.start()
+        started.append(sim)
+        return sim
+
+    yield start
+    for sim in started:
+        sim.stop()
+
+
+@pytest.fixture
+def sim(start_sim: Callable[..., SimulatorThread]) -> SimulatorThread:
+    return start_sim()
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+@pytest.fixture
+def make_job(tmp_path: Path) -> Callable[..., Path]:
+    """Write a job file into tmp_path pointing at `sim`; `input_file` is copied from data/ or given as rows."""
+
+    def make(sim: SimulatorThread | None = None, *, rows: list[dict[str, Any]] | None = None,
+             input_file: str = "reviews.csv", **overrides: Any) -> Path:
+        if rows is not None:
+            input_path = tmp_path / input_file
+            frame = pd.DataFrame(rows)
+            if input_file.endswith(".csv"):
+                frame.to_csv(input_path, index=False)
+            elif input_file.endswith(".parquet"):
+                frame.to_parquet(input_path, index=False)
+            else:
+                frame.to_json(input_path, orient="records", lines=True, force_ascii=False)
+        else:
+            shutil.copy(DATA / input_file, tmp_path / input_file)
+        job: dict[str, Any] = {
+            "name": "test-job",
+            "input": {"path": input_file, "id_column": "review_id"},
+            "prompt": {"template": "Classify: {text}"},
+            "model": {"provider": "local", "name": "glm-4-flash",
+                      "base_url": sim.url if sim else "http://127.0.0.1:9/v1", "params": {"max_tokens": 64}},
+            "limits": {"concurrency": 4, "timeout_s": 10},
+            "retry": {"max_attempts": 3, "initial_backoff_s": 0.01, "max_backoff_s": 0.05},
+            "output": {"path": "out/result.parquet", "keep_columns": ["text"]},
+        }
+        job = deep_merge(job, overrides)
+        path = tmp_path / "job.yaml"
+        path.write_text(yaml.safe_dump(job, allow_unicode=True), encoding="utf-8")
+        return path
+
+    return make
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
+    """Run `batch ...` in-process through the real entry point; returns (exit code, stdout, stderr)."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def output_of(job: Path) -> pd.DataFrame:
+    return pd.read_parquet(job.parent / "out" / "result.parquet")
