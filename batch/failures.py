@@ -42,12 +42,13 @@ class Failure(Exception):
 def classify(exc: BaseException) -> Failure:
     if isinstance(exc, Failure):
         return exc
-    if isinstance(exc, openai.APITimeoutError):
-        return Failure("retry", "timeout", "request timed out")
     if isinstance(exc, openai.APIConnectionError):
         cause = exc.__cause__
-        detail = f": {type(cause).__name__}" if cause is not None else ""
-        return Failure("retry", "connection", f"connection error{detail}")
+        detail = f"{type(cause).__name__}: {cause}"[:200] if cause is not None else "no detail"
+        # The SDK's aiohttp transport reports a reset socket as a ConnectTimeout; an errno says what it was.
+        if isinstance(exc, openai.APITimeoutError) and "[Errno" not in detail:
+            return Failure("retry", "timeout", "request timed out")
+        return Failure("retry", "connection", f"connection error ({detail})")
     if isinstance(exc, openai.APIStatusError):
         return classify_status(exc.status_code, _body_code(exc.body), _body_message(exc),
                                retry_after_seconds(exc.response.headers))

@@ -206,12 +206,14 @@ class Simulator:
         body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
-    def _error(self, status: int, code: str, message: str | None = None) -> web.Response:
+    def _error(self, status: int, code: str | None, message: str | None = None) -> web.Response:
+        """A Zhipu-style error body; `[[error:429]]` (no code) sends a body without one, as plain proxies do."""
         headers = None
-        if status == 429 and code in _RATE_LIMIT_CODES and self.config.retry_after is not None:
+        if status == 429 and (code is None or code in _RATE_LIMIT_CODES) and self.config.retry_after is not None:
             headers = {"Retry-After": f"{self.config.retry_after:g}"}
-        text = message or _MESSAGES.get(code, f"simulated error {status}")
-        return self._json(status, {"error": {"code": code, "message": text}}, headers)
+        text = message or _MESSAGES.get(code or "", f"simulated error {status}")
+        error: dict[str, Any] = {"message": text} if code is None else {"code": code, "message": text}
+        return self._json(status, {"error": error}, headers)
 
     def _rpm_exceeded(self) -> bool:
         rpm = self.config.rpm
@@ -283,7 +285,7 @@ class Simulator:
 
         if "error" in markers:
             status, _, code = markers["error"].partition(":")
-            return self._error(int(_number(status, 500)), code or status)
+            return self._error(int(_number(status, 500)), code or None)
         if "flaky" in markers:
             seen = self._flaky_seen[prompt] = self._flaky_seen.get(prompt, 0) + 1
             if seen <= _number(markers["flaky"], 1):

@@ -1,0 +1,145 @@
+"""Each class of failure, over real HTTP: retried, failed for the row, or fatal for the job."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from batch.failures import Failure
+from batch.pool import parse_body
+from conftest import output_of
+
+ROWS = [{"review_id": f"r{i}", "text": f"review number {i}"} for i in range(6)]
+
+
+def rows_with(marker: str, at: int = 2) -> list[dict]:
+    rows = [dict(r) for r in ROWS]
+    rows[at]["text"] = f"review number {at} {marker}"
+    return rows
+
+
+def test_transient_errors_are_retried_until_success(sim, make_job, run_cli):
+    job = make_job(sim, rows=rows_with("[[flaky:2]]"))
+    code, _, err = run_cli("run", job)
+    assert code == 0, err
+    result = output_of(job).set_index("review_id")
+    assert result.loc["r2", "attempts"] == 3
+    assert result.loc["r2", "status"] == "ok"
+    assert (result.drop(index="r2")["attempts"] == 1).all()
+    assert sim.stats()["requests"] == len(ROWS) + 2
+
+
+@pytest.mark.parametrize(("marker", "error_class"), [
+    ("[[error:400:1301]]", "content_filter"),
+    ("[[error:400:1261]]", "prompt_too_long"),
+    ("[[error:400:1214]]", "bad_request"),
+    ("[[error:422]]", "bad_request"),
+])
+def test_row_errors_fail_at_once_with_one_request(sim, make_job, run_cli, marker, error_class):
+    rows = rows_with(marker)
+    job = make_job(sim, rows=rows)
+    code, out, _ = run_cli("run", job)
+    assert code == 1
+    result = output_of(job).set_index("review_id")
+    assert result.loc["r2", "status"] == "failed"
+    assert result.loc["r2", "error_class"] == error_class
+    assert result.loc["r2", "attempts"] == 1
+    assert sim.stats()["by_prompt"][f"Classify: {rows[2]['text']}"] == 1
+    assert (result.drop(index="r2")["status"] == "ok").all()
+    assert f"{error_class} 1" in out
+
+
+@pytest.mark.parametrize(("marker", "error_class"), [
+    ("[[error:500:1200]]", "server_error"),
+    ("[[error:503:1305]]", "server_error"),
+    ("[[error:429]]", "rate_limited"),
+    ("[[error:429:1302]]", "rate_limited"),
+    ("[[malformed]]", "bad_response"),
+    ("[[nochoices]]", "bad_response"),
+    ("[[reset]]", "connection"),
+    ("[[hang]]", "timeout"),
+])
+def test_transient_errors_exhaust_attempts_then_fail_the_row(sim, make_job, run_cli, marker, error_class):
+    rows = rows_with(marker)
+    job = make_job(sim, rows=rows, limits={"timeout_s": 0.5})
+    code, _, _ = run_cli("run", job)
+    assert code == 1
+    result = output_of(job).set_index("review_id")
+    assert result.loc["r2", "status"] == "failed"
+    assert result.loc["r2", "error_class"] == error_class
+    assert result.loc["r2", "attempts"] == 3
+    assert result.loc["r2", "error"]
+    assert sim.stats()["by_prompt"][f"Classify: {rows[2]['text']}"] == 3
+    assert (result.drop(index="r2")["status"] == "ok").all()
+
+
+@pytest.mark.parametrize(("status", "code", "error_class"), [
+    (429, "1113", "account"),
+    (429, "1304", "quota"),
+    (401, "1000", "auth"),
+    (400, "1211", "model_not_found"),
+    (403, "", "auth"),
+])
+def test_job_fatal_errors_stop_the_run_with_exit_3(start_sim, make_job, run_cli, status, code, error_class):
+    sim = start_sim(fail_after=2, fail_status=status, fail_code=code or None)
+    job = make_job(sim, rows=ROWS, limits={"concurrency": 2})
+    exit_code, out, err = run_cli("run", job)
+    assert exit_code == 3
+    assert f"refused the job: {error_class}" in err
+    # Two answers, then at most one failing request per worker: nothing is retried.
+    assert sim.stats()["requests"] <= 2 + 2
+    summary = json.loads((job.parent / "out" / "result.checkpoint" / "summary.json").read_text())
+    assert summary["job_totals"]["ok"] == 2
+    assert summary["job_totals"]["pending"] == len(ROWS) - 2
+    assert summary["exit_code"] == 3
+    assert "stopped: the API refused the job" in out
+
+
+def test_wrong_api_key_stops_at_once_and_is_never_printed(start_sim, make_job, run_cli, monkeypatch):
+    secret = "sk-test-SECRET-never-print-me-123"
+    sim = start_sim(api_key="the-right-key")
+    monkeypatch.setenv("BATCH_TEST_KEY", secret)
+    job = make_job(sim, rows=ROWS, model={"api_key_env": "BATCH_TEST_KEY"})
+    code, out, err = run_cli("run", job)
+    assert code == 3
+    assert "auth" in err
+    assert sim.stats()["requests"] <= 4  # one per worker at most
+    written = "".join(p.read_text(errors="replace") for p in job.parent.rglob("*") if p.is_file()
+                      and p.suffix in (".json", ".jsonl"))
+    assert secret not in out + err + written
+
+
+def test_concurrency_limit_storm_is_retried_to_completion(start_sim, make_job, run_cli):
+    sim = start_sim(max_concurrency=1, latency_ms=20)
+    job = make_job(sim, rows=ROWS, limits={"concurrency": 4}, retry={"max_attempts": 30})
+    code, _, err = run_cli("run", job)
+    assert code == 0, err
+    stats = sim.stats()
+    assert stats["by_status"].get("429", 0) > 0
+    assert stats["max_in_flight"] == 1
+    result = output_of(job)
+    assert (result["status"] == "ok").all()
+    assert result["attempts"].sum() == stats["requests"]
+
+
+def test_retry_after_is_honoured_over_our_backoff(start_sim, make_job, run_cli):
+    # Our own backoff would wait 20 s per retry; the server's Retry-After of 0.05 s is what counts.
+    sim = start_sim(max_concurrency=1, latency_ms=20, retry_after=0.05)
+    job = make_job(sim, rows=ROWS[:3], limits={"concurrency": 3},
+                   retry={"max_attempts": 50, "initial_backoff_s": 20, "max_backoff_s": 20})
+    code, _, err = run_cli("run", job)
+    assert code == 0, err
+    assert sim.stats()["by_status"].get("429", 0) > 0
+
+
+def test_200_with_an_error_body_is_judged_by_its_code():
+    with pytest.raises(Failure) as rate:
+        parse_body(b'{"error": {"code": "1305", "message": "busy"}}')
+    assert (rate.value.scope, rate.value.error_class) == ("retry", "rate_limited")
+    with pytest.raises(Failure) as arrears:
+        parse_body(b'{"error": {"code": "1113", "message": "arrears"}}')
+    assert arrears.value.scope == "job"
+    with pytest.raises(Failure) as truncated:
+        parse_body(b'{"id": "x", "choices": [')
+    assert truncated.value.error_class == "bad_response"
