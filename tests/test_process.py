@@ -1,0 +1,90 @@
+"""The real command as a separate process: progress under cron, Ctrl-C, and kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import output_of
+
+ROWS = [{"review_id": f"r{i:03d}", "text": f"review {i}"} for i in range(40)]
+
+
+def start_run(job: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "batch", "run", str(job), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def answered(job: Path) -> int:
+    """Results on disk: lines in the write-ahead log plus rows in part files."""
+    folder = job.parent / "out" / "result.checkpoint"
+    wal = folder / "wal.jsonl"
+    lines = wal.read_text().count("\n") if wal.exists() else 0
+    import pyarrow.parquet as pq
+    return lines + sum(pq.ParquetFile(p).metadata.num_rows for p in folder.glob("part-*.parquet"))
+
+
+def wait_for_answers(job: Path, count: int, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while answered(job) < count:
+        assert time.monotonic() < deadline, "the run produced no answers in time"
+        time.sleep(0.02)
+
+
+def test_progress_lines_when_stdout_is_not_a_terminal(start_sim, make_job):
+    sim = start_sim(latency_ms=100)
+    job = make_job(sim, rows=ROWS[:12], limits={"concurrency": 2})
+    done = subprocess.run([sys.executable, "-m", "batch", "run", str(job), "--progress-interval", "0.2"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "progress" in done.stderr and "/12 rows" in done.stderr
+    assert "ok 12, failed 0" in done.stdout
+
+
+def test_sigint_finishes_in_flight_requests_and_resumes_without_resending(start_sim, make_job, run_cli):
+    sim = start_sim(latency_ms=300)
+    job = make_job(sim, rows=ROWS, limits={"concurrency": 4})
+    process = start_run(job)
+    try:
+        wait_for_answers(job, 4)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert "stopped: interrupted by SIGINT" in out
+    summary = json.loads((job.parent / "out" / "result.checkpoint" / "summary.json").read_text())
+    assert summary["job_totals"]["pending"] > 0
+    code, _, _ = run_cli("run", job)
+    assert code == 0
+    # In-flight requests were allowed to finish and were recorded: nothing was asked twice.
+    assert sim.stats()["requests"] == len(ROWS)
+    assert max(sim.stats()["by_prompt"].values()) == 1
+    assert list(output_of(job)["review_id"]) == [r["review_id"] for r in ROWS]
+
+
+def test_kill_9_costs_at_most_the_requests_in_flight(start_sim, make_job, run_cli):
+    concurrency = 4
+    sim = start_sim(latency_ms=200)
+    job = make_job(sim, rows=ROWS, limits={"concurrency": concurrency},
+                   output={"checkpoint_rows": 5})  # parts and log both in play at the kill
+    process = start_run(job)
+    try:
+        wait_for_answers(job, 10)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    finally:
+        process.kill()
+    code, _, err = run_cli("run", job)
+    assert code == 0, err
+    resent = sim.stats()["requests"] - len(ROWS)
+    assert 0 <= resent <= concurrency
+    assert sum(1 for n in sim.stats()["by_prompt"].values() if n > 1) == resent
+    result = output_of(job)
+    assert list(result["review_id"]) == [r["review_id"] for r in ROWS]
+    assert (result["status"] == "ok").all()
