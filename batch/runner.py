@@ -130,7 +130,7 @@ class Run:
         output = None
         if totals["pending"] == 0:
             output = self.spec.output.path
-            if self.checkpoint.appended or not output.exists():
+            if self.checkpoint.newer_than(output):
                 write_final(output, self.table.batches(self.spec.output.keep_columns),
                             (row.id for row in self.table.rows()), self.spec.id_column_out,
                             self.spec.output.keep_columns, results)

@@ -81,6 +81,13 @@ class Checkpoint:
             return RESULT_SCHEMA.empty_table().select(columns or RESULT_FIELDS)
         return pa.concat_tables(tables)
 
+    def newer_than(self, path: Path) -> bool:
+        """Whether any result on disk is newer than `path` (or `path` does not exist)."""
+        if not path.exists():
+            return True
+        built = path.stat().st_mtime_ns
+        return any(part.stat().st_mtime_ns > built for part in self._parts())
+
     def results(self) -> pa.Table:
         """All results, the last one per id (a retried failure replaced by its new answer)."""
         table = self._read_parts()

@@ -121,3 +121,20 @@ async def test_run_job_api_and_finish_reason_length(sim, make_job):
     result = output_of(job)
     assert (result["completion_tokens"] == 3).all()
     assert (result["finish_reason"] == "length").all()
+
+
+def test_failed_rows_are_retried_only_with_retry_failed(sim, make_job, run_cli):
+    rows = [{"review_id": "a", "text": "fine"}, {"review_id": "b", "text": "needs luck [[flaky:3]]"}]
+    job = make_job(sim, rows=rows, retry={"max_attempts": 2})
+    assert run_cli("run", job)[0] == 1
+    assert output_of(job).set_index("review_id").loc["b", "status"] == "failed"
+
+    assert run_cli("run", job)[0] == 1  # a plain rerun leaves the failure alone
+    assert sim.stats()["requests"] == 3
+
+    code, out, _ = run_cli("run", job, "--retry-failed")
+    assert code == 0
+    result = output_of(job).set_index("review_id")
+    assert result.loc["b", "status"] == "ok" and result.loc["b", "attempts"] == 2
+    assert len(result) == 2  # the retried row replaced its failure, once
+    assert sim.stats()["requests"] == 5
