@@ -94,8 +94,8 @@ class Checkpoint:
         if table.num_rows == 0:
             return table
         table = table.append_column("_order", pa.array(range(table.num_rows), pa.int64()))
-        last = table.group_by("id", use_threads=False).aggregate([("_order", "max")])
-        return table.take(pc.sort_indices(last.column("_order_max"))).drop_columns(["_order"])
+        last = table.group_by("id", use_threads=False).aggregate([("_order", "max")]).column("_order_max")
+        return table.take(pc.take(last, pc.sort_indices(last))).drop_columns(["_order"])
 
     # -- writing ---------------------------------------------------------------------------
     def append(self, record: dict[str, Any]) -> None:

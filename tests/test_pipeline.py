@@ -132,8 +132,8 @@ def test_failed_rows_are_retried_only_with_retry_failed(sim, make_job, run_cli):
     assert run_cli("run", job)[0] == 1  # a plain rerun leaves the failure alone
     assert sim.stats()["requests"] == 3
 
-    code, out, _ = run_cli("run", job, "--retry-failed")
-    assert code == 0
+    code, out, err = run_cli("run", job, "--retry-failed")
+    assert code == 0, out + err
     result = output_of(job).set_index("review_id")
     assert result.loc["b", "status"] == "ok" and result.loc["b", "attempts"] == 2
     assert len(result) == 2  # the retried row replaced its failure, once
