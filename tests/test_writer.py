@@ -1,0 +1,81 @@
+"""The checkpoint on disk: torn log lines, leftover temp files, many parts, last record wins."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+
+from batch.pool import failed_record
+from batch.reader import Row
+from batch.writer import MERGE_PARTS_ABOVE, WAL_NAME, Checkpoint
+
+
+def record(i: int, status: str = "ok") -> dict:
+    rec = failed_record(Row(i, f"id{i}", {}), "server_error", "boom", 1, "m")
+    if status == "ok":
+        rec.update(status="ok", response=f"answer {i}", error_class=None, error=None)
+    return rec
+
+
+def test_log_survives_without_close_and_a_torn_last_line_is_ignored(tmp_path):
+    folder = tmp_path / "ck"
+    first = Checkpoint(folder, rows_per_part=100)
+    first.open()
+    for i in range(3):
+        first.append(record(i))
+    # No close(): the process "died". Its last write was cut mid-line.
+    with open(folder / WAL_NAME, "a") as wal:
+        wal.write('{"id": "id9", "status": "o')
+    (folder / ".part-000099.parquet.tmp").write_bytes(b"half a file")
+
+    second = Checkpoint(folder)
+    done = second.open()
+    assert done == {"id0": "ok", "id1": "ok", "id2": "ok"}
+    assert not list(folder.glob(".*.tmp"))
+    assert (folder / WAL_NAME).read_text() == ""
+    second.close()
+
+
+def test_parts_are_written_every_n_rows_and_merged_when_many(tmp_path):
+    folder = tmp_path / "ck"
+    ck = Checkpoint(folder, rows_per_part=2)
+    ck.open()
+    for i in range(2 * (MERGE_PARTS_ABOVE + 3)):
+        ck.append(record(i))
+    ck.close()
+    assert len(list(folder.glob("part-*.parquet"))) == MERGE_PARTS_ABOVE + 3
+    reopened = Checkpoint(folder)
+    assert len(reopened.open()) == 2 * (MERGE_PARTS_ABOVE + 3)
+    parts = list(folder.glob("part-*.parquet"))
+    assert len(parts) == 1
+    assert pq.ParquetFile(parts[0]).metadata.num_rows == 2 * (MERGE_PARTS_ABOVE + 3)
+    reopened.close()
+
+
+def test_the_last_record_for_an_id_wins(tmp_path):
+    folder = tmp_path / "ck"
+    ck = Checkpoint(folder, rows_per_part=1)
+    ck.open()
+    ck.append(record(1, "failed"))
+    ck.append(record(2))
+    ck.append(record(1, "ok"))
+    ck.close()
+    results = Checkpoint(folder).results()
+    by_id = dict(zip(results.column("id").to_pylist(), results.column("status").to_pylist()))
+    assert by_id == {"id1": "ok", "id2": "ok"}
+    assert results.num_rows == 2
+
+
+def test_a_record_in_both_a_part_and_the_log_counts_once(tmp_path):
+    folder = tmp_path / "ck"
+    ck = Checkpoint(folder, rows_per_part=100)
+    ck.open()
+    ck.append(record(1))
+    ck.close()  # compacted into a part
+    # As if killed between the part's rename and the log's truncation:
+    (folder / WAL_NAME).write_text(json.dumps(record(1)) + "\n")
+    again = Checkpoint(folder)
+    assert again.open() == {"id1": "ok"}
+    assert again.results().num_rows == 1
+    again.close()
