@@ -138,3 +138,27 @@ def test_failed_rows_are_retried_only_with_retry_failed(sim, make_job, run_cli):
     assert result.loc["b", "status"] == "ok" and result.loc["b", "attempts"] == 2
     assert len(result) == 2  # the retried row replaced its failure, once
     assert sim.stats()["requests"] == 5
+
+
+def test_zhipu_key_from_a_dotenv_beside_the_job(start_sim, make_job, run_cli, monkeypatch, tmp_path):
+    monkeypatch.delenv("ZHIPU_API_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    sim = start_sim(api_key="key-from-dotenv-0123456789")
+    job = make_job(sim, model={"provider": "zhipu", "base_url": sim.url.replace("/v1", "/api/paas/v4/")})
+    (job.parent / ".env").write_text("ZHIPU_API_KEY=key-from-dotenv-0123456789\n")
+    code, out, err = run_cli("run", job)
+    assert code == 0, err
+    assert sim.stats()["by_status"] == {"200": len(REVIEWS)}
+    assert "key-from-dotenv" not in out + err
+
+
+def test_simulate_subcommand_runs_a_command_against_the_simulator():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "batch", "simulate", "--port", "0", "--",
+         sys.executable, "-c", "import os; print(os.environ['BATCH_SIMULATOR_URL'])"],
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("http://127.0.0.1:")
