@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run (or resume) a job")
     run.add_argument("job", help="the job file (YAML)")
     run.add_argument("--retry-failed", action="store_true", help="send failed rows again")
+    run.add_argument("--force", action="store_true",
+                     help="resume even if model, params, prompt or input changed since the checkpoint was made")
     run.add_argument("--progress-interval", type=float, default=5.0, metavar="S",
                      help="seconds between progress lines when not on a terminal (default 5)")
     run.add_argument("-v", "--verbose", action="store_true")
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_job(args.job)
         api_key = resolve_api_key(spec)
         handler.addFilter(RedactSecrets([api_key]))
-        options = RunOptions(retry_failed=args.retry_failed, progress_interval_s=args.progress_interval)
+        options = RunOptions(retry_failed=args.retry_failed, force=args.force,
+                             progress_interval_s=args.progress_interval)
         summary = asyncio.run(run_job(spec, api_key, options))
     except BatchError as exc:
         print(f"batch: error: {exc}", file=sys.stderr)

@@ -6,6 +6,7 @@ EXIT_OK = 0
 EXIT_ROWS_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_JOB_FATAL = 3
+EXIT_LOCKED = 4
 EXIT_INTERRUPTED = 130
 
 
@@ -25,3 +26,9 @@ class JobFatalError(BatchError):
     """The API refuses the whole job (bad key, arrears, unknown model, quota)."""
 
     exit_code = EXIT_JOB_FATAL
+
+
+class LockedError(BatchError):
+    """Another run of the same job is alive (cron started one while the last still runs)."""
+
+    exit_code = EXIT_LOCKED

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from batch.config import JobSpec
-from batch.errors import EXIT_INTERRUPTED, EXIT_JOB_FATAL, EXIT_OK, EXIT_ROWS_FAILED
+from batch.errors import EXIT_INTERRUPTED, EXIT_JOB_FATAL, EXIT_OK, EXIT_ROWS_FAILED, ConfigError
+from batch.guard import RunLock, check_fingerprint
 from batch.pool import JobFatal, Pool, failed_record, make_client
 from batch.prompts import PromptBuilder, RowPromptError, estimate_tokens
 from batch.reader import InputTable, Row
@@ -25,6 +26,7 @@ GRACE_S = 10.0  # how long in-flight requests may finish after Ctrl-C / SIGTERM
 @dataclass
 class RunOptions:
     retry_failed: bool = False
+    force: bool = False  # resume even though the fingerprint changed
     progress_interval_s: float = 5.0
     tty: bool | None = None
 
@@ -43,7 +45,22 @@ class Run:
 
     async def execute(self) -> dict[str, Any]:
         total = self.table.scan()  # bad ids or text fail here, before any request
-        done = self.checkpoint.open()
+        lock = RunLock(self.spec.checkpoint_dir)
+        try:
+            lock.acquire()
+        except OSError as exc:
+            raise ConfigError(f"{self.spec.checkpoint_dir}: cannot write the checkpoint folder: {exc.strerror}") from None
+        try:
+            check_fingerprint(self.spec, self.options.force)
+            return await self._execute(total)
+        finally:
+            lock.release()
+
+    async def _execute(self, total: int) -> dict[str, Any]:
+        try:
+            done = self.checkpoint.open()
+        except OSError as exc:
+            raise ConfigError(f"{self.spec.checkpoint_dir}: cannot write the checkpoint: {exc.strerror or exc}") from None
         stats = RunStats(total)
         progress = Progress(stats, self.options.progress_interval_s, self.options.tty)
         self._install_signal_handlers()
@@ -131,9 +148,13 @@ class Run:
         if totals["pending"] == 0:
             output = self.spec.output.path
             if self.checkpoint.newer_than(output):
-                write_final(output, self.table.batches(self.spec.output.keep_columns),
-                            (row.id for row in self.table.rows()), self.spec.id_column_out,
-                            self.spec.output.keep_columns, results)
+                try:
+                    write_final(output, self.table.batches(self.spec.output.keep_columns),
+                                (row.id for row in self.table.rows()), self.spec.id_column_out,
+                                self.spec.output.keep_columns, results)
+                except OSError as exc:
+                    raise ConfigError(f"{output}: cannot write the output: {exc.strerror or exc} "
+                                      f"(every answer is safe in {self.spec.checkpoint_dir}; rerun to retry)") from None
         if self.exit_code is None:
             if self.stopped is not None:
                 self.exit_code = EXIT_INTERRUPTED

@@ -208,12 +208,16 @@ def write_final(path: Path, input_batches: Iterator[pa.RecordBatch], row_ids: It
                 writer = pq.ParquetWriter(tmp, table.schema)
             writer.write_table(table)
             written += table.num_rows
+        if writer is not None:
+            writer.close()
+            writer = None
+        with open(tmp, "rb") as done:
+            os.fsync(done.fileno())
+        os.replace(tmp, path)
     finally:
         if writer is not None:
             writer.close()
-    with open(tmp, "rb") as done:
-        os.fsync(done.fileno())
-    os.replace(tmp, path)
+        tmp.unlink(missing_ok=True)  # a failed write leaves nothing that looks like output
     return written
 
 
