@@ -25,6 +25,10 @@ from batch.reader import Row
 MAX_RETRY_AFTER_S = 600.0
 
 
+class Stopped(Exception):
+    """The run is stopping: this row stays pending (not failed) and a resume will send it."""
+
+
 class JobFatal(Exception):
     """The API refused the job as a whole; carries the failure that said so."""
 
@@ -53,6 +57,62 @@ def rate_limiter(per_minute: float | None) -> AsyncLimiter | None:
     return AsyncLimiter(capacity, time_period=capacity / per_second)
 
 
+class AdaptiveConcurrency:
+    """Requests in flight, bounded by a limit that adapts like TCP's window (AIMD).
+
+    Zhipu throttles concurrency (429 code 1302) at a level that moves with its load. On a
+    throttle the limit halves, once per "round" (a throttled request that started before the last
+    decrease says nothing new), and every worker pauses for Retry-After or a short backoff instead
+    of hammering on. Each success then adds 1/limit, so the limit climbs back by one per round.
+    """
+
+    def __init__(self, maximum: int, pause_s: float) -> None:
+        self.maximum = maximum
+        self.limit = float(maximum)
+        self.pause_s = pause_s
+        self.in_flight = 0
+        self.throttles = 0
+        self._round = 0
+        self._paused_until = 0.0
+        self._freed = asyncio.Condition()
+
+    async def acquire(self) -> int:
+        """Wait for a slot; returns the round the request starts in."""
+        loop = asyncio.get_running_loop()
+        async with self._freed:
+            while True:
+                pause = self._paused_until - loop.time()
+                if pause > 0:
+                    self._freed.release()
+                    try:
+                        await asyncio.sleep(pause)
+                    finally:
+                        await self._freed.acquire()
+                elif self.in_flight < int(self.limit):
+                    self.in_flight += 1
+                    return self._round
+                else:
+                    await self._freed.wait()
+
+    async def release(self) -> None:
+        async with self._freed:
+            self.in_flight -= 1
+            self._freed.notify()
+
+    def succeeded(self) -> None:
+        # Grow only a limit that is in use: an idle tail must not inflate it untested.
+        if self.limit < self.maximum and self.in_flight + 1 >= int(self.limit):
+            self.limit = min(self.maximum, self.limit + 1 / self.limit)
+
+    def throttled(self, started_round: int, retry_after: float | None) -> None:
+        self.throttles += 1
+        if started_round == self._round:
+            self._round += 1
+            self.limit = max(1.0, self.limit / 2)
+        resume = asyncio.get_running_loop().time() + (retry_after if retry_after is not None else self.pause_s)
+        self._paused_until = max(self._paused_until, resume)
+
+
 class Pool:
     def __init__(self, client: openai.AsyncOpenAI, spec: JobSpec, stopping: asyncio.Event) -> None:
         self.client = client
@@ -65,6 +125,7 @@ class Pool:
         self.tokens = rate_limiter(spec.limits.tokens_per_minute)
         self.retry = spec.retry
         self.stopping = stopping
+        self.slots = AdaptiveConcurrency(spec.limits.concurrency, spec.retry.initial_backoff_s)
         self._backoff = wait_exponential_jitter(
             multiplier=spec.retry.initial_backoff_s, max=spec.retry.max_backoff_s, jitter=spec.retry.initial_backoff_s)
 
@@ -85,6 +146,8 @@ class Pool:
         except Failure as failure:
             if failure.scope == "job":
                 raise JobFatal(failure) from None
+            if failure.scope == "retry" and self.stopping.is_set():
+                raise Stopped() from None  # cut short, not failed: its retries are not used up
             return failed_record(row, failure.error_class, failure.message, attempts, self.model)
         raise AssertionError("unreachable: tenacity either returns or raises")
 
@@ -99,15 +162,23 @@ class Pool:
             await self.tokens.acquire(min(estimated_tokens + self.max_tokens, self.tokens.max_rate))
         if self.requests is not None:
             await self.requests.acquire()
+        if self.stopping.is_set():
+            raise Stopped()  # woke from a backoff after the run began to stop: send nothing more
+        started_round = await self.slots.acquire()
         started = time.perf_counter()
         try:
             raw = await self.client.chat.completions.with_raw_response.create(
                 model=self.model, messages=messages, extra_body=self.body_params)  # type: ignore[arg-type]
-            body = raw.http_response.content
+            data = parse_body(raw.http_response.content)
         except Exception as exc:  # every transport and status error is classified, none escapes raw
-            raise classify(exc) from None
-        latency = time.perf_counter() - started
-        return self._record(row, parse_body(body), latency, attempts)
+            failure = classify(exc)
+            if failure.error_class == "rate_limited":
+                self.slots.throttled(started_round, failure.retry_after)
+            raise failure from None
+        finally:
+            await self.slots.release()
+        self.slots.succeeded()
+        return self._record(row, data, time.perf_counter() - started, attempts)
 
     def _record(self, row: Row, data: dict[str, Any], latency: float, attempts: int) -> dict[str, Any]:
         choice = data["choices"][0]

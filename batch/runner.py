@@ -11,7 +11,7 @@ from typing import Any
 from batch.config import JobSpec
 from batch.errors import EXIT_INTERRUPTED, EXIT_JOB_FATAL, EXIT_OK, EXIT_ROWS_FAILED, ConfigError
 from batch.guard import RunLock, check_fingerprint
-from batch.pool import JobFatal, Pool, failed_record, make_client
+from batch.pool import JobFatal, Pool, Stopped, failed_record, make_client
 from batch.prompts import PromptBuilder, RowPromptError, estimate_tokens
 from batch.reader import InputTable, Row
 from batch.summary import Progress, RunStats, build_summary, save_summary
@@ -66,7 +66,11 @@ class Run:
         self._install_signal_handlers()
         try:
             async with make_client(self.spec, self.api_key) as client:
-                await self._process(Pool(client, self.spec, self.stopping), done, stats, progress)
+                pool = Pool(client, self.spec, self.stopping)
+                try:
+                    await self._process(pool, done, stats, progress)
+                finally:
+                    stats.throttled, stats.concurrency_limit = pool.slots.throttles, pool.slots.limit
         finally:
             self._remove_signal_handlers()
             progress.close()
@@ -112,6 +116,8 @@ class Run:
                 row, messages = item
                 try:
                     record(await pool.answer(row, messages, estimate_tokens(messages)))
+                except Stopped:
+                    break
                 except JobFatal as fatal:
                     if self.stopped is None:
                         self.stopped = f"the API refused the job: {fatal.failure}"

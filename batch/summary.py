@@ -29,6 +29,8 @@ class RunStats:
     cost: float = 0.0
     cost_unknown_rows: int = 0
     attempts: int = 0
+    throttled: int = 0  # 429 rate-limit answers
+    concurrency_limit: float = 0.0  # the adaptive limit at the end
     finish_reasons: Counter[str] = field(default_factory=Counter)
     error_classes: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
@@ -97,7 +99,8 @@ def build_summary(job: str, model: str, stats: RunStats, totals: dict[str, int],
                 "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
                 "total_tokens": stats.prompt_tokens + stats.completion_tokens,
                 "cost": round(stats.cost, 6), "currency": CURRENCY, "cost_unknown_rows": stats.cost_unknown_rows,
-                "attempts": stats.attempts, "wall_s": round(wall, 3),
+                "attempts": stats.attempts, "throttled": stats.throttled,
+                "concurrency_limit_end": round(stats.concurrency_limit, 2), "wall_s": round(wall, 3),
                 "requests_per_s": round(stats.attempts / wall, 2) if wall > 0 else 0.0,
                 "rows_per_s": round(sent / wall, 2) if wall > 0 else 0.0,
                 "finish_reasons": dict(stats.finish_reasons), "error_classes": dict(stats.error_classes)},
@@ -117,7 +120,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  tokens: {run['prompt_tokens']} prompt + {run['completion_tokens']} completion = {run['total_tokens']}",
         f"  cost: {run['cost']:.6f} {run['currency']}"
         + (f" (+ {run['cost_unknown_rows']} rows of unknown price)" if run["cost_unknown_rows"] else ""),
-        f"  time: {run['wall_s']:.1f} s, {run['requests_per_s']} requests/s, {run['attempts']} requests",
+        f"  time: {run['wall_s']:.1f} s, {run['requests_per_s']} requests/s, {run['attempts']} requests"
+        + (f", {run['throttled']} throttled (429)" if run["throttled"] else ""),
     ]
     if run["error_classes"]:
         lines.append("  failures: " + ", ".join(f"{k} {v}" for k, v in sorted(run["error_classes"].items())))

@@ -143,3 +143,19 @@ def test_200_with_an_error_body_is_judged_by_its_code():
     with pytest.raises(Failure) as truncated:
         parse_body(b'{"id": "x", "choices": [')
     assert truncated.value.error_class == "bad_response"
+
+
+def test_adaptive_concurrency_settles_near_the_servers_limit(start_sim, make_job, run_cli):
+    sim = start_sim(max_concurrency=4, latency_ms=30)
+    rows = [{"review_id": f"r{i}", "text": f"t{i}"} for i in range(200)]
+    job = make_job(sim, rows=rows, limits={"concurrency": 32}, retry={"max_attempts": 30})
+    code, out, err = run_cli("run", job)
+    assert code == 0, err
+    summary = json.loads((job.parent / "out" / "result.checkpoint" / "summary.json").read_text())
+    throttled = sim.stats()["by_status"]["429"]
+    assert summary["run"]["throttled"] == throttled
+    # 32 workers that kept hammering would meet 28 refusals per round; AIMD keeps it to a fraction of the rows.
+    assert throttled < len(rows) / 2
+    assert summary["run"]["concurrency_limit_end"] <= 8
+    assert (output_of(job)["status"] == "ok").all()
+    print(f"adaptive: {throttled} 429s for {len(rows)} rows, limit at end {summary['run']['concurrency_limit_end']}")

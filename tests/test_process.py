@@ -88,3 +88,26 @@ def test_kill_9_costs_at_most_the_requests_in_flight(start_sim, make_job, run_cl
     result = output_of(job)
     assert list(result["review_id"]) == [r["review_id"] for r in ROWS]
     assert (result["status"] == "ok").all()
+
+
+def test_a_row_still_retrying_at_sigint_stays_pending_not_failed(start_sim, make_job, run_cli):
+    sim = start_sim(latency_ms=100)
+    rows = [dict(r) for r in ROWS[:6]]
+    rows[0]["text"] = "unlucky [[flaky:3]]"
+    job = make_job(sim, rows=rows, limits={"concurrency": 2},
+                   retry={"max_attempts": 5, "initial_backoff_s": 2, "max_backoff_s": 2})
+    process = start_run(job)
+    try:
+        wait_for_answers(job, 3)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    flaky_requests = sim.stats()["by_prompt"]["Classify: unlucky [[flaky:3]]"]
+    summary = json.loads((job.parent / "out" / "result.checkpoint" / "summary.json").read_text())
+    assert summary["job_totals"]["failed"] == 0
+    code, _, err = run_cli("run", job)  # a plain rerun, no --retry-failed, finishes it
+    assert code == 0, err
+    assert sim.stats()["by_prompt"]["Classify: unlucky [[flaky:3]]"] == 4
+    assert flaky_requests < 4
