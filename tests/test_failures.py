@@ -96,18 +96,28 @@ def test_job_fatal_errors_stop_the_run_with_exit_3(start_sim, make_job, run_cli,
     assert "stopped: the API refused the job" in out
 
 
-def test_wrong_api_key_stops_at_once_and_is_never_printed(start_sim, make_job, run_cli, monkeypatch):
+def test_the_api_key_never_appears_in_anything_written_or_printed(start_sim, make_job, run_cli, monkeypatch):
     secret = "sk-test-SECRET-never-print-me-123"
-    sim = start_sim(api_key="the-right-key")
     monkeypatch.setenv("BATCH_TEST_KEY", secret)
-    job = make_job(sim, rows=ROWS, model={"api_key_env": "BATCH_TEST_KEY"})
-    code, out, err = run_cli("run", job)
-    assert code == 3
-    assert "auth" in err
-    assert sim.stats()["requests"] <= 4  # one per worker at most
-    written = "".join(p.read_text(errors="replace") for p in job.parent.rglob("*") if p.is_file()
-                      and p.suffix in (".json", ".jsonl"))
-    assert secret not in out + err + written
+    good = start_sim(api_key=secret)
+    rows = rows_with("[[error:400:1301]]", at=1)
+    rows[3]["text"] += " [[malformed]]"
+    job = make_job(good, rows=rows, model={"api_key_env": "BATCH_TEST_KEY"}, limits={"timeout_s": 0.5})
+    first = run_cli("run", job, "-v")
+    assert first[0] == 1  # rows failed, the job completed
+
+    wrong = start_sim(api_key="the-right-key")  # now a 401
+    job = make_job(wrong, rows=rows, model={"api_key_env": "BATCH_TEST_KEY"})
+    second = run_cli("run", job, "--retry-failed", "-v")
+    assert second[0] == 3
+    assert "auth" in second[2]
+    assert wrong.stats()["requests"] <= 4  # stopped at once: one request per worker at most
+
+    printed = "".join(first[1:] + second[1:])
+    written = b"".join(p.read_bytes() for p in job.parent.rglob("*") if p.is_file() and p.name != ".env")
+    assert secret not in printed
+    assert secret.encode() not in written
+    assert b"content_filter" in written  # the files searched do hold the run's results
 
 
 def test_concurrency_limit_storm_is_retried_to_completion(start_sim, make_job, run_cli):

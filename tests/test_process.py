@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
 
 from conftest import output_of
 
@@ -25,7 +29,6 @@ def answered(job: Path) -> int:
     folder = job.parent / "out" / "result.checkpoint"
     wal = folder / "wal.jsonl"
     lines = wal.read_text().count("\n") if wal.exists() else 0
-    import pyarrow.parquet as pq
     return lines + sum(pq.ParquetFile(p).metadata.num_rows for p in folder.glob("part-*.parquet"))
 
 
@@ -46,18 +49,19 @@ def test_progress_lines_when_stdout_is_not_a_terminal(start_sim, make_job):
     assert "ok 12, failed 0" in done.stdout
 
 
-def test_sigint_finishes_in_flight_requests_and_resumes_without_resending(start_sim, make_job, run_cli):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_finishes_in_flight_requests_and_resumes_without_resending(start_sim, make_job, run_cli, sig):
     sim = start_sim(latency_ms=300)
     job = make_job(sim, rows=ROWS, limits={"concurrency": 4})
     process = start_run(job)
     try:
         wait_for_answers(job, 4)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(sig)
         out, err = process.communicate(timeout=30)
     finally:
         process.kill()
     assert process.returncode == 130, err
-    assert "stopped: interrupted by SIGINT" in out
+    assert f"stopped: interrupted by {sig.name}" in out
     summary = json.loads((job.parent / "out" / "result.checkpoint" / "summary.json").read_text())
     assert summary["job_totals"]["pending"] > 0
     code, _, _ = run_cli("run", job)
@@ -68,26 +72,40 @@ def test_sigint_finishes_in_flight_requests_and_resumes_without_resending(start_
     assert list(output_of(job)["review_id"]) == [r["review_id"] for r in ROWS]
 
 
-def test_kill_9_costs_at_most_the_requests_in_flight(start_sim, make_job, run_cli):
+def test_kill_9_at_random_instants_costs_at_most_the_requests_in_flight(start_sim, make_job, run_cli):
     concurrency = 4
-    sim = start_sim(latency_ms=200)
-    job = make_job(sim, rows=ROWS, limits={"concurrency": concurrency},
-                   output={"checkpoint_rows": 5})  # parts and log both in play at the kill
-    process = start_run(job)
-    try:
-        wait_for_answers(job, 10)
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-    finally:
-        process.kill()
+    sim = start_sim(latency_ms=60, latency_dist="lognormal", seed=7)
+    job = make_job(sim, rows=[{"review_id": f"k{i:03d}", "text": f"kill {i}"} for i in range(120)],
+                   limits={"concurrency": concurrency},
+                   output={"checkpoint_rows": 7, "checkpoint_seconds": 0.3})  # parts and log both in play
+    rng = random.Random(20261122)
+    kills = 0
+    for _ in range(4):  # kill at a random instant after the start, several times over
+        process = start_run(job)
+        try:
+            time.sleep(rng.uniform(0.8, 2.5))
+            if process.poll() is not None:
+                break
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+            kills += 1
+        finally:
+            process.kill()
+            process.communicate()
+    assert kills >= 2
     code, _, err = run_cli("run", job)
     assert code == 0, err
-    resent = sim.stats()["requests"] - len(ROWS)
-    assert 0 <= resent <= concurrency
-    assert sum(1 for n in sim.stats()["by_prompt"].values() if n > 1) == resent
+    stats = sim.stats()
+    resent = stats["requests"] - 120
+    # Each kill may cost the requests that were in flight at that instant, never an answer that had arrived.
+    assert 0 <= resent <= kills * concurrency
+    assert sum(n - 1 for n in stats["by_prompt"].values()) == resent
     result = output_of(job)
-    assert list(result["review_id"]) == [r["review_id"] for r in ROWS]
+    assert list(result["review_id"]) == [f"k{i:03d}" for i in range(120)]
     assert (result["status"] == "ok").all()
+    for part in (job.parent / "out" / "result.checkpoint").glob("part-*.parquet"):
+        pq.read_table(part)  # no corrupt part file
+    print(f"kill -9 x{kills}: re-sent {resent} requests (bound {kills * concurrency})")
 
 
 def test_a_row_still_retrying_at_sigint_stays_pending_not_failed(start_sim, make_job, run_cli):
@@ -111,3 +129,26 @@ def test_a_row_still_retrying_at_sigint_stays_pending_not_failed(start_sim, make
     assert code == 0, err
     assert sim.stats()["by_prompt"]["Classify: unlucky [[flaky:3]]"] == 4
     assert flaky_requests < 4
+
+
+def test_arrears_mid_run_stops_the_job_keeps_the_checkpoint_and_a_later_run_resumes(start_sim, make_job, run_cli):
+    concurrency = 8
+    broke = start_sim(latency_ms=50, fail_after=30, fail_status=429, fail_code="1113")
+    rows = [{"review_id": f"a{i:03d}", "text": f"arrears {i}"} for i in range(200)]
+    job = make_job(broke, rows=rows, limits={"concurrency": concurrency},
+                   retry={"max_attempts": 6, "initial_backoff_s": 1, "max_backoff_s": 5})
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "batch", "run", str(job)], capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - started
+    assert done.returncode == 3
+    assert "1113" in done.stderr and "account" in done.stderr
+    refused = broke.stats()["by_status"]["429"]
+    assert refused <= concurrency  # no 1113 is retried, and no new row is sent after the first
+    summary = json.loads((job.parent / "out" / "result.checkpoint" / "summary.json").read_text())
+    assert summary["job_totals"]["ok"] == 30 and summary["job_totals"]["failed"] == 0
+
+    topped_up = start_sim()
+    job = make_job(topped_up, rows=rows, limits={"concurrency": concurrency})
+    assert run_cli("run", job)[0] == 0
+    assert topped_up.stats()["requests"] == 200 - 30
+    print(f"1113: whole run incl. start-up {took:.2f} s, {refused} requests refused")
