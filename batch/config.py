@@ -162,7 +162,8 @@ def describe_validation_error(exc: ValidationError) -> str:
             got = err.get("input")
             shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
             where = f"{loc}: " if loc else ""
-            parts.append(f"{where}{err['msg']}{shown}")
+            message = err["msg"].removeprefix("Value error, ")
+            parts.append(f"{where}{message}{shown}")
     return "; ".join(parts)
 
 

@@ -25,7 +25,8 @@ def template_columns(template: str) -> list[str]:
         if field is None:
             continue
         if field == "" or field.isdigit() or spec or conversion or any(c in field for c in ".["):
-            raise ConfigError(f"prompt.template: placeholder '{{{field}}}' must be a plain column name like {{text}}")
+            shown = field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            raise ConfigError(f"prompt.template: placeholder '{{{shown}}}' must be a plain column name like {{text}}")
         columns.append(field)
     return columns
 

@@ -48,9 +48,14 @@ class InputTable:
                 with pacsv.open_csv(self.path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES)) as reader:
                     return list(reader.schema.names)
             first = next(self._jsonl_records(), None)
-            return list(first) if first is not None else []
+            if first is None:
+                raise ConfigError(f"{self.path}: the input has no rows")
+            return list(first)
         except (pa.ArrowInvalid, OSError) as exc:
             raise ConfigError(f"{self.path}: cannot read {self.format.upper()}: {_arrow_message(exc)}") from None
+        except UnicodeDecodeError:  # column names that are not UTF-8
+            raise ConfigError(f"{self.path}: cannot read {self.format.upper()}: "
+                              "not UTF-8 text: save the file as UTF-8") from None
 
     def _check_columns(self) -> None:
         wanted = [("input.id_column", self.id_column)] if self.id_column else []
@@ -61,6 +66,9 @@ class InputTable:
                     f"{self.path}: {key} names column '{column}', which is not in the input "
                     f"(columns: {', '.join(self.columns) or 'none'})"
                 )
+            if self.columns.count(column) > 1:
+                raise ConfigError(f"{self.path}: {key} names column '{column}', which appears "
+                                  f"{self.columns.count(column)} times in the input header")
 
     def batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
         """Record batches holding just `columns`, in input order."""
@@ -85,7 +93,7 @@ class InputTable:
 
     def _jsonl_records(self) -> Iterator[dict[str, Any]]:
         try:
-            with open(self.path, encoding="utf-8") as lines:
+            with open(self.path, encoding="utf-8-sig") as lines:  # -sig: a BOM (Windows editors) is not an error
                 for number, line in enumerate(lines, start=1):
                     if not line.strip():
                         continue

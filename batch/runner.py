@@ -36,7 +36,10 @@ class Run:
         self.spec = spec
         self.api_key = api_key
         self.options = options
-        self.builder = PromptBuilder(spec.prompt)
+        try:
+            self.builder = PromptBuilder(spec.prompt)
+        except ConfigError as exc:
+            raise ConfigError(f"{spec.job_path}: {exc}") from None
         self.table = InputTable(spec.input.path, spec.input.id_column, self.builder.columns, spec.output.keep_columns)
         self.checkpoint = Checkpoint(spec.checkpoint_dir, spec.output.checkpoint_rows, spec.output.checkpoint_seconds)
         self.stopping = asyncio.Event()
