@@ -30,7 +30,7 @@ bench: install
 	$(PY) -m batch.bench
 
 lint: install
-	$(PY) -m compileall -q batch tests
+	$(VENV)/bin/ruff check batch tests
 
 clean:
 	rm -rf $(VENV) out

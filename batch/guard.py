@@ -6,7 +6,7 @@ import fcntl
 import json
 import os
 from pathlib import Path
-from typing import Any, IO
+from typing import IO, Any
 
 from batch.config import JobSpec
 from batch.errors import ConfigError, LockedError

@@ -14,8 +14,14 @@ from typing import Any
 
 import openai
 from aiolimiter import AsyncLimiter
-from tenacity import (AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt,
-                      stop_when_event_set, wait_exponential_jitter)
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_when_event_set,
+    wait_exponential_jitter,
+)
 
 from batch.config import JobSpec
 from batch.failures import RATE_LIMIT_CODES, ROW_CODES, Failure, classify, classify_status
@@ -157,7 +163,8 @@ class Pool:
             return min(failure.retry_after, MAX_RETRY_AFTER_S)
         return self._backoff(state)
 
-    async def _attempt(self, row: Row, messages: list[dict[str, Any]], estimated_tokens: int, attempts: int) -> dict[str, Any]:
+    async def _attempt(self, row: Row, messages: list[dict[str, Any]], estimated_tokens: int,
+                       attempts: int) -> dict[str, Any]:
         if self.tokens is not None:
             await self.tokens.acquire(min(estimated_tokens + self.max_tokens, self.tokens.max_rate))
         if self.requests is not None:

@@ -165,7 +165,8 @@ class DerivedIds:
         self._repeats: dict[str, int] = {}
 
     def next(self, values: dict[str, Any]) -> str:
-        digest = hashlib.sha256(json.dumps(values, ensure_ascii=False, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        content = json.dumps(values, ensure_ascii=False, sort_keys=True, default=str)
+        digest = hashlib.sha256(content.encode()).hexdigest()[:16]
         if digest not in self._seen:
             self._seen.add(digest)
             return digest

@@ -52,7 +52,8 @@ class Run:
         try:
             lock.acquire()
         except OSError as exc:
-            raise ConfigError(f"{self.spec.checkpoint_dir}: cannot write the checkpoint folder: {exc.strerror}") from None
+            raise ConfigError(
+                f"{self.spec.checkpoint_dir}: cannot write the checkpoint folder: {exc.strerror}") from None
         try:
             check_fingerprint(self.spec, self.options.force)
             return await self._execute(total)
@@ -63,7 +64,8 @@ class Run:
         try:
             done = self.checkpoint.open()
         except OSError as exc:
-            raise ConfigError(f"{self.spec.checkpoint_dir}: cannot write the checkpoint: {exc.strerror or exc}") from None
+            raise ConfigError(
+                f"{self.spec.checkpoint_dir}: cannot write the checkpoint: {exc.strerror or exc}") from None
         stats = RunStats(total)
         progress = Progress(stats, self.options.progress_interval_s, self.options.tty)
         self._install_signal_handlers()
@@ -169,7 +171,8 @@ class Run:
                 self.exit_code = EXIT_INTERRUPTED
             else:
                 self.exit_code = EXIT_ROWS_FAILED if totals["failed"] else EXIT_OK
-        summary = build_summary(self.spec.name, self.spec.model.name, stats, totals, self.stopped, output, self.exit_code)
+        summary = build_summary(self.spec.name, self.spec.model.name, stats, totals, self.stopped, output,
+                                self.exit_code)
         save_summary(summary, self.spec.checkpoint_dir / "summary.json")
         return summary
 

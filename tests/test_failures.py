@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import output_of
 
 from batch.failures import Failure
 from batch.pool import parse_body
-from conftest import output_of
 
 ROWS = [{"review_id": f"r{i}", "text": f"review number {i}"} for i in range(6)]
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import DATA, output_of
 
 from batch.config import load_job
 from batch.runner import RunOptions, run_job
 from batch.simulator import completion_for
-from conftest import DATA, output_of
 
 REVIEWS = pd.read_csv(DATA / "reviews.csv")
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import output_of
 
 ROWS = [{"review_id": f"r{i:03d}", "text": f"review {i}"} for i in range(40)]

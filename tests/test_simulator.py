@@ -155,7 +155,8 @@ async def test_openai_client_success_and_failures() -> None:
         assert result.usage is not None and result.usage.prompt_tokens == expected["prompt_tokens"]
 
         with pytest.raises(openai.RateLimitError) as rate:
-            await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "[[error:429:1302]]"}])
+            await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "[[error:429:1302]]"}])
         assert rate.value.code == "1302" and rate.value.response.headers["retry-after"] == "2"
         # The openai client surfaces a reset as APIConnectionError and does not wrap a
         # malformed 200 body at all: the caller sees a bare json.JSONDecodeError.
