@@ -206,6 +206,7 @@ def rate(workdir: Path, rows: int) -> dict[str, Any]:
 
 def concurrency(workdir: Path, rows: int) -> dict[str, Any]:
     import pyarrow.parquet as pq
+
     from batch.simulator import SimConfig  # its default latency_sigma is what the server draws with
 
     flags = ("--latency-ms", str(MEDIAN_S * 1000), "--latency-dist", "lognormal", "--max-concurrency", str(SLOTS))

@@ -12,6 +12,7 @@ import json
 import time
 from typing import Any
 
+import httpx2
 import openai
 from aiolimiter import AsyncLimiter
 from tenacity import (
@@ -54,13 +55,18 @@ def make_client(spec: JobSpec, api_key: str) -> openai.AsyncOpenAI:
     )
 
 
-def rate_limiter(per_minute: float | None) -> AsyncLimiter | None:
-    """A limiter that spreads `per_minute` over one-second slices instead of allowing a minute's burst."""
+def token_limiter(per_minute: float | None) -> AsyncLimiter | None:
+    """Tokens per minute as a one-second bucket: a request's tokens must fit in it, a minute's burst must not."""
     if per_minute is None:
         return None
     per_second = per_minute / 60
     capacity = max(1.0, per_second)
     return AsyncLimiter(capacity, time_period=capacity / per_second)
+
+
+def request_limiter(per_minute: float | None) -> AsyncLimiter | None:
+    """One request per 1/rate seconds, no burst: a full bucket's burst at start trips servers that count per second."""
+    return None if per_minute is None else AsyncLimiter(1, time_period=60 / per_minute)
 
 
 class AdaptiveConcurrency:
@@ -127,8 +133,8 @@ class Pool:
         # Provider-only fields and OpenAI ones go the same way: the SDK's create() has fixed kwargs.
         self.body_params.update(self.body_params.pop("extra_body", None) or {})
         self.max_tokens = int(self.body_params.get("max_tokens") or 0)
-        self.requests = rate_limiter(spec.limits.requests_per_minute)
-        self.tokens = rate_limiter(spec.limits.tokens_per_minute)
+        self.requests = request_limiter(spec.limits.requests_per_minute)
+        self.tokens = token_limiter(spec.limits.tokens_per_minute)
         self.retry = spec.retry
         self.stopping = stopping
         self.slots = AdaptiveConcurrency(spec.limits.concurrency, spec.retry.initial_backoff_s)
@@ -174,9 +180,12 @@ class Pool:
         started_round = await self.slots.acquire()
         started = time.perf_counter()
         try:
-            raw = await self.client.chat.completions.with_raw_response.create(
-                model=self.model, messages=messages, extra_body=self.body_params)  # type: ignore[arg-type]
-            data = parse_body(raw.http_response.content)
+            # The SDK's documented raw-request path: its auth, base_url and error classes, without
+            # create()'s walk of the body against its type hints (a quarter of our CPU per request).
+            response = await self.client.post(
+                "/chat/completions", cast_to=httpx2.Response,
+                body={"model": self.model, "messages": messages, **self.body_params})
+            data = parse_body(response.content)
         except Exception as exc:  # every transport and status error is classified, none escapes raw
             failure = classify(exc)
             if failure.error_class == "rate_limited":

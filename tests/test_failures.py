@@ -169,3 +169,13 @@ def test_adaptive_concurrency_settles_near_the_servers_limit(start_sim, make_job
     assert summary["run"]["concurrency_limit_end"] <= 8
     assert (output_of(job)["status"] == "ok").all()
     print(f"adaptive: {throttled} 429s for {len(rows)} rows, limit at end {summary['run']['concurrency_limit_end']}")
+
+
+def test_requests_per_minute_is_kept_without_a_burst(start_sim, make_job, run_cli):
+    # The server allows 2 requests in any one-second slice; a bucket that starts full would trip it.
+    sim = start_sim(rpm=120)
+    rows = [{"review_id": f"r{i}", "text": f"t{i}"} for i in range(7)]
+    job = make_job(sim, rows=rows, limits={"concurrency": 8, "requests_per_minute": 120}, retry={"max_attempts": 1})
+    code, _, err = run_cli("run", job)
+    assert code == 0, err
+    assert sim.stats()["by_status"] == {"200": len(rows)}
