@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 
 from batch.config import load_job, resolve_api_key
-from batch.errors import EXIT_INTERRUPTED, BatchError
+from batch.errors import EXIT_INTERRUPTED, BatchError, ConfigError
 from batch.runner import RunOptions, run_job
+from batch.status import format_status, job_status, validate
 from batch.summary import format_summary
 
 log = logging.getLogger("batch")
@@ -50,7 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="resume even if model, params, prompt or input changed since the checkpoint was made")
     run.add_argument("--progress-interval", type=float, default=5.0, metavar="S",
                      help="seconds between progress lines when not on a terminal (default 5)")
+    run.add_argument("--limit", type=int, metavar="N", help="send at most N pending rows (try a job cheaply)")
     run.add_argument("-v", "--verbose", action="store_true")
+    status = commands.add_parser("status", help="rows done / failed / pending, tokens, cost, whether a run is alive")
+    status.add_argument("job")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    validate = commands.add_parser("validate", help="check the job file, input and API key without sending anything")
+    validate.add_argument("job")
     commands.add_parser("simulate", help="start the local OpenAI-compatible simulator (see --help)", add_help=False)
     return parser
 
@@ -62,12 +70,21 @@ def main(argv: list[str] | None = None) -> int:
 
         return simulate(argv[1:])
     args = build_parser().parse_args(argv)
-    handler = setup_logging(args.verbose)
+    handler = setup_logging(getattr(args, "verbose", False))
     try:
         spec = load_job(args.job)
+        if args.command == "validate":
+            print(validate(spec))
+            return 0
+        if args.command == "status":
+            state = job_status(spec)
+            print(json.dumps(state, ensure_ascii=False, indent=2) if args.json else format_status(state))
+            return 0
+        if args.limit is not None and args.limit < 0:
+            raise ConfigError("--limit must be 0 or more")
         api_key = resolve_api_key(spec)
         handler.addFilter(RedactSecrets([api_key]))
-        options = RunOptions(retry_failed=args.retry_failed, force=args.force,
+        options = RunOptions(retry_failed=args.retry_failed, force=args.force, limit=args.limit,
                              progress_interval_s=args.progress_interval)
         summary = asyncio.run(run_job(spec, api_key, options))
     except BatchError as exc:

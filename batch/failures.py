@@ -28,6 +28,11 @@ JOB_CODE_CLASSES: list[tuple[range, str]] = [
 ]
 
 
+# A failed row of these classes may succeed when sent again later (`--retry-failed`); the others
+# (content_filter, prompt_too_long, bad_request, bad_prompt) would fail the same way.
+RETRYABLE_LATER = {"rate_limited", "server_error", "timeout", "connection", "bad_response"}
+
+
 @dataclass
 class Failure(Exception):
     scope: Scope

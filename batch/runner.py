@@ -10,6 +10,7 @@ from typing import Any
 
 from batch.config import JobSpec
 from batch.errors import EXIT_INTERRUPTED, EXIT_JOB_FATAL, EXIT_OK, EXIT_ROWS_FAILED, ConfigError
+from batch.failures import RETRYABLE_LATER
 from batch.guard import RunLock, check_fingerprint
 from batch.pool import JobFatal, Pool, Stopped, failed_record, make_client
 from batch.prompts import PromptBuilder, RowPromptError, estimate_tokens
@@ -27,6 +28,7 @@ GRACE_S = 10.0  # how long in-flight requests may finish after Ctrl-C / SIGTERM
 class RunOptions:
     retry_failed: bool = False
     force: bool = False  # resume even though the fingerprint changed
+    limit: int | None = None  # send at most this many pending rows (try a job cheaply)
     progress_interval_s: float = 5.0
     tty: bool | None = None
 
@@ -102,13 +104,16 @@ class Run:
                 await queue.put(None)
 
         async def feed_rows() -> None:
+            budget = self.options.limit
             for row in self.table.rows():
-                if self.stopping.is_set():
+                if self.stopping.is_set() or budget == 0:
                     break
-                status = done.get(row.id)
-                if status == "ok" or (status is not None and not self.options.retry_failed):
+                state = done.get(row.id)  # "ok", a failed row's error_class, or None when pending
+                if state is not None and not (self.options.retry_failed and state in RETRYABLE_LATER):
                     stats.skipped += 1
                     continue
+                if budget is not None:
+                    budget -= 1
                 try:
                     messages = self.builder.messages(row.values)
                 except RowPromptError as exc:

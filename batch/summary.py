@@ -93,6 +93,7 @@ def build_summary(job: str, model: str, stats: RunStats, totals: dict[str, int],
     sent = stats.ok + stats.failed
     return {
         "job": job,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": model,
         "rows_total": stats.rows_total,
         "run": {"ok": stats.ok, "failed": stats.failed, "skipped": stats.skipped,

@@ -58,7 +58,7 @@ class Checkpoint:
 
     # -- opening and reading ---------------------------------------------------------------
     def open(self) -> dict[str, str]:
-        """Recover a previous run's log, and return the status of every id answered so far."""
+        """Recover a previous run's log; returns, per id answered so far, "ok" or its failure's error_class."""
         self.folder.mkdir(parents=True, exist_ok=True)
         for stale in self.folder.glob(".*.tmp"):
             stale.unlink()
@@ -69,8 +69,9 @@ class Checkpoint:
             self._merge_parts()
         self._wal = open(self.folder / WAL_NAME, "w", encoding="utf-8")
         self._fsync_dir()
-        table = self._read_parts(["id", "status"])
-        return dict(zip(table.column("id").to_pylist(), table.column("status").to_pylist()))
+        table = self._read_parts(["id", "status", "error_class"])
+        states = pc.if_else(pc.equal(table.column("status"), "ok"), "ok", table.column("error_class"))
+        return dict(zip(table.column("id").to_pylist(), states.to_pylist()))
 
     def _parts(self) -> list[Path]:
         return sorted(self.folder.glob("part-*.parquet"))
@@ -90,12 +91,14 @@ class Checkpoint:
 
     def results(self) -> pa.Table:
         """All results, the last one per id (a retried failure replaced by its new answer)."""
-        table = self._read_parts()
-        if table.num_rows == 0:
-            return table
-        table = table.append_column("_order", pa.array(range(table.num_rows), pa.int64()))
-        last = table.group_by("id", use_threads=False).aggregate([("_order", "max")]).column("_order_max")
-        return table.take(pc.take(last, pc.sort_indices(last))).drop_columns(["_order"])
+        return _last_per_id(self._read_parts())
+
+    def snapshot(self) -> pa.Table:
+        """Results so far, log included, read without touching the folder: safe while a run is alive."""
+        if not self.folder.is_dir():
+            return RESULT_SCHEMA.empty_table()
+        logged = pa.Table.from_pylist(list(_read_wal(self.folder / WAL_NAME)), schema=RESULT_SCHEMA)
+        return _last_per_id(pa.concat_tables([self._read_parts(), logged]))
 
     # -- writing ---------------------------------------------------------------------------
     def append(self, record: dict[str, Any]) -> None:
@@ -153,6 +156,14 @@ class Checkpoint:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _last_per_id(table: pa.Table) -> pa.Table:
+    if table.num_rows == 0:
+        return table
+    table = table.append_column("_order", pa.array(range(table.num_rows), pa.int64()))
+    last = table.group_by("id", use_threads=False).aggregate([("_order", "max")]).column("_order_max")
+    return table.take(pc.take(last, pc.sort_indices(last))).drop_columns(["_order"])
 
 
 def _read_wal(path: Path) -> Iterator[dict[str, Any]]:

@@ -1,0 +1,77 @@
+"""Everyday commands: status, validate, --limit, and which failures --retry-failed sends again."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import output_of
+from test_process import ROWS, wait_for_answers
+
+
+def test_status_before_during_and_after_a_run(start_sim, make_job, run_cli):
+    sim = start_sim(latency_ms=200)
+    job = make_job(sim, rows=ROWS, limits={"concurrency": 2})
+    code, out, _ = run_cli("status", job)
+    assert code == 0
+    assert f"{len(ROWS)} rows: ok 0, failed 0, pending {len(ROWS)}" in out
+    assert "running now: no" in out
+
+    process = subprocess.Popen([sys.executable, "-m", "batch", "run", str(job)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_answers(job, 3)
+        code, out, _ = run_cli("status", job, "--json")
+        live = json.loads(out)
+        assert live["running_pid"] == process.pid
+        assert live["ok"] >= 3 and live["pending"] == len(ROWS) - live["ok"]
+        assert live["prompt_tokens"] > 0
+    finally:
+        process.communicate(timeout=60)
+    code, out, _ = run_cli("status", job)
+    assert f"ok {len(ROWS)}, failed 0, pending 0" in out
+    assert "running now: no" in out and "exit 0" in out
+    assert sim.stats()["requests"] == len(ROWS)  # status sends nothing
+
+
+def test_validate_checks_everything_and_sends_nothing(sim, make_job, run_cli):
+    job = make_job(sim, rows=ROWS[:5])
+    code, out, _ = run_cli("validate", job)
+    assert code == 0
+    assert "ok: 5 rows" in out
+    bad = make_job(sim, rows=ROWS[:5], prompt={"template": "{missing}"})
+    code, _, err = run_cli("validate", bad)
+    assert code == 2 and "missing" in err
+    assert sim.stats()["requests"] == 0
+
+
+def test_limit_sends_only_the_first_n_pending_rows(sim, make_job, run_cli):
+    job = make_job(sim, rows=ROWS[:10])
+    code, out, _ = run_cli("run", job, "--limit", "3")
+    assert code == 0  # what was asked was done; the rest stays pending
+    assert "pending 7" in out
+    assert sim.stats()["requests"] == 3
+    assert not (job.parent / "out" / "result.parquet").exists()
+    code, out, _ = run_cli("run", job, "--limit", "3")
+    assert code == 0 and "pending 4" in out and "skipped (done before) 3" in out
+    assert sim.stats()["requests"] == 6
+    assert run_cli("run", job)[0] == 0
+    assert sim.stats()["requests"] == 10
+    assert len(output_of(job)) == 10
+
+
+def test_retry_failed_resends_only_failures_that_may_succeed_now(sim, make_job, run_cli):
+    rows = [{"review_id": "ok", "text": "fine"},
+            {"review_id": "unsafe", "text": "bad [[error:400:1301]]"},
+            {"review_id": "flaky", "text": "busy [[flaky:2]]"}]
+    job = make_job(sim, rows=rows, retry={"max_attempts": 2})
+    assert run_cli("run", job)[0] == 1
+    code, _, _ = run_cli("run", job, "--retry-failed")
+    assert code == 1  # the content-safety failure stands
+    by_prompt = sim.stats()["by_prompt"]
+    assert by_prompt["Classify: bad [[error:400:1301]]"] == 1  # never sent again
+    assert by_prompt["Classify: busy [[flaky:2]]"] == 3
+    result = output_of(job).set_index("review_id")
+    assert result.loc["flaky", "status"] == "ok"
+    assert result.loc["unsafe", "error_class"] == "content_filter"
