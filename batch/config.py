@@ -59,6 +59,19 @@ class ModelSpec(Strict):
     api_key_env: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _zhipu_ranges(self) -> ModelSpec:
+        if self.provider != "zhipu":
+            return self
+        for name, (low, high) in ZHIPU_RANGES.items():
+            value = self.params.get(name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not low <= value <= high:
+                hint = " (for greedy decoding set do_sample: false instead)" if name == "temperature" else ""
+                raise ValueError(f"params.{name} {value} is outside Zhipu's range [{low}, {high}]{hint}")
+        return self
+
     @property
     def resolved_base_url(self) -> str:
         return self.base_url or PROVIDERS[self.provider].base_url
@@ -66,6 +79,22 @@ class ModelSpec(Strict):
     @property
     def resolved_api_key_env(self) -> str | None:
         return self.api_key_env or PROVIDERS[self.provider].api_key_env
+
+
+ZHIPU_RANGES = {"temperature": (0.0, 1.0), "top_p": (0.01, 1.0)}
+
+
+class PricingSpec(Strict):
+    """CNY per million tokens; overrides the built-in table for this job's model."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cached_input: float | None = Field(None, ge=0)
+
+
+class BudgetSpec(Strict):
+    max_cost: float | None = Field(None, gt=0)
+    max_total_tokens: int | None = Field(None, gt=0)
 
 
 class LimitsSpec(Strict):
@@ -96,6 +125,8 @@ class JobSpec(Strict):
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
     retry: RetrySpec = Field(default_factory=RetrySpec)
     output: OutputSpec
+    pricing: PricingSpec | None = None
+    budget: BudgetSpec | None = None
 
     # Set by load_job, not by the file.
     job_path: Path = Field(default=Path("."), exclude=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import Any
 
@@ -26,10 +27,12 @@ from tenacity import (
 
 from batch.config import JobSpec
 from batch.failures import RATE_LIMIT_CODES, ROW_CODES, Failure, classify, classify_status
-from batch.pricing import cost_of
+from batch.pricing import Price, cost_of, pricer_for
 from batch.reader import Row
 
 MAX_RETRY_AFTER_S = 600.0
+
+log = logging.getLogger("batch")
 
 
 class Stopped(Exception):
@@ -129,6 +132,10 @@ class Pool:
     def __init__(self, client: openai.AsyncOpenAI, spec: JobSpec, stopping: asyncio.Event) -> None:
         self.client = client
         self.model = spec.model.name
+        self.pricer = pricer_for(self.model, Price(**spec.pricing.model_dump()) if spec.pricing else None)
+        if self.pricer is None:
+            log.warning("no known price for model %s: its cost is recorded as unknown (null); "
+                        "set pricing: {input: ..., output: ...} in the job to count it", self.model)
         self.body_params = dict(spec.model.params)
         # Provider-only fields and OpenAI ones go the same way: the SDK's create() has fixed kwargs.
         self.body_params.update(self.body_params.pop("extra_body", None) or {})
@@ -209,7 +216,8 @@ class Pool:
             "finish_reason": choice.get("finish_reason"),
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": usage.get("total_tokens"),
-            "cost": cost_of(self.model, prompt_tokens, completion_tokens),
+            "cost": cost_of(self.pricer, prompt_tokens, completion_tokens,
+                            (usage.get("prompt_tokens_details") or {}).get("cached_tokens")),
             "model": data.get("model") or self.model,
             "request_id": data.get("request_id") or data.get("id"),
             "latency_s": round(latency, 4), "attempts": attempts,

@@ -1,32 +1,80 @@
-"""What a request cost, in CNY, from the model's price per million tokens.
+"""What a request costs, in CNY per million tokens, and the worst a request can cost.
 
-Prices from open.bigmodel.cn's published pricing as collected in ../shared/zhipu-api-notes.md
-(checked 2026-11-22). A model not listed costs None ("unknown"), never a silent 0.
-The tiered glm-4.5/4.6 family is not here yet: its price depends on prompt and output length.
+Prices of open.bigmodel.cn as collected, with sources, in ../shared/zhipu-api-notes.md section 5
+(Zhipu's GLM-4 model page for glm-4-plus; a mirror of bigmodel.cn/pricing in lobehub/lobe-chat's
+model bank, snapshot after December 2025, for the rest). Checked on PRICES_AS_OF; check the live
+page before trusting a large bill to them. A job's `pricing:` overrides this table. A model not
+listed costs None ("unknown"), never a silent 0.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 PRICES_AS_OF = "2026-11-22"
 CURRENCY = "CNY"
+# The glm-4.5 family's tiers split at 32K prompt tokens and 200 completion tokens per request.
+LONG_PROMPT = 32_000
+SHORT_ANSWER = 200
 
-# model -> (input, output) per million tokens
-PRICES: dict[str, tuple[float, float]] = {
-    "glm-4-flash": (0.0, 0.0),
-    "glm-4-flash-250414": (0.0, 0.0),
-    "glm-4.5-flash": (0.0, 0.0),
-    "glm-4-flashx": (0.1, 0.1),
-    "glm-4-flashx-250414": (0.1, 0.1),
-    "glm-4-air": (0.5, 0.5),
-    "glm-4-air-250414": (0.5, 0.5),
-    "glm-4-long": (1.0, 1.0),
-    "glm-4-airx": (10.0, 10.0),
-    "glm-4-plus": (5.0, 5.0),
+
+@dataclass(frozen=True)
+class Price:
+    input: float
+    output: float
+    cached_input: float | None = None  # for prompt tokens served from Zhipu's context cache
+
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
+        cached = min(cached_tokens, prompt_tokens) if self.cached_input is not None else 0
+        fresh = prompt_tokens - cached
+        return (fresh * self.input + cached * (self.cached_input or 0.0) + completion_tokens * self.output) / 1e6
+
+
+Pricer = Callable[[int, int], Price]  # (prompt_tokens, completion_tokens) -> the tier's price
+
+
+def flat(input_price: float, output_price: float, cached_input: float | None = None) -> Pricer:
+    price = Price(input_price, output_price, cached_input)
+    return lambda _prompt, _completion: price
+
+
+def tiered(short: Price, long_answer: Price, long_prompt: Price) -> Pricer:
+    def pick(prompt_tokens: int, completion_tokens: int) -> Price:
+        if prompt_tokens >= LONG_PROMPT:
+            return long_prompt
+        return short if completion_tokens < SHORT_ANSWER else long_answer
+    return pick
+
+
+GLM_45 = tiered(Price(2, 8, 0.4), Price(3, 14, 0.6), Price(4, 16, 0.8))
+GLM_45_AIR = tiered(Price(0.8, 2, 0.16), Price(0.8, 6, 0.16), Price(1.2, 8, 0.24))  # cached: 1/5 of input
+
+PRICES: dict[str, Pricer] = {
+    "glm-4-flash": flat(0, 0), "glm-4-flash-250414": flat(0, 0), "glm-4.5-flash": flat(0, 0),
+    "glm-4-flashx": flat(0.1, 0.1), "glm-4-flashx-250414": flat(0.1, 0.1),
+    "glm-4-air": flat(0.5, 0.5), "glm-4-air-250414": flat(0.5, 0.5),
+    "glm-4-long": flat(1, 1),
+    "glm-4-airx": flat(10, 10),
+    "glm-4-plus": flat(5, 5),
+    "glm-4.5": GLM_45, "glm-4.6": GLM_45, "glm-4.7": GLM_45,
+    "glm-4.5-air": GLM_45_AIR,
 }
 
 
-def cost_of(model: str, prompt_tokens: int | None, completion_tokens: int | None) -> float | None:
-    price = PRICES.get(model)
-    if price is None or prompt_tokens is None or completion_tokens is None:
+def pricer_for(model: str, override: Price | None = None) -> Pricer | None:
+    if override is not None:
+        return flat(override.input, override.output, override.cached_input)
+    return PRICES.get(model)
+
+
+def cost_of(pricer: Pricer | None, prompt_tokens: int | None, completion_tokens: int | None,
+            cached_tokens: int | None = None) -> float | None:
+    if pricer is None or prompt_tokens is None or completion_tokens is None:
         return None
-    return (prompt_tokens * price[0] + completion_tokens * price[1]) / 1_000_000
+    return pricer(prompt_tokens, completion_tokens).cost(prompt_tokens, completion_tokens, cached_tokens or 0)
+
+
+def worst_cost(pricer: Pricer, prompt_tokens: int, max_tokens: int) -> float:
+    """The most a request can cost: its prompt uncached, its answer as long as max_tokens allows."""
+    return max(pricer(prompt_tokens, completion).cost(prompt_tokens, max_tokens) for completion in (0, max_tokens))

@@ -8,8 +8,11 @@ import signal
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow.compute as pc
+
+from batch.budget import Budget
 from batch.config import JobSpec
-from batch.errors import EXIT_INTERRUPTED, EXIT_JOB_FATAL, EXIT_OK, EXIT_ROWS_FAILED, ConfigError
+from batch.errors import EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_JOB_FATAL, EXIT_OK, EXIT_ROWS_FAILED, ConfigError
 from batch.failures import RETRYABLE_LATER
 from batch.guard import RunLock, check_fingerprint
 from batch.pool import JobFatal, Pool, Stopped, failed_record, make_client
@@ -74,8 +77,9 @@ class Run:
         try:
             async with make_client(self.spec, self.api_key) as client:
                 pool = Pool(client, self.spec, self.stopping)
+                budget = self._budget(pool) if self.spec.budget else None
                 try:
-                    await self._process(pool, done, stats, progress)
+                    await self._process(pool, budget, done, stats, progress)
                 finally:
                     stats.throttled, stats.concurrency_limit = pool.slots.throttles, pool.slots.limit
         finally:
@@ -84,7 +88,14 @@ class Run:
             self.checkpoint.close()
         return self._finish(stats)
 
-    async def _process(self, pool: Pool, done: dict[str, str], stats: RunStats, progress: Progress) -> None:
+    def _budget(self, pool: Pool) -> Budget:
+        spent = self.checkpoint.results()
+        cost = pc.sum(spent.column("cost")).as_py() or 0.0
+        tokens = pc.sum(spent.column("total_tokens")).as_py() or 0
+        return Budget(self.spec, pool.pricer, cost, tokens)
+
+    async def _process(self, pool: Pool, budget: Budget | None, done: dict[str, str], stats: RunStats,
+                       progress: Progress) -> None:
         concurrency = self.spec.limits.concurrency
         queue: asyncio.Queue[tuple[Row, list[dict[str, Any]]] | None] = asyncio.Queue(maxsize=2 * concurrency)
 
@@ -124,16 +135,22 @@ class Run:
         async def work() -> None:
             while not self.stopping.is_set() and (item := await queue.get()) is not None:
                 row, messages = item
+                estimated = estimate_tokens(messages)
+                hold = budget.reserve(estimated) if budget else None
+                if budget and hold is None:
+                    self._stop(budget.describe(), EXIT_BUDGET)
+                    break
+                result = None
                 try:
-                    record(await pool.answer(row, messages, estimate_tokens(messages)))
+                    result = await pool.answer(row, messages, estimated)
+                    record(result)
                 except Stopped:
                     break
                 except JobFatal as fatal:
-                    if self.stopped is None:
-                        self.stopped = f"the API refused the job: {fatal.failure}"
-                        self.exit_code = EXIT_JOB_FATAL
-                        log.error("stopping: %s", self.stopped)
-                    self.stopping.set()
+                    self._stop(f"the API refused the job: {fatal.failure}", EXIT_JOB_FATAL)
+                finally:
+                    if hold is not None:
+                        budget.settle(hold, result)  # type: ignore[union-attr]
 
         async def tick() -> None:
             while True:
@@ -154,6 +171,14 @@ class Run:
             feeder.cancel()
             ticker.cancel()
             await asyncio.gather(feeder, ticker, return_exceptions=True)
+
+    def _stop(self, reason: str, exit_code: int) -> None:
+        """Take no more rows; the first reason given is the one reported."""
+        if self.stopped is None:
+            self.stopped = reason
+            self.exit_code = exit_code
+            log.error("stopping: %s", reason)
+        self.stopping.set()
 
     def _finish(self, stats: RunStats) -> dict[str, Any]:
         results = self.checkpoint.results()
