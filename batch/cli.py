@@ -10,6 +10,7 @@ import sys
 
 from batch.config import load_job, resolve_api_key
 from batch.errors import EXIT_INTERRUPTED, BatchError, ConfigError
+from batch.estimate import estimate, format_estimate
 from batch.runner import RunOptions, run_job
 from batch.status import format_status, job_status, validate
 from batch.summary import format_summary
@@ -57,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="rows done / failed / pending, tokens, cost, whether a run is alive")
     status.add_argument("job")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
+    estimate_cmd = commands.add_parser("estimate", help="rows, tokens and cost still to come; sends nothing")
+    estimate_cmd.add_argument("job")
+    estimate_cmd.add_argument("--retry-failed", action="store_true", help="count failed rows a retry would send")
+    estimate_cmd.add_argument("--json", action="store_true", help="print the estimate as JSON")
     validate = commands.add_parser("validate", help="check the job file, input and API key without sending anything")
     validate.add_argument("job")
     commands.add_parser("simulate", help="start the local OpenAI-compatible simulator (see --help)", add_help=False)
@@ -75,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_job(args.job)
         if args.command == "validate":
             print(validate(spec))
+            return 0
+        if args.command == "estimate":
+            found = estimate(spec, args.retry_failed)
+            print(json.dumps(found, ensure_ascii=False, indent=2) if args.json else format_estimate(found))
             return 0
         if args.command == "status":
             state = job_status(spec)

@@ -75,3 +75,25 @@ def test_retry_failed_resends_only_failures_that_may_succeed_now(sim, make_job, 
     result = output_of(job).set_index("review_id")
     assert result.loc["flaky", "status"] == "ok"
     assert result.loc["unsafe", "error_class"] == "content_filter"
+
+
+def test_estimate_sends_nothing_and_bounds_the_real_cost(sim, make_job, run_cli):
+    rows = [{"review_id": f"e{i}", "text": f"评论 {i}: the product works well"} for i in range(10)]
+    job = make_job(sim, rows=rows, model={"name": "glm-4-plus"})
+    code, out, _ = run_cli("estimate", job, "--json")
+    assert code == 0
+    before = json.loads(out)
+    assert before["rows_to_do"] == 10 and before["rows_done_before"] == 0
+    assert before["completion_tokens_max"] == 10 * 64
+    assert before["observed_completion_tokens_per_row"] is None
+    assert 0 <= before["cost_low"] < before["cost_high"]
+    assert sim.stats()["requests"] == 0
+
+    assert run_cli("run", job, "--limit", "4")[0] == 0
+    code, out, _ = run_cli("estimate", job)
+    assert "6 rows to send (4 done before" in out
+    assert "per row answered so far" in out and "CNY" in out
+
+    assert run_cli("run", job)[0] == 0
+    real = output_of(job)["cost"].sum()
+    assert real <= before["cost_high"]  # the worst case really is an upper bound

@@ -1,0 +1,79 @@
+"""`batch estimate`: what the rest of a job will take and cost, without sending a request."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow.compute as pc
+
+from batch.config import JobSpec
+from batch.failures import RETRYABLE_LATER
+from batch.pricing import CURRENCY, Price, cost_of, pricer_for, worst_cost
+from batch.prompts import PromptBuilder, RowPromptError, estimate_tokens
+from batch.status import open_input
+from batch.writer import Checkpoint
+
+TOKENIZER_NOTE = "approximation: 1 token per CJK character, 1 per 4 other characters, +4 per message"
+
+
+def estimate(spec: JobSpec, retry_failed: bool = False) -> dict[str, Any]:
+    table = open_input(spec)
+    table.scan()
+    builder = PromptBuilder(spec.prompt)
+    done_table = Checkpoint(spec.checkpoint_dir).snapshot()
+    states = dict(zip(done_table.column("id").to_pylist(),
+                      pc.if_else(pc.equal(done_table.column("status"), "ok"), "ok",
+                                 done_table.column("error_class")).to_pylist()))
+    ok = done_table.filter(pc.equal(done_table.column("status"), "ok"))
+    observed = pc.mean(ok.column("completion_tokens")).as_py() if ok.num_rows else None
+    max_tokens = int(spec.model.params.get("max_tokens") or 0) or None
+    pricer = pricer_for(spec.model.name, Price(**spec.pricing.model_dump()) if spec.pricing else None)
+
+    rows = skipped = unsendable = prompt_tokens = 0
+    low = high = 0.0
+    for row in table.rows():
+        state = states.get(row.id)
+        if state is not None and not (retry_failed and state in RETRYABLE_LATER):
+            skipped += 1
+            continue
+        try:
+            tokens = estimate_tokens(builder.messages(row.values))
+        except RowPromptError:
+            unsendable += 1
+            continue
+        rows += 1
+        prompt_tokens += tokens
+        if pricer is not None:
+            low += cost_of(pricer, tokens, round(observed or 0)) or 0.0
+            high += worst_cost(pricer, tokens, max_tokens) if max_tokens else 0.0
+    return {
+        "job": spec.name, "model": spec.model.name, "rows_to_do": rows, "rows_done_before": skipped,
+        "rows_without_prompt": unsendable, "prompt_tokens_estimate": prompt_tokens, "tokenizer": TOKENIZER_NOTE,
+        "max_tokens": max_tokens, "observed_completion_tokens_per_row": observed,
+        "completion_tokens_expected": round(rows * observed) if observed is not None else None,
+        "completion_tokens_max": rows * max_tokens if max_tokens else None,
+        "cost_low": round(low, 6) if pricer else None,
+        "cost_high": round(high, 6) if pricer and max_tokens else None,
+        "currency": CURRENCY,
+    }
+
+
+def format_estimate(e: dict[str, Any]) -> str:
+    lines = [
+        f"estimate for job {e['job']} ({e['model']}): {e['rows_to_do']} rows to send "
+        f"({e['rows_done_before']} done before, {e['rows_without_prompt']} without a prompt); nothing was sent",
+        f"  prompt tokens: ~{e['prompt_tokens_estimate']} ({e['tokenizer']})",
+    ]
+    answer = []
+    if e["completion_tokens_max"] is not None:
+        answer.append(f"at most {e['completion_tokens_max']} (max_tokens {e['max_tokens']} per row)")
+    if e["observed_completion_tokens_per_row"] is not None:
+        answer.append(f"~{e['completion_tokens_expected']} at the {e['observed_completion_tokens_per_row']:.1f} "
+                      "per row answered so far")
+    lines.append("  completion tokens: " + ("; ".join(answer) or "unknown: no max_tokens and no answers yet"))
+    if e["cost_low"] is None:
+        lines.append(f"  cost: unknown (no price for {e['model']}: add pricing: to the job)")
+    else:
+        high = f"{e['cost_high']:.6f}" if e["cost_high"] is not None else "unbounded (no max_tokens)"
+        lines.append(f"  cost: {e['cost_low']:.6f} to {high} {e['currency']}")
+    return "\n".join(lines)
