@@ -97,6 +97,10 @@ class BudgetSpec(Strict):
     max_total_tokens: int | None = Field(None, gt=0)
 
 
+class CacheSpec(Strict):
+    path: Path  # an SQLite file of answers shared by jobs; relative to the job file
+
+
 class LimitsSpec(Strict):
     concurrency: int = Field(8, ge=1, le=4096)
     requests_per_minute: float | None = Field(None, gt=0)
@@ -127,6 +131,7 @@ class JobSpec(Strict):
     output: OutputSpec
     pricing: PricingSpec | None = None
     budget: BudgetSpec | None = None
+    cache: CacheSpec | None = None
 
     # Set by load_job, not by the file.
     job_path: Path = Field(default=Path("."), exclude=True)
@@ -166,6 +171,8 @@ def load_job(path: str | Path) -> JobSpec:
     base = job_path.parent
     spec.input.path = _relative_to(base, spec.input.path)
     spec.output.path = _relative_to(base, spec.output.path)
+    if spec.cache is not None:
+        spec.cache.path = _relative_to(base, spec.cache.path)
     spec.job_path = job_path
     if spec.input.path.suffix.lower() not in INPUT_FORMATS:
         raise ConfigError(

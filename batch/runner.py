@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.compute as pc
 
 from batch.budget import Budget
+from batch.cache import AnswerCache, request_key, reused
 from batch.config import JobSpec
 from batch.errors import EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_JOB_FATAL, EXIT_OK, EXIT_ROWS_FAILED, ConfigError
 from batch.failures import RETRYABLE_LATER
@@ -78,9 +80,15 @@ class Run:
             async with make_client(self.spec, self.api_key) as client:
                 pool = Pool(client, self.spec, self.stopping)
                 budget = self._budget(pool) if self.spec.budget else None
+                cache_path = self.spec.cache.path if self.spec.cache else self.spec.checkpoint_dir / "answers.sqlite"
                 try:
-                    await self._process(pool, budget, done, stats, progress)
+                    cache = AnswerCache(cache_path)
+                except sqlite3.Error as exc:
+                    raise ConfigError(f"{cache_path}: cannot open the answer cache: {exc}") from None
+                try:
+                    await self._process(pool, budget, cache, done, stats, progress)
                 finally:
+                    cache.close()
                     stats.throttled, stats.concurrency_limit = pool.slots.throttles, pool.slots.limit
         finally:
             self._remove_signal_handlers()
@@ -94,8 +102,8 @@ class Run:
         tokens = pc.sum(spent.column("total_tokens")).as_py() or 0
         return Budget(self.spec, pool.pricer, cost, tokens)
 
-    async def _process(self, pool: Pool, budget: Budget | None, done: dict[str, str], stats: RunStats,
-                       progress: Progress) -> None:
+    async def _process(self, pool: Pool, budget: Budget | None, cache: AnswerCache, done: dict[str, str],
+                       stats: RunStats, progress: Progress) -> None:
         concurrency = self.spec.limits.concurrency
         queue: asyncio.Queue[tuple[Row, list[dict[str, Any]]] | None] = asyncio.Queue(maxsize=2 * concurrency)
 
@@ -135,12 +143,18 @@ class Run:
         async def work() -> None:
             while not self.stopping.is_set() and (item := await queue.get()) is not None:
                 row, messages = item
+                key = request_key(pool.model, pool.body_params, messages)
+                kept = await cache.answer_of(key)
+                if kept is not None:
+                    record(reused(kept, row.id, row.seq))
+                    continue
                 estimated = estimate_tokens(messages)
                 hold = budget.reserve(estimated) if budget else None
                 if budget and hold is None:
                     self._stop(budget.describe(), EXIT_BUDGET)
                     break
                 result = None
+                sending = cache.sending(key)
                 try:
                     result = await pool.answer(row, messages, estimated)
                     record(result)
@@ -149,6 +163,7 @@ class Run:
                 except JobFatal as fatal:
                     self._stop(f"the API refused the job: {fatal.failure}", EXIT_JOB_FATAL)
                 finally:
+                    cache.sent(key, sending, result)
                     if hold is not None:
                         budget.settle(hold, result)  # type: ignore[union-attr]
 

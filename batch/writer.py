@@ -37,6 +37,7 @@ RESULT_SCHEMA = pa.schema([
     ("attempts", pa.int32()),
     ("error_class", pa.string()),
     ("error", pa.string()),
+    ("cache_hit", pa.bool_()),
 ])
 RESULT_FIELDS = RESULT_SCHEMA.names
 WAL_NAME = "wal.jsonl"

@@ -93,9 +93,13 @@ def test_messages_column_and_derived_ids(sim, make_job, run_cli):
     assert len(result) == 3 and result["row_id"].is_unique
     assert result["row_id"][2] == result["row_id"][1] + "-2"
     assert result["response"][0] == completion_for("glm-4-flash", [{"role": "user", "content": "你好"}], 64)["content"]
+    # The repeated request was sent once; the copy is marked and costs nothing.
+    assert sim.stats()["requests"] == 2
+    assert list(result["cache_hit"]) == [False, False, True]
+    assert result["response"][2] == result["response"][1] and result["cost"][2] == 0.0
     # Ids are stable across runs: a rerun finds them all answered.
     assert run_cli("run", job)[0] == 0
-    assert sim.stats()["requests"] == 3
+    assert sim.stats()["requests"] == 2
 
 
 def test_empty_prompt_fails_the_row_without_a_request(sim, make_job, run_cli):

@@ -1,0 +1,74 @@
+"""Answers kept by request, so an identical request is paid for once.
+
+Within a job, rows whose requests are identical (same model, params and messages) are sent once:
+the first row carries the answer's cost, the others copy its answer at cost 0 and are marked
+`cache_hit`. The answers live in SQLite (one file, safe across processes, memory stays flat on
+large jobs): by default `answers.sqlite` in the checkpoint folder; with `cache: {path: ...}` a
+file that later jobs share, so re-asking the same thing pays nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+REUSED_FIELDS = ("response", "reasoning_content", "finish_reason", "prompt_tokens", "completion_tokens",
+                 "total_tokens", "model", "request_id")
+
+
+def request_key(model: str, params: dict[str, Any], messages: list[dict[str, Any]]) -> str:
+    canonical = json.dumps({"model": model, "params": params, "messages": messages},
+                           ensure_ascii=False, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class AnswerCache:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, record TEXT NOT NULL)")
+        self._in_flight: dict[str, asyncio.Future[dict[str, Any] | None]] = {}
+        self.hits = 0
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        found = self._db.execute("SELECT record FROM answers WHERE key = ?", (key,)).fetchone()
+        return json.loads(found[0]) if found else None
+
+    def put(self, key: str, record: dict[str, Any]) -> None:
+        kept = {field: record[field] for field in REUSED_FIELDS}
+        self._db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?)", (key, json.dumps(kept, ensure_ascii=False)))
+
+    async def answer_of(self, key: str) -> dict[str, Any] | None:
+        """A kept answer, or the answer of an identical request in flight now; None: send it yourself."""
+        kept = self.get(key)
+        if kept is None and key in self._in_flight:
+            kept = await asyncio.shield(self._in_flight[key])
+        return kept
+
+    def sending(self, key: str) -> asyncio.Future[dict[str, Any] | None]:
+        future: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
+        self._in_flight.setdefault(key, future)
+        return future
+
+    def sent(self, key: str, future: asyncio.Future[dict[str, Any] | None], record: dict[str, Any] | None) -> None:
+        answered = record if record is not None and record["status"] == "ok" else None
+        if answered is not None:
+            self.put(key, answered)
+        if self._in_flight.get(key) is future:
+            del self._in_flight[key]
+        if not future.done():
+            future.set_result(answered)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def reused(kept: dict[str, Any], row_id: str, seq: int) -> dict[str, Any]:
+    """A row's record made from another request's answer: no request sent, nothing paid."""
+    return {"id": row_id, "seq": seq, "status": "ok", **{f: kept.get(f) for f in REUSED_FIELDS},
+            "cost": 0.0, "latency_s": 0.0, "attempts": 0, "error_class": None, "error": None, "cache_hit": True}

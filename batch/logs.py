@@ -1,0 +1,116 @@
+"""The "batch" logger: text or JSON lines to stderr, optionally to a file, with secrets redacted."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from batch.errors import ConfigError
+
+log = logging.getLogger("batch")
+LOG_NAME = "batch.log"
+TEXT_FORMAT = "%(asctime)s batch %(levelname)s %(message)s"
+TEXT_DATEFMT = "%Y-%m-%d %H:%M:%S"
+_secrets: list[str] = []  # remembered so a handler added after redact_everywhere() is covered too
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and `extra={"fields": {...}}` at top level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update({str(k): v for k, v in fields.items() if k not in entry})
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def make_formatter(log_format: Literal["text", "json"]) -> logging.Formatter:
+    if log_format == "json":
+        return JsonFormatter()
+    if log_format == "text":
+        return logging.Formatter(TEXT_FORMAT, TEXT_DATEFMT)
+    raise ValueError(f"log format must be 'text' or 'json', not {log_format!r}")
+
+
+class RedactSecrets(logging.Filter):
+    """Belt and braces: whatever a library logs, the API key is never written out."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        # Longest first, so a secret that contains another is replaced whole.
+        self.secrets = sorted({s for s in secrets if s and len(s) >= 6}, key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()  # the final text: %-args included
+        except Exception:  # a bad format string: keep its pieces, never the raw args
+            message = f"{record.msg} {record.args!r}"
+        record.msg, record.args = self.redact(message), None
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            record.fields = json.loads(self.redact(json.dumps(fields, ensure_ascii=False, default=str)))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
+        return True
+
+
+def _guard(handler: logging.Handler) -> logging.Handler:
+    if _secrets:
+        handler.addFilter(RedactSecrets(_secrets))
+    return handler
+
+
+def setup_logging(verbose: bool, log_format: Literal["text", "json"] = "text") -> logging.Handler:
+    """The "batch" logger to stderr only, replacing (and closing) whatever handlers it had."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(make_formatter(log_format))
+    for old in log.handlers:
+        old.close()
+    _secrets.clear()
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+    return handler
+
+
+def add_file_log(folder: Path, log_format: Literal["text", "json"] = "text") -> logging.Handler:
+    """Also append every line to `folder/batch.log` (folder: the job's checkpoint folder, created here)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(folder / LOG_NAME, mode="a", encoding="utf-8")
+    except OSError as exc:
+        why = exc.strerror or exc
+        raise ConfigError(f"{folder}: cannot write {LOG_NAME} in the checkpoint folder: {why}") from None
+    handler.setFormatter(make_formatter(log_format))
+    log.addHandler(_guard(handler))
+    return handler
+
+
+def redact_everywhere(secrets: list[str]) -> None:
+    """Redact `secrets` in every handler of the "batch" logger, and in any handler added later."""
+    _secrets.extend(s for s in secrets if s not in _secrets)
+    for handler in log.handlers:
+        handler.addFilter(RedactSecrets(secrets))

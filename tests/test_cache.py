@@ -1,0 +1,47 @@
+"""Identical requests are paid for once: within a job, in flight, and across jobs with `cache:`."""
+
+from __future__ import annotations
+
+import pandas as pd
+from conftest import output_of
+
+
+def test_identical_requests_in_flight_together_are_sent_once(start_sim, make_job, run_cli):
+    sim = start_sim(latency_ms=200)
+    rows = [{"review_id": f"d{i}", "text": "the same review"} for i in range(6)]
+    rows.append({"review_id": "other", "text": "a different one"})
+    job = make_job(sim, rows=rows, model={"name": "glm-4-plus"}, limits={"concurrency": 8})
+    code, _, err = run_cli("run", job)
+    assert code == 0, err
+    assert sim.stats()["requests"] == 2
+    result = output_of(job).set_index("review_id")
+    assert result["response"].nunique() == 2
+    assert int((~result["cache_hit"]).sum()) == 2  # two rows paid, five copied
+    assert result.loc[result["cache_hit"], "cost"].eq(0).all()
+    assert result.loc[~result["cache_hit"], "cost"].gt(0).all()
+
+
+def test_a_shared_cache_makes_a_later_job_free(sim, make_job, run_cli, tmp_path):
+    rows = [{"review_id": f"c{i}", "text": f"review {i}"} for i in range(5)]
+    first = make_job(sim, rows=rows, cache={"path": "shared-answers.sqlite"})
+    assert run_cli("run", first)[0] == 0
+    assert sim.stats()["requests"] == 5
+
+    second = make_job(sim, rows=rows, cache={"path": "shared-answers.sqlite"},
+                      output={"path": "other/result.parquet"}, name="another-job")
+    code, out, _ = run_cli("run", second)
+    assert code == 0
+    assert sim.stats()["requests"] == 5  # nothing new was sent
+    again = pd.read_parquet(tmp_path / "other" / "result.parquet")
+    assert again["cache_hit"].all()
+    assert list(again["response"]) == list(output_of(first)["response"])
+    assert (again["attempts"] == 0).all()
+
+
+def test_a_changed_parameter_is_a_different_request(sim, make_job, run_cli):
+    rows = [{"review_id": "x", "text": "same text"}]
+    assert run_cli("run", make_job(sim, rows=rows, cache={"path": "c.sqlite"}))[0] == 0
+    job = make_job(sim, rows=rows, cache={"path": "c.sqlite"}, model={"params": {"max_tokens": 5}},
+                   output={"path": "o2/result.parquet"})
+    assert run_cli("run", job)[0] == 0
+    assert sim.stats()["requests"] == 2
