@@ -117,6 +117,8 @@ class RetrySpec(Strict):
 class OutputSpec(Strict):
     path: Path
     keep_columns: list[str] = Field(default_factory=list)
+    parse_json: bool = False  # the reply is a JSON object: its top-level keys become columns
+    json_columns: list[str] | None = None  # with parse_json: only these keys (default: every key seen)
     checkpoint_rows: int = Field(1000, ge=1)
     checkpoint_seconds: float = Field(10, gt=0)
 

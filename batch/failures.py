@@ -30,7 +30,7 @@ JOB_CODE_CLASSES: list[tuple[range, str]] = [
 
 # A failed row of these classes may succeed when sent again later (`--retry-failed`); the others
 # (content_filter, prompt_too_long, bad_request, bad_prompt) would fail the same way.
-RETRYABLE_LATER = {"rate_limited", "server_error", "timeout", "connection", "bad_response"}
+RETRYABLE_LATER = {"rate_limited", "server_error", "timeout", "connection", "bad_response", "bad_json"}
 
 
 @dataclass

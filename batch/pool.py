@@ -29,6 +29,7 @@ from batch.config import JobSpec
 from batch.failures import RATE_LIMIT_CODES, ROW_CODES, Failure, classify, classify_status
 from batch.pricing import Price, cost_of, pricer_for
 from batch.reader import Row
+from batch.replies import parse_reply
 
 MAX_RETRY_AFTER_S = 600.0
 
@@ -140,6 +141,7 @@ class Pool:
         # Provider-only fields and OpenAI ones go the same way: the SDK's create() has fixed kwargs.
         self.body_params.update(self.body_params.pop("extra_body", None) or {})
         self.max_tokens = int(self.body_params.get("max_tokens") or 0)
+        self.parse_json = spec.output.parse_json
         self.requests = request_limiter(spec.limits.requests_per_minute)
         self.tokens = token_limiter(spec.limits.tokens_per_minute)
         self.retry = spec.retry
@@ -201,7 +203,13 @@ class Pool:
         finally:
             await self.slots.release()
         self.slots.succeeded()
-        return self._record(row, data, time.perf_counter() - started, attempts)
+        record = self._record(row, data, time.perf_counter() - started, attempts)
+        if self.parse_json:
+            try:
+                parse_reply(record["response"])
+            except ValueError as exc:  # answered and paid for, so kept: the reply is there to read
+                record.update(status="failed", error_class="bad_json", error=str(exc))
+        return record
 
     def _record(self, row: Row, data: dict[str, Any], latency: float, attempts: int) -> dict[str, Any]:
         choice = data["choices"][0]

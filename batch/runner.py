@@ -20,8 +20,9 @@ from batch.guard import RunLock, check_fingerprint
 from batch.pool import JobFatal, Pool, Stopped, failed_record, make_client
 from batch.prompts import PromptBuilder, RowPromptError, estimate_tokens
 from batch.reader import InputTable, Row
+from batch.replies import reply_columns
 from batch.summary import Progress, RunStats, build_summary, save_summary
-from batch.writer import Checkpoint, write_final
+from batch.writer import RESULT_FIELDS, Checkpoint, write_final
 
 log = logging.getLogger("batch")
 
@@ -204,10 +205,14 @@ class Run:
         if totals["pending"] == 0:
             output = self.spec.output.path
             if self.checkpoint.newer_than(output):
+                out = self.spec.output
+                extra = None
+                if out.parse_json:
+                    taken = {self.spec.id_column_out, *out.keep_columns, *RESULT_FIELDS}
+                    extra = reply_columns(results, out.json_columns, taken)
                 try:
-                    write_final(output, self.table.batches(self.spec.output.keep_columns),
-                                (row.id for row in self.table.rows()), self.spec.id_column_out,
-                                self.spec.output.keep_columns, results)
+                    write_final(output, self.table.batches(out.keep_columns), (row.id for row in self.table.rows()),
+                                self.spec.id_column_out, out.keep_columns, results, extra)
                 except OSError as exc:
                     raise ConfigError(f"{output}: cannot write the output: {exc.strerror or exc} "
                                       f"(every answer is safe in {self.spec.checkpoint_dir}; rerun to retry)") from None

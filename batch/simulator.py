@@ -94,9 +94,25 @@ def answer_for(model: str, messages: list[dict[str, Any]]) -> str:
     return f"[{model}] reply {digest} to: {last_user_text(messages)[:32]}"
 
 
-def completion_for(model: str, messages: list[dict[str, Any]], max_tokens: int | None) -> dict[str, Any]:
-    """Content, finish_reason and usage the simulator returns for a request."""
+LABELS = ("positive", "negative", "neutral")
+
+
+def json_answer_for(model: str, messages: list[dict[str, Any]]) -> str:
+    """The reply under response_format json_object: an object with a label and the plain reply."""
     answer = answer_for(model, messages)
+    label = LABELS[int(hashlib.sha256(answer.encode()).hexdigest(), 16) % len(LABELS)]
+    return json.dumps({"label": label, "reply": answer}, ensure_ascii=False)
+
+
+def completion_for(model: str, messages: list[dict[str, Any]], max_tokens: int | None,
+                   json_mode: bool = False) -> dict[str, Any]:
+    """Content, finish_reason and usage the simulator returns for a request.
+
+    json_mode (the request asked for response_format json_object) answers a JSON object, unless the
+    prompt carries [[badjson]], which answers plain text as a model that ignores the format would.
+    """
+    bad_json = "[[badjson]]" in last_user_text(messages)
+    answer = json_answer_for(model, messages) if json_mode and not bad_json else answer_for(model, messages)
     prompt_tokens = sum(count_tokens(_text(m.get("content"))) + 3 for m in messages)
     completion_tokens = count_tokens(answer)
     finish_reason = "stop"
@@ -247,6 +263,7 @@ class Simulator:
             model = str(body.get("model") or "")
             max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
             max_tokens = None if max_tokens is None else int(max_tokens)
+            json_mode = (body.get("response_format") or {}).get("type") == "json_object"
         except (ValueError, KeyError, TypeError) as exc:
             return self._error(400, "1214", f"请求参数非法 / invalid request: {type(exc).__name__}")
         prompt = last_user_text(messages)
@@ -260,7 +277,7 @@ class Simulator:
         if self._in_flight > self._max_in_flight:
             self._max_in_flight = self._in_flight
         try:
-            return await self._respond(request, model, messages, max_tokens, prompt)
+            return await self._respond(request, model, messages, max_tokens, prompt, json_mode)
         except asyncio.CancelledError:
             self._count("disconnected")  # the client gave up (timeout) before we answered
             raise
@@ -268,7 +285,7 @@ class Simulator:
             self._in_flight -= 1
 
     async def _respond(self, request: web.Request, model: str, messages: list[dict[str, Any]],
-                       max_tokens: int | None, prompt: str) -> web.StreamResponse:
+                       max_tokens: int | None, prompt: str, json_mode: bool = False) -> web.StreamResponse:
         cfg = self.config
         if cfg.fail_after is not None and self._successes >= cfg.fail_after:
             return self._error(cfg.fail_status, cfg.fail_code)
@@ -320,11 +337,13 @@ class Simulator:
         if cfg.fail_after is not None and self._successes >= cfg.fail_after:
             return self._error(cfg.fail_status, cfg.fail_code)
 
-        result = completion_for(model, messages, max_tokens)
+        result = completion_for(model, messages, max_tokens, json_mode)
         request_id = "chatcmpl-" + os.urandom(6).hex()
+        message: dict[str, Any] = {"role": "assistant", "content": result["content"]}
+        if "[[think]]" in prompt:  # a thinking model's reasoning, as GLM-4.5+ returns it
+            message["reasoning_content"] = f"reasoning about: {prompt[:32]}"
         choices = [] if outcome == "nochoices" else [{
-            "index": 0, "finish_reason": result["finish_reason"],
-            "message": {"role": "assistant", "content": result["content"]}}]
+            "index": 0, "finish_reason": result["finish_reason"], "message": message}]
         prompt_tokens, completion_tokens = result["prompt_tokens"], result["completion_tokens"]
         if outcome != "nochoices":
             self._successes += 1

@@ -194,10 +194,11 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
 
 
 def write_final(path: Path, input_batches: Iterator[pa.RecordBatch], row_ids: Iterator[str], id_out: str,
-                keep_columns: list[str], results: pa.Table) -> int:
-    """Every input row once, in input order, beside its result. Returns the number of rows written."""
+                keep_columns: list[str], results: pa.Table, extra: Any = None) -> int:
+    """Every input row once, in input order, beside its result (and `extra`, a DataFrame by id)."""
     import pandas as pd
 
+    extra_schema = pa.Schema.from_pandas(extra, preserve_index=False) if extra is not None else pa.schema([])
     by_id = results.drop_columns(["seq"]).to_pandas().set_index("id")
     result_columns = [c for c in RESULT_FIELDS if c not in ("id", "seq")]
     writer = None
@@ -214,8 +215,12 @@ def write_final(path: Path, input_batches: Iterator[pa.RecordBatch], row_ids: It
             answers = by_id.reindex(ids)
             for column in result_columns:
                 frame[column] = answers[column].to_numpy()
+            if extra is not None:
+                parsed = extra.reindex(ids)
+                for column in extra.columns:
+                    frame[column] = parsed[column].to_numpy()
             table = pa.Table.from_pandas(frame, preserve_index=False)
-            table = table.cast(_final_schema(table.schema, id_out, keep_columns, batch.schema))
+            table = table.cast(_final_schema(table.schema, id_out, keep_columns, batch.schema, extra_schema))
             if writer is None:
                 writer = pq.ParquetWriter(tmp, table.schema)
             writer.write_table(table)
@@ -233,10 +238,13 @@ def write_final(path: Path, input_batches: Iterator[pa.RecordBatch], row_ids: It
     return written
 
 
-def _final_schema(schema: pa.Schema, id_out: str, keep_columns: list[str], input_schema: pa.Schema) -> pa.Schema:
+def _final_schema(schema: pa.Schema, id_out: str, keep_columns: list[str], input_schema: pa.Schema,
+                  extra_schema: pa.Schema) -> pa.Schema:
     fields = []
     for field in schema:
-        if field.name == id_out:
+        if field.name in extra_schema.names:
+            fields.append(extra_schema.field(field.name))
+        elif field.name == id_out:
             fields.append(pa.field(id_out, pa.string()))
         elif field.name in RESULT_FIELDS:
             fields.append(RESULT_SCHEMA.field(field.name))
