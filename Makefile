@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SIM_PORT ?= 18080
 JOB ?= jobs/demo.yaml
 
-.PHONY: install demo run test bench lint e2e clean
+.PHONY: install demo run status estimate validate test bench lint e2e clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,15 @@ demo: install
 
 run: install
 	$(PY) -m batch run $(JOB)
+
+status: install
+	$(PY) -m batch status $(JOB)
+
+estimate: install
+	$(PY) -m batch estimate $(JOB)
+
+validate: install
+	$(PY) -m batch validate $(JOB)
 
 # pytest exits 5 when it collects nothing; that is a failure here too.
 test: install
