@@ -31,6 +31,9 @@ class AnswerCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
+        # No fsync per answer: a cache entry lost to a power cut costs one request again, while an
+        # fsync per insert would block the event loop on the disk for every row.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, record TEXT NOT NULL)")
         self._in_flight: dict[str, asyncio.Future[dict[str, Any] | None]] = {}
         self.hits = 0
