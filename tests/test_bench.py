@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+import time
 from pathlib import Path
 
 from batch import bench
@@ -44,3 +45,97 @@ def test_table_marks_targets():
     assert [m for _, m in met] == [False, True, True, True, False, True]  # 3x CPU; 0.94 of 64 / mean latency
     text = bench.render(rows)
     assert text.splitlines()[0].startswith("| metric") and "| NO " in text and "| yes " in text
+
+
+def test_measured_reports_the_commands_own_peak_rss(tmp_path: Path):
+    # Linux carries a process's peak RSS across exec: spawned straight from a big parent, a tiny
+    # command would report the parent's peak. The launcher keeps the figure the command's own.
+    ballast = b"x" * (300 << 20)
+    small = bench.measured([sys.executable, "-c", "pass"], tmp_path, "small", 60)
+    big = bench.measured([sys.executable, "-c", "b = b'x' * (200 << 20)"], tmp_path, "big", 60)
+    del ballast
+    assert small["exit"] == 0 and small["maxrss_kb"] < 100 << 10
+    assert 200 << 10 <= big["maxrss_kb"] < 300 << 10
+    failed = bench.measured([sys.executable, "-c", "import sys; sys.exit(3)"], tmp_path, "failed", 60)
+    assert failed["exit"] == 3 and failed["wall_s"] > 0
+
+
+def test_bench_inputs_are_generated_once_in_chunks(tmp_path: Path, monkeypatch):
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(bench, "DATA_CHUNK_ROWS", 100)
+    paths = bench.bench_inputs(tmp_path, 250)
+    table = pq.read_table(paths["parquet"])
+    assert table.column_names == ["id", "text"] and pq.ParquetFile(paths["parquet"]).num_row_groups == 3
+    assert pacsv.read_csv(paths["csv"]).to_pylist() == table.to_pylist()
+    ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
+    assert ids[0] == "r0000001" and ids[-1] == "r0000250"
+    assert all(40 <= len(t) <= 80 for t in texts) and len(set(texts)) == 250  # unique: no answer-cache hits
+    assert any("\u4e00" <= c <= "\u9fff" for c in "".join(texts)) and any(c.isascii() and c.isalpha()
+                                                                         for c in "".join(texts))
+    smaller = bench.bench_inputs(tmp_path, 100)  # every size agrees row for row
+    assert pq.read_table(smaller["parquet"]).to_pylist() == table.slice(0, 100).to_pylist()
+    stamps = {p: p.stat().st_mtime_ns for p in paths.values()}
+    assert bench.bench_inputs(tmp_path, 250) == paths  # cached: not written again
+    assert {p: p.stat().st_mtime_ns for p in paths.values()} == stamps
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_filled_checkpoint_reads_back_as_answered(tmp_path: Path):
+    from batch.writer import Checkpoint
+
+    assert bench.fill_checkpoint(tmp_path, 0, 2500) == 3  # 1,000-row parts, as a run writes them
+    assert bench.fill_checkpoint(tmp_path, 2500, 2600) == 1
+    assert sorted(p.name for p in tmp_path.glob("part-*.parquet"))[-1] == "part-000004.parquet"
+    done = Checkpoint(tmp_path).open()
+    assert done == {bench.row_id(i): "ok" for i in range(2600)}
+
+
+def test_first_request_is_seen(tmp_path: Path):
+    with bench.simulator(tmp_path, "first") as url:
+        asyncio.run(bench.bare_client("aiohttp", url, 3))
+        first = bench.FirstRequest(url)  # resets the counters: the 3 above do not count
+        first.start()
+        assert first.seen_at is None
+        sent = time.perf_counter()
+        asyncio.run(bench.bare_client("aiohttp", url, 1))
+        first.join(5)
+        assert first.seen_at is not None and first.seen_at >= sent
+
+
+def test_memory_scenario_end_to_end(tmp_path: Path):
+    # One small size: a fresh CSV and Parquet run, a resume over a filled checkpoint, a complete run.
+    mem = bench.memory(tmp_path, tmp_path / "data", (2000,), 100)
+    assert mem["csv-2000"]["requests"] == mem["parquet-2000"]["requests"] == 100
+    resume = mem["resume-2000"]
+    assert resume["skipped"] == 1800 and resume["requests"] == resume["sent"] == 100  # the filled ids match
+    assert 0 < resume["first_request_s"] < resume["wall_s"]
+    complete = mem["complete-2000"]
+    assert complete["requests"] == 0 and complete["output_rows"] == 2000
+    assert all(mem[k]["rss_mb"] > mem["startup_rss_mb"] > 20 for k in ("csv-2000", "resume-2000", "complete-2000"))
+
+
+def test_table_marks_memory_targets():
+    def run(rss: float, first: float | None = 1.0) -> dict:
+        return {"rss_mb": rss, "wall_s": 10.0, "first_request_s": first}
+
+    mem = {"limit": 20000, "startup_rss_mb": 150.0}
+    for rows, scale in ((100_000, 1.0), (1_000_000, 1.05)):
+        mem[f"parquet-{rows}"] = run(180 * scale)
+        mem[f"csv-{rows}"] = run(170 * scale if rows == 100_000 else 210)  # 210 MB: over 200
+        mem[f"resume-{rows}"] = {**run(150, 2.5 if rows > 100_000 else 1.0), "checkpointed": int(rows * 0.9),
+                                 "resume_limit": 20000, "real_answers": 20000, "parts_written": 880}
+        mem[f"complete-{rows}"] = run(100 if rows == 100_000 else 150)  # 1.5x: grows with the rows
+    rows = bench.memory_rows(mem)
+    assert [r[3] for r in rows] == [True, False, True, False, True]
+    assert rows[-1][1].startswith("2.50 s") and "900,000 answered" in rows[-1][0]
+    assert "880 part files" in bench.memory_note(mem)
+    over = {"aiohttp": {"ok": 1, "cpu_s": 1.0, "cpu_ms_per_req": 1.0, "startup_cpu_s": 0.5, "net_cpu_ms_per_req": 1.0,
+                        "req_per_s": 3000.0}}
+    over["batch"] = over["aiohttp"]
+    rate = {"rows": 6, "ok": 6, "wall_s": 1.0, "rows_per_min": 1200.0, "deviation": 0.0, "requests": 6, "n_429": 0}
+    conc = {"rows": 64, "wall_s": 1.0, "rows_per_s": 1.0, "mean_latency_s": 0.6, "model_mean_latency_s": 0.57,
+            "efficiency": 1.0, "ideal_wall_s": 1.0, "vs_ideal": 1.0, "n_429": 0}
+    assert bench.table_rows(over, rate, conc, 1, mem)[-5:] == [dict(zip(("metric", "value", "target", "met"), r))
+                                                              for r in rows]
