@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -23,7 +24,7 @@ CSV_BLOCK_BYTES = 1 << 20
 class Row:
     seq: int  # position in the input, from 0
     id: str
-    values: dict[str, Any]
+    values: dict[str, Any] | None  # None: a row the caller said it does not want
 
 
 class InputTable:
@@ -122,28 +123,47 @@ class InputTable:
 
     def scan(self) -> int:
         """Read the job's columns once before any request: count rows, find bad ids and bad text early."""
-        seen: set[str] = set()
+        # Ids stay in Arrow: a Python set of a million id strings would be most of the memory budget.
+        ids: list[pa.Array] = []
         total = 0
         for batch in self.batches(self._job_columns()):
             if self.id_column:
-                for offset, value in enumerate(batch.column(self.id_column).to_pylist()):
-                    row_id = _id_text(value)
-                    where = f"{self.path} row {total + offset + 1}"
-                    if row_id is None:
-                        raise ConfigError(f"{where}: empty id in column '{self.id_column}'")
-                    if row_id in seen:
-                        raise ConfigError(f"{where}: duplicate id '{row_id}' in column '{self.id_column}'")
-                    seen.add(row_id)
+                texts = pc.utf8_trim_whitespace(batch.column(self.id_column).cast(pa.string()))
+                empty = pc.fill_null(pc.equal(texts, ""), True)
+                if pc.any(empty).as_py():
+                    row = total + pc.index(empty, True).as_py() + 1
+                    raise ConfigError(f"{self.path} row {row}: empty id in column '{self.id_column}'")
+                ids.append(texts)
             total += batch.num_rows
         if total == 0:
             raise ConfigError(f"{self.path}: the input has no rows")
+        if ids:
+            self._check_unique(pa.chunked_array(ids, pa.string()).combine_chunks())
         return total
+
+    def _check_unique(self, ids: pa.Array) -> None:
+        counts = pc.value_counts(ids)
+        repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+        if len(repeated) == 0:
+            return
+        positions = pc.indices_nonzero(pc.is_in(ids, value_set=repeated)).to_pylist()
+        seen: set[str] = set()
+        for position in positions:  # only the repeated ids: find the first second sighting
+            row_id = ids[position].as_py()
+            if row_id in seen:
+                raise ConfigError(f"{self.path} row {position + 1}: duplicate id '{row_id}' "
+                                  f"in column '{self.id_column}'")
+            seen.add(row_id)
 
     def _job_columns(self) -> list[str]:
         return ([self.id_column] if self.id_column else []) + self.prompt_columns + self.keep_columns
 
-    def rows(self) -> Iterator[Row]:
-        """Every row with its id and the values its prompt needs."""
+    def rows(self, wanted: Callable[[str], bool] | None = None) -> Iterator[Row]:
+        """Every row with its id and the values its prompt needs.
+
+        A row whose id `wanted` refuses comes with values None: resuming a mostly done job must
+        not build a million dicts only to skip them.
+        """
         columns = ([self.id_column] if self.id_column else []) + self.prompt_columns
         derived = DerivedIds()
         seq = 0
@@ -151,9 +171,17 @@ class InputTable:
             values = {c: batch.column(c).to_pylist() for c in self.prompt_columns}
             ids = batch.column(self.id_column).to_pylist() if self.id_column else None
             for i in range(batch.num_rows):
-                row_values = {c: v[i] for c, v in values.items()}
-                row_id = _id_text(ids[i]) if ids is not None else derived.next(row_values)
-                yield Row(seq, row_id or "", row_values)
+                if ids is not None:
+                    row_id = _id_text(ids[i]) or ""
+                    if wanted is not None and not wanted(row_id):
+                        yield Row(seq, row_id, None)
+                        seq += 1
+                        continue
+                    row_values = {c: v[i] for c, v in values.items()}
+                else:
+                    row_values = {c: v[i] for c, v in values.items()}
+                    row_id = derived.next(row_values)
+                yield Row(seq, row_id, row_values if wanted is None or wanted(row_id) else None)
                 seq += 1
 
 

@@ -89,6 +89,7 @@ class Run:
                 try:
                     await self._process(pool, budget, cache, done, stats, progress)
                 finally:
+                    done.clear()  # a million entries on a big resume: not needed for the final file
                     cache.close()
                     stats.throttled, stats.concurrency_limit = pool.slots.throttles, pool.slots.limit
         finally:
@@ -125,11 +126,15 @@ class Run:
 
         async def feed_rows() -> None:
             budget = self.options.limit
-            for row in self.table.rows():
+
+            def wanted(row_id: str) -> bool:
+                state = done.get(row_id)  # "ok", a failed row's error_class, or None when pending
+                return state is None or (self.options.retry_failed and state in RETRYABLE_LATER)
+
+            for row in self.table.rows(wanted):
                 if self.stopping.is_set() or budget == 0:
                     break
-                state = done.get(row.id)  # "ok", a failed row's error_class, or None when pending
-                if state is not None and not (self.options.retry_failed and state in RETRYABLE_LATER):
+                if row.values is None:
                     stats.skipped += 1
                     continue
                 if budget is not None:
@@ -198,8 +203,8 @@ class Run:
 
     def _finish(self, stats: RunStats) -> dict[str, Any]:
         results = self.checkpoint.results()
-        statuses = results.column("status").to_pylist()
-        totals = {"ok": statuses.count("ok"), "failed": statuses.count("failed")}
+        ok = pc.sum(pc.equal(results.column("status"), "ok")).as_py() or 0
+        totals = {"ok": ok, "failed": results.num_rows - ok}
         totals["pending"] = stats.rows_total - totals["ok"] - totals["failed"]
         output = None
         if totals["pending"] == 0:
