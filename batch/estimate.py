@@ -7,11 +7,11 @@ from typing import Any
 import pyarrow.compute as pc
 
 from batch.config import JobSpec
-from batch.failures import RETRYABLE_LATER
+from batch.failures import should_send
 from batch.pricing import CURRENCY, Price, cost_of, pricer_for, worst_cost
 from batch.prompts import PromptBuilder, RowPromptError, estimate_tokens
 from batch.status import open_input
-from batch.writer import Checkpoint
+from batch.writer import Checkpoint, states_of
 
 TOKENIZER_NOTE = "approximation: 1 token per CJK character, 1 per 4 other characters, +4 per message"
 
@@ -21,9 +21,7 @@ def estimate(spec: JobSpec, retry_failed: bool = False) -> dict[str, Any]:
     table.scan()
     builder = PromptBuilder(spec.prompt)
     done_table = Checkpoint(spec.checkpoint_dir).snapshot()
-    states = dict(zip(done_table.column("id").to_pylist(),
-                      pc.if_else(pc.equal(done_table.column("status"), "ok"), "ok",
-                                 done_table.column("error_class")).to_pylist()))
+    states = states_of(done_table)
     ok = done_table.filter(pc.equal(done_table.column("status"), "ok"))
     observed = pc.mean(ok.column("completion_tokens")).as_py() if ok.num_rows else None
     max_tokens = int(spec.model.params.get("max_tokens") or 0) or None
@@ -32,8 +30,7 @@ def estimate(spec: JobSpec, retry_failed: bool = False) -> dict[str, Any]:
     rows = skipped = unsendable = prompt_tokens = 0
     low = high = 0.0
     for row in table.rows():
-        state = states.get(row.id)
-        if state is not None and not (retry_failed and state in RETRYABLE_LATER):
+        if not should_send(states.get(row.id), retry_failed):
             skipped += 1
             continue
         try:

@@ -33,6 +33,11 @@ JOB_CODE_CLASSES: list[tuple[range, str]] = [
 RETRYABLE_LATER = {"rate_limited", "server_error", "timeout", "connection", "bad_response", "bad_json"}
 
 
+def should_send(state: str | None, retry_failed: bool) -> bool:
+    """Whether a row is sent, given its checkpoint state: None (pending), "ok", or its failure's class."""
+    return state is None or (retry_failed and state in RETRYABLE_LATER)
+
+
 @dataclass
 class Failure(Exception):
     scope: Scope

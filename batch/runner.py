@@ -15,7 +15,7 @@ from batch.budget import Budget
 from batch.cache import AnswerCache, request_key, reused
 from batch.config import JobSpec
 from batch.errors import EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_JOB_FATAL, EXIT_OK, EXIT_ROWS_FAILED, ConfigError
-from batch.failures import RETRYABLE_LATER
+from batch.failures import should_send
 from batch.guard import RunLock, check_fingerprint
 from batch.pool import JobFatal, Pool, Stopped, failed_record, make_client
 from batch.prompts import PromptBuilder, RowPromptError, estimate_tokens
@@ -127,11 +127,8 @@ class Run:
         async def feed_rows() -> None:
             budget = self.options.limit
 
-            def wanted(row_id: str) -> bool:
-                state = done.get(row_id)  # "ok", a failed row's error_class, or None when pending
-                return state is None or (self.options.retry_failed and state in RETRYABLE_LATER)
-
-            for row in self.table.rows(wanted):
+            retry_failed = self.options.retry_failed
+            for row in self.table.rows(lambda row_id: should_send(done.get(row_id), retry_failed)):
                 if self.stopping.is_set() or budget == 0:
                     break
                 if row.values is None:

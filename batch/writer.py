@@ -70,9 +70,7 @@ class Checkpoint:
             self._merge_parts()
         self._wal = open(self.folder / WAL_NAME, "w", encoding="utf-8")
         self._fsync_dir()
-        table = self._read_parts(["id", "status", "error_class"])
-        states = pc.if_else(pc.equal(table.column("status"), "ok"), "ok", table.column("error_class"))
-        return dict(zip(table.column("id").to_pylist(), states.to_pylist()))
+        return states_of(self._read_parts(["id", "status", "error_class"]))
 
     def _parts(self) -> list[Path]:
         return sorted(self.folder.glob("part-*.parquet"))
@@ -157,6 +155,12 @@ class Checkpoint:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def states_of(table: pa.Table) -> dict[str, str]:
+    """Per id: "ok", or the error_class of its failure (the last record per id wins)."""
+    states = pc.if_else(pc.equal(table.column("status"), "ok"), "ok", table.column("error_class"))
+    return dict(zip(table.column("id").to_pylist(), states.to_pylist()))
 
 
 def _last_per_id(table: pa.Table) -> pa.Table:
