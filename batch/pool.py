@@ -32,6 +32,7 @@ from batch.reader import Row
 from batch.replies import parse_reply
 
 MAX_RETRY_AFTER_S = 600.0
+RETRY_TRANSIENT = retry_if_exception(lambda exc: isinstance(exc, Failure) and exc.scope == "retry")
 
 log = logging.getLogger("batch")
 
@@ -144,21 +145,17 @@ class Pool:
         self.parse_json = spec.output.parse_json
         self.requests = request_limiter(spec.limits.requests_per_minute)
         self.tokens = token_limiter(spec.limits.tokens_per_minute)
-        self.retry = spec.retry
         self.stopping = stopping
         self.slots = AdaptiveConcurrency(spec.limits.concurrency, spec.retry.initial_backoff_s)
+        self._stop = stop_after_attempt(spec.retry.max_attempts) | stop_when_event_set(stopping)  # type: ignore[arg-type]
         self._backoff = wait_exponential_jitter(
             multiplier=spec.retry.initial_backoff_s, max=spec.retry.max_backoff_s, jitter=spec.retry.initial_backoff_s)
 
     async def answer(self, row: Row, messages: list[dict[str, Any]], estimated_tokens: int) -> dict[str, Any]:
         """The result record for a row; raises JobFatal when the whole job must stop."""
         attempts = 0
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.retry.max_attempts) | stop_when_event_set(self.stopping),  # type: ignore[arg-type]
-            wait=self._wait,
-            retry=retry_if_exception(lambda exc: isinstance(exc, Failure) and exc.scope == "retry"),
-            reraise=True,
-        )
+        # One AsyncRetrying per row: it keeps per-call state, so it is not shared between tasks.
+        retrying = AsyncRetrying(stop=self._stop, wait=self._wait, retry=RETRY_TRANSIENT, reraise=True)
         try:
             async for attempt in retrying:
                 with attempt:

@@ -171,17 +171,14 @@ class InputTable:
             values = {c: batch.column(c).to_pylist() for c in self.prompt_columns}
             ids = batch.column(self.id_column).to_pylist() if self.id_column else None
             for i in range(batch.num_rows):
-                if ids is not None:
+                if ids is not None:  # the id comes first, so a refused row's values are never built
                     row_id = _id_text(ids[i]) or ""
-                    if wanted is not None and not wanted(row_id):
-                        yield Row(seq, row_id, None)
-                        seq += 1
-                        continue
-                    row_values = {c: v[i] for c, v in values.items()}
-                else:
+                    row_values = None if wanted and not wanted(row_id) else {c: v[i] for c, v in values.items()}
+                else:  # a derived id needs the values anyway
                     row_values = {c: v[i] for c, v in values.items()}
                     row_id = derived.next(row_values)
-                yield Row(seq, row_id, row_values if wanted is None or wanted(row_id) else None)
+                    row_values = None if wanted and not wanted(row_id) else row_values
+                yield Row(seq, row_id, row_values)
                 seq += 1
 
 

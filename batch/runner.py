@@ -84,7 +84,7 @@ class Run:
                 cache_path = self.spec.cache.path if self.spec.cache else self.spec.checkpoint_dir / "answers.sqlite"
                 try:
                     cache = AnswerCache(cache_path)
-                except sqlite3.Error as exc:
+                except (sqlite3.Error, OSError) as exc:
                     raise ConfigError(f"{cache_path}: cannot open the answer cache: {exc}") from None
                 try:
                     await self._process(pool, budget, cache, done, stats, progress)

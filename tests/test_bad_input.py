@@ -277,3 +277,12 @@ def test_utf8_with_bom_is_not_an_error(sim, make_job, run_cli, tmp_path, input_f
     assert code == 0, err
     assert "Traceback" not in err and "batch: error" not in err
     assert list(output_of(job)["review_id"]) == ["r1", "r2"]
+
+
+def test_a_cache_path_that_cannot_be_created_is_one_line(sim, make_job, run_cli, tmp_path):
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    job = make_job(sim, cache={"path": "blocker/answers.sqlite"})
+    code, _, err = run_cli("run", job)
+    assert code == 2
+    assert err.startswith("batch: error: ") and "answer cache" in err and "Traceback" not in err
+    assert sim.stats()["requests"] == 0
