@@ -481,8 +481,39 @@ def memory(workdir: Path, data_dir: Path, sizes: tuple[int, ...], limit: int) ->
 
 
 # -- the table -------------------------------------------------------------------------------------
-def table_rows(over: dict[str, Any], rate_: dict[str, Any], c: dict[str, Any], n: int,
+PARTS = ("overhead", "rate", "concurrency", "memory")
+
+
+def table_rows(over: dict[str, Any] | None, rate_: dict[str, Any] | None, c: dict[str, Any] | None, n: int,
                mem: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The table's rows for the parts that were measured (None: a part left out with --only)."""
+    rows: list[tuple[str, str, str, bool | None]] = []
+    if over is not None:
+        rows += overhead_rows(over, n)
+    if rate_ is not None:
+        rows += [
+            (f"rate: achieved rows/min ({rate_['rows']} rows, {rate_['wall_s']:.1f} s)",
+             f"{rate_['rows_per_min']:,.0f} ({rate_['deviation']:+.1%})", f"{RPM:,} +/- 3%",
+             abs(rate_["deviation"]) <= 0.03),
+            (f"rate: 429s from simulator ({rate_['requests']} requests, {rate_['ok']} rows ok)", str(rate_["n_429"]),
+             "0", rate_["n_429"] == 0),
+        ]
+    if c is not None:
+        rows += [
+            (f"concurrency: rows/s / ({SLOTS} / mean latency) ({c['rows']} rows)",
+             f"{c['efficiency']:.3f} ({c['rows_per_s']:.1f} rows/s, mean latency {c['mean_latency_s'] * 1000:.0f} ms, "
+             f"model {c['model_mean_latency_s'] * 1000:.0f} ms, {c['n_429']} 429s)", ">= 0.95",
+             c["efficiency"] >= 0.95),
+            (f"concurrency: ideal {SLOTS}-slot wall time for these latencies / wall time",
+             f"{c['vs_ideal']:.3f} ({c['ideal_wall_s']:.2f} s / {c['wall_s']:.2f} s)", ">= 0.95",
+             c["vs_ideal"] >= 0.95),
+        ]
+    if mem is not None:
+        rows += memory_rows(mem)
+    return [dict(zip(("metric", "value", "target", "met"), row)) for row in rows]
+
+
+def overhead_rows(over: dict[str, Any], n: int) -> list[tuple[str, str, str, bool | None]]:
     base, ours = over["aiohttp"], over["batch"]
     rows: list[tuple[str, str, str, bool | None]] = [(
         f"overhead {name}: CPU ms/req ({n:,} req, {IN_FLIGHT} in flight)",
@@ -491,25 +522,12 @@ def table_rows(over: dict[str, Any], rate_: dict[str, Any], c: dict[str, Any], n
         for name, r in over.items()]
     ratio = ours["cpu_ms_per_req"] / base["cpu_ms_per_req"]
     net = ours["net_cpu_ms_per_req"] / base["net_cpu_ms_per_req"]
-    rows += [
+    return rows + [
         ("overhead: batch CPU / bare aiohttp CPU", f"{ratio:.2f}x ({net:.2f}x net of start-up)", "<= 2.5x",
          ratio <= 2.5),
         ("overhead: batch requests/s", f"{ours['req_per_s']:,.0f}", ">= 2,000",
          ours["req_per_s"] >= 2000 and ours["ok"] == n),
-        (f"rate: achieved rows/min ({rate_['rows']} rows, {rate_['wall_s']:.1f} s)",
-         f"{rate_['rows_per_min']:,.0f} ({rate_['deviation']:+.1%})", f"{RPM:,} +/- 3%",
-         abs(rate_["deviation"]) <= 0.03),
-        (f"rate: 429s from simulator ({rate_['requests']} requests, {rate_['ok']} rows ok)", str(rate_["n_429"]), "0",
-         rate_["n_429"] == 0),
-        (f"concurrency: rows/s / ({SLOTS} / mean latency) ({c['rows']} rows)",
-         f"{c['efficiency']:.3f} ({c['rows_per_s']:.1f} rows/s, mean latency {c['mean_latency_s'] * 1000:.0f} ms, "
-         f"model {c['model_mean_latency_s'] * 1000:.0f} ms, {c['n_429']} 429s)", ">= 0.95", c["efficiency"] >= 0.95),
-        (f"concurrency: ideal {SLOTS}-slot wall time for these latencies / wall time",
-         f"{c['vs_ideal']:.3f} ({c['ideal_wall_s']:.2f} s / {c['wall_s']:.2f} s)", ">= 0.95", c["vs_ideal"] >= 0.95),
     ]
-    if mem is not None:
-        rows += memory_rows(mem)
-    return [dict(zip(("metric", "value", "target", "met"), row)) for row in rows]
 
 
 def memory_sizes(mem: dict[str, Any]) -> tuple[int, int]:
@@ -573,31 +591,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=Path("out/bench.json"), help="where the table goes as JSON")
     parser.add_argument("--data-dir", type=Path, default=Path("out/bench-data"),
                         help="where the generated memory inputs are cached (default out/bench-data)")
+    parser.add_argument("--only", type=_parts, default=PARTS, metavar="PARTS",
+                        help=f"comma-separated parts to measure (default all: {','.join(PARTS)})")
     args = parser.parse_args(argv)
     if args.client:
         print(json.dumps(asyncio.run(bare_client(args.client, args.url, args.n))))
         return 0
     n = args.n or (2000 if args.quick else 20000)
     started = time.perf_counter()
+    got: dict[str, Any] = dict.fromkeys(PARTS)
     with tempfile.TemporaryDirectory(prefix="batch-bench-") as tmp:
-        print(f"bench: overhead ({n:,} requests per client), rate, concurrency ...", file=sys.stderr, flush=True)
-        over = overhead(Path(tmp), n)
-        rate_ = rate(Path(tmp), 200 if args.quick else 600)
-        conc = concurrency(Path(tmp), 1280 if args.quick else CONCURRENCY_ROWS)
-        scale = 10 if args.quick else 1
-        sizes = tuple(rows // scale for rows in MEMORY_ROWS)
-        print(f"bench: memory and resume start ({' and '.join(f'{r:,}' for r in sizes)} rows) ...", file=sys.stderr,
-              flush=True)
-        mem = memory(Path(tmp), args.data_dir, sizes, MEMORY_LIMIT // scale)
-    rows = table_rows(over, rate_, conc, n, mem)
-    note = memory_note(mem)
-    print(f"{render(rows)}\n{note}\n({'quick' if args.quick else 'full'} run, "
-          f"{time.perf_counter() - started:.0f} s, {os.cpu_count()} CPUs)")
+        if "overhead" in args.only:
+            print(f"bench: overhead ({n:,} requests per client) ...", file=sys.stderr, flush=True)
+            got["overhead"] = overhead(Path(tmp), n)
+        if "rate" in args.only:
+            print("bench: rate ...", file=sys.stderr, flush=True)
+            got["rate"] = rate(Path(tmp), 200 if args.quick else 600)
+        if "concurrency" in args.only:
+            print("bench: concurrency ...", file=sys.stderr, flush=True)
+            got["concurrency"] = concurrency(Path(tmp), 1280 if args.quick else CONCURRENCY_ROWS)
+        if "memory" in args.only:
+            scale = 10 if args.quick else 1
+            sizes = tuple(rows // scale for rows in MEMORY_ROWS)
+            print(f"bench: memory and resume start ({' and '.join(f'{r:,}' for r in sizes)} rows) ...",
+                  file=sys.stderr, flush=True)
+            got["memory"] = memory(Path(tmp), args.data_dir, sizes, MEMORY_LIMIT // scale)
+    rows = table_rows(got["overhead"], got["rate"], got["concurrency"], n, got["memory"])
+    notes = [memory_note(got["memory"])] if got["memory"] else []
+    print("\n".join([render(rows), *notes, f"({'quick' if args.quick else 'full'} run of {','.join(args.only)}, "
+                     f"{time.perf_counter() - started:.0f} s, {os.cpu_count()} CPUs)"]))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"mode": "quick" if args.quick else "full", "requests": n, "table": rows,
-                                     "notes": [note], "overhead": over, "rate": rate_, "concurrency": conc,
-                                     "memory": mem}, indent=2, default=str) + "\n")
+    args.json.write_text(json.dumps({"mode": "quick" if args.quick else "full", "parts": args.only, "requests": n,
+                                     "table": rows, "notes": notes, **got}, indent=2, default=str) + "\n")
     return 0  # a benchmark reports; an unmet target is a finding in the table, not a crash
+
+
+def _parts(text: str) -> tuple[str, ...]:
+    parts = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(f"unknown part {', '.join(unknown) or '(none)'}: use {','.join(PARTS)}")
+    return parts
 
 
 if __name__ == "__main__":

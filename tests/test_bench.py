@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from batch import bench
 
 
@@ -139,3 +141,21 @@ def test_table_marks_memory_targets():
             "efficiency": 1.0, "ideal_wall_s": 1.0, "vs_ideal": 1.0, "n_429": 0}
     assert bench.table_rows(over, rate, conc, 1, mem)[-5:] == [dict(zip(("metric", "value", "target", "met"), r))
                                                               for r in rows]
+
+
+def test_only_some_parts_are_measured_and_tabled(tmp_path: Path, monkeypatch, capsys):
+    mem = {"limit": 20000, "startup_rss_mb": 150.0}
+    for rows in (100_000, 1_000_000):
+        for kind in ("parquet", "csv", "complete"):
+            mem[f"{kind}-{rows}"] = {"rss_mb": 180.0, "wall_s": 10.0, "first_request_s": 1.0}
+        mem[f"resume-{rows}"] = {"rss_mb": 180.0, "wall_s": 10.0, "first_request_s": 1.0, "checkpointed": rows,
+                                 "resume_limit": 20000, "real_answers": 20000, "parts_written": 880}
+    monkeypatch.setattr(bench, "memory", lambda *args: mem)
+    for part in ("overhead", "rate", "concurrency"):  # not run: they would fail the test
+        monkeypatch.setattr(bench, part, None)
+    assert bench.main(["--only", "memory", "--json", str(tmp_path / "b.json")]) == 0
+    table = capsys.readouterr().out
+    assert "memory: peak RSS" in table and "overhead" not in table and "rate:" not in table
+    assert len(bench.table_rows(None, None, None, 1, mem)) == 5
+    with pytest.raises(SystemExit):
+        bench.main(["--only", "memory,speed"])
