@@ -2,15 +2,13 @@
 
 Zhipu puts the meaning in a business code inside the body (`{"error": {"code": "1113", ...}}`),
 and the HTTP status alone misleads: 1113 (arrears) and 1304 (daily quota) arrive as 429, which
-the openai SDK would retry forever. So we classify on the code first, the status second.
+a client that trusts the status would retry forever. So we classify on the code first, the status second.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
-
-import openai
 
 Scope = Literal["retry", "row", "job"]
 
@@ -50,18 +48,9 @@ class Failure(Exception):
 
 
 def classify(exc: BaseException) -> Failure:
+    """Any exception from a request as a Failure: the client raises Failures, anything else is unexpected."""
     if isinstance(exc, Failure):
         return exc
-    if isinstance(exc, openai.APIConnectionError):
-        cause = exc.__cause__
-        detail = f"{type(cause).__name__}: {cause}"[:200] if cause is not None else "no detail"
-        # The SDK's aiohttp transport reports a reset socket as a ConnectTimeout; an errno says what it was.
-        if isinstance(exc, openai.APITimeoutError) and "[Errno" not in detail:
-            return Failure("retry", "timeout", "request timed out")
-        return Failure("retry", "connection", f"connection error ({detail})")
-    if isinstance(exc, openai.APIStatusError):
-        return classify_status(exc.status_code, _body_code(exc.body), _body_message(exc),
-                               retry_after_seconds(exc.response.headers))
     return Failure("retry", "bad_response", f"{type(exc).__name__}: {exc}"[:300])
 
 
@@ -100,17 +89,3 @@ def retry_after_seconds(headers: object) -> float | None:
         except ValueError:
             continue  # An HTTP date: rare from API servers; fall back to our own backoff.
     return None
-
-
-def _body_code(body: object) -> int | None:
-    code = body.get("code") if isinstance(body, dict) else None
-    try:
-        return int(code) if code is not None else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _body_message(exc: openai.APIStatusError) -> str:
-    body = exc.body
-    message = body.get("message") if isinstance(body, dict) else None
-    return str(message or "")[:300]

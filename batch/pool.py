@@ -1,20 +1,16 @@
 """One row's request: rate limits, the call, retries with backoff, and the result record.
 
-The openai SDK's own retries are off (max_retries=0): they would retry 1113 (arrears, sent as
-HTTP 429) forever and multiply with ours. We read the raw body instead of the SDK's pydantic
-model: it is cheaper per request and lets us see Zhipu-only fields and malformed 200s ourselves.
+Ours are the only retries (the client has none): Zhipu's 1113 (arrears) arrives as HTTP 429 and
+must stop the job, not be retried. See batch/client.py for why the call is aiohttp, not the SDK.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any
 
-import httpx2
-import openai
 from aiolimiter import AsyncLimiter
 from tenacity import (
     AsyncRetrying,
@@ -25,8 +21,9 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from batch.client import ChatClient
 from batch.config import JobSpec
-from batch.failures import RATE_LIMIT_CODES, ROW_CODES, Failure, classify, classify_status
+from batch.failures import Failure, classify
 from batch.pricing import Price, cost_of, pricer_for
 from batch.reader import Row
 from batch.replies import parse_reply
@@ -49,15 +46,8 @@ class JobFatal(Exception):
         self.failure = failure
 
 
-def make_client(spec: JobSpec, api_key: str) -> openai.AsyncOpenAI:
-    # aiohttp transport: about half the client CPU per request of the default httpx one.
-    return openai.AsyncOpenAI(
-        api_key=api_key,
-        base_url=spec.model.resolved_base_url,
-        max_retries=0,
-        timeout=spec.limits.timeout_s,
-        http_client=openai.DefaultAioHttpClient(timeout=spec.limits.timeout_s),
-    )
+def make_client(spec: JobSpec, api_key: str) -> ChatClient:
+    return ChatClient(spec.model.resolved_base_url, api_key, spec.limits.timeout_s, spec.limits.concurrency)
 
 
 def token_limiter(per_minute: float | None) -> AsyncLimiter | None:
@@ -131,7 +121,7 @@ class AdaptiveConcurrency:
 
 
 class Pool:
-    def __init__(self, client: openai.AsyncOpenAI, spec: JobSpec, stopping: asyncio.Event) -> None:
+    def __init__(self, client: ChatClient, spec: JobSpec, stopping: asyncio.Event) -> None:
         self.client = client
         self.model = spec.model.name
         self.pricer = pricer_for(self.model, Price(**spec.pricing.model_dump()) if spec.pricing else None)
@@ -186,13 +176,8 @@ class Pool:
         started_round = await self.slots.acquire()
         started = time.perf_counter()
         try:
-            # The SDK's documented raw-request path: its auth, base_url and error classes, without
-            # create()'s walk of the body against its type hints (a quarter of our CPU per request).
-            response = await self.client.post(
-                "/chat/completions", cast_to=httpx2.Response,
-                body={"model": self.model, "messages": messages, **self.body_params})
-            data = parse_body(response.content)
-        except Exception as exc:  # every transport and status error is classified, none escapes raw
+            data = await self.client.complete({"model": self.model, "messages": messages, **self.body_params})
+        except Exception as exc:  # the client raises Failures; anything else is classified too, none escapes raw
             failure = classify(exc)
             if failure.error_class == "rate_limited":
                 self.slots.throttled(started_round, failure.retry_after)
@@ -230,28 +215,6 @@ class Pool:
         }
 
 
-def parse_body(body: bytes) -> dict[str, Any]:
-    """A 200's body as a completion, or the Failure it really is."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        raise Failure("retry", "bad_response", "HTTP 200 with a body that is not JSON") from None
-    if not isinstance(data, dict):
-        raise Failure("retry", "bad_response", "HTTP 200 with a body that is not a JSON object")
-    error = data.get("error")
-    if isinstance(error, dict) and not data.get("choices"):
-        # Some gateways answer 200 with an error body; judge it by its business code.
-        code = _int_or_none(error.get("code"))
-        status = 429 if code in RATE_LIMIT_CODES else 400 if code in ROW_CODES else 500
-        raise classify_status(status, code, str(error.get("message") or "")[:300])
-    choices = data.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise Failure("retry", "bad_response", "HTTP 200 without choices")
-    if choices[0].get("finish_reason") == "network_error":
-        raise Failure("retry", "server_error", "finish_reason network_error (model inference error)")
-    return data
-
-
 def failed_record(row: Row, error_class: str, error: str, attempts: int, model: str) -> dict[str, Any]:
     return {
         "id": row.id, "seq": row.seq, "status": "failed", "response": None, "reasoning_content": None,
@@ -259,10 +222,3 @@ def failed_record(row: Row, error_class: str, error: str, attempts: int, model: 
         "cost": None, "model": model, "request_id": None, "latency_s": None, "attempts": attempts,
         "error_class": error_class, "error": error, "cache_hit": False,
     }
-
-
-def _int_or_none(value: Any) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None

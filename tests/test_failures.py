@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import output_of
 
+from batch.client import parse_body
 from batch.failures import Failure
-from batch.pool import parse_body
 
 ROWS = [{"review_id": f"r{i}", "text": f"review number {i}"} for i in range(6)]
 
