@@ -13,17 +13,19 @@ import asyncio
 import hashlib
 import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
+SAVE_EVERY_ANSWERS = 256
+SAVE_EVERY_S = 1.0
 REUSED_FIELDS = ("response", "reasoning_content", "finish_reason", "prompt_tokens", "completion_tokens",
                  "total_tokens", "model", "request_id")
 
 
-def request_key(model: str, params: dict[str, Any], messages: list[dict[str, Any]]) -> str:
-    canonical = json.dumps({"model": model, "params": params, "messages": messages},
-                           ensure_ascii=False, sort_keys=True, default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+def request_key(body: bytes) -> str:
+    """The key of a request body (model, params and messages, serialized with sorted keys)."""
+    return hashlib.sha256(body).hexdigest()
 
 
 class AnswerCache:
@@ -36,15 +38,32 @@ class AnswerCache:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, record TEXT NOT NULL)")
         self._in_flight: dict[str, asyncio.Future[dict[str, Any] | None]] = {}
+        # Answers are saved a batch per transaction: a transaction per answer cost more CPU than
+        # the request itself. What a kill loses is only a cache entry; the row's answer is in the checkpoint.
+        self._unsaved: dict[str, dict[str, Any]] = {}
+        self._saved_at = time.monotonic()
         self.hits = 0
 
     def get(self, key: str) -> dict[str, Any] | None:
+        if key in self._unsaved:
+            return self._unsaved[key]
         found = self._db.execute("SELECT record FROM answers WHERE key = ?", (key,)).fetchone()
         return json.loads(found[0]) if found else None
 
     def put(self, key: str, record: dict[str, Any]) -> None:
-        kept = {field: record[field] for field in REUSED_FIELDS}
-        self._db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?)", (key, json.dumps(kept, ensure_ascii=False)))
+        self._unsaved[key] = {field: record[field] for field in REUSED_FIELDS}
+        if len(self._unsaved) >= SAVE_EVERY_ANSWERS or time.monotonic() - self._saved_at >= SAVE_EVERY_S:
+            self.save()
+
+    def save(self) -> None:
+        if not self._unsaved:
+            return
+        with self._db:  # one transaction
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT OR REPLACE INTO answers VALUES (?, ?)",
+                                 [(key, json.dumps(kept, ensure_ascii=False)) for key, kept in self._unsaved.items()])
+        self._unsaved.clear()
+        self._saved_at = time.monotonic()
 
     async def answer_of(self, key: str) -> dict[str, Any] | None:
         """A kept answer, or the answer of an identical request in flight now; None: send it yourself."""
@@ -68,7 +87,10 @@ class AnswerCache:
             future.set_result(answered)
 
     def close(self) -> None:
-        self._db.close()
+        try:
+            self.save()
+        finally:
+            self._db.close()
 
 
 def reused(kept: dict[str, Any], row_id: str, seq: int) -> dict[str, Any]:

@@ -50,11 +50,10 @@ class ChatClient:
     async def close(self) -> None:
         await self._session.close()
 
-    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        """The completion for `body`; raises Failure for every way it can go wrong."""
-        payload = json.dumps(body, ensure_ascii=False).encode()
+    async def complete(self, body: bytes) -> dict[str, Any]:
+        """The completion for a JSON request body; raises Failure for every way it can go wrong."""
         try:
-            async with self._session.post(self.url, data=payload, headers=self._headers) as response:
+            async with self._session.post(self.url, data=body, headers=self._headers) as response:
                 raw = await response.read()
                 status, headers = response.status, response.headers
         except TimeoutError:  # aiohttp's connect and read timeouts are TimeoutError subclasses

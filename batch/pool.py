@@ -7,6 +7,7 @@ must stop the job, not be retried. See batch/client.py for why the call is aioht
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
@@ -141,7 +142,15 @@ class Pool:
         self._backoff = wait_exponential_jitter(
             multiplier=spec.retry.initial_backoff_s, max=spec.retry.max_backoff_s, jitter=spec.retry.initial_backoff_s)
 
-    async def answer(self, row: Row, messages: list[dict[str, Any]], estimated_tokens: int) -> dict[str, Any]:
+    def request_body(self, messages: list[dict[str, Any]]) -> bytes:
+        """The request as sent, serialized once: the answer cache keys on these same bytes.
+
+        Sorted keys, so the same request written with its params in another order is the same key.
+        """
+        body = {"model": self.model, "messages": messages, **self.body_params}
+        return json.dumps(body, ensure_ascii=False, sort_keys=True, default=str).encode()
+
+    async def answer(self, row: Row, body: bytes, estimated_tokens: int) -> dict[str, Any]:
         """The result record for a row; raises JobFatal when the whole job must stop."""
         attempts = 0
         # One AsyncRetrying per row: it keeps per-call state, so it is not shared between tasks.
@@ -150,7 +159,7 @@ class Pool:
             async for attempt in retrying:
                 with attempt:
                     attempts += 1
-                    return await self._attempt(row, messages, estimated_tokens, attempts)
+                    return await self._attempt(row, body, estimated_tokens, attempts)
         except Failure as failure:
             if failure.scope == "job":
                 raise JobFatal(failure) from None
@@ -165,8 +174,7 @@ class Pool:
             return min(failure.retry_after, MAX_RETRY_AFTER_S)
         return self._backoff(state)
 
-    async def _attempt(self, row: Row, messages: list[dict[str, Any]], estimated_tokens: int,
-                       attempts: int) -> dict[str, Any]:
+    async def _attempt(self, row: Row, body: bytes, estimated_tokens: int, attempts: int) -> dict[str, Any]:
         if self.tokens is not None:
             await self.tokens.acquire(min(estimated_tokens + self.max_tokens, self.tokens.max_rate))
         if self.requests is not None:
@@ -176,7 +184,7 @@ class Pool:
         started_round = await self.slots.acquire()
         started = time.perf_counter()
         try:
-            data = await self.client.complete({"model": self.model, "messages": messages, **self.body_params})
+            data = await self.client.complete(body)
         except Exception as exc:  # the client raises Failures; anything else is classified too, none escapes raw
             failure = classify(exc)
             if failure.error_class == "rate_limited":

@@ -146,7 +146,8 @@ class Run:
         async def work() -> None:
             while not self.stopping.is_set() and (item := await queue.get()) is not None:
                 row, messages = item
-                key = request_key(pool.model, pool.body_params, messages)
+                body = pool.request_body(messages)
+                key = request_key(body)
                 kept = await cache.answer_of(key)
                 if kept is not None:
                     record(reused(kept, row.id, row.seq))
@@ -159,7 +160,7 @@ class Run:
                 result = None
                 sending = cache.sending(key)
                 try:
-                    result = await pool.answer(row, messages, estimated)
+                    result = await pool.answer(row, body, estimated)
                     record(result)
                 except Stopped:
                     break

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import pandas as pd
+import yaml
 from conftest import output_of
 
 
@@ -45,3 +48,28 @@ def test_a_changed_parameter_is_a_different_request(sim, make_job, run_cli):
                    output={"path": "o2/result.parquet"})
     assert run_cli("run", job)[0] == 0
     assert sim.stats()["requests"] == 2
+
+
+def test_an_answer_not_yet_saved_to_disk_is_reused_and_saved_at_the_end(sim, make_job, run_cli, tmp_path):
+    # One worker: the repeat comes after the first answer, from the cache's unsaved batch, not in flight.
+    texts = ["alpha", "beta", "alpha", "gamma", "beta"]
+    rows = [{"review_id": f"s{i}", "text": text} for i, text in enumerate(texts)]
+    job = make_job(sim, rows=rows, limits={"concurrency": 1}, cache={"path": "answers.sqlite"})
+    assert run_cli("run", job)[0] == 0
+    assert sim.stats()["requests"] == 3
+    assert list(output_of(job)["cache_hit"]) == [False, False, True, False, True]
+    with sqlite3.connect(tmp_path / "answers.sqlite") as db:
+        assert db.execute("SELECT count(*) FROM answers").fetchone()[0] == 3
+
+
+def test_params_in_another_order_are_the_same_request(sim, make_job, run_cli):
+    rows = [{"review_id": "x", "text": "same text"}]
+    params = {"max_tokens": 64, "temperature": 0.5}
+    assert run_cli("run", make_job(sim, rows=rows, cache={"path": "c.sqlite"}, model={"params": params}))[0] == 0
+    job = make_job(sim, rows=rows, cache={"path": "c.sqlite"}, output={"path": "o2/result.parquet"})
+    spec = yaml.safe_load(job.read_text())
+    spec["model"]["params"] = dict(reversed(params.items()))
+    job.write_text(yaml.safe_dump(spec, sort_keys=False))  # make_job's dump would sort them back
+    assert "temperature: 0.5\n    max_tokens: 64" in job.read_text()
+    assert run_cli("run", job)[0] == 0
+    assert sim.stats()["requests"] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 
 import pytest
@@ -12,7 +13,8 @@ from batch.client import ChatClient, env_proxy, status_failure
 from batch.failures import Failure
 from batch.simulator import completion_for
 
-BODY = {"model": "glm-4-flash", "messages": [{"role": "user", "content": "你好, hello"}], "max_tokens": 8}
+REQUEST = {"model": "glm-4-flash", "messages": [{"role": "user", "content": "你好, hello"}], "max_tokens": 8}
+BODY = json.dumps(REQUEST, ensure_ascii=False).encode()
 
 
 @pytest.mark.asyncio
@@ -20,7 +22,7 @@ async def test_answers_come_back_as_dicts_with_the_key_sent_as_bearer(start_sim)
     sim = start_sim(api_key="test-key-123")
     async with ChatClient(sim.url, "test-key-123", 5, 4) as client:
         answers = await asyncio.gather(*(client.complete(BODY) for _ in range(3)))
-    expected = completion_for(BODY["model"], BODY["messages"], BODY["max_tokens"])["content"]
+    expected = completion_for(REQUEST["model"], REQUEST["messages"], REQUEST["max_tokens"])["content"]
     assert [answer["choices"][0]["message"]["content"] for answer in answers] == [expected] * 3
     assert sim.stats()["by_status"] == {"200": 3}
     assert sim.stats()["by_prompt"] == {"你好, hello": 3}  # UTF-8 body, not mangled
