@@ -7,11 +7,11 @@ from typing import Any
 import pyarrow.compute as pc
 
 from batch.config import JobSpec
-from batch.failures import should_send
 from batch.pricing import CURRENCY, Price, cost_of, pricer_for, worst_cost
 from batch.prompts import PromptBuilder, RowPromptError, estimate_tokens
+from batch.reader import Skipped
 from batch.status import open_input
-from batch.writer import Checkpoint, states_of
+from batch.writer import Checkpoint, answered_of
 
 TOKENIZER_NOTE = "approximation: 1 token per CJK character, 1 per 4 other characters, +4 per message"
 
@@ -21,7 +21,7 @@ def estimate(spec: JobSpec, retry_failed: bool = False) -> dict[str, Any]:
     table.scan()
     builder = PromptBuilder(spec.prompt)
     done_table = Checkpoint(spec.checkpoint_dir).snapshot()
-    states = states_of(done_table)
+    answered = answered_of(done_table)
     ok = done_table.filter(pc.equal(done_table.column("status"), "ok"))
     observed = pc.mean(ok.column("completion_tokens")).as_py() if ok.num_rows else None
     max_tokens = int(spec.model.params.get("max_tokens") or 0) or None
@@ -29,9 +29,9 @@ def estimate(spec: JobSpec, retry_failed: bool = False) -> dict[str, Any]:
 
     rows = skipped = unsendable = prompt_tokens = 0
     low = high = 0.0
-    for row in table.rows():
-        if not should_send(states.get(row.id), retry_failed):
-            skipped += 1
+    for row in table.rows(lambda ids: answered.to_send(ids, retry_failed)):
+        if isinstance(row, Skipped):
+            skipped += row.count
             continue
         try:
             tokens = estimate_tokens(builder.messages(row.values))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -24,7 +25,12 @@ CSV_BLOCK_BYTES = 1 << 20
 class Row:
     seq: int  # position in the input, from 0
     id: str
-    values: dict[str, Any] | None  # None: a row the caller said it does not want
+    values: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Skipped:
+    count: int  # a run of consecutive rows the caller does not want
 
 
 class InputTable:
@@ -158,28 +164,40 @@ class InputTable:
     def _job_columns(self) -> list[str]:
         return ([self.id_column] if self.id_column else []) + self.prompt_columns + self.keep_columns
 
-    def rows(self, wanted: Callable[[str], bool] | None = None) -> Iterator[Row]:
-        """Every row with its id and the values its prompt needs.
+    def id_batches(self, columns: list[str]) -> Iterator[tuple[pa.RecordBatch, pa.Array]]:
+        """Record batches of `columns` in input order, each with its rows' ids as text."""
+        derived = None if self.id_column else DerivedIds()
+        source = [self.id_column] if self.id_column else self.prompt_columns  # a derived id needs the values
+        for batch in self.batches(source + columns):
+            if derived is None:
+                ids = [_id_text(v) or "" for v in batch.column(self.id_column).to_pylist()]
+            else:
+                values = {c: batch.column(c).to_pylist() for c in self.prompt_columns}
+                ids = [derived.next({c: v[i] for c, v in values.items()}) for i in range(batch.num_rows)]
+            yield batch, pa.array(ids, pa.string())
 
-        A row whose id `wanted` refuses comes with values None: resuming a mostly done job must
-        not build a million dicts only to skip them.
+    def rows(self, wanted: Callable[[pa.Array], np.ndarray] | None = None) -> Iterator[Row | Skipped]:
+        """Every row with its id and the values its prompt needs, in input order.
+
+        `wanted` says, for a batch of ids, which rows to build; the others come as Skipped runs:
+        resuming a mostly done job must not build a million rows only to skip them.
         """
-        columns = ([self.id_column] if self.id_column else []) + self.prompt_columns
-        derived = DerivedIds()
         seq = 0
-        for batch in self.batches(columns):
-            values = {c: batch.column(c).to_pylist() for c in self.prompt_columns}
-            ids = batch.column(self.id_column).to_pylist() if self.id_column else None
-            for i in range(batch.num_rows):
-                if ids is not None:  # the id comes first, so a refused row's values are never built
-                    row_id = _id_text(ids[i]) or ""
-                    row_values = None if wanted and not wanted(row_id) else {c: v[i] for c, v in values.items()}
-                else:  # a derived id needs the values anyway
-                    row_values = {c: v[i] for c, v in values.items()}
-                    row_id = derived.next(row_values)
-                    row_values = None if wanted and not wanted(row_id) else row_values
-                yield Row(seq, row_id, row_values)
-                seq += 1
+        for batch, ids in self.id_batches(self.prompt_columns):
+            size = batch.num_rows
+            built = np.flatnonzero(wanted(ids)) if wanted else range(size)
+            if len(built):
+                values = {c: batch.column(c).to_pylist() for c in self.prompt_columns}
+                row_ids = ids.to_pylist()
+            after = 0  # the first row of the batch not yielded yet
+            for i in map(int, built):
+                if i > after:
+                    yield Skipped(i - after)
+                yield Row(seq + i, row_ids[i], {c: v[i] for c, v in values.items()})
+                after = i + 1
+            if size > after:
+                yield Skipped(size - after)
+            seq += size
 
 
 class DerivedIds:

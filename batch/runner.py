@@ -11,15 +11,15 @@ from typing import Any
 
 import pyarrow.compute as pc
 
+from batch.answered import Answered
 from batch.budget import Budget
 from batch.cache import AnswerCache, request_key, reused
 from batch.config import JobSpec
 from batch.errors import EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_JOB_FATAL, EXIT_OK, EXIT_ROWS_FAILED, ConfigError
-from batch.failures import should_send
 from batch.guard import RunLock, check_fingerprint
 from batch.pool import JobFatal, Pool, Stopped, failed_record, make_client
 from batch.prompts import PromptBuilder, RowPromptError, estimate_tokens
-from batch.reader import InputTable, Row
+from batch.reader import InputTable, Row, Skipped
 from batch.replies import reply_columns
 from batch.summary import Progress, RunStats, build_summary, save_summary
 from batch.writer import RESULT_FIELDS, Checkpoint, write_final
@@ -89,7 +89,7 @@ class Run:
                 try:
                     await self._process(pool, budget, cache, done, stats, progress)
                 finally:
-                    done.clear()  # a million entries on a big resume: not needed for the final file
+                    del done  # not needed for the final file: read again, with this run's records
                     cache.close()
                     stats.throttled, stats.concurrency_limit = pool.slots.throttles, pool.slots.limit
         finally:
@@ -99,12 +99,12 @@ class Run:
         return self._finish(stats)
 
     def _budget(self, pool: Pool) -> Budget:
-        spent = self.checkpoint.results()
+        spent = self.checkpoint.results(["id", "status", "error_class", "cost", "total_tokens"])
         cost = pc.sum(spent.column("cost")).as_py() or 0.0
         tokens = pc.sum(spent.column("total_tokens")).as_py() or 0
         return Budget(self.spec, pool.pricer, cost, tokens)
 
-    async def _process(self, pool: Pool, budget: Budget | None, cache: AnswerCache, done: dict[str, str],
+    async def _process(self, pool: Pool, budget: Budget | None, cache: AnswerCache, done: Answered,
                        stats: RunStats, progress: Progress) -> None:
         concurrency = self.spec.limits.concurrency
         queue: asyncio.Queue[tuple[Row, list[dict[str, Any]]] | None] = asyncio.Queue(maxsize=2 * concurrency)
@@ -128,11 +128,11 @@ class Run:
             budget = self.options.limit
 
             retry_failed = self.options.retry_failed
-            for row in self.table.rows(lambda row_id: should_send(done.get(row_id), retry_failed)):
+            for row in self.table.rows(lambda ids: done.to_send(ids, retry_failed)):
                 if self.stopping.is_set() or budget == 0:
                     break
-                if row.values is None:
-                    stats.skipped += 1
+                if isinstance(row, Skipped):
+                    stats.skipped += row.count
                     continue
                 if budget is not None:
                     budget -= 1
@@ -200,22 +200,23 @@ class Run:
         self.stopping.set()
 
     def _finish(self, stats: RunStats) -> dict[str, Any]:
-        results = self.checkpoint.results()
-        ok = pc.sum(pc.equal(results.column("status"), "ok")).as_py() or 0
-        totals = {"ok": ok, "failed": results.num_rows - ok}
+        answered = self.checkpoint.answered()
+        ok = answered.ok()
+        totals = {"ok": ok, "failed": len(answered) - ok}
         totals["pending"] = stats.rows_total - totals["ok"] - totals["failed"]
         output = None
         if totals["pending"] == 0:
             output = self.spec.output.path
             if self.checkpoint.newer_than(output):
                 out = self.spec.output
+                records = self.checkpoint.records()
                 extra = None
                 if out.parse_json:
                     taken = {self.spec.id_column_out, *out.keep_columns, *RESULT_FIELDS}
-                    extra = reply_columns(results, out.json_columns, taken)
+                    extra = reply_columns(self.checkpoint.results(), out.json_columns, taken)
                 try:
-                    write_final(output, self.table.batches(out.keep_columns), (row.id for row in self.table.rows()),
-                                self.spec.id_column_out, out.keep_columns, results, extra)
+                    write_final(output, self.table.id_batches(out.keep_columns), self.spec.id_column_out,
+                                out.keep_columns, records, answered, extra)
                 except OSError as exc:
                     raise ConfigError(f"{output}: cannot write the output: {exc.strerror or exc} "
                                       f"(every answer is safe in {self.spec.checkpoint_dir}; rerun to retry)") from None

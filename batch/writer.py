@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+
+from batch.answered import Answered
 
 RESULT_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -42,6 +45,8 @@ RESULT_SCHEMA = pa.schema([
 RESULT_FIELDS = RESULT_SCHEMA.names
 WAL_NAME = "wal.jsonl"
 MERGE_PARTS_ABOVE = 32
+MERGE_BATCH_ROWS = 65_536  # rows per row group of a merged part: a few MB in memory at a time
+STATE_COLUMNS = ["id", "status", "error_class"]
 FSYNC_EVERY_S = 1.0
 
 
@@ -58,8 +63,8 @@ class Checkpoint:
         self.appended = 0
 
     # -- opening and reading ---------------------------------------------------------------
-    def open(self) -> dict[str, str]:
-        """Recover a previous run's log; returns, per id answered so far, "ok" or its failure's error_class."""
+    def open(self) -> Answered:
+        """Recover a previous run's log; returns what is answered so far, per id."""
         self.folder.mkdir(parents=True, exist_ok=True)
         for stale in self.folder.glob(".*.tmp"):
             stale.unlink()
@@ -70,16 +75,25 @@ class Checkpoint:
             self._merge_parts()
         self._wal = open(self.folder / WAL_NAME, "w", encoding="utf-8")
         self._fsync_dir()
-        return states_of(self._read_parts(["id", "status", "error_class"]))
+        return self.answered()
+
+    def answered(self) -> Answered:
+        """The last record per id in the part files (the log is in them after open() and close())."""
+        return answered_of(self._read_parts(STATE_COLUMNS))
 
     def _parts(self) -> list[Path]:
         return sorted(self.folder.glob("part-*.parquet"))
 
+    def _dataset(self) -> ds.Dataset:
+        # The parts in write order, read as RESULT_SCHEMA: a field added to it later reads as null in older parts.
+        return ds.dataset(self._parts(), schema=RESULT_SCHEMA, format="parquet")
+
+    def records(self, columns: list[str] | None = None) -> pa.Table:
+        """Every record in the part files, in write order (several per id when a failure was retried)."""
+        return self._read_parts(columns)
+
     def _read_parts(self, columns: list[str] | None = None) -> pa.Table:
-        tables = [pq.read_table(p, columns=columns, schema=RESULT_SCHEMA) for p in self._parts()]
-        if not tables:
-            return RESULT_SCHEMA.empty_table().select(columns or RESULT_FIELDS)
-        return pa.concat_tables(tables)
+        return self._dataset().to_table(columns=columns)
 
     def newer_than(self, path: Path) -> bool:
         """Whether any result on disk is newer than `path` (or `path` does not exist)."""
@@ -88,9 +102,9 @@ class Checkpoint:
         built = path.stat().st_mtime_ns
         return any(part.stat().st_mtime_ns > built for part in self._parts())
 
-    def results(self) -> pa.Table:
+    def results(self, columns: list[str] | None = None) -> pa.Table:
         """All results, the last one per id (a retried failure replaced by its new answer)."""
-        return _last_per_id(self._read_parts())
+        return self._read_parts(columns).take(_sorted(self.answered().records))
 
     def snapshot(self) -> pa.Table:
         """Results so far, log included, read without touching the folder: safe while a run is alive."""
@@ -139,13 +153,26 @@ class Checkpoint:
         parts = self._parts()
         number = int(parts[-1].stem.split("-")[1]) + 1 if parts else 1
         table = pa.Table.from_pylist(records, schema=RESULT_SCHEMA)
-        _write_atomic(table, self.folder / f"part-{number:06d}.parquet")
+        _write_atomic(self.folder / f"part-{number:06d}.parquet", lambda tmp: pq.write_table(table, tmp))
 
     def _merge_parts(self) -> None:
+        """All parts into one, streamed: a few MB in memory at a time, however large the checkpoint."""
         old = self._parts()
-        merged = pa.concat_tables([pq.read_table(p, schema=RESULT_SCHEMA) for p in old])
         number = int(old[-1].stem.split("-")[1]) + 1
-        _write_atomic(merged, self.folder / f"part-{number:06d}.parquet")
+
+        def write(tmp: Path) -> None:
+            with pq.ParquetWriter(tmp, RESULT_SCHEMA) as writer:
+                held: list[pa.RecordBatch] = []  # parts are small: gather them into row groups of a useful size
+                for batch in self._dataset().to_batches(batch_size=MERGE_BATCH_ROWS, batch_readahead=0,
+                                                        fragment_readahead=1):
+                    held.append(batch)
+                    if sum(b.num_rows for b in held) >= MERGE_BATCH_ROWS:
+                        writer.write_table(pa.Table.from_batches(held, RESULT_SCHEMA))
+                        held = []
+                if held:
+                    writer.write_table(pa.Table.from_batches(held, RESULT_SCHEMA))
+
+        _write_atomic(self.folder / f"part-{number:06d}.parquet", write)
         for path in old:
             path.unlink()
 
@@ -157,18 +184,17 @@ class Checkpoint:
             os.close(fd)
 
 
-def states_of(table: pa.Table) -> dict[str, str]:
-    """Per id: "ok", or the error_class of its failure (the last record per id wins)."""
-    states = pc.if_else(pc.equal(table.column("status"), "ok"), "ok", table.column("error_class"))
-    return dict(zip(table.column("id").to_pylist(), states.to_pylist()))
+def answered_of(table: pa.Table) -> Answered:
+    """Per id, its last record's state, from a table of records (id, status, error_class) in write order."""
+    return Answered(*(table.column(name) for name in STATE_COLUMNS))
 
 
 def _last_per_id(table: pa.Table) -> pa.Table:
-    if table.num_rows == 0:
-        return table
-    table = table.append_column("_order", pa.array(range(table.num_rows), pa.int64()))
-    last = table.group_by("id", use_threads=False).aggregate([("_order", "max")]).column("_order_max")
-    return table.take(pc.take(last, pc.sort_indices(last))).drop_columns(["_order"])
+    return table.take(_sorted(answered_of(table).records))
+
+
+def _sorted(positions: pa.Array) -> np.ndarray:
+    return np.sort(positions.to_numpy())  # the kept records in the order they were written
 
 
 def _read_wal(path: Path) -> Iterator[dict[str, Any]]:
@@ -184,9 +210,9 @@ def _read_wal(path: Path) -> Iterator[dict[str, Any]]:
                 yield record
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
+    write(tmp)
     with open(tmp, "rb") as written:
         os.fsync(written.fileno())
     os.replace(tmp, path)
@@ -197,34 +223,29 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
         os.close(fd)
 
 
-def write_final(path: Path, input_batches: Iterator[pa.RecordBatch], row_ids: Iterator[str], id_out: str,
-                keep_columns: list[str], results: pa.Table, extra: Any = None) -> int:
-    """Every input row once, in input order, beside its result (and `extra`, a DataFrame by id)."""
-    import pandas as pd
+def write_final(path: Path, input_batches: Iterator[tuple[pa.RecordBatch, pa.Array]], id_out: str,
+                keep_columns: list[str], records: pa.Table, answered: Answered, extra: Any = None) -> int:
+    """Every input row once, in input order, beside its last record (and `extra`, a DataFrame by id).
 
-    extra_schema = pa.Schema.from_pandas(extra, preserve_index=False) if extra is not None else pa.schema([])
-    by_id = results.drop_columns(["seq"]).to_pandas().set_index("id")
+    `input_batches` are the input's batches with their ids; `records` every record in write order, and
+    `answered` where each id's last one sits: each batch takes its own records, nothing is built whole.
+    """
     result_columns = [c for c in RESULT_FIELDS if c not in ("id", "seq")]
+    records = records.select(result_columns)
+    extra_schema = pa.Schema.from_pandas(extra, preserve_index=False) if extra is not None else None
     writer = None
     written = 0
     tmp = path.with_name(f".{path.name}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        for batch in input_batches:
-            ids = [next(row_ids) for _ in range(batch.num_rows)]
-            frame = pd.DataFrame({id_out: ids})
-            for column in keep_columns:
-                if column != id_out:
-                    frame[column] = batch.column(column).to_pandas()
-            answers = by_id.reindex(ids)
-            for column in result_columns:
-                frame[column] = answers[column].to_numpy()
+        for batch, ids in input_batches:
+            answers = records.take(answered.records.take(answered.index(ids)))
+            columns = {id_out: ids, **{c: batch.column(c) for c in keep_columns if c != id_out}}
+            columns.update(zip(result_columns, answers.columns))
             if extra is not None:
-                parsed = extra.reindex(ids)
-                for column in extra.columns:
-                    frame[column] = parsed[column].to_numpy()
-            table = pa.Table.from_pandas(frame, preserve_index=False)
-            table = table.cast(_final_schema(table.schema, id_out, keep_columns, batch.schema, extra_schema))
+                parsed = pa.Table.from_pandas(extra.reindex(ids.to_pylist()), preserve_index=False)
+                columns.update((f.name, parsed.column(f.name).cast(f.type)) for f in extra_schema)
+            table = pa.table(columns)
             if writer is None:
                 writer = pq.ParquetWriter(tmp, table.schema)
             writer.write_table(table)
@@ -240,20 +261,3 @@ def write_final(path: Path, input_batches: Iterator[pa.RecordBatch], row_ids: It
             writer.close()
         tmp.unlink(missing_ok=True)  # a failed write leaves nothing that looks like output
     return written
-
-
-def _final_schema(schema: pa.Schema, id_out: str, keep_columns: list[str], input_schema: pa.Schema,
-                  extra_schema: pa.Schema) -> pa.Schema:
-    fields = []
-    for field in schema:
-        if field.name in extra_schema.names:
-            fields.append(extra_schema.field(field.name))
-        elif field.name == id_out:
-            fields.append(pa.field(id_out, pa.string()))
-        elif field.name in RESULT_FIELDS:
-            fields.append(RESULT_SCHEMA.field(field.name))
-        elif field.name in input_schema.names:
-            fields.append(input_schema.field(field.name))
-        else:
-            fields.append(field)
-    return pa.schema(fields)

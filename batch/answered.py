@@ -1,0 +1,104 @@
+"""What the checkpoint holds per id, looked up a batch of ids at a time.
+
+A Python dict of a million ids costs ~100 MB and seconds to build. Here the ids stay in Arrow,
+ordered by their 64-bit hash, beside those hashes in numpy: a batch is looked up by binary search
+on the hashes, and every hit is confirmed by comparing the ids themselves, so two ids that share a
+hash are never taken for one another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from batch.failures import should_send
+
+
+class Answered:
+    """The last record per id among `records` (Arrow arrays id, status, error_class, in the order written)."""
+
+    def __init__(self, ids: pa.ChunkedArray, status: pa.ChunkedArray, error_class: pa.ChunkedArray) -> None:
+        hashes = _hashes(ids.chunks)
+        # Stable sort of the records newest first: of one id's records, the last written comes first.
+        newest_first = np.arange(len(hashes) - 1, -1, -1)
+        order = newest_first[np.argsort(hashes[::-1], kind="stable")]
+        hashes, ids = hashes[order], _flat(ids).take(order)
+        first = np.ones(len(hashes), dtype=bool)  # the first (newest) record of its id
+        if len(hashes) > 1:
+            same_hash = hashes[1:] == hashes[:-1]
+            first[1:] = ~(same_hash & _numpy(pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1))))
+            for start in np.flatnonzero(same_hash & first[1:]):  # two ids, one hash: almost never
+                _keep_newest_per_id(ids, hashes, first, int(start))
+        keep = np.flatnonzero(first)
+        self.hashes = hashes[keep]
+        self.ids = ids.take(keep)
+        self.records = pa.array(order[keep])  # where each id's last record sits among all records
+        status, error_class = _flat(status).take(order).take(keep), _flat(error_class).take(order).take(keep)
+        # "ok", or the failure's error_class; as a dictionary: a handful of distinct states.
+        self.states = pc.if_else(pc.equal(status, "ok"), "ok", error_class).dictionary_encode()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def ok(self) -> int:
+        return pc.sum(pc.equal(self.states.dictionary_decode(), "ok")).as_py() or 0
+
+    def index(self, ids: pa.Array) -> pa.Array:
+        """Per id: its position among the answered ids, or null when it has no record."""
+        wanted = _hashes([ids])
+        if len(self.hashes) == 0:
+            return pa.nulls(len(ids), pa.int64())
+        at = np.minimum(np.searchsorted(self.hashes, wanted), len(self.hashes) - 1)
+        same_hash = self.hashes[at] == wanted
+        found = same_hash & _numpy(pc.equal(self.ids.take(at), ids))
+        for i in np.flatnonzero(same_hash & ~found):  # another id with this hash came first: almost never
+            at[i], found[i] = self._walk(ids[i].as_py(), int(at[i]))
+        return pa.array(at, pa.int64(), mask=~found)
+
+    def _walk(self, row_id: str, at: int) -> tuple[int, bool]:
+        h = self.hashes[at]
+        while at < len(self.hashes) and self.hashes[at] == h:
+            if self.ids[at].as_py() == row_id:
+                return at, True
+            at += 1
+        return 0, False
+
+    def state(self, ids: pa.Array) -> pa.Array:
+        """Per id: "ok", its failure's error_class, or null (no record: pending)."""
+        return self.states.take(self.index(ids)).dictionary_decode()
+
+    def to_send(self, ids: pa.Array, retry_failed: bool) -> np.ndarray:
+        """Which of `ids` a run sends: should_send, asked once per distinct state."""
+        states = self.state(ids)
+        sent = [s for s in pc.unique(states).to_pylist() if should_send(s, retry_failed)]
+        return _numpy(pc.is_in(states, value_set=pa.array(sent, pa.string()), skip_nulls=False))
+
+
+def _hashes(chunks: Iterable[pa.Array]) -> np.ndarray:
+    # Python's own string hash (64 bits, SipHash), a chunk at a time: only one chunk is ever Python strings.
+    return np.concatenate([np.fromiter(map(hash, chunk.to_pylist()), np.int64, len(chunk)) for chunk in chunks]
+                          or [np.empty(0, np.int64)])
+
+
+def _flat(column: pa.ChunkedArray) -> pa.Array:
+    return column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+
+
+def _numpy(mask: pa.Array) -> np.ndarray:
+    return mask.to_numpy(zero_copy_only=False)
+
+
+def _keep_newest_per_id(ids: pa.Array, hashes: np.ndarray, first: np.ndarray, start: int) -> None:
+    """Within a run of equal hashes starting at `start`, keep only the first (newest) record of each id."""
+    while start > 0 and hashes[start - 1] == hashes[start]:
+        start -= 1
+    seen: set[str] = set()
+    at = start
+    while at < len(hashes) and hashes[at] == hashes[start]:
+        row_id = ids[at].as_py()
+        first[at] = row_id not in seen
+        seen.add(row_id)
+        at += 1
