@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batch.failures import should_send
+from batch.reader import hash_ids
 
 
 class Answered:
@@ -78,9 +79,8 @@ class Answered:
 
 
 def _hashes(chunks: Iterable[pa.Array]) -> np.ndarray:
-    # Python's own string hash (64 bits, SipHash), a chunk at a time: only one chunk is ever Python strings.
-    return np.concatenate([np.fromiter(map(hash, chunk.to_pylist()), np.int64, len(chunk)) for chunk in chunks]
-                          or [np.empty(0, np.int64)])
+    # A chunk at a time: only one chunk is ever Python strings.
+    return np.concatenate([hash_ids(chunk) for chunk in chunks] or [np.empty(0, np.int64)])
 
 
 def _flat(column: pa.ChunkedArray) -> pa.Array:

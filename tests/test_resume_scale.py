@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from batch import answered as answered_module
 from batch.answered import Answered
@@ -13,29 +14,34 @@ from tests.conftest import output_of
 from tests.test_writer import record, states
 
 
-def test_resume_over_many_parts_sends_only_the_rest_and_merges_them(start_sim, make_job, run_cli, monkeypatch):
+def test_resume_over_many_parts_sends_only_the_rest_and_merges_them_at_the_end(start_sim, make_job, run_cli,
+                                                                              monkeypatch):
     import batch.reader
 
     monkeypatch.setattr(batch.reader, "BATCH_ROWS", 7)  # ids looked up over many input batches
     rows = [{"review_id": f"r{i:03d}", "text": f"review {i}"} for i in range(300)]
-    first = start_sim()
-    job = make_job(first, rows=rows, input_file="in.parquet", output={"checkpoint_rows": 4})
-    assert run_cli("run", job, "--limit", "200")[0] == 0
+    sim = start_sim()
+    job = make_job(sim, rows=rows, input_file="in.parquet", output={"checkpoint_rows": 4})
+    # What a run killed after 200 answers leaves: 50 parts of 4 and no merge (close() never ran).
     folder = job.parent / "out" / "result.checkpoint"
-    assert len(list(folder.glob("part-*.parquet"))) > MERGE_PARTS_ABOVE
+    killed = Checkpoint(folder, rows_per_part=4)
+    killed.open()
+    for i in range(200):
+        answer = record(i)
+        answer.update(id=f"r{i:03d}", seq=i)
+        killed.append(answer)
+    assert len(list(folder.glob("part-*.parquet"))) == 50 > MERGE_PARTS_ABOVE
 
-    second = start_sim()
-    job = make_job(second, rows=rows, input_file="in.parquet", output={"checkpoint_rows": 4})
     code, out, err = run_cli("run", job)
     assert code == 0, out + err
-    sent = second.stats()["by_prompt"]
-    assert sorted(sent) == sorted(f"Classify: review {i}" for i in range(300) if i >= 200)
-    parts = list(folder.glob("part-*.parquet"))
-    merged = pq.ParquetFile(min(parts))  # the merge at open: the first run's 50 parts in one file
-    assert merged.metadata.num_rows == 200
+    sent = sim.stats()["by_prompt"]
+    assert sorted(sent) == sorted(f"Classify: review {i}" for i in range(200, 300))
+    (merged,) = folder.glob("part-*.parquet")  # merged at the end of the run, not before its first request
+    assert pq.ParquetFile(merged).metadata.num_rows == 300
     result = output_of(job)
     assert list(result["review_id"]) == [r["review_id"] for r in rows]
     assert list(result["text"]) == [r["text"] for r in rows] and set(result["status"]) == {"ok"}
+    assert list(result["response"][:200]) == [f"answer {i}" for i in range(200)]
 
 
 def test_merge_streams_parts_into_row_groups_and_the_last_record_wins(tmp_path, monkeypatch):
@@ -75,3 +81,19 @@ def test_ids_that_share_a_hash_are_told_apart(monkeypatch):
     assert done.state(asked).to_pylist() == ["ok", "timeout", "content_filter", None, "ok", None]
     assert done.to_send(asked, retry_failed=True).tolist() == [False, True, False, True, False, True]
     assert done.to_send(asked, retry_failed=False).tolist() == [False, False, False, True, False, True]
+
+
+def test_input_ids_that_share_a_hash_are_not_called_duplicates(tmp_path, monkeypatch):
+    import batch.reader
+    from batch.errors import ConfigError
+
+    # Every id of one length collides: the scan must confirm a repeated hash on the ids themselves.
+    monkeypatch.setattr(batch.reader, "hash_ids", lambda ids: np.array([len(s) for s in ids.to_pylist()], np.int64))
+    monkeypatch.setattr(batch.reader, "BATCH_ROWS", 3)
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": ["aa", "bb", "cc", "dd", "ee"], "text": list("abcde")}), path)
+    assert batch.reader.InputTable(path, "id", ["text"], []).scan() == 5
+    pq.write_table(pa.table({"id": ["aa", "bb", "cc", "dd", "bb"], "text": list("abcde")}), path)
+    with pytest.raises(ConfigError) as found:
+        batch.reader.InputTable(path, "id", ["text"], []).scan()
+    assert str(found.value) == f"{path} row 5: duplicate id 'bb' in column 'id'"

@@ -49,14 +49,14 @@ def test_parts_are_written_every_n_rows_and_merged_when_many(tmp_path):
     ck.open()
     for i in range(2 * (MERGE_PARTS_ABOVE + 3)):
         ck.append(record(i))
-    ck.close()
-    assert len(list(folder.glob("part-*.parquet"))) == MERGE_PARTS_ABOVE + 3
+    assert len(list(folder.glob("part-*.parquet"))) == MERGE_PARTS_ABOVE + 3  # as a killed run leaves them
     reopened = Checkpoint(folder)
-    assert len(reopened.open()) == 2 * (MERGE_PARTS_ABOVE + 3)
+    assert len(reopened.open()) == 2 * (MERGE_PARTS_ABOVE + 3)  # read as they are, not merged first
+    assert len(list(folder.glob("part-*.parquet"))) == MERGE_PARTS_ABOVE + 3
+    reopened.close()
     parts = list(folder.glob("part-*.parquet"))
     assert len(parts) == 1
     assert pq.ParquetFile(parts[0]).metadata.num_rows == 2 * (MERGE_PARTS_ABOVE + 3)
-    reopened.close()
 
 
 def test_the_last_record_for_an_id_wins(tmp_path):
