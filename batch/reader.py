@@ -185,7 +185,10 @@ class InputTable:
         derived = None if self.id_column else DerivedIds()
         source = [self.id_column] if self.id_column else self.prompt_columns  # a derived id needs the values
         for batch in self.batches(source + columns):
-            if derived is None:
+            if derived is None and pa.types.is_string(batch.schema.field(self.id_column).type):
+                yield batch, pc.fill_null(self._id_texts(batch), "")  # text ids, trimmed in Arrow: no Python per row
+                continue
+            if derived is None:  # numbers and the like: their text as Python writes it (1.0 stays "1.0")
                 ids = [_id_text(v) or "" for v in batch.column(self.id_column).to_pylist()]
             else:
                 values = {c: batch.column(c).to_pylist() for c in self.prompt_columns}

@@ -76,7 +76,10 @@ class Checkpoint:
 
     def answered(self) -> Answered:
         """The last record per id in the part files (the log is in them after open() and close())."""
-        return answered_of(self._read_parts(STATE_COLUMNS))
+        # The state columns are in every part ever written, so each file is read as it is: 0.4 s for
+        # 900 parts, where pyarrow.dataset takes 0.7 s plus 0.6 s and 43 MB to import (it imports pandas).
+        parts = [pq.ParquetFile(part, pre_buffer=False).read(columns=STATE_COLUMNS) for part in self._parts()]
+        return answered_of(pa.concat_tables(parts) if parts else RESULT_SCHEMA.empty_table().select(STATE_COLUMNS))
 
     def _parts(self) -> list[Path]:
         return sorted(self.folder.glob("part-*.parquet"))
