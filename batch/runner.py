@@ -7,6 +7,7 @@ import logging
 import signal
 import sqlite3
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
@@ -16,13 +17,14 @@ from batch.budget import Budget
 from batch.cache import AnswerCache, request_key, reused
 from batch.config import JobSpec
 from batch.errors import EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_JOB_FATAL, EXIT_OK, EXIT_ROWS_FAILED, ConfigError
+from batch.final import Records, write_final
 from batch.guard import RunLock, check_fingerprint
 from batch.pool import JobFatal, Pool, Stopped, failed_record, make_client
 from batch.prompts import PromptBuilder, RowPromptError, estimate_tokens
 from batch.reader import InputTable, Row, Skipped
 from batch.replies import reply_columns
 from batch.summary import Progress, RunStats, build_summary, save_summary
-from batch.writer import RESULT_FIELDS, Checkpoint, write_final
+from batch.writer import RESULT_FIELDS, STATE_COLUMNS, Checkpoint, answered_of
 
 log = logging.getLogger("batch")
 
@@ -200,7 +202,9 @@ class Run:
         self.stopping.set()
 
     def _finish(self, stats: RunStats) -> dict[str, Any]:
-        answered = self.checkpoint.answered()
+        state = self.checkpoint.records([*STATE_COLUMNS, "seq"])  # narrow columns, not whole records
+        answered, seqs, any_parts = answered_of(state), state.column("seq"), state.num_rows > 0
+        del state  # only `seq` is still needed: the final file finds each row's record by its position
         ok = answered.ok()
         totals = {"ok": ok, "failed": len(answered) - ok}
         totals["pending"] = stats.rows_total - totals["ok"] - totals["failed"]
@@ -208,18 +212,8 @@ class Run:
         if totals["pending"] == 0:
             output = self.spec.output.path
             if self.checkpoint.newer_than(output):
-                out = self.spec.output
-                records = self.checkpoint.records()
-                extra = None
-                if out.parse_json:
-                    taken = {self.spec.id_column_out, *out.keep_columns, *RESULT_FIELDS}
-                    extra = reply_columns(self.checkpoint.results(), out.json_columns, taken)
-                try:
-                    write_final(output, self.table.id_batches(out.keep_columns), self.spec.id_column_out,
-                                out.keep_columns, records, answered, extra)
-                except OSError as exc:
-                    raise ConfigError(f"{output}: cannot write the output: {exc.strerror or exc} "
-                                      f"(every answer is safe in {self.spec.checkpoint_dir}; rerun to retry)") from None
+                dataset = self.checkpoint._dataset() if any_parts else None
+                self._write_output(output, Records(dataset, answered, seqs))
         if self.exit_code is None:
             if self.stopped is not None:
                 self.exit_code = EXIT_INTERRUPTED
@@ -229,6 +223,19 @@ class Run:
                                 self.exit_code)
         save_summary(summary, self.spec.checkpoint_dir / "summary.json")
         return summary
+
+    def _write_output(self, output: Path, records: Records) -> None:
+        out = self.spec.output
+        extra = None
+        if out.parse_json:
+            taken = {self.spec.id_column_out, *out.keep_columns, *RESULT_FIELDS}
+            extra = reply_columns(self.checkpoint.results(["id", "status", "response"]), out.json_columns, taken)
+        try:
+            write_final(output, self.table.id_batches(out.keep_columns), self.spec.id_column_out,
+                        out.keep_columns, records, extra)
+        except OSError as exc:
+            raise ConfigError(f"{output}: cannot write the output: {exc.strerror or exc} "
+                              f"(every answer is safe in {self.spec.checkpoint_dir}; rerun to retry)") from None
 
     # -- signals: the first asks for a graceful stop, a second one stops at once -----------------
     def _install_signal_handlers(self) -> None:

@@ -1,0 +1,60 @@
+"""The final file read window by window: last record wins, and rows that moved are found by id."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+
+from batch.writer import Checkpoint
+from tests.conftest import output_of
+
+
+def assert_final(job, rows) -> None:
+    """Every input row in order, beside the last record written for its id: found here the slow, obvious way."""
+    result = pq.read_table(job.parent / "out" / "result.parquet")
+    assert result.column("review_id").to_pylist() == [r["review_id"] for r in rows]
+    assert result.column("text").to_pylist() == [r["text"] for r in rows]
+    records = Checkpoint(job.parent / "out" / "result.checkpoint").records()
+    last = {row_id: at for at, row_id in enumerate(records.column("id").to_pylist())}
+    want = records.take([last[r["review_id"]] for r in rows]).drop_columns(["id", "seq"])
+    assert result.drop_columns(["review_id", "text"]).equals(want)
+
+
+def test_many_parts_and_windows_with_retried_rows_keep_the_last_answer(sim, make_job, run_cli, monkeypatch):
+    import batch.final
+    import batch.reader
+
+    monkeypatch.setattr(batch.reader, "BATCH_ROWS", 7)
+    monkeypatch.setattr(batch.final, "WINDOW_ROWS", 20)  # windows cut across batches and parts
+    rows = [{"review_id": f"r{i:03d}", "text": f"review {i}" + (" [[flaky:1]]" if i % 9 == 4 else "")}
+            for i in range(120)]
+    job = make_job(sim, rows=rows, input_file="in.parquet", retry={"max_attempts": 1},
+                   output={"checkpoint_rows": 5})
+    assert run_cli("run", job)[0] == 1  # the flaky rows failed once
+    assert set(output_of(job).set_index("review_id").loc[[r["review_id"] for r in rows[4::9]], "status"]) == {"failed"}
+    code, out, err = run_cli("run", job, "--retry-failed")
+    assert code == 0, out + err
+    folder = job.parent / "out" / "result.checkpoint"
+    assert Checkpoint(folder).records().num_rows == 120 + len(rows[4::9])  # failure and answer, both kept
+    assert set(output_of(job)["status"]) == {"ok"}
+    assert_final(job, rows)
+    schema = pq.read_schema(job.parent / "out" / "result.parquet")
+    assert schema.names[:3] == ["review_id", "text", "status"] and schema.field("attempts").type == "int32"
+
+
+def test_rows_moved_after_the_checkpoint_are_found_by_id(start_sim, make_job, run_cli, monkeypatch):
+    import batch.final
+    import batch.reader
+
+    monkeypatch.setattr(batch.reader, "BATCH_ROWS", 7)
+    monkeypatch.setattr(batch.final, "WINDOW_ROWS", 20)
+    rows = [{"review_id": f"r{i:03d}", "text": f"review {i}"} for i in range(100)]
+    job = make_job(start_sim(), rows=rows, input_file="in.parquet", output={"checkpoint_rows": 6})
+    assert run_cli("run", job, "--limit", "60")[0] == 0
+
+    moved = rows[::-1]  # the same rows, reversed: every answered row now sits elsewhere
+    job = make_job(start_sim(), rows=moved, input_file="in.parquet", output={"checkpoint_rows": 6})
+    code, out, err = run_cli("run", job)
+    assert code == 0, out + err
+    result = output_of(job)
+    assert list(result["response"].str.contains(r"\S")) == [True] * 100
+    assert_final(job, moved)
