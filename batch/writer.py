@@ -1,4 +1,4 @@
-"""Checkpoints and the final output.
+"""Checkpoints: the write-ahead log and the Parquet parts it is compacted into (final.py writes the output).
 
 Every result goes to a write-ahead log the moment it arrives: a plain append survives kill -9,
 and an fsync on a short timer covers power loss. The log is compacted into Parquet part files,
