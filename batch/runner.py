@@ -212,7 +212,7 @@ class Run:
         if totals["pending"] == 0:
             output = self.spec.output.path
             if self.checkpoint.newer_than(output):
-                dataset = self.checkpoint._dataset() if any_parts else None
+                dataset = self.checkpoint.dataset() if any_parts else None
                 self._write_output(output, Records(dataset, answered, seqs))
         if self.exit_code is None:
             if self.stopped is not None:

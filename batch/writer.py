@@ -84,7 +84,7 @@ class Checkpoint:
     def _parts(self) -> list[Path]:
         return sorted(self.folder.glob("part-*.parquet"))
 
-    def _dataset(self) -> Any:  # a pyarrow.dataset.Dataset
+    def dataset(self) -> Any:  # a pyarrow.dataset.Dataset
         import pyarrow.dataset as ds  # here: importing it costs ~40 MB of RSS, which a fresh run never needs
 
         # The parts in write order, read as RESULT_SCHEMA: a field added to it later reads as null in older parts.
@@ -97,7 +97,7 @@ class Checkpoint:
     def _read_parts(self, columns: list[str] | None = None) -> pa.Table:
         if not self._parts():
             return RESULT_SCHEMA.empty_table().select(columns or RESULT_FIELDS)
-        return self._dataset().to_table(columns=columns)
+        return self.dataset().to_table(columns=columns)
 
     def newer_than(self, path: Path) -> bool:
         """Whether any result on disk is newer than `path` (or `path` does not exist)."""
@@ -171,7 +171,7 @@ class Checkpoint:
         def write(tmp: Path) -> None:
             with pq.ParquetWriter(tmp, RESULT_SCHEMA) as writer:
                 held: list[pa.RecordBatch] = []  # parts are small: gather them into row groups of a useful size
-                for batch in self._dataset().to_batches(batch_size=MERGE_BATCH_ROWS, batch_readahead=0,
+                for batch in self.dataset().to_batches(batch_size=MERGE_BATCH_ROWS, batch_readahead=0,
                                                         fragment_readahead=1):
                     held.append(batch)
                     if sum(b.num_rows for b in held) >= MERGE_BATCH_ROWS:
