@@ -22,10 +22,12 @@ class Answered:
     """The last record per id among `records` (Arrow arrays id, status, error_class, in the order written)."""
 
     def __init__(self, ids: pa.ChunkedArray, status: pa.ChunkedArray, error_class: pa.ChunkedArray) -> None:
+        # "ok", or the failure's error_class; as a dictionary: a handful of distinct states, 4 bytes a record.
+        states = _flat(pc.if_else(pc.equal(status, "ok"), "ok", error_class)).dictionary_encode()
         hashes = _hashes(ids.chunks)
         # Stable sort of the records newest first: of one id's records, the last written comes first.
-        newest_first = np.arange(len(hashes) - 1, -1, -1)
-        order = newest_first[np.argsort(hashes[::-1], kind="stable")]
+        order = np.argsort(hashes[::-1], kind="stable")
+        np.subtract(len(order) - 1, order, out=order)  # positions counted from the newest, back to write order
         hashes, ids = hashes[order], _flat(ids).take(order)
         first = np.ones(len(hashes), dtype=bool)  # the first (newest) record of its id
         if len(hashes) > 1:
@@ -33,13 +35,13 @@ class Answered:
             first[1:] = ~(same_hash & _numpy(pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1))))
             for start in np.flatnonzero(same_hash & first[1:]):  # two ids, one hash: almost never
                 _keep_newest_per_id(ids, hashes, first, int(start))
-        keep = np.flatnonzero(first)
-        self.hashes = hashes[keep]
-        self.ids = ids.take(keep)
-        self.records = pa.array(order[keep])  # where each id's last record sits among all records
-        status, error_class = _flat(status).take(order).take(keep), _flat(error_class).take(order).take(keep)
-        # "ok", or the failure's error_class; as a dictionary: a handful of distinct states.
-        self.states = pc.if_else(pc.equal(status, "ok"), "ok", error_class).dictionary_encode()
+            del same_hash
+        if not first.all():  # some id has older records: keep its newest only (no copies when none has)
+            keep = np.flatnonzero(first)
+            hashes, ids, order = hashes[keep], ids.take(keep), order[keep]
+        self.hashes, self.ids = hashes, ids
+        self.records = pa.array(order)  # where each id's last record sits among all records
+        self.states = states.take(self.records)
 
     def __len__(self) -> int:
         return len(self.ids)

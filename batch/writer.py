@@ -76,16 +76,13 @@ class Checkpoint:
 
     def answered(self) -> Answered:
         """The last record per id in the part files (the log is in them after open() and close())."""
-        # The state columns are in every part ever written, so each file is read as it is: 0.4 s for
-        # 900 parts, where pyarrow.dataset takes 0.7 s plus 0.6 s and 43 MB to import (it imports pandas).
-        parts = [pq.ParquetFile(part, pre_buffer=False).read(columns=STATE_COLUMNS) for part in self._parts()]
-        return answered_of(pa.concat_tables(parts) if parts else RESULT_SCHEMA.empty_table().select(STATE_COLUMNS))
+        return answered_of(self._read_parts(STATE_COLUMNS))
 
     def _parts(self) -> list[Path]:
         return sorted(self.folder.glob("part-*.parquet"))
 
     def dataset(self) -> Any:  # a pyarrow.dataset.Dataset
-        import pyarrow.dataset as ds  # here: importing it costs ~40 MB of RSS, which a fresh run never needs
+        import pyarrow.dataset as ds  # here: importing it costs 0.6 s and ~43 MB (it imports pandas)
 
         # The parts in write order, read as RESULT_SCHEMA: a field added to it later reads as null in older parts.
         return ds.dataset(self._parts(), schema=RESULT_SCHEMA, format="parquet")
@@ -95,9 +92,15 @@ class Checkpoint:
         return self._read_parts(columns)
 
     def _read_parts(self, columns: list[str] | None = None) -> pa.Table:
-        if not self._parts():
-            return RESULT_SCHEMA.empty_table().select(columns or RESULT_FIELDS)
-        return self.dataset().to_table(columns=columns)
+        # File by file, not through pyarrow.dataset: 0.4 s for 900 parts where the dataset takes 0.7 s,
+        # plus 0.6 s and 43 MB to import it.
+        columns = columns or RESULT_FIELDS
+        tables = [_conformed(part.read(columns=_present(part, columns)), columns) for part in self._part_files()]
+        return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table().select(columns)
+
+    def _part_files(self) -> Iterator[pq.ParquetFile]:
+        for path in self._parts():
+            yield pq.ParquetFile(path, pre_buffer=False)
 
     def newer_than(self, path: Path) -> bool:
         """Whether any result on disk is newer than `path` (or `path` does not exist)."""
@@ -170,15 +173,15 @@ class Checkpoint:
 
         def write(tmp: Path) -> None:
             with pq.ParquetWriter(tmp, RESULT_SCHEMA) as writer:
-                held: list[pa.RecordBatch] = []  # parts are small: gather them into row groups of a useful size
-                for batch in self.dataset().to_batches(batch_size=MERGE_BATCH_ROWS, batch_readahead=0,
-                                                        fragment_readahead=1):
-                    held.append(batch)
-                    if sum(b.num_rows for b in held) >= MERGE_BATCH_ROWS:
-                        writer.write_table(pa.Table.from_batches(held, RESULT_SCHEMA))
-                        held = []
+                held: list[pa.Table] = []  # parts are small: gather them into row groups of a useful size
+                for part in self._part_files():
+                    for batch in part.iter_batches(batch_size=MERGE_BATCH_ROWS, columns=_present(part, RESULT_FIELDS)):
+                        held.append(_conformed(pa.Table.from_batches([batch]), RESULT_FIELDS))
+                        if sum(t.num_rows for t in held) >= MERGE_BATCH_ROWS:
+                            writer.write_table(pa.concat_tables(held).combine_chunks())
+                            held = []
                 if held:
-                    writer.write_table(pa.Table.from_batches(held, RESULT_SCHEMA))
+                    writer.write_table(pa.concat_tables(held).combine_chunks())
 
         _write_atomic(self.folder / f"part-{number:06d}.parquet", write)
         for path in old:
@@ -190,6 +193,17 @@ class Checkpoint:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _present(part: pq.ParquetFile, columns: list[str]) -> list[str]:
+    return [c for c in columns if c in part.schema_arrow.names]
+
+
+def _conformed(table: pa.Table, columns: list[str]) -> pa.Table:
+    """`table` as these RESULT_SCHEMA columns; a column a part was written without reads as nulls."""
+    schema = pa.schema([RESULT_SCHEMA.field(c) for c in columns])
+    return pa.table([table.column(c) if c in table.column_names else pa.nulls(table.num_rows, schema.field(c).type)
+                     for c in columns], schema=schema)
 
 
 def answered_of(table: pa.Table) -> Answered:

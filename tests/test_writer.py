@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batch.answered import Answered
 from batch.pool import failed_record
 from batch.reader import Row
-from batch.writer import MERGE_PARTS_ABOVE, WAL_NAME, Checkpoint
+from batch.writer import MERGE_PARTS_ABOVE, RESULT_SCHEMA, WAL_NAME, Checkpoint
 
 
 def states(answered: Answered) -> dict[str, str | None]:
@@ -85,3 +86,20 @@ def test_a_record_in_both_a_part_and_the_log_counts_once(tmp_path):
     assert states(again.open()) == {"id1": "ok"}
     assert again.results().num_rows == 1
     again.close()
+
+
+def test_a_part_written_before_a_field_existed_reads_and_merges_with_nulls(tmp_path):
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    old = pa.Table.from_pylist([record(0), record(1, "failed")], schema=RESULT_SCHEMA)
+    pq.write_table(old.drop_columns(["cache_hit", "reasoning_content"]), folder / "part-000001.parquet")
+    ck = Checkpoint(folder, rows_per_part=1)
+    assert states(ck.open()) == {"id0": "ok", "id1": "server_error"}
+    for i in range(2, MERGE_PARTS_ABOVE + 3):
+        ck.append(record(i))
+    ck.close()  # merges the old part with the new ones
+    (merged,) = folder.glob("part-*.parquet")
+    table = pq.read_table(merged)
+    assert table.schema == RESULT_SCHEMA
+    assert table.column("cache_hit").to_pylist() == [None, None] + [False] * (MERGE_PARTS_ABOVE + 1)
+    assert table.column("id").to_pylist() == [f"id{i}" for i in range(MERGE_PARTS_ABOVE + 3)]
