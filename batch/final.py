@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch.answered import Answered
-from batch.writer import RESULT_FIELDS, RESULT_SCHEMA
+from batch.writer import RESULT_FIELDS, RESULT_SCHEMA, RowGroups
 
 WINDOW_ROWS = 65_536  # input rows per read of the checkpoint: a few MB of records at a time
 RESULT_COLUMNS = [c for c in RESULT_FIELDS if c not in ("id", "seq")]
@@ -29,12 +29,12 @@ RESULT_COLUMNS = [c for c in RESULT_FIELDS if c not in ("id", "seq")]
 class Records:
     """Where each input row's last record sits, and those records read a window of rows at a time.
 
-    `dataset` holds every record in write order (None: no parts), `answered` each id's last one,
+    `groups` holds every record in write order (None: no parts), `answered` each id's last one,
     and `seqs` every record's `seq` (the input position it was sent from), in write order too.
     """
 
-    def __init__(self, dataset: Any, answered: Answered, seqs: pa.ChunkedArray) -> None:
-        self.dataset = dataset
+    def __init__(self, groups: RowGroups | None, answered: Answered, seqs: pa.ChunkedArray) -> None:
+        self.groups = groups
         self.answered = answered
         # The input position of each id's last record: a row is found by position when it is still there.
         self.last_seq = _numpy(pa.chunked_array(seqs.chunks, pa.int64())).take(_numpy(answered.records))
@@ -56,19 +56,15 @@ class Records:
         if len(moved):
             positions = _numpy(self.answered.records.take(pa.array(where[moved])))
             offset = sum(p.num_rows for p in pieces)
-            pieces.append(self.dataset.take(positions, columns=RESULT_COLUMNS))
+            pieces.append(self.groups.take(positions, RESULT_COLUMNS))  # type: ignore[union-attr]
             pick[moved] = offset + np.arange(len(moved))
         table = pa.concat_tables(pieces) if pieces else RESULT_SCHEMA.empty_table().select(RESULT_COLUMNS)
         return table.take(pa.array(pick, pa.int64(), mask=pick < 0))
 
     def _window(self, ids: pa.Array, start: int) -> _Found | None:
-        if self.dataset is None:
+        if self.groups is None:
             return None
-        import pyarrow.dataset as ds
-
-        seq = ds.field("seq")
-        table = self.dataset.to_table(columns=["id", "seq", *RESULT_COLUMNS],
-                                      filter=(seq >= start) & (seq < start + len(ids)), use_threads=False)
+        table = self.groups.seq_range(start, start + len(ids), ["id", "seq", *RESULT_COLUMNS])
         offsets = _numpy(table.column("seq")) - start
         # A record counts for the row now at its position only if it carries that row's id.
         same = _numpy(pc.equal(table.column("id"), ids.take(pa.array(offsets))))

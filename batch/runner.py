@@ -212,8 +212,8 @@ class Run:
         if totals["pending"] == 0:
             output = self.spec.output.path
             if self.checkpoint.newer_than(output):
-                dataset = self.checkpoint.dataset() if any_parts else None
-                self._write_output(output, Records(dataset, answered, seqs))
+                groups = self.checkpoint.row_groups() if any_parts else None
+                self._write_output(output, Records(groups, answered, seqs))
         if self.exit_code is None:
             if self.stopped is not None:
                 self.exit_code = EXIT_INTERRUPTED
