@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from batch.answered import Answered
 from batch.writer import RESULT_FIELDS, RESULT_SCHEMA, RowGroups
 
-WINDOW_ROWS = 65_536  # input rows per read of the checkpoint: a few MB of records at a time
+WINDOW_ROWS = 16_384  # input rows per read of the checkpoint: a few MB of records at a time
 RESULT_COLUMNS = [c for c in RESULT_FIELDS if c not in ("id", "seq")]
 
 

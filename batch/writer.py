@@ -45,7 +45,7 @@ RESULT_SCHEMA = pa.schema([
 RESULT_FIELDS = RESULT_SCHEMA.names
 WAL_NAME = "wal.jsonl"
 MERGE_PARTS_ABOVE = 32
-MERGE_BATCH_ROWS = 65_536  # rows per row group of a merged part: a few MB in memory at a time
+MERGE_BATCH_ROWS = 16_384  # rows per row group of a merged part: a few MB in memory at a time
 STATE_COLUMNS = ["id", "status", "error_class"]
 FSYNC_EVERY_S = 1.0
 
