@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 from collections.abc import Callable, Iterator
@@ -21,23 +20,6 @@ from batch.errors import ConfigError
 # Arrow's default allocator (mimalloc) keeps freed pages for reuse: each batch's buffers would stay in
 # the peak. The system allocator hands them back (measured: -30 to -90 MB of peak RSS per run).
 pa.set_memory_pool(pa.system_memory_pool())
-
-
-def _fix_glibc_mmap_threshold() -> None:
-    """Keep glibc mmapping every buffer of 128 KB or more, so a freed batch goes back to the OS.
-
-    By default glibc raises that threshold each time such a buffer is freed, after which batch
-    buffers come from the heap, where a few small live objects pin the freed space: the peak then
-    grows with the number of batches read (scan of a 1M-row CSV: +111 -> +74 MB; measured).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return  # not glibc (macOS, musl): its allocator has no such adaptive threshold
-    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-
-
-_fix_glibc_mmap_threshold()
 
 BATCH_ROWS = 8192
 CSV_BLOCK_BYTES = 1 << 20
