@@ -8,7 +8,7 @@ hash are never taken for one another.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +23,7 @@ class Answered:
 
     def __init__(self, ids: pa.ChunkedArray, status: pa.ChunkedArray, error_class: pa.ChunkedArray) -> None:
         # "ok", or the failure's error_class; as a dictionary: a handful of distinct states, 4 bytes a record.
-        states = _flat(pc.if_else(pc.equal(status, "ok"), "ok", error_class)).dictionary_encode()
+        states = _flat(_state(status, error_class)).dictionary_encode()
         hashes = _hashes(ids.chunks)
         # Stable sort of the records newest first: of one id's records, the last written comes first.
         order = np.argsort(hashes[::-1], kind="stable")
@@ -107,3 +107,113 @@ def _keep_newest_per_id(ids: pa.Array, hashes: np.ndarray, first: np.ndarray, st
         first[at] = row_id not in seen
         seen.add(row_id)
         at += 1
+
+
+NO_RECORD = -1
+
+
+class RowStates:
+    """Per input row: the state of its last record, and where that record was written.
+
+    Almost every record sits at the input row it was sent from (its `seq`), so states are held by
+    row position: a byte of state and the record's write position per row, flat in the input's
+    length, whatever the checkpoint holds. A record whose id is not the one now at its `seq` (an
+    input edited and resumed with --force) is kept aside, by id; it counts for the row that now
+    holds its id when it was written after that row's own record.
+
+    A record is taken as a row's own when its id hashes like the row's id (64-bit SipHash, from
+    the scan); the final file then confirms each pairing on the ids themselves.
+    """
+
+    def __init__(self, row_hashes: np.ndarray) -> None:
+        self.row_hashes = row_hashes
+        self.codes = np.full(len(row_hashes), NO_RECORD, np.int8)  # index into self.names
+        self.written = np.full(len(row_hashes), NO_RECORD, np.int64)
+        self.names: list[str | None] = []  # "ok", or a failure's error_class
+        self.records = 0  # records seen so far, in write order: the next one's position
+        self._moved_parts: list[pa.Table] = []
+        self._moved: Answered | None = None
+        self._moved_written = np.empty(0, np.int64)
+        self._moved_codes = np.empty(0, np.int8)
+
+    def add(self, ids: pa.Array, seqs: pa.Array, status: pa.Array, error_class: pa.Array) -> None:
+        """A batch of records from the checkpoint, in the order they were written."""
+        positions = np.arange(self.records, self.records + len(ids))
+        self.records += len(ids)
+        seq = _numpy(pc.fill_null(seqs, NO_RECORD)).astype(np.int64, copy=False)
+        inside = (seq >= 0) & (seq < len(self.codes))
+        rows = np.where(inside, seq, 0)
+        home = inside & (self.row_hashes[rows] == hash_ids(ids))
+        rows, at = rows[home], positions[home]
+        np.maximum.at(self.written, rows, at)  # of a row's records in this batch, the last written wins
+        won = self.written[rows] == at
+        self.codes[rows[won]] = self._codes(_state(status, error_class))[home][won]
+        if not home.all():
+            away = pa.array(~home)
+            self._moved_parts.append(pa.table({"id": ids.filter(away), "status": status.filter(away),
+                                               "error_class": error_class.filter(away),
+                                               "position": pa.array(positions[~home])}))
+
+    def add_one(self, seq: int, state: str | None) -> None:
+        """A record this run wrote for input row `seq`."""
+        self.written[seq] = self.records
+        self.codes[seq] = self._code(state)
+        self.records += 1
+
+    def settle(self) -> None:
+        """Index the records kept aside by id: once, after the checkpoint's last batch."""
+        if not self._moved_parts:
+            return
+        moved = pa.concat_tables(self._moved_parts)
+        self._moved_parts = []
+        self._moved = Answered(moved.column("id"), moved.column("status"), moved.column("error_class"))
+        self._moved_written = _numpy(moved.column("position").take(self._moved.records))
+        self._moved_codes = self._codes(self._moved.states.dictionary_decode())
+
+    def last(self, start: int, ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """For input rows start, start+1, ... holding `ids`: each one's state code and record position."""
+        stop = start + len(ids)
+        codes, written = self.codes[start:stop].copy(), self.written[start:stop].copy()
+        if self._moved is not None:
+            at = self._moved.index(ids)
+            found = _numpy(at.is_valid())
+            where = _numpy(at.fill_null(0))
+            newer = found & (self._moved_written[where] > written)
+            codes[newer] = self._moved_codes[where[newer]]
+            written[newer] = self._moved_written[where[newer]]
+        return codes, written
+
+    def to_send(self, start: int, ids: pa.Array, retry_failed: bool) -> np.ndarray:
+        """Which of these rows a run sends: should_send, asked once per distinct state."""
+        sends = np.array([should_send(name, retry_failed) for name in self.names] + [should_send(None, retry_failed)])
+        return sends[self.last(start, ids)[0]]  # NO_RECORD (-1) picks the last entry: pending
+
+    def counts(self, id_batches: Callable[[], Iterable[pa.Array]]) -> tuple[int, int]:
+        """(ok, failed) over the input rows; `id_batches` is read only when records were kept aside."""
+        if self._moved is None:
+            codes = self.codes
+        else:
+            codes = np.empty(len(self.codes), np.int8)
+            start = 0
+            for ids in id_batches():
+                codes[start:start + len(ids)] = self.last(start, ids)[0]
+                start += len(ids)
+        per_code = np.bincount(codes[codes != NO_RECORD], minlength=len(self.names))
+        ok = int(sum(n for name, n in zip(self.names, per_code) if name == "ok"))
+        return ok, int(per_code.sum()) - ok
+
+    def _code(self, state: str | None) -> int:
+        if state not in self.names:
+            if len(self.names) == np.iinfo(np.int8).max:
+                raise ValueError("more than 127 distinct record states")
+            self.names.append(state)
+        return self.names.index(state)
+
+    def _codes(self, states: pa.Array) -> np.ndarray:
+        encoded = states.dictionary_encode(null_encoding="encode")
+        table = np.array([self._code(s) for s in encoded.dictionary.to_pylist()] or [NO_RECORD], np.int8)
+        return table[_numpy(encoded.indices)]
+
+
+def _state(status: pa.Array, error_class: pa.Array) -> pa.Array:
+    return pc.if_else(pc.equal(status, "ok"), "ok", error_class)

@@ -29,7 +29,7 @@ def estimate(spec: JobSpec, retry_failed: bool = False) -> dict[str, Any]:
 
     rows = skipped = unsendable = prompt_tokens = 0
     low = high = 0.0
-    for row in table.rows(lambda ids: answered.to_send(ids, retry_failed)):
+    for row in table.rows(lambda seq, ids: answered.to_send(ids, retry_failed)):
         if isinstance(row, Skipped):
             skipped += row.count
             continue

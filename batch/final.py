@@ -1,10 +1,7 @@
 """The final output: every input row once, in input order, beside its last record.
 
-The checkpoint is never read whole. The input streams in windows of rows, and for a window of
-input positions [a, b) only the records whose `seq` lies in [a, b) are read: Parquet statistics
-on `seq` skip every other row group. A row's record is found there when the row has not moved
-since it was answered; a row that did move (an input edited and resumed with --force) is looked
-up by its id among all records instead, which is slower but just as exact.
+The checkpoint is never read whole. The input streams in windows of rows; RowStates says where
+each row's last record was written, and only the row groups holding a window's records are read.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batch.answered import Answered
+from batch.answered import RowStates
 from batch.writer import RESULT_FIELDS, RESULT_SCHEMA, RowGroups
 
 WINDOW_ROWS = 16_384  # input rows per read of the checkpoint: a few MB of records at a time
@@ -27,55 +24,29 @@ RESULT_COLUMNS = [c for c in RESULT_FIELDS if c not in ("id", "seq")]
 
 
 class Records:
-    """Where each input row's last record sits, and those records read a window of rows at a time.
+    """Each input row's last record, read a window of rows at a time.
 
-    `groups` holds every record in write order (None: no parts), `answered` each id's last one,
-    and `seqs` every record's `seq` (the input position it was sent from), in write order too.
+    `groups` holds every record in write order (None: no parts); `states` where each row's last one is.
     """
 
-    def __init__(self, groups: RowGroups | None, answered: Answered, seqs: pa.ChunkedArray) -> None:
+    def __init__(self, groups: RowGroups | None, states: RowStates) -> None:
         self.groups = groups
-        self.answered = answered
-        # The input position of each id's last record: a row is found by position when it is still there.
-        self.last_seq = _numpy(pa.chunked_array(seqs.chunks, pa.int64())).take(_numpy(answered.records))
+        self.states = states
 
     def answers(self, ids: pa.Array, start: int) -> pa.Table:
         """The result columns of the last record of each of `ids` (input rows start, start+1, ...); nulls when none."""
-        n = len(ids)
-        at = self.answered.index(ids)
-        known = ~_numpy(at.is_null())
-        where = np.where(known, _numpy(at.fill_null(0)), 0)
-        in_place = known & (self.last_seq.take(where) == np.arange(start, start + n)) if len(self.last_seq) else known
-        pick = np.full(n, -1, np.int64)  # per row: its record's position in `found`
-        pieces = []
-        found = self._window(ids, start)
-        if found is not None:
-            pieces.append(found.table)
-            pick[in_place] = found.last[in_place]
-        moved = np.flatnonzero(known & (pick < 0))  # rows not where they were answered: by id, among all records
-        if len(moved):
-            positions = _numpy(self.answered.records.take(pa.array(where[moved])))
-            offset = sum(p.num_rows for p in pieces)
-            pieces.append(self.groups.take(positions, RESULT_COLUMNS))  # type: ignore[union-attr]
-            pick[moved] = offset + np.arange(len(moved))
-        table = pa.concat_tables(pieces) if pieces else RESULT_SCHEMA.empty_table().select(RESULT_COLUMNS)
-        return table.take(pa.array(pick, pa.int64(), mask=pick < 0))
-
-    def _window(self, ids: pa.Array, start: int) -> _Found | None:
-        if self.groups is None:
-            return None
-        table = self.groups.seq_range(start, start + len(ids), ["id", "seq", *RESULT_COLUMNS])
-        offsets = _numpy(table.column("seq")) - start
-        # A record counts for the row now at its position only if it carries that row's id.
-        same = _numpy(pc.equal(table.column("id"), ids.take(pa.array(offsets))))
-        last = np.full(len(ids), -1, np.int64)
-        np.maximum.at(last, offsets[same], np.flatnonzero(same))  # written last wins
-        return _Found(table.select(RESULT_COLUMNS), last)
-
-
-class _Found:
-    def __init__(self, table: pa.Table, last: np.ndarray) -> None:
-        self.table, self.last = table, last
+        written = self.states.last(start, ids)[1]
+        known = np.flatnonzero(written >= 0)
+        pick = np.full(len(ids), -1, np.int64)
+        if self.groups is None or len(known) == 0:
+            return RESULT_SCHEMA.empty_table().select(RESULT_COLUMNS).take(pa.array(pick, mask=pick < 0))
+        found = self.groups.take(written[known], ["id", *RESULT_COLUMNS])
+        if not pc.all(pc.equal(found.column("id"), ids.take(pa.array(known)))).as_py():
+            # Two ids with one 64-bit hash: a record paired with the wrong row. Never seen; refuse rather than guess.
+            raise RuntimeError("a checkpoint record was matched to the wrong input row (hash collision); "
+                               "please report this")
+        pick[known] = np.arange(len(known))
+        return found.select(RESULT_COLUMNS).take(pa.array(pick, mask=pick < 0))
 
 
 def write_final(path: Path, input_batches: Iterator[tuple[pa.RecordBatch, pa.Array]], id_out: str,
@@ -131,7 +102,3 @@ def _windows(batches: Iterator[tuple[pa.RecordBatch, pa.Array]]) -> Iterator[lis
     if window:
         yield window
 
-
-def _numpy(array: Any) -> np.ndarray:
-    return np.asarray(array.to_numpy(zero_copy_only=False) if not isinstance(array, pa.ChunkedArray)
-                      else array.to_numpy())

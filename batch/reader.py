@@ -50,6 +50,7 @@ class InputTable:
             raise ConfigError(f"{path}: input file not found")
         self.columns = self._column_names()
         self._check_columns()
+        self.row_hashes = np.empty(0, np.int64)  # filled by scan()
 
     def _column_names(self) -> list[str]:
         try:
@@ -135,32 +136,33 @@ class InputTable:
             yield _jsonl_batch(chunk, schema, self.path)
 
     def scan(self) -> int:
-        """Read the job's columns once before any request: count rows, find bad ids and bad text early."""
-        # 8 bytes a row: a hash per id, not the ids (value_counts over a million ids peaked at +190 MB).
+        """Read the job's columns once before any request: count rows, find bad ids and bad text early.
+
+        Keeps `row_hashes`, a hash of each row's id in input order (8 bytes a row, not the ids:
+        value_counts over a million ids peaked at +190 MB), by which a resume finds each row's record.
+        """
         hashes: list[np.ndarray] = []
         total = 0
-        for batch in self.batches(self._job_columns()):
-            if self.id_column:
-                texts = self._id_texts(batch)
-                empty = pc.fill_null(pc.equal(texts, ""), True)
-                if pc.any(empty).as_py():
-                    row = total + pc.index(empty, True).as_py() + 1
-                    raise ConfigError(f"{self.path} row {row}: empty id in column '{self.id_column}'")
-                hashes.append(hash_ids(texts))
+        for batch, ids in self.id_batches(self.prompt_columns + self.keep_columns):
+            empty = pc.equal(ids, "")
+            if pc.any(empty).as_py():
+                row = total + pc.index(empty, True).as_py() + 1
+                raise ConfigError(f"{self.path} row {row}: empty id in column '{self.id_column}'")
+            hashes.append(hash_ids(ids))
             total += batch.num_rows
         if total == 0:
             raise ConfigError(f"{self.path}: the input has no rows")
-        if hashes:
-            joined = np.concatenate(hashes)
-            del hashes  # one copy of the hashes at a time: 8 bytes a row, sorted in place
-            self._check_unique(joined)
+        self.row_hashes = np.concatenate(hashes)
+        del hashes
+        if self.id_column:  # derived ids are unique by construction
+            self._check_unique(np.sort(self.row_hashes))
         return total
 
     def _id_texts(self, batch: pa.RecordBatch) -> pa.Array:
         return pc.utf8_trim_whitespace(batch.column(self.id_column).cast(pa.string()))
 
     def _check_unique(self, hashes: np.ndarray) -> None:
-        hashes.sort()
+        """`hashes`: the ids' hashes, sorted."""
         repeated = hashes[1:][hashes[1:] == hashes[:-1]]
         if len(repeated) == 0:
             return
@@ -197,16 +199,17 @@ class InputTable:
                 ids = [derived.next({c: v[i] for c, v in values.items()}) for i in range(batch.num_rows)]
             yield batch, pa.array(ids, pa.string())
 
-    def rows(self, wanted: Callable[[pa.Array], np.ndarray] | None = None) -> Iterator[Row | Skipped]:
+    def rows(self, wanted: Callable[[int, pa.Array], np.ndarray] | None = None) -> Iterator[Row | Skipped]:
         """Every row with its id and the values its prompt needs, in input order.
 
-        `wanted` says, for a batch of ids, which rows to build; the others come as Skipped runs:
-        resuming a mostly done job must not build a million rows only to skip them.
+        `wanted` says, for a batch of ids and the input position of its first row, which rows to build;
+        the others come as Skipped runs: resuming a mostly done job must not build a million rows only
+        to skip them.
         """
         seq = 0
         for batch, ids in self.id_batches(self.prompt_columns):
             size = batch.num_rows
-            built = np.flatnonzero(wanted(ids)) if wanted else range(size)
+            built = np.flatnonzero(wanted(seq, ids)) if wanted else range(size)
             if len(built):
                 values = {c: batch.column(c).to_pylist() for c in self.prompt_columns}
                 row_ids = ids.to_pylist()

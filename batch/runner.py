@@ -12,7 +12,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from batch.answered import Answered
+from batch.answered import RowStates
 from batch.budget import Budget
 from batch.cache import AnswerCache, request_key, reused
 from batch.config import JobSpec
@@ -24,7 +24,7 @@ from batch.prompts import PromptBuilder, RowPromptError, estimate_tokens
 from batch.reader import InputTable, Row, Skipped
 from batch.replies import reply_columns
 from batch.summary import Progress, RunStats, build_summary, save_summary
-from batch.writer import RESULT_FIELDS, STATE_COLUMNS, Checkpoint, answered_of
+from batch.writer import RESULT_FIELDS, Checkpoint
 
 log = logging.getLogger("batch")
 
@@ -72,10 +72,11 @@ class Run:
 
     async def _execute(self, total: int) -> dict[str, Any]:
         try:
-            done = self.checkpoint.open()
+            self.checkpoint.open()
         except OSError as exc:
             raise ConfigError(
                 f"{self.spec.checkpoint_dir}: cannot write the checkpoint: {exc.strerror or exc}") from None
+        done = self.checkpoint.row_states(self.table.row_hashes)
         stats = RunStats(total)
         progress = Progress(stats, self.options.progress_interval_s, self.options.tty)
         self._install_signal_handlers()
@@ -91,14 +92,13 @@ class Run:
                 try:
                     await self._process(pool, budget, cache, done, stats, progress)
                 finally:
-                    del done  # not needed for the final file: read again, with this run's records
                     cache.close()
                     stats.throttled, stats.concurrency_limit = pool.slots.throttles, pool.slots.limit
         finally:
             self._remove_signal_handlers()
             progress.close()
             self.checkpoint.close()
-        return self._finish(stats)
+        return self._finish(stats, done)
 
     def _budget(self, pool: Pool) -> Budget:
         spent = self.checkpoint.results(["id", "status", "error_class", "cost", "total_tokens"])
@@ -106,13 +106,14 @@ class Run:
         tokens = pc.sum(spent.column("total_tokens")).as_py() or 0
         return Budget(self.spec, pool.pricer, cost, tokens)
 
-    async def _process(self, pool: Pool, budget: Budget | None, cache: AnswerCache, done: Answered,
+    async def _process(self, pool: Pool, budget: Budget | None, cache: AnswerCache, done: RowStates,
                        stats: RunStats, progress: Progress) -> None:
         concurrency = self.spec.limits.concurrency
         queue: asyncio.Queue[tuple[Row, list[dict[str, Any]]] | None] = asyncio.Queue(maxsize=2 * concurrency)
 
         def record(result: dict[str, Any]) -> None:
             self.checkpoint.append(result)
+            done.add_one(result["seq"], "ok" if result["status"] == "ok" else result["error_class"])
             stats.add(result)
 
         feed_errors: list[Exception] = []
@@ -130,7 +131,7 @@ class Run:
             budget = self.options.limit
 
             retry_failed = self.options.retry_failed
-            for row in self.table.rows(lambda ids: done.to_send(ids, retry_failed)):
+            for row in self.table.rows(lambda seq, ids: done.to_send(seq, ids, retry_failed)):
                 if self.stopping.is_set() or budget == 0:
                     break
                 if isinstance(row, Skipped):
@@ -201,19 +202,15 @@ class Run:
             log.error("stopping: %s", reason)
         self.stopping.set()
 
-    def _finish(self, stats: RunStats) -> dict[str, Any]:
-        state = self.checkpoint.records([*STATE_COLUMNS, "seq"])  # narrow columns, not whole records
-        answered, seqs, any_parts = answered_of(state), state.column("seq"), state.num_rows > 0
-        del state  # only `seq` is still needed: the final file finds each row's record by its position
-        ok = answered.ok()
-        totals = {"ok": ok, "failed": len(answered) - ok}
-        totals["pending"] = stats.rows_total - totals["ok"] - totals["failed"]
+    def _finish(self, stats: RunStats, done: RowStates) -> dict[str, Any]:
+        ok, failed = done.counts(lambda: (ids for _, ids in self.table.id_batches([])))
+        totals = {"ok": ok, "failed": failed, "pending": stats.rows_total - ok - failed}
         output = None
         if totals["pending"] == 0:
             output = self.spec.output.path
             if self.checkpoint.newer_than(output):
-                groups = self.checkpoint.row_groups() if any_parts else None
-                self._write_output(output, Records(groups, answered, seqs))
+                groups = self.checkpoint.row_groups() if done.records else None
+                self._write_output(output, Records(groups, done))
         if self.exit_code is None:
             if self.stopped is not None:
                 self.exit_code = EXIT_INTERRUPTED

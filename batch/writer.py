@@ -18,10 +18,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batch.answered import Answered
+from batch.answered import Answered, RowStates
 
 RESULT_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -63,8 +62,8 @@ class Checkpoint:
         self.appended = 0
 
     # -- opening and reading ---------------------------------------------------------------
-    def open(self) -> Answered:
-        """Recover a previous run's log; returns what is answered so far, per id."""
+    def open(self) -> None:
+        """Recover a previous run's log into a part, and start a new one."""
         self.folder.mkdir(parents=True, exist_ok=True)
         for stale in self.folder.glob(".*.tmp"):
             stale.unlink()
@@ -73,11 +72,21 @@ class Checkpoint:
             self._write_part(recovered)
         self._wal = open(self.folder / WAL_NAME, "w", encoding="utf-8")
         self._fsync_dir()
-        return self.answered()
 
     def answered(self) -> Answered:
         """The last record per id in the part files (the log is in them after open() and close())."""
         return answered_of(self._read_parts(STATE_COLUMNS))
+
+    def row_states(self, row_hashes: np.ndarray) -> RowStates:
+        """The last record of each input row (by its id's hash, from the scan), read a row group at a time."""
+        states = RowStates(row_hashes)
+        columns = [*STATE_COLUMNS, "seq"]
+        for part in self._part_files():
+            for batch in part.iter_batches(batch_size=MERGE_BATCH_ROWS, columns=_present(part, columns)):
+                records = _conformed(pa.Table.from_batches([batch]), columns)
+                states.add(*(records.column(c).chunk(0) for c in ("id", "seq", "status", "error_class")))
+        states.settle()
+        return states
 
     def _parts(self) -> list[Path]:
         return sorted(self.folder.glob("part-*.parquet"))
@@ -195,37 +204,23 @@ class Checkpoint:
 
 
 class RowGroups:
-    """Records in write order across part files, read by `seq` range or by position, a row group at a time.
+    """Records in write order across part files, read by position, a row group at a time.
 
-    Only each row group's place and its `seq` range (from the Parquet statistics) are held, so the
-    final file can take the records of one window of input rows without reading the others.
+    Only each row group's place is held, so the final file can take the records of one window of
+    input rows without reading the others.
     """
 
     def __init__(self, paths: list[Path]) -> None:
         self.paths = paths
-        groups = []  # (part number, row group, first record's position, seq min, seq max)
+        groups = []  # (part number, row group, first record's position)
         position = 0
         for number, path in enumerate(paths):
             meta = pq.ParquetFile(path, pre_buffer=False).metadata
-            seq_at = meta.schema.to_arrow_schema().get_field_index("seq")
             for group in range(meta.num_row_groups):
-                rows = meta.row_group(group)
-                stats = rows.column(seq_at).statistics
-                low, high = (stats.min, stats.max) if stats is not None and stats.has_min_max else (-1, 2**62)
-                groups.append((number, group, position, low, high))
-                position += rows.num_rows
-        self._groups = np.array(groups, np.int64).reshape(-1, 5)
+                groups.append((number, group, position))
+                position += meta.row_group(group).num_rows
+        self._groups = np.array(groups, np.int64).reshape(-1, 3)
         self.num_rows = position
-
-    def seq_range(self, low: int, high: int, columns: list[str]) -> pa.Table:
-        """The records with `seq` in [low, high), in write order, with `columns` (seq among them)."""
-        wanted = (self._groups[:, 3] < high) & (self._groups[:, 4] >= low)
-        tables = []
-        for number, group in self._groups[wanted][:, :2]:
-            table = self._read(int(number), int(group), columns)
-            seq = table.column("seq")
-            tables.append(table.filter(pc.and_(pc.greater_equal(seq, low), pc.less(seq, high))))
-        return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table().select(columns)
 
     def take(self, positions: np.ndarray, columns: list[str]) -> pa.Table:
         """The records at these positions in write order (rows of one table across all parts)."""

@@ -86,12 +86,12 @@ def test_bench_inputs_are_generated_once_in_chunks(tmp_path: Path, monkeypatch):
 
 def test_filled_checkpoint_reads_back_as_answered(tmp_path: Path):
     from batch.writer import Checkpoint
-    from tests.test_writer import states
+    from tests.test_writer import opened, states
 
     assert bench.fill_checkpoint(tmp_path, 0, 2500) == 3  # 1,000-row parts, as a run writes them
     assert bench.fill_checkpoint(tmp_path, 2500, 2600) == 1
     assert sorted(p.name for p in tmp_path.glob("part-*.parquet"))[-1] == "part-000004.parquet"
-    done = states(Checkpoint(tmp_path).open())
+    done = states(opened(Checkpoint(tmp_path)))
     assert done == {bench.row_id(i): "ok" for i in range(2600)}
 
 

@@ -52,9 +52,11 @@ def test_rows_moved_after_the_checkpoint_are_found_by_id(start_sim, make_job, ru
     assert run_cli("run", job, "--limit", "60")[0] == 0
 
     moved = rows[::-1]  # the same rows, reversed: every answered row now sits elsewhere
-    job = make_job(start_sim(), rows=moved, input_file="in.parquet", output={"checkpoint_rows": 6})
+    sim = start_sim()
+    job = make_job(sim, rows=moved, input_file="in.parquet", output={"checkpoint_rows": 6})
     code, out, err = run_cli("run", job)
     assert code == 0, out + err
+    assert sorted(sim.stats()["by_prompt"]) == sorted(f"Classify: review {i}" for i in range(60, 100))
     result = output_of(job)
     assert list(result["response"].str.contains(r"\S")) == [True] * 100
     assert_final(job, moved)

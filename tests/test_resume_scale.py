@@ -11,7 +11,7 @@ from batch import answered as answered_module
 from batch.answered import Answered
 from batch.writer import MERGE_PARTS_ABOVE, Checkpoint
 from tests.conftest import output_of
-from tests.test_writer import record, states
+from tests.test_writer import opened, record, states
 
 
 def test_resume_over_many_parts_sends_only_the_rest_and_merges_them_at_the_end(start_sim, make_job, run_cli,
@@ -55,7 +55,7 @@ def test_merge_streams_parts_into_row_groups_and_the_last_record_wins(tmp_path, 
         ck.append(record(i % 60, "failed" if i < 60 else "ok"))  # 60 failures, then answers for the first 42 ids
     ck.close()
     reopened = Checkpoint(folder)
-    done = states(reopened.open())
+    done = states(opened(reopened))
     reopened.close()
     assert done == {f"id{i}": "ok" if i < 3 * (MERGE_PARTS_ABOVE + 2) - 60 else "server_error" for i in range(60)}
     (part,) = folder.glob("part-*.parquet")
@@ -97,3 +97,53 @@ def test_input_ids_that_share_a_hash_are_not_called_duplicates(tmp_path, monkeyp
     with pytest.raises(ConfigError) as found:
         batch.reader.InputTable(path, "id", ["text"], []).scan()
     assert str(found.value) == f"{path} row 5: duplicate id 'bb' in column 'id'"
+
+
+def test_row_states_keep_each_rows_last_record_and_find_moved_records_by_id():
+    from batch.answered import RowStates
+    from batch.reader import hash_ids
+
+    states = RowStates(hash_ids(pa.array(["a", "b", "c", "d"])))
+
+    def add(*records):  # (id, seq, status, error_class), in write order
+        ids, seqs, status, error_class = zip(*records)
+        states.add(pa.array(ids), pa.array(seqs, pa.int64()), pa.array(status), pa.array(error_class))
+
+    add(("a", 0, "ok", None),
+        ("b", 1, "failed", "timeout"),
+        ("x", 2, "ok", None),  # an id no longer in the input, at c's row: not c's answer
+        ("c", 3, "failed", "content_filter"),  # c was at row 3 when this was written; it is at row 2 now
+        ("b", 1, "ok", None))  # b retried: the last of two records in one batch wins
+    add(("d", 0, "failed", "timeout"),  # d, when it sat at row 0
+        ("d", 3, "ok", None),  # and later at its own row: newer, so it wins
+        ("a", None, "failed", "timeout"),  # no seq (an old checkpoint): found by id, and newest for a
+        ("b", 7, "failed", "timeout"))  # a seq past the input's end: found by id, and newest for b
+    states.settle()
+    ids = pa.array(["a", "b", "c", "d"])
+    codes, written = states.last(0, ids)
+    assert [states.names[c] for c in codes] == ["timeout", "timeout", "content_filter", "ok"]
+    assert written.tolist() == [7, 8, 3, 6]
+    assert states.to_send(0, ids, retry_failed=False).tolist() == [False] * 4
+    assert states.to_send(0, ids, retry_failed=True).tolist() == [True, True, False, False]
+    assert states.to_send(2, ids.slice(2), retry_failed=True).tolist() == [False, False]
+    assert states.counts(lambda: [ids.slice(0, 3), ids.slice(3)]) == (1, 3)  # x is not an input row
+
+    states.add_one(1, "ok")  # this run's answer for b: newer than its moved record
+    states.add_one(2, "ok")
+    assert [states.names[c] for c in states.last(0, ids)[0]] == ["timeout", "ok", "ok", "ok"]
+    assert states.counts(lambda: [ids]) == (3, 1)
+
+
+def test_row_states_without_moved_records_count_without_reading_the_input():
+    from batch.answered import RowStates
+    from batch.reader import hash_ids
+
+    states = RowStates(hash_ids(pa.array(["a", "b", "c"])))
+    states.add(pa.array(["a", "c"]), pa.array([0, 2]), pa.array(["ok", "failed"]), pa.array([None, "timeout"]))
+    states.settle()
+
+    def unread():
+        raise AssertionError("the input was read")
+
+    assert states.counts(unread) == (1, 1)
+    assert states.to_send(0, pa.array(["a", "b", "c"]), retry_failed=False).tolist() == [False, True, False]

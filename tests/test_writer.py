@@ -18,6 +18,11 @@ def states(answered: Answered) -> dict[str, str | None]:
     return dict(zip(answered.ids.to_pylist(), answered.states.dictionary_decode().to_pylist()))
 
 
+def opened(checkpoint: Checkpoint) -> Answered:
+    checkpoint.open()
+    return checkpoint.answered()
+
+
 def record(i: int, status: str = "ok") -> dict:
     rec = failed_record(Row(i, f"id{i}", {}), "server_error", "boom", 1, "m")
     if status == "ok":
@@ -37,7 +42,7 @@ def test_log_survives_without_close_and_a_torn_last_line_is_ignored(tmp_path):
     (folder / ".part-000099.parquet.tmp").write_bytes(b"half a file")
 
     second = Checkpoint(folder)
-    done = states(second.open())
+    done = states(opened(second))
     assert done == {"id0": "ok", "id1": "ok", "id2": "ok"}
     assert not list(folder.glob(".*.tmp"))
     assert (folder / WAL_NAME).read_text() == ""
@@ -52,7 +57,7 @@ def test_parts_are_written_every_n_rows_and_merged_when_many(tmp_path):
         ck.append(record(i))
     assert len(list(folder.glob("part-*.parquet"))) == MERGE_PARTS_ABOVE + 3  # as a killed run leaves them
     reopened = Checkpoint(folder)
-    assert len(reopened.open()) == 2 * (MERGE_PARTS_ABOVE + 3)  # read as they are, not merged first
+    assert len(opened(reopened)) == 2 * (MERGE_PARTS_ABOVE + 3)  # read as they are, not merged first
     assert len(list(folder.glob("part-*.parquet"))) == MERGE_PARTS_ABOVE + 3
     reopened.close()
     parts = list(folder.glob("part-*.parquet"))
@@ -83,7 +88,7 @@ def test_a_record_in_both_a_part_and_the_log_counts_once(tmp_path):
     # As if killed between the part's rename and the log's truncation:
     (folder / WAL_NAME).write_text(json.dumps(record(1)) + "\n")
     again = Checkpoint(folder)
-    assert states(again.open()) == {"id1": "ok"}
+    assert states(opened(again)) == {"id1": "ok"}
     assert again.results().num_rows == 1
     again.close()
 
@@ -94,7 +99,7 @@ def test_a_part_written_before_a_field_existed_reads_and_merges_with_nulls(tmp_p
     old = pa.Table.from_pylist([record(0), record(1, "failed")], schema=RESULT_SCHEMA)
     pq.write_table(old.drop_columns(["cache_hit", "reasoning_content"]), folder / "part-000001.parquet")
     ck = Checkpoint(folder, rows_per_part=1)
-    assert states(ck.open()) == {"id0": "ok", "id1": "server_error"}
+    assert states(opened(ck)) == {"id0": "ok", "id1": "server_error"}
     for i in range(2, MERGE_PARTS_ABOVE + 3):
         ck.append(record(i))
     ck.close()  # merges the old part with the new ones
