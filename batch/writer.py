@@ -81,10 +81,25 @@ class Checkpoint:
         """The last record of each input row (by its id's hash, from the scan), read a row group at a time."""
         states = RowStates(row_hashes)
         columns = [*STATE_COLUMNS, "seq"]
+        held: list[pa.Table] = []  # a killed run leaves many small parts: added in bunches, not one by one
+
+        def add_held() -> None:
+            records = pa.concat_tables(held).combine_chunks()
+            states.add(*(records.column(c).chunk(0) for c in ("id", "seq", "status", "error_class")))
+            held.clear()
+
         for part in self._part_files():
-            for batch in part.iter_batches(batch_size=MERGE_BATCH_ROWS, columns=_present(part, columns)):
-                records = _conformed(pa.Table.from_batches([batch]), columns)
-                states.add(*(records.column(c).chunk(0) for c in ("id", "seq", "status", "error_class")))
+            present = _present(part, columns)
+            if part.metadata.num_rows <= MERGE_BATCH_ROWS:
+                tables = [part.read(columns=present, use_threads=False)]
+            else:
+                tables = (pa.Table.from_batches([b]) for b in part.iter_batches(MERGE_BATCH_ROWS, columns=present))
+            for table in tables:
+                held.append(_conformed(table, columns))
+                if sum(t.num_rows for t in held) >= MERGE_BATCH_ROWS:
+                    add_held()
+        if held:
+            add_held()
         states.settle()
         return states
 
@@ -108,7 +123,7 @@ class Checkpoint:
 
     def _part_files(self) -> Iterator[pq.ParquetFile]:
         for path in self._parts():
-            yield pq.ParquetFile(path, pre_buffer=False)
+            yield pq.ParquetFile(pa.OSFile(str(path)), pre_buffer=False)  # a native file: no filesystem lookup
 
     def newer_than(self, path: Path) -> bool:
         """Whether any result on disk is newer than `path` (or `path` does not exist)."""
@@ -242,7 +257,8 @@ class RowGroups:
 
 
 def _present(part: pq.ParquetFile, columns: list[str]) -> list[str]:
-    return [c for c in columns if c in part.schema_arrow.names]
+    names = set(part.schema_arrow.names)
+    return [c for c in columns if c in names]
 
 
 def _conformed(table: pa.Table, columns: list[str]) -> pa.Table:
