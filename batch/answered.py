@@ -109,7 +109,7 @@ def _keep_newest_per_id(ids: pa.Array, hashes: np.ndarray, first: np.ndarray, st
         at += 1
 
 
-NO_RECORD = -1
+MAX_RECORDS = np.iinfo(np.uint32).max - 1  # write positions are held in 4 bytes a row
 
 
 class RowStates:
@@ -117,18 +117,19 @@ class RowStates:
 
     Almost every record sits at the input row it was sent from (its `seq`), so states are held by
     row position: a byte of state and the record's write position per row, flat in the input's
-    length, whatever the checkpoint holds. A record whose id is not the one now at its `seq` (an
-    input edited and resumed with --force) is kept aside, by id; it counts for the row that now
-    holds its id when it was written after that row's own record.
+    length, whatever the checkpoint holds. Both start as zeros ("no record"), which the system
+    hands out as untouched pages: a row costs memory only once it has a record. A record whose id is
+    not the one now at its `seq` (an input edited and resumed with --force) is kept aside, by id; it
+    counts for the row that now holds its id when it was written after that row's own record.
 
     A record is taken as a row's own when its id hashes like the row's id (64-bit SipHash, from
     the scan); the final file then confirms each pairing on the ids themselves.
     """
 
-    def __init__(self, row_hashes: np.ndarray) -> None:
-        self.row_hashes = row_hashes
-        self.codes = np.full(len(row_hashes), NO_RECORD, np.int8)  # index into self.names
-        self.written = np.full(len(row_hashes), NO_RECORD, np.int64)
+    def __init__(self, rows: int, row_hashes: np.ndarray | None) -> None:
+        self.row_hashes = row_hashes  # needed only to read a checkpoint's records (add)
+        self.codes = np.zeros(rows, np.int8)  # 0: no record; else 1 + index into self.names
+        self.written = np.zeros(rows, np.uint32)  # 0: no record; else 1 + the record's write position
         self.names: list[str | None] = []  # "ok", or a failure's error_class
         self.records = 0  # records seen so far, in write order: the next one's position
         self._moved_parts: list[pa.Table] = []
@@ -138,13 +139,13 @@ class RowStates:
 
     def add(self, ids: pa.Array, seqs: pa.Array, status: pa.Array, error_class: pa.Array) -> None:
         """A batch of records from the checkpoint, in the order they were written."""
-        positions = np.arange(self.records, self.records + len(ids))
-        self.records += len(ids)
-        seq = _numpy(pc.fill_null(seqs, NO_RECORD)).astype(np.int64, copy=False)
+        assert self.row_hashes is not None, "RowStates built without the input's hashes"
+        positions = self._take_positions(len(ids))
+        seq = _numpy(pc.fill_null(seqs, -1)).astype(np.int64, copy=False)
         inside = (seq >= 0) & (seq < len(self.codes))
         rows = np.where(inside, seq, 0)
         home = inside & (self.row_hashes[rows] == hash_ids(ids))
-        rows, at = rows[home], positions[home]
+        rows, at = rows[home], (positions[home] + 1).astype(np.uint32)
         np.maximum.at(self.written, rows, at)  # of a row's records in this batch, the last written wins
         won = self.written[rows] == at
         self.codes[rows[won]] = self._codes(_state(status, error_class))[home][won]
@@ -156,12 +157,18 @@ class RowStates:
 
     def add_one(self, seq: int, state: str | None) -> None:
         """A record this run wrote for input row `seq`."""
-        self.written[seq] = self.records
+        self.written[seq] = self._take_positions(1)[0] + 1
         self.codes[seq] = self._code(state)
-        self.records += 1
+
+    def _take_positions(self, count: int) -> np.ndarray:
+        if self.records + count > MAX_RECORDS:
+            raise ValueError(f"a checkpoint of more than {MAX_RECORDS} records")
+        self.records += count
+        return np.arange(self.records - count, self.records, dtype=np.int64)
 
     def settle(self) -> None:
         """Index the records kept aside by id: once, after the checkpoint's last batch."""
+        self.row_hashes = None
         if not self._moved_parts:
             return
         moved = pa.concat_tables(self._moved_parts)
@@ -171,9 +178,10 @@ class RowStates:
         self._moved_codes = self._codes(self._moved.states.dictionary_decode())
 
     def last(self, start: int, ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        """For input rows start, start+1, ... holding `ids`: each one's state code and record position."""
+        """For input rows start, start+1, ... holding `ids`: each one's state code (0: none) and
+        its record's write position (-1: none)."""
         stop = start + len(ids)
-        codes, written = self.codes[start:stop].copy(), self.written[start:stop].copy()
+        codes, written = self.codes[start:stop].copy(), self.written[start:stop].astype(np.int64) - 1
         if self._moved is not None:
             at = self._moved.index(ids)
             found = _numpy(at.is_valid())
@@ -183,10 +191,13 @@ class RowStates:
             written[newer] = self._moved_written[where[newer]]
         return codes, written
 
+    def name(self, code: int) -> str | None:
+        return self.names[code - 1] if code else None
+
     def to_send(self, start: int, ids: pa.Array, retry_failed: bool) -> np.ndarray:
         """Which of these rows a run sends: should_send, asked once per distinct state."""
-        sends = np.array([should_send(name, retry_failed) for name in self.names] + [should_send(None, retry_failed)])
-        return sends[self.last(start, ids)[0]]  # NO_RECORD (-1) picks the last entry: pending
+        sends = np.array([should_send(None, retry_failed)] + [should_send(n, retry_failed) for n in self.names])
+        return sends[self.last(start, ids)[0]]
 
     def counts(self, id_batches: Callable[[], Iterable[pa.Array]]) -> tuple[int, int]:
         """(ok, failed) over the input rows; `id_batches` is read only when records were kept aside."""
@@ -198,20 +209,20 @@ class RowStates:
             for ids in id_batches():
                 codes[start:start + len(ids)] = self.last(start, ids)[0]
                 start += len(ids)
-        per_code = np.bincount(codes[codes != NO_RECORD], minlength=len(self.names))
-        ok = int(sum(n for name, n in zip(self.names, per_code) if name == "ok"))
-        return ok, int(per_code.sum()) - ok
+        per_code = np.bincount(codes, minlength=len(self.names) + 1)
+        ok = int(sum(n for name, n in zip(self.names, per_code[1:]) if name == "ok"))
+        return ok, int(per_code[1:].sum()) - ok
 
     def _code(self, state: str | None) -> int:
         if state not in self.names:
             if len(self.names) == np.iinfo(np.int8).max:
                 raise ValueError("more than 127 distinct record states")
             self.names.append(state)
-        return self.names.index(state)
+        return self.names.index(state) + 1
 
     def _codes(self, states: pa.Array) -> np.ndarray:
         encoded = states.dictionary_encode(null_encoding="encode")
-        table = np.array([self._code(s) for s in encoded.dictionary.to_pylist()] or [NO_RECORD], np.int8)
+        table = np.array([self._code(s) for s in encoded.dictionary.to_pylist()] or [0], np.int8)
         return table[_numpy(encoded.indices)]
 
 

@@ -65,17 +65,19 @@ def write_final(path: Path, input_batches: Iterator[tuple[pa.RecordBatch, pa.Arr
             ids = pa.concat_arrays([i for _, i in window])
             answers = records.answers(ids, written)
             at = 0
-            for batch, batch_ids in window:  # one row group per input batch, as before
+            tables = []
+            for batch, batch_ids in window:
                 columns = {id_out: batch_ids, **{c: batch.column(c) for c in keep_columns if c != id_out}}
                 columns.update(zip(RESULT_COLUMNS, answers.slice(at, batch.num_rows).columns))
                 at += batch.num_rows
                 if extra is not None:
                     parsed = pa.Table.from_pandas(extra.reindex(batch_ids.to_pylist()), preserve_index=False)
                     columns.update((f.name, parsed.column(f.name).cast(f.type)) for f in extra_schema)
-                table = pa.table(columns)
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema)
-                writer.write_table(table)
+                tables.append(pa.table(columns))
+            table = pa.concat_tables(tables)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)  # a row group per window, whatever size the input's batches are
             written += len(ids)
         if writer is not None:
             writer.close()

@@ -22,7 +22,9 @@ from batch.errors import ConfigError
 pa.set_memory_pool(pa.system_memory_pool())
 
 BATCH_ROWS = 8192
-CSV_BLOCK_BYTES = 1 << 20
+# Arrow's CSV reader reads up to 32 blocks ahead of the consumer: 1 MB blocks held ~35 MB at a million
+# rows (and only 10 MB at 100,000, the whole file); 256 KB blocks hold at most ~10 MB.
+CSV_BLOCK_BYTES = 1 << 18
 
 
 @dataclass(slots=True)
@@ -50,7 +52,7 @@ class InputTable:
             raise ConfigError(f"{path}: input file not found")
         self.columns = self._column_names()
         self._check_columns()
-        self.row_hashes = np.empty(0, np.int64)  # filled by scan()
+        self.row_hashes: np.ndarray | None = None  # filled by scan(keep_hashes=True)
 
     def _column_names(self) -> list[str]:
         try:
@@ -135,28 +137,31 @@ class InputTable:
         if chunk:
             yield _jsonl_batch(chunk, schema, self.path)
 
-    def scan(self) -> int:
+    def scan(self, keep_hashes: bool = False) -> int:
         """Read the job's columns once before any request: count rows, find bad ids and bad text early.
 
-        Keeps `row_hashes`, a hash of each row's id in input order (8 bytes a row, not the ids:
-        value_counts over a million ids peaked at +190 MB), by which a resume finds each row's record.
+        With `keep_hashes`, keeps `row_hashes`: a hash of each row's id in input order, by which a
+        resume finds each row's record. 8 bytes a row, not the ids: value_counts over a million ids
+        peaked at +190 MB.
         """
-        hashes: list[np.ndarray] = []
-        total = 0
-        for batch, ids in self.id_batches(self._scanned_columns()):
+        hashes = _Hashes(self._rows_known())
+        for _, ids in self.id_batches(self._scanned_columns()):
             empty = pc.equal(ids, "")
             if pc.any(empty).as_py():
-                row = total + pc.index(empty, True).as_py() + 1
+                row = hashes.count + pc.index(empty, True).as_py() + 1
                 raise ConfigError(f"{self.path} row {row}: empty id in column '{self.id_column}'")
-            hashes.append(hash_ids(ids))
-            total += batch.num_rows
-        if total == 0:
+            hashes.add(hash_ids(ids))
+        if hashes.count == 0:
             raise ConfigError(f"{self.path}: the input has no rows")
-        self.row_hashes = np.concatenate(hashes)
-        del hashes
+        every = hashes.joined()
+        if keep_hashes:
+            self.row_hashes = every
         if self.id_column:  # derived ids are unique by construction
-            self._check_unique(np.sort(self.row_hashes))
-        return total
+            self._check_unique(np.sort(every) if keep_hashes else _sorted_in_place(every))
+        return hashes.count
+
+    def _rows_known(self) -> int | None:
+        return pq.ParquetFile(self.path).metadata.num_rows if self.format == "parquet" else None
 
     def _scanned_columns(self) -> list[str]:
         # Parquet values are typed and were checked when written: reading the text columns would find nothing,
@@ -226,6 +231,34 @@ class InputTable:
             if size > after:
                 yield Skipped(size - after)
             seq += size
+
+
+class _Hashes:
+    """Per-batch hashes gathered into one array, never a list of pieces beside their concatenation.
+
+    Sized up front when the row count is known (Parquet); otherwise grown by doubling with
+    ndarray.resize, which glibc's realloc does in place (mremap) for arrays this large.
+    """
+
+    def __init__(self, rows: int | None) -> None:
+        self._array = np.empty(rows if rows is not None else 1 << 16, np.int64)
+        self.count = 0
+
+    def add(self, piece: np.ndarray) -> None:
+        end = self.count + len(piece)
+        if end > len(self._array):
+            self._array.resize(max(end, 2 * len(self._array)), refcheck=False)
+        self._array[self.count:end] = piece
+        self.count = end
+
+    def joined(self) -> np.ndarray:
+        self._array.resize(self.count, refcheck=False)  # hands back the unused part of the last doubling
+        return self._array
+
+
+def _sorted_in_place(array: np.ndarray) -> np.ndarray:
+    array.sort()
+    return array
 
 
 class DerivedIds:

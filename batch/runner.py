@@ -57,7 +57,9 @@ class Run:
         self.exit_code: int | None = None
 
     async def execute(self) -> dict[str, Any]:
-        total = self.table.scan()  # bad ids or text fail here, before any request
+        # Bad ids or text fail here, before any request. The ids' hashes, in input order, are kept
+        # only to find the rows of a previous run's records.
+        total = self.table.scan(keep_hashes=self.checkpoint.has_records())
         lock = RunLock(self.spec.checkpoint_dir)
         try:
             lock.acquire()
@@ -76,7 +78,8 @@ class Run:
         except OSError as exc:
             raise ConfigError(
                 f"{self.spec.checkpoint_dir}: cannot write the checkpoint: {exc.strerror or exc}") from None
-        done = self.checkpoint.row_states(self.table.row_hashes)
+        done = self.checkpoint.row_states(total, self.table.row_hashes)
+        self.table.row_hashes = None
         stats = RunStats(total)
         progress = Progress(stats, self.options.progress_interval_s, self.options.tty)
         self._install_signal_handlers()

@@ -77,9 +77,9 @@ class Checkpoint:
         """The last record per id in the part files (the log is in them after open() and close())."""
         return answered_of(self._read_parts(STATE_COLUMNS))
 
-    def row_states(self, row_hashes: np.ndarray) -> RowStates:
-        """The last record of each input row (by its id's hash, from the scan), read a row group at a time."""
-        states = RowStates(row_hashes)
+    def row_states(self, rows: int, row_hashes: np.ndarray | None) -> RowStates:
+        """The last record of each of the input's rows (its ids' hashes from the scan: None when no records)."""
+        states = RowStates(rows, row_hashes)
         columns = [*STATE_COLUMNS, "seq"]
         held: list[pa.Table] = []  # a killed run leaves many small parts: added in bunches, not one by one
 
@@ -102,6 +102,11 @@ class Checkpoint:
             add_held()
         states.settle()
         return states
+
+    def has_records(self) -> bool:
+        """Whether a previous run left any record (a part, or a log not yet compacted)."""
+        wal = self.folder / WAL_NAME
+        return bool(self._parts()) or (wal.exists() and wal.stat().st_size > 0)
 
     def _parts(self) -> list[Path]:
         return sorted(self.folder.glob("part-*.parquet"))

@@ -103,7 +103,7 @@ def test_row_states_keep_each_rows_last_record_and_find_moved_records_by_id():
     from batch.answered import RowStates
     from batch.reader import hash_ids
 
-    states = RowStates(hash_ids(pa.array(["a", "b", "c", "d"])))
+    states = RowStates(4, hash_ids(pa.array(["a", "b", "c", "d"])))
 
     def add(*records):  # (id, seq, status, error_class), in write order
         ids, seqs, status, error_class = zip(*records)
@@ -121,7 +121,7 @@ def test_row_states_keep_each_rows_last_record_and_find_moved_records_by_id():
     states.settle()
     ids = pa.array(["a", "b", "c", "d"])
     codes, written = states.last(0, ids)
-    assert [states.names[c] for c in codes] == ["timeout", "timeout", "content_filter", "ok"]
+    assert [states.name(c) for c in codes] == ["timeout", "timeout", "content_filter", "ok"]
     assert written.tolist() == [7, 8, 3, 6]
     assert states.to_send(0, ids, retry_failed=False).tolist() == [False] * 4
     assert states.to_send(0, ids, retry_failed=True).tolist() == [True, True, False, False]
@@ -130,7 +130,7 @@ def test_row_states_keep_each_rows_last_record_and_find_moved_records_by_id():
 
     states.add_one(1, "ok")  # this run's answer for b: newer than its moved record
     states.add_one(2, "ok")
-    assert [states.names[c] for c in states.last(0, ids)[0]] == ["timeout", "ok", "ok", "ok"]
+    assert [states.name(c) for c in states.last(0, ids)[0]] == ["timeout", "ok", "ok", "ok"]
     assert states.counts(lambda: [ids]) == (3, 1)
 
 
@@ -138,7 +138,7 @@ def test_row_states_without_moved_records_count_without_reading_the_input():
     from batch.answered import RowStates
     from batch.reader import hash_ids
 
-    states = RowStates(hash_ids(pa.array(["a", "b", "c"])))
+    states = RowStates(3, hash_ids(pa.array(["a", "b", "c"])))
     states.add(pa.array(["a", "c"]), pa.array([0, 2]), pa.array(["ok", "failed"]), pa.array([None, "timeout"]))
     states.settle()
 
@@ -147,3 +147,20 @@ def test_row_states_without_moved_records_count_without_reading_the_input():
 
     assert states.counts(unread) == (1, 1)
     assert states.to_send(0, pa.array(["a", "b", "c"]), retry_failed=False).tolist() == [False, True, False]
+
+
+def test_the_scan_gathers_hashes_past_its_first_allocation_for_csv(tmp_path, monkeypatch):
+    import batch.reader
+    from batch.errors import ConfigError
+    from batch.reader import InputTable, hash_ids
+
+    monkeypatch.setattr(batch.reader, "CSV_BLOCK_BYTES", 4096)  # many batches, and the array doubles
+    ids = [f"row-{i}" for i in range(70_000)]  # more than the 65,536 hashes first allocated for a CSV
+    path = tmp_path / "in.csv"
+    path.write_text("id,text\n" + "".join(f"{i},t\n" for i in ids))
+    table = InputTable(path, "id", ["text"], [])
+    assert table.scan(keep_hashes=True) == 70_000
+    assert np.array_equal(table.row_hashes, hash_ids(pa.array(ids)))
+    (path.parent / "dup.csv").write_text("id,text\n" + "".join(f"{i},t\n" for i in ids + ["row-5"]))
+    with pytest.raises(ConfigError, match="row 70001: duplicate id .row-5."):
+        InputTable(path.parent / "dup.csv", "id", ["text"], []).scan()
