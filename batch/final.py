@@ -17,9 +17,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch.answered import RowStates
-from batch.writer import RESULT_FIELDS, RESULT_SCHEMA, RowGroups
+from batch.writer import DICTIONARY_COLUMNS, RESULT_FIELDS, RESULT_SCHEMA, RowGroups
 
-WINDOW_ROWS = 16_384  # input rows per read of the checkpoint: a few MB of records at a time
+WINDOW_ROWS = 4096  # input rows per read of the checkpoint and per row group of the output
 RESULT_COLUMNS = [c for c in RESULT_FIELDS if c not in ("id", "seq")]
 
 
@@ -76,7 +76,7 @@ def write_final(path: Path, input_batches: Iterator[tuple[pa.RecordBatch, pa.Arr
                 tables.append(pa.table(columns))
             table = pa.concat_tables(tables)
             if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema)
+                writer = pq.ParquetWriter(tmp, table.schema, use_dictionary=DICTIONARY_COLUMNS)
             writer.write_table(table)  # a row group per window, whatever size the input's batches are
             written += len(ids)
         if writer is not None:

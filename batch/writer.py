@@ -44,8 +44,11 @@ RESULT_SCHEMA = pa.schema([
 RESULT_FIELDS = RESULT_SCHEMA.names
 WAL_NAME = "wal.jsonl"
 MERGE_PARTS_ABOVE = 32
-MERGE_BATCH_ROWS = 16_384  # rows per row group of a merged part: a few MB in memory at a time
+MERGE_BATCH_ROWS = 4096  # rows per row group of a merged part: the writer holds ~5x a row group
 STATE_COLUMNS = ["id", "status", "error_class"]
+# Dictionary-encoded when written: the columns with a handful of distinct values. The others (ids, answers)
+# are unique per row, and a dictionary builder per column held ~10 MB while it found that out.
+DICTIONARY_COLUMNS = ["status", "finish_reason", "model", "error_class"]
 FSYNC_EVERY_S = 1.0
 
 
@@ -93,7 +96,8 @@ class Checkpoint:
             if part.metadata.num_rows <= MERGE_BATCH_ROWS:
                 tables = [part.read(columns=present, use_threads=False)]
             else:
-                tables = (pa.Table.from_batches([b]) for b in part.iter_batches(MERGE_BATCH_ROWS, columns=present))
+                tables = (pa.Table.from_batches([b])
+                          for b in part.iter_batches(MERGE_BATCH_ROWS, columns=present, use_threads=False))
             for table in tables:
                 held.append(_conformed(table, columns))
                 if sum(t.num_rows for t in held) >= MERGE_BATCH_ROWS:
@@ -200,10 +204,11 @@ class Checkpoint:
         number = int(old[-1].stem.split("-")[1]) + 1
 
         def write(tmp: Path) -> None:
-            with pq.ParquetWriter(tmp, RESULT_SCHEMA) as writer:
+            with pq.ParquetWriter(tmp, RESULT_SCHEMA, use_dictionary=DICTIONARY_COLUMNS) as writer:
                 held: list[pa.Table] = []  # parts are small: gather them into row groups of a useful size
                 for part in self._part_files():
-                    for batch in part.iter_batches(batch_size=MERGE_BATCH_ROWS, columns=_present(part, RESULT_FIELDS)):
+                    present = _present(part, RESULT_FIELDS)
+                    for batch in part.iter_batches(batch_size=MERGE_BATCH_ROWS, columns=present, use_threads=False):
                         held.append(_conformed(pa.Table.from_batches([batch]), RESULT_FIELDS))
                         if sum(t.num_rows for t in held) >= MERGE_BATCH_ROWS:
                             writer.write_table(pa.concat_tables(held).combine_chunks())
@@ -258,7 +263,7 @@ class RowGroups:
 
     def _read(self, number: int, group: int, columns: list[str]) -> pa.Table:
         part = pq.ParquetFile(self.paths[number], pre_buffer=False)
-        return _conformed(part.read_row_group(group, columns=_present(part, columns)), columns)
+        return _conformed(part.read_row_group(group, columns=_present(part, columns), use_threads=False), columns)
 
 
 def _present(part: pq.ParquetFile, columns: list[str]) -> list[str]:
