@@ -196,8 +196,18 @@ class RowStates:
 
     def to_send(self, start: int, ids: pa.Array, retry_failed: bool) -> np.ndarray:
         """Which of these rows a run sends: should_send, asked once per distinct state."""
-        sends = np.array([should_send(None, retry_failed)] + [should_send(n, retry_failed) for n in self.names])
-        return sends[self.last(start, ids)[0]]
+        return self._sends(retry_failed)[self.last(start, ids)[0]]
+
+    def first_to_send(self, retry_failed: bool) -> int:
+        """The first row a run may send (the row count when none): rows before it need not be read."""
+        if self._moved is not None:  # a moved record can make any row answered: look at every row
+            return 0
+        sending = self._sends(retry_failed)[self.codes]
+        first = int(sending.argmax())
+        return first if len(sending) and sending[first] else len(sending)
+
+    def _sends(self, retry_failed: bool) -> np.ndarray:
+        return np.array([should_send(None, retry_failed)] + [should_send(n, retry_failed) for n in self.names])
 
     def counts(self, id_batches: Callable[[], Iterable[pa.Array]]) -> tuple[int, int]:
         """(ok, failed) over the input rows; `id_batches` is read only when records were kept aside."""

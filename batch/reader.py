@@ -84,8 +84,8 @@ class InputTable:
                 raise ConfigError(f"{self.path}: {key} names column '{column}', which appears "
                                   f"{self.columns.count(column)} times in the input header")
 
-    def batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
-        """Record batches holding just `columns`, in input order."""
+    def batches(self, columns: list[str], first_group: int = 0) -> Iterator[pa.RecordBatch]:
+        """Record batches holding just `columns`, in input order (Parquet: from row group `first_group`)."""
         columns = list(dict.fromkeys(columns)) or self.columns[:1]
         try:
             if self.format == "parquet":
@@ -94,7 +94,8 @@ class InputTable:
                 # decoding threads allocate from their own glibc arenas, which keep what they free: threads
                 # cost ~58 MB more peak RSS over a 1M-row final file (here and in writer.py), for no speed.
                 parquet = pq.ParquetFile(self.path, pre_buffer=False)
-                yield from parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=False)
+                groups = range(first_group, parquet.metadata.num_row_groups)
+                yield from parquet.iter_batches(BATCH_ROWS, groups, columns, use_threads=False)
             elif self.format == "csv":
                 yield from self._csv_batches(columns)
             else:
@@ -195,11 +196,11 @@ class InputTable:
                 seen.add(row_id)
             position += batch.num_rows
 
-    def id_batches(self, columns: list[str]) -> Iterator[tuple[pa.RecordBatch, pa.Array]]:
+    def id_batches(self, columns: list[str], first_group: int = 0) -> Iterator[tuple[pa.RecordBatch, pa.Array]]:
         """Record batches of `columns` in input order, each with its rows' ids as text."""
         derived = None if self.id_column else DerivedIds()
         source = [self.id_column] if self.id_column else self.prompt_columns  # a derived id needs the values
-        for batch in self.batches(source + columns):
+        for batch in self.batches(source + columns, first_group):
             if derived is None and pa.types.is_string(batch.schema.field(self.id_column).type):
                 yield batch, pc.fill_null(self._id_texts(batch), "")  # text ids, trimmed in Arrow: no Python per row
                 continue
@@ -210,15 +211,19 @@ class InputTable:
                 ids = [derived.next({c: v[i] for c, v in values.items()}) for i in range(batch.num_rows)]
             yield batch, pa.array(ids, pa.string())
 
-    def rows(self, wanted: Callable[[int, pa.Array], np.ndarray] | None = None) -> Iterator[Row | Skipped]:
+    def rows(self, wanted: Callable[[int, pa.Array], np.ndarray] | None = None,
+             start: int = 0) -> Iterator[Row | Skipped]:
         """Every row with its id and the values its prompt needs, in input order.
 
         `wanted` says, for a batch of ids and the input position of its first row, which rows to build;
         the others come as Skipped runs: resuming a mostly done job must not build a million rows only
-        to skip them.
+        to skip them. Rows before `start` are not wanted: the Parquet row groups wholly before it are
+        not even read.
         """
-        seq = 0
-        for batch, ids in self.id_batches(self.prompt_columns):
+        first_group, seq = self._groups_before(start)
+        if seq:
+            yield Skipped(seq)
+        for batch, ids in self.id_batches(self.prompt_columns, first_group):
             size = batch.num_rows
             built = np.flatnonzero(wanted(seq, ids)) if wanted else range(size)
             if len(built):
@@ -233,6 +238,20 @@ class InputTable:
             if size > after:
                 yield Skipped(size - after)
             seq += size
+
+
+    def _groups_before(self, start: int) -> tuple[int, int]:
+        """(row groups, rows) of a Parquet input that end at or before row `start`; (0, 0) otherwise.
+
+        Derived ids number repeated content in input order, so every row must be read for them."""
+        if self.format != "parquet" or not self.id_column:
+            return 0, 0
+        meta = pq.ParquetFile(self.path).metadata
+        group = rows = 0
+        while group < meta.num_row_groups and rows + meta.row_group(group).num_rows <= start:
+            rows += meta.row_group(group).num_rows
+            group += 1
+        return group, rows
 
 
 class _Hashes:

@@ -164,3 +164,42 @@ def test_the_scan_gathers_hashes_past_its_first_allocation_for_csv(tmp_path, mon
     (path.parent / "dup.csv").write_text("id,text\n" + "".join(f"{i},t\n" for i in ids + ["row-5"]))
     with pytest.raises(ConfigError, match="row 70001: duplicate id .row-5."):
         InputTable(path.parent / "dup.csv", "id", ["text"], []).scan()
+
+
+def test_rows_skip_whole_parquet_row_groups_before_the_first_row_to_send(tmp_path):
+    from batch.reader import InputTable, Row, Skipped
+
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(10)], "text": list("abcdefghij")}), path,
+                   row_group_size=4)
+    table = InputTable(path, "id", ["text"], [])
+    asked = []
+
+    def wanted(seq, ids):
+        asked.append((seq, ids.to_pylist()))
+        return np.array([seq + i >= 6 for i in range(len(ids))])
+
+    got = list(table.rows(wanted, start=6))
+    assert asked == [(4, ["r4", "r5", "r6", "r7", "r8", "r9"])]  # rows 0-3 (the first row group) were not read
+    assert got[0] == Skipped(4) and got[1] == Skipped(2)
+    assert [(r.seq, r.id, r.values) for r in got if isinstance(r, Row)] == [
+        (6, "r6", {"text": "g"}), (7, "r7", {"text": "h"}), (8, "r8", {"text": "i"}), (9, "r9", {"text": "j"})]
+    assert sum(r.count for r in got if isinstance(r, Skipped)) == 6
+    assert list(table.rows(wanted, start=10)) == [Skipped(10)]  # nothing to send: no row is read
+
+
+def test_first_row_to_send():
+    from batch.answered import RowStates
+    from batch.reader import hash_ids
+
+    ids = pa.array(["a", "b", "c"])
+    states = RowStates(3, hash_ids(ids))
+    assert states.first_to_send(retry_failed=False) == 0
+    states.add(ids, pa.array([0, 1, 2]), pa.array(["ok", "failed", "ok"]), pa.array([None, "timeout", None]))
+    states.settle()
+    assert states.first_to_send(retry_failed=False) == 3  # every row answered: nothing to read
+    assert states.first_to_send(retry_failed=True) == 1  # the timeout is sent again
+    moved = RowStates(3, hash_ids(ids))
+    moved.add(pa.array(["c"]), pa.array([0]), pa.array(["ok"]), pa.array([None]))
+    moved.settle()
+    assert moved.first_to_send(retry_failed=False) == 0  # a record kept by id: every row is looked at
