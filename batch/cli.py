@@ -14,6 +14,7 @@ from batch.errors import EXIT_INTERRUPTED, BatchError, ConfigError
 from batch.estimate import estimate, format_estimate
 from batch.export import export_output
 from batch.logs import add_file_log, redact_everywhere, setup_logging
+from batch.reader import keep_pandas_out
 from batch.runner import RunOptions, run_job
 from batch.status import format_status, job_status, validate
 from batch.summary import format_summary
@@ -100,7 +101,8 @@ def run(spec: JobSpec, args: argparse.Namespace) -> int:
     try:
         options = RunOptions(retry_failed=args.retry_failed, force=args.force, limit=args.limit,
                              progress_interval_s=args.progress_interval)
-        summary = asyncio.run(run_job(spec, api_key, options))
+        with keep_pandas_out():
+            summary = asyncio.run(run_job(spec, api_key, options))
     finally:
         log.removeHandler(file_log)
         file_log.close()

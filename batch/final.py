@@ -19,7 +19,10 @@ import pyarrow.parquet as pq
 from batch.answered import RowStates
 from batch.writer import DICTIONARY_COLUMNS, RESULT_FIELDS, RESULT_SCHEMA, RowGroups
 
-WINDOW_ROWS = 4096  # input rows per read of the checkpoint and per row group of the output
+WINDOW_ROWS = 4096  # input rows per read of the checkpoint: its records arrive a row group at a time
+# Rows per row group of the output. The writer holds ~30 KB of metadata per row group until it closes
+# (7 MB at a million rows in 4,096-row groups), and the rows of one group until it is written.
+ROW_GROUP_ROWS = 16_384
 RESULT_COLUMNS = [c for c in RESULT_FIELDS if c not in ("id", "seq")]
 
 
@@ -57,7 +60,8 @@ def write_final(path: Path, input_batches: Iterator[tuple[pa.RecordBatch, pa.Arr
     """
     extra_schema = pa.Schema.from_pandas(extra, preserve_index=False) if extra is not None else None
     writer = None
-    written = 0
+    written = flushed = 0  # rows read, rows written out
+    held: list[pa.Table] = []
     tmp = path.with_name(f".{path.name}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -74,11 +78,13 @@ def write_final(path: Path, input_batches: Iterator[tuple[pa.RecordBatch, pa.Arr
                     parsed = pa.Table.from_pandas(extra.reindex(batch_ids.to_pylist()), preserve_index=False)
                     columns.update((f.name, parsed.column(f.name).cast(f.type)) for f in extra_schema)
                 tables.append(pa.table(columns))
-            table = pa.concat_tables(tables)
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema, use_dictionary=DICTIONARY_COLUMNS)
-            writer.write_table(table)  # a row group per window, whatever size the input's batches are
+            held.extend(tables)
             written += len(ids)
+            if written - flushed >= ROW_GROUP_ROWS:
+                writer = _write_group(writer, tmp, held)
+                held, flushed = [], written
+        if held:
+            writer = _write_group(writer, tmp, held)
         if writer is not None:
             writer.close()
             writer = None
@@ -90,6 +96,15 @@ def write_final(path: Path, input_batches: Iterator[tuple[pa.RecordBatch, pa.Arr
             writer.close()
         tmp.unlink(missing_ok=True)
     return written
+
+
+def _write_group(writer: pq.ParquetWriter | None, tmp: Path, tables: list[pa.Table]) -> pq.ParquetWriter:
+    """One row group, whatever size the input's batches are."""
+    table = pa.concat_tables(tables)
+    if writer is None:
+        writer = pq.ParquetWriter(tmp, table.schema, use_dictionary=DICTIONARY_COLUMNS)
+    writer.write_table(table)
+    return writer
 
 
 def _windows(batches: Iterator[tuple[pa.RecordBatch, pa.Array]]) -> Iterator[list[tuple[pa.RecordBatch, pa.Array]]]:

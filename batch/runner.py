@@ -21,7 +21,7 @@ from batch.final import Records, write_final
 from batch.guard import RunLock, check_fingerprint
 from batch.pool import JobFatal, Pool, Stopped, failed_record, make_client
 from batch.prompts import PromptBuilder, RowPromptError, estimate_tokens
-from batch.reader import InputTable, Row, Skipped
+from batch.reader import InputTable, Row, Skipped, let_pandas_in
 from batch.replies import reply_columns
 from batch.summary import Progress, RunStats, build_summary, save_summary
 from batch.writer import RESULT_FIELDS, Checkpoint
@@ -233,6 +233,7 @@ class Run:
         out = self.spec.output
         extra = None
         if out.parse_json:
+            let_pandas_in()  # the replies' columns are built with pandas
             taken = {self.spec.id_column_out, *out.keep_columns, *RESULT_FIELDS}
             extra = reply_columns(self.checkpoint.results(["id", "status", "response"]), out.json_columns, taken)
         try:

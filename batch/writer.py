@@ -45,6 +45,7 @@ RESULT_FIELDS = RESULT_SCHEMA.names
 WAL_NAME = "wal.jsonl"
 MERGE_PARTS_ABOVE = 32
 MERGE_BATCH_ROWS = 4096  # rows per row group of a merged part: the writer holds ~5x a row group
+MERGE_FILE_ROWS = 64 * MERGE_BATCH_ROWS
 STATE_COLUMNS = ["id", "status", "error_class"]
 # Dictionary-encoded when written: the columns with a handful of distinct values. The others (ids, answers)
 # are unique per row, and a dictionary builder per column held ~10 MB while it found that out.
@@ -63,6 +64,9 @@ class Checkpoint:
         self._last_fsync = time.monotonic()
         self._dirty = False
         self.appended = 0
+        # Rows per row group of each part file, by name, as read or written: the final file and the merge
+        # need them for every part, and parsing a thousand footers again cost 7 MB of peak RSS.
+        self._group_rows: dict[str, list[int]] = {}
 
     # -- opening and reading ---------------------------------------------------------------
     def open(self) -> None:
@@ -91,7 +95,9 @@ class Checkpoint:
             states.add(*(records.column(c).chunk(0) for c in ("id", "seq", "status", "error_class")))
             held.clear()
 
-        for part in self._part_files():
+        for path in self._parts():
+            part = pq.ParquetFile(pa.OSFile(str(path)), pre_buffer=False)
+            self._group_rows[path.name] = _group_rows(part.metadata)
             present = _present(part, columns)
             if part.metadata.num_rows <= MERGE_BATCH_ROWS:
                 tables = [part.read(columns=present, use_threads=False)]
@@ -117,7 +123,7 @@ class Checkpoint:
 
     def row_groups(self) -> RowGroups:
         """The part files as one table of records in write order, read a row group at a time."""
-        return RowGroups(self._parts())
+        return RowGroups(self._parts(), self._group_rows)
 
     def records(self, columns: list[str] | None = None) -> pa.Table:
         """Every record in the part files, in write order (several per id when a failure was retried)."""
@@ -200,29 +206,25 @@ class Checkpoint:
         parts = self._parts()
         number = int(parts[-1].stem.split("-")[1]) + 1 if parts else 1
         table = pa.Table.from_pylist(records, schema=RESULT_SCHEMA)
-        _write_atomic(self.folder / f"part-{number:06d}.parquet", lambda tmp: pq.write_table(table, tmp))
+        name = f"part-{number:06d}.parquet"
+        _write_atomic(self.folder / name, lambda tmp: pq.write_table(table, tmp, row_group_size=len(records)))
+        self._group_rows[name] = [len(records)]
 
     def _merge_parts(self) -> None:
-        """All parts into one, streamed: a few MB in memory at a time, however large the checkpoint."""
-        old = self._parts()
-        number = int(old[-1].stem.split("-")[1]) + 1
+        """Runs of consecutive parts into files of up to MERGE_FILE_ROWS records, streamed.
 
-        def write(tmp: Path) -> None:
-            with pq.ParquetWriter(tmp, RESULT_SCHEMA, use_dictionary=DICTIONARY_COLUMNS) as writer:
-                held: list[pa.Table] = []  # parts are small: gather them into row groups of a useful size
-                for part in self._part_files():
-                    present = _present(part, RESULT_FIELDS)
-                    for batch in part.iter_batches(batch_size=MERGE_BATCH_ROWS, columns=present, use_threads=False):
-                        held.append(_conformed(pa.Table.from_batches([batch]), RESULT_FIELDS))
-                        if sum(t.num_rows for t in held) >= MERGE_BATCH_ROWS:
-                            writer.write_table(pa.concat_tables(held).combine_chunks())
-                            held = []
-                if held:
-                    writer.write_table(pa.concat_tables(held).combine_chunks())
-
-        _write_atomic(self.folder / f"part-{number:06d}.parquet", write)
-        for path in old:
-            path.unlink()
+        Each merged file replaces the last part of its run, then the run's other parts are deleted:
+        a kill in between leaves copies of records after their originals and before every later
+        part, so the last record per id is still the right one. A file stays within MERGE_FILE_ROWS
+        because the writer holds metadata for every row group until it closes (~30 KB each).
+        """
+        for run in _runs_of_parts(self._parts(), self._group_rows):
+            if len(run) > 1:
+                _write_atomic(run[-1], lambda tmp, run=run: _write_merged(run, tmp))
+                for path in run:
+                    self._group_rows.pop(path.name, None)
+                for path in run[:-1]:
+                    path.unlink()
 
     def _fsync_dir(self) -> None:
         fd = os.open(self.folder, os.O_RDONLY)
@@ -239,15 +241,14 @@ class RowGroups:
     input rows without reading the others.
     """
 
-    def __init__(self, paths: list[Path]) -> None:
+    def __init__(self, paths: list[Path], known: dict[str, list[int]]) -> None:
         self.paths = paths
         groups = []  # (part number, row group, first record's position)
         position = 0
         for number, path in enumerate(paths):
-            meta = pq.ParquetFile(path, pre_buffer=False).metadata
-            for group in range(meta.num_row_groups):
+            for group, rows in enumerate(_group_rows_of(path, known)):
                 groups.append((number, group, position))
-                position += meta.row_group(group).num_rows
+                position += rows
         self._groups = np.array(groups, np.int64).reshape(-1, 3)
         self._open: tuple[int, pq.ParquetFile] | None = None
         self.num_rows = position
@@ -273,6 +274,44 @@ class RowGroups:
             self._open = (number, pq.ParquetFile(pa.OSFile(str(self.paths[number])), pre_buffer=False))
         part = self._open[1]
         return _conformed(part.read_row_group(group, columns=_present(part, columns), use_threads=False), columns)
+
+
+def _runs_of_parts(paths: list[Path], known: dict[str, list[int]]) -> list[list[Path]]:
+    runs: list[list[Path]] = []
+    rows = 0
+    for path in paths:
+        count = sum(_group_rows_of(path, known))
+        if not runs or rows + count > MERGE_FILE_ROWS:
+            runs.append([])
+            rows = 0
+        runs[-1].append(path)
+        rows += count
+    return runs
+
+
+def _group_rows(meta: pq.FileMetaData) -> list[int]:
+    return [meta.row_group(group).num_rows for group in range(meta.num_row_groups)]
+
+
+def _group_rows_of(path: Path, known: dict[str, list[int]]) -> list[int]:
+    if path.name not in known:
+        known[path.name] = _group_rows(pq.ParquetFile(pa.OSFile(str(path))).metadata)
+    return known[path.name]
+
+
+def _write_merged(paths: list[Path], tmp: Path) -> None:
+    with pq.ParquetWriter(tmp, RESULT_SCHEMA, use_dictionary=DICTIONARY_COLUMNS) as writer:
+        held: list[pa.Table] = []  # parts are small: gather them into row groups of a useful size
+        for path in paths:
+            part = pq.ParquetFile(pa.OSFile(str(path)), pre_buffer=False)
+            present = _present(part, RESULT_FIELDS)
+            for batch in part.iter_batches(batch_size=MERGE_BATCH_ROWS, columns=present, use_threads=False):
+                held.append(_conformed(pa.Table.from_batches([batch]), RESULT_FIELDS))
+                if sum(t.num_rows for t in held) >= MERGE_BATCH_ROWS:
+                    writer.write_table(pa.concat_tables(held).combine_chunks())
+                    held = []
+        if held:
+            writer.write_table(pa.concat_tables(held).combine_chunks())
 
 
 def _present(part: pq.ParquetFile, columns: list[str]) -> list[str]:

@@ -152,3 +152,29 @@ def test_arrears_mid_run_stops_the_job_keeps_the_checkpoint_and_a_later_run_resu
     assert run_cli("run", job)[0] == 0
     assert topped_up.stats()["requests"] == 200 - 30
     print(f"1113: whole run incl. start-up {took:.2f} s, {refused} requests refused")
+
+
+RUN_AND_REPORT_PANDAS = ("import sys\nfrom batch.cli import main\ncode = main(sys.argv[1:])\n"
+                         "print('pandas imported:', 'pandas' in sys.modules)\nsys.exit(code)")
+
+
+def test_a_run_keeps_pandas_out_and_parse_json_lets_it_in(start_sim, make_job):
+    sim = start_sim()
+    rows = [{"review_id": f"p{i}", "text": f"review {i}"} for i in range(30)]
+    job = make_job(sim, rows=rows, input_file="in.parquet")
+    done = subprocess.run([sys.executable, "-c", RUN_AND_REPORT_PANDAS, "run", str(job)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "pandas imported: False" in done.stdout  # pyarrow's probe for pandas found none
+    result = output_of(job)
+    assert list(result["review_id"]) == [r["review_id"] for r in rows] and set(result["status"]) == {"ok"}
+
+    parsing = make_job(sim, rows=rows, input_file="in.parquet", model={"params": {
+        "response_format": {"type": "json_object"}, "max_tokens": 200}},
+        output={"path": "json/result.parquet", "parse_json": True})
+    done = subprocess.run([sys.executable, "-c", RUN_AND_REPORT_PANDAS, "run", str(parsing)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "pandas imported: True" in done.stdout
+    result = pq.read_table(parsing.parent / "json" / "result.parquet").to_pylist()
+    assert len(result) == 30 and {r["label"] for r in result} <= {"positive", "negative", "neutral"}

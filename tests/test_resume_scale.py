@@ -203,3 +203,33 @@ def test_first_row_to_send():
     moved.add(pa.array(["c"]), pa.array([0]), pa.array(["ok"]), pa.array([None]))
     moved.settle()
     assert moved.first_to_send(retry_failed=False) == 0  # a record kept by id: every row is looked at
+
+
+def test_parts_merge_into_bounded_files_and_a_kill_mid_merge_keeps_the_last_record(tmp_path, monkeypatch):
+    import batch.writer
+    from batch.writer import _runs_of_parts, _write_atomic, _write_merged
+
+    monkeypatch.setattr(batch.writer, "MERGE_BATCH_ROWS", 4)
+    monkeypatch.setattr(batch.writer, "MERGE_FILE_ROWS", 9)
+    total = 3 * (MERGE_PARTS_ABOVE + 2)
+
+    def fill(folder):
+        ck = Checkpoint(folder, rows_per_part=3)
+        ck.open()
+        for i in range(total):  # each id fails in an early part and is answered in a later one
+            ck.append(record(i % 60, "failed" if i < 60 else "ok"))
+        ck.close(merge=False)
+        return ck
+
+    want = {f"id{i}": "ok" if i < total - 60 else "server_error" for i in range(60)}
+    merged = fill(tmp_path / "merged")
+    merged.merge()
+    files = sorted((tmp_path / "merged").glob("part-*.parquet"))
+    assert [pq.ParquetFile(f).metadata.num_rows for f in files] == [9] * (total // 9) + [total % 9] * (total % 9 > 0)
+    assert Checkpoint(tmp_path / "merged").records().column("id").to_pylist() == [f"id{i % 60}" for i in range(total)]
+    assert states(opened(Checkpoint(tmp_path / "merged"))) == want
+
+    killed = fill(tmp_path / "killed")  # as if killed after the first merged file replaced its last part
+    first = _runs_of_parts(killed._parts(), {})[0]
+    _write_atomic(first[-1], lambda tmp: _write_merged(first, tmp))
+    assert states(opened(Checkpoint(tmp_path / "killed"))) == want
