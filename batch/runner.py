@@ -78,6 +78,8 @@ class Run:
         except OSError as exc:
             raise ConfigError(
                 f"{self.spec.checkpoint_dir}: cannot write the checkpoint: {exc.strerror or exc}") from None
+        if self.table.row_hashes is None and self.checkpoint.has_records():
+            self.table.scan(keep_hashes=True)  # another run wrote records between our scan and our lock
         done = self.checkpoint.row_states(total, self.table.row_hashes)
         self.table.row_hashes = None
         stats = RunStats(total)

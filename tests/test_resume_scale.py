@@ -233,3 +233,21 @@ def test_parts_merge_into_bounded_files_and_a_kill_mid_merge_keeps_the_last_reco
     first = _runs_of_parts(killed._parts(), {})[0]
     _write_atomic(first[-1], lambda tmp: _write_merged(first, tmp))
     assert states(opened(Checkpoint(tmp_path / "killed"))) == want
+
+
+def test_records_written_between_the_scan_and_the_lock_are_still_found(sim, make_job, run_cli, monkeypatch):
+    rows = [{"review_id": f"r{i}", "text": f"review {i}"} for i in range(10)]
+    job = make_job(sim, rows=rows, input_file="in.parquet")
+    assert run_cli("run", job, "--limit", "4")[0] == 0
+    # As if another run wrote its records after this one's scan looked (no records: ids' order not kept).
+    seen = []
+    real = Checkpoint.has_records
+
+    def none_at_first(self):
+        seen.append(self)
+        return False if len(seen) == 1 else real(self)
+
+    monkeypatch.setattr(Checkpoint, "has_records", none_at_first)
+    code, out, err = run_cli("run", job)
+    assert code == 0, out + err
+    assert len(seen) == 2 and sim.stats()["requests"] == 10  # the 4 answers were not asked for again
