@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import signal
 import sqlite3
@@ -106,6 +107,7 @@ class Run:
         summary = self._finish(stats, done)
         # After the final file, not before: the merge's buffers would otherwise sit under the final
         # file's (complete 1M rows: 199 -> 194 MB peak RSS, /tmp/mb/phases4.py).
+        _give_back_freed_memory()
         self.checkpoint.merge()
         return summary
 
@@ -276,6 +278,18 @@ class Run:
     def _cancel_workers(self) -> None:
         for task in self._workers:
             task.cancel()
+
+
+def _give_back_freed_memory() -> None:
+    """Hand the heap pages the final file freed back to the system before the merge allocates again.
+
+    glibc keeps them, and the merge's buffers do not fit in their holes: 173 -> 164 MB of peak RSS
+    for a finished million-row job. Only where the C library has malloc_trim (glibc).
+    """
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 async def run_job(spec: JobSpec, api_key: str, options: RunOptions | None = None) -> dict[str, Any]:
