@@ -360,8 +360,8 @@ def fill_checkpoint(folder: Path, start: int, stop: int) -> int:
     """Answers for rows start..stop-1 written straight into a checkpoint folder, as a run leaves them.
 
     A run compacts its log into a part file every PART_ROWS answers and merges parts only when it
-    next opens the folder, so a long run leaves one PART_ROWS-row Parquet file per PART_ROWS answers
-    (batch.writer.RESULT_SCHEMA). These are the same: the ids the reader yields, status ok, and the
+    ends, so a long run that was killed leaves one PART_ROWS-row Parquet file per PART_ROWS answers
+    (batch.writer.RESULT_SCHEMA): the worst case for a resume. These are the same: the ids the reader yields, status ok, and the
     other fields copied from the folder's first real answer when there is one (the simulator's, so
     the sizes match; a field the schema gains later comes along). Resuming reads only these files,
     so its cost is a real resume's. Returns the number of parts written.
