@@ -140,7 +140,8 @@ class RowStates:
     def add(self, ids: pa.Array, seqs: pa.Array, status: pa.Array, error_class: pa.Array) -> None:
         """A batch of records from the checkpoint, in the order they were written."""
         assert self.row_hashes is not None, "RowStates built without the input's hashes"
-        positions = self._take_positions(len(ids))
+        first = self._reserve(len(ids))
+        positions = np.arange(first, first + len(ids), dtype=np.int64)
         seq = _numpy(pc.fill_null(seqs, -1)).astype(np.int64, copy=False)
         inside = (seq >= 0) & (seq < len(self.codes))
         rows = np.where(inside, seq, 0)
@@ -156,15 +157,16 @@ class RowStates:
                                                "position": pa.array(positions[~home])}))
 
     def add_one(self, seq: int, state: str | None) -> None:
-        """A record this run wrote for input row `seq`."""
-        self.written[seq] = self._take_positions(1)[0] + 1
+        """A record this run wrote for input row `seq` (once per answer: no arrays built here)."""
+        self.written[seq] = self._reserve(1) + 1
         self.codes[seq] = self._code(state)
 
-    def _take_positions(self, count: int) -> np.ndarray:
+    def _reserve(self, count: int) -> int:
+        """Write positions for `count` more records: returns the first."""
         if self.records + count > MAX_RECORDS:
             raise ValueError(f"a checkpoint of more than {MAX_RECORDS} records")
         self.records += count
-        return np.arange(self.records - count, self.records, dtype=np.int64)
+        return self.records - count
 
     def settle(self) -> None:
         """Index the records kept aside by id: once, after the checkpoint's last batch."""

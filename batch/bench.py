@@ -361,10 +361,11 @@ def fill_checkpoint(folder: Path, start: int, stop: int) -> int:
 
     A run compacts its log into a part file every PART_ROWS answers and merges parts only when it
     ends, so a long run that was killed leaves one PART_ROWS-row Parquet file per PART_ROWS answers
-    (batch.writer.RESULT_SCHEMA): the worst case for a resume. These are the same: the ids the reader yields, status ok, and the
-    other fields copied from the folder's first real answer when there is one (the simulator's, so
-    the sizes match; a field the schema gains later comes along). Resuming reads only these files,
-    so its cost is a real resume's. Returns the number of parts written.
+    (batch.writer.RESULT_SCHEMA): the worst case for a resume. These are the same: the ids the
+    reader yields, status ok, and the other fields copied from the folder's first real answer when
+    there is one (the simulator's, so the sizes match; a field the schema gains later comes along).
+    Resuming reads only these files, so its cost is a real resume's. Returns the number of parts
+    written.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
