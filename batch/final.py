@@ -69,7 +69,6 @@ def write_final(path: Path, input_batches: Iterator[tuple[pa.RecordBatch, pa.Arr
             ids = pa.concat_arrays([i for _, i in window])
             answers = records.answers(ids, written)
             at = 0
-            tables = []
             for batch, batch_ids in window:
                 columns = {id_out: batch_ids, **{c: batch.column(c) for c in keep_columns if c != id_out}}
                 columns.update(zip(RESULT_COLUMNS, answers.slice(at, batch.num_rows).columns))
@@ -77,8 +76,7 @@ def write_final(path: Path, input_batches: Iterator[tuple[pa.RecordBatch, pa.Arr
                 if extra is not None:
                     parsed = pa.Table.from_pandas(extra.reindex(batch_ids.to_pylist()), preserve_index=False)
                     columns.update((f.name, parsed.column(f.name).cast(f.type)) for f in extra_schema)
-                tables.append(pa.table(columns))
-            held.extend(tables)
+                held.append(pa.table(columns))
             written += len(ids)
             if written - flushed >= ROW_GROUP_ROWS:
                 writer = _write_group(writer, tmp, held)
