@@ -224,15 +224,14 @@ class InputTable:
         suspects = set(repeated.tolist())
         seen: set[str] = set()
         position = 0
-        for batch in self.batches([self.id_column]):  # type: ignore[list-item]
-            texts = self._id_texts(batch)
+        for _, texts in self.id_batches([]):  # the ids as they were hashed (a float id 2.0 is "2.0")
             for at in np.flatnonzero(np.isin(hash_ids(texts), list(suspects))):
                 row_id = texts[int(at)].as_py()
                 if row_id in seen:
                     raise ConfigError(f"{self.path} row {position + int(at) + 1}: duplicate id '{row_id}' "
                                       f"in column '{self.id_column}'")
                 seen.add(row_id)
-            position += batch.num_rows
+            position += len(texts)
 
     def id_batches(self, columns: list[str], first_group: int = 0) -> Iterator[tuple[pa.RecordBatch, pa.Array]]:
         """Record batches of `columns` in input order, each with its rows' ids as text."""
@@ -276,7 +275,6 @@ class InputTable:
             if size > after:
                 yield Skipped(size - after)
             seq += size
-
 
     def _groups_before(self, start: int) -> tuple[int, int]:
         """(row groups, rows) of a Parquet input that end at or before row `start`; (0, 0) otherwise.

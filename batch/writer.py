@@ -87,29 +87,8 @@ class Checkpoint:
     def row_states(self, rows: int, row_hashes: np.ndarray | None) -> RowStates:
         """The last record of each of the input's rows (its ids' hashes from the scan: None when no records)."""
         states = RowStates(rows, row_hashes)
-        columns = [*STATE_COLUMNS, "seq"]
-        held: list[pa.Table] = []  # a killed run leaves many small parts: added in bunches, not one by one
-
-        def add_held() -> None:
-            records = pa.concat_tables(held).combine_chunks()
+        for records in _bunches(self._parts(), [*STATE_COLUMNS, "seq"], self._group_rows):
             states.add(*(records.column(c).chunk(0) for c in ("id", "seq", "status", "error_class")))
-            held.clear()
-
-        for path in self._parts():
-            part = pq.ParquetFile(pa.OSFile(str(path)), pre_buffer=False)
-            self._group_rows[path.name] = _group_rows(part.metadata)
-            present = _present(part, columns)
-            if part.metadata.num_rows <= MERGE_BATCH_ROWS:
-                tables = [part.read(columns=present, use_threads=False)]
-            else:
-                tables = (pa.Table.from_batches([b])
-                          for b in part.iter_batches(MERGE_BATCH_ROWS, columns=present, use_threads=False))
-            for table in tables:
-                held.append(_conformed(table, columns))
-                if sum(t.num_rows for t in held) >= MERGE_BATCH_ROWS:
-                    add_held()
-        if held:
-            add_held()
         states.settle()
         return states
 
@@ -197,8 +176,8 @@ class Checkpoint:
             self.merge()
 
     def merge(self) -> None:
-        """Many parts into one. At the end of a run, not at open: a resume reads a thousand small parts
-        in a fraction of a second, while merging them first would delay its first request by seconds."""
+        """Many parts into a few (_merge_parts). At the end of a run, not at open: a resume reads a thousand
+        small parts in a fraction of a second, while merging them first would delay its first request by seconds."""
         if len(self._parts()) > MERGE_PARTS_ABOVE:
             self._merge_parts()
 
@@ -251,7 +230,6 @@ class RowGroups:
                 position += rows
         self._groups = np.array(groups, np.int64).reshape(-1, 3)
         self._open: tuple[int, pq.ParquetFile] | None = None
-        self.num_rows = position
 
     def take(self, positions: np.ndarray, columns: list[str]) -> pa.Table:
         """The records at these positions in write order (rows of one table across all parts)."""
@@ -301,17 +279,31 @@ def _group_rows_of(path: Path, known: dict[str, list[int]]) -> list[int]:
 
 def _write_merged(paths: list[Path], tmp: Path) -> None:
     with pq.ParquetWriter(tmp, RESULT_SCHEMA, use_dictionary=DICTIONARY_COLUMNS) as writer:
-        held: list[pa.Table] = []  # parts are small: gather them into row groups of a useful size
-        for path in paths:
-            part = pq.ParquetFile(pa.OSFile(str(path)), pre_buffer=False)
-            present = _present(part, RESULT_FIELDS)
-            for batch in part.iter_batches(batch_size=MERGE_BATCH_ROWS, columns=present, use_threads=False):
-                held.append(_conformed(pa.Table.from_batches([batch]), RESULT_FIELDS))
-                if sum(t.num_rows for t in held) >= MERGE_BATCH_ROWS:
-                    writer.write_table(pa.concat_tables(held).combine_chunks())
-                    held = []
-        if held:
-            writer.write_table(pa.concat_tables(held).combine_chunks())
+        for records in _bunches(paths, RESULT_FIELDS, {}):
+            writer.write_table(records)
+
+
+def _bunches(paths: list[Path], columns: list[str], known: dict[str, list[int]]) -> Iterator[pa.Table]:
+    """The parts' records, in write order, as tables of MERGE_BATCH_ROWS or more (the last may be short),
+    one chunk each. A killed run leaves many small parts: each is read whole, and they are handled in
+    bunches, not one by one. Notes each part's row-group sizes in `known` on the way."""
+    held: list[pa.Table] = []
+    for path in paths:
+        part = pq.ParquetFile(pa.OSFile(str(path)), pre_buffer=False)
+        known[path.name] = _group_rows(part.metadata)
+        present = _present(part, columns)
+        if part.metadata.num_rows <= MERGE_BATCH_ROWS:
+            tables: Iterator[pa.Table] = iter([part.read(columns=present, use_threads=False)])
+        else:
+            tables = (pa.Table.from_batches([b])
+                      for b in part.iter_batches(MERGE_BATCH_ROWS, columns=present, use_threads=False))
+        for table in tables:
+            held.append(_conformed(table, columns))
+            if sum(t.num_rows for t in held) >= MERGE_BATCH_ROWS:
+                yield pa.concat_tables(held).combine_chunks()
+                held = []
+    if held:
+        yield pa.concat_tables(held).combine_chunks()
 
 
 def _present(part: pq.ParquetFile, columns: list[str]) -> list[str]:

@@ -251,3 +251,14 @@ def test_records_written_between_the_scan_and_the_lock_are_still_found(sim, make
     code, out, err = run_cli("run", job)
     assert code == 0, out + err
     assert len(seen) == 2 and sim.stats()["requests"] == 10  # the 4 answers were not asked for again
+
+
+def test_duplicate_number_ids_are_found_as_the_run_writes_them(tmp_path):
+    from batch.errors import ConfigError
+    from batch.reader import InputTable
+
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": [2.0, 3.0, 2.0], "text": ["a", "b", "c"]}), path)
+    with pytest.raises(ConfigError) as found:
+        InputTable(path, "id", ["text"], []).scan()
+    assert str(found.value) == f"{path} row 3: duplicate id '2.0' in column 'id'"
