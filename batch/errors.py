@@ -8,6 +8,9 @@ EXIT_BAD_INPUT = 2
 EXIT_JOB_FATAL = 3
 EXIT_LOCKED = 4
 EXIT_BUDGET = 5
+# batch itself cannot go on: an unexpected error (its traceback goes to batch.log), or the checkpoint
+# can no longer be written. Not 1, which means "complete, some rows failed". 70 is EX_SOFTWARE (sysexits.h).
+EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 
 
@@ -33,3 +36,9 @@ class LockedError(BatchError):
     """Another run of the same job is alive (cron started one while the last still runs)."""
 
     exit_code = EXIT_LOCKED
+
+
+class CheckpointWriteError(BatchError):
+    """The checkpoint can no longer be written (folder gone, disk full, read-only): the run stops at once."""
+
+    exit_code = EXIT_INTERNAL
