@@ -9,12 +9,13 @@ hash are never taken for one another.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batch.failures import should_send
+from batch.failures import PROMPT_CHANGED, should_send
 from batch.reader import hash_ids
 
 
@@ -112,6 +113,13 @@ def _keep_newest_per_id(ids: pa.Array, hashes: np.ndarray, first: np.ndarray, st
 MAX_RECORDS = np.iinfo(np.uint32).max - 1  # write positions are held in 4 bytes a row
 
 
+class RowCounts(NamedTuple):
+    ok: int
+    failed: int
+    changed: int  # answered, but for prompt values the row no longer holds: pending again
+    not_in_input: int  # ids in the checkpoint that no input row holds now (rows deleted from the input)
+
+
 class RowStates:
     """Per input row: the state of its last record, and where that record was written.
 
@@ -123,11 +131,14 @@ class RowStates:
     counts for the row that now holds its id when it was written after that row's own record.
 
     A record is taken as a row's own when its id hashes like the row's id (64-bit SipHash, from
-    the scan); the final file then confirms each pairing on the ids themselves.
+    the scan); the final file then confirms each pairing on the ids themselves. A row whose last
+    record was made from other prompt values (its prompt_hash differs from the row's, from the scan)
+    is PROMPT_CHANGED: pending again.
     """
 
-    def __init__(self, rows: int, row_hashes: np.ndarray | None) -> None:
+    def __init__(self, rows: int, row_hashes: np.ndarray | None, row_prompts: np.ndarray | None = None) -> None:
         self.row_hashes = row_hashes  # needed only to read a checkpoint's records (add)
+        self.row_prompts = row_prompts  # likewise, and for records kept aside (last)
         self.codes = np.zeros(rows, np.int8)  # 0: no record; else 1 + index into self.names
         self.written = np.zeros(rows, np.uint32)  # 0: no record; else 1 + the record's write position
         self.names: list[str | None] = []  # "ok", or a failure's error_class
@@ -136,8 +147,11 @@ class RowStates:
         self._moved: Answered | None = None
         self._moved_written = np.empty(0, np.int64)
         self._moved_codes = np.empty(0, np.int8)
+        self._moved_prompts = np.empty(0, np.int64)
+        self._moved_seen = np.empty(0, bool)  # which records kept aside an input row has claimed (counts)
 
-    def add(self, ids: pa.Array, seqs: pa.Array, status: pa.Array, error_class: pa.Array) -> None:
+    def add(self, ids: pa.Array, seqs: pa.Array, status: pa.Array, error_class: pa.Array,
+            prompt_hash: pa.Array | None = None) -> None:
         """A batch of records from the checkpoint, in the order they were written."""
         assert self.row_hashes is not None, "RowStates built without the input's hashes"
         first = self._reserve(len(ids))
@@ -146,15 +160,20 @@ class RowStates:
         inside = (seq >= 0) & (seq < len(self.codes))
         rows = np.where(inside, seq, 0)
         home = inside & (self.row_hashes[rows] == hash_ids(ids))
+        prompts = _prompts(prompt_hash, len(ids))
         rows, at = rows[home], (positions[home] + 1).astype(np.uint32)
         np.maximum.at(self.written, rows, at)  # of a row's records in this batch, the last written wins
         won = self.written[rows] == at
-        self.codes[rows[won]] = self._codes(_state(status, error_class))[home][won]
+        codes = self._codes(_state(status, error_class))[home]
+        if self.row_prompts is not None:
+            codes[_changed(prompts[home], self.row_prompts[rows])] = self._code(PROMPT_CHANGED)
+        self.codes[rows[won]] = codes[won]
         if not home.all():
             away = pa.array(~home)
             self._moved_parts.append(pa.table({"id": ids.filter(away), "status": status.filter(away),
                                                "error_class": error_class.filter(away),
-                                               "position": pa.array(positions[~home])}))
+                                               "position": pa.array(positions[~home]),
+                                               "prompt": pa.array(prompts[~home])}))
 
     def add_one(self, seq: int, state: str | None) -> None:
         """A record this run wrote for input row `seq` (once per answer: no arrays built here)."""
@@ -172,12 +191,15 @@ class RowStates:
         """Index the records kept aside by id: once, after the checkpoint's last batch."""
         self.row_hashes = None
         if not self._moved_parts:
+            self.row_prompts = None
             return
         moved = pa.concat_tables(self._moved_parts)
         self._moved_parts = []
         self._moved = Answered(moved.column("id"), moved.column("status"), moved.column("error_class"))
         self._moved_written = _numpy(moved.column("position").take(self._moved.records))
         self._moved_codes = self._codes(self._moved.states.dictionary_decode())
+        self._moved_prompts = _numpy(moved.column("prompt").take(self._moved.records))
+        self._moved_seen = np.zeros(len(self._moved), bool)
 
     def last(self, start: int, ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         """For input rows start, start+1, ... holding `ids`: each one's state code (0: none) and
@@ -191,6 +213,10 @@ class RowStates:
             newer = found & (self._moved_written[where] > written)
             codes[newer] = self._moved_codes[where[newer]]
             written[newer] = self._moved_written[where[newer]]
+            if self.row_prompts is not None:
+                changed = newer & _changed(self._moved_prompts[where], self.row_prompts[start:stop])
+                codes[changed] = self._code(PROMPT_CHANGED)
+            self._moved_seen[where[found]] = True
         return codes, written
 
     def name(self, code: int) -> str | None:
@@ -211,19 +237,22 @@ class RowStates:
     def _sends(self, retry_failed: bool) -> np.ndarray:
         return np.array([should_send(None, retry_failed)] + [should_send(n, retry_failed) for n in self.names])
 
-    def counts(self, id_batches: Callable[[], Iterable[pa.Array]]) -> tuple[int, int]:
-        """(ok, failed) over the input rows; `id_batches` is read only when records were kept aside."""
+    def counts(self, id_batches: Callable[[], Iterable[pa.Array]]) -> RowCounts:
+        """The input rows' states; `id_batches` is read only when records were kept aside."""
+        not_in_input = 0
         if self._moved is None:
             codes = self.codes
         else:
             codes = np.empty(len(self.codes), np.int8)
+            self._moved_seen[:] = False
             start = 0
             for ids in id_batches():
                 codes[start:start + len(ids)] = self.last(start, ids)[0]
                 start += len(ids)
-        per_code = np.bincount(codes, minlength=len(self.names) + 1)
-        ok = int(sum(n for name, n in zip(self.names, per_code[1:]) if name == "ok"))
-        return ok, int(per_code[1:].sum()) - ok
+            not_in_input = int((~self._moved_seen).sum())
+        per_state = dict(zip(self.names, np.bincount(codes, minlength=len(self.names) + 1)[1:].tolist()))
+        ok, changed = per_state.pop("ok", 0), per_state.pop(PROMPT_CHANGED, 0)
+        return RowCounts(ok, sum(per_state.values()), changed, not_in_input)
 
     def _code(self, state: str | None) -> int:
         if state not in self.names:
@@ -236,6 +265,18 @@ class RowStates:
         encoded = states.dictionary_encode(null_encoding="encode")
         table = np.array([self._code(s) for s in encoded.dictionary.to_pylist()] or [0], np.int8)
         return table[_numpy(encoded.indices)]
+
+
+def _prompts(prompt_hash: pa.Array | None, count: int) -> np.ndarray:
+    """Records' prompt hashes as int64, -1 where none was recorded (checkpoints from before it existed)."""
+    if prompt_hash is None:
+        return np.full(count, -1, np.int64)
+    return _numpy(pc.fill_null(prompt_hash.cast(pa.int64()), -1))
+
+
+def _changed(recorded: np.ndarray, current: np.ndarray) -> np.ndarray:
+    """Which records were made from other prompt values than the rows hold now (none recorded: unchanged)."""
+    return (recorded >= 0) & (recorded != current)
 
 
 def _state(status: pa.Array, error_class: pa.Array) -> pa.Array:

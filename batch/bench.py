@@ -378,7 +378,9 @@ def fill_checkpoint(folder: Path, start: int, stop: int) -> int:
     real = pq.read_table(parts[0], schema=RESULT_SCHEMA).slice(0, 1).to_pylist() if parts else []
     model = {"status": "ok", "finish_reason": "stop", "prompt_tokens": 48, "completion_tokens": 17,
              "total_tokens": 65, "cost": 0.0, "model": MODEL, "latency_s": 0.05, "attempts": 1,
-             **(real[0] if real else {})}
+             **(real[0] if real else {}),
+             # Unknown, as in a checkpoint from before prompt hashes: taken as unchanged, compared at the same cost.
+             "prompt_hash": None}
     written = 0
     for lo in range(start, stop, PART_ROWS):
         seqs = range(lo, min(stop, lo + PART_ROWS))

@@ -93,7 +93,8 @@ class AnswerCache:
             self._db.close()
 
 
-def reused(kept: dict[str, Any], row_id: str, seq: int) -> dict[str, Any]:
+def reused(kept: dict[str, Any], row_id: str, seq: int, prompt_hash: int) -> dict[str, Any]:
     """A row's record made from another request's answer: no request sent, nothing paid."""
     return {"id": row_id, "seq": seq, "status": "ok", **{f: kept.get(f) for f in REUSED_FIELDS},
-            "cost": 0.0, "latency_s": 0.0, "attempts": 0, "error_class": None, "error": None, "cache_hit": True}
+            "cost": 0.0, "latency_s": 0.0, "attempts": 0, "error_class": None, "error": None, "cache_hit": True,
+            "prompt_hash": prompt_hash}

@@ -10,18 +10,17 @@ from batch.config import JobSpec
 from batch.pricing import CURRENCY, Price, cost_of, pricer_for, worst_cost
 from batch.prompts import PromptBuilder, RowPromptError, estimate_tokens
 from batch.reader import Skipped
-from batch.status import open_input
-from batch.writer import Checkpoint, answered_of
+from batch.status import open_input, row_states
+from batch.writer import Checkpoint
 
 TOKENIZER_NOTE = "approximation: 1 token per CJK character, 1 per 4 other characters, +4 per message"
 
 
 def estimate(spec: JobSpec, retry_failed: bool = False) -> dict[str, Any]:
     table = open_input(spec)
-    table.scan()
+    _, states = row_states(spec, table)
     builder = PromptBuilder(spec.prompt)
     done_table = Checkpoint(spec.checkpoint_dir).snapshot()
-    answered = answered_of(done_table)
     ok = done_table.filter(pc.equal(done_table.column("status"), "ok"))
     observed = pc.mean(ok.column("completion_tokens")).as_py() if ok.num_rows else None
     max_tokens = int(spec.model.params.get("max_tokens") or 0) or None
@@ -29,7 +28,8 @@ def estimate(spec: JobSpec, retry_failed: bool = False) -> dict[str, Any]:
 
     rows = skipped = unsendable = prompt_tokens = 0
     low = high = 0.0
-    for row in table.rows(lambda seq, ids: answered.to_send(ids, retry_failed)):
+    start = states.first_to_send(retry_failed)
+    for row in table.rows(lambda seq, ids: states.to_send(seq, ids, retry_failed), start):
         if isinstance(row, Skipped):
             skipped += row.count
             continue
@@ -43,9 +43,11 @@ def estimate(spec: JobSpec, retry_failed: bool = False) -> dict[str, Any]:
         if pricer is not None:
             low += cost_of(pricer, tokens, round(observed or 0)) or 0.0
             high += worst_cost(pricer, tokens, max_tokens) if max_tokens else 0.0
+    changed = states.counts(lambda: (ids for _, ids in table.id_batches([]))).changed
     return {
         "job": spec.name, "model": spec.model.name, "rows_to_do": rows, "rows_done_before": skipped,
-        "rows_without_prompt": unsendable, "prompt_tokens_estimate": prompt_tokens, "tokenizer": TOKENIZER_NOTE,
+        "rows_without_prompt": unsendable, "rows_changed": changed,
+        "prompt_tokens_estimate": prompt_tokens, "tokenizer": TOKENIZER_NOTE,
         "max_tokens": max_tokens, "observed_completion_tokens_per_row": observed,
         "completion_tokens_expected": round(rows * observed) if observed is not None else None,
         "completion_tokens_max": rows * max_tokens if max_tokens else None,
@@ -58,7 +60,9 @@ def estimate(spec: JobSpec, retry_failed: bool = False) -> dict[str, Any]:
 def format_estimate(e: dict[str, Any]) -> str:
     lines = [
         f"estimate for job {e['job']} ({e['model']}): {e['rows_to_do']} rows to send "
-        f"({e['rows_done_before']} done before, {e['rows_without_prompt']} without a prompt); nothing was sent",
+        f"({e['rows_done_before']} done before, {e['rows_without_prompt']} without a prompt"
+        + (f", {e['rows_changed']} whose prompt changed since answered" if e["rows_changed"] else "")
+        + "); nothing was sent",
         f"  prompt tokens: ~{e['prompt_tokens_estimate']} ({e['tokenizer']})",
     ]
     answer = []

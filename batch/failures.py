@@ -31,9 +31,14 @@ JOB_CODE_CLASSES: list[tuple[range, str]] = [
 RETRYABLE_LATER = {"rate_limited", "server_error", "timeout", "connection", "bad_response", "bad_json"}
 
 
+# The state of a row whose last record answered other prompt values than the row holds now (the input
+# was edited): pending again. Its old record stays in the checkpoint.
+PROMPT_CHANGED = "prompt_changed"
+
+
 def should_send(state: str | None, retry_failed: bool) -> bool:
-    """Whether a row is sent, given its checkpoint state: None (pending), "ok", or its failure's class."""
-    return state is None or (retry_failed and state in RETRYABLE_LATER)
+    """Whether a row is sent, given its checkpoint state: None (pending), "ok", PROMPT_CHANGED, or a failure's class."""
+    return state is None or state == PROMPT_CHANGED or (retry_failed and state in RETRYABLE_LATER)
 
 
 @dataclass

@@ -23,7 +23,7 @@ WINDOW_ROWS = 4096  # input rows per read of the checkpoint: its records arrive 
 # Rows per row group of the output. The writer holds ~30 KB of metadata per row group until it closes
 # (7 MB at a million rows in 4,096-row groups), and the rows of one group until it is written.
 ROW_GROUP_ROWS = 16_384
-RESULT_COLUMNS = [c for c in RESULT_FIELDS if c not in ("id", "seq")]
+RESULT_COLUMNS = [c for c in RESULT_FIELDS if c not in ("id", "seq", "prompt_hash")]  # the checkpoint's own
 
 
 class Records:

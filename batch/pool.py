@@ -228,7 +228,7 @@ class Pool:
             "model": data.get("model") or self.model,
             "request_id": data.get("request_id") or data.get("id"),
             "latency_s": round(latency, 4), "attempts": attempts,
-            "error_class": None, "error": None, "cache_hit": False,
+            "error_class": None, "error": None, "cache_hit": False, "prompt_hash": row.prompt_hash,
         }
 
 
@@ -237,5 +237,5 @@ def failed_record(row: Row, error_class: str, error: str, attempts: int, model: 
         "id": row.id, "seq": row.seq, "status": "failed", "response": None, "reasoning_content": None,
         "finish_reason": None, "prompt_tokens": None, "completion_tokens": None, "total_tokens": None,
         "cost": None, "model": model, "request_id": None, "latency_s": None, "attempts": attempts,
-        "error_class": error_class, "error": error, "cache_hit": False,
+        "error_class": error_class, "error": error, "cache_hit": False, "prompt_hash": row.prompt_hash,
     }

@@ -6,6 +6,7 @@ import hashlib
 import importlib.abc
 import json
 import sys
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ class Row:
     seq: int  # position in the input, from 0
     id: str
     values: dict[str, Any]
+    prompt_hash: int | None = None  # of its prompt values (prompt_hashes): a row edited since is sent again
 
 
 @dataclass(slots=True)
@@ -90,6 +92,7 @@ class InputTable:
         self.columns = self._column_names()
         self._check_columns()
         self.row_hashes: np.ndarray | None = None  # filled by scan(keep_hashes=True)
+        self.row_prompts: np.ndarray | None = None  # likewise: each row's prompt_hashes
 
     def _column_names(self) -> list[str]:
         try:
@@ -182,21 +185,26 @@ class InputTable:
         """Read the job's columns once before any request: count rows, find bad ids and bad text early.
 
         With `keep_hashes`, keeps `row_hashes`: a hash of each row's id in input order, by which a
-        resume finds each row's record. 8 bytes a row, not the ids: value_counts over a million ids
-        peaked at +190 MB.
+        resume finds each row's record (8 bytes a row, not the ids: value_counts over a million ids
+        peaked at +190 MB), and `row_prompts`, each row's prompt_hashes, by which it finds the rows
+        whose prompt changed since they were answered.
         """
         hashes = _Hashes(self._rows_known())
-        for _, ids in self.id_batches(self._scanned_columns()):
+        prompts = _Hashes(self._rows_known(), np.uint32) if keep_hashes else None
+        for batch, ids in self.id_batches(self._scanned_columns(keep_hashes)):
             empty = pc.equal(ids, "")
             if pc.any(empty).as_py():
                 row = hashes.count + pc.index(empty, True).as_py() + 1
                 raise ConfigError(f"{self.path} row {row}: empty id in column '{self.id_column}'")
             hashes.add(hash_ids(ids))
+            if prompts is not None:
+                prompts.add(self.prompt_hashes(batch))
         if hashes.count == 0:
             raise ConfigError(f"{self.path}: the input has no rows")
         every = hashes.joined()
         if keep_hashes:
             self.row_hashes = every
+            self.row_prompts = prompts.joined()  # type: ignore[union-attr]
         if self.id_column:  # derived ids are unique by construction
             self._check_unique(np.sort(every) if keep_hashes else _sorted_in_place(every))
         return hashes.count
@@ -204,12 +212,22 @@ class InputTable:
     def _rows_known(self) -> int | None:
         return pq.ParquetFile(self.path).metadata.num_rows if self.format == "parquet" else None
 
-    def _scanned_columns(self) -> list[str]:
+    def _scanned_columns(self, prompts: bool) -> list[str]:
         # Parquet values are typed and were checked when written: reading the text columns would find nothing,
-        # for ~0.15 s per million rows. A CSV or JSONL line can be malformed anywhere: read all of it.
+        # for ~0.15 s per million rows, unless the prompts are compared with the checkpoint's. A CSV or JSONL
+        # line can be malformed anywhere: read all of it.
         if self.format == "parquet" and self.id_column:
-            return []
+            return self.prompt_columns if prompts else []
         return self.prompt_columns + self.keep_columns
+
+    def prompt_hashes(self, batch: pa.RecordBatch) -> np.ndarray:
+        """A stable 32-bit hash (CRC-32) of each row's prompt values: the same values, the same hash, in
+        any process. Recorded with each answer, so a resume sends again a row whose values were edited."""
+        texts = [_as_text(batch.column(c)) for c in self.prompt_columns]
+        joined = texts[0] if len(texts) == 1 else pc.binary_join_element_wise(
+            *texts, "\x1f", null_handling="replace", null_replacement="\x00")
+        return np.fromiter(map(zlib.crc32, pc.fill_null(joined, "\x00").cast(pa.binary()).to_pylist()),
+                           np.uint32, len(joined))
 
     def _id_texts(self, batch: pa.RecordBatch) -> pa.Array:
         return pc.utf8_trim_whitespace(batch.column(self.id_column).cast(pa.string()))
@@ -266,11 +284,12 @@ class InputTable:
             if len(built):
                 values = {c: batch.column(c).to_pylist() for c in self.prompt_columns}
                 row_ids = ids.to_pylist()
+                prompts = self.prompt_hashes(batch)
             after = 0  # the first row of the batch not yielded yet
             for i in map(int, built):
                 if i > after:
                     yield Skipped(i - after)
-                yield Row(seq + i, row_ids[i], {c: v[i] for c, v in values.items()})
+                yield Row(seq + i, row_ids[i], {c: v[i] for c, v in values.items()}, int(prompts[i]))
                 after = i + 1
             if size > after:
                 yield Skipped(size - after)
@@ -297,8 +316,8 @@ class _Hashes:
     ndarray.resize, which glibc's realloc does in place (mremap) for arrays this large.
     """
 
-    def __init__(self, rows: int | None) -> None:
-        self._array = np.empty(rows if rows is not None else 1 << 16, np.int64)
+    def __init__(self, rows: int | None, dtype: type = np.int64) -> None:
+        self._array = np.empty(rows if rows is not None else 1 << 16, dtype)
         self.count = 0
 
     def add(self, piece: np.ndarray) -> None:
@@ -339,6 +358,19 @@ class DerivedIds:
 def hash_ids(ids: pa.Array) -> np.ndarray:
     """Python's own 64-bit string hash (SipHash) of each id: equal ids, equal hashes, within one process."""
     return np.fromiter(map(hash, ids.to_pylist()), np.int64, len(ids))
+
+
+def _as_text(column: pa.Array) -> pa.Array:
+    """A column's values as text, for hashing: lists and structs (a Parquet messages column) as JSON."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return column
+    if pa.types.is_nested(column.type):
+        return pa.array([None if v is None else json.dumps(v, ensure_ascii=False, sort_keys=True, default=str)
+                         for v in column.to_pylist()], pa.string())
+    try:
+        return column.cast(pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return pa.array([None if v is None else str(v) for v in column.to_pylist()], pa.string())
 
 
 def _id_text(value: Any) -> str | None:

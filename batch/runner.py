@@ -81,8 +81,8 @@ class Run:
                 f"{self.spec.checkpoint_dir}: cannot write the checkpoint: {exc.strerror or exc}") from None
         if self.table.row_hashes is None and self.checkpoint.has_records():
             self.table.scan(keep_hashes=True)  # another run wrote records between our scan and our lock
-        done = self.checkpoint.row_states(total, self.table.row_hashes)
-        self.table.row_hashes = None
+        done = self.checkpoint.row_states(total, self.table.row_hashes, self.table.row_prompts)
+        self.table.row_hashes = self.table.row_prompts = None
         stats = RunStats(total)
         progress = Progress(stats, self.options.progress_interval_s, self.options.tty)
         self._install_signal_handlers()
@@ -169,7 +169,7 @@ class Run:
                 key = request_key(body)
                 kept = await cache.answer_of(key)
                 if kept is not None:
-                    record(reused(kept, row.id, row.seq))
+                    record(reused(kept, row.id, row.seq, row.prompt_hash))
                     continue
                 estimated = estimate_tokens(messages)
                 hold = budget.reserve(estimated) if budget else None
@@ -219,12 +219,14 @@ class Run:
         self.stopping.set()
 
     def _finish(self, stats: RunStats, done: RowStates) -> dict[str, Any]:
-        ok, failed = done.counts(lambda: (ids for _, ids in self.table.id_batches([])))
-        totals = {"ok": ok, "failed": failed, "pending": stats.rows_total - ok - failed}
+        counts = done.counts(lambda: (ids for _, ids in self.table.id_batches([])))
+        totals = {"ok": counts.ok, "failed": counts.failed, "pending": stats.rows_total - counts.ok - counts.failed,
+                  "not_in_input": counts.not_in_input}
         output = None
         if totals["pending"] == 0:
             output = self.spec.output.path
-            if self.checkpoint.newer_than(output):
+            # The input too: rows deleted from it leave the answers as they were, and the output must lose them.
+            if self.checkpoint.newer_than(output, self.spec.input.path):
                 groups = self.checkpoint.row_groups() if done.records else None
                 self._write_output(output, Records(groups, done))
         if self.exit_code is None:

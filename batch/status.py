@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
+import numpy as np
 import pyarrow.compute as pc
 
+from batch.answered import RowStates
 from batch.config import JobSpec, resolve_api_key
+from batch.failures import PROMPT_CHANGED
 from batch.guard import RunLock
 from batch.pricing import CURRENCY
 from batch.prompts import PromptBuilder
@@ -30,22 +34,33 @@ def validate(spec: JobSpec) -> str:
             f"model {spec.model.name} at {spec.model.resolved_base_url}")
 
 
+def row_states(spec: JobSpec, table: InputTable) -> tuple[int, RowStates]:
+    """The input's row count and each row's state in the checkpoint, the log of a live run included: the same
+    resume state a run starts from, read without touching the folder."""
+    checkpoint = Checkpoint(spec.checkpoint_dir)
+    records = checkpoint.has_records()
+    total = table.scan(keep_hashes=records)
+    states = checkpoint.row_states(total, table.row_hashes, table.row_prompts, with_log=records)
+    table.row_hashes = table.row_prompts = None
+    return total, states
+
+
 def job_status(spec: JobSpec) -> dict[str, Any]:
     table = open_input(spec)
+    total, states = row_states(spec, table)
+    counts = states.counts(lambda: (ids for _, ids in table.id_batches([])))
     results = Checkpoint(spec.checkpoint_dir).snapshot()
-    ok = pc.equal(results.column("status"), "ok")
-    done_ok = pc.sum(ok).as_py() or 0
-    failed = results.num_rows - done_ok
     summary_path = spec.checkpoint_dir / "summary.json"
     last = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else None
-    total = table.scan()
     return {
         "job": spec.name,
         "rows_total": total,
-        "ok": done_ok,
-        "failed": failed,
-        "pending": total - done_ok - failed,
-        "failed_by_class": dict(zip(*_counts(results.filter(pc.invert(ok)).column("error_class")))),
+        "ok": counts.ok,
+        "failed": counts.failed,
+        "pending": total - counts.ok - counts.failed,
+        "changed": counts.changed,
+        "not_in_input": counts.not_in_input,
+        "failed_by_class": failed_by_class(states, table),
         "prompt_tokens": pc.sum(results.column("prompt_tokens")).as_py() or 0,
         "completion_tokens": pc.sum(results.column("completion_tokens")).as_py() or 0,
         "cost": round(pc.sum(results.column("cost")).as_py() or 0.0, 6),
@@ -58,18 +73,27 @@ def job_status(spec: JobSpec) -> dict[str, Any]:
     }
 
 
-def _counts(column: Any) -> tuple[list[Any], list[int]]:
-    counted = pc.value_counts(column)
-    return counted.field("values").to_pylist(), counted.field("counts").to_pylist()
+def failed_by_class(states: RowStates, table: InputTable) -> dict[str, int]:
+    counted: Counter[str] = Counter()
+    start = 0
+    for _, ids in table.id_batches([]):
+        codes = states.last(start, ids)[0]
+        counted.update({states.name(int(code)): int(n) for code, n in zip(*np.unique(codes, return_counts=True))})
+        start += len(ids)
+    return {name: n for name, n in counted.items() if name not in (None, "ok", PROMPT_CHANGED)}
 
 
 def format_status(status: dict[str, Any]) -> str:
     lines = [
         f"job {status['job']}: {status['rows_total']} rows: ok {status['ok']}, failed {status['failed']}, "
-        f"pending {status['pending']}",
+        f"pending {status['pending']}" + (f" ({status['changed']} answered before their prompt changed)"
+                                          if status["changed"] else ""),
         f"  tokens so far: {status['prompt_tokens']} prompt + {status['completion_tokens']} completion, "
         f"cost so far: {status['cost']:.6f} {status['currency']}",
     ]
+    if status["not_in_input"]:
+        lines.append(f"  not in the input: {status['not_in_input']} answers are for rows no longer in the input "
+                     "(kept in the checkpoint)")
     if status["failed_by_class"]:
         lines.append("  failed: " + ", ".join(f"{k} {v}" for k, v in sorted(status["failed_by_class"].items())))
     last = status["last_run"]

@@ -118,6 +118,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"job {summary['job']} ({summary['model']}): {summary['rows_total']} rows",
         f"  this run: ok {run['ok']}, failed {run['failed']}, skipped (done before) {run['skipped']}",
         f"  all runs: ok {totals['ok']}, failed {totals['failed']}, pending {totals['pending']}",
+        *([f"  {totals['not_in_input']} answers are for rows no longer in the input (kept in the checkpoint)"]
+          if totals.get("not_in_input") else []),
         f"  tokens: {run['prompt_tokens']} prompt + {run['completion_tokens']} completion = {run['total_tokens']}",
         f"  cost: {run['cost']:.6f} {run['currency']}"
         + (f" (+ {run['cost_unknown_rows']} rows of unknown price)" if run["cost_unknown_rows"] else ""),

@@ -9,6 +9,7 @@ the last record per id, and the two copies are identical.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -40,6 +41,9 @@ RESULT_SCHEMA = pa.schema([
     ("error_class", pa.string()),
     ("error", pa.string()),
     ("cache_hit", pa.bool_()),
+    # CRC-32 of the row's prompt values when it was sent (reader.prompt_hashes): a row whose values were
+    # edited since is sent again. Null in checkpoints written before it existed: those are taken as unchanged.
+    ("prompt_hash", pa.uint32()),
 ])
 RESULT_FIELDS = RESULT_SCHEMA.names
 WAL_NAME = "wal.jsonl"
@@ -84,11 +88,19 @@ class Checkpoint:
         """The last record per id in the part files (the log is in them after open() and close())."""
         return answered_of(self._read_parts(STATE_COLUMNS))
 
-    def row_states(self, rows: int, row_hashes: np.ndarray | None) -> RowStates:
-        """The last record of each of the input's rows (its ids' hashes from the scan: None when no records)."""
-        states = RowStates(rows, row_hashes)
-        for records in _bunches(self._parts(), [*STATE_COLUMNS, "seq"], self._group_rows):
-            states.add(*(records.column(c).chunk(0) for c in ("id", "seq", "status", "error_class")))
+    def row_states(self, rows: int, row_hashes: np.ndarray | None, row_prompts: np.ndarray | None = None,
+                   with_log: bool = False) -> RowStates:
+        """The last record of each of the input's rows (its ids' and prompts' hashes from the scan: None when
+        there are no records). `with_log`: the log's records too, read without touching it (a run may be alive)."""
+        states = RowStates(rows, row_hashes, row_prompts)
+        columns = ["id", "seq", "status", "error_class", "prompt_hash"]
+        bunches = _bunches(self._parts(), columns, self._group_rows)
+        if with_log:
+            logged = pa.Table.from_pylist(list(_read_wal(self.folder / WAL_NAME)), schema=RESULT_SCHEMA)
+            bunches = itertools.chain(bunches, [logged.select(columns).combine_chunks()])
+        for records in bunches:
+            if records.num_rows:
+                states.add(*(records.column(c).chunk(0) for c in columns))
         states.settle()
         return states
 
@@ -119,12 +131,12 @@ class Checkpoint:
         for path in self._parts():
             yield pq.ParquetFile(pa.OSFile(str(path)), pre_buffer=False)  # a native file: no filesystem lookup
 
-    def newer_than(self, path: Path) -> bool:
-        """Whether any result on disk is newer than `path` (or `path` does not exist)."""
+    def newer_than(self, path: Path, source: Path) -> bool:
+        """Whether any result on disk, or the `source` it was made from, is newer than `path` (or no `path` exists)."""
         if not path.exists():
             return True
         built = path.stat().st_mtime_ns
-        return any(part.stat().st_mtime_ns > built for part in self._parts())
+        return any(part.stat().st_mtime_ns > built for part in [source, *self._parts()])
 
     def results(self, columns: list[str] | None = None) -> pa.Table:
         """All results, the last one per id (a retried failure replaced by its new answer)."""
