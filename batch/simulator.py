@@ -4,8 +4,14 @@ Answers are pure functions of the request (see `answer_for` / `completion_for`),
 test can check every output row without a real model.  Failure modes that a batch
 runner must survive (rate limits, 5xx, resets, malformed bodies, hangs, arrears) can be
 switched on through `SimConfig` or triggered per row with markers in the last user
-message: ``[[error:STATUS:CODE]]``, ``[[flaky:N]]``, ``[[malformed]]``,
-``[[nochoices]]``, ``[[hang]]``, ``[[reset]]``, ``[[slow:MS]]``.
+message: ``[[error:STATUS:CODE]]`` (``[[error:200:1113]]``: an error body in a 200),
+``[[flaky:N]]``, ``[[malformed]]``, ``[[nochoices]]``, ``[[hang]]``, ``[[reset]]``,
+``[[slow:MS]]``, ``[[set:PATH=JSON]]`` (a field of the 200 answer set to a JSON value, e.g.
+``[[set:usage.prompt_tokens="3"]]``; numbers in PATH index lists; several may be given),
+``[[bigbody:BYTES]]`` (a 200 whose reply is BYTES long, with its Content-Length) and
+``[[bigstream:BYTES]]`` (the same, streamed in chunks without a length).  ``echo_key`` makes
+every error message and reply quote the Authorization header the request carried, as a careless
+server might.
 
 Run ``python -m batch.simulator --help`` for the CLI.
 """
@@ -34,8 +40,11 @@ from aiohttp import web
 
 _CJK = "\u3400-\u9fff\uf900-\ufaff"
 _TOKEN_RE = re.compile(f"[{_CJK}]|[^\\W{_CJK}]+|[^\\w\\s]")
-_MARKER_RE = re.compile(r"\[\[(error|flaky|malformed|nochoices|hang|reset|slow)(?::([^\]]*))?\]\]")
+_MARKER_RE = re.compile(
+    r"\[\[(error|flaky|malformed|nochoices|hang|reset|slow|bigbody|bigstream)(?::([^\]]*))?\]\]")
+_SET_RE = re.compile(r"\[\[set:([\w.]+)=([^\]]*)\]\]")
 _MALFORMED_BODY = b'{"id": "x", "choices": ['
+_STREAM_CHUNK = 64 * 1024
 # Codes that mean "slow down"; only these get a Retry-After header.
 _RATE_LIMIT_CODES = frozenset({"1302", "1303", "1305"})
 _MESSAGES = {
@@ -148,6 +157,7 @@ class SimConfig:
     fail_status: int = 429
     fail_code: str = "1113"
     api_key: str | None = dataclasses.field(default=None, repr=False)  # keep it out of reprs/logs
+    echo_key: bool = False  # quote the request's Authorization header in every error message and reply
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -219,17 +229,25 @@ class Simulator:
 
     def _json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> web.Response:
         self._count(str(status))
-        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        try:
+            body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate set by [[set:...]]: only a \\u escape can carry it
+            body = json.dumps(payload).encode("ascii")
         return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
-    def _error(self, status: int, code: str | None, message: str | None = None) -> web.Response:
+    def _error(self, request: web.Request, status: int, code: str | None, message: str | None = None) -> web.Response:
         """A Zhipu-style error body; `[[error:429]]` (no code) sends a body without one, as plain proxies do."""
         headers = None
         if status == 429 and (code is None or code in _RATE_LIMIT_CODES) and self.config.retry_after is not None:
             headers = {"Retry-After": f"{self.config.retry_after:g}"}
-        text = message or _MESSAGES.get(code or "", f"simulated error {status}")
+        text = self._echo(request, message or _MESSAGES.get(code or "", f"simulated error {status}"))
         error: dict[str, Any] = {"message": text} if code is None else {"code": code, "message": text}
         return self._json(status, {"error": error}, headers)
+
+    def _echo(self, request: web.Request, text: str) -> str:
+        if not self.config.echo_key:
+            return text
+        return f"{text} (you sent Authorization: {request.headers.get('Authorization', '')})"
 
     def _rpm_exceeded(self) -> bool:
         rpm = self.config.rpm
@@ -254,7 +272,7 @@ class Simulator:
         self._requests += 1
         cfg = self.config
         if self._auth is not None and request.headers.get("Authorization") != self._auth:
-            return self._error(401, "1000")
+            return self._error(request, 401, "1000")
         try:
             body = json.loads(await request.read())
             messages = body["messages"]
@@ -265,14 +283,14 @@ class Simulator:
             max_tokens = None if max_tokens is None else int(max_tokens)
             json_mode = (body.get("response_format") or {}).get("type") == "json_object"
         except (ValueError, KeyError, TypeError) as exc:
-            return self._error(400, "1214", f"请求参数非法 / invalid request: {type(exc).__name__}")
+            return self._error(request, 400, "1214", f"请求参数非法 / invalid request: {type(exc).__name__}")
         prompt = last_user_text(messages)
         self._by_prompt[prompt] = self._by_prompt.get(prompt, 0) + 1
         # No await between this check and the increment, so the limit is exact.
         if cfg.max_concurrency is not None and self._in_flight >= cfg.max_concurrency:
-            return self._error(429, "1302")
+            return self._error(request, 429, "1302")
         if self._rpm_exceeded():
-            return self._error(429, "1302")
+            return self._error(request, 429, "1302")
         self._in_flight += 1
         if self._in_flight > self._max_in_flight:
             self._max_in_flight = self._in_flight
@@ -288,7 +306,7 @@ class Simulator:
                        max_tokens: int | None, prompt: str, json_mode: bool = False) -> web.StreamResponse:
         cfg = self.config
         if cfg.fail_after is not None and self._successes >= cfg.fail_after:
-            return self._error(cfg.fail_status, cfg.fail_code)
+            return self._error(request, cfg.fail_status, cfg.fail_code)
         markers = dict(_MARKER_RE.findall(prompt)) if "[[" in prompt else {}
         delay = 0.0
         if cfg.latency_ms > 0:
@@ -302,11 +320,11 @@ class Simulator:
 
         if "error" in markers:
             status, _, code = markers["error"].partition(":")
-            return self._error(int(_number(status, 500)), code or None)
+            return self._error(request, int(_number(status, 500)), code or None)
         if "flaky" in markers:
             seen = self._flaky_seen[prompt] = self._flaky_seen.get(prompt, 0) + 1
             if seen <= _number(markers["flaky"], 1):
-                return self._error(500, "1200")
+                return self._error(request, 500, "1200")
         outcome = ""
         for name in ("malformed", "nochoices", "hang", "reset"):
             if name in markers:
@@ -323,9 +341,9 @@ class Simulator:
                 draw -= p
 
         if outcome == "500":
-            return self._error(500, "1200")
+            return self._error(request, 500, "1200")
         if outcome == "503":
-            return self._error(503, "1305")
+            return self._error(request, 503, "1305")
         if outcome == "reset":
             return self._reset_connection(request)
         if outcome == "malformed":
@@ -335,11 +353,15 @@ class Simulator:
             await asyncio.sleep(cfg.hang_s)
         # Re-check after the sleeps so concurrent requests cannot overshoot fail_after.
         if cfg.fail_after is not None and self._successes >= cfg.fail_after:
-            return self._error(cfg.fail_status, cfg.fail_code)
+            return self._error(request, cfg.fail_status, cfg.fail_code)
 
         result = completion_for(model, messages, max_tokens, json_mode)
         request_id = "chatcmpl-" + os.urandom(6).hex()
-        message: dict[str, Any] = {"role": "assistant", "content": result["content"]}
+        content = self._echo(request, result["content"])
+        big = markers.get("bigbody") or markers.get("bigstream")
+        if big is not None:
+            content += "x" * max(0, int(_number(big, 0)) - len(content))
+        message: dict[str, Any] = {"role": "assistant", "content": content}
         if "[[think]]" in prompt:  # a thinking model's reasoning, as GLM-4.5+ returns it
             message["reasoning_content"] = f"reasoning about: {prompt[:32]}"
         choices = [] if outcome == "nochoices" else [{
@@ -347,12 +369,34 @@ class Simulator:
         prompt_tokens, completion_tokens = result["prompt_tokens"], result["completion_tokens"]
         if outcome != "nochoices":
             self._successes += 1
-        return self._json(200, {
+        answer = {
             "id": request_id, "request_id": request_id, "object": "chat.completion",
             "created": int(time.time()), "model": model, "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
-        }, {"x-request-id": request_id})
+        }
+        for path, value in _SET_RE.findall(prompt):
+            _set_field(answer, path, value)
+        if "bigstream" in markers:
+            return await self._stream(request, answer, request_id)
+        return self._json(200, answer, {"x-request-id": request_id})
+
+    async def _stream(self, request: web.Request, answer: dict[str, Any], request_id: str) -> web.StreamResponse:
+        """The answer in chunks, without a Content-Length: a client learns its size only by reading it."""
+        body = json.dumps(answer, ensure_ascii=False).encode("utf-8")
+        response = web.StreamResponse(status=200, headers={"Content-Type": "application/json",
+                                                           "x-request-id": request_id})
+        response.enable_chunked_encoding()
+        try:
+            await response.prepare(request)
+            for start in range(0, len(body), _STREAM_CHUNK):
+                await response.write(body[start:start + _STREAM_CHUNK])
+            await response.write_eof()
+        except ConnectionError:  # the client stopped reading and closed the connection
+            self._count("disconnected")
+            return response
+        self._count("200")
+        return response
 
     def _reset_connection(self, request: web.Request) -> web.Response:
         self._count("reset")
@@ -365,6 +409,28 @@ class Simulator:
             transport.abort()
         # aiohttp fails to write this to the dead transport and drops it quietly.
         return web.Response(status=200)
+
+
+def _set_field(answer: dict[str, Any], path: str, text: str) -> None:
+    """[[set:PATH=JSON]]: PATH's field (dicts created on the way, numbers index lists) set to the JSON value.
+
+    A value that is not JSON is taken as a string: marker arguments are typed by hand.
+    """
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = text
+    *parents, last = path.split(".")
+    node: Any = answer
+    try:
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    except (LookupError, ValueError, TypeError, AttributeError):
+        pass  # a path that does not fit the answer changes nothing
 
 
 class SimulatorThread:
@@ -486,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key-env", metavar="NAME", help="require the key held in this env variable")
     for field in dataclasses.fields(SimConfig):
         if field.name == "api_key":
+            continue
+        if str(field.type) == "bool":
+            parser.add_argument("--" + field.name.replace("_", "-"), action="store_true")
             continue
         kind = {"int | None": int, "float | None": float}.get(str(field.type))
         kind = kind or {"float": float, "int": int, "str": str}[str(field.type)]
