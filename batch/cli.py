@@ -13,7 +13,7 @@ from batch.config import JobSpec, load_job, resolve_api_key
 from batch.errors import EXIT_INTERRUPTED, BatchError, ConfigError
 from batch.estimate import estimate, format_estimate
 from batch.export import export_output
-from batch.logs import add_file_log, redact_everywhere, setup_logging
+from batch.logs import add_file_log, redact, redact_everywhere, setup_logging
 from batch.reader import keep_pandas_out
 from batch.runner import RunOptions, run_job
 from batch.status import format_status, job_status, validate
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         print(inspect(spec, args))
         return 0
     except BatchError as exc:
-        print(f"batch: error: {exc}", file=sys.stderr)
+        print(f"batch: error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("batch: interrupted", file=sys.stderr)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from batch.logs import redact
+
 Scope = Literal["retry", "row", "job"]
 
 RATE_LIMIT_CODES = {1302, 1303, 1305, 1312}
@@ -47,6 +49,12 @@ class Failure(Exception):
     error_class: str
     message: str
     retry_after: float | None = None
+
+    def __post_init__(self) -> None:
+        # Every failure passes here, and its message may repeat what a server sent: the key (a 401 echoing
+        # the Authorization header), masked once before it reaches a record, log or summary; and a lone
+        # surrogate (a "\ud800" escape), which no UTF-8 file can hold, replaced.
+        self.message = redact(self.message.encode("utf-8", "replace").decode("utf-8"))
 
     def __str__(self) -> str:
         return f"{self.error_class}: {self.message}"

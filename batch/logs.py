@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -15,7 +16,6 @@ log = logging.getLogger("batch")
 LOG_NAME = "batch.log"
 TEXT_FORMAT = "%(asctime)s batch %(levelname)s %(message)s"
 TEXT_DATEFMT = "%Y-%m-%d %H:%M:%S"
-_secrets: list[str] = []  # remembered so a handler added after redact_everywhere() is covered too
 
 
 class JsonFormatter(logging.Formatter):
@@ -46,18 +46,72 @@ def make_formatter(log_format: Literal["text", "json"]) -> logging.Formatter:
     raise ValueError(f"log format must be 'text' or 'json', not {log_format!r}")
 
 
+MIN_SECRET_LENGTH = 6  # a shorter "secret" would mask ordinary words
+MASK = "***"
+# The value after "Bearer " or after an Authorization header or field name (with its scheme, if any):
+# a server or library may repeat a credential batch never registered, e.g. a proxy's.
+_CREDENTIAL = re.compile(
+    r"""(\bbearer\s+|\bauthorization["']?\s*[:=]\s*["']?(?:(?:bearer|basic|token)\s+)?+)(?!\*\*\*)[^\s"',;}\]]+""",
+    re.IGNORECASE)
+
+
+class Secrets:
+    """The secrets to mask (the API key) and the one function that masks them in any text."""
+
+    def __init__(self, secrets: list[str] | None = None) -> None:
+        self.secrets: list[str] = []
+        self.add(secrets or [])
+
+    def add(self, secrets: list[str]) -> None:
+        # Longest first, so a secret that contains another is replaced whole.
+        known = {*self.secrets, *(s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH)}
+        self.secrets[:] = sorted(known, key=len, reverse=True)
+
+    def hide(self, text: str) -> str:
+        """`text` with the known secrets masked: one substring test per secret, cheap enough per answer."""
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, MASK)
+        return text
+
+    def redact(self, text: str) -> str:
+        """`text` with the known secrets and any Authorization / Bearer value masked: for what a server or
+        library says (errors, logs, the summary), not for model answers, which may rightly show a header."""
+        return _CREDENTIAL.sub(lambda match: match.group(1) + MASK, self.hide(text))
+
+
+# The process's secrets: the API key, from the moment a client or a run has it, until setup_logging().
+SECRETS = Secrets()
+
+
+def keep_secret(secret: str) -> None:
+    """Mask `secret` from now on in every log line, failure message, summary and error line."""
+    SECRETS.add([secret])
+
+
+def redact(text: str) -> str:
+    """Server or library text with the API key and any Authorization / Bearer value masked."""
+    return SECRETS.redact(text)
+
+
+def hide_secrets(text: str) -> str:
+    """Text with the API key masked (and nothing else touched): for model answers."""
+    return SECRETS.hide(text)
+
+
 class RedactSecrets(logging.Filter):
     """Belt and braces: whatever a library logs, the API key is never written out."""
 
-    def __init__(self, secrets: list[str]) -> None:
+    def __init__(self, secrets: Secrets | list[str]) -> None:
         super().__init__()
-        # Longest first, so a secret that contains another is replaced whole.
-        self.secrets = sorted({s for s in secrets if s and len(s) >= 6}, key=len, reverse=True)
+        self.known = secrets if isinstance(secrets, Secrets) else Secrets(secrets)
+
+    @property
+    def secrets(self) -> list[str]:
+        return self.known.secrets
 
     def redact(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
+        return self.known.redact(text)
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
@@ -78,8 +132,9 @@ class RedactSecrets(logging.Filter):
 
 
 def _guard(handler: logging.Handler) -> logging.Handler:
-    if _secrets:
-        handler.addFilter(RedactSecrets(_secrets))
+    """The handler, masking SECRETS: the ones known now and any kept later (the filter reads them live)."""
+    if not any(isinstance(f, RedactSecrets) and f.known is SECRETS for f in handler.filters):
+        handler.addFilter(RedactSecrets(SECRETS))
     return handler
 
 
@@ -89,8 +144,8 @@ def setup_logging(verbose: bool, log_format: Literal["text", "json"] = "text") -
     handler.setFormatter(make_formatter(log_format))
     for old in log.handlers:
         old.close()
-    _secrets.clear()
-    log.handlers[:] = [handler]
+    SECRETS.secrets.clear()
+    log.handlers[:] = [_guard(handler)]
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
     return handler
@@ -111,6 +166,6 @@ def add_file_log(folder: Path, log_format: Literal["text", "json"] = "text") -> 
 
 def redact_everywhere(secrets: list[str]) -> None:
     """Redact `secrets` in every handler of the "batch" logger, and in any handler added later."""
-    _secrets.extend(s for s in secrets if s not in _secrets)
+    SECRETS.add(secrets)
     for handler in log.handlers:
-        handler.addFilter(RedactSecrets(secrets))
+        _guard(handler)

@@ -13,6 +13,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from batch.logs import redact
 from batch.pricing import CURRENCY
 
 log = logging.getLogger("batch")
@@ -135,12 +136,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  stopped: {summary['stopped']}")
     if summary["output"]:
         lines.append(f"  output: {summary['output']}")
-    return "\n".join(lines)
+    return redact("\n".join(lines))  # `stopped` may quote a server, and a server may quote the key
 
 
 def save_summary(summary: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(redact(json.dumps(summary, ensure_ascii=False, indent=2)) + "\n", encoding="utf-8")
     tmp.replace(path)
 
 

@@ -33,13 +33,13 @@ SECRET = "sk-test-SECRET-never-print-me-123"
 def restore_batch_logger():
     """Each test configures the "batch" logger its own way; put it back as it was afterwards."""
     logger = logging.getLogger("batch")
-    saved = (list(logger.handlers), logger.level, logger.propagate, list(logs._secrets))
+    saved = (list(logger.handlers), logger.level, logger.propagate, list(logs.SECRETS.secrets))
     yield
     for handler in logger.handlers:
         if handler not in saved[0]:
             handler.close()
     logger.handlers[:], logger.level, logger.propagate = saved[:3]
-    logs._secrets[:] = saved[3]
+    logs.SECRETS.secrets[:] = saved[3]
 
 
 @pytest.fixture
