@@ -20,17 +20,30 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from batch.failures import RATE_LIMIT_CODES, ROW_CODES, Failure, classify_status, retry_after_seconds
+from batch.config import DEFAULT_MAX_RESPONSE_BYTES
+from batch.failures import Failure, classify_status, retry_after_seconds
+from batch.logs import keep_secret
 
 USER_AGENT = "batch/0.1 (OpenAI-compatible chat completions)"
+# Token counts land in int64 columns: a larger one would stop the checkpoint's writer, not just this row.
+MAX_TOKEN_COUNT = 2**63 - 1
+USAGE_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
+# The text fields of an answer that are recorded, by where they sit: 0 the answer, 1 choices[0], 2 its message.
+TEXT_FIELDS = ((2, "content", "choices[0].message.content"),
+               (2, "reasoning_content", "choices[0].message.reasoning_content"),
+               (1, "finish_reason", "choices[0].finish_reason"),
+               (0, "model", "model"), (0, "id", "id"), (0, "request_id", "request_id"))
 
 
 class ChatClient:
     """POSTs to `{base_url}/chat/completions` over one pooled aiohttp session."""
 
-    def __init__(self, base_url: str, api_key: str, timeout_s: float, max_connections: int) -> None:
+    def __init__(self, base_url: str, api_key: str, timeout_s: float, max_connections: int,
+                 max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.timeout_s = timeout_s
+        self.max_response_bytes = max_response_bytes
+        keep_secret(api_key)  # a server may repeat it (a 401 quoting the header): masked in every failure
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json",
                          "Accept": "application/json", "User-Agent": USER_AGENT}
         # One connection per request in flight: aiohttp's default pool of 100 would queue the rest
@@ -54,16 +67,40 @@ class ChatClient:
         """The completion for a JSON request body; raises Failure for every way it can go wrong."""
         try:
             async with self._session.post(self.url, data=body, headers=self._headers) as response:
-                raw = await response.read()
                 status, headers = response.status, response.headers
+                raw, oversize = await self._read(response)
         except TimeoutError:  # aiohttp's connect and read timeouts are TimeoutError subclasses
             raise Failure("retry", "timeout", f"no answer within {self.timeout_s:g} s") from None
         except (aiohttp.ClientError, OSError) as exc:  # refused, reset, closed mid-answer, DNS
             detail = f"{type(exc).__name__}: {exc}"[:200]
             raise Failure("retry", "connection", f"connection error ({detail})") from None
-        if status != 200:
+        if status != 200:  # judged by its status and what fits of its body
             raise status_failure(status, raw, retry_after_seconds(headers))
+        if oversize is not None:
+            raise Failure("retry", "bad_response", f"HTTP 200 with an answer of {oversize}, over "
+                                                   f"limits.max_response_bytes ({self.max_response_bytes})")
         return parse_body(raw)
+
+    async def _read(self, response: aiohttp.ClientResponse) -> tuple[bytes, str | None]:
+        """The body, and None; or, for a body over max_response_bytes, what was read and its size.
+
+        Never more than the cap is held: a declared length over it is refused unread, and a body of
+        unknown length (chunked, or compressed: its decoded size is unknown) is read a chunk at a time.
+        """
+        cap, length = self.max_response_bytes, response.content_length
+        if length is not None and length > cap:
+            response.close()  # the rest is never read: the connection cannot be reused
+            return b"", f"{length} bytes"
+        if length is not None and "Content-Encoding" not in response.headers:
+            return await response.read(), None  # exactly `length` bytes: the common case, at aiohttp's speed
+        chunks, size = [], 0
+        async for chunk in response.content.iter_any():
+            size += len(chunk)
+            if size > cap:
+                response.close()
+                return b"".join(chunks), f"more than {cap} bytes"
+            chunks.append(chunk)
+        return b"".join(chunks), None
 
 
 def env_proxy(url: str) -> str | None:
@@ -92,7 +129,7 @@ def status_failure(status: int, raw: bytes, retry_after: float | None) -> Failur
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
-    """A 200's body as a completion, or the Failure it really is."""
+    """A 200's body as a completion whose recorded fields have the documented types, or the Failure it really is."""
     try:
         data = json.loads(body)
     except ValueError:
@@ -100,17 +137,78 @@ def parse_body(body: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise Failure("retry", "bad_response", "HTTP 200 with a body that is not a JSON object")
     error = data.get("error")
-    if isinstance(error, dict) and not data.get("choices"):
-        # Some gateways answer 200 with an error body; judge it by its business code.
-        code = _int_or_none(error.get("code"))
-        status = 429 if code in RATE_LIMIT_CODES else 400 if code in ROW_CODES else 500
-        raise classify_status(status, code, str(error.get("message") or "")[:300])
-    choices = data.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise Failure("retry", "bad_response", "HTTP 200 without choices")
-    if choices[0].get("finish_reason") == "network_error":
+    if error is not None and not data.get("choices"):
+        # Some gateways answer 200 with an error body: judged by its business code, reported as the 200 it is.
+        code = _int_or_none(error.get("code")) if isinstance(error, dict) else None
+        message = error.get("message") if isinstance(error, dict) else error
+        raise classify_status(200, code, str(message or "")[:300])
+    # "\ud800"-style escapes are the only way to a lone surrogate, which no UTF-8 file can hold.
+    check_answer(data, maybe_surrogates=b"\\ud" in body or b"\\uD" in body)
+    if data["choices"][0].get("finish_reason") == "network_error":
         raise Failure("retry", "server_error", "finish_reason network_error (model inference error)")
     return data
+
+
+def check_answer(data: dict[str, Any], maybe_surrogates: bool = True) -> None:
+    """Raise a bad_response naming the first recorded field of an answer that does not have its documented type.
+
+    What is recorded must be writable: one odd value (a usage count sent as "3.5") would otherwise stop
+    the checkpoint's writer for this run and every later one. A count sent as a string of digits ("3")
+    is taken as that number: it is unambiguous, and the answer is paid for; refusing it would pay for
+    the same request on every attempt and still fail the row. Plain isinstance checks: this runs per answer.
+    """
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise _unfit("choices", choices, "a non-empty list")
+    choice = choices[0]
+    if not isinstance(choice, dict):
+        raise _unfit("choices[0]", choice, "an object")
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        raise _unfit("choices[0].message", message, "an object")
+    owners = (data, choice, message)
+    for level, key, name in TEXT_FIELDS:
+        value = owners[level].get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise _unfit(name, value, "a string or null")
+        if maybe_surrogates:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _unfit(name, value, "valid Unicode text (it holds a lone surrogate)") from None
+    usage = data.get("usage")
+    if usage is None:
+        return
+    if not isinstance(usage, dict):
+        raise _unfit("usage", usage, "an object")
+    for key in USAGE_COUNTS:
+        _check_count(usage, key, "usage.")
+    details = usage.get("prompt_tokens_details")
+    if details is not None:
+        if not isinstance(details, dict):
+            raise _unfit("usage.prompt_tokens_details", details, "an object")
+        _check_count(details, "cached_tokens", "usage.prompt_tokens_details.")
+
+
+def _check_count(owner: dict[str, Any], key: str, prefix: str) -> None:
+    """A token count: absent, null, or a whole number from 0 (a string of digits becomes that number)."""
+    value = owner.get(key)
+    if value is None or (type(value) is int and 0 <= value <= MAX_TOKEN_COUNT):  # type(): a bool is not a count
+        return
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 19:
+        owner[key] = int(value)
+        return
+    raise _unfit(prefix + key, value, "a whole number of 0 or more")
+
+
+def _unfit(field: str, value: Any, expected: str) -> Failure:
+    if value is None:
+        return Failure("retry", "bad_response", f"HTTP 200 without {field} ({expected})")
+    shown = json.dumps(value, default=str)  # ASCII: a lone surrogate in it could not be written either
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return Failure("retry", "bad_response", f"HTTP 200 whose {field} is {shown}, not {expected}")
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -14,6 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from batch.errors import ConfigError
 
 INPUT_FORMATS = (".csv", ".parquet", ".jsonl")
+# The largest answer body read. A long answer of a thinking model (reasoning and content, each ~128k
+# tokens at most, CJK escaped as \uXXXX) stays under 2 MB; a server sending more is broken, and reading
+# it whole cost 2.5 GB of RSS at concurrency 2 (100 MB bodies).
+DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 
 
 class Provider(BaseModel):
@@ -106,6 +110,7 @@ class LimitsSpec(Strict):
     requests_per_minute: float | None = Field(None, gt=0)
     tokens_per_minute: float | None = Field(None, gt=0)
     timeout_s: float = Field(120, gt=0)
+    max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, ge=1024)
 
 
 class RetrySpec(Strict):

@@ -73,6 +73,13 @@ def classify_status(status: int, code: int | None, message: str, retry_after: fl
         for codes, error_class in JOB_CODE_CLASSES:
             if code in codes:
                 return Failure("job", error_class, described)
+    if status == 200:
+        # A gateway's error body in a 200 (Zhipu's 1113 can come so): only its code says what it is.
+        if code in RATE_LIMIT_CODES:
+            return Failure("retry", "rate_limited", described, retry_after)
+        if code in ROW_CODES:
+            return Failure("row", ROW_CODES[code], described)
+        return Failure("retry", "server_error", described, retry_after)
     if status in (401, 403):
         return Failure("job", "auth", described)
     if status == 429:

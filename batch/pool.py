@@ -49,7 +49,8 @@ class JobFatal(Exception):
 
 
 def make_client(spec: JobSpec, api_key: str) -> ChatClient:
-    return ChatClient(spec.model.resolved_base_url, api_key, spec.limits.timeout_s, spec.limits.concurrency)
+    return ChatClient(spec.model.resolved_base_url, api_key, spec.limits.timeout_s, spec.limits.concurrency,
+                      spec.limits.max_response_bytes)
 
 
 def token_limiter(per_minute: float | None) -> AsyncLimiter | None:
