@@ -140,6 +140,7 @@ class Pool:
         self.tokens = token_limiter(spec.limits.tokens_per_minute)
         self.stopping = stopping
         self.slots = AdaptiveConcurrency(spec.limits.concurrency, spec.retry.initial_backoff_s)
+        self.requests_sent = 0  # counted as each is sent: a row stopped by a job-fatal answer has no record
         self._stop = stop_after_attempt(spec.retry.max_attempts) | stop_when_event_set(stopping)  # type: ignore[arg-type]
         self._backoff = wait_exponential_jitter(
             multiplier=spec.retry.initial_backoff_s, max=spec.retry.max_backoff_s, jitter=spec.retry.initial_backoff_s)
@@ -194,6 +195,7 @@ class Pool:
             raise Stopped()  # woke from a backoff after the run began to stop: send nothing more
         started_round = await self.slots.acquire()
         started = time.perf_counter()
+        self.requests_sent += 1
         try:
             data = await self.client.complete(body)
         except Exception as exc:  # the client raises Failures; anything else is classified too, none escapes raw

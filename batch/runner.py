@@ -100,6 +100,7 @@ class Run:
                 finally:
                     cache.close()
                     stats.throttled, stats.concurrency_limit = pool.slots.throttles, pool.slots.limit
+                    stats.attempts = pool.requests_sent
         finally:
             self._remove_signal_handlers()
             progress.close()

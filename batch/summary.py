@@ -29,7 +29,7 @@ class RunStats:
     completion_tokens: int = 0
     cost: float = 0.0
     cost_unknown_rows: int = 0
-    attempts: int = 0
+    attempts: int = 0  # requests sent, counted by the pool as it sends them (a record may never come)
     throttled: int = 0  # 429 rate-limit answers
     concurrency_limit: float = 0.0  # the adaptive limit at the end
     finish_reasons: Counter[str] = field(default_factory=Counter)
@@ -37,7 +37,6 @@ class RunStats:
     started: float = field(default_factory=time.monotonic)
 
     def add(self, record: dict[str, Any]) -> None:
-        self.attempts += record["attempts"] or 0
         if record["status"] == "ok":
             self.ok += 1
             self.prompt_tokens += record["prompt_tokens"] or 0
