@@ -22,7 +22,7 @@ import aiohttp
 
 from batch.config import DEFAULT_MAX_RESPONSE_BYTES
 from batch.failures import Failure, classify_status, retry_after_seconds
-from batch.logs import keep_secret
+from batch.logs import hide_secrets, keep_secret
 
 USER_AGENT = "batch/0.1 (OpenAI-compatible chat completions)"
 # Token counts land in int64 columns: a larger one would stop the checkpoint's writer, not just this row.
@@ -144,6 +144,7 @@ def parse_body(body: bytes) -> dict[str, Any]:
         raise classify_status(200, code, str(message or "")[:300])
     # "\ud800"-style escapes are the only way to a lone surrogate, which no UTF-8 file can hold.
     check_answer(data, maybe_surrogates=b"\\ud" in body or b"\\uD" in body)
+    hide_key(data)
     if data["choices"][0].get("finish_reason") == "network_error":
         raise Failure("retry", "server_error", "finish_reason network_error (model inference error)")
     return data
@@ -190,6 +191,16 @@ def check_answer(data: dict[str, Any], maybe_surrogates: bool = True) -> None:
         if not isinstance(details, dict):
             raise _unfit("usage.prompt_tokens_details", details, "an object")
         _check_count(details, "cached_tokens", "usage.prompt_tokens_details.")
+
+
+def hide_key(data: dict[str, Any]) -> None:
+    """The API key masked in a checked answer's recorded texts, should the server repeat it (a substring test each)."""
+    choice = data["choices"][0]
+    owners = (data, choice, choice["message"])
+    for level, key, _ in TEXT_FIELDS:
+        value = owners[level].get(key)
+        if value:
+            owners[level][key] = hide_secrets(value)
 
 
 def _check_count(owner: dict[str, Any], key: str, prefix: str) -> None:
