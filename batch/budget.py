@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from batch.config import JobSpec
-from batch.errors import ConfigError
+from batch.config import BudgetSpec
 from batch.pricing import Pricer, worst_cost
 
 
@@ -22,18 +21,13 @@ class Hold:
 
 
 class Budget:
-    def __init__(self, spec: JobSpec, pricer: Pricer | None, spent_cost: float, spent_tokens: int) -> None:
-        limits = spec.budget
-        assert limits is not None
+    """`max_tokens` and `pricer` as the preflight resolved them (it refuses a budget without either)."""
+
+    def __init__(self, limits: BudgetSpec, max_tokens: int, pricer: Pricer | None, spent_cost: float,
+                 spent_tokens: int) -> None:
         self.max_cost = limits.max_cost
         self.max_tokens_total = limits.max_total_tokens
-        self.max_tokens = int(spec.model.params.get("max_tokens") or 0)
-        if self.max_tokens <= 0:
-            raise ConfigError(
-                f"{spec.job_path}: budget needs model.params.max_tokens, to bound what a request can cost")
-        if self.max_cost is not None and pricer is None:
-            raise ConfigError(f"{spec.job_path}: budget.max_cost needs a price for model {spec.model.name}: "
-                              "add pricing: {input: ..., output: ...} (CNY per million tokens)")
+        self.max_tokens = max_tokens
         self.pricer = pricer
         self.spent_cost = spent_cost
         self.spent_tokens = spent_tokens

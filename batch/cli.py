@@ -9,14 +9,15 @@ import logging
 import sys
 from pathlib import Path
 
-from batch.config import JobSpec, load_job, resolve_api_key
+from batch.config import load_job
 from batch.errors import EXIT_INTERRUPTED, BatchError, ConfigError
 from batch.estimate import estimate, format_estimate
 from batch.export import export_output
 from batch.logs import add_file_log, redact, redact_everywhere, setup_logging
+from batch.preflight import preflight, resolve, validation_report
 from batch.reader import keep_pandas_out
 from batch.runner import RunOptions, run_job
-from batch.status import format_status, job_status, validate
+from batch.status import format_status, job_status
 from batch.summary import format_summary
 
 log = logging.getLogger("batch")
@@ -65,10 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(getattr(args, "verbose", False), getattr(args, "log_format", "text"))
     try:
-        spec = load_job(args.job)
         if args.command in ("run", "retry-failed"):
-            return run(spec, args)
-        print(inspect(spec, args))
+            return run(args)
+        print(inspect(args))
         return 0
     except BatchError as exc:
         print(f"batch: error: {redact(str(exc))}", file=sys.stderr)
@@ -78,12 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-def inspect(spec: JobSpec, args: argparse.Namespace) -> str:
+def inspect(args: argparse.Namespace) -> str:
     """The commands that send nothing: validate, estimate, status, export."""
     if args.command == "validate":
-        return validate(spec)
+        return validation_report(preflight(args.job))
+    spec = load_job(args.job)
     if args.command == "estimate":
-        found = estimate(spec, args.retry_failed)
+        found = estimate(resolve(spec), args.retry_failed)
         return json.dumps(found, ensure_ascii=False, indent=2) if args.json else format_estimate(found)
     if args.command == "status":
         state = job_status(spec)
@@ -92,19 +93,19 @@ def inspect(spec: JobSpec, args: argparse.Namespace) -> str:
     return f"exported {rows} rows to {args.to}"
 
 
-def run(spec: JobSpec, args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 0:
         raise ConfigError("--limit must be 0 or more")
-    api_key = resolve_api_key(spec)
-    redact_everywhere([api_key])
-    file_log = add_file_log(spec.checkpoint_dir, args.log_format)
-    try:
-        options = RunOptions(retry_failed=args.retry_failed, force=args.force, limit=args.limit,
-                             progress_interval_s=args.progress_interval)
-        with keep_pandas_out():
-            summary = asyncio.run(run_job(spec, api_key, options))
-    finally:
-        log.removeHandler(file_log)
-        file_log.close()
+    options = RunOptions(retry_failed=args.retry_failed, force=args.force, limit=args.limit,
+                         progress_interval_s=args.progress_interval)
+    with keep_pandas_out():
+        plan = preflight(args.job, force=args.force)  # before anything is written: the log file is the first write
+        redact_everywhere([plan.api_key])
+        file_log = add_file_log(plan.spec.checkpoint_dir, args.log_format)
+        try:
+            summary = asyncio.run(run_job(plan, options))
+        finally:
+            log.removeHandler(file_log)
+            file_log.close()
     print(format_summary(summary))
     return int(summary["exit_code"])

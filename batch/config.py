@@ -1,15 +1,20 @@
-"""The job file: YAML in, a validated `JobSpec` out, or a one-line `ConfigError`."""
+"""The job file: YAML in, a validated `JobSpec` out, or a one-line `ConfigError` naming the key and its line.
+
+Values are strict: a YAML `true` is not a concurrency of 1, and a quoted "3" is not a number (a whole
+number is still a fine float). A key written twice is an error, not "the last one wins".
+"""
 
 from __future__ import annotations
 
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from dotenv import dotenv_values
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from typing_extensions import TypedDict
 
 from batch.errors import ConfigError
 
@@ -35,19 +40,51 @@ PROVIDERS: dict[str, Provider] = {
 
 
 class Strict(BaseModel):
-    # A typo in a key must never be silently ignored.
-    model_config = ConfigDict(extra="forbid")
+    # A typo in a key must never be silently ignored, nor a value of the wrong type coerced.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host, like https://open.bigmodel.cn/api/paas/v4/")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_not_blank)]
+FilePath = Annotated[Path, Field(strict=False)]  # written as text in YAML
+# A positive whole number: -16, 0, 2.5 or "16" would be sent to the API as they are. null means unset.
+MaxTokens = Annotated[int, Field(strict=True, gt=0)] | None
+
+
+class ExtraBody(TypedDict, total=False):
+    __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
+    max_tokens: MaxTokens
+
+
+class Params(TypedDict, total=False):
+    """The request body's extra fields: any key goes, but the ones batch relies on are checked."""
+
+    __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
+    max_tokens: MaxTokens
+    extra_body: ExtraBody | None
 
 
 class InputSpec(Strict):
-    path: Path
-    id_column: str | None = None
+    path: FilePath
+    id_column: Name | None = None
 
 
 class PromptSpec(Strict):
     system: str | None = None
-    template: str | None = None
-    messages_column: str | None = None
+    template: Name | None = None
+    messages_column: Name | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> PromptSpec:
@@ -58,10 +95,10 @@ class PromptSpec(Strict):
 
 class ModelSpec(Strict):
     provider: Literal["zhipu", "openai", "local"] = "zhipu"
-    name: str
-    base_url: str | None = None
-    api_key_env: str | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
+    name: Name
+    base_url: Annotated[str, AfterValidator(_http_url)] | None = None
+    api_key_env: Name | None = None
+    params: Params = Field(default_factory=lambda: Params())
 
     @model_validator(mode="after")
     def _zhipu_ranges(self) -> ModelSpec:
@@ -75,14 +112,6 @@ class ModelSpec(Strict):
                 hint = " (for greedy decoding set do_sample: false instead)" if name == "temperature" else ""
                 raise ValueError(f"params.{name} {value} is outside Zhipu's range [{low}, {high}]{hint}")
         return self
-
-    @property
-    def resolved_base_url(self) -> str:
-        return self.base_url or PROVIDERS[self.provider].base_url
-
-    @property
-    def resolved_api_key_env(self) -> str | None:
-        return self.api_key_env or PROVIDERS[self.provider].api_key_env
 
 
 ZHIPU_RANGES = {"temperature": (0.0, 1.0), "top_p": (0.01, 1.0)}
@@ -102,7 +131,7 @@ class BudgetSpec(Strict):
 
 
 class CacheSpec(Strict):
-    path: Path  # an SQLite file of answers shared by jobs; relative to the job file
+    path: FilePath  # an SQLite file of answers shared by jobs; relative to the job file
 
 
 class LimitsSpec(Strict):
@@ -120,7 +149,7 @@ class RetrySpec(Strict):
 
 
 class OutputSpec(Strict):
-    path: Path
+    path: FilePath
     keep_columns: list[str] = Field(default_factory=list)
     parse_json: bool = False  # the reply is a JSON object: its top-level keys become columns
     json_columns: list[str] | None = None  # with parse_json: only these keys (default: every key seen)
@@ -129,7 +158,7 @@ class OutputSpec(Strict):
 
 
 class JobSpec(Strict):
-    name: str
+    name: Name
     input: InputSpec
     prompt: PromptSpec
     model: ModelSpec
@@ -142,6 +171,7 @@ class JobSpec(Strict):
 
     # Set by load_job, not by the file.
     job_path: Path = Field(default=Path("."), exclude=True)
+    _lines: dict[tuple[str, ...], int] = PrivateAttr(default_factory=dict)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -151,6 +181,11 @@ class JobSpec(Strict):
     @property
     def id_column_out(self) -> str:
         return self.input.id_column or "row_id"
+
+    def where(self, key: str) -> str:
+        """The job file and the line of `key` (dotted), or of its nearest parent written in the file."""
+        line = _line_of(self._lines, tuple(key.split(".")))
+        return f"{self.job_path} line {line}" if line is not None else str(self.job_path)
 
 
 def load_job(path: str | Path) -> JobSpec:
@@ -162,31 +197,79 @@ def load_job(path: str | Path) -> JobSpec:
         raise ConfigError(f"{job_path}: job file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{job_path}: cannot read job file: {exc}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{job_path}:{where} invalid YAML: {problem}") from None
+    raw, lines = _parse_yaml(job_path, text)
     if not isinstance(raw, dict):
         raise ConfigError(f"{job_path}: a job file must be a YAML mapping of keys, got {type(raw).__name__}")
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{job_path}: {describe_validation_error(exc)}") from None
+        raise ConfigError(describe_validation_error(exc, job_path, lines)) from None
     base = job_path.parent
     spec.input.path = _relative_to(base, spec.input.path)
     spec.output.path = _relative_to(base, spec.output.path)
     if spec.cache is not None:
         spec.cache.path = _relative_to(base, spec.cache.path)
     spec.job_path = job_path
+    spec._lines = lines
     if spec.input.path.suffix.lower() not in INPUT_FORMATS:
         raise ConfigError(
-            f"{job_path}: input.path: unsupported file type '{spec.input.path.suffix}' "
+            f"{spec.where('input.path')}: input.path: unsupported file type '{spec.input.path.suffix}' "
             f"(use one of {', '.join(INPUT_FORMATS)})"
         )
+    if spec.retry.initial_backoff_s > spec.retry.max_backoff_s:
+        raise ConfigError(f"{spec.where('retry.initial_backoff_s')}: retry.initial_backoff_s: "
+                          f"{spec.retry.initial_backoff_s:g} is above retry.max_backoff_s {spec.retry.max_backoff_s:g}")
     return spec
+
+
+def _parse_yaml(job_path: Path, text: str) -> tuple[Any, dict[tuple[str, ...], int]]:
+    """The document, and the line of every key in it (by key path); a key written twice is refused."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        lines: dict[tuple[str, ...], int] = {}
+        if node is not None:
+            _key_lines(job_path, node, (), lines, set())
+        return (loader.construct_document(node) if node is not None else None), lines
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{job_path}:{where} invalid YAML: {problem}") from None
+    finally:
+        loader.dispose()
+
+
+def _key_lines(job_path: Path, node: yaml.Node, path: tuple[str, ...], lines: dict[tuple[str, ...], int],
+               seen: set[int]) -> None:
+    if id(node) in seen:  # an alias back into its own anchor: the structure is recursive
+        return
+    seen = seen | {id(node)}
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines[(*path, str(index))] = item.start_mark.line + 1
+            _key_lines(job_path, item, (*path, str(index)), lines, seen)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for key, value in node.value:
+        # A merged mapping (`<<: *defaults`) may repeat keys written here: those win, so they are no duplicates.
+        if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+            continue
+        where = (*path, key.value)
+        line = key.start_mark.line + 1
+        if where in lines:
+            raise ConfigError(f"{job_path} line {line}: {'.'.join(where)}: duplicate key "
+                              f"(first written at line {lines[where]}); write each key once")
+        lines[where] = line
+        _key_lines(job_path, value, where, lines, seen)
+
+
+def _line_of(lines: dict[tuple[str, ...], int], key: tuple[str, ...]) -> int | None:
+    """The line of `key`, or of its nearest parent written in the file (a missing key has none of its own)."""
+    for end in range(len(key), 0, -1):
+        if key[:end] in lines:
+            return lines[key[:end]]
+    return None
 
 
 def _relative_to(base: Path, path: Path) -> Path:
@@ -194,22 +277,25 @@ def _relative_to(base: Path, path: Path) -> Path:
     return path if path.is_absolute() else Path(os.path.normpath(base / path))
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """Pydantic's report, as one line that names each key at fault."""
+def describe_validation_error(exc: ValidationError, job_path: Path, lines: dict[tuple[str, ...], int]) -> str:
+    """Pydantic's report, as one line that names each key at fault and its line in the job file."""
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{loc}'{_did_you_mean(err['loc'])}")
+            text = f"unknown key '{loc}'{_did_you_mean(err['loc'])}"
         elif err["type"] == "missing":
-            parts.append(f"missing key '{loc}'")
+            text = f"missing key '{loc}'"
         else:
             got = err.get("input")
             shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
             where = f"{loc}: " if loc else ""
             message = err["msg"].removeprefix("Value error, ")
-            parts.append(f"{where}{message}{shown}")
-    return "; ".join(parts)
+            text = f"{where}{message}{shown}"
+        parts.append((_line_of(lines, tuple(str(p) for p in err["loc"])), text))
+    head = f"{job_path} line {parts[0][0]}" if parts[0][0] else str(job_path)
+    texts = [parts[0][1], *(f"line {line}: {text}" if line else text for line, text in parts[1:])]
+    return f"{head}: " + "; ".join(texts)
 
 
 def _did_you_mean(loc: tuple[Any, ...]) -> str:
@@ -222,26 +308,3 @@ def _did_you_mean(loc: tuple[Any, ...]) -> str:
         model = annotation
     close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
     return f", did you mean '{close[0]}'?" if close else ""
-
-
-def resolve_api_key(spec: JobSpec) -> str:
-    """The key from the environment or a .env beside the job file or in the working directory."""
-    var = spec.model.resolved_api_key_env
-    provider = PROVIDERS[spec.model.provider]
-    key = None
-    if var:
-        key = os.environ.get(var)
-        if not key:
-            for env_file in (spec.job_path.parent / ".env", Path(".env")):
-                if env_file.is_file():
-                    key = dotenv_values(env_file).get(var)
-                    if key:
-                        break
-    if key:
-        return key
-    if provider.key_required or spec.model.api_key_env:
-        raise ConfigError(
-            f"{spec.job_path}: the API key variable {var} is not set: export {var}=... or put it in a .env file"
-        )
-    # The SDK refuses an empty key; keyless local servers ignore whatever we send.
-    return "no-key"

@@ -6,9 +6,9 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from batch.config import JobSpec
-from batch.pricing import CURRENCY, Price, cost_of, pricer_for, worst_cost
-from batch.prompts import PromptBuilder, RowPromptError, estimate_tokens
+from batch.preflight import Settings
+from batch.pricing import CURRENCY, cost_of, worst_cost
+from batch.prompts import RowPromptError, estimate_tokens
 from batch.reader import Skipped
 from batch.status import open_input, row_states
 from batch.writer import Checkpoint
@@ -16,15 +16,14 @@ from batch.writer import Checkpoint
 TOKENIZER_NOTE = "approximation: 1 token per CJK character, 1 per 4 other characters, +4 per message"
 
 
-def estimate(spec: JobSpec, retry_failed: bool = False) -> dict[str, Any]:
+def estimate(settings: Settings, retry_failed: bool = False) -> dict[str, Any]:
+    """`settings` from batch.preflight.resolve: the max_tokens and the price that run uses."""
+    spec, builder, max_tokens, pricer = settings.spec, settings.builder, settings.max_tokens, settings.pricer
     table = open_input(spec)
     _, states = row_states(spec, table)
-    builder = PromptBuilder(spec.prompt)
     done_table = Checkpoint(spec.checkpoint_dir).snapshot()
     ok = done_table.filter(pc.equal(done_table.column("status"), "ok"))
     observed = pc.mean(ok.column("completion_tokens")).as_py() if ok.num_rows else None
-    max_tokens = int(spec.model.params.get("max_tokens") or 0) or None
-    pricer = pricer_for(spec.model.name, Price(**spec.pricing.model_dump()) if spec.pricing else None)
 
     rows = skipped = unsendable = prompt_tokens = 0
     low = high = 0.0

@@ -72,20 +72,32 @@ def fingerprint(spec: JobSpec) -> dict[str, Any]:
     }
 
 
-def check_fingerprint(spec: JobSpec, force: bool) -> None:
-    """Store the fingerprint on the first run; refuse a resume whose fingerprint differs, unless forced."""
+def compare_fingerprint(spec: JobSpec) -> None:
+    """Refuse a resume whose settings differ from the ones the checkpoint was made with."""
     path = spec.checkpoint_dir / FINGERPRINT_NAME
-    current = json.loads(json.dumps(fingerprint(spec), default=str))
-    if path.exists() and not force:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
-        if changed:
-            details = "; ".join(f"{k}: {_short(stored.get(k))} -> {_short(current.get(k))}" for k in changed)
-            raise ConfigError(
-                f"{spec.job_path}: the checkpoint in {spec.checkpoint_dir} was made with other settings ({details}); "
-                "rerun with --force to resume anyway, or change output.path to start afresh"
-            )
+    if not path.exists():
         return
+    current = json.loads(json.dumps(fingerprint(spec), default=str))
+    stored = json.loads(path.read_text(encoding="utf-8"))
+    changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+    if changed:
+        details = "; ".join(f"{k}: {_short(stored.get(k))} -> {_short(current.get(k))}" for k in changed)
+        raise ConfigError(
+            f"{spec.job_path}: the checkpoint in {spec.checkpoint_dir} was made with other settings ({details}); "
+            "rerun with --force to resume anyway, or change output.path to start afresh"
+        )
+
+
+def check_fingerprint(spec: JobSpec, force: bool) -> None:
+    """Store the fingerprint on the first run; refuse a resume whose fingerprint differs, unless forced.
+
+    The preflight compared it already; comparing again under the lock catches a run that stored one since.
+    """
+    path = spec.checkpoint_dir / FINGERPRINT_NAME
+    if path.exists() and not force:
+        compare_fingerprint(spec)
+        return
+    current = json.loads(json.dumps(fingerprint(spec), default=str))
     spec.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(current, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiolimiter import AsyncLimiter
 from tenacity import (
@@ -23,12 +23,14 @@ from tenacity import (
 )
 
 from batch.client import ChatClient
-from batch.config import JobSpec
 from batch.failures import Failure, classify
 from batch.logs import redact
-from batch.pricing import Price, cost_of, pricer_for
+from batch.pricing import cost_of
 from batch.reader import Row
 from batch.replies import parse_reply
+
+if TYPE_CHECKING:
+    from batch.preflight import Plan, Settings
 
 MAX_RETRY_AFTER_S = 600.0
 RETRY_TRANSIENT = retry_if_exception(lambda exc: isinstance(exc, Failure) and exc.scope == "retry")
@@ -48,9 +50,9 @@ class JobFatal(Exception):
         self.failure = failure
 
 
-def make_client(spec: JobSpec, api_key: str) -> ChatClient:
-    return ChatClient(spec.model.resolved_base_url, api_key, spec.limits.timeout_s, spec.limits.concurrency,
-                      spec.limits.max_response_bytes)
+def make_client(plan: Plan) -> ChatClient:
+    limits = plan.spec.limits
+    return ChatClient(plan.base_url, plan.api_key, limits.timeout_s, limits.concurrency, limits.max_response_bytes)
 
 
 def token_limiter(per_minute: float | None) -> AsyncLimiter | None:
@@ -124,17 +126,16 @@ class AdaptiveConcurrency:
 
 
 class Pool:
-    def __init__(self, client: ChatClient, spec: JobSpec, stopping: asyncio.Event) -> None:
+    def __init__(self, client: ChatClient, settings: Settings, stopping: asyncio.Event) -> None:
+        spec = settings.spec
         self.client = client
         self.model = spec.model.name
-        self.pricer = pricer_for(self.model, Price(**spec.pricing.model_dump()) if spec.pricing else None)
+        self.pricer = settings.pricer
         if self.pricer is None:
             log.warning("no known price for model %s: its cost is recorded as unknown (null); "
                         "set pricing: {input: ..., output: ...} in the job to count it", self.model)
-        self.body_params = dict(spec.model.params)
-        # Provider-only fields and OpenAI ones go the same way: the SDK's create() has fixed kwargs.
-        self.body_params.update(self.body_params.pop("extra_body", None) or {})
-        self.max_tokens = int(self.body_params.get("max_tokens") or 0)
+        self.body_params = settings.body_params
+        self.max_tokens = settings.max_tokens or 0
         self.parse_json = spec.output.parse_json
         self.requests = request_limiter(spec.limits.requests_per_minute)
         self.tokens = token_limiter(spec.limits.tokens_per_minute)

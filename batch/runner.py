@@ -16,13 +16,13 @@ import pyarrow.compute as pc
 from batch.answered import RowStates
 from batch.budget import Budget
 from batch.cache import AnswerCache, request_key, reused
-from batch.config import JobSpec
 from batch.errors import EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_JOB_FATAL, EXIT_OK, EXIT_ROWS_FAILED, ConfigError
 from batch.final import Records, write_final
 from batch.guard import RunLock, check_fingerprint
 from batch.pool import JobFatal, Pool, Stopped, failed_record, make_client
-from batch.prompts import PromptBuilder, RowPromptError, estimate_tokens
-from batch.reader import InputTable, Row, Skipped, let_pandas_in
+from batch.preflight import Plan
+from batch.prompts import RowPromptError, estimate_tokens
+from batch.reader import Row, Skipped, let_pandas_in
 from batch.replies import reply_columns
 from batch.summary import Progress, RunStats, build_summary, save_summary
 from batch.writer import RESULT_FIELDS, Checkpoint
@@ -43,24 +43,21 @@ class RunOptions:
 
 
 class Run:
-    def __init__(self, spec: JobSpec, api_key: str, options: RunOptions) -> None:
-        self.spec = spec
-        self.api_key = api_key
+    """One run of a job that passed its preflight (batch/preflight.py), which made every check that needs no lock."""
+
+    def __init__(self, plan: Plan, options: RunOptions) -> None:
+        self.plan = plan
+        self.spec = spec = plan.spec
         self.options = options
-        try:
-            self.builder = PromptBuilder(spec.prompt)
-        except ConfigError as exc:
-            raise ConfigError(f"{spec.job_path}: {exc}") from None
-        self.table = InputTable(spec.input.path, spec.input.id_column, self.builder.columns, spec.output.keep_columns)
+        self.builder = plan.builder
+        self.table = plan.table
         self.checkpoint = Checkpoint(spec.checkpoint_dir, spec.output.checkpoint_rows, spec.output.checkpoint_seconds)
         self.stopping = asyncio.Event()
         self.stopped: str | None = None
         self.exit_code: int | None = None
 
     async def execute(self) -> dict[str, Any]:
-        # Bad ids or text fail here, before any request. The ids' hashes, in input order, are kept
-        # only to find the rows of a previous run's records.
-        total = self.table.scan(keep_hashes=self.checkpoint.has_records())
+        total = self.plan.rows
         lock = RunLock(self.spec.checkpoint_dir)
         try:
             lock.acquire()
@@ -87,9 +84,9 @@ class Run:
         progress = Progress(stats, self.options.progress_interval_s, self.options.tty)
         self._install_signal_handlers()
         try:
-            async with make_client(self.spec, self.api_key) as client:
-                pool = Pool(client, self.spec, self.stopping)
-                budget = self._budget(pool) if self.spec.budget else None
+            async with make_client(self.plan) as client:
+                pool = Pool(client, self.plan, self.stopping)
+                budget = self._budget() if self.spec.budget else None
                 cache_path = self.spec.cache.path if self.spec.cache else self.spec.checkpoint_dir / "answers.sqlite"
                 try:
                     cache = AnswerCache(cache_path)
@@ -116,11 +113,12 @@ class Run:
                         exc.strerror or exc)
         return summary
 
-    def _budget(self, pool: Pool) -> Budget:
+    def _budget(self) -> Budget:
         spent = self.checkpoint.results(["id", "status", "error_class", "cost", "total_tokens"])
         cost = pc.sum(spent.column("cost")).as_py() or 0.0
         tokens = pc.sum(spent.column("total_tokens")).as_py() or 0
-        return Budget(self.spec, pool.pricer, cost, tokens)
+        assert self.spec.budget is not None and self.plan.max_tokens is not None  # the preflight's checks
+        return Budget(self.spec.budget, self.plan.max_tokens, self.plan.pricer, cost, tokens)
 
     async def _process(self, pool: Pool, budget: Budget | None, cache: AnswerCache, done: RowStates,
                        stats: RunStats, progress: Progress) -> None:
@@ -299,5 +297,6 @@ def _give_back_freed_memory() -> None:
         pass
 
 
-async def run_job(spec: JobSpec, api_key: str, options: RunOptions | None = None) -> dict[str, Any]:
-    return await Run(spec, api_key, options or RunOptions()).execute()
+async def run_job(plan: Plan, options: RunOptions | None = None) -> dict[str, Any]:
+    """Run a job: `plan` is `batch.preflight.preflight(job_path)` (with force=options.force)."""
+    return await Run(plan, options or RunOptions()).execute()

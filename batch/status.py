@@ -1,4 +1,4 @@
-"""`batch status` and `batch validate`: what a job has done, and whether it can run, without a request."""
+"""`batch status`: what a job has done, without a request."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from batch.answered import RowStates
-from batch.config import JobSpec, resolve_api_key
+from batch.config import JobSpec
 from batch.failures import PROMPT_CHANGED
 from batch.guard import RunLock
 from batch.pricing import CURRENCY
@@ -22,16 +22,6 @@ from batch.writer import Checkpoint
 def open_input(spec: JobSpec) -> InputTable:
     return InputTable(spec.input.path, spec.input.id_column, PromptBuilder(spec.prompt).columns,
                       spec.output.keep_columns)
-
-
-def validate(spec: JobSpec) -> str:
-    """Every check a run makes before its first request; raises ConfigError at the first problem."""
-    table = open_input(spec)
-    rows = table.scan()
-    resolve_api_key(spec)
-    columns = ", ".join(PromptBuilder(spec.prompt).columns)
-    return (f"{spec.job_path}: ok: {rows} rows in {spec.input.path}, prompt columns {columns}, "
-            f"model {spec.model.name} at {spec.model.resolved_base_url}")
 
 
 def row_states(spec: JobSpec, table: InputTable) -> tuple[int, RowStates]:

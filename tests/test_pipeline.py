@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from conftest import DATA, output_of
 
-from batch.config import load_job
+from batch.preflight import preflight
 from batch.runner import RunOptions, run_job
 from batch.simulator import completion_for
 
@@ -118,7 +118,7 @@ def test_empty_prompt_fails_the_row_without_a_request(sim, make_job, run_cli):
 @pytest.mark.asyncio
 async def test_run_job_api_and_finish_reason_length(sim, make_job):
     job = make_job(sim, model={"params": {"max_tokens": 3}})
-    summary = await run_job(load_job(job), "test-key", RunOptions(tty=False))
+    summary = await run_job(preflight(job), RunOptions(tty=False))
     assert summary["exit_code"] == 0
     assert summary["run"]["finish_reasons"] == {"length": len(REVIEWS)}
     result = output_of(job)

@@ -1,0 +1,170 @@
+"""Every check `run` makes before it writes or sends anything, made once: `validate` is exactly this.
+
+`preflight()` turns a job file into a `Plan`: the validated `JobSpec` and every value derived from
+it, resolved once (the request body's params with `extra_body` merged in, the `max_tokens` that is
+sent, the price, the endpoint, the key, the prompt builder, the input table). The pool, the budget,
+the token limiter and `estimate` all read these same values, so they cannot disagree about what a
+request may cost. A job that fails here has not touched its checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from dotenv import dotenv_values
+
+from batch.config import PROVIDERS, JobSpec, load_job
+from batch.errors import ConfigError
+from batch.guard import compare_fingerprint
+from batch.pricing import Price, Pricer, pricer_for
+from batch.prompts import PromptBuilder
+from batch.reader import InputTable
+from batch.writer import Checkpoint
+
+# The files a checkpoint folder holds from its first run: a folder with one is some job's checkpoint.
+CHECKPOINT_MARKERS = ("fingerprint.json", "wal.jsonl")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the job file alone determines: enough for `estimate`, which needs no key and writes nothing."""
+
+    spec: JobSpec
+    body_params: dict[str, Any]  # model.params with extra_body merged in: the request body's fields besides messages
+    max_tokens: int | None  # as sent, from params or extra_body (extra_body wins, as in the body)
+    pricer: Pricer | None  # the job's pricing, or the built-in table's; None: unknown
+    base_url: str
+    api_key_env: str | None
+    builder: PromptBuilder
+
+
+@dataclass(frozen=True)
+class Plan(Settings):
+    """Settings, checked against the file system and the environment: what `run` and `validate` need."""
+
+    api_key: str
+    table: InputTable  # opened and scanned: columns present, ids unique and non-empty
+    rows: int
+
+
+def resolve(spec: JobSpec) -> Settings:
+    """The values derived from a job file, with the checks that need nothing but the job file."""
+    try:
+        builder = PromptBuilder(spec.prompt)
+    except ConfigError as exc:
+        raise ConfigError(f"{spec.where('prompt.template')}: {exc}") from None
+    body_params = dict(spec.model.params)
+    # Provider-only fields and OpenAI ones go the same way: the SDK's create() has fixed kwargs.
+    body_params.update(body_params.pop("extra_body", None) or {})
+    max_tokens = body_params.get("max_tokens")  # a positive int when present: config checked both places
+    pricer = pricer_for(spec.model.name, Price(**spec.pricing.model_dump()) if spec.pricing else None)
+    if spec.budget is not None:
+        _check_budget(spec, max_tokens, pricer)
+    provider = PROVIDERS[spec.model.provider]
+    return Settings(spec, body_params, max_tokens, pricer, spec.model.base_url or provider.base_url,
+                    spec.model.api_key_env or provider.api_key_env, builder)
+
+
+def preflight(job_path: str | Path, force: bool = False) -> Plan:
+    """Every check a run makes before its lock, its first write and its first request; ConfigError at the first problem.
+
+    `force` (run --force) accepts a checkpoint made with other settings.
+    """
+    spec = load_job(job_path)
+    settings = resolve(spec)
+    check_output_path(spec)
+    if spec.cache is not None:
+        _check_creatable(spec, "cache.path", spec.cache.path, "the answer cache")
+    api_key = resolve_api_key(spec, settings.api_key_env)
+    table = InputTable(spec.input.path, spec.input.id_column, settings.builder.columns, spec.output.keep_columns)
+    if not force:
+        compare_fingerprint(spec)
+    # Bad ids or text fail here. The ids' hashes, in input order, are kept only to find the rows of a
+    # previous run's records.
+    rows = table.scan(keep_hashes=Checkpoint(spec.checkpoint_dir).has_records())
+    resolved = {field.name: getattr(settings, field.name) for field in fields(Settings)}
+    return Plan(**resolved, api_key=api_key, table=table, rows=rows)
+
+
+def validation_report(plan: Plan) -> str:
+    spec = plan.spec
+    columns = ", ".join(plan.builder.columns)
+    return (f"{spec.job_path}: ok: {plan.rows} rows in {spec.input.path}, prompt columns {columns}, "
+            f"model {spec.model.name} at {plan.base_url}")
+
+
+def _check_budget(spec: JobSpec, max_tokens: int | None, pricer: Pricer | None) -> None:
+    assert spec.budget is not None
+    if max_tokens is None:
+        raise ConfigError(f"{spec.where('budget')}: budget needs model.params.max_tokens "
+                          "(or model.params.extra_body.max_tokens), to bound what a request can cost")
+    if spec.budget.max_cost is not None and pricer is None:
+        raise ConfigError(f"{spec.where('budget.max_cost')}: budget.max_cost needs a price for model "
+                          f"{spec.model.name}: add pricing: {{input: ..., output: ...}} (CNY per million tokens)")
+
+
+def check_output_path(spec: JobSpec) -> None:
+    """Refuse an output that would overwrite the input or the job file, or tangle with a checkpoint folder.
+
+    Paths are compared resolved (symlinks, `..`), as the writes will land.
+    """
+    given = spec.output.path
+    out = given.resolve()
+    source = spec.input.path.resolve()
+    where = f"{spec.where('output.path')}: output.path {given}"
+    if out == source or (out.exists() and source.exists() and os.path.samefile(out, source)):
+        raise ConfigError(f"{where} is the input file {spec.input.path}: the results would overwrite it; "
+                          "write them to another file")
+    if out == spec.job_path.resolve():
+        raise ConfigError(f"{where} is the job file: write the results to a .parquet file")
+    if out.is_dir():
+        raise ConfigError(f"{where} is a folder: name the Parquet file to write, e.g. {given / 'results.parquet'}")
+    own = spec.checkpoint_dir.resolve()
+    if own == source or own in source.parents:
+        raise ConfigError(f"{where}: its checkpoint folder {spec.checkpoint_dir} would hold the input "
+                          f"{spec.input.path}; put the output elsewhere")
+    source_checkpoint = source.with_name(source.stem + ".checkpoint")  # the input may be another job's output
+    for folder in out.parents:
+        if folder == source_checkpoint or (folder.suffix == ".checkpoint" and _holds_a_checkpoint(folder)):
+            raise ConfigError(f"{where} is inside the checkpoint folder {folder}, which batch manages; "
+                              "put the output elsewhere")
+    _check_creatable(spec, "output.path", given, "the output and its checkpoint folder")
+
+
+def _holds_a_checkpoint(folder: Path) -> bool:
+    return any((folder / name).exists() for name in CHECKPOINT_MARKERS)
+
+
+def _check_creatable(spec: JobSpec, key: str, path: Path, what: str) -> None:
+    """The nearest existing folder above `path` must be a folder: a file there would stop the run later."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{spec.where(key)}: {key} {path}: {parent} is a file, not a folder, "
+                                  f"so {what} cannot be written there")
+            return
+
+
+def resolve_api_key(spec: JobSpec, var: str | None) -> str:
+    """The key from the environment or a .env beside the job file or in the working directory."""
+    provider = PROVIDERS[spec.model.provider]
+    key = None
+    if var:
+        key = os.environ.get(var)
+        if not key:
+            for env_file in (spec.job_path.parent / ".env", Path(".env")):
+                if env_file.is_file():
+                    key = dotenv_values(env_file).get(var)
+                    if key:
+                        break
+    if key:
+        return key
+    if provider.key_required or spec.model.api_key_env:
+        raise ConfigError(
+            f"{spec.job_path}: the API key variable {var} is not set: export {var}=... or put it in a .env file"
+        )
+    # The SDK refuses an empty key; keyless local servers ignore whatever we send.
+    return "no-key"
