@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import yaml
@@ -303,8 +303,10 @@ def _did_you_mean(loc: tuple[Any, ...]) -> str:
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        # An optional section (budget, pricing, cache) is `Spec | None`.
+        found = [t for t in (annotation, *get_args(annotation)) if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not found:
             return ""
-        model = annotation
+        model = found[0]
     close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
     return f", did you mean '{close[0]}'?" if close else ""

@@ -258,3 +258,9 @@ def test_unknown_key_keeps_its_hint_and_gains_its_line(sim, run_cli, tmp_path):
 def test_missing_key_points_at_its_parent(sim, run_cli, tmp_path):
     job = write_job(tmp_path, sim, "  name: glm-4-flash\n", "")
     refused(run_cli, job, f"{job} line {line_of(job, 'model:')}: missing key 'model.name'", sim=sim)
+
+
+def test_unknown_key_in_an_optional_section_gets_a_hint(sim, run_cli, tmp_path):
+    job = write_job(tmp_path, sim, "output:\n", "budget:\n  max_cots: 1\noutput:\n")
+    refused(run_cli, job, f"{job} line {line_of(job, 'max_cots')}: unknown key 'budget.max_cots'",
+            "did you mean 'max_cost'", sim=sim)
