@@ -234,6 +234,23 @@ class RowStates:
         first = int(sending.argmax())
         return first if len(sending) and sending[first] else len(sending)
 
+    def resent_records(self, retry_failed: bool) -> np.ndarray:
+        """(row, write position of its last record) of each row a run sends again although it has a record.
+
+        Records kept aside by id are not looked at: a row that moved is re-sent without its earlier cost."""
+        rows = np.flatnonzero(self._sends(retry_failed)[self.codes] & (self.codes != 0))
+        return np.stack([rows, self.written[rows].astype(np.int64) - 1], axis=1)
+
+    def last_records(self) -> np.ndarray:
+        """A mask over write positions: the records that are some id's last (ids no longer in the input too).
+
+        A record kept aside by id that a newer one at the id's row replaced is marked too: counted
+        twice, a spent total errs on the side of spending less."""
+        last = np.zeros(self.records, bool)
+        last[self.written[self.written > 0].astype(np.int64) - 1] = True
+        last[self._moved_written] = True
+        return last
+
     def _sends(self, retry_failed: bool) -> np.ndarray:
         return np.array([should_send(None, retry_failed)] + [should_send(n, retry_failed) for n in self.names])
 

@@ -1,17 +1,24 @@
 """A spending limit for the whole job (all runs together), kept before money is spent.
 
-Each request reserves its worst case (estimated prompt, answer as long as max_tokens allows)
-before it is sent; when the next reservation would cross the limit, the run stops taking rows.
-So the limit holds even with every request in flight coming back at its worst.
+Each request reserves the most it can cost before it is sent: its prompt at its token bound
+(prompts.prompt_token_bound: UTF-8 bytes plus a per-message overhead, which no byte-level BPE
+tokenizer exceeds) and an answer as long as max_tokens allows. A reservation that does not fit beside
+the ones in flight waits for them to settle to what they really cost; the limit is reached only when
+the next reservation does not fit with nothing in flight. So the limit holds with every request in
+flight coming back at its worst, and a job spends up to the last request that could fit.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from batch.config import BudgetSpec
-from batch.pricing import Pricer, worst_cost
+from batch.pricing import Pricer, money, worst_cost
+
+log = logging.getLogger("batch")
 
 
 @dataclass(frozen=True)
@@ -33,31 +40,65 @@ class Budget:
         self.spent_tokens = spent_tokens
         self.held_cost = 0.0
         self.held_tokens = 0
+        self.in_flight = 0
+        self.reached = False
+        self._settled = asyncio.Event()
+        self._warned_usage = False
 
-    def reserve(self, prompt_tokens: int) -> Hold | None:
-        """Hold a request's worst case, or None when it could push the job over its budget."""
-        tokens = prompt_tokens + self.max_tokens
-        cost = worst_cost(self.pricer, prompt_tokens, self.max_tokens) if self.pricer is not None else 0.0
-        if self.max_cost is not None and self.spent_cost + self.held_cost + cost > self.max_cost:
-            return None
-        if self.max_tokens_total is not None and self.spent_tokens + self.held_tokens + tokens > self.max_tokens_total:
-            return None
-        self.held_cost += cost
-        self.held_tokens += tokens
-        return Hold(cost, tokens)
+    def worst_case(self, prompt_bound: int) -> Hold:
+        """The most a request with a prompt of at most `prompt_bound` tokens can cost."""
+        cost = worst_cost(self.pricer, prompt_bound, self.max_tokens) if self.pricer is not None else 0.0
+        return Hold(cost, prompt_bound + self.max_tokens)
+
+    async def reserve(self, prompt_bound: int) -> Hold | None:
+        """Hold a request's worst case, waiting for requests in flight to settle if it does not fit beside
+        them; None when it cannot fit even with nothing in flight (the budget is reached)."""
+        hold = self.worst_case(prompt_bound)
+        while not self._fits(hold):
+            if self.in_flight == 0:
+                self.reached = True
+                return None
+            # No await between the check above and clear(): a settle cannot slip in between.
+            self._settled.clear()
+            await self._settled.wait()
+        self.held_cost += hold.cost
+        self.held_tokens += hold.tokens
+        self.in_flight += 1
+        return hold
+
+    def _fits(self, hold: Hold) -> bool:
+        if self.max_cost is not None and self.spent_cost + self.held_cost + hold.cost > self.max_cost:
+            return False
+        return self.max_tokens_total is None or self.spent_tokens + self.held_tokens + hold.tokens <= \
+            self.max_tokens_total
 
     def settle(self, hold: Hold, record: dict[str, Any] | None) -> None:
-        """Release a hold; count what the request really cost (None: it was never answered)."""
+        """Release a hold and count what its request really cost: `record` is its answer, or None when no
+        answer came (an error answer is not billed). An answer without usage counts as its worst case."""
         self.held_cost -= hold.cost
         self.held_tokens -= hold.tokens
-        if record is not None:
-            self.spent_cost += record["cost"] or 0.0
-            self.spent_tokens += record["total_tokens"] or 0
+        self.in_flight -= 1
+        self._settled.set()
+        if record is None or not answered(record):
+            return
+        cost, tokens = record["cost"], record["total_tokens"]
+        if (tokens is None or (cost is None and self.pricer is not None)) and not self._warned_usage:
+            self._warned_usage = True
+            log.warning("an answer came without token usage: the budget counts it at its worst case "
+                        "(%d tokens, %.6g CNY)", hold.tokens, hold.cost)
+        self.spent_cost += hold.cost if cost is None else cost
+        self.spent_tokens += hold.tokens if tokens is None else tokens
 
     def describe(self) -> str:
         parts = []
         if self.max_cost is not None:
-            parts.append(f"spent {self.spent_cost:.6f} of max_cost {self.max_cost:g} CNY")
+            parts.append(f"spent {money(self.spent_cost)} of max_cost {self.max_cost:g} CNY")
         if self.max_tokens_total is not None:
             parts.append(f"used {self.spent_tokens} of max_total_tokens {self.max_tokens_total}")
         return "budget reached: " + ", ".join(parts) + " (the next request could exceed it)"
+
+
+def answered(record: dict[str, Any]) -> bool:
+    """Whether a record holds an answer the server produced (and billed), ok or not (a reply that is not JSON)."""
+    return record["response"] is not None or record["finish_reason"] is not None
+

@@ -23,9 +23,11 @@ REUSED_FIELDS = ("response", "reasoning_content", "finish_reason", "prompt_token
                  "total_tokens", "model", "request_id")
 
 
-def request_key(body: bytes) -> str:
-    """The key of a request body (model, params and messages, serialized with sorted keys)."""
-    return hashlib.sha256(body).hexdigest()
+def request_key(url: str, body: bytes) -> str:
+    """The key of a request: the endpoint and the body (model, params and messages, serialized with sorted keys).
+
+    The endpoint too: a local model served as "glm-4-flash" must not answer a Zhipu job from a shared cache."""
+    return hashlib.sha256(url.encode() + b"\n" + body).hexdigest()
 
 
 class AnswerCache:

@@ -7,13 +7,21 @@ from typing import Any
 import pyarrow.compute as pc
 
 from batch.preflight import Settings
-from batch.pricing import CURRENCY, cost_of, worst_cost
-from batch.prompts import RowPromptError, estimate_tokens
+from batch.pricing import CURRENCY, cost_of, money, worst_cost
+from batch.prompts import (
+    MESSAGE_OVERHEAD_TOKENS,
+    REQUEST_OVERHEAD_TOKENS,
+    RowPromptError,
+    estimate_tokens,
+    prompt_token_bound,
+)
 from batch.reader import Skipped
 from batch.status import open_input, row_states
 from batch.writer import Checkpoint
 
 TOKENIZER_NOTE = "approximation: 1 token per CJK character, 1 per 4 other characters, +4 per message"
+BOUND_NOTE = (f"at most 1 token per UTF-8 byte, +{MESSAGE_OVERHEAD_TOKENS} per message, "
+              f"+{REQUEST_OVERHEAD_TOKENS} per request")
 
 
 def estimate(settings: Settings, retry_failed: bool = False) -> dict[str, Any]:
@@ -25,33 +33,38 @@ def estimate(settings: Settings, retry_failed: bool = False) -> dict[str, Any]:
     ok = done_table.filter(pc.equal(done_table.column("status"), "ok"))
     observed = pc.mean(ok.column("completion_tokens")).as_py() if ok.num_rows else None
 
-    rows = skipped = unsendable = prompt_tokens = 0
-    low = high = 0.0
+    rows = skipped = unsendable = prompt_tokens = prompt_bound = 0
+    expected = most = 0.0
     start = states.first_to_send(retry_failed)
     for row in table.rows(lambda seq, ids: states.to_send(seq, ids, retry_failed), start):
         if isinstance(row, Skipped):
             skipped += row.count
             continue
         try:
-            tokens = estimate_tokens(builder.messages(row.values))
+            messages = builder.messages(row.values)
         except RowPromptError:
             unsendable += 1
             continue
+        tokens, bound = estimate_tokens(messages), prompt_token_bound(messages)
         rows += 1
         prompt_tokens += tokens
+        prompt_bound += bound
         if pricer is not None:
-            low += cost_of(pricer, tokens, round(observed or 0)) or 0.0
-            high += worst_cost(pricer, tokens, max_tokens) if max_tokens else 0.0
+            expected += cost_of(pricer, tokens, round(observed or 0)) or 0.0
+            most += worst_cost(pricer, bound, max_tokens) if max_tokens else 0.0
     changed = states.counts(lambda: (ids for _, ids in table.id_batches([]))).changed
     return {
         "job": spec.name, "model": spec.model.name, "rows_to_do": rows, "rows_done_before": skipped,
         "rows_without_prompt": unsendable, "rows_changed": changed,
         "prompt_tokens_estimate": prompt_tokens, "tokenizer": TOKENIZER_NOTE,
+        "prompt_tokens_max": prompt_bound, "prompt_bound": BOUND_NOTE,
         "max_tokens": max_tokens, "observed_completion_tokens_per_row": observed,
         "completion_tokens_expected": round(rows * observed) if observed is not None else None,
         "completion_tokens_max": rows * max_tokens if max_tokens else None,
-        "cost_low": round(low, 6) if pricer else None,
-        "cost_high": round(high, 6) if pricer and max_tokens else None,
+        # Expected: the prompt estimate and the answers' length so far (none yet: prompts only). Max: a real
+        # bound, the same the budget reserves.
+        "cost_expected": expected if pricer else None,
+        "cost_max": most if pricer and max_tokens else None,
         "currency": CURRENCY,
     }
 
@@ -62,7 +75,8 @@ def format_estimate(e: dict[str, Any]) -> str:
         f"({e['rows_done_before']} done before, {e['rows_without_prompt']} without a prompt"
         + (f", {e['rows_changed']} whose prompt changed since answered" if e["rows_changed"] else "")
         + "); nothing was sent",
-        f"  prompt tokens: ~{e['prompt_tokens_estimate']} ({e['tokenizer']})",
+        f"  prompt tokens: ~{e['prompt_tokens_estimate']} expected ({e['tokenizer']}); "
+        f"at most {e['prompt_tokens_max']} ({e['prompt_bound']})",
     ]
     answer = []
     if e["completion_tokens_max"] is not None:
@@ -71,9 +85,10 @@ def format_estimate(e: dict[str, Any]) -> str:
         answer.append(f"~{e['completion_tokens_expected']} at the {e['observed_completion_tokens_per_row']:.1f} "
                       "per row answered so far")
     lines.append("  completion tokens: " + ("; ".join(answer) or "unknown: no max_tokens and no answers yet"))
-    if e["cost_low"] is None:
+    if e["cost_expected"] is None:
         lines.append(f"  cost: unknown (no price for {e['model']}: add pricing: to the job)")
     else:
-        high = f"{e['cost_high']:.6f}" if e["cost_high"] is not None else "unbounded (no max_tokens)"
-        lines.append(f"  cost: {e['cost_low']:.6f} to {high} {e['currency']}")
+        most = f"{money(e['cost_max'])}" if e["cost_max"] is not None else "unbounded (no max_tokens)"
+        basis = "" if e["observed_completion_tokens_per_row"] is not None else " for the prompts alone (no answers yet)"
+        lines.append(f"  cost: ~{money(e['cost_expected'])} expected{basis}, at most {most} {e['currency']}")
     return "\n".join(lines)

@@ -228,7 +228,7 @@ class Pool:
             "reasoning_content": message.get("reasoning_content"),
             "finish_reason": choice.get("finish_reason"),
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": usage.get("total_tokens"),
+            "total_tokens": total_tokens(usage),
             "cost": cost_of(self.pricer, prompt_tokens, completion_tokens,
                             (usage.get("prompt_tokens_details") or {}).get("cached_tokens")),
             "model": data.get("model") or self.model,
@@ -238,6 +238,14 @@ class Pool:
         }
 
 
+def total_tokens(usage: dict[str, Any]) -> int | None:
+    """usage.total_tokens, or prompt + completion when a server leaves it out."""
+    total = usage.get("total_tokens")
+    if total is None and usage.get("prompt_tokens") is not None and usage.get("completion_tokens") is not None:
+        return usage["prompt_tokens"] + usage["completion_tokens"]
+    return total
+
+
 def failed_record(row: Row, error_class: str, error: str, attempts: int, model: str) -> dict[str, Any]:
     return {
         "id": row.id, "seq": row.seq, "status": "failed", "response": None, "reasoning_content": None,
@@ -245,3 +253,16 @@ def failed_record(row: Row, error_class: str, error: str, attempts: int, model: 
         "cost": None, "model": model, "request_id": None, "latency_s": None, "attempts": attempts,
         "error_class": error_class, "error": redact(error), "cache_hit": False, "prompt_hash": row.prompt_hash,
     }
+
+
+PAID_FIELDS = ("cost", "prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def add_paid_before(record: dict[str, Any], paid: dict[str, Any] | None) -> None:
+    """Add to `record` what earlier answers to its row cost (`paid`: PAID_FIELDS), so the row's record holds the sum
+    over all its answers. A field unknown on either side stays what it was on the other."""
+    if not paid:
+        return
+    for name in PAID_FIELDS:
+        if paid[name] is not None:
+            record[name] = paid[name] if record[name] is None else record[name] + paid[name]

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 PRICES_AS_OF = "2026-11-22"
 CURRENCY = "CNY"
-# The glm-4.5 family's tiers split at 32K prompt tokens and 200 completion tokens per request.
-LONG_PROMPT = 32_000
-SHORT_ANSWER = 200
+# The glm-4.5 family's tiers, as published: prompt [0, 32K] or (32K, 128K], answer [0, 0.2K] or (0.2K, +):
+# a prompt of exactly 32,000 tokens and an answer of exactly 200 are in the lower tier.
+SHORT_PROMPT_MAX = 32_000
+SHORT_ANSWER_MAX = 200
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,9 @@ def flat(input_price: float, output_price: float, cached_input: float | None = N
 
 def tiered(short: Price, long_answer: Price, long_prompt: Price) -> Pricer:
     def pick(prompt_tokens: int, completion_tokens: int) -> Price:
-        if prompt_tokens >= LONG_PROMPT:
+        if prompt_tokens > SHORT_PROMPT_MAX:
             return long_prompt
-        return short if completion_tokens < SHORT_ANSWER else long_answer
+        return short if completion_tokens <= SHORT_ANSWER_MAX else long_answer
     return pick
 
 
@@ -63,9 +64,10 @@ PRICES: dict[str, Pricer] = {
 
 
 def pricer_for(model: str, override: Price | None = None) -> Pricer | None:
+    """The job's own price, or the table's for `model` (named in any case: GLM-4.5 is glm-4.5)."""
     if override is not None:
         return flat(override.input, override.output, override.cached_input)
-    return PRICES.get(model)
+    return PRICES.get(model.strip().lower())
 
 
 def cost_of(pricer: Pricer | None, prompt_tokens: int | None, completion_tokens: int | None,
@@ -78,3 +80,10 @@ def cost_of(pricer: Pricer | None, prompt_tokens: int | None, completion_tokens:
 def worst_cost(pricer: Pricer, prompt_tokens: int, max_tokens: int) -> float:
     """The most a request can cost: its prompt uncached, its answer as long as max_tokens allows."""
     return max(pricer(prompt_tokens, completion).cost(prompt_tokens, max_tokens) for completion in (0, max_tokens))
+
+
+def money(amount: float) -> str:
+    """An amount for people: six decimals, but never a misleading zero for a tiny amount that is not zero."""
+    if amount == 0 or abs(amount) >= 5e-7:
+        return f"{amount:.6f}"
+    return f"{amount:.2g}"

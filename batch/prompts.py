@@ -70,6 +70,27 @@ def _parse_messages(value: Any, column: str | None) -> list[dict[str, Any]]:
     return value
 
 
+# What a chat template adds around each message (role markers, separators) and around the request (the
+# assistant's turn): a few tokens in GLM's, Llama's and OpenAI's templates; these are generous bounds.
+MESSAGE_OVERHEAD_TOKENS = 8
+REQUEST_OVERHEAD_TOKENS = 8
+
+
+def prompt_token_bound(messages: list[dict[str, Any]]) -> int:
+    """The most prompt tokens `messages` can cost: the UTF-8 bytes of each content plus a per-message overhead.
+
+    A byte-level BPE tokenizer (GLM's, GPT's, Llama 3's) never makes a token of less than one byte, so no text
+    has more tokens than bytes, however dense (numbers, ids, JSON tokenize at ~2 characters a token, far
+    beyond estimate_tokens' average). The budget reserves this, not the estimate.
+    """
+    total = REQUEST_OVERHEAD_TOKENS
+    for message in messages:
+        text = message.get("content")
+        text = text if isinstance(text, str) else json.dumps(text, ensure_ascii=False)
+        total += len(text.encode("utf-8")) + MESSAGE_OVERHEAD_TOKENS
+    return total
+
+
 def estimate_tokens(messages: list[dict[str, Any]]) -> int:
     """A cheap upper-ish estimate: one token per non-ASCII character (CJK), one per 4 ASCII ones."""
     total = 0

@@ -11,19 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.compute as pc
-
 from batch.answered import RowStates
 from batch.budget import Budget
 from batch.cache import AnswerCache, request_key, reused
 from batch.errors import EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_JOB_FATAL, EXIT_OK, EXIT_ROWS_FAILED, ConfigError
 from batch.final import Records, write_final
 from batch.guard import RunLock, check_fingerprint
-from batch.pool import JobFatal, Pool, Stopped, failed_record, make_client
+from batch.pool import PAID_FIELDS, JobFatal, Pool, Stopped, add_paid_before, failed_record, make_client
 from batch.preflight import Plan
-from batch.prompts import RowPromptError, estimate_tokens
+from batch.prompts import RowPromptError, estimate_tokens, prompt_token_bound
 from batch.reader import Row, Skipped, let_pandas_in
-from batch.replies import reply_columns
+from batch.replies import parse_reply, reply_columns
 from batch.summary import Progress, RunStats, build_summary, save_summary
 from batch.writer import RESULT_FIELDS, Checkpoint
 
@@ -86,7 +84,7 @@ class Run:
         try:
             async with make_client(self.plan) as client:
                 pool = Pool(client, self.plan, self.stopping)
-                budget = self._budget() if self.spec.budget else None
+                budget = self._budget(done) if self.spec.budget else None
                 cache_path = self.spec.cache.path if self.spec.cache else self.spec.checkpoint_dir / "answers.sqlite"
                 try:
                     cache = AnswerCache(cache_path)
@@ -113,10 +111,8 @@ class Run:
                         exc.strerror or exc)
         return summary
 
-    def _budget(self) -> Budget:
-        spent = self.checkpoint.results(["id", "status", "error_class", "cost", "total_tokens"])
-        cost = pc.sum(spent.column("cost")).as_py() or 0.0
-        tokens = pc.sum(spent.column("total_tokens")).as_py() or 0
+    def _budget(self, done: RowStates) -> Budget:
+        cost, tokens = self.checkpoint.spent(done)
         assert self.spec.budget is not None and self.plan.max_tokens is not None  # the preflight's checks
         return Budget(self.spec.budget, self.plan.max_tokens, self.plan.pricer, cost, tokens)
 
@@ -124,11 +120,13 @@ class Run:
                        stats: RunStats, progress: Progress) -> None:
         concurrency = self.spec.limits.concurrency
         queue: asyncio.Queue[tuple[Row, list[dict[str, Any]]] | None] = asyncio.Queue(maxsize=2 * concurrency)
+        paid_before = self._paid_before(done)
 
         def record(result: dict[str, Any]) -> None:
+            stats.add(result)  # this run's spending, before what earlier runs paid for the row is added
+            add_paid_before(result, paid_before.pop(result["seq"], None))
             self.checkpoint.append(result)
             done.add_one(result["seq"], "ok" if result["status"] == "ok" else result["error_class"])
-            stats.add(result)
 
         feed_errors: list[Exception] = []
 
@@ -142,18 +140,17 @@ class Run:
                 await queue.put(None)
 
         async def feed_rows() -> None:
-            budget = self.options.limit
-
+            rows_left = self.options.limit
             retry_failed = self.options.retry_failed
             start = done.first_to_send(retry_failed)
             for row in self.table.rows(lambda seq, ids: done.to_send(seq, ids, retry_failed), start):
-                if self.stopping.is_set() or budget == 0:
+                if self.stopping.is_set() or rows_left == 0:
                     break
                 if isinstance(row, Skipped):
                     stats.skipped += row.count
                     continue
-                if budget is not None:
-                    budget -= 1
+                if rows_left is not None:
+                    rows_left -= 1
                 try:
                     messages = self.builder.messages(row.values)
                 except RowPromptError as exc:
@@ -165,20 +162,25 @@ class Run:
             while not self.stopping.is_set() and (item := await queue.get()) is not None:
                 row, messages = item
                 body = pool.request_body(messages)
-                key = request_key(body)
-                kept = await cache.answer_of(key)
+                key = request_key(pool.client.url, body)
+                kept = self._usable(await cache.answer_of(key))
                 if kept is not None:
                     record(reused(kept, row.id, row.seq, row.prompt_hash))
                     continue
-                estimated = estimate_tokens(messages)
-                hold = budget.reserve(estimated) if budget else None
-                if budget and hold is None:
-                    self._stop(budget.describe(), EXIT_BUDGET)
-                    break
+                hold = None
+                if budget is not None:
+                    # Once reached, rows the cache can answer (above, free) still are; the others stay pending.
+                    hold = None if budget.reached else await budget.reserve(prompt_token_bound(messages))
+                    if hold is None:
+                        self._budget_reached(budget.describe())
+                        continue
                 result = None
                 sending = cache.sending(key)
                 try:
-                    result = await pool.answer(row, body, estimated)
+                    result = await pool.answer(row, body, estimate_tokens(messages))
+                    if hold is not None:
+                        budget.settle(hold, result)  # type: ignore[union-attr]
+                        hold = None
                     record(result)
                 except Stopped:
                     break
@@ -187,7 +189,7 @@ class Run:
                 finally:
                     cache.sent(key, sending, result)
                     if hold is not None:
-                        budget.settle(hold, result)  # type: ignore[union-attr]
+                        budget.settle(hold, None)  # type: ignore[union-attr]
 
         async def tick() -> None:
             while True:
@@ -208,6 +210,31 @@ class Run:
             feeder.cancel()
             ticker.cancel()
             await asyncio.gather(feeder, ticker, return_exceptions=True)
+
+    def _usable(self, kept: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A cached answer, if it passes the checks a fresh one would: a parse_json job sends again for prose."""
+        if kept is not None and self.spec.output.parse_json:
+            try:
+                parse_reply(kept["response"])
+            except ValueError:
+                return None
+        return kept
+
+    def _paid_before(self, done: RowStates) -> dict[int, dict[str, Any]]:
+        """What earlier runs paid for each row this run sends again (a retried failure, an edited prompt), by row:
+        a row's cost and tokens are the sum over all its answers, and the job's spending the sum over its rows."""
+        positions = done.resent_records(self.options.retry_failed)
+        if not len(positions):
+            return {}
+        paid = self.checkpoint.row_groups().take(positions[:, 1], list(PAID_FIELDS))
+        return {int(seq): spent for seq, spent in zip(positions[:, 0], paid.to_pylist())
+                if any(spent.values())}
+
+    def _budget_reached(self, reason: str) -> None:
+        """Send nothing more; rows the cache answers are still answered, and the run ends with exit 5."""
+        if self.stopped is None:
+            self.stopped, self.exit_code = reason, EXIT_BUDGET
+            log.error("stopping: %s", reason)
 
     def _stop(self, reason: str, exit_code: int) -> None:
         """Take no more rows; the first reason given is the one reported."""

@@ -13,7 +13,7 @@ from batch.answered import RowStates
 from batch.config import JobSpec
 from batch.failures import PROMPT_CHANGED
 from batch.guard import RunLock
-from batch.pricing import CURRENCY
+from batch.pricing import CURRENCY, money
 from batch.prompts import PromptBuilder
 from batch.reader import InputTable
 from batch.writer import Checkpoint
@@ -40,6 +40,7 @@ def job_status(spec: JobSpec) -> dict[str, Any]:
     total, states = row_states(spec, table)
     counts = states.counts(lambda: (ids for _, ids in table.id_batches([])))
     results = Checkpoint(spec.checkpoint_dir).snapshot()
+    sent = results.filter(pc.invert(pc.fill_null(results.column("cache_hit"), False)))  # the cache's cost no tokens
     summary_path = spec.checkpoint_dir / "summary.json"
     last = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else None
     return {
@@ -51,9 +52,9 @@ def job_status(spec: JobSpec) -> dict[str, Any]:
         "changed": counts.changed,
         "not_in_input": counts.not_in_input,
         "failed_by_class": failed_by_class(states, table),
-        "prompt_tokens": pc.sum(results.column("prompt_tokens")).as_py() or 0,
-        "completion_tokens": pc.sum(results.column("completion_tokens")).as_py() or 0,
-        "cost": round(pc.sum(results.column("cost")).as_py() or 0.0, 6),
+        "prompt_tokens": pc.sum(sent.column("prompt_tokens")).as_py() or 0,
+        "completion_tokens": pc.sum(sent.column("completion_tokens")).as_py() or 0,
+        "cost": pc.sum(results.column("cost")).as_py() or 0.0,
         "currency": CURRENCY,
         "running_pid": RunLock(spec.checkpoint_dir).holder() if spec.checkpoint_dir.is_dir() else None,
         "last_run": None if last is None else {
@@ -79,7 +80,7 @@ def format_status(status: dict[str, Any]) -> str:
         f"pending {status['pending']}" + (f" ({status['changed']} answered before their prompt changed)"
                                           if status["changed"] else ""),
         f"  tokens so far: {status['prompt_tokens']} prompt + {status['completion_tokens']} completion, "
-        f"cost so far: {status['cost']:.6f} {status['currency']}",
+        f"cost so far: {money(status['cost'])} {status['currency']}",
     ]
     if status["not_in_input"]:
         lines.append(f"  not in the input: {status['not_in_input']} answers are for rows no longer in the input "

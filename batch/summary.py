@@ -13,8 +13,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+from batch.budget import answered
 from batch.logs import redact
-from batch.pricing import CURRENCY
+from batch.pricing import CURRENCY, money
 
 log = logging.getLogger("batch")
 
@@ -37,19 +38,23 @@ class RunStats:
     started: float = field(default_factory=time.monotonic)
 
     def add(self, record: dict[str, Any]) -> None:
+        """A record this run made. What it paid counts whether the row is ok or not (a reply that is not JSON
+        was answered and billed); an answer from the cache paid nothing."""
         if record["status"] == "ok":
             self.ok += 1
-            self.prompt_tokens += record["prompt_tokens"] or 0
-            self.completion_tokens += record["completion_tokens"] or 0
-            if record["cost"] is None:
-                self.cost_unknown_rows += 1
-            else:
-                self.cost += record["cost"]
             if record["finish_reason"]:
                 self.finish_reasons[record["finish_reason"]] += 1
         else:
             self.failed += 1
             self.error_classes[record["error_class"]] += 1
+        if record["cache_hit"] or not answered(record):
+            return
+        self.prompt_tokens += record["prompt_tokens"] or 0
+        self.completion_tokens += record["completion_tokens"] or 0
+        if record["cost"] is None:
+            self.cost_unknown_rows += 1
+        else:
+            self.cost += record["cost"]
 
     @property
     def done(self) -> int:
@@ -99,7 +104,7 @@ def build_summary(job: str, model: str, stats: RunStats, totals: dict[str, int],
         "run": {"ok": stats.ok, "failed": stats.failed, "skipped": stats.skipped,
                 "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
                 "total_tokens": stats.prompt_tokens + stats.completion_tokens,
-                "cost": round(stats.cost, 6), "currency": CURRENCY, "cost_unknown_rows": stats.cost_unknown_rows,
+                "cost": stats.cost, "currency": CURRENCY, "cost_unknown_rows": stats.cost_unknown_rows,
                 "attempts": stats.attempts, "throttled": stats.throttled,
                 "concurrency_limit_end": round(stats.concurrency_limit, 2), "wall_s": round(wall, 3),
                 "requests_per_s": round(stats.attempts / wall, 2) if wall > 0 else 0.0,
@@ -121,7 +126,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         *([f"  {totals['not_in_input']} answers are for rows no longer in the input (kept in the checkpoint)"]
           if totals.get("not_in_input") else []),
         f"  tokens: {run['prompt_tokens']} prompt + {run['completion_tokens']} completion = {run['total_tokens']}",
-        f"  cost: {run['cost']:.6f} {run['currency']}"
+        f"  cost: {money(run['cost'])} {run['currency']}"
         + (f" (+ {run['cost_unknown_rows']} rows of unknown price)" if run["cost_unknown_rows"] else ""),
         f"  time: {run['wall_s']:.1f} s, {run['requests_per_s']} requests/s, {run['attempts']} requests"
         + (f", {run['throttled']} throttled (429)" if run["throttled"] else ""),

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch.answered import Answered, RowStates
@@ -103,6 +104,19 @@ class Checkpoint:
                 states.add(*(records.column(c).chunk(0) for c in columns))
         states.settle()
         return states
+
+    def spent(self, states: RowStates) -> tuple[float, int]:
+        """What the job has paid so far: (cost, tokens) summed over each id's last record, which holds the sum
+        over all that id's answers; answers taken from the cache cost no tokens. Read a bunch of parts at a time."""
+        last = states.last_records()
+        cost, tokens, at = 0.0, 0, 0
+        for records in _bunches(self._parts(), ["cost", "total_tokens", "cache_hit"], self._group_rows):
+            mine = pa.array(last[at:at + records.num_rows])
+            at += records.num_rows
+            cost += pc.sum(records.column("cost").filter(mine)).as_py() or 0.0
+            sent = pc.and_(mine, pc.invert(pc.fill_null(records.column("cache_hit"), False)))
+            tokens += pc.sum(records.column("total_tokens").filter(sent)).as_py() or 0
+        return cost, tokens
 
     def has_records(self) -> bool:
         """Whether a previous run left any record (a part, or a log not yet compacted)."""

@@ -86,7 +86,7 @@ def test_estimate_sends_nothing_and_bounds_the_real_cost(sim, make_job, run_cli)
     assert before["rows_to_do"] == 10 and before["rows_done_before"] == 0
     assert before["completion_tokens_max"] == 10 * 64
     assert before["observed_completion_tokens_per_row"] is None
-    assert 0 <= before["cost_low"] < before["cost_high"]
+    assert 0 <= before["cost_expected"] < before["cost_max"]
     assert sim.stats()["requests"] == 0
 
     assert run_cli("run", job, "--limit", "4")[0] == 0
@@ -96,4 +96,4 @@ def test_estimate_sends_nothing_and_bounds_the_real_cost(sim, make_job, run_cli)
 
     assert run_cli("run", job)[0] == 0
     real = output_of(job)["cost"].sum()
-    assert real <= before["cost_high"]  # the worst case really is an upper bound
+    assert real <= before["cost_max"]  # the worst case really is an upper bound

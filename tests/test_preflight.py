@@ -140,7 +140,7 @@ def test_max_tokens_in_extra_body_is_the_one_the_budget_and_estimate_use(sim, ma
     found = json.loads(out)
     assert found["max_tokens"] == 500
     assert found["completion_tokens_max"] == 500 * len(ROWS)
-    assert found["cost_high"] == pytest.approx(0.5 * len(ROWS))
+    assert found["cost_max"] == pytest.approx(0.5 * len(ROWS))
     assert run_cli("validate", job)[0] == 0
     code, out, err = run_cli("run", job)
     assert code == 5, (out, err)
