@@ -79,7 +79,8 @@ def preflight(job_path: str | Path, force: bool = False) -> Plan:
     if spec.cache is not None:
         _check_creatable(spec, "cache.path", spec.cache.path, "the answer cache")
     api_key = resolve_api_key(spec, settings.api_key_env)
-    table = InputTable(spec.input.path, spec.input.id_column, settings.builder.columns, spec.output.keep_columns)
+    table = InputTable(spec.input.path, spec.input.id_column, settings.builder.columns, spec.output.keep_columns,
+                       messages_column=spec.prompt.messages_column)
     if not force:
         compare_fingerprint(spec)
     # Bad ids or text fail here. The ids' hashes, in input order, are kept only to find the rows of a

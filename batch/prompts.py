@@ -52,6 +52,9 @@ class PromptBuilder:
         return self.spec.template.format_map(rendered)  # type: ignore[union-attr]
 
 
+ROLES = ("system", "user", "assistant", "tool")
+
+
 def _parse_messages(value: Any, column: str | None) -> list[dict[str, Any]]:
     if value is None or (isinstance(value, str) and not value.strip()):
         raise RowPromptError(f"column '{column}' is empty")
@@ -64,10 +67,29 @@ def _parse_messages(value: Any, column: str | None) -> list[dict[str, Any]]:
         value = value.tolist()
     if not isinstance(value, list) or not value:
         raise RowPromptError(f"column '{column}' must hold a non-empty JSON list of messages")
-    for message in value:
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str) and "content" in message):
-            raise RowPromptError(f"column '{column}': each message needs 'role' and 'content'")
+    for number, message in enumerate(value, start=1):
+        problem = _message_problem(message)
+        if problem:
+            raise RowPromptError(f"column '{column}': message {number} {problem}")
     return value
+
+
+def _message_problem(message: Any) -> str | None:
+    """What makes `message` one an OpenAI-compatible API would refuse, or None."""
+    if not isinstance(message, dict):
+        return f"is {type(message).__name__}, not an object with 'role' and 'content'"
+    if "role" not in message:
+        return "has no 'role'"
+    role = message["role"]
+    if role not in ROLES:
+        shown = json.dumps(role, ensure_ascii=False)
+        return f"has role {shown} (expected {', '.join(ROLES[:-1])} or {ROLES[-1]})"
+    content = message.get("content")
+    if isinstance(content, str | list):  # a list: content parts (text, image_url, ...)
+        return None
+    if content is None and role == "assistant" and message.get("tool_calls"):
+        return None  # an assistant turn that only calls tools
+    return "has no 'content'" if content is None else f"has {type(content).__name__} content (expected text or a list)"
 
 
 # What a chat template adds around each message (role markers, separators) and around the request (the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import importlib.abc
 import json
@@ -11,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
@@ -63,6 +64,15 @@ BATCH_ROWS = 8192
 # Arrow's CSV reader reads up to 32 blocks ahead of the consumer: 1 MB blocks held ~35 MB at a million
 # rows (and only 10 MB at 100,000, the whole file); 256 KB blocks hold at most ~10 MB.
 CSV_BLOCK_BYTES = 1 << 18
+# A CSV record must fit in two blocks: a longer value makes the reader start again with blocks 4 times
+# larger, up to this size (Arrow holds ~32 blocks ahead, so a file of long values costs memory).
+CSV_MAX_BLOCK_BYTES = 64 << 20
+# Quoted values may span lines: the chunker must follow quotes to find where a record ends.
+_CSV_PARSE = pacsv.ParseOptions(newlines_in_values=True)
+# Arrow takes a quote still open at the end of the file for a value running to the end: every row after
+# a stray quote would vanish into one value. A line of these after the file's last line shows whether
+# the parse ended outside quotes: it comes back as a row of its own, or inside the open value.
+_CSV_END_VALUE = "batch:end-of-input:5c0e7f"
 
 
 @dataclass(slots=True)
@@ -81,8 +91,10 @@ class Skipped:
 class InputTable:
     """One input file (.csv, .parquet, .jsonl) and the columns a job needs from it."""
 
-    def __init__(self, path: Path, id_column: str | None, prompt_columns: list[str], keep_columns: list[str]) -> None:
+    def __init__(self, path: Path, id_column: str | None, prompt_columns: list[str], keep_columns: list[str],
+                 messages_column: str | None = None) -> None:
         self.path = path
+        self.messages_column = messages_column  # JSONL: read as JSON text, parsed row by row
         self.id_column = id_column
         self.prompt_columns = prompt_columns
         self.keep_columns = keep_columns
@@ -99,12 +111,11 @@ class InputTable:
             if self.format == "parquet":
                 return list(pq.ParquetFile(self.path).schema_arrow.names)
             if self.format == "csv":
-                with pacsv.open_csv(self.path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES)) as reader:
-                    return list(reader.schema.names)
+                return self._csv_header()
             first = next(self._jsonl_records(), None)
             if first is None:
                 raise ConfigError(f"{self.path}: the input has no rows")
-            return list(first)
+            return list(first[1])
         except (pa.ArrowInvalid, OSError) as exc:
             raise ConfigError(f"{self.path}: cannot read {self.format.upper()}: {_arrow_message(exc)}") from None
         except UnicodeDecodeError:  # column names that are not UTF-8
@@ -144,15 +155,115 @@ class InputTable:
         except pa.ArrowInvalid as exc:
             raise ConfigError(f"{self.path}: cannot read {self.format.upper()}: {_arrow_message(exc)}") from None
 
+    def _csv_header(self) -> list[str]:
+        block = CSV_BLOCK_BYTES
+        while True:
+            try:
+                with pacsv.open_csv(self.path, read_options=pacsv.ReadOptions(block_size=block),
+                                    parse_options=_CSV_PARSE) as reader:  # reads and parses the first block
+                    return list(reader.schema.names)
+            except pa.ArrowInvalid as exc:
+                if not (_straddles(exc) and block < CSV_MAX_BLOCK_BYTES):
+                    raise self._csv_error(exc) from None
+                block *= 4
+
     def _csv_batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        """The file's rows, without the end line: a batch is held back until the next one shows it is not the last."""
+        held: pa.RecordBatch | None = None
+        try:
+            for batch in self._csv_blocks(columns):
+                if batch.num_rows:
+                    if held is not None:
+                        yield held
+                    held = batch
+        except pa.ArrowInvalid as exc:
+            raise self._csv_error(exc) from None
+        if held is None or not all(held.column(i)[-1].as_py() == _CSV_END_VALUE for i in range(held.num_columns)):
+            raise ConfigError(self._csv_fault(unclosed=True) or f"{self.path}: a quoted value is never closed")
+        if held.num_rows > 1:
+            yield held.slice(0, held.num_rows - 1)
+
+    def _csv_blocks(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        """The file and its end line, parsed; a record longer than two blocks starts the reading over with
+        larger blocks, after the rows already given."""
         # Every CSV column as text: type inference per block can change its mind mid-file.
         convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}, include_columns=columns,
                                        strings_can_be_null=False, quoted_strings_can_be_null=False)
-        read = pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES)
-        with pacsv.open_csv(self.path, read_options=read, convert_options=convert) as reader:
-            yield from reader
+        end_line = ("\n" + ",".join([_CSV_END_VALUE] * len(self.columns)) + "\n").encode()
+        block, given = CSV_BLOCK_BYTES, 0
+        while True:
+            try:
+                with open(self.path, "rb") as raw, pacsv.open_csv(
+                        _WithEndLine(raw, end_line), read_options=pacsv.ReadOptions(block_size=block),
+                        parse_options=_CSV_PARSE, convert_options=convert) as reader:
+                    skip = given
+                    for batch in reader:
+                        if skip >= batch.num_rows:
+                            skip -= batch.num_rows
+                            continue
+                        batch, skip = batch.slice(skip), 0
+                        given += batch.num_rows
+                        yield batch
+                return
+            except pa.ArrowInvalid as exc:
+                if not _straddles(exc):
+                    raise
+                if block >= CSV_MAX_BLOCK_BYTES:
+                    line = self._csv_record_line(given + 1)
+                    raise ConfigError(f"{self.path} row {given + 1}{f' (line {line})' if line else ''}: a value "
+                                      f"longer than {CSV_MAX_BLOCK_BYTES >> 20} MB, the most a CSV value may hold "
+                                      "(Parquet and JSONL have no such limit)") from None
+                block *= 4
 
-    def _jsonl_records(self) -> Iterator[dict[str, Any]]:
+    def _csv_error(self, exc: pa.ArrowInvalid) -> ConfigError:
+        return ConfigError(self._csv_fault() or f"{self.path}: cannot read CSV: {_arrow_message(exc)}")
+
+    def _csv_records(self) -> Iterator[tuple[int, list[str]]]:
+        """The raw file's records, the header first, with the line each starts on (error paths only: Python's
+        csv module, ~1 s per million rows, where Arrow knows no line numbers)."""
+        limit = csv.field_size_limit(sys.maxsize)
+        try:
+            with open(self.path, encoding="utf-8-sig", errors="replace", newline="") as text:
+                reader = csv.reader(text)
+                start = 1
+                for fields in reader:
+                    if fields:
+                        yield start, fields
+                    start = reader.line_num + 1
+        finally:
+            csv.field_size_limit(limit)
+
+    def _csv_record_line(self, row: int) -> int | None:
+        return next((start for number, (start, _) in enumerate(self._csv_records()) if number == row), None)
+
+    def _csv_fault(self, unclosed: bool = False) -> str | None:
+        """Where a file Arrow refused (or read to its end inside quotes) stops making sense as CSV."""
+        records = self._csv_records()
+        header = next(records, None)
+        if header is None:
+            return None
+        if _first_multiline_field(header[1]) is not None:
+            return f"{self.path} line 1: a quoted column name runs past the end of the header line (a stray '\"'?)"
+        width = len(header[1])
+        last = None
+        for start, fields in records:
+            if len(fields) != width:
+                problem = f"{len(fields)} field{'' if len(fields) == 1 else 's'} where the header has {width}"
+                spans = _first_multiline_field(fields)
+                if spans is None:
+                    return f"{self.path} line {start}: {problem}"
+                ends = start + sum(f.count("\n") for f in fields)
+                return (f"{self.path} line {_quote_line(start, fields, spans)}: a quoted value opened here runs to "
+                        f"line {ends}, leaving {problem} (a stray '\"'?)")
+            last = start, fields
+        if unclosed and last is not None:
+            start, fields = last
+            return (f"{self.path} line {_quote_line(start, fields, len(fields) - 1)}: a quoted value opened here "
+                    "is never closed (a stray '\"'?)")
+        return None
+
+    def _jsonl_records(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Each line's object, with its line number."""
         try:
             with open(self.path, encoding="utf-8-sig") as lines:  # -sig: a BOM (Windows editors) is not an error
                 for number, line in enumerate(lines, start=1):
@@ -164,22 +275,53 @@ class InputTable:
                         raise ConfigError(f"{self.path} line {number}: not valid JSON: {exc.msg}") from None
                     if not isinstance(record, dict):
                         raise ConfigError(f"{self.path} line {number}: each line must be a JSON object")
-                    yield record
+                    yield number, record
         except UnicodeDecodeError:
             raise ConfigError(f"{self.path}: not UTF-8 text: save the file as UTF-8") from None
 
     def _jsonl_batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        # The messages column may hold a list on one line and its JSON text on the next (or a bad value):
+        # as text, every line reads, and each row's value is judged by the prompt builder.
+        as_text = self.messages_column if self.messages_column in columns else None
         schema: pa.Schema | None = None
         chunk: list[dict[str, Any]] = []
-        for record in self._jsonl_records():
-            chunk.append({c: record.get(c) for c in columns})
+        numbers: list[int] = []
+        for number, record in self._jsonl_records():
+            values = {c: record.get(c) for c in columns}
+            if as_text is not None:
+                values[as_text] = _json_text(values[as_text])
+            chunk.append(values)
+            numbers.append(number)
             if len(chunk) == BATCH_ROWS:
-                batch = _jsonl_batch(chunk, schema, self.path)
+                batch = self._jsonl_batch(chunk, numbers, schema)
                 schema = batch.schema
                 yield batch
-                chunk = []
+                chunk, numbers = [], []
         if chunk:
-            yield _jsonl_batch(chunk, schema, self.path)
+            yield self._jsonl_batch(chunk, numbers, schema)
+
+    def _jsonl_batch(self, chunk: list[dict[str, Any]], numbers: list[int], schema: pa.Schema | None) -> pa.RecordBatch:
+        try:
+            return pa.RecordBatch.from_pylist(chunk, schema=schema)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+            raise ConfigError(self._type_change(chunk, numbers, schema)
+                              or f"{self.path}: a column changes type between lines: {_arrow_message(exc)}") from None
+
+    def _type_change(self, chunk: list[dict[str, Any]], numbers: list[int], schema: pa.Schema | None) -> str | None:
+        """The first line of `chunk` whose value does not fit the type its column took before (error path only)."""
+        for column in chunk[0]:
+            type_ = schema.field(column).type if schema is not None else None
+            values = [record[column] for record in chunk]
+            if _fits(values, type_):
+                continue
+            good, bad = 0, len(values)  # values[:good] fit and values[:bad] do not: halve the gap
+            while bad - good > 1:
+                middle = (good + bad) // 2
+                good, bad = (middle, bad) if _fits(values[:middle], type_) else (good, middle)
+            value = json.dumps(values[bad - 1], ensure_ascii=False, default=str)
+            return (f"{self.path} line {numbers[bad - 1]}: column '{column}' changes type between lines "
+                    f"(here {value[:60]})")
+        return None
 
     def scan(self, keep_hashes: bool = False) -> int:
         """Read the job's columns once before any request: count rows, find bad ids and bad text early.
@@ -309,6 +451,41 @@ class InputTable:
         return group, rows
 
 
+class _WithEndLine:
+    """A binary file read to its end, then `end_line`: what Arrow's CSV reader is given."""
+
+    def __init__(self, raw: IO[bytes], end_line: bytes) -> None:
+        self._raw = raw
+        self._end_line = end_line
+        self.closed = False
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        if data or not self._end_line:
+            return data
+        data, self._end_line = self._end_line, b""
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _straddles(exc: pa.ArrowInvalid) -> bool:
+    return "straddling object" in str(exc)  # a CSV record longer than two blocks
+
+
+def _first_multiline_field(fields: list[str]) -> int | None:
+    return next((i for i, field in enumerate(fields) if "\n" in field or "\r" in field), None)
+
+
+def _quote_line(start: int, fields: list[str], field: int) -> int:
+    """The line on which `fields[field]` of a record starting on line `start` opens."""
+    return start + sum(f.count("\n") for f in fields[:field])
+
+
 class _Hashes:
     """Per-batch hashes gathered into one array, never a list of pieces beside their concatenation.
 
@@ -380,11 +557,16 @@ def _id_text(value: Any) -> str | None:
     return text or None
 
 
-def _jsonl_batch(chunk: list[dict[str, Any]], schema: pa.Schema | None, path: Path) -> pa.RecordBatch:
+def _json_text(value: Any) -> Any:
+    return value if value is None or isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _fits(values: list[Any], type_: pa.DataType | None) -> bool:
     try:
-        return pa.RecordBatch.from_pylist(chunk, schema=schema)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise ConfigError(f"{path}: a column changes type between lines: {_arrow_message(exc)}") from None
+        pa.array(values, type_)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return False
+    return True
 
 
 def _arrow_message(exc: BaseException) -> str:

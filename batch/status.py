@@ -21,7 +21,7 @@ from batch.writer import Checkpoint
 
 def open_input(spec: JobSpec) -> InputTable:
     return InputTable(spec.input.path, spec.input.id_column, PromptBuilder(spec.prompt).columns,
-                      spec.output.keep_columns)
+                      spec.output.keep_columns, messages_column=spec.prompt.messages_column)
 
 
 def row_states(spec: JobSpec, table: InputTable) -> tuple[int, RowStates]:
