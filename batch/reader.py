@@ -95,6 +95,9 @@ class InputTable:
                  messages_column: str | None = None) -> None:
         self.path = path
         self.messages_column = messages_column  # JSONL: read as JSON text, parsed row by row
+        # A JSONL column's type, from its first value that is not null: a column empty on the first lines
+        # still takes its values' type, and the reads after the scan use it from the first line.
+        self._jsonl_types: dict[str, pa.DataType] = {}
         self.id_column = id_column
         self.prompt_columns = prompt_columns
         self.keep_columns = keep_columns
@@ -283,7 +286,6 @@ class InputTable:
         # The messages column may hold a list on one line and its JSON text on the next (or a bad value):
         # as text, every line reads, and each row's value is judged by the prompt builder.
         as_text = self.messages_column if self.messages_column in columns else None
-        schema: pa.Schema | None = None
         chunk: list[dict[str, Any]] = []
         numbers: list[int] = []
         for number, record in self._jsonl_records():
@@ -293,35 +295,37 @@ class InputTable:
             chunk.append(values)
             numbers.append(number)
             if len(chunk) == BATCH_ROWS:
-                batch = self._jsonl_batch(chunk, numbers, schema)
-                schema = batch.schema
-                yield batch
+                yield self._jsonl_batch(chunk, numbers)
                 chunk, numbers = [], []
         if chunk:
-            yield self._jsonl_batch(chunk, numbers, schema)
+            yield self._jsonl_batch(chunk, numbers)
 
-    def _jsonl_batch(self, chunk: list[dict[str, Any]], numbers: list[int], schema: pa.Schema | None) -> pa.RecordBatch:
-        try:
-            return pa.RecordBatch.from_pylist(chunk, schema=schema)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
-            raise ConfigError(self._type_change(chunk, numbers, schema)
-                              or f"{self.path}: a column changes type between lines: {_arrow_message(exc)}") from None
-
-    def _type_change(self, chunk: list[dict[str, Any]], numbers: list[int], schema: pa.Schema | None) -> str | None:
-        """The first line of `chunk` whose value does not fit the type its column took before (error path only)."""
+    def _jsonl_batch(self, chunk: list[dict[str, Any]], numbers: list[int]) -> pa.RecordBatch:
+        arrays = []
         for column in chunk[0]:
-            type_ = schema.field(column).type if schema is not None else None
             values = [record[column] for record in chunk]
-            if _fits(values, type_):
-                continue
-            good, bad = 0, len(values)  # values[:good] fit and values[:bad] do not: halve the gap
-            while bad - good > 1:
-                middle = (good + bad) // 2
-                good, bad = (middle, bad) if _fits(values[:middle], type_) else (good, middle)
-            value = json.dumps(values[bad - 1], ensure_ascii=False, default=str)
-            return (f"{self.path} line {numbers[bad - 1]}: column '{column}' changes type between lines "
-                    f"(here {value[:60]})")
-        return None
+            known = self._jsonl_types.get(column)
+            try:
+                array = pa.array(values, known)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+                raise ConfigError(self._type_change(column, values, numbers, known)
+                                  or f"{self.path}: column '{column}' changes type between lines: "
+                                  f"{_arrow_message(exc)}") from None
+            if known is None and not pa.types.is_null(array.type):
+                self._jsonl_types[column] = array.type
+            arrays.append(array)
+        return pa.RecordBatch.from_arrays(arrays, names=list(chunk[0]))
+
+    def _type_change(self, column: str, values: list[Any], numbers: list[int], known: pa.DataType | None) -> str | None:
+        """The first line whose value does not fit the type its column took before (error path only)."""
+        good, bad = 0, len(values)  # values[:good] fit and values[:bad] do not: halve the gap
+        while bad - good > 1:
+            middle = (good + bad) // 2
+            good, bad = (middle, bad) if _fits(values[:middle], known) else (good, middle)
+        if _fits(values[:bad], known):
+            return None
+        value = json.dumps(values[bad - 1], ensure_ascii=False, default=str)
+        return f"{self.path} line {numbers[bad - 1]}: column '{column}' changes type between lines (here {value[:60]})"
 
     def scan(self, keep_hashes: bool = False) -> int:
         """Read the job's columns once before any request: count rows, find bad ids and bad text early.

@@ -189,3 +189,16 @@ def test_jsonl_column_changing_type_names_its_line(sim, make_job, run_cli, tmp_p
     data = tmp_path / "reviews.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     refused_everywhere(run_cli, sim, job, str(data), f"line {bad}:", "column 'stars' changes type", '"five"')
+
+
+def test_jsonl_column_empty_on_its_first_lines_is_not_a_type_change(sim, make_job, run_cli, tmp_path):
+    """A column null on the first 8,192 lines (one batch) and text later: its type is the text's."""
+    rows = [{"review_id": f"r{i}", "text": f"review {i}", "note": None if i <= 9000 else f"n{i}"}
+            for i in range(1, 9101)]
+    job = make_job(sim, rows=ROWS, input_file="reviews.jsonl", output={"keep_columns": ["note"]},
+                   limits={"concurrency": 64})
+    (tmp_path / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    code, _, err = run_cli("run", job)
+    assert code == 0, err
+    notes = output_of(job)["note"]
+    assert notes.isna().sum() == 9000 and list(notes[9000:]) == [f"n{i}" for i in range(9001, 9101)]
