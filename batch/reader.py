@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.abc
+import itertools
 import json
 import sys
 import zlib
@@ -64,9 +65,9 @@ BATCH_ROWS = 8192
 # Arrow's CSV reader reads up to 32 blocks ahead of the consumer: 1 MB blocks held ~35 MB at a million
 # rows (and only 10 MB at 100,000, the whole file); 256 KB blocks hold at most ~10 MB.
 CSV_BLOCK_BYTES = 1 << 18
-# A CSV record must fit in two blocks: a longer value makes the reader start again with blocks 4 times
-# larger, up to this size (Arrow holds ~32 blocks ahead, so a file of long values costs memory).
-CSV_MAX_BLOCK_BYTES = 64 << 20
+# A CSV record must fit in two blocks: a longer one makes the reader start again with blocks large enough
+# (Arrow holds ~32 blocks ahead, so a file of long rows costs memory), up to rows of this size.
+CSV_MAX_ROW_BYTES = 64 << 20
 # Quoted values may span lines: the chunker must follow quotes to find where a record ends.
 _CSV_PARSE = pacsv.ParseOptions(newlines_in_values=True)
 # Arrow takes a quote still open at the end of the file for a value running to the end: every row after
@@ -159,16 +160,18 @@ class InputTable:
             raise ConfigError(f"{self.path}: cannot read {self.format.upper()}: {_arrow_message(exc)}") from None
 
     def _csv_header(self) -> list[str]:
-        block = CSV_BLOCK_BYTES
-        while True:
-            try:
-                with pacsv.open_csv(self.path, read_options=pacsv.ReadOptions(block_size=block),
-                                    parse_options=_CSV_PARSE) as reader:  # reads and parses the first block
-                    return list(reader.schema.names)
-            except pa.ArrowInvalid as exc:
-                if not (_straddles(exc) and block < CSV_MAX_BLOCK_BYTES):
-                    raise self._csv_error(exc) from None
-                block *= 4
+        """The header's names, by Python's csv module: Arrow would parse a first block of rows with it."""
+        records = self._csv_records(strict_text=True)
+        try:
+            start, names = next(records, (1, []))
+        finally:
+            records.close()
+        if not names:
+            raise ConfigError(f"{self.path}: cannot read CSV: Empty CSV file (no header line)")
+        if _first_multiline_field(names) is not None:
+            raise ConfigError(f"{self.path} line {start}: a quoted column name runs past the end of the header "
+                              "line (a stray '\"'?)")
+        return names
 
     def _csv_batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
         """The file's rows, without the end line: a batch is held back until the next one shows it is not the last."""
@@ -211,22 +214,49 @@ class InputTable:
             except pa.ArrowInvalid as exc:
                 if not _straddles(exc):
                     raise
-                if block >= CSV_MAX_BLOCK_BYTES:
-                    line = self._csv_record_line(given + 1)
-                    raise ConfigError(f"{self.path} row {given + 1}{f' (line {line})' if line else ''}: a value "
-                                      f"longer than {CSV_MAX_BLOCK_BYTES >> 20} MB, the most a CSV value may hold "
-                                      "(Parquet and JSONL have no such limit)") from None
-                block *= 4
+                block = self._csv_block_for(given + 1, block)  # Arrow stops at the long record
+
+    def _csv_block_for(self, row: int, block: int) -> int:
+        """A block size for data row `row`, where Arrow stopped: a record that did not fit in two blocks of
+        `block` bytes. An error if that record is a quote never closed, a ragged row, or over the limit.
+
+        Only for such a record: it reads the raw file up to it (Python, ~1 s per million rows). Growing blocks
+        blindly would let a stray quote early in a large file take ~32 blocks of up to the limit each (Arrow's
+        read-ahead) before it was found."""
+        records = self._csv_records()
+        try:
+            width = len(next(records)[1])
+            start, fields = next(itertools.islice(records, row - 1, None), (0, []))
+        finally:
+            records.close()
+        if fields and self._open_at_end(start):
+            raise ConfigError(self._unclosed(start, fields))
+        if fields and len(fields) != width:
+            raise ConfigError(self._record_fault(start, fields, width))
+        size = len("".join(fields).encode()) + 3 * len(fields)  # with its commas and quotes, about
+        if size > CSV_MAX_ROW_BYTES:
+            raise ConfigError(f"{self.path} row {row} (line {start}): a row of {size / (1 << 20):.0f} MB, longer "
+                              f"than the {CSV_MAX_ROW_BYTES >> 20} MB a CSV row may hold "
+                              "(Parquet and JSONL have no such limit)")
+        if block >= CSV_MAX_ROW_BYTES:  # Python's csv module and Arrow disagree about this record
+            raise ConfigError(f"{self.path}: cannot read CSV: no end found for row {row} (line {start})")
+        block *= 4
+        while block < size:
+            block *= 4
+        return block
 
     def _csv_error(self, exc: pa.ArrowInvalid) -> ConfigError:
         return ConfigError(self._csv_fault() or f"{self.path}: cannot read CSV: {_arrow_message(exc)}")
 
-    def _csv_records(self) -> Iterator[tuple[int, list[str]]]:
-        """The raw file's records, the header first, with the line each starts on (error paths only: Python's
-        csv module, ~1 s per million rows, where Arrow knows no line numbers)."""
+    def _csv_text(self, strict: bool = False) -> IO[str]:
+        return open(self.path, encoding="utf-8-sig", errors="strict" if strict else "replace", newline="")
+
+    def _csv_records(self, strict_text: bool = False) -> Iterator[tuple[int, list[str]]]:
+        """The raw file's records, the header first, with the line each starts on (the header, and error paths:
+        Python's csv module, ~1 s per million rows, where Arrow knows no line numbers)."""
         limit = csv.field_size_limit(sys.maxsize)
         try:
-            with open(self.path, encoding="utf-8-sig", errors="replace", newline="") as text:
+            with self._csv_text(strict_text) as text:
                 reader = csv.reader(text)
                 start = 1
                 for fields in reader:
@@ -236,8 +266,17 @@ class InputTable:
         finally:
             csv.field_size_limit(limit)
 
-    def _csv_record_line(self, row: int) -> int | None:
-        return next((start for number, (start, _) in enumerate(self._csv_records()) if number == row), None)
+    def _open_at_end(self, start: int) -> bool:
+        """Whether the record starting on line `start` is a quoted value the file ends inside."""
+        limit = csv.field_size_limit(sys.maxsize)
+        try:
+            with self._csv_text() as text:
+                next(csv.reader(itertools.islice(text, start - 1, None), strict=True), None)
+        except csv.Error as exc:
+            return "unexpected end of data" in str(exc)
+        finally:
+            csv.field_size_limit(limit)
+        return False
 
     def _csv_fault(self, unclosed: bool = False) -> str | None:
         """Where a file Arrow refused (or read to its end inside quotes) stops making sense as CSV."""
@@ -251,19 +290,23 @@ class InputTable:
         last = None
         for start, fields in records:
             if len(fields) != width:
-                problem = f"{len(fields)} field{'' if len(fields) == 1 else 's'} where the header has {width}"
-                spans = _first_multiline_field(fields)
-                if spans is None:
-                    return f"{self.path} line {start}: {problem}"
-                ends = start + sum(f.count("\n") for f in fields)
-                return (f"{self.path} line {_quote_line(start, fields, spans)}: a quoted value opened here runs to "
-                        f"line {ends}, leaving {problem} (a stray '\"'?)")
+                return self._record_fault(start, fields, width)
             last = start, fields
-        if unclosed and last is not None:
-            start, fields = last
-            return (f"{self.path} line {_quote_line(start, fields, len(fields) - 1)}: a quoted value opened here "
-                    "is never closed (a stray '\"'?)")
-        return None
+        return self._unclosed(*last) if unclosed and last is not None else None
+
+    def _record_fault(self, start: int, fields: list[str], width: int) -> str:
+        problem = f"{len(fields)} field{'' if len(fields) == 1 else 's'} where the header has {width}"
+        spans = _first_multiline_field(fields)
+        if spans is None:
+            return f"{self.path} line {start}: {problem}"
+        ends = start + sum(f.count("\n") for f in fields)
+        return (f"{self.path} line {_quote_line(start, fields, spans)}: a quoted value opened here runs to "
+                f"line {ends}, leaving {problem} (a stray '\"'?)")
+
+    def _unclosed(self, start: int, fields: list[str]) -> str:
+        """The last record of the file, `fields` starting on line `start`, ends inside its last value."""
+        return (f"{self.path} line {_quote_line(start, fields, max(len(fields) - 1, 0))}: a quoted value opened "
+                "here is never closed (a stray '\"'?)")
 
     def _jsonl_records(self) -> Iterator[tuple[int, dict[str, Any]]]:
         """Each line's object, with its line number."""

@@ -128,13 +128,26 @@ def test_csv_cell_of_several_megabytes_is_read(sim, make_job, run_cli, tmp_path)
     assert sim.stats()["requests"] == 3000
 
 
-def test_csv_cell_over_the_limit_is_refused_naming_its_row(sim, make_job, run_cli, tmp_path, monkeypatch):
-    monkeypatch.setattr(batch.reader, "CSV_MAX_BLOCK_BYTES", 1 << 20)  # the refusal, without a 128 MB file
+def test_csv_row_over_the_limit_is_refused_naming_its_row(sim, make_job, run_cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(batch.reader, "CSV_MAX_ROW_BYTES", 1 << 20)  # the refusal, without a 64 MB file
     job = make_job(sim, rows=ROWS)
     lines = csv_rows(3000)
-    lines[1500] = 'r1500,"' + "z\n" * (3 << 20) + '"'
+    lines[1500] = 'r1500,"' + "z\n" * (1 << 20) + '"'
     data = write_lines(tmp_path / "reviews.csv", lines)
-    refused_everywhere(run_cli, sim, job, str(data), "row 1500 (line 1501)", "longer than 1 MB")
+    refused_everywhere(run_cli, sim, job, str(data), "row 1500 (line 1501)", "a row of 2 MB", "1 MB a CSV row may hold")
+
+
+@pytest.mark.parametrize("limit", [None, 1 << 20])
+def test_stray_quote_in_a_file_of_several_blocks_is_found_before_blocks_grow(sim, make_job, run_cli, tmp_path,
+                                                                             monkeypatch, limit):
+    """The open value runs past two blocks: it is a stray quote, not a long value (nor, under the limit, too long)."""
+    if limit:
+        monkeypatch.setattr(batch.reader, "CSV_MAX_ROW_BYTES", limit)
+    job = make_job(sim, rows=ROWS)
+    lines = csv_rows(200_000)  # ~3.4 MB
+    lines[10] = 'r10,"oops'
+    data = write_lines(tmp_path / "reviews.csv", lines)
+    refused_everywhere(run_cli, sim, job, str(data), "line 11:", "never closed")
 
 
 # -- item 18: JSONL messages, row by row ----------------------------------------------------------------
