@@ -254,38 +254,29 @@ class InputTable:
     def _csv_records(self, strict_text: bool = False) -> Iterator[tuple[int, list[str]]]:
         """The raw file's records, the header first, with the line each starts on (the header, and error paths:
         Python's csv module, ~1 s per million rows, where Arrow knows no line numbers)."""
-        limit = csv.field_size_limit(sys.maxsize)
-        try:
-            with self._csv_text(strict_text) as text:
-                reader = csv.reader(text)
-                start = 1
-                for fields in reader:
-                    if fields:
-                        yield start, fields
-                    start = reader.line_num + 1
-        finally:
-            csv.field_size_limit(limit)
+        with _any_field_size(), self._csv_text(strict_text) as text:
+            reader = csv.reader(text)
+            start = 1
+            for fields in reader:
+                if fields:
+                    yield start, fields
+                start = reader.line_num + 1
 
     def _open_at_end(self, start: int) -> bool:
         """Whether the record starting on line `start` is a quoted value the file ends inside."""
-        limit = csv.field_size_limit(sys.maxsize)
         try:
-            with self._csv_text() as text:
+            with _any_field_size(), self._csv_text() as text:
                 next(csv.reader(itertools.islice(text, start - 1, None), strict=True), None)
         except csv.Error as exc:
             return "unexpected end of data" in str(exc)
-        finally:
-            csv.field_size_limit(limit)
         return False
 
     def _csv_fault(self, unclosed: bool = False) -> str | None:
         """Where a file Arrow refused (or read to its end inside quotes) stops making sense as CSV."""
         records = self._csv_records()
-        header = next(records, None)
+        header = next(records, None)  # its own faults were found when it was read
         if header is None:
             return None
-        if _first_multiline_field(header[1]) is not None:
-            return f"{self.path} line 1: a quoted column name runs past the end of the header line (a stray '\"'?)"
         width = len(header[1])
         last = None
         for start, fields in records:
@@ -518,6 +509,16 @@ class _WithEndLine:
 
     def close(self) -> None:
         self.closed = True
+
+
+@contextmanager
+def _any_field_size() -> Iterator[None]:
+    """Python's csv module refuses fields over 128 KB unless told otherwise (a process-wide setting)."""
+    limit = csv.field_size_limit(sys.maxsize)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _straddles(exc: pa.ArrowInvalid) -> bool:

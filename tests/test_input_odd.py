@@ -215,3 +215,24 @@ def test_jsonl_column_empty_on_its_first_lines_is_not_a_type_change(sim, make_jo
     assert code == 0, err
     notes = output_of(job)["note"]
     assert notes.isna().sum() == 9000 and list(notes[9000:]) == [f"n{i}" for i in range(9001, 9101)]
+
+
+def test_messages_with_an_unknown_role_or_no_content_fail_their_row(sim, make_job, run_cli):
+    """Roles and content are checked whatever the input format (here CSV, JSON text): not sent to be refused."""
+    rows = [{"review_id": "good", "messages": json.dumps([{"role": "user", "content": "hi"}])},
+            {"review_id": "role", "messages": json.dumps([{"role": "narrator", "content": "hi"}])},
+            {"review_id": "nameless", "messages": json.dumps([{"content": "hi"}])},
+            {"review_id": "empty", "messages": json.dumps([{"role": "user", "content": None}])},
+            {"review_id": "text", "messages": json.dumps(["hi"])}]
+    job = make_job(sim, rows=rows, prompt={"template": None, "messages_column": "messages"},
+                   output={"keep_columns": []})
+    code, _, err = run_cli("run", job)
+    assert code == 1, err
+    result = output_of(job).set_index("review_id")
+    assert result.loc["good", "status"] == "ok" and sim.stats()["requests"] == 1
+    failed = result.drop(index="good")
+    assert set(failed["error_class"]) == {"bad_prompt"} and set(failed["attempts"]) == {0}
+    assert 'message 1 has role "narrator"' in failed.loc["role", "error"]
+    assert "message 1 has no 'role'" in failed.loc["nameless", "error"]
+    assert "message 1 has no 'content'" in failed.loc["empty", "error"]
+    assert "message 1 is str" in failed.loc["text", "error"]
