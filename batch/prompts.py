@@ -103,12 +103,14 @@ def prompt_token_bound(messages: list[dict[str, Any]]) -> int:
 
     A byte-level BPE tokenizer (GLM's, GPT's, Llama 3's) never makes a token of less than one byte, so no text
     has more tokens than bytes, however dense (numbers, ids, JSON tokenize at ~2 characters a token, far
-    beyond estimate_tokens' average). The budget reserves this, not the estimate.
+    beyond estimate_tokens' average). The budget reserves this, not the estimate. A message with more than a
+    role and a text content (content parts, tool_calls, a name) counts as the bytes of its whole JSON.
     """
     total = REQUEST_OVERHEAD_TOKENS
     for message in messages:
         text = message.get("content")
-        text = text if isinstance(text, str) else json.dumps(text, ensure_ascii=False)
+        if not (isinstance(text, str) and len(message) == 2):
+            text = json.dumps(message, ensure_ascii=False)
         total += len(text.encode("utf-8")) + MESSAGE_OVERHEAD_TOKENS
     return total
 

@@ -170,3 +170,13 @@ def test_model_names_in_any_case_and_published_tier_boundaries():
     assert cost_of(glm, 32_000, 200) == pytest.approx((32_000 * 2 + 200 * 8) / 1e6)  # [0, 32K] and [0, 0.2K]
     assert cost_of(glm, 32_000, 201) == pytest.approx((32_000 * 3 + 201 * 14) / 1e6)
     assert cost_of(glm, 32_001, 10) == pytest.approx((32_001 * 4 + 10 * 16) / 1e6)
+
+
+def test_the_prompt_bound_counts_everything_a_message_carries():
+    from batch.prompts import prompt_token_bound
+
+    plain = [{"role": "user", "content": "1,2,3"}]
+    call = {"role": "assistant", "content": None,
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "x" * 500}}]}
+    assert prompt_token_bound(plain) == 8 + len("1,2,3") + 8
+    assert prompt_token_bound([*plain, call]) > prompt_token_bound(plain) + 500
