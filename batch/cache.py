@@ -31,9 +31,13 @@ def request_key(url: str, body: bytes) -> str:
 
 
 class AnswerCache:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, exclusive: bool = False) -> None:
+        """`exclusive`: one process only (the checkpoint's own cache, under the run's lock). SQLite's WAL
+        mode then keeps its index in memory, not in a shared-memory file mapped into the process."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
+        if exclusive:
+            self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
         self._db.execute("PRAGMA journal_mode=WAL")
         # No fsync per answer: a cache entry lost to a power cut costs one request again, while an
         # fsync per insert would block the event loop on the disk for every row.

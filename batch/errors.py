@@ -42,3 +42,10 @@ class CheckpointWriteError(BatchError):
     """The checkpoint can no longer be written (folder gone, disk full, read-only): the run stops at once."""
 
     exit_code = EXIT_INTERNAL
+
+
+class CheckpointDamagedError(BatchError):
+    """A checkpoint part turned out damaged after the run had counted its records: it was moved
+    aside, and a new run sends the rows it held."""
+
+    exit_code = EXIT_INTERNAL

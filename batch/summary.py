@@ -13,6 +13,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from batch.atomic import write_text_atomic
 from batch.budget import answered
 from batch.logs import redact
 from batch.pricing import CURRENCY, money
@@ -144,9 +145,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def save_summary(summary: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(redact(json.dumps(summary, ensure_ascii=False, indent=2)) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, redact(json.dumps(summary, ensure_ascii=False, indent=2)) + "\n")
 
 
 __all__ = ["RunStats", "Progress", "build_summary", "format_summary", "save_summary"]

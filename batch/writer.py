@@ -5,17 +5,24 @@ and an fsync on a short timer covers power loss. The log is compacted into Parqu
 each written to a temp file, fsynced and renamed, so a resume never trusts a half-written file.
 A record can sit in both a part and the log (a kill between rename and truncate): readers keep
 the last record per id, and the two copies are identical.
+
+A damaged checkpoint never stops a resume: a log line that is not JSON is skipped, a record whose
+fields have the wrong types is kept field by field, and a part that cannot be read is moved aside
+(its readable row groups kept). What is lost is pending again, and one warning names the file.
+A write that fails stops the run (CheckpointWriteError): an answer that cannot be kept is not paid for again and again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +30,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch.answered import Answered, RowStates
+from batch.atomic import fsync_dir, os_reason, write_atomic
+from batch.errors import CheckpointDamagedError, CheckpointWriteError
+
+log = logging.getLogger("batch")
 
 RESULT_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -48,6 +59,7 @@ RESULT_SCHEMA = pa.schema([
 ])
 RESULT_FIELDS = RESULT_SCHEMA.names
 WAL_NAME = "wal.jsonl"
+DAMAGED_SUFFIX = ".damaged"  # a damaged file moved aside keeps its name plus this
 MERGE_PARTS_ABOVE = 32
 MERGE_BATCH_ROWS = 4096  # rows per row group of a merged part: the writer holds ~5x a row group
 MERGE_FILE_ROWS = 64 * MERGE_BATCH_ROWS
@@ -68,6 +80,11 @@ class Checkpoint:
         self._last_compact = time.monotonic()
         self._last_fsync = time.monotonic()
         self._dirty = False
+        self._failed: CheckpointWriteError | None = None  # the first write that failed: every later one fails too
+        self._owned = False  # opened by a run holding the lock: it may move damaged parts aside
+        self._set_aside_names: set[str] = set()
+        self._warned: set[str] = set()  # status reads a damaged file twice: one warning is enough
+        self._logged_table: pa.Table | None = None
         self.appended = 0
         # Rows per row group of each part file, by name, as read or written: the final file and the merge
         # need them for every part, and parsing a thousand footers again cost 7 MB of peak RSS.
@@ -75,15 +92,17 @@ class Checkpoint:
 
     # -- opening and reading ---------------------------------------------------------------
     def open(self) -> None:
-        """Recover a previous run's log into a part, and start a new one."""
+        """Recover a previous run's log into a part, and start a new one (the run holds the lock)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         for stale in self.folder.glob(".*.tmp"):
             stale.unlink()
-        recovered = list(_read_wal(self.folder / WAL_NAME))
-        if recovered:
+        wal = self.folder / WAL_NAME
+        recovered = _wal_table(wal, self._warn_once, keep_damaged=True)
+        if recovered.num_rows:
             self._write_part(recovered)
-        self._wal = open(self.folder / WAL_NAME, "w", encoding="utf-8")
-        self._fsync_dir()
+        self._wal = open(wal, "w", encoding="utf-8")
+        fsync_dir(self.folder)
+        self._owned = True
 
     def answered(self) -> Answered:
         """The last record per id in the part files (the log is in them after open() and close())."""
@@ -92,18 +111,30 @@ class Checkpoint:
     def row_states(self, rows: int, row_hashes: np.ndarray | None, row_prompts: np.ndarray | None = None,
                    with_log: bool = False) -> RowStates:
         """The last record of each of the input's rows (its ids' and prompts' hashes from the scan: None when
-        there are no records). `with_log`: the log's records too, read without touching it (a run may be alive)."""
-        states = RowStates(rows, row_hashes, row_prompts)
+        there are no records). `with_log`: the log's records too, read without touching it (a run may be alive).
+
+        A damaged part is moved aside by the run (its lost rows are then pending) and the states read again;
+        status and estimate, which leave the folder alone, count the row groups of it that can be read.
+        """
         columns = ["id", "seq", "status", "error_class", "prompt_hash"]
-        bunches = _bunches(self._parts(), columns, self._group_rows)
-        if with_log:
-            logged = pa.Table.from_pylist(list(_read_wal(self.folder / WAL_NAME)), schema=RESULT_SCHEMA)
-            bunches = itertools.chain(bunches, [logged.select(columns).combine_chunks()])
-        for records in bunches:
-            if records.num_rows:
-                states.add(*(records.column(c).chunk(0) for c in columns))
-        states.settle()
-        return states
+        instead: dict[Path, list[pa.Table]] = {}  # a damaged part's readable row groups, for a reader
+        while True:
+            states = RowStates(rows, row_hashes, row_prompts)
+            bunches = _bunches(self._parts(), columns, self._group_rows, instead)
+            if with_log:
+                bunches = itertools.chain(bunches, [self._logged().select(columns).combine_chunks()])
+            try:
+                for records in bunches:
+                    if records.num_rows:
+                        states.add(*(records.column(c).chunk(0) for c in columns))
+            except DamagedPart as damaged:
+                if self._owned:
+                    self._set_aside(damaged)
+                else:
+                    instead[damaged.path] = self._left_out(damaged)
+                continue
+            states.settle()
+            return states
 
     def spent(self, states: RowStates) -> tuple[float, int]:
         """What the job has paid so far: (cost, tokens) summed over each id's last record, which holds the sum
@@ -128,7 +159,10 @@ class Checkpoint:
 
     def row_groups(self) -> RowGroups:
         """The part files as one table of records in write order, read a row group at a time."""
-        return RowGroups(self._parts(), self._group_rows)
+        try:
+            return RowGroups(self._parts(), self._group_rows, self._damaged_mid_run)
+        except DamagedPart as damaged:
+            self._damaged_mid_run(damaged)
 
     def records(self, columns: list[str] | None = None) -> pa.Table:
         """Every record in the part files, in write order (several per id when a failure was retried)."""
@@ -137,13 +171,37 @@ class Checkpoint:
     def _read_parts(self, columns: list[str] | None = None) -> pa.Table:
         # File by file, not through pyarrow.dataset: 0.4 s for 900 parts where the dataset takes 0.7 s,
         # plus 0.6 s and 43 MB to import it.
+        # A run stops on a part damaged now (its records may already count); status and estimate leave it out.
         columns = columns or RESULT_FIELDS
-        tables = [_conformed(part.read(columns=_present(part, columns)), columns) for part in self._part_files()]
+        tables = []
+        for path in self._parts():
+            try:
+                with _reading(path):
+                    part = _open_part(path)
+                    tables.append(_conformed(part.read(columns=_present(part, columns)), columns))
+            except DamagedPart as damaged:
+                if self._owned:
+                    self._damaged_mid_run(damaged)
+                tables.extend(table.select(columns) for table in self._left_out(damaged))
         return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table().select(columns)
 
-    def _part_files(self) -> Iterator[pq.ParquetFile]:
-        for path in self._parts():
-            yield pq.ParquetFile(pa.OSFile(str(path)), pre_buffer=False)  # a native file: no filesystem lookup
+    def _left_out(self, damaged: DamagedPart) -> list[pa.Table]:
+        """For a reader that leaves the folder alone: a damaged part's readable row groups, and one warning."""
+        readable = _readable_groups(damaged.path)
+        self._warn_once(f"{damaged.path} is damaged ({damaged.reason}): {sum(t.num_rows for t in readable)} of its "
+                        "records could be read; the next run moves it aside and does the rows of the others again")
+        return readable
+
+    def _logged(self) -> pa.Table:
+        """The log's records, read once (status asks twice), without touching it."""
+        if self._logged_table is None:
+            self._logged_table = _wal_table(self.folder / WAL_NAME, self._warn_once, keep_damaged=False)
+        return self._logged_table
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            log.warning("%s", message)
 
     def newer_than(self, path: Path, source: Path) -> bool:
         """Whether any result on disk, or the `source` it was made from, is newer than `path` (or no `path` exists)."""
@@ -160,13 +218,19 @@ class Checkpoint:
         """Results so far, log included, read without touching the folder: safe while a run is alive."""
         if not self.folder.is_dir():
             return RESULT_SCHEMA.empty_table()
-        logged = pa.Table.from_pylist(list(_read_wal(self.folder / WAL_NAME)), schema=RESULT_SCHEMA)
-        return _last_per_id(pa.concat_tables([self._read_parts(), logged]))
+        return _last_per_id(pa.concat_tables([self._read_parts(), self._logged()]))
 
     # -- writing ---------------------------------------------------------------------------
     def append(self, record: dict[str, Any]) -> None:
-        self._wal.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._wal.flush()  # Into the OS now: survives the death of this process.
+        """Log one result; raises CheckpointWriteError when it cannot be kept (the run must stop)."""
+        if self._failed is not None:
+            raise self._failed
+        try:
+            self._wal.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._wal.flush()  # Into the OS now: survives the death of this process.
+            self._check_wal_linked()
+        except OSError as exc:
+            raise self._write_failed(self.folder / WAL_NAME, exc) from None
         self._pending.append(record)
         self._dirty = True
         self.appended += 1
@@ -176,28 +240,40 @@ class Checkpoint:
     def tick(self) -> None:
         """Called on a timer: fsync the log, and compact when the last part is old enough."""
         now = time.monotonic()
-        if self._dirty and now - self._last_fsync >= FSYNC_EVERY_S:
-            os.fsync(self._wal.fileno())
-            self._dirty = False
-            self._last_fsync = now
+        with self._writing(self.folder / WAL_NAME):
+            self._check_wal_linked()
+            if self._dirty and now - self._last_fsync >= FSYNC_EVERY_S:
+                os.fsync(self._wal.fileno())
+                self._dirty = False
+                self._last_fsync = now
         if self._pending and now - self._last_compact >= self.seconds_per_part:
             self.compact()
 
     def compact(self) -> None:
         if self._pending:
-            self._write_part(self._pending)
+            self._write_part(_records_table(self._pending, self.folder / WAL_NAME, self._warn_once))
             self._pending = []
-            self._wal.seek(0)
-            self._wal.truncate()
+            with self._writing(self.folder / WAL_NAME):
+                self._wal.seek(0)
+                self._wal.truncate()
             self._dirty = False
         self._last_compact = time.monotonic()
 
     def close(self, merge: bool = True) -> None:
         if self._wal is None:
             return
-        self.compact()
-        self._wal.close()
-        self._wal = None
+        try:
+            if self._failed is None:
+                self.compact()
+        finally:
+            wal, self._wal = self._wal, None
+            if self._failed is None:
+                wal.close()
+            else:  # keep what the log holds; nothing more can be written
+                with contextlib.suppress(OSError):
+                    os.fsync(wal.fileno())
+                with contextlib.suppress(OSError):
+                    wal.close()  # its buffer's flush fails again
         if merge:
             self.merge()
 
@@ -205,15 +281,71 @@ class Checkpoint:
         """Many parts into a few (_merge_parts). At the end of a run, not at open: a resume reads a thousand
         small parts in a fraction of a second, while merging them first would delay its first request by seconds."""
         if len(self._parts()) > MERGE_PARTS_ABOVE:
-            self._merge_parts()
+            try:
+                self._merge_parts()
+            except DamagedPart as damaged:  # its records count in the output already; its rows go again next run
+                self._set_aside(damaged)
 
-    def _write_part(self, records: list[dict[str, Any]]) -> None:
+    @contextlib.contextmanager
+    def _writing(self, path: Path) -> Iterator[None]:
+        """OSErrors inside become the run-stopping CheckpointWriteError, naming `path`; once one
+        write failed, every later one fails the same way."""
+        if self._failed is not None:
+            raise self._failed
+        try:
+            yield
+        except OSError as exc:
+            raise self._write_failed(path, exc) from None
+
+    def _write_failed(self, path: Path, exc: OSError) -> CheckpointWriteError:
+        kept = ("the answers in it are lost with it; a new run starts afresh" if isinstance(exc, _Deleted) else
+                "answers written before are kept: run the job again once the folder can be written")
+        self._failed = CheckpointWriteError(f"{path}: cannot write the checkpoint: {os_reason(exc)}; "
+                                            f"the run stopped and sends no more requests ({kept})")
+        return self._failed
+
+    def _check_wal_linked(self) -> None:
+        # Appends to the open log of a deleted folder succeed silently: a run would go on paying for
+        # answers that are thrown away. One fstat per answer is cheap next to the request.
+        if os.fstat(self._wal.fileno()).st_nlink == 0:
+            raise _Deleted(2, "it was deleted while the run was writing it")
+
+    def _write_part(self, table: pa.Table) -> None:
         parts = self._parts()
         number = int(parts[-1].stem.split("-")[1]) + 1 if parts else 1
-        table = pa.Table.from_pylist(records, schema=RESULT_SCHEMA)
         name = f"part-{number:06d}.parquet"
-        _write_atomic(self.folder / name, lambda tmp: pq.write_table(table, tmp, row_group_size=len(records)))
-        self._group_rows[name] = [len(records)]
+        with self._writing(self.folder / name):
+            write_atomic(self.folder / name,
+                         lambda tmp: pq.write_table(table, tmp, row_group_size=max(table.num_rows, 1)))
+        self._group_rows[name] = [table.num_rows]
+
+    def _set_aside(self, damaged: DamagedPart) -> None:
+        """Move a damaged part aside (never deleted), keeping its readable row groups under its name,
+        so every later record keeps its place after them."""
+        path = damaged.path
+        if path.name in self._set_aside_names:  # what was kept of it cannot be read either: never loop
+            raise CheckpointDamagedError(f"{path} is damaged ({damaged.reason}) and could not be repaired; "
+                                         "move it out of the folder and run the job again") from None
+        self._set_aside_names.add(path.name)
+        aside = _free_name(path.with_name(path.name + DAMAGED_SUFFIX))
+        readable = _readable_groups(path)
+        with self._writing(path):
+            os.replace(path, aside)
+            self._group_rows.pop(path.name, None)
+            if readable:
+                kept = pa.concat_tables(readable)
+                write_atomic(path, lambda tmp: pq.write_table(kept, tmp, row_group_size=max(kept.num_rows, 1)))
+                self._group_rows[path.name] = [kept.num_rows]
+        kept_rows = sum(t.num_rows for t in readable)
+        log.warning("%s is damaged (%s): moved aside to %s; %d of its records were read and kept, the rows "
+                    "of any others are pending and will be sent again", path, damaged.reason, aside.name, kept_rows)
+
+    def _damaged_mid_run(self, damaged: DamagedPart) -> NoReturn:
+        """A part found damaged after the run counted its records: moved aside, and the run stops."""
+        self._set_aside(damaged)
+        raise CheckpointDamagedError(
+            f"{damaged.path} is damaged ({damaged.reason}): moved aside, its readable records kept; "
+            "run the job again to send the rows it held") from None
 
     def _merge_parts(self) -> None:
         """Runs of consecutive parts into files of up to MERGE_FILE_ROWS records, streamed.
@@ -225,18 +357,62 @@ class Checkpoint:
         """
         for run in _runs_of_parts(self._parts(), self._group_rows):
             if len(run) > 1:
-                _write_atomic(run[-1], lambda tmp, run=run: _write_merged(run, tmp))
+                write_atomic(run[-1], lambda tmp, run=run: _write_merged(run, tmp))
                 for path in run:
                     self._group_rows.pop(path.name, None)
                 for path in run[:-1]:
                     path.unlink()
 
-    def _fsync_dir(self) -> None:
-        fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+
+class _Deleted(FileNotFoundError):
+    """The log's file was unlinked under the run (its folder deleted)."""
+
+
+class DamagedPart(Exception):
+    """A part file that cannot be read (zero bytes, truncated, corrupt)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except FileNotFoundError:  # gone, not damaged: a live run merged it away
+        raise
+    except (pa.ArrowException, OSError) as exc:
+        raise DamagedPart(path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+
+
+def _open_part(path: Path) -> pq.ParquetFile:
+    return pq.ParquetFile(pa.OSFile(str(path)), pre_buffer=False)  # a native file: no filesystem lookup
+
+
+def _readable_groups(path: Path) -> list[pa.Table]:
+    """The row groups of a damaged part that can still be read whole; none when its footer is gone."""
+    try:
+        with _reading(path):
+            part = _open_part(path)
+            groups = part.metadata.num_row_groups
+            present = _present(part, RESULT_FIELDS)
+    except DamagedPart:
+        return []
+    readable = []
+    for group in range(groups):
+        with contextlib.suppress(DamagedPart), _reading(path):
+            readable.append(_conformed(part.read_row_group(group, columns=present, use_threads=False), RESULT_FIELDS))
+    return readable
+
+
+def _free_name(path: Path) -> Path:
+    taken = 1
+    found = path
+    while found.exists():
+        taken += 1
+        found = path.with_name(f"{path.name}.{taken}")
+    return found
 
 
 class RowGroups:
@@ -246,8 +422,10 @@ class RowGroups:
     input rows without reading the others.
     """
 
-    def __init__(self, paths: list[Path], known: dict[str, list[int]]) -> None:
+    def __init__(self, paths: list[Path], known: dict[str, list[int]],
+                 on_damage: Callable[[DamagedPart], NoReturn]) -> None:
         self.paths = paths
+        self._on_damage = on_damage
         groups = []  # (part number, row group, first record's position)
         position = 0
         for number, path in enumerate(paths):
@@ -274,10 +452,17 @@ class RowGroups:
     def _read(self, number: int, group: int, columns: list[str]) -> pa.Table:
         # The part last read stays open: a merged part's footer describes hundreds of row groups, and
         # parsing it again for every window of the final file cost time and ~10 MB of peak RSS at 1M rows.
-        if self._open is None or self._open[0] != number:
-            self._open = (number, pq.ParquetFile(pa.OSFile(str(self.paths[number])), pre_buffer=False))
-        part = self._open[1]
-        return _conformed(part.read_row_group(group, columns=_present(part, columns), use_threads=False), columns)
+        path = self.paths[number]
+        try:
+            with _reading(path):
+                if self._open is None or self._open[0] != number:
+                    self._open = (number, _open_part(path))
+                part = self._open[1]
+                read = part.read_row_group(group, columns=_present(part, columns), use_threads=False)
+        except DamagedPart as damaged:
+            self._open = None
+            self._on_damage(damaged)
+        return _conformed(read, columns)
 
 
 def _runs_of_parts(paths: list[Path], known: dict[str, list[int]]) -> list[list[Path]]:
@@ -299,7 +484,8 @@ def _group_rows(meta: pq.FileMetaData) -> list[int]:
 
 def _group_rows_of(path: Path, known: dict[str, list[int]]) -> list[int]:
     if path.name not in known:
-        known[path.name] = _group_rows(pq.ParquetFile(pa.OSFile(str(path))).metadata)
+        with _reading(path):
+            known[path.name] = _group_rows(_open_part(path).metadata)
     return known[path.name]
 
 
@@ -309,27 +495,42 @@ def _write_merged(paths: list[Path], tmp: Path) -> None:
             writer.write_table(records)
 
 
-def _bunches(paths: list[Path], columns: list[str], known: dict[str, list[int]]) -> Iterator[pa.Table]:
+def _bunches(paths: list[Path], columns: list[str], known: dict[str, list[int]],
+             instead: dict[Path, list[pa.Table]] | None = None) -> Iterator[pa.Table]:
     """The parts' records, in write order, as tables of MERGE_BATCH_ROWS or more (the last may be short),
     one chunk each. A killed run leaves many small parts: each is read whole, and they are handled in
     bunches, not one by one. Notes each part's row-group sizes in `known` on the way."""
     held: list[pa.Table] = []
     for path in paths:
-        part = pq.ParquetFile(pa.OSFile(str(path)), pre_buffer=False)
-        known[path.name] = _group_rows(part.metadata)
-        present = _present(part, columns)
-        if part.metadata.num_rows <= MERGE_BATCH_ROWS:
-            tables: Iterator[pa.Table] = iter([part.read(columns=present, use_threads=False)])
-        else:
-            tables = (pa.Table.from_batches([b])
-                      for b in part.iter_batches(MERGE_BATCH_ROWS, columns=present, use_threads=False))
+        tables = (t.select(columns) for t in instead[path]) if instead and path in instead else \
+            _part_tables(path, columns, known)
         for table in tables:
-            held.append(_conformed(table, columns))
+            held.append(table)
             if sum(t.num_rows for t in held) >= MERGE_BATCH_ROWS:
                 yield pa.concat_tables(held).combine_chunks()
                 held = []
     if held:
         yield pa.concat_tables(held).combine_chunks()
+
+
+def _part_tables(path: Path, columns: list[str], known: dict[str, list[int]]) -> Iterator[pa.Table]:
+    """One part's records: whole when small, else MERGE_BATCH_ROWS at a time. Raises DamagedPart."""
+    with _reading(path):
+        part = _open_part(path)
+        known[path.name] = _group_rows(part.metadata)
+        present = _present(part, columns)
+        small = part.metadata.num_rows <= MERGE_BATCH_ROWS
+        whole = part.read(columns=present, use_threads=False) if small else None
+    if whole is not None:
+        yield _conformed(whole, columns)
+        return
+    batches = part.iter_batches(MERGE_BATCH_ROWS, columns=present, use_threads=False)
+    while True:
+        with _reading(path):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield _conformed(pa.Table.from_batches([batch]), columns)
 
 
 def _present(part: pq.ParquetFile, columns: list[str]) -> list[str]:
@@ -357,28 +558,92 @@ def _sorted(positions: pa.Array) -> np.ndarray:
     return np.sort(positions.to_numpy())  # the kept records in the order they were written
 
 
-def _read_wal(path: Path) -> Iterator[dict[str, Any]]:
-    if not path.exists():
-        return
-    with open(path, encoding="utf-8", errors="replace") as lines:
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # The tail of a write cut by a kill: that answer was still in flight.
-            if isinstance(record, dict) and record.get("id") is not None:
-                yield record
+def _wal_table(path: Path, warn: Callable[[str], None], keep_damaged: bool) -> pa.Table:
+    """The log's records as a table. A line that is not a JSON record is skipped with a warning (and,
+    when `keep_damaged`, copied to wal.jsonl.damaged), except a last line cut short by a kill: that
+    answer was still in flight."""
+    records: list[dict[str, Any]] = []
+    damaged: list[tuple[int, str]] = []
+    if path.exists():
+        with open(path, encoding="utf-8", errors="replace") as lines:
+            for number, line in enumerate(lines, 1):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    record = None
+                    if not line.endswith("\n"):
+                        continue
+                if isinstance(record, dict) and record.get("id") is not None:
+                    records.append(record)
+                elif line.strip():
+                    damaged.append((number, line))
+    if damaged:
+        where = ", ".join(str(n) for n, _ in damaged[:5]) + (", ..." if len(damaged) > 5 else "")
+        kept = ""
+        if keep_damaged:
+            aside = path.with_name(path.name + DAMAGED_SUFFIX)
+            with open(aside, "a", encoding="utf-8") as copy:
+                copy.writelines(line for _, line in damaged)
+            kept = f" (kept in {aside.name})"
+        warn(f"{path} is damaged: {len(damaged)} line(s) are not JSON records (line {where}){kept}; their rows "
+             "are pending and will be sent again")
+    return _records_table(records, path, warn)
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as written:
-        os.fsync(written.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
+def _records_table(records: list[dict[str, Any]], source: Path, warn: Callable[[str], None]) -> pa.Table:
+    """Records as RESULT_SCHEMA rows. A field of the wrong type (a count written as "3") is converted
+    or emptied; a record without a readable id or status is dropped, and its row is pending again."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return pa.Table.from_pylist(records, schema=RESULT_SCHEMA)
+    except (pa.ArrowException, OverflowError, ValueError, TypeError):
+        pass
+    kept, fields, dropped = [], set(), 0
+    for record in records:
+        salvaged = {f.name: _salvaged(record.get(f.name), f.type) for f in RESULT_SCHEMA}
+        fields.update(f for f, value in salvaged.items() if value is _UNREADABLE or (
+            value is not None and record.get(f) is not None and value != record.get(f)))
+        salvaged = {f: None if value is _UNREADABLE else value for f, value in salvaged.items()}
+        if isinstance(salvaged["id"], str) and salvaged["status"] in ("ok", "failed"):
+            kept.append(salvaged)
+        else:
+            dropped += 1
+    lost = f"; {dropped} record(s) without a readable id or status dropped, their rows are pending" if dropped else ""
+    warn(f"{source} is damaged: fields of the wrong type ({', '.join(sorted(fields)) or 'none'}) were converted "
+         f"or emptied{lost}")
+    return pa.Table.from_pylist(kept, schema=RESULT_SCHEMA)
+
+
+_UNREADABLE = object()
+
+
+def _salvaged(value: Any, type_: pa.DataType) -> Any:
+    """`value` as a `type_` value: the same, converted (3.0 or "3" for an integer), or _UNREADABLE."""
+    if value is None:
+        return None
+    if pa.types.is_string(type_):
+        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if pa.types.is_boolean(type_):
+        return value if isinstance(value, bool) else _UNREADABLE
+    if isinstance(value, bool):
+        return _UNREADABLE
+    try:
+        number = float(value) if pa.types.is_floating(type_) else _integer(value)
+    except (TypeError, ValueError, OverflowError):
+        return _UNREADABLE
+    if pa.types.is_integer(type_) and not _fits(number, type_):
+        return _UNREADABLE
+    return number
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    return int(value)  # an int, or a string of digits
+
+
+def _fits(number: int, type_: pa.DataType) -> bool:
+    info = np.iinfo(type_.to_pandas_dtype())
+    return info.min <= number <= info.max
 

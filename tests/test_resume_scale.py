@@ -207,7 +207,8 @@ def test_first_row_to_send():
 
 def test_parts_merge_into_bounded_files_and_a_kill_mid_merge_keeps_the_last_record(tmp_path, monkeypatch):
     import batch.writer
-    from batch.writer import _runs_of_parts, _write_atomic, _write_merged
+    from batch.atomic import write_atomic
+    from batch.writer import _runs_of_parts, _write_merged
 
     monkeypatch.setattr(batch.writer, "MERGE_BATCH_ROWS", 4)
     monkeypatch.setattr(batch.writer, "MERGE_FILE_ROWS", 9)
@@ -231,7 +232,7 @@ def test_parts_merge_into_bounded_files_and_a_kill_mid_merge_keeps_the_last_reco
 
     killed = fill(tmp_path / "killed")  # as if killed after the first merged file replaced its last part
     first = _runs_of_parts(killed._parts(), {})[0]
-    _write_atomic(first[-1], lambda tmp: _write_merged(first, tmp))
+    write_atomic(first[-1], lambda tmp: _write_merged(first, tmp))
     assert states(opened(Checkpoint(tmp_path / "killed"))) == want
 
 

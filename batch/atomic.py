@@ -1,0 +1,43 @@
+"""Whole-file writes that a crash cannot leave half done: a temp file beside the target, fsynced,
+renamed over it, and the folder fsynced so the rename itself survives a power cut."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` fills a temp file that then replaces `path`; on any failure the temp file is removed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # the folder may be gone or read-only: the first error is the one to tell
+            tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def os_reason(exc: OSError) -> str:
+    """An OS error as a short phrase. pyarrow's carry the path and errno in their text, Python's a filename."""
+    if exc.strerror and exc.filename is None and "Detail:" not in exc.strerror:
+        return exc.strerror
+    return os.strerror(exc.errno) if exc.errno else str(exc)
