@@ -28,8 +28,9 @@ def estimate(settings: Settings, retry_failed: bool = False) -> dict[str, Any]:
     """`settings` from batch.preflight.resolve: the max_tokens and the price that run uses."""
     spec, builder, max_tokens, pricer = settings.spec, settings.builder, settings.max_tokens, settings.pricer
     table = open_input(spec)
-    _, states = row_states(spec, table)
-    done_table = Checkpoint(spec.checkpoint_dir).snapshot()
+    checkpoint = Checkpoint(spec.checkpoint_dir)  # one reader: a damaged file is read, and warned of, once
+    _, states = row_states(spec, table, checkpoint)
+    done_table = checkpoint.snapshot()
     ok = done_table.filter(pc.equal(done_table.column("status"), "ok"))
     observed = pc.mean(ok.column("completion_tokens")).as_py() if ok.num_rows else None
 

@@ -1,18 +1,22 @@
-"""Guards around a checkpoint folder: one live run at a time, and no resume under changed settings."""
+"""Guards around a checkpoint folder: one live run at a time, no resume under changed settings, and a
+mark of the run in progress, so that a run that never finished (kill -9, a crash) is told apart."""
 
 from __future__ import annotations
 
 import fcntl
 import json
 import os
+import time
 from pathlib import Path
 from typing import IO, Any
 
+from batch.atomic import write_text_atomic
 from batch.config import JobSpec
 from batch.errors import ConfigError, LockedError
 
 LOCK_NAME = "lock"
 FINGERPRINT_NAME = "fingerprint.json"
+RUN_NAME = "run.json"  # the run in progress, or one that did not end: removed once its summary is saved
 
 
 class RunLock:
@@ -78,7 +82,7 @@ def compare_fingerprint(spec: JobSpec) -> None:
     if not path.exists():
         return
     current = json.loads(json.dumps(fingerprint(spec), default=str))
-    stored = json.loads(path.read_text(encoding="utf-8"))
+    stored = stored_fingerprint(path)
     changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
     if changed:
         details = "; ".join(f"{k}: {_short(stored.get(k))} -> {_short(current.get(k))}" for k in changed)
@@ -99,9 +103,58 @@ def check_fingerprint(spec: JobSpec, force: bool) -> None:
         return
     current = json.loads(json.dumps(fingerprint(spec), default=str))
     spec.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(current, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(current, ensure_ascii=False, indent=2) + "\n")
+
+
+def stored_fingerprint(path: Path) -> dict[str, Any]:
+    """The fingerprint a checkpoint was made with. A damaged one is an error, not "no fingerprint":
+    taken as absent, it would let a changed job mix its answers with the old ones unasked."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(stored, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc).splitlines()[0]
+        raise ConfigError(f"{path} is damaged ({reason}): if the job's model, params, prompt and input are the "
+                          "ones the checkpoint was made with, run with --force to write it again; otherwise change "
+                          "output.path to start afresh") from None
+    return stored
+
+
+def mark_running(folder: Path) -> None:
+    """Note this run in the checkpoint; end_run() removes the note once the run's summary is saved."""
+    write_text_atomic(folder / RUN_NAME, json.dumps({"pid": os.getpid(), "started_at": _now()}) + "\n")
+
+
+def end_run(folder: Path, error: str | None = None, exit_code: int | None = None) -> None:
+    """The run ended: with its summary saved (no error), or on an error the note now tells.
+    Best effort: a folder that can no longer be written keeps the note as it was."""
+    path = folder / RUN_NAME
+    try:
+        if error is None:
+            path.unlink(missing_ok=True)
+        else:
+            marked = read_run_mark(folder) or {}
+            write_text_atomic(path, json.dumps({**marked, "ended_at": _now(), "exit_code": exit_code,
+                                                "error": error}, ensure_ascii=False) + "\n")
+    except OSError:
+        pass
+
+
+def read_run_mark(folder: Path) -> dict[str, Any] | None:
+    """The note of a run that has not ended well ({} when unreadable), or None."""
+    path = folder / RUN_NAME
+    if not path.exists():
+        return None
+    try:
+        marked = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return marked if isinstance(marked, dict) else {}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def _short(value: Any) -> str:

@@ -14,9 +14,18 @@ from typing import Any
 from batch.answered import RowStates
 from batch.budget import Budget
 from batch.cache import AnswerCache, request_key, reused
-from batch.errors import EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_JOB_FATAL, EXIT_OK, EXIT_ROWS_FAILED, ConfigError
+from batch.errors import (
+    EXIT_BUDGET,
+    EXIT_INTERRUPTED,
+    EXIT_JOB_FATAL,
+    EXIT_OK,
+    EXIT_ROWS_FAILED,
+    BatchError,
+    CheckpointWriteError,
+    ConfigError,
+)
 from batch.final import Records, write_final
-from batch.guard import RunLock, check_fingerprint
+from batch.guard import RunLock, check_fingerprint, end_run, mark_running
 from batch.pool import PAID_FIELDS, JobFatal, Pool, Stopped, add_paid_before, failed_record, make_client
 from batch.preflight import Plan
 from batch.prompts import RowPromptError, estimate_tokens, prompt_token_bound
@@ -53,6 +62,8 @@ class Run:
         self.stopping = asyncio.Event()
         self.stopped: str | None = None
         self.exit_code: int | None = None
+        self.write_error: CheckpointWriteError | None = None  # a checkpoint write failed: the run stops at once
+        self._workers: list[asyncio.Task[None]] = []
 
     async def execute(self) -> dict[str, Any]:
         total = self.plan.rows
@@ -71,9 +82,19 @@ class Run:
     async def _execute(self, total: int) -> dict[str, Any]:
         try:
             self.checkpoint.open()
+            mark_running(self.spec.checkpoint_dir)
         except OSError as exc:
             raise ConfigError(
                 f"{self.spec.checkpoint_dir}: cannot write the checkpoint: {exc.strerror or exc}") from None
+        try:
+            summary = await self._execute_marked(total)
+        except BatchError as exc:
+            end_run(self.spec.checkpoint_dir, str(exc), exc.exit_code)
+            raise
+        end_run(self.spec.checkpoint_dir)
+        return summary
+
+    async def _execute_marked(self, total: int) -> dict[str, Any]:
         if self.table.row_hashes is None and self.checkpoint.has_records():
             self.table.scan(keep_hashes=True)  # another run wrote records between our scan and our lock
         done = self.checkpoint.row_states(total, self.table.row_hashes, self.table.row_prompts)
@@ -87,13 +108,19 @@ class Run:
                 budget = self._budget(done) if self.spec.budget else None
                 cache_path = self.spec.cache.path if self.spec.cache else self.spec.checkpoint_dir / "answers.sqlite"
                 try:
-                    cache = AnswerCache(cache_path)
+                    # The checkpoint's own cache is this run's alone: locked for it, with no shared-memory
+                    # file, whose mmap kills the process (SIGBUS) once the folder cannot be written.
+                    cache = AnswerCache(cache_path, exclusive=self.spec.cache is None)
                 except (sqlite3.Error, OSError) as exc:
                     raise ConfigError(f"{cache_path}: cannot open the answer cache: {exc}") from None
                 try:
-                    await self._process(pool, budget, cache, done, stats, progress)
+                    await self._process(pool, budget, cache, cache_path, done, stats, progress)
                 finally:
-                    cache.close()
+                    try:
+                        cache.close()
+                    except sqlite3.Error as exc:
+                        if self.write_error is None:
+                            raise _cache_write_error(cache_path, exc) from None
                     stats.throttled, stats.concurrency_limit = pool.slots.throttles, pool.slots.limit
                     stats.attempts = pool.requests_sent
         finally:
@@ -106,9 +133,9 @@ class Run:
         _give_back_freed_memory()
         try:
             self.checkpoint.merge()
-        except OSError as exc:  # every record is safe in its part; the next run merges them
+        except (OSError, BatchError) as exc:  # every record read is in the output; the next run merges them
             log.warning("could not merge the checkpoint's parts in %s: %s", self.spec.checkpoint_dir,
-                        exc.strerror or exc)
+                        getattr(exc, "strerror", None) or exc)
         return summary
 
     def _budget(self, done: RowStates) -> Budget:
@@ -116,8 +143,8 @@ class Run:
         assert self.spec.budget is not None and self.plan.max_tokens is not None  # the preflight's checks
         return Budget(self.spec.budget, self.plan.max_tokens, self.plan.pricer, cost, tokens)
 
-    async def _process(self, pool: Pool, budget: Budget | None, cache: AnswerCache, done: RowStates,
-                       stats: RunStats, progress: Progress) -> None:
+    async def _process(self, pool: Pool, budget: Budget | None, cache: AnswerCache, cache_path: Path,
+                       done: RowStates, stats: RunStats, progress: Progress) -> None:
         concurrency = self.spec.limits.concurrency
         queue: asyncio.Queue[tuple[Row, list[dict[str, Any]]] | None] = asyncio.Queue(maxsize=2 * concurrency)
         paid_before = self._paid_before(done)
@@ -125,7 +152,11 @@ class Run:
         def record(result: dict[str, Any]) -> None:
             stats.add(result)  # this run's spending, before what earlier runs paid for the row is added
             add_paid_before(result, paid_before.pop(result["seq"], None))
-            self.checkpoint.append(result)
+            try:
+                self.checkpoint.append(result)
+            except CheckpointWriteError as exc:
+                self._halt(exc)
+                raise
             done.add_one(result["seq"], "ok" if result["status"] == "ok" else result["error_class"])
 
         feed_errors: list[Exception] = []
@@ -187,21 +218,32 @@ class Run:
                 except JobFatal as fatal:
                     self._stop(f"the API refused the job: {fatal.failure}", EXIT_JOB_FATAL)
                 finally:
-                    cache.sent(key, sending, result)
+                    try:
+                        cache.sent(key, sending, result)
+                    except sqlite3.Error as exc:
+                        self._halt(_cache_write_error(cache_path, exc))
+                        raise self.write_error from None  # type: ignore[misc]
                     if hold is not None:
                         budget.settle(hold, None)  # type: ignore[union-attr]
 
         async def tick() -> None:
             while True:
                 await asyncio.sleep(TICK_S)
-                self.checkpoint.tick()
+                try:
+                    self.checkpoint.tick()
+                except CheckpointWriteError as exc:
+                    self._halt(exc)
+                    return
                 progress.refresh()
 
         feeder = asyncio.create_task(feed())
         ticker = asyncio.create_task(tick())
         self._workers = [asyncio.create_task(work()) for _ in range(concurrency)]
         try:
-            for outcome in await asyncio.gather(*self._workers, return_exceptions=True):
+            outcomes = await asyncio.gather(*self._workers, return_exceptions=True)
+            if self.write_error is not None:
+                raise self.write_error
+            for outcome in outcomes:
                 if isinstance(outcome, Exception):
                     raise outcome
             if feed_errors:
@@ -244,6 +286,14 @@ class Run:
             log.error("stopping: %s", reason)
         self.stopping.set()
 
+    def _halt(self, error: CheckpointWriteError) -> None:
+        """A checkpoint write failed: stop at once. Requests in flight are dropped (their rows stay
+        pending) rather than paid for with nowhere to keep the answer; no new one is sent."""
+        if self.write_error is None:
+            self.write_error = error
+        self.stopping.set()
+        self._cancel_workers()
+
     def _finish(self, stats: RunStats, done: RowStates) -> dict[str, Any]:
         counts = done.counts(lambda: (ids for _, ids in self.table.id_batches([])))
         totals = {"ok": counts.ok, "failed": counts.failed, "pending": stats.rows_total - counts.ok - counts.failed,
@@ -262,7 +312,10 @@ class Run:
                 self.exit_code = EXIT_ROWS_FAILED if totals["failed"] else EXIT_OK
         summary = build_summary(self.spec.name, self.spec.model.name, stats, totals, self.stopped, output,
                                 self.exit_code)
-        save_summary(summary, self.spec.checkpoint_dir / "summary.json")
+        try:
+            save_summary(summary, self.spec.checkpoint_dir / "summary.json")
+        except OSError as exc:  # the run is over and every answer is kept: only this copy of the summary is lost
+            log.warning("could not save the summary in %s: %s", self.spec.checkpoint_dir, exc.strerror or exc)
         return summary
 
     def _write_output(self, output: Path, records: Records) -> None:
@@ -309,7 +362,14 @@ class Run:
 
     def _cancel_workers(self) -> None:
         for task in self._workers:
-            task.cancel()
+            if task is not asyncio.current_task():
+                task.cancel()
+
+
+def _cache_write_error(path: Path, exc: sqlite3.Error) -> CheckpointWriteError:
+    return CheckpointWriteError(f"{path}: cannot save to the answer cache: {exc}; the run stopped and sends no "
+                                "more requests (answers written before are kept: run the job again once it can be "
+                                "written)")
 
 
 def _give_back_freed_memory() -> None:

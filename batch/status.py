@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,7 @@ import pyarrow.compute as pc
 from batch.answered import RowStates
 from batch.config import JobSpec
 from batch.failures import PROMPT_CHANGED
-from batch.guard import RunLock
+from batch.guard import RunLock, read_run_mark
 from batch.pricing import CURRENCY, money
 from batch.prompts import PromptBuilder
 from batch.reader import InputTable
@@ -24,10 +25,9 @@ def open_input(spec: JobSpec) -> InputTable:
                       spec.output.keep_columns, messages_column=spec.prompt.messages_column)
 
 
-def row_states(spec: JobSpec, table: InputTable) -> tuple[int, RowStates]:
+def row_states(spec: JobSpec, table: InputTable, checkpoint: Checkpoint) -> tuple[int, RowStates]:
     """The input's row count and each row's state in the checkpoint, the log of a live run included: the same
     resume state a run starts from, read without touching the folder."""
-    checkpoint = Checkpoint(spec.checkpoint_dir)
     records = checkpoint.has_records()
     total = table.scan(keep_hashes=records)
     states = checkpoint.row_states(total, table.row_hashes, table.row_prompts, with_log=records)
@@ -37,12 +37,12 @@ def row_states(spec: JobSpec, table: InputTable) -> tuple[int, RowStates]:
 
 def job_status(spec: JobSpec) -> dict[str, Any]:
     table = open_input(spec)
-    total, states = row_states(spec, table)
+    checkpoint = Checkpoint(spec.checkpoint_dir)  # one reader: a damaged file is read, and warned of, once
+    total, states = row_states(spec, table, checkpoint)
     counts = states.counts(lambda: (ids for _, ids in table.id_batches([])))
-    results = Checkpoint(spec.checkpoint_dir).snapshot()
+    results = checkpoint.snapshot()
     sent = results.filter(pc.invert(pc.fill_null(results.column("cache_hit"), False)))  # the cache's cost no tokens
-    summary_path = spec.checkpoint_dir / "summary.json"
-    last = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else None
+    running = RunLock(spec.checkpoint_dir).holder() if spec.checkpoint_dir.is_dir() else None
     return {
         "job": spec.name,
         "rows_total": total,
@@ -56,10 +56,8 @@ def job_status(spec: JobSpec) -> dict[str, Any]:
         "completion_tokens": pc.sum(sent.column("completion_tokens")).as_py() or 0,
         "cost": pc.sum(results.column("cost")).as_py() or 0.0,
         "currency": CURRENCY,
-        "running_pid": RunLock(spec.checkpoint_dir).holder() if spec.checkpoint_dir.is_dir() else None,
-        "last_run": None if last is None else {
-            "finished_at": last.get("finished_at"), "exit_code": last.get("exit_code"),
-            "requests_per_s": last["run"]["requests_per_s"], "stopped": last.get("stopped")},
+        "running_pid": running,
+        "last_run": last_run(spec.checkpoint_dir, running),
         "output": str(spec.output.path) if spec.output.path.exists() else None,
     }
 
@@ -72,6 +70,26 @@ def failed_by_class(states: RowStates, table: InputTable) -> dict[str, int]:
         counted.update({states.name(int(code)): int(n) for code, n in zip(*np.unique(codes, return_counts=True))})
         start += len(ids)
     return {name: n for name, n in counted.items() if name not in (None, "ok", PROMPT_CHANGED)}
+
+
+def last_run(folder: Path, running: int | None) -> dict[str, Any] | None:
+    """How the last run ended: "finished" (its summary), "did_not_finish" (killed or crashed: its
+    mark is still there and no live run holds the lock), "error" (stopped on an error it could note),
+    or "unreadable" (a damaged summary.json); None before the first run."""
+    marked = read_run_mark(folder) if running is None else None
+    if marked is not None:
+        state = "error" if marked.get("error") else "did_not_finish"
+        return {"state": state, **{k: marked.get(k) for k in ("started_at", "pid", "ended_at", "exit_code", "error")}}
+    path = folder / "summary.json"
+    if not path.exists():
+        return None
+    try:
+        last = json.loads(path.read_text(encoding="utf-8"))
+        return {"state": "finished", "finished_at": last.get("finished_at"), "exit_code": last["exit_code"],
+                "requests_per_s": last["run"]["requests_per_s"], "stopped": last.get("stopped")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}".splitlines()[0]
+        return {"state": "unreadable", "error": f"{path} is damaged ({reason})"}
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -89,12 +107,21 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append("  failed: " + ", ".join(f"{k} {v}" for k, v in sorted(status["failed_by_class"].items())))
     last = status["last_run"]
     if last:
-        stopped = f", stopped: {last['stopped']}" if last["stopped"] else ""
-        when = f"finished {last['finished_at']}, " if last["finished_at"] else ""
-        lines.append(f"  last run: {when}exit {last['exit_code']}, "
-                     f"{last['requests_per_s']} requests/s{stopped}")
+        lines.append(f"  last run: {_last_run_line(last)}")
     running = status["running_pid"]
     lines.append(f"  running now: {'yes, pid ' + str(running) if running else 'no'}")
     if status["output"]:
         lines.append(f"  output: {status['output']}")
     return "\n".join(lines)
+
+
+def _last_run_line(last: dict[str, Any]) -> str:
+    if last["state"] == "did_not_finish":
+        return f"did not finish (killed or crashed), started {last['started_at']}, pid {last['pid']}"
+    if last["state"] == "error":
+        return f"stopped on an error (exit {last['exit_code']}), started {last['started_at']}: {last['error']}"
+    if last["state"] == "unreadable":
+        return f"its summary is unreadable: {last['error']}; the next run writes a new one"
+    stopped = f", stopped: {last['stopped']}" if last["stopped"] else ""
+    when = f"finished {last['finished_at']}, " if last["finished_at"] else ""
+    return f"{when}exit {last['exit_code']}, {last['requests_per_s']} requests/s{stopped}"
