@@ -251,7 +251,10 @@ class Checkpoint:
 
     def compact(self) -> None:
         if self._pending:
-            self._write_part(_records_table(self._pending, self.folder / WAL_NAME, self._warn_once))
+            records, salvage = _records_table(self._pending)
+            if salvage:  # an answer that slipped past the client's checks: never a reason to lose the others
+                self._warn_once(f"{self.folder / WAL_NAME}: {salvage}")
+            self._write_part(records)
             self._pending = []
             with self._writing(self.folder / WAL_NAME):
                 self._wal.seek(0)
@@ -577,6 +580,7 @@ def _wal_table(path: Path, warn: Callable[[str], None], keep_damaged: bool) -> p
                     records.append(record)
                 elif line.strip():
                     damaged.append((number, line))
+    problems = []
     if damaged:
         where = ", ".join(str(n) for n, _ in damaged[:5]) + (", ..." if len(damaged) > 5 else "")
         kept = ""
@@ -585,16 +589,20 @@ def _wal_table(path: Path, warn: Callable[[str], None], keep_damaged: bool) -> p
             with open(aside, "a", encoding="utf-8") as copy:
                 copy.writelines(line for _, line in damaged)
             kept = f" (kept in {aside.name})"
-        warn(f"{path} is damaged: {len(damaged)} line(s) are not JSON records (line {where}){kept}; their rows "
-             "are pending and will be sent again")
-    return _records_table(records, path, warn)
+        problems.append(f"{len(damaged)} line(s) are not JSON records (line {where}){kept}")
+    table, salvage = _records_table(records)
+    if salvage:
+        problems.append(salvage)
+    if problems:
+        warn(f"{path} is damaged: {'; '.join(problems)}; the rows of records lost are pending and will be sent again")
+    return table
 
 
-def _records_table(records: list[dict[str, Any]], source: Path, warn: Callable[[str], None]) -> pa.Table:
-    """Records as RESULT_SCHEMA rows. A field of the wrong type (a count written as "3") is converted
-    or emptied; a record without a readable id or status is dropped, and its row is pending again."""
+def _records_table(records: list[dict[str, Any]]) -> tuple[pa.Table, str | None]:
+    """Records as RESULT_SCHEMA rows, and what was salvaged: a field of the wrong type (a count written as
+    "3") is converted or emptied; a record without a readable id or status is dropped (its row is pending)."""
     try:
-        return pa.Table.from_pylist(records, schema=RESULT_SCHEMA)
+        return pa.Table.from_pylist(records, schema=RESULT_SCHEMA), None
     except (pa.ArrowException, OverflowError, ValueError, TypeError):
         pass
     kept, fields, dropped = [], set(), 0
@@ -607,10 +615,9 @@ def _records_table(records: list[dict[str, Any]], source: Path, warn: Callable[[
             kept.append(salvaged)
         else:
             dropped += 1
-    lost = f"; {dropped} record(s) without a readable id or status dropped, their rows are pending" if dropped else ""
-    warn(f"{source} is damaged: fields of the wrong type ({', '.join(sorted(fields)) or 'none'}) were converted "
-         f"or emptied{lost}")
-    return pa.Table.from_pylist(kept, schema=RESULT_SCHEMA)
+    lost = f", {dropped} record(s) without a readable id or status were dropped" if dropped else ""
+    salvage = f"fields of the wrong type ({', '.join(sorted(fields)) or 'none'}) were converted or emptied{lost}"
+    return pa.Table.from_pylist(kept, schema=RESULT_SCHEMA), salvage
 
 
 _UNREADABLE = object()

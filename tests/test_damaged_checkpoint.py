@@ -68,7 +68,7 @@ def test_a_log_with_a_line_that_is_not_json_and_a_record_of_wrong_types_is_salva
         code, out, err = run_cli(command, job)
         assert code == 0, err
         no_traceback(out, err)
-        assert "wal.jsonl is damaged" in err
+        assert err.count("wal.jsonl is damaged") == 1, err  # one line, though status reads the log twice
     code, out, _ = run_cli("status", job)
     assert "ok 11, failed 0, pending 9" in out
 
@@ -101,7 +101,7 @@ def test_a_damaged_part_is_moved_aside_and_only_its_rows_are_sent_again(sim, mak
         code, out, err = run_cli(command, job)
         assert code == 0, err
         no_traceback(out, err)
-        assert "part-000002.parquet is damaged" in err
+        assert err.count("part-000002.parquet is damaged") == 1, err
     assert "ok 10, failed 0, pending 10" in run_cli("status", job)[1]
     assert "10 rows to send" in run_cli("estimate", job)[1]
 
