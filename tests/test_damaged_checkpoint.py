@@ -250,6 +250,8 @@ def test_a_full_disk_stops_the_run_at_the_first_failed_write_and_a_rerun_loses_o
     assert "File too large" in error[0] or "disk is full" in error[0], err  # the log, a part, or the answer cache
     first_run = sim.stats()["requests"]
     assert first_run < len(BIG)
+    code, out, _ = run_cli("status", job)
+    assert code == 0 and "last run: stopped on an error (exit 70)" in out, out
 
     code, _, err = run_cli("run", job)
     assert code == 0, err
@@ -269,16 +271,20 @@ def _can_make_immutable(folder: Path) -> bool:
     return made
 
 
-def test_an_immutable_checkpoint_stops_the_run_with_one_line_not_sigbus(start_sim, make_job, run_cli, tmp_path):
+@pytest.mark.parametrize("frozen", ["folder_and_files", "folder"])
+def test_an_immutable_checkpoint_stops_the_run_with_one_line_not_sigbus(start_sim, make_job, run_cli, tmp_path,
+                                                                        frozen):
     if not _can_make_immutable(tmp_path):
         pytest.skip("needs root and chattr on a file system that supports it")
     sim = start_sim(latency_ms=40)
-    job = make_job(sim, rows=BIG, limits={"concurrency": CONCURRENCY})
+    rows_per_part = 10
+    job = make_job(sim, rows=BIG, limits={"concurrency": CONCURRENCY}, output={"checkpoint_rows": rows_per_part})
     folder = checkpoint_of(job)
     process = start_run(job)
     try:
         wait_until(lambda: sim.stats()["requests"] >= 20, "the first requests")
-        subprocess.run(["chattr", "+i", *map(str, folder.iterdir()), str(folder)], check=True)
+        files = [str(f) for f in folder.iterdir()] if frozen == "folder_and_files" else []
+        subprocess.run(["chattr", "+i", *files, str(folder)], check=True)
         sent_at_freeze = sim.stats()["requests"]
         out, err = process.communicate(timeout=60)
     finally:
@@ -288,7 +294,10 @@ def test_an_immutable_checkpoint_stops_the_run_with_one_line_not_sigbus(start_si
     no_traceback(out, err)
     error = [line for line in err.splitlines() if line.startswith("batch: error:")]
     assert len(error) == 1 and "Operation not permitted" in error[0], err
-    assert sim.stats()["requests"] - sent_at_freeze <= CONCURRENCY
+    # With the files frozen the next log append fails; with the folder alone, the next part (the log still
+    # takes the answers until then, and keeps them).
+    in_flight = CONCURRENCY + (rows_per_part if frozen == "folder" else 0)
+    assert sim.stats()["requests"] - sent_at_freeze <= in_flight
 
     code, _, err = run_cli("run", job)  # writable again: the answers logged before are kept
     assert code == 0, err
