@@ -112,7 +112,8 @@ class Run:
                     # file, whose mmap kills the process (SIGBUS) once the folder cannot be written.
                     cache = AnswerCache(cache_path, exclusive=self.spec.cache is None)
                 except (sqlite3.Error, OSError) as exc:
-                    raise ConfigError(f"{cache_path}: cannot open the answer cache: {exc}") from None
+                    raise ConfigError(f"{cache_path}: cannot open the answer cache: {exc} (if it is damaged, "
+                                      "delete it: it only keeps identical requests from being paid twice)") from None
                 try:
                     await self._process(pool, budget, cache, cache_path, done, stats, progress)
                 finally:

@@ -167,6 +167,20 @@ def test_a_damaged_fingerprint_is_a_one_line_error_and_force_writes_it_again(sim
     assert sim.stats()["requests"] == 20
 
 
+def test_a_damaged_answer_cache_is_a_one_line_error_saying_it_can_be_deleted(sim, make_job, run_cli):
+    job = make_job(sim, rows=ROWS)
+    assert run_cli("run", job, "--limit", "5")[0] == 0
+    cache = checkpoint_of(job) / "answers.sqlite"
+    cache.write_bytes(b"not a database" * 100)
+    code, out, err = run_cli("run", job)
+    assert code == 2
+    no_traceback(out, err)
+    assert err.count("\n") == 1 and "answers.sqlite" in err and "delete it" in err
+    cache.unlink()
+    assert run_cli("run", job)[0] == 0
+    assert sim.stats()["requests"] == 20
+
+
 @pytest.mark.parametrize("text", ["{not json", "[]", '{"exit_code": 0}'])
 def test_status_says_a_damaged_summary_is_unreadable(sim, make_job, run_cli, text):
     job = make_job(sim, rows=ROWS)
