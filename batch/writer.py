@@ -141,12 +141,15 @@ class Checkpoint:
         over all that id's answers; answers taken from the cache cost no tokens. Read a bunch of parts at a time."""
         last = states.last_records()
         cost, tokens, at = 0.0, 0, 0
-        for records in _bunches(self._parts(), ["cost", "total_tokens", "cache_hit"], self._group_rows):
-            mine = pa.array(last[at:at + records.num_rows])
-            at += records.num_rows
-            cost += pc.sum(records.column("cost").filter(mine)).as_py() or 0.0
-            sent = pc.and_(mine, pc.invert(pc.fill_null(records.column("cache_hit"), False)))
-            tokens += pc.sum(records.column("total_tokens").filter(sent)).as_py() or 0
+        try:
+            for records in _bunches(self._parts(), ["cost", "total_tokens", "cache_hit"], self._group_rows):
+                mine = pa.array(last[at:at + records.num_rows])
+                at += records.num_rows
+                cost += pc.sum(records.column("cost").filter(mine)).as_py() or 0.0
+                sent = pc.and_(mine, pc.invert(pc.fill_null(records.column("cache_hit"), False)))
+                tokens += pc.sum(records.column("total_tokens").filter(sent)).as_py() or 0
+        except DamagedPart as damaged:  # damage in columns row_states does not read
+            self._damaged_mid_run(damaged)
         return cost, tokens
 
     def has_records(self) -> bool:

@@ -160,6 +160,9 @@ def test_a_damaged_fingerprint_is_a_one_line_error_and_force_writes_it_again(sim
     no_traceback(out, err)
     assert err.count("\n") == 1 and "fingerprint.json is damaged" in err and "--force" in err
     assert sim.stats()["requests"] == 5  # nothing sent
+    code, out, err = run_cli("validate", job)  # validate makes the run's checks: the same line
+    assert code == 2 and "fingerprint.json is damaged" in err
+    no_traceback(out, err)
 
     code, _, err = run_cli("run", job, "--force")
     assert code == 0, err
