@@ -140,7 +140,10 @@ async def test_reset_and_hang_markers() -> None:
             await post(session, url, chat("[[reset]]"))
         with pytest.raises(asyncio.TimeoutError):
             await post(session, url, chat("[[hang]]"), timeout=aiohttp.ClientTimeout(total=0.2))
-        await asyncio.sleep(0.05)  # let the server notice the client went away
+        deadline = asyncio.get_running_loop().time() + 5
+        while "disconnected" not in sim.stats["by_status"]:  # the server notices the client went away
+            assert asyncio.get_running_loop().time() < deadline, sim.stats
+            await asyncio.sleep(0.01)
         assert sim.stats["by_status"] == {"reset": 1, "disconnected": 1}
 
 
