@@ -146,6 +146,7 @@ class RetrySpec(Strict):
     max_attempts: int = Field(6, ge=1, le=100)
     initial_backoff_s: float = Field(1, ge=0)
     max_backoff_s: float = Field(60, ge=0)
+    max_outage_s: float = Field(300, gt=0)  # how long the endpoint may answer nothing before the run stops (exit 3)
 
 
 class OutputSpec(Strict):

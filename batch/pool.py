@@ -22,6 +22,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from batch.breaker import OUTAGE_CLASSES, Breaker
 from batch.client import ChatClient
 from batch.failures import Failure, classify
 from batch.logs import redact
@@ -40,6 +41,10 @@ log = logging.getLogger("batch")
 
 class Stopped(Exception):
     """The run is stopping: this row stays pending (not failed) and a resume will send it."""
+
+
+class Parked(Exception):
+    """The endpoint is down: this attempt does not count against the row, which waits for the outage to end."""
 
 
 class JobFatal(Exception):
@@ -118,11 +123,13 @@ class AdaptiveConcurrency:
 
     def throttled(self, started_round: int, retry_after: float | None) -> None:
         self.throttles += 1
+        pause = retry_after if retry_after is not None else self.pause_s
         if started_round == self._round:
             self._round += 1
-            self.limit = max(1.0, self.limit / 2)
-        resume = asyncio.get_running_loop().time() + (retry_after if retry_after is not None else self.pause_s)
-        self._paused_until = max(self._paused_until, resume)
+            before, self.limit = self.limit, max(1.0, self.limit / 2)
+            log.debug("throttled (429): concurrency limit %d -> %d, every worker pauses %.2f s",
+                      before, self.limit, pause)
+        self._paused_until = max(self._paused_until, asyncio.get_running_loop().time() + pause)
 
 
 class Pool:
@@ -142,6 +149,9 @@ class Pool:
         self.stopping = stopping
         self.slots = AdaptiveConcurrency(spec.limits.concurrency, spec.retry.initial_backoff_s)
         self.requests_sent = 0  # counted as each is sent: a row stopped by a job-fatal answer has no record
+        retry = spec.retry
+        self.breaker = Breaker(time.monotonic, retry.max_outage_s, retry.initial_backoff_s or 1.0, retry.max_backoff_s)
+        self._breaker_moved = asyncio.Event()
         self._stop = stop_after_attempt(spec.retry.max_attempts) | stop_when_event_set(stopping)  # type: ignore[arg-type]
         self._backoff = wait_exponential_jitter(
             multiplier=spec.retry.initial_backoff_s, max=spec.retry.max_backoff_s, jitter=spec.retry.initial_backoff_s)
@@ -155,31 +165,43 @@ class Pool:
         return json.dumps(body, ensure_ascii=False, sort_keys=True, default=str).encode()
 
     async def answer(self, row: Row, body: bytes, estimated_tokens: int) -> dict[str, Any]:
-        """The result record for a row; raises JobFatal when the whole job must stop."""
+        """The result record for a row; raises JobFatal when the whole job must stop, Unreachable in an outage."""
         try:
             # Most rows succeed at once: tenacity's per-call state (~30 us, about 4% of a request's
             # client CPU) is built only for a row whose first attempt failed.
             return await self._attempt(row, body, estimated_tokens, 1)
         except Failure as failure:
             first: Failure | None = failure
+        except Parked:
+            first = None
+        return await self._retry(row, body, estimated_tokens, first)
+
+    async def _retry(self, row: Row, body: bytes, estimated_tokens: int, first: Failure | None) -> dict[str, Any]:
         attempts = 1
-        # One AsyncRetrying per row: it keeps per-call state, so it is not shared between tasks.
-        retrying = AsyncRetrying(stop=self._stop, wait=self._wait, retry=RETRY_TRANSIENT, reraise=True)
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    if first is not None:  # attempt 1, made above: tenacity judges its failure and waits
-                        made, first = first, None
-                        raise made
-                    attempts += 1
-                    return await self._attempt(row, body, estimated_tokens, attempts)
-        except Failure as failure:
-            if failure.scope == "job":
-                raise JobFatal(failure) from None
-            if failure.scope == "retry" and self.stopping.is_set():
-                raise Stopped() from None  # cut short, not failed: its retries are not used up
-            return failed_record(row, failure.error_class, failure.message, attempts, self.model)
-        raise AssertionError("unreachable: tenacity either returns or raises")
+        while True:
+            # One AsyncRetrying per row: it keeps per-call state, so it is not shared between tasks.
+            # A row parked by an outage starts its retries afresh once the endpoint answers again.
+            retrying = AsyncRetrying(stop=self._stop, wait=self._wait, retry=RETRY_TRANSIENT, reraise=True,
+                                     before_sleep=lambda state: log_retry(row, state))
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        if first is not None:  # attempt 1, made above: tenacity judges its failure and waits
+                            made, first = first, None
+                            raise made
+                        attempts += 1
+                        return await self._attempt(row, body, estimated_tokens, attempts)
+            except Parked:
+                continue
+            except Failure as failure:
+                if failure.scope == "job":
+                    raise JobFatal(failure) from None
+                if failure.scope == "retry" and self.stopping.is_set():
+                    raise Stopped() from None  # cut short, not failed: its retries are not used up
+                if failure.error_class in OUTAGE_CLASSES and self.breaker.gave_up():
+                    self._outage_began()
+                    continue  # its retries ran out because the endpoint is down, not because of the row
+                return failed_record(row, failure.error_class, failure.message, attempts, self.model)
 
     def _wait(self, state: RetryCallState) -> float:
         failure = state.outcome.exception() if state.outcome else None
@@ -194,18 +216,29 @@ class Pool:
             await self.requests.acquire()
         if self.stopping.is_set():
             raise Stopped()  # woke from a backoff after the run began to stop: send nothing more
+        probe = self.breaker.open and await self._wait_for_probe_turn(row)
         started_round = await self.slots.acquire()
         started = time.perf_counter()
         self.requests_sent += 1
         try:
             data = await self.client.complete(body)
+        except asyncio.CancelledError:
+            if probe:  # cut off (a second Ctrl-C) without a verdict: the next waiter probes
+                self.breaker.probe_abandoned()
+                self._breaker_changed()
+            raise
         except Exception as exc:  # the client raises Failures; anything else is classified too, none escapes raw
             failure = classify(exc)
+            if failure.error_class in OUTAGE_CLASSES:
+                self._failed_at_endpoint(row, failure, probe)
+            else:
+                self._answered()
             if failure.error_class == "rate_limited":
                 self.slots.throttled(started_round, failure.retry_after)
             raise failure from None
         finally:
             await self.slots.release()
+        self._answered()
         self.slots.succeeded()
         record = self._record(row, data, time.perf_counter() - started, attempts)
         if self.parse_json:
@@ -214,6 +247,54 @@ class Pool:
             except ValueError as exc:  # answered and paid for, so kept: the reply is there to read
                 record.update(status="failed", error_class="bad_json", error=str(exc))
         return record
+
+    # -- outages: see batch/breaker.py --------------------------------------------------------
+    def _answered(self) -> None:
+        outage_s = self.breaker.answered()
+        if outage_s is not None:
+            log.warning("the endpoint answers again after %.1f s without an answer: carrying on", outage_s)
+            self._breaker_changed()
+
+    def _failed_at_endpoint(self, row: Row, failure: Failure, probe: bool) -> None:
+        """An attempt failed at the connection or server level: it may be an outage, not this row's fault."""
+        was_open = self.breaker.open
+        if not self.breaker.failed(row.seq, str(failure), probe):
+            return
+        if not was_open:
+            self._outage_began()
+        elif probe:
+            log.info("probe failed (%s); the next one in %.2f s", failure, self.breaker.next_probe_in)
+            self._breaker_changed()
+        raise Parked()
+
+    def _outage_began(self) -> None:
+        b = self.breaker
+        log.warning("the endpoint is not answering (%d attempts failed, nothing answered for %.1f s; last: %s): "
+                    "no row is sent or retried; probing with one request at a time for up to %g s",
+                    b.failures, b.quiet_s, b.last_error, b.max_outage_s)
+        self._breaker_changed()
+
+    def _breaker_changed(self) -> None:
+        """Wake every row waiting in an outage: the probe's verdict is in, or the outage is over."""
+        self._breaker_moved.set()
+        self._breaker_moved = asyncio.Event()
+
+    async def _wait_for_probe_turn(self, row: Row) -> bool:
+        """While the breaker is open: wait; True when this attempt is the probe, False when the outage is over."""
+        while self.breaker.open:
+            if self.stopping.is_set():
+                raise Stopped()
+            wait_s = self.breaker.admit()  # raises Unreachable when the outage outlasts max_outage_s
+            if wait_s is None:
+                log.debug("probing the endpoint with row %s", row.id)
+                return True
+            moved, stopping = (asyncio.ensure_future(event.wait()) for event in (self._breaker_moved, self.stopping))
+            try:
+                await asyncio.wait((moved, stopping), timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                moved.cancel()
+                stopping.cancel()
+        return False
 
     def _record(self, row: Row, data: dict[str, Any], latency: float, attempts: int) -> dict[str, Any]:
         """The record of an answer the client checked (client.parse_body: every field has its type, no key in it)."""
@@ -244,6 +325,12 @@ def total_tokens(usage: dict[str, Any]) -> int | None:
     if total is None and usage.get("prompt_tokens") is not None and usage.get("completion_tokens") is not None:
         return usage["prompt_tokens"] + usage["completion_tokens"]
     return total
+
+
+def log_retry(row: Row, state: RetryCallState) -> None:
+    failure = state.outcome.exception() if state.outcome else None
+    wait_s = state.next_action.sleep if state.next_action else 0.0
+    log.debug("row %s: attempt %d failed (%s); retrying in %.2f s", row.id, state.attempt_number, failure, wait_s)
 
 
 def failed_record(row: Row, error_class: str, error: str, attempts: int, model: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from batch.answered import RowStates
+from batch.breaker import Unreachable
 from batch.budget import Budget
 from batch.cache import AnswerCache, request_key, reused
 from batch.errors import (
@@ -151,6 +152,9 @@ class Run:
         paid_before = self._paid_before(done)
 
         def record(result: dict[str, Any]) -> None:
+            if result["status"] != "ok":
+                log.debug("row %s failed after %d attempts: %s: %s", result["id"], result["attempts"],
+                          result["error_class"], result["error"])
             stats.add(result)  # this run's spending, before what earlier runs paid for the row is added
             add_paid_before(result, paid_before.pop(result["seq"], None))
             try:
@@ -218,6 +222,8 @@ class Run:
                     break
                 except JobFatal as fatal:
                     self._stop(f"the API refused the job: {fatal.failure}", EXIT_JOB_FATAL)
+                except Unreachable as outage:  # every row not answered stays pending, none is failed
+                    self._stop(str(outage), EXIT_JOB_FATAL)
                 finally:
                     try:
                         cache.sent(key, sending, result)
@@ -309,8 +315,8 @@ class Run:
         if self.exit_code is None:
             if self.stopped is not None:
                 self.exit_code = EXIT_INTERRUPTED
-            else:
-                self.exit_code = EXIT_ROWS_FAILED if totals["failed"] else EXIT_OK
+            else:  # 1 says "complete, some rows failed": a job with rows left (--limit) is not complete
+                self.exit_code = EXIT_ROWS_FAILED if totals["failed"] and not totals["pending"] else EXIT_OK
         summary = build_summary(self.spec.name, self.spec.model.name, stats, totals, self.stopped, output,
                                 self.exit_code)
         try:

@@ -11,7 +11,9 @@ message: ``[[error:STATUS:CODE]]`` (``[[error:200:1113]]``: an error body in a 2
 ``[[bigbody:BYTES]]`` (a 200 whose reply is BYTES long, with its Content-Length) and
 ``[[bigstream:BYTES]]`` (the same, streamed in chunks without a length).  ``echo_key`` makes
 every error message and reply quote the Authorization header the request carried, as a careless
-server might.
+server might.  An outage that ends is ``SimConfig(down_for_requests=N)``: the first N requests
+get 503 with code 1305 (``down_as="503"``) or a proxy's HTML 502 page (``down_as="html"``), the
+later ones are answered.
 
 Run ``python -m batch.simulator --help`` for the CLI.
 """
@@ -156,6 +158,8 @@ class SimConfig:
     fail_after: int | None = None
     fail_status: int = 429
     fail_code: str = "1113"
+    down_for_requests: int = 0  # the endpoint is down for the first N requests ...
+    down_as: str = "503"  # ... answering "503" (JSON, code 1305) or "html" (a proxy's 502 page)
     api_key: str | None = dataclasses.field(default=None, repr=False)  # keep it out of reprs/logs
     echo_key: bool = False  # quote the request's Authorization header in every error message and reply
     seed: int = 0
@@ -163,6 +167,8 @@ class SimConfig:
     def __post_init__(self) -> None:
         if self.latency_dist not in ("fixed", "lognormal"):
             raise ValueError(f"latency_dist must be 'fixed' or 'lognormal', not {self.latency_dist!r}")
+        if self.down_as not in ("503", "html"):
+            raise ValueError(f"down_as must be '503' or 'html', not {self.down_as!r}")
 
 
 class Simulator:
@@ -249,6 +255,14 @@ class Simulator:
             return text
         return f"{text} (you sent Authorization: {request.headers.get('Authorization', '')})"
 
+    def _down(self, request: web.Request) -> web.Response:
+        """The answer of an endpoint that is down: an overloaded API, or the HTML page of the proxy in front of it."""
+        if self.config.down_as == "503":
+            return self._error(request, 503, "1305")
+        self._count("502")
+        page = "<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>"
+        return web.Response(status=502, text=page, content_type="text/html")
+
     def _rpm_exceeded(self) -> bool:
         rpm = self.config.rpm
         if rpm is None:
@@ -286,6 +300,8 @@ class Simulator:
             return self._error(request, 400, "1214", f"请求参数非法 / invalid request: {type(exc).__name__}")
         prompt = last_user_text(messages)
         self._by_prompt[prompt] = self._by_prompt.get(prompt, 0) + 1
+        if self._requests <= cfg.down_for_requests:
+            return self._down(request)
         # No await between this check and the increment, so the limit is exact.
         if cfg.max_concurrency is not None and self._in_flight >= cfg.max_concurrency:
             return self._error(request, 429, "1302")
