@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from batch.errors import ConfigError
+
 SAVE_EVERY_ANSWERS = 256
 SAVE_EVERY_S = 1.0
 REUSED_FIELDS = ("response", "reasoning_content", "finish_reason", "prompt_tokens", "completion_tokens",
@@ -43,6 +45,11 @@ class AnswerCache:
         # fsync per insert would block the event loop on the disk for every row.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, record TEXT NOT NULL)")
+        columns = [column[1] for column in self._db.execute("PRAGMA table_info(answers)")]
+        if columns != ["key", "record"]:  # another tool's database: its lookups would fail mid-run
+            self._db.close()
+            raise ConfigError(f"{path}: not an answer cache of batch: its table 'answers' has the columns "
+                              f"{', '.join(columns)}; point cache.path at a new file")
         self._in_flight: dict[str, asyncio.Future[dict[str, Any] | None]] = {}
         # Answers are saved a batch per transaction: a transaction per answer cost more CPU than
         # the request itself. What a kill loses is only a cache entry; the row's answer is in the checkpoint.
@@ -54,7 +61,14 @@ class AnswerCache:
         if key in self._unsaved:
             return self._unsaved[key]
         found = self._db.execute("SELECT record FROM answers WHERE key = ?", (key,)).fetchone()
-        return json.loads(found[0]) if found else None
+        if found is None:
+            return None
+        try:
+            kept = json.loads(found[0])
+        except (TypeError, ValueError):
+            kept = None
+        # A damaged entry is a miss: the row is sent again.
+        return kept if isinstance(kept, dict) and "response" in kept else None
 
     def put(self, key: str, record: dict[str, Any]) -> None:
         self._unsaved[key] = {field: record[field] for field in REUSED_FIELDS}

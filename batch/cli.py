@@ -6,14 +6,17 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 from batch.config import load_job
-from batch.errors import EXIT_INTERRUPTED, BatchError, ConfigError
+from batch.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, BatchError, ConfigError
 from batch.estimate import estimate, format_estimate
 from batch.export import export_output
-from batch.logs import add_file_log, redact, redact_everywhere, setup_logging
+from batch.logs import LOG_NAME, add_file_log, redact, redact_everywhere, setup_logging, write_traceback
 from batch.preflight import preflight, resolve, validation_report
 from batch.reader import keep_pandas_out
 from batch.runner import RunOptions, run_job
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return simulate(argv[1:])
     args = build_parser().parse_args(argv)
-    setup_logging(getattr(args, "verbose", False), getattr(args, "log_format", "text"))
+    log_format = getattr(args, "log_format", "text")
+    setup_logging(getattr(args, "verbose", False), log_format)
     try:
         if args.command in ("run", "retry-failed"):
             return run(args)
@@ -76,6 +80,37 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("batch: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:  # a defect in batch, not a mistake of the user's: not 1, which means "rows failed"
+        print(report_internal_error(exc, checkpoint_of(args.job), log_format), file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def checkpoint_of(job: str) -> Path | None:
+    """The job's checkpoint folder, where its batch.log is; None when the job file itself cannot be read."""
+    try:
+        return load_job(job).checkpoint_dir
+    except Exception:  # the error being reported may be this one: it is reported once, where it happened
+        return None
+
+
+def report_internal_error(exc: Exception, checkpoint_dir: Path | None, log_format: str = "text") -> str:
+    """One line naming what failed and where; the traceback goes to batch.log (or a file of its own)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [frame for frame in frames if Path(frame.filename).parent == Path(__file__).parent] or frames
+    where = f" in {Path(ours[-1].filename).name}:{ours[-1].lineno} ({ours[-1].name})" if ours else ""
+    what = redact(f"{type(exc).__name__}{where}: {exc}")
+    line = f"batch: internal error: {what}"
+    try:
+        if checkpoint_dir is not None and checkpoint_dir.is_dir():
+            path = checkpoint_dir / LOG_NAME
+        else:
+            fd, name = tempfile.mkstemp(prefix="batch-internal-error-", suffix=".log")
+            os.close(fd)
+            path = Path(name)
+        write_traceback(path, exc, line, "json" if log_format == "json" else "text")
+    except OSError as why:
+        return f"{line} (its traceback could not be written: {why.strerror or why})"
+    return f"{line} (the traceback is in {path}); please report it"
 
 
 def inspect(args: argparse.Namespace) -> str:

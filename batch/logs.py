@@ -169,3 +169,16 @@ def redact_everywhere(secrets: list[str]) -> None:
     SECRETS.add(secrets)
     for handler in log.handlers:
         _guard(handler)
+
+
+def write_traceback(path: Path, exc: BaseException, message: str,
+                    log_format: Literal["text", "json"] = "text") -> None:
+    """Append `message` and the traceback of `exc` to the log file at `path` (secrets masked), as a log line."""
+    handler = _guard(logging.FileHandler(path, mode="a", encoding="utf-8"))
+    handler.setFormatter(make_formatter(log_format))
+    try:
+        record = log.makeRecord(log.name, logging.CRITICAL, __file__, 0, "%s", (message,),
+                                (type(exc), exc, exc.__traceback__))
+        handler.handle(record)
+    finally:
+        handler.close()

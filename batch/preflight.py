@@ -158,7 +158,11 @@ def resolve_api_key(spec: JobSpec, var: str | None) -> str:
         if not key:
             for env_file in (spec.job_path.parent / ".env", Path(".env")):
                 if env_file.is_file():
-                    key = dotenv_values(env_file).get(var)
+                    try:
+                        key = dotenv_values(env_file, encoding="utf-8").get(var)
+                    except (OSError, UnicodeDecodeError) as exc:
+                        why = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror or exc
+                        raise ConfigError(f"{env_file}: cannot read the .env file: {why}") from None
                     if key:
                         break
     if key:
