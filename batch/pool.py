@@ -129,6 +129,9 @@ class AdaptiveConcurrency:
             before, self.limit = self.limit, max(1.0, self.limit / 2)
             log.debug("throttled (429): concurrency limit %d -> %d, every worker pauses %.2f s",
                       before, self.limit, pause)
+        else:
+            log.debug("throttled (429): concurrency limit stays %d (lowered already for this round of requests), "
+                      "every worker pauses %.2f s", self.limit, pause)
         self._paused_until = max(self._paused_until, asyncio.get_running_loop().time() + pause)
 
 
@@ -256,7 +259,7 @@ class Pool:
             self._breaker_changed()
 
     def _failed_at_endpoint(self, row: Row, failure: Failure, probe: bool) -> None:
-        """An attempt failed at the connection or server level: it may be an outage, not this row's fault."""
+        """An attempt failed at the connection or server level; raises Parked when that is an outage, not the row."""
         was_open = self.breaker.open
         if not self.breaker.failed(row.seq, str(failure), probe):
             return
