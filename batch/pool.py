@@ -168,7 +168,7 @@ class Pool:
         return json.dumps(body, ensure_ascii=False, sort_keys=True, default=str).encode()
 
     async def answer(self, row: Row, body: bytes, estimated_tokens: int) -> dict[str, Any]:
-        """The result record for a row; raises JobFatal when the whole job must stop, Unreachable in an outage."""
+        """The result record for a row; raises JobFatal when the job must stop, Unreachable when the API stays down."""
         try:
             # Most rows succeed at once: tenacity's per-call state (~30 us, about 4% of a request's
             # client CPU) is built only for a row whose first attempt failed.
