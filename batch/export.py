@@ -1,7 +1,7 @@
 """`batch export`: the job's final Parquet table as CSV, JSONL or Parquet, streamed by record batches.
 
-The copy goes to a temp file beside the target and is renamed over it at the end, so the target is
-either the previous file or the whole new one, never half of it.
+The copy is written atomically (batch.atomic), so the target is either the previous file or the whole new
+one, never half of it. It never overwrites the job's input, output or job file, or a checkpoint's files.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -18,8 +17,10 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from batch.atomic import write_atomic
 from batch.config import JobSpec
 from batch.errors import ConfigError
+from batch.preflight import check_export_target
 
 FORMATS = ("csv", "jsonl", "parquet")
 
@@ -33,21 +34,24 @@ def export_output(spec: JobSpec, fmt: Literal["csv", "jsonl", "parquet"], to: Pa
         raise ConfigError(f"{source}: no final output yet: the job is not complete "
                           f"(see `batch status {spec.job_path}`)")
     to = Path(to)
+    check_export_target(spec, to)
     try:
         to.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"{to.parent}: cannot create the export folder: {exc.strerror or exc}") from None
-    tmp = to.with_name(f".{to.name}.{os.getpid()}.tmp")
-    try:
+    rows = 0
+
+    def write(tmp: Path) -> None:
+        nonlocal rows
         with pq.ParquetFile(source) as table:
             rows = _WRITERS[fmt](table, tmp)
-        os.replace(tmp, to)
+
+    try:
+        write_atomic(to, write)
     except OSError as exc:
         raise ConfigError(f"{to}: cannot write the export: {exc.strerror or exc}") from None
     except pa.ArrowException as exc:  # a type the format cannot hold, or a damaged output file
         raise ConfigError(f"{to}: cannot export {source} as {fmt}: {exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed export leaves nothing behind
     return rows
 
 
@@ -57,7 +61,6 @@ def _write_parquet(source: pq.ParquetFile, tmp: Path) -> int:
         for batch in source.iter_batches():
             writer.write_batch(batch)
             rows += batch.num_rows
-    _fsync(tmp)
     return rows
 
 
@@ -69,7 +72,6 @@ def _write_csv(source: pq.ParquetFile, tmp: Path) -> int:
             writer.write_batch(pa.RecordBatch.from_arrays(
                 [_csv_column(column) for column in batch.columns], schema=schema))
             rows += batch.num_rows
-    _fsync(tmp)
     return rows
 
 
@@ -81,8 +83,6 @@ def _write_jsonl(source: pq.ParquetFile, tmp: Path) -> int:
                 clean = {key: _finite(value) for key, value in record.items()}
                 out.write(json.dumps(clean, ensure_ascii=False, default=_json_default) + "\n")
             rows += batch.num_rows
-        out.flush()
-        os.fsync(out.fileno())
     return rows
 
 
@@ -121,8 +121,3 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "isoformat"):
         return value.isoformat()
     return str(value)  # Decimal, timedelta and the like
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as written:
-        os.fsync(written.fileno())

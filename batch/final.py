@@ -6,7 +6,6 @@ each row's last record was written, and only the row groups holding a window's r
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch.answered import RowStates
+from batch.atomic import write_atomic
 from batch.writer import DICTIONARY_COLUMNS, RESULT_FIELDS, RESULT_SCHEMA, RowGroups
 
 WINDOW_ROWS = 4096  # input rows per read of the checkpoint: its records arrive a row group at a time
@@ -56,14 +56,25 @@ def write_final(path: Path, input_batches: Iterator[tuple[pa.RecordBatch, pa.Arr
                 keep_columns: list[str], records: Records, extra: Any = None) -> int:
     """Every input row once, in input order, beside its last record (and `extra`, a DataFrame by id).
 
-    Written to a temp file, fsynced and renamed: a failed write leaves nothing that looks like output.
+    Written atomically (batch.atomic): a failed write leaves nothing that looks like output.
     """
+    written = 0
+
+    def write(tmp: Path) -> None:
+        nonlocal written
+        written = _write_rows(tmp, input_batches, id_out, keep_columns, records, extra)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, write)
+    return written
+
+
+def _write_rows(tmp: Path, input_batches: Iterator[tuple[pa.RecordBatch, pa.Array]], id_out: str,
+                keep_columns: list[str], records: Records, extra: Any) -> int:
     extra_schema = pa.Schema.from_pandas(extra, preserve_index=False) if extra is not None else None
     writer = None
     written = flushed = 0  # rows read, rows written out
     held: list[pa.Table] = []
-    tmp = path.with_name(f".{path.name}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         for window in _windows(input_batches):
             ids = pa.concat_arrays([i for _, i in window])
@@ -83,16 +94,9 @@ def write_final(path: Path, input_batches: Iterator[tuple[pa.RecordBatch, pa.Arr
                 held, flushed = [], written
         if held:
             writer = _write_group(writer, tmp, held)
-        if writer is not None:
-            writer.close()
-            writer = None
-        with open(tmp, "rb") as done:
-            os.fsync(done.fileno())
-        os.replace(tmp, path)
     finally:
         if writer is not None:
             writer.close()
-        tmp.unlink(missing_ok=True)
     return written
 
 

@@ -135,6 +135,22 @@ def check_output_path(spec: JobSpec) -> None:
     _check_creatable(spec, "output.path", given, "the output and its checkpoint folder")
 
 
+def check_export_target(spec: JobSpec, target: Path) -> None:
+    """Refuse an export that would overwrite the job's input, its job file, its output, or a file in a checkpoint
+    folder (compared resolved, as for output.path)."""
+    to = target.resolve()
+    keep = {"input": spec.input.path, "job file": spec.job_path, "output": spec.output.path}
+    for what, path in keep.items():
+        if to == path.resolve() or (to.exists() and path.exists() and os.path.samefile(to, path)):
+            raise ConfigError(f"--to {target} is the job's {what} {path}: export to another file")
+    if to.is_dir():
+        raise ConfigError(f"--to {target} is a folder: name the file to write, e.g. {target / 'results.csv'}")
+    for folder in to.parents:
+        if folder == spec.checkpoint_dir.resolve() or (folder.suffix == ".checkpoint" and _holds_a_checkpoint(folder)):
+            raise ConfigError(f"--to {target} is inside the checkpoint folder {folder}, which batch manages; "
+                              "export elsewhere")
+
+
 def _holds_a_checkpoint(folder: Path) -> bool:
     return any((folder / name).exists() for name in CHECKPOINT_MARKERS)
 

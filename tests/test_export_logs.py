@@ -364,3 +364,15 @@ def test_cli_secret_never_in_json_logs_or_batch_log(start_sim, make_job, run_cli
     log_file = load_job(job).checkpoint_dir / "batch.log"
     assert SECRET not in out + err
     assert SECRET not in log_file.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("target", ["input", "job", "output", "wal", "own-checkpoint-new-file"])
+def test_export_never_overwrites_the_jobs_own_files(finished, target):
+    folder = finished.checkpoint_dir
+    to = {"input": finished.input.path, "job": finished.job_path, "output": finished.output.path,
+          "wal": folder / "wal.jsonl", "own-checkpoint-new-file": folder / "copy.csv"}[target]
+    before = to.read_bytes() if to.exists() else None
+    with pytest.raises(ConfigError) as caught:
+        export_output(finished, "csv", to)
+    assert str(to) in str(caught.value) and "\n" not in str(caught.value)
+    assert (to.read_bytes() if to.exists() else None) == before
