@@ -18,7 +18,7 @@ from batch.estimate import estimate, format_estimate
 from batch.export import export_output
 from batch.logs import LOG_NAME, add_file_log, redact, redact_everywhere, setup_logging, write_traceback
 from batch.preflight import preflight, resolve, validation_report
-from batch.reader import keep_pandas_out
+from batch.process import command_line_process
 from batch.runner import RunOptions, run_job
 from batch.status import format_status, job_status
 from batch.summary import format_summary
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--limit must be 0 or more")
     options = RunOptions(retry_failed=args.retry_failed, force=args.force, limit=args.limit,
                          progress_interval_s=args.progress_interval)
-    with keep_pandas_out():
+    with command_line_process():
         plan = preflight(args.job, force=args.force)  # before anything is written: the log file is the first write
         redact_everywhere([plan.api_key])
         file_log = add_file_log(plan.spec.checkpoint_dir, args.log_format)

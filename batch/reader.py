@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib.abc
 import itertools
 import json
 import sys
@@ -22,44 +21,6 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from batch.errors import ConfigError
-
-# Arrow's default allocator (mimalloc) keeps freed pages for reuse: each batch's buffers would stay in
-# the peak. The system allocator hands them back (measured: -30 to -90 MB of peak RSS per run).
-pa.set_memory_pool(pa.system_memory_pool())
-
-
-class _NoPandas(importlib.abc.MetaPathFinder):
-    def find_spec(self, name: str, path: Any, target: Any = None) -> None:
-        if name.partition(".")[0] == "pandas":
-            raise ImportError("pandas is kept out of this run (batch.reader.keep_pandas_out)")
-
-
-_NO_PANDAS = _NoPandas()
-
-
-@contextmanager
-def keep_pandas_out() -> Iterator[None]:
-    """While a run reads and writes its own data, keep pyarrow from importing pandas.
-
-    pyarrow imports pandas at its first conversion of Python values, only to learn pandas' NA and
-    NaT (arrow/python/helpers.cc, InitPandasStaticData) and whether a value is a pandas object. A
-    run converts none, and the import cost it 0.3 s and 33 MB of peak RSS. pyarrow tries again at
-    the next conversion when the import fails, so the block lasts the whole run; let_pandas_in()
-    lifts it for a step that does use pandas (parse_json's columns). For the command line only: a
-    program that calls run_job() keeps its imports to itself, and a process that has already
-    imported pandas is unaffected.
-    """
-    if "pandas" not in sys.modules and _NO_PANDAS not in sys.meta_path:
-        sys.meta_path.insert(0, _NO_PANDAS)
-    try:
-        yield
-    finally:
-        let_pandas_in()
-
-
-def let_pandas_in() -> None:
-    if _NO_PANDAS in sys.meta_path:
-        sys.meta_path.remove(_NO_PANDAS)
 
 BATCH_ROWS = 8192
 # Arrow's CSV reader reads up to 32 blocks ahead of the consumer: 1 MB blocks held ~35 MB at a million

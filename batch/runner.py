@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import signal
 import sqlite3
@@ -29,8 +28,9 @@ from batch.final import Records, write_final
 from batch.guard import RunLock, check_fingerprint, end_run, mark_running
 from batch.pool import PAID_FIELDS, JobFatal, Pool, Stopped, add_paid_before, failed_record, make_client
 from batch.preflight import Plan
+from batch.process import give_back_freed_memory, let_pandas_in
 from batch.prompts import RowPromptError, estimate_tokens, prompt_token_bound
-from batch.reader import Row, Skipped, let_pandas_in
+from batch.reader import Row, Skipped
 from batch.replies import parse_reply, reply_columns
 from batch.summary import Progress, RunStats, build_summary, save_summary
 from batch.writer import RESULT_FIELDS, Checkpoint
@@ -130,9 +130,8 @@ class Run:
             progress.close()
             self.checkpoint.close(merge=False)
         summary = self._finish(stats, done)
-        # After the final file, not before: the merge's buffers would otherwise sit under the final
-        # file's (complete 1M rows: 199 -> 194 MB peak RSS, /tmp/mb/phases4.py).
-        _give_back_freed_memory()
+        # After the final file, not before: the merge's buffers would otherwise sit under the final file's.
+        give_back_freed_memory()
         try:
             self.checkpoint.merge()
         except (OSError, BatchError) as exc:  # every record read is in the output; the next run merges them
@@ -377,18 +376,6 @@ def _cache_write_error(path: Path, exc: sqlite3.Error) -> CheckpointWriteError:
     return CheckpointWriteError(f"{path}: cannot save to the answer cache: {exc}; the run stopped and sends no "
                                 "more requests (answers written before are kept: run the job again once it can be "
                                 "written)")
-
-
-def _give_back_freed_memory() -> None:
-    """Hand the heap pages the final file freed back to the system before the merge allocates again.
-
-    glibc keeps them, and the merge's buffers do not fit in their holes: 173 -> 164 MB of peak RSS
-    for a finished million-row job. Only where the C library has malloc_trim (glibc).
-    """
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 async def run_job(plan: Plan, options: RunOptions | None = None) -> dict[str, Any]:

@@ -175,3 +175,23 @@ def test_a_run_keeps_pandas_out_and_parse_json_lets_it_in(start_sim, make_job):
     assert "pandas imported: True" in done.stdout
     result = pq.read_table(parsing.parent / "json" / "result.parquet").to_pylist()
     assert len(result) == 30 and {r["label"] for r in result} <= {"positive", "negative", "neutral"}
+
+
+RUN_AS_A_LIBRARY = """import asyncio, sys
+import pyarrow as pa
+before = pa.default_memory_pool().backend_name
+from batch.preflight import preflight
+from batch.runner import run_job
+summary = asyncio.run(run_job(preflight(sys.argv[1])))
+import pandas
+print(summary["exit_code"], before, pa.default_memory_pool().backend_name)
+"""
+
+
+def test_a_program_that_runs_a_job_keeps_its_allocator_and_imports(sim, make_job):
+    job = make_job(sim, rows=ROWS[:5])
+    done = subprocess.run([sys.executable, "-c", RUN_AS_A_LIBRARY, str(job)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    code, before, after = done.stdout.split()
+    assert code == "0" and after == before != "system"  # the command line's settings are its own
