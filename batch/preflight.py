@@ -123,6 +123,9 @@ def check_output_path(spec: JobSpec) -> None:
         raise ConfigError(f"{where} is the job file: write the results to a .parquet file")
     if out.is_dir():
         raise ConfigError(f"{where} is a folder: name the Parquet file to write, e.g. {given / 'results.parquet'}")
+    if given.suffix.lower() != ".parquet":
+        raise ConfigError(f"{where}: the output is a Parquet file, so name it .parquet (e.g. "
+                          f"{given.with_suffix('.parquet').name}); for CSV or JSONL, `batch export` it once done")
     own = spec.checkpoint_dir.resolve()
     if own == source or own in source.parents:
         raise ConfigError(f"{where}: its checkpoint folder {spec.checkpoint_dir} would hold the input "

@@ -264,3 +264,10 @@ def test_unknown_key_in_an_optional_section_gets_a_hint(sim, run_cli, tmp_path):
     job = write_job(tmp_path, sim, "output:\n", "budget:\n  max_cots: 1\noutput:\n")
     refused(run_cli, job, f"{job} line {line_of(job, 'max_cots')}: unknown key 'budget.max_cots'",
             "did you mean 'max_cost'", sim=sim)
+
+
+@pytest.mark.parametrize("name", ["result.csv", "result"])
+def test_output_not_named_parquet_is_refused(sim, make_job, run_cli, tmp_path, name):
+    job = make_job(sim, rows=ROWS, output={"path": f"out/{name}"})
+    refused(run_cli, job, "output.path", "name it .parquet", "`batch export` it", sim=sim)
+    assert not (tmp_path / "out").exists()
