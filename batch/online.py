@@ -1,0 +1,141 @@
+"""The online answerer: one request per row to the chat completions API, as fast as the limits allow.
+
+Rows come from the run (batch/executor.py). Each is looked up in the answer cache first (free), then
+reserved against the budget, then sent through the pool (limits, retries, the outage breaker). A
+bounded queue between the rows and the row tasks keeps memory flat whatever the input's length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from batch.breaker import Unreachable
+from batch.budget import Budget
+from batch.cache import AnswerCache, request_key, reused
+from batch.errors import EXIT_BUDGET, EXIT_JOB_FATAL, CheckpointWriteError
+from batch.executor import Pending, Record, Stop
+from batch.pool import JobFatal, Pool, Stopped
+from batch.prompts import estimate_tokens, prompt_token_bound
+from batch.replies import parse_reply
+
+
+class OnlineAnswerer:
+    def __init__(self, pool: Pool, cache: AnswerCache, cache_path: Path, budget: Budget | None, stop: Stop,
+                 tasks: int, parse_json: bool) -> None:
+        self.pool = pool
+        self.cache = cache
+        self.cache_path = cache_path
+        self.budget = budget
+        self.stop = stop
+        self.parse_json = parse_json
+        self._task_count = tasks
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def answer(self, rows: AsyncIterator[Pending], record: Callable[[Record], None]) -> None:
+        queue: asyncio.Queue[Pending | None] = asyncio.Queue(maxsize=2 * self._task_count)
+        feed_errors: list[Exception] = []
+        feeder = asyncio.create_task(self._feed(rows, queue, feed_errors))
+        self._tasks = [asyncio.create_task(self._work(queue, record)) for _ in range(self._task_count)]
+        try:
+            outcomes = await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self.stop.write_error is not None:
+                raise self.stop.write_error
+            for outcome in outcomes:
+                if isinstance(outcome, Exception):
+                    raise outcome
+            if feed_errors:
+                raise feed_errors[0]
+        finally:  # the feeder may be blocked on a full queue that no task will drain
+            feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
+
+    def cancel(self) -> None:
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+
+    async def _feed(self, rows: AsyncIterator[Pending], queue: asyncio.Queue[Pending | None],
+                    errors: list[Exception]) -> None:
+        try:
+            async for pending in rows:
+                await queue.put(pending)
+        except Exception as exc:  # a read error mid-file: stop, and let the tasks see the end
+            errors.append(exc)
+            self.stop.event.set()
+        for _ in range(self._task_count):
+            await queue.put(None)
+
+    async def _work(self, queue: asyncio.Queue[Pending | None], record: Callable[[Record], None]) -> None:
+        while not self.stop.asked and (pending := await queue.get()) is not None:
+            if not await self._answer_one(pending, record):
+                break
+
+    async def _answer_one(self, pending: Pending, record: Callable[[Record], None]) -> bool:
+        """Answer one row; False when this task should take no more rows."""
+        row, messages = pending.row, pending.messages
+        body = self.pool.request_body(messages)
+        key = request_key(self.pool.client.url, body)
+        kept = self._usable(await self.cache.answer_of(key))
+        if kept is not None:
+            self._keep(record, reused(kept, row.id, row.seq, row.prompt_hash))
+            return True
+        budget, hold = self.budget, None
+        if budget is not None:
+            # Once reached, rows the cache can answer (above, free) still are; the others stay pending.
+            hold = None if budget.reached else await budget.reserve(prompt_token_bound(messages))
+            if hold is None:
+                self.stop.note(budget.describe(), EXIT_BUDGET)
+                return True
+        result = None
+        sending = self.cache.sending(key)
+        try:
+            result = await self.pool.answer(row, body, estimate_tokens(messages))
+            if hold is not None:
+                budget.settle(hold, result)  # type: ignore[union-attr]
+                hold = None
+            self._keep(record, result)
+        except Stopped:
+            return False
+        except JobFatal as fatal:
+            self.stop.now(f"the API refused the job: {fatal.failure}", EXIT_JOB_FATAL)
+        except Unreachable as outage:  # every row not answered stays pending, none is failed
+            self.stop.now(str(outage), EXIT_JOB_FATAL)
+        finally:
+            try:
+                self.cache.sent(key, sending, result)
+            except sqlite3.Error as exc:
+                self._halt(cache_write_error(self.cache_path, exc))
+            if hold is not None:
+                budget.settle(hold, None)  # type: ignore[union-attr]
+        return True
+
+    def _keep(self, record: Callable[[Record], None], result: Record) -> None:
+        try:
+            record(result)
+        except CheckpointWriteError as exc:
+            self._halt(exc)
+
+    def _halt(self, error: CheckpointWriteError) -> None:
+        """Stop at once: requests in flight are dropped (their rows stay pending) rather than paid for with
+        nowhere to keep the answer; no new one is sent."""
+        self.stop.halt(error)
+        self.cancel()
+        raise error
+
+    def _usable(self, kept: Record | None) -> Record | None:
+        """A cached answer, if it passes the checks a fresh one would: a parse_json job sends again for prose."""
+        if kept is not None and self.parse_json:
+            try:
+                parse_reply(kept["response"])
+            except ValueError:
+                return None
+        return kept
+
+
+def cache_write_error(path: Path, exc: sqlite3.Error) -> CheckpointWriteError:
+    return CheckpointWriteError(f"{path}: cannot save to the answer cache: {exc}; the run stopped and sends no "
+                                "more requests (answers written before are kept: run the job again once it can be "
+                                "written)")
