@@ -13,7 +13,8 @@ message: ``[[error:STATUS:CODE]]`` (``[[error:200:1113]]``: an error body in a 2
 every error message and reply quote the Authorization header the request carried, as a careless
 server might.  An outage that ends is ``SimConfig(down_for_requests=N)``: the first N requests
 get 503 with code 1305 (``down_as="503"``) or a proxy's HTML 502 page (``down_as="html"``), the
-later ones are answered.
+later ones are answered.  ``SimulatorThread.reconfigure(**fields)`` changes SimConfig fields while it
+serves, e.g. a test drops the latency once it has seen a run in progress.
 
 Run ``python -m batch.simulator --help`` for the CLI.
 """
@@ -175,11 +176,15 @@ class Simulator:
     """The aiohttp application plus its counters; all state lives on one event loop."""
 
     def __init__(self, config: SimConfig | None = None) -> None:
-        self.config = config or SimConfig()
         self._runner: web.AppRunner | None = None
-        self._auth = f"Bearer {self.config.api_key}" if self.config.api_key is not None else None
         self._in_flight = 0
+        self.reconfigure(config or SimConfig())
         self._reset_state()
+
+    def reconfigure(self, config: SimConfig) -> None:
+        """Serve by `config` from the next request on; the counters are kept."""
+        self.config = config
+        self._auth = f"Bearer {config.api_key}" if config.api_key is not None else None
 
     def _reset_state(self) -> None:
         self._requests = 0
@@ -511,6 +516,11 @@ class SimulatorThread:
 
     def reset(self) -> None:
         self._call(self.simulator._reset_state)
+
+    def reconfigure(self, **fields: Any) -> None:
+        """Change these SimConfig fields from the next request on (requests already waiting keep theirs)."""
+        config = dataclasses.replace(self.simulator.config, **fields)
+        self._call(lambda: self.simulator.reconfigure(config))
 
     def __enter__(self) -> SimulatorThread:
         self.start()

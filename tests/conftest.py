@@ -1,4 +1,4 @@
-"""Shared fixtures: a real simulator on 127.0.0.1, job files in a temp folder, the real CLI."""
+"""Fixtures: a real simulator on 127.0.0.1, job files in a temp folder, the real CLI (helpers.py has the rest)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
+from helpers import DATA
 
 from batch.cli import main
 from batch.simulator import SimConfig, SimulatorThread
-
-DATA = Path(__file__).resolve().parent.parent / "data"
 
 
 @pytest.fixture
@@ -93,7 +92,3 @@ def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str,
         return code, out, err
 
     return run
-
-
-def output_of(job: Path) -> pd.DataFrame:
-    return pd.read_parquet(job.parent / "out" / "result.parquet")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import output_of
+from helpers import output_of
 
 ROWS = [{"review_id": "r1", "text": "good"}, {"review_id": "r2", "text": "bad"}]
 

@@ -6,7 +6,7 @@ import sqlite3
 
 import pandas as pd
 import yaml
-from conftest import output_of
+from helpers import output_of
 
 
 def test_identical_requests_in_flight_together_are_sent_once(start_sim, make_job, run_cli):

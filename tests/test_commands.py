@@ -6,8 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import output_of
-from test_process import ROWS, wait_for_answers
+from helpers import ROWS, output_of, wait_for_answers
 
 
 def test_status_before_during_and_after_a_run(start_sim, make_job, run_cli):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import output_of
+from helpers import output_of
 
 from batch.pricing import PRICES, Price, cost_of
 

@@ -14,35 +14,17 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import output_of
+from helpers import checkpoint_of, output_of, start_run, wait_until
 
 ROWS = [{"review_id": f"r{i:03d}", "text": f"review {i}"} for i in range(20)]
 
 
-def checkpoint_of(job: Path) -> Path:
-    return job.parent / "out" / "result.checkpoint"
-
-
 def prompt_of(row: dict[str, str]) -> str:
     return f"Classify: {row['text']}"
-
-
-def start_run(job: Path, *extra: str, **popen: object) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "batch", "run", str(job), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)  # type: ignore[call-overload]
-
-
-def wait_until(condition, what: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def no_traceback(*texts: str) -> None:

@@ -6,7 +6,7 @@ import re
 import sqlite3
 from pathlib import Path
 
-from conftest import output_of
+from helpers import output_of
 
 from batch.cli import report_internal_error
 from batch.config import load_job

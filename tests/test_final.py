@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pyarrow.parquet as pq
+from helpers import output_of
 
 from batch.writer import Checkpoint
-from tests.conftest import output_of
 
 
 def assert_final(job, rows) -> None:

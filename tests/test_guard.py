@@ -6,8 +6,7 @@ import signal
 import subprocess
 import sys
 
-from conftest import output_of
-from test_process import ROWS, wait_for_answers
+from helpers import ROWS, output_of, wait_for_answers
 
 
 def test_second_run_while_one_is_alive_exits_4_and_a_dead_runs_lock_is_taken_over(start_sim, make_job, run_cli):

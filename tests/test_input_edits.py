@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
-from conftest import output_of
+from helpers import output_of
 
 ROWS = [{"review_id": f"r{i}", "text": f"review number {i}"} for i in range(25)]
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import output_of
+from helpers import output_of
 
 import batch.reader
 

@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 import pytest
-from conftest import output_of
+from helpers import output_of
 
 from batch.pricing import PRICES, cost_of, pricer_for
 from batch.writer import Checkpoint

@@ -7,7 +7,7 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from conftest import output_of
+from helpers import output_of
 
 ROWS = [{"review_id": f"r{i}", "text": f"review number {i}"} for i in range(20)]
 CONCURRENCY = 4

@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 import pytest
-from conftest import DATA, output_of
+from helpers import DATA, output_of
 
 from batch.preflight import preflight
 from batch.runner import RunOptions, run_job

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import output_of
+from helpers import output_of
 
 ROWS = [{"review_id": "r1", "text": "good"}, {"review_id": "r2", "text": "bad"}, {"review_id": "r3", "text": "ok"}]
 

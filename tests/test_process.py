@@ -8,33 +8,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import output_of
-
-ROWS = [{"review_id": f"r{i:03d}", "text": f"review {i}"} for i in range(40)]
-
-
-def start_run(job: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "batch", "run", str(job), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def answered(job: Path) -> int:
-    """Results on disk: lines in the write-ahead log plus rows in part files."""
-    folder = job.parent / "out" / "result.checkpoint"
-    wal = folder / "wal.jsonl"
-    lines = wal.read_text().count("\n") if wal.exists() else 0
-    return lines + sum(pq.ParquetFile(p).metadata.num_rows for p in folder.glob("part-*.parquet"))
-
-
-def wait_for_answers(job: Path, count: int, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while answered(job) < count:
-        assert time.monotonic() < deadline, "the run produced no answers in time"
-        time.sleep(0.02)
+from helpers import ROWS, output_of, start_run, wait_for_answers
 
 
 def test_progress_lines_when_stdout_is_not_a_terminal(start_sim, make_job):

@@ -6,12 +6,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import opened, output_of, record, states
 
 from batch import answered as answered_module
 from batch.answered import Answered
 from batch.writer import MERGE_PARTS_ABOVE, Checkpoint
-from tests.conftest import output_of
-from tests.test_writer import opened, record, states
 
 
 def test_resume_over_many_parts_sends_only_the_rest_and_merges_them_at_the_end(start_sim, make_job, run_cli,

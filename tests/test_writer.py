@@ -6,28 +6,9 @@ import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from helpers import opened, record, states
 
-from batch.answered import Answered
-from batch.pool import failed_record
-from batch.reader import Row
 from batch.writer import MERGE_PARTS_ABOVE, RESULT_SCHEMA, WAL_NAME, Checkpoint
-
-
-def states(answered: Answered) -> dict[str, str | None]:
-    """What a checkpoint holds per id, as a plain dict to compare."""
-    return dict(zip(answered.ids.to_pylist(), answered.states.dictionary_decode().to_pylist()))
-
-
-def opened(checkpoint: Checkpoint) -> Answered:
-    checkpoint.open()
-    return checkpoint.answered()
-
-
-def record(i: int, status: str = "ok") -> dict:
-    rec = failed_record(Row(i, f"id{i}", {}), "server_error", "boom", 1, "m")
-    if status == "ok":
-        rec.update(status="ok", response=f"answer {i}", error_class=None, error=None)
-    return rec
 
 
 def test_log_survives_without_close_and_a_torn_last_line_is_ignored(tmp_path):
