@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from helpers import ROWS, output_of, wait_for_answers
+from helpers import ROWS, output_of, start_run, wait_for_answers
 
 
 def test_status_before_during_and_after_a_run(start_sim, make_job, run_cli):
@@ -17,8 +15,7 @@ def test_status_before_during_and_after_a_run(start_sim, make_job, run_cli):
     assert f"{len(ROWS)} rows: ok 0, failed 0, pending {len(ROWS)}" in out
     assert "running now: no" in out
 
-    process = subprocess.Popen([sys.executable, "-m", "batch", "run", str(job)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_run(job)
     try:
         wait_for_answers(job, 3)
         code, out, _ = run_cli("status", job, "--json")
@@ -26,6 +23,7 @@ def test_status_before_during_and_after_a_run(start_sim, make_job, run_cli):
         assert live["running_pid"] == process.pid
         assert live["ok"] >= 3 and live["pending"] == len(ROWS) - live["ok"]
         assert live["prompt_tokens"] > 0
+        sim.reconfigure(latency_ms=0)  # the latency kept the run alive for the live status; the rest needs none
     finally:
         process.communicate(timeout=60)
     code, out, _ = run_cli("status", job)

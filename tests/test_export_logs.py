@@ -6,6 +6,9 @@ import json
 import logging
 import math
 import re
+import resource
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from batch import export, logs
+from batch import logs
 from batch.config import JobSpec, load_job
 from batch.errors import ConfigError
 from batch.export import export_output
@@ -144,18 +147,16 @@ def test_export_replaces_an_older_file_whole(finished, tmp_path):
     assert to.read_text(encoding="utf-8").count("\n") > len(ROWS)
 
 
-def test_a_failed_export_leaves_the_target_untouched(finished, tmp_path, monkeypatch):
+def test_a_failed_export_leaves_the_target_untouched(finished, tmp_path):
     to = tmp_path / "copy.jsonl"
     to.write_text("previous export\n")
-
-    def half_then_fail(source, tmp):
-        tmp.write_text('{"review_id": "r1"')
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setitem(export._WRITERS, "jsonl", half_then_fail)
-    with pytest.raises(ConfigError, match="No space left on device") as caught:
-        export_output(finished, "jsonl", to)
-    assert str(to) in str(caught.value)
+    # Writes past 100 bytes fail with EFBIG, as on a full disk: the export fails half written.
+    done = subprocess.run([sys.executable, "-m", "batch", "export", str(finished.job_path), "--format", "jsonl",
+                           "--to", str(to)], capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100)))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"batch: error: {to}: cannot write the export: File too large"), done.stderr
+    assert "Traceback" not in done.stderr
     assert to.read_text() == "previous export\n"
     assert leftovers(tmp_path) == []
 

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 
-from helpers import ROWS, output_of, wait_for_answers
+from helpers import ROWS, output_of, start_run, wait_for_answers
 
 
 def test_second_run_while_one_is_alive_exits_4_and_a_dead_runs_lock_is_taken_over(start_sim, make_job, run_cli):
     sim = start_sim(latency_ms=300)
     job = make_job(sim, rows=ROWS, limits={"concurrency": 2})
-    first = subprocess.Popen([sys.executable, "-m", "batch", "run", str(job)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = start_run(job)
     try:
         wait_for_answers(job, 2)
         code, _, err = run_cli("run", job)
@@ -24,6 +21,7 @@ def test_second_run_while_one_is_alive_exits_4_and_a_dead_runs_lock_is_taken_ove
     finally:
         first.kill()
         first.communicate()
+    sim.reconfigure(latency_ms=0)  # the latency kept the first run alive; the rerun needs none
     code, _, err = run_cli("run", job)  # the kernel dropped the dead run's lock
     assert code == 0, err
     assert len(output_of(job)) == len(ROWS)

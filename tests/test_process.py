@@ -39,6 +39,7 @@ def test_a_signal_finishes_in_flight_requests_and_resumes_without_resending(star
     assert f"stopped: interrupted by {sig.name}" in out
     summary = json.loads((job.parent / "out" / "result.checkpoint" / "summary.json").read_text())
     assert summary["job_totals"]["pending"] > 0
+    sim.reconfigure(latency_ms=0)  # the latency kept requests in flight at the signal; the rest need none
     code, _, _ = run_cli("run", job)
     assert code == 0
     # In-flight requests were allowed to finish and were recorded: nothing was asked twice.
@@ -86,8 +87,9 @@ def test_a_row_still_retrying_at_sigint_stays_pending_not_failed(start_sim, make
     sim = start_sim(latency_ms=100)
     rows = [dict(r) for r in ROWS[:6]]
     rows[0]["text"] = "unlucky [[flaky:3]]"
+    # Its fourth attempt, the first to succeed, cannot come before 3 x 0.5 s of backoff: long after the signal.
     job = make_job(sim, rows=rows, limits={"concurrency": 2},
-                   retry={"max_attempts": 5, "initial_backoff_s": 2, "max_backoff_s": 2})
+                   retry={"max_attempts": 5, "initial_backoff_s": 0.5, "max_backoff_s": 0.5})
     process = start_run(job)
     try:
         wait_for_answers(job, 3)
@@ -99,6 +101,10 @@ def test_a_row_still_retrying_at_sigint_stays_pending_not_failed(start_sim, make
     flaky_requests = sim.stats()["by_prompt"]["Classify: unlucky [[flaky:3]]"]
     summary = json.loads((job.parent / "out" / "result.checkpoint" / "summary.json").read_text())
     assert summary["job_totals"]["failed"] == 0
+    # The long backoff kept the row retrying at the signal; the rerun need not wait as long.
+    sim.reconfigure(latency_ms=0)
+    job = make_job(sim, rows=rows, limits={"concurrency": 2},
+                   retry={"max_attempts": 5, "initial_backoff_s": 0.01, "max_backoff_s": 0.01})
     code, _, err = run_cli("run", job)  # a plain rerun, no --retry-failed, finishes it
     assert code == 0, err
     assert sim.stats()["by_prompt"]["Classify: unlucky [[flaky:3]]"] == 4
