@@ -53,8 +53,9 @@ class Records:
 
 
 def write_final(path: Path, input_batches: Iterator[tuple[pa.RecordBatch, pa.Array]], id_out: str,
-                keep_columns: list[str], records: Records, extra: Any = None) -> int:
-    """Every input row once, in input order, beside its last record (and `extra`, a DataFrame by id).
+                keep_columns: list[str], records: Records, extra: Any = None, window_rows: int = WINDOW_ROWS) -> int:
+    """Every input row once, in input order, beside its last record (and `extra`, a DataFrame by id), reading
+    the checkpoint for `window_rows` input rows at a time.
 
     Written atomically (batch.atomic): a failed write leaves nothing that looks like output.
     """
@@ -62,21 +63,21 @@ def write_final(path: Path, input_batches: Iterator[tuple[pa.RecordBatch, pa.Arr
 
     def write(tmp: Path) -> None:
         nonlocal written
-        written = _write_rows(tmp, input_batches, id_out, keep_columns, records, extra)
+        written = _write_rows(tmp, _windows(input_batches, window_rows), id_out, keep_columns, records, extra)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, write)
     return written
 
 
-def _write_rows(tmp: Path, input_batches: Iterator[tuple[pa.RecordBatch, pa.Array]], id_out: str,
+def _write_rows(tmp: Path, windows: Iterator[list[tuple[pa.RecordBatch, pa.Array]]], id_out: str,
                 keep_columns: list[str], records: Records, extra: Any) -> int:
     extra_schema = pa.Schema.from_pandas(extra, preserve_index=False) if extra is not None else None
     writer = None
     written = flushed = 0  # rows read, rows written out
     held: list[pa.Table] = []
     try:
-        for window in _windows(input_batches):
+        for window in windows:
             ids = pa.concat_arrays([i for _, i in window])
             answers = records.answers(ids, written)
             at = 0
@@ -109,13 +110,14 @@ def _write_group(writer: pq.ParquetWriter | None, tmp: Path, tables: list[pa.Tab
     return writer
 
 
-def _windows(batches: Iterator[tuple[pa.RecordBatch, pa.Array]]) -> Iterator[list[tuple[pa.RecordBatch, pa.Array]]]:
+def _windows(batches: Iterator[tuple[pa.RecordBatch, pa.Array]],
+             window_rows: int) -> Iterator[list[tuple[pa.RecordBatch, pa.Array]]]:
     window: list[tuple[pa.RecordBatch, pa.Array]] = []
     rows = 0
     for batch, ids in batches:
         window.append((batch, ids))
         rows += batch.num_rows
-        if rows >= WINDOW_ROWS:
+        if rows >= window_rows:
             yield window
             window, rows = [], 0
     if window:

@@ -54,8 +54,13 @@ class InputTable:
     """One input file (.csv, .parquet, .jsonl) and the columns a job needs from it."""
 
     def __init__(self, path: Path, id_column: str | None, prompt_columns: list[str], keep_columns: list[str],
-                 messages_column: str | None = None) -> None:
+                 messages_column: str | None = None, *, batch_rows: int = BATCH_ROWS,
+                 csv_block_bytes: int = CSV_BLOCK_BYTES, csv_max_row_bytes: int = CSV_MAX_ROW_BYTES) -> None:
         self.path = path
+        # Sizes of what is read at once (tests shrink them to cross their edges with small files).
+        self.batch_rows = batch_rows
+        self.csv_block_bytes = csv_block_bytes
+        self.csv_max_row_bytes = csv_max_row_bytes
         self.messages_column = messages_column  # JSONL: read as JSON text, parsed row by row
         # A JSONL column's type, from its first value that is not null: a column empty on the first lines
         # still takes its values' type, and the reads after the scan use it from the first line.
@@ -112,7 +117,7 @@ class InputTable:
                 # A reader per row group: one reader's buffers grew by ~1 MB with every row group it read.
                 for group in range(first_group, pq.ParquetFile(self.path).metadata.num_row_groups):
                     parquet = pq.ParquetFile(pa.OSFile(str(self.path)), pre_buffer=False)
-                    yield from parquet.iter_batches(BATCH_ROWS, [group], columns, use_threads=False)
+                    yield from parquet.iter_batches(self.batch_rows, [group], columns, use_threads=False)
             elif self.format == "csv":
                 yield from self._csv_batches(columns)
             else:
@@ -157,7 +162,7 @@ class InputTable:
         convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}, include_columns=columns,
                                        strings_can_be_null=False, quoted_strings_can_be_null=False)
         end_line = ("\n" + ",".join([_CSV_END_VALUE] * len(self.columns)) + "\n").encode()
-        block, given = CSV_BLOCK_BYTES, 0
+        block, given = self.csv_block_bytes, 0
         while True:
             try:
                 with open(self.path, "rb") as raw, pacsv.open_csv(
@@ -195,11 +200,11 @@ class InputTable:
         if fields and len(fields) != width:
             raise ConfigError(self._record_fault(start, fields, width))
         size = len("".join(fields).encode()) + 3 * len(fields)  # with its commas and quotes, about
-        if size > CSV_MAX_ROW_BYTES:
+        if size > self.csv_max_row_bytes:
             raise ConfigError(f"{self.path} row {row} (line {start}): a row of {size / (1 << 20):.0f} MB, longer "
-                              f"than the {CSV_MAX_ROW_BYTES >> 20} MB a CSV row may hold "
+                              f"than the {self.csv_max_row_bytes >> 20} MB a CSV row may hold "
                               "(Parquet and JSONL have no such limit)")
-        if block >= CSV_MAX_ROW_BYTES:  # Python's csv module and Arrow disagree about this record
+        if block >= self.csv_max_row_bytes:  # Python's csv module and Arrow disagree about this record
             raise ConfigError(f"{self.path}: cannot read CSV: no end found for row {row} (line {start})")
         block *= 4
         while block < size:
@@ -289,7 +294,7 @@ class InputTable:
                 values[as_text] = _json_text(values[as_text])
             chunk.append(values)
             numbers.append(number)
-            if len(chunk) == BATCH_ROWS:
+            if len(chunk) == self.batch_rows:
                 yield self._jsonl_batch(chunk, numbers)
                 chunk, numbers = [], []
         if chunk:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from helpers import output_of
 
-import batch.reader
+from batch.errors import ConfigError
+from batch.reader import CSV_BLOCK_BYTES, InputTable
 
 ROWS = [{"review_id": "r1", "text": "good"}]
 
@@ -91,7 +93,7 @@ def test_quoted_values_keep_working(sim, make_job, run_cli, tmp_path):
     job = make_job(sim, rows=ROWS)
     filler = [f"r{i},{'x' * 100} {i}" for i in range(1, 2321)]
     at_boundary = len("review_id,text\r\n") + sum(len(f) + 2 for f in filler)
-    assert at_boundary < batch.reader.CSV_BLOCK_BYTES < at_boundary + 5000  # the long value starts 2 KB before
+    assert at_boundary < CSV_BLOCK_BYTES < at_boundary + 5000  # the long value starts 2 KB before
     long_lines = "\r\n".join(f"line {i} of a long value" for i in range(200))
     odd = {"r9001": long_lines, "r9002": "a, b and c", "r9003": 'she said "hi", twice', "r9004": "two\nlines"}
     text = ("review_id,text\r\n" + "\r\n".join(filler) + "\r\n"
@@ -128,26 +130,26 @@ def test_csv_cell_of_several_megabytes_is_read(sim, make_job, run_cli, tmp_path)
     assert sim.stats()["requests"] == 3000
 
 
-def test_csv_row_over_the_limit_is_refused_naming_its_row(sim, make_job, run_cli, tmp_path, monkeypatch):
-    monkeypatch.setattr(batch.reader, "CSV_MAX_ROW_BYTES", 1 << 20)  # the refusal, without a 64 MB file
-    job = make_job(sim, rows=ROWS)
+def test_csv_row_over_the_limit_is_refused_naming_its_row(tmp_path):
     lines = csv_rows(3000)
     lines[1500] = 'r1500,"' + "z\n" * (1 << 20) + '"'
     data = write_lines(tmp_path / "reviews.csv", lines)
-    refused_everywhere(run_cli, sim, job, str(data), "row 1500 (line 1501)", "a row of 2 MB", "1 MB a CSV row may hold")
+    table = InputTable(data, "review_id", ["text"], [], csv_max_row_bytes=1 << 20)  # the refusal, without 64 MB
+    with pytest.raises(ConfigError) as refusal:
+        table.scan()
+    assert str(refusal.value) == (f"{data} row 1500 (line 1501): a row of 2 MB, longer than the 1 MB a CSV row "
+                                  "may hold (Parquet and JSONL have no such limit)")
 
 
-@pytest.mark.parametrize("limit", [None, 1 << 20])
-def test_stray_quote_in_a_file_of_several_blocks_is_found_before_blocks_grow(sim, make_job, run_cli, tmp_path,
-                                                                             monkeypatch, limit):
+def test_stray_quote_in_a_file_of_several_blocks_is_found_before_blocks_grow(sim, make_job, run_cli, tmp_path):
     """The open value runs past two blocks: it is a stray quote, not a long value (nor, under the limit, too long)."""
-    if limit:
-        monkeypatch.setattr(batch.reader, "CSV_MAX_ROW_BYTES", limit)
     job = make_job(sim, rows=ROWS)
     lines = csv_rows(200_000)  # ~3.4 MB
     lines[10] = 'r10,"oops'
     data = write_lines(tmp_path / "reviews.csv", lines)
     refused_everywhere(run_cli, sim, job, str(data), "line 11:", "never closed")
+    with pytest.raises(ConfigError, match="line 11: .*never closed"):
+        InputTable(data, "review_id", ["text"], [], csv_max_row_bytes=1 << 20).scan()
 
 
 # -- item 18: JSONL messages, row by row ----------------------------------------------------------------
@@ -204,17 +206,15 @@ def test_jsonl_column_changing_type_names_its_line(sim, make_job, run_cli, tmp_p
     refused_everywhere(run_cli, sim, job, str(data), f"line {bad}:", "column 'stars' changes type", '"five"')
 
 
-def test_jsonl_column_empty_on_its_first_lines_is_not_a_type_change(sim, make_job, run_cli, tmp_path):
-    """A column null on the first 8,192 lines (one batch) and text later: its type is the text's."""
-    rows = [{"review_id": f"r{i}", "text": f"review {i}", "note": None if i <= 9000 else f"n{i}"}
-            for i in range(1, 9101)]
-    job = make_job(sim, rows=ROWS, input_file="reviews.jsonl", output={"keep_columns": ["note"]},
-                   limits={"concurrency": 64})
-    (tmp_path / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    code, _, err = run_cli("run", job)
-    assert code == 0, err
-    notes = output_of(job)["note"]
-    assert notes.isna().sum() == 9000 and list(notes[9000:]) == [f"n{i}" for i in range(9001, 9101)]
+def test_jsonl_column_empty_on_its_first_lines_is_not_a_type_change(tmp_path):
+    """A column null on every line of the first batch and text later: its type is the text's, in every batch."""
+    rows = [{"review_id": f"r{i}", "text": f"review {i}", "note": None if i <= 150 else f"n{i}"} for i in range(1, 201)]
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    table = InputTable(path, "review_id", ["text"], ["note"], batch_rows=100)  # two batches of nulls, one of text
+    assert table.scan() == 200
+    notes = pa.Table.from_batches(table.batches(["note"])).column("note")  # one schema for every batch
+    assert notes.type == pa.string() and notes.to_pylist() == [r["note"] for r in rows]
 
 
 def test_messages_with_an_unknown_role_or_no_content_fail_their_row(sim, make_job, run_cli):

@@ -88,13 +88,12 @@ def test_input_ids_that_share_a_hash_are_not_called_duplicates(tmp_path, monkeyp
 
     # Every id of one length collides: the scan must confirm a repeated hash on the ids themselves.
     monkeypatch.setattr(batch.reader, "hash_ids", lambda ids: np.array([len(s) for s in ids.to_pylist()], np.int64))
-    monkeypatch.setattr(batch.reader, "BATCH_ROWS", 3)
     path = tmp_path / "in.parquet"
     pq.write_table(pa.table({"id": ["aa", "bb", "cc", "dd", "ee"], "text": list("abcde")}), path)
-    assert batch.reader.InputTable(path, "id", ["text"], []).scan() == 5
+    assert batch.reader.InputTable(path, "id", ["text"], [], batch_rows=3).scan() == 5
     pq.write_table(pa.table({"id": ["aa", "bb", "cc", "dd", "bb"], "text": list("abcde")}), path)
     with pytest.raises(ConfigError) as found:
-        batch.reader.InputTable(path, "id", ["text"], []).scan()
+        batch.reader.InputTable(path, "id", ["text"], [], batch_rows=3).scan()
     assert str(found.value) == f"{path} row 5: duplicate id 'bb' in column 'id'"
 
 
@@ -148,21 +147,19 @@ def test_row_states_without_moved_records_count_without_reading_the_input():
     assert states.to_send(0, pa.array(["a", "b", "c"]), retry_failed=False).tolist() == [False, True, False]
 
 
-def test_the_scan_gathers_hashes_past_its_first_allocation_for_csv(tmp_path, monkeypatch):
-    import batch.reader
+def test_the_scan_gathers_hashes_past_its_first_allocation_for_csv(tmp_path):
     from batch.errors import ConfigError
     from batch.reader import InputTable, hash_ids
 
-    monkeypatch.setattr(batch.reader, "CSV_BLOCK_BYTES", 4096)  # many batches, and the array doubles
     ids = [f"row-{i}" for i in range(70_000)]  # more than the 65,536 hashes first allocated for a CSV
     path = tmp_path / "in.csv"
     path.write_text("id,text\n" + "".join(f"{i},t\n" for i in ids))
-    table = InputTable(path, "id", ["text"], [])
+    table = InputTable(path, "id", ["text"], [], csv_block_bytes=4096)  # many batches, and the array doubles
     assert table.scan(keep_hashes=True) == 70_000
     assert np.array_equal(table.row_hashes, hash_ids(pa.array(ids)))
     (path.parent / "dup.csv").write_text("id,text\n" + "".join(f"{i},t\n" for i in ids + ["row-5"]))
     with pytest.raises(ConfigError, match="row 70001: duplicate id .row-5."):
-        InputTable(path.parent / "dup.csv", "id", ["text"], []).scan()
+        InputTable(path.parent / "dup.csv", "id", ["text"], [], csv_block_bytes=4096).scan()
 
 
 def test_rows_skip_whole_parquet_row_groups_before_the_first_row_to_send(tmp_path):
