@@ -71,10 +71,14 @@ FSYNC_EVERY_S = 1.0
 
 
 class Checkpoint:
-    def __init__(self, folder: Path, rows_per_part: int = 1000, seconds_per_part: float = 10.0) -> None:
+    def __init__(self, folder: Path, rows_per_part: int = 1000, seconds_per_part: float = 10.0, *,
+                 merge_batch_rows: int = MERGE_BATCH_ROWS, merge_file_rows: int = MERGE_FILE_ROWS) -> None:
         self.folder = folder
         self.rows_per_part = rows_per_part
         self.seconds_per_part = seconds_per_part
+        # Records read and merged at once, and at most per merged file (tests shrink them to cross their edges).
+        self.merge_batch_rows = merge_batch_rows
+        self.merge_file_rows = merge_file_rows
         self._pending: list[dict[str, Any]] = []
         self._wal: Any = None
         self._last_compact = time.monotonic()
@@ -120,7 +124,7 @@ class Checkpoint:
         instead: dict[Path, list[pa.Table]] = {}  # a damaged part's readable row groups, for a reader
         while True:
             states = RowStates(rows, row_hashes, row_prompts)
-            bunches = _bunches(self._parts(), columns, self._group_rows, instead)
+            bunches = _bunches(self._parts(), columns, self._group_rows, self.merge_batch_rows, instead)
             if with_log:
                 bunches = itertools.chain(bunches, [self._logged().select(columns).combine_chunks()])
             try:
@@ -142,7 +146,8 @@ class Checkpoint:
         last = states.last_records()
         cost, tokens, at = 0.0, 0, 0
         try:
-            for records in _bunches(self._parts(), ["cost", "total_tokens", "cache_hit"], self._group_rows):
+            for records in _bunches(self._parts(), ["cost", "total_tokens", "cache_hit"], self._group_rows,
+                                    self.merge_batch_rows):
                 mine = pa.array(last[at:at + records.num_rows])
                 at += records.num_rows
                 cost += pc.sum(records.column("cost").filter(mine)).as_py() or 0.0
@@ -354,16 +359,16 @@ class Checkpoint:
             "run the job again to send the rows it held") from None
 
     def _merge_parts(self) -> None:
-        """Runs of consecutive parts into files of up to MERGE_FILE_ROWS records, streamed.
+        """Runs of consecutive parts into files of up to merge_file_rows records, streamed.
 
         Each merged file replaces the last part of its run, then the run's other parts are deleted:
         a kill in between leaves copies of records after their originals and before every later
-        part, so the last record per id is still the right one. A file stays within MERGE_FILE_ROWS
+        part, so the last record per id is still the right one. A file stays within merge_file_rows
         because the writer holds metadata for every row group until it closes (~30 KB each).
         """
-        for run in _runs_of_parts(self._parts(), self._group_rows):
+        for run in _runs_of_parts(self._parts(), self._group_rows, self.merge_file_rows):
             if len(run) > 1:
-                write_atomic(run[-1], lambda tmp, run=run: _write_merged(run, tmp))
+                write_atomic(run[-1], lambda tmp, run=run: _write_merged(run, tmp, self.merge_batch_rows))
                 for path in run:
                     self._group_rows.pop(path.name, None)
                 for path in run[:-1]:
@@ -471,12 +476,12 @@ class RowGroups:
         return _conformed(read, columns)
 
 
-def _runs_of_parts(paths: list[Path], known: dict[str, list[int]]) -> list[list[Path]]:
+def _runs_of_parts(paths: list[Path], known: dict[str, list[int]], file_rows: int) -> list[list[Path]]:
     runs: list[list[Path]] = []
     rows = 0
     for path in paths:
         count = sum(_group_rows_of(path, known))
-        if not runs or rows + count > MERGE_FILE_ROWS:
+        if not runs or rows + count > file_rows:
             runs.append([])
             rows = 0
         runs[-1].append(path)
@@ -495,42 +500,42 @@ def _group_rows_of(path: Path, known: dict[str, list[int]]) -> list[int]:
     return known[path.name]
 
 
-def _write_merged(paths: list[Path], tmp: Path) -> None:
+def _write_merged(paths: list[Path], tmp: Path, batch_rows: int) -> None:
     with pq.ParquetWriter(tmp, RESULT_SCHEMA, use_dictionary=DICTIONARY_COLUMNS) as writer:
-        for records in _bunches(paths, RESULT_FIELDS, {}):
+        for records in _bunches(paths, RESULT_FIELDS, {}, batch_rows):
             writer.write_table(records)
 
 
-def _bunches(paths: list[Path], columns: list[str], known: dict[str, list[int]],
+def _bunches(paths: list[Path], columns: list[str], known: dict[str, list[int]], batch_rows: int,
              instead: dict[Path, list[pa.Table]] | None = None) -> Iterator[pa.Table]:
-    """The parts' records, in write order, as tables of MERGE_BATCH_ROWS or more (the last may be short),
+    """The parts' records, in write order, as tables of batch_rows or more (the last may be short),
     one chunk each. A killed run leaves many small parts: each is read whole, and they are handled in
     bunches, not one by one. Notes each part's row-group sizes in `known` on the way."""
     held: list[pa.Table] = []
     for path in paths:
         tables = (t.select(columns) for t in instead[path]) if instead and path in instead else \
-            _part_tables(path, columns, known)
+            _part_tables(path, columns, known, batch_rows)
         for table in tables:
             held.append(table)
-            if sum(t.num_rows for t in held) >= MERGE_BATCH_ROWS:
+            if sum(t.num_rows for t in held) >= batch_rows:
                 yield pa.concat_tables(held).combine_chunks()
                 held = []
     if held:
         yield pa.concat_tables(held).combine_chunks()
 
 
-def _part_tables(path: Path, columns: list[str], known: dict[str, list[int]]) -> Iterator[pa.Table]:
-    """One part's records: whole when small, else MERGE_BATCH_ROWS at a time. Raises DamagedPart."""
+def _part_tables(path: Path, columns: list[str], known: dict[str, list[int]], batch_rows: int) -> Iterator[pa.Table]:
+    """One part's records: whole when small, else batch_rows at a time. Raises DamagedPart."""
     with _reading(path):
         part = _open_part(path)
         known[path.name] = _group_rows(part.metadata)
         present = _present(part, columns)
-        small = part.metadata.num_rows <= MERGE_BATCH_ROWS
+        small = part.metadata.num_rows <= batch_rows
         whole = part.read(columns=present, use_threads=False) if small else None
     if whole is not None:
         yield _conformed(whole, columns)
         return
-    batches = part.iter_batches(MERGE_BATCH_ROWS, columns=present, use_threads=False)
+    batches = part.iter_batches(batch_rows, columns=present, use_threads=False)
     while True:
         with _reading(path):
             batch = next(batches, None)

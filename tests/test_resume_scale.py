@@ -43,12 +43,9 @@ def test_resume_over_many_parts_sends_only_the_rest_and_merges_them_at_the_end(s
     assert list(result["response"][:200]) == [f"answer {i}" for i in range(200)]
 
 
-def test_merge_streams_parts_into_row_groups_and_the_last_record_wins(tmp_path, monkeypatch):
-    import batch.writer
-
-    monkeypatch.setattr(batch.writer, "MERGE_BATCH_ROWS", 10)
+def test_merge_streams_parts_into_row_groups_and_the_last_record_wins(tmp_path):
     folder = tmp_path / "ck"
-    ck = Checkpoint(folder, rows_per_part=3)
+    ck = Checkpoint(folder, rows_per_part=3, merge_batch_rows=10)
     ck.open()
     for i in range(3 * (MERGE_PARTS_ABOVE + 2)):
         ck.append(record(i % 60, "failed" if i < 60 else "ok"))  # 60 failures, then answers for the first 42 ids
@@ -201,17 +198,14 @@ def test_first_row_to_send():
     assert moved.first_to_send(retry_failed=False) == 0  # a record kept by id: every row is looked at
 
 
-def test_parts_merge_into_bounded_files_and_a_kill_mid_merge_keeps_the_last_record(tmp_path, monkeypatch):
-    import batch.writer
+def test_parts_merge_into_bounded_files_and_a_kill_mid_merge_keeps_the_last_record(tmp_path):
     from batch.atomic import write_atomic
     from batch.writer import _runs_of_parts, _write_merged
 
-    monkeypatch.setattr(batch.writer, "MERGE_BATCH_ROWS", 4)
-    monkeypatch.setattr(batch.writer, "MERGE_FILE_ROWS", 9)
     total = 3 * (MERGE_PARTS_ABOVE + 2)
 
     def fill(folder):
-        ck = Checkpoint(folder, rows_per_part=3)
+        ck = Checkpoint(folder, rows_per_part=3, merge_batch_rows=4, merge_file_rows=9)
         ck.open()
         for i in range(total):  # each id fails in an early part and is answered in a later one
             ck.append(record(i % 60, "failed" if i < 60 else "ok"))
@@ -227,8 +221,8 @@ def test_parts_merge_into_bounded_files_and_a_kill_mid_merge_keeps_the_last_reco
     assert states(opened(Checkpoint(tmp_path / "merged"))) == want
 
     killed = fill(tmp_path / "killed")  # as if killed after the first merged file replaced its last part
-    first = _runs_of_parts(killed._parts(), {})[0]
-    write_atomic(first[-1], lambda tmp: _write_merged(first, tmp))
+    first = _runs_of_parts(killed._parts(), {}, 9)[0]
+    write_atomic(first[-1], lambda tmp: _write_merged(first, tmp, 4))
     assert states(opened(Checkpoint(tmp_path / "killed"))) == want
 
 

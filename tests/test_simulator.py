@@ -246,6 +246,19 @@ def test_simulator_thread_serves_other_event_loops() -> None:
         assert sim.stats()["requests"] == 0
 
 
+def test_reconfigure_changes_how_later_requests_are_served() -> None:
+    with SimulatorThread(SimConfig(fail_after=0, fail_status=503, fail_code="1305")) as sim:
+
+        async def status() -> int:
+            async with aiohttp.ClientSession() as session:
+                return (await post(session, sim.url, chat("hi")))[0]
+
+        assert asyncio.run(status()) == 503
+        sim.reconfigure(fail_after=None)
+        assert asyncio.run(status()) == 200
+        assert sim.stats()["by_status"] == {"503": 1, "200": 1}  # the counters are kept
+
+
 def test_main_runs_command_with_url_and_returns_its_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
     check = "import os,sys; sys.exit(0 if os.environ['BATCH_SIMULATOR_URL'].endswith('/v1') else 1)"
     assert main(["--port", "0", "--", sys.executable, "-c", check]) == 0
