@@ -3,6 +3,7 @@ waiting for an observable condition, and checkpoint records built by hand. Fixtu
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -27,6 +28,11 @@ def output_of(job: Path) -> pd.DataFrame:
 
 def checkpoint_of(job: Path) -> Path:
     return job.parent / "out" / "result.checkpoint"
+
+
+def summary_of(job: Path) -> dict:
+    """The summary.json the last run left in the job's checkpoint."""
+    return json.loads((checkpoint_of(job) / "summary.json").read_text())
 
 
 def start_run(job: Path, *extra: str, **popen: object) -> subprocess.Popen[str]:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from helpers import output_of
+from helpers import output_of, summary_of
 
 from batch.pricing import PRICES, Price, cost_of
 
@@ -18,7 +16,7 @@ def test_cost_per_row_from_the_built_in_price(sim, make_job, run_cli):
     assert code == 0
     result = output_of(job)
     assert result["cost"].tolist() == pytest.approx((result["total_tokens"] * 5 / 1e6).tolist())
-    summary = json.loads((job.parent / "out" / "result.checkpoint" / "summary.json").read_text())
+    summary = summary_of(job)
     assert summary["run"]["cost"] == pytest.approx(result["cost"].sum(), abs=1e-6)
     assert "CNY" in out
 
@@ -57,7 +55,7 @@ def test_budget_stops_before_it_can_be_exceeded_and_a_raised_budget_resumes(sim,
     code, out, err = run_cli("run", job)
     assert code == 5
     assert "budget reached" in err and "budget reached" in out
-    summary = json.loads((job.parent / "out" / "result.checkpoint" / "summary.json").read_text())
+    summary = summary_of(job)
     answered = summary["job_totals"]["ok"]
     assert 0 < answered < len(ROWS)
     assert summary["run"]["cost"] <= budget

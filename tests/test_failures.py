@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import output_of
+from helpers import output_of, summary_of
 
 from batch.client import parse_body
 from batch.failures import Failure
@@ -89,7 +89,7 @@ def test_job_fatal_errors_stop_the_run_with_exit_3(start_sim, make_job, run_cli,
     assert f"refused the job: {error_class}" in err
     # Two answers, then at most one failing request per worker: nothing is retried.
     assert sim.stats()["requests"] <= 2 + 2
-    summary = json.loads((job.parent / "out" / "result.checkpoint" / "summary.json").read_text())
+    summary = summary_of(job)
     assert summary["job_totals"]["ok"] == 2
     assert summary["job_totals"]["pending"] == len(ROWS) - 2
     assert summary["exit_code"] == 3

@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 import pytest
-from helpers import output_of
+from helpers import output_of, summary_of
 
 from batch.pricing import PRICES, cost_of, pricer_for
 from batch.writer import Checkpoint
@@ -24,10 +24,6 @@ def status_of(run_cli, job) -> dict:
     code, out, err = run_cli("status", job, "--json")
     assert code == 0, err
     return json.loads(out)
-
-
-def summary_of(job) -> dict:
-    return json.loads((job.parent / "out" / "result.checkpoint" / "summary.json").read_text())
 
 
 def test_budget_at_concurrency_16_with_dense_prompts_holds_and_is_used(start_sim, make_job, run_cli):

@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 import pytest
-from helpers import DATA, output_of
+from helpers import DATA, output_of, summary_of
 
 from batch.preflight import preflight
 from batch.runner import RunOptions, run_job
@@ -37,7 +37,7 @@ def test_every_row_answered_in_input_order(sim, make_job, run_cli, input_file):
         assert row.completion_tokens == want["completion_tokens"]
         assert row.total_tokens == want["prompt_tokens"] + want["completion_tokens"]
         assert row.finish_reason == "stop" and row.attempts == 1 and row.cost == 0.0
-    summary = json.loads((job.parent / "out" / "result.checkpoint" / "summary.json").read_text())
+    summary = summary_of(job)
     assert summary["run"]["ok"] == len(REVIEWS)
     assert summary["run"]["total_tokens"] == int(result["total_tokens"].sum())
     assert "ok 12, failed 0" in out

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import output_of
+from helpers import checkpoint_of, output_of
 
 ROWS = [{"review_id": "r1", "text": "good"}, {"review_id": "r2", "text": "bad"}, {"review_id": "r3", "text": "ok"}]
 
@@ -33,10 +33,6 @@ def refused(run_cli, job: Path, *needles: str, sim=None) -> str:
     if sim is not None:
         assert sim.stats()["requests"] == 0
     return lines[0]
-
-
-def checkpoint_of(job: Path) -> Path:
-    return job.parent / "out" / "result.checkpoint"
 
 
 # -- item 2: an output path that would destroy the input or tangle with a checkpoint ----------------------

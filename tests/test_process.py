@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import ROWS, output_of, start_run, wait_for_answers
+from helpers import ROWS, output_of, start_run, summary_of, wait_for_answers
 
 
 def test_progress_lines_when_stdout_is_not_a_terminal(start_sim, make_job):
@@ -37,7 +36,7 @@ def test_a_signal_finishes_in_flight_requests_and_resumes_without_resending(star
         process.kill()
     assert process.returncode == 130, err
     assert f"stopped: interrupted by {sig.name}" in out
-    summary = json.loads((job.parent / "out" / "result.checkpoint" / "summary.json").read_text())
+    summary = summary_of(job)
     assert summary["job_totals"]["pending"] > 0
     sim.reconfigure(latency_ms=0)  # the latency kept requests in flight at the signal; the rest need none
     code, _, _ = run_cli("run", job)
@@ -99,7 +98,7 @@ def test_a_row_still_retrying_at_sigint_stays_pending_not_failed(start_sim, make
         process.kill()
     assert process.returncode == 130, err
     flaky_requests = sim.stats()["by_prompt"]["Classify: unlucky [[flaky:3]]"]
-    summary = json.loads((job.parent / "out" / "result.checkpoint" / "summary.json").read_text())
+    summary = summary_of(job)
     assert summary["job_totals"]["failed"] == 0
     # The long backoff kept the row retrying at the signal; the rerun need not wait as long.
     sim.reconfigure(latency_ms=0)
@@ -124,7 +123,7 @@ def test_arrears_mid_run_stops_the_job_keeps_the_checkpoint_and_a_later_run_resu
     assert "1113" in done.stderr and "account" in done.stderr
     refused = broke.stats()["by_status"]["429"]
     assert refused <= concurrency  # no 1113 is retried, and no new row is sent after the first
-    summary = json.loads((job.parent / "out" / "result.checkpoint" / "summary.json").read_text())
+    summary = summary_of(job)
     assert summary["job_totals"]["ok"] == 30 and summary["job_totals"]["failed"] == 0
 
     topped_up = start_sim()
