@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,14 +12,14 @@ from helpers import opened, output_of, record, states
 
 from batch import answered as answered_module
 from batch.answered import Answered
+from batch.preflight import preflight
+from batch.reader import InputTable
+from batch.runner import RunOptions, run_job
 from batch.writer import MERGE_PARTS_ABOVE, Checkpoint
 
 
-def test_resume_over_many_parts_sends_only_the_rest_and_merges_them_at_the_end(start_sim, make_job, run_cli,
-                                                                              monkeypatch):
-    import batch.reader
-
-    monkeypatch.setattr(batch.reader, "BATCH_ROWS", 7)  # ids looked up over many input batches
+@pytest.mark.asyncio
+async def test_resume_over_many_parts_sends_only_the_rest_and_merges_them_at_the_end(start_sim, make_job):
     rows = [{"review_id": f"r{i:03d}", "text": f"review {i}"} for i in range(300)]
     sim = start_sim()
     job = make_job(sim, rows=rows, input_file="in.parquet", output={"checkpoint_rows": 4})
@@ -31,8 +33,11 @@ def test_resume_over_many_parts_sends_only_the_rest_and_merges_them_at_the_end(s
         killed.append(answer)
     assert len(list(folder.glob("part-*.parquet"))) == 50 > MERGE_PARTS_ABOVE
 
-    code, out, err = run_cli("run", job)
-    assert code == 0, out + err
+    plan = preflight(job)
+    # The input read 7 rows at a time: its ids are looked up over many batches.
+    table = InputTable(plan.spec.input.path, "review_id", ["text"], ["text"], batch_rows=7)
+    summary = await run_job(dataclasses.replace(plan, table=table), RunOptions(tty=False))
+    assert summary["exit_code"] == 0
     sent = sim.stats()["by_prompt"]
     assert sorted(sent) == sorted(f"Classify: review {i}" for i in range(200, 300))
     (merged,) = folder.glob("part-*.parquet")  # merged at the end of the run, not before its first request
