@@ -325,8 +325,8 @@ def data_chunk(start: int, stop: int) -> Any:  # pa.Table
                      "text": [review_text(rng, i) for i in range(start, stop)]})
 
 
-def bench_inputs(folder: Path, rows: int) -> dict[str, Path]:
-    """A `rows`-row Parquet and CSV input (columns id, text), generated a chunk at a time unless cached."""
+def bench_inputs(folder: Path, rows: int, chunk_rows: int = DATA_CHUNK_ROWS) -> dict[str, Path]:
+    """A `rows`-row Parquet and CSV input (columns id, text), generated `chunk_rows` at a time unless cached."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
@@ -338,8 +338,8 @@ def bench_inputs(folder: Path, rows: int) -> dict[str, Path]:
     tmps = {fmt: path.with_name(f".{path.name}.tmp") for fmt, path in missing.items()}
     writers: dict[str, Any] = {}
     try:
-        for start in range(0, rows, DATA_CHUNK_ROWS):
-            chunk = data_chunk(start, min(rows, start + DATA_CHUNK_ROWS))
+        for start in range(0, rows, chunk_rows):
+            chunk = data_chunk(start, min(rows, start + chunk_rows))
             for fmt, tmp in tmps.items():
                 if fmt not in writers:
                     writers[fmt] = (pq.ParquetWriter if fmt == "parquet" else pacsv.CSVWriter)(tmp, chunk.schema)

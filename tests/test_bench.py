@@ -62,12 +62,11 @@ def test_measured_reports_the_commands_own_peak_rss(tmp_path: Path):
     assert failed["exit"] == 3 and failed["wall_s"] > 0
 
 
-def test_bench_inputs_are_generated_once_in_chunks(tmp_path: Path, monkeypatch):
+def test_bench_inputs_are_generated_once_in_chunks(tmp_path: Path):
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    monkeypatch.setattr(bench, "DATA_CHUNK_ROWS", 100)
-    paths = bench.bench_inputs(tmp_path, 250)
+    paths = bench.bench_inputs(tmp_path, 250, chunk_rows=100)
     table = pq.read_table(paths["parquet"])
     assert table.column_names == ["id", "text"] and pq.ParquetFile(paths["parquet"]).num_row_groups == 3
     assert pacsv.read_csv(paths["csv"]).to_pylist() == table.to_pylist()
@@ -76,7 +75,7 @@ def test_bench_inputs_are_generated_once_in_chunks(tmp_path: Path, monkeypatch):
     assert all(40 <= len(t) <= 80 for t in texts) and len(set(texts)) == 250  # unique: no answer-cache hits
     assert any("\u4e00" <= c <= "\u9fff" for c in "".join(texts)) and any(c.isascii() and c.isalpha()
                                                                          for c in "".join(texts))
-    smaller = bench.bench_inputs(tmp_path, 100)  # every size agrees row for row
+    smaller = bench.bench_inputs(tmp_path, 100, chunk_rows=100)  # every size agrees row for row
     assert pq.read_table(smaller["parquet"]).to_pylist() == table.slice(0, 100).to_pylist()
     stamps = {p: p.stat().st_mtime_ns for p in paths.values()}
     assert bench.bench_inputs(tmp_path, 250) == paths  # cached: not written again
