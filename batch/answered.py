@@ -20,7 +20,7 @@ from batch.reader import hash_ids
 
 
 class Answered:
-    """The last record per id among `records` (Arrow arrays id, status, error_class, in the order written)."""
+    """The last record per id among the records given (Arrow arrays id, status, error_class, in the order written)."""
 
     def __init__(self, ids: pa.ChunkedArray, status: pa.ChunkedArray, error_class: pa.ChunkedArray) -> None:
         # "ok", or the failure's error_class; as a dictionary: a handful of distinct states, 4 bytes a record.
@@ -41,8 +41,8 @@ class Answered:
             keep = np.flatnonzero(first)
             hashes, ids, order = hashes[keep], ids.take(keep), order[keep]
         self.hashes, self.ids = hashes, ids
-        self.records = pa.array(order)  # where each id's last record sits among all records
-        self.states = states.take(self.records)
+        self.last_positions = pa.array(order)  # where each id's last record sits among all records
+        self.states = states.take(self.last_positions)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -142,7 +142,7 @@ class RowStates:
         self.codes = np.zeros(rows, np.int8)  # 0: no record; else 1 + index into self.names
         self.written = np.zeros(rows, np.uint32)  # 0: no record; else 1 + the record's write position
         self.names: list[str | None] = []  # "ok", or a failure's error_class
-        self.records = 0  # records seen so far, in write order: the next one's position
+        self.record_count = 0  # records seen so far, in write order: the next one's position
         self._moved_parts: list[pa.Table] = []
         self._moved: Answered | None = None
         self._moved_written = np.empty(0, np.int64)
@@ -182,10 +182,10 @@ class RowStates:
 
     def _reserve(self, count: int) -> int:
         """Write positions for `count` more records: returns the first."""
-        if self.records + count > MAX_RECORDS:
+        if self.record_count + count > MAX_RECORDS:
             raise ValueError(f"a checkpoint of more than {MAX_RECORDS} records")
-        self.records += count
-        return self.records - count
+        self.record_count += count
+        return self.record_count - count
 
     def settle(self) -> None:
         """Index the records kept aside by id: once, after the checkpoint's last batch."""
@@ -196,9 +196,9 @@ class RowStates:
         moved = pa.concat_tables(self._moved_parts)
         self._moved_parts = []
         self._moved = Answered(moved.column("id"), moved.column("status"), moved.column("error_class"))
-        self._moved_written = _numpy(moved.column("position").take(self._moved.records))
+        self._moved_written = _numpy(moved.column("position").take(self._moved.last_positions))
         self._moved_codes = self._codes(self._moved.states.dictionary_decode())
-        self._moved_prompts = _numpy(moved.column("prompt").take(self._moved.records))
+        self._moved_prompts = _numpy(moved.column("prompt").take(self._moved.last_positions))
         self._moved_seen = np.zeros(len(self._moved), bool)
 
     def last(self, start: int, ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -241,14 +241,29 @@ class RowStates:
         rows = np.flatnonzero(self._sends(retry_failed)[self.codes] & (self.codes != 0))
         return np.stack([rows, self.written[rows].astype(np.int64) - 1], axis=1)
 
-    def last_records(self) -> np.ndarray:
-        """A mask over write positions: the records that are some id's last (ids no longer in the input too).
+    def paid_record_mask(self) -> np.ndarray:
+        """A mask over write positions: the records whose cost counts in what the job spent. Each id's last
+        record holds the sum over its row's answers (runner: add_paid_before); a record kept aside by id
+        whose row sent again counts too, as its cost was not carried into the new one (resent_records)."""
+        paid = np.zeros(self.record_count, bool)
+        paid[self.written[self.written > 0].astype(np.int64) - 1] = True
+        paid[self._moved_written] = True
+        return paid
 
-        A record kept aside by id that a newer one at the id's row replaced is marked too: counted
-        twice, a spent total errs on the side of spending less."""
-        last = np.zeros(self.records, bool)
-        last[self.written[self.written > 0].astype(np.int64) - 1] = True
-        last[self._moved_written] = True
+    def last_record_mask(self, id_batches: Callable[[], Iterable[pa.Array]]) -> np.ndarray:
+        """A mask over write positions: the records that are some id's last, ids no longer in the input
+        included. `id_batches` (the input's ids, in order) is read only when records were kept aside by id."""
+        last = np.zeros(self.record_count, bool)
+        if self._moved is None:
+            last[self.written[self.written > 0].astype(np.int64) - 1] = True
+            return last
+        self._moved_seen[:] = False
+        start = 0
+        for ids in id_batches():
+            written = self.last(start, ids)[1]
+            last[written[written >= 0]] = True
+            start += len(ids)
+        last[self._moved_written[~self._moved_seen]] = True  # the ids no input row holds now
         return last
 
     def _sends(self, retry_failed: bool) -> np.ndarray:

@@ -361,24 +361,25 @@ def fill_checkpoint(folder: Path, start: int, stop: int) -> int:
 
     A run compacts its log into a part file every PART_ROWS answers and merges parts only when it
     ends, so a long run that was killed leaves one PART_ROWS-row Parquet file per PART_ROWS answers
-    (batch.writer.RESULT_SCHEMA): the worst case for a resume. These are the same: the ids the
+    (batch.records.RECORD_SCHEMA): the worst case for a resume. These are the same: the ids the
     reader yields, status ok, and the other fields copied from the folder's first real answer when
-    there is one (the simulator's, so the sizes match; a field the schema gains later comes along).
+    there is one (the simulator's, so the sizes match), else from a made-up answer (answer_record).
     Resuming reads only these files, so its cost is a real resume's. Returns the number of parts
     written.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from batch.writer import RESULT_SCHEMA
+    from batch.reader import Row
+    from batch.records import RECORD_SCHEMA, answer_record
 
     folder.mkdir(parents=True, exist_ok=True)
     parts = sorted(folder.glob("part-*.parquet"))
     number = int(parts[-1].stem.split("-")[1]) if parts else 0
-    real = pq.read_table(parts[0], schema=RESULT_SCHEMA).slice(0, 1).to_pylist() if parts else []
-    model = {"status": "ok", "finish_reason": "stop", "prompt_tokens": 48, "completion_tokens": 17,
-             "total_tokens": 65, "cost": 0.0, "model": MODEL, "latency_s": 0.05, "attempts": 1,
-             **(real[0] if real else {}),
+    real = pq.read_table(parts[0], schema=RECORD_SCHEMA).slice(0, 1).to_pylist() if parts else []
+    made_up = {"choices": [{"message": {"content": ""}, "finish_reason": "stop"}],
+               "usage": {"prompt_tokens": 48, "completion_tokens": 17, "total_tokens": 65}}
+    model = {**(real[0] if real else answer_record(Row(0, "", {}), made_up, 0.05, 1, None, MODEL)),
              # Unknown, as in a checkpoint from before prompt hashes: taken as unchanged, compared at the same cost.
              "prompt_hash": None}
     written = 0
@@ -388,9 +389,9 @@ def fill_checkpoint(folder: Path, start: int, stop: int) -> int:
                    # the simulator's answer: "[model] reply <10 hex> to: <first 32 characters of the prompt>"
                    "response": [f"[{MODEL}] reply {i:010x} to: {TEMPLATE[:32]}" for i in seqs],
                    "request_id": [f"chatcmpl-{i:012x}" for i in seqs]}
-        columns = {name: varying.get(name) or [model.get(name)] * len(seqs) for name in RESULT_SCHEMA.names}
+        columns = {name: varying.get(name) or [model[name]] * len(seqs) for name in RECORD_SCHEMA.names}
         number += 1
-        pq.write_table(pa.table(columns, schema=RESULT_SCHEMA), folder / f"part-{number:06d}.parquet")
+        pq.write_table(pa.table(columns, schema=RECORD_SCHEMA), folder / f"part-{number:06d}.parquet")
         written += 1
     return written
 
@@ -568,7 +569,7 @@ def memory_note(mem: dict[str, Any]) -> str:
             f"zero-latency simulator, keep_columns [text]; {mem['startup_rss_mb']:.0f} MB of it is interpreter and "
             f"imports. The resume checkpoint ({big:,} rows): rows 1-{limit:,} answered by the real fresh Parquet run "
             f"(--limit {limit:,}), rows {limit + 1:,}-{done:,} written directly as {r['parts_written']} part files of "
-            f"{PART_ROWS:,} rows (RESULT_SCHEMA, status ok: the files a real run leaves), not sent; the complete "
+            f"{PART_ROWS:,} rows (RECORD_SCHEMA, status ok: the files a real run leaves), not sent; the complete "
             f"run's remaining rows were written the same way.")
 
 

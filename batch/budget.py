@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 from batch.config import BudgetSpec
 from batch.pricing import Pricer, money, worst_cost
+from batch.records import Record, billed
 
 log = logging.getLogger("batch")
 
@@ -72,14 +72,14 @@ class Budget:
         return self.max_tokens_total is None or self.spent_tokens + self.held_tokens + hold.tokens <= \
             self.max_tokens_total
 
-    def settle(self, hold: Hold, record: dict[str, Any] | None) -> None:
+    def settle(self, hold: Hold, record: Record | None) -> None:
         """Release a hold and count what its request really cost: `record` is its answer, or None when no
         answer came (an error answer is not billed). An answer without usage counts as its worst case."""
         self.held_cost -= hold.cost
         self.held_tokens -= hold.tokens
         self.in_flight -= 1
         self._settled.set()
-        if record is None or not answered(record):
+        if record is None or not billed(record):
             return
         cost, tokens = record["cost"], record["total_tokens"]
         if (tokens is None or (cost is None and self.pricer is not None)) and not self._warned_usage:
@@ -96,9 +96,4 @@ class Budget:
         if self.max_tokens_total is not None:
             parts.append(f"used {self.spent_tokens} of max_total_tokens {self.max_tokens_total}")
         return "budget reached: " + ", ".join(parts) + " (the next request could exceed it)"
-
-
-def answered(record: dict[str, Any]) -> bool:
-    """Whether a record holds an answer the server produced (and billed), ok or not (a reply that is not JSON)."""
-    return record["response"] is not None or record["finish_reason"] is not None
 

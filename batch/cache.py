@@ -2,9 +2,10 @@
 
 Within a job, rows whose requests are identical (same model, params and messages) are sent once:
 the first row carries the answer's cost, the others copy its answer at cost 0 and are marked
-`cache_hit`. The answers live in SQLite (one file, safe across processes, memory stays flat on
-large jobs): by default `answers.sqlite` in the checkpoint folder; with `cache: {path: ...}` a
-file that later jobs share, so re-asking the same thing pays nothing.
+`cache_hit` (batch.records.cached_record, from the CACHED_FIELDS kept here). The answers live in
+SQLite (one file, safe across processes, memory stays flat on large jobs): by default
+`answers.sqlite` in the checkpoint folder; with `cache: {path: ...}` a file that later jobs share,
+so re-asking the same thing pays nothing.
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from batch.errors import ConfigError
+from batch.records import Record, cached_fields
 
 SAVE_EVERY_ANSWERS = 256
 SAVE_EVERY_S = 1.0
-REUSED_FIELDS = ("response", "reasoning_content", "finish_reason", "prompt_tokens", "completion_tokens",
-                 "total_tokens", "model", "request_id")
 
 
 def request_key(url: str, body: bytes) -> str:
@@ -70,8 +70,8 @@ class AnswerCache:
         # A damaged entry is a miss: the row is sent again.
         return kept if isinstance(kept, dict) and "response" in kept else None
 
-    def put(self, key: str, record: dict[str, Any]) -> None:
-        self._unsaved[key] = {field: record[field] for field in REUSED_FIELDS}
+    def put(self, key: str, record: Record) -> None:
+        self._unsaved[key] = cached_fields(record)
         if len(self._unsaved) >= SAVE_EVERY_ANSWERS or time.monotonic() - self._saved_at >= SAVE_EVERY_S:
             self.save()
 
@@ -97,7 +97,7 @@ class AnswerCache:
         self._in_flight.setdefault(key, future)
         return future
 
-    def sent(self, key: str, future: asyncio.Future[dict[str, Any] | None], record: dict[str, Any] | None) -> None:
+    def sent(self, key: str, future: asyncio.Future[dict[str, Any] | None], record: Record | None) -> None:
         answered = record if record is not None and record["status"] == "ok" else None
         if answered is not None:
             self.put(key, answered)
@@ -112,9 +112,3 @@ class AnswerCache:
         finally:
             self._db.close()
 
-
-def reused(kept: dict[str, Any], row_id: str, seq: int, prompt_hash: int) -> dict[str, Any]:
-    """A row's record made from another request's answer: no request sent, nothing paid."""
-    return {"id": row_id, "seq": seq, "status": "ok", **{f: kept.get(f) for f in REUSED_FIELDS},
-            "cost": 0.0, "latency_s": 0.0, "attempts": 0, "error_class": None, "error": None, "cache_hit": True,
-            "prompt_hash": prompt_hash}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pyarrow.compute as pc
 
 from batch.preflight import Settings
@@ -16,7 +17,7 @@ from batch.prompts import (
     prompt_token_bound,
 )
 from batch.reader import Skipped
-from batch.status import open_input, row_states
+from batch.status import id_batches, open_input, row_states
 from batch.writer import Checkpoint
 
 TOKENIZER_NOTE = "approximation: 1 token per CJK character, 1 per 4 other characters, +4 per message"
@@ -30,9 +31,7 @@ def estimate(settings: Settings, retry_failed: bool = False) -> dict[str, Any]:
     table = open_input(spec)
     checkpoint = Checkpoint(spec.checkpoint_dir)  # one reader: a damaged file is read, and warned of, once
     _, states = row_states(spec, table, checkpoint)
-    done_table = checkpoint.snapshot()
-    ok = done_table.filter(pc.equal(done_table.column("status"), "ok"))
-    observed = pc.mean(ok.column("completion_tokens")).as_py() if ok.num_rows else None
+    observed = _mean_completion_tokens(checkpoint, states.last_record_mask(id_batches(table)))
 
     rows = skipped = unsendable = prompt_tokens = prompt_bound = 0
     expected = most = 0.0
@@ -53,7 +52,7 @@ def estimate(settings: Settings, retry_failed: bool = False) -> dict[str, Any]:
         if pricer is not None:
             expected += cost_of(pricer, tokens, round(observed or 0)) or 0.0
             most += worst_cost(pricer, bound, max_tokens) if max_tokens else 0.0
-    changed = states.counts(lambda: (ids for _, ids in table.id_batches([]))).changed
+    changed = states.counts(id_batches(table)).changed
     return {
         "job": spec.name, "model": spec.model.name, "rows_to_do": rows, "rows_done_before": skipped,
         "rows_without_prompt": unsendable, "rows_changed": changed,
@@ -68,6 +67,16 @@ def estimate(settings: Settings, retry_failed: bool = False) -> dict[str, Any]:
         "cost_max": most if pricer and max_tokens else None,
         "currency": CURRENCY,
     }
+
+
+def _mean_completion_tokens(checkpoint: Checkpoint, last: np.ndarray) -> float | None:
+    """The mean completion length of the ok answers so far (each id's last record, the log of a live run too)."""
+    tokens = answers = 0
+    for records in checkpoint.chosen_records(last, ["status", "completion_tokens"], with_log=True):
+        completions = records.column("completion_tokens").filter(pc.equal(records.column("status"), "ok"))
+        tokens += pc.sum(completions).as_py() or 0
+        answers += pc.count(completions).as_py()  # an answer without usage says nothing about its length
+    return tokens / answers if answers else None
 
 
 def format_estimate(e: dict[str, Any]) -> str:

@@ -16,11 +16,11 @@ from typing import Any, Protocol
 
 from batch.errors import CheckpointWriteError
 from batch.reader import Row
+from batch.records import Record
 
 log = logging.getLogger("batch")
 
 Messages = list[dict[str, Any]]
-Record = dict[str, Any]
 
 
 @dataclass(slots=True)

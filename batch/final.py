@@ -2,13 +2,14 @@
 
 The checkpoint is never read whole. The input streams in windows of rows; RowStates says where
 each row's last record was written, and only the row groups holding a window's records are read.
+With parse_json, the replies' keys are found in one streaming pass first (batch.replies), and each
+window's reply columns are made from the records read for it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -17,16 +18,17 @@ import pyarrow.parquet as pq
 
 from batch.answered import RowStates
 from batch.atomic import write_atomic
-from batch.writer import DICTIONARY_COLUMNS, RESULT_FIELDS, RESULT_SCHEMA, RowGroups
+from batch.records import DICTIONARY_FIELDS, OUTPUT_FIELDS, RECORD_SCHEMA
+from batch.replies import ReplyColumns
+from batch.writer import RowGroups
 
 WINDOW_ROWS = 4096  # input rows per read of the checkpoint: its records arrive a row group at a time
 # Rows per row group of the output. The writer holds ~30 KB of metadata per row group until it closes
 # (7 MB at a million rows in 4,096-row groups), and the rows of one group until it is written.
 ROW_GROUP_ROWS = 16_384
-RESULT_COLUMNS = [c for c in RESULT_FIELDS if c not in ("id", "seq", "prompt_hash")]  # the checkpoint's own
 
 
-class Records:
+class LastRecords:
     """Each input row's last record, read a window of rows at a time.
 
     `groups` holds every record in write order (None: no parts); `states` where each row's last one is.
@@ -37,25 +39,26 @@ class Records:
         self.states = states
 
     def answers(self, ids: pa.Array, start: int) -> pa.Table:
-        """The result columns of the last record of each of `ids` (input rows start, start+1, ...); nulls when none."""
+        """The output fields of the last record of each of `ids` (input rows start, start+1, ...); nulls when none."""
         written = self.states.last(start, ids)[1]
         known = np.flatnonzero(written >= 0)
         pick = np.full(len(ids), -1, np.int64)
         if self.groups is None or len(known) == 0:
-            return RESULT_SCHEMA.empty_table().select(RESULT_COLUMNS).take(pa.array(pick, mask=pick < 0))
-        found = self.groups.take(written[known], ["id", *RESULT_COLUMNS])
+            return RECORD_SCHEMA.empty_table().select(OUTPUT_FIELDS).take(pa.array(pick, mask=pick < 0))
+        found = self.groups.take(written[known], ["id", *OUTPUT_FIELDS])
         if not pc.all(pc.equal(found.column("id"), ids.take(pa.array(known)))).as_py():
             # Two ids with one 64-bit hash: a record paired with the wrong row. Never seen; refuse rather than guess.
             raise RuntimeError("a checkpoint record was matched to the wrong input row (hash collision); "
                                "please report this")
         pick[known] = np.arange(len(known))
-        return found.select(RESULT_COLUMNS).take(pa.array(pick, mask=pick < 0))
+        return found.select(OUTPUT_FIELDS).take(pa.array(pick, mask=pick < 0))
 
 
 def write_final(path: Path, input_batches: Iterator[tuple[pa.RecordBatch, pa.Array]], id_out: str,
-                keep_columns: list[str], records: Records, extra: Any = None, window_rows: int = WINDOW_ROWS) -> int:
-    """Every input row once, in input order, beside its last record (and `extra`, a DataFrame by id), reading
-    the checkpoint for `window_rows` input rows at a time.
+                keep_columns: list[str], records: LastRecords, replies: ReplyColumns | None = None,
+                window_rows: int = WINDOW_ROWS) -> int:
+    """Every input row once, in input order, beside its last record (and its reply's columns, with `replies`),
+    reading the checkpoint for `window_rows` input rows at a time.
 
     Written atomically (batch.atomic): a failed write leaves nothing that looks like output.
     """
@@ -63,7 +66,7 @@ def write_final(path: Path, input_batches: Iterator[tuple[pa.RecordBatch, pa.Arr
 
     def write(tmp: Path) -> None:
         nonlocal written
-        written = _write_rows(tmp, _windows(input_batches, window_rows), id_out, keep_columns, records, extra)
+        written = _write_rows(tmp, _windows(input_batches, window_rows), id_out, keep_columns, records, replies)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, write)
@@ -71,8 +74,7 @@ def write_final(path: Path, input_batches: Iterator[tuple[pa.RecordBatch, pa.Arr
 
 
 def _write_rows(tmp: Path, windows: Iterator[list[tuple[pa.RecordBatch, pa.Array]]], id_out: str,
-                keep_columns: list[str], records: Records, extra: Any) -> int:
-    extra_schema = pa.Schema.from_pandas(extra, preserve_index=False) if extra is not None else None
+                keep_columns: list[str], records: LastRecords, replies: ReplyColumns | None) -> int:
     writer = None
     written = flushed = 0  # rows read, rows written out
     held: list[pa.Table] = []
@@ -80,14 +82,13 @@ def _write_rows(tmp: Path, windows: Iterator[list[tuple[pa.RecordBatch, pa.Array
         for window in windows:
             ids = pa.concat_arrays([i for _, i in window])
             answers = records.answers(ids, written)
+            parsed = replies.columns(answers) if replies is not None else []
             at = 0
             for batch, batch_ids in window:
                 columns = {id_out: batch_ids, **{c: batch.column(c) for c in keep_columns if c != id_out}}
-                columns.update(zip(RESULT_COLUMNS, answers.slice(at, batch.num_rows).columns))
+                columns.update(zip(OUTPUT_FIELDS, answers.slice(at, batch.num_rows).columns))
+                columns.update((name, values.slice(at, batch.num_rows)) for name, values in parsed)
                 at += batch.num_rows
-                if extra is not None:
-                    parsed = pa.Table.from_pandas(extra.reindex(batch_ids.to_pylist()), preserve_index=False)
-                    columns.update((f.name, parsed.column(f.name).cast(f.type)) for f in extra_schema)
                 held.append(pa.table(columns))
             written += len(ids)
             if written - flushed >= ROW_GROUP_ROWS:
@@ -105,7 +106,7 @@ def _write_group(writer: pq.ParquetWriter | None, tmp: Path, tables: list[pa.Tab
     """One row group, whatever size the input's batches are."""
     table = pa.concat_tables(tables)
     if writer is None:
-        writer = pq.ParquetWriter(tmp, table.schema, use_dictionary=DICTIONARY_COLUMNS)
+        writer = pq.ParquetWriter(tmp, table.schema, use_dictionary=DICTIONARY_FIELDS)
     writer.write_table(table)
     return writer
 

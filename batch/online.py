@@ -11,14 +11,16 @@ import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 from batch.breaker import Unreachable
 from batch.budget import Budget
-from batch.cache import AnswerCache, request_key, reused
+from batch.cache import AnswerCache, request_key
 from batch.errors import EXIT_BUDGET, EXIT_JOB_FATAL, CheckpointWriteError
-from batch.executor import Pending, Record, Stop
+from batch.executor import Pending, Stop
 from batch.pool import JobFatal, Pool, Stopped
 from batch.prompts import estimate_tokens, prompt_token_bound
+from batch.records import Record, cached_record
 from batch.replies import parse_reply
 
 
@@ -80,7 +82,7 @@ class OnlineAnswerer:
         key = request_key(self.pool.client.url, body)
         kept = self._usable(await self.cache.answer_of(key))
         if kept is not None:
-            self._keep(record, reused(kept, row.id, row.seq, row.prompt_hash))
+            self._keep(record, cached_record(kept, row))
             return True
         budget, hold = self.budget, None
         if budget is not None:
@@ -125,7 +127,7 @@ class OnlineAnswerer:
         self.cancel()
         raise error
 
-    def _usable(self, kept: Record | None) -> Record | None:
+    def _usable(self, kept: dict[str, Any] | None) -> dict[str, Any] | None:
         """A cached answer, if it passes the checks a fresh one would: a parse_json job sends again for prose."""
         if kept is not None and self.parse_json:
             try:

@@ -1,4 +1,4 @@
-"""One row's request: rate limits, the call, retries with backoff, and the result record.
+"""One row's request: rate limits, the call, retries with backoff; its answer or failure as a record (batch.records).
 
 Ours are the only retries (the client has none): Zhipu's 1113 (arrears) arrives as HTTP 429 and
 must stop the job, not be retried. See batch/client.py for why the call is aiohttp, not the SDK.
@@ -25,9 +25,8 @@ from tenacity import (
 from batch.breaker import OUTAGE_CLASSES, Breaker
 from batch.client import ChatClient
 from batch.failures import Failure, classify
-from batch.logs import redact
-from batch.pricing import cost_of
 from batch.reader import Row
+from batch.records import Record, answer_record, failed_record
 from batch.replies import parse_reply
 
 if TYPE_CHECKING:
@@ -167,7 +166,7 @@ class Pool:
         body = {"model": self.model, "messages": messages, **self.body_params}
         return json.dumps(body, ensure_ascii=False, sort_keys=True, default=str).encode()
 
-    async def answer(self, row: Row, body: bytes, estimated_tokens: int) -> dict[str, Any]:
+    async def answer(self, row: Row, body: bytes, estimated_tokens: int) -> Record:
         """The result record for a row; raises JobFatal when the job must stop, Unreachable when the API stays down."""
         try:
             # Most rows succeed at once: tenacity's per-call state (~30 us, about 4% of a request's
@@ -179,7 +178,7 @@ class Pool:
             first = None
         return await self._retry(row, body, estimated_tokens, first)
 
-    async def _retry(self, row: Row, body: bytes, estimated_tokens: int, first: Failure | None) -> dict[str, Any]:
+    async def _retry(self, row: Row, body: bytes, estimated_tokens: int, first: Failure | None) -> Record:
         attempts = 1
         while True:
             # One AsyncRetrying per row: it keeps per-call state, so it is not shared between tasks.
@@ -212,7 +211,7 @@ class Pool:
             return min(failure.retry_after, MAX_RETRY_AFTER_S)
         return self._backoff(state)
 
-    async def _attempt(self, row: Row, body: bytes, estimated_tokens: int, attempts: int) -> dict[str, Any]:
+    async def _attempt(self, row: Row, body: bytes, estimated_tokens: int, attempts: int) -> Record:
         if self.tokens is not None:
             await self.tokens.acquire(min(estimated_tokens + self.max_tokens, self.tokens.max_rate))
         if self.requests is not None:
@@ -243,7 +242,7 @@ class Pool:
             await self.slots.release()
         self._answered()
         self.slots.succeeded()
-        record = self._record(row, data, time.perf_counter() - started, attempts)
+        record = answer_record(row, data, time.perf_counter() - started, attempts, self.pricer, self.model)
         if self.parse_json:
             try:
                 parse_reply(record["response"])
@@ -299,60 +298,8 @@ class Pool:
                 stopping.cancel()
         return False
 
-    def _record(self, row: Row, data: dict[str, Any], latency: float, attempts: int) -> dict[str, Any]:
-        """The record of an answer the client checked (client.parse_body: every field has its type, no key in it)."""
-        choice = data["choices"][0]
-        message = choice["message"]
-        usage = data.get("usage") or {}
-        prompt_tokens = usage.get("prompt_tokens")
-        completion_tokens = usage.get("completion_tokens")
-        return {
-            "id": row.id, "seq": row.seq, "status": "ok",
-            "response": message.get("content"),
-            "reasoning_content": message.get("reasoning_content"),
-            "finish_reason": choice.get("finish_reason"),
-            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": total_tokens(usage),
-            "cost": cost_of(self.pricer, prompt_tokens, completion_tokens,
-                            (usage.get("prompt_tokens_details") or {}).get("cached_tokens")),
-            "model": data.get("model") or self.model,
-            "request_id": data.get("request_id") or data.get("id"),
-            "latency_s": round(latency, 4), "attempts": attempts,
-            "error_class": None, "error": None, "cache_hit": False, "prompt_hash": row.prompt_hash,
-        }
-
-
-def total_tokens(usage: dict[str, Any]) -> int | None:
-    """usage.total_tokens, or prompt + completion when a server leaves it out."""
-    total = usage.get("total_tokens")
-    if total is None and usage.get("prompt_tokens") is not None and usage.get("completion_tokens") is not None:
-        return usage["prompt_tokens"] + usage["completion_tokens"]
-    return total
-
 
 def log_retry(row: Row, state: RetryCallState) -> None:
     failure = state.outcome.exception() if state.outcome else None
     wait_s = state.next_action.sleep if state.next_action else 0.0
     log.debug("row %s: attempt %d failed (%s); retrying in %.2f s", row.id, state.attempt_number, failure, wait_s)
-
-
-def failed_record(row: Row, error_class: str, error: str, attempts: int, model: str) -> dict[str, Any]:
-    return {
-        "id": row.id, "seq": row.seq, "status": "failed", "response": None, "reasoning_content": None,
-        "finish_reason": None, "prompt_tokens": None, "completion_tokens": None, "total_tokens": None,
-        "cost": None, "model": model, "request_id": None, "latency_s": None, "attempts": attempts,
-        "error_class": error_class, "error": redact(error), "cache_hit": False, "prompt_hash": row.prompt_hash,
-    }
-
-
-PAID_FIELDS = ("cost", "prompt_tokens", "completion_tokens", "total_tokens")
-
-
-def add_paid_before(record: dict[str, Any], paid: dict[str, Any] | None) -> None:
-    """Add to `record` what earlier answers to its row cost (`paid`: PAID_FIELDS), so the row's record holds the sum
-    over all its answers. A field unknown on either side stays what it was on the other."""
-    if not paid:
-        return
-    for name in PAID_FIELDS:
-        if paid[name] is not None:
-            record[name] = paid[name] if record[name] is None else record[name] + paid[name]

@@ -37,8 +37,8 @@ def command_line_process() -> Iterator[None]:
     - pandas kept out: pyarrow imports pandas at its first conversion of Python values, only to learn
       pandas' NA and NaT (arrow/python/helpers.cc, InitPandasStaticData) and whether a value is a pandas
       object. A run converts none, and the import costs 0.3 s and 33 MB of peak RSS. pyarrow tries again
-      at the next conversion when the import fails, so the block lasts the whole command; let_pandas_in()
-      lifts it for a step that does use pandas. A process that has already imported pandas is unaffected.
+      at the next conversion when the import fails, so the block lasts the whole command (parse_json's
+      columns are built in Arrow too). A process that has already imported pandas is unaffected.
     - give_back_freed_memory() trims the C heap when asked.
     """
     global _tuned
@@ -56,7 +56,7 @@ def command_line_process() -> Iterator[None]:
 
 
 def let_pandas_in() -> None:
-    """For a step that uses pandas (parse_json's columns)."""
+    """Lift the block on pandas (at the end of a command)."""
     if _NO_PANDAS in sys.meta_path:
         sys.meta_path.remove(_NO_PANDAS)
 

@@ -1,9 +1,10 @@
-"""Model output as data: a JSON reply's top-level keys become columns of the output."""
+"""Model output as data: a JSON reply's top-level keys become columns of the output, a window of rows at a time."""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
@@ -27,33 +28,77 @@ def parse_reply(text: str | None) -> dict[str, Any]:
     return value
 
 
-def reply_columns(results: pa.Table, wanted: list[str] | None, taken: set[str]) -> Any:
-    """One column per top-level key (or per `wanted` key) of each ok row's reply, indexed by id.
+class ReplyColumns:
+    """One column per top-level key (or per `wanted` key) of the ok rows' replies, built a window of rows at a time.
 
-    Nested values stay JSON text, so every column has one type; a key that clashes with a column
-    already in the output gets a `json_` prefix.
+    Nested values stay JSON text, and a key whose replies disagree on the type (1 here, "1" there)
+    becomes text, so every column has one type; a key that clashes with a column already in the
+    output gets a `json_` prefix. The keys and their types are found first, in one pass over the
+    checkpoint's last records, so no window needs the replies of another.
     """
-    import pandas as pd  # here, not at the top: it costs every run ~35 MB of memory
 
-    ok = results.filter(pc.equal(results.column("status"), "ok"))
-    parsed: dict[str, dict[str, Any]] = {}
-    for row_id, text in zip(ok.column("id").to_pylist(), ok.column("response").to_pylist()):
-        try:
-            parsed[row_id] = parse_reply(text)
-        except ValueError:
-            continue  # an ok row from before parse_json was set: it simply gets nulls
-    keys = wanted if wanted is not None else list(dict.fromkeys(k for reply in parsed.values() for k in reply))
-    frame = pd.DataFrame(
-        {key: _one_type([_cell(reply.get(key)) for reply in parsed.values()]) for key in keys},
-        index=pd.Index(list(parsed), dtype=object))
-    return frame.rename(columns={k: f"json_{k}" for k in keys if k in taken})
+    def __init__(self, replies: Iterable[pa.Table], wanted: list[str] | None, taken: set[str]) -> None:
+        """`replies`: the status and response of each id's last record, in write order (Checkpoint.chosen_records)."""
+        kinds: dict[str, set[type]] = {key: set() for key in wanted or []}
+        held: dict[str, int] = dict.fromkeys(kinds, 0)  # replies holding a value for the key
+        parsed = 0
+        for table in replies:
+            for reply in _parsed(table):
+                parsed += 1
+                for key in wanted if wanted is not None else reply:
+                    value = _cell(reply.get(key))
+                    kinds.setdefault(key, set())
+                    if value is not None:
+                        kinds[key].add(type(value))
+                        held[key] = held.get(key, 0) + 1
+        self.keys = list(kinds)
+        self.names = [f"json_{key}" if key in taken else key for key in self.keys]
+        self.as_text = {key for key, found in kinds.items() if len(found) > 1 and found != {int, float}}
+        self.types = [_arrow_type(kinds[key], held.get(key, 0) < parsed, key in self.as_text) for key in self.keys]
+
+    def columns(self, answers: pa.Table) -> list[tuple[str, pa.Array]]:
+        """The reply columns of a window of rows, from their records' status and response (nulls where none)."""
+        replies = _parsed(answers, keep_rows=True)
+        found = []
+        for key, name, type_ in zip(self.keys, self.names, self.types):
+            values = [None if reply is None else _cell(reply.get(key)) for reply in replies]
+            if key in self.as_text:
+                values = _as_text(values)
+            found.append((name, pa.array(values, type=type_, from_pandas=True)))  # a NaN reads as null
+        return found
 
 
-def _one_type(values: list[Any]) -> list[Any]:
-    """A column whose replies disagree on the type (1 here, "1" there) becomes text, so Parquet can hold it."""
-    kinds = {type(v) for v in values if v is not None}
-    if len(kinds) <= 1 or kinds == {int, float}:
-        return values
+def _parsed(table: pa.Table, keep_rows: bool = False) -> list[dict[str, Any] | None]:
+    """Each ok record's reply, parsed; a reply that is not a JSON object (an ok row from before parse_json was
+    set) gives nothing. `keep_rows`: one entry per record, None where there is no reply."""
+    replies: list[dict[str, Any] | None] = []
+    ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_pylist()
+    for is_ok, text in zip(ok, table.column("response").to_pylist()):
+        reply = None
+        if is_ok:
+            try:
+                reply = parse_reply(text)
+            except ValueError:
+                pass
+        if reply is not None or keep_rows:
+            replies.append(reply)
+    return replies
+
+
+def _arrow_type(kinds: set[type], missing: bool, as_text: bool) -> pa.DataType:
+    """The column's type, as the replies' values give it: an integer column with a gap is a float column."""
+    if as_text or kinds == {str}:
+        return pa.string()
+    if not kinds:
+        return pa.null()
+    if kinds == {bool}:
+        return pa.bool_()
+    if kinds == {int} and not missing:
+        return pa.int64()
+    return pa.float64()
+
+
+def _as_text(values: list[Any]) -> list[Any]:
     return [None if v is None else (v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)) for v in values]
 
 

@@ -6,27 +6,31 @@ import asyncio
 import logging
 import signal
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batch.answered import RowStates
 from batch.budget import Budget
 from batch.cache import AnswerCache
 from batch.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED, BatchError, CheckpointWriteError, ConfigError
-from batch.executor import Answerer, Pending, Record, Stop
-from batch.final import Records, write_final
+from batch.executor import Answerer, Pending, Stop
+from batch.final import LastRecords, write_final
 from batch.guard import RunLock, check_fingerprint, end_run, mark_running
 from batch.online import OnlineAnswerer, cache_write_error
-from batch.pool import PAID_FIELDS, Pool, add_paid_before, failed_record, make_client
+from batch.pool import Pool, make_client
 from batch.preflight import Plan
-from batch.process import give_back_freed_memory, let_pandas_in
+from batch.process import give_back_freed_memory
 from batch.prompts import RowPromptError
 from batch.reader import Skipped
-from batch.replies import reply_columns
+from batch.records import PAID_FIELDS, RECORD_FIELDS, Record, add_paid_before, failed_record
+from batch.replies import ReplyColumns
 from batch.summary import Progress, RunStats, build_summary, save_summary
-from batch.writer import RESULT_FIELDS, Checkpoint
+from batch.writer import Checkpoint
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger("batch")
 
@@ -206,9 +210,9 @@ class Run:
             progress.refresh()
 
     def _budget(self, done: RowStates) -> Budget:
-        cost, tokens = self.checkpoint.spent(done)
+        spent = self.checkpoint.spent(done)
         assert self.spec.budget is not None and self.plan.max_tokens is not None  # the preflight's checks
-        return Budget(self.spec.budget, self.plan.max_tokens, self.plan.pricer, cost, tokens)
+        return Budget(self.spec.budget, self.plan.max_tokens, self.plan.pricer, spent.cost, spent.total_tokens)
 
     def _paid_before(self, done: RowStates) -> dict[int, dict[str, Any]]:
         """What earlier runs paid for each row this run sends again (a retried failure, an edited prompt), by row:
@@ -227,7 +231,7 @@ class Run:
         self._cancel_answerer()
 
     def _finish(self, stats: RunStats, done: RowStates) -> dict[str, Any]:
-        counts = done.counts(lambda: (ids for _, ids in self.table.id_batches([])))
+        counts = done.counts(self._id_batches)
         totals = {"ok": counts.ok, "failed": counts.failed, "pending": stats.rows_total - counts.ok - counts.failed,
                   "not_in_input": counts.not_in_input}
         output = None
@@ -235,8 +239,7 @@ class Run:
             output = self.spec.output.path
             # The input too: rows deleted from it leave the answers as they were, and the output must lose them.
             if self.checkpoint.newer_than(output, self.spec.input.path):
-                groups = self.checkpoint.row_groups() if done.records else None
-                self._write_output(output, Records(groups, done))
+                self._write_output(output, done)
         exit_code = self.stop.exit_code
         if exit_code is None:
             if self.stop.reason is not None:
@@ -251,19 +254,23 @@ class Run:
             log.warning("could not save the summary in %s: %s", self.spec.checkpoint_dir, exc.strerror or exc)
         return summary
 
-    def _write_output(self, output: Path, records: Records) -> None:
+    def _write_output(self, output: Path, done: RowStates) -> None:
         out = self.spec.output
-        extra = None
+        replies = None
         if out.parse_json:
-            let_pandas_in()  # the replies' columns are built with pandas
-            taken = {self.spec.id_column_out, *out.keep_columns, *RESULT_FIELDS}
-            extra = reply_columns(self.checkpoint.results(["id", "status", "response"]), out.json_columns, taken)
+            taken = {self.spec.id_column_out, *out.keep_columns, *RECORD_FIELDS}
+            last = self.checkpoint.chosen_records(done.last_record_mask(self._id_batches), ["status", "response"])
+            replies = ReplyColumns(last, out.json_columns, taken)
+        groups = self.checkpoint.row_groups() if done.record_count else None
         try:
             write_final(output, self.table.id_batches(out.keep_columns), self.spec.id_column_out,
-                        out.keep_columns, records, extra)
+                        out.keep_columns, LastRecords(groups, done), replies)
         except OSError as exc:
             raise ConfigError(f"{output}: cannot write the output: {exc.strerror or exc} "
                               f"(every answer is safe in {self.spec.checkpoint_dir}; rerun to retry)") from None
+
+    def _id_batches(self) -> Iterator[pa.Array]:
+        return (ids for _, ids in self.table.id_batches([]))
 
     # -- signals: the first asks for a graceful stop, a second one stops at once -----------------
     def _install_signal_handlers(self) -> None:

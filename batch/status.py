@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
+import pyarrow as pa
 
 from batch.answered import RowStates
 from batch.config import JobSpec
@@ -35,13 +36,17 @@ def row_states(spec: JobSpec, table: InputTable, checkpoint: Checkpoint) -> tupl
     return total, states
 
 
+def id_batches(table: InputTable) -> Callable[[], Iterator[pa.Array]]:
+    """The input's ids, a batch at a time, read afresh on each call (RowStates reads them when records moved)."""
+    return lambda: (ids for _, ids in table.id_batches([]))
+
+
 def job_status(spec: JobSpec) -> dict[str, Any]:
     table = open_input(spec)
     checkpoint = Checkpoint(spec.checkpoint_dir)  # one reader: a damaged file is read, and warned of, once
     total, states = row_states(spec, table, checkpoint)
-    counts = states.counts(lambda: (ids for _, ids in table.id_batches([])))
-    results = checkpoint.snapshot()
-    sent = results.filter(pc.invert(pc.fill_null(results.column("cache_hit"), False)))  # the cache's cost no tokens
+    counts = states.counts(id_batches(table))
+    spent = checkpoint.spent(states, with_log=True)
     running = RunLock(spec.checkpoint_dir).holder() if spec.checkpoint_dir.is_dir() else None
     return {
         "job": spec.name,
@@ -52,9 +57,9 @@ def job_status(spec: JobSpec) -> dict[str, Any]:
         "changed": counts.changed,
         "not_in_input": counts.not_in_input,
         "failed_by_class": failed_by_class(states, table),
-        "prompt_tokens": pc.sum(sent.column("prompt_tokens")).as_py() or 0,
-        "completion_tokens": pc.sum(sent.column("completion_tokens")).as_py() or 0,
-        "cost": pc.sum(results.column("cost")).as_py() or 0.0,
+        "prompt_tokens": spent.prompt_tokens,
+        "completion_tokens": spent.completion_tokens,
+        "cost": spent.cost,
         "currency": CURRENCY,
         "running_pid": running,
         "last_run": last_run(spec.checkpoint_dir, running),

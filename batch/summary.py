@@ -14,9 +14,9 @@ from typing import Any
 from tqdm import tqdm
 
 from batch.atomic import write_text_atomic
-from batch.budget import answered
 from batch.logs import redact
 from batch.pricing import CURRENCY, money
+from batch.records import Record, billed
 
 log = logging.getLogger("batch")
 
@@ -38,7 +38,7 @@ class RunStats:
     error_classes: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
 
-    def add(self, record: dict[str, Any]) -> None:
+    def add(self, record: Record) -> None:
         """A record this run made. What it paid counts whether the row is ok or not (a reply that is not JSON
         was answered and billed); an answer from the cache paid nothing."""
         if record["status"] == "ok":
@@ -48,7 +48,7 @@ class RunStats:
         else:
             self.failed += 1
             self.error_classes[record["error_class"]] += 1
-        if record["cache_hit"] or not answered(record):
+        if record["cache_hit"] or not billed(record):
             return
         self.prompt_tokens += record["prompt_tokens"] or 0
         self.completion_tokens += record["completion_tokens"] or 0

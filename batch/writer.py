@@ -1,5 +1,9 @@
 """Checkpoints: the write-ahead log and the Parquet parts it is compacted into (final.py writes the output).
 
+The records are batch.records' layout. Nothing reads the checkpoint whole: row_states reads its
+states a bunch of parts at a time, chosen_records the records a mask over write positions picks
+(each id's last, or those that count as paid), and row_groups takes records by position.
+
 Every result goes to a write-ahead log the moment it arrives: a plain append survives kill -9,
 and an fsync on a short timer covers power loss. The log is compacted into Parquet part files,
 each written to a temp file, fsynced and renamed, so a resume never trusts a half-written file.
@@ -22,7 +26,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -32,42 +36,27 @@ import pyarrow.parquet as pq
 from batch.answered import Answered, RowStates
 from batch.atomic import fsync_dir, os_reason, write_atomic
 from batch.errors import CheckpointDamagedError, CheckpointWriteError
+from batch.records import DICTIONARY_FIELDS, RECORD_FIELDS, RECORD_SCHEMA, Record
 
 log = logging.getLogger("batch")
 
-RESULT_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("seq", pa.int64()),
-    ("status", pa.string()),
-    ("response", pa.string()),
-    ("reasoning_content", pa.string()),
-    ("finish_reason", pa.string()),
-    ("prompt_tokens", pa.int64()),
-    ("completion_tokens", pa.int64()),
-    ("total_tokens", pa.int64()),
-    ("cost", pa.float64()),
-    ("model", pa.string()),
-    ("request_id", pa.string()),
-    ("latency_s", pa.float64()),
-    ("attempts", pa.int32()),
-    ("error_class", pa.string()),
-    ("error", pa.string()),
-    ("cache_hit", pa.bool_()),
-    # CRC-32 of the row's prompt values when it was sent (reader.prompt_hashes): a row whose values were
-    # edited since is sent again. Null in checkpoints written before it existed: those are taken as unchanged.
-    ("prompt_hash", pa.uint32()),
-])
-RESULT_FIELDS = RESULT_SCHEMA.names
 WAL_NAME = "wal.jsonl"
 DAMAGED_SUFFIX = ".damaged"  # a damaged file moved aside keeps its name plus this
 MERGE_PARTS_ABOVE = 32
 MERGE_BATCH_ROWS = 4096  # rows per row group of a merged part: the writer holds ~5x a row group
 MERGE_FILE_ROWS = 64 * MERGE_BATCH_ROWS
 STATE_COLUMNS = ["id", "status", "error_class"]
-# Dictionary-encoded when written: the columns with a handful of distinct values. The others (ids, answers)
-# are unique per row, and a dictionary builder per column held ~10 MB while it found that out.
-DICTIONARY_COLUMNS = ["status", "finish_reason", "model", "error_class"]
 FSYNC_EVERY_S = 1.0
+TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+class Spent(NamedTuple):
+    """What the answers in a checkpoint cost: tokens count only answers the server sent (not the cache's)."""
+
+    cost: float
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
 
 
 class Checkpoint:
@@ -79,7 +68,7 @@ class Checkpoint:
         # Records read and merged at once, and at most per merged file (tests shrink them to cross their edges).
         self.merge_batch_rows = merge_batch_rows
         self.merge_file_rows = merge_file_rows
-        self._pending: list[dict[str, Any]] = []
+        self._pending: list[Record] = []
         self._wal: Any = None
         self._last_compact = time.monotonic()
         self._last_fsync = time.monotonic()
@@ -88,6 +77,9 @@ class Checkpoint:
         self._owned = False  # opened by a run holding the lock: it may move damaged parts aside
         self._set_aside_names: set[str] = set()
         self._warned: set[str] = set()  # status reads a damaged file twice: one warning is enough
+        # For a reader that leaves the folder alone: each damaged part's readable row groups, read in its place
+        # by every later pass, so the record positions row_states handed out stay right.
+        self._instead: dict[Path, list[pa.Table]] = {}
         self._logged_table: pa.Table | None = None
         self.appended = 0
         # Rows per row group of each part file, by name, as read or written: the final file and the merge
@@ -110,7 +102,8 @@ class Checkpoint:
 
     def answered(self) -> Answered:
         """The last record per id in the part files (the log is in them after open() and close())."""
-        return answered_of(self._read_parts(STATE_COLUMNS))
+        table = self._read_parts(STATE_COLUMNS)
+        return Answered(*(table.column(name) for name in STATE_COLUMNS))
 
     def row_states(self, rows: int, row_hashes: np.ndarray | None, row_prompts: np.ndarray | None = None,
                    with_log: bool = False) -> RowStates:
@@ -121,10 +114,9 @@ class Checkpoint:
         status and estimate, which leave the folder alone, count the row groups of it that can be read.
         """
         columns = ["id", "seq", "status", "error_class", "prompt_hash"]
-        instead: dict[Path, list[pa.Table]] = {}  # a damaged part's readable row groups, for a reader
         while True:
             states = RowStates(rows, row_hashes, row_prompts)
-            bunches = _bunches(self._parts(), columns, self._group_rows, self.merge_batch_rows, instead)
+            bunches = _bunches(self._parts(), columns, self._group_rows, self.merge_batch_rows, self._instead)
             if with_log:
                 bunches = itertools.chain(bunches, [self._logged().select(columns).combine_chunks()])
             try:
@@ -135,27 +127,40 @@ class Checkpoint:
                 if self._owned:
                     self._set_aside(damaged)
                 else:
-                    instead[damaged.path] = self._left_out(damaged)
+                    self._instead[damaged.path] = self._left_out(damaged)
                 continue
             states.settle()
             return states
 
-    def spent(self, states: RowStates) -> tuple[float, int]:
-        """What the job has paid so far: (cost, tokens) summed over each id's last record, which holds the sum
-        over all that id's answers; answers taken from the cache cost no tokens. Read a bunch of parts at a time."""
-        last = states.last_records()
-        cost, tokens, at = 0.0, 0, 0
+    def chosen_records(self, chosen: np.ndarray, columns: list[str], with_log: bool = False) -> Iterator[pa.Table]:
+        """`columns` of the records `chosen` (a mask over write positions: RowStates.last_record_mask,
+        paid_record_mask), in write order, read a bunch of parts at a time: never the whole checkpoint at once.
+        `with_log`: the log's records too, as row_states read them."""
+        bunches = _bunches(self._parts(), columns, self._group_rows, self.merge_batch_rows, self._instead)
+        if with_log:
+            bunches = itertools.chain(bunches, [self._logged().select(columns).combine_chunks()])
+        at = 0
         try:
-            for records in _bunches(self._parts(), ["cost", "total_tokens", "cache_hit"], self._group_rows,
-                                    self.merge_batch_rows):
-                mine = pa.array(last[at:at + records.num_rows])
+            for records in bunches:
+                # Records a live run wrote after `chosen` was made are past its end: not counted.
+                mine = np.zeros(records.num_rows, bool)
+                within = chosen[at:at + records.num_rows]
+                mine[:len(within)] = within
                 at += records.num_rows
-                cost += pc.sum(records.column("cost").filter(mine)).as_py() or 0.0
-                sent = pc.and_(mine, pc.invert(pc.fill_null(records.column("cache_hit"), False)))
-                tokens += pc.sum(records.column("total_tokens").filter(sent)).as_py() or 0
+                yield records.filter(pa.array(mine))
         except DamagedPart as damaged:  # damage in columns row_states does not read
             self._damaged_mid_run(damaged)
-        return cost, tokens
+
+    def spent(self, states: RowStates, with_log: bool = False) -> Spent:
+        """What the job has paid so far, summed over the records RowStates.paid_record_mask picks;
+        answers taken from the cache cost no tokens."""
+        cost, tokens = 0.0, dict.fromkeys(TOKEN_FIELDS, 0)
+        for records in self.chosen_records(states.paid_record_mask(), ["cost", *TOKEN_FIELDS, "cache_hit"], with_log):
+            cost += pc.sum(records.column("cost")).as_py() or 0.0
+            sent = records.filter(pc.invert(pc.fill_null(records.column("cache_hit"), False)))
+            for name in TOKEN_FIELDS:
+                tokens[name] += pc.sum(sent.column(name)).as_py() or 0
+        return Spent(cost, **tokens)
 
     def has_records(self) -> bool:
         """Whether a previous run left any record (a part, or a log not yet compacted)."""
@@ -172,15 +177,16 @@ class Checkpoint:
         except DamagedPart as damaged:
             self._damaged_mid_run(damaged)
 
-    def records(self, columns: list[str] | None = None) -> pa.Table:
-        """Every record in the part files, in write order (several per id when a failure was retried)."""
-        return self._read_parts(columns)
+    def read_all(self) -> pa.Table:
+        """Every record in the part files, in write order (several per id when a failure was retried), whole:
+        for tests and inspection. The commands stream (chosen_records), a run reads by position (row_groups)."""
+        return self._read_parts()
 
     def _read_parts(self, columns: list[str] | None = None) -> pa.Table:
         # File by file, not through pyarrow.dataset: 0.4 s for 900 parts where the dataset takes 0.7 s,
         # plus 0.6 s and 43 MB to import it.
         # A run stops on a part damaged now (its records may already count); status and estimate leave it out.
-        columns = columns or RESULT_FIELDS
+        columns = columns or RECORD_FIELDS
         tables = []
         for path in self._parts():
             try:
@@ -191,7 +197,7 @@ class Checkpoint:
                 if self._owned:
                     self._damaged_mid_run(damaged)
                 tables.extend(table.select(columns) for table in self._left_out(damaged))
-        return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table().select(columns)
+        return pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table().select(columns)
 
     def _left_out(self, damaged: DamagedPart) -> list[pa.Table]:
         """For a reader that leaves the folder alone: a damaged part's readable row groups, and one warning."""
@@ -218,18 +224,8 @@ class Checkpoint:
         built = path.stat().st_mtime_ns
         return any(part.stat().st_mtime_ns > built for part in [source, *self._parts()])
 
-    def results(self, columns: list[str] | None = None) -> pa.Table:
-        """All results, the last one per id (a retried failure replaced by its new answer)."""
-        return self._read_parts(columns).take(_sorted(self.answered().records))
-
-    def snapshot(self) -> pa.Table:
-        """Results so far, log included, read without touching the folder: safe while a run is alive."""
-        if not self.folder.is_dir():
-            return RESULT_SCHEMA.empty_table()
-        return _last_per_id(pa.concat_tables([self._read_parts(), self._logged()]))
-
     # -- writing ---------------------------------------------------------------------------
-    def append(self, record: dict[str, Any]) -> None:
+    def append(self, record: Record) -> None:
         """Log one result; raises CheckpointWriteError when it cannot be kept (the run must stop)."""
         if self._failed is not None:
             raise self._failed
@@ -407,13 +403,13 @@ def _readable_groups(path: Path) -> list[pa.Table]:
         with _reading(path):
             part = _open_part(path)
             groups = part.metadata.num_row_groups
-            present = _present(part, RESULT_FIELDS)
+            present = _present(part, RECORD_FIELDS)
     except DamagedPart:
         return []
     readable = []
     for group in range(groups):
         with contextlib.suppress(DamagedPart), _reading(path):
-            readable.append(_conformed(part.read_row_group(group, columns=present, use_threads=False), RESULT_FIELDS))
+            readable.append(_conformed(part.read_row_group(group, columns=present, use_threads=False), RECORD_FIELDS))
     return readable
 
 
@@ -457,7 +453,7 @@ class RowGroups:
             pieces.append(self._read(number, group, columns).take(pa.array(positions[mine] - first)))
             placed[mine] = done + np.arange(len(mine))
             done += len(mine)
-        table = pa.concat_tables(pieces) if pieces else RESULT_SCHEMA.empty_table().select(columns)
+        table = pa.concat_tables(pieces) if pieces else RECORD_SCHEMA.empty_table().select(columns)
         return table.take(pa.array(placed))
 
     def _read(self, number: int, group: int, columns: list[str]) -> pa.Table:
@@ -501,8 +497,8 @@ def _group_rows_of(path: Path, known: dict[str, list[int]]) -> list[int]:
 
 
 def _write_merged(paths: list[Path], tmp: Path, batch_rows: int) -> None:
-    with pq.ParquetWriter(tmp, RESULT_SCHEMA, use_dictionary=DICTIONARY_COLUMNS) as writer:
-        for records in _bunches(paths, RESULT_FIELDS, {}, batch_rows):
+    with pq.ParquetWriter(tmp, RECORD_SCHEMA, use_dictionary=DICTIONARY_FIELDS) as writer:
+        for records in _bunches(paths, RECORD_FIELDS, {}, batch_rows):
             writer.write_table(records)
 
 
@@ -550,23 +546,10 @@ def _present(part: pq.ParquetFile, columns: list[str]) -> list[str]:
 
 
 def _conformed(table: pa.Table, columns: list[str]) -> pa.Table:
-    """`table` as these RESULT_SCHEMA columns; a column a part was written without reads as nulls."""
-    schema = pa.schema([RESULT_SCHEMA.field(c) for c in columns])
+    """`table` as these RECORD_SCHEMA columns; a column a part was written without reads as nulls."""
+    schema = pa.schema([RECORD_SCHEMA.field(c) for c in columns])
     return pa.table([table.column(c) if c in table.column_names else pa.nulls(table.num_rows, schema.field(c).type)
                      for c in columns], schema=schema)
-
-
-def answered_of(table: pa.Table) -> Answered:
-    """Per id, its last record's state, from a table of records (id, status, error_class) in write order."""
-    return Answered(*(table.column(name) for name in STATE_COLUMNS))
-
-
-def _last_per_id(table: pa.Table) -> pa.Table:
-    return table.take(_sorted(answered_of(table).records))
-
-
-def _sorted(positions: pa.Array) -> np.ndarray:
-    return np.sort(positions.to_numpy())  # the kept records in the order they were written
 
 
 def _wal_table(path: Path, warn: Callable[[str], None], keep_damaged: bool) -> pa.Table:
@@ -607,15 +590,15 @@ def _wal_table(path: Path, warn: Callable[[str], None], keep_damaged: bool) -> p
 
 
 def _records_table(records: list[dict[str, Any]]) -> tuple[pa.Table, str | None]:
-    """Records as RESULT_SCHEMA rows, and what was salvaged: a field of the wrong type (a count written as
+    """Records as RECORD_SCHEMA rows, and what was salvaged: a field of the wrong type (a count written as
     "3") is converted or emptied; a record without a readable id or status is dropped (its row is pending)."""
     try:
-        return pa.Table.from_pylist(records, schema=RESULT_SCHEMA), None
+        return pa.Table.from_pylist(records, schema=RECORD_SCHEMA), None
     except (pa.ArrowException, OverflowError, ValueError, TypeError):
         pass
     kept, fields, dropped = [], set(), 0
     for record in records:
-        salvaged = {f.name: _salvaged(record.get(f.name), f.type) for f in RESULT_SCHEMA}
+        salvaged = {f.name: _salvaged(record.get(f.name), f.type) for f in RECORD_SCHEMA}
         fields.update(f for f, value in salvaged.items() if value is _UNREADABLE or (
             value is not None and record.get(f) is not None and value != record.get(f)))
         salvaged = {f: None if value is _UNREADABLE else value for f, value in salvaged.items()}
@@ -625,7 +608,7 @@ def _records_table(records: list[dict[str, Any]]) -> tuple[pa.Table, str | None]
             dropped += 1
     lost = f", {dropped} record(s) without a readable id or status were dropped" if dropped else ""
     salvage = f"fields of the wrong type ({', '.join(sorted(fields)) or 'none'}) were converted or emptied{lost}"
-    return pa.Table.from_pylist(kept, schema=RESULT_SCHEMA), salvage
+    return pa.Table.from_pylist(kept, schema=RECORD_SCHEMA), salvage
 
 
 _UNREADABLE = object()

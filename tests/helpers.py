@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from batch.answered import Answered
-from batch.pool import failed_record
+from batch.records import failed_record
 from batch.reader import Row
 from batch.writer import Checkpoint
 

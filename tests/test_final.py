@@ -30,7 +30,7 @@ def assert_final(job, rows, path: Path | None = None) -> None:
     result = pq.read_table(path or job.parent / "out" / "result.parquet")
     assert result.column("review_id").to_pylist() == [r["review_id"] for r in rows]
     assert result.column("text").to_pylist() == [r["text"] for r in rows]
-    records = Checkpoint(job.parent / "out" / "result.checkpoint").records()
+    records = Checkpoint(job.parent / "out" / "result.checkpoint").read_all()
     last = {row_id: at for at, row_id in enumerate(records.column("id").to_pylist())}
     want = records.take([last[r["review_id"]] for r in rows]).drop_columns(["id", "seq", "prompt_hash"])
     assert result.drop_columns(["review_id", "text"]).equals(want)
@@ -46,7 +46,7 @@ def test_many_parts_and_windows_with_retried_rows_keep_the_last_answer(sim, make
     code, out, err = run_cli("run", job, "--retry-failed")
     assert code == 0, out + err
     folder = job.parent / "out" / "result.checkpoint"
-    assert Checkpoint(folder).records().num_rows == 120 + len(rows[4::9])  # failure and answer, both kept
+    assert Checkpoint(folder).read_all().num_rows == 120 + len(rows[4::9])  # failure and answer, both kept
     assert set(output_of(job)["status"]) == {"ok"}
     assert_final(job, rows)
     assert_final(job, rows, final_in_small_windows(job))

@@ -112,7 +112,7 @@ def test_token_budget_counts_only_what_was_sent_and_the_cache_still_answers(sim,
     assert code == 5, out + err
     sent = sim.stats()["requests"]
     assert 0 < sent < 10
-    checkpoint = Checkpoint(job.parent / "out" / "result.checkpoint").records().to_pandas()
+    checkpoint = Checkpoint(job.parent / "out" / "result.checkpoint").read_all().to_pandas()
     answered = checkpoint.set_index("id")
     # Rows 10.. repeat rows the budget could pay for: the cache answers them, free, after the budget is reached.
     assert sorted(answered.index[answered["cache_hit"]]) == [f"c{i + 10:02d}" for i in range(sent)]

@@ -137,7 +137,7 @@ RUN_AND_REPORT_PANDAS = ("import sys\nfrom batch.cli import main\ncode = main(sy
                          "print('pandas imported:', 'pandas' in sys.modules)\nsys.exit(code)")
 
 
-def test_a_run_keeps_pandas_out_and_parse_json_lets_it_in(start_sim, make_job):
+def test_a_run_keeps_pandas_out_parse_json_included(start_sim, make_job):
     sim = start_sim()
     rows = [{"review_id": f"p{i}", "text": f"review {i}"} for i in range(30)]
     job = make_job(sim, rows=rows, input_file="in.parquet")
@@ -154,7 +154,7 @@ def test_a_run_keeps_pandas_out_and_parse_json_lets_it_in(start_sim, make_job):
     done = subprocess.run([sys.executable, "-c", RUN_AND_REPORT_PANDAS, "run", str(parsing)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert "pandas imported: True" in done.stdout
+    assert "pandas imported: False" in done.stdout  # the reply columns are built in Arrow, a window at a time
     result = pq.read_table(parsing.parent / "json" / "result.parquet").to_pylist()
     assert len(result) == 30 and {r["label"] for r in result} <= {"positive", "negative", "neutral"}
 

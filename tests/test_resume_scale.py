@@ -222,7 +222,7 @@ def test_parts_merge_into_bounded_files_and_a_kill_mid_merge_keeps_the_last_reco
     merged.merge()
     files = sorted((tmp_path / "merged").glob("part-*.parquet"))
     assert [pq.ParquetFile(f).metadata.num_rows for f in files] == [9] * (total // 9) + [total % 9] * (total % 9 > 0)
-    assert Checkpoint(tmp_path / "merged").records().column("id").to_pylist() == [f"id{i % 60}" for i in range(total)]
+    assert Checkpoint(tmp_path / "merged").read_all().column("id").to_pylist() == [f"id{i % 60}" for i in range(total)]
     assert states(opened(Checkpoint(tmp_path / "merged"))) == want
 
     killed = fill(tmp_path / "killed")  # as if killed after the first merged file replaced its last part

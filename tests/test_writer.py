@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from helpers import opened, record, states
 
-from batch.writer import MERGE_PARTS_ABOVE, RESULT_SCHEMA, WAL_NAME, Checkpoint
+from batch.records import RECORD_SCHEMA
+from batch.writer import MERGE_PARTS_ABOVE, WAL_NAME, Checkpoint
 
 
 def test_log_survives_without_close_and_a_torn_last_line_is_ignored(tmp_path):
@@ -54,10 +55,7 @@ def test_the_last_record_for_an_id_wins(tmp_path):
     ck.append(record(2))
     ck.append(record(1, "ok"))
     ck.close()
-    results = Checkpoint(folder).results()
-    by_id = dict(zip(results.column("id").to_pylist(), results.column("status").to_pylist()))
-    assert by_id == {"id1": "ok", "id2": "ok"}
-    assert results.num_rows == 2
+    assert states(Checkpoint(folder).answered()) == {"id1": "ok", "id2": "ok"}
 
 
 def test_a_record_in_both_a_part_and_the_log_counts_once(tmp_path):
@@ -70,14 +68,14 @@ def test_a_record_in_both_a_part_and_the_log_counts_once(tmp_path):
     (folder / WAL_NAME).write_text(json.dumps(record(1)) + "\n")
     again = Checkpoint(folder)
     assert states(opened(again)) == {"id1": "ok"}
-    assert again.results().num_rows == 1
+    assert len(again.answered()) == 1
     again.close()
 
 
 def test_a_part_written_before_a_field_existed_reads_and_merges_with_nulls(tmp_path):
     folder = tmp_path / "ck"
     folder.mkdir()
-    old = pa.Table.from_pylist([record(0), record(1, "failed")], schema=RESULT_SCHEMA)
+    old = pa.Table.from_pylist([record(0), record(1, "failed")], schema=RECORD_SCHEMA)
     pq.write_table(old.drop_columns(["cache_hit", "reasoning_content"]), folder / "part-000001.parquet")
     ck = Checkpoint(folder, rows_per_part=1)
     assert states(opened(ck)) == {"id0": "ok", "id1": "server_error"}
@@ -86,6 +84,6 @@ def test_a_part_written_before_a_field_existed_reads_and_merges_with_nulls(tmp_p
     ck.close()  # merges the old part with the new ones
     (merged,) = folder.glob("part-*.parquet")
     table = pq.read_table(merged)
-    assert table.schema == RESULT_SCHEMA
+    assert table.schema == RECORD_SCHEMA
     assert table.column("cache_hit").to_pylist() == [None, None] + [False] * (MERGE_PARTS_ABOVE + 1)
     assert table.column("id").to_pylist() == [f"id{i}" for i in range(MERGE_PARTS_ABOVE + 3)]

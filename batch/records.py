@@ -1,0 +1,149 @@
+"""The result record: one per answer or failure, the same in the log, the Parquet parts, the cache and the output.
+
+`Record` is its type, `RECORD_SCHEMA` its Arrow schema, and the field groups below say which fields
+each reader of it takes. Records are built here only, by the three constructors: from an answer the
+client checked, from a failure, and from an answer kept in the cache. A record stays a plain dict
+(a TypedDict): the pool makes one per answer, and anything heavier would cost CPU on every row.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, TypedDict
+
+import pyarrow as pa
+
+from batch.logs import redact
+from batch.pricing import Pricer, cost_of
+
+if TYPE_CHECKING:
+    from batch.reader import Row
+
+
+class Record(TypedDict):
+    id: str
+    seq: int  # the input row it was sent from
+    status: str  # "ok" or "failed"
+    response: str | None
+    reasoning_content: str | None
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    cost: float | None  # CNY; None when the model has no known price
+    model: str
+    request_id: str | None
+    latency_s: float | None
+    attempts: int  # requests sent for it: 0 when the cache answered or the row had no prompt
+    error_class: str | None
+    error: str | None
+    cache_hit: bool
+    prompt_hash: int | None
+
+
+RECORD_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("seq", pa.int64()),
+    ("status", pa.string()),
+    ("response", pa.string()),
+    ("reasoning_content", pa.string()),
+    ("finish_reason", pa.string()),
+    ("prompt_tokens", pa.int64()),
+    ("completion_tokens", pa.int64()),
+    ("total_tokens", pa.int64()),
+    ("cost", pa.float64()),
+    ("model", pa.string()),
+    ("request_id", pa.string()),
+    ("latency_s", pa.float64()),
+    ("attempts", pa.int32()),
+    ("error_class", pa.string()),
+    ("error", pa.string()),
+    ("cache_hit", pa.bool_()),
+    # CRC-32 of the row's prompt values when it was sent (reader.prompt_hashes): a row whose values were
+    # edited since is sent again. Null in checkpoints written before it existed: those are taken as unchanged.
+    ("prompt_hash", pa.uint32()),
+])
+RECORD_FIELDS = RECORD_SCHEMA.names
+assert RECORD_FIELDS == list(Record.__annotations__), "Record and RECORD_SCHEMA list the same fields"
+
+# What the final file shows beside each input row: the input has the id, and the row's place and prompt are its own.
+OUTPUT_FIELDS = [name for name in RECORD_FIELDS if name not in ("id", "seq", "prompt_hash")]
+# What the answer cache keeps of an answer: what another row asking the same thing copies.
+CACHED_FIELDS = ("response", "reasoning_content", "finish_reason", "prompt_tokens", "completion_tokens",
+                 "total_tokens", "model", "request_id")
+# What an answer cost: a row's record holds the sum over all its answers (add_paid_before).
+PAID_FIELDS = ("cost", "prompt_tokens", "completion_tokens", "total_tokens")
+# Dictionary-encoded when written: the fields with a handful of distinct values. The others (ids, answers)
+# are unique per row, and a dictionary builder per column held ~10 MB while it found that out.
+DICTIONARY_FIELDS = ["status", "finish_reason", "model", "error_class"]
+
+
+def answer_record(row: Row, data: dict[str, Any], latency: float, attempts: int, pricer: Pricer | None,
+                  model: str) -> Record:
+    """The record of an answer the client checked (client.parse_body: every field has its type, no key in it)."""
+    choice = data["choices"][0]
+    message = choice["message"]
+    usage = data.get("usage") or {}
+    prompt_tokens = usage.get("prompt_tokens")
+    completion_tokens = usage.get("completion_tokens")
+    return {
+        "id": row.id, "seq": row.seq, "status": "ok",
+        "response": message.get("content"),
+        "reasoning_content": message.get("reasoning_content"),
+        "finish_reason": choice.get("finish_reason"),
+        "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+        "total_tokens": total_tokens(usage),
+        "cost": cost_of(pricer, prompt_tokens, completion_tokens,
+                        (usage.get("prompt_tokens_details") or {}).get("cached_tokens")),
+        "model": data.get("model") or model,
+        "request_id": data.get("request_id") or data.get("id"),
+        "latency_s": round(latency, 4), "attempts": attempts,
+        "error_class": None, "error": None, "cache_hit": False, "prompt_hash": row.prompt_hash,
+    }
+
+
+def failed_record(row: Row, error_class: str, error: str, attempts: int, model: str) -> Record:
+    """The record of a row that got no usable answer (its error redacted: it is written to disk)."""
+    return {
+        "id": row.id, "seq": row.seq, "status": "failed", "response": None, "reasoning_content": None,
+        "finish_reason": None, "prompt_tokens": None, "completion_tokens": None, "total_tokens": None,
+        "cost": None, "model": model, "request_id": None, "latency_s": None, "attempts": attempts,
+        "error_class": error_class, "error": redact(error), "cache_hit": False, "prompt_hash": row.prompt_hash,
+    }
+
+
+def cached_record(kept: dict[str, Any], row: Row) -> Record:
+    """A row's record made from another request's answer (`kept`: its CACHED_FIELDS): no request sent, nothing paid."""
+    return {
+        "id": row.id, "seq": row.seq, "status": "ok", **{name: kept.get(name) for name in CACHED_FIELDS},
+        "cost": 0.0, "latency_s": 0.0, "attempts": 0, "error_class": None, "error": None, "cache_hit": True,
+        "prompt_hash": row.prompt_hash,
+    }
+
+
+def cached_fields(record: Record) -> dict[str, Any]:
+    """What the answer cache keeps of `record`."""
+    return {name: record[name] for name in CACHED_FIELDS}
+
+
+def total_tokens(usage: dict[str, Any]) -> int | None:
+    """usage.total_tokens, or prompt + completion when a server leaves it out."""
+    total = usage.get("total_tokens")
+    if total is None and usage.get("prompt_tokens") is not None and usage.get("completion_tokens") is not None:
+        return usage["prompt_tokens"] + usage["completion_tokens"]
+    return total
+
+
+def add_paid_before(record: Record, paid: dict[str, Any] | None) -> None:
+    """Add to `record` what earlier answers to its row cost (`paid`: PAID_FIELDS), so the row's record holds the sum
+    over all its answers. A field unknown on either side stays what it was on the other."""
+    if not paid:
+        return
+    for name in PAID_FIELDS:
+        if paid[name] is not None:
+            mine = record[name]
+            record[name] = paid[name] if mine is None else mine + paid[name]
+
+
+def billed(record: Record) -> bool:
+    """Whether a record holds an answer the server produced (and billed), ok or not (a reply that is not JSON)."""
+    return record["response"] is not None or record["finish_reason"] is not None
