@@ -1,9 +1,10 @@
-"""The result record: one per answer or failure, the same in the log, the Parquet parts, the cache and the output.
+"""The result record: one per answer or failure, as the checkpoint's log and Parquet parts hold it.
 
 `Record` is its type, `RECORD_SCHEMA` its Arrow schema, and the field groups below say which fields
-each reader of it takes. Records are built here only, by the three constructors: from an answer the
-client checked, from a failure, and from an answer kept in the cache. A record stays a plain dict
-(a TypedDict): the pool makes one per answer, and anything heavier would cost CPU on every row.
+the others take of it: the final file, the answer cache, the spending totals. Records are built
+here only, by the three constructors: from an answer the client checked, from a failure, and from
+an answer kept in the cache. A record stays a plain dict (a TypedDict): the pool makes one per
+answer, and anything heavier would cost CPU on every row.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ OUTPUT_FIELDS = [name for name in RECORD_FIELDS if name not in ("id", "seq", "pr
 CACHED_FIELDS = ("response", "reasoning_content", "finish_reason", "prompt_tokens", "completion_tokens",
                  "total_tokens", "model", "request_id")
 # What an answer cost: a row's record holds the sum over all its answers (add_paid_before).
-PAID_FIELDS = ("cost", "prompt_tokens", "completion_tokens", "total_tokens")
+TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+PAID_FIELDS = ("cost", *TOKEN_FIELDS)
 # Dictionary-encoded when written: the fields with a handful of distinct values. The others (ids, answers)
 # are unique per row, and a dictionary builder per column held ~10 MB while it found that out.
 DICTIONARY_FIELDS = ["status", "finish_reason", "model", "error_class"]

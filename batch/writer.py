@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from batch.answered import Answered, RowStates
 from batch.atomic import fsync_dir, os_reason, write_atomic
 from batch.errors import CheckpointDamagedError, CheckpointWriteError
-from batch.records import DICTIONARY_FIELDS, RECORD_FIELDS, RECORD_SCHEMA, Record
+from batch.records import DICTIONARY_FIELDS, RECORD_FIELDS, RECORD_SCHEMA, TOKEN_FIELDS, Record
 
 log = logging.getLogger("batch")
 
@@ -47,7 +47,6 @@ MERGE_BATCH_ROWS = 4096  # rows per row group of a merged part: the writer holds
 MERGE_FILE_ROWS = 64 * MERGE_BATCH_ROWS
 STATE_COLUMNS = ["id", "status", "error_class"]
 FSYNC_EVERY_S = 1.0
-TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
 class Spent(NamedTuple):
