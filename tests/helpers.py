@@ -14,8 +14,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from batch.answered import Answered
-from batch.records import failed_record
 from batch.reader import Row
+from batch.records import failed_record
 from batch.writer import Checkpoint
 
 DATA = Path(__file__).resolve().parent.parent / "data"

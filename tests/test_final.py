@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from helpers import checkpoint_of, output_of
 
-from batch.final import Records, write_final
+from batch.final import LastRecords, write_final
 from batch.reader import InputTable
 from batch.writer import Checkpoint
 
@@ -20,7 +20,7 @@ def final_in_small_windows(job: Path) -> Path:
     total = table.scan(keep_hashes=True)
     states = checkpoint.row_states(total, table.row_hashes, table.row_prompts)
     path = job.parent / "small-windows.parquet"
-    write_final(path, table.id_batches(["text"]), "review_id", ["text"], Records(checkpoint.row_groups(), states),
+    write_final(path, table.id_batches(["text"]), "review_id", ["text"], LastRecords(checkpoint.row_groups(), states),
                 window_rows=20)
     return path
 
