@@ -142,6 +142,34 @@ def completion_for(model: str, messages: list[dict[str, Any]], max_tokens: int |
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
 
 
+@dataclasses.dataclass(frozen=True)
+class ChatRequest:
+    """The parts of a chat completions request body that shape the answer."""
+
+    model: str
+    messages: list[dict[str, Any]]
+    max_tokens: int | None
+    json_mode: bool
+    prompt: str  # the last user message: the key for stats and markers
+
+
+def parse_chat(body: Any) -> ChatRequest:
+    """A request body as the simulator reads it; raises ValueError, KeyError or TypeError when it is not one."""
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise ValueError("messages must be a non-empty list of objects")
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+    return ChatRequest(model=str(body.get("model") or ""), messages=messages,
+                       max_tokens=None if max_tokens is None else int(max_tokens),
+                       json_mode=(body.get("response_format") or {}).get("type") == "json_object",
+                       prompt=last_user_text(messages))
+
+
+def markers_of(prompt: str) -> dict[str, str]:
+    """The fault markers in a prompt, by name (``[[slow:50]]`` -> ``{"slow": "50"}``)."""
+    return dict(_MARKER_RE.findall(prompt)) if "[[" in prompt else {}
+
+
 @dataclasses.dataclass
 class SimConfig:
     latency_ms: float = 0
@@ -251,14 +279,23 @@ class Simulator:
         headers = None
         if status == 429 and (code is None or code in _RATE_LIMIT_CODES) and self.config.retry_after is not None:
             headers = {"Retry-After": f"{self.config.retry_after:g}"}
-        text = self._echo(request, message or _MESSAGES.get(code or "", f"simulated error {status}"))
-        error: dict[str, Any] = {"message": text} if code is None else {"code": code, "message": text}
-        return self._json(status, {"error": error}, headers)
+        return self._json(status, self.error_body(request.headers.get("Authorization", ""), status, code, message),
+                          headers)
 
-    def _echo(self, request: web.Request, text: str) -> str:
+    def error_body(self, authorization: str, status: int, code: str | None, message: str | None = None
+                   ) -> dict[str, Any]:
+        text = self.echo(authorization, message or _MESSAGES.get(code or "", f"simulated error {status}"))
+        error: dict[str, Any] = {"message": text} if code is None else {"code": code, "message": text}
+        return {"error": error}
+
+    def echo(self, authorization: str, text: str) -> str:
+        """The text, quoting the request's Authorization header when echo_key is on."""
         if not self.config.echo_key:
             return text
-        return f"{text} (you sent Authorization: {request.headers.get('Authorization', '')})"
+        return f"{text} (you sent Authorization: {authorization})"
+
+    def authorized(self, request: web.Request) -> bool:
+        return self._auth is None or request.headers.get("Authorization") == self._auth
 
     def _down(self, request: web.Request) -> web.Response:
         """The answer of an endpoint that is down: an overloaded API, or the HTML page of the proxy in front of it."""
@@ -290,20 +327,13 @@ class Simulator:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self._requests += 1
         cfg = self.config
-        if self._auth is not None and request.headers.get("Authorization") != self._auth:
+        if not self.authorized(request):
             return self._error(request, 401, "1000")
         try:
-            body = json.loads(await request.read())
-            messages = body["messages"]
-            if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-                raise ValueError("messages must be a non-empty list of objects")
-            model = str(body.get("model") or "")
-            max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-            max_tokens = None if max_tokens is None else int(max_tokens)
-            json_mode = (body.get("response_format") or {}).get("type") == "json_object"
+            chat = parse_chat(json.loads(await request.read()))
         except (ValueError, KeyError, TypeError) as exc:
             return self._error(request, 400, "1214", f"请求参数非法 / invalid request: {type(exc).__name__}")
-        prompt = last_user_text(messages)
+        prompt = chat.prompt
         self._by_prompt[prompt] = self._by_prompt.get(prompt, 0) + 1
         if self._requests <= cfg.down_for_requests:
             return self._down(request)
@@ -316,19 +346,19 @@ class Simulator:
         if self._in_flight > self._max_in_flight:
             self._max_in_flight = self._in_flight
         try:
-            return await self._respond(request, model, messages, max_tokens, prompt, json_mode)
+            return await self._respond(request, chat)
         except asyncio.CancelledError:
             self._count("disconnected")  # the client gave up (timeout) before we answered
             raise
         finally:
             self._in_flight -= 1
 
-    async def _respond(self, request: web.Request, model: str, messages: list[dict[str, Any]],
-                       max_tokens: int | None, prompt: str, json_mode: bool = False) -> web.StreamResponse:
+    async def _respond(self, request: web.Request, chat: ChatRequest) -> web.StreamResponse:
         cfg = self.config
+        prompt = chat.prompt
         if cfg.fail_after is not None and self._successes >= cfg.fail_after:
             return self._error(request, cfg.fail_status, cfg.fail_code)
-        markers = dict(_MARKER_RE.findall(prompt)) if "[[" in prompt else {}
+        markers = markers_of(prompt)
         delay = 0.0
         if cfg.latency_ms > 0:
             delay = cfg.latency_ms
@@ -342,10 +372,8 @@ class Simulator:
         if "error" in markers:
             status, _, code = markers["error"].partition(":")
             return self._error(request, int(_number(status, 500)), code or None)
-        if "flaky" in markers:
-            seen = self._flaky_seen[prompt] = self._flaky_seen.get(prompt, 0) + 1
-            if seen <= _number(markers["flaky"], 1):
-                return self._error(request, 500, "1200")
+        if self.flaky_fails(prompt, markers):
+            return self._error(request, 500, "1200")
         outcome = ""
         for name in ("malformed", "nochoices", "hang", "reset"):
             if name in markers:
@@ -376,31 +404,45 @@ class Simulator:
         if cfg.fail_after is not None and self._successes >= cfg.fail_after:
             return self._error(request, cfg.fail_status, cfg.fail_code)
 
-        result = completion_for(model, messages, max_tokens, json_mode)
+        if outcome != "nochoices":
+            self._successes += 1
+        answer = self.chat_completion(chat, markers, request.headers.get("Authorization", ""),
+                                      nochoices=outcome == "nochoices")
+        if "bigstream" in markers:
+            return await self._stream(request, answer, answer["id"])
+        return self._json(200, answer, {"x-request-id": answer["id"]})
+
+    def flaky_fails(self, prompt: str, markers: dict[str, str]) -> bool:
+        """[[flaky:N]]: True for the first N requests with this prompt (online and Batch API lines alike)."""
+        if "flaky" not in markers:
+            return False
+        seen = self._flaky_seen[prompt] = self._flaky_seen.get(prompt, 0) + 1
+        return seen <= _number(markers["flaky"], 1)
+
+    def chat_completion(self, chat: ChatRequest, markers: dict[str, str], authorization: str,
+                        nochoices: bool = False) -> dict[str, Any]:
+        """The chat.completion body of a 200, shaped by the prompt's markers; the Batch API's output lines reuse it."""
+        result = completion_for(chat.model, chat.messages, chat.max_tokens, chat.json_mode)
         request_id = "chatcmpl-" + os.urandom(6).hex()
-        content = self._echo(request, result["content"])
+        content = self.echo(authorization, result["content"])
         big = markers.get("bigbody") or markers.get("bigstream")
         if big is not None:
             content += "x" * max(0, int(_number(big, 0)) - len(content))
         message: dict[str, Any] = {"role": "assistant", "content": content}
-        if "[[think]]" in prompt:  # a thinking model's reasoning, as GLM-4.5+ returns it
-            message["reasoning_content"] = f"reasoning about: {prompt[:32]}"
-        choices = [] if outcome == "nochoices" else [{
+        if "[[think]]" in chat.prompt:  # a thinking model's reasoning, as GLM-4.5+ returns it
+            message["reasoning_content"] = f"reasoning about: {chat.prompt[:32]}"
+        choices = [] if nochoices else [{
             "index": 0, "finish_reason": result["finish_reason"], "message": message}]
         prompt_tokens, completion_tokens = result["prompt_tokens"], result["completion_tokens"]
-        if outcome != "nochoices":
-            self._successes += 1
         answer = {
             "id": request_id, "request_id": request_id, "object": "chat.completion",
-            "created": int(time.time()), "model": model, "choices": choices,
+            "created": int(time.time()), "model": chat.model, "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         }
-        for path, value in _SET_RE.findall(prompt):
+        for path, value in _SET_RE.findall(chat.prompt):
             _set_field(answer, path, value)
-        if "bigstream" in markers:
-            return await self._stream(request, answer, request_id)
-        return self._json(200, answer, {"x-request-id": request_id})
+        return answer
 
     async def _stream(self, request: web.Request, answer: dict[str, Any], request_id: str) -> web.StreamResponse:
         """The answer in chunks, without a Content-Length: a client learns its size only by reading it."""
