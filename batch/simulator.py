@@ -192,8 +192,23 @@ class SimConfig:
     api_key: str | None = dataclasses.field(default=None, repr=False)  # keep it out of reprs/logs
     echo_key: bool = False  # quote the request's Authorization header in every error message and reply
     seed: int = 0
+    # The Batch API (batch/simulator_batches.py); times are seconds of the simulator's batch clock.
+    batch_speed: float = 1.0  # simulated seconds per real second; 0: only POST /_batches/advance moves the clock
+    batch_rate: float = 1000.0  # lines a batch answers per simulated second
+    batch_validating_s: float = 1.0
+    batch_finalizing_s: float = 1.0
+    batch_cancelling_s: float = 1.0  # lines keep being answered this long after a cancel
+    batch_expire_s: float = 86400.0  # a batch not finished this long after its creation expires
+    batch_max_files: int = 1000  # files kept (uploads and outputs); an upload past it is refused
+    batch_max_lines: int = 50000  # per input file, refused at create
+    batch_max_bytes: int = 100_000_000  # per input file, refused at create
+    batch_p_poll_500: float = 0.0  # the chance that a retrieve, list or file download answers 500 (code 1200) ...
+    batch_p_poll_503: float = 0.0  # ... or 503 (code 1305)
+    batch_arrears_after: int | None = None  # once N batches were created, create answers 429 with code 1113
 
     def __post_init__(self) -> None:
+        if self.batch_rate <= 0 or self.batch_speed < 0:
+            raise ValueError("batch_rate must be above 0 and batch_speed at least 0")
         if self.latency_dist not in ("fixed", "lognormal"):
             raise ValueError(f"latency_dist must be 'fixed' or 'lognormal', not {self.latency_dist!r}")
         if self.down_as not in ("503", "html"):
@@ -207,6 +222,9 @@ class Simulator:
         self._runner: web.AppRunner | None = None
         self._in_flight = 0
         self.reconfigure(config or SimConfig())
+        from batch.simulator_batches import BatchService  # it builds on this module: imported once both exist
+
+        self.batches = BatchService(self)
         self._reset_state()
 
     def reconfigure(self, config: SimConfig) -> None:
@@ -225,6 +243,7 @@ class Simulator:
         # Separate streams so enabling latency jitter does not shift which requests fault.
         self._fault_rng = random.Random(self.config.seed)
         self._latency_rng = random.Random(self.config.seed + 1)
+        self.batches.reset_counters()
 
     @property
     def port(self) -> int:
@@ -242,12 +261,14 @@ class Simulator:
         rejected ones included.  max_in_flight counts admitted requests only.
         """
         return {"requests": self._requests, "by_status": dict(self._by_status),
-                "by_prompt": dict(self._by_prompt), "max_in_flight": self._max_in_flight}
+                "by_prompt": dict(self._by_prompt), "max_in_flight": self._max_in_flight,
+                "batch_api": self.batches.stats()}
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         app = web.Application()
         for path in ("/v1/chat/completions", "/api/paas/v4/chat/completions"):
             app.router.add_post(path, self._handle)
+        self.batches.routes(app)
         app.router.add_get("/_stats", self._handle_stats)
         app.router.add_post("/_reset", self._handle_reset)
         # handler_cancellation: a client that times out on a hang frees its in-flight slot.
@@ -262,6 +283,7 @@ class Simulator:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        self.batches.close()
 
     def _count(self, status: str) -> None:
         self._by_status[status] = self._by_status.get(status, 0) + 1
@@ -563,6 +585,10 @@ class SimulatorThread:
         """Change these SimConfig fields from the next request on (requests already waiting keep theirs)."""
         config = dataclasses.replace(self.simulator.config, **fields)
         self._call(lambda: self.simulator.reconfigure(config))
+
+    def advance(self, seconds: float) -> None:
+        """Move the Batch API clock forward (as POST /_batches/advance does)."""
+        self._call(lambda: self.simulator.batches.advance(seconds))
 
     def __enter__(self) -> SimulatorThread:
         self.start()
