@@ -428,11 +428,11 @@ class Simulator:
 
         if outcome != "nochoices":
             self._successes += 1
-        answer = self.chat_completion(chat, markers, request.headers.get("Authorization", ""),
-                                      nochoices=outcome == "nochoices")
+        request_id, answer = self.chat_completion(chat, markers, request.headers.get("Authorization", ""),
+                                                  nochoices=outcome == "nochoices")
         if "bigstream" in markers:
-            return await self._stream(request, answer, answer["id"])
-        return self._json(200, answer, {"x-request-id": answer["id"]})
+            return await self._stream(request, answer, request_id)
+        return self._json(200, answer, {"x-request-id": request_id})
 
     def flaky_fails(self, prompt: str, markers: dict[str, str]) -> bool:
         """[[flaky:N]]: True for the first N requests with this prompt (online and Batch API lines alike)."""
@@ -442,8 +442,9 @@ class Simulator:
         return seen <= _number(markers["flaky"], 1)
 
     def chat_completion(self, chat: ChatRequest, markers: dict[str, str], authorization: str,
-                        nochoices: bool = False) -> dict[str, Any]:
-        """The chat.completion body of a 200, shaped by the prompt's markers; the Batch API's output lines reuse it."""
+                        nochoices: bool = False) -> tuple[str, dict[str, Any]]:
+        """The request id and chat.completion body of a 200, shaped by the prompt's markers (which may change the
+        body's own ids); the Batch API's output lines reuse it."""
         result = completion_for(chat.model, chat.messages, chat.max_tokens, chat.json_mode)
         request_id = "chatcmpl-" + os.urandom(6).hex()
         content = self.echo(authorization, result["content"])
@@ -464,7 +465,7 @@ class Simulator:
         }
         for path, value in _SET_RE.findall(chat.prompt):
             _set_field(answer, path, value)
-        return answer
+        return request_id, answer
 
     async def _stream(self, request: web.Request, answer: dict[str, Any], request_id: str) -> web.StreamResponse:
         """The answer in chunks, without a Content-Length: a client learns its size only by reading it."""

@@ -603,7 +603,7 @@ class BatchService:
         if "hang" in markers:
             return None
         authorization = batch.authorization
-        status, body = 200, None
+        status, request_id, body = 200, _new_id("req-"), None
         if "error" in markers:
             text, _, code = markers["error"].partition(":")
             status = int(text) if text.isdigit() else 500
@@ -613,8 +613,8 @@ class BatchService:
         elif "malformed" in markers:
             body = _MALFORMED_BODY.decode()
         else:
-            body = self.sim.chat_completion(chat, markers, authorization, nochoices="nochoices" in markers)
-        request_id = body["id"] if isinstance(body, dict) and "id" in body else _new_id("req-")
+            request_id, body = self.sim.chat_completion(chat, markers, authorization,
+                                                        nochoices="nochoices" in markers)
         return {"id": _new_id("batch_req_"), "custom_id": record["custom_id"],
                 "response": {"status_code": status, "request_id": request_id, "body": body}, "error": None}
 
