@@ -16,6 +16,9 @@ get 503 with code 1305 (``down_as="503"``) or a proxy's HTML 502 page (``down_as
 later ones are answered.  ``SimulatorThread.reconfigure(**fields)`` changes SimConfig fields while it
 serves, e.g. a test drops the latency once it has seen a run in progress.
 
+The Batch API (files and batches, both dialects, on a clock of its own that ``POST /_batches/advance``
+moves) is in batch/simulator_batches.py; its settings are the ``batch_*`` fields of SimConfig.
+
 Run ``python -m batch.simulator --help`` for the CLI.
 """
 

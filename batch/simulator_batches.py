@@ -219,6 +219,9 @@ class BatchService:
         if (refused := self._guard(request)) is not None:
             return refused
         if len(self.files) >= self.config.batch_max_files:
+            # Read the upload first: a client still sending would see a reset rather than this answer.
+            while await request.content.readany():
+                pass
             return self._error(request, 400, _BAD_PARAM,
                                f"文件数量已达上限 / file limit reached: at most {self.config.batch_max_files} files "
                                "are kept; delete some (DELETE /files/{id})")

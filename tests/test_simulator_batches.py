@@ -1,13 +1,14 @@
 """The simulator's Batch API over real HTTP: the openai SDK on /v1, plain aiohttp on Zhipu's /api/paas/v4.
 
-The batch clock is stopped (batch_speed=0) in every test: only POST /_batches/advance moves it, so each
-state is observed deterministically.
+The batch clock is stopped (batch_speed=0) unless a test says otherwise: only POST /_batches/advance moves
+it, so each state is observed deterministically.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,10 +17,9 @@ import aiohttp
 import openai
 import pytest
 
-from batch.simulator import SimConfig, Simulator, completion_for
+from batch.simulator import SimConfig, Simulator, completion_for, main
 
 MODEL = "glm-4-flash"
-pytestmark = pytest.mark.asyncio
 
 
 @dataclass
@@ -72,6 +72,7 @@ async def submit(s: Served, lines: list[dict[str, Any]], **create: Any) -> Any:
                                          completion_window="24h", **create)
 
 
+@pytest.mark.asyncio
 async def test_upload_create_retrieve_download_cycle_with_the_openai_sdk() -> None:
     lines = [line(f"row-{i:04d}", f"review number {i}", max_tokens=64) for i in range(20)]
     async with serve(batch_rate=10, batch_validating_s=2, batch_finalizing_s=3) as s:
@@ -140,6 +141,7 @@ async def zhipu(s: Served, method: str, path: str, **kw: Any) -> tuple[int, Any]
         return resp.status, await resp.read()
 
 
+@pytest.mark.asyncio
 async def test_zhipu_dialect_with_plain_http_deletes_the_input_file_by_default() -> None:
     lines = [line(f"zhipu-{i}", f"你好 {i}", url="/v4/chat/completions") for i in range(3)]
     async with serve(batch_rate=100) as s:
@@ -175,6 +177,7 @@ async def test_zhipu_dialect_with_plain_http_deletes_the_input_file_by_default()
         assert (await s.stats())["custom_ids_submitted_twice"] == ["zhipu-0", "zhipu-1", "zhipu-2"]
 
 
+@pytest.mark.asyncio
 async def test_output_lines_come_in_a_seeded_shuffled_order() -> None:
     lines = [line(f"row-{i:04d}", f"prompt {i}") for i in range(50)]
 
@@ -191,6 +194,7 @@ async def test_output_lines_come_in_a_seeded_shuffled_order() -> None:
     assert first == again and first != other
 
 
+@pytest.mark.asyncio
 async def test_markers_shape_each_line_as_online_and_failures_go_to_the_error_file() -> None:
     lines = [
         line("ok-line", "plain"),
@@ -230,6 +234,7 @@ async def test_markers_shape_each_line_as_online_and_failures_go_to_the_error_fi
     assert output["ok-line"]["response"]["body"]["usage"]["total_tokens"] > 0
 
 
+@pytest.mark.asyncio
 async def test_flaky_line_succeeds_when_resubmitted() -> None:
     async with serve() as s:
         first = await submit(s, [line("flaky-row", "again [[flaky:1]]")])
@@ -243,6 +248,7 @@ async def test_flaky_line_succeeds_when_resubmitted() -> None:
         assert (await s.stats())["custom_ids"] == {"flaky-row": 2}
 
 
+@pytest.mark.asyncio
 async def test_expiry_keeps_partial_output_and_lists_the_rest_as_batch_expired() -> None:
     lines = [line(f"row-{i:04d}", f"prompt {i}") for i in range(20)]
     lines.append(line("hung-line", "never [[hang]]"))
@@ -264,6 +270,7 @@ async def test_expiry_keeps_partial_output_and_lists_the_rest_as_batch_expired()
         x["custom_id"] for x in lines)
 
 
+@pytest.mark.asyncio
 async def test_a_hung_line_keeps_the_batch_in_progress_until_it_expires() -> None:
     async with serve(batch_expire_s=100) as s:
         batch = await submit(s, [line("fine-line", "fine"), line("hung-line", "never [[hang]]")])
@@ -276,6 +283,7 @@ async def test_a_hung_line_keeps_the_batch_in_progress_until_it_expires() -> Non
         assert [e["custom_id"] for e in errors] == ["hung-line"]
 
 
+@pytest.mark.asyncio
 async def test_cancel_finishes_the_in_flight_lines_and_keeps_partial_output() -> None:
     lines = [line(f"row-{i:04d}", f"prompt {i}") for i in range(20)]
     async with serve(batch_rate=1, batch_validating_s=1, batch_cancelling_s=2) as s:
@@ -300,6 +308,7 @@ async def test_cancel_finishes_the_in_flight_lines_and_keeps_partial_output() ->
             await s.client.batches.cancel(batch.id)
 
 
+@pytest.mark.asyncio
 async def test_cancel_while_validating_answers_nothing() -> None:
     async with serve() as s:
         batch = await submit(s, [line("row-0001", "a")])
@@ -320,6 +329,7 @@ async def test_cancel_while_validating_answers_nothing() -> None:
     ({"method": "GET"}, "invalid_method"),
     ({"body": {"model": MODEL}}, "invalid_request"),
 ])
+@pytest.mark.asyncio
 async def test_a_bad_file_fails_the_batch_with_errors_naming_the_line(bad: dict[str, Any], code: str) -> None:
     lines = [line("row-0001", "a"), line("row-0002", "b")]
     lines[1].update(bad)
@@ -333,6 +343,7 @@ async def test_a_bad_file_fails_the_batch_with_errors_naming_the_line(bad: dict[
         assert (await s.stats())["custom_ids"] == {}  # nothing of a failed file was submitted
 
 
+@pytest.mark.asyncio
 async def test_a_line_that_is_not_json_and_an_empty_file_fail_the_batch() -> None:
     async with serve() as s:
         uploaded = await s.client.files.create(file=("in.jsonl", jsonl([line("row-0001", "a")]) + b"{oops\n"),
@@ -350,6 +361,7 @@ async def test_a_line_that_is_not_json_and_an_empty_file_fail_the_batch() -> Non
         assert nothing.status == "failed" and nothing.errors.data[0].code == "empty_file"
 
 
+@pytest.mark.asyncio
 async def test_create_refuses_bad_parameters_and_oversized_files() -> None:
     async with serve(batch_max_lines=3, batch_max_bytes=2000) as s:
         small = await s.client.files.create(file=("in.jsonl", jsonl([line("row-0001", "a")])), purpose="batch")
@@ -376,6 +388,7 @@ async def test_create_refuses_bad_parameters_and_oversized_files() -> None:
         assert (await s.stats())["batches_created"] == 0
 
 
+@pytest.mark.asyncio
 async def test_the_file_cap_refuses_uploads_until_files_are_deleted() -> None:
     async with serve(batch_max_files=2) as s:
         first = await s.client.files.create(file=("a.jsonl", jsonl([line("row-0001", "a")])), purpose="batch")
@@ -390,6 +403,7 @@ async def test_the_file_cap_refuses_uploads_until_files_are_deleted() -> None:
         assert status == 400 and body["error"]["code"] == "1210"
 
 
+@pytest.mark.asyncio
 async def test_arrears_refuse_create_with_1113() -> None:
     async with serve(batch_arrears_after=1) as s:
         await submit(s, [line("row-0001", "a")])
@@ -399,6 +413,7 @@ async def test_arrears_refuse_create_with_1113() -> None:
         assert (await s.stats())["custom_ids"] == {"row-0001": 1}
 
 
+@pytest.mark.asyncio
 async def test_poll_faults_hit_retrieve_list_and_download_but_not_create() -> None:
     async with serve(batch_p_poll_500=1.0) as s:
         batch = await submit(s, [line("row-0001", "a")])
@@ -423,6 +438,7 @@ async def test_poll_faults_hit_retrieve_list_and_download_but_not_create() -> No
         assert 200 in outcomes and 503 in outcomes
 
 
+@pytest.mark.asyncio
 async def test_list_is_newest_first_and_pages_with_after() -> None:
     async with serve() as s:
         ids = [(await submit(s, [line(f"row-000{i}", "a")], metadata={"n": str(i)})).id for i in range(5)]
@@ -437,6 +453,7 @@ async def test_list_is_newest_first_and_pages_with_after() -> None:
             assert resp.status == 400
 
 
+@pytest.mark.asyncio
 async def test_deleting_the_input_file_mid_batch_does_not_break_it() -> None:
     async with serve(batch_rate=1) as s:
         batch = await submit(s, [line(f"row-000{i}", "a") for i in range(4)])
@@ -447,6 +464,7 @@ async def test_deleting_the_input_file_mid_batch_does_not_break_it() -> None:
         assert batch.status == "completed" and batch.request_counts.completed == 4
 
 
+@pytest.mark.asyncio
 async def test_a_key_is_required_when_configured() -> None:
     async with serve(api_key="right-key") as s:
         with pytest.raises(openai.AuthenticationError):
@@ -455,6 +473,7 @@ async def test_a_key_is_required_when_configured() -> None:
         assert status == 200 and body["data"] == []
 
 
+@pytest.mark.asyncio
 async def test_the_clock_also_runs_with_real_time() -> None:
     async with serve(batch_speed=1000, batch_validating_s=1, batch_finalizing_s=1) as s:
         batch = await submit(s, [line("row-0001", "a")])
@@ -465,6 +484,22 @@ async def test_the_clock_also_runs_with_real_time() -> None:
         assert batch.status == "completed"
 
 
+@pytest.mark.asyncio
 async def test_advance_rejects_a_negative_step() -> None:
     async with serve() as s, s.http.post(s.root + "/_batches/advance", json={"seconds": -1}) as resp:
         assert resp.status == 400
+
+
+def test_the_command_line_takes_the_batch_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    script = f"""
+import os, openai
+client = openai.OpenAI(base_url=os.environ["BATCH_SIMULATOR_URL"], api_key="k", max_retries=0)
+uploaded = client.files.create(file=("a.jsonl", {jsonl([line("row-0001", "a")])!r}), purpose="batch")
+try:
+    client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+except openai.RateLimitError as exc:
+    raise SystemExit(0 if exc.body["code"] == "1113" else 1)
+raise SystemExit(2)
+"""
+    assert main(["--port", "0", "--batch-speed", "0", "--batch-arrears-after", "0",
+                 "--", sys.executable, "-c", script]) == 0
