@@ -503,3 +503,17 @@ raise SystemExit(2)
 """
     assert main(["--port", "0", "--batch-speed", "0", "--batch-arrears-after", "0",
                  "--", sys.executable, "-c", script]) == 0
+
+
+@pytest.mark.asyncio
+async def test_the_openai_sdk_speaks_the_zhipu_prefix_with_extra_body() -> None:
+    async with serve() as s, openai.AsyncOpenAI(base_url=s.root + "/api/paas/v4", api_key="k", max_retries=0) as zai:
+        uploaded = await zai.files.create(file=("in.jsonl", jsonl([line("row-0001", "a", url="/v4/chat/completions")])),
+                                          purpose="batch")
+        batch = await zai.batches.create(input_file_id=uploaded.id, endpoint="/v4/chat/completions",  # type: ignore[arg-type]
+                                         completion_window="24h", extra_body={"auto_delete_input_file": False})
+        await s.advance(10)
+        batch = await zai.batches.retrieve(batch.id)
+        assert batch.status == "completed" and batch.endpoint == "/v4/chat/completions"
+        assert (await zai.files.retrieve(uploaded.id)).id == uploaded.id  # kept, as asked
+        assert [b.id async for b in zai.batches.list()] == [batch.id]
