@@ -208,6 +208,7 @@ class SimConfig:
     batch_p_poll_500: float = 0.0  # the chance that a retrieve, list or file download answers 500 (code 1200) ...
     batch_p_poll_503: float = 0.0  # ... or 503 (code 1305)
     batch_arrears_after: int | None = None  # once N batches were created, create answers 429 with code 1113
+    batch_down_for_calls: int = 0  # the first N Batch API calls (any route) answer 503 with code 1305
 
     def __post_init__(self) -> None:
         if self.batch_rate <= 0 or self.batch_speed < 0:

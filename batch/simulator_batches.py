@@ -32,6 +32,7 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,7 @@ _MAX_LINE_ERRORS = 100  # errors.data lists at most this many bad lines
 _MAX_METADATA = 16
 _MAX_METADATA_KEY, _MAX_METADATA_VALUE = 64, 512
 _CUSTOM_ID_LEN = (6, 64)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _new_id(prefix: str) -> str:
@@ -127,6 +129,7 @@ class BatchService:
         return self.sim.config  # SimulatorThread.reconfigure swaps it
 
     def reset_counters(self) -> None:
+        self.calls = 0
         self.uploads = 0
         self.created = 0
         self.lines_answered = 0
@@ -137,16 +140,17 @@ class BatchService:
         self._poll_rng = random.Random(self.config.seed + 3)
 
     def routes(self, app: web.Application) -> None:
+        guarded = self._guarded
         for base in DIALECTS:
-            app.router.add_post(base + "/files", self._upload)
-            app.router.add_get(base + "/files", self._list_files)
-            app.router.add_get(base + "/files/{file_id}", self._get_file)
-            app.router.add_get(base + "/files/{file_id}/content", self._file_content)
-            app.router.add_delete(base + "/files/{file_id}", self._delete_file)
-            app.router.add_post(base + "/batches", self._create)
-            app.router.add_get(base + "/batches", self._list_batches)
-            app.router.add_get(base + "/batches/{batch_id}", self._retrieve)
-            app.router.add_post(base + "/batches/{batch_id}/cancel", self._cancel)
+            app.router.add_post(base + "/files", guarded(self._upload))
+            app.router.add_get(base + "/files", guarded(self._list_files))
+            app.router.add_get(base + "/files/{file_id}", guarded(self._get_file))
+            app.router.add_get(base + "/files/{file_id}/content", guarded(self._file_content))
+            app.router.add_delete(base + "/files/{file_id}", guarded(self._delete_file))
+            app.router.add_post(base + "/batches", guarded(self._create))
+            app.router.add_get(base + "/batches", guarded(self._list_batches))
+            app.router.add_get(base + "/batches/{batch_id}", guarded(self._retrieve))
+            app.router.add_post(base + "/batches/{batch_id}/cancel", guarded(self._cancel))
         app.router.add_post("/_batches/advance", self._advance)
 
     def close(self) -> None:
@@ -174,9 +178,9 @@ class BatchService:
         by_state: dict[str, int] = {}
         for batch in self.batches.values():
             by_state[batch.status] = by_state.get(batch.status, 0) + 1
-        return {"files_uploaded": self.uploads, "files_kept": len(self.files), "batches_created": self.created,
-                "by_state": by_state, "lines_answered": self.lines_answered, "poll_faults": self.poll_faults,
-                "custom_ids": dict(self.submitted),
+        return {"calls": self.calls, "files_uploaded": self.uploads, "files_kept": len(self.files),
+                "batches_created": self.created, "by_state": by_state, "lines_answered": self.lines_answered,
+                "poll_faults": self.poll_faults, "custom_ids": dict(self.submitted),
                 "custom_ids_submitted_twice": sorted(c for c, n in self.submitted.items() if n > 1)}
 
     # -- HTTP helpers ---------------------------------------------------------------------------------------
@@ -190,12 +194,26 @@ class BatchService:
     def _json(payload: Any, status: int = 200) -> web.Response:
         return web.Response(status=status, text=_dumps(payload), content_type="application/json")
 
-    def _guard(self, request: web.Request) -> web.Response | None:
-        """401 for a wrong key; otherwise bring the batches up to now before the handler looks at them."""
-        if not self.sim.authorized(request):
-            return self._error(request, 401, "1000")
-        self.settle()
-        return None
+    def _guarded(self, handler: Handler) -> Handler:
+        """The handler behind the checks every Batch API call passes: the key, an outage (batch_down_for_calls),
+        then the batches brought up to now so the handler sees the present."""
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            self.calls += 1
+            refusal = None
+            if not self.sim.authorized(request):
+                refusal = self._error(request, 401, "1000")
+            elif self.calls <= self.config.batch_down_for_calls:
+                refusal = self._error(request, 503, "1305")
+            if refusal is not None:
+                # Read the body first: a client still sending an upload would see a reset rather than the answer.
+                while await request.content.readany():
+                    pass
+                return refusal
+            self.settle()
+            return await handler(request)
+
+        return guarded
 
     def _poll_fault(self, request: web.Request) -> web.Response | None:
         """batch_p_poll_500 / batch_p_poll_503: a retrieve, list or download that fails for no reason of the caller."""
@@ -216,11 +234,8 @@ class BatchService:
     # -- files ----------------------------------------------------------------------------------------------
 
     async def _upload(self, request: web.Request) -> web.Response:
-        if (refused := self._guard(request)) is not None:
-            return refused
         if len(self.files) >= self.config.batch_max_files:
-            # Read the upload first: a client still sending would see a reset rather than this answer.
-            while await request.content.readany():
+            while await request.content.readany():  # as in _guarded: the client must see the answer
                 pass
             return self._error(request, 400, _BAD_PARAM,
                                f"文件数量已达上限 / file limit reached: at most {self.config.batch_max_files} files "
@@ -261,21 +276,15 @@ class BatchService:
         return stored
 
     async def _list_files(self, request: web.Request) -> web.Response:
-        if (refused := self._guard(request)) is not None:
-            return refused
         purpose = request.query.get("purpose")
         data = [f.as_object() for f in reversed(self.files.values()) if purpose in (None, f.purpose)]
         return self._json({"object": "list", "data": data, "has_more": False})
 
     async def _get_file(self, request: web.Request) -> web.Response:
-        if (refused := self._guard(request)) is not None:
-            return refused
         stored = self._file_or_404(request)
         return stored if isinstance(stored, web.Response) else self._json(stored.as_object())
 
     async def _file_content(self, request: web.Request) -> web.StreamResponse:
-        if (refused := self._guard(request)) is not None:
-            return refused
         stored = self._file_or_404(request)
         if isinstance(stored, web.Response):
             return stored
@@ -284,8 +293,6 @@ class BatchService:
         return web.FileResponse(stored.path, headers={"Content-Type": "application/jsonl"})
 
     async def _delete_file(self, request: web.Request) -> web.Response:
-        if (refused := self._guard(request)) is not None:
-            return refused
         stored = self._file_or_404(request)
         if isinstance(stored, web.Response):
             return stored
@@ -317,8 +324,6 @@ class BatchService:
     # -- batches: the HTTP side -----------------------------------------------------------------------------
 
     async def _create(self, request: web.Request) -> web.Response:
-        if (refused := self._guard(request)) is not None:
-            return refused
         try:
             body = await request.json()
             if not isinstance(body, dict):
@@ -434,8 +439,6 @@ class BatchService:
         return offsets, errors, custom_ids
 
     async def _retrieve(self, request: web.Request) -> web.Response:
-        if (refused := self._guard(request)) is not None:
-            return refused
         batch = self.batches.get(request.match_info["batch_id"])
         if batch is None:
             return self._error(request, 404, _BAD_PARAM, f"no such batch: {request.match_info['batch_id']}")
@@ -444,8 +447,6 @@ class BatchService:
         return self._json(self.as_object(batch))
 
     async def _cancel(self, request: web.Request) -> web.Response:
-        if (refused := self._guard(request)) is not None:
-            return refused
         batch = self.batches.get(request.match_info["batch_id"])
         if batch is None:
             return self._error(request, 404, _BAD_PARAM, f"no such batch: {request.match_info['batch_id']}")
@@ -459,8 +460,6 @@ class BatchService:
         return self._json(self.as_object(batch))
 
     async def _list_batches(self, request: web.Request) -> web.Response:
-        if (refused := self._guard(request)) is not None:
-            return refused
         try:
             limit = int(request.query.get("limit", "20"))
             if not 1 <= limit <= 100:
