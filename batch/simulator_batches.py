@@ -234,12 +234,6 @@ class BatchService:
     # -- files ----------------------------------------------------------------------------------------------
 
     async def _upload(self, request: web.Request) -> web.Response:
-        if len(self.files) >= self.config.batch_max_files:
-            while await request.content.readany():  # as in _guarded: the client must see the answer
-                pass
-            return self._error(request, 400, _BAD_PARAM,
-                               f"文件数量已达上限 / file limit reached: at most {self.config.batch_max_files} files "
-                               "are kept; delete some (DELETE /files/{id})")
         if not request.content_type.startswith("multipart/"):
             return self._error(request, 400, "1214",
                                "请求参数非法 / expected a multipart form with 'file' and 'purpose'")
@@ -262,6 +256,13 @@ class BatchService:
             return self._error(request, 400, _BAD_PARAM,
                                "请求参数非法 / the form needs a 'file' part and purpose 'batch'"
                                f" (purpose was {purpose!r})")
+        # Checked once the upload is read (the client must see this answer, not a reset mid-send), and with no
+        # await between the check and the insert, so concurrent uploads cannot overshoot the cap.
+        if len(self.files) >= self.config.batch_max_files:
+            path.unlink(missing_ok=True)
+            return self._error(request, 400, _BAD_PARAM,
+                               f"文件数量已达上限 / file limit reached: at most {self.config.batch_max_files} files "
+                               "are kept; delete some (DELETE /files/{id})")
         stored = StoredFile(id=file_id, filename=filename, purpose="batch", path=path, bytes=size,
                             lines=newlines + (last != b"\n"), created_at=int(self._wall_origin + self.now()))
         self.files[file_id] = stored

@@ -6,6 +6,7 @@ it, so each state is observed deterministically.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import sys
@@ -401,6 +402,15 @@ async def test_the_file_cap_refuses_uploads_until_files_are_deleted() -> None:
         assert len((await s.client.files.list()).data) == 2
         status, body = await zhipu_upload(s, b"", purpose="fine-tune")
         assert status == 400 and body["error"]["code"] == "1210"
+
+
+@pytest.mark.asyncio
+async def test_concurrent_uploads_cannot_overshoot_the_file_cap() -> None:
+    async with serve(batch_max_files=2) as s:
+        data = jsonl([line(f"row-{i:04d}", "x" * 200) for i in range(2000)])  # big enough to arrive in chunks
+        results = await asyncio.gather(*(zhipu_upload(s, data) for _ in range(5)))
+        assert sorted(status for status, _ in results) == [200, 200, 400, 400, 400]
+        assert (await s.stats())["files_kept"] == 2
 
 
 @pytest.mark.asyncio
