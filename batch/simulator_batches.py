@@ -120,8 +120,8 @@ class BatchService:
         self.batches: dict[str, SimBatch] = {}
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._wall_origin = time.time()
-        self._mono_origin = time.monotonic()
-        self._advanced = 0.0
+        self._read_at = time.monotonic()
+        self._clock = 0.0
         self.reset_counters()
 
     @property
@@ -162,10 +162,15 @@ class BatchService:
 
     def now(self) -> float:
         """Simulated seconds since the origin: real time times batch_speed, plus every advance."""
-        return (time.monotonic() - self._mono_origin) * self.config.batch_speed + self._advanced
+        # Accumulated reading by reading, so a new batch_speed (SimulatorThread.reconfigure) applies from now on
+        # and never moves the past.
+        read_at = time.monotonic()
+        self._clock += (read_at - self._read_at) * self.config.batch_speed
+        self._read_at = read_at
+        return self._clock
 
     def advance(self, seconds: float) -> None:
-        self._advanced += seconds
+        self._clock += seconds
         self.settle()
 
     def _stamp(self, t: float | None) -> int | None:

@@ -18,7 +18,7 @@ import aiohttp
 import openai
 import pytest
 
-from batch.simulator import SimConfig, Simulator, completion_for, main
+from batch.simulator import SimConfig, Simulator, SimulatorThread, completion_for, main
 
 MODEL = "glm-4-flash"
 
@@ -527,3 +527,25 @@ async def test_the_openai_sdk_speaks_the_zhipu_prefix_with_extra_body() -> None:
         assert batch.status == "completed" and batch.endpoint == "/v4/chat/completions"
         assert (await zai.files.retrieve(uploaded.id)).id == uploaded.id  # kept, as asked
         assert [b.id async for b in zai.batches.list()] == [batch.id]
+
+
+def test_a_new_batch_speed_applies_from_then_on_and_never_moves_the_past() -> None:
+    with SimulatorThread(SimConfig(batch_speed=1000)) as sim:
+        client = openai.OpenAI(base_url=sim.url, api_key="k", max_retries=0)
+        uploaded = client.files.create(file=("in.jsonl", jsonl([line("row-0001", "a")])), purpose="batch")
+        first = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+        for _ in range(10_000):  # about 2 ms of real time at this speed
+            first = client.batches.retrieve(first.id)
+            if first.status == "completed":
+                break
+        assert first.status == "completed"
+        sim.reconfigure(batch_speed=0)  # the clock stops where it is ...
+        uploaded = client.files.create(file=("in.jsonl", jsonl([line("row-0002", "a")])), purpose="batch")
+        second = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                       completion_window="24h")
+        assert second.created_at >= first.completed_at  # ... rather than jumping back to its origin
+        sim.advance(0.5)
+        assert client.batches.retrieve(second.id).status == "validating"  # stopped: only advance moves it
+        sim.advance(0.5)
+        assert client.batches.retrieve(second.id).status == "in_progress"
