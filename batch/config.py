@@ -212,6 +212,12 @@ def load_job(path: str | Path) -> JobSpec:
         spec.cache.path = _relative_to(base, spec.cache.path)
     spec.job_path = job_path
     spec._lines = lines
+    check_job(spec)
+    return spec
+
+
+def check_job(spec: JobSpec) -> None:
+    """The checks that span keys, which a JobSpec built in Python needs as much as a job file."""
     if spec.input.path.suffix.lower() not in INPUT_FORMATS:
         raise ConfigError(
             f"{spec.where('input.path')}: input.path: unsupported file type '{spec.input.path.suffix}' "
@@ -220,7 +226,6 @@ def load_job(path: str | Path) -> JobSpec:
     if spec.retry.initial_backoff_s > spec.retry.max_backoff_s:
         raise ConfigError(f"{spec.where('retry.initial_backoff_s')}: retry.initial_backoff_s: "
                           f"{spec.retry.initial_backoff_s:g} is above retry.max_backoff_s {spec.retry.max_backoff_s:g}")
-    return spec
 
 
 def _parse_yaml(job_path: Path, text: str) -> tuple[Any, dict[tuple[str, ...], int]]:

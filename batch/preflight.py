@@ -68,17 +68,19 @@ def resolve(spec: JobSpec) -> Settings:
                     spec.model.api_key_env or provider.api_key_env, builder)
 
 
-def preflight(job_path: str | Path, force: bool = False) -> Plan:
+def preflight(job: str | Path | JobSpec, force: bool = False, api_key: str | None = None) -> Plan:
     """Every check a run makes before its lock, its first write and its first request; ConfigError at the first problem.
 
-    `force` (run --force) accepts a checkpoint made with other settings.
+    `job` is a job file, or a JobSpec already checked (batch.api builds one from Python values). `force` (run
+    --force) accepts a checkpoint made with other settings. `api_key` (the Python API's) is used instead of the
+    environment's.
     """
-    spec = load_job(job_path)
+    spec = job if isinstance(job, JobSpec) else load_job(job)
     settings = resolve(spec)
     check_output_path(spec)
     if spec.cache is not None:
         _check_creatable(spec, "cache.path", spec.cache.path, "the answer cache")
-    api_key = resolve_api_key(spec, settings.api_key_env)
+    api_key = api_key or resolve_api_key(spec, settings.api_key_env)
     table = InputTable(spec.input.path, spec.input.id_column, settings.builder.columns, spec.output.keep_columns,
                        messages_column=spec.prompt.messages_column)
     if not force:

@@ -44,7 +44,9 @@ class RunOptions:
     force: bool = False  # resume even though the fingerprint changed
     limit: int | None = None  # send at most this many pending rows (try a job cheaply)
     progress_interval_s: float = 5.0
-    tty: bool | None = None
+    tty: bool | None = None  # a progress bar (True), log lines (False), or a bar on a terminal only (None)
+    progress: bool = True  # False: neither bar nor progress lines
+    signals: bool = True  # SIGINT and SIGTERM stop the run gracefully (the command line); the Python API asks
 
 
 class Run:
@@ -100,7 +102,7 @@ class Run:
         done = self.checkpoint.row_states(total, self.table.row_hashes, self.table.row_prompts)
         self.table.row_hashes = self.table.row_prompts = None
         stats = RunStats(total)
-        progress = Progress(stats, self.options.progress_interval_s, self.options.tty)
+        progress = Progress(stats, self.options.progress_interval_s, self.options.tty, self.options.progress)
         self._install_signal_handlers()
         try:
             async with make_client(self.plan) as client:
@@ -274,6 +276,8 @@ class Run:
 
     # -- signals: the first asks for a graceful stop, a second one stops at once -----------------
     def _install_signal_handlers(self) -> None:
+        if not self.options.signals:
+            return
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -288,7 +292,11 @@ class Run:
             loop.remove_signal_handler(sig)
 
     def _on_signal(self, sig: int) -> None:
-        name = signal.Signals(sig).name
+        self.interrupt(signal.Signals(sig).name)
+
+    def interrupt(self, name: str) -> None:
+        """Stop as Ctrl-C does, called on the run's loop: the first call takes no more rows and gives requests in
+        flight GRACE_S to finish; a second one stops at once (the rows it cuts off stay pending)."""
         if self.stop.asked:
             log.warning("%s again: stopping now; in-flight requests will be sent again on resume", name)
             self._cancel_answerer()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a notebook's widget, a terminal's text bar
 
 from batch.atomic import write_text_atomic
 from batch.logs import redact
@@ -67,17 +67,21 @@ class RunStats:
 
 
 class Progress:
-    """A tqdm bar on a terminal; a plain log line every few seconds otherwise (cron, CI, pipes)."""
+    """A tqdm bar on a terminal (or asked for: `tty`); a plain log line every few seconds otherwise (cron, CI,
+    pipes); nothing when not `shown`."""
 
-    def __init__(self, stats: RunStats, interval_s: float = 5.0, tty: bool | None = None) -> None:
+    def __init__(self, stats: RunStats, interval_s: float = 5.0, tty: bool | None = None, shown: bool = True) -> None:
         self.stats = stats
         self.interval_s = interval_s
+        self.shown = shown
         self._last_line = time.monotonic()
-        use_bar = sys.stdout.isatty() if tty is None else tty
+        use_bar = shown and (sys.stdout.isatty() if tty is None else tty)
         self.bar = tqdm(total=stats.rows_total, unit="row", dynamic_ncols=True, file=sys.stderr) if use_bar else None
 
     def refresh(self) -> None:
         s = self.stats
+        if not self.shown:
+            return
         if self.bar is not None:
             self.bar.n = s.done
             self.bar.set_postfix_str(f"ok={s.ok} failed={s.failed} tokens={s.prompt_tokens + s.completion_tokens}")
