@@ -1,0 +1,614 @@
+"""The Python API: run a job, or a DataFrame, from a script or a notebook, and read where it stands.
+
+Every run goes through the command line's pipeline (batch.preflight, then batch.runner's Run): the same
+checks, checkpoint, resume, limits, budget and summary. What differs is what a library owes its caller:
+
+- no `sys.exit`: a run returns a `RunResult`, or raises a `BatchError` (a `RunStopped` when it ended early);
+- no process-wide state: no signal handler unless `handle_signals=True`, none of the command line's memory
+  settings (batch.process), the program's logging configuration left as it is;
+- a KeyboardInterrupt stops a run gracefully, as the command line's Ctrl-C does, and the next call resumes;
+- the sync forms work inside a running event loop (Jupyter): the run gets a loop of its own in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable, Coroutine, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+from pydantic import ValidationError
+
+from batch.atomic import write_atomic, write_text_atomic
+from batch.config import JobSpec, check_job, describe_validation_error, load_job
+from batch.errors import (
+    EXIT_BUDGET,
+    EXIT_INTERRUPTED,
+    EXIT_JOB_FATAL,
+    EXIT_OK,
+    EXIT_ROWS_FAILED,
+    BatchError,
+    CheckpointWriteError,
+    ConfigError,
+    LockedError,
+)
+from batch.estimate import estimate as estimate_job
+from batch.failures import should_send
+from batch.logs import SECRETS, RedactSecrets, add_file_log, keep_secret, make_formatter, redact
+from batch.preflight import check_output_path, preflight, resolve
+from batch.records import OUTPUT_FIELDS, RECORD_FIELDS, RECORD_SCHEMA
+from batch.replies import ReplyColumns
+from batch.runner import Run, RunOptions
+from batch.status import id_batches, job_status, open_input, row_states
+from batch.summary import format_summary
+from batch.writer import Checkpoint
+
+if TYPE_CHECKING:  # pandas is imported where a DataFrame is made: the command line keeps it out of its runs
+    import pandas as pd
+
+__all__ = [
+    "ApiRefusedError", "BatchError", "BudgetExceededError", "CheckpointWriteError", "ConfigError", "Interrupted",
+    "Job", "JobSpec", "LockedError", "RunResult", "RunStopped", "arun", "arun_frame", "estimate", "read_results",
+    "run", "run_frame", "status",
+]
+
+log = logging.getLogger("batch")
+T = TypeVar("T")
+
+Job = str | os.PathLike[str] | JobSpec | Mapping[str, Any]
+"""A job: its YAML file; a `JobSpec` or a mapping of the job file's keys (relative paths are relative to the
+working directory); or the output `.parquet` of a `run_frame` job, whose job file sits beside it."""
+
+FRAME_JOB_SUFFIX = ".job.yaml"  # run_frame's job file: OUTPUT_STEM.job.yaml beside the output
+FRAME_INPUT_SUFFIX = ".input.parquet"  # and the frame it was given, OUTPUT_STEM.input.parquet
+SPEC_LABEL = Path("<job spec>")  # what errors name for a job given as Python values
+CLASH_PREFIX = "batch_"  # run_frame: a result column named like a column of the frame
+WAIT_S = 0.25  # a waiting caller wakes this often, so a KeyboardInterrupt is taken even where a wait is not cut short
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a run did and where its job stands: the command line's summary (`str(result)`) as fields.
+
+    Counts of rows are the job's, over every run; tokens and cost are this run's. `summary` is the whole
+    summary, as saved to summary.json in the checkpoint folder (secrets masked).
+    """
+
+    job: str
+    exit_code: int  # the command line's: 0 ok (or a `limit` run with rows left), 1 complete with failed rows
+    rows_total: int
+    ok: int
+    failed: int
+    pending: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+    currency: str
+    stopped: str | None  # why the run ended early, if it did
+    output: Path | None  # the final file, written once no row is pending
+    summary: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every row is answered or failed (a `limit` run may leave rows pending)."""
+        return self.pending == 0
+
+    def __str__(self) -> str:
+        return format_summary(self.summary)
+
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any]) -> RunResult:
+        summary = json.loads(redact(json.dumps(summary, ensure_ascii=False)))  # `stopped` may quote a server
+        run, totals = summary["run"], summary["job_totals"]
+        return cls(job=summary["job"], exit_code=int(summary["exit_code"]), rows_total=summary["rows_total"],
+                   ok=totals["ok"], failed=totals["failed"], pending=totals["pending"],
+                   prompt_tokens=run["prompt_tokens"], completion_tokens=run["completion_tokens"], cost=run["cost"],
+                   currency=run["currency"], stopped=summary["stopped"],
+                   output=Path(summary["output"]) if summary["output"] else None, summary=summary)
+
+
+class RunStopped(BatchError):
+    """The run ended before the job was complete: every answer received is in the checkpoint, and the rows not
+    answered are pending; once the cause is dealt with, the same call resumes. `result` is the run's summary."""
+
+    def __init__(self, result: RunResult) -> None:
+        super().__init__(f"job {result.job}: stopped: {result.stopped} (ok {result.ok}, failed {result.failed}, "
+                         f"pending {result.pending}); the next call resumes")
+        self.result = result
+        self.exit_code = result.exit_code
+
+
+class ApiRefusedError(RunStopped):
+    """The API refused the whole job (a bad key, arrears, an unknown model), or the endpoint answered nothing
+    for retry.max_outage_s: the command line's exit 3."""
+
+
+class BudgetExceededError(RunStopped):
+    """The budget is reached; pending rows wait for a raised budget: the command line's exit 5."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A KeyboardInterrupt (or a signal, with handle_signals=True) stopped the run gracefully: requests in flight
+    finished (or, at a second one, were cut off) and their rows are answered or pending; the next call resumes.
+
+    A KeyboardInterrupt, so that a program stops as Ctrl-C asked. `result` is the run's summary, or None
+    when the run was stopped before it began (nothing was written).
+    """
+
+    exit_code = EXIT_INTERRUPTED
+
+    def __init__(self, result: RunResult | None) -> None:
+        done = (f"ok {result.ok}, failed {result.failed}, pending {result.pending}; " if result is not None
+                else "before it began; ")
+        super().__init__(f"the run was interrupted ({done}the next call resumes)")
+        self.result = result
+
+
+# -- running a job ------------------------------------------------------------------------------------------------
+
+def run(job: Job, *, api_key: str | None = None, retry_failed: bool = False, force: bool = False,
+        limit: int | None = None, progress: bool = True, handle_signals: bool = False) -> RunResult:
+    """Run (or resume) a job to its end, as `python -m batch run` does, and return its summary.
+
+    Args:
+        job: the job file, a `JobSpec` or mapping of its keys, or a `run_frame` output (see `Job`).
+        api_key: the API key, instead of the job's environment variable or .env; masked everywhere like that one.
+        retry_failed: send again the failed rows whose error may have gone away (`--retry-failed`).
+        force: resume a checkpoint made with another model, params, prompt or input (`--force`).
+        limit: send at most this many pending rows (`--limit`).
+        progress: a progress bar (a widget in a notebook, text on a terminal); False: none.
+        handle_signals: stop gracefully on SIGINT and SIGTERM as the command line does, with process-wide handlers
+            (only from the main thread with no loop running; elsewhere Ctrl-C is taken as a KeyboardInterrupt).
+
+    Returns the run's `RunResult` when the job is complete (`exit_code` 1: some rows failed) or `limit` rows
+    were sent. Raises `ConfigError` (bad job, input or key: nothing sent), `LockedError` (another run of the job
+    is alive), `ApiRefusedError` or `BudgetExceededError` (the run stopped early), `CheckpointWriteError` (the
+    checkpoint cannot be written), or `Interrupted` after a KeyboardInterrupt. Works inside a running event loop:
+    the run then has a loop of its own in a worker thread.
+    """
+    options = _options(retry_failed, force, limit, progress, handle_signals)
+    result, interrupted = _in_own_loop(lambda control: _execute(job, options, api_key, control), handle_signals)
+    if interrupted and (result is None or result.exit_code != EXIT_INTERRUPTED):
+        raise Interrupted(result)  # the run ended before the KeyboardInterrupt reached it: the program stops still
+    return _outcome(result)
+
+
+async def arun(job: Job, *, api_key: str | None = None, retry_failed: bool = False, force: bool = False,
+               limit: int | None = None, progress: bool = True, handle_signals: bool = False) -> RunResult:
+    """`run` on the running event loop: the same arguments, result and errors.
+
+    Cancelling the awaiting task stops the run gracefully (a second cancellation at once) before the
+    CancelledError goes on; the next call resumes. handle_signals=True works where the loop runs in the
+    main thread.
+    """
+    options = _options(retry_failed, force, limit, progress, handle_signals)
+    control = _Interrupter()
+    return _outcome(await _until_done(_execute(job, options, api_key, control), control))
+
+
+def run_frame(frame: pd.DataFrame, *, template: str, model: str | Mapping[str, Any], output: str | os.PathLike[str],
+              system: str | None = None, id_column: str | None = None, parse_json: bool = False,
+              name: str | None = None, api_key: str | None = None, retry_failed: bool = False, force: bool = False,
+              limit: int | None = None, progress: bool = True, handle_signals: bool = False,
+              **settings: Any) -> pd.DataFrame:
+    """Run `template` over every row of `frame`, and return the frame with the answers' columns beside it.
+
+    The frame is written once to OUTPUT_STEM.input.parquet beside `output`, with the job file
+    OUTPUT_STEM.job.yaml (the command line and `status`, `estimate`, `read_results` take it, or `output`): the
+    same call again resumes, and sends nothing once the job is complete. A frame that changed is written again:
+    rows whose prompt values changed are sent again, as when a job's input file is edited.
+
+    Args:
+        frame: the rows; its index identifies them (unique), unless `id_column` names a column that does.
+        template: the user message, with `{column}` placeholders (the job file's prompt.template).
+        model: the model's name (provider zhipu), or the job file's model section as a mapping
+            (`{"provider": "openai", "name": ..., "base_url": ..., "params": {...}}`).
+        output: the final Parquet file; its checkpoint folder OUTPUT_STEM.checkpoint goes beside it.
+        system: a system message (prompt.system).
+        parse_json: the reply is a JSON object: its keys become columns (output.parse_json).
+        name: the job's name (default: the output's stem).
+        settings: the job file's other sections as mappings: `limits`, `retry`, `pricing`, `budget`, `cache`.
+        api_key, retry_failed, force, limit, progress, handle_signals: as for `run`.
+
+    Returns `frame` (same index and columns) with the output's columns after it: `status`, `response`, tokens,
+    cost, `error_class`, `error`, ... (a name the frame already has gets the prefix "batch_"); a row still
+    pending (after a `limit` run) has status "pending". `.attrs["batch_result"]` is the run's `RunResult`.
+    Raises as `run`.
+    """
+    job_file, ids = _frame_job(frame, template, model, output, system, id_column, parse_json, name, settings)
+    result = run(job_file, api_key=api_key, retry_failed=retry_failed, force=force, limit=limit, progress=progress,
+                 handle_signals=handle_signals)
+    return _beside(frame, ids, read_results(job_file), result)
+
+
+async def arun_frame(frame: pd.DataFrame, *, template: str, model: str | Mapping[str, Any],
+                     output: str | os.PathLike[str], system: str | None = None, id_column: str | None = None,
+                     parse_json: bool = False, name: str | None = None, api_key: str | None = None,
+                     retry_failed: bool = False, force: bool = False, limit: int | None = None,
+                     progress: bool = True, handle_signals: bool = False, **settings: Any) -> pd.DataFrame:
+    """`run_frame` on the running event loop: the same arguments, result and errors (cancelling: as `arun`)."""
+    job_file, ids = await asyncio.to_thread(_frame_job, frame, template, model, output, system, id_column,
+                                            parse_json, name, settings)
+    result = await arun(job_file, api_key=api_key, retry_failed=retry_failed, force=force, limit=limit,
+                        progress=progress, handle_signals=handle_signals)
+    return _beside(frame, ids, await asyncio.to_thread(read_results, job_file), result)
+
+
+# -- reading a job ------------------------------------------------------------------------------------------------
+
+def read_results(job: Job) -> pd.DataFrame:
+    """The job's final table: every input row in input order, its id, its kept columns and its answer's columns.
+
+    Before the job is complete (or while a run is alive), the answers so far, in the same columns: a row not
+    answered yet, or whose prompt values changed since, has status "pending" and no answer. Sends nothing and
+    writes nothing.
+    """
+    with _masked_errors():
+        spec = _spec_of(job)
+        table = open_input(spec)
+        checkpoint = Checkpoint(spec.checkpoint_dir)  # one reader: a damaged file is read, and warned of, once
+        total, states = row_states(spec, table, checkpoint)
+        counts = states.counts(id_batches(table))
+        if counts.ok + counts.failed == total and not checkpoint.newer_than(spec.output.path, spec.input.path):
+            return pq.read_table(spec.output.path).to_pandas()
+        return _answers_so_far(spec, table, checkpoint, states)
+
+
+def status(job: Job) -> dict[str, Any]:
+    """Rows ok, failed and pending, tokens and cost so far, the last run, whether one is alive: `batch status
+    --json`'s object. Sends nothing and writes nothing."""
+    with _masked_errors():
+        return job_status(_spec_of(job))
+
+
+def estimate(job: Job, retry_failed: bool = False) -> dict[str, Any]:
+    """The rows, tokens and cost still to come: `batch estimate --json`'s object. Sends nothing and writes nothing."""
+    with _masked_errors():
+        return estimate_job(resolve(_spec_of(job)), retry_failed)
+
+
+# -- the run's loop, and interrupting it -----------------------------------------------------------------------------
+
+class _Interrupter:
+    """How a KeyboardInterrupt in the caller's thread, or a cancelled task, stops a run on its loop."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.run: Run | None = None
+        self.asked = 0  # interrupts taken on the loop (or before it ran): a run not begun yet does not begin
+
+    def interrupt(self, name: str) -> None:
+        """From any thread: the first call stops the run gracefully, a second one at once."""
+        if self.loop is None:
+            self.asked += 1
+            return
+        try:
+            self.loop.call_soon_threadsafe(self._on_loop, name)
+        except RuntimeError:  # the loop has closed: the run is over
+            pass
+
+    def _on_loop(self, name: str) -> None:
+        self.asked += 1
+        if self.run is not None:
+            self.run.interrupt(name)
+
+
+async def _execute(job: Job, options: RunOptions, api_key: str | None, control: _Interrupter) -> RunResult | None:
+    """The command line's run: preflight, then Run; None when interrupted before the run began."""
+    control.loop = asyncio.get_running_loop()
+    with _masked_errors():
+        if api_key:
+            keep_secret(api_key)  # before the preflight, whose errors may quote the environment
+        spec = _spec_of(job)
+        plan = await asyncio.to_thread(preflight, spec, options.force, api_key)  # scans the input: off the loop
+        if control.asked:
+            return None
+        keep_secret(plan.api_key)
+        with _logging_to(plan.spec.checkpoint_dir):
+            run = control.run = Run(plan, options)
+            return RunResult.from_summary(await run.execute())
+
+
+def _in_own_loop(work: Callable[[_Interrupter], Coroutine[Any, Any, T]], signals: bool) -> tuple[T, bool]:
+    """`work` on an event loop of its own, and whether a KeyboardInterrupt came meanwhile (it stopped the work).
+
+    The loop runs in a worker thread, which works whether or not the caller's thread runs a loop, and keeps
+    the KeyboardInterrupt in the caller's thread, where it cannot cut the run's own code short. With `signals`,
+    in the main thread with no loop running, the loop runs here and the run's handlers take the signals.
+    """
+    control = _Interrupter()
+    if signals and threading.current_thread() is threading.main_thread() and not _loop_running():
+        return asyncio.run(work(control)), False
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def worker() -> None:
+        try:
+            outcome["value"] = asyncio.run(work(control))
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=worker, name="batch-run")
+    thread.start()
+    taken = passed_on = 0
+    # An Event, not Thread.join: a join cut short by KeyboardInterrupt takes the thread for ended (bpo-45274).
+    while not done.is_set():
+        try:
+            if passed_on < taken:
+                passed_on += 1
+                control.interrupt("KeyboardInterrupt")
+            done.wait(WAIT_S)
+        except KeyboardInterrupt:
+            taken += 1
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"], taken > 0
+
+
+async def _until_done(work: Coroutine[Any, Any, T], control: _Interrupter) -> T:
+    """Await `work`; a cancellation of the awaiting task stops it as an interrupt does, and is raised once it ended."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while True:
+        try:
+            value = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+            control.interrupt("cancellation")
+    if cancelled:
+        raise asyncio.CancelledError
+    return value
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _options(retry_failed: bool, force: bool, limit: int | None, progress: bool, handle_signals: bool) -> RunOptions:
+    if limit is not None and limit < 0:
+        raise ConfigError(f"limit must be 0 or more, not {limit}")
+    return RunOptions(retry_failed=retry_failed, force=force, limit=limit, tty=progress, progress=progress,
+                      signals=handle_signals)
+
+
+def _outcome(result: RunResult | None) -> RunResult:
+    """The result of a run that went to its end; the exception for one that stopped early."""
+    if result is None:
+        raise Interrupted(None)
+    if result.exit_code in (EXIT_OK, EXIT_ROWS_FAILED):
+        return result
+    if result.exit_code == EXIT_INTERRUPTED:
+        raise Interrupted(result)
+    stopped = {EXIT_JOB_FATAL: ApiRefusedError, EXIT_BUDGET: BudgetExceededError}.get(result.exit_code, RunStopped)
+    raise stopped(result)
+
+
+@contextmanager
+def _masked_errors() -> Iterator[None]:
+    """A BatchError's message with the secrets masked, as the command line prints it."""
+    try:
+        yield
+    except BatchError as exc:
+        exc.args = (redact(str(exc)),)
+        raise
+
+
+@contextmanager
+def _logging_to(folder: Path) -> Iterator[None]:
+    """The run's log lines also in batch.log in its checkpoint folder, as the command line's, secrets masked also
+    for the program's own handlers. The program's logging configuration is left as it is; with none, warnings
+    go to stderr, as Python's last resort would show them."""
+    if not any(isinstance(f, RedactSecrets) and f.known is SECRETS for f in log.filters):
+        log.addFilter(RedactSecrets(SECRETS))
+    added = []
+    if not log.hasHandlers():
+        console = logging.StreamHandler(sys.stderr)
+        console.setLevel(logging.WARNING)
+        console.setFormatter(make_formatter("text"))
+        log.addHandler(console)
+        added.append(console)
+    try:
+        added.append(add_file_log(folder))
+        yield
+    finally:
+        for handler in added:
+            log.removeHandler(handler)
+            handler.close()
+
+
+# -- jobs given as Python values, and run_frame's job ---------------------------------------------------------------
+
+def _spec_of(job: Job) -> JobSpec:
+    if isinstance(job, JobSpec):
+        spec = job.model_copy(deep=True)
+        if spec.job_path == Path("."):  # built in Python, not by load_job
+            spec.job_path = SPEC_LABEL
+        check_job(spec)
+        return spec
+    if isinstance(job, Mapping):
+        return _spec_from(dict(job), SPEC_LABEL)
+    path = Path(job)
+    if path.suffix.lower() == ".parquet":
+        job_file = path.with_name(path.stem + FRAME_JOB_SUFFIX)
+        if not job_file.is_file():
+            raise ConfigError(f"{path}: no job file {job_file.name} beside it, which run_frame writes: "
+                              "pass the job file of a job of your own")
+        path = job_file
+    return load_job(path)
+
+
+def _spec_from(values: dict[str, Any], label: Path) -> JobSpec:
+    try:
+        spec = JobSpec.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, label, {})) from None
+    spec.job_path = label
+    check_job(spec)
+    return spec
+
+
+def _frame_job(frame: pd.DataFrame, template: str, model: str | Mapping[str, Any], output: str | os.PathLike[str],
+               system: str | None, id_column: str | None, parse_json: bool, name: str | None,
+               settings: dict[str, Any]) -> tuple[Path, list[str]]:
+    """Write run_frame's input and job file beside `output` (each only when it changed); returns the job file and
+    the frame's row ids, in order. Everything is checked before anything is written."""
+    import pandas as pd
+
+    if not isinstance(frame, pd.DataFrame):
+        raise ConfigError(f"run_frame takes a pandas DataFrame, not {type(frame).__name__}")
+    out = Path(output).expanduser()
+    job_file = out.with_name(out.stem + FRAME_JOB_SUFFIX)
+    input_path = out.with_name(out.stem + FRAME_INPUT_SUFFIX)
+    given = sorted(set(settings) & {"input", "prompt", "model", "output"})
+    if given:
+        raise ConfigError(f"run_frame: {', '.join(given)} is set by run_frame's own arguments "
+                          "(frame, template, system, model, output, id_column, parse_json)")
+    rows, id_out, ids = _frame_rows(frame, id_column)
+    section = {"name": model} if isinstance(model, str) else dict(model)
+    if isinstance(settings.get("cache"), Mapping) and "path" in settings["cache"]:  # relative to here, not the file
+        settings = {**settings, "cache": {**settings["cache"], "path": str(Path(settings["cache"]["path"]).resolve())}}
+    keep = [c for c in rows.columns if c != id_out and c not in RECORD_FIELDS]
+    values = {
+        "name": name or out.stem,
+        "input": {"path": input_path.name, "id_column": id_out},
+        "prompt": {"template": template, **({"system": system} if system is not None else {})},
+        "model": section,
+        "output": {"path": out.name, "keep_columns": keep, **({"parse_json": True} if parse_json else {})},
+        **settings,
+    }
+    placed = {**values, "input": {**values["input"], "path": str(input_path)},
+              "output": {**values["output"], "path": str(out)}}
+    spec = _spec_from(placed, job_file)
+    builder = resolve(spec).builder
+    missing = [c for c in builder.columns if c not in rows.columns]
+    if missing:
+        raise ConfigError(f"run_frame: the template names column '{missing[0]}', which the frame does not have "
+                          f"(columns: {', '.join(map(str, frame.columns))})")
+    check_output_path(spec)
+    try:
+        text = yaml.safe_dump(values, allow_unicode=True, sort_keys=False)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"run_frame: a setting cannot be written to the job file: {exc}") from None
+    data = _parquet_bytes(rows)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_if_changed(input_path, data)
+        _write_if_changed(job_file, text.encode("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{out.parent}: cannot write run_frame's input and job file: {exc.strerror or exc}") from None
+    return job_file, ids
+
+
+def _frame_rows(frame: pd.DataFrame, id_column: str | None) -> tuple[pd.DataFrame, str, list[str]]:
+    """The frame as run_frame's input (its index as an id column, unless `id_column` is one), the id column's name
+    and the ids."""
+    if any(not isinstance(c, str) for c in frame.columns):
+        raise ConfigError("run_frame: the frame's column names must be text (Parquet's are); rename "
+                          f"{next(c for c in frame.columns if not isinstance(c, str))!r}")
+    if id_column is not None:
+        if id_column not in frame.columns:
+            raise ConfigError(f"run_frame: id_column '{id_column}' is not a column of the frame "
+                              f"(columns: {', '.join(frame.columns)})")
+        return frame, id_column, frame[id_column].astype(str).str.strip().tolist()
+    named = frame.index.name
+    id_out = named if isinstance(named, str) and named and named not in frame.columns else "index"
+    if id_out in frame.columns:
+        raise ConfigError("run_frame: the frame has a column 'index', where the row ids would go: "
+                          "pass id_column= (a column of unique ids)")
+    ids = [str(label) for label in frame.index]
+    if not frame.index.is_unique:
+        twice = frame.index[frame.index.duplicated()][0]
+        raise ConfigError(f"run_frame: the frame's index holds '{twice}' more than once, and the index identifies "
+                          "the rows: reset_index(drop=True), or pass id_column= (a column of unique ids)")
+    rows = frame.reset_index(drop=True)
+    rows.insert(0, id_out, ids)
+    return rows, id_out, ids
+
+
+def _parquet_bytes(rows: pd.DataFrame) -> bytes:
+    try:
+        table = pa.Table.from_pandas(rows, preserve_index=False)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+    except (pa.ArrowException, ValueError, TypeError) as exc:
+        raise ConfigError(f"run_frame: the frame cannot be written as Parquet: {exc}") from None
+    return sink.getvalue().to_pybytes()
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """Write `path` only when its bytes differ: an input left as it was keeps the final file current."""
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return
+    if path.suffix == ".yaml":
+        write_text_atomic(path, data.decode("utf-8"))
+    else:
+        write_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def _beside(frame: pd.DataFrame, ids: list[str], results: pd.DataFrame, result: RunResult) -> pd.DataFrame:
+    """`frame` with the answers' columns of `results` (run_frame's final table, in the frame's row order)."""
+    import pandas as pd
+
+    id_out = results.columns[0]
+    if results[id_out].astype(str).tolist() != ids:  # written from this frame, in its order: a defect otherwise
+        raise RuntimeError("run_frame: the results' rows are not the frame's rows; please report this")
+    kept = {c for c in frame.columns if c not in RECORD_FIELDS} | {id_out}  # the frame's own, in the output too
+    answers = results[[c for c in results.columns if c not in kept]]
+    answers = answers.rename(columns={c: CLASH_PREFIX + c for c in answers.columns if c in frame.columns})
+    answers.index = frame.index
+    joined = pd.concat([frame, answers], axis=1)
+    joined.attrs["batch_result"] = result
+    return joined
+
+
+def _answers_so_far(spec: JobSpec, table: Any, checkpoint: Checkpoint, states: Any) -> pd.DataFrame:
+    """The final table's columns from the checkpoint as it is (a live run's log included): each row's last record,
+    or "pending"."""
+    import pandas as pd
+
+    id_out, keep = spec.id_column_out, spec.output.keep_columns
+    sends = np.array([should_send(states.name(code), False) for code in range(len(states.names) + 1)])
+    pieces, pending, start = [], [], 0
+    for batch, ids in table.id_batches(keep):
+        pending.append(sends[states.last(start, ids)[0]])
+        pieces.append(pa.table({id_out: ids, **{c: batch.column(c) for c in keep if c != id_out}}))
+        start += len(ids)
+    rows = pa.concat_tables(pieces).to_pandas() if pieces else pd.DataFrame(columns=[id_out, *keep])
+    waiting = pd.Series(np.concatenate(pending) if pending else np.zeros(0, bool), index=rows.index)
+    chosen = states.last_record_mask(id_batches(table))  # each id's last record
+    last = pa.concat_tables([*checkpoint.chosen_records(chosen, ["id", *OUTPUT_FIELDS], checkpoint.has_records()),
+                             RECORD_SCHEMA.empty_table().select(["id", *OUTPUT_FIELDS])])
+    answers = last.to_pandas().set_index("id").reindex(rows[id_out].tolist())
+    answers.index = rows.index
+    parts = [rows, answers]
+    if spec.output.parse_json:
+        replies = ReplyColumns([last.select(["status", "response"])], spec.output.json_columns,
+                               {id_out, *keep, *RECORD_FIELDS})
+        aligned = pa.Table.from_pandas(answers[["status", "response"]], preserve_index=False)
+        parts.append(pd.DataFrame(dict(replies.columns(aligned)), index=rows.index))
+    for part in parts[1:]:
+        for column in part.columns:
+            part[column] = part[column].mask(waiting)
+    answers["status"] = answers["status"].mask(waiting, "pending")
+    return pd.concat(parts, axis=1)
