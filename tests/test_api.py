@@ -270,3 +270,14 @@ def test_status_and_estimate_are_the_command_lines_json(sim, make_job, run_cli):
     assert batch.status(job)["pending"] == 20
     code, out, _ = run_cli("estimate", job, "--json", "--retry-failed")
     assert batch.estimate(job, retry_failed=True) == json.loads(out)
+
+
+def test_handle_signals_lets_the_runs_own_handlers_take_sigint(start_sim, make_job):
+    sim = start_sim(latency_ms=20)
+    job = make_job(sim, rows=[{"review_id": f"h{i}", "text": f"t {i}"} for i in range(200)])
+    when(lambda: sim.stats()["requests"] >= 20, ctrl_c)
+    with pytest.raises(batch.Interrupted) as interrupted:
+        batch.run(job, progress=False, handle_signals=True)
+    assert interrupted.value.result.stopped == "interrupted by SIGINT"  # the command line's handler, not ours
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert batch.run(job, progress=False).ok == 200 and sim.stats()["requests"] == 200
