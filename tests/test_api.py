@@ -281,3 +281,20 @@ def test_handle_signals_lets_the_runs_own_handlers_take_sigint(start_sim, make_j
     assert interrupted.value.result.stopped == "interrupted by SIGINT"  # the command line's handler, not ours
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert batch.run(job, progress=False).ok == 200 and sim.stats()["requests"] == 200
+
+
+def test_a_second_keyboard_interrupt_stops_at_once_and_the_rows_cut_off_stay_pending(start_sim, make_job, tmp_path):
+    sim = start_sim(latency_ms=60_000)  # no answer comes within the grace a first interrupt gives
+    job = make_job(sim, rows=[{"review_id": f"d{i}", "text": f"t {i}"} for i in range(20)])
+    log_file = tmp_path / "out" / "result.checkpoint" / "batch.log"
+
+    def logged(text: str) -> Callable[[], bool]:
+        return lambda: log_file.exists() and text in log_file.read_text(encoding="utf-8")
+
+    when(lambda: sim.stats()["requests"] >= 4, ctrl_c)
+    when(logged("KeyboardInterrupt: taking no more rows"), ctrl_c)
+    with pytest.raises(batch.Interrupted) as interrupted:
+        batch.run(job, progress=False)
+    assert logged("KeyboardInterrupt again: stopping now")()
+    assert interrupted.value.result.ok == 0 and interrupted.value.result.pending == 20
+    assert batch.status(job)["failed"] == 0
