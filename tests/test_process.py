@@ -159,14 +159,13 @@ def test_a_run_keeps_pandas_out_parse_json_included(start_sim, make_job):
     assert len(result) == 30 and {r["label"] for r in result} <= {"positive", "negative", "neutral"}
 
 
-RUN_AS_A_LIBRARY = """import asyncio, sys
+RUN_AS_A_LIBRARY = """import sys
 import pyarrow as pa
 before = pa.default_memory_pool().backend_name
-from batch.preflight import preflight
-from batch.runner import run_job
-summary = asyncio.run(run_job(preflight(sys.argv[1])))
+import batch
+result = batch.run(sys.argv[1], progress=False)
 import pandas
-print(summary["exit_code"], before, pa.default_memory_pool().backend_name)
+print(result.exit_code, before, pa.default_memory_pool().backend_name)
 """
 
 
