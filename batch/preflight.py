@@ -22,6 +22,7 @@ from batch.guard import compare_fingerprint
 from batch.pricing import Price, Pricer, pricer_for
 from batch.prompts import PromptBuilder
 from batch.reader import InputTable
+from batch.records import OUTPUT_FIELDS
 from batch.writer import Checkpoint
 
 # The files a checkpoint folder holds from its first run: a folder with one is some job's checkpoint.
@@ -63,6 +64,7 @@ def resolve(spec: JobSpec) -> Settings:
     pricer = pricer_for(spec.model.name, Price(**spec.pricing.model_dump()) if spec.pricing else None)
     if spec.budget is not None:
         _check_budget(spec, max_tokens, pricer)
+    _check_kept_columns(spec)
     provider = PROVIDERS[spec.model.provider]
     return Settings(spec, body_params, max_tokens, pricer, spec.model.base_url or provider.base_url,
                     spec.model.api_key_env or provider.api_key_env, builder)
@@ -97,6 +99,17 @@ def validation_report(plan: Plan) -> str:
     columns = ", ".join(plan.builder.columns)
     return (f"{spec.job_path}: ok: {plan.rows} rows in {spec.input.path}, prompt columns {columns}, "
             f"model {spec.model.name} at {plan.base_url}")
+
+
+def _check_kept_columns(spec: JobSpec) -> None:
+    """A kept input column must not share a name with a column batch writes: one would silently replace the other."""
+    for column in spec.output.keep_columns:
+        if column in OUTPUT_FIELDS:
+            raise ConfigError(f"{spec.where('output.keep_columns')}: output.keep_columns: '{column}' is also the "
+                              f"name of a result column; rename that input column, or leave it out of keep_columns")
+        if column == spec.id_column_out and spec.input.id_column is None:
+            raise ConfigError(f"{spec.where('output.keep_columns')}: output.keep_columns: '{column}' is the name of "
+                              "the derived id column; rename that input column, or set input.id_column to it")
 
 
 def _check_budget(spec: JobSpec, max_tokens: int | None, pricer: Pricer | None) -> None:

@@ -267,3 +267,12 @@ def test_output_not_named_parquet_is_refused(sim, make_job, run_cli, tmp_path, n
     job = make_job(sim, rows=ROWS, output={"path": f"out/{name}"})
     refused(run_cli, job, "output.path", "name it .parquet", "`batch export` it", sim=sim)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("rows", "keep", "id_column"), [
+    ([{"review_id": "r1", "text": "good", "status": "vip"}], ["status"], "review_id"),
+    ([{"row_id": "mine", "text": "good"}], ["row_id"], None),
+])
+def test_a_kept_column_named_like_a_result_column_is_refused(sim, make_job, run_cli, rows, keep, id_column):
+    job = make_job(sim, rows=rows, input={"id_column": id_column}, output={"keep_columns": keep})
+    refused(run_cli, job, "output.keep_columns", f"'{keep[0]}'", sim=sim)
