@@ -1,5 +1,6 @@
 """`python -m batch.bench [--quick]`: batch's CPU cost per request, and whether it keeps its rate
-and concurrency promises, measured against the local simulator. A benchmark, not a test.
+and concurrency promises and finds a server's unknown in-flight limit, measured against the local
+simulator. A benchmark, not a test.
 
 The simulator runs as a separate process so its CPU is never charged to a client, and each client
 runs as its own process whose CPU is read from the kernel's rusage when it is reaped (os.wait4):
@@ -45,6 +46,11 @@ RPM = 1200
 SLOTS = 64  # the concurrency-bound scenario: job concurrency == simulator --max-concurrency
 CONCURRENCY_ROWS = 6400  # about a minute at 64 / 0.57 s; the drain's idle slots are under 2% of it
 MEDIAN_S = 0.5  # simulator --latency-ms 500 (a lognormal's median), with its default --latency-sigma
+# The adaptive limit: a server admitting CAP in flight (lognormal, median 300 ms), jobs allowed 2x and 4x that.
+CAP = 16
+CAP_MEDIAN_S = 0.3
+ADAPTIVE_ROWS = 1200  # about 25 s per run at 16 / 0.34 s
+ADAPTIVE_RETRY_AFTER_S = 1
 REVIEW = "review {}: arrived on time, works as described, would buy again"
 # Memory and resume start (full run; --quick divides every count by 10).
 MEMORY_ROWS = (100_000, 1_000_000)
@@ -196,7 +202,7 @@ def sim_call(url: str, path: str) -> dict[str, Any]:  # GET /_stats or POST /_re
 
 
 def write_job(workdir: Path, url: str, name: str, data: Path, id_column: str, limits: dict[str, Any],
-              keep_columns: list[str] | None = None) -> tuple[Path, Path]:
+              keep_columns: list[str] | None = None, retry: dict[str, Any] | None = None) -> tuple[Path, Path]:
     """A job file over `data` (output and checkpoint under workdir/out); its path and its output's."""
     import yaml
 
@@ -204,7 +210,7 @@ def write_job(workdir: Path, url: str, name: str, data: Path, id_column: str, li
     job = {"name": name, "input": {"path": str(data.resolve()), "id_column": id_column},
            "prompt": {"system": SYSTEM, "template": TEMPLATE},
            "model": {"provider": "local", "name": MODEL, "base_url": url, "params": PARAMS},
-           "limits": {"timeout_s": 60, **limits}, "retry": {"max_attempts": 3},
+           "limits": {"timeout_s": 60, **limits}, "retry": retry or {"max_attempts": 3},
            "output": {"path": str(output), **({"keep_columns": keep_columns} if keep_columns else {})}}
     job_path = workdir / f"{name}.yaml"
     job_path.write_text(yaml.safe_dump(job, sort_keys=False, allow_unicode=True))
@@ -222,7 +228,8 @@ def run_job_file(workdir: Path, job_path: Path, output: Path, label: str, *flags
     return {**result, "summary": json.loads(summary.read_text()), "output": output}
 
 
-def run_pipeline(workdir: Path, url: str, name: str, rows: int, limits: dict[str, Any]) -> dict[str, Any]:
+def run_pipeline(workdir: Path, url: str, name: str, rows: int, limits: dict[str, Any],
+                 retry: dict[str, Any] | None = None) -> dict[str, Any]:
     """`python -m batch run` on a fresh `rows`-row Parquet input; its process figures and summary.json."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -230,7 +237,7 @@ def run_pipeline(workdir: Path, url: str, name: str, rows: int, limits: dict[str
     data = workdir / f"{name}.parquet"
     pq.write_table(pa.table({"review_id": [f"r{i:07d}" for i in range(rows)],
                              "text": [REVIEW.format(i) for i in range(rows)]}), data)
-    job_path, output = write_job(workdir, url, name, data, "review_id", limits)
+    job_path, output = write_job(workdir, url, name, data, "review_id", limits, retry=retry)
     return run_job_file(workdir, job_path, output, name)
 
 
@@ -296,6 +303,46 @@ def concurrency(workdir: Path, rows: int) -> dict[str, Any]:
             "mean_latency_s": mean, "model_mean_latency_s": MEDIAN_S * math.exp(SimConfig().latency_sigma ** 2 / 2),
             "efficiency": throughput / (SLOTS / mean), "ideal_wall_s": max(slots),
             "vs_ideal": max(slots) / s["wall_s"], "n_429": stats["by_status"].get("429", 0)}
+
+
+def adaptive(workdir: Path, rows: int) -> list[dict[str, Any]]:
+    """Jobs allowed 2x and 4x a server's in-flight limit (with and without Retry-After): how much of the server's
+    capacity they use, and how many of their requests it refuses."""
+    import pyarrow.parquet as pq
+
+    results = []
+    for concurrency in (2 * CAP, 4 * CAP):
+        for retry_after in (None, ADAPTIVE_RETRY_AFTER_S):
+            flags = ["--latency-ms", str(CAP_MEDIAN_S * 1000), "--latency-dist", "lognormal",
+                     "--max-concurrency", str(CAP)]
+            if retry_after is not None:
+                flags += ["--retry-after", str(retry_after)]
+            name = f"adaptive-{concurrency}-{'ra' if retry_after else 'nora'}"
+            with simulator(workdir, name, *flags) as url:
+                # The default retries (6 attempts from 1 s): a refused row waits its backoff, holding no slot.
+                run = run_pipeline(workdir, url, name, rows, {"concurrency": concurrency}, retry={"max_attempts": 6})
+                stats = sim_call(url, "/_stats")
+            s = run["summary"]["run"]
+            latency = [x for x in pq.read_table(run["output"], columns=["latency_s"]).column(0).to_pylist() if x]
+            mean = sum(latency) / len(latency)
+            n_429 = stats["by_status"].get("429", 0)
+            results.append({"concurrency": concurrency, "retry_after": retry_after, "rows": rows, "ok": s["ok"],
+                            "wall_s": s["wall_s"], "rows_per_s": s["ok"] / s["wall_s"], "mean_latency_s": mean,
+                            "efficiency": s["ok"] / s["wall_s"] / (CAP / mean), "requests": stats["requests"],
+                            "n_429": n_429, "share_429": n_429 / stats["requests"],
+                            "limit_end": s["concurrency_limit_end"], "max_in_flight": stats["max_in_flight"]})
+    return results
+
+
+def adaptive_rows(runs: list[dict[str, Any]]) -> list[tuple[str, str, str, bool | None]]:
+    return [(f"adaptive: concurrency {a['concurrency']} vs a server limit of {CAP}, "
+             + (f"Retry-After {a['retry_after']:g} s" if a["retry_after"] is not None else "no Retry-After")
+             + f" ({a['rows']} rows): rows/s / ({CAP} / mean latency); share of requests answered 429",
+             f"{a['efficiency']:.3f} ({a['rows_per_s']:.1f} rows/s, mean latency {a['mean_latency_s'] * 1000:.0f} ms, "
+             f"{a['wall_s']:.1f} s); {a['share_429']:.1%} ({a['n_429']} of {a['requests']}; limit at end "
+             f"{a['limit_end']:g})", ">= 0.90; <= 5%",
+             a["efficiency"] >= 0.90 and a["share_429"] <= 0.05 and a["ok"] == a["rows"])
+            for a in runs]
 
 
 # -- memory and resume start -------------------------------------------------------------------------
@@ -485,11 +532,11 @@ def memory(workdir: Path, data_dir: Path, sizes: tuple[int, ...], limit: int) ->
 
 
 # -- the table -------------------------------------------------------------------------------------
-PARTS = ("overhead", "rate", "concurrency", "memory")
+PARTS = ("overhead", "rate", "concurrency", "adaptive", "memory")
 
 
 def table_rows(over: dict[str, Any] | None, rate_: dict[str, Any] | None, c: dict[str, Any] | None, n: int,
-               mem: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+               mem: dict[str, Any] | None = None, adapt: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The table's rows for the parts that were measured (None: a part left out with --only)."""
     rows: list[tuple[str, str, str, bool | None]] = []
     if over is not None:
@@ -512,6 +559,8 @@ def table_rows(over: dict[str, Any] | None, rate_: dict[str, Any] | None, c: dic
              f"{c['vs_ideal']:.3f} ({c['ideal_wall_s']:.2f} s / {c['wall_s']:.2f} s)", ">= 0.95",
              c["vs_ideal"] >= 0.95),
         ]
+    if adapt is not None:
+        rows += adaptive_rows(adapt)
     if mem is not None:
         rows += memory_rows(mem)
     return [dict(zip(("metric", "value", "target", "met"), row)) for row in rows]
@@ -614,13 +663,16 @@ def main(argv: list[str] | None = None) -> int:
         if "concurrency" in args.only:
             print("bench: concurrency ...", file=sys.stderr, flush=True)
             got["concurrency"] = concurrency(Path(tmp), 1280 if args.quick else CONCURRENCY_ROWS)
+        if "adaptive" in args.only:
+            print("bench: adaptive ...", file=sys.stderr, flush=True)
+            got["adaptive"] = adaptive(Path(tmp), 400 if args.quick else ADAPTIVE_ROWS)
         if "memory" in args.only:
             scale = 10 if args.quick else 1
             sizes = tuple(rows // scale for rows in MEMORY_ROWS)
             print(f"bench: memory and resume start ({' and '.join(f'{r:,}' for r in sizes)} rows) ...",
                   file=sys.stderr, flush=True)
             got["memory"] = memory(Path(tmp), args.data_dir, sizes, MEMORY_LIMIT // scale)
-    rows = table_rows(got["overhead"], got["rate"], got["concurrency"], n, got["memory"])
+    rows = table_rows(got["overhead"], got["rate"], got["concurrency"], n, got["memory"], got["adaptive"])
     notes = [memory_note(got["memory"])] if got["memory"] else []
     print("\n".join([render(rows), *notes, f"({'quick' if args.quick else 'full'} run of {','.join(args.only)}, "
                      f"{time.perf_counter() - started:.0f} s, {os.cpu_count()} CPUs)"]))

@@ -49,6 +49,7 @@ class Failure(Exception):
     error_class: str
     message: str
     retry_after: float | None = None
+    code: int | None = None  # the server's business code, when it sent one
 
     def __post_init__(self) -> None:
         # Every failure passes here, and its message may repeat what a server sent: the key (a 401 echoing
@@ -69,6 +70,12 @@ def classify(exc: BaseException) -> Failure:
 
 def classify_status(status: int, code: int | None, message: str, retry_after: float | None = None) -> Failure:
     described = f"HTTP {status}" + (f" code {code}" if code is not None else "") + (f": {message}" if message else "")
+    failure = judge_status(status, code, described, retry_after)
+    failure.code = code
+    return failure
+
+
+def judge_status(status: int, code: int | None, described: str, retry_after: float | None) -> Failure:
     if code is not None:
         for codes, error_class in JOB_CODE_CLASSES:
             if code in codes:

@@ -3,6 +3,10 @@
 Rows come from the run (batch/executor.py). Each is looked up in the answer cache first (free), then
 reserved against the budget, then sent through the pool (limits, retries, the outage breaker). A
 bounded queue between the rows and the row tasks keeps memory flat whatever the input's length.
+
+There are ROWS_PER_SLOT row tasks per slot of limits.concurrency: the slots (batch/limits.py) alone
+bound the requests in flight, and a row waiting out its retry's backoff holds a task but no slot, so
+up to three slots' worth of rows can wait while the slots stay busy.
 """
 
 from __future__ import annotations
@@ -23,17 +27,19 @@ from batch.prompts import estimate_tokens, prompt_token_bound
 from batch.records import Record, cached_record
 from batch.replies import parse_reply
 
+ROWS_PER_SLOT = 4
+
 
 class OnlineAnswerer:
     def __init__(self, pool: Pool, cache: AnswerCache, cache_path: Path, budget: Budget | None, stop: Stop,
-                 tasks: int, parse_json: bool) -> None:
+                 concurrency: int, parse_json: bool) -> None:
         self.pool = pool
         self.cache = cache
         self.cache_path = cache_path
         self.budget = budget
         self.stop = stop
         self.parse_json = parse_json
-        self._task_count = tasks
+        self._task_count = ROWS_PER_SLOT * concurrency
         self._tasks: list[asyncio.Task[None]] = []
 
     async def answer(self, rows: AsyncIterator[Pending], record: Callable[[Record], None]) -> None:

@@ -1,7 +1,9 @@
-"""One row's request: rate limits, the call, retries with backoff; its answer or failure as a record (batch.records).
+"""One row's request: through the limits (batch/limits.py), the call, retries; its answer or failure as a record
+(batch.records).
 
 Ours are the only retries (the client has none): Zhipu's 1113 (arrears) arrives as HTTP 429 and
 must stop the job, not be retried. See batch/client.py for why the call is aiohttp, not the SDK.
+A request holds a slot only while it is in flight: a row waiting for its retry holds none.
 """
 
 from __future__ import annotations
@@ -12,28 +14,18 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from aiolimiter import AsyncLimiter
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_when_event_set,
-    wait_exponential_jitter,
-)
+from tenacity import RetryCallState
 
 from batch.breaker import OUTAGE_CLASSES, Breaker
 from batch.client import ChatClient
 from batch.failures import Failure, classify
+from batch.limits import Retries, Slots, pool_pause, request_limiter, token_limiter
 from batch.reader import Row
 from batch.records import Record, answer_record, failed_record
 from batch.replies import parse_reply
 
 if TYPE_CHECKING:
     from batch.preflight import Plan, Settings
-
-MAX_RETRY_AFTER_S = 600.0
-RETRY_TRANSIENT = retry_if_exception(lambda exc: isinstance(exc, Failure) and exc.scope == "retry")
 
 log = logging.getLogger("batch")
 
@@ -59,81 +51,6 @@ def make_client(plan: Plan) -> ChatClient:
     return ChatClient(plan.base_url, plan.api_key, limits.timeout_s, limits.concurrency, limits.max_response_bytes)
 
 
-def token_limiter(per_minute: float | None) -> AsyncLimiter | None:
-    """Tokens per minute as a one-second bucket: a request's tokens must fit in it, a minute's burst must not."""
-    if per_minute is None:
-        return None
-    per_second = per_minute / 60
-    capacity = max(1.0, per_second)
-    return AsyncLimiter(capacity, time_period=capacity / per_second)
-
-
-def request_limiter(per_minute: float | None) -> AsyncLimiter | None:
-    """One request per 1/rate seconds, no burst: a full bucket's burst at start trips servers that count per second."""
-    return None if per_minute is None else AsyncLimiter(1, time_period=60 / per_minute)
-
-
-class AdaptiveConcurrency:
-    """Requests in flight, bounded by a limit that adapts like TCP's window (AIMD).
-
-    Zhipu throttles concurrency (429 code 1302) at a level that moves with its load. On a
-    throttle the limit halves, once per "round" (a throttled request that started before the last
-    decrease says nothing new), and every worker pauses for Retry-After or a short backoff instead
-    of hammering on. Each success then adds 1/limit, so the limit climbs back by one per round.
-    """
-
-    def __init__(self, maximum: int, pause_s: float) -> None:
-        self.maximum = maximum
-        self.limit = float(maximum)
-        self.pause_s = pause_s
-        self.in_flight = 0
-        self.throttles = 0
-        self._round = 0
-        self._paused_until = 0.0
-        self._freed = asyncio.Condition()
-
-    async def acquire(self) -> int:
-        """Wait for a slot; returns the round the request starts in."""
-        loop = asyncio.get_running_loop()
-        async with self._freed:
-            while True:
-                pause = self._paused_until - loop.time()
-                if pause > 0:
-                    self._freed.release()
-                    try:
-                        await asyncio.sleep(pause)
-                    finally:
-                        await self._freed.acquire()
-                elif self.in_flight < int(self.limit):
-                    self.in_flight += 1
-                    return self._round
-                else:
-                    await self._freed.wait()
-
-    async def release(self) -> None:
-        async with self._freed:
-            self.in_flight -= 1
-            self._freed.notify()
-
-    def succeeded(self) -> None:
-        # Grow only a limit that is in use: an idle tail must not inflate it untested.
-        if self.limit < self.maximum and self.in_flight + 1 >= int(self.limit):
-            self.limit = min(self.maximum, self.limit + 1 / self.limit)
-
-    def throttled(self, started_round: int, retry_after: float | None) -> None:
-        self.throttles += 1
-        pause = retry_after if retry_after is not None else self.pause_s
-        if started_round == self._round:
-            self._round += 1
-            before, self.limit = self.limit, max(1.0, self.limit / 2)
-            log.debug("throttled (429): concurrency limit %d -> %d, every worker pauses %.2f s",
-                      before, self.limit, pause)
-        else:
-            log.debug("throttled (429): concurrency limit stays %d (lowered already for this round of requests), "
-                      "every worker pauses %.2f s", self.limit, pause)
-        self._paused_until = max(self._paused_until, asyncio.get_running_loop().time() + pause)
-
-
 class Pool:
     def __init__(self, client: ChatClient, settings: Settings, stopping: asyncio.Event) -> None:
         spec = settings.spec
@@ -149,14 +66,12 @@ class Pool:
         self.requests = request_limiter(spec.limits.requests_per_minute)
         self.tokens = token_limiter(spec.limits.tokens_per_minute)
         self.stopping = stopping
-        self.slots = AdaptiveConcurrency(spec.limits.concurrency, spec.retry.initial_backoff_s)
+        self.slots = Slots(spec.limits.concurrency)
         self.requests_sent = 0  # counted as each is sent: a row stopped by a job-fatal answer has no record
         retry = spec.retry
         self.breaker = Breaker(time.monotonic, retry.max_outage_s, retry.initial_backoff_s or 1.0, retry.max_backoff_s)
         self._breaker_moved = asyncio.Event()
-        self._stop = stop_after_attempt(spec.retry.max_attempts) | stop_when_event_set(stopping)  # type: ignore[arg-type]
-        self._backoff = wait_exponential_jitter(
-            multiplier=spec.retry.initial_backoff_s, max=spec.retry.max_backoff_s, jitter=spec.retry.initial_backoff_s)
+        self.retries = Retries(retry.max_attempts, retry.initial_backoff_s, retry.max_backoff_s, stopping)
 
     def request_body(self, messages: list[dict[str, Any]]) -> bytes:
         """The request as sent, serialized once: the answer cache keys on these same bytes.
@@ -183,8 +98,7 @@ class Pool:
         while True:
             # One AsyncRetrying per row: it keeps per-call state, so it is not shared between tasks.
             # A row parked by an outage starts its retries afresh once the endpoint answers again.
-            retrying = AsyncRetrying(stop=self._stop, wait=self._wait, retry=RETRY_TRANSIENT, reraise=True,
-                                     before_sleep=lambda state: log_retry(row, state))
+            retrying = self.retries.retrying(before_sleep=lambda state: log_retry(row, state))
             try:
                 async for attempt in retrying:
                     with attempt:
@@ -205,12 +119,6 @@ class Pool:
                     continue  # its retries ran out because the endpoint is down, not because of the row
                 return failed_record(row, failure.error_class, failure.message, attempts, self.model)
 
-    def _wait(self, state: RetryCallState) -> float:
-        failure = state.outcome.exception() if state.outcome else None
-        if isinstance(failure, Failure) and failure.retry_after is not None:
-            return min(failure.retry_after, MAX_RETRY_AFTER_S)
-        return self._backoff(state)
-
     async def _attempt(self, row: Row, body: bytes, estimated_tokens: int, attempts: int) -> Record:
         if self.tokens is not None:
             await self.tokens.acquire(min(estimated_tokens + self.max_tokens, self.tokens.max_rate))
@@ -219,29 +127,33 @@ class Pool:
         if self.stopping.is_set():
             raise Stopped()  # woke from a backoff after the run began to stop: send nothing more
         probe = self.breaker.open and await self._wait_for_probe_turn(row)
-        started_round = await self.slots.acquire()
+        sent_with = await self.slots.acquire()
+        if self.stopping.is_set():  # the run began to stop while this row waited for its slot
+            self.slots.release()
+            raise Stopped()
         started = time.perf_counter()
         self.requests_sent += 1
         try:
             data = await self.client.complete(body)
         except asyncio.CancelledError:
+            self.slots.release()
             if probe:  # cut off (a second Ctrl-C) without a verdict: the next waiter probes
                 self.breaker.probe_abandoned()
                 self._breaker_changed()
             raise
         except Exception as exc:  # the client raises Failures; anything else is classified too, none escapes raw
             failure = classify(exc)
+            if failure.error_class == "rate_limited":
+                self.slots.throttled(sent_with, pool_pause(failure))
+            else:
+                self.slots.release()
             if failure.error_class in OUTAGE_CLASSES:
                 self._failed_at_endpoint(row, failure, probe)
             else:
                 self._answered()
-            if failure.error_class == "rate_limited":
-                self.slots.throttled(started_round, failure.retry_after)
             raise failure from None
-        finally:
-            await self.slots.release()
+        self.slots.succeeded(sent_with)
         self._answered()
-        self.slots.succeeded()
         record = answer_record(row, data, time.perf_counter() - started, attempts, self.pricer, self.model)
         if self.parse_json:
             try:

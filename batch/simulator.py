@@ -14,7 +14,10 @@ every error message and reply quote the Authorization header the request carried
 server might.  An outage that ends is ``SimConfig(down_for_requests=N)``: the first N requests
 get 503 with code 1305 (``down_as="503"``) or a proxy's HTML 502 page (``down_as="html"``), the
 later ones are answered.  ``SimulatorThread.reconfigure(**fields)`` changes SimConfig fields while it
-serves, e.g. a test drops the latency once it has seen a run in progress.
+serves, e.g. a test drops the latency once it has seen a run in progress.  ``history`` keeps a record
+of every parsed request in ``stats["history"]``: its prompt, when it arrived and when it was answered
+(``time.monotonic()``), and its status, so a test can see when a retry came relative to the answer
+that asked for it.
 
 The Batch API (files and batches, both dialects, on a clock of its own that ``POST /_batches/advance``
 moves) is in batch/simulator_batches.py; its settings are the ``batch_*`` fields of SimConfig.
@@ -194,6 +197,7 @@ class SimConfig:
     down_as: str = "503"  # ... answering "503" (JSON, code 1305) or "html" (a proxy's 502 page)
     api_key: str | None = dataclasses.field(default=None, repr=False)  # keep it out of reprs/logs
     echo_key: bool = False  # quote the request's Authorization header in every error message and reply
+    history: bool = False  # record every parsed request (prompt, arrived, answered, status) in stats["history"]
     seed: int = 0
     # The Batch API (batch/simulator_batches.py); times are seconds of the simulator's batch clock.
     batch_speed: float = 1.0  # simulated seconds per real second; 0: only POST /_batches/advance moves the clock
@@ -240,6 +244,7 @@ class Simulator:
         self._requests = 0
         self._by_status: dict[str, int] = {}
         self._by_prompt: dict[str, int] = {}
+        self._history: list[dict[str, Any]] = []
         self._max_in_flight = self._in_flight
         self._flaky_seen: dict[str, int] = {}
         self._successes = 0
@@ -262,11 +267,15 @@ class Simulator:
         by_status keys are HTTP statuses as strings ("200" includes malformed and empty
         bodies) plus "reset" (connection aborted) and "disconnected" (the client left
         before the answer).  by_prompt counts every parsed request by last user message,
-        rejected ones included.  max_in_flight counts admitted requests only.
+        rejected ones included.  max_in_flight counts admitted requests only.  history (with
+        SimConfig.history) lists every parsed request in the order it was answered.
         """
-        return {"requests": self._requests, "by_status": dict(self._by_status),
-                "by_prompt": dict(self._by_prompt), "max_in_flight": self._max_in_flight,
-                "batch_api": self.batches.stats()}
+        stats = {"requests": self._requests, "by_status": dict(self._by_status),
+                 "by_prompt": dict(self._by_prompt), "max_in_flight": self._max_in_flight,
+                 "batch_api": self.batches.stats()}
+        if self.config.history:
+            stats["history"] = list(self._history)
+        return stats
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         app = web.Application()
@@ -361,6 +370,17 @@ class Simulator:
             return self._error(request, 400, "1214", f"请求参数非法 / invalid request: {type(exc).__name__}")
         prompt = chat.prompt
         self._by_prompt[prompt] = self._by_prompt.get(prompt, 0) + 1
+        if not cfg.history:
+            return await self._admit(request, chat)
+        arrived = time.monotonic()
+        response = await self._admit(request, chat)
+        self._history.append({"prompt": prompt, "arrived": arrived, "answered": time.monotonic(),
+                              "status": response.status})
+        return response
+
+    async def _admit(self, request: web.Request, chat: ChatRequest) -> web.StreamResponse:
+        """Refuse the request (an outage, over the concurrency or rate limit), or answer it."""
+        cfg = self.config
         if self._requests <= cfg.down_for_requests:
             return self._down(request)
         # No await between this check and the increment, so the limit is exact.

@@ -133,14 +133,71 @@ def test_concurrency_limit_storm_is_retried_to_completion(start_sim, make_job, r
     assert result["attempts"].sum() == stats["requests"]
 
 
+def answers_and_next_tries(history: list[dict]) -> list[tuple[dict, dict]]:
+    """Each answer in a simulator's history with the next request for the same prompt."""
+    pairs = []
+    for answer in history:
+        later = [h for h in history if h["prompt"] == answer["prompt"] and h["arrived"] > answer["answered"]]
+        if later:
+            pairs.append((answer, min(later, key=lambda h: h["arrived"])))
+    return pairs
+
+
 def test_retry_after_is_honoured_over_our_backoff(start_sim, make_job, run_cli):
-    # Our own backoff would wait 20 s per retry; the server's Retry-After of 0.05 s is what counts.
-    sim = start_sim(max_concurrency=1, latency_ms=20, retry_after=0.05)
+    # Our own backoff would wait 5 to 10 s; the server's Retry-After of 0.3 s is what counts, each way.
+    sim = start_sim(max_concurrency=1, latency_ms=20, retry_after=0.3, history=True)
     job = make_job(sim, rows=ROWS[:3], limits={"concurrency": 3},
-                   retry={"max_attempts": 50, "initial_backoff_s": 20, "max_backoff_s": 20})
+                   retry={"max_attempts": 50, "initial_backoff_s": 5, "max_backoff_s": 5})
     code, _, err = run_cli("run", job)
     assert code == 0, err
-    assert sim.stats()["by_status"].get("429", 0) > 0
+    retried = [(refused, retry) for refused, retry in answers_and_next_tries(sim.stats()["history"])
+               if refused["status"] == 429]
+    assert retried
+    for refused, retry in retried:
+        assert 0.3 - 0.005 <= retry["arrived"] - refused["answered"] < 5
+
+
+def test_retry_after_delays_only_its_own_request(start_sim, make_job, run_cli):
+    sim = start_sim(retry_after=1, history=True)
+    job = make_job(sim, rows=rows_with("[[error:429:1302]]", at=0), limits={"concurrency": 2},
+                   retry={"max_attempts": 2})
+    code, _, err = run_cli("run", job)
+    assert code == 1, err  # the marked row is refused every time
+    history = sim.stats()["history"]
+    (refused, retry), = [pair for pair in answers_and_next_tries(history) if pair[0]["status"] == 429]
+    assert retry["arrived"] - refused["answered"] >= 1 - 0.005
+    others = [h for h in history if h["prompt"] != refused["prompt"]]
+    assert len(others) == len(ROWS) - 1
+    # All but the one that may have been sent beside it went while the refused row waited.
+    assert sum(refused["answered"] < h["arrived"] < retry["arrived"] for h in others) >= len(others) - 1
+
+
+def test_an_overloaded_model_with_retry_after_pauses_every_request(start_sim, make_job, run_cli):
+    sim = start_sim(retry_after=0.3, history=True)  # 1305: the model is overloaded, for every caller
+    job = make_job(sim, rows=rows_with("[[error:429:1305]]", at=0), limits={"concurrency": 1},
+                   retry={"max_attempts": 2})
+    code, _, err = run_cli("run", job)
+    assert code == 1, err
+    history = sim.stats()["history"]
+    overloaded = [h for h in history if h["status"] == 429]
+    assert len(overloaded) == 2
+    paused = overloaded[0]["answered"]
+    assert all(h["arrived"] >= paused + 0.3 - 0.005 for h in history if h["arrived"] > paused)
+
+
+def test_a_row_waiting_to_retry_holds_no_slot(start_sim, make_job, run_cli):
+    sim = start_sim(history=True)
+    rows = [{"review_id": f"r{i}", "text": f"review number {i}"} for i in range(20)]
+    rows[0]["text"] += " [[flaky:1]]"
+    job = make_job(sim, rows=rows, limits={"concurrency": 1},
+                   retry={"max_attempts": 2, "initial_backoff_s": 0.5, "max_backoff_s": 0.5})
+    code, _, err = run_cli("run", job)
+    assert code == 0, err
+    history = sim.stats()["history"]
+    (failed, retry), = [pair for pair in answers_and_next_tries(history) if pair[0]["status"] == 500]
+    # With one slot: the other rows went through it while the flaky row waited out its backoff.
+    assert sum(failed["answered"] < h["arrived"] < retry["arrived"] for h in history) >= 1
+    assert sim.stats()["max_in_flight"] == 1
 
 
 def test_200_with_an_error_body_is_judged_by_its_code():
@@ -155,20 +212,22 @@ def test_200_with_an_error_body_is_judged_by_its_code():
     assert truncated.value.error_class == "bad_response"
 
 
-def test_adaptive_concurrency_settles_near_the_servers_limit(start_sim, make_job, run_cli):
-    sim = start_sim(max_concurrency=4, latency_ms=30)
+def test_at_four_times_the_servers_limit_few_requests_are_refused(start_sim, make_job, run_cli):
+    sim = start_sim(max_concurrency=4, latency_ms=30, latency_dist="lognormal")
     rows = [{"review_id": f"r{i}", "text": f"t{i}"} for i in range(200)]
-    job = make_job(sim, rows=rows, limits={"concurrency": 32}, retry={"max_attempts": 30})
-    code, out, err = run_cli("run", job)
+    job = make_job(sim, rows=rows, limits={"concurrency": 16}, retry={"max_attempts": 30})
+    code, _, err = run_cli("run", job)
     assert code == 0, err
-    summary = json.loads((job.parent / "out" / "result.checkpoint" / "summary.json").read_text())
-    throttled = sim.stats()["by_status"]["429"]
-    assert summary["run"]["throttled"] == throttled
-    # 32 workers that kept hammering would meet 28 refusals per round; AIMD keeps it to a fraction of the rows.
-    assert throttled < len(rows) / 2
-    assert summary["run"]["concurrency_limit_end"] <= 8
     assert (output_of(job)["status"] == "ok").all()
-    print(f"adaptive: {throttled} 429s for {len(rows)} rows, limit at end {summary['run']['concurrency_limit_end']}")
+    summary = json.loads((job.parent / "out" / "result.checkpoint" / "summary.json").read_text())
+    stats = sim.stats()
+    throttled = stats["by_status"].get("429", 0)
+    assert summary["run"]["throttled"] == throttled
+    # The first refusals set the limit to the server's 4; then a probe of 5 every few rounds is refused.
+    assert throttled <= 0.1 * stats["requests"]
+    assert summary["run"]["concurrency_limit_end"] == pytest.approx(4, abs=1)
+    print(f"adaptive: {throttled} 429s in {stats['requests']} requests, limit at end "
+          f"{summary['run']['concurrency_limit_end']}")
 
 
 def test_requests_per_minute_is_kept_without_a_burst(start_sim, make_job, run_cli):
