@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from dataclasses import dataclass
 
 from batch.config import BudgetSpec
@@ -43,6 +44,7 @@ class Budget:
         self.in_flight = 0
         self.reached = False
         self._settled = asyncio.Event()
+        self._waiting: deque[object] = deque()  # the reservations waiting, in the order they asked
         self._warned_usage = False
 
     def worst_case(self, prompt_bound: int) -> Hold:
@@ -52,15 +54,25 @@ class Budget:
 
     async def reserve(self, prompt_bound: int) -> Hold | None:
         """Hold a request's worst case, waiting for requests in flight to settle if it does not fit beside
-        them; None when it cannot fit even with nothing in flight (the budget is reached)."""
+        them; None when it cannot fit even with nothing in flight (the budget is reached).
+
+        Rows reserve in the order they ask (there are more row tasks than requests in flight): a later,
+        smaller row does not slip past one that waits, so the rows a budget pays for are the first ones."""
         hold = self.worst_case(prompt_bound)
-        while not self._fits(hold):
-            if self.in_flight == 0:
-                self.reached = True
-                return None
-            # No await between the check above and clear(): a settle cannot slip in between.
-            self._settled.clear()
-            await self._settled.wait()
+        if self._waiting or not self._fits(hold):
+            turn = object()
+            self._waiting.append(turn)
+            try:
+                while self._waiting[0] is not turn or not self._fits(hold):
+                    if self._waiting[0] is turn and self.in_flight == 0:
+                        self.reached = True
+                        return None
+                    # No await between the checks above and clear(): a settle cannot slip in between.
+                    self._settled.clear()
+                    await self._settled.wait()
+            finally:
+                self._waiting.remove(turn)
+                self._settled.set()  # the next in line looks again
         self.held_cost += hold.cost
         self.held_tokens += hold.tokens
         self.in_flight += 1
