@@ -42,6 +42,7 @@ Every timed part takes its clock and its sleep as arguments, so the tests drive 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -67,6 +68,8 @@ Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[object]]
 
 RETRY_TRANSIENT = retry_if_exception(lambda exc: isinstance(exc, Failure) and exc.scope == "retry")
+
+log = logging.getLogger("batch")
 
 
 class AdaptiveLimit:
@@ -158,7 +161,11 @@ class Slots:
         self.release()
 
     def throttled(self, sent_with: int, pause_s: float | None = None) -> None:
+        before = self.adaptive.allowed
         self.adaptive.throttled(sent_with)
+        log.debug("throttled (429) for a request sent as number %d in flight: concurrency limit %d -> %d%s",
+                  sent_with, before, self.adaptive.allowed,
+                  f"; the server is overloaded: every request pauses {pause_s:.2f} s" if pause_s else "")
         if pause_s:
             self.pause(pause_s)
         self.release()

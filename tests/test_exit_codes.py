@@ -105,7 +105,8 @@ def test_verbose_shows_each_retry_throttle_and_failure(start_sim, make_job, run_
     assert code == 1, err
     assert re.search(r"DEBUG row r2: attempt 1 failed \(server_error: HTTP 500 code 1200.*\); retrying in \d+\.\d+ s",
                      err)
-    assert re.search(r"DEBUG throttled \(429\): concurrency limit 4 -> 2, every worker pauses \d+\.\d+ s", err)
+    assert re.search(r"DEBUG throttled \(429\) for a request sent as number \d in flight: "
+                     r"concurrency limit \d -> \d", err)
     assert re.search(r"DEBUG row r4 failed after 1 attempts: content_filter: HTTP 400 code 1301", err)
     assert re.search(r"DEBUG row r5 failed after 3 attempts: rate_limited: HTTP 429 code 1302", err)
     assert output_of(job).set_index("review_id").loc["r4", "error_class"] == "content_filter"
