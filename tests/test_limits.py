@@ -13,7 +13,7 @@ from batch.limits import INITIAL_LIMIT, PROBE_ROUNDS, AdaptiveLimit, Retries, Sl
 
 
 class FakeClock:
-    """A clock that moves only when something sleeps on it (as aiolimiter's tests move the loop's time)."""
+    """A clock that moves only when something sleeps on it: the tests never wait."""
 
     def __init__(self) -> None:
         self.now = 0.0
@@ -68,7 +68,8 @@ def test_below_the_ceiling_the_limit_grows_one_per_round():
     limit = AdaptiveLimit(64, initial=40)
     limit.throttled(31)  # ceiling 31, limit 30
     limit.throttled(11)  # a transient fall: ceiling 11, limit 10
-    limit.ceiling = None  # (as after a probe that succeeded)
+    limit.succeeded(11, 3)  # a request sent at the ceiling was answered: it is forgotten
+    assert limit.ceiling is None
     answers = 0
     while limit.allowed < 12:
         limit.succeeded(limit.allowed, limit.allowed)
