@@ -14,11 +14,13 @@ the proxy named by the environment, a timeout per request and no hidden retries.
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp.http_exceptions import LineTooLong
 
 from batch.config import DEFAULT_MAX_RESPONSE_BYTES
 from batch.failures import Failure, classify_status, retry_after_seconds
@@ -36,23 +38,29 @@ TEXT_FIELDS = ((2, "content", "choices[0].message.content"),
 
 
 class ChatClient:
-    """POSTs to `{base_url}/chat/completions` over one pooled aiohttp session."""
+    """POSTs to `{base_url}/chat/completions` over one pooled aiohttp session.
+
+    `idle_timeout_s` (streamed answers only): the longest silence allowed while waiting for the answer
+    and between its chunks, aiohttp's sock_read timeout; `timeout_s` stays the cap on the whole answer.
+    """
 
     def __init__(self, base_url: str, api_key: str, timeout_s: float, max_connections: int,
-                 max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> None:
+                 max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES, idle_timeout_s: float | None = None) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.timeout_s = timeout_s
+        self.idle_timeout_s = idle_timeout_s
         self.max_response_bytes = max_response_bytes
         keep_secret(api_key)  # a server may repeat it (a 401 quoting the header): masked in every failure
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json",
                          "Accept": "application/json", "User-Agent": USER_AGENT}
+        self._stream_headers = {**self._headers, "Accept": "text/event-stream"}
         # One connection per request in flight: aiohttp's default pool of 100 would queue the rest
         # inside the client, where neither the limiter nor the timeout can see them.
         self._connector = aiohttp.TCPConnector(limit=max_connections)
         # The proxy is looked up once: aiohttp's trust_env re-reads the environment and parses
         # ~/.netrc in a thread for every request, which cost more CPU than the request itself.
         self._session = aiohttp.ClientSession(connector=self._connector, proxy=env_proxy(self.url),
-                                              timeout=aiohttp.ClientTimeout(total=timeout_s))
+                                              timeout=aiohttp.ClientTimeout(total=timeout_s, sock_read=idle_timeout_s))
 
     async def __aenter__(self) -> ChatClient:
         return self
@@ -69,8 +77,8 @@ class ChatClient:
             async with self._session.post(self.url, data=body, headers=self._headers) as response:
                 status, headers = response.status, response.headers
                 raw, oversize = await self._read(response)
-        except TimeoutError:  # aiohttp's connect and read timeouts are TimeoutError subclasses
-            raise Failure("retry", "timeout", f"no answer within {self.timeout_s:g} s") from None
+        except TimeoutError as exc:  # aiohttp's connect and read timeouts are TimeoutError subclasses
+            raise self._timeout(exc) from None
         except (aiohttp.ClientError, OSError) as exc:  # refused, reset, closed mid-answer, DNS
             detail = f"{type(exc).__name__}: {exc}"[:200]
             raise Failure("retry", "connection", f"connection error ({detail})") from None
@@ -80,6 +88,66 @@ class ChatClient:
             raise Failure("retry", "bad_response", f"HTTP 200 with an answer of {oversize}, over "
                                                    f"limits.max_response_bytes ({self.max_response_bytes})")
         return parse_body(raw)
+
+    async def stream(self, body: bytes) -> tuple[dict[str, Any], float | None]:
+        """The completion for a request body that asks for a stream, assembled from its events, and the
+        time.perf_counter() of its first content or reasoning token (None when none came); raises Failure.
+
+        The assembled answer is checked and masked as a non-streamed one is. A server that answers with
+        one JSON body instead of a stream is taken at its word.
+        """
+        try:
+            async with self._session.post(self.url, data=body, headers=self._stream_headers) as response:
+                status, headers = response.status, response.headers
+                if status == 200 and response.content_type == "text/event-stream":
+                    return await self._read_events(response)
+                raw, oversize = await self._read(response)
+        except TimeoutError as exc:
+            raise self._timeout(exc) from None
+        except (aiohttp.ClientError, OSError) as exc:  # refused, reset, closed mid-stream, DNS
+            detail = f"{type(exc).__name__}: {exc}"[:200]
+            raise Failure("retry", "connection", f"connection error ({detail})") from None
+        if status != 200:
+            raise status_failure(status, raw, retry_after_seconds(headers))
+        if oversize is not None:
+            raise Failure("retry", "bad_response", f"HTTP 200 with an answer of {oversize}, over "
+                                                   f"limits.max_response_bytes ({self.max_response_bytes})")
+        return parse_body(raw), None
+
+    def _timeout(self, exc: TimeoutError) -> Failure:
+        if isinstance(exc, aiohttp.SocketTimeoutError) and self.idle_timeout_s is not None:
+            return Failure("retry", "timeout", f"the stream was silent for {self.idle_timeout_s:g} s "
+                                               "(limits.idle_timeout_s)")
+        return Failure("retry", "timeout", f"no complete answer within {self.timeout_s:g} s (limits.timeout_s)")
+
+    async def _read_events(self, response: aiohttp.ClientResponse) -> tuple[dict[str, Any], float | None]:
+        """Read server-sent events to the end; the answer they make up, checked, and when its first token came.
+
+        aiohttp's own line reader splits the events (a line is capped at max_response_bytes, and so are all
+        of them together). Each `data:` line is one event's JSON, as OpenAI-compatible servers send them;
+        comments (keep-alives) and event names are skipped. The stream is read to its end after [DONE], so
+        its connection can be used again, unless the server then falls silent: the answer is complete.
+        """
+        stream = StreamedAnswer()
+        size, cap = 0, self.max_response_bytes
+        try:
+            while line := await response.content.readline(max_line_length=cap):
+                size += len(line)
+                if size > cap:
+                    break
+                if line.startswith(b"data:") and not stream.done:
+                    stream.take(line[5:].strip())
+        except LineTooLong:
+            size = cap + 1
+        except TimeoutError:
+            if not stream.done:
+                raise
+            response.close()
+        if size > cap:
+            response.close()  # the rest is never read: the connection cannot be reused
+            raise Failure("retry", "bad_response", f"HTTP 200 with a streamed answer of more than {cap} bytes, "
+                                                   f"over limits.max_response_bytes")
+        return stream.answer(), stream.first_token_at
 
     async def _read(self, response: aiohttp.ClientResponse) -> tuple[bytes, str | None]:
         """The body, and None; or, for a body over max_response_bytes, what was read and its size.
@@ -143,11 +211,86 @@ def parse_body(body: bytes) -> dict[str, Any]:
         message = error.get("message") if isinstance(error, dict) else error
         raise classify_status(200, code, str(message or "")[:300])
     # "\ud800"-style escapes are the only way to a lone surrogate, which no UTF-8 file can hold.
-    check_answer(data, maybe_surrogates=b"\\ud" in body or b"\\uD" in body)
+    return accepted(data, maybe_surrogates=b"\\ud" in body or b"\\uD" in body)
+
+
+def accepted(data: dict[str, Any], maybe_surrogates: bool = True) -> dict[str, Any]:
+    """An answer, streamed or not, checked (check_answer) and with the key masked; a Failure if it is an error."""
+    check_answer(data, maybe_surrogates)
     hide_key(data)
     if data["choices"][0].get("finish_reason") == "network_error":
         raise Failure("retry", "server_error", "finish_reason network_error (model inference error)")
     return data
+
+
+class StreamedAnswer:
+    """A streamed answer put together from its events (`take` each one's data), as the completion it stands for.
+
+    Deltas of content and reasoning_content are joined; finish_reason, id, model and usage are taken as
+    they come (usage from the last chunk that has one: Zhipu sends it with the finish_reason, OpenAI-style
+    servers in a chunk of their own before [DONE], and only when stream_options.include_usage asks).
+    """
+
+    def __init__(self) -> None:
+        self.first_token_at: float | None = None
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.top: dict[str, Any] = {}  # id, request_id, model, usage: the answer's own fields
+        self.finish_reason: Any = None
+        self.done = False
+        self.events = 0
+
+    def take(self, data: bytes) -> None:
+        """One event's data: a chunk of the answer, or [DONE], its end."""
+        if data == b"[DONE]":
+            self.done = True
+            return
+        self.events += 1
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise Failure("retry", "bad_response", f"HTTP 200 whose stream event {self.events} is not JSON "
+                                                   f"({data[:40].decode('utf-8', 'replace')!r})") from None
+        if not isinstance(chunk, dict):
+            raise _unfit(f"stream event {self.events}", chunk, "a JSON object")
+        error = chunk.get("error")
+        if error is not None and not chunk.get("choices"):  # the server gave up mid-answer, as parse_body's 200s
+            code = _int_or_none(error.get("code")) if isinstance(error, dict) else None
+            message = error.get("message") if isinstance(error, dict) else error
+            raise classify_status(200, code, str(message or "")[:300])
+        for key in ("id", "request_id", "model", "usage"):
+            if chunk.get(key) is not None:
+                self.top[key] = chunk[key]
+        choices = chunk.get("choices")
+        if not choices:  # OpenAI's usage chunk has none
+            return
+        choice = choices[0] if isinstance(choices, list) else None
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict):
+            raise _unfit(f"stream event {self.events}'s choices[0].delta", delta, "an object")
+        for key, parts in (("content", self.content), ("reasoning_content", self.reasoning)):
+            piece = delta.get(key)
+            if piece is None:
+                continue
+            if not isinstance(piece, str):
+                raise _unfit(f"stream event {self.events}'s choices[0].delta.{key}", piece, "a string or null")
+            if piece and self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+            parts.append(piece)
+        if choice.get("finish_reason") is not None:  # type: ignore[union-attr]
+            self.finish_reason = choice["finish_reason"]  # type: ignore[index]
+
+    def answer(self) -> dict[str, Any]:
+        """The completion the events made up, checked as a non-streamed one (accepted); a Failure if it is cut short."""
+        if not self.done:
+            raise Failure("retry", "bad_response", f"HTTP 200 whose stream ended after {self.events} events "
+                                                   "without [DONE]: the answer may be cut short")
+        if self.finish_reason is None:
+            raise Failure("retry", "bad_response", "HTTP 200 whose stream ended without a finish_reason")
+        message = {"role": "assistant", "content": "".join(self.content) if self.content else None,
+                   "reasoning_content": "".join(self.reasoning) if self.reasoning else None}
+        return accepted({**self.top, "choices": [{"index": 0, "finish_reason": self.finish_reason,
+                                                  "message": message}]})
 
 
 def check_answer(data: dict[str, Any], maybe_surrogates: bool = True) -> None:

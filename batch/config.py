@@ -23,6 +23,11 @@ INPUT_FORMATS = (".csv", ".parquet", ".jsonl")
 # tokens at most, CJK escaped as \uXXXX) stays under 2 MB; a server sending more is broken, and reading
 # it whole cost 2.5 GB of RSS at concurrency 2 (100 MB bodies).
 DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+# A streamed answer's limits unless the job sets them. The longest silence between chunks (and before the
+# first) is what tells a stalled stream; the hard cap on the whole answer is only a safety net, far above
+# the non-streamed 120 s, so a thinking model that streams for minutes is not cut.
+DEFAULT_IDLE_TIMEOUT_S = 60.0
+DEFAULT_STREAM_TIMEOUT_S = 1800.0
 
 
 class Provider(BaseModel):
@@ -98,7 +103,17 @@ class ModelSpec(Strict):
     name: Name
     base_url: Annotated[str, AfterValidator(_http_url)] | None = None
     api_key_env: Name | None = None
+    stream: bool = False  # read the answer as server-sent events: ttft_s recorded, limits.idle_timeout_s applies
     params: Params = Field(default_factory=lambda: Params())
+
+    @model_validator(mode="after")
+    def _stream_by_its_key(self) -> ModelSpec:
+        # A stream must be read as one: sent through params, its events would be taken for a malformed answer.
+        for where, params in (("params", self.params), ("params.extra_body", self.params.get("extra_body") or {})):
+            if "stream" in params:
+                raise ValueError(f"{where}.stream: set model.stream: true (or false) instead, so the answer is "
+                                 "read as the stream it is")
+        return self
 
     @model_validator(mode="after")
     def _zhipu_ranges(self) -> ModelSpec:
@@ -138,7 +153,8 @@ class LimitsSpec(Strict):
     concurrency: int = Field(8, ge=1, le=4096)
     requests_per_minute: float | None = Field(None, gt=0)
     tokens_per_minute: float | None = Field(None, gt=0)
-    timeout_s: float = Field(120, gt=0)
+    timeout_s: float = Field(120, gt=0)  # the hard cap on a whole answer (streamed: DEFAULT_STREAM_TIMEOUT_S)
+    idle_timeout_s: float | None = Field(None, gt=0)  # streamed only: the longest silence between chunks
     max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, ge=1024)
 
 
@@ -226,6 +242,25 @@ def check_job(spec: JobSpec) -> None:
     if spec.retry.initial_backoff_s > spec.retry.max_backoff_s:
         raise ConfigError(f"{spec.where('retry.initial_backoff_s')}: retry.initial_backoff_s: "
                           f"{spec.retry.initial_backoff_s:g} is above retry.max_backoff_s {spec.retry.max_backoff_s:g}")
+    _check_stream_limits(spec)
+
+
+def _check_stream_limits(spec: JobSpec) -> None:
+    """Fill in a streamed answer's default limits; refuse an idle timeout that could never apply."""
+    limits = spec.limits
+    if not spec.model.stream:
+        if limits.idle_timeout_s is not None:
+            raise ConfigError(f"{spec.where('limits.idle_timeout_s')}: limits.idle_timeout_s applies to streamed "
+                              "answers only: set model.stream: true, or use limits.timeout_s")
+        return
+    if "timeout_s" not in limits.model_fields_set:
+        limits.timeout_s = DEFAULT_STREAM_TIMEOUT_S
+    if limits.idle_timeout_s is None:
+        limits.idle_timeout_s = min(DEFAULT_IDLE_TIMEOUT_S, limits.timeout_s)
+    elif limits.idle_timeout_s > limits.timeout_s:
+        raise ConfigError(f"{spec.where('limits.idle_timeout_s')}: limits.idle_timeout_s {limits.idle_timeout_s:g} "
+                          f"is above limits.timeout_s {limits.timeout_s:g}, the cap on the whole answer: it could "
+                          "never apply")
 
 
 def _parse_yaml(job_path: Path, text: str) -> tuple[Any, dict[tuple[str, ...], int]]:

@@ -48,7 +48,8 @@ class JobFatal(Exception):
 
 def make_client(plan: Plan) -> ChatClient:
     limits = plan.spec.limits
-    return ChatClient(plan.base_url, plan.api_key, limits.timeout_s, limits.concurrency, limits.max_response_bytes)
+    return ChatClient(plan.base_url, plan.api_key, limits.timeout_s, limits.concurrency, limits.max_response_bytes,
+                      limits.idle_timeout_s if plan.spec.model.stream else None)
 
 
 class Pool:
@@ -63,6 +64,7 @@ class Pool:
         self.body_params = settings.body_params
         self.max_tokens = settings.max_tokens or 0
         self.parse_json = spec.output.parse_json
+        self.stream = spec.model.stream
         self.requests = request_limiter(spec.limits.requests_per_minute)
         self.tokens = token_limiter(spec.limits.tokens_per_minute)
         self.stopping = stopping
@@ -133,8 +135,12 @@ class Pool:
             raise Stopped()
         started = time.perf_counter()
         self.requests_sent += 1
+        first_token_at = None
         try:
-            data = await self.client.complete(body)
+            if self.stream:
+                data, first_token_at = await self.client.stream(body)
+            else:
+                data = await self.client.complete(body)
         except asyncio.CancelledError:
             self.slots.release()
             if probe:  # cut off (a second Ctrl-C) without a verdict: the next waiter probes
@@ -154,7 +160,8 @@ class Pool:
             raise failure from None
         self.slots.succeeded(sent_with)
         self._answered()
-        record = answer_record(row, data, time.perf_counter() - started, attempts, self.pricer, self.model)
+        ttft = None if first_token_at is None else first_token_at - started
+        record = answer_record(row, data, time.perf_counter() - started, attempts, self.pricer, self.model, ttft)
         if self.parse_json:
             try:
                 parse_reply(record["response"])

@@ -61,6 +61,8 @@ def resolve(spec: JobSpec) -> Settings:
     # Provider-only fields and OpenAI ones go the same way: the SDK's create() has fixed kwargs.
     body_params.update(body_params.pop("extra_body", None) or {})
     max_tokens = body_params.get("max_tokens")  # a positive int when present: config checked both places
+    if spec.model.stream:
+        body_params.update(stream_params(spec.model.provider, body_params.get("stream_options")))
     pricer = pricer_for(spec.model.name, Price(**spec.pricing.model_dump()) if spec.pricing else None)
     if spec.budget is not None:
         _check_budget(spec, max_tokens, pricer)
@@ -68,6 +70,15 @@ def resolve(spec: JobSpec) -> Settings:
     provider = PROVIDERS[spec.model.provider]
     return Settings(spec, body_params, max_tokens, pricer, spec.model.base_url or provider.base_url,
                     spec.model.api_key_env or provider.api_key_env, builder)
+
+
+def stream_params(provider: str, stream_options: Any) -> dict[str, Any]:
+    """The body fields that ask for a stream with its usage: Zhipu sends usage in the last chunk unasked,
+    OpenAI-style servers only when stream_options asks (the job's own stream_options are kept beside it)."""
+    if provider == "zhipu":
+        return {"stream": True}
+    options = stream_options if isinstance(stream_options, dict) else {}
+    return {"stream": True, "stream_options": {**options, "include_usage": True}}
 
 
 def preflight(job: str | Path | JobSpec, force: bool = False, api_key: str | None = None) -> Plan:

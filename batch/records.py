@@ -34,6 +34,7 @@ class Record(TypedDict):
     model: str
     request_id: str | None
     latency_s: float | None
+    ttft_s: float | None  # streamed: seconds to the first content or reasoning token (None when not streamed)
     attempts: int  # requests sent for it: 0 when the cache answered or the row had no prompt
     error_class: str | None
     error: str | None
@@ -55,6 +56,7 @@ RECORD_SCHEMA = pa.schema([
     ("model", pa.string()),
     ("request_id", pa.string()),
     ("latency_s", pa.float64()),
+    ("ttft_s", pa.float64()),
     ("attempts", pa.int32()),
     ("error_class", pa.string()),
     ("error", pa.string()),
@@ -80,8 +82,9 @@ DICTIONARY_FIELDS = ["status", "finish_reason", "model", "error_class"]
 
 
 def answer_record(row: Row, data: dict[str, Any], latency: float, attempts: int, pricer: Pricer | None,
-                  model: str) -> Record:
-    """The record of an answer the client checked (client.parse_body: every field has its type, no key in it)."""
+                  model: str, ttft: float | None = None) -> Record:
+    """The record of an answer the client checked (client.accepted: every field has its type, no key in it);
+    `ttft`: the seconds to its first token, when it was streamed."""
     choice = data["choices"][0]
     message = choice["message"]
     usage = data.get("usage") or {}
@@ -98,7 +101,7 @@ def answer_record(row: Row, data: dict[str, Any], latency: float, attempts: int,
                         (usage.get("prompt_tokens_details") or {}).get("cached_tokens")),
         "model": data.get("model") or model,
         "request_id": data.get("request_id") or data.get("id"),
-        "latency_s": round(latency, 4), "attempts": attempts,
+        "latency_s": round(latency, 4), "ttft_s": None if ttft is None else round(ttft, 4), "attempts": attempts,
         "error_class": None, "error": None, "cache_hit": False, "prompt_hash": row.prompt_hash,
     }
 
@@ -108,7 +111,8 @@ def failed_record(row: Row, error_class: str, error: str, attempts: int, model: 
     return {
         "id": row.id, "seq": row.seq, "status": "failed", "response": None, "reasoning_content": None,
         "finish_reason": None, "prompt_tokens": None, "completion_tokens": None, "total_tokens": None,
-        "cost": None, "model": model, "request_id": None, "latency_s": None, "attempts": attempts,
+        "cost": None, "model": model, "request_id": None, "latency_s": None, "ttft_s": None,
+        "attempts": attempts,
         "error_class": error_class, "error": redact(error), "cache_hit": False, "prompt_hash": row.prompt_hash,
     }
 
@@ -117,8 +121,8 @@ def cached_record(kept: dict[str, Any], row: Row) -> Record:
     """A row's record made from another request's answer (`kept`: its CACHED_FIELDS): no request sent, nothing paid."""
     return {
         "id": row.id, "seq": row.seq, "status": "ok", **{name: kept.get(name) for name in CACHED_FIELDS},
-        "cost": 0.0, "latency_s": 0.0, "attempts": 0, "error_class": None, "error": None, "cache_hit": True,
-        "prompt_hash": row.prompt_hash,
+        "cost": 0.0, "latency_s": 0.0, "ttft_s": None, "attempts": 0, "error_class": None, "error": None,
+        "cache_hit": True, "prompt_hash": row.prompt_hash,
     }
 
 

@@ -50,10 +50,12 @@ from aiohttp import web
 _CJK = "\u3400-\u9fff\uf900-\ufaff"
 _TOKEN_RE = re.compile(f"[{_CJK}]|[^\\W{_CJK}]+|[^\\w\\s]")
 _MARKER_RE = re.compile(
-    r"\[\[(error|flaky|malformed|nochoices|hang|reset|slow|bigbody|bigstream)(?::([^\]]*))?\]\]")
+    r"\[\[(error|flaky|malformed|nochoices|hang|reset|slow|bigbody|bigstream|"
+    r"cutstream|garbagechunk|stall|nodone)(?::([^\]]*))?\]\]")
 _SET_RE = re.compile(r"\[\[set:([\w.]+)=([^\]]*)\]\]")
 _MALFORMED_BODY = b'{"id": "x", "choices": ['
 _STREAM_CHUNK = 64 * 1024
+_SSE_PIECE_CHARS = 16  # the text a server-sent event carries: a few tokens, as a model streams them
 # Codes that mean "slow down"; only these get a Retry-After header.
 _RATE_LIMIT_CODES = frozenset({"1302", "1303", "1305"})
 _MESSAGES = {
@@ -157,6 +159,8 @@ class ChatRequest:
     max_tokens: int | None
     json_mode: bool
     prompt: str  # the last user message: the key for stats and markers
+    stream: bool = False  # answer with server-sent events
+    include_usage: bool = False  # stream_options.include_usage: usage in a chunk of its own (the /v1 dialect)
 
 
 def parse_chat(body: Any) -> ChatRequest:
@@ -165,10 +169,12 @@ def parse_chat(body: Any) -> ChatRequest:
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise ValueError("messages must be a non-empty list of objects")
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+    options = body.get("stream_options")
     return ChatRequest(model=str(body.get("model") or ""), messages=messages,
                        max_tokens=None if max_tokens is None else int(max_tokens),
                        json_mode=(body.get("response_format") or {}).get("type") == "json_object",
-                       prompt=last_user_text(messages))
+                       prompt=last_user_text(messages), stream=body.get("stream") is True,
+                       include_usage=isinstance(options, dict) and options.get("include_usage") is True)
 
 
 def markers_of(prompt: str) -> dict[str, str]:
@@ -198,6 +204,8 @@ class SimConfig:
     api_key: str | None = dataclasses.field(default=None, repr=False)  # keep it out of reprs/logs
     echo_key: bool = False  # quote the request's Authorization header in every error message and reply
     history: bool = False  # record every parsed request (prompt, arrived, answered, status) in stats["history"]
+    ttft_ms: float = 0  # a streamed answer (stream: true): the wait before its first token, once headers are sent
+    chunk_interval_ms: float = 0  # ... and between its chunks
     seed: int = 0
     # The Batch API (batch/simulator_batches.py); times are seconds of the simulator's batch clock.
     batch_speed: float = 1.0  # simulated seconds per real second; 0: only POST /_batches/advance moves the clock
@@ -454,6 +462,9 @@ class Simulator:
             self._successes += 1
         request_id, answer = self.chat_completion(chat, markers, request.headers.get("Authorization", ""),
                                                   nochoices=outcome == "nochoices")
+        if chat.stream:
+            zhipu = request.path.startswith("/api/paas/")
+            return await self._events(request, answer, zhipu or chat.include_usage, zhipu, markers, prompt)
         if "bigstream" in markers:
             return await self._stream(request, answer, request_id)
         return self._json(200, answer, {"x-request-id": request_id})
@@ -490,6 +501,70 @@ class Simulator:
         for path, value in _SET_RE.findall(chat.prompt):
             _set_field(answer, path, value)
         return request_id, answer
+
+    async def _events(self, request: web.Request, answer: dict[str, Any], wants_usage: bool, zhipu: bool,
+                      markers: dict[str, str], prompt: str) -> web.StreamResponse:
+        """`answer` as server-sent events, as the request asked with stream: true: reasoning, then content, in
+        pieces, the finish_reason, the usage (in the finish_reason's chunk for Zhipu; in one of its own for the
+        /v1 dialect, and only when stream_options.include_usage asks), then [DONE]. Faults by marker."""
+        cfg = self.config
+        head = {key: answer[key] for key in ("id", "request_id", "created", "model") if key in answer}
+        head["object"] = "chat.completion.chunk"
+        events: list[bytes] = []
+
+        def add(choice: dict[str, Any] | None, **extra: Any) -> None:
+            chunk = {**head, "choices": [] if choice is None else [{"index": 0, **choice}], **extra}
+            try:
+                data = json.dumps(chunk, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate set by [[set:...]]
+                data = json.dumps(chunk).encode("ascii")
+            events.append(b"data: " + data + b"\n\n")
+
+        choice = answer["choices"][0] if answer["choices"] else {}
+        message = choice.get("message") or {}
+        for key in ("reasoning_content", "content"):
+            text = message.get(key)
+            if not isinstance(text, str):  # a value [[set:...]] made odd is sent as it is, in one delta
+                if text is not None:
+                    add({"delta": {key: text}})
+                continue
+            for start in range(0, len(text), _SSE_PIECE_CHARS):
+                add({"delta": {"role": "assistant", key: text[start:start + _SSE_PIECE_CHARS]}})
+        usage = {"usage": answer["usage"]} if wants_usage and "usage" in answer else {}
+        add({"delta": {}, "finish_reason": choice.get("finish_reason")}, **(usage if zhipu else {}))
+        if usage and not zhipu:
+            add(None, **usage)
+        if "nodone" not in markers:
+            events.append(b"data: [DONE]\n\n")
+
+        cut_after = None
+        if "cutstream" in markers:  # like [[flaky]]: the prompt's first request only
+            seen = self._flaky_seen[prompt] = self._flaky_seen.get(prompt, 0) + 1
+            cut_after = int(_number(markers["cutstream"], 1)) if seen == 1 else None
+        garbage_at = int(_number(markers["garbagechunk"], 1)) if "garbagechunk" in markers else None
+        stall_at = int(_number(markers["stall"], 1)) if "stall" in markers else None
+        response = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream",
+                                                           "Cache-Control": "no-cache"})
+        try:
+            await response.prepare(request)
+            for sent, event in enumerate(events):
+                if sent == cut_after:
+                    self._reset_connection(request)
+                    return response
+                if sent == stall_at:
+                    await asyncio.sleep(cfg.hang_s)
+                if sent == garbage_at:
+                    await response.write(b"data: {\"choices\": [{\"delta\": {\"content\": \"x\n\n")
+                wait_ms = cfg.ttft_ms if sent == 0 else cfg.chunk_interval_ms
+                if wait_ms > 0:
+                    await asyncio.sleep(wait_ms / 1000)
+                await response.write(event)
+            await response.write_eof()
+        except ConnectionError:  # the client stopped reading and closed the connection
+            self._count("disconnected")
+            return response
+        self._count("200")
+        return response
 
     async def _stream(self, request: web.Request, answer: dict[str, Any], request_id: str) -> web.StreamResponse:
         """The answer in chunks, without a Content-Length: a client learns its size only by reading it."""

@@ -1,0 +1,194 @@
+"""model.stream: answers read as server-sent events from the simulator, over real HTTP: the same answers, usage and
+cost as without streaming, ttft_s, the idle timeout beside the hard cap, and streams that break or lie."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from helpers import output_of
+
+from batch.config import DEFAULT_STREAM_TIMEOUT_S, load_job
+from batch.simulator import answer_for
+
+MODEL = "glm-4-flash"
+PRICING = {"input": 1.0, "output": 2.0}
+KEY = "sk-streaming-test-key-0123456789"
+
+
+def prompt_rows(*texts: str) -> list[dict[str, str]]:
+    return [{"review_id": f"r{i}", "text": text} for i, text in enumerate(texts)]
+
+
+def streamed(model: dict | None = None, **limits: float) -> dict:
+    """make_job overrides for a streamed job (provider local, the /v1 dialect, unless `model` says otherwise)."""
+    return {"model": {"stream": True, **(model or {})}, "limits": limits, "pricing": PRICING}
+
+
+def expected_answer(text: str) -> str:
+    return answer_for(MODEL, [{"role": "user", "content": f"Classify: {text}"}])
+
+
+def only_row(job: Path) -> dict:
+    rows = output_of(job).to_dict("records")
+    assert len(rows) == 1
+    return rows[0]
+
+
+def test_streamed_answers_match_plain_ones_with_usage_cost_and_ttft(start_sim, make_job, run_cli, tmp_path):
+    sim = start_sim(ttft_ms=150, chunk_interval_ms=5)
+    rows = prompt_rows("fine", "awful [[think]]", "长一点的中文评论，足够分成好几个片段来流式传输")
+    plain_job = make_job(sim, rows=rows, pricing=PRICING, output={"path": "plain/result.parquet"})
+    assert run_cli("run", plain_job)[0] == 0
+    plain = pd.read_parquet(tmp_path / "plain" / "result.parquet").set_index("review_id")
+    job = make_job(sim, rows=rows, **streamed())
+    assert run_cli("run", job)[0] == 0
+    out = output_of(job).set_index("review_id")
+
+    same = ["status", "response", "reasoning_content", "finish_reason", "prompt_tokens", "completion_tokens",
+            "total_tokens", "cost", "model"]
+    pd.testing.assert_frame_equal(out[same], plain[same])
+    assert out["response"].tolist() == [expected_answer(row["text"]) for row in rows]
+    assert out["reasoning_content"].notna().tolist() == [False, True, False]
+    assert (out["cost"] > 0).all() and (out["completion_tokens"] > 0).all()  # usage came with the stream
+    assert plain["ttft_s"].isna().all()
+    # The simulator waits 150 ms before the first token and streams the rest after it.
+    assert (out["ttft_s"] >= 0.15).all()
+    assert (out["ttft_s"] < out["latency_s"]).all()
+
+
+def test_zhipu_streams_usage_unasked(start_sim, make_job, run_cli, monkeypatch):
+    """Zhipu's endpoint sends usage in the last chunk without stream_options, which batch does not send it."""
+    monkeypatch.setenv("ZHIPU_API_KEY", KEY)
+    sim = start_sim()
+    base_url = sim.url.replace("/v1", "/api/paas/v4")
+    job = make_job(sim, rows=prompt_rows("good"), **streamed({"provider": "zhipu", "base_url": base_url}))
+    assert run_cli("run", job)[0] == 0
+    row = only_row(job)
+    assert row["response"] == expected_answer("good")
+    assert row["prompt_tokens"] > 0 and row["cost"] > 0 and row["ttft_s"] is not None
+
+
+def test_v1_stream_without_include_usage_has_no_usage(sim):
+    """Why batch sends stream_options.include_usage to OpenAI-style servers: they send no usage otherwise."""
+    import urllib.request
+
+    def events(options: dict | None) -> list[dict]:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        if options is not None:
+            body["stream_options"] = options
+        request = urllib.request.Request(sim.url + "/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.headers["Content-Type"].startswith("text/event-stream")
+            lines = [line[6:] for line in response.read().decode().splitlines() if line.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        return [json.loads(line) for line in lines[:-1]]
+
+    assert not any(chunk.get("usage") for chunk in events(None))
+    last = events({"include_usage": True})[-1]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] > 0
+
+
+def test_idle_timeout_fires_on_a_silent_stream(start_sim, make_job, run_cli):
+    sim = start_sim()
+    job = make_job(sim, rows=prompt_rows("goes quiet [[stall:2]]"), **streamed(idle_timeout_s=0.3, timeout_s=30))
+    assert run_cli("run", job)[0] == 1
+    row = only_row(job)
+    assert row["status"] == "failed" and row["error_class"] == "timeout" and row["attempts"] == 3
+    assert "silent for 0.3 s (limits.idle_timeout_s)" in row["error"]
+
+
+def test_a_lively_stream_outlasts_the_idle_limit_but_not_the_hard_cap(start_sim, make_job, run_cli):
+    # About 40 chunks 50 ms apart: two seconds of answer, never silent for one.
+    sim = start_sim(chunk_interval_ms=50)
+    rows = prompt_rows("a long answer [[bigbody:640]]")
+    job = make_job(sim, rows=rows, **streamed(idle_timeout_s=1.0, timeout_s=60))
+    assert run_cli("run", job)[0] == 0
+    row = only_row(job)
+    assert row["status"] == "ok" and len(row["response"]) == 640 and row["attempts"] == 1
+    assert row["latency_s"] > 1.0  # longer than the idle limit, and not cut
+
+    job = make_job(sim, rows=rows, retry={"max_attempts": 1}, output={"path": "capped/result.parquet"},
+                   **streamed(idle_timeout_s=1.0, timeout_s=1.0))
+    assert run_cli("run", job)[0] == 1
+    row = pd.read_parquet(job.parent / "capped" / "result.parquet").iloc[0]
+    assert row["error_class"] == "timeout" and "within 1 s (limits.timeout_s)" in row["error"]
+
+
+def test_a_stream_reset_mid_answer_is_retried(sim, make_job, run_cli):
+    text = "cut short once [[cutstream:2]]"
+    job = make_job(sim, rows=prompt_rows(text), **streamed())
+    assert run_cli("run", job)[0] == 0
+    row = only_row(job)
+    assert row["status"] == "ok" and row["attempts"] == 2 and row["response"] == expected_answer(text)
+    assert sim.stats()["by_status"]["reset"] == 1
+
+
+@pytest.mark.parametrize(("marker", "error"), [
+    ("[[garbagechunk:2]]", "stream event 3 is not JSON"),
+    ("[[nodone]]", "without [DONE]"),
+    ("[[set:choices.0.finish_reason=null]]", "without a finish_reason"),
+    # The assembled answer is checked as a non-streamed one is.
+    ('[[set:usage.completion_tokens="3.5"]]', 'usage.completion_tokens is "3.5"'),
+])
+def test_broken_streams_are_bad_responses(sim, make_job, run_cli, marker, error):
+    job = make_job(sim, rows=prompt_rows(f"broken {marker}"), **streamed())
+    assert run_cli("run", job)[0] == 1
+    row = only_row(job)
+    assert row["status"] == "failed" and row["error_class"] == "bad_response" and row["attempts"] == 3
+    assert error in row["error"], row["error"]
+
+
+def test_key_masked_in_streamed_content(start_sim, make_job, run_cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("BATCH_TEST_KEY", KEY)
+    sim = start_sim(api_key=KEY, echo_key=True)  # the reply quotes the Authorization header, across chunks
+    job = make_job(sim, rows=prompt_rows("repeat my header"), **streamed({"api_key_env": "BATCH_TEST_KEY"}))
+    assert run_cli("run", job)[0] == 0
+    assert "(you sent Authorization: Bearer ***)" in only_row(job)["response"]
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
+
+
+def test_size_cap_applies_to_the_streamed_total(sim, make_job, run_cli):
+    job = make_job(sim, rows=prompt_rows("endless [[bigbody:20000]]", "short"), **streamed(max_response_bytes=4096))
+    assert run_cli("run", job)[0] == 1
+    out = output_of(job).set_index("review_id")
+    assert out.loc["r0", "error_class"] == "bad_response"
+    assert "more than 4096 bytes, over limits.max_response_bytes" in out.loc["r0", "error"]
+    assert out.loc["r1", "status"] == "ok"
+
+
+def write_job(tmp_path: Path, model: dict, limits: dict) -> Path:
+    (tmp_path / "in.csv").write_text("id,text\n1,a\n")
+    job = {"name": "j", "input": {"path": "in.csv"}, "prompt": {"template": "{text}"},
+           "model": {"name": MODEL, **model}, "limits": limits, "output": {"path": "out.parquet"}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def test_stream_limits_defaults(tmp_path):
+    """Streamed, the hard cap is not the non-streamed 120 s unless the job sets it; the idle limit is filled in."""
+    limits = load_job(write_job(tmp_path, {"stream": True}, {})).limits
+    assert limits.timeout_s == DEFAULT_STREAM_TIMEOUT_S and limits.idle_timeout_s == 60
+    limits = load_job(write_job(tmp_path, {"stream": True}, {"timeout_s": 30})).limits
+    assert limits.timeout_s == 30 and limits.idle_timeout_s == 30
+    limits = load_job(write_job(tmp_path, {}, {})).limits
+    assert limits.timeout_s == 120 and limits.idle_timeout_s is None
+
+
+@pytest.mark.parametrize(("model", "limits", "message"), [
+    ({}, {"idle_timeout_s": 5}, "limits.idle_timeout_s applies to streamed answers only"),
+    ({"stream": True}, {"idle_timeout_s": 50, "timeout_s": 20}, "limits.idle_timeout_s 50 is above limits.timeout_s 20"),
+    ({"params": {"stream": True}}, {}, "params.stream: set model.stream: true"),
+    ({"params": {"extra_body": {"stream": True}}}, {}, "params.extra_body.stream: set model.stream"),
+    ({"stream": "yes"}, {}, "model.stream: Input should be a valid boolean"),
+])
+def test_stream_settings_checked(tmp_path, run_cli, model, limits, message):
+    code, _, err = run_cli("validate", write_job(tmp_path, model, limits))
+    assert code == 2 and message in err and "job.yaml line" in err, err
