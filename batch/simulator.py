@@ -9,7 +9,15 @@ message: ``[[error:STATUS:CODE]]`` (``[[error:200:1113]]``: an error body in a 2
 ``[[slow:MS]]``, ``[[set:PATH=JSON]]`` (a field of the 200 answer set to a JSON value, e.g.
 ``[[set:usage.prompt_tokens="3"]]``; numbers in PATH index lists; several may be given),
 ``[[bigbody:BYTES]]`` (a 200 whose reply is BYTES long, with its Content-Length) and
-``[[bigstream:BYTES]]`` (the same, streamed in chunks without a length).  ``echo_key`` makes
+``[[bigstream:BYTES]]`` (the same, streamed in chunks without a length).  A request with
+``stream: true`` is answered with server-sent events (`_events`): the time to the first chunk and
+between chunks are ``SimConfig.ttft_ms`` and ``chunk_interval_ms``, usage comes in the last chunk
+(on /api/paas/v4 always, as Zhipu sends it; on /v1 only when ``stream_options.include_usage`` asks),
+and markers break the stream: ``[[cutstream:N]]`` (a reset after N events, the prompt's first
+request only), ``[[garbagechunk:N]]`` (an event that is not JSON after N),
+``[[errorchunk:N:CODE]]`` (after N events, an error event with this Zhipu code, and the end), ``[[stall:N]]`` (silent
+for ``hang_s`` after N), ``[[nodone]]`` (no ``data: [DONE]``), ``[[nostream]]`` (one JSON body, as
+a server that ignores ``stream`` answers).  ``echo_key`` makes
 every error message and reply quote the Authorization header the request carried, as a careless
 server might.  An outage that ends is ``SimConfig(down_for_requests=N)``: the first N requests
 get 503 with code 1305 (``down_as="503"``) or a proxy's HTML 502 page (``down_as="html"``), the
@@ -51,7 +59,7 @@ _CJK = "\u3400-\u9fff\uf900-\ufaff"
 _TOKEN_RE = re.compile(f"[{_CJK}]|[^\\W{_CJK}]+|[^\\w\\s]")
 _MARKER_RE = re.compile(
     r"\[\[(error|flaky|malformed|nochoices|hang|reset|slow|bigbody|bigstream|"
-    r"cutstream|garbagechunk|stall|nodone)(?::([^\]]*))?\]\]")
+    r"cutstream|garbagechunk|errorchunk|stall|nodone|nostream)(?::([^\]]*))?\]\]")
 _SET_RE = re.compile(r"\[\[set:([\w.]+)=([^\]]*)\]\]")
 _MALFORMED_BODY = b'{"id": "x", "choices": ['
 _STREAM_CHUNK = 64 * 1024
@@ -462,7 +470,7 @@ class Simulator:
             self._successes += 1
         request_id, answer = self.chat_completion(chat, markers, request.headers.get("Authorization", ""),
                                                   nochoices=outcome == "nochoices")
-        if chat.stream:
+        if chat.stream and "nostream" not in markers:
             zhipu = request.path.startswith("/api/paas/")
             return await self._events(request, answer, zhipu or chat.include_usage, zhipu, markers, prompt)
         if "bigstream" in markers:
@@ -542,6 +550,10 @@ class Simulator:
             seen = self._flaky_seen[prompt] = self._flaky_seen.get(prompt, 0) + 1
             cut_after = int(_number(markers["cutstream"], 1)) if seen == 1 else None
         garbage_at = int(_number(markers["garbagechunk"], 1)) if "garbagechunk" in markers else None
+        if "errorchunk" in markers:  # the server gives up mid-answer, as vLLM and others say so
+            at, _, code = markers["errorchunk"].partition(":")
+            error = {"code": code or "1200", "message": _MESSAGES.get(code, "simulated error mid-stream")}
+            events[int(_number(at, 1)):] = [b"data: " + json.dumps({"error": error}).encode() + b"\n\n"]
         stall_at = int(_number(markers["stall"], 1)) if "stall" in markers else None
         response = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream",
                                                            "Cache-Control": "no-cache"})

@@ -143,6 +143,29 @@ def test_broken_streams_are_bad_responses(sim, make_job, run_cli, marker, error)
     assert error in row["error"], row["error"]
 
 
+def test_stream_requests_answered_otherwise(sim, make_job, run_cli):
+    """A server that ignores stream: true and answers one JSON body is read as such; an error status as always."""
+    rows = prompt_rows("plain [[nostream]]", "unsafe [[error:400:1301]]")
+    job = make_job(sim, rows=rows, **streamed())
+    assert run_cli("run", job)[0] == 1
+    out = output_of(job).set_index("review_id")
+    assert out.loc["r0", "response"] == expected_answer(rows[0]["text"]) and out.loc["r0", "cost"] > 0
+    assert pd.isna(out.loc["r0", "ttft_s"])
+    assert out.loc["r1", "error_class"] == "content_filter" and out.loc["r1", "attempts"] == 1
+
+
+def test_error_event_mid_stream_judged_by_its_code(sim, make_job, run_cli):
+    job = make_job(sim, rows=prompt_rows("overloaded [[errorchunk:2:1305]]"), **streamed())
+    assert run_cli("run", job)[0] == 1
+    row = only_row(job)
+    assert row["error_class"] == "rate_limited" and row["attempts"] == 3 and "HTTP 200 code 1305" in row["error"]
+
+    job = make_job(sim, rows=prompt_rows("in arrears [[errorchunk:2:1113]]"), **streamed(),
+                   output={"path": "arrears/result.parquet"})
+    code, _, err = run_cli("run", job)
+    assert code == 3 and "HTTP 200 code 1113" in err
+
+
 def test_key_masked_in_streamed_content(start_sim, make_job, run_cli, monkeypatch, tmp_path):
     monkeypatch.setenv("BATCH_TEST_KEY", KEY)
     sim = start_sim(api_key=KEY, echo_key=True)  # the reply quotes the Authorization header, across chunks
@@ -184,7 +207,8 @@ def test_stream_limits_defaults(tmp_path):
 
 @pytest.mark.parametrize(("model", "limits", "message"), [
     ({}, {"idle_timeout_s": 5}, "limits.idle_timeout_s applies to streamed answers only"),
-    ({"stream": True}, {"idle_timeout_s": 50, "timeout_s": 20}, "limits.idle_timeout_s 50 is above limits.timeout_s 20"),
+    ({"stream": True}, {"idle_timeout_s": 50, "timeout_s": 20},
+     "limits.idle_timeout_s 50 is above limits.timeout_s 20"),
     ({"params": {"stream": True}}, {}, "params.stream: set model.stream: true"),
     ({"params": {"extra_body": {"stream": True}}}, {}, "params.extra_body.stream: set model.stream"),
     ({"stream": "yes"}, {}, "model.stream: Input should be a valid boolean"),
