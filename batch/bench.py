@@ -202,14 +202,15 @@ def sim_call(url: str, path: str) -> dict[str, Any]:  # GET /_stats or POST /_re
 
 
 def write_job(workdir: Path, url: str, name: str, data: Path, id_column: str, limits: dict[str, Any],
-              keep_columns: list[str] | None = None, retry: dict[str, Any] | None = None) -> tuple[Path, Path]:
+              keep_columns: list[str] | None = None, retry: dict[str, Any] | None = None,
+              stream: bool = False) -> tuple[Path, Path]:
     """A job file over `data` (output and checkpoint under workdir/out); its path and its output's."""
     import yaml
 
     output = workdir / "out" / f"{name}.parquet"
     job = {"name": name, "input": {"path": str(data.resolve()), "id_column": id_column},
            "prompt": {"system": SYSTEM, "template": TEMPLATE},
-           "model": {"provider": "local", "name": MODEL, "base_url": url, "params": PARAMS},
+           "model": {"provider": "local", "name": MODEL, "base_url": url, "params": PARAMS, "stream": stream},
            "limits": {"timeout_s": 60, **limits}, "retry": retry or {"max_attempts": 3},
            "output": {"path": str(output), **({"keep_columns": keep_columns} if keep_columns else {})}}
     job_path = workdir / f"{name}.yaml"
@@ -229,7 +230,7 @@ def run_job_file(workdir: Path, job_path: Path, output: Path, label: str, *flags
 
 
 def run_pipeline(workdir: Path, url: str, name: str, rows: int, limits: dict[str, Any],
-                 retry: dict[str, Any] | None = None) -> dict[str, Any]:
+                 retry: dict[str, Any] | None = None, stream: bool = False) -> dict[str, Any]:
     """`python -m batch run` on a fresh `rows`-row Parquet input; its process figures and summary.json."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -237,24 +238,27 @@ def run_pipeline(workdir: Path, url: str, name: str, rows: int, limits: dict[str
     data = workdir / f"{name}.parquet"
     pq.write_table(pa.table({"review_id": [f"r{i:07d}" for i in range(rows)],
                              "text": [REVIEW.format(i) for i in range(rows)]}), data)
-    job_path, output = write_job(workdir, url, name, data, "review_id", limits, retry=retry)
+    job_path, output = write_job(workdir, url, name, data, "review_id", limits, retry=retry, stream=stream)
     return run_job_file(workdir, job_path, output, name)
 
 
 # -- the three scenarios ---------------------------------------------------------------------------
 def overhead(workdir: Path, n: int) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
+    outputs: dict[str, Path] = {}
     with simulator(workdir, "overhead") as url:
-        for name in (*CLIENTS, "batch"):
+        for name in (*CLIENTS, "batch", "batch-stream"):
             # Start-up alone (interpreter + imports; for batch, a run of a job file that does not exist),
             # to show the cost per request net of it too: at 2,000 requests batch's ~1 s of imports dominates.
             bare = [sys.executable, "-m", "batch.bench", "--client", name, "--url", url, "-n"]
-            idle = [*bare, "0"] if name != "batch" else [sys.executable, "-m", "batch", "run", str(workdir / "no.yaml")]
+            batch = name.startswith("batch")
+            idle = [*bare, "0"] if not batch else [sys.executable, "-m", "batch", "run", str(workdir / "no.yaml")]
             startup = measured(idle, workdir, f"{name}-startup", 60)["cpu_s"]
             sim_call(url, "/_reset")  # per-client status counts
-            if name == "batch":
-                run = run_pipeline(workdir, url, "overhead", n, {"concurrency": IN_FLIGHT})
+            if batch:  # streamed: the same rows and answers, read as server-sent events
+                run = run_pipeline(workdir, url, name, n, {"concurrency": IN_FLIGHT}, stream=name == "batch-stream")
                 ok, wall = run["summary"]["run"]["ok"], run["summary"]["run"]["wall_s"]  # the request phase
+                outputs[name] = run["output"]
             else:
                 run = measured([*bare, str(n)], workdir, name, 600)
                 if run["exit"] != 0:
@@ -265,7 +269,18 @@ def overhead(workdir: Path, n: int) -> dict[str, dict[str, Any]]:
                              "startup_cpu_s": startup, "net_cpu_ms_per_req": 1000 * (run["cpu_s"] - startup) / n,
                              "req_per_s": n / wall, "process_wall_s": run["wall_s"],
                              "by_status": sim_call(url, "/_stats")["by_status"]}
+    results["batch-stream"].update(same_answers(outputs["batch"], outputs["batch-stream"]))
     return results
+
+
+def same_answers(plain: Path, streamed: Path) -> dict[str, Any]:
+    """Whether a streamed run's answers and usage are the plain run's, and how long its answers are."""
+    import pyarrow.parquet as pq
+
+    columns = ["review_id", "status", "response", "finish_reason", "prompt_tokens", "completion_tokens"]
+    first, second = (pq.read_table(path, columns=columns).sort_by("review_id") for path in (plain, streamed))
+    lengths = [len(text or "") for text in second.column("response").to_pylist()]
+    return {"same_answers": first.equals(second), "mean_answer_chars": sum(lengths) / max(1, len(lengths))}
 
 
 def rate(workdir: Path, rows: int) -> dict[str, Any]:
@@ -575,6 +590,15 @@ def overhead_rows(over: dict[str, Any], n: int) -> list[tuple[str, str, str, boo
         for name, r in over.items()]
     ratio = ours["cpu_ms_per_req"] / base["cpu_ms_per_req"]
     net = ours["net_cpu_ms_per_req"] / base["net_cpu_ms_per_req"]
+    streamed = over.get("batch-stream")
+    if streamed is not None:
+        chunks = math.ceil(streamed["mean_answer_chars"] / 16)
+        stream_ratio = streamed["cpu_ms_per_req"] / ours["cpu_ms_per_req"]
+        stream_net = streamed["net_cpu_ms_per_req"] / ours["net_cpu_ms_per_req"]
+        rows.append((f"overhead: batch streamed CPU / not streamed ({chunks} text chunks + 3 events per answer)",
+                     f"{stream_ratio:.2f}x ({stream_net:.2f}x net of start-up), "
+                     f"{'same' if streamed['same_answers'] else 'DIFFERENT'} answers and usage", "<= 2x, same",
+                     stream_ratio <= 2 and streamed["same_answers"] and streamed["ok"] == n))
     return rows + [
         ("overhead: batch CPU / bare aiohttp CPU", f"{ratio:.2f}x ({net:.2f}x net of start-up)", "<= 2.5x",
          ratio <= 2.5),

@@ -49,6 +49,19 @@ def test_table_marks_targets():
     assert text.splitlines()[0].startswith("| metric") and "| NO " in text and "| yes " in text
 
 
+def test_streamed_overhead_row_needs_same_answers():
+    client = {"ok": 100, "cpu_s": 1.0, "cpu_ms_per_req": 10.0, "startup_cpu_s": 0.5, "net_cpu_ms_per_req": 5.0,
+              "req_per_s": 3000.0}
+    streamed = {**client, "cpu_ms_per_req": 15.0, "net_cpu_ms_per_req": 7.5, "same_answers": True,
+                "mean_answer_chars": 66.0}
+    over = {"aiohttp": client, "batch": client, "batch-stream": streamed}
+    row = [r for r in bench.overhead_rows(over, 100) if "streamed" in r[0]]
+    assert row == [("overhead: batch streamed CPU / not streamed (5 text chunks + 3 events per answer)",
+                    "1.50x (1.50x net of start-up), same answers and usage", "<= 2x, same", True)]
+    over["batch-stream"] = {**streamed, "same_answers": False}
+    assert [r[3] for r in bench.overhead_rows(over, 100) if "streamed" in r[0]] == [False]
+
+
 def test_measured_reports_the_commands_own_peak_rss(tmp_path: Path):
     # Linux carries a process's peak RSS across exec: spawned straight from a big parent, a tiny
     # command would report the parent's peak. The launcher keeps the figure the command's own.
