@@ -15,9 +15,9 @@ between chunks are ``SimConfig.ttft_ms`` and ``chunk_interval_ms``, usage comes 
 (on /api/paas/v4 always, as Zhipu sends it; on /v1 only when ``stream_options.include_usage`` asks),
 and markers break the stream: ``[[cutstream:N]]`` (a reset after N events, the prompt's first
 request only), ``[[garbagechunk:N]]`` (an event that is not JSON after N),
-``[[errorchunk:N:CODE]]`` (after N events, an error event with this Zhipu code, and the end), ``[[stall:N]]`` (silent
-for ``hang_s`` after N), ``[[nodone]]`` (no ``data: [DONE]``), ``[[nostream]]`` (one JSON body, as
-a server that ignores ``stream`` answers).  ``echo_key`` makes
+``[[errorchunk:N:CODE]]`` (after N events, an error event with this Zhipu code, and the end),
+``[[stall:N]]`` (silent for ``hang_s`` after N events, or after them all), ``[[nodone]]`` (no
+``data: [DONE]``), ``[[nostream]]`` (one JSON body, as a server that ignores ``stream`` answers).  ``echo_key`` makes
 every error message and reply quote the Authorization header the request carried, as a careless
 server might.  An outage that ends is ``SimConfig(down_for_requests=N)``: the first N requests
 get 503 with code 1305 (``down_as="503"``) or a proxy's HTML 502 page (``down_as="html"``), the
@@ -571,6 +571,8 @@ class Simulator:
                 if wait_ms > 0:
                     await asyncio.sleep(wait_ms / 1000)
                 await response.write(event)
+            if stall_at is not None and stall_at >= len(events):  # silent after [DONE], the stream left open
+                await asyncio.sleep(cfg.hang_s)
             await response.write_eof()
         except ConnectionError:  # the client stopped reading and closed the connection
             self._count("disconnected")

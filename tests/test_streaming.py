@@ -102,6 +102,14 @@ def test_idle_timeout_fires_on_a_silent_stream(start_sim, make_job, run_cli):
     assert "silent for 0.3 s (limits.idle_timeout_s)" in row["error"]
 
 
+def test_a_stream_left_open_after_done_is_complete(sim, make_job, run_cli):
+    text = "then silence [[stall:99]]"
+    job = make_job(sim, rows=prompt_rows(text), **streamed(idle_timeout_s=0.3, timeout_s=30))
+    assert run_cli("run", job)[0] == 0
+    row = only_row(job)
+    assert row["status"] == "ok" and row["attempts"] == 1 and row["response"] == expected_answer(text)
+
+
 def test_a_lively_stream_outlasts_the_idle_limit_but_not_the_hard_cap(start_sim, make_job, run_cli):
     # About 40 chunks 50 ms apart: two seconds of answer, never silent for one.
     sim = start_sim(chunk_interval_ms=50)
