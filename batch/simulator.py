@@ -17,9 +17,9 @@ and markers break the stream: ``[[cutstream:N]]`` (a reset after N events, the p
 request only), ``[[garbagechunk:N]]`` (an event that is not JSON after N),
 ``[[errorchunk:N:CODE]]`` (after N events, an error event with this Zhipu code, and the end),
 ``[[stall:N]]`` (silent for ``hang_s`` after N events, or after them all), ``[[nodone]]`` (no
-``data: [DONE]``), ``[[nostream]]`` (one JSON body, as a server that ignores ``stream`` answers).  ``echo_key`` makes
-every error message and reply quote the Authorization header the request carried, as a careless
-server might.  An outage that ends is ``SimConfig(down_for_requests=N)``: the first N requests
+``data: [DONE]``), ``[[nostream]]`` (one JSON body, as a server that ignores ``stream`` answers).
+``echo_key`` makes every error message and reply quote the Authorization header the request
+carried, as a careless server might.  An outage that ends is ``SimConfig(down_for_requests=N)``: the first N requests
 get 503 with code 1305 (``down_as="503"``) or a proxy's HTML 502 page (``down_as="html"``), the
 later ones are answered.  ``SimulatorThread.reconfigure(**fields)`` changes SimConfig fields while it
 serves, e.g. a test drops the latency once it has seen a run in progress.  ``history`` keeps a record
