@@ -170,8 +170,26 @@ class OutputSpec(Strict):
     keep_columns: list[str] = Field(default_factory=list)
     parse_json: bool = False  # the reply is a JSON object: its top-level keys become columns
     json_columns: list[str] | None = None  # with parse_json: only these keys (default: every key seen)
+    # A JSON Schema the reply must match (a mapping, or a .json file relative to the job file): implies parse_json.
+    json_schema: dict[str, Any] | FilePath | None = None
+    # How the schema is asked for; default by provider (batch.schema.default_via).
+    schema_via: Literal["prompt", "response_format"] | None = None
+    # Requests per row for a reply that parses and matches: a bad one is asked again at once, up to this many in all.
+    json_attempts: int = Field(3, ge=1, le=20)
     checkpoint_rows: int = Field(1000, ge=1)
     checkpoint_seconds: float = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _schema_implies_parse_json(self) -> OutputSpec:
+        if self.json_schema is not None:
+            if "parse_json" in self.model_fields_set and not self.parse_json:
+                raise ValueError("json_schema needs the reply parsed as JSON: remove parse_json: false")
+            self.parse_json = True
+        elif self.schema_via is not None:
+            raise ValueError("schema_via says how output.json_schema is sent: set json_schema too")
+        if "json_attempts" in self.model_fields_set and not self.parse_json:
+            raise ValueError("json_attempts is for replies parsed as JSON: set parse_json: true or a json_schema")
+        return self
 
 
 class JobSpec(Strict):
@@ -226,6 +244,8 @@ def load_job(path: str | Path) -> JobSpec:
     spec.output.path = _relative_to(base, spec.output.path)
     if spec.cache is not None:
         spec.cache.path = _relative_to(base, spec.cache.path)
+    if isinstance(spec.output.json_schema, Path):
+        spec.output.json_schema = _relative_to(base, spec.output.json_schema)
     spec.job_path = job_path
     spec._lines = lines
     check_job(spec)

@@ -33,6 +33,10 @@ def estimate(settings: Settings, retry_failed: bool = False) -> dict[str, Any]:
     _, states = row_states(spec, table, checkpoint)
     observed = _mean_completion_tokens(checkpoint, states.last_record_mask(id_batches(table)))
 
+    json_output = settings.json_output
+    schema = json_output is not None and json_output.schema is not None
+    schema_tokens = json_output.extra_tokens(spec.prompt.system) if schema else 0  # type: ignore[union-attr]
+    unsent_tokens, unsent_bound = json_output.unsent_tokens() if json_output is not None else (0, 0)
     rows = skipped = unsendable = prompt_tokens = prompt_bound = 0
     expected = most = 0.0
     start = states.first_to_send(retry_failed)
@@ -45,7 +49,7 @@ def estimate(settings: Settings, retry_failed: bool = False) -> dict[str, Any]:
         except RowPromptError:
             unsendable += 1
             continue
-        tokens, bound = estimate_tokens(messages), prompt_token_bound(messages)
+        tokens, bound = estimate_tokens(messages) + unsent_tokens, prompt_token_bound(messages) + unsent_bound
         rows += 1
         prompt_tokens += tokens
         prompt_bound += bound
@@ -58,6 +62,9 @@ def estimate(settings: Settings, retry_failed: bool = False) -> dict[str, Any]:
         "rows_without_prompt": unsendable, "rows_changed": changed,
         "prompt_tokens_estimate": prompt_tokens, "tokenizer": TOKENIZER_NOTE,
         "prompt_tokens_max": prompt_bound, "prompt_bound": BOUND_NOTE,
+        # Included in the two above: what output.json_schema adds to each row's prompt, and where it is sent.
+        "schema_prompt_tokens_per_row": schema_tokens if schema else None,
+        "schema_via": json_output.via if schema else None,  # type: ignore[union-attr]
         "max_tokens": max_tokens, "observed_completion_tokens_per_row": observed,
         "completion_tokens_expected": round(rows * observed) if observed is not None else None,
         "completion_tokens_max": rows * max_tokens if max_tokens else None,
@@ -88,6 +95,9 @@ def format_estimate(e: dict[str, Any]) -> str:
         f"  prompt tokens: ~{e['prompt_tokens_estimate']} expected ({e['tokenizer']}); "
         f"at most {e['prompt_tokens_max']} ({e['prompt_bound']})",
     ]
+    if e["schema_prompt_tokens_per_row"] is not None:
+        where = "in the system prompt" if e["schema_via"] == "prompt" else "as response_format"
+        lines.append(f"    of which ~{e['schema_prompt_tokens_per_row']} per row are output.json_schema, sent {where}")
     answer = []
     if e["completion_tokens_max"] is not None:
         answer.append(f"at most {e['completion_tokens_max']} (max_tokens {e['max_tokens']} per row)")

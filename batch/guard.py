@@ -73,6 +73,9 @@ def fingerprint(spec: JobSpec) -> dict[str, Any]:
         "messages_column": spec.prompt.messages_column,
         "input": str(spec.input.path.resolve()),
         "id_column": spec.input.id_column,
+        # None without a schema, as in checkpoints made before it existed. A schema file by its path.
+        "json_schema": spec.output.json_schema,
+        "schema_via": spec.output.schema_via,
     }
 
 

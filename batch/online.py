@@ -24,21 +24,25 @@ from batch.errors import EXIT_BUDGET, EXIT_JOB_FATAL, CheckpointWriteError
 from batch.executor import Pending, Stop
 from batch.pool import JobFatal, Pool, Stopped
 from batch.prompts import estimate_tokens, prompt_token_bound
-from batch.records import Record, cached_record
-from batch.replies import parse_reply
+from batch.reader import Row
+from batch.records import Record, asked_again, cached_record
 
 ROWS_PER_SLOT = 4
 
 
 class OnlineAnswerer:
     def __init__(self, pool: Pool, cache: AnswerCache, cache_path: Path, budget: Budget | None, stop: Stop,
-                 concurrency: int, parse_json: bool) -> None:
+                 concurrency: int) -> None:
         self.pool = pool
         self.cache = cache
         self.cache_path = cache_path
         self.budget = budget
         self.stop = stop
-        self.parse_json = parse_json
+        self.json_output = pool.json_output
+        # A reply that is not the JSON asked for is asked again at once, up to json_attempts requests in all.
+        self.asks = pool.json_output.attempts if pool.json_output is not None else 1
+        # What the schema costs beside the messages (sent as response_format): counted like the prompt.
+        self.unsent_tokens, self.unsent_bound = pool.json_output.unsent_tokens() if pool.json_output else (0, 0)
         self._task_count = ROWS_PER_SLOT * concurrency
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -90,22 +94,22 @@ class OnlineAnswerer:
         if kept is not None:
             self._keep(record, cached_record(kept, row))
             return True
-        budget, hold = self.budget, None
-        if budget is not None:
-            # Once reached, rows the cache can answer (above, free) still are; the others stay pending.
-            hold = None if budget.reached else await budget.reserve(prompt_token_bound(messages))
-            if hold is None:
-                self.stop.note(budget.describe(), EXIT_BUDGET)
-                return True
-        result = None
+        estimated = estimate_tokens(messages) + self.unsent_tokens
+        bound = prompt_token_bound(messages) + self.unsent_bound
+        answer = None  # the last answer, with its own cost (the cache keeps it)
+        result = None  # the row's record: the last answer, with the cost of every answer before it
         sending = self.cache.sending(key)
         try:
-            result = await self.pool.answer(row, body, estimate_tokens(messages))
-            if hold is not None:
-                budget.settle(hold, result)  # type: ignore[union-attr]
-                hold = None
-            self._keep(record, result)
+            for _ in range(self.asks):
+                answer = await self._ask(row, body, estimated, bound)
+                if answer is None:  # the budget is reached: a bad reply paid for before is kept as it is
+                    break
+                result = answer if result is None else asked_again(answer, result)
+                if answer["error_class"] != "bad_json":
+                    break
         except Stopped:
+            if result is not None:  # a bad reply, paid for: kept, with its cost, rather than asked again
+                self._keep(record, result)
             return False
         except JobFatal as fatal:
             self.stop.now(f"the API refused the job: {fatal.failure}", EXIT_JOB_FATAL)
@@ -113,12 +117,29 @@ class OnlineAnswerer:
             self.stop.now(str(outage), EXIT_JOB_FATAL)
         finally:
             try:
-                self.cache.sent(key, sending, result)
+                self.cache.sent(key, sending, answer)
             except sqlite3.Error as exc:
                 self._halt(cache_write_error(self.cache_path, exc))
-            if hold is not None:
-                budget.settle(hold, None)  # type: ignore[union-attr]
+        if result is not None:
+            self._keep(record, result)
         return True
+
+    async def _ask(self, row: Row, body: bytes, estimated: int, bound: int) -> Record | None:
+        """One request for the row (and its retries), held against the budget; None when the budget is reached."""
+        budget, hold = self.budget, None
+        if budget is not None:
+            # Once reached, rows the cache can answer (above, free) still are; the others stay pending.
+            hold = None if budget.reached else await budget.reserve(bound)
+            if hold is None:
+                self.stop.note(budget.describe(), EXIT_BUDGET)
+                return None
+        answer = None
+        try:
+            answer = await self.pool.answer(row, body, estimated)
+        finally:
+            if hold is not None:
+                budget.settle(hold, answer)  # type: ignore[union-attr]
+        return answer
 
     def _keep(self, record: Callable[[Record], None], result: Record) -> None:
         try:
@@ -134,12 +155,10 @@ class OnlineAnswerer:
         raise error
 
     def _usable(self, kept: dict[str, Any] | None) -> dict[str, Any] | None:
-        """A cached answer, if it passes the checks a fresh one would: a parse_json job sends again for prose."""
-        if kept is not None and self.parse_json:
-            try:
-                parse_reply(kept["response"])
-            except ValueError:
-                return None
+        """A cached answer, if it passes the checks a fresh one would: a parse_json job sends again for prose,
+        a json_schema job for a reply that does not match."""
+        if kept is not None and self.json_output is not None and self.json_output.problem(kept["response"]):
+            return None
         return kept
 
 

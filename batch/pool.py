@@ -22,7 +22,6 @@ from batch.failures import Failure, classify
 from batch.limits import Retries, Slots, pool_pause, request_limiter, token_limiter
 from batch.reader import Row
 from batch.records import Record, answer_record, failed_record
-from batch.replies import parse_reply
 
 if TYPE_CHECKING:
     from batch.preflight import Plan, Settings
@@ -63,7 +62,7 @@ class Pool:
                         "set pricing: {input: ..., output: ...} in the job to count it", self.model)
         self.body_params = settings.body_params
         self.max_tokens = settings.max_tokens or 0
-        self.parse_json = spec.output.parse_json
+        self.json_output = settings.json_output
         self.stream = spec.model.stream
         self.requests = request_limiter(spec.limits.requests_per_minute)
         self.tokens = token_limiter(spec.limits.tokens_per_minute)
@@ -162,11 +161,10 @@ class Pool:
         self._answered()
         ttft = None if first_token_at is None else first_token_at - started
         record = answer_record(row, data, time.perf_counter() - started, attempts, self.pricer, self.model, ttft)
-        if self.parse_json:
-            try:
-                parse_reply(record["response"])
-            except ValueError as exc:  # answered and paid for, so kept: the reply is there to read
-                record.update(status="failed", error_class="bad_json", error=str(exc))
+        if self.json_output is not None:
+            problem = self.json_output.problem(record["response"])
+            if problem is not None:  # answered and paid for, so kept: the reply is there to read
+                record.update(status="failed", error_class="bad_json", error=problem)
         return record
 
     # -- outages: see batch/breaker.py --------------------------------------------------------

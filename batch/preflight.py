@@ -23,6 +23,7 @@ from batch.pricing import Price, Pricer, pricer_for
 from batch.prompts import PromptBuilder
 from batch.reader import InputTable
 from batch.records import OUTPUT_FIELDS
+from batch.schema import JsonOutput, json_output_for
 from batch.writer import Checkpoint
 
 # The files a checkpoint folder holds from its first run: a folder with one is some job's checkpoint.
@@ -40,6 +41,7 @@ class Settings:
     base_url: str
     api_key_env: str | None
     builder: PromptBuilder
+    json_output: JsonOutput | None  # with parse_json: how replies are checked (and, with a schema, asked for)
 
 
 @dataclass(frozen=True)
@@ -53,13 +55,17 @@ class Plan(Settings):
 
 def resolve(spec: JobSpec) -> Settings:
     """The values derived from a job file, with the checks that need nothing but the job file."""
+    json_output = json_output_for(spec)
     try:
-        builder = PromptBuilder(spec.prompt)
+        builder = PromptBuilder(spec.prompt, json_output.system_note if json_output else None)
     except ConfigError as exc:
         raise ConfigError(f"{spec.where('prompt.template')}: {exc}") from None
     body_params = dict(spec.model.params)
     # Provider-only fields and OpenAI ones go the same way: the SDK's create() has fixed kwargs.
     body_params.update(body_params.pop("extra_body", None) or {})
+    if json_output is not None and json_output.response_format is not None:
+        # A response_format in params is the job's own choice (e.g. strict: false), so it is kept.
+        body_params.setdefault("response_format", json_output.response_format)
     max_tokens = body_params.get("max_tokens")  # a positive int when present: config checked both places
     if spec.model.stream:
         body_params.update(stream_params(spec.model.provider, body_params.get("stream_options")))
@@ -69,7 +75,7 @@ def resolve(spec: JobSpec) -> Settings:
     _check_kept_columns(spec)
     provider = PROVIDERS[spec.model.provider]
     return Settings(spec, body_params, max_tokens, pricer, spec.model.base_url or provider.base_url,
-                    spec.model.api_key_env or provider.api_key_env, builder)
+                    spec.model.api_key_env or provider.api_key_env, builder, json_output)
 
 
 def stream_params(provider: str, stream_options: Any) -> dict[str, Any]:

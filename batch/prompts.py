@@ -31,11 +31,19 @@ def template_columns(template: str) -> list[str]:
     return columns
 
 
+def system_text(system: str | None, note: str | None) -> str | None:
+    """The system prompt sent: the job's, with `note` (what output.json_schema asks for) after it."""
+    if note is None:
+        return system
+    return f"{system}\n\n{note}" if system else note
+
+
 class PromptBuilder:
-    def __init__(self, spec: PromptSpec) -> None:
+    def __init__(self, spec: PromptSpec, system_note: str | None = None) -> None:
         self.spec = spec
         self.columns = template_columns(spec.template) if spec.template is not None else [spec.messages_column]
-        self._system = [{"role": "system", "content": spec.system}] if spec.system else []
+        system = system_text(spec.system, system_note)
+        self._system = [{"role": "system", "content": system}] if system else []
 
     def messages(self, values: dict[str, Any]) -> list[dict[str, Any]]:
         if self.spec.template is not None:

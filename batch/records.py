@@ -150,6 +150,15 @@ def add_paid_before(record: Record, paid: dict[str, Any] | None) -> None:
             record[name] = paid[name] if mine is None else mine + paid[name]
 
 
+def asked_again(record: Record, before: Record) -> Record:
+    """The row's record after `record`, an answer to a request asked again after `before` (the row's record so far,
+    in this run): `record` with the cost, tokens and attempts of both."""
+    summed = record.copy()
+    add_paid_before(summed, {name: before[name] for name in PAID_FIELDS})
+    summed["attempts"] += before["attempts"]
+    return summed
+
+
 def billed(record: Record) -> bool:
     """Whether a record holds an answer the server produced (and billed), ok or not (a reply that is not JSON)."""
     return record["response"] is not None or record["finish_reason"] is not None

@@ -138,7 +138,7 @@ class Run:
                               "delete it: it only keeps identical requests from being paid twice)") from None
         budget = self._budget(done) if self.spec.budget else None
         answerer = self.answerer = OnlineAnswerer(pool, cache, cache_path, budget, self.stop,
-                                                  self.spec.limits.concurrency, self.spec.output.parse_json)
+                                                  self.spec.limits.concurrency)
         try:
             await self._answer(answerer, done, stats, progress)
         finally:
@@ -262,7 +262,8 @@ class Run:
         if out.parse_json:
             taken = {self.spec.id_column_out, *out.keep_columns, *RECORD_FIELDS}
             last = self.checkpoint.chosen_records(done.last_record_mask(self._id_batches), ["status", "response"])
-            replies = ReplyColumns(last, out.json_columns, taken)
+            schema = self.plan.json_output.schema if self.plan.json_output else None
+            replies = ReplyColumns(last, out.json_columns, taken, schema)
         groups = self.checkpoint.row_groups() if done.record_count else None
         try:
             write_final(output, self.table.id_batches(out.keep_columns), self.spec.id_column_out,

@@ -6,6 +6,8 @@ runner must survive (rate limits, 5xx, resets, malformed bodies, hangs, arrears)
 switched on through `SimConfig` or triggered per row with markers in the last user
 message: ``[[error:STATUS:CODE]]`` (``[[error:200:1113]]``: an error body in a 200),
 ``[[flaky:N]]``, ``[[malformed]]``, ``[[nochoices]]``, ``[[hang]]``, ``[[reset]]``,
+``[[badjson]]`` (a JSON-mode request answered in prose), ``[[badjson:N]]`` (the first N answers to the
+prompt do not match the requested schema: see `completion_for`), ``[[fenced]]`` (JSON in a Markdown fence),
 ``[[slow:MS]]``, ``[[set:PATH=JSON]]`` (a field of the 200 answer set to a JSON value, e.g.
 ``[[set:usage.prompt_tokens="3"]]``; numbers in PATH index lists; several may be given),
 ``[[bigbody:BYTES]]`` (a 200 whose reply is BYTES long, with its Content-Length) and
@@ -59,7 +61,8 @@ _CJK = "\u3400-\u9fff\uf900-\ufaff"
 _TOKEN_RE = re.compile(f"[{_CJK}]|[^\\W{_CJK}]+|[^\\w\\s]")
 _MARKER_RE = re.compile(
     r"\[\[(error|flaky|malformed|nochoices|hang|reset|slow|bigbody|bigstream|"
-    r"cutstream|garbagechunk|errorchunk|stall|nodone|nostream)(?::([^\]]*))?\]\]")
+    r"cutstream|garbagechunk|errorchunk|stall|nodone|nostream|badjson|fenced)(?::([^\]]*))?\]\]")
+_SCHEMA_BLOCK_RE = re.compile(r"```json\s*(.*?)\s*```", re.DOTALL)
 _SET_RE = re.compile(r"\[\[set:([\w.]+)=([^\]]*)\]\]")
 _MALFORMED_BODY = b'{"id": "x", "choices": ['
 _STREAM_CHUNK = 64 * 1024
@@ -132,15 +135,110 @@ def json_answer_for(model: str, messages: list[dict[str, Any]]) -> str:
     return json.dumps({"label": label, "reply": answer}, ensure_ascii=False)
 
 
+def requested_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON Schema a request asks its answer to match: response_format json_schema's, or under json_object the
+    last ```json block of a system message that holds an object (where batch writes it for Zhipu)."""
+    response_format = body.get("response_format")
+    if not isinstance(response_format, dict):
+        return None
+    if response_format.get("type") == "json_schema":
+        wrapper = response_format.get("json_schema")
+        schema = wrapper.get("schema") if isinstance(wrapper, dict) else None
+        return schema if isinstance(schema, dict) else None
+    if response_format.get("type") != "json_object":
+        return None
+    for message in reversed(body.get("messages") or []):
+        if isinstance(message, dict) and message.get("role") == "system":
+            for block in reversed(_SCHEMA_BLOCK_RE.findall(_text(message.get("content")))):
+                try:
+                    schema = json.loads(block)
+                except ValueError:
+                    continue
+                if isinstance(schema, dict):
+                    return schema
+    return None
+
+
+def schema_answer_for(model: str, messages: list[dict[str, Any]], schema: dict[str, Any],
+                      violate: bool = False) -> str:
+    """A JSON value that matches `schema`, a pure function of the request (see `conforming`); `violate`: the same
+    with the first required key (else the first key) of the wrong type (a number for a string, text otherwise)."""
+    seed = hashlib.sha256(answer_for(model, messages).encode()).hexdigest()
+    value = conforming(schema, seed, "$")
+    properties = schema.get("properties")
+    if violate and isinstance(value, dict) and isinstance(properties, dict) and properties:
+        required = [key for key in schema.get("required") or [] if key in properties]
+        key = required[0] if required else next(iter(properties))
+        value[key] = 12345 if (properties[key] or {}).get("type") == "string" else "not what the schema says"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def conforming(schema: Any, seed: str, where: str) -> Any:
+    """A value matching `schema` at JSON path `where`, drawn from a hash of (seed, where).
+
+    Kept simple: type, properties and required (an optional key is left out for about half the answers),
+    items, minItems and maxItems, enum and const, minimum and maximum, anyOf and oneOf (the first branch that is
+    not null). Other constraints (patterns, lengths, formats, $ref) are not followed.
+    """
+    draw = int(hashlib.sha256(f"{seed}:{where}".encode()).hexdigest()[:12], 16)
+    if not isinstance(schema, dict):
+        return None
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][draw % len(schema["enum"])]
+    for key in ("anyOf", "oneOf"):
+        branches = [b for b in schema.get(key) or [] if isinstance(b, dict) and b.get("type") != "null"]
+        if branches:
+            return conforming(branches[0], seed, where)
+    kind = schema.get("type") or ("object" if "properties" in schema else "string")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object":
+        required = set(schema.get("required") or [])
+        value = {}
+        for name, sub in (schema.get("properties") or {}).items():
+            here = f"{where}.{name}"
+            keep = name in required or int(hashlib.sha256(f"{seed}:{here}?".encode()).hexdigest()[:8], 16) % 2
+            if keep:
+                value[name] = conforming(sub, seed, here)
+        return value
+    if kind == "array":
+        low = int(schema.get("minItems", 1))
+        count = max(low, min(int(schema.get("maxItems", low + 2)), low + draw % 3))
+        return [conforming(schema.get("items") or {}, seed, f"{where}[{i}]") for i in range(count)]
+    if kind in ("integer", "number"):
+        low = schema.get("minimum", 0)
+        high = schema.get("maximum", low + 99)
+        if kind == "integer":
+            return int(low) + draw % (int(high) - int(low) + 1)
+        return low + (draw % 1000) / 1000 * (high - low)
+    if kind == "boolean":
+        return draw % 2 == 0
+    if kind == "null":
+        return None
+    return f"{where.rsplit('.', 1)[-1]} {draw % 10000}"
+
+
 def completion_for(model: str, messages: list[dict[str, Any]], max_tokens: int | None,
-                   json_mode: bool = False) -> dict[str, Any]:
+                   json_mode: bool = False, schema: dict[str, Any] | None = None, violate: bool = False,
+                   fenced: bool = False) -> dict[str, Any]:
     """Content, finish_reason and usage the simulator returns for a request.
 
-    json_mode (the request asked for response_format json_object) answers a JSON object, unless the
-    prompt carries [[badjson]], which answers plain text as a model that ignores the format would.
+    json_mode (the request asked for response_format json_object or json_schema) answers a JSON object: one
+    that matches `schema` when the request gives one (`requested_schema`), unless the prompt carries
+    [[badjson]], which answers plain text as a model that ignores the format would. `violate` (the first N
+    answers of [[badjson:N]]) answers JSON that does not match the schema, or plain text without one. `fenced`
+    ([[fenced]]) wraps a JSON answer in a Markdown code fence.
     """
-    bad_json = "[[badjson]]" in last_user_text(messages)
-    answer = json_answer_for(model, messages) if json_mode and not bad_json else answer_for(model, messages)
+    bad_json = "[[badjson]]" in last_user_text(messages) or (violate and schema is None)
+    if not json_mode or bad_json:
+        answer = answer_for(model, messages)
+    else:
+        answer = json_answer_for(model, messages) if schema is None else schema_answer_for(model, messages, schema,
+                                                                                           violate)
+        if fenced:
+            answer = f"```json\n{answer}\n```"
     prompt_tokens = sum(count_tokens(_text(m.get("content"))) + 3 for m in messages)
     completion_tokens = count_tokens(answer)
     finish_reason = "stop"
@@ -165,10 +263,11 @@ class ChatRequest:
     model: str
     messages: list[dict[str, Any]]
     max_tokens: int | None
-    json_mode: bool
+    json_mode: bool  # response_format json_object or json_schema
     prompt: str  # the last user message: the key for stats and markers
     stream: bool = False  # answer with server-sent events
     include_usage: bool = False  # stream_options.include_usage: usage in a chunk of its own (the /v1 dialect)
+    schema: dict[str, Any] | None = None  # the JSON Schema the answer is asked to match (requested_schema)
 
 
 def parse_chat(body: Any) -> ChatRequest:
@@ -178,11 +277,15 @@ def parse_chat(body: Any) -> ChatRequest:
         raise ValueError("messages must be a non-empty list of objects")
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
     options = body.get("stream_options")
+    response_format = body.get("response_format") or {}
+    if not isinstance(response_format, dict):
+        raise TypeError("response_format must be an object")
+    json_mode = response_format.get("type") in ("json_object", "json_schema")
     return ChatRequest(model=str(body.get("model") or ""), messages=messages,
-                       max_tokens=None if max_tokens is None else int(max_tokens),
-                       json_mode=(body.get("response_format") or {}).get("type") == "json_object",
+                       max_tokens=None if max_tokens is None else int(max_tokens), json_mode=json_mode,
                        prompt=last_user_text(messages), stream=body.get("stream") is True,
-                       include_usage=isinstance(options, dict) and options.get("include_usage") is True)
+                       include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+                       schema=requested_schema(body) if json_mode else None)
 
 
 def markers_of(prompt: str) -> dict[str, str]:
@@ -210,6 +313,7 @@ class SimConfig:
     down_for_requests: int = 0  # the endpoint is down for the first N requests ...
     down_as: str = "503"  # ... answering "503" (JSON, code 1305) or "html" (a proxy's 502 page)
     api_key: str | None = dataclasses.field(default=None, repr=False)  # keep it out of reprs/logs
+    keep_bodies: bool = False  # keep every request body parsed (SimulatorThread.bodies()), for tests
     echo_key: bool = False  # quote the request's Authorization header in every error message and reply
     history: bool = False  # record every parsed request (prompt, arrived, answered, status) in stats["history"]
     ttft_ms: float = 0  # a streamed answer (stream: true): the wait before its first token, once headers are sent
@@ -263,6 +367,8 @@ class Simulator:
         self._history: list[dict[str, Any]] = []
         self._max_in_flight = self._in_flight
         self._flaky_seen: dict[str, int] = {}
+        self._badjson_seen: dict[str, int] = {}
+        self.bodies: list[dict[str, Any]] = []
         self._successes = 0
         self._slice, self._slice_count = -1, 0
         # Separate streams so enabling latency jitter does not shift which requests fault.
@@ -381,9 +487,12 @@ class Simulator:
         if not self.authorized(request):
             return self._error(request, 401, "1000")
         try:
-            chat = parse_chat(json.loads(await request.read()))
+            body = json.loads(await request.read())
+            chat = parse_chat(body)
         except (ValueError, KeyError, TypeError) as exc:
             return self._error(request, 400, "1214", f"请求参数非法 / invalid request: {type(exc).__name__}")
+        if cfg.keep_bodies:
+            self.bodies.append(body)
         prompt = chat.prompt
         self._by_prompt[prompt] = self._by_prompt.get(prompt, 0) + 1
         if not cfg.history:
@@ -488,7 +597,12 @@ class Simulator:
                         nochoices: bool = False) -> tuple[str, dict[str, Any]]:
         """The request id and chat.completion body of a 200, shaped by the prompt's markers (which may change the
         body's own ids); the Batch API's output lines reuse it."""
-        result = completion_for(chat.model, chat.messages, chat.max_tokens, chat.json_mode)
+        violate = False
+        if markers.get("badjson"):  # [[badjson:N]]: the first N answers to this prompt do not match
+            seen = self._badjson_seen[chat.prompt] = self._badjson_seen.get(chat.prompt, 0) + 1
+            violate = seen <= _number(markers["badjson"], 1)
+        result = completion_for(chat.model, chat.messages, chat.max_tokens, chat.json_mode, chat.schema, violate,
+                                "fenced" in markers)
         request_id = "chatcmpl-" + os.urandom(6).hex()
         content = self.echo(authorization, result["content"])
         big = markers.get("bigbody") or markers.get("bigstream")
@@ -694,6 +808,10 @@ class SimulatorThread:
 
     def reset(self) -> None:
         self._call(self.simulator._reset_state)
+
+    def bodies(self) -> list[dict[str, Any]]:
+        """The request bodies received so far, parsed (with SimConfig(keep_bodies=True))."""
+        return self._call(lambda: list(self.simulator.bodies))
 
     def reconfigure(self, **fields: Any) -> None:
         """Change these SimConfig fields from the next request on (requests already waiting keep theirs)."""

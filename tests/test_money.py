@@ -132,7 +132,8 @@ def test_a_cached_prose_answer_is_not_taken_by_a_parse_json_job(sim, make_job, r
     plain = make_job(sim, rows=rows, cache=shared)
     assert run_cli("run", plain)[0] == 0
     sim.reset()
-    parsing = make_job(sim, rows=rows, cache=shared, output={"parse_json": True, "path": "json/result.parquet"})
+    parsing = make_job(sim, rows=rows, cache=shared,
+                       output={"parse_json": True, "json_attempts": 1, "path": "json/result.parquet"})
     assert run_cli("run", parsing)[0] == 1
     assert sim.stats()["requests"] == 4  # asked again: prose does not pass a parse_json job's checks
     result = pd.read_parquet(tmp_path / "json" / "result.parquet")

@@ -42,11 +42,12 @@ def test_a_reply_that_is_not_json_fails_the_row_with_bad_json_and_keeps_the_repl
     assert run_cli("run", job)[0] == 1
     result = output_of(job).set_index("review_id")
     bad = result.loc["j1"]
-    assert (bad["status"], bad["error_class"], bad["attempts"]) == ("failed", "bad_json", 1)
+    # Asked again at once, up to output.json_attempts (3) requests in all, then failed.
+    assert (bad["status"], bad["error_class"], bad["attempts"]) == ("failed", "bad_json", 3)
     assert bad["response"].startswith("[glm-4-flash] reply") and bad["completion_tokens"] > 0
-    assert sim.stats()["by_prompt"]["Classify: ignores the format [[badjson]]"] == 1  # not retried at once
+    assert sim.stats()["by_prompt"]["Classify: ignores the format [[badjson]]"] == 3
     assert run_cli("run", job, "--retry-failed")[0] == 1
-    assert sim.stats()["by_prompt"]["Classify: ignores the format [[badjson]]"] == 2  # retried on request
+    assert sim.stats()["by_prompt"]["Classify: ignores the format [[badjson]]"] == 6  # retried on request
 
 
 def test_reasoning_content_has_its_own_column(sim, make_job, run_cli):

@@ -1,0 +1,168 @@
+"""Structured output: the job's JSON Schema, how it is asked for, each reply checked against it, and the Arrow type
+of each column it gives.
+
+The checks are python-jsonschema's (every draft from 3 to 2020-12, the draft read from the schema's `$schema`):
+the schema itself is checked against its draft's meta-schema before anything is sent, and each reply against the
+schema as it arrives. A reply that fails is asked again (batch.online), so its problem is said once, as the
+validator's most relevant error (`best_match`) with its JSON path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError, best_match
+from jsonschema.protocols import Validator
+from jsonschema.validators import validator_for
+
+from batch.config import JobSpec
+from batch.errors import ConfigError
+from batch.prompts import estimate_tokens, prompt_token_bound, system_text
+from batch.replies import parse_reply
+
+# Zhipu documents only response_format json_object, and its hosts answer 200 to a json_schema format they then
+# ignore; its own advice is to write the format into the system prompt. Servers that enforce a schema (OpenAI,
+# vLLM, llama.cpp's server, which turns it into a grammar) take it as response_format.
+VIA_PROMPT, VIA_RESPONSE_FORMAT = "prompt", "response_format"
+SCHEMA_NOTE = "Answer with one JSON object and nothing else. It must match this JSON Schema:"
+SCHEMA_NAME = "output"  # response_format.json_schema.name: OpenAI wants one ([a-zA-Z0-9_-]{1,64})
+MAX_ERROR_CHARS = 300  # a validation message quotes the value at fault, which may be the whole reply
+
+
+def default_via(provider: str) -> str:
+    return VIA_PROMPT if provider == "zhipu" else VIA_RESPONSE_FORMAT
+
+
+@dataclass(frozen=True)
+class JsonOutput:
+    """What a parse_json job checks of each reply (and, with a schema, what it sends to ask for it)."""
+
+    attempts: int  # requests per row for a reply that passes: output.json_attempts
+    schema: dict[str, Any] | None = None
+    via: str | None = None  # VIA_PROMPT or VIA_RESPONSE_FORMAT, with a schema
+    validator: Validator | None = None
+
+    def problem(self, text: str | None) -> str | None:
+        """Why the reply is not the JSON asked for (its first problem), or None when it is."""
+        try:
+            reply = parse_reply(text)
+        except ValueError as exc:
+            return str(exc)
+        if self.validator is None:
+            return None
+        error = best_match(self.validator.iter_errors(reply))
+        if error is None:
+            return None
+        message = error.message
+        if len(message) > MAX_ERROR_CHARS:
+            message = message[:MAX_ERROR_CHARS] + "..."
+        return f"the reply does not match output.json_schema at {error.json_path}: {message}"
+
+    @property
+    def system_note(self) -> str | None:
+        """The text added to the system prompt, when the schema is asked for there."""
+        if self.via != VIA_PROMPT:
+            return None
+        return f"{SCHEMA_NOTE}\n```json\n{json.dumps(self.schema, ensure_ascii=False, indent=2)}\n```"
+
+    @property
+    def response_format(self) -> dict[str, Any] | None:
+        if self.schema is None:
+            return None
+        if self.via == VIA_PROMPT:
+            return {"type": "json_object"}
+        return {"type": "json_schema", "json_schema": {"name": SCHEMA_NAME, "schema": self.schema, "strict": True}}
+
+    def unsent_tokens(self) -> tuple[int, int]:
+        """What the schema costs beside the messages, as (estimate_tokens, prompt_token_bound) of a message: sent
+        as response_format, it is not in them, yet the server writes it into the prompt. (0, 0) when it is."""
+        if self.via != VIA_RESPONSE_FORMAT:
+            return 0, 0
+        schema = [{"role": "system", "content": json.dumps(self.schema, ensure_ascii=False)}]
+        return estimate_tokens(schema), prompt_token_bound(schema) - prompt_token_bound([])
+
+    def extra_tokens(self, system: str | None) -> int:
+        """estimate_tokens of what the schema adds to a row's prompt beside the job's `system` prompt, wherever
+        it is sent."""
+        note = self.system_note
+        if note is None:
+            return self.unsent_tokens()[0]
+        before = estimate_tokens([{"content": system}]) if system else 0
+        return estimate_tokens([{"content": system_text(system, note)}]) - before
+
+
+def json_output_for(spec: JobSpec) -> JsonOutput | None:
+    """The job's JsonOutput (None without parse_json): its schema read and checked; ConfigError naming the key."""
+    out = spec.output
+    if not out.parse_json:
+        return None
+    if out.json_schema is None:
+        return JsonOutput(out.json_attempts)
+    where = f"{spec.where('output.json_schema')}: output.json_schema"
+    if isinstance(out.json_schema, Path):
+        schema = _read_schema_file(where, out.json_schema)
+        where = f"{where} {out.json_schema}"
+    else:
+        schema = out.json_schema
+    checker = validator_for(schema, default=Draft202012Validator)
+    try:
+        checker.check_schema(schema)
+    except SchemaError as exc:
+        at = "" if not exc.path else f" at {exc.json_path}"
+        raise ConfigError(f"{where} is not a valid JSON Schema{at}: {exc.message}") from None
+    kinds = schema.get("type", "object")
+    if "object" not in (kinds if isinstance(kinds, list) else [kinds]):
+        raise ConfigError(f"{where}: the reply is a JSON object, so the schema's type must be object (got {kinds!r})")
+    _check_references(where, schema)
+    return JsonOutput(out.json_attempts, schema, out.schema_via or default_via(spec.model.provider), checker(schema))
+
+
+def _read_schema_file(where: str, path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: {path} not found (a path is relative to the job file)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        why = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror or exc
+        raise ConfigError(f"{where}: cannot read {path}: {why}") from None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where}: {path} is not JSON: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(schema, dict):
+        raise ConfigError(f"{where}: {path} holds a JSON {type(schema).__name__}, not a schema (a JSON object)")
+    return schema
+
+
+def _check_references(where: str, schema: dict[str, Any]) -> None:
+    """Every $ref must point into the schema itself: nothing is fetched, and one that does not resolve would
+    otherwise fail at the first reply that reaches it."""
+    for ref in _references(schema):
+        if not ref.startswith("#"):
+            raise ConfigError(f"{where}: $ref {ref!r}: only references within the schema (#/...) are supported")
+        node: Any = schema
+        for part in ref[1:].split("/")[1:]:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                raise ConfigError(f"{where}: $ref {ref!r} points at nothing in the schema")
+
+
+def _references(node: Any) -> list[str]:
+    found = []
+    if isinstance(node, dict):
+        if isinstance(node.get("$ref"), str):
+            found.append(node["$ref"])
+        for value in node.values():
+            found.extend(_references(value))
+    elif isinstance(node, list):
+        for value in node:
+            found.extend(_references(value))
+    return found

@@ -1,0 +1,297 @@
+"""output.json_schema: what is sent for it, replies checked against it and asked again, columns typed by it."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from helpers import output_of, summary_of
+
+from batch.simulator import completion_for, requested_schema, schema_answer_for
+
+MODEL = "glm-4-flash"
+PRICING = {"input": 1.0, "output": 2.0}  # CNY per million tokens
+SCORE = {
+    "type": "object",
+    "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 5}, "summary": {"type": "string"}},
+    "required": ["score", "summary"],
+    "additionalProperties": False,
+}
+# Every kind of column a schema gives: simple types, an enum, a closed object, lists, an optional key, an open object.
+TYPED = {
+    "type": "object",
+    "properties": {
+        "count": {"type": "integer"},
+        "ratio": {"type": "number"},
+        "ok": {"type": "boolean"},
+        "label": {"enum": ["positive", "negative", "neutral"]},
+        "note": {"type": ["string", "null"]},  # optional: missing from about half the answers
+        "author": {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+                   "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}},
+        "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        "spans": {"type": "array", "items": {"type": "object", "additionalProperties": False,
+                                             "required": ["start"], "properties": {"start": {"type": "integer"}}}},
+        "extra": {"type": "object"},  # its shape is not fixed: JSON text
+    },
+    "required": ["count", "ratio", "ok", "label", "author", "tags", "spans", "extra"],
+    "additionalProperties": False,
+}
+
+
+def rows(*texts: str) -> list[dict]:
+    return [{"review_id": f"s{i}", "text": text} for i, text in enumerate(texts)]
+
+
+def schema_job(make_job, sim, texts, schema=SCORE, provider="local", output=None, **job):
+    """A job over `texts` asking for `schema` (more `output` keys, and other sections, as given)."""
+    return make_job(sim, rows=rows(*texts), model={"provider": provider, "params": {"max_tokens": 200}},
+                    pricing=PRICING, output={"json_schema": schema, **(output or {})}, **job)
+
+
+def answers_sent(sim, prompt: str) -> list[dict]:
+    """The simulator's answer to each request it got for `prompt` (counted from the bodies it kept)."""
+    found, violations = [], 0
+    for body in sim.bodies():
+        if body["messages"][-1]["content"] == prompt:
+            marked = "[[badjson:" in prompt
+            bad_for = int(prompt.split("[[badjson:")[1].split("]]")[0]) if marked else 0
+            violations += 1
+            found.append(completion_for(MODEL, body["messages"], body["max_tokens"], True, requested_schema(body),
+                                        violate=violations <= bad_for))
+    return found
+
+
+def cost_of(answers: list[dict]) -> float:
+    return sum(a["prompt_tokens"] * PRICING["input"] + a["completion_tokens"] * PRICING["output"]
+               for a in answers) / 1e6
+
+
+def test_a_reply_that_does_not_match_is_asked_again_and_every_answer_is_paid(start_sim, make_job, run_cli):
+    sim = start_sim(keep_bodies=True)
+    job = schema_job(make_job, sim, ["fine", "wrong twice [[badjson:2]]", "fenced [[fenced]]"])
+    code, _, err = run_cli("run", job)
+    assert code == 0, err
+    result = output_of(job).set_index("review_id")
+    assert (result["status"] == "ok").all()
+    assert result["attempts"].tolist() == [1, 3, 1]
+    prompt = "Classify: wrong twice [[badjson:2]]"
+    assert sim.stats()["by_prompt"][prompt] == 3
+    asked = answers_sent(sim, prompt)
+    assert len(asked) == 3 and asked[0]["content"] != asked[2]["content"]  # two that do not match, then one that does
+    again = result.loc["s1"]
+    assert again["response"] == asked[2]["content"]
+    assert again["prompt_tokens"] == sum(a["prompt_tokens"] for a in asked)
+    assert again["completion_tokens"] == sum(a["completion_tokens"] for a in asked)
+    assert again["total_tokens"] == again["prompt_tokens"] + again["completion_tokens"]
+    assert again["cost"] == pytest.approx(cost_of(asked))
+    assert summary_of(job)["run"]["cost"] == pytest.approx(result["cost"].sum())
+    assert result.loc["s2", "response"].startswith("```json")  # a fenced reply is fine as it is
+    assert 1 <= result.loc["s2", "score"] <= 5
+
+
+def test_a_reply_that_never_matches_fails_bad_json_with_the_path_and_the_last_reply(start_sim, make_job, run_cli):
+    sim = start_sim(keep_bodies=True)
+    job = schema_job(make_job, sim, ["fine", "always wrong [[badjson:99]]", "prose [[badjson]]"],
+                     output={"json_attempts": 2})
+    assert run_cli("run", job)[0] == 1
+    result = output_of(job).set_index("review_id")
+    wrong = result.loc["s1"]
+    assert (wrong["status"], wrong["error_class"], wrong["attempts"]) == ("failed", "bad_json", 2)
+    assert wrong["error"] == ("the reply does not match output.json_schema at $.score: "
+                              "'not what the schema says' is not of type 'integer'")
+    asked = answers_sent(sim, "Classify: always wrong [[badjson:99]]")
+    assert len(asked) == 2 and wrong["response"] == asked[-1]["content"]
+    assert wrong["total_tokens"] == sum(a["prompt_tokens"] + a["completion_tokens"] for a in asked)
+    assert wrong["cost"] == pytest.approx(cost_of(asked))
+    prose = result.loc["s2"]
+    assert (prose["error_class"], prose["attempts"]) == ("bad_json", 2)
+    assert prose["error"].startswith("the reply is not JSON")
+    assert pd_isna(result.loc["s1", "score"]) and result.loc["s0", "status"] == "ok"
+
+
+def pd_isna(value) -> bool:
+    return value is None or value != value
+
+
+def test_each_request_asked_again_is_held_against_the_budget(start_sim, make_job, run_cli):
+    sim = start_sim(keep_bodies=True)
+    job = schema_job(make_job, sim, ["always wrong [[badjson:99]]"], limits={"concurrency": 1})
+    code, out, err = run_cli("estimate", job, "--json")
+    assert code == 0, err
+    worst = json.loads(out)["prompt_tokens_max"] + 200
+    messages = [{"role": "user", "content": "Classify: always wrong [[badjson:99]]"}]
+    answer = completion_for(MODEL, messages, 200, True, SCORE, violate=True)
+    paid = answer["prompt_tokens"] + answer["completion_tokens"]
+    # Room for two answers and the worst case of a third, not for the third's worst case after them.
+    job = schema_job(make_job, sim, ["always wrong [[badjson:99]]"], limits={"concurrency": 1},
+                     budget={"max_total_tokens": paid + worst + paid - 1})
+    code, out, err = run_cli("run", job)
+    assert code == 5, out + err
+    assert sim.stats()["requests"] == 2
+    record = output_of(job).iloc[0]  # the bad replies were paid for: kept, not left pending
+    assert (record["error_class"], record["attempts"], record["total_tokens"]) == ("bad_json", 2, 2 * paid)
+
+
+def test_columns_are_typed_from_the_schema(start_sim, make_job, run_cli, tmp_path):
+    sim = start_sim(keep_bodies=True)
+    (tmp_path / "schemas").mkdir()
+    (tmp_path / "schemas" / "typed.json").write_text(json.dumps(TYPED), encoding="utf-8")
+    texts = [f"review {i}" for i in range(8)] + ["wrong [[badjson:9]]"]
+    job = schema_job(make_job, sim, texts, schema="schemas/typed.json")
+    assert run_cli("run", job)[0] == 1
+    table = pq.read_table(job.parent / "out" / "result.parquet")
+    types = {name: table.schema.field(name).type for name in TYPED["properties"]}
+    assert types == {
+        "count": pa.int64(), "ratio": pa.float64(), "ok": pa.bool_(), "label": pa.string(), "note": pa.string(),
+        "author": pa.struct([("name", pa.string()), ("age", pa.int64())]),
+        "tags": pa.list_(pa.string()),
+        "spans": pa.list_(pa.struct([("start", pa.int64())])),
+        "extra": pa.string(),
+    }
+    got = table.to_pylist()
+    for row, body in zip(got, sim.bodies()):
+        want = json.loads(schema_answer_for(MODEL, body["messages"], TYPED))
+        if row["status"] != "ok":
+            assert all(row[key] is None for key in TYPED["properties"])
+            continue
+        assert {key: row[key] for key in ("count", "ratio", "ok", "label", "author", "tags", "spans")} == \
+            {key: want[key] for key in ("count", "ratio", "ok", "label", "author", "tags", "spans")}
+        assert row["note"] == want.get("note")  # null where the answer left the optional key out
+        assert json.loads(row["extra"]) == want["extra"]
+    notes = [row["note"] for row in got if row["status"] == "ok"]
+    assert None in notes and any(note is not None for note in notes)
+
+
+def test_export_to_csv_writes_nested_values_as_json_text(start_sim, make_job, run_cli, tmp_path):
+    sim = start_sim()
+    job = schema_job(make_job, sim, [f"review {i}" for i in range(3)], schema=TYPED)
+    assert run_cli("run", job)[0] == 0
+    parquet = output_of(job)
+    assert run_cli("export", job, "--format", "csv", "--to", tmp_path / "out.csv")[0] == 0
+    with open(tmp_path / "out.csv", encoding="utf-8", newline="") as handle:
+        exported = list(csv.DictReader(handle))
+    for row, (_, want) in zip(exported, parquet.iterrows()):
+        assert json.loads(row["author"]) == {"name": want["author"]["name"], "age": want["author"]["age"]}
+        assert json.loads(row["tags"]) == list(want["tags"])
+        assert json.loads(row["spans"]) == [dict(span) for span in want["spans"]]
+        assert int(row["count"]) == want["count"]
+
+
+@pytest.mark.parametrize(("schema", "message"), [
+    ({"type": "object", "properties": {"score": {"type": "integr"}}},
+     "output.json_schema is not a valid JSON Schema at $.properties.score.type: 'integr' is not valid"),
+    ({"type": "array", "items": {"type": "string"}}, "the schema's type must be object"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "points at nothing in the schema"),
+    ("missing.json", "missing.json not found"),
+])
+def test_an_invalid_schema_is_refused_before_anything_is_sent(sim, make_job, run_cli, schema, message):
+    job = schema_job(make_job, sim, ["fine"], schema=schema)
+    line = next(number for number, text in enumerate(job.read_text().splitlines(), 1) if "json_schema" in text)
+    for command in ("validate", "run", "estimate"):
+        code, _, err = run_cli(command, job)
+        assert code == 2, err
+        assert f"{job} line {line}: output.json_schema" in err and message in err
+    assert sim.stats()["requests"] == 0
+    assert not (job.parent / "out").exists()
+
+
+def test_zhipu_gets_json_object_and_the_schema_in_the_system_prompt_others_get_json_schema(
+        start_sim, make_job, run_cli, monkeypatch):
+    monkeypatch.setenv("ZHIPU_API_KEY", "sk-zhipu-test")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-test")
+    shapes = {}
+    for provider, via in (("zhipu", None), ("openai", None), ("zhipu", "response_format"), ("openai", "prompt")):
+        sim = start_sim(keep_bodies=True)
+        output = {"path": f"out/{provider}-{via}.parquet", **({"schema_via": via} if via else {})}
+        job = schema_job(make_job, sim, ["one", "two"], provider=provider, output=output)
+        code, _, err = run_cli("run", job)
+        assert code == 0, err  # the simulator answered to the schema either way, and the replies matched it
+        shapes[provider, via] = sim.bodies()[0]
+        scores = pq.read_table(job.parent / output["path"]).column("score").to_pylist()
+        assert len(scores) == 2 and all(1 <= score <= 5 for score in scores)
+    for key in (("zhipu", None), ("openai", "prompt")):
+        body = shapes[key]
+        assert body["response_format"] == {"type": "json_object"}
+        system = body["messages"][0]
+        assert system["role"] == "system" and system["content"].startswith("Answer with one JSON object")
+        assert json.loads(system["content"].split("```json\n")[1].split("\n```")[0]) == SCORE
+    for key in (("openai", None), ("zhipu", "response_format")):
+        body = shapes[key]
+        assert body["response_format"] == {"type": "json_schema",
+                                           "json_schema": {"name": "output", "schema": SCORE, "strict": True}}
+        assert [m["role"] for m in body["messages"]] == ["user"]
+
+
+def test_the_schema_goes_after_the_jobs_own_system_prompt(start_sim, make_job, run_cli, monkeypatch):
+    monkeypatch.setenv("ZHIPU_API_KEY", "sk-zhipu-test")
+    sim = start_sim(keep_bodies=True)
+    job = make_job(sim, rows=rows("one"), prompt={"system": "You rate reviews."},
+                   model={"provider": "zhipu", "params": {"max_tokens": 200}}, output={"json_schema": SCORE})
+    assert run_cli("run", job)[0] == 0
+    system = sim.bodies()[0]["messages"][0]["content"]
+    assert system.startswith("You rate reviews.\n\nAnswer with one JSON object")
+
+
+def test_a_response_format_in_params_is_the_jobs_own_choice(start_sim, make_job, run_cli):
+    sim = start_sim(keep_bodies=True)
+    own = {"type": "json_schema", "json_schema": {"name": "mine", "schema": SCORE, "strict": False}}
+    job = make_job(sim, rows=rows("one"), model={"params": {"max_tokens": 200, "response_format": own}},
+                   output={"json_schema": SCORE})
+    assert run_cli("run", job)[0] == 0
+    assert sim.bodies()[0]["response_format"] == own
+
+
+@pytest.mark.parametrize("via", ["prompt", "response_format"])
+def test_estimate_counts_the_prompt_tokens_the_schema_adds(sim, make_job, run_cli, via):
+    texts = [f"review {i}" for i in range(5)]
+    plain = json.loads(run_cli("estimate", make_job(sim, rows=rows(*texts), pricing=PRICING), "--json")[1])
+    job = schema_job(make_job, sim, texts, output={"schema_via": via})
+    code, out, err = run_cli("estimate", job, "--json")
+    assert code == 0, err
+    with_schema = json.loads(out)
+    extra = with_schema["schema_prompt_tokens_per_row"]
+    assert extra > len(json.dumps(SCORE)) // 8 and with_schema["schema_via"] == via
+    assert with_schema["prompt_tokens_estimate"] - plain["prompt_tokens_estimate"] == 5 * extra
+    assert with_schema["prompt_tokens_max"] - plain["prompt_tokens_max"] >= 5 * len(json.dumps(SCORE))
+    assert with_schema["cost_max"] > plain["cost_max"]
+    assert f"of which ~{extra} per row are output.json_schema" in run_cli("estimate", job)[1]
+
+
+def test_a_cached_answer_that_does_not_match_is_asked_again(start_sim, make_job, run_cli, tmp_path):
+    sim = start_sim()
+    shared = {"path": str(tmp_path / "shared.sqlite")}
+    loose = make_job(sim, rows=rows("one"), model={"params": {"max_tokens": 200, "response_format":
+                     {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}},
+                     cache=shared, output={"parse_json": True})
+    assert run_cli("run", loose)[0] == 0
+    (loose.parent / "out" / "result.parquet").unlink()
+    strict = make_job(sim, rows=rows("one"), model={"params": {"max_tokens": 200, "response_format":
+                      {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}},
+                      cache=shared, output={"path": "out/strict.parquet", "json_schema": SCORE, "json_attempts": 1})
+    code, _, err = run_cli("run", strict)
+    assert code == 1, err  # the simulator answers to the schema in params ({} here), which SCORE refuses
+    assert sim.stats()["requests"] == 2  # the cached answer did not match: asked again, not copied
+
+
+def test_the_schema_is_part_of_the_checkpoints_settings(sim, make_job, run_cli):
+    job = schema_job(make_job, sim, ["one"])
+    assert run_cli("run", job)[0] == 0
+    changed = {**SCORE, "required": ["score"]}
+    job = schema_job(make_job, sim, ["one"], schema=changed)
+    code, _, err = run_cli("run", job)
+    assert code == 2 and "json_schema" in err and "--force" in err
+
+
+@pytest.mark.parametrize(("output", "message"), [
+    ({"json_schema": SCORE, "parse_json": False}, "json_schema needs the reply parsed as JSON"),
+    ({"schema_via": "prompt"}, "set json_schema too"),
+    ({"json_attempts": 2}, "json_attempts is for replies parsed as JSON"),
+    ({"json_schema": SCORE, "json_attempts": 0}, "json_attempts"),
+])
+def test_output_keys_that_do_not_go_together_are_refused(sim, make_job, run_cli, output, message):
+    job = make_job(sim, rows=rows("one"), output=output)
+    code, _, err = run_cli("validate", job)
+    assert code == 2 and message in err and "line" in err
