@@ -95,7 +95,7 @@ class OnlineAnswerer:
             self._keep(record, cached_record(kept, row))
             return True
         estimated = estimate_tokens(messages) + self.unsent_tokens
-        bound = prompt_token_bound(messages) + self.unsent_bound
+        bound = prompt_token_bound(messages) + self.unsent_bound if self.budget is not None else 0
         answer = None  # the last answer, with its own cost (the cache keeps it)
         result = None  # the row's record: the last answer, with the cost of every answer before it
         sending = self.cache.sending(key)
@@ -125,7 +125,8 @@ class OnlineAnswerer:
         return True
 
     async def _ask(self, row: Row, body: bytes, estimated: int, bound: int) -> Record | None:
-        """One request for the row (and its retries), held against the budget; None when the budget is reached."""
+        """One request for the row (and its retries), its worst case (`bound`: prompt tokens at most) held against
+        the budget; None when the budget is reached."""
         budget, hold = self.budget, None
         if budget is not None:
             # Once reached, rows the cache can answer (above, free) still are; the others stay pending.

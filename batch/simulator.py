@@ -228,10 +228,11 @@ def completion_for(model: str, messages: list[dict[str, Any]], max_tokens: int |
     json_mode (the request asked for response_format json_object or json_schema) answers a JSON object: one
     that matches `schema` when the request gives one (`requested_schema`), unless the prompt carries
     [[badjson]], which answers plain text as a model that ignores the format would. `violate` (the first N
-    answers of [[badjson:N]]) answers JSON that does not match the schema, or plain text without one. `fenced`
+    answers of [[badjson:N]]) answers JSON that does not match the schema, or plain text without one (or without
+    properties to get wrong). `fenced`
     ([[fenced]]) wraps a JSON answer in a Markdown code fence.
     """
-    bad_json = "[[badjson]]" in last_user_text(messages) or (violate and schema is None)
+    bad_json = "[[badjson]]" in last_user_text(messages) or (violate and not (schema or {}).get("properties"))
     if not json_mode or bad_json:
         answer = answer_for(model, messages)
     else:

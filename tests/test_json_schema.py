@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import output_of, summary_of
 
+from batch.replies import arrow_type
 from batch.simulator import completion_for, requested_schema, schema_answer_for
 
 MODEL = "glm-4-flash"
@@ -295,3 +296,32 @@ def test_output_keys_that_do_not_go_together_are_refused(sim, make_job, run_cli,
     job = make_job(sim, rows=rows("one"), output=output)
     code, _, err = run_cli("validate", job)
     assert code == 2 and message in err and "line" in err
+
+
+@pytest.mark.parametrize(("schema", "arrow"), [
+    ({"anyOf": [{"type": "integer"}, {"type": "null"}]}, pa.int64()),  # an optional value, as pydantic writes it
+    ({"type": ["integer", "number"]}, pa.float64()),
+    ({"enum": [1, 2, 3]}, pa.int64()),
+    ({"enum": [1, "two"]}, pa.string()),  # JSON text
+    ({"const": True}, pa.bool_()),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}}, pa.string()),  # other keys allowed: not fixed
+    ({"type": "array"}, pa.string()),
+    ({"type": "array", "items": {"type": "array", "items": {"type": "number"}}}, pa.list_(pa.list_(pa.float64()))),
+    ({"$ref": "#/$defs/x"}, pa.string()),
+    ({"type": ["string", "integer"]}, pa.string()),
+])
+def test_the_arrow_type_of_each_kind_of_schema(schema, arrow):
+    assert arrow_type(schema) == arrow
+
+
+def test_keys_the_schema_does_not_name_are_found_in_the_replies(start_sim, make_job, run_cli):
+    sim = start_sim()
+    open_schema = {"type": "object", "properties": {"score": {"type": "integer"}}, "required": ["score"]}
+    reply = json.dumps(json.dumps({"score": 2, "why": 5}))  # the marker's value is JSON: a string holding the reply
+    job = make_job(sim, rows=rows("one", f"two [[set:choices.0.message.content={reply}]]"),
+                   output={"json_schema": open_schema})
+    code, _, err = run_cli("run", job)
+    assert code == 0, err
+    table = pq.read_table(job.parent / "out" / "result.parquet")
+    assert table.schema.field("score").type == pa.int64() and table.schema.field("why").type == pa.float64()
+    assert table.column("why").to_pylist() == [None, 5.0]  # an integer key with a gap is float, as with parse_json
