@@ -50,6 +50,7 @@ from batch.preflight import check_output_path, preflight, resolve
 from batch.records import OUTPUT_FIELDS, RECORD_FIELDS, RECORD_SCHEMA
 from batch.replies import ReplyColumns
 from batch.runner import Run, RunOptions
+from batch.schema import json_output_for
 from batch.status import id_batches, job_status, open_input, row_states
 from batch.summary import format_summary
 from batch.writer import Checkpoint
@@ -603,8 +604,9 @@ def _answers_so_far(spec: JobSpec, table: Any, checkpoint: Checkpoint, states: A
     answers.index = rows.index
     parts = [rows, answers]
     if spec.output.parse_json:
+        json_output = json_output_for(spec)  # with a json_schema, its columns are typed by it, as in the output
         replies = ReplyColumns([last.select(["status", "response"])], spec.output.json_columns,
-                               {id_out, *keep, *RECORD_FIELDS})
+                               {id_out, *keep, *RECORD_FIELDS}, json_output.schema if json_output else None)
         aligned = pa.Table.from_pandas(answers[["status", "response"]], preserve_index=False)
         parts.append(pd.DataFrame(dict(replies.columns(aligned)), index=rows.index))
     for part in parts[1:]:

@@ -187,7 +187,8 @@ class OutputSpec(Strict):
             self.parse_json = True
         elif self.schema_via is not None:
             raise ValueError("schema_via says how output.json_schema is sent: set json_schema too")
-        if "json_attempts" in self.model_fields_set and not self.parse_json:
+        # Its default, written out (a JobSpec dumped and validated again), is no mistake.
+        if self.json_attempts != type(self).model_fields["json_attempts"].default and not self.parse_json:
             raise ValueError("json_attempts is for replies parsed as JSON: set parse_json: true or a json_schema")
         return self
 

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import output_of, summary_of
 
+import batch
 from batch.replies import arrow_type
 from batch.simulator import completion_for, requested_schema, schema_answer_for
 
@@ -325,3 +326,13 @@ def test_keys_the_schema_does_not_name_are_found_in_the_replies(start_sim, make_
     table = pq.read_table(job.parent / "out" / "result.parquet")
     assert table.schema.field("score").type == pa.int64() and table.schema.field("why").type == pa.float64()
     assert table.column("why").to_pylist() == [None, 5.0]  # an integer key with a gap is float, as with parse_json
+
+
+def test_the_python_apis_results_so_far_are_typed_by_the_schema_too(sim, make_job):
+    job = schema_job(make_job, sim, ["one", "two", "three"], schema=TYPED)
+    assert batch.run(job, limit=2, progress=False).pending == 1
+    so_far = batch.read_results(job)
+    assert so_far["status"].tolist() == ["ok", "ok", "pending"]
+    assert all(isinstance(author, dict) for author in so_far["author"][:2])  # a struct, not JSON text
+    assert batch.run(job, progress=False).exit_code == 0
+    assert so_far["author"][:2].tolist() == output_of(job)["author"][:2].tolist()
