@@ -111,6 +111,10 @@ class OnlineAnswerer:
             if result is not None:  # a bad reply, paid for: kept, with its cost, rather than asked again
                 self._keep(record, result)
             return False
+        except asyncio.CancelledError:  # stopped at once: the request in flight is dropped, a bad reply before it
+            if result is not None and self.stop.write_error is None:  # was paid for and is kept
+                self._keep(record, result)
+            raise
         except JobFatal as fatal:
             self.stop.now(f"the API refused the job: {fatal.failure}", EXIT_JOB_FATAL)
         except Unreachable as outage:  # every row not answered stays pending, none is failed

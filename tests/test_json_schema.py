@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import output_of, summary_of
+from helpers import output_of, start_run, summary_of, wait_until
 
 import batch
 from batch.replies import arrow_type
@@ -336,3 +337,33 @@ def test_the_python_apis_results_so_far_are_typed_by_the_schema_too(sim, make_jo
     assert all(isinstance(author, dict) for author in so_far["author"][:2])  # a struct, not JSON text
     assert batch.run(job, progress=False).exit_code == 0
     assert so_far["author"][:2].tolist() == output_of(job)["author"][:2].tolist()
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_bad_reply_paid_for_is_kept_when_the_run_stops(start_sim, make_job, run_cli, signals):
+    """One signal: the request in flight finishes, the row is not asked again. Two: the request in flight is
+    dropped. Either way the bad replies already paid for are the row's record, not lost with a pending row."""
+    sim = start_sim(latency_ms=500)
+    prompt = "Classify: always wrong [[badjson:99]]"
+    job = schema_job(make_job, sim, ["always wrong [[badjson:99]]"], output={"json_attempts": 5})
+    process = start_run(job)
+    try:
+        wait_until(lambda: sim.stats()["by_prompt"].get(prompt) == 2, "the first re-ask")
+        process.send_signal(signal.SIGINT)
+        if signals == 2:  # once the first is handled: two at once may reach the process as one
+            line = "-"
+            while line and "taking no more rows" not in line:
+                line = process.stderr.readline()
+            assert line, "the run ended before it took the first signal"
+            process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 130, out + err
+    answered = 2 if signals == 1 else 1
+    record = output_of(job).iloc[0]
+    assert (record["status"], record["error_class"], record["attempts"]) == ("failed", "bad_json", answered)
+    messages = [{"role": "user", "content": prompt}]
+    answer = completion_for(MODEL, messages, 200, True, SCORE, violate=True)
+    assert record["total_tokens"] == answered * (answer["prompt_tokens"] + answer["completion_tokens"])
+    assert sim.stats()["by_prompt"][prompt] == 2  # not asked again after the signal
