@@ -164,6 +164,9 @@ class Pool:
         if self.json_output is not None:
             problem = self.json_output.problem(record["response"])
             if problem is not None:  # answered and paid for, so kept: the reply is there to read
+                if record["finish_reason"] == "length":
+                    cap = f"max_tokens {self.max_tokens}: raise it" if self.max_tokens else "the server's length limit"
+                    problem += f" (the answer was cut at {cap})"
                 record.update(status="failed", error_class="bad_json", error=problem)
         return record
 

@@ -367,3 +367,11 @@ def test_a_bad_reply_paid_for_is_kept_when_the_run_stops(start_sim, make_job, ru
     answer = completion_for(MODEL, messages, 200, True, SCORE, violate=True)
     assert record["total_tokens"] == answered * (answer["prompt_tokens"] + answer["completion_tokens"])
     assert sim.stats()["by_prompt"][prompt] == 2  # not asked again after the signal
+
+
+def test_a_reply_cut_at_max_tokens_says_so(sim, make_job, run_cli):
+    job = make_job(sim, rows=rows("one"), model={"params": {"max_tokens": 5}}, output={"json_schema": SCORE})
+    assert run_cli("run", job)[0] == 1
+    record = output_of(job).iloc[0]
+    assert record["finish_reason"] == "length" and record["attempts"] == 3
+    assert record["error"].endswith("(the answer was cut at max_tokens 5: raise it)")
