@@ -1,7 +1,7 @@
 """Structured output: the job's JSON Schema, how it is asked for, each reply checked against it, and the Arrow type
 of each column it gives.
 
-The checks are python-jsonschema's: the reference validator for Python, maintained since 2013, covering every draft
+The checks are python-jsonschema's: the long-standing reference validator for Python, covering every draft
 from 3 to 2020-12 (the draft read from the schema's `$schema`), with errors that carry their JSON path. The schema
 itself is checked against its draft's meta-schema before anything is sent, and each reply against the schema as it
 arrives. A reply that fails is asked again (batch.online); the row's error is the validator's most relevant error
