@@ -73,10 +73,20 @@ def fingerprint(spec: JobSpec) -> dict[str, Any]:
         "messages_column": spec.prompt.messages_column,
         "input": str(spec.input.path.resolve()),
         "id_column": spec.input.id_column,
-        # None without a schema, as in checkpoints made before it existed. A schema file by its path.
-        "json_schema": spec.output.json_schema,
+        # None without a schema, as in checkpoints made before it existed. A schema file by what it says, so an
+        # edited file is a change like an edited inline schema.
+        "json_schema": _schema_of(spec.output.json_schema),
         "schema_via": spec.output.schema_via,
     }
+
+
+def _schema_of(schema: Any) -> Any:
+    if isinstance(schema, Path):
+        try:
+            return json.loads(schema.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # the preflight reports a missing or bad file; compare what can be read
+            return str(schema)
+    return schema
 
 
 def compare_fingerprint(spec: JobSpec) -> None:

@@ -375,3 +375,13 @@ def test_a_reply_cut_at_max_tokens_says_so(sim, make_job, run_cli):
     record = output_of(job).iloc[0]
     assert record["finish_reason"] == "length" and record["attempts"] == 3
     assert record["error"].endswith("(the answer was cut at max_tokens 5: raise it)")
+
+
+def test_an_edited_schema_file_is_a_change_of_settings(sim, make_job, run_cli, tmp_path):
+    schema_file = tmp_path / "score.json"
+    schema_file.write_text(json.dumps(SCORE), encoding="utf-8")
+    job = schema_job(make_job, sim, ["one"], schema="score.json")
+    assert run_cli("run", job)[0] == 0
+    schema_file.write_text(json.dumps({**SCORE, "required": ["score"]}), encoding="utf-8")
+    code, _, err = run_cli("run", job)
+    assert code == 2 and "json_schema" in err and "--force" in err
