@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batch.failures import PROMPT_CHANGED, should_send
+from batch.failures import PROMPT_CHANGED, SUBMITTED, should_send
 from batch.reader import hash_ids
 
 
@@ -118,6 +118,7 @@ class RowCounts(NamedTuple):
     failed: int
     changed: int  # answered, but for prompt values the row no longer holds: pending again
     not_in_input: int  # ids in the checkpoint that no input row holds now (rows deleted from the input)
+    submitted: int = 0  # pending, sitting in a live Batch API batch
 
 
 class RowStates:
@@ -179,6 +180,22 @@ class RowStates:
         """A record this run wrote for input row `seq` (once per answer: no arrays built here)."""
         self.written[seq] = self._reserve(1) + 1
         self.codes[seq] = self._code(state)
+
+    def hold(self, seqs: np.ndarray, answered_since: int) -> np.ndarray:
+        """Mark the rows `seqs` of a live Batch API batch SUBMITTED (neither sent nor put in another batch), except
+        those with a record written at or after position `answered_since`: the batch's answer to them is in (a merge
+        was cut short). Returns the rows held."""
+        held = seqs[self.written[seqs].astype(np.int64) <= answered_since]
+        self.codes[held] = self._code(SUBMITTED)
+        return held
+
+    def release(self, seq: int) -> None:
+        """A row of a batch that came back without an answer for it: pending again."""
+        self.codes[seq] = 0
+
+    def is_held(self, seq: int) -> bool:
+        code = int(self.codes[seq])
+        return code != 0 and self.names[code - 1] == SUBMITTED
 
     def _reserve(self, count: int) -> int:
         """Write positions for `count` more records: returns the first."""
@@ -284,7 +301,8 @@ class RowStates:
             not_in_input = int((~self._moved_seen).sum())
         per_state = dict(zip(self.names, np.bincount(codes, minlength=len(self.names) + 1)[1:].tolist()))
         ok, changed = per_state.pop("ok", 0), per_state.pop(PROMPT_CHANGED, 0)
-        return RowCounts(ok, sum(per_state.values()), changed, not_in_input)
+        submitted = per_state.pop(SUBMITTED, 0)
+        return RowCounts(ok, sum(per_state.values()), changed, not_in_input, submitted)
 
     def _code(self, state: str | None) -> int:
         if state not in self.names:

@@ -78,6 +78,23 @@ class Budget:
         self.in_flight += 1
         return hold
 
+    def take(self, hold: Hold) -> bool:
+        """Hold `hold` now if it fits beside what is spent and held, without waiting (the Batch API reserves a
+        file's rows before submitting it); False, and the budget is reached, when it does not."""
+        if not self._fits(hold):
+            self.reached = True
+            return False
+        self.held_cost += hold.cost
+        self.held_tokens += hold.tokens
+        return True
+
+    def give_back(self, hold: Hold, cost: float, tokens: int) -> None:
+        """Release what `take` held for a batch, and count what its answers really cost."""
+        self.held_cost -= hold.cost
+        self.held_tokens -= hold.tokens
+        self.spent_cost += cost
+        self.spent_tokens += tokens
+
     def _fits(self, hold: Hold) -> bool:
         if self.max_cost is not None and self.spent_cost + self.held_cost + hold.cost > self.max_cost:
             return False

@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--force", action="store_true",
                              help="resume even if model, params, prompt or input changed since the checkpoint")
         command.add_argument("--limit", type=int, metavar="N", help="send at most N pending rows (try a job cheaply)")
+        command.add_argument("--mode", choices=["online", "batch_api"],
+                             help="send rows one request each (online) or through the provider's Batch API "
+                                  "(default: the job file's mode)")
+        command.add_argument("--wait", action="store_true",
+                             help="batch_api: poll until every batch is done instead of exiting 6 while some run")
         command.add_argument("--progress-interval", type=float, default=5.0, metavar="S",
                              help="seconds between progress lines when not on a terminal (default 5)")
         command.add_argument("--log-format", choices=["text", "json"], default="text",
@@ -54,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     estimate_cmd.add_argument("job")
     estimate_cmd.add_argument("--retry-failed", action="store_true", help="count failed rows a retry would send")
     estimate_cmd.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    cancel = commands.add_parser("cancel", help="cancel the job's live Batch API batches (the next run keeps their "
+                                                "partial results)")
+    cancel.add_argument("job")
     validate = commands.add_parser("validate", help="check the job file, input and API key without sending anything")
     validate.add_argument("job")
     commands.add_parser("simulate", help="start the local OpenAI-compatible simulator (see --help)", add_help=False)
@@ -72,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("run", "retry-failed"):
             return run(args)
+        if args.command == "cancel":
+            return cancel(args)
         print(inspect(args))
         return 0
     except BatchError as exc:
@@ -132,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 0:
         raise ConfigError("--limit must be 0 or more")
     options = RunOptions(retry_failed=args.retry_failed, force=args.force, limit=args.limit,
-                         progress_interval_s=args.progress_interval)
+                         progress_interval_s=args.progress_interval, mode=args.mode, wait=args.wait)
     with command_line_process():
         plan = preflight(args.job, force=args.force)  # before anything is written: the log file is the first write
         redact_everywhere([plan.api_key])
@@ -144,3 +154,27 @@ def run(args: argparse.Namespace) -> int:
             file_log.close()
     print(format_summary(summary))
     return int(summary["exit_code"])
+
+
+def cancel(args: argparse.Namespace) -> int:
+    """`batch cancel job.yaml`: the job's live batches cancelled at the provider, under the run lock."""
+    from batch.batch_api import cancel_batches  # the openai SDK: imported by this command only
+    from batch.guard import RunLock
+    from batch.ledger import format_batch
+
+    plan = preflight(args.job)
+    redact_everywhere([plan.api_key])
+    lock = RunLock(plan.spec.checkpoint_dir)
+    lock.acquire()
+    try:
+        batches = asyncio.run(cancel_batches(plan))
+    finally:
+        lock.release()
+    if not batches:
+        print(f"job {plan.spec.name}: no live Batch API batch")
+        return 0
+    print(f"job {plan.spec.name}: cancel asked for {len(batches)} batches; the next run merges what they answered "
+          "and the rest is pending again")
+    for batch in batches:
+        print(f"  {format_batch(batch)}")
+    return 0

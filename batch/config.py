@@ -193,6 +193,20 @@ class OutputSpec(Strict):
         return self
 
 
+# The Batch API's limits per input file (Zhipu: 50,000 requests and 100 MB; OpenAI: 50,000 and 200 MB).
+BATCH_MAX_REQUESTS = 50_000
+BATCH_MAX_BYTES = {"zhipu": 100_000_000, "openai": 200_000_000, "local": 200_000_000}
+
+
+class BatchApiSpec(Strict):
+    """`mode: batch_api`: the rows go to the provider's Batch API in files of at most these sizes."""
+
+    max_requests_per_file: int = Field(BATCH_MAX_REQUESTS, ge=1, le=BATCH_MAX_REQUESTS)
+    max_bytes_per_file: int = Field(100_000_000, ge=4096, le=max(BATCH_MAX_BYTES.values()))
+    # Polls start at a second and double up to this; a run without --wait polls each batch once.
+    poll_interval_s: float = Field(60, gt=0)
+
+
 class JobSpec(Strict):
     name: Name
     input: InputSpec
@@ -204,6 +218,8 @@ class JobSpec(Strict):
     pricing: PricingSpec | None = None
     budget: BudgetSpec | None = None
     cache: CacheSpec | None = None
+    mode: Literal["online", "batch_api"] = "online"
+    batch_api: BatchApiSpec = Field(default_factory=BatchApiSpec)
 
     # Set by load_job, not by the file.
     job_path: Path = Field(default=Path("."), exclude=True)
@@ -263,6 +279,11 @@ def check_job(spec: JobSpec) -> None:
     if spec.retry.initial_backoff_s > spec.retry.max_backoff_s:
         raise ConfigError(f"{spec.where('retry.initial_backoff_s')}: retry.initial_backoff_s: "
                           f"{spec.retry.initial_backoff_s:g} is above retry.max_backoff_s {spec.retry.max_backoff_s:g}")
+    most = BATCH_MAX_BYTES[spec.model.provider]
+    if spec.batch_api.max_bytes_per_file > most:
+        raise ConfigError(f"{spec.where('batch_api.max_bytes_per_file')}: batch_api.max_bytes_per_file: "
+                          f"{spec.batch_api.max_bytes_per_file} is above the {spec.model.provider} Batch API's "
+                          f"limit of {most} bytes per file")
     _check_stream_limits(spec)
 
 

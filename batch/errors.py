@@ -8,6 +8,8 @@ EXIT_BAD_INPUT = 2
 EXIT_JOB_FATAL = 3
 EXIT_LOCKED = 4
 EXIT_BUDGET = 5
+# Batch API mode: batches are still being worked on at the provider; run again later (or use --wait).
+EXIT_BATCHES_LIVE = 6
 # batch itself cannot go on: an unexpected error (its traceback goes to batch.log), or the checkpoint
 # can no longer be written. Not 1, which means "complete, some rows failed". 70 is EX_SOFTWARE (sysexits.h).
 EXIT_INTERNAL = 70

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from batch.preflight import Settings
-from batch.pricing import CURRENCY, cost_of, money, worst_cost
+from batch.pricing import BATCH_PRICE_FACTOR, CURRENCY, cost_of, money, worst_cost
 from batch.prompts import (
     MESSAGE_OVERHEAD_TOKENS,
     REQUEST_OVERHEAD_TOKENS,
@@ -72,6 +72,9 @@ def estimate(settings: Settings, retry_failed: bool = False) -> dict[str, Any]:
         # bound, the same the budget reserves.
         "cost_expected": expected if pricer else None,
         "cost_max": most if pricer and max_tokens else None,
+        # The Batch API (mode: batch_api) bills the same tokens at BATCH_PRICE_FACTOR of the online price.
+        "cost_expected_batch_api": expected * BATCH_PRICE_FACTOR if pricer else None,
+        "cost_max_batch_api": most * BATCH_PRICE_FACTOR if pricer and max_tokens else None,
         "currency": CURRENCY,
     }
 
@@ -110,5 +113,8 @@ def format_estimate(e: dict[str, Any]) -> str:
     else:
         most = f"{money(e['cost_max'])}" if e["cost_max"] is not None else "unbounded (no max_tokens)"
         basis = "" if e["observed_completion_tokens_per_row"] is not None else " for the prompts alone (no answers yet)"
-        lines.append(f"  cost: ~{money(e['cost_expected'])} expected{basis}, at most {most} {e['currency']}")
+        lines.append(f"  cost online: ~{money(e['cost_expected'])} expected{basis}, at most {most} {e['currency']}")
+        most = f"{money(e['cost_max_batch_api'])}" if e["cost_max_batch_api"] is not None else "unbounded"
+        lines.append(f"  cost through the Batch API (mode: batch_api, half price): "
+                     f"~{money(e['cost_expected_batch_api'])} expected, at most {most} {e['currency']}")
     return "\n".join(lines)

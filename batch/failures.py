@@ -30,16 +30,22 @@ JOB_CODE_CLASSES: list[tuple[range, str]] = [
 
 # A failed row of these classes may succeed when sent again later (`--retry-failed`); the others
 # (content_filter, prompt_too_long, bad_request, bad_prompt) would fail the same way.
-RETRYABLE_LATER = {"rate_limited", "server_error", "timeout", "connection", "bad_response", "bad_json"}
+RETRYABLE_LATER = {"rate_limited", "server_error", "timeout", "connection", "bad_response", "bad_json",
+                   "batch_expired", "batch_failed"}
 
 
 # The state of a row whose last record answered other prompt values than the row holds now (the input
 # was edited): pending again. Its old record stays in the checkpoint.
 PROMPT_CHANGED = "prompt_changed"
 
+# The state of a row sitting in a live Batch API batch (batch/ledger.py): neither sent online nor put in
+# another batch until its batch's results are in. Held in memory only, never written as a record.
+SUBMITTED = "submitted"
+
 
 def should_send(state: str | None, retry_failed: bool) -> bool:
-    """Whether a row is sent, given its checkpoint state: None (pending), "ok", PROMPT_CHANGED, or a failure's class."""
+    """Whether a row is sent, given its checkpoint state: None (pending), "ok", PROMPT_CHANGED, SUBMITTED, or a
+    failure's class."""
     return state is None or state == PROMPT_CHANGED or (retry_failed and state in RETRYABLE_LATER)
 
 

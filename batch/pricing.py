@@ -70,6 +70,22 @@ def pricer_for(model: str, override: Price | None = None) -> Pricer | None:
     return PRICES.get(model.strip().lower())
 
 
+# Zhipu's Batch API costs half the online price (free models stay free), as OpenAI's does.
+BATCH_PRICE_FACTOR = 0.5
+
+
+def batch_pricer(pricer: Pricer | None) -> Pricer | None:
+    """The Batch API's price: the online price (the table's or the job's `pricing:`) times BATCH_PRICE_FACTOR."""
+    if pricer is None:
+        return None
+
+    def pick(prompt_tokens: int, completion_tokens: int) -> Price:
+        online = pricer(prompt_tokens, completion_tokens)
+        cached = None if online.cached_input is None else online.cached_input * BATCH_PRICE_FACTOR
+        return Price(online.input * BATCH_PRICE_FACTOR, online.output * BATCH_PRICE_FACTOR, cached)
+    return pick
+
+
 def cost_of(pricer: Pricer | None, prompt_tokens: int | None, completion_tokens: int | None,
             cached_tokens: int | None = None) -> float | None:
     if pricer is None or prompt_tokens is None or completion_tokens is None:

@@ -1,4 +1,5 @@
-"""A whole run: rows from the reader, answered (batch/online.py), into the checkpoint, then the final output."""
+"""A whole run: rows from the reader, answered (batch/online.py, or batch/batch_api.py), into the checkpoint, then
+the final output."""
 
 from __future__ import annotations
 
@@ -14,13 +15,23 @@ from typing import TYPE_CHECKING, Any
 from batch.answered import RowStates
 from batch.budget import Budget
 from batch.cache import AnswerCache
-from batch.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED, BatchError, CheckpointWriteError, ConfigError
+from batch.errors import (
+    EXIT_BATCHES_LIVE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_ROWS_FAILED,
+    BatchError,
+    CheckpointWriteError,
+    ConfigError,
+)
 from batch.executor import Answerer, Pending, Stop
 from batch.final import LastRecords, write_final
 from batch.guard import RunLock, check_fingerprint, end_run, mark_running
+from batch.ledger import Ledger, describe
 from batch.online import OnlineAnswerer, cache_write_error
 from batch.pool import Pool, make_client
 from batch.preflight import Plan
+from batch.pricing import Pricer, batch_pricer
 from batch.process import give_back_freed_memory
 from batch.prompts import RowPromptError
 from batch.reader import Skipped
@@ -47,6 +58,8 @@ class RunOptions:
     tty: bool | None = None  # a progress bar (True), log lines (False), or a bar on a terminal only (None)
     progress: bool = True  # False: neither bar nor progress lines
     signals: bool = True  # SIGINT and SIGTERM stop the run gracefully (the command line); the Python API asks
+    mode: str | None = None  # online or batch_api; None: the job file's
+    wait: bool = False  # batch_api: poll until no batch is left at the provider
 
 
 class Run:
@@ -65,6 +78,9 @@ class Run:
         self.checkpoint = Checkpoint(spec.checkpoint_dir, spec.output.checkpoint_rows, spec.output.checkpoint_seconds)
         self.stop = Stop()
         self.answerer: Answerer | None = None
+        self.mode = options.mode or spec.mode
+        self.batch_api_used = False
+        self.ledger = Ledger(spec.checkpoint_dir)
         self._signals: list[int] = []
 
     async def execute(self) -> dict[str, Any]:
@@ -101,6 +117,9 @@ class Run:
             self.table.scan(keep_hashes=True)  # another run wrote records between our scan and our lock
         done = self.checkpoint.row_states(total, self.table.row_hashes, self.table.row_prompts)
         self.table.row_hashes = self.table.row_prompts = None
+        held = self.ledger.hold(done)  # rows in a live Batch API batch are not sent again, whatever the mode
+        if held and self.mode == "online":
+            log.info("%d rows sit in live Batch API batches: they are collected from there, not sent online", held)
         stats = RunStats(total)
         progress = Progress(stats, self.options.progress_interval_s, self.options.tty, self.options.progress)
         self._install_signal_handlers()
@@ -108,11 +127,15 @@ class Run:
             async with make_client(self.plan) as client:
                 pool = Pool(client, self.plan, self.stop.event)
                 try:
-                    await self._answer_online(pool, done, stats, progress)
+                    if self.mode == "batch_api" or self.ledger.live():
+                        await self._answer_batch_api(pool, done, stats, progress)
+                    if self.mode == "online" and not self.stop.asked:
+                        await self._answer_online(pool, done, stats, progress)
                 finally:
                     stats.throttled, stats.concurrency_limit = pool.slots.throttles, pool.slots.limit
-                    stats.attempts = pool.requests_sent
+                    stats.attempts += pool.requests_sent
         finally:
+            self.ledger.close()
             self._remove_signal_handlers()
             progress.close()
             self.checkpoint.close(merge=False)
@@ -147,6 +170,23 @@ class Run:
             except sqlite3.Error as exc:
                 if self.stop.write_error is None:
                     raise cache_write_error(cache_path, exc) from None
+
+    async def _answer_batch_api(self, pool: Pool, done: RowStates, stats: RunStats, progress: Progress) -> None:
+        """The job's live batches taken on (collected when finished) and, in batch_api mode, the rows to send put
+        into new ones (batch/batch_api.py; imported here: the openai SDK's import is paid only by this mode)."""
+        from batch.batch_api import BatchAnswerer
+
+        pricer = batch_pricer(self.plan.pricer)
+        budget = self._budget(done, pricer) if self.spec.budget else None
+        answerer = BatchAnswerer(self.plan, self.ledger, done, pool.request_body, pricer, budget, self.stop,
+                                 submit=self.mode == "batch_api", wait=self.options.wait,
+                                 more_rows=lambda record: self._rows_to_send(done, stats, record))
+        self.answerer = answerer
+        self.batch_api_used = True
+        try:
+            await self._answer(answerer, done, stats, progress)
+        finally:
+            stats.attempts += answerer.lines_submitted
 
     async def _answer(self, answerer: Answerer, done: RowStates, stats: RunStats, progress: Progress) -> None:
         """The rows this run sends, through `answerer`, each answer recorded; the checkpoint ticks meanwhile."""
@@ -211,10 +251,12 @@ class Run:
                 return
             progress.refresh()
 
-    def _budget(self, done: RowStates) -> Budget:
+    def _budget(self, done: RowStates, pricer: Pricer | None = None) -> Budget:
+        """The job's budget, reserving at `pricer` (the Batch API's), or at the online price."""
         spent = self.checkpoint.spent(done)
         assert self.spec.budget is not None and self.plan.max_tokens is not None  # the preflight's checks
-        return Budget(self.spec.budget, self.plan.max_tokens, self.plan.pricer, spent.cost, spent.total_tokens)
+        return Budget(self.spec.budget, self.plan.max_tokens, pricer or self.plan.pricer, spent.cost,
+                      spent.total_tokens)
 
     def _paid_before(self, done: RowStates) -> dict[int, dict[str, Any]]:
         """What earlier runs paid for each row this run sends again (a retried failure, an edited prompt), by row:
@@ -236,6 +278,8 @@ class Run:
         counts = done.counts(self._id_batches)
         totals = {"ok": counts.ok, "failed": counts.failed, "pending": stats.rows_total - counts.ok - counts.failed,
                   "not_in_input": counts.not_in_input}
+        if self.batch_api_used:  # rows read more than once, and held rows not done: counted from the states
+            stats.skipped = max(0, counts.ok + counts.failed - stats.ok - stats.failed)
         output = None
         if totals["pending"] == 0:
             output = self.spec.output.path
@@ -243,13 +287,18 @@ class Run:
             if self.checkpoint.newer_than(output, self.spec.input.path):
                 self._write_output(output, done)
         exit_code = self.stop.exit_code
+        live = [describe(entry) for entry in self.ledger.live()]
         if exit_code is None:
             if self.stop.reason is not None:
                 exit_code = EXIT_INTERRUPTED
+            elif live:  # "run again later, or use --wait": cron's next run collects them
+                exit_code = EXIT_BATCHES_LIVE
             else:  # 1 says "complete, some rows failed": a job with rows left (--limit) is not complete
                 exit_code = EXIT_ROWS_FAILED if totals["failed"] and not totals["pending"] else EXIT_OK
         summary = build_summary(self.spec.name, self.spec.model.name, stats, totals, self.stop.reason, output,
                                 exit_code)
+        summary["mode"] = self.mode
+        summary["batches"] = live
         try:
             save_summary(summary, self.spec.checkpoint_dir / "summary.json")
         except OSError as exc:  # the run is over and every answer is kept: only this copy of the summary is lost

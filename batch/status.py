@@ -15,6 +15,7 @@ from batch.answered import RowStates
 from batch.config import JobSpec
 from batch.failures import PROMPT_CHANGED
 from batch.guard import RunLock, read_run_mark
+from batch.ledger import Ledger, describe, format_batch
 from batch.pricing import CURRENCY, money
 from batch.prompts import PromptBuilder
 from batch.reader import InputTable
@@ -33,6 +34,7 @@ def row_states(spec: JobSpec, table: InputTable, checkpoint: Checkpoint) -> tupl
     total = table.scan(keep_hashes=records)
     states = checkpoint.row_states(total, table.row_hashes, table.row_prompts, with_log=records)
     table.row_hashes = table.row_prompts = None
+    Ledger(spec.checkpoint_dir).hold(states)  # rows in live Batch API batches are neither done nor to send
     return total, states
 
 
@@ -64,6 +66,9 @@ def job_status(spec: JobSpec) -> dict[str, Any]:
         "running_pid": running,
         "last_run": last_run(spec.checkpoint_dir, running),
         "output": str(spec.output.path) if spec.output.path.exists() else None,
+        "in_batches": counts.submitted,
+        # As the last run saw them (status sends no request): the next run polls them.
+        "batches": [describe(entry) for entry in Ledger(spec.checkpoint_dir).files.values() if entry.live],
     }
 
 
@@ -105,6 +110,10 @@ def format_status(status: dict[str, Any]) -> str:
         f"  tokens so far: {status['prompt_tokens']} prompt + {status['completion_tokens']} completion, "
         f"cost so far: {money(status['cost'])} {status['currency']}",
     ]
+    if status["batches"]:
+        lines.append(f"  Batch API: {status['in_batches']} pending rows sit in {len(status['batches'])} live batches "
+                     "(as the last run saw them):")
+        lines.extend(f"    {format_batch(batch)}" for batch in status["batches"])
     if status["not_in_input"]:
         lines.append(f"  not in the input: {status['not_in_input']} answers are for rows no longer in the input "
                      "(kept in the checkpoint)")

@@ -14,6 +14,7 @@ from typing import Any
 from tqdm.auto import tqdm  # a notebook's widget, a terminal's text bar
 
 from batch.atomic import write_text_atomic
+from batch.ledger import format_batch
 from batch.logs import redact
 from batch.pricing import CURRENCY, money
 from batch.records import Record, billed
@@ -141,6 +142,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     odd = {k: v for k, v in run["finish_reasons"].items() if k != "stop"}
     if odd:
         lines.append("  finish reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(odd.items())))
+    if summary.get("batches"):
+        lines.append(f"  {len(summary['batches'])} Batch API batches are still being worked on: run again later, "
+                     "or use --wait")
+        lines.extend(f"    {format_batch(batch)}" for batch in summary["batches"])
     if summary["stopped"]:
         lines.append(f"  stopped: {summary['stopped']}")
     if summary["output"]:

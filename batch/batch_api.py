@@ -1,0 +1,595 @@
+"""The Batch API answerer: the rows go to the provider in files, and come back in its output files.
+
+A run (batch/runner.py) hands its pending rows over as for the online pool. Here they are written,
+a line per row, into request files of at most `batch_api.max_requests_per_file` lines and
+`max_bytes_per_file` bytes, each recorded in the ledger (batch/ledger.py) before it is uploaded; then
+each is uploaded, and a batch made of it. Every run first takes on the job's live batches: one left
+half way by a kill goes on from its last recorded step, a finished one is downloaded and merged into
+the checkpoint by custom_id (never by line order), through the same `record` as online answers.
+
+Control plane only: the openai SDK does the files and batches calls (multipart uploads, pagination,
+typed objects), with its own retries off so that tenacity is the one retry layer and Zhipu's business
+codes (1113 arrives as a 429) decide what is retried. This module is imported only by a run that needs
+it, so online runs do not pay the SDK's import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import numpy as np
+import openai
+import pyarrow as pa
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from batch.answered import RowStates
+from batch.budget import Budget, Hold
+from batch.client import accepted
+from batch.errors import EXIT_BUDGET, EXIT_JOB_FATAL, CheckpointWriteError
+from batch.executor import Pending, Stop
+from batch.failures import Failure, classify_status, retry_after_seconds
+from batch.ledger import ROWS_SCHEMA, TERMINAL, BatchFile, Ledger, custom_id, describe, format_batch, job_tag
+from batch.preflight import Plan
+from batch.pricing import Pricer
+from batch.prompts import prompt_token_bound
+from batch.reader import Row
+from batch.records import Record, answer_record, failed_record
+from batch.replies import parse_reply
+
+log = logging.getLogger("batch")
+
+T = TypeVar("T")
+FIRST_POLL_S = 1.0
+DOWNLOAD_CHUNK = 1 << 16
+# A lost batch (its id not recorded) is looked for among batches made from an hour before its file was built.
+LOOKUP_MARGIN_S = 3600
+
+
+class ControlPlaneError(Exception):
+    """A files/batches call failed for good: the job stops (exit 3); what is recorded is taken on by the next run."""
+
+
+def endpoint_of(plan: Plan) -> str:
+    """The endpoint the batch's lines go to: Zhipu's dialect names it /v4/..., OpenAI's /v1/..."""
+    path = urlsplit(plan.base_url).path.rstrip("/")
+    zhipu = plan.spec.model.provider == "zhipu" or path.endswith("/paas/v4")
+    return "/v4/chat/completions" if zhipu else "/v1/chat/completions"
+
+
+def control_client(plan: Plan) -> openai.AsyncOpenAI:
+    # Retries off: tenacity (below) is the only layer, and judges Zhipu's codes, which the SDK would retry blindly.
+    return openai.AsyncOpenAI(api_key=plan.api_key, base_url=plan.base_url, max_retries=0,
+                              timeout=max(plan.spec.limits.timeout_s, 60.0))
+
+
+def control_failure(exc: BaseException) -> Failure:
+    """An SDK error as a Failure, judged like an online answer: by Zhipu's business code first, the status second."""
+    if isinstance(exc, openai.APIStatusError):
+        body = exc.body if isinstance(exc.body, dict) else {}
+        error = body.get("error", body) if isinstance(body.get("error", body), dict) else {}
+        code = error.get("code", getattr(exc, "code", None))
+        message = str(error.get("message") or exc.message)[:300]
+        return classify_status(exc.status_code, _int_or_none(code), message, retry_after_seconds(exc.response.headers))
+    if isinstance(exc, openai.APITimeoutError):
+        return Failure("retry", "timeout", "no answer in time")
+    if isinstance(exc, openai.APIConnectionError):
+        return Failure("retry", "connection", f"connection error ({exc})"[:200])
+    if isinstance(exc, Failure):
+        return exc
+    return Failure("retry", "bad_response", f"{type(exc).__name__}: {exc}"[:300])
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class Building:
+    """A request file being written: its lines on disk, its rows in memory (at most max_requests_per_file)."""
+
+    number: int
+    handle: Any
+    path: Path
+    seqs: list[int]
+    ids: list[str]
+    custom_ids: list[str]
+    prompt_hashes: list[int | None]
+    submissions: list[int]
+    bytes: int = 0
+    hold_cost: float = 0.0
+    hold_tokens: int = 0
+
+
+class BatchAnswerer:
+    """Takes on the job's live batches, then (when `submit`) puts the rows handed over into new ones; with
+    `wait`, polls until none is left, putting rows that came back without an answer into new batches."""
+
+    def __init__(self, plan: Plan, ledger: Ledger, states: RowStates, body_of: Callable[[list[Any]], bytes],
+                 pricer: Pricer | None, budget: Budget | None, stop: Stop, submit: bool, wait: bool,
+                 more_rows: Callable[[Callable[[Record], None]], AsyncIterator[Pending]]) -> None:
+        self.plan = plan
+        self.spec = plan.spec
+        self.ledger = ledger
+        self.states = states
+        self.body_of = body_of
+        self.pricer = pricer
+        self.budget = budget
+        self.stop = stop
+        self.submit = submit
+        self.wait = wait
+        self.more_rows = more_rows
+        self.settings = plan.spec.batch_api
+        self.endpoint = endpoint_of(plan)
+        self.zhipu = self.endpoint.startswith("/v4/")
+        self.tag = job_tag(plan.spec)
+        self.model = plan.spec.model.name
+        self.parse_json = plan.spec.output.parse_json
+        self.max_attempts = plan.spec.retry.max_attempts
+        self.submissions = ledger.submissions(len(states.codes))
+        # Files an earlier run recorded but not as uploaded: it may have been stopped after the upload.
+        self.unsure_uploads = {entry.number for entry in ledger.live() if entry.file_id is None}
+        self.lines_submitted = 0
+        self.returned = 0  # rows that came back without an answer in this run (pending again)
+        self._task: asyncio.Task[None] | None = None
+        self._api: openai.AsyncOpenAI | None = None
+        if budget is not None:  # what earlier runs' live batches may still cost, held whether it fits or not
+            for entry in ledger.live():
+                budget.held_cost += entry.hold_cost
+                budget.held_tokens += entry.hold_tokens
+
+    # -- the Answerer ----------------------------------------------------------------------------
+    async def answer(self, rows: AsyncIterator[Pending], record: Callable[[Record], None]) -> None:
+        # In a task of its own, which cancel() stops (a second Ctrl-C) without cancelling the run around it:
+        # every step taken is in the ledger, and the next run goes on from there.
+        self._task = asyncio.create_task(self._answer(rows, record))
+        try:
+            await asyncio.gather(self._task, return_exceptions=True)
+        finally:
+            self.ledger.close()
+        if self.stop.write_error is not None:
+            raise self.stop.write_error
+        if not self._task.cancelled() and self._task.exception() is not None:
+            raise self._task.exception()  # type: ignore[misc]
+
+    async def _answer(self, rows: AsyncIterator[Pending], record: Callable[[Record], None]) -> None:
+        try:
+            async with control_client(self.plan) as api:
+                self._api = api
+                await self._work(rows, record)
+        except ControlPlaneError as exc:
+            self.stop.now(str(exc), EXIT_JOB_FATAL)
+
+    def cancel(self) -> None:
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+
+    async def _work(self, rows: AsyncIterator[Pending], record: Callable[[Record], None]) -> None:
+        await self._collect(record)
+        if self.submit and not self.stop.asked:
+            await self._submit(rows, record)
+        interval = min(FIRST_POLL_S, self.settings.poll_interval_s)
+        while self.wait and self.ledger.live() and not self.stop.asked:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.event.wait(), interval)
+            if self.stop.asked:
+                break
+            interval = min(interval * 2, self.settings.poll_interval_s)
+            returned = self.returned
+            await self._collect(record)
+            if self.submit and self.returned > returned and not self.stop.asked:
+                await self._submit(self.more_rows(record), record)
+
+    # -- taking on live batches ------------------------------------------------------------------
+    async def _collect(self, record: Callable[[Record], None]) -> None:
+        """Each live batch one step on: uploaded, created, polled, and merged once finished."""
+        for entry in sorted(self.ledger.live(), key=lambda e: e.number):
+            if self.stop.asked:
+                return
+            await self._send(entry)
+            batch = await self._call("poll", lambda e=entry: self._client.batches.retrieve(e.batch_id))
+            counts = _counts(batch)
+            if batch.status != entry.status:
+                self.ledger.note("state", entry.number, status=batch.status, counts=counts)
+            entry.counts = counts
+            if batch.status in TERMINAL:
+                await self._merge(entry, batch, record)
+            log.info("%s", format_batch(describe(entry)))
+        for entry in self.ledger.files.values():  # merged, but killed before their files were deleted
+            if entry.merged and not entry.cleaned and not self.stop.asked:
+                await self._clean(entry, None)
+
+    async def _send(self, entry: BatchFile) -> None:
+        """Upload a recorded file and make its batch, each step recorded as soon as it returns."""
+        if entry.file_id is None:
+            path = self.ledger.requests_path(entry.number)
+            name = upload_name(entry)
+
+            async def upload() -> str:
+                with open(path, "rb") as lines:  # streamed by httpx's multipart writer, never read whole here
+                    made = await self._client.files.create(file=(name, lines, "application/jsonl"), purpose="batch")
+                return made.id
+
+            # An upload whose id a kill kept from the ledger is used, not left to count against the provider's cap.
+            file_id = await self._find_upload(name) if entry.number in self.unsure_uploads else None
+            self.ledger.note("uploaded", entry.number, file_id=file_id or await self._call("upload", upload))
+        if entry.batch_id is None:
+            found = await self._find_lost(entry)
+            if found is None:
+                found = await self._create(entry)
+            self.ledger.note("created", entry.number, batch_id=found)
+            self.lines_submitted += entry.rows
+            with contextlib.suppress(OSError):
+                self.ledger.requests_path(entry.number).unlink()
+
+    async def _find_upload(self, name: str) -> str | None:
+        """The id of an uploaded file named `name`, or None (also when the provider cannot list files)."""
+
+        async def look() -> str | None:
+            async for stored in self._client.files.list(purpose="batch"):
+                if stored.filename == name:
+                    log.info("%s: found it uploaded (before the last run was stopped)", name)
+                    return stored.id
+            return None
+
+        try:
+            return await self._call("list files", look)
+        except ControlPlaneError as exc:
+            log.warning("%s; uploading the file again", exc)
+            return None
+
+    async def _create(self, entry: BatchFile) -> str:
+        """Make the file's batch. A create that failed in transit may have made it: looked for before trying again."""
+        metadata = {"batch_job": entry.tag, "batch_file": str(entry.number)}
+        # Zhipu deletes the input file once the batch has read it; OpenAI has no such field (extra_body: the SDK
+        # does not know it).
+        extra = {"auto_delete_input_file": True} if self.zhipu else None
+        first = True
+
+        async def create() -> Any:
+            nonlocal first
+            if not first:
+                lost = await self._find_lost(entry)
+                if lost is not None:
+                    return lost
+            first = False
+            # The SDK types `endpoint` as OpenAI's /v1 paths; Zhipu's docs and SDK send /v4/chat/completions.
+            made = await self._client.batches.create(
+                input_file_id=entry.file_id, endpoint=self.endpoint, completion_window="24h",  # type: ignore[arg-type]
+                metadata=metadata, extra_body=extra)
+            return made.id
+
+        return await self._call("create", create)
+
+    async def _find_lost(self, entry: BatchFile) -> str | None:
+        """The batch made of this file whose id a kill kept from the ledger, found by its metadata; or None."""
+
+        async def look() -> str | None:
+            async for batch in self._client.batches.list(limit=100):  # newest first
+                metadata = batch.metadata or {}
+                if metadata.get("batch_job") == entry.tag and metadata.get("batch_file") == str(entry.number):
+                    log.info("file %d: found its batch %s (made before the last run was stopped)",
+                             entry.number, batch.id)
+                    return batch.id
+                made = batch.created_at / 1000 if batch.created_at > 1e11 else batch.created_at  # Zhipu: ms
+                if made < entry.built_at - LOOKUP_MARGIN_S:
+                    return None
+            return None
+
+        return await self._call("list", look)
+
+    # -- merging results --------------------------------------------------------------------------
+    async def _merge(self, entry: BatchFile, batch: Any, record: Callable[[Record], None]) -> None:
+        """A finished batch's output and error lines into the checkpoint, by custom_id; its rows without one
+        are pending again."""
+        paths = []
+        for which, file_id in (("output", batch.output_file_id), ("errors", batch.error_file_id)):
+            if file_id:
+                paths.append(await self._download(entry, which, file_id))
+        rows = self.ledger.rows_of(entry.number)
+        index = {cid: i for i, cid in enumerate(rows.column("custom_id").to_pylist())}
+        seqs = rows.column("seq").to_pylist()
+        ids = rows.column("id").to_pylist()
+        hashes = rows.column("prompt_hash").to_pylist()
+        attempts = rows.column("submission").to_pylist()
+        outcome = {"ok": 0, "failed": 0, "returned": 0}
+        cost, tokens = 0.0, 0
+        for path in paths:
+            with open(path, encoding="utf-8", errors="replace") as lines:
+                for line in lines:
+                    parsed = _line(line)
+                    at = index.get(parsed.get("custom_id")) if parsed else None
+                    if at is None:
+                        if line.strip():
+                            log.warning("file %d: a result line for no row of the file: skipped", entry.number)
+                        continue
+                    if not self._held(seqs[at]):  # answered by a merge cut short, or a line given twice
+                        continue
+                    row = Row(seqs[at], ids[at], {}, hashes[at])
+                    result = self._judge(parsed, row, attempts[at])
+                    if result is None:
+                        outcome["returned"] += 1
+                        continue
+                    self._keep(record, result)
+                    outcome["ok" if result["status"] == "ok" else "failed"] += 1
+                    cost += result["cost"] or 0.0
+                    tokens += result["total_tokens"] or 0
+        why = {"expired": "batch_expired", "cancelled": None}.get(batch.status, "batch_failed")
+        for at, seq in enumerate(seqs):  # no line for it: pending again (or failed once its submissions are used up)
+            if self._held(seq):
+                if why is not None and attempts[at] >= self.max_attempts:
+                    self._keep(record, failed_record(Row(seq, ids[at], {}, hashes[at]), why,
+                                                     f"the batch ended {batch.status} without an answer for it",
+                                                     attempts[at], self.model))
+                    outcome["failed"] += 1
+                else:
+                    self.states.release(seq)
+                    self.returned += 1
+                    outcome["returned"] += 1
+        if batch.status == "failed":
+            errors = getattr(getattr(batch, "errors", None), "data", None) or []
+            reasons = "; ".join(f"{e.code}: {e.message}" for e in errors[:3]) or "no reason given"
+            log.warning("file %d: batch %s failed (%s)", entry.number, batch.id, reasons)
+        self.ledger.note("merged", entry.number, status=batch.status, outcome=outcome)
+        if self.budget is not None:
+            self.budget.give_back(Hold(entry.hold_cost, entry.hold_tokens), cost, tokens)
+        await self._clean(entry, batch)
+
+    def _held(self, seq: int) -> bool:
+        return seq < len(self.states.codes) and self.states.is_held(seq)
+
+    def _judge(self, line: dict[str, Any], row: Row, attempts: int) -> Record | None:
+        """A result line as the row's record; None when the row goes back to pending (sent again by a next run)."""
+        response = line.get("response") if isinstance(line.get("response"), dict) else {}
+        status, body, error = response.get("status_code"), response.get("body"), line.get("error")
+        try:
+            # An error body in a 200 (a gateway's) is judged by its code, as online (client.parse_body).
+            answered = isinstance(body, dict) and (body.get("choices") or not body.get("error"))
+            if status == 200 and answered and not error:
+                result = answer_record(row, accepted(body), 0.0, attempts, self.pricer, self.model)
+                result["latency_s"] = None  # an output line says nothing of its own duration
+                if self.parse_json:
+                    try:
+                        parse_reply(result["response"])
+                    except ValueError as exc:  # answered and paid for, so kept: the reply is there to read
+                        result.update(status="failed", error_class="bad_json", error=str(exc))
+                return result
+            raise _line_failure(status, body, error)
+        except Failure as failure:
+            if failure.scope == "row" or (failure.scope == "retry" and attempts >= self.max_attempts):
+                return failed_record(row, failure.error_class, failure.message, attempts, self.model)
+            if failure.scope == "job":
+                self.stop.now(f"the API refused the job: {failure}", EXIT_JOB_FATAL)
+            self.states.release(row.seq)
+            self.returned += 1
+            return None
+
+    def _keep(self, record: Callable[[Record], None], result: Record) -> None:
+        try:
+            record(result)
+        except CheckpointWriteError as exc:
+            self.stop.halt(exc)
+            raise
+
+    async def _download(self, entry: BatchFile, which: str, file_id: str) -> Path:
+        """A result file, streamed to the checkpoint folder (never held whole)."""
+        path = self.ledger.results_path(entry.number, which)
+        tmp = path.with_name(f".{path.name}.tmp")
+
+        async def fetch() -> Path:
+            async with self._client.files.with_streaming_response.content(file_id) as response:
+                with open(tmp, "wb") as out:
+                    async for chunk in response.iter_bytes(DOWNLOAD_CHUNK):
+                        out.write(chunk)
+            os.replace(tmp, path)
+            return path
+
+        try:
+            return await self._call("download", fetch)
+        except OSError as exc:
+            raise CheckpointWriteError(f"{path}: cannot write a Batch API result file: {exc.strerror or exc}") from None
+
+    async def _clean(self, entry: BatchFile, batch: Any) -> None:
+        """Delete the batch's files at the provider (Zhipu keeps at most 1,000) and here, once merged."""
+        if batch is None and entry.batch_id is not None:
+            batch = await self._call("poll", lambda: self._client.batches.retrieve(entry.batch_id))
+        remote = [entry.file_id, getattr(batch, "output_file_id", None), getattr(batch, "error_file_id", None)]
+        for file_id in filter(None, remote):
+            await self._call("delete", lambda f=file_id: self._delete(f))
+        self.ledger.note("cleaned", entry.number)
+        for which in ("output", "errors"):
+            with contextlib.suppress(OSError):
+                self.ledger.results_path(entry.number, which).unlink()
+        with contextlib.suppress(OSError):
+            self.ledger.requests_path(entry.number).unlink()
+
+    async def _delete(self, file_id: str) -> None:
+        try:
+            await self._client.files.delete(file_id)
+        except openai.NotFoundError:
+            pass  # gone already (Zhipu's auto_delete_input_file, or a delete before a kill)
+
+    # -- new batches --------------------------------------------------------------------------------
+    async def _submit(self, rows: AsyncIterator[Pending], record: Callable[[Record], None]) -> None:
+        """The rows handed over, into request files, each recorded, uploaded and made a batch as it fills."""
+        building: Building | None = None
+        limit_rows, limit_bytes = self.settings.max_requests_per_file, self.settings.max_bytes_per_file
+        async for pending in rows:
+            if self.stop.asked:
+                break
+            body = self.body_of(pending.messages)
+            size = len(body) + 120 + len(self.endpoint)  # the line around the body, custom_id included
+            if size > limit_bytes:
+                self._keep(record, failed_record(pending.row, "bad_request", f"its request of {size} bytes is over "
+                                                 f"batch_api.max_bytes_per_file ({limit_bytes})", 0, self.model))
+                continue
+            if building is not None and (len(building.seqs) >= limit_rows or building.bytes + size > limit_bytes):
+                await self._finish(building)
+                building = None
+            hold = None
+            if self.budget is not None:
+                hold = self.budget.worst_case(prompt_token_bound(pending.messages))
+                if not self.budget.take(hold):
+                    self.stop.note(self.budget.describe(), EXIT_BUDGET)
+                    break
+            if building is None:
+                building = self._start(self.ledger.next_number())
+            self._add(building, pending, body, hold)
+        if building is not None:
+            await self._finish(building)
+
+    def _start(self, number: int) -> Building:
+        self.ledger.files_dir.mkdir(parents=True, exist_ok=True)
+        path = self.ledger.requests_path(number)
+        tmp = path.with_name(f".{path.name}.tmp")
+        return Building(number, open(tmp, "wb"), tmp, [], [], [], [], [])
+
+    def _add(self, building: Building, pending: Pending, body: bytes, hold: Hold | None) -> None:
+        row = pending.row
+        cid = custom_id(building.number, row.id)
+        line = b'{"custom_id":"%s","method":"POST","url":"%s","body":%s}\n' % (cid.encode(), self.endpoint.encode(),
+                                                                              body)
+        building.handle.write(line)
+        building.bytes += len(line)
+        building.seqs.append(row.seq)
+        building.ids.append(row.id)
+        building.custom_ids.append(cid)
+        building.prompt_hashes.append(row.prompt_hash)
+        building.submissions.append(int(self.submissions[row.seq]) + 1)
+        if hold is not None:
+            building.hold_cost += hold.cost
+            building.hold_tokens += hold.tokens
+
+    async def _finish(self, building: Building) -> None:
+        """Record a built file (rows, then lines, then the ledger's line), hold its rows, and send it."""
+        number = building.number
+        try:
+            building.handle.flush()
+            os.fsync(building.handle.fileno())
+            building.handle.close()
+            self.ledger.write_rows(number, pa.table({
+                "seq": building.seqs, "id": building.ids, "custom_id": building.custom_ids,
+                "prompt_hash": building.prompt_hashes, "submission": building.submissions}, schema=ROWS_SCHEMA))
+            os.replace(building.path, self.ledger.requests_path(number))
+        except OSError as exc:
+            raise CheckpointWriteError(f"{self.ledger.files_dir}: cannot write a Batch API request file: "
+                                       f"{exc.strerror or exc}") from None
+        self.ledger.note("file", number, tag=self.tag, rows=len(building.seqs), bytes=building.bytes,
+                         records_before=self.states.record_count, hold_cost=building.hold_cost,
+                         hold_tokens=building.hold_tokens)
+        seqs = np.array(building.seqs, np.int64)
+        self.states.hold(seqs, self.states.record_count)
+        self.submissions[seqs] += 1
+        entry = self.ledger.files[number]
+        await self._send(entry)
+        log.info("file %d: %d rows, %d bytes, submitted as batch %s", number, entry.rows, entry.bytes,
+                 entry.batch_id)
+
+    # -- calls ------------------------------------------------------------------------------------
+    @property
+    def _client(self) -> openai.AsyncOpenAI:
+        assert self._api is not None
+        return self._api
+
+    async def _call(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """A control-plane call, transient failures retried with backoff; ControlPlaneError when it fails for good."""
+        retry = self.spec.retry
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(retry.max_attempts), reraise=True,
+            wait=wait_exponential_jitter(multiplier=max(retry.initial_backoff_s, 0.01), max=retry.max_backoff_s,
+                                         jitter=retry.initial_backoff_s),
+            retry=retry_if_exception(lambda exc: isinstance(exc, Failure) and exc.scope == "retry"),
+            before_sleep=lambda state: log.warning("Batch API %s failed (%s); trying again in %.1f s", what,
+                                                   state.outcome.exception() if state.outcome else "?",
+                                                   state.next_action.sleep if state.next_action else 0.0))
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    try:
+                        return await call()
+                    except openai.APIError as exc:
+                        raise control_failure(exc) from None
+        except Failure as failure:
+            raise ControlPlaneError(f"the Batch API {what} failed: {failure}") from None
+        raise AssertionError("unreachable")
+
+    def live_batches(self) -> list[dict[str, Any]]:
+        now = time.time()
+        return [describe(entry, now) for entry in self.ledger.live()]
+
+
+def upload_name(entry: BatchFile) -> str:
+    return f"batch-{entry.tag}-{entry.number}.jsonl"
+
+
+def _line(text: str) -> dict[str, Any] | None:
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _line_failure(status: Any, body: Any, error: Any) -> Failure:
+    """A result line that holds no answer: its error, judged as an online one would be."""
+    if not isinstance(error, dict):
+        error = body.get("error") if isinstance(body, dict) and isinstance(body.get("error"), dict) else {}
+    code, message = error.get("code"), str(error.get("message") or "")[:300]
+    if code == "batch_expired":
+        return Failure("retry", "batch_expired", "the batch expired before this request was done")
+    if code in ("batch_cancelled", "batch_canceled"):
+        return Failure("retry", "batch_cancelled", "the batch was cancelled before this request was done")
+    http = status if isinstance(status, int) and status != 200 else 200
+    if http == 200 and _int_or_none(code) is None:
+        return Failure("retry", "server_error", f"a result line without an answer ({code or 'no code'}: {message})")
+    return classify_status(http, _int_or_none(code), message)
+
+
+def _counts(batch: Any) -> dict[str, int]:
+    counts = getattr(batch, "request_counts", None)
+    if counts is None:
+        return {}
+    return {name: int(getattr(counts, name, 0) or 0) for name in ("total", "completed", "failed")}
+
+
+async def cancel_batches(plan: Plan) -> list[dict[str, Any]]:
+    """`batch cancel`: ask the provider to cancel the job's live batches (their partial results are merged by the
+    next run); a file not yet made a batch is dropped, its rows pending again. The caller holds the run lock."""
+    ledger = Ledger(plan.spec.checkpoint_dir)
+    stop = Stop()
+    answerer = BatchAnswerer(plan, ledger, RowStates(0, None), lambda _m: b"", None, None, stop, False, False,
+                             lambda _record: _no_rows())
+    try:
+        async with control_client(plan) as api:
+            answerer._api = api
+            for entry in ledger.live():
+                if entry.batch_id is None:
+                    ledger.note("merged", entry.number, status="cancelled", outcome={"returned": entry.rows})
+                    await answerer._clean(entry, None)
+                    continue
+                batch = await answerer._call("poll", lambda e=entry: api.batches.retrieve(e.batch_id))
+                if batch.status in ("validating", "in_progress"):  # a batch ending already cannot be cancelled
+                    batch = await answerer._call("cancel", lambda e=entry: api.batches.cancel(e.batch_id))
+                    ledger.note("cancel", entry.number)
+                if batch.status != entry.status:
+                    ledger.note("state", entry.number, status=batch.status, counts=_counts(batch))
+    finally:
+        ledger.close()
+    return [describe(entry) for entry in ledger.files.values() if entry.live]
+
+
+async def _no_rows() -> AsyncIterator[Pending]:
+    return
+    yield  # an async generator that yields nothing

@@ -1,0 +1,213 @@
+"""The Batch API's ledger: which rows went into which file, and where each file is at the provider.
+
+It lives in the checkpoint folder, as `batches.jsonl` (append-only, each line fsynced before the step
+it records is taken further) beside `batches/`, which holds each file's rows (`file-N.rows.parquet`:
+seq, id, custom_id, prompt_hash, submission) and, until its batch exists, its request lines
+(`file-N.jsonl`). Both are written atomically before the ledger names them. The steps of a file:
+
+    file      its rows and custom_ids are in the checkpoint (before anything is uploaded)
+    uploaded  the upload returned this file id
+    created   the batch create returned this batch id
+    state     a poll saw a new state (for `status`)
+    cancel    `batch cancel` asked the provider to cancel it
+    merged    its results are in the checkpoint; its rows are no longer held
+    cleaned   its files at the provider are deleted
+
+A kill between two steps leaves the earlier one as the last word, and the next run takes the file on from
+there: a file never recorded is built again, a file not recorded as uploaded is uploaded again (an
+uploaded file costs nothing until a batch is made of it), and a batch whose id was lost between create
+and its record is found with the list call by its metadata (the job's tag, the file's number) instead
+of being created again. So a custom_id (file number + row id) is never in two batches.
+
+This module has no network: a run reads it to hold the rows of live batches back from sending
+(batch/answered.py SUBMITTED) whatever its mode; batch/batch_api.py drives the provider.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batch.answered import RowStates
+from batch.atomic import fsync_dir, write_atomic
+from batch.config import JobSpec
+from batch.errors import CheckpointWriteError
+from batch.guard import fingerprint
+
+log = logging.getLogger("batch")
+
+LEDGER_NAME = "batches.jsonl"
+FILES_DIR = "batches"
+ROWS_SCHEMA = pa.schema([("seq", pa.int64()), ("id", pa.string()), ("custom_id", pa.string()),
+                         ("prompt_hash", pa.uint32()), ("submission", pa.int32())])
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+
+
+@dataclass
+class BatchFile:
+    """One input file of the job and its batch, as the ledger tells it."""
+
+    number: int
+    tag: str
+    rows: int
+    bytes: int
+    records_before: int  # the checkpoint's record count when it was built: a later record of its row is its answer
+    hold_cost: float
+    hold_tokens: int
+    built_at: float
+    file_id: str | None = None
+    batch_id: str | None = None
+    status: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    cancel_asked: bool = False
+    merged: bool = False
+    cleaned: bool = False
+    outcome: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def live(self) -> bool:
+        return not self.merged
+
+
+def job_tag(spec: JobSpec) -> str:
+    """The job's name at the provider (batch metadata, file names): its fingerprint and checkpoint folder."""
+    source = json.dumps([fingerprint(spec), str(spec.checkpoint_dir.resolve())], sort_keys=True, default=str)
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def custom_id(number: int, row_id: str) -> str:
+    """A row's custom_id in file `number`: from its id, deterministic, 6-64 characters, never in two files."""
+    return f"f{number}-{hashlib.blake2b(row_id.encode(), digest_size=12).hexdigest()}"
+
+
+class Ledger:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.path = folder / LEDGER_NAME
+        self.files_dir = folder / FILES_DIR
+        self.files: dict[int, BatchFile] = {}
+        self._handle: Any = None
+        if self.path.exists():
+            self._read()
+
+    def _read(self) -> None:
+        with open(self.path, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                try:
+                    event = json.loads(line)
+                    self._apply(event)
+                except (ValueError, KeyError, TypeError):
+                    if line.endswith("\n"):  # a last line cut short by a kill is a step not taken
+                        log.warning("%s line %d is damaged: skipped", self.path, number)
+
+    def _apply(self, event: dict[str, Any]) -> None:
+        kind, number = event["event"], int(event["file"])
+        if kind == "file":
+            self.files[number] = BatchFile(number, event["tag"], event["rows"], event["bytes"],
+                                           event["records_before"], event["hold_cost"], event["hold_tokens"],
+                                           event["at"])
+            return
+        entry = self.files[number]
+        if kind == "uploaded":
+            entry.file_id = event["file_id"]
+        elif kind == "created":
+            entry.batch_id = event["batch_id"]
+        elif kind == "state":
+            entry.status, entry.counts = event["status"], event.get("counts") or {}
+        elif kind == "cancel":
+            entry.cancel_asked = True
+        elif kind == "merged":
+            entry.merged, entry.status, entry.outcome = True, event["status"], event.get("outcome") or {}
+        elif kind == "cleaned":
+            entry.cleaned = True
+
+    def note(self, kind: str, number: int, **values: Any) -> None:
+        """Append a step to the ledger, on disk (fsynced) before the caller goes on."""
+        event = {"event": kind, "file": number, **values, "at": round(time.time(), 3)}
+        try:
+            if self._handle is None:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                new = not self.path.exists()
+                self._handle = open(self.path, "a", encoding="utf-8")
+                if new:
+                    fsync_dir(self.folder)
+            self._handle.write(json.dumps(event, ensure_ascii=False) + "\n")
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+        except OSError as exc:
+            raise CheckpointWriteError(f"{self.path}: cannot write the Batch API ledger: {exc.strerror or exc}; "
+                                       "the run stopped (run the job again once it can be written)") from None
+        self._apply(event)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def live(self) -> list[BatchFile]:
+        return [entry for entry in self.files.values() if entry.live]
+
+    def next_number(self) -> int:
+        return max(self.files, default=0) + 1
+
+    # -- the files of a batch, in the checkpoint folder ------------------------------------------
+    def rows_path(self, number: int) -> Path:
+        return self.files_dir / f"file-{number:06d}.rows.parquet"
+
+    def requests_path(self, number: int) -> Path:
+        return self.files_dir / f"file-{number:06d}.jsonl"
+
+    def results_path(self, number: int, which: str) -> Path:
+        return self.files_dir / f"file-{number:06d}.{which}.jsonl"
+
+    def write_rows(self, number: int, rows: pa.Table) -> None:
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.rows_path(number), lambda tmp: pq.write_table(rows, tmp))
+
+    def rows_of(self, number: int, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(self.rows_path(number), columns=columns)
+
+    # -- what a run needs before it sends anything ---------------------------------------------
+    def hold(self, states: RowStates) -> int:
+        """Hold the rows of live batches back (SUBMITTED in `states`); returns how many are held."""
+        held = 0
+        for entry in self.live():
+            seqs = self.rows_of(entry.number, ["seq"]).column("seq").to_numpy()
+            seqs = seqs[seqs < len(states.codes)]
+            held += len(states.hold(seqs, entry.records_before))
+        return held
+
+    def submissions(self, rows: int) -> np.ndarray:
+        """How many times each input row was put in a batch (for `attempts`)."""
+        counts = np.zeros(rows, np.int32)
+        for entry in self.files.values():
+            seqs = self.rows_of(entry.number, ["seq"]).column("seq").to_numpy()
+            np.add.at(counts, seqs[seqs < rows], 1)
+        return counts
+
+
+def describe(entry: BatchFile, now: float | None = None) -> dict[str, Any]:
+    """A batch as `status` and the run's summary show it."""
+    age = (now or time.time()) - entry.built_at
+    state = entry.status or ("created" if entry.batch_id else "uploaded" if entry.file_id else "built")
+    return {"file": entry.number, "batch_id": entry.batch_id, "state": state, "rows": entry.rows,
+            "counts": entry.counts, "age_s": round(age, 1), "merged": entry.merged, **entry.outcome}
+
+
+def format_batch(batch: dict[str, Any]) -> str:
+    counts = batch["counts"] or {}
+    done = f", {counts.get('completed', 0)} completed, {counts.get('failed', 0)} failed" if counts else ""
+    minutes = batch["age_s"] / 60
+    age = f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
+    return (f"batch {batch['batch_id'] or '(not created yet)'} (file {batch['file']}): {batch['state']}, "
+            f"{batch['rows']} rows{done}, age {age}")
