@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SIM_PORT ?= 18080
 JOB ?= jobs/demo.yaml
 
-.PHONY: install demo run status estimate validate test bench lint e2e clean
+.PHONY: install demo demo-batch run status estimate validate test bench lint e2e clean
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml
 # Starts the local simulator, runs the demo job against it, stops the simulator.
 demo: install
 	$(PY) -m batch.simulator --port $(SIM_PORT) --latency-ms 40 -- $(PY) -m batch run jobs/demo.yaml
+
+# The same demo through the Batch API (the simulator's, in Zhipu's dialect): submit, poll until done, merge.
+demo-batch: install
+	$(PY) -m batch.simulator --port $(SIM_PORT) -- $(PY) -m batch run jobs/demo-batch.yaml --wait
 
 run: install
 	$(PY) -m batch run $(JOB)

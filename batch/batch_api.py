@@ -29,7 +29,6 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import openai
-import pyarrow as pa
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from batch.answered import RowStates
@@ -38,7 +37,7 @@ from batch.client import accepted
 from batch.errors import EXIT_BUDGET, EXIT_JOB_FATAL, CheckpointWriteError
 from batch.executor import Pending, Stop
 from batch.failures import Failure, classify_status, retry_after_seconds
-from batch.ledger import ROWS_SCHEMA, TERMINAL, BatchFile, Ledger, custom_id, describe, format_batch, job_tag
+from batch.ledger import TERMINAL, BatchFile, Ledger, RowsWriter, custom_id, describe, format_batch, job_tag
 from batch.preflight import Plan
 from batch.pricing import Pricer
 from batch.prompts import prompt_token_bound
@@ -98,16 +97,12 @@ def _int_or_none(value: Any) -> int | None:
 
 @dataclass
 class Building:
-    """A request file being written: its lines on disk, its rows in memory (at most max_requests_per_file)."""
+    """A request file being written: its lines, and its rows with their custom_ids, straight to disk."""
 
     number: int
     handle: Any
     path: Path
-    seqs: list[int]
-    ids: list[str]
-    custom_ids: list[str]
-    prompt_hashes: list[int | None]
-    submissions: list[int]
+    rows: RowsWriter
     bytes: int = 0
     hold_cost: float = 0.0
     hold_tokens: int = 0
@@ -435,7 +430,7 @@ class BatchAnswerer:
                 self._keep(record, failed_record(pending.row, "bad_request", f"its request of {size} bytes is over "
                                                  f"batch_api.max_bytes_per_file ({limit_bytes})", 0, self.model))
                 continue
-            if building is not None and (len(building.seqs) >= limit_rows or building.bytes + size > limit_bytes):
+            if building is not None and (len(building.rows) >= limit_rows or building.bytes + size > limit_bytes):
                 await self._finish(building)
                 building = None
             hold = None
@@ -454,7 +449,7 @@ class BatchAnswerer:
         self.ledger.files_dir.mkdir(parents=True, exist_ok=True)
         path = self.ledger.requests_path(number)
         tmp = path.with_name(f".{path.name}.tmp")
-        return Building(number, open(tmp, "wb"), tmp, [], [], [], [], [])
+        return Building(number, open(tmp, "wb"), tmp, self.ledger.rows_writer(number))
 
     def _add(self, building: Building, pending: Pending, body: bytes, hold: Hold | None) -> None:
         row = pending.row
@@ -463,11 +458,7 @@ class BatchAnswerer:
                                                                               body)
         building.handle.write(line)
         building.bytes += len(line)
-        building.seqs.append(row.seq)
-        building.ids.append(row.id)
-        building.custom_ids.append(cid)
-        building.prompt_hashes.append(row.prompt_hash)
-        building.submissions.append(int(self.submissions[row.seq]) + 1)
+        building.rows.add(row.seq, row.id, cid, row.prompt_hash, int(self.submissions[row.seq]) + 1)
         if hold is not None:
             building.hold_cost += hold.cost
             building.hold_tokens += hold.tokens
@@ -479,17 +470,15 @@ class BatchAnswerer:
             building.handle.flush()
             os.fsync(building.handle.fileno())
             building.handle.close()
-            self.ledger.write_rows(number, pa.table({
-                "seq": building.seqs, "id": building.ids, "custom_id": building.custom_ids,
-                "prompt_hash": building.prompt_hashes, "submission": building.submissions}, schema=ROWS_SCHEMA))
+            building.rows.close()
             os.replace(building.path, self.ledger.requests_path(number))
         except OSError as exc:
             raise CheckpointWriteError(f"{self.ledger.files_dir}: cannot write a Batch API request file: "
                                        f"{exc.strerror or exc}") from None
-        self.ledger.note("file", number, tag=self.tag, rows=len(building.seqs), bytes=building.bytes,
+        self.ledger.note("file", number, tag=self.tag, rows=len(building.rows), bytes=building.bytes,
                          records_before=self.states.record_count, hold_cost=building.hold_cost,
                          hold_tokens=building.hold_tokens)
-        seqs = np.array(building.seqs, np.int64)
+        seqs = np.frombuffer(building.rows.seqs, np.int64)
         self.states.hold(seqs, self.states.record_count)
         self.submissions[seqs] += 1
         entry = self.ledger.files[number]

@@ -60,6 +60,8 @@ RSS_TARGET_MB = 200.0
 RSS_GROWTH_TARGET = 1.10  # the big input's peak RSS against the small one's
 RESUME_DONE = 0.9  # the share of rows a resume finds already answered
 RESUME_TARGET_S = 3.0
+BATCH_API_ROWS = 1_000_000
+BATCH_SUBMIT_TARGET_S = 60.0
 PART_ROWS = 1000  # rows per checkpoint part, as a run writes them (output.checkpoint_rows' default)
 DATA_VERSION = 2  # in the cached file names: bump when the generator changes
 DATA_CHUNK_ROWS = 100_000  # rows generated and written at a time (so also the Parquet row group size)
@@ -203,7 +205,7 @@ def sim_call(url: str, path: str) -> dict[str, Any]:  # GET /_stats or POST /_re
 
 def write_job(workdir: Path, url: str, name: str, data: Path, id_column: str, limits: dict[str, Any],
               keep_columns: list[str] | None = None, retry: dict[str, Any] | None = None,
-              stream: bool = False) -> tuple[Path, Path]:
+              stream: bool = False, **extra: Any) -> tuple[Path, Path]:
     """A job file over `data` (output and checkpoint under workdir/out); its path and its output's."""
     import yaml
 
@@ -212,7 +214,7 @@ def write_job(workdir: Path, url: str, name: str, data: Path, id_column: str, li
            "prompt": {"system": SYSTEM, "template": TEMPLATE},
            "model": {"provider": "local", "name": MODEL, "base_url": url, "params": PARAMS, "stream": stream},
            "limits": {"timeout_s": 60, **limits}, "retry": retry or {"max_attempts": 3},
-           "output": {"path": str(output), **({"keep_columns": keep_columns} if keep_columns else {})}}
+           "output": {"path": str(output), **({"keep_columns": keep_columns} if keep_columns else {})}, **extra}
     job_path = workdir / f"{name}.yaml"
     job_path.write_text(yaml.safe_dump(job, sort_keys=False, allow_unicode=True))
     return job_path, output
@@ -546,12 +548,38 @@ def memory(workdir: Path, data_dir: Path, sizes: tuple[int, ...], limit: int) ->
     return results
 
 
+def batch_api(workdir: Path, data_dir: Path, rows: int) -> dict[str, Any]:
+    """A `rows`-row job submitted through the Batch API: one run that builds, uploads and creates every file and
+    exits 6 (the simulator's batch clock stands still, so nothing is answered and its CPU stays out of the way)."""
+    data = bench_inputs(data_dir, rows)["parquet"]
+    with simulator(workdir, "batch-api", "--batch-speed", "0") as url:
+        job = write_job(workdir, url, f"batch-api-{rows}", data, "id", {}, mode="batch_api")
+        run = run_job_file(workdir, *job, f"batch-api-{rows}", timeout_s=1200)
+        stats = sim_call(url, "/_stats")["batch_api"]
+    submitted = len(stats["custom_ids"])
+    if run["exit"] != 6 or submitted != rows or stats["custom_ids_submitted_twice"]:
+        raise RuntimeError(f"batch-api-{rows}: exit {run['exit']}, {submitted} custom_ids submitted, "
+                           f"{len(stats['custom_ids_submitted_twice'])} twice: {run['stderr_tail']}")
+    return {"rows": rows, "rss_mb": run["maxrss_kb"] / 1024, "wall_s": run["wall_s"], "cpu_s": run["cpu_s"],
+            "files": stats["batches_created"], "submitted": submitted}
+
+
+def batch_api_rows(b: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
+    what = f"{b['rows']:,}-row submission, {b['files']} files of <= 50,000 requests"
+    return [(f"batch_api: peak RSS, {what}", f"{b['rss_mb']:.0f} MB", f"<= {RSS_TARGET_MB:.0f} MB",
+             b["rss_mb"] <= RSS_TARGET_MB),
+            (f"batch_api: client time to submit every file ({what}; start-up and input scan included)",
+             f"{b['wall_s']:.1f} s ({b['cpu_s']:.1f} s CPU)", f"<= {BATCH_SUBMIT_TARGET_S:.0f} s",
+             b["wall_s"] <= BATCH_SUBMIT_TARGET_S)]
+
+
 # -- the table -------------------------------------------------------------------------------------
-PARTS = ("overhead", "rate", "concurrency", "adaptive", "memory")
+PARTS = ("overhead", "rate", "concurrency", "adaptive", "memory", "batch_api")
 
 
 def table_rows(over: dict[str, Any] | None, rate_: dict[str, Any] | None, c: dict[str, Any] | None, n: int,
-               mem: dict[str, Any] | None = None, adapt: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+               mem: dict[str, Any] | None = None, adapt: list[dict[str, Any]] | None = None,
+               batch: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The table's rows for the parts that were measured (None: a part left out with --only)."""
     rows: list[tuple[str, str, str, bool | None]] = []
     if over is not None:
@@ -578,6 +606,8 @@ def table_rows(over: dict[str, Any] | None, rate_: dict[str, Any] | None, c: dic
         rows += adaptive_rows(adapt)
     if mem is not None:
         rows += memory_rows(mem)
+    if batch is not None:
+        rows += batch_api_rows(batch)
     return [dict(zip(("metric", "value", "target", "met"), row)) for row in rows]
 
 
@@ -696,7 +726,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: memory and resume start ({' and '.join(f'{r:,}' for r in sizes)} rows) ...",
                   file=sys.stderr, flush=True)
             got["memory"] = memory(Path(tmp), args.data_dir, sizes, MEMORY_LIMIT // scale)
-    rows = table_rows(got["overhead"], got["rate"], got["concurrency"], n, got["memory"], got["adaptive"])
+        if "batch_api" in args.only:
+            batch_rows = BATCH_API_ROWS // (10 if args.quick else 1)
+            print(f"bench: Batch API submission ({batch_rows:,} rows) ...", file=sys.stderr, flush=True)
+            got["batch_api"] = batch_api(Path(tmp), args.data_dir, batch_rows)
+    rows = table_rows(got["overhead"], got["rate"], got["concurrency"], n, got["memory"], got["adaptive"],
+                      got["batch_api"])
     notes = [memory_note(got["memory"])] if got["memory"] else []
     print("\n".join([render(rows), *notes, f"({'quick' if args.quick else 'full'} run of {','.join(args.only)}, "
                      f"{time.perf_counter() - started:.0f} s, {os.cpu_count()} CPUs)"]))

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batch.answered import RowStates
-from batch.atomic import fsync_dir, write_atomic
+from batch.atomic import fsync_dir
 from batch.config import JobSpec
 from batch.errors import CheckpointWriteError
 from batch.guard import fingerprint
@@ -77,6 +78,43 @@ class BatchFile:
     @property
     def live(self) -> bool:
         return not self.merged
+
+
+class RowsWriter:
+    """A file's rows (ROWS_SCHEMA), written to a temp Parquet file a slice at a time, never all held; `close`
+    puts it in place (fsynced, renamed). Only the rows' positions are kept, 8 bytes a row, to hold them."""
+
+    SLICE = 4096
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.tmp")
+        self.seqs = array("q")
+        self._writer = pq.ParquetWriter(self.tmp, ROWS_SCHEMA)
+        self._columns: list[list[Any]] = [[] for _ in ROWS_SCHEMA.names]
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def add(self, seq: int, row_id: str, cid: str, prompt_hash: int | None, submission: int) -> None:
+        for column, value in zip(self._columns, (seq, row_id, cid, prompt_hash, submission)):
+            column.append(value)
+        self.seqs.append(seq)
+        if len(self._columns[0]) >= self.SLICE:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._columns[0]:
+            self._writer.write_table(pa.table(dict(zip(ROWS_SCHEMA.names, self._columns)), schema=ROWS_SCHEMA))
+            self._columns = [[] for _ in ROWS_SCHEMA.names]
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+        with open(self.tmp, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
 
 
 def job_tag(spec: JobSpec) -> str:
@@ -170,9 +208,9 @@ class Ledger:
     def results_path(self, number: int, which: str) -> Path:
         return self.files_dir / f"file-{number:06d}.{which}.jsonl"
 
-    def write_rows(self, number: int, rows: pa.Table) -> None:
+    def rows_writer(self, number: int) -> RowsWriter:
         self.files_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.rows_path(number), lambda tmp: pq.write_table(rows, tmp))
+        return RowsWriter(self.rows_path(number))
 
     def rows_of(self, number: int, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(self.rows_path(number), columns=columns)

@@ -19,6 +19,7 @@ import pytest
 from helpers import output_of
 
 from batch.errors import EXIT_BATCHES_LIVE
+from batch.prompts import prompt_token_bound
 from batch.simulator import SimulatorThread, answer_for
 from batch.writer import Checkpoint, _wal_table
 
@@ -106,13 +107,39 @@ def test_cron_runs_submit_then_collect_into_the_same_records(start_sim, make_job
     assert code == 0 and sim.stats()["batch_api"]["batches_created"] == 3
 
 
-def test_wait_polls_until_every_batch_is_done(start_sim, make_job, run_cli):
+@pytest.mark.parametrize("dialect", ["/v1", "/api/paas/v4"])
+def test_wait_polls_until_every_batch_is_done(dialect, start_sim, make_job, run_cli):
     sim = start_sim(batch_speed=200)
-    job = batch_job(make_job, sim, count=30)
+    job = batch_job(make_job, sim, count=30, model={"base_url": sim.url.removesuffix("/v1") + dialect})
     code, out, _ = run_cli("run", job, "--wait")
     assert code == 0, out
-    assert len(output_of(job)) == 30
+    assert list(output_of(job)["response"]) == [expected_reply(f"review number {i}") for i in range(30)]
+    assert submitted_twice(sim) == [] and sim.stats()["batch_api"]["files_kept"] == 0
+
+
+def test_budget_reserves_a_file_worst_case_at_the_batch_price(start_sim, make_job, run_cli):
+    sim = start_sim(batch_speed=0)
+    job = batch_job(make_job, sim, count=30, per_file=30, model={"name": "glm-4-plus"}, budget={"max_cost": 0.002})
+    code, out, _ = run_cli("run", job)
+    assert code == 5, out  # the file stopped growing at the row that would not fit
+    (file,) = [e for e in ledger_events(job) if e["event"] == "file"]
+    # glm-4-plus: 5 CNY per million tokens online, 2.5 through the Batch API; a row's worst case is its prompt's
+    # bound and max_tokens (64)
+    worst = [(prompt_token_bound([{"role": "user", "content": f"Classify: review number {i}"}]) + 64) * 5e-6
+             for i in range(30)]
+
+    def rows_that_fit(factor: float) -> int:
+        return next(k for k in range(31) if k == 30 or sum(worst[:k + 1]) * factor > 0.002)
+
+    assert file["rows"] == rows_that_fit(0.5) > rows_that_fit(1.0)
+    assert file["hold_cost"] == pytest.approx(sum(worst[:file["rows"]]) / 2)
+    assert len(sim.stats()["batch_api"]["custom_ids"]) == file["rows"] < 30
+    sim.advance(3600)
+    code, out, _ = run_cli("run", job)  # answered far below the worst case: the budget lets more rows go
+    assert len(sim.stats()["batch_api"]["custom_ids"]) > file["rows"]
     assert submitted_twice(sim) == []
+    frame = every_record(job).to_pandas()
+    assert frame["cost"].sum() <= 0.002 and (frame["cost"] > 0).all()
 
 
 def test_mode_switch_never_sends_a_row_of_a_live_batch_online(start_sim, make_job, run_cli):
