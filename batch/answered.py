@@ -118,7 +118,6 @@ class RowCounts(NamedTuple):
     failed: int
     changed: int  # answered, but for prompt values the row no longer holds: pending again
     not_in_input: int  # ids in the checkpoint that no input row holds now (rows deleted from the input)
-    submitted: int = 0  # pending, sitting in a live Batch API batch
 
 
 class RowStates:
@@ -192,6 +191,10 @@ class RowStates:
     def release(self, seq: int) -> None:
         """A row of a batch that came back without an answer for it: pending again."""
         self.codes[seq] = 0
+
+    def held(self) -> int:
+        """How many rows sit in live Batch API batches."""
+        return int((self.codes == self._code(SUBMITTED)).sum()) if SUBMITTED in self.names else 0
 
     def is_held(self, seq: int) -> bool:
         code = int(self.codes[seq])
@@ -301,8 +304,8 @@ class RowStates:
             not_in_input = int((~self._moved_seen).sum())
         per_state = dict(zip(self.names, np.bincount(codes, minlength=len(self.names) + 1)[1:].tolist()))
         ok, changed = per_state.pop("ok", 0), per_state.pop(PROMPT_CHANGED, 0)
-        submitted = per_state.pop(SUBMITTED, 0)
-        return RowCounts(ok, sum(per_state.values()), changed, not_in_input, submitted)
+        per_state.pop(SUBMITTED, 0)  # pending, in a live Batch API batch
+        return RowCounts(ok, sum(per_state.values()), changed, not_in_input)
 
     def _code(self, state: str | None) -> int:
         if state not in self.names:

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from batch.answered import RowStates
 from batch.config import JobSpec
-from batch.failures import PROMPT_CHANGED
+from batch.failures import PROMPT_CHANGED, SUBMITTED
 from batch.guard import RunLock, read_run_mark
 from batch.ledger import Ledger, describe, format_batch
 from batch.pricing import CURRENCY, money
@@ -66,7 +66,7 @@ def job_status(spec: JobSpec) -> dict[str, Any]:
         "running_pid": running,
         "last_run": last_run(spec.checkpoint_dir, running),
         "output": str(spec.output.path) if spec.output.path.exists() else None,
-        "in_batches": counts.submitted,
+        "in_batches": states.held(),
         # As the last run saw them (status sends no request): the next run polls them.
         "batches": [describe(entry) for entry in Ledger(spec.checkpoint_dir).files.values() if entry.live],
     }
@@ -79,7 +79,7 @@ def failed_by_class(states: RowStates, table: InputTable) -> dict[str, int]:
         codes = states.last(start, ids)[0]
         counted.update({states.name(int(code)): int(n) for code, n in zip(*np.unique(codes, return_counts=True))})
         start += len(ids)
-    return {name: n for name, n in counted.items() if name not in (None, "ok", PROMPT_CHANGED)}
+    return {name: n for name, n in counted.items() if name not in (None, "ok", PROMPT_CHANGED, SUBMITTED)}
 
 
 def last_run(folder: Path, running: int | None) -> dict[str, Any] | None:

@@ -86,7 +86,8 @@ def test_cron_runs_submit_then_collect_into_the_same_records(start_sim, make_job
     assert "3 Batch API batches are still being worked on" in out
     assert not (job.parent / "out" / "result.parquet").exists()
     code, out, _ = run_cli("status", job)
-    assert "pending 25" in out and "(file 1)" in out
+    assert "pending 25" in out and "(file 1)" in out and "failed:" not in out
+    assert "25 pending rows sit in 3 live batches" in out
     code, out, _ = run_cli("run", job)  # nothing finished yet: still 6, nothing submitted again
     assert code == EXIT_BATCHES_LIVE
     assert sim.stats()["batch_api"]["batches_created"] == 3
