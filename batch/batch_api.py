@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import openai
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tqdm.auto import tqdm
 
 from batch.answered import RowStates
 from batch.budget import Budget, Hold
@@ -114,7 +116,8 @@ class BatchAnswerer:
 
     def __init__(self, plan: Plan, ledger: Ledger, states: RowStates, body_of: Callable[[list[Any]], bytes],
                  pricer: Pricer | None, budget: Budget | None, stop: Stop, submit: bool, wait: bool,
-                 more_rows: Callable[[Callable[[Record], None]], AsyncIterator[Pending]]) -> None:
+                 more_rows: Callable[[Callable[[Record], None]], AsyncIterator[Pending]],
+                 show_bar: bool = False) -> None:
         self.plan = plan
         self.spec = plan.spec
         self.ledger = ledger
@@ -126,6 +129,7 @@ class BatchAnswerer:
         self.submit = submit
         self.wait = wait
         self.more_rows = more_rows
+        self.show_bar = show_bar
         self.settings = plan.spec.batch_api
         self.endpoint = endpoint_of(plan)
         self.zhipu = self.endpoint.startswith("/v4/")
@@ -138,6 +142,8 @@ class BatchAnswerer:
         self.unsure_uploads = {entry.number for entry in ledger.live() if entry.file_id is None}
         self.lines_submitted = 0
         self.returned = 0  # rows that came back without an answer in this run (pending again)
+        self.bar: Any = None  # with --wait on a terminal: a tqdm bar of the lines answered across batches
+        self._seen: dict[int, BatchFile] = {}  # the batches polled in this run
         self._task: asyncio.Task[None] | None = None
         self._api: openai.AsyncOpenAI | None = None
         if budget is not None:  # what earlier runs' live batches may still cost, held whether it fits or not
@@ -172,10 +178,20 @@ class BatchAnswerer:
             self._task.cancel()
 
     async def _work(self, rows: AsyncIterator[Pending], record: Callable[[Record], None]) -> None:
+        try:
+            await self._work_on(rows, record)
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+
+    async def _work_on(self, rows: AsyncIterator[Pending], record: Callable[[Record], None]) -> None:
         await self._collect(record)
         if self.submit and not self.stop.asked:
             await self._submit(rows, record)
         interval = min(FIRST_POLL_S, self.settings.poll_interval_s)
+        if self.wait and self.show_bar and self.ledger.live():
+            self.bar = tqdm(unit="line", dynamic_ncols=True, file=sys.stderr, desc="Batch API",
+                            position=1)  # under the run's bar of rows
         while self.wait and self.ledger.live() and not self.stop.asked:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.event.wait(), interval)
@@ -196,12 +212,15 @@ class BatchAnswerer:
             await self._send(entry)
             batch = await self._call("poll", lambda e=entry: self._client.batches.retrieve(e.batch_id))
             counts = _counts(batch)
-            if batch.status != entry.status:
+            changed = batch.status != entry.status
+            if changed:
                 self.ledger.note("state", entry.number, status=batch.status, counts=counts)
             entry.counts = counts
+            self._seen[entry.number] = entry
             if batch.status in TERMINAL:
                 await self._merge(entry, batch, record)
-            log.info("%s", format_batch(describe(entry)))
+            log.log(logging.INFO if changed else logging.DEBUG, "%s", format_batch(describe(entry)))
+        self._show_progress()
         for entry in self.ledger.files.values():  # merged, but killed before their files were deleted
             if entry.merged and not entry.cleaned and not self.stop.asked:
                 await self._clean(entry, None)
@@ -513,6 +532,21 @@ class BatchAnswerer:
         except Failure as failure:
             raise ControlPlaneError(f"the Batch API {what} failed: {failure}") from None
         raise AssertionError("unreachable")
+
+    def _show_progress(self) -> None:
+        """Lines answered across the batches this run polled: on the bar, else as a log line per round of polls."""
+        if not self._seen:
+            return
+        total = sum(entry.rows for entry in self._seen.values())
+        answered = sum(entry.rows if entry.merged else entry.counts.get("completed", 0) + entry.counts.get("failed", 0)
+                       for entry in self._seen.values())
+        live = sum(1 for entry in self._seen.values() if entry.live)
+        if self.bar is not None:
+            self.bar.total, self.bar.n = total, answered
+            self.bar.set_postfix_str(f"live batches={live}")
+            self.bar.refresh()
+        else:
+            log.info("Batch API: %d of %d lines answered, %d batches still at the provider", answered, total, live)
 
     def live_batches(self) -> list[dict[str, Any]]:
         now = time.time()

@@ -180,7 +180,8 @@ class Run:
         budget = self._budget(done, pricer) if self.spec.budget else None
         answerer = BatchAnswerer(self.plan, self.ledger, done, pool.request_body, pricer, budget, self.stop,
                                  submit=self.mode == "batch_api", wait=self.options.wait,
-                                 more_rows=lambda record: self._rows_to_send(done, stats, record))
+                                 more_rows=lambda record: self._rows_to_send(done, stats, record),
+                                 show_bar=progress.bar is not None)
         self.answerer = answerer
         self.batch_api_used = True
         try:

@@ -112,8 +112,9 @@ def test_cron_runs_submit_then_collect_into_the_same_records(start_sim, make_job
 def test_wait_polls_until_every_batch_is_done(dialect, start_sim, make_job, run_cli):
     sim = start_sim(batch_speed=200)
     job = batch_job(make_job, sim, count=30, model={"base_url": sim.url.removesuffix("/v1") + dialect})
-    code, out, _ = run_cli("run", job, "--wait")
+    code, out, err = run_cli("run", job, "--wait")
     assert code == 0, out
+    assert "Batch API: 30 of 30 lines answered, 0 batches still at the provider" in err  # not a terminal: log lines
     assert list(output_of(job)["response"]) == [expected_reply(f"review number {i}") for i in range(30)]
     assert submitted_twice(sim) == [] and sim.stats()["batch_api"]["files_kept"] == 0
 
@@ -213,6 +214,24 @@ def test_poll_faults_are_retried(start_sim, make_job, run_cli):
     assert run_until_done(run_cli, sim, job) == 0
     assert sim.stats()["batch_api"]["poll_faults"] > 0
     assert len(output_of(job)) == 30 and submitted_twice(sim) == []
+
+
+def test_a_control_plane_outage_is_waited_out_with_backoff(start_sim, make_job, run_cli):
+    sim = start_sim(batch_speed=0, batch_down_for_calls=4)  # upload, its retries, ... answer 503 (code 1305)
+    job = batch_job(make_job, sim, count=20, retry={"max_attempts": 6})
+    assert run_until_done(run_cli, sim, job) == 0
+    assert sim.stats()["batch_api"]["files_uploaded"] == 2 and sim.stats()["batch_api"]["batches_created"] == 2
+    assert len(output_of(job)) == 20 and submitted_twice(sim) == []
+
+
+def test_an_outage_longer_than_the_retries_stops_with_exit_3_and_the_next_run_goes_on(start_sim, make_job, run_cli):
+    sim = start_sim(batch_speed=0, batch_down_for_calls=3)
+    job = batch_job(make_job, sim, count=20, retry={"max_attempts": 2})
+    code, out, _ = run_cli("run", job)
+    assert code == 3 and "the Batch API upload failed" in out
+    assert run_until_done(run_cli, sim, job) == 0
+    assert len(output_of(job)) == 20 and submitted_twice(sim) == []
+    assert sim.stats()["batch_api"]["files_kept"] == 0
 
 
 def test_a_batch_whose_id_was_lost_is_found_not_created_again(start_sim, make_job, run_cli):

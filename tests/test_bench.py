@@ -172,3 +172,11 @@ def test_only_some_parts_are_measured_and_tabled(tmp_path: Path, monkeypatch, ca
     assert len(bench.table_rows(None, None, None, 1, mem)) == 5
     with pytest.raises(SystemExit):
         bench.main(["--only", "memory,speed"])
+
+
+def test_batch_api_rows_mark_the_submission_targets():
+    within = {"rows": 1_000_000, "files": 20, "rss_mb": 176.0, "wall_s": 22.0, "cpu_s": 13.0}
+    rows = bench.table_rows(None, None, None, 0, None, within)
+    assert [r["met"] for r in rows] == [True, True]
+    over = {**within, "rss_mb": 201.0, "wall_s": 61.0}
+    assert [r["met"] for r in bench.table_rows(None, None, None, 0, None, over)] == [False, False]
