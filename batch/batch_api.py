@@ -114,15 +114,17 @@ class BatchAnswerer:
     """Takes on the job's live batches, then (when `submit`) puts the rows handed over into new ones; with
     `wait`, polls until none is left, putting rows that came back without an answer into new batches."""
 
-    def __init__(self, plan: Plan, ledger: Ledger, states: RowStates, body_of: Callable[[list[Any]], bytes],
-                 pricer: Pricer | None, budget: Budget | None, stop: Stop, submit: bool, wait: bool,
+    def __init__(self, plan: Plan, ledger: Ledger, states: RowStates, pricer: Pricer | None, budget: Budget | None,
+                 stop: Stop, submit: bool, wait: bool,
                  more_rows: Callable[[Callable[[Record], None]], AsyncIterator[Pending]],
                  show_bar: bool = False) -> None:
         self.plan = plan
         self.spec = plan.spec
         self.ledger = ledger
         self.states = states
-        self.body_of = body_of
+        # A line's body is the online request's, less what asks for a stream (model.stream): a batch answers in files.
+        streamed = ("stream", "stream_options") if plan.spec.model.stream else ()
+        self.body_params = {k: v for k, v in plan.body_params.items() if k not in streamed}
         self.pricer = pricer
         self.budget = budget
         self.stop = stop
@@ -443,7 +445,7 @@ class BatchAnswerer:
         async for pending in rows:
             if self.stop.asked:
                 break
-            body = self.body_of(pending.messages)
+            body = self._body(pending.messages)
             size = len(body) + 120 + len(self.endpoint)  # the line around the body, custom_id included
             if size > limit_bytes:
                 self._keep(record, failed_record(pending.row, "bad_request", f"its request of {size} bytes is over "
@@ -463,6 +465,11 @@ class BatchAnswerer:
             self._add(building, pending, body, hold)
         if building is not None:
             await self._finish(building)
+
+    def _body(self, messages: list[dict[str, Any]]) -> bytes:
+        """A line's request body, serialized as the online pool does (pool.request_body)."""
+        body = {"model": self.model, "messages": messages, **self.body_params}
+        return json.dumps(body, ensure_ascii=False, sort_keys=True, default=str).encode()
 
     def _start(self, number: int) -> Building:
         self.ledger.files_dir.mkdir(parents=True, exist_ok=True)
@@ -592,7 +599,7 @@ async def cancel_batches(plan: Plan) -> list[dict[str, Any]]:
     next run); a file not yet made a batch is dropped, its rows pending again. The caller holds the run lock."""
     ledger = Ledger(plan.spec.checkpoint_dir)
     stop = Stop()
-    answerer = BatchAnswerer(plan, ledger, RowStates(0, None), lambda _m: b"", None, None, stop, False, False,
+    answerer = BatchAnswerer(plan, ledger, RowStates(0, None), None, None, stop, False, False,
                              lambda _record: _no_rows())
     try:
         async with control_client(plan) as api:

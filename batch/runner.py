@@ -128,7 +128,7 @@ class Run:
                 pool = Pool(client, self.plan, self.stop.event)
                 try:
                     if self.mode == "batch_api" or self.ledger.live():
-                        await self._answer_batch_api(pool, done, stats, progress)
+                        await self._answer_batch_api(done, stats, progress)
                     if self.mode == "online" and not self.stop.asked:
                         await self._answer_online(pool, done, stats, progress)
                 finally:
@@ -171,14 +171,14 @@ class Run:
                 if self.stop.write_error is None:
                     raise cache_write_error(cache_path, exc) from None
 
-    async def _answer_batch_api(self, pool: Pool, done: RowStates, stats: RunStats, progress: Progress) -> None:
+    async def _answer_batch_api(self, done: RowStates, stats: RunStats, progress: Progress) -> None:
         """The job's live batches taken on (collected when finished) and, in batch_api mode, the rows to send put
         into new ones (batch/batch_api.py; imported here: the openai SDK's import is paid only by this mode)."""
         from batch.batch_api import BatchAnswerer
 
         pricer = batch_pricer(self.plan.pricer)
         budget = self._budget(done, pricer) if self.spec.budget else None
-        answerer = BatchAnswerer(self.plan, self.ledger, done, pool.request_body, pricer, budget, self.stop,
+        answerer = BatchAnswerer(self.plan, self.ledger, done, pricer, budget, self.stop,
                                  submit=self.mode == "batch_api", wait=self.options.wait,
                                  more_rows=lambda record: self._rows_to_send(done, stats, record),
                                  show_bar=progress.bar is not None)

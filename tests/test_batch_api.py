@@ -119,6 +119,20 @@ def test_wait_polls_until_every_batch_is_done(dialect, start_sim, make_job, run_
     assert submitted_twice(sim) == [] and sim.stats()["batch_api"]["files_kept"] == 0
 
 
+def test_a_streamed_job_is_answered_in_files_without_stream_in_its_lines(start_sim, make_job, run_cli):
+    sim = start_sim(batch_speed=200, batch_arrears_after=0)  # the first create refused: its request file stays here
+    job = batch_job(make_job, sim, count=12, model={"stream": True}, limits={"timeout_s": 10})
+    assert run_cli("run", job)[0] == 3
+    lines = (job.parent / "out" / "result.checkpoint" / "batches" / "file-000001.jsonl").read_text().splitlines()
+    bodies = [json.loads(line)["body"] for line in lines]
+    assert len(bodies) == 10 and not any("stream" in body or "stream_options" in body for body in bodies)
+    assert bodies[0]["max_tokens"] == 64  # the job's other params are there
+    sim.reconfigure(batch_arrears_after=None)
+    code, out, _ = run_cli("run", job, "--wait")
+    assert code == 0, out
+    assert list(output_of(job)["response"]) == [expected_reply(f"review number {i}") for i in range(12)]
+
+
 def test_budget_reserves_a_file_worst_case_at_the_batch_price(start_sim, make_job, run_cli):
     sim = start_sim(batch_speed=0)
     job = batch_job(make_job, sim, count=30, per_file=30, model={"name": "glm-4-plus"}, budget={"max_cost": 0.002})
