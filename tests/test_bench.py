@@ -176,7 +176,7 @@ def test_only_some_parts_are_measured_and_tabled(tmp_path: Path, monkeypatch, ca
 
 def test_batch_api_rows_mark_the_submission_targets():
     within = {"rows": 1_000_000, "files": 20, "rss_mb": 176.0, "wall_s": 22.0, "cpu_s": 13.0}
-    rows = bench.table_rows(None, None, None, 0, None, within)
+    rows = bench.table_rows(None, None, None, 0, batch=within)
     assert [r["met"] for r in rows] == [True, True]
     over = {**within, "rss_mb": 201.0, "wall_s": 61.0}
-    assert [r["met"] for r in bench.table_rows(None, None, None, 0, None, over)] == [False, False]
+    assert [r["met"] for r in bench.table_rows(None, None, None, 0, batch=over)] == [False, False]
