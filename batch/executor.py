@@ -3,7 +3,8 @@
 A run (batch/runner.py) owns the lifecycle: the lock, the checkpoint, the resume state, the
 signals, the final file and the summary. It hands the rows it sends to an `Answerer`, which gets
 their answers and gives each row's record back through `record`. The online pool
-(batch/online.py) is one; a provider's Batch API is the next. Both stop through the same `Stop`.
+(batch/online.py) is one; a provider's Batch API (batch/batch_api.py) is the other. Both stop
+through the same `Stop`.
 """
 
 from __future__ import annotations

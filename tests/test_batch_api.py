@@ -343,13 +343,13 @@ def test_kill_9_at_any_step_then_reruns_answer_every_row_exactly_once(point, sta
     reached = KILL_POINTS[point]
     process = _spawn(job, "--wait")
     deadline = time.monotonic() + 60
-    try:
+    try:  # polled finely: each step takes milliseconds, and the kill should land in the step or just after it
         while not reached(job, sim):
             assert process.poll() is None, f"the run ended before it reached {point}"
             assert time.monotonic() < deadline, f"the run never reached {point}"
             time.sleep(0.002)
-        process.send_signal(signal.SIGKILL)
     finally:
+        process.send_signal(signal.SIGKILL)  # kill -9, or no process left behind by a failed wait
         process.wait(10)
     sim.advance(3600)
     assert run_until_done(run_cli, sim, job) == 0
