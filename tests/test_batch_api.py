@@ -197,6 +197,22 @@ def test_expired_batch_keeps_its_partial_output_and_resubmits_the_rest(start_sim
     assert submitted_twice(sim) == []
 
 
+def test_rows_expired_once_too_often_fail_as_batch_expired_and_retry_failed_sends_them_again(
+        start_sim, make_job, run_cli):
+    sim = start_sim(batch_speed=0, batch_rate=4, batch_expire_s=3, batch_finalizing_s=0.1)
+    job = batch_job(make_job, sim, count=12, per_file=12, retry={"max_attempts": 1})
+    assert run_cli("run", job)[0] == EXIT_BATCHES_LIVE
+    sim.advance(10)  # 8 lines answered, the other 4 expired: their one submission is used up
+    code, out, _ = run_cli("run", job)
+    assert code == 1, out
+    frame = output_of(job)
+    assert sorted(frame["error_class"].dropna()) == ["batch_expired"] * 4
+    assert run_cli("run", job, "--retry-failed")[0] == EXIT_BATCHES_LIVE  # in a new batch
+    sim.advance(10)
+    assert run_cli("run", job)[0] == 0
+    assert set(output_of(job)["status"]) == {"ok"} and submitted_twice(sim) == []
+
+
 def test_error_lines_fail_the_row_or_go_back_to_pending(start_sim, make_job, run_cli):
     sim = start_sim(batch_speed=0)
     job = batch_job(make_job, sim, count=10, marked={2: " [[error:400:1301]]", 5: " [[flaky:1]]"})
