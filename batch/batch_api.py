@@ -45,7 +45,6 @@ from batch.pricing import Pricer
 from batch.prompts import prompt_token_bound
 from batch.reader import Row
 from batch.records import Record, answer_record, failed_record
-from batch.replies import parse_reply
 
 log = logging.getLogger("batch")
 
@@ -137,7 +136,7 @@ class BatchAnswerer:
         self.zhipu = self.endpoint.startswith("/v4/")
         self.tag = job_tag(plan.spec)
         self.model = plan.spec.model.name
-        self.parse_json = plan.spec.output.parse_json
+        self.json_output = plan.json_output  # parse_json (and json_schema): how a reply is checked
         self.max_attempts = plan.spec.retry.max_attempts
         self.submissions = ledger.submissions(len(states.codes))
         # Files an earlier run recorded but not as uploaded: it may have been stopped after the upload.
@@ -376,11 +375,9 @@ class BatchAnswerer:
             if status == 200 and answered and not error:
                 result = answer_record(row, accepted(body), 0.0, attempts, self.pricer, self.model)
                 result["latency_s"] = None  # an output line says nothing of its own duration
-                if self.parse_json:
-                    try:
-                        parse_reply(result["response"])
-                    except ValueError as exc:  # answered and paid for, so kept: the reply is there to read
-                        result.update(status="failed", error_class="bad_json", error=str(exc))
+                problem = self.json_output.problem(result["response"]) if self.json_output is not None else None
+                if problem is not None:  # answered and paid for, so kept (not asked again: --retry-failed does)
+                    result.update(status="failed", error_class="bad_json", error=problem)
                 return result
             raise _line_failure(status, body, error)
         except Failure as failure:

@@ -133,6 +133,19 @@ def test_a_streamed_job_is_answered_in_files_without_stream_in_its_lines(start_s
     assert list(output_of(job)["response"]) == [expected_reply(f"review number {i}") for i in range(12)]
 
 
+def test_replies_are_checked_against_the_json_schema_as_online(start_sim, make_job, run_cli):
+    sim = start_sim(batch_speed=200)
+    schema = {"type": "object", "required": ["score"], "additionalProperties": False,
+              "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 5}}}
+    job = batch_job(make_job, sim, count=6, marked={4: " [[badjson:9]]"}, output={"json_schema": schema})
+    code, out, _ = run_cli("run", job, "--wait")
+    assert code == 1, out
+    frame = output_of(job).set_index("review_id")
+    assert frame.loc["r00004", "error_class"] == "bad_json"
+    assert frame.loc["r00004", "error"].startswith("the reply does not match output.json_schema at $.score")
+    assert frame.drop(index="r00004")["score"].between(1, 5).all()
+
+
 def test_budget_reserves_a_file_worst_case_at_the_batch_price(start_sim, make_job, run_cli):
     sim = start_sim(batch_speed=0)
     job = batch_job(make_job, sim, count=30, per_file=30, model={"name": "glm-4-plus"}, budget={"max_cost": 0.002})
