@@ -126,7 +126,8 @@ class ChatClient:
         aiohttp's own line reader splits the events (a line is capped at max_response_bytes, and so are all
         of them together). Each `data:` line is one event's JSON, as OpenAI-compatible servers send them;
         comments (keep-alives) and event names are skipped. The stream is read to its end after [DONE], so
-        its connection can be used again, unless the server then falls silent: the answer is complete.
+        its connection can be used again, unless the server then falls silent or drops the connection: the
+        answer is complete.
         """
         stream = StreamedAnswer()
         size, cap = 0, self.max_response_bytes
@@ -139,7 +140,9 @@ class ChatClient:
                     stream.take(line[5:].strip())
         except LineTooLong:
             size = cap + 1
-        except TimeoutError:
+        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError):
+            # After [DONE] the answer is whole: a server that then falls silent, or drops the connection before
+            # the chunked body's end (llama-cpp-python's server did, for every answer), changes nothing.
             if not stream.done:
                 raise
             response.close()

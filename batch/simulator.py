@@ -19,7 +19,9 @@ and markers break the stream: ``[[cutstream:N]]`` (a reset after N events, the p
 request only), ``[[garbagechunk:N]]`` (an event that is not JSON after N),
 ``[[errorchunk:N:CODE]]`` (after N events, an error event with this Zhipu code, and the end),
 ``[[stall:N]]`` (silent for ``hang_s`` after N events, or after them all), ``[[nodone]]`` (no
-``data: [DONE]``), ``[[nostream]]`` (one JSON body, as a server that ignores ``stream`` answers).
+``data: [DONE]``), ``[[tornend]]`` (the connection dropped after the last event, before the chunked
+body's end, as llama-cpp-python's server was seen to do), ``[[nostream]]`` (one JSON body, as a server
+that ignores ``stream`` answers).
 ``echo_key`` makes every error message and reply quote the Authorization header the request
 carried, as a careless server might.  An outage that ends is ``SimConfig(down_for_requests=N)``: the first N requests
 get 503 with code 1305 (``down_as="503"``) or a proxy's HTML 502 page (``down_as="html"``), the
@@ -61,7 +63,7 @@ _CJK = "\u3400-\u9fff\uf900-\ufaff"
 _TOKEN_RE = re.compile(f"[{_CJK}]|[^\\W{_CJK}]+|[^\\w\\s]")
 _MARKER_RE = re.compile(
     r"\[\[(error|flaky|malformed|nochoices|hang|reset|slow|bigbody|bigstream|"
-    r"cutstream|garbagechunk|errorchunk|stall|nodone|nostream|badjson|fenced)(?::([^\]]*))?\]\]")
+    r"cutstream|garbagechunk|errorchunk|stall|nodone|nostream|tornend|badjson|fenced)(?::([^\]]*))?\]\]")
 _SCHEMA_BLOCK_RE = re.compile(r"```json\s*(.*?)\s*```", re.DOTALL)
 _SET_RE = re.compile(r"\[\[set:([\w.]+)=([^\]]*)\]\]")
 _MALFORMED_BODY = b'{"id": "x", "choices": ['
@@ -688,6 +690,9 @@ class Simulator:
                 await response.write(event)
             if stall_at is not None and stall_at >= len(events):  # silent after [DONE], the stream left open
                 await asyncio.sleep(cfg.hang_s)
+            if "tornend" in markers:  # the connection dropped after the last event, before the chunked body's end
+                self._reset_connection(request)
+                return response
             await response.write_eof()
         except ConnectionError:  # the client stopped reading and closed the connection
             self._count("disconnected")

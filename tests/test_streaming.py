@@ -110,6 +110,14 @@ def test_a_stream_left_open_after_done_is_complete(sim, make_job, run_cli):
     assert row["status"] == "ok" and row["attempts"] == 1 and row["response"] == expected_answer(text)
 
 
+def test_a_connection_dropped_after_done_leaves_the_answer_whole(sim, make_job, run_cli):
+    text = "then a torn end [[tornend]]"
+    job = make_job(sim, rows=prompt_rows(text), **streamed())
+    assert run_cli("run", job)[0] == 0
+    row = only_row(job)
+    assert row["status"] == "ok" and row["attempts"] == 1 and row["response"] == expected_answer(text)
+
+
 def test_a_lively_stream_outlasts_the_idle_limit_but_not_the_hard_cap(start_sim, make_job, run_cli):
     # About 40 chunks 50 ms apart: two seconds of answer, never silent for one.
     sim = start_sim(chunk_interval_ms=50)
