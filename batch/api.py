@@ -387,8 +387,8 @@ def _loop_running() -> bool:
 
 
 def _options(retry_failed: bool, force: bool, limit: int | None, progress: bool, handle_signals: bool) -> RunOptions:
-    if limit is not None and limit < 0:
-        raise ConfigError(f"limit must be 0 or more, not {limit}")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+        raise ConfigError(f"limit must be a whole number, 0 or more, not {limit!r}")
     return RunOptions(retry_failed=retry_failed, force=force, limit=limit, tty=progress, progress=progress,
                       signals=handle_signals)
 
@@ -449,6 +449,10 @@ def _spec_of(job: Job) -> JobSpec:
         return spec
     if isinstance(job, Mapping):
         return _spec_from(dict(job), SPEC_LABEL)
+    if not isinstance(job, str | os.PathLike):
+        raise ConfigError(f"a job is its job file's path, a JobSpec or a mapping of its keys, not "
+                          f"{type(job).__name__}" + (" (for a DataFrame, call run_frame)"
+                                                     if type(job).__name__ == "DataFrame" else ""))
     path = Path(job)
     if path.suffix.lower() == ".parquet":
         job_file = path.with_name(path.stem + FRAME_JOB_SUFFIX)
@@ -478,6 +482,11 @@ def _frame_job(frame: pd.DataFrame, template: str, model: str | Mapping[str, Any
 
     if not isinstance(frame, pd.DataFrame):
         raise ConfigError(f"run_frame takes a pandas DataFrame, not {type(frame).__name__}")
+    if not isinstance(output, str | os.PathLike):
+        raise ConfigError(f"run_frame: output is the final Parquet file's path, not {type(output).__name__}")
+    if not isinstance(model, str | Mapping):
+        raise ConfigError(f"run_frame: model is the model's name or a mapping of the job file's model section, "
+                          f"not {type(model).__name__}")
     out = Path(output).expanduser()
     job_file = out.with_name(out.stem + FRAME_JOB_SUFFIX)
     input_path = out.with_name(out.stem + FRAME_INPUT_SUFFIX)

@@ -112,6 +112,25 @@ def test_run_frame_refuses_a_duplicate_index_before_writing_anything(sim, tmp_pa
     assert files_under(tmp_path) == [] and sim.stats()["requests"] == 0
 
 
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda out: batch.run(None), "a job is its job file's path, a JobSpec or a mapping of its keys, not NoneType"),
+    (lambda out: batch.run(pd.DataFrame({"text": ["a"]})), r"not DataFrame \(for a DataFrame, call run_frame\)"),
+    (lambda out: batch.status(5), "not int"),
+    (lambda out: batch.run("job.yaml", limit="3"), "limit must be a whole number, 0 or more, not '3'"),
+    (lambda out: batch.run_frame([1], template="{text}", model="m", output=out), "takes a pandas DataFrame, not list"),
+    (lambda out: batch.run_frame(pd.DataFrame({"text": ["a"]}), template="{text}", model=None, output=out),
+     "model is the model's name or a mapping"),
+    (lambda out: batch.run_frame(pd.DataFrame({"text": ["a"]}), template="{text}", model="m", output=None),
+     "output is the final Parquet file's path, not NoneType"),
+    (lambda out: batch.run_frame(pd.DataFrame({"text": ["a"]}), template="{text", model="m", output=out),
+     "prompt.template: expected '}'"),
+])
+def test_a_wrong_argument_is_one_config_error_and_writes_nothing(tmp_path, call, message):
+    with pytest.raises(batch.ConfigError, match=message):
+        call(tmp_path / "o.parquet")
+    assert files_under(tmp_path) == []
+
+
 def test_run_returns_the_summary_for_a_job_file_a_mapping_or_a_job_spec(sim, make_job, tmp_path):
     job = make_job(sim)
     result = batch.run(job, progress=False)
