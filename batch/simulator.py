@@ -55,6 +55,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -674,12 +675,12 @@ class Simulator:
         stall_at = int(_number(markers["stall"], 1)) if "stall" in markers else None
         response = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream",
                                                            "Cache-Control": "no-cache"})
-        try:
-            await response.prepare(request)
+
+        async def write() -> bool:
             for sent, event in enumerate(events):
                 if sent == cut_after:
                     self._reset_connection(request)
-                    return response
+                    return False
                 if sent == stall_at:
                     await asyncio.sleep(cfg.hang_s)
                 if sent == garbage_at:
@@ -692,13 +693,10 @@ class Simulator:
                 await asyncio.sleep(cfg.hang_s)
             if "tornend" in markers:  # the connection dropped after the last event, before the chunked body's end
                 self._reset_connection(request)
-                return response
-            await response.write_eof()
-        except ConnectionError:  # the client stopped reading and closed the connection
-            self._count("disconnected")
-            return response
-        self._count("200")
-        return response
+                return False
+            return True
+
+        return await self._send_streamed(request, response, write)
 
     async def _stream(self, request: web.Request, answer: dict[str, Any], request_id: str) -> web.StreamResponse:
         """The answer in chunks, without a Content-Length: a client learns its size only by reading it."""
@@ -706,10 +704,22 @@ class Simulator:
         response = web.StreamResponse(status=200, headers={"Content-Type": "application/json",
                                                            "x-request-id": request_id})
         response.enable_chunked_encoding()
-        try:
-            await response.prepare(request)
+
+        async def write() -> bool:
             for start in range(0, len(body), _STREAM_CHUNK):
                 await response.write(body[start:start + _STREAM_CHUNK])
+            return True
+
+        return await self._send_streamed(request, response, write)
+
+    async def _send_streamed(self, request: web.Request, response: web.StreamResponse,
+                             write: Callable[[], Awaitable[bool]]) -> web.StreamResponse:
+        """`response` sent: prepared, its body from `write` (False: it cut the connection itself), ended, and
+        counted "200", or "disconnected" when the client closed the connection first."""
+        try:
+            await response.prepare(request)
+            if not await write():
+                return response
             await response.write_eof()
         except ConnectionError:  # the client stopped reading and closed the connection
             self._count("disconnected")
