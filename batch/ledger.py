@@ -176,6 +176,8 @@ class Ledger:
             if self._handle is None:
                 self.folder.mkdir(parents=True, exist_ok=True)
                 new = not self.path.exists()
+                if not new:
+                    self._cut_torn_end()
                 self._handle = open(self.path, "a", encoding="utf-8")
                 if new:
                     fsync_dir(self.folder)
@@ -186,6 +188,13 @@ class Ledger:
             raise CheckpointWriteError(f"{self.path}: cannot write the Batch API ledger: {exc.strerror or exc}; "
                                        "the run stopped (run the job again once it can be written)") from None
         self._apply(event)
+
+    def _cut_torn_end(self) -> None:
+        """A last line cut short (a step not taken) is cut off: appended to, it would take the next step with it."""
+        with open(self.path, "rb") as existing:
+            data = existing.read()
+        if data and not data.endswith(b"\n"):
+            os.truncate(self.path, data.rfind(b"\n") + 1)
 
     def close(self) -> None:
         if self._handle is not None:

@@ -389,3 +389,19 @@ def test_kill_9_at_any_step_then_reruns_answer_every_row_exactly_once(point, sta
     assert sim.stats()["requests"] == 0
     assert sim.stats()["batch_api"]["files_kept"] == 0  # an upload whose id was lost is used, then deleted
     assert pa.array(frame["attempts"]).to_pylist() == [1] * count
+
+
+def test_a_ledger_line_cut_short_is_dropped_and_the_next_step_recorded_whole(tmp_path):
+    from batch.ledger import Ledger
+
+    ledger = Ledger(tmp_path)
+    ledger.note("file", 1, tag="t", rows=1, bytes=1, records_before=0, hold_cost=0.0, hold_tokens=0)
+    ledger.close()
+    with open(tmp_path / "batches.jsonl", "a", encoding="utf-8") as lines:
+        lines.write('{"event": "uploaded", "fi')  # a kill (or a full disk) mid-line
+    ledger = Ledger(tmp_path)
+    assert ledger.files[1].file_id is None  # the step cut short was not taken
+    ledger.note("uploaded", 1, file_id="file-1")
+    ledger.close()
+    assert Ledger(tmp_path).files[1].file_id == "file-1"
+    assert all(line.endswith("}") for line in (tmp_path / "batches.jsonl").read_text(encoding="utf-8").splitlines())
