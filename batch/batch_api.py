@@ -493,8 +493,8 @@ class BatchAnswerer:
             building.handle.flush()
             os.fsync(building.handle.fileno())
             building.handle.close()
-            building.rows.close()
             os.replace(building.path, self.ledger.requests_path(number))
+            building.rows.close()  # fsyncs the folder: both renames are on disk before the ledger names the file
         except OSError as exc:
             raise CheckpointWriteError(f"{self.ledger.files_dir}: cannot write a Batch API request file: "
                                        f"{exc.strerror or exc}") from None
