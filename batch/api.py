@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import ValidationError
 
-from batch.atomic import write_atomic, write_text_atomic
+from batch.atomic import write_atomic
 from batch.config import JobSpec, check_job, describe_validation_error, load_job
 from batch.errors import (
     EXIT_BUDGET,
@@ -570,10 +570,7 @@ def _write_if_changed(path: Path, data: bytes) -> None:
     """Write `path` only when its bytes differ: an input left as it was keeps the final file current."""
     if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return
-    if path.suffix == ".yaml":
-        write_text_atomic(path, data.decode("utf-8"))
-    else:
-        write_atomic(path, lambda tmp: tmp.write_bytes(data))
+    write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _beside(frame: pd.DataFrame, ids: list[str], results: pd.DataFrame, result: RunResult) -> pd.DataFrame:
