@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from batch.answered import RowStates
 from batch.atomic import fsync_dir
 from batch.config import JobSpec
-from batch.errors import CheckpointWriteError
+from batch.errors import CheckpointWriteError, ConfigError
 from batch.guard import fingerprint
 
 log = logging.getLogger("batch")
@@ -222,7 +222,13 @@ class Ledger:
         return RowsWriter(self.rows_path(number))
 
     def rows_of(self, number: int, columns: list[str] | None = None) -> pa.Table:
-        return pq.read_table(self.rows_path(number), columns=columns)
+        path = self.rows_path(number)
+        try:
+            return pq.read_table(path, columns=columns)
+        except (OSError, pa.ArrowInvalid) as exc:  # deleted or damaged by hand: the ledger wrote it before naming it
+            reason = "it is missing" if isinstance(exc, FileNotFoundError) else str(exc)
+            raise ConfigError(f"{path}: the rows of Batch API file {number}, which {self.path.name} names, cannot be "
+                              f"read ({reason}); restore the checkpoint folder from a backup") from None
 
     # -- what a run needs before it sends anything ---------------------------------------------
     def hold(self, states: RowStates) -> int:

@@ -405,3 +405,18 @@ def test_a_ledger_line_cut_short_is_dropped_and_the_next_step_recorded_whole(tmp
     ledger.close()
     assert Ledger(tmp_path).files[1].file_id == "file-1"
     assert all(line.endswith("}") for line in (tmp_path / "batches.jsonl").read_text(encoding="utf-8").splitlines())
+
+
+def test_a_rows_file_the_ledger_names_but_gone_is_one_config_error(tmp_path):
+    from batch.errors import ConfigError
+    from batch.ledger import Ledger
+
+    ledger = Ledger(tmp_path)
+    ledger.note("file", 1, tag="t", rows=1, bytes=1, records_before=0, hold_cost=0.0, hold_tokens=0)
+    ledger.close()
+    with pytest.raises(ConfigError, match=r"file-000001.rows.parquet: .* Batch API file 1, .* \(it is missing\)"):
+        ledger.submissions(5)
+    ledger.files_dir.mkdir()
+    ledger.rows_path(1).write_bytes(b"junk")
+    with pytest.raises(ConfigError, match=r"Batch API file 1, .* cannot be read \(.*Parquet"):
+        ledger.submissions(5)
