@@ -34,6 +34,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 from tqdm.auto import tqdm
 
 from batch.answered import RowStates
+from batch.atomic import place, temp_path
 from batch.budget import Budget, Hold
 from batch.client import accepted
 from batch.errors import EXIT_BUDGET, EXIT_JOB_FATAL, CheckpointWriteError
@@ -399,14 +400,14 @@ class BatchAnswerer:
     async def _download(self, entry: BatchFile, which: str, file_id: str) -> Path:
         """A result file, streamed to the checkpoint folder (never held whole)."""
         path = self.ledger.results_path(entry.number, which)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = temp_path(path)
 
         async def fetch() -> Path:
             async with self._client.files.with_streaming_response.content(file_id) as response:
                 with open(tmp, "wb") as out:
                     async for chunk in response.iter_bytes(DOWNLOAD_CHUNK):
                         out.write(chunk)
-            os.replace(tmp, path)
+            place(tmp, path)
             return path
 
         try:
@@ -471,7 +472,7 @@ class BatchAnswerer:
     def _start(self, number: int) -> Building:
         self.ledger.files_dir.mkdir(parents=True, exist_ok=True)
         path = self.ledger.requests_path(number)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = temp_path(path)
         return Building(number, open(tmp, "wb"), tmp, self.ledger.rows_writer(number))
 
     def _add(self, building: Building, pending: Pending, body: bytes, hold: Hold | None) -> None:

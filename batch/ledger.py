@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batch.answered import RowStates
-from batch.atomic import fsync_dir
+from batch.atomic import fsync_dir, place, temp_path
 from batch.config import JobSpec
 from batch.errors import CheckpointWriteError, ConfigError
 from batch.guard import fingerprint
@@ -88,7 +88,7 @@ class RowsWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.tmp = path.with_name(f".{path.name}.tmp")
+        self.tmp = temp_path(path)
         self.seqs = array("q")
         self._writer = pq.ParquetWriter(self.tmp, ROWS_SCHEMA)
         self._columns: list[list[Any]] = [[] for _ in ROWS_SCHEMA.names]
@@ -111,10 +111,7 @@ class RowsWriter:
     def close(self) -> None:
         self._flush()
         self._writer.close()
-        with open(self.tmp, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(self.tmp, self.path)
-        fsync_dir(self.path.parent)
+        place(self.tmp, self.path)
 
 
 def job_tag(spec: JobSpec) -> str:
