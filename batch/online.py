@@ -94,7 +94,8 @@ class OnlineAnswerer:
         if kept is not None:
             self._keep(record, cached_record(kept, row))
             return True
-        estimated = estimate_tokens(messages) + self.unsent_tokens
+        # Only the tokens-per-minute limiter reads the estimate: a job without one skips counting its characters.
+        estimated = estimate_tokens(messages) + self.unsent_tokens if self.pool.tokens is not None else 0
         bound = prompt_token_bound(messages) + self.unsent_bound if self.budget is not None else 0
         answer = None  # the last answer, with its own cost (the cache keeps it)
         result = None  # the row's record: the last answer, with the cost of every answer before it

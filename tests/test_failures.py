@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from helpers import output_of, summary_of
@@ -237,4 +238,18 @@ def test_requests_per_minute_is_kept_without_a_burst(start_sim, make_job, run_cl
     job = make_job(sim, rows=rows, limits={"concurrency": 8, "requests_per_minute": 120}, retry={"max_attempts": 1})
     code, _, err = run_cli("run", job)
     assert code == 0, err
+    assert sim.stats()["by_status"] == {"200": len(rows)}
+
+
+def test_tokens_per_minute_paces_rows_by_their_estimated_prompt(start_sim, make_job, run_cli):
+    # 1,200 tokens a minute is a bucket of 20 a second; each prompt's estimate (~30 tokens) fills it, so the
+    # three rows go a second apart. Were the estimate not counted, their max_tokens of 1 would all fit at once.
+    sim = start_sim()
+    rows = [{"review_id": f"r{i}", "text": f"{i} " + "x" * 100} for i in range(3)]
+    job = make_job(sim, rows=rows, model={"params": {"max_tokens": 1}},
+                   limits={"concurrency": 8, "tokens_per_minute": 1200})
+    started = time.monotonic()
+    code, _, err = run_cli("run", job)
+    assert code == 0, err
+    assert time.monotonic() - started >= 1.5
     assert sim.stats()["by_status"] == {"200": len(rows)}
