@@ -218,9 +218,8 @@ def parse_body(body: bytes) -> dict[str, Any]:
 
 
 def accepted(data: dict[str, Any], maybe_surrogates: bool = True) -> dict[str, Any]:
-    """An answer, streamed or not, checked (check_answer) and with the key masked; a Failure if it is an error."""
+    """An answer, streamed or not, checked and with the key masked (check_answer); a Failure if it is an error."""
     check_answer(data, maybe_surrogates)
-    hide_key(data)
     if data["choices"][0].get("finish_reason") == "network_error":
         raise Failure("retry", "server_error", "finish_reason network_error (model inference error)")
     return data
@@ -297,7 +296,8 @@ class StreamedAnswer:
 
 
 def check_answer(data: dict[str, Any], maybe_surrogates: bool = True) -> None:
-    """Raise a bad_response naming the first recorded field of an answer that does not have its documented type.
+    """Raise a bad_response naming the first recorded field of an answer that does not have its documented type;
+    mask the API key in its recorded texts, should the server repeat it (a substring test each).
 
     What is recorded must be writable: one odd value (a usage count sent as "3.5") would otherwise stop
     the checkpoint's writer for this run and every later one. A count sent as a string of digits ("3")
@@ -325,6 +325,8 @@ def check_answer(data: dict[str, Any], maybe_surrogates: bool = True) -> None:
                 value.encode("utf-8")
             except UnicodeEncodeError:
                 raise _unfit(name, value, "valid Unicode text (it holds a lone surrogate)") from None
+        if value:
+            owners[level][key] = hide_secrets(value)
     usage = data.get("usage")
     if usage is None:
         return
@@ -337,16 +339,6 @@ def check_answer(data: dict[str, Any], maybe_surrogates: bool = True) -> None:
         if not isinstance(details, dict):
             raise _unfit("usage.prompt_tokens_details", details, "an object")
         _check_count(details, "cached_tokens", "usage.prompt_tokens_details.")
-
-
-def hide_key(data: dict[str, Any]) -> None:
-    """The API key masked in a checked answer's recorded texts, should the server repeat it (a substring test each)."""
-    choice = data["choices"][0]
-    owners = (data, choice, choice["message"])
-    for level, key, _ in TEXT_FIELDS:
-        value = owners[level].get(key)
-        if value:
-            owners[level][key] = hide_secrets(value)
 
 
 def _check_count(owner: dict[str, Any], key: str, prefix: str) -> None:
