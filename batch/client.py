@@ -80,14 +80,8 @@ class ChatClient:
         except TimeoutError as exc:  # aiohttp's connect and read timeouts are TimeoutError subclasses
             raise self._timeout(exc) from None
         except (aiohttp.ClientError, OSError) as exc:  # refused, reset, closed mid-answer, DNS
-            detail = f"{type(exc).__name__}: {exc}"[:200]
-            raise Failure("retry", "connection", f"connection error ({detail})") from None
-        if status != 200:  # judged by its status and what fits of its body
-            raise status_failure(status, raw, retry_after_seconds(headers))
-        if oversize is not None:
-            raise Failure("retry", "bad_response", f"HTTP 200 with an answer of {oversize}, over "
-                                                   f"limits.max_response_bytes ({self.max_response_bytes})")
-        return parse_body(raw)
+            raise connection_failure(exc) from None
+        return self._judged(status, headers, raw, oversize)
 
     async def stream(self, body: bytes) -> tuple[dict[str, Any], float | None]:
         """The completion for a request body that asks for a stream, assembled from its events, and the
@@ -105,14 +99,17 @@ class ChatClient:
         except TimeoutError as exc:
             raise self._timeout(exc) from None
         except (aiohttp.ClientError, OSError) as exc:  # refused, reset, closed mid-stream, DNS
-            detail = f"{type(exc).__name__}: {exc}"[:200]
-            raise Failure("retry", "connection", f"connection error ({detail})") from None
-        if status != 200:
+            raise connection_failure(exc) from None
+        return self._judged(status, headers, raw, oversize), None
+
+    def _judged(self, status: int, headers: Any, raw: bytes, oversize: str | None) -> dict[str, Any]:
+        """A whole (not streamed) answer read by _read: the completion, or the Failure it is."""
+        if status != 200:  # judged by its status and what fits of its body
             raise status_failure(status, raw, retry_after_seconds(headers))
         if oversize is not None:
             raise Failure("retry", "bad_response", f"HTTP 200 with an answer of {oversize}, over "
                                                    f"limits.max_response_bytes ({self.max_response_bytes})")
-        return parse_body(raw), None
+        return parse_body(raw)
 
     def _timeout(self, exc: TimeoutError) -> Failure:
         if isinstance(exc, aiohttp.SocketTimeoutError) and self.idle_timeout_s is not None:
@@ -182,6 +179,12 @@ def env_proxy(url: str) -> str | None:
     return urllib.request.getproxies().get(parts.scheme)
 
 
+def connection_failure(exc: BaseException) -> Failure:
+    """A request that got no answer: refused, reset, closed mid-answer, DNS."""
+    detail = f"{type(exc).__name__}: {exc}"[:200]
+    return Failure("retry", "connection", f"connection error ({detail})")
+
+
 def status_failure(status: int, raw: bytes, retry_after: float | None) -> Failure:
     """A non-200 answer, judged by the business code in its body first (Zhipu: {"error": {"code": ...}})."""
     try:
@@ -210,11 +213,16 @@ def parse_body(body: bytes) -> dict[str, Any]:
     error = data.get("error")
     if error is not None and not data.get("choices"):
         # Some gateways answer 200 with an error body: judged by its business code, reported as the 200 it is.
-        code = _int_or_none(error.get("code")) if isinstance(error, dict) else None
-        message = error.get("message") if isinstance(error, dict) else error
-        raise classify_status(200, code, str(message or "")[:300])
+        raise error_in_200(error)
     # "\ud800"-style escapes are the only way to a lone surrogate, which no UTF-8 file can hold.
     return accepted(data, maybe_surrogates=b"\\ud" in body or b"\\uD" in body)
+
+
+def error_in_200(error: Any) -> Failure:
+    """An HTTP 200 whose body (or stream event) is an `error` and no choices, judged by its business code."""
+    code = _int_or_none(error.get("code")) if isinstance(error, dict) else None
+    message = error.get("message") if isinstance(error, dict) else error
+    return classify_status(200, code, str(message or "")[:300])
 
 
 def accepted(data: dict[str, Any], maybe_surrogates: bool = True) -> dict[str, Any]:
@@ -257,9 +265,7 @@ class StreamedAnswer:
             raise _unfit(f"stream event {self.events}", chunk, "a JSON object")
         error = chunk.get("error")
         if error is not None and not chunk.get("choices"):  # the server gave up mid-answer, as parse_body's 200s
-            code = _int_or_none(error.get("code")) if isinstance(error, dict) else None
-            message = error.get("message") if isinstance(error, dict) else error
-            raise classify_status(200, code, str(message or "")[:300])
+            raise error_in_200(error)
         for key in ("id", "request_id", "model", "usage"):
             if chunk.get(key) is not None:
                 self.top[key] = chunk[key]
