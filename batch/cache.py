@@ -55,7 +55,6 @@ class AnswerCache:
         # the request itself. What a kill loses is only a cache entry; the row's answer is in the checkpoint.
         self._unsaved: dict[str, dict[str, Any]] = {}
         self._saved_at = time.monotonic()
-        self.hits = 0
 
     def get(self, key: str) -> dict[str, Any] | None:
         if key in self._unsaved:
