@@ -9,7 +9,7 @@ import socket
 import pytest
 from aiohttp import web
 
-from batch.client import ChatClient, env_proxy, status_failure
+from batch.client import ChatClient, env_proxy, parse_body, status_failure
 from batch.failures import Failure
 from batch.simulator import completion_for
 
@@ -103,3 +103,17 @@ async def test_a_gateway_error_page_is_a_retryable_server_error():
 def test_status_failures_are_judged_by_business_code_then_status(status, body, expected):
     failure = status_failure(status, body, None)
     assert (failure.scope, failure.error_class) == expected
+
+
+@pytest.mark.parametrize("escape", ["\\ud800", "\\uD800", "\\uDFFF"])
+def test_a_lone_surrogate_escape_in_either_case_is_a_bad_response(escape):
+    body = ('{"choices": [{"finish_reason": "stop", "message": {"content": "a ' + escape + ' b"}}]}').encode()
+    with pytest.raises(Failure) as caught:
+        parse_body(body)
+    assert (caught.value.error_class, caught.value.scope) == ("bad_response", "retry")
+    assert "choices[0].message.content" in caught.value.message
+
+
+def test_a_surrogate_pair_escape_is_text():
+    body = b'{"choices": [{"finish_reason": "stop", "message": {"content": "\\uD83D\\uDE00"}}]}'
+    assert parse_body(body)["choices"][0]["message"]["content"] == "\U0001F600"
