@@ -83,7 +83,7 @@ def fingerprint(spec: JobSpec) -> dict[str, Any]:
 def _schema_of(schema: Any) -> Any:
     if isinstance(schema, Path):
         try:
-            return json.loads(schema.read_text(encoding="utf-8"))
+            return json.loads(schema.read_text(encoding="utf-8-sig"))  # as batch.schema reads it
         except (OSError, ValueError):  # the preflight reports a missing or bad file; compare what can be read
             return str(schema)
     return schema

@@ -124,7 +124,7 @@ def json_output_for(spec: JobSpec) -> JsonOutput | None:
 
 def _read_schema_file(where: str, path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM (Windows editors) is not an error
     except FileNotFoundError:
         raise ConfigError(f"{where}: {path} not found (a path is relative to the job file)") from None
     except (OSError, UnicodeDecodeError) as exc:

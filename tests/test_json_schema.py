@@ -385,3 +385,15 @@ def test_an_edited_schema_file_is_a_change_of_settings(sim, make_job, run_cli, t
     schema_file.write_text(json.dumps({**SCORE, "required": ["score"]}), encoding="utf-8")
     code, _, err = run_cli("run", job)
     assert code == 2 and "json_schema" in err and "--force" in err
+
+
+def test_a_schema_file_saved_with_a_bom_is_read_like_the_input_and_job_files(sim, make_job, run_cli, tmp_path):
+    """Windows editors start a UTF-8 file with a BOM: the job file and a JSONL input take it; so does a schema."""
+    (tmp_path / "score.json").write_text("\ufeff" + json.dumps(SCORE), encoding="utf-8")
+    job = schema_job(make_job, sim, ["one"], schema="score.json")
+    code, out, err = run_cli("validate", job)
+    assert code == 0, err
+    assert run_cli("run", job)[0] == 0
+    (tmp_path / "score.json").write_text("\ufeff" + json.dumps({**SCORE, "required": ["score"]}), encoding="utf-8")
+    code, _, err = run_cli("run", job)
+    assert code == 2 and "json_schema" in err and "--force" in err  # the fingerprint reads it too
