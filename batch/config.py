@@ -248,7 +248,8 @@ def load_job(path: str | Path) -> JobSpec:
     except FileNotFoundError:
         raise ConfigError(f"{job_path}: job file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{job_path}: cannot read job file: {exc}") from None
+        why = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror or exc
+        raise ConfigError(f"{job_path}: cannot read job file: {why}") from None
     raw, lines = _parse_yaml(job_path, text)
     if not isinstance(raw, dict):
         raise ConfigError(f"{job_path}: a job file must be a YAML mapping of keys, got {type(raw).__name__}")

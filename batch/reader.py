@@ -70,7 +70,7 @@ class InputTable:
         self.keep_columns = keep_columns
         self.format = path.suffix.lower().lstrip(".")
         if not path.is_file():
-            raise ConfigError(f"{path}: input file not found")
+            raise ConfigError(f"{path}: {'a folder, not a file' if path.is_dir() else 'input file not found'}")
         self.columns = self._column_names()
         self._check_columns()
         self.row_hashes: np.ndarray | None = None  # filled by scan(keep_hashes=True)

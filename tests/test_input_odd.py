@@ -236,3 +236,12 @@ def test_messages_with_an_unknown_role_or_no_content_fail_their_row(sim, make_jo
     assert "message 1 has no 'role'" in failed.loc["nameless", "error"]
     assert "message 1 has no 'content'" in failed.loc["empty", "error"]
     assert "message 1 is str" in failed.loc["text", "error"]
+
+
+@pytest.mark.parametrize("name", ["reviews.csv", "reviews.jsonl", "reviews.parquet"])
+def test_an_input_path_that_is_a_folder_says_so(sim, make_job, run_cli, tmp_path, name):
+    job = make_job(sim, rows=ROWS)
+    job.write_text(job.read_text().replace("reviews.csv", name))
+    (tmp_path / name).unlink(missing_ok=True)
+    (tmp_path / name).mkdir()
+    refused_everywhere(run_cli, sim, job, f"{tmp_path / name}: a folder, not a file")
