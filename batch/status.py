@@ -65,7 +65,7 @@ def job_status(spec: JobSpec) -> dict[str, Any]:
         "currency": CURRENCY,
         "running_pid": running,
         "last_run": last_run(spec.checkpoint_dir, running),
-        "output": str(spec.output.path) if spec.output.path.exists() else None,
+        "output": str(spec.output.path) if spec.output.path.is_file() else None,
         "in_batches": states.held(),
         # As the last run saw them (status sends no request): the next run polls them.
         "batches": [describe(entry) for entry in Ledger(spec.checkpoint_dir).files.values() if entry.live],

@@ -94,3 +94,12 @@ def test_estimate_sends_nothing_and_bounds_the_real_cost(sim, make_job, run_cli)
     assert run_cli("run", job)[0] == 0
     real = output_of(job)["cost"].sum()
     assert real <= before["cost_max"]  # the worst case really is an upper bound
+
+
+def test_status_names_no_output_while_its_path_is_a_folder(sim, make_job, run_cli):
+    """A folder at output.path is a mistake the run refuses, not a final output for status to point at."""
+    job = make_job(sim, rows=ROWS[:2], output={"path": "out/result.parquet"})
+    (job.parent / "out" / "result.parquet").mkdir(parents=True)
+    code, out, err = run_cli("status", job, "--json")
+    assert code == 0, err
+    assert json.loads(out)["output"] is None
