@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from helpers import ROWS, output_of, start_run, wait_for_answers
+from helpers import ROWS, output_of, start_run, summary_of, wait_for_answers
 
 
 def test_status_before_during_and_after_a_run(start_sim, make_job, run_cli):
@@ -64,6 +64,9 @@ def test_retry_failed_resends_only_failures_that_may_succeed_now(sim, make_job, 
             {"review_id": "flaky", "text": "busy [[flaky:2]]"}]
     job = make_job(sim, rows=rows, retry={"max_attempts": 2})
     assert run_cli("run", job)[0] == 1
+    assert summary_of(job)["run"]["cost_unknown_rows"] == 0  # a failure without an answer cost nothing
+    status = json.loads(run_cli("status", job, "--json")[1])
+    assert status["failed_by_class"] == {"content_filter": 1, "server_error": 1}
     code, _, _ = run_cli("run", job, "--retry-failed")
     assert code == 1  # the content-safety failure stands
     by_prompt = sim.stats()["by_prompt"]

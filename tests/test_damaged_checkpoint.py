@@ -131,11 +131,12 @@ def test_of_a_part_with_a_damaged_row_group_the_other_row_groups_are_kept(sim, m
     assert sim.stats()["requests"] == 20
 
 
-def test_a_damaged_fingerprint_is_a_one_line_error_and_force_writes_it_again(sim, make_job, run_cli):
+@pytest.mark.parametrize("damage", ['{"model": "glm-4-fl', '["model", "glm-4-flash"]'])
+def test_a_damaged_fingerprint_is_a_one_line_error_and_force_writes_it_again(sim, make_job, run_cli, damage):
     job = make_job(sim, rows=ROWS)
     assert run_cli("run", job, "--limit", "5")[0] == 0
     fingerprint = checkpoint_of(job) / "fingerprint.json"
-    fingerprint.write_text('{"model": "glm-4-fl')
+    fingerprint.write_text(damage)  # cut short, or JSON that is not an object
 
     code, out, err = run_cli("run", job)
     assert code == 2

@@ -48,6 +48,7 @@ def test_a_row_whose_prompt_changed_is_sent_again(sim, make_job, run_cli):
 
     status = json.loads(run_cli("status", job, "--json")[1])
     assert (status["ok"], status["pending"], status["changed"]) == (23, 2, 2)
+    assert status["failed_by_class"] == {}  # a changed prompt is pending, not a failure
     estimate = json.loads(run_cli("estimate", job, "--json")[1])
     assert (estimate["rows_to_do"], estimate["rows_changed"]) == (2, 2)
 
