@@ -186,7 +186,7 @@ def test_export_onto_a_folder_names_it(finished, tmp_path):
     to.mkdir()
     with pytest.raises(ConfigError) as caught:
         export_output(finished, "parquet", to)
-    assert str(to) in str(caught.value)
+    assert f"--to {to} is a folder: name the file to write" in str(caught.value)
     assert to.is_dir() and leftovers(tmp_path) == []
 
 

@@ -10,9 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import output_of, start_run, summary_of, wait_until
+from jsonschema import Draft202012Validator
 
 import batch
 from batch.replies import arrow_type
+from batch.schema import MAX_ERROR_CHARS, JsonOutput
 from batch.simulator import completion_for, requested_schema, schema_answer_for
 
 MODEL = "glm-4-flash"
@@ -397,3 +399,11 @@ def test_a_schema_file_saved_with_a_bom_is_read_like_the_input_and_job_files(sim
     (tmp_path / "score.json").write_text("\ufeff" + json.dumps({**SCORE, "required": ["score"]}), encoding="utf-8")
     code, _, err = run_cli("run", job)
     assert code == 2 and "json_schema" in err and "--force" in err  # the fingerprint reads it too
+
+
+def test_a_validation_error_quoting_a_long_reply_is_cut_short():
+    """The message quotes the value at fault, which may be the whole reply: the row's error stays short."""
+    checked = JsonOutput(1, SCORE, "prompt", Draft202012Validator(SCORE))
+    problem = checked.problem(json.dumps({"score": "x" * 5000, "summary": "s"}))
+    assert problem.startswith("the reply does not match output.json_schema at $.score: ")
+    assert problem.endswith("...") and len(problem) < MAX_ERROR_CHARS + 100

@@ -60,6 +60,13 @@ def test_output_that_is_a_folder_is_refused_before_any_request(sim, make_job, ru
     assert not checkpoint_of(job).exists()
 
 
+def test_output_under_a_file_is_refused_before_any_request(sim, make_job, run_cli, tmp_path):
+    """Found by validate too, not first by the run's first write (its log file) in the checkpoint folder."""
+    (tmp_path / "out").write_text("a file where the output's folder should be")
+    job = make_job(sim, rows=ROWS)
+    refused(run_cli, job, "output.path", "is a file, not a folder", sim=sim)
+
+
 def test_output_inside_the_inputs_checkpoint_folder_is_refused(sim, make_job, run_cli, tmp_path):
     # The input is a previous job's output: prev.checkpoint/ beside it is that job's checkpoint.
     job = make_job(sim, rows=ROWS, input_file="prev.parquet", output={"path": "prev.checkpoint/result.parquet"})
