@@ -377,3 +377,22 @@ def test_export_never_overwrites_the_jobs_own_files(finished, target):
         export_output(finished, "csv", to)
     assert str(to) in str(caught.value) and "\n" not in str(caught.value)
     assert (to.read_bytes() if to.exists() else None) == before
+
+
+@pytest.mark.parametrize("shown", [True, False])
+def test_progress_lines_only_when_progress_is_shown(shown):
+    """Off a terminal a run logs a progress line every interval; with progress off (the Python API's
+    progress=False) it logs none."""
+    from batch.summary import Progress, RunStats
+
+    logger = logging.getLogger("batch")
+    logger.setLevel(logging.INFO)
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    progress = Progress(RunStats(3), interval_s=0.0, tty=False, shown=shown)
+    progress.refresh()
+    progress.close()
+    assert progress.bar is None
+    assert [line.startswith("progress 0/3 rows") for line in lines] == ([True] if shown else [])

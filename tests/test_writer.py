@@ -28,6 +28,7 @@ def test_log_survives_without_close_and_a_torn_last_line_is_ignored(tmp_path):
     assert done == {"id0": "ok", "id1": "ok", "id2": "ok"}
     assert not list(folder.glob(".*.tmp"))
     assert (folder / WAL_NAME).read_text() == ""
+    assert not (folder / (WAL_NAME + ".damaged")).exists()  # an answer in flight, not damage to keep aside
     second.close()
 
 
