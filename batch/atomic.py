@@ -54,3 +54,8 @@ def os_reason(exc: OSError) -> str:
     if exc.strerror and exc.filename is None and "Detail:" not in exc.strerror:
         return exc.strerror
     return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+def read_reason(exc: OSError | UnicodeDecodeError) -> str:
+    """Why a text file could not be read, as a short phrase."""
+    return "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else os_reason(exc)

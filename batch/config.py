@@ -16,6 +16,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 from typing_extensions import TypedDict
 
+from batch.atomic import read_reason
 from batch.errors import ConfigError
 
 INPUT_FORMATS = (".csv", ".parquet", ".jsonl")
@@ -248,8 +249,7 @@ def load_job(path: str | Path) -> JobSpec:
     except FileNotFoundError:
         raise ConfigError(f"{job_path}: job file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
-        why = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror or exc
-        raise ConfigError(f"{job_path}: cannot read job file: {why}") from None
+        raise ConfigError(f"{job_path}: cannot read job file: {read_reason(exc)}") from None
     raw, lines = _parse_yaml(job_path, text)
     if not isinstance(raw, dict):
         raise ConfigError(f"{job_path}: a job file must be a YAML mapping of keys, got {type(raw).__name__}")

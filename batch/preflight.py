@@ -16,6 +16,7 @@ from typing import Any
 
 from dotenv import dotenv_values
 
+from batch.atomic import read_reason
 from batch.config import PROVIDERS, JobSpec, load_job
 from batch.errors import ConfigError
 from batch.guard import compare_fingerprint
@@ -212,8 +213,7 @@ def resolve_api_key(spec: JobSpec, var: str | None) -> str:
                     try:
                         key = dotenv_values(env_file, encoding="utf-8").get(var)
                     except (OSError, UnicodeDecodeError) as exc:
-                        why = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror or exc
-                        raise ConfigError(f"{env_file}: cannot read the .env file: {why}") from None
+                        raise ConfigError(f"{env_file}: cannot read the .env file: {read_reason(exc)}") from None
                     if key:
                         break
     if key:

@@ -20,6 +20,7 @@ from jsonschema.exceptions import SchemaError, best_match
 from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
 
+from batch.atomic import read_reason
 from batch.config import JobSpec
 from batch.errors import ConfigError
 from batch.prompts import estimate_tokens, prompt_token_bound, system_text
@@ -128,8 +129,7 @@ def _read_schema_file(where: str, path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"{where}: {path} not found (a path is relative to the job file)") from None
     except (OSError, UnicodeDecodeError) as exc:
-        why = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror or exc
-        raise ConfigError(f"{where}: cannot read {path}: {why}") from None
+        raise ConfigError(f"{where}: cannot read {path}: {read_reason(exc)}") from None
     try:
         schema = json.loads(text)
     except json.JSONDecodeError as exc:
