@@ -92,6 +92,15 @@ class InputTable:
             raise ConfigError(f"{self.path}: cannot read {self.format.upper()}: "
                               "not UTF-8 text: save the file as UTF-8") from None
 
+    def _separator_hint(self) -> str:
+        """A CSV read as one column whose name holds a tab or a semicolon was separated by it, not by commas."""
+        if self.format != "csv" or len(self.columns) != 1:
+            return ""
+        for separator, name in (("\t", "tabs"), (";", "semicolons")):
+            if separator in self.columns[0]:
+                return f": its header is one column holding {name}; batch reads CSV separated by commas"
+        return ""
+
     def _check_columns(self) -> None:
         wanted = [("input.id_column", self.id_column)] if self.id_column else []
         wanted += [("prompt", c) for c in self.prompt_columns] + [("output.keep_columns", c) for c in self.keep_columns]
@@ -99,7 +108,7 @@ class InputTable:
             if column not in self.columns:
                 raise ConfigError(
                     f"{self.path}: {key} names column '{column}', which is not in the input "
-                    f"(columns: {', '.join(self.columns) or 'none'})"
+                    f"(columns: {', '.join(self.columns) or 'none'}){self._separator_hint()}"
                 )
             if self.columns.count(column) > 1:
                 raise ConfigError(f"{self.path}: {key} names column '{column}', which appears "

@@ -245,3 +245,11 @@ def test_an_input_path_that_is_a_folder_says_so(sim, make_job, run_cli, tmp_path
     (tmp_path / name).unlink(missing_ok=True)
     (tmp_path / name).mkdir()
     refused_everywhere(run_cli, sim, job, f"{tmp_path / name}: a folder, not a file")
+
+
+@pytest.mark.parametrize(("separator", "named"), [("\t", "tabs"), (";", "semicolons")])
+def test_a_csv_separated_by_something_else_than_commas_says_so(sim, make_job, run_cli, tmp_path, separator, named):
+    job = make_job(sim, rows=ROWS)
+    write_lines(tmp_path / "reviews.csv", [f"review_id{separator}text", f"r1{separator}good"])
+    refused_everywhere(run_cli, sim, job, "names column 'review_id', which is not in the input",
+                       f"its header is one column holding {named}; batch reads CSV separated by commas")
