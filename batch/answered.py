@@ -47,9 +47,6 @@ class Answered:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def ok(self) -> int:
-        return pc.sum(pc.equal(self.states.dictionary_decode(), "ok")).as_py() or 0
-
     def index(self, ids: pa.Array) -> pa.Array:
         """Per id: its position among the answered ids, or null when it has no record."""
         wanted = _hashes([ids])
@@ -76,12 +73,6 @@ class Answered:
     def state(self, ids: pa.Array) -> pa.Array:
         """Per id: "ok", its failure's error_class, or null (no record: pending)."""
         return self.states.take(self.index(ids)).dictionary_decode()
-
-    def to_send(self, ids: pa.Array, retry_failed: bool) -> np.ndarray:
-        """Which of `ids` a run sends: should_send, asked once per distinct state."""
-        states = self.state(ids)
-        sent = [s for s in pc.unique(states).to_pylist() if should_send(s, retry_failed)]
-        return _numpy(pc.is_in(states, value_set=pa.array(sent, pa.string()), skip_nulls=False))
 
 
 def _hashes(chunks: Iterable[pa.Array]) -> np.ndarray:
