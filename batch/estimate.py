@@ -34,9 +34,8 @@ def estimate(settings: Settings, retry_failed: bool = False) -> dict[str, Any]:
     observed = _mean_completion_tokens(checkpoint, states.last_record_mask(id_batches(table)))
 
     json_output = settings.json_output
-    schema = json_output is not None and json_output.schema is not None
-    schema_tokens = json_output.extra_tokens(spec.prompt.system) if schema else 0  # type: ignore[union-attr]
-    unsent_tokens, unsent_bound = json_output.unsent_tokens() if json_output is not None else (0, 0)
+    with_schema = json_output if json_output is not None and json_output.schema is not None else None
+    unsent_tokens, unsent_bound = with_schema.unsent_tokens() if with_schema is not None else (0, 0)
     rows = skipped = unsendable = prompt_tokens = prompt_bound = 0
     expected = most = 0.0
     start = states.first_to_send(retry_failed)
@@ -63,8 +62,8 @@ def estimate(settings: Settings, retry_failed: bool = False) -> dict[str, Any]:
         "prompt_tokens_estimate": prompt_tokens, "tokenizer": TOKENIZER_NOTE,
         "prompt_tokens_max": prompt_bound, "prompt_bound": BOUND_NOTE,
         # Included in the two above: what output.json_schema adds to each row's prompt, and where it is sent.
-        "schema_prompt_tokens_per_row": schema_tokens if schema else None,
-        "schema_via": json_output.via if schema else None,  # type: ignore[union-attr]
+        "schema_prompt_tokens_per_row": with_schema.extra_tokens(spec.prompt.system) if with_schema else None,
+        "schema_via": with_schema.via if with_schema else None,
         "max_tokens": max_tokens, "observed_completion_tokens_per_row": observed,
         "completion_tokens_expected": round(rows * observed) if observed is not None else None,
         "completion_tokens_max": rows * max_tokens if max_tokens else None,
