@@ -11,9 +11,14 @@ import pandas as pd
 import pytest
 import yaml
 from helpers import DATA
+from hypothesis import settings
 
 from batch.cli import main
 from batch.simulator import SimConfig, SimulatorThread
+
+# Tests never fail on wall-clock time: no per-example deadline (two test processes share two cores).
+settings.register_profile("batch", deadline=None, max_examples=100)
+settings.load_profile("batch")
 
 
 @pytest.fixture
