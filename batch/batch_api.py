@@ -37,7 +37,7 @@ from batch.answered import RowStates
 from batch.atomic import place, temp_path
 from batch.budget import Budget, Hold
 from batch.client import accepted
-from batch.errors import EXIT_BUDGET, EXIT_JOB_FATAL, CheckpointWriteError
+from batch.errors import EXIT_BUDGET, EXIT_JOB_FATAL, CheckpointWriteError, JobFatalError
 from batch.executor import Pending, Stop
 from batch.failures import Failure, classify_status, retry_after_seconds
 from batch.ledger import TERMINAL, BatchFile, Ledger, RowsWriter, custom_id, describe, format_batch, job_tag
@@ -56,8 +56,18 @@ DOWNLOAD_CHUNK = 1 << 16
 LOOKUP_MARGIN_S = 3600
 
 
-class ControlPlaneError(Exception):
-    """A files/batches call failed for good: the job stops (exit 3); what is recorded is taken on by the next run."""
+class ControlPlaneError(JobFatalError):
+    """A files/batches call failed for good: the job stops (exit 3); what is recorded is taken on by the next run
+    (or by `batch cancel` again)."""
+
+
+class Gone(Exception):
+    """The provider no longer knows an id the ledger holds: a 404, asked twice (a server that lost its state, a new
+    key, a file deleted by hand). What it held is taken as never answered, not as a reason to stop."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"the provider no longer knows {what}")
+        self.what = what
 
 
 def endpoint_of(plan: Plan) -> str:
@@ -211,8 +221,13 @@ class BatchAnswerer:
         for entry in sorted(self.ledger.live(), key=lambda e: e.number):
             if self.stop.asked:
                 return
-            await self._send(entry)
-            batch = await self._call("poll", lambda e=entry: self._client.batches.retrieve(e.batch_id))
+            try:
+                await self._send(entry)
+                batch = await self._call("poll", lambda e=entry: self._client.batches.retrieve(e.batch_id),
+                                         missing=f"batch {entry.batch_id}")
+            except Gone as gone:
+                await self._forget(entry, gone)
+                continue
             counts = _counts(batch)
             changed = batch.status != entry.status
             if changed:
@@ -230,25 +245,74 @@ class BatchAnswerer:
     async def _send(self, entry: BatchFile) -> None:
         """Upload a recorded file and make its batch, each step recorded as soon as it returns."""
         if entry.file_id is None:
-            path = self.ledger.requests_path(entry.number)
-            name = upload_name(entry)
-
-            async def upload() -> str:
-                with open(path, "rb") as lines:  # streamed by httpx's multipart writer, never read whole here
-                    made = await self._client.files.create(file=(name, lines, "application/jsonl"), purpose="batch")
-                return made.id
-
-            # An upload whose id a kill kept from the ledger is used, not left to count against the provider's cap.
-            file_id = await self._find_upload(name) if entry.number in self.unsure_uploads else None
-            self.ledger.note("uploaded", entry.number, file_id=file_id or await self._call("upload", upload))
+            await self._upload(entry)
         if entry.batch_id is None:
             found = await self._find_lost(entry)
             if found is None:
-                found = await self._create(entry)
+                found = await self._create_or_upload_again(entry)
             self.ledger.note("created", entry.number, batch_id=found)
             self.lines_submitted += entry.rows
             with contextlib.suppress(OSError):
                 self.ledger.requests_path(entry.number).unlink()
+
+    async def _upload(self, entry: BatchFile) -> None:
+        path = self.ledger.requests_path(entry.number)
+        name = upload_name(entry)
+
+        async def upload() -> str:
+            with open(path, "rb") as lines:  # streamed by httpx's multipart writer, never read whole here
+                made = await self._client.files.create(file=(name, lines, "application/jsonl"), purpose="batch")
+            return made.id
+
+        # An upload whose id a kill kept from the ledger is used, not left to count against the provider's cap.
+        file_id = await self._find_upload(name) if entry.number in self.unsure_uploads else None
+        self.ledger.note("uploaded", entry.number, file_id=file_id or await self._call("upload", upload))
+
+    async def _create_or_upload_again(self, entry: BatchFile) -> str:
+        """Make the file's batch; an upload the provider no longer knows (refused at create, then confirmed gone)
+        is uploaded again from the request file, still here until its batch exists, and the batch made of that."""
+        try:
+            return await self._create(entry)
+        except (ControlPlaneError, Gone) as refused:
+            if isinstance(refused, ControlPlaneError) and not await self._upload_gone(entry):
+                raise
+        log.warning("file %d: the provider no longer knows its upload, file %s; uploading it again", entry.number,
+                    entry.file_id)
+        self.ledger.note("lost", entry.number, file_id=entry.file_id)
+        self.unsure_uploads.discard(entry.number)
+        await self._upload(entry)
+        return await self._create(entry)
+
+    async def _upload_gone(self, entry: BatchFile) -> bool:
+        """Whether the provider confirms it no longer knows the file's upload (after a create refused it)."""
+        try:
+            await self._call("file lookup", lambda: self._client.files.retrieve(entry.file_id),
+                             missing=f"file {entry.file_id}")
+        except Gone:
+            return True
+        except ControlPlaneError:
+            pass
+        return False
+
+    async def _forget(self, entry: BatchFile, gone: Gone) -> None:
+        """A live batch the provider no longer knows: none of its rows was answered, all are pending again."""
+        log.warning("file %d: %s; its %d rows are pending again", entry.number, gone, entry.rows)
+        returned = sum(self._give_back_row(seq) for seq in self._seqs(entry))
+        self.ledger.note("merged", entry.number, status="lost", outcome={"returned": returned, "lost": gone.what})
+        if self.budget is not None:
+            self.budget.give_back(Hold(entry.hold_cost, entry.hold_tokens), 0.0, 0)
+        await self._remove(entry, [entry.file_id])
+
+    def _give_back_row(self, seq: int) -> bool:
+        """A row of a batch that came back without an answer for it: pending again (if this run holds it)."""
+        if not self._held(seq):
+            return False
+        self.states.release(seq)
+        self.returned += 1
+        return True
+
+    def _seqs(self, entry: BatchFile) -> list[int]:
+        return self.ledger.rows_of(entry.number, ["seq"]).column("seq").to_pylist()
 
     async def _find_upload(self, name: str) -> str | None:
         """The id of an uploaded file named `name`, or None (also when the provider cannot list files)."""
@@ -287,7 +351,7 @@ class BatchAnswerer:
                 metadata=metadata, extra_body=extra)
             return made.id
 
-        return await self._call("create", create)
+        return await self._call("create", create, missing=f"file {entry.file_id}")
 
     async def _find_lost(self, entry: BatchFile) -> str | None:
         """The batch made of this file whose id a kill kept from the ledger, found by its metadata; or None."""
@@ -311,9 +375,14 @@ class BatchAnswerer:
         """A finished batch's output and error lines into the checkpoint, by custom_id; its rows without one
         are pending again."""
         paths = []
+        lost: Gone | None = None  # a result file the provider no longer knows: its rows were not answered
         for which, file_id in (("output", batch.output_file_id), ("errors", batch.error_file_id)):
             if file_id:
-                paths.append(await self._download(entry, which, file_id))
+                try:
+                    paths.append(await self._download(entry, which, file_id))
+                except Gone as gone:
+                    log.warning("file %d: %s; the rows it answered are pending again", entry.number, gone)
+                    lost = gone
         rows = self.ledger.rows_of(entry.number)
         index = {cid: i for i, cid in enumerate(rows.column("custom_id").to_pylist())}
         seqs = rows.column("seq").to_pylist()
@@ -345,15 +414,13 @@ class BatchAnswerer:
         why = {"expired": "batch_expired", "cancelled": None}.get(batch.status, "batch_failed")
         for at, seq in enumerate(seqs):  # no line for it: pending again (or failed once its submissions are used up)
             if self._held(seq):
-                if why is not None and attempts[at] >= self.max_attempts:
+                if why is not None and lost is None and attempts[at] >= self.max_attempts:
                     self._keep(record, failed_record(Row(seq, ids[at], {}, hashes[at]), why,
                                                      f"the batch ended {batch.status} without an answer for it",
                                                      attempts[at], self.model))
                     outcome["failed"] += 1
                 else:
-                    self.states.release(seq)
-                    self.returned += 1
-                    outcome["returned"] += 1
+                    outcome["returned"] += self._give_back_row(seq)
         if batch.status == "failed":
             errors = getattr(getattr(batch, "errors", None), "data", None) or []
             reasons = "; ".join(f"{e.code}: {e.message}" for e in errors[:3]) or "no reason given"
@@ -386,8 +453,7 @@ class BatchAnswerer:
                 return failed_record(row, failure.error_class, failure.message, attempts, self.model)
             if failure.scope == "job":
                 self.stop.now(f"the API refused the job: {failure}", EXIT_JOB_FATAL)
-            self.states.release(row.seq)
-            self.returned += 1
+            self._give_back_row(row.seq)
             return None
 
     def _keep(self, record: Callable[[Record], None], result: Record) -> None:
@@ -411,15 +477,21 @@ class BatchAnswerer:
             return path
 
         try:
-            return await self._call("download", fetch)
+            return await self._call("download", fetch, missing=f"the {which} file {file_id}")
         except OSError as exc:
             raise CheckpointWriteError(f"{path}: cannot write a Batch API result file: {exc.strerror or exc}") from None
 
     async def _clean(self, entry: BatchFile, batch: Any) -> None:
         """Delete the batch's files at the provider (Zhipu keeps at most 1,000) and here, once merged."""
         if batch is None and entry.batch_id is not None:
-            batch = await self._call("poll", lambda: self._client.batches.retrieve(entry.batch_id))
-        remote = [entry.file_id, getattr(batch, "output_file_id", None), getattr(batch, "error_file_id", None)]
+            with contextlib.suppress(Gone):  # then its files are gone with it, or are not the job's to find
+                batch = await self._call("poll", lambda: self._client.batches.retrieve(entry.batch_id),
+                                         missing=f"batch {entry.batch_id}")
+        await self._remove(entry, [entry.file_id, getattr(batch, "output_file_id", None),
+                                   getattr(batch, "error_file_id", None)])
+
+    async def _remove(self, entry: BatchFile, remote: list[str | None]) -> None:
+        """Delete these files at the provider, then the file's local copies, and record it cleaned."""
         for file_id in filter(None, remote):
             await self._call("delete", lambda f=file_id: self._delete(f))
         self.ledger.note("cleaned", entry.number)
@@ -516,8 +588,9 @@ class BatchAnswerer:
         assert self._api is not None
         return self._api
 
-    async def _call(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """A control-plane call, transient failures retried with backoff; ControlPlaneError when it fails for good."""
+    async def _call(self, what: str, call: Callable[[], Awaitable[T]], missing: str | None = None) -> T:
+        """A control-plane call, transient failures retried with backoff; ControlPlaneError when it fails for good.
+        With `missing` (the id the call names), a 404 is asked again at once, and a second one raises Gone."""
         retry = self.spec.retry
         retrying = AsyncRetrying(
             stop=stop_after_attempt(retry.max_attempts), reraise=True,
@@ -531,7 +604,15 @@ class BatchAnswerer:
             async for attempt in retrying:
                 with attempt:
                     try:
-                        return await call()
+                        try:
+                            return await call()
+                        except openai.NotFoundError:
+                            if missing is None:
+                                raise
+                        try:  # a proxy's misrouted 404 is not taken at its word: asked again
+                            return await call()
+                        except openai.NotFoundError:
+                            raise Gone(missing) from None
                     except openai.APIError as exc:
                         raise control_failure(exc) from None
         except Failure as failure:
@@ -607,10 +688,16 @@ async def cancel_batches(plan: Plan) -> list[dict[str, Any]]:
                     ledger.note("merged", entry.number, status="cancelled", outcome={"returned": entry.rows})
                     await answerer._clean(entry, None)
                     continue
-                batch = await answerer._call("poll", lambda e=entry: api.batches.retrieve(e.batch_id))
-                if batch.status in ("validating", "in_progress"):  # a batch ending already cannot be cancelled
-                    batch = await answerer._call("cancel", lambda e=entry: api.batches.cancel(e.batch_id))
-                    ledger.note("cancel", entry.number)
+                try:
+                    batch = await answerer._call("poll", lambda e=entry: api.batches.retrieve(e.batch_id),
+                                                 missing=f"batch {entry.batch_id}")
+                    if batch.status in ("validating", "in_progress"):  # a batch ending already cannot be cancelled
+                        batch = await answerer._call("cancel", lambda e=entry: api.batches.cancel(e.batch_id),
+                                                     missing=f"batch {entry.batch_id}")
+                        ledger.note("cancel", entry.number)
+                except Gone as gone:  # nothing left to cancel: its rows are pending for the next run
+                    await answerer._forget(entry, gone)
+                    continue
                 if batch.status != entry.status:
                     ledger.note("state", entry.number, status=batch.status, counts=_counts(batch))
     finally:

@@ -7,10 +7,12 @@ seq, id, custom_id, prompt_hash, submission) and, until its batch exists, its re
 
     file      its rows and custom_ids are in the checkpoint (before anything is uploaded)
     uploaded  the upload returned this file id
+    lost      the provider no longer knows that upload (confirmed by a second 404): it is uploaded again
     created   the batch create returned this batch id
     state     a poll saw a new state (for `status`)
     cancel    `batch cancel` asked the provider to cancel it
-    merged    its results are in the checkpoint; its rows are no longer held
+    merged    its results are in the checkpoint; its rows are no longer held (status "lost": the provider no
+              longer knows its batch, and every row of it is pending again)
     cleaned   its files at the provider are deleted
 
 A kill between two steps leaves the earlier one as the last word, and the next run takes the file on from
@@ -155,6 +157,8 @@ class Ledger:
         entry = self.files[number]
         if kind == "uploaded":
             entry.file_id = event["file_id"]
+        elif kind == "lost":  # the provider no longer knows the upload: it is uploaded again
+            entry.file_id = None
         elif kind == "created":
             entry.batch_id = event["batch_id"]
         elif kind == "state":

@@ -838,6 +838,10 @@ class SimulatorThread:
         """Move the Batch API clock forward (as POST /_batches/advance does)."""
         self._call(lambda: self.simulator.batches.advance(seconds))
 
+    def forget(self, *ids: str) -> list[str]:
+        """Forget these Batch API files and batches, or all of them (as POST /_batches/forget does)."""
+        return self._call(lambda: self.simulator.batches.forget(list(ids) if ids else None))
+
     def __enter__(self) -> SimulatorThread:
         self.start()
         return self

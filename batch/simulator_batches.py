@@ -3,7 +3,8 @@
 Routes, beside chat completions under ``/v1`` and ``/api/paas/v4``: ``POST /files`` (multipart: ``file``,
 ``purpose=batch``), ``GET /files``, ``GET /files/{id}``, ``GET /files/{id}/content``, ``DELETE /files/{id}``;
 ``POST /batches``, ``GET /batches?limit=&after=`` (newest first), ``GET /batches/{id}``,
-``POST /batches/{id}/cancel``.  Control: ``POST /_batches/advance {"seconds": S}`` moves the batch clock.
+``POST /batches/{id}/cancel``.  Control: ``POST /_batches/advance {"seconds": S}`` moves the batch clock;
+``POST /_batches/forget {"ids": [...]}`` (no body: everything) forgets files and batches, as a restart would.
 
 Time: batches live on the simulator's own clock, which runs at ``batch_speed`` simulated seconds per real
 second (0 stops it) plus whatever ``/_batches/advance`` added, so a test moves a batch through its states
@@ -152,6 +153,7 @@ class BatchService:
             app.router.add_get(base + "/batches/{batch_id}", guarded(self._retrieve))
             app.router.add_post(base + "/batches/{batch_id}/cancel", guarded(self._cancel))
         app.router.add_post("/_batches/advance", self._advance)
+        app.router.add_post("/_batches/forget", self._forget)
 
     def close(self) -> None:
         if self._dir is not None:
@@ -172,6 +174,21 @@ class BatchService:
     def advance(self, seconds: float) -> None:
         self._clock += seconds
         self.settle()
+
+    def forget(self, ids: list[str] | None = None) -> list[str]:
+        """Drop these files and batches (all of them when `ids` is None: a restart that lost its state, or another
+        account's key); every later call naming one answers 404. Returns the ids forgotten."""
+        self.settle()
+        chosen = set(self.files) | set(self.batches) if ids is None else set(ids)
+        for batch_id in chosen & set(self.batches):
+            batch = self.batches.pop(batch_id)
+            if batch.status in LIVE:
+                batch.input_file.readers -= 1
+                if batch.input_file.deleted:
+                    self._delete(batch.input_file)
+        for file_id in chosen & set(self.files):
+            self._delete(self.files[file_id])
+        return sorted(chosen)
 
     def _stamp(self, t: float | None) -> int | None:
         return None if t is None else int(self._wall_origin + t)
@@ -496,6 +513,15 @@ class BatchService:
         self.advance(seconds)
         return self._json({"now": self._stamp(self.now()),
                            "batches": {b.id: b.status for b in self.batches.values()}})
+
+    async def _forget(self, request: web.Request) -> web.Response:
+        try:
+            ids = (await request.json()).get("ids") if request.can_read_body else None
+            if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+                raise ValueError
+        except (ValueError, AttributeError):
+            return self._error(request, 400, "1214", 'expected {"ids": [ID, ...]} or no body (forget everything)')
+        return self._json({"forgotten": self.forget(ids)})
 
     def as_object(self, batch: SimBatch) -> dict[str, Any]:
         stamp = self._stamp

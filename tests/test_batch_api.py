@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -420,3 +421,86 @@ def test_a_rows_file_the_ledger_names_but_gone_is_one_config_error(tmp_path):
     ledger.rows_path(1).write_bytes(b"junk")
     with pytest.raises(ConfigError, match=r"Batch API file 1, .* cannot be read \(.*Parquet"):
         ledger.submissions(5)
+
+
+# -- ids the provider no longer knows (a restart that lost its state, a new key, files deleted by hand) ----------
+
+def provider_batches(sim: SimulatorThread) -> list[dict[str, Any]]:
+    """The batches the simulator holds, as GET /batches answers them (newest first)."""
+    with urllib.request.urlopen(sim.url + "/batches?limit=100") as answer:
+        return json.loads(answer.read())["data"]
+
+
+def lost_warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "the provider no longer knows" in line]
+
+
+def test_batches_the_provider_forgot_are_submitted_again_once(start_sim, make_job, run_cli):
+    sim = start_sim(batch_speed=0)
+    job = batch_job(make_job, sim, count=25)
+    assert run_cli("run", job)[0] == EXIT_BATCHES_LIVE
+    forgotten = {b["id"] for b in provider_batches(sim)}
+    sim.forget()  # a restart that lost every file and batch
+    code, out, err = run_cli("run", job)
+    assert code == EXIT_BATCHES_LIVE, out + err  # the rows are in new batches, not stopped with exit 3
+    warnings = lost_warnings(err)
+    assert len(warnings) == 3 and {w.split("batch ")[-1].split(";")[0] for w in warnings} == forgotten
+    assert all("rows are pending again" in w for w in warnings)
+    assert "(file 4)" in out and "(file 1)" not in out  # exit 6 lists the new batches only
+    sim.advance(3600)
+    code, out, err = run_cli("run", job)
+    assert code == 0, out + err
+    assert lost_warnings(err) == []
+    frame = output_of(job)
+    assert list(frame["response"]) == [expected_reply(f"review number {i}") for i in range(25)]
+    assert set(records_per_id(job).values()) == {1} and submitted_twice(sim) == []
+    assert sim.stats()["batch_api"]["files_kept"] == 0
+
+
+def test_forgotten_batches_go_online_in_online_mode_and_cancel_finds_nothing_to_cancel(start_sim, make_job, run_cli):
+    sim = start_sim(batch_speed=0)
+    job = batch_job(make_job, sim, count=20)
+    assert run_cli("run", job)[0] == EXIT_BATCHES_LIVE
+    sim.forget(provider_batches(sim)[0]["id"])  # the newest: file 2
+    code, out, err = run_cli("cancel", job)
+    assert code == 0, out + err
+    assert len(lost_warnings(err)) == 1 and "cancel asked for 1 batches" in out and "(file 1)" in out
+    sim.forget()
+    code, out, err = run_cli("run", job, "--mode", "online")
+    assert code == 0, out + err
+    assert len(lost_warnings(err)) == 1
+    assert list(output_of(job)["response"]) == [expected_reply(f"review number {i}") for i in range(20)]
+    assert sim.stats()["requests"] == 20 and set(records_per_id(job).values()) == {1}
+
+
+def test_an_upload_the_provider_forgot_before_its_batch_was_made_is_uploaded_again(start_sim, make_job, run_cli):
+    sim = start_sim(batch_speed=0, batch_arrears_after=1)
+    job = batch_job(make_job, sim, count=20)
+    assert run_cli("run", job)[0] == 3  # file 2 uploaded, its batch refused (arrears)
+    (upload,) = [e["file_id"] for e in ledger_events(job) if e["event"] == "uploaded" and e["file"] == 2]
+    sim.forget(upload)  # deleted by hand to get under the file cap
+    sim.reconfigure(batch_arrears_after=None)
+    code, out, err = run_cli("run", job)
+    assert code == EXIT_BATCHES_LIVE, out + err
+    assert [f"upload, file {upload}" in w for w in lost_warnings(err)] == [True]
+    assert sim.stats()["batch_api"]["batches_created"] == 2
+    sim.advance(3600)
+    assert run_cli("run", job)[0] == 0
+    assert len(output_of(job)) == 20 and set(records_per_id(job).values()) == {1} and submitted_twice(sim) == []
+
+
+def test_a_result_file_the_provider_forgot_sends_only_its_rows_again(start_sim, make_job, run_cli):
+    sim = start_sim(batch_speed=0)
+    job = batch_job(make_job, sim, count=12, per_file=12, marked={3: " [[error:400:1301]]"})
+    assert run_cli("run", job)[0] == EXIT_BATCHES_LIVE
+    sim.advance(3600)
+    (batch,) = provider_batches(sim)
+    sim.forget(batch["output_file_id"])  # the error file (row 3's answer) is still there
+    code, out, err = run_cli("run", job)
+    assert code == EXIT_BATCHES_LIVE, out + err
+    assert [batch["output_file_id"] in w for w in lost_warnings(err)] == [True]
+    sim.advance(3600)
+    assert run_cli("run", job)[0] == 1
+    frame = output_of(job).set_index("review_id")
+    assert frame.loc["r00003", "error_class"] == "content_filter" and (frame["status"] == "ok").sum() == 11
+    assert set(records_per_id(job).values()) == {1}

@@ -475,6 +475,29 @@ async def test_deleting_the_input_file_mid_batch_does_not_break_it() -> None:
 
 
 @pytest.mark.asyncio
+async def test_forgotten_files_and_batches_answer_404_and_a_restart_forgets_everything() -> None:
+    async with serve(batch_rate=1) as s:
+        first = await submit(s, [line("row-0001", "a")])
+        second = await submit(s, [line("row-0002", "b")])
+        await s.advance(5)
+        async with s.http.post(s.root + "/_batches/forget", json={"ids": [first.id]}) as resp:
+            assert resp.status == 200 and (await resp.json())["forgotten"] == [first.id]
+        with pytest.raises(openai.NotFoundError):
+            await s.client.batches.retrieve(first.id)
+        done = await s.client.batches.retrieve(second.id)
+        assert done.status == "completed"
+        async with s.http.post(s.root + "/_batches/forget", json={"ids": [done.output_file_id]}) as resp:
+            assert resp.status == 200
+        with pytest.raises(openai.NotFoundError):
+            await s.client.files.content(done.output_file_id)
+        async with s.http.post(s.root + "/_batches/forget") as resp:  # no body: a restart that lost its state
+            assert resp.status == 200
+        assert [b async for b in s.client.batches.list()] == [] and (await s.stats())["files_kept"] == 0
+        async with s.http.post(s.root + "/_batches/forget", json={"ids": "all"}) as resp:
+            assert resp.status == 400
+
+
+@pytest.mark.asyncio
 async def test_a_key_is_required_when_configured() -> None:
     async with serve(api_key="right-key") as s:
         with pytest.raises(openai.AuthenticationError):
