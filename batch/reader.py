@@ -115,7 +115,11 @@ class InputTable:
                                   f"{self.columns.count(column)} times in the input header")
 
     def batches(self, columns: list[str], first_group: int = 0) -> Iterator[pa.RecordBatch]:
-        """Record batches holding just `columns`, in input order (Parquet: from row group `first_group`)."""
+        """Record batches holding just `columns`, in input order (Parquet: from row group `first_group`), their
+        text columns as `string` whatever Arrow type they were written in (see plain_text)."""
+        return map(plain_text, self._read_batches(columns, first_group))
+
+    def _read_batches(self, columns: list[str], first_group: int) -> Iterator[pa.RecordBatch]:
         columns = list(dict.fromkeys(columns)) or self.columns[:1]
         try:
             if self.format == "parquet":
@@ -560,9 +564,33 @@ def hash_ids(ids: pa.Array) -> np.ndarray:
     return np.fromiter(map(hash, ids.to_pylist()), np.int64, len(ids))
 
 
+def plain_text(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """`batch` with its text columns as Arrow's `string`, whichever text type they came in.
+
+    pandas 3 writes text as `large_string`, Polars as `string_view`, a categorical as dictionary-encoded
+    text: Arrow's compute functions take no mix of these, and every reader of the input (ids, prompts and
+    their hashes, kept columns) expects one. Done here, once, for every format."""
+    if not any(_text_type(t) and t != pa.string() for t in batch.schema.types):
+        return batch
+    return pa.RecordBatch.from_arrays([_as_string(c) if _text_type(c.type) else c for c in batch.columns],
+                                      names=batch.schema.names)
+
+
+def _text_type(type_: pa.DataType) -> bool:
+    if pa.types.is_dictionary(type_):
+        return _text_type(type_.value_type)
+    return pa.types.is_string(type_) or pa.types.is_large_string(type_) or pa.types.is_string_view(type_)
+
+
+def _as_string(column: pa.Array) -> pa.Array:
+    if pa.types.is_dictionary(column.type):  # decoded by its values' type: Arrow cannot decode string_view values
+        column = pa.DictionaryArray.from_arrays(column.indices, _as_string(column.dictionary))
+    return column.cast(pa.string())
+
+
 def _as_text(column: pa.Array) -> pa.Array:
     """A column's values as text, for hashing: lists and structs (a Parquet messages column) as JSON."""
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+    if pa.types.is_string(column.type):
         return column
     if pa.types.is_nested(column.type):
         return pa.array([None if v is None else json.dumps(v, ensure_ascii=False, sort_keys=True, default=str)
