@@ -7,13 +7,23 @@ number is still a fine float). A key written twice is an error, not "the last on
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 from typing_extensions import TypedDict
 
 from batch.atomic import read_reason
@@ -63,8 +73,54 @@ def _http_url(value: str) -> str:
     return value
 
 
+def _path_text(value: Any) -> Any:
+    if not isinstance(value, str | os.PathLike):
+        raise ValueError("must be a file path, written as text")
+    return value
+
+
+def _schema_or_path(value: Any) -> Any:
+    """A JSON Schema is a mapping, or the text of a .json file's path: a clear line for anything else (true, a list,
+    a number), rather than one error per member of the union."""
+    if value is not None and not isinstance(value, dict | str | os.PathLike):
+        raise ValueError("must be a JSON Schema written as a mapping (type: object, properties: ...) or the path of "
+                         f"a .json file, not a {_yaml_type(value)}")
+    if isinstance(value, str) and _is_mapping_text(value):
+        raise ValueError("is a schema written as text in a string, and a string here is a .json file's path: write "
+                         "the schema as a mapping (unquoted, indented under json_schema), or save it to a .json file")
+    return value
+
+
+def _is_mapping_text(text: str) -> bool:
+    """Whether `text` reads as a JSON or YAML mapping (`{"type": "object"}`, `type: object`): no file's path does."""
+    try:
+        return isinstance(yaml.load(text, _JobLoader), dict)  # JSON is YAML, bar tabs and other rare corners
+    except yaml.YAMLError:
+        try:
+            return isinstance(json.loads(text), dict)
+        except ValueError:
+            return False
+
+
+def _yaml_type(value: Any) -> str:
+    return {bool: "boolean", int: "number", float: "number", list: "list"}.get(type(value), type(value).__name__)
+
+
+def _text_keys(value: Any, where: str) -> None:
+    """Every mapping key in `value` is text: JSON's keys are, so a YAML `2024:` or `on:` is read as the text written
+    (_JobLoader), and a Python job (batch.api) must write them so too."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{where}: the key {key!r} is a {_yaml_type(key)}; JSON keys are text: write '{key}'")
+            _text_keys(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _text_keys(item, f"{where}.{index}")
+
+
 Name = Annotated[str, AfterValidator(_not_blank)]
-FilePath = Annotated[Path, Field(strict=False)]  # written as text in YAML
+FilePath = Annotated[Path, BeforeValidator(_path_text), Field(strict=False)]  # written as text in YAML
 # A positive whole number: -16, 0, 2.5 or "16" would be sent to the API as they are. null means unset.
 MaxTokens = Annotated[int, Field(strict=True, gt=0)] | None
 
@@ -106,6 +162,11 @@ class ModelSpec(Strict):
     api_key_env: Name | None = None
     stream: bool = False  # read the answer as server-sent events: ttft_s recorded, limits.idle_timeout_s applies
     params: Params = Field(default_factory=lambda: Params())
+
+    @model_validator(mode="after")
+    def _keys_are_text(self) -> ModelSpec:
+        _text_keys(dict(self.params), "params")  # the request body's: JSON's keys are text
+        return self
 
     @model_validator(mode="after")
     def _stream_by_its_key(self) -> ModelSpec:
@@ -172,13 +233,19 @@ class OutputSpec(Strict):
     parse_json: bool = False  # the reply is a JSON object: its top-level keys become columns
     json_columns: list[str] | None = None  # with parse_json: only these keys (default: every key seen)
     # A JSON Schema the reply must match (a mapping, or a .json file relative to the job file): implies parse_json.
-    json_schema: dict[str, Any] | FilePath | None = None
+    json_schema: Annotated[dict[str, Any] | FilePath | None, BeforeValidator(_schema_or_path)] = None
     # How the schema is asked for; default by provider (batch.schema.default_via).
     schema_via: Literal["prompt", "response_format"] | None = None
     # Requests per row for a reply that parses and matches: a bad one is asked again at once, up to this many in all.
     json_attempts: int = Field(3, ge=1, le=20)
     checkpoint_rows: int = Field(1000, ge=1)
     checkpoint_seconds: float = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _keys_are_text(self) -> OutputSpec:
+        if isinstance(self.json_schema, dict):  # its property names are columns and JSON keys: text
+            _text_keys(self.json_schema, "json_schema")
+        return self
 
     @model_validator(mode="after")
     def _schema_implies_parse_json(self) -> OutputSpec:
@@ -235,9 +302,10 @@ class JobSpec(Strict):
     def id_column_out(self) -> str:
         return self.input.id_column or "row_id"
 
-    def where(self, key: str) -> str:
-        """The job file and the line of `key` (dotted), or of its nearest parent written in the file."""
-        line = _line_of(self._lines, tuple(key.split(".")))
+    def where(self, key: str | tuple[str, ...]) -> str:
+        """The job file and the line of `key` (dotted, or as its parts when a part may hold a dot), or of its nearest
+        parent written in the file."""
+        line = _line_of(self._lines, tuple(key.split(".")) if isinstance(key, str) else key)
         return f"{self.job_path} line {line}" if line is not None else str(self.job_path)
 
 
@@ -306,9 +374,27 @@ def _check_stream_limits(spec: JobSpec) -> None:
                           "never apply")
 
 
+class _JobLoader(yaml.SafeLoader):
+    """YAML's safe loader, with every mapping key the text written: a job file's keys are names (of settings,
+    request fields, a schema's properties), and JSON's keys are text. Plain YAML 1.1 reads `on:`, `yes:`, `null:`,
+    `2024:` and `1.5:` as a boolean, null or a number, which would reach the request as "true", "null" or "2024"
+    and the columns as something else again; and `1.5:` and `1.50:` would be one key, the last silently winning."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self.flatten_mapping(node)  # merge keys (`<<: *defaults`) first: theirs are keys as well
+        node.value = [(_as_text(key), value) for key, value in node.value]
+        return super().construct_mapping(node, deep=deep)
+
+
+def _as_text(key: yaml.Node) -> yaml.Node:
+    if not isinstance(key, yaml.ScalarNode):
+        return key  # a list or mapping as a key: refused by the constructor, naming its line
+    return yaml.ScalarNode("tag:yaml.org,2002:str", key.value, key.start_mark, key.end_mark, key.style)
+
+
 def _parse_yaml(job_path: Path, text: str) -> tuple[Any, dict[tuple[str, ...], int]]:
     """The document, and the line of every key in it (by key path); a key written twice is refused."""
-    loader = yaml.SafeLoader(text)
+    loader = _JobLoader(text)
     try:
         node = loader.get_single_node()
         lines: dict[tuple[str, ...], int] = {}

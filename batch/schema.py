@@ -114,13 +114,26 @@ def json_output_for(spec: JobSpec) -> JsonOutput | None:
     try:
         checker.check_schema(schema)
     except SchemaError as exc:
-        at = "" if not exc.path else f" at {exc.json_path}"
-        raise ConfigError(f"{where} is not a valid JSON Schema{at}: {exc.message}") from None
+        raise ConfigError(_schema_error(spec, where, exc, inline=not isinstance(out.json_schema, Path))) from None
     kinds = schema.get("type", "object")
     if "object" not in (kinds if isinstance(kinds, list) else [kinds]):
         raise ConfigError(f"{where}: the reply is a JSON object, so the schema's type must be object (got {kinds!r})")
     _check_references(where, schema)
     return JsonOutput(out.json_attempts, schema, out.schema_via or default_via(spec.model.provider), checker(schema))
+
+
+def _schema_error(spec: JobSpec, where: str, exc: SchemaError, inline: bool) -> str:
+    """An invalid schema's one line, at the line of the key at fault when the schema is written in the job file."""
+    if not exc.path:
+        return f"{where} is not a valid JSON Schema: {exc.message}"
+    if inline:
+        at = spec.where(("output", "json_schema", *map(str, exc.path)))
+        where = f"{at}: output.json_schema"
+    text = f"{where} is not a valid JSON Schema at {exc.json_path}: {exc.message}"
+    if inline and (exc.instance is None or isinstance(exc.instance, bool | int | float)):
+        # required: [on] is [True] in YAML; keys are read as written, values are YAML's.
+        text += " (YAML reads an unquoted yes, no, on, off, true, false, null or number as such: quote it)"
+    return text
 
 
 def _read_schema_file(where: str, path: Path) -> dict[str, Any]:

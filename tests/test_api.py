@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import threading
 import time
@@ -13,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from helpers import DATA
 
 import batch
 from batch.simulator import SimulatorThread, answer_for
@@ -318,3 +320,21 @@ def test_a_second_keyboard_interrupt_stops_at_once_and_the_rows_cut_off_stay_pen
     assert logged("KeyboardInterrupt again: stopping now")()
     assert interrupted.value.result.ok == 0 and interrupted.value.result.pending == 20
     assert batch.status(job)["failed"] == 0
+
+
+@pytest.mark.parametrize(("section", "values", "message"), [
+    ("output", {"json_schema": {"type": "object", "properties": {2024: {"type": "integer"}}}},
+     "json_schema.properties: the key 2024 is a number; JSON keys are text: write '2024'"),
+    ("model", {"params": {"metadata": {True: "x"}}}, "params.metadata: the key True is a boolean"),
+])
+def test_a_python_job_whose_schema_or_params_have_keys_that_are_not_text_is_refused(sim, tmp_path, section, values,
+                                                                                    message):
+    """A job file's keys are read as the text written; a job built in Python must write them so too (JSON's keys
+    are text), rather than reach the request as one key and the columns as another."""
+    job = {"name": "keys", "input": {"path": str(DATA / "reviews.csv"), "id_column": "review_id"},
+           "prompt": {"template": "Classify: {text}"}, "model": local_model(sim),
+           "output": {"path": str(tmp_path / "out" / "result.parquet")}}
+    job[section] = {**job[section], **values}
+    with pytest.raises(batch.ConfigError, match=re.escape(message)):
+        batch.run(job, progress=False)
+    assert sim.stats()["requests"] == 0 and not (tmp_path / "out").exists()

@@ -185,16 +185,18 @@ def test_export_to_csv_writes_nested_values_as_json_text(start_sim, make_job, ru
         assert int(row["count"]) == want["count"]
 
 
-@pytest.mark.parametrize(("schema", "message"), [
+@pytest.mark.parametrize(("schema", "message", "at"), [
     ({"type": "object", "properties": {"score": {"type": "integr"}}},
-     "output.json_schema is not a valid JSON Schema at $.properties.score.type: 'integr' is not valid"),
-    ({"type": "array", "items": {"type": "string"}}, "the schema's type must be object"),
-    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "points at nothing in the schema"),
-    ("missing.json", "missing.json not found"),
+     "output.json_schema is not a valid JSON Schema at $.properties.score.type: 'integr' is not valid", "integr"),
+    ({"type": "array", "items": {"type": "string"}}, "the schema's type must be object", "json_schema"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "points at nothing in the schema",
+     "json_schema"),
+    ("missing.json", "missing.json not found", "json_schema"),
 ])
-def test_an_invalid_schema_is_refused_before_anything_is_sent(sim, make_job, run_cli, schema, message):
+def test_an_invalid_schema_is_refused_before_anything_is_sent(sim, make_job, run_cli, schema, message, at):
+    """The line named is the key at fault's, when the schema is written in the job file."""
     job = schema_job(make_job, sim, ["fine"], schema=schema)
-    line = next(number for number, text in enumerate(job.read_text().splitlines(), 1) if "json_schema" in text)
+    line = next(number for number, text in enumerate(job.read_text().splitlines(), 1) if at in text)
     for command in ("validate", "run", "estimate"):
         code, _, err = run_cli(command, job)
         assert code == 2, err
@@ -407,3 +409,76 @@ def test_a_validation_error_quoting_a_long_reply_is_cut_short():
     problem = checked.problem(json.dumps({"score": "x" * 5000, "summary": "s"}))
     assert problem.startswith("the reply does not match output.json_schema at $.score: ")
     assert problem.endswith("...") and len(problem) < MAX_ERROR_CHARS + 100
+
+
+# YAML 1.1 reads these keys as a number, a boolean or null; in a job file they are the text written.
+YAML_KEYS_SCHEMA = """\
+  json_schema:
+    type: object
+    properties:
+      2024: {type: integer}
+      on: {type: string}
+      yes: {type: boolean}
+      1.5: {type: number}
+      1.50: {type: string}
+      null: {type: string}
+      ~: {type: integer}
+    required: ["2024", "on", "yes", "1.5", "1.50", "null", "~"]
+    additionalProperties: false
+"""
+YAML_KEYS = ["2024", "on", "yes", "1.5", "1.50", "null", "~"]
+
+
+def yaml_keys_job(make_job, sim, schema_text: str):
+    """A job whose schema (and request params) have keys YAML would read as numbers, booleans or null."""
+    job = make_job(sim, rows=rows("one", "two"), model={"params": {"max_tokens": 300}},
+                   output={"json_schema": "PLACEHOLDER"})
+    text = job.read_text(encoding="utf-8")
+    params = "    max_tokens: 300\n"
+    assert "  json_schema: PLACEHOLDER\n" in text and params in text
+    text = text.replace("  json_schema: PLACEHOLDER\n", schema_text)
+    text = text.replace(params, params + "    metadata: {on: a, 2024: b, null: c}\n"
+                                         "    extra_body: {logit_bias: {1.5: 1, yes: 2}}\n")
+    job.write_text(text, encoding="utf-8")
+    return job
+
+
+@pytest.mark.parametrize("in_a_file", [False, True])
+def test_keys_yaml_reads_as_numbers_or_booleans_are_the_text_written(start_sim, make_job, run_cli, tmp_path,
+                                                                     in_a_file):
+    """`2024:`, `on:`, `yes:`, `1.5:`, `null:`, `~:` are property names, in the request and the columns alike, the
+    same as in a .json schema file; and request params keep theirs as written too."""
+    sim = start_sim(keep_bodies=True)
+    schema_text = YAML_KEYS_SCHEMA
+    if in_a_file:
+        (tmp_path / "keys.json").write_text(json.dumps({
+            "type": "object", "additionalProperties": False, "required": YAML_KEYS,
+            "properties": {"2024": {"type": "integer"}, "on": {"type": "string"}, "yes": {"type": "boolean"},
+                           "1.5": {"type": "number"}, "1.50": {"type": "string"}, "null": {"type": "string"},
+                           "~": {"type": "integer"}}}), encoding="utf-8")
+        schema_text = "  json_schema: keys.json\n"
+    job = yaml_keys_job(make_job, sim, schema_text)
+    code, _, err = run_cli("run", job)
+    assert code == 0, err
+    body = sim.bodies()[0]
+    assert sorted(body["response_format"]["json_schema"]["schema"]["properties"]) == sorted(YAML_KEYS)
+    assert body["metadata"] == {"on": "a", "2024": "b", "null": "c"}
+    assert body["logit_bias"] == {"1.5": 1, "yes": 2}
+    table = pq.read_table(job.parent / "out" / "result.parquet")
+    assert {key: table.schema.field(key).type for key in YAML_KEYS} == {
+        "2024": pa.int64(), "on": pa.string(), "yes": pa.bool_(), "1.5": pa.float64(), "1.50": pa.string(),
+        "null": pa.string(), "~": pa.int64()}
+    for row in table.to_pylist():
+        reply = json.loads(row["response"])
+        assert sorted(reply) == sorted(YAML_KEYS) and all(row[key] == reply[key] for key in YAML_KEYS)
+
+
+def test_a_yaml_boolean_where_the_schema_wants_a_name_is_refused_at_its_line(sim, make_job, run_cli):
+    """Keys are read as written, values as YAML reads them: `required: [on]` is [true], which names no key."""
+    job = yaml_keys_job(make_job, sim, YAML_KEYS_SCHEMA.replace('required: ["2024", "on"', 'required: ["2024", on'))
+    code, _, err = run_cli("validate", job)
+    line = next(n for n, text in enumerate(job.read_text().splitlines(), 1) if "required:" in text)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{job} line {line}: output.json_schema is not a valid JSON Schema at $.required[1]: True" in err
+    assert "quote it" in err
+    assert sim.stats()["requests"] == 0

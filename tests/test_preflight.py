@@ -192,6 +192,9 @@ output:
 """
 
 
+OUTPUT = "  path: out/result.parquet"
+
+
 def write_job(tmp_path: Path, sim, old: str = "", new: str = "") -> Path:
     shutil.copy(Path(__file__).resolve().parent.parent / "data" / "reviews.csv", tmp_path / "reviews.csv")
     text = JOB.format(url=sim.url)
@@ -231,10 +234,24 @@ def test_the_strict_job_is_valid_and_runs(sim, run_cli, tmp_path):
     ("    max_tokens: 64", "    max_tokens: 64\n    extra_body:\n      max_tokens: 1.5",
      "model.params.extra_body.max_tokens", "valid integer"),
     ("    max_tokens: 64", "    max_tokens: 64\n    extra_body: [1]", "model.params.extra_body", "dictionary"),
+    # The output's settings: one line naming the key, never a dump of each member of a union.
+    *((OUTPUT, f"{OUTPUT}\n  json_schema: {value}", "output.json_schema",
+       "must be a JSON Schema written as a mapping (type: object, properties: ...) or the path of a .json file, "
+       f"not a {kind}") for value, kind in (("true", "boolean"), ("[a, b]", "list"), ("3", "number"),
+                                            ("2.5", "number"))),
+    *((OUTPUT, f"{OUTPUT}\n  json_schema: {value}", "output.json_schema", "is a schema written as text in a string")
+      for value in ("'{\"type\": \"object\"}'", '"type: object"', "|\n    type: object\n    required: [a]")),
+    (OUTPUT, f"{OUTPUT}\n  parse_json: 'yes'", "output.parse_json", "valid boolean"),
+    (OUTPUT, f"{OUTPUT}\n  parse_json: true\n  json_columns: a", "output.json_columns", "valid list"),
+    (OUTPUT, f"{OUTPUT}\n  json_schema: {{type: object}}\n  schema_via: 3", "output.schema_via",
+     "'prompt' or 'response_format'"),
+    (OUTPUT, f"{OUTPUT}\n  json_schema: {{type: object}}\n  json_attempts: '3'", "output.json_attempts",
+     "valid integer"),
+    (OUTPUT, "  path: 3", "output.path", "must be a file path, written as text"),
 ])
 def test_a_wrong_value_names_its_key_and_line(sim, run_cli, tmp_path, old, new, key, needle):
     job = write_job(tmp_path, sim, old, new)
-    line = line_of(job, new.splitlines()[-1].strip())
+    line = line_of(job, [text for text in new.splitlines() if text.strip().startswith(key.split(".")[-1])][-1])
     refused(run_cli, job, f"{job} line {line}: {key}: ", needle, sim=sim)
     assert not (tmp_path / "out").exists()
 
@@ -243,6 +260,8 @@ def test_a_wrong_value_names_its_key_and_line(sim, run_cli, tmp_path, old, new, 
     ("  concurrency: 4", "  concurrency: 4\n  concurrency: 8", "limits.concurrency", "  concurrency: 4"),
     ("name: strict-job", "name: strict-job\nname: other", "name", "name: strict-job"),
     ("    max_tokens: 64", "    max_tokens: 64\n    max_tokens: 500", "model.params.max_tokens", "max_tokens: 64"),
+    # Keys are the text written: `"on":` is `on:` again, whatever YAML 1.1 makes of the plain one.
+    ("    max_tokens: 64", '    max_tokens: 64\n    on: 1\n    "on": 2', "model.params.on", "on: 1"),
 ])
 def test_a_duplicate_key_is_refused_with_both_lines(sim, run_cli, tmp_path, old, new, key, first):
     job = write_job(tmp_path, sim, old, new)
