@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # `make test` runs these again under pandas 2, whose text columns are not Arrow's (pandas 3's are).
 PANDAS2_VENV := .venv-pandas2
-PANDAS2_TESTS := tests/test_text_types.py tests/test_api.py
+PANDAS2_TESTS := tests/test_text_types.py tests/test_frames.py tests/test_api.py
 SIM_PORT ?= 18080
 JOB ?= jobs/demo.yaml
 

@@ -10,6 +10,7 @@ The API is what this package exports (see batch.api); the modules under it are p
 from batch.api import (
     ApiRefusedError,
     BatchError,
+    BatchesLive,
     BudgetExceededError,
     CheckpointWriteError,
     ConfigError,
@@ -29,7 +30,7 @@ from batch.api import (
 )
 
 __all__ = [
-    "ApiRefusedError", "BatchError", "BudgetExceededError", "CheckpointWriteError", "ConfigError", "Interrupted",
-    "Job", "JobSpec", "LockedError", "RunResult", "RunStopped", "arun", "arun_frame", "estimate", "read_results",
-    "run", "run_frame", "status",
+    "ApiRefusedError", "BatchError", "BatchesLive", "BudgetExceededError", "CheckpointWriteError", "ConfigError",
+    "Interrupted", "Job", "JobSpec", "LockedError", "RunResult", "RunStopped", "arun", "arun_frame", "estimate",
+    "read_results", "run", "run_frame", "status",
 ]

@@ -22,7 +22,7 @@ from collections.abc import Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -31,8 +31,9 @@ import yaml
 from pydantic import ValidationError
 
 from batch.atomic import write_atomic
-from batch.config import JobSpec, check_job, describe_validation_error, load_job
+from batch.config import JobSpec, OutputSpec, check_job, describe_validation_error, load_job
 from batch.errors import (
+    EXIT_BATCHES_LIVE,
     EXIT_BUDGET,
     EXIT_INTERRUPTED,
     EXIT_JOB_FATAL,
@@ -42,13 +43,15 @@ from batch.errors import (
     CheckpointWriteError,
     ConfigError,
     LockedError,
+    option,
+    python_caller,
 )
 from batch.estimate import estimate as estimate_job
 from batch.failures import should_send
 from batch.logs import SECRETS, RedactSecrets, add_file_log, keep_secret, make_formatter, redact
 from batch.preflight import check_output_path, preflight, resolve
 from batch.records import OUTPUT_FIELDS, RECORD_FIELDS, RECORD_SCHEMA
-from batch.replies import ReplyColumns
+from batch.replies import JSON_PREFIX, ReplyColumns
 from batch.runner import Run, RunOptions
 from batch.schema import json_output_for
 from batch.status import id_batches, job_status, open_input, row_states
@@ -59,9 +62,9 @@ if TYPE_CHECKING:  # pandas is imported where a DataFrame is made: the command l
     import pandas as pd
 
 __all__ = [
-    "ApiRefusedError", "BatchError", "BudgetExceededError", "CheckpointWriteError", "ConfigError", "Interrupted",
-    "Job", "JobSpec", "LockedError", "RunResult", "RunStopped", "arun", "arun_frame", "estimate", "read_results",
-    "run", "run_frame", "status",
+    "ApiRefusedError", "BatchError", "BatchesLive", "BudgetExceededError", "CheckpointWriteError", "ConfigError",
+    "Interrupted", "Job", "JobSpec", "LockedError", "RunResult", "RunStopped", "arun", "arun_frame", "estimate",
+    "read_results", "run", "run_frame", "status",
 ]
 
 log = logging.getLogger("batch")
@@ -74,7 +77,10 @@ working directory); or the output `.parquet` of a `run_frame` job, whose job fil
 FRAME_JOB_SUFFIX = ".job.yaml"  # run_frame's job file: OUTPUT_STEM.job.yaml beside the output
 FRAME_INPUT_SUFFIX = ".input.parquet"  # and the frame it was given, OUTPUT_STEM.input.parquet
 SPEC_LABEL = Path("<job spec>")  # what errors name for a job given as Python values
+# run_frame's keyword arguments that go into the job file's output section (path, kept columns: run_frame's own)
+FRAME_OUTPUT_KEYS = [key for key in OutputSpec.model_fields if key not in ("path", "keep_columns", "parse_json")]
 CLASH_PREFIX = "batch_"  # run_frame: a result column named like a column of the frame
+MODES = get_args(JobSpec.model_fields["mode"].annotation)  # RunOptions.mode: the job file's `mode` values
 WAIT_S = 0.25  # a waiting caller wakes this often, so a KeyboardInterrupt is taken even where a wait is not cut short
 
 
@@ -106,7 +112,8 @@ class RunResult:
         return self.pending == 0
 
     def __str__(self) -> str:
-        return format_summary(self.summary)
+        with python_caller():
+            return format_summary(self.summary)
 
     @classmethod
     def from_summary(cls, summary: dict[str, Any]) -> RunResult:
@@ -123,8 +130,8 @@ class RunStopped(BatchError):
     """The run ended before the job was complete: every answer received is in the checkpoint, and the rows not
     answered are pending; once the cause is dealt with, the same call resumes. `result` is the run's summary."""
 
-    def __init__(self, result: RunResult) -> None:
-        super().__init__(f"job {result.job}: stopped: {result.stopped} (ok {result.ok}, failed {result.failed}, "
+    def __init__(self, result: RunResult, why: str | None = None) -> None:
+        super().__init__(f"job {result.job}: stopped: {why or result.stopped} (ok {result.ok}, failed {result.failed}, "
                          f"pending {result.pending}); the next call resumes")
         self.result = result
         self.exit_code = result.exit_code
@@ -137,6 +144,17 @@ class ApiRefusedError(RunStopped):
 
 class BudgetExceededError(RunStopped):
     """The budget is reached; pending rows wait for a raised budget: the command line's exit 5."""
+
+
+class BatchesLive(RunStopped):
+    """mode="batch_api" without wait=True: the rows went to the provider's Batch API, whose batches are still being
+    worked on (`result.summary["batches"]`); a later call collects what they answered: the command line's exit 6."""
+
+    def __init__(self, result: RunResult) -> None:
+        batches = len(result.summary.get("batches") or [])
+        with python_caller():
+            super().__init__(result, f"{batches} Batch API batches are still being worked on at the provider: "
+                                     f"call again later to collect them, or with {option('wait')} to wait for them")
 
 
 class Interrupted(KeyboardInterrupt):
@@ -159,7 +177,8 @@ class Interrupted(KeyboardInterrupt):
 # -- running a job ------------------------------------------------------------------------------------------------
 
 def run(job: Job, *, api_key: str | None = None, retry_failed: bool = False, force: bool = False,
-        limit: int | None = None, progress: bool = True, handle_signals: bool = False) -> RunResult:
+        limit: int | None = None, mode: str | None = None, wait: bool = False, progress: bool = True,
+        handle_signals: bool = False) -> RunResult:
     """Run (or resume) a job to its end, as `python -m batch run` does, and return its summary.
 
     Args:
@@ -168,17 +187,20 @@ def run(job: Job, *, api_key: str | None = None, retry_failed: bool = False, for
         retry_failed: send again the failed rows whose error may have gone away (`--retry-failed`).
         force: resume a checkpoint made with another model, params, prompt or input (`--force`).
         limit: send at most this many pending rows (`--limit`).
+        mode: "online" or "batch_api": how the rows are sent this run (`--mode`; default: the job's `mode`).
+        wait: with the Batch API, poll until the provider has answered every batch (`--wait`); without it, a run
+            that leaves batches at the provider raises `BatchesLive`, and a later call collects them.
         progress: a progress bar (a widget in a notebook, text on a terminal); False: none.
         handle_signals: stop gracefully on SIGINT and SIGTERM as the command line does, with process-wide handlers
             (only from the main thread with no loop running; elsewhere Ctrl-C is taken as a KeyboardInterrupt).
 
     Returns the run's `RunResult` when the job is complete (`exit_code` 1: some rows failed) or `limit` rows
     were sent. Raises `ConfigError` (bad job, input or key: nothing sent), `LockedError` (another run of the job
-    is alive), `ApiRefusedError` or `BudgetExceededError` (the run stopped early), `CheckpointWriteError` (the
-    checkpoint cannot be written), or `Interrupted` after a KeyboardInterrupt. Works inside a running event loop:
-    the run then has a loop of its own in a worker thread.
+    is alive), `ApiRefusedError`, `BudgetExceededError` or `BatchesLive` (the run stopped early),
+    `CheckpointWriteError` (the checkpoint cannot be written), or `Interrupted` after a KeyboardInterrupt. Works
+    inside a running event loop: the run then has a loop of its own in a worker thread.
     """
-    options = _options(retry_failed, force, limit, progress, handle_signals)
+    options = _options(retry_failed, force, limit, mode, wait, progress, handle_signals)
     result, interrupted = _in_own_loop(lambda control: _execute(job, options, api_key, control), handle_signals)
     if interrupted and (result is None or result.exit_code != EXIT_INTERRUPTED):
         raise Interrupted(result)  # the run ended before the KeyboardInterrupt reached it: the program stops still
@@ -186,14 +208,15 @@ def run(job: Job, *, api_key: str | None = None, retry_failed: bool = False, for
 
 
 async def arun(job: Job, *, api_key: str | None = None, retry_failed: bool = False, force: bool = False,
-               limit: int | None = None, progress: bool = True, handle_signals: bool = False) -> RunResult:
+               limit: int | None = None, mode: str | None = None, wait: bool = False, progress: bool = True,
+               handle_signals: bool = False) -> RunResult:
     """`run` on the running event loop: the same arguments, result and errors.
 
     Cancelling the awaiting task stops the run gracefully (a second cancellation at once) before the
     CancelledError goes on; the next call resumes. handle_signals=True works where the loop runs in the
     main thread.
     """
-    options = _options(retry_failed, force, limit, progress, handle_signals)
+    options = _options(retry_failed, force, limit, mode, wait, progress, handle_signals)
     control = _Interrupter()
     return _outcome(await _until_done(_execute(job, options, api_key, control), control))
 
@@ -201,8 +224,8 @@ async def arun(job: Job, *, api_key: str | None = None, retry_failed: bool = Fal
 def run_frame(frame: pd.DataFrame, *, template: str, model: str | Mapping[str, Any], output: str | os.PathLike[str],
               system: str | None = None, id_column: str | None = None, parse_json: bool = False,
               name: str | None = None, api_key: str | None = None, retry_failed: bool = False, force: bool = False,
-              limit: int | None = None, progress: bool = True, handle_signals: bool = False,
-              **settings: Any) -> pd.DataFrame:
+              limit: int | None = None, mode: str | None = None, wait: bool = False, progress: bool = True,
+              handle_signals: bool = False, **settings: Any) -> pd.DataFrame:
     """Run `template` over every row of `frame`, and return the frame with the answers' columns beside it.
 
     The frame is written once to OUTPUT_STEM.input.parquet beside `output`, with the job file
@@ -219,17 +242,20 @@ def run_frame(frame: pd.DataFrame, *, template: str, model: str | Mapping[str, A
         system: a system message (prompt.system).
         parse_json: the reply is a JSON object: its keys become columns (output.parse_json).
         name: the job's name (default: the output's stem).
-        settings: the job file's other sections as mappings: `limits`, `retry`, `pricing`, `budget`, `cache`.
-        api_key, retry_failed, force, limit, progress, handle_signals: as for `run`.
+        settings: the job file's other sections as mappings (`limits`, `retry`, `pricing`, `budget`, `cache`,
+            `batch_api`), and the keys of its output section other than its path (`json_schema`, a mapping or a
+            .json file; `json_columns`, `schema_via`, `json_attempts`, `checkpoint_rows`, `checkpoint_seconds`).
+        api_key, retry_failed, force, limit, mode, wait, progress, handle_signals: as for `run`.
 
     Returns `frame` (same index and columns) with the output's columns after it: `status`, `response`, tokens,
-    cost, `error_class`, `error`, ... (a name the frame already has gets the prefix "batch_"); a row still
-    pending (after a `limit` run) has status "pending". `.attrs["batch_result"]` is the run's `RunResult`.
-    Raises as `run`.
+    cost, `error_class`, `error`, ... and the reply's keys (a name the frame already has gets the prefix
+    "batch_"); a row still pending (after a `limit` run) has status "pending". `.attrs["batch_summary"]` is the
+    run's summary (plain JSON values, as in summary.json: `to_parquet` keeps it); `RunResult.from_summary` makes
+    it a `RunResult`. Raises as `run`.
     """
     job_file, ids = _frame_job(frame, template, model, output, system, id_column, parse_json, name, settings)
-    result = run(job_file, api_key=api_key, retry_failed=retry_failed, force=force, limit=limit, progress=progress,
-                 handle_signals=handle_signals)
+    result = run(job_file, api_key=api_key, retry_failed=retry_failed, force=force, limit=limit, mode=mode,
+                 wait=wait, progress=progress, handle_signals=handle_signals)
     return _beside(frame, ids, read_results(job_file), result)
 
 
@@ -237,12 +263,13 @@ async def arun_frame(frame: pd.DataFrame, *, template: str, model: str | Mapping
                      output: str | os.PathLike[str], system: str | None = None, id_column: str | None = None,
                      parse_json: bool = False, name: str | None = None, api_key: str | None = None,
                      retry_failed: bool = False, force: bool = False, limit: int | None = None,
-                     progress: bool = True, handle_signals: bool = False, **settings: Any) -> pd.DataFrame:
+                     mode: str | None = None, wait: bool = False, progress: bool = True, handle_signals: bool = False,
+                     **settings: Any) -> pd.DataFrame:
     """`run_frame` on the running event loop: the same arguments, result and errors (cancelling: as `arun`)."""
     job_file, ids = await asyncio.to_thread(_frame_job, frame, template, model, output, system, id_column,
                                             parse_json, name, settings)
-    result = await arun(job_file, api_key=api_key, retry_failed=retry_failed, force=force, limit=limit,
-                        progress=progress, handle_signals=handle_signals)
+    result = await arun(job_file, api_key=api_key, retry_failed=retry_failed, force=force, limit=limit, mode=mode,
+                        wait=wait, progress=progress, handle_signals=handle_signals)
     return _beside(frame, ids, await asyncio.to_thread(read_results, job_file), result)
 
 
@@ -255,7 +282,7 @@ def read_results(job: Job) -> pd.DataFrame:
     answered yet, or whose prompt values changed since, has status "pending" and no answer. Sends nothing and
     writes nothing.
     """
-    with _masked_errors():
+    with _python_errors():
         spec = _spec_of(job)
         table = open_input(spec)
         checkpoint = Checkpoint(spec.checkpoint_dir)  # one reader: a damaged file is read, and warned of, once
@@ -269,13 +296,13 @@ def read_results(job: Job) -> pd.DataFrame:
 def status(job: Job) -> dict[str, Any]:
     """Rows ok, failed and pending, tokens and cost so far, the last run, whether one is alive: `batch status
     --json`'s object. Sends nothing and writes nothing."""
-    with _masked_errors():
+    with _python_errors():
         return job_status(_spec_of(job))
 
 
 def estimate(job: Job, retry_failed: bool = False) -> dict[str, Any]:
     """The rows, tokens and cost still to come: `batch estimate --json`'s object. Sends nothing and writes nothing."""
-    with _masked_errors():
+    with _python_errors():
         return estimate_job(resolve(_spec_of(job)), retry_failed)
 
 
@@ -308,7 +335,7 @@ class _Interrupter:
 async def _execute(job: Job, options: RunOptions, api_key: str | None, control: _Interrupter) -> RunResult | None:
     """The command line's run: preflight, then Run; None when interrupted before the run began."""
     control.loop = asyncio.get_running_loop()
-    with _masked_errors():
+    with _python_errors():
         if api_key:
             keep_secret(api_key)  # before the preflight, whose errors may quote the environment
         spec = _spec_of(job)
@@ -386,11 +413,14 @@ def _loop_running() -> bool:
     return True
 
 
-def _options(retry_failed: bool, force: bool, limit: int | None, progress: bool, handle_signals: bool) -> RunOptions:
+def _options(retry_failed: bool, force: bool, limit: int | None, mode: str | None, wait: bool, progress: bool,
+             handle_signals: bool) -> RunOptions:
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
         raise ConfigError(f"limit must be a whole number, 0 or more, not {limit!r}")
+    if mode not in (None, *MODES):
+        raise ConfigError(f"mode is {' or '.join(map(repr, MODES))}, not {mode!r}")
     return RunOptions(retry_failed=retry_failed, force=force, limit=limit, tty=progress, progress=progress,
-                      signals=handle_signals)
+                      signals=handle_signals, mode=mode, wait=wait)
 
 
 def _outcome(result: RunResult | None) -> RunResult:
@@ -401,15 +431,18 @@ def _outcome(result: RunResult | None) -> RunResult:
         return result
     if result.exit_code == EXIT_INTERRUPTED:
         raise Interrupted(result)
-    stopped = {EXIT_JOB_FATAL: ApiRefusedError, EXIT_BUDGET: BudgetExceededError}.get(result.exit_code, RunStopped)
+    stopped = {EXIT_JOB_FATAL: ApiRefusedError, EXIT_BUDGET: BudgetExceededError,
+               EXIT_BATCHES_LIVE: BatchesLive}.get(result.exit_code, RunStopped)
     raise stopped(result)
 
 
 @contextmanager
-def _masked_errors() -> Iterator[None]:
-    """A BatchError's message with the secrets masked, as the command line prints it."""
+def _python_errors() -> Iterator[None]:
+    """A BatchError's message as a Python caller reads it: the secrets masked, as the command line prints it, and
+    run options named as keyword arguments (`force=True`, not `--force`)."""
     try:
-        yield
+        with python_caller():
+            yield
     except BatchError as exc:
         exc.args = (redact(str(exc)),)
         raise
@@ -498,13 +531,17 @@ def _frame_job(frame: pd.DataFrame, template: str, model: str | Mapping[str, Any
     section = {"name": model} if isinstance(model, str) else dict(model)
     if isinstance(settings.get("cache"), Mapping) and "path" in settings["cache"]:  # relative to here, not the file
         settings = {**settings, "cache": {**settings["cache"], "path": str(Path(settings["cache"]["path"]).resolve())}}
+    output_keys = {key: settings.pop(key) for key in FRAME_OUTPUT_KEYS if key in settings}
+    if isinstance(output_keys.get("json_schema"), str | os.PathLike):  # a file: relative to here, as cache.path
+        output_keys["json_schema"] = str(Path(output_keys["json_schema"]).expanduser().resolve())
     keep = [c for c in rows.columns if c != id_out and c not in RECORD_FIELDS]
     values = {
         "name": name or out.stem,
         "input": {"path": input_path.name, "id_column": id_out},
         "prompt": {"template": template, **({"system": system} if system is not None else {})},
         "model": section,
-        "output": {"path": out.name, "keep_columns": keep, **({"parse_json": True} if parse_json else {})},
+        "output": {"path": out.name, "keep_columns": keep, **({"parse_json": True} if parse_json else {}),
+                   **output_keys},
         **settings,
     }
     placed = {**values, "input": {**values["input"], "path": str(input_path)},
@@ -574,18 +611,24 @@ def _write_if_changed(path: Path, data: bytes) -> None:
 
 
 def _beside(frame: pd.DataFrame, ids: list[str], results: pd.DataFrame, result: RunResult) -> pd.DataFrame:
-    """`frame` with the answers' columns of `results` (run_frame's final table, in the frame's row order)."""
+    """`frame` with the answers' columns of `results` (run_frame's final table, in the frame's row order).
+
+    The final file names a reply key that clashes with one of its columns JSON_PREFIX + key (batch.replies): a
+    key named like a kept column of the frame is named here as the frame's other clashes are, with CLASH_PREFIX.
+    """
     import pandas as pd
 
     id_out = results.columns[0]
     if results[id_out].astype(str).tolist() != ids:  # written from this frame, in its order: a defect otherwise
         raise RuntimeError("run_frame: the results' rows are not the frame's rows; please report this")
-    kept = {c for c in frame.columns if c not in RECORD_FIELDS} | {id_out}  # the frame's own, in the output too
-    answers = results[[c for c in results.columns if c not in kept]]
-    answers = answers.rename(columns={c: CLASH_PREFIX + c for c in answers.columns if c in frame.columns})
+    kept = {c for c in frame.columns if c not in RECORD_FIELDS and c != id_out}  # the frame's own, in the output too
+    answers = results[[c for c in results.columns if c not in kept and c != id_out]]
+    keys = {c: c.removeprefix(JSON_PREFIX) if c.removeprefix(JSON_PREFIX) in kept else c for c in answers.columns}
+    answers = answers.rename(columns={c: CLASH_PREFIX + key if key in frame.columns else key
+                                      for c, key in keys.items()})
     answers.index = frame.index
     joined = pd.concat([frame, answers], axis=1)
-    joined.attrs["batch_result"] = result
+    joined.attrs["batch_summary"] = result.summary  # plain JSON values: pandas writes attrs into Parquet as JSON
     return joined
 
 

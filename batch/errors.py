@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 EXIT_OK = 0
 EXIT_ROWS_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -51,3 +55,25 @@ class CheckpointDamagedError(BatchError):
     aside, and a new run sends the rows it held."""
 
     exit_code = EXIT_INTERNAL
+
+
+# Whether the code running was called from Python (batch.api) rather than from the command line: a hint then
+# names a run option as the keyword argument it is there. A context variable: each run's tasks and threads
+# (asyncio.to_thread) carry their caller's.
+_PYTHON_CALLER: ContextVar[bool] = ContextVar("batch_python_caller", default=False)
+
+
+def option(name: str, value: str = "True") -> str:
+    """A run option as the caller writes it: `--retry-failed` on the command line, `retry_failed=True` from Python
+    (`value`: what the keyword is given)."""
+    return f"{name.replace('-', '_')}={value}" if _PYTHON_CALLER.get() else f"--{name}"
+
+
+@contextmanager
+def python_caller() -> Iterator[None]:
+    """Hints made within name run options as Python keywords (see `option`)."""
+    token = _PYTHON_CALLER.set(True)
+    try:
+        yield
+    finally:
+        _PYTHON_CALLER.reset(token)

@@ -12,7 +12,7 @@ from typing import IO, Any
 
 from batch.atomic import write_text_atomic
 from batch.config import JobSpec
-from batch.errors import ConfigError, LockedError
+from batch.errors import ConfigError, LockedError, option
 
 LOCK_NAME = "lock"
 FINGERPRINT_NAME = "fingerprint.json"
@@ -101,7 +101,7 @@ def compare_fingerprint(spec: JobSpec) -> None:
         details = "; ".join(f"{k}: {_short(stored.get(k))} -> {_short(current.get(k))}" for k in changed)
         raise ConfigError(
             f"{spec.job_path}: the checkpoint in {spec.checkpoint_dir} was made with other settings ({details}); "
-            "rerun with --force to resume anyway, or change output.path to start afresh"
+            f"run again with {option('force')} to resume anyway, or change output.path to start afresh"
         )
 
 
@@ -129,8 +129,8 @@ def stored_fingerprint(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else str(exc).splitlines()[0]
         raise ConfigError(f"{path} is damaged ({reason}): if the job's model, params, prompt and input are the "
-                          "ones the checkpoint was made with, run with --force to write it again; otherwise change "
-                          "output.path to start afresh") from None
+                          f"ones the checkpoint was made with, run with {option('force')} to write it again; "
+                          "otherwise change output.path to start afresh") from None
     return stored
 
 

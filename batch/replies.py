@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 
 log = logging.getLogger("batch")
 TEXT = pa.string()  # a string column, and JSON text
+JSON_PREFIX = "json_"  # a reply key named like a column the output has already is written as json_KEY
 
 # Models asked for JSON still wrap it in a Markdown fence now and then.
 FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)
@@ -63,7 +64,7 @@ class ReplyColumns:
                             kinds[key].add(type(value))
                             held[key] = held.get(key, 0) + 1
         self.keys = list(kinds)
-        self.names = [f"json_{key}" if key in taken else key for key in self.keys]
+        self.names = [JSON_PREFIX + key if key in taken else key for key in self.keys]
         self.as_text = {key for key, found in kinds.items()
                         if key not in typed and len(found) > 1 and found != {int, float}}
         self.types = [typed[key] if key in typed else

@@ -14,6 +14,7 @@ from typing import Any
 from tqdm.auto import tqdm  # a notebook's widget, a terminal's text bar
 
 from batch.atomic import write_text_atomic
+from batch.errors import option
 from batch.ledger import format_batch
 from batch.logs import redact
 from batch.pricing import CURRENCY, money
@@ -144,7 +145,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append("  finish reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(odd.items())))
     if summary.get("batches"):
         lines.append(f"  {len(summary['batches'])} Batch API batches are still being worked on: run again later, "
-                     "or use --wait")
+                     f"or use {option('wait')}")
         lines.extend(f"    {format_batch(batch)}" for batch in summary["batches"])
     if summary["stopped"]:
         lines.append(f"  stopped: {summary['stopped']}")

@@ -70,7 +70,7 @@ def test_run_frame_answers_every_row_and_a_second_call_sends_nothing(sim, tmp_pa
     assert answered.index.equals(frame.index) and list(answered.columns[:2]) == ["text", "stars"]
     assert (answered["status"] == "ok").all()
     assert answered["response"].tolist() == [expected_answer(t) for t in frame["text"]]
-    assert answered.attrs["batch_result"].ok == 200
+    assert answered.attrs["batch_summary"]["job_totals"]["ok"] == 200
     assert sim.stats()["requests"] == 200
     written = {path: path.stat().st_mtime_ns for path in files_under(tmp_path / "out") if path.suffix != ".json"}
 
