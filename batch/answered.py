@@ -140,6 +140,7 @@ class RowStates:
         self._moved_codes = np.empty(0, np.int8)
         self._moved_prompts = np.empty(0, np.int64)
         self._moved_seen = np.empty(0, bool)  # which records kept aside an input row has claimed (counts)
+        self._kept_by_id: list[int] = []  # write positions of this run's records for ids no longer in the input
 
     def add(self, ids: pa.Array, seqs: pa.Array, status: pa.Array, error_class: pa.Array,
             prompt_hash: pa.Array | None = None) -> None:
@@ -167,8 +168,13 @@ class RowStates:
                                                "prompt": pa.array(prompts[~home])}))
 
     def add_one(self, seq: int, state: str | None) -> None:
-        """A record this run wrote for input row `seq` (once per answer: no arrays built here)."""
-        self.written[seq] = self._reserve(1) + 1
+        """A record this run wrote for input row `seq` (once per answer: no arrays built here); seq -1: for an id no
+        longer in the input (a Batch API answer that came after its row was deleted), kept as the id's last record."""
+        position = self._reserve(1)
+        if seq < 0:
+            self._kept_by_id.append(position)
+            return
+        self.written[seq] = position + 1
         self.codes[seq] = self._code(state)
 
     def hold(self, seqs: np.ndarray, answered_since: int) -> np.ndarray:
@@ -259,12 +265,14 @@ class RowStates:
         paid = np.zeros(self.record_count, bool)
         paid[self.written[self.written > 0].astype(np.int64) - 1] = True
         paid[self._moved_written] = True
+        paid[self._kept_by_id] = True
         return paid
 
     def last_record_mask(self, id_batches: Callable[[], Iterable[pa.Array]]) -> np.ndarray:
         """A mask over write positions: the records that are some id's last, ids no longer in the input
         included. `id_batches` (the input's ids, in order) is read only when records were kept aside by id."""
         last = np.zeros(self.record_count, bool)
+        last[self._kept_by_id] = True
         if self._moved is None:
             last[self.written[self.written > 0].astype(np.int64) - 1] = True
             return last
@@ -293,6 +301,7 @@ class RowStates:
                 codes[start:start + len(ids)] = self.last(start, ids)[0]
                 start += len(ids)
             not_in_input = int((~self._moved_seen).sum())
+        not_in_input += len(self._kept_by_id)
         per_state = dict(zip(self.names, np.bincount(codes, minlength=len(self.names) + 1)[1:].tolist()))
         ok, changed = per_state.pop("ok", 0), per_state.pop(PROMPT_CHANGED, 0)
         per_state.pop(SUBMITTED, 0)  # pending, in a live Batch API batch

@@ -311,8 +311,11 @@ class BatchAnswerer:
         self.returned += 1
         return True
 
-    def _seqs(self, entry: BatchFile) -> list[int]:
-        return self.ledger.rows_of(entry.number, ["seq"]).column("seq").to_pylist()
+    @staticmethod
+    def _seqs(entry: BatchFile) -> list[int]:
+        """Where the file's rows sit in the input now (Ledger.place; -1: no longer in it); none when nothing was
+        placed (`cancel` holds no rows)."""
+        return [] if entry.seqs is None else entry.seqs.tolist()
 
     async def _find_upload(self, name: str) -> str | None:
         """The id of an uploaded file named `name`, or None (also when the provider cannot list files)."""
@@ -383,9 +386,10 @@ class BatchAnswerer:
                 except Gone as gone:
                     log.warning("file %d: %s; the rows it answered are pending again", entry.number, gone)
                     lost = gone
-        rows = self.ledger.rows_of(entry.number)
+        rows = self.ledger.rows_of(entry.number, ["id", "custom_id", "prompt_hash", "submission"])
         index = {cid: i for i, cid in enumerate(rows.column("custom_id").to_pylist())}
-        seqs = rows.column("seq").to_pylist()
+        seqs = self._seqs(entry)  # by id: the input may have changed since the file was built
+        kept_aside: set[int] = set()  # rows no longer in the input whose answer is recorded (by id, seq -1)
         ids = rows.column("id").to_pylist()
         hashes = rows.column("prompt_hash").to_pylist()
         attempts = rows.column("submission").to_pylist()
@@ -400,7 +404,11 @@ class BatchAnswerer:
                         if line.strip():
                             log.warning("file %d: a result line for no row of the file: skipped", entry.number)
                         continue
-                    if not self._held(seqs[at]):  # answered by a merge cut short, or a line given twice
+                    if seqs[at] < 0:  # deleted from the input: its answer was paid for, so kept by id
+                        if at in kept_aside:
+                            continue
+                        kept_aside.add(at)
+                    elif not self._held(seqs[at]):  # answered by a merge cut short, or a line given twice
                         continue
                     row = Row(seqs[at], ids[at], {}, hashes[at])
                     result = self._judge(parsed, row, attempts[at])
@@ -431,7 +439,7 @@ class BatchAnswerer:
         await self._clean(entry, batch)
 
     def _held(self, seq: int) -> bool:
-        return seq < len(self.states.codes) and self.states.is_held(seq)
+        return 0 <= seq < len(self.states.codes) and self.states.is_held(seq)
 
     def _judge(self, line: dict[str, Any], row: Row, attempts: int) -> Record | None:
         """A result line as the row's record; None when the row goes back to pending (sent again by a next run)."""
@@ -578,6 +586,7 @@ class BatchAnswerer:
         self.states.hold(seqs, self.states.record_count)
         self.submissions[seqs] += 1
         entry = self.ledger.files[number]
+        entry.seqs = seqs
         await self._send(entry)
         log.info("file %d: %d rows, %d bytes, submitted as batch %s", number, entry.rows, entry.bytes,
                  entry.batch_id)

@@ -33,6 +33,7 @@ import logging
 import os
 import time
 from array import array
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batch.answered import RowStates
+from batch.answered import Answered, RowStates
 from batch.atomic import fsync_dir, place, temp_path
 from batch.config import JobSpec
 from batch.errors import CheckpointWriteError, ConfigError
@@ -76,6 +77,8 @@ class BatchFile:
     merged: bool = False
     cleaned: bool = False
     outcome: dict[str, Any] = field(default_factory=dict)
+    # Where its rows sit in the input now, found by id (Ledger.place); -1 for a row no longer in the input.
+    seqs: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def live(self) -> bool:
@@ -232,14 +235,40 @@ class Ledger:
                               f"read ({reason}); restore the checkpoint folder from a backup") from None
 
     # -- what a run needs before it sends anything ---------------------------------------------
-    def hold(self, states: RowStates) -> int:
-        """Hold the rows of live batches back (SUBMITTED in `states`); returns how many are held."""
+    def hold(self, states: RowStates, id_batches: Callable[[], Iterable[pa.Array]]) -> int:
+        """Hold the rows of live batches back (SUBMITTED in `states`), found in the input by id; returns how many
+        are held."""
+        self.place(id_batches)
         held = 0
         for entry in self.live():
-            seqs = self.rows_of(entry.number, ["seq"]).column("seq").to_numpy()
-            seqs = seqs[seqs < len(states.codes)]
-            held += len(states.hold(seqs, entry.records_before))
+            assert entry.seqs is not None
+            held += len(states.hold(entry.seqs[entry.seqs >= 0], entry.records_before))
         return held
+
+    def place(self, id_batches: Callable[[], Iterable[pa.Array]]) -> None:
+        """Find each live file's rows in the input (`id_batches`: its ids, in order) by id, as `entry.seqs`: the
+        input may have lost, gained or reordered rows since the file was built, and a position recorded then
+        would name another row now."""
+        live = self.live()
+        if not live:
+            return
+        ids = pa.chunked_array([self.rows_of(entry.number, ["id"]).column("id").combine_chunks() for entry in live],
+                               pa.string())
+        # Answered is the checkpoint's index of ids (binary search on hashes, hits confirmed on the ids); the
+        # states it also keeps are not needed here.
+        unknown = pa.chunked_array([pa.nulls(len(ids), pa.string())])
+        index = Answered(ids, unknown, unknown)
+        seqs = np.full(len(ids), -1, np.int64)
+        start = 0
+        for batch in id_batches():
+            at = index.index(batch)
+            found = at.is_valid().to_numpy(zero_copy_only=False)
+            seqs[index.last_positions.take(at.filter(found)).to_numpy()] = start + np.flatnonzero(found)
+            start += len(batch)
+        offset = 0
+        for entry in live:
+            entry.seqs = seqs[offset:offset + entry.rows]
+            offset += entry.rows
 
     def submissions(self, rows: int) -> np.ndarray:
         """How many times each input row was put in a batch (for `attempts`)."""

@@ -117,7 +117,8 @@ class Run:
             self.table.scan(keep_hashes=True)  # another run wrote records between our scan and our lock
         done = self.checkpoint.row_states(total, self.table.row_hashes, self.table.row_prompts)
         self.table.row_hashes = self.table.row_prompts = None
-        held = self.ledger.hold(done)  # rows in a live Batch API batch are not sent again, whatever the mode
+        # Rows in a live Batch API batch are not sent again, whatever the mode.
+        held = self.ledger.hold(done, self._id_batches)
         if held and self.mode == "online":
             log.info("%d rows sit in live Batch API batches: they are collected from there, not sent online", held)
         stats = RunStats(total)

@@ -34,7 +34,8 @@ def row_states(spec: JobSpec, table: InputTable, checkpoint: Checkpoint) -> tupl
     total = table.scan(keep_hashes=records)
     states = checkpoint.row_states(total, table.row_hashes, table.row_prompts, with_log=records)
     table.row_hashes = table.row_prompts = None
-    Ledger(spec.checkpoint_dir).hold(states)  # rows in live Batch API batches are neither done nor to send
+    # Rows in live Batch API batches are neither done nor to send.
+    Ledger(spec.checkpoint_dir).hold(states, id_batches(table))
     return total, states
 
 

@@ -15,9 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 import pytest
 from helpers import output_of
+from hypothesis import given
+from hypothesis import strategies as st
 
 from batch.errors import EXIT_BATCHES_LIVE
 from batch.prompts import prompt_token_bound
@@ -504,3 +507,62 @@ def test_a_result_file_the_provider_forgot_sends_only_its_rows_again(start_sim, 
     frame = output_of(job).set_index("review_id")
     assert frame.loc["r00003", "error_class"] == "content_filter" and (frame["status"] == "ok").sum() == 11
     assert set(records_per_id(job).values()) == {1}
+
+
+# -- the input edited while its rows sit in live batches ---------------------------------------------------
+
+def write_input(job: Path, table: list[dict[str, Any]]) -> None:
+    pd.DataFrame(table).to_csv(job.parent / "reviews.csv", index=False)
+
+
+def test_rows_deleted_moved_and_appended_while_batches_are_live_merge_by_id(start_sim, make_job, run_cli):
+    sim = start_sim(batch_speed=0)
+    job = batch_job(make_job, sim, count=60, per_file=20)
+    assert run_cli("run", job)[0] == EXIT_BATCHES_LIVE
+    table = rows(60)
+    edited = table[10:30][::-1] + table[45:] + table[30:45] + rows(65)[60:]  # 0-9 deleted, moved, 5 appended
+    write_input(job, edited)
+    code, out, err = run_cli("run", job)
+    assert code == EXIT_BATCHES_LIVE, out + err
+    assert len(sim.stats()["batch_api"]["custom_ids"]) == 65  # only the 5 appended rows in a new batch
+    sim.advance(3600)
+    code, out, err = run_cli("run", job)
+    assert code == 0, out + err
+    frame = output_of(job)
+    assert frame["review_id"].tolist() == [r["review_id"] for r in edited]
+    assert frame["response"].tolist() == [expected_reply(r["text"]) for r in edited]
+    assert "10 answers are for rows no longer in the input" in out
+    assert submitted_twice(sim) == [] and set(records_per_id(job).values()) == {1}
+    assert sim.stats()["requests"] == 0
+
+
+@pytest.fixture(scope="module")
+def two_live_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ledger folder with two live files: rows id0-id24 (file 1) and id25-id40 (file 2), in that input order."""
+    from batch.ledger import Ledger, custom_id
+
+    folder = tmp_path_factory.mktemp("ledger")
+    ledger = Ledger(folder)
+    for number, ids in ((1, range(0, 25)), (2, range(25, 41))):
+        writer = ledger.rows_writer(number)
+        for seq in ids:
+            writer.add(seq, f"id{seq}", custom_id(number, f"id{seq}"), 0, 1)
+        writer.close()
+        ledger.note("file", number, tag="t", rows=len(ids), bytes=1, records_before=0, hold_cost=0.0, hold_tokens=0)
+    ledger.close()
+    return folder
+
+
+@given(kept=st.lists(st.integers(0, 40), unique=True, max_size=30), appended=st.integers(0, 5),
+       random=st.randoms())
+def test_the_rows_of_live_files_are_found_in_an_edited_input_by_id(two_live_files, kept, appended, random):
+    """Whatever rows were deleted, moved or appended, each row of a live file is found where its id is now."""
+    from batch.ledger import Ledger
+
+    ledger = Ledger(two_live_files)
+    edited = [f"id{i}" for i in kept] + [f"new{i}" for i in range(appended)]
+    random.shuffle(edited)
+    ledger.place(lambda: iter([pa.array(edited[:7], pa.string()), pa.array(edited[7:], pa.string())]))
+    now = {row_id: seq for seq, row_id in enumerate(edited)}
+    assert ledger.files[1].seqs.tolist() == [now.get(f"id{i}", -1) for i in range(0, 25)]
+    assert ledger.files[2].seqs.tolist() == [now.get(f"id{i}", -1) for i in range(25, 41)]
