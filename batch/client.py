@@ -85,7 +85,7 @@ class ChatClient:
 
     async def stream(self, body: bytes) -> tuple[dict[str, Any], float | None]:
         """The completion for a request body that asks for a stream, assembled from its events, and the
-        time.perf_counter() of its first content or reasoning token (None when none came); raises Failure.
+        time.perf_counter() of its first content, reasoning or tool-call token (None when none came); raises Failure.
 
         The assembled answer is checked and masked as a non-streamed one is. A server that answers with
         one JSON body instead of a stream is taken at its word.
@@ -236,15 +236,17 @@ def accepted(data: dict[str, Any], maybe_surrogates: bool = True) -> dict[str, A
 class StreamedAnswer:
     """A streamed answer put together from its events (`take` each one's data), as the completion it stands for.
 
-    Deltas of content and reasoning_content are joined; finish_reason, id, model and usage are taken as
-    they come (usage from the last chunk that has one: Zhipu sends it with the finish_reason, OpenAI-style
-    servers in a chunk of their own before [DONE], and only when stream_options.include_usage asks).
+    Deltas of content and reasoning_content are joined, and tool calls put together by their index
+    (ToolCallDeltas); finish_reason, id, model and usage are taken as they come (usage from the last chunk
+    that has one: Zhipu sends it with the finish_reason, OpenAI-style servers in a chunk of their own before
+    [DONE], and only when stream_options.include_usage asks).
     """
 
     def __init__(self) -> None:
         self.first_token_at: float | None = None
         self.content: list[str] = []
         self.reasoning: list[str] = []
+        self.tool_calls = ToolCallDeltas()
         self.top: dict[str, Any] = {}  # id, request_id, model, usage: the answer's own fields
         self.finish_reason: Any = None
         self.done = False
@@ -285,6 +287,10 @@ class StreamedAnswer:
             if piece and self.first_token_at is None:
                 self.first_token_at = time.perf_counter()
             parts.append(piece)
+        if delta.get("tool_calls") is not None:
+            self.tool_calls.take(delta["tool_calls"], f"stream event {self.events}'s choices[0].delta.tool_calls")
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
         if choice.get("finish_reason") is not None:  # type: ignore[union-attr]
             self.finish_reason = choice["finish_reason"]  # type: ignore[index]
 
@@ -296,9 +302,54 @@ class StreamedAnswer:
         if self.finish_reason is None:
             raise Failure("retry", "bad_response", "HTTP 200 whose stream ended without a finish_reason")
         message = {"role": "assistant", "content": "".join(self.content) if self.content else None,
-                   "reasoning_content": "".join(self.reasoning) if self.reasoning else None}
+                   "reasoning_content": "".join(self.reasoning) if self.reasoning else None,
+                   "tool_calls": self.tool_calls.calls() or None}
         return accepted({**self.top, "choices": [{"index": 0, "finish_reason": self.finish_reason,
                                                   "message": message}]})
+
+
+class ToolCallDeltas:
+    """A streamed answer's tool calls, put together from their deltas as the openai SDK does (its accumulate_delta):
+    each delta names its call by `index`; text fields (the id, the function's name, its `arguments` fragments)
+    are joined in order, objects merged, `index` and `type` taken as they come. Parallel calls may interleave.
+    A delta without an index (a server that sends each call whole) is a new call when it brings an id not seen,
+    else more of the last one."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict[str, Any]] = {}
+        self._ids: set[str] = set()
+
+    def take(self, deltas: Any, where: str) -> None:
+        if not isinstance(deltas, list) or not all(isinstance(delta, dict) for delta in deltas):
+            raise _unfit(where, deltas, "a list of objects")
+        for delta in deltas:
+            index, call_id = delta.get("index"), delta.get("id")
+            if type(index) is not int:  # type(): a bool is not an index
+                fresh = isinstance(call_id, str) and call_id not in self._ids
+                index = len(self._calls) if fresh or not self._calls else max(self._calls)
+            if isinstance(call_id, str):
+                self._ids.add(call_id)
+            self._calls[index] = _merged(self._calls.get(index, {}), delta)
+
+    def calls(self) -> list[dict[str, Any]]:
+        """The calls in index order, as a complete message's tool_calls (where a call's place is its index)."""
+        return [{key: value for key, value in self._calls[index].items() if key != "index"}
+                for index in sorted(self._calls)]
+
+
+def _merged(whole: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(whole)
+    for key, value in delta.items():
+        before = merged.get(key)
+        if before is None or key in ("index", "type"):
+            merged[key] = value
+        elif isinstance(before, str) and isinstance(value, str):
+            merged[key] = before + value
+        elif isinstance(before, dict) and isinstance(value, dict):
+            merged[key] = _merged(before, value)
+        elif value is not None:
+            merged[key] = value
+    return merged
 
 
 def check_answer(data: dict[str, Any], maybe_surrogates: bool = True) -> None:
@@ -333,6 +384,8 @@ def check_answer(data: dict[str, Any], maybe_surrogates: bool = True) -> None:
                 raise _unfit(name, value, "valid Unicode text (it holds a lone surrogate)") from None
         if value:
             owners[level][key] = hide_secrets(value)
+    if message.get("tool_calls") is not None:
+        message["tool_calls"] = _checked_calls(message["tool_calls"], maybe_surrogates)
     usage = data.get("usage")
     if usage is None:
         return
@@ -345,6 +398,22 @@ def check_answer(data: dict[str, Any], maybe_surrogates: bool = True) -> None:
         if not isinstance(details, dict):
             raise _unfit("usage.prompt_tokens_details", details, "an object")
         _check_count(details, "cached_tokens", "usage.prompt_tokens_details.")
+
+
+def _checked_calls(calls: Any, maybe_surrogates: bool) -> list[Any]:
+    """message.tool_calls, a list of objects, with the key masked in every text inside (a server may repeat it in a
+    call's arguments); recorded as they came, whatever fields each call has."""
+    if not isinstance(calls, list) or not all(isinstance(call, dict) for call in calls):
+        raise _unfit("choices[0].message.tool_calls", calls, "a list of objects")
+    text = json.dumps(calls, ensure_ascii=False)
+    if maybe_surrogates:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _unfit("choices[0].message.tool_calls", calls, "valid Unicode text (it holds a lone surrogate)") \
+                from None
+    masked = hide_secrets(text)
+    return calls if masked == text else json.loads(masked)
 
 
 def _check_count(owner: dict[str, Any], key: str, prefix: str) -> None:

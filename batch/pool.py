@@ -167,6 +167,8 @@ class Pool:
                 if record["finish_reason"] == "length":
                     cap = f"max_tokens {self.max_tokens}: raise it" if self.max_tokens else "the server's length limit"
                     problem += f" (the answer was cut at {cap})"
+                elif record["tool_calls"] is not None:
+                    problem += " (the model called a tool instead: its calls are in tool_calls)"
                 record.update(status="failed", error_class="bad_json", error=problem)
         return record
 

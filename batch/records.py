@@ -9,6 +9,7 @@ answer, and anything heavier would cost CPU on every row.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import pyarrow as pa
@@ -26,6 +27,7 @@ class Record(TypedDict):
     status: str  # "ok" or "failed"
     response: str | None
     reasoning_content: str | None
+    tool_calls: str | None  # the tools the model called (message.tool_calls), as JSON text; None when it called none
     finish_reason: str | None
     prompt_tokens: int | None
     completion_tokens: int | None
@@ -34,7 +36,7 @@ class Record(TypedDict):
     model: str
     request_id: str | None
     latency_s: float | None
-    ttft_s: float | None  # streamed: seconds to the first content or reasoning token (None when not streamed)
+    ttft_s: float | None  # streamed: seconds to the first content, reasoning or tool-call token (else None)
     attempts: int  # requests sent for it: 0 when the cache answered or the row had no prompt
     error_class: str | None
     error: str | None
@@ -48,6 +50,7 @@ RECORD_SCHEMA = pa.schema([
     ("status", pa.string()),
     ("response", pa.string()),
     ("reasoning_content", pa.string()),
+    ("tool_calls", pa.string()),
     ("finish_reason", pa.string()),
     ("prompt_tokens", pa.int64()),
     ("completion_tokens", pa.int64()),
@@ -71,7 +74,7 @@ assert RECORD_FIELDS == list(Record.__annotations__), "Record and RECORD_SCHEMA 
 # What the final file shows beside each input row: the input has the id, and the row's place and prompt are its own.
 OUTPUT_FIELDS = [name for name in RECORD_FIELDS if name not in ("id", "seq", "prompt_hash")]
 # What the answer cache keeps of an answer: what another row asking the same thing copies.
-CACHED_FIELDS = ("response", "reasoning_content", "finish_reason", "prompt_tokens", "completion_tokens",
+CACHED_FIELDS = ("response", "reasoning_content", "tool_calls", "finish_reason", "prompt_tokens", "completion_tokens",
                  "total_tokens", "model", "request_id")
 # What an answer cost: a row's record holds the sum over all its answers (add_paid_before).
 TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -94,6 +97,7 @@ def answer_record(row: Row, data: dict[str, Any], latency: float, attempts: int,
         "id": row.id, "seq": row.seq, "status": "ok",
         "response": message.get("content"),
         "reasoning_content": message.get("reasoning_content"),
+        "tool_calls": json.dumps(message["tool_calls"], ensure_ascii=False) if message.get("tool_calls") else None,
         "finish_reason": choice.get("finish_reason"),
         "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
         "total_tokens": total_tokens(usage),
@@ -110,8 +114,8 @@ def failed_record(row: Row, error_class: str, error: str, attempts: int, model: 
     """The record of a row that got no usable answer (its error redacted: it is written to disk)."""
     return {
         "id": row.id, "seq": row.seq, "status": "failed", "response": None, "reasoning_content": None,
-        "finish_reason": None, "prompt_tokens": None, "completion_tokens": None, "total_tokens": None,
-        "cost": None, "model": model, "request_id": None, "latency_s": None, "ttft_s": None,
+        "tool_calls": None, "finish_reason": None, "prompt_tokens": None, "completion_tokens": None,
+        "total_tokens": None, "cost": None, "model": model, "request_id": None, "latency_s": None, "ttft_s": None,
         "attempts": attempts,
         "error_class": error_class, "error": redact(error), "cache_hit": False, "prompt_hash": row.prompt_hash,
     }

@@ -21,7 +21,8 @@ request only), ``[[garbagechunk:N]]`` (an event that is not JSON after N),
 ``[[stall:N]]`` (silent for ``hang_s`` after N events, or after them all), ``[[nodone]]`` (no
 ``data: [DONE]``), ``[[tornend]]`` (the connection dropped after the last event, before the chunked
 body's end, as llama-cpp-python's server was seen to do), ``[[nostream]]`` (one JSON body, as a server
-that ignores ``stream`` answers).
+that ignores ``stream`` answers).  ``[[toolcalls:N]]`` answers with N tool calls and no content, streamed as
+deltas by index with the arguments in pieces, the calls interleaved (`tool_call_deltas`).
 ``echo_key`` makes every error message and reply quote the Authorization header the request
 carried, as a careless server might.  An outage that ends is ``SimConfig(down_for_requests=N)``: the first N requests
 get 503 with code 1305 (``down_as="503"``) or a proxy's HTML 502 page (``down_as="html"``), the
@@ -64,7 +65,7 @@ _CJK = "\u3400-\u9fff\uf900-\ufaff"
 _TOKEN_RE = re.compile(f"[{_CJK}]|[^\\W{_CJK}]+|[^\\w\\s]")
 _MARKER_RE = re.compile(
     r"\[\[(error|flaky|malformed|nochoices|hang|reset|slow|bigbody|bigstream|"
-    r"cutstream|garbagechunk|errorchunk|stall|nodone|nostream|tornend|badjson|fenced)(?::([^\]]*))?\]\]")
+    r"cutstream|garbagechunk|errorchunk|stall|nodone|nostream|tornend|badjson|fenced|toolcalls)(?::([^\]]*))?\]\]")
 _SCHEMA_BLOCK_RE = re.compile(r"```json\s*(.*?)\s*```", re.DOTALL)
 _SET_RE = re.compile(r"\[\[set:([\w.]+)=([^\]]*)\]\]")
 _MALFORMED_BODY = b'{"id": "x", "choices": ['
@@ -272,6 +273,7 @@ class ChatRequest:
     stream: bool = False  # answer with server-sent events
     include_usage: bool = False  # stream_options.include_usage: usage in a chunk of its own (the /v1 dialect)
     schema: dict[str, Any] | None = None  # the JSON Schema the answer is asked to match (requested_schema)
+    tools: tuple[str, ...] = ()  # the names of the functions in `tools`, which [[toolcalls:N]] calls
 
 
 def parse_chat(body: Any) -> ChatRequest:
@@ -289,7 +291,27 @@ def parse_chat(body: Any) -> ChatRequest:
                        max_tokens=None if max_tokens is None else int(max_tokens), json_mode=json_mode,
                        prompt=last_user_text(messages), stream=body.get("stream") is True,
                        include_usage=isinstance(options, dict) and options.get("include_usage") is True,
-                       schema=requested_schema(body) if json_mode else None)
+                       schema=requested_schema(body) if json_mode else None, tools=tool_names(body))
+
+
+def tool_names(body: dict[str, Any]) -> tuple[str, ...]:
+    """The function names a request offers in `tools` ([{"type": "function", "function": {"name": ...}}])."""
+    tools = body.get("tools")
+    if not isinstance(tools, list):
+        return ()
+    return tuple(str(tool["function"].get("name")) for tool in tools
+                 if isinstance(tool, dict) and isinstance(tool.get("function"), dict))
+
+
+def tool_calls_for(chat: ChatRequest, count: int) -> list[dict[str, Any]]:
+    """[[toolcalls:N]]: N calls, to the request's tools in turn ("lookup" when it offers none), with arguments drawn
+    from the prompt: a pure function of the request (the ids are the prompt's hash)."""
+    digest = hashlib.sha256(chat.prompt.encode("utf-8")).hexdigest()[:8]
+    names = chat.tools or ("lookup",)
+    return [{"id": f"call_{digest}_{i}", "type": "function",
+             "function": {"name": names[i % len(names)],
+                          "arguments": json.dumps({"query": chat.prompt[:40], "call": i}, ensure_ascii=False)}}
+            for i in range(count)]
 
 
 def markers_of(prompt: str) -> dict[str, str]:
@@ -615,9 +637,14 @@ class Simulator:
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if "[[think]]" in chat.prompt:  # a thinking model's reasoning, as GLM-4.5+ returns it
             message["reasoning_content"] = f"reasoning about: {chat.prompt[:32]}"
+        prompt_tokens, completion_tokens = result["prompt_tokens"], result["completion_tokens"]
+        if "toolcalls" in markers:  # the model calls tools instead of answering, as OpenAI and GLM do
+            calls = tool_calls_for(chat, int(_number(markers["toolcalls"] or "1", 1)))
+            message.update(content=None, tool_calls=calls)
+            result["finish_reason"] = "tool_calls"
+            completion_tokens = sum(count_tokens(json.dumps(call["function"])) for call in calls)
         choices = [] if nochoices else [{
             "index": 0, "finish_reason": result["finish_reason"], "message": message}]
-        prompt_tokens, completion_tokens = result["prompt_tokens"], result["completion_tokens"]
         answer = {
             "id": request_id, "request_id": request_id, "object": "chat.completion",
             "created": int(time.time()), "model": chat.model, "choices": choices,
@@ -656,6 +683,8 @@ class Simulator:
                 continue
             for start in range(0, len(text), _SSE_PIECE_CHARS):
                 add({"delta": {"role": "assistant", key: text[start:start + _SSE_PIECE_CHARS]}})
+        for delta in tool_call_deltas(message.get("tool_calls")):
+            add({"delta": {"tool_calls": [delta]}})
         usage = {"usage": answer["usage"]} if wants_usage and "usage" in answer else {}
         add({"delta": {}, "finish_reason": choice.get("finish_reason")}, **(usage if zhipu else {}))
         if usage and not zhipu:
@@ -738,6 +767,29 @@ class Simulator:
             transport.abort()
         # aiohttp fails to write this to the dead transport and drops it quietly.
         return web.Response(status=200)
+
+
+def tool_call_deltas(calls: Any) -> list[Any]:
+    """Tool calls as a stream sends them, one delta per event, each naming its call by index: first the call's id,
+    type and name with empty arguments, then its arguments in pieces; the pieces of parallel calls interleaved, which
+    a client must put together by index. A value [[set:...]] made odd is sent as it is, in one delta."""
+    if not isinstance(calls, list) or not all(isinstance(call, dict) for call in calls):
+        return [] if calls is None else [calls]
+    per_call = []
+    for index, call in enumerate(calls):
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        arguments = function.get("arguments")
+        head = {"index": index, **{k: v for k, v in call.items() if k != "function"},
+                "function": {**function, "arguments": ""}}
+        if not isinstance(arguments, str):
+            per_call.append([{**head, "function": function}])
+            continue
+        pieces = [arguments[start:start + _SSE_PIECE_CHARS] for start in range(0, len(arguments), _SSE_PIECE_CHARS)]
+        per_call.append([head, *({"index": index, "function": {"arguments": piece}} for piece in pieces)])
+    interleaved = []
+    for turn in range(max((len(deltas) for deltas in per_call), default=0)):
+        interleaved.extend(deltas[turn] for deltas in per_call if turn < len(deltas))
+    return interleaved
 
 
 def _set_field(answer: dict[str, Any], path: str, text: str) -> None:
