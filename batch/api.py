@@ -48,10 +48,11 @@ from batch.errors import (
 )
 from batch.estimate import estimate as estimate_job
 from batch.failures import should_send
+from batch.final import is_current, output_settings, reply_columns
 from batch.logs import SECRETS, RedactSecrets, add_file_log, keep_secret, make_formatter, redact
 from batch.preflight import check_output_path, preflight, resolve
 from batch.records import OUTPUT_FIELDS, RECORD_FIELDS, RECORD_SCHEMA
-from batch.replies import JSON_PREFIX, ReplyColumns
+from batch.replies import JSON_PREFIX
 from batch.runner import Run, RunOptions
 from batch.schema import json_output_for
 from batch.status import id_batches, job_status, open_input, row_states
@@ -288,9 +289,12 @@ def read_results(job: Job) -> pd.DataFrame:
         checkpoint = Checkpoint(spec.checkpoint_dir)  # one reader: a damaged file is read, and warned of, once
         total, states = row_states(spec, table, checkpoint)
         counts = states.counts(id_batches(table))
-        if counts.ok + counts.failed == total and not checkpoint.newer_than(spec.output.path, spec.input.path):
+        json_output = json_output_for(spec)  # with a json_schema, its columns are typed by it, as in the output
+        schema = json_output.schema if json_output else None
+        if counts.ok + counts.failed == total and \
+                is_current(spec.output.path, checkpoint, spec.input.path, output_settings(spec, schema)):
             return pq.read_table(spec.output.path).to_pandas()
-        return _answers_so_far(spec, table, checkpoint, states)
+        return _answers_so_far(spec, schema, table, checkpoint, states)
 
 
 def status(job: Job) -> dict[str, Any]:
@@ -632,9 +636,10 @@ def _beside(frame: pd.DataFrame, ids: list[str], results: pd.DataFrame, result: 
     return joined
 
 
-def _answers_so_far(spec: JobSpec, table: Any, checkpoint: Checkpoint, states: Any) -> pd.DataFrame:
+def _answers_so_far(spec: JobSpec, schema: dict[str, Any] | None, table: Any, checkpoint: Checkpoint, states: Any
+                    ) -> pd.DataFrame:
     """The final table's columns from the checkpoint as it is (a live run's log included): each row's last record,
-    or "pending"."""
+    or "pending"; `schema`: output.json_schema as read."""
     import pandas as pd
 
     id_out, keep = spec.id_column_out, spec.output.keep_columns
@@ -652,10 +657,8 @@ def _answers_so_far(spec: JobSpec, table: Any, checkpoint: Checkpoint, states: A
     answers = last.to_pandas().set_index("id").reindex(rows[id_out].tolist())
     answers.index = rows.index
     parts = [rows, answers]
-    if spec.output.parse_json:
-        json_output = json_output_for(spec)  # with a json_schema, its columns are typed by it, as in the output
-        replies = ReplyColumns([last.select(["status", "response"])], spec.output.json_columns,
-                               {id_out, *keep, *RECORD_FIELDS}, json_output.schema if json_output else None)
+    replies = reply_columns(spec, schema, [last.select(["status", "response"])])
+    if replies is not None:
         aligned = pa.Table.from_pandas(answers[["status", "response"]], preserve_index=False)
         parts.append(pd.DataFrame(dict(replies.columns(aligned)), index=rows.index))
     for part in parts[1:]:

@@ -8,8 +8,10 @@ window's reply columns are made from the records read for it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -18,14 +20,46 @@ import pyarrow.parquet as pq
 
 from batch.answered import RowStates
 from batch.atomic import write_atomic
-from batch.records import DICTIONARY_FIELDS, OUTPUT_FIELDS, RECORD_SCHEMA
+from batch.config import JobSpec
+from batch.records import DICTIONARY_FIELDS, OUTPUT_FIELDS, RECORD_FIELDS, RECORD_SCHEMA
 from batch.replies import ReplyColumns
-from batch.writer import RowGroups
+from batch.writer import Checkpoint, RowGroups
 
 WINDOW_ROWS = 4096  # input rows per read of the checkpoint: its records arrive a row group at a time
 # Rows per row group of the output. The writer holds ~30 KB of metadata per row group until it closes
 # (7 MB at a million rows in 4,096-row groups), and the rows of one group until it is written.
 ROW_GROUP_ROWS = 16_384
+# The final file's footer key holding the settings it was written with (output_settings).
+SETTINGS_KEY = b"batch.output_settings"
+
+
+def output_settings(spec: JobSpec, schema: dict[str, Any] | None) -> str:
+    """What shapes the final file beside the records and the input, as JSON text: its id and kept columns, and
+    the reply columns (`schema`: output.json_schema as read, which a --force resume may have changed)."""
+    out = spec.output
+    return json.dumps({"id_column": spec.id_column_out, "keep_columns": out.keep_columns, "parse_json": out.parse_json,
+                       "json_columns": out.json_columns, "json_schema": schema},
+                      ensure_ascii=False, sort_keys=True, default=str)
+
+
+def is_current(path: Path, checkpoint: Checkpoint, source: Path, settings: str) -> bool:
+    """Whether the final file at `path` is what writing it now would give: no record or `source` (the input) newer
+    than it, and written with these `settings` (an edited schema or kept columns, resumed with --force, are not)."""
+    if checkpoint.newer_than(path, source):
+        return False
+    try:
+        footer = pq.read_metadata(path).metadata or {}
+    except (OSError, pa.ArrowException):  # unreadable: written again
+        return False
+    return footer.get(SETTINGS_KEY) == settings.encode("utf-8")
+
+
+def reply_columns(spec: JobSpec, schema: dict[str, Any] | None, replies: Iterable[pa.Table]) -> ReplyColumns | None:
+    """The reply columns of a parse_json job (None without), from each id's last status and response."""
+    out = spec.output
+    if not out.parse_json:
+        return None
+    return ReplyColumns(replies, out.json_columns, {spec.id_column_out, *out.keep_columns, *RECORD_FIELDS}, schema)
 
 
 class LastRecords:
@@ -56,9 +90,9 @@ class LastRecords:
 
 def write_final(path: Path, input_batches: Iterator[tuple[pa.RecordBatch, pa.Array]], id_out: str,
                 keep_columns: list[str], records: LastRecords, replies: ReplyColumns | None = None,
-                window_rows: int = WINDOW_ROWS) -> int:
+                window_rows: int = WINDOW_ROWS, settings: str = "") -> int:
     """Every input row once, in input order, beside its last record (and its reply's columns, with `replies`),
-    reading the checkpoint for `window_rows` input rows at a time.
+    reading the checkpoint for `window_rows` input rows at a time; `settings` (output_settings) in its footer.
 
     Written atomically (batch.atomic): a failed write leaves nothing that looks like output.
     """
@@ -66,7 +100,8 @@ def write_final(path: Path, input_batches: Iterator[tuple[pa.RecordBatch, pa.Arr
 
     def write(tmp: Path) -> None:
         nonlocal written
-        written = _write_rows(tmp, _windows(input_batches, window_rows), id_out, keep_columns, records, replies)
+        written = _write_rows(tmp, _windows(input_batches, window_rows), id_out, keep_columns, records, replies,
+                              settings)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, write)
@@ -74,7 +109,7 @@ def write_final(path: Path, input_batches: Iterator[tuple[pa.RecordBatch, pa.Arr
 
 
 def _write_rows(tmp: Path, windows: Iterator[list[tuple[pa.RecordBatch, pa.Array]]], id_out: str,
-                keep_columns: list[str], records: LastRecords, replies: ReplyColumns | None) -> int:
+                keep_columns: list[str], records: LastRecords, replies: ReplyColumns | None, settings: str) -> int:
     writer = None
     written = flushed = 0  # rows read, rows written out
     held: list[pa.Table] = []
@@ -89,24 +124,33 @@ def _write_rows(tmp: Path, windows: Iterator[list[tuple[pa.RecordBatch, pa.Array
                 columns.update(zip(OUTPUT_FIELDS, answers.slice(at, batch.num_rows).columns))
                 columns.update((name, values.slice(at, batch.num_rows)) for name, values in parsed)
                 at += batch.num_rows
-                held.append(pa.table(columns))
+                held.append(_table(columns, replies))
             written += len(ids)
             if written - flushed >= ROW_GROUP_ROWS:
-                writer = _write_group(writer, tmp, held)
+                writer = _write_group(writer, tmp, held, settings)
                 held, flushed = [], written
         if held:
-            writer = _write_group(writer, tmp, held)
+            writer = _write_group(writer, tmp, held, settings)
     finally:
         if writer is not None:
             writer.close()
     return written
 
 
-def _write_group(writer: pq.ParquetWriter | None, tmp: Path, tables: list[pa.Table]) -> pq.ParquetWriter:
+def _table(columns: dict[str, pa.Array], replies: ReplyColumns | None) -> pa.Table:
+    """The window's columns as a table, the reply columns with their fields' metadata (which say JSON text)."""
+    fields = {field.name: field for field in replies.fields} if replies is not None else {}
+    return pa.table(columns, schema=pa.schema([fields.get(name) or pa.field(name, values.type)
+                                               for name, values in columns.items()]))
+
+
+def _write_group(writer: pq.ParquetWriter | None, tmp: Path, tables: list[pa.Table], settings: str
+                 ) -> pq.ParquetWriter:
     """One row group, whatever size the input's batches are."""
     table = pa.concat_tables(tables)
     if writer is None:
-        writer = pq.ParquetWriter(tmp, table.schema, use_dictionary=DICTIONARY_FIELDS)
+        writer = pq.ParquetWriter(tmp, table.schema.with_metadata({SETTINGS_KEY: settings.encode("utf-8")}),
+                                  use_dictionary=DICTIONARY_FIELDS)
     writer.write_table(table)
     return writer
 

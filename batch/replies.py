@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -13,94 +14,148 @@ import pyarrow.compute as pc
 
 log = logging.getLogger("batch")
 TEXT = pa.string()  # a string column, and JSON text
-JSON_PREFIX = "json_"  # a reply key named like a column the output has already is written as json_KEY
+JSON_PREFIX = "json_"  # a reply key named like a column the output has already is written as json_KEY (column_names)
+# The field metadata of a string column (or struct field, or list item) that holds each value's JSON text (a string
+# in quotes, so 5 and "5" differ) rather than the strings themselves: where values of several JSON types meet.
+JSON_TEXT = {"batch": "json"}
+MAX_DEPTH = 100  # JSON nesting a reply may have: deeper, the validator and writers would exhaust Python's stack
+INT64_RANGE = range(-(2**63), 2**63)
+EXACT_FLOAT_INTS = range(-(2**53), 2**53 + 1)  # the integers every float64 holds exactly
 
-# Models asked for JSON still wrap it in a Markdown fence now and then.
-FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)
+# Models asked for JSON still wrap it in a Markdown code fence now and then: backticks or tildes, three or more, with
+# any info string (json, JSON, " json", jsonc, ...) or none; the closing fence is the opening one's characters.
+FENCE = re.compile(r"\A\s*(?P<fence>`{3,}|~{3,})(?:[^\n`]*\n|[ \t]*[A-Za-z][\w.+-]*)?(?P<body>.*?)(?P=fence)[`~]*\s*\Z",
+                   re.DOTALL)
+# The only way a JSON text spells a lone surrogate: an escape of one half of a pair (a whole pair reads as one
+# character). No UTF-8 file can hold one.
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def parse_reply(text: str | None) -> dict[str, Any]:
-    """The reply's JSON object; ValueError (with a short reason) when it is not one."""
+    """The reply's JSON object; ValueError (with a short reason) when it is not one that every column can keep."""
     if text is None or not text.strip():
         raise ValueError("the reply is empty")
     fenced = FENCE.match(text)
+    body = fenced.group("body") if fenced else text
     try:
-        value = json.loads(fenced.group(1) if fenced else text)
+        value = json.loads(body)
     except json.JSONDecodeError as exc:
         raise ValueError(f"the reply is not JSON: {exc.msg} at character {exc.pos}") from None
+    except RecursionError:  # the parser's own limit, near 1,000 levels
+        raise ValueError(f"the reply nests deeper than {MAX_DEPTH} levels") from None
+    except ValueError:  # the only other: Python reads no integer of more digits than sys.get_int_max_str_digits()
+        raise ValueError(f"the reply holds an integer of more than {sys.get_int_max_str_digits()} digits") from None
     if not isinstance(value, dict):
         raise ValueError(f"the reply is JSON but not an object (a {type(value).__name__})")
+    _check_keepable(value, body)
     return value
+
+
+def _check_keepable(reply: dict[str, Any], text: str) -> None:
+    """ValueError when `reply` (parsed from `text`) nests deeper than MAX_DEPTH or holds a lone surrogate in a key
+    or a string. The walk runs only when `text` could hold either: a reply is checked as it arrives."""
+    deep = text.count("{") + text.count("[") > MAX_DEPTH
+    if not deep and SURROGATE_ESCAPE.search(text) is None:
+        return
+    stack: list[tuple[Any, int]] = [(reply, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"the reply nests deeper than {MAX_DEPTH} levels")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            for text_in_it in (key, item):
+                if isinstance(text_in_it, str) and (lone := LONE_SURROGATE.search(text_in_it)):
+                    raise ValueError(f"the reply holds a lone surrogate ({json.dumps(lone.group())}), "
+                                     "which is not text: no file can keep it")
+            if isinstance(item, (dict, list)):
+                stack.append((item, depth + 1))
 
 
 class ReplyColumns:
     """One column per top-level key (or per `wanted` key) of the ok rows' replies, built a window of rows at a time.
 
-    With a `schema` (output.json_schema), the keys it names come first, typed by it (batch.schema.arrow_type:
-    nested objects and arrays as structs and lists where it fixes their shape); keys it does not name (when it
-    allows them) are found in the replies. Those are typed by their values: nested values stay JSON text, and a
-    key whose replies disagree on the type (1 here, "1" there) becomes text, so every column has one type. A key
-    that clashes with a column already in the output gets a `json_` prefix. The keys and their types are found
-    first, in one pass over the checkpoint's last records, so no window needs the replies of another.
+    With a `schema` (output.json_schema), the keys it names come first, typed by it (schema_field: nested objects
+    and arrays as structs and lists where it fixes their shape); keys it does not name (when it allows them) are
+    found in the replies and typed by their values (inferred_field). Every value is kept exactly: a column whose
+    type cannot hold one of its values exactly (an integer beyond int64, or beyond what float64 holds exactly in a
+    number column) is JSON text instead. A key that clashes with a column already in the output gets a `json_`
+    prefix, as many as it takes to name no other column. The keys and their types are found first, in one pass over
+    the checkpoint's last records, so no window needs the replies of another.
     """
 
     def __init__(self, replies: Iterable[pa.Table], wanted: list[str] | None, taken: set[str],
                  schema: dict[str, Any] | None = None) -> None:
         """`replies`: the status and response of each id's last record, in write order (Checkpoint.chosen_records)."""
-        typed = column_types(schema) if schema is not None else {}
-        kinds: dict[str, set[type]] = {key: set() for key in (wanted if wanted is not None else typed)}
-        held: dict[str, int] = dict.fromkeys(kinds, 0)  # replies holding a value for the key
-        parsed = 0
-        if any(key not in typed for key in kinds) or (wanted is None and (schema is None or allows_other_keys(schema))):
-            for table in replies:
-                for reply in _parsed(table):
-                    parsed += 1
-                    for key in wanted if wanted is not None else reply:
-                        if key in typed:
-                            continue
-                        value = _cell(reply.get(key))
-                        kinds.setdefault(key, set())
-                        if value is not None:
-                            kinds[key].add(type(value))
-                            held[key] = held.get(key, 0) + 1
+        typed = column_fields(schema) if schema is not None else {}
+        kinds: dict[str, set[str]] = {key: set() for key in (wanted if wanted is not None else typed)}
+        too_wide: set[str] = set()  # typed keys with a value their type cannot hold exactly
+        open_keys = wanted is None and (schema is None or allows_other_keys(schema))
+        for table in replies:
+            for reply in _parsed(table):
+                for key in wanted if wanted is not None else (reply if open_keys else typed):
+                    value = reply.get(key)
+                    if key in typed:
+                        if key not in too_wide and not _fits_exactly(value, typed[key]):
+                            too_wide.add(key)
+                    else:
+                        kinds.setdefault(key, set()).add(value_kind(value))
+        for key in too_wide:
+            log.warning("output.json_schema: key %r holds a value its type (%s) cannot hold exactly (an integer "
+                        "too large for it): its column is JSON text", key, typed[key].type)
         self.keys = list(kinds)
-        self.names = [JSON_PREFIX + key if key in taken else key for key in self.keys]
-        self.as_text = {key for key, found in kinds.items()
-                        if key not in typed and len(found) > 1 and found != {int, float}}
-        self.types = [typed[key] if key in typed else
-                      _arrow_type(kinds[key], held.get(key, 0) < parsed, key in self.as_text) for key in self.keys]
-        self.typed = {key for key in self.keys if key in typed}
+        names = column_names(self.keys, taken)
+        self.fields = [json_text_field(name) if key in too_wide else
+                       typed[key].with_name(name) if key in typed else inferred_field(name, kinds[key])
+                       for key, name in zip(self.keys, names)]
+        self.typed = {key for key in self.keys if key in typed and key not in too_wide}
         self._misfits_told: set[str] = set()
+
+    @property
+    def names(self) -> list[str]:
+        return [field.name for field in self.fields]
 
     def columns(self, answers: pa.Table) -> list[tuple[str, pa.Array]]:
         """The reply columns of a window of rows, from their records' status and response (nulls where none)."""
         replies = _parsed(answers, keep_rows=True)
         found = []
-        for key, name, type_ in zip(self.keys, self.names, self.types):
+        for key, field in zip(self.keys, self.fields):
             values = [None if reply is None else reply.get(key) for reply in replies]
-            if key in self.typed:
-                values = self._fitted(key, values, type_)
-            else:
-                values = [_cell(value) for value in values]
-                if key in self.as_text:
-                    values = _as_text(values)
-            found.append((name, pa.array(values, type=type_, from_pandas=True)))  # a NaN reads as null
+            values = self._fitted(key, values, field) if key in self.typed else [fit(v, field) for v in values]
+            found.append((field.name, pa.array(values, type=field.type, from_pandas=True)))  # a NaN reads as null
         return found
 
-    def _fitted(self, key: str, values: list[Any], type_: pa.DataType) -> list[Any]:
+    def _fitted(self, key: str, values: list[Any], field: pa.Field) -> list[Any]:
         """The values as the schema types them; one that does not fit (a reply checked against an earlier schema,
         resumed with --force) is null, and said once: its reply is in the response column."""
         fitted = []
         for value in values:
             try:
-                fitted.append(fit(value, type_))
+                fitted.append(fit(value, field))
             except Misfit:
                 fitted.append(None)
                 if key not in self._misfits_told:
                     self._misfits_told.add(key)
                     log.warning("output.json_schema: a value of key %r does not have the schema's type (%s): left "
-                                "null in its column (the response column has the whole reply)", key, type_)
+                                "null in its column (the response column has the whole reply)", key, field.type)
         return fitted
+
+
+def column_names(keys: list[str], taken: set[str]) -> list[str]:
+    """The column of each reply key: the key itself, or for one that clashes with a column in `taken`, the key with
+    `json_` prefixes until it names neither such a column nor another key's."""
+    used = set(taken) | {key for key in keys if key not in taken}
+    names = []
+    for key in keys:
+        name = key
+        if key in taken:
+            name = JSON_PREFIX + key
+            while name in used:
+                name = JSON_PREFIX + name
+            used.add(name)
+        names.append(name)
+    return names
 
 
 def _parsed(table: pa.Table, keep_rows: bool = False) -> list[dict[str, Any] | None]:
@@ -120,25 +175,52 @@ def _parsed(table: pa.Table, keep_rows: bool = False) -> list[dict[str, Any] | N
     return replies
 
 
-def _arrow_type(kinds: set[type], missing: bool, as_text: bool) -> pa.DataType:
-    """The column's type, as the replies' values give it: an integer column with a gap is a float column."""
-    if as_text or kinds == {str}:
-        return pa.string()
+# -- the type of a column the replies' values give -------------------------------------------------
+def value_kind(value: Any) -> str:
+    """What a value needs of its column: its JSON type, integers split by the Arrow types that hold them exactly."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer" if value in EXACT_FLOAT_INTS else "int64" if value in INT64_RANGE else "wide"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "json"  # an object or an array: JSON text
+
+
+KIND_TYPES = {"boolean": pa.bool_(), "string": pa.string(), "integer": pa.int64(), "int64": pa.int64(),
+              "number": pa.float64()}
+
+
+def inferred_field(name: str, kinds: set[str]) -> pa.Field:
+    """A column of values of these kinds: their common type, where one holds them all exactly (integers and
+    numbers: float64, when every integer is one float64 holds exactly); JSON text otherwise."""
+    kinds = kinds - {"null"}
     if not kinds:
-        return pa.null()
-    if kinds == {bool}:
-        return pa.bool_()
-    if kinds == {int} and not missing:
-        return pa.int64()
-    return pa.float64()
+        return pa.field(name, pa.null())
+    if kinds <= {"integer", "int64"}:
+        return pa.field(name, pa.int64())
+    if kinds <= {"integer", "number"}:
+        return pa.field(name, pa.float64())
+    if len(kinds) == 1 and next(iter(kinds)) in KIND_TYPES:
+        return pa.field(name, KIND_TYPES[next(iter(kinds))])
+    return json_text_field(name)
 
 
-def _as_text(values: list[Any]) -> list[Any]:
-    return [None if v is None else (v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)) for v in values]
+def json_text_field(name: str) -> pa.Field:
+    return pa.field(name, pa.string(), metadata=JSON_TEXT)
 
 
-def _cell(value: Any) -> Any:
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
+def holds_json_text(field: pa.Field) -> bool:
+    return field.metadata is not None and field.metadata.get(b"batch") == b"json"
+
+
+def json_text(value: Any) -> str | None:
+    """A value's JSON text (None stays null): exact, a big integer's digits included."""
+    return None if value is None else json.dumps(value, ensure_ascii=False)
 
 
 # -- the columns output.json_schema gives ---------------------------------------------------------
@@ -146,12 +228,16 @@ class Misfit(ValueError):
     """A value that does not have its column's type (a reply checked against another schema)."""
 
 
-def column_types(schema: dict[str, Any]) -> dict[str, pa.DataType]:
-    """The Arrow type of each top-level key the schema names, in its order."""
+class TooWide(ValueError):
+    """A value of its column's JSON type that the column's Arrow type cannot hold exactly (an integer beyond int64)."""
+
+
+def column_fields(schema: dict[str, Any]) -> dict[str, pa.Field]:
+    """The column of each top-level key the schema names, in its order."""
     properties = schema.get("properties")
     if not isinstance(properties, dict):
         return {}
-    return {key: arrow_type(sub) for key, sub in properties.items()}
+    return {key: schema_field(key, sub) for key, sub in properties.items()}
 
 
 def allows_other_keys(schema: dict[str, Any]) -> bool:
@@ -160,15 +246,21 @@ def allows_other_keys(schema: dict[str, Any]) -> bool:
 
 
 def arrow_type(schema: Any) -> pa.DataType:
-    """The Arrow type of a value the schema describes: integer, number, boolean and string (enum and const too) as
+    """The Arrow type of a value the schema describes (schema_field)."""
+    return schema_field("", schema).type
+
+
+def schema_field(name: str, schema: Any) -> pa.Field:
+    """The field of a value the schema describes: integer, number, boolean and string (enum and const too) as
     themselves; an object as a struct and an array as a list where the schema fixes their shape (an object's
-    properties with additionalProperties false, an array's items); JSON text otherwise."""
+    properties with additionalProperties false, an array's items); JSON text otherwise (a union, an open object)."""
     if not isinstance(schema, dict):
-        return TEXT
+        return json_text_field(name)
     schema = _without_null_branch(schema)
     if "const" in schema or "enum" in schema:
         values = [schema["const"]] if "const" in schema else schema["enum"]
-        return _type_of_values(values) if isinstance(values, list) else TEXT
+        return inferred_field(name, {value_kind(v) for v in values}) if isinstance(values, list) and values \
+            else json_text_field(name)
     kind = schema.get("type")
     if isinstance(kind, list):
         kinds = set(kind) - {"null"}
@@ -176,13 +268,13 @@ def arrow_type(schema: Any) -> pa.DataType:
     if kind is None and "properties" in schema:
         kind = "object"
     if kind in SIMPLE_TYPES:
-        return SIMPLE_TYPES[kind]
+        return pa.field(name, SIMPLE_TYPES[kind])
     if kind == "object" and isinstance(schema.get("properties"), dict) and schema["properties"] \
             and not allows_other_keys(schema):
-        return pa.struct([(key, arrow_type(sub)) for key, sub in schema["properties"].items()])
+        return pa.field(name, pa.struct([schema_field(key, sub) for key, sub in schema["properties"].items()]))
     if kind == "array" and isinstance(schema.get("items"), dict) and "prefixItems" not in schema:
-        return pa.list_(arrow_type(schema["items"]))
-    return TEXT
+        return pa.field(name, pa.list_(schema_field("item", schema["items"])))
+    return json_text_field(name)
 
 
 SIMPLE_TYPES = {"integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_(), "string": pa.string()}
@@ -198,44 +290,50 @@ def _without_null_branch(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def _type_of_values(values: list[Any]) -> pa.DataType:
-    kinds = {type(value) for value in values if value is not None}
-    if kinds == {str}:
-        return pa.string()
-    if kinds == {bool}:
-        return pa.bool_()
-    if kinds == {int}:
-        return pa.int64()
-    if kinds and kinds <= {int, float}:
-        return pa.float64()
-    return TEXT
-
-
-INT64_RANGE = range(-(2**63), 2**63)
-
-
-def fit(value: Any, type_: pa.DataType) -> Any:
-    """`value` (from a reply's JSON) as `type_` holds it: text for a string column (JSON text for a value that is
-    not a string), a dict of the struct's fields, a list of the items; Misfit when it has another type."""
+def fit(value: Any, field: pa.Field) -> Any:
+    """`value` (from a reply's JSON) as `field` holds it: JSON text in a JSON text field, a dict of a struct's
+    fields, a list of the items; Misfit when it has another JSON type, TooWide when the type cannot hold it exactly."""
     if value is None:
         return None
+    if holds_json_text(field):
+        return json_text(value)
+    type_ = field.type
     if pa.types.is_string(type_):
-        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    if pa.types.is_boolean(type_):
+        if isinstance(value, str):
+            return value
+    elif pa.types.is_boolean(type_):
         if isinstance(value, bool):
             return value
     elif pa.types.is_integer(type_):
         # JSON Schema's integer is a number with no fraction: 2.0 is one.
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer() \
-                and int(value) in INT64_RANGE:
-            return int(value)
+        whole = value if isinstance(value, int) and not isinstance(value, bool) else \
+            int(value) if isinstance(value, float) and value.is_integer() else None
+        if whole is not None:
+            if whole not in INT64_RANGE:
+                raise TooWide(f"{value!r} is beyond int64")
+            return whole
     elif pa.types.is_floating(type_):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value not in EXACT_FLOAT_INTS:
+                raise TooWide(f"{value!r} is beyond what float64 holds exactly")
             return float(value)
     elif pa.types.is_struct(type_):
         if isinstance(value, dict):
-            return {field.name: fit(value.get(field.name), field.type) for field in type_}
+            return {child.name: fit(value.get(child.name), child) for child in type_}
     elif pa.types.is_list(type_):
         if isinstance(value, list):
-            return [fit(item, type_.value_type) for item in value]
+            return [fit(item, type_.value_field) for item in value]
     raise Misfit(f"{value!r} is not {type_}")
+
+
+def _fits_exactly(value: Any, field: pa.Field) -> bool:
+    """Whether `field`'s type holds `value` exactly; a value of another JSON type (Misfit) is left null, not widened."""
+    try:
+        fit(value, field)
+    except TooWide:
+        return False
+    except Misfit:
+        pass
+    return True

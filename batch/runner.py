@@ -25,7 +25,7 @@ from batch.errors import (
     ConfigError,
 )
 from batch.executor import Answerer, Pending, Stop
-from batch.final import LastRecords, write_final
+from batch.final import LastRecords, is_current, output_settings, reply_columns, write_final
 from batch.guard import RunLock, check_fingerprint, end_run, mark_running
 from batch.ledger import Ledger, describe
 from batch.online import OnlineAnswerer, cache_write_error
@@ -35,8 +35,7 @@ from batch.pricing import Pricer, batch_pricer
 from batch.process import give_back_freed_memory
 from batch.prompts import RowPromptError
 from batch.reader import Skipped
-from batch.records import PAID_FIELDS, RECORD_FIELDS, Record, add_paid_before, failed_record
-from batch.replies import ReplyColumns
+from batch.records import PAID_FIELDS, Record, add_paid_before, failed_record
 from batch.summary import Progress, RunStats, build_summary, save_summary
 from batch.writer import Checkpoint
 
@@ -286,7 +285,7 @@ class Run:
         if totals["pending"] == 0:
             output = self.spec.output.path
             # The input too: rows deleted from it leave the answers as they were, and the output must lose them.
-            if self.checkpoint.newer_than(output, self.spec.input.path):
+            if not is_current(output, self.checkpoint, self.spec.input.path, self._output_settings):
                 self._write_output(output, done)
         exit_code = self.stop.exit_code
         live = [describe(entry) for entry in self.ledger.live()]
@@ -307,18 +306,19 @@ class Run:
             log.warning("could not save the summary in %s: %s", self.spec.checkpoint_dir, exc.strerror or exc)
         return summary
 
+    @property
+    def _output_settings(self) -> str:
+        return output_settings(self.spec, self.plan.json_output.schema if self.plan.json_output else None)
+
     def _write_output(self, output: Path, done: RowStates) -> None:
         out = self.spec.output
-        replies = None
-        if out.parse_json:
-            taken = {self.spec.id_column_out, *out.keep_columns, *RECORD_FIELDS}
-            last = self.checkpoint.chosen_records(done.last_record_mask(self._id_batches), ["status", "response"])
-            schema = self.plan.json_output.schema if self.plan.json_output else None
-            replies = ReplyColumns(last, out.json_columns, taken, schema)
+        last = self.checkpoint.chosen_records(done.last_record_mask(self._id_batches), ["status", "response"]) \
+            if out.parse_json else []
+        replies = reply_columns(self.spec, self.plan.json_output.schema if self.plan.json_output else None, last)
         groups = self.checkpoint.row_groups() if done.record_count else None
         try:
             write_final(output, self.table.id_batches(out.keep_columns), self.spec.id_column_out,
-                        out.keep_columns, LastRecords(groups, done), replies)
+                        out.keep_columns, LastRecords(groups, done), replies, settings=self._output_settings)
         except OSError as exc:
             raise ConfigError(f"{output}: cannot write the output: {exc.strerror or exc} "
                               f"(every answer is safe in {self.spec.checkpoint_dir}; rerun to retry)") from None

@@ -56,7 +56,10 @@ class JsonOutput:
             return str(exc)
         if self.validator is None:
             return None
-        error = best_match(self.validator.iter_errors(reply))
+        try:
+            error = best_match(self.validator.iter_errors(reply))
+        except RecursionError:  # a recursive schema ($ref) the validator follows a few frames per level
+            return "the reply nests too deep to check against output.json_schema"
         if error is None:
             return None
         message = error.message

@@ -10,6 +10,8 @@ message: ``[[error:STATUS:CODE]]`` (``[[error:200:1113]]``: an error body in a 2
 prompt do not match the requested schema: see `completion_for`), ``[[fenced]]`` (JSON in a Markdown fence),
 ``[[slow:MS]]``, ``[[set:PATH=JSON]]`` (a field of the 200 answer set to a JSON value, e.g.
 ``[[set:usage.prompt_tokens="3"]]``; numbers in PATH index lists; several may be given),
+``[[reply:BASE64]]`` (the reply's content is exactly this text, URL-safe base64 of its UTF-8: any text at all,
+``]]`` and all, e.g. a JSON value no ``set`` marker can spell; `reply_marker` writes one),
 ``[[bigbody:BYTES]]`` (a 200 whose reply is BYTES long, with its Content-Length) and
 ``[[bigstream:BYTES]]`` (the same, streamed in chunks without a length).  A request with
 ``stream: true`` is answered with server-sent events (`_events`): the time to the first chunk and
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import hashlib
@@ -65,7 +68,7 @@ _CJK = "\u3400-\u9fff\uf900-\ufaff"
 _TOKEN_RE = re.compile(f"[{_CJK}]|[^\\W{_CJK}]+|[^\\w\\s]")
 _MARKER_RE = re.compile(
     r"\[\[(error|flaky|malformed|nochoices|hang|reset|slow|bigbody|bigstream|"
-    r"cutstream|garbagechunk|errorchunk|stall|nodone|nostream|tornend|badjson|fenced|toolcalls)(?::([^\]]*))?\]\]")
+    r"cutstream|garbagechunk|errorchunk|stall|nodone|nostream|tornend|badjson|fenced|toolcalls|reply)(?::([^\]]*))?\]\]")
 _SCHEMA_BLOCK_RE = re.compile(r"```json\s*(.*?)\s*```", re.DOTALL)
 _SET_RE = re.compile(r"\[\[set:([\w.]+)=([^\]]*)\]\]")
 _MALFORMED_BODY = b'{"id": "x", "choices": ['
@@ -312,6 +315,11 @@ def tool_calls_for(chat: ChatRequest, count: int) -> list[dict[str, Any]]:
              "function": {"name": names[i % len(names)],
                           "arguments": json.dumps({"query": chat.prompt[:40], "call": i}, ensure_ascii=False)}}
             for i in range(count)]
+
+
+def reply_marker(content: str) -> str:
+    """The [[reply:...]] marker of a prompt whose answer's content is `content`."""
+    return f"[[reply:{base64.urlsafe_b64encode(content.encode('utf-8')).decode('ascii')}]]"
 
 
 def markers_of(prompt: str) -> dict[str, str]:
@@ -630,6 +638,9 @@ class Simulator:
         result = completion_for(chat.model, chat.messages, chat.max_tokens, chat.json_mode, chat.schema, violate,
                                 "fenced" in markers)
         request_id = "chatcmpl-" + os.urandom(6).hex()
+        if "reply" in markers:
+            result["content"] = base64.urlsafe_b64decode(markers["reply"]).decode("utf-8")
+            result["completion_tokens"] = count_tokens(result["content"])
         content = self.echo(authorization, result["content"])
         big = markers.get("bigbody") or markers.get("bigstream")
         if big is not None:

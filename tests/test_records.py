@@ -68,10 +68,10 @@ def test_reply_columns_take_one_type_for_every_window_from_a_first_pass():
                replies_table(['{"n": "1", "k": 2}', '{"n": 2, "k": 3, "s": "b", "deep": {"x": [1]}}'])]
     replies = ReplyColumns(iter(windows), None, taken={"status"})
     first, second = ({name: values.to_pylist() for name, values in replies.columns(w)} for w in windows)
-    # "n" is 1 in one window and "1" in another: text in both; "k" is an integer everywhere it is given.
+    # "n" is 1 in one window and "1" in another: JSON text in both; "k" is an integer everywhere it is given.
     assert first == {"n": ["1", None], "k": [1, None], "s": ["a", None], "deep": [None, None]}
-    assert second == {"n": ["1", "2"], "k": [2, 3], "s": [None, "b"], "deep": [None, '{"x": [1]}']}
-    types = dict(zip(replies.names, replies.types))
+    assert second == {"n": ['"1"', "2"], "k": [2, 3], "s": [None, "b"], "deep": [None, '{"x": [1]}']}
+    types = {field.name: field.type for field in replies.fields}
     assert (types["n"], types["k"], types["s"]) == (pa.string(), pa.int64(), pa.string())
 
 
@@ -79,10 +79,10 @@ def test_reply_columns_have_the_type_a_table_of_every_reply_would_give_them():
     texts = ['{"score": 1, "label": "a"}', '{"score": 2.5}', '{"label": null, "status": true}', '{"score": 3}']
     replies = ReplyColumns([replies_table(texts[:2]), replies_table(texts[2:])], None, taken={"status"})
     assert replies.names == ["score", "label", "json_status"]
-    # As in a table of them all: an integer column with a gap, or with a float, is float.
-    assert replies.types == [pa.float64(), pa.string(), pa.bool_()]
+    # As in a table of them all: an integer column with a float is float.
+    assert [field.type for field in replies.fields] == [pa.float64(), pa.string(), pa.bool_()]
     wanted = ReplyColumns([replies_table(texts)], ["label", "absent"], taken=set())
-    assert (wanted.names, wanted.types) == (["label", "absent"], [pa.string(), pa.null()])
+    assert (wanted.names, [field.type for field in wanted.fields]) == (["label", "absent"], [pa.string(), pa.null()])
     assert dict(wanted.columns(replies_table(texts, status="failed")))["label"].to_pylist() == [None] * 4
 
 
