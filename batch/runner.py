@@ -54,11 +54,27 @@ class RunOptions:
     force: bool = False  # resume even though the fingerprint changed
     limit: int | None = None  # send at most this many pending rows (try a job cheaply)
     progress_interval_s: float = 5.0
-    tty: bool | None = None  # a progress bar (True), log lines (False), or a bar on a terminal only (None)
+    tty: bool | None = None  # a progress bar (True), log lines (False), or a bar where watched (None: summary.watched)
     progress: bool = True  # False: neither bar nor progress lines
     signals: bool = True  # SIGINT and SIGTERM stop the run gracefully (the command line); the Python API asks
     mode: str | None = None  # online or batch_api; None: the job file's
     wait: bool = False  # batch_api: poll until no batch is left at the provider
+
+
+@dataclass(frozen=True)
+class TakenSignal:
+    """A signal a run takes, and what handled it before: given back as it was when the run ends."""
+
+    sig: int
+    handler: Any  # signal.getsignal's: the program's function, SIG_DFL, SIG_IGN, or None (set outside Python)
+    loop_handle: asyncio.Handle | None  # the running loop's own handler (loop.add_signal_handler), if it had one
+
+
+def _loop_signal_handlers(loop: asyncio.AbstractEventLoop) -> dict[int, asyncio.Handle]:
+    """The loop's signal handlers by signal. asyncio offers no way to read them but this attribute of its Unix
+    loops; a loop without it (another implementation) is taken as having none."""
+    handlers = getattr(loop, "_signal_handlers", None)
+    return handlers if isinstance(handlers, dict) else {}
 
 
 class Run:
@@ -68,7 +84,8 @@ class Run:
     come from an Answerer (batch/executor.py), the online pool here.
     """
 
-    def __init__(self, plan: Plan, options: RunOptions) -> None:
+    def __init__(self, plan: Plan, options: RunOptions, lock: RunLock | None = None) -> None:
+        """`lock`: the job's run lock when the caller holds it already; the run takes it otherwise."""
         self.plan = plan
         self.spec = spec = plan.spec
         self.options = options
@@ -80,13 +97,13 @@ class Run:
         self.mode = options.mode or spec.mode
         self.batch_api_used = False
         self.ledger = Ledger(spec.checkpoint_dir)
-        self._signals: list[int] = []
+        self.lock = lock or RunLock(spec.checkpoint_dir)
+        self._signals: list[TakenSignal] = []  # what each signal the run took had before it
 
     async def execute(self) -> dict[str, Any]:
         total = self.plan.rows
-        lock = RunLock(self.spec.checkpoint_dir)
         try:
-            lock.acquire()
+            self.lock.acquire()
         except OSError as exc:
             raise ConfigError(
                 f"{self.spec.checkpoint_dir}: cannot write the checkpoint folder: {exc.strerror}") from None
@@ -94,7 +111,7 @@ class Run:
             check_fingerprint(self.spec, self.options.force)
             return await self._execute(total)
         finally:
-            lock.release()
+            self.lock.release()
 
     async def _execute(self, total: int) -> dict[str, Any]:
         try:
@@ -332,16 +349,25 @@ class Run:
             return
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
+            before = TakenSignal(sig, signal.getsignal(sig), _loop_signal_handlers(loop).get(sig))
             try:
                 loop.add_signal_handler(sig, self._on_signal, sig)
-                self._signals.append(sig)
+                self._signals.append(before)
             except (NotImplementedError, RuntimeError, ValueError):
                 pass  # not the main thread (tests run jobs in threads): no handlers
 
     def _remove_signal_handlers(self) -> None:
+        """Give each signal back to the handler it had before the run: the program's or its loop's own."""
         loop = asyncio.get_running_loop()
-        for sig in self._signals:
-            loop.remove_signal_handler(sig)
+        for taken in self._signals:
+            if taken.loop_handle is not None:
+                # The very Handle the loop had: the signal's C-level handler and wakeup fd are the loop's already.
+                _loop_signal_handlers(loop)[taken.sig] = taken.loop_handle
+                continue
+            loop.remove_signal_handler(taken.sig)  # resets it to Python's default
+            if taken.handler is not None:  # None: set outside Python, which cannot be put back
+                signal.signal(taken.sig, taken.handler)
+        self._signals.clear()
 
     def _on_signal(self, sig: int) -> None:
         self.interrupt(signal.Signals(sig).name)
