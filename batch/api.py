@@ -4,8 +4,9 @@ Every run goes through the command line's pipeline (batch.preflight, then batch.
 checks, checkpoint, resume, limits, budget and summary. What differs is what a library owes its caller:
 
 - no `sys.exit`: a run returns a `RunResult`, or raises a `BatchError` (a `RunStopped` when it ended early);
-- no process-wide state: no signal handler unless `handle_signals=True`, none of the command line's memory
-  settings (batch.process), the program's logging configuration left as it is;
+- no process-wide state: no signal handler unless `handle_signals=True` (and the ones before given back after),
+  none of the command line's memory settings (batch.process), the program's logging shown at the level it set
+  (batch.logs.run_log); other runs in the process have their own lock and batch.log;
 - a KeyboardInterrupt stops a run gracefully, as the command line's Ctrl-C does, and the next call resumes;
 - the sync forms work inside a running event loop (Jupyter): the run gets a loop of its own in a worker thread.
 """
@@ -13,10 +14,10 @@ checks, checkpoint, resume, limits, budget and summary. What differs is what a l
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
-import logging
+import math
 import os
-import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
@@ -49,7 +50,8 @@ from batch.errors import (
 from batch.estimate import estimate as estimate_job
 from batch.failures import should_send
 from batch.final import is_current, output_settings, reply_columns
-from batch.logs import SECRETS, RedactSecrets, add_file_log, keep_secret, make_formatter, redact
+from batch.guard import RunLock
+from batch.logs import keep_secret, redact, run_log
 from batch.preflight import check_output_path, preflight, resolve
 from batch.records import OUTPUT_FIELDS, RECORD_FIELDS, RECORD_SCHEMA
 from batch.replies import JSON_PREFIX
@@ -68,7 +70,6 @@ __all__ = [
     "read_results", "run", "run_frame", "status",
 ]
 
-log = logging.getLogger("batch")
 T = TypeVar("T")
 
 Job = str | os.PathLike[str] | JobSpec | Mapping[str, Any]
@@ -179,6 +180,7 @@ class Interrupted(KeyboardInterrupt):
 
 def run(job: Job, *, api_key: str | None = None, retry_failed: bool = False, force: bool = False,
         limit: int | None = None, mode: str | None = None, wait: bool = False, progress: bool = True,
+        progress_interval: float = 5.0,
         handle_signals: bool = False) -> RunResult:
     """Run (or resume) a job to its end, as `python -m batch run` does, and return its summary.
 
@@ -191,7 +193,9 @@ def run(job: Job, *, api_key: str | None = None, retry_failed: bool = False, for
         mode: "online" or "batch_api": how the rows are sent this run (`--mode`; default: the job's `mode`).
         wait: with the Batch API, poll until the provider has answered every batch (`--wait`); without it, a run
             that leaves batches at the provider raises `BatchesLive`, and a later call collects them.
-        progress: a progress bar (a widget in a notebook, text on a terminal); False: none.
+        progress: show progress: a bar on a terminal and in a notebook (a widget with ipywidgets installed, else
+            text); where the output is a file or a pipe, the command line's progress log line every
+            `progress_interval` seconds (`--progress-interval`). False: none.
         handle_signals: stop gracefully on SIGINT and SIGTERM as the command line does, with process-wide handlers
             (only from the main thread with no loop running; elsewhere Ctrl-C is taken as a KeyboardInterrupt).
 
@@ -201,15 +205,13 @@ def run(job: Job, *, api_key: str | None = None, retry_failed: bool = False, for
     `CheckpointWriteError` (the checkpoint cannot be written), or `Interrupted` after a KeyboardInterrupt. Works
     inside a running event loop: the run then has a loop of its own in a worker thread.
     """
-    options = _options(retry_failed, force, limit, mode, wait, progress, handle_signals)
-    result, interrupted = _in_own_loop(lambda control: _execute(job, options, api_key, control), handle_signals)
-    if interrupted and (result is None or result.exit_code != EXIT_INTERRUPTED):
-        raise Interrupted(result)  # the run ended before the KeyboardInterrupt reached it: the program stops still
-    return _outcome(result)
+    return _run(job, _options(retry_failed, force, limit, mode, wait, progress, progress_interval, handle_signals),
+                api_key)
 
 
 async def arun(job: Job, *, api_key: str | None = None, retry_failed: bool = False, force: bool = False,
                limit: int | None = None, mode: str | None = None, wait: bool = False, progress: bool = True,
+               progress_interval: float = 5.0,
                handle_signals: bool = False) -> RunResult:
     """`run` on the running event loop: the same arguments, result and errors.
 
@@ -217,15 +219,15 @@ async def arun(job: Job, *, api_key: str | None = None, retry_failed: bool = Fal
     CancelledError goes on; the next call resumes. handle_signals=True works where the loop runs in the
     main thread.
     """
-    options = _options(retry_failed, force, limit, mode, wait, progress, handle_signals)
-    control = _Interrupter()
-    return _outcome(await _until_done(_execute(job, options, api_key, control), control))
+    return await _arun(job, _options(retry_failed, force, limit, mode, wait, progress, progress_interval,
+                                     handle_signals), api_key)
 
 
 def run_frame(frame: pd.DataFrame, *, template: str, model: str | Mapping[str, Any], output: str | os.PathLike[str],
               system: str | None = None, id_column: str | None = None, parse_json: bool = False,
               name: str | None = None, api_key: str | None = None, retry_failed: bool = False, force: bool = False,
               limit: int | None = None, mode: str | None = None, wait: bool = False, progress: bool = True,
+              progress_interval: float = 5.0,
               handle_signals: bool = False, **settings: Any) -> pd.DataFrame:
     """Run `template` over every row of `frame`, and return the frame with the answers' columns beside it.
 
@@ -246,7 +248,7 @@ def run_frame(frame: pd.DataFrame, *, template: str, model: str | Mapping[str, A
         settings: the job file's other sections as mappings (`limits`, `retry`, `pricing`, `budget`, `cache`,
             `batch_api`), and the keys of its output section other than its path (`json_schema`, a mapping or a
             .json file; `json_columns`, `schema_via`, `json_attempts`, `checkpoint_rows`, `checkpoint_seconds`).
-        api_key, retry_failed, force, limit, mode, wait, progress, handle_signals: as for `run`.
+        api_key, retry_failed, force, limit, mode, wait, progress, progress_interval, handle_signals: as for `run`.
 
     Returns `frame` (same index and columns) with the output's columns after it: `status`, `response`, tokens,
     cost, `error_class`, `error`, ... and the reply's keys (a name the frame already has gets the prefix
@@ -254,24 +256,31 @@ def run_frame(frame: pd.DataFrame, *, template: str, model: str | Mapping[str, A
     run's summary (plain JSON values, as in summary.json: `to_parquet` keeps it); `RunResult.from_summary` makes
     it a `RunResult`. Raises as `run`.
     """
-    job_file, ids = _frame_job(frame, template, model, output, system, id_column, parse_json, name, settings)
-    result = run(job_file, api_key=api_key, retry_failed=retry_failed, force=force, limit=limit, mode=mode,
-                 wait=wait, progress=progress, handle_signals=handle_signals)
-    return _beside(frame, ids, read_results(job_file), result)
+    options = _options(retry_failed, force, limit, mode, wait, progress, progress_interval, handle_signals)
+    job_file, ids, lock = _frame_job(frame, template, model, output, system, id_column, parse_json, name, settings)
+    try:
+        result = _run(job_file, options, api_key, lock)
+        return _beside(frame, ids, read_results(job_file), result)
+    finally:
+        lock.release()
 
 
 async def arun_frame(frame: pd.DataFrame, *, template: str, model: str | Mapping[str, Any],
                      output: str | os.PathLike[str], system: str | None = None, id_column: str | None = None,
                      parse_json: bool = False, name: str | None = None, api_key: str | None = None,
                      retry_failed: bool = False, force: bool = False, limit: int | None = None,
-                     mode: str | None = None, wait: bool = False, progress: bool = True, handle_signals: bool = False,
+                     mode: str | None = None, wait: bool = False, progress: bool = True,
+                     progress_interval: float = 5.0, handle_signals: bool = False,
                      **settings: Any) -> pd.DataFrame:
     """`run_frame` on the running event loop: the same arguments, result and errors (cancelling: as `arun`)."""
-    job_file, ids = await asyncio.to_thread(_frame_job, frame, template, model, output, system, id_column,
-                                            parse_json, name, settings)
-    result = await arun(job_file, api_key=api_key, retry_failed=retry_failed, force=force, limit=limit, mode=mode,
-                        wait=wait, progress=progress, handle_signals=handle_signals)
-    return _beside(frame, ids, await asyncio.to_thread(read_results, job_file), result)
+    options = _options(retry_failed, force, limit, mode, wait, progress, progress_interval, handle_signals)
+    job_file, ids, lock = await asyncio.to_thread(_frame_job, frame, template, model, output, system, id_column,
+                                                  parse_json, name, settings)
+    try:
+        result = await _arun(job_file, options, api_key, lock)
+        return _beside(frame, ids, await asyncio.to_thread(read_results, job_file), result)
+    finally:
+        lock.release()
 
 
 # -- reading a job ------------------------------------------------------------------------------------------------
@@ -310,6 +319,20 @@ def estimate(job: Job, retry_failed: bool = False) -> dict[str, Any]:
         return estimate_job(resolve(_spec_of(job)), retry_failed)
 
 
+def _run(job: Job, options: RunOptions, api_key: str | None, lock: RunLock | None = None) -> RunResult:
+    """`run`, with the job's run lock if the caller holds it already (`run_frame`, from before it wrote the input)."""
+    result, interrupted = _in_own_loop(lambda control: _execute(job, options, api_key, control, lock), options.signals)
+    if interrupted and (result is None or result.exit_code != EXIT_INTERRUPTED):
+        raise Interrupted(result)  # the run ended before the KeyboardInterrupt reached it: the program stops still
+    return _outcome(result)
+
+
+async def _arun(job: Job, options: RunOptions, api_key: str | None, lock: RunLock | None = None) -> RunResult:
+    """`arun`, with the job's run lock as for `_run`."""
+    control = _Interrupter()
+    return _outcome(await _until_done(_execute(job, options, api_key, control, lock), control))
+
+
 # -- the run's loop, and interrupting it -----------------------------------------------------------------------------
 
 class _Interrupter:
@@ -318,6 +341,7 @@ class _Interrupter:
     def __init__(self) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.run: Run | None = None
+        self.context: contextvars.Context | None = None  # the run's, where it is stopped from another thread
         self.asked = 0  # interrupts taken on the loop (or before it ran): a run not begun yet does not begin
 
     def interrupt(self, name: str) -> None:
@@ -326,7 +350,7 @@ class _Interrupter:
             self.asked += 1
             return
         try:
-            self.loop.call_soon_threadsafe(self._on_loop, name)
+            self.loop.call_soon_threadsafe(self._on_loop, name, context=self.context)
         except RuntimeError:  # the loop has closed: the run is over
             pass
 
@@ -336,8 +360,10 @@ class _Interrupter:
             self.run.interrupt(name)
 
 
-async def _execute(job: Job, options: RunOptions, api_key: str | None, control: _Interrupter) -> RunResult | None:
-    """The command line's run: preflight, then Run; None when interrupted before the run began."""
+async def _execute(job: Job, options: RunOptions, api_key: str | None, control: _Interrupter,
+                   lock: RunLock | None) -> RunResult | None:
+    """The command line's run: preflight, then Run (under `lock`, if given); None when interrupted before the run
+    began."""
     control.loop = asyncio.get_running_loop()
     with _python_errors():
         if api_key:
@@ -347,8 +373,9 @@ async def _execute(job: Job, options: RunOptions, api_key: str | None, control: 
         if control.asked:
             return None
         keep_secret(plan.api_key)
-        with _logging_to(plan.spec.checkpoint_dir):
-            run = control.run = Run(plan, options)
+        with run_log(plan.spec.checkpoint_dir):
+            run = control.run = Run(plan, options, lock)
+            control.context = contextvars.copy_context()  # the run's: its log lines go to its batch.log
             return RunResult.from_summary(await run.execute())
 
 
@@ -418,13 +445,16 @@ def _loop_running() -> bool:
 
 
 def _options(retry_failed: bool, force: bool, limit: int | None, mode: str | None, wait: bool, progress: bool,
-             handle_signals: bool) -> RunOptions:
+             progress_interval: float, handle_signals: bool) -> RunOptions:
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
         raise ConfigError(f"limit must be a whole number, 0 or more, not {limit!r}")
     if mode not in (None, *MODES):
         raise ConfigError(f"mode is {' or '.join(map(repr, MODES))}, not {mode!r}")
-    return RunOptions(retry_failed=retry_failed, force=force, limit=limit, tty=progress, progress=progress,
-                      signals=handle_signals, mode=mode, wait=wait)
+    if (not isinstance(progress_interval, int | float) or isinstance(progress_interval, bool)
+            or not 0 <= progress_interval < math.inf):
+        raise ConfigError(f"progress_interval is seconds, 0 or more, not {progress_interval!r}")
+    return RunOptions(retry_failed=retry_failed, force=force, limit=limit, progress=progress,
+                      progress_interval_s=float(progress_interval), signals=handle_signals, mode=mode, wait=wait)
 
 
 def _outcome(result: RunResult | None) -> RunResult:
@@ -450,29 +480,6 @@ def _python_errors() -> Iterator[None]:
     except BatchError as exc:
         exc.args = (redact(str(exc)),)
         raise
-
-
-@contextmanager
-def _logging_to(folder: Path) -> Iterator[None]:
-    """The run's log lines also in batch.log in its checkpoint folder, as the command line's, secrets masked also
-    for the program's own handlers. The program's logging configuration is left as it is; with none, warnings
-    go to stderr, as Python's last resort would show them."""
-    if not any(isinstance(f, RedactSecrets) and f.known is SECRETS for f in log.filters):
-        log.addFilter(RedactSecrets(SECRETS))
-    added = []
-    if not log.hasHandlers():
-        console = logging.StreamHandler(sys.stderr)
-        console.setLevel(logging.WARNING)
-        console.setFormatter(make_formatter("text"))
-        log.addHandler(console)
-        added.append(console)
-    try:
-        added.append(add_file_log(folder))
-        yield
-    finally:
-        for handler in added:
-            log.removeHandler(handler)
-            handler.close()
 
 
 # -- jobs given as Python values, and run_frame's job ---------------------------------------------------------------
@@ -512,9 +519,10 @@ def _spec_from(values: dict[str, Any], label: Path) -> JobSpec:
 
 def _frame_job(frame: pd.DataFrame, template: str, model: str | Mapping[str, Any], output: str | os.PathLike[str],
                system: str | None, id_column: str | None, parse_json: bool, name: str | None,
-               settings: dict[str, Any]) -> tuple[Path, list[str]]:
-    """Write run_frame's input and job file beside `output` (each only when it changed); returns the job file and
-    the frame's row ids, in order. Everything is checked before anything is written."""
+               settings: dict[str, Any]) -> tuple[Path, list[str], RunLock]:
+    """Write run_frame's input and job file beside `output` (each only when it changed); returns the job file, the
+    frame's row ids, in order, and the job's run lock, taken before the files are written: a run of the job alive
+    (in this process or another) is a LockedError, not a frame written under it. Everything is checked first."""
     import pandas as pd
 
     if not isinstance(frame, pd.DataFrame):
@@ -562,13 +570,15 @@ def _frame_job(frame: pd.DataFrame, template: str, model: str | Mapping[str, Any
     except yaml.YAMLError as exc:
         raise ConfigError(f"run_frame: a setting cannot be written to the job file: {exc}") from None
     data = _parquet_bytes(rows)
+    lock = RunLock(spec.checkpoint_dir)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
         _write_if_changed(input_path, data)
         _write_if_changed(job_file, text.encode("utf-8"))
     except OSError as exc:
+        lock.release()
         raise ConfigError(f"{out.parent}: cannot write run_frame's input and job file: {exc.strerror or exc}") from None
-    return job_file, ids
+    return job_file, ids, lock
 
 
 def _frame_rows(frame: pd.DataFrame, id_column: str | None) -> tuple[pd.DataFrame, str, list[str]]:

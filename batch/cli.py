@@ -16,7 +16,7 @@ from batch.config import load_job
 from batch.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, BatchError, ConfigError
 from batch.estimate import estimate, format_estimate
 from batch.export import export_output
-from batch.logs import LOG_NAME, add_file_log, redact, redact_everywhere, setup_logging, write_traceback
+from batch.logs import LOG_NAME, redact, redact_everywhere, run_log, setup_logging, write_traceback
 from batch.preflight import preflight, resolve, validation_report
 from batch.process import command_line_process
 from batch.runner import RunOptions, run_job
@@ -146,12 +146,8 @@ def run(args: argparse.Namespace) -> int:
     with command_line_process():
         plan = preflight(args.job, force=args.force)  # before anything is written: the log file is the first write
         redact_everywhere([plan.api_key])
-        file_log = add_file_log(plan.spec.checkpoint_dir, args.log_format)
-        try:
+        with run_log(plan.spec.checkpoint_dir, args.log_format):
             summary = asyncio.run(run_job(plan, options))
-        finally:
-            log.removeHandler(file_log)
-            file_log.close()
     print(format_summary(summary))
     return int(summary["exit_code"])
 

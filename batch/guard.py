@@ -20,13 +20,21 @@ RUN_NAME = "run.json"  # the run in progress, or one that did not end: removed o
 
 
 class RunLock:
-    """An flock on a file in the checkpoint folder: the kernel drops it when its holder dies, even by kill -9."""
+    """An flock on a file in the checkpoint folder: the kernel drops it when its holder dies, even by kill -9.
+
+    Each RunLock opens the file anew, so two in one process exclude each other as two processes do. One RunLock
+    may be taken again by its holder (run_frame holds it from before it writes the input, and its run takes it
+    again): it is let go at the last release."""
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / LOCK_NAME
         self._file: IO[str] | None = None
+        self._taken = 0
 
     def acquire(self) -> None:
+        if self._file is not None:
+            self._taken += 1
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+", encoding="utf-8")
         try:
@@ -42,9 +50,13 @@ class RunLock:
         handle.write(str(os.getpid()))
         handle.flush()
         self._file = handle
+        self._taken = 1
 
     def release(self) -> None:
-        if self._file is not None:
+        if self._file is None:
+            return
+        self._taken -= 1
+        if self._taken == 0:
             self._file.close()  # closing drops the flock; the file stays, harmless
             self._file = None
 

@@ -6,6 +6,10 @@ import json
 import logging
 import re
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -151,8 +155,81 @@ def setup_logging(verbose: bool, log_format: Literal["text", "json"] = "text") -
     return handler
 
 
-def add_file_log(folder: Path, log_format: Literal["text", "json"] = "text") -> logging.Handler:
-    """Also append every line to `folder/batch.log` (folder: the job's checkpoint folder, created here)."""
+# The batch.log of the run the code at hand works for. run_log sets it in the run's context, which the run's tasks,
+# its loop's callbacks and asyncio.to_thread inherit: each of two runs in one process writes its own lines only.
+_RUN_LOG: ContextVar[logging.Handler | None] = ContextVar("batch_run_log", default=None)
+
+
+class _RunLogTap(logging.Filter):
+    """On the "batch" logger while runs log: each record goes to the batch.log of the run it comes from, and on to
+    the logger's handlers (and the program's, up the hierarchy) only from the level they were set to see.
+
+    A filter, not a handler: the logger's level decides for every handler at once, and a run's file takes INFO
+    lines whatever level the program gave the logger (it then is lowered to INFO), while the program keeps seeing
+    only the lines it asked for."""
+
+    def __init__(self, passes_from: int) -> None:
+        super().__init__()
+        self.passes_from = passes_from
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        run_file = _RUN_LOG.get()
+        if run_file is not None and record.levelno >= run_file.level:
+            run_file.handle(record)
+        return record.levelno >= self.passes_from
+
+
+class _RunLogging:
+    """The "batch" logger's set-up while at least one run logs: the tap, the level, and a stderr handler when the
+    program configured none; put back as it was when the last run ends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs = 0
+        self._level_before = logging.NOTSET
+        self._tap: _RunLogTap | None = None
+        self._console: logging.Handler | None = None
+
+    def enter(self) -> int:
+        """Count a run in; returns the level its file writes from: INFO, or lower if the logger was set lower."""
+        with self._lock:
+            if self._runs == 0:
+                if not any(isinstance(f, RedactSecrets) and f.known is SECRETS for f in log.filters):
+                    log.addFilter(RedactSecrets(SECRETS))  # masked for the program's own handlers too (kept after)
+                self._level_before = log.level
+                shown_from = log.getEffectiveLevel()
+                if not log.hasHandlers():  # a program that configured no logging sees the command line's lines
+                    self._console = _guard(logging.StreamHandler(sys.stderr))
+                    self._console.setFormatter(make_formatter("text"))
+                    log.addHandler(self._console)
+                    shown_from = min(shown_from, logging.INFO)
+                self._tap = _RunLogTap(shown_from)
+                log.addFilter(self._tap)
+                log.setLevel(min(shown_from, logging.INFO))
+            self._runs += 1
+            return log.getEffectiveLevel()
+
+    def leave(self) -> None:
+        with self._lock:
+            self._runs -= 1
+            if self._runs:
+                return
+            log.removeFilter(self._tap)
+            log.setLevel(self._level_before)
+            if self._console is not None:
+                log.removeHandler(self._console)
+                self._console.close()
+            self._tap = self._console = None
+
+
+_RUN_LOGGING = _RunLogging()
+
+
+@contextmanager
+def run_log(folder: Path, log_format: Literal["text", "json"] = "text") -> Iterator[None]:
+    """This run's lines, and only this run's, also appended to `folder/batch.log` (the job's checkpoint folder,
+    created here): every line from INFO up (DEBUG too when the "batch" logger is set to DEBUG), whatever level the
+    program's logging shows. A program with no logging configured gets them on stderr, as from the command line."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(folder / LOG_NAME, mode="a", encoding="utf-8")
@@ -160,8 +237,15 @@ def add_file_log(folder: Path, log_format: Literal["text", "json"] = "text") -> 
         why = exc.strerror or exc
         raise ConfigError(f"{folder}: cannot write {LOG_NAME} in the checkpoint folder: {why}") from None
     handler.setFormatter(make_formatter(log_format))
-    log.addHandler(_guard(handler))
-    return handler
+    _guard(handler)
+    handler.setLevel(_RUN_LOGGING.enter())
+    token = _RUN_LOG.set(handler)
+    try:
+        yield
+    finally:
+        _RUN_LOG.reset(token)
+        _RUN_LOGGING.leave()
+        handler.close()
 
 
 def redact_everywhere(secrets: list[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import sys
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm  # a notebook's widget, a terminal's text bar
+from tqdm import tqdm  # the text bar; a notebook's widget is tqdm.notebook's, taken where it can be drawn
 
 from batch.atomic import write_text_atomic
 from batch.errors import option
@@ -68,17 +69,39 @@ class RunStats:
         return time.monotonic() - self.started
 
 
+def watched() -> bool:
+    """Whether someone watches the run's progress: stdout is a terminal, or the run is in a notebook's kernel,
+    whose cell shows a bar. Elsewhere (cron, CI, a file, a pipe) a bar would be a line four times a second."""
+    return sys.stdout.isatty() or _in_notebook()
+
+
+def _in_notebook() -> bool:
+    ipython = sys.modules.get("IPython")  # imported by any kernel; batch never imports it itself
+    shell = ipython.get_ipython() if ipython is not None else None
+    return getattr(shell, "kernel", None) is not None  # a terminal's IPython has no kernel
+
+
+def _bar() -> type[tqdm]:
+    """tqdm's widget in a notebook with ipywidgets, its text bar elsewhere: a notebook without ipywidgets gets the
+    text bar (tqdm.auto would warn "IProgress not found" there, at import)."""
+    if _in_notebook() and importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.notebook import tqdm as widget
+
+        return widget
+    return tqdm
+
+
 class Progress:
-    """A tqdm bar on a terminal (or asked for: `tty`); a plain log line every few seconds otherwise (cron, CI,
-    pipes); nothing when not `shown`."""
+    """A tqdm bar where someone watches (`watched`, or as `tty` says); a plain log line every `interval_s`
+    seconds otherwise (cron, CI, files, pipes); nothing when not `shown`."""
 
     def __init__(self, stats: RunStats, interval_s: float = 5.0, tty: bool | None = None, shown: bool = True) -> None:
         self.stats = stats
         self.interval_s = interval_s
         self.shown = shown
         self._last_line = time.monotonic()
-        use_bar = shown and (sys.stdout.isatty() if tty is None else tty)
-        self.bar = tqdm(total=stats.rows_total, unit="row", dynamic_ncols=True, file=sys.stderr) if use_bar else None
+        use_bar = shown and (watched() if tty is None else tty)
+        self.bar = _bar()(total=stats.rows_total, unit="row", dynamic_ncols=True, file=sys.stderr) if use_bar else None
 
     def refresh(self) -> None:
         s = self.stats

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,6 +51,22 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = value
     return merged
+
+
+@pytest.fixture
+def fresh_logging() -> Iterator[logging.Logger]:
+    """The "batch" logger as a program that never configured it has it (the command line's setup_logging, run by
+    earlier tests in this process, leaves it set); put back afterwards."""
+    logger = logging.getLogger("batch")
+    before = logger.level, logger.propagate, logger.handlers[:], logger.filters[:]
+    logger.setLevel(logging.NOTSET)
+    logger.propagate = True
+    logger.handlers[:] = []
+    logger.filters[:] = []
+    yield logger
+    logger.setLevel(before[0])
+    logger.propagate = before[1]
+    logger.handlers[:], logger.filters[:] = before[2], before[3]
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ waiting for an observable condition, and checkpoint records built by hand. Fixtu
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -47,6 +48,14 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30) 
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
+
+
+async def until(condition: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
+    """wait_until for a test on an event loop: poll `condition`, letting the loop run meanwhile."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
 
 
 def answered(job: Path) -> int:
