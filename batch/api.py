@@ -237,7 +237,8 @@ def run_frame(frame: pd.DataFrame, *, template: str, model: str | Mapping[str, A
     rows whose prompt values changed are sent again, as when a job's input file is edited.
 
     Args:
-        frame: the rows; its index identifies them (unique), unless `id_column` names a column that does.
+        frame: the rows; its index identifies them (unique), unless `id_column` names a column that does: the ids
+            are the labels as text, the blanks around them trimmed (see _row_ids).
         template: the user message, with `{column}` placeholders (the job file's prompt.template).
         model: the model's name (provider zhipu), or the job file's model section as a mapping
             (`{"provider": "openai", "name": ..., "base_url": ..., "params": {...}}`).
@@ -582,8 +583,12 @@ def _frame_job(frame: pd.DataFrame, template: str, model: str | Mapping[str, Any
 
 
 def _frame_rows(frame: pd.DataFrame, id_column: str | None) -> tuple[pd.DataFrame, str, list[str]]:
-    """The frame as run_frame's input (its index as an id column, unless `id_column` is one), the id column's name
-    and the ids."""
+    """The frame as run_frame's input, the name of its id column and the ids.
+
+    The ids (the index's labels, or `id_column`'s values, as text: see _row_ids) go first, in a column named like
+    the index (or `index`, or like id_column), with CLASH_PREFIX before it until the name is free of the frame's
+    other columns and of the output's own (`status`, `cost`, ...): the final file has room for the ids and
+    every answer column, and the frame returned keeps its index and columns as they were."""
     if any(not isinstance(c, str) for c in frame.columns):
         raise ConfigError("run_frame: the frame's column names must be text (Parquet's are); rename "
                           f"{next(c for c in frame.columns if not isinstance(c, str))!r}")
@@ -591,20 +596,39 @@ def _frame_rows(frame: pd.DataFrame, id_column: str | None) -> tuple[pd.DataFram
         if id_column not in frame.columns:
             raise ConfigError(f"run_frame: id_column '{id_column}' is not a column of the frame "
                               f"(columns: {', '.join(frame.columns)})")
-        return frame, id_column, frame[id_column].astype(str).str.strip().tolist()
-    named = frame.index.name
-    id_out = named if isinstance(named, str) and named and named not in frame.columns else "index"
-    if id_out in frame.columns:
-        raise ConfigError("run_frame: the frame has a column 'index', where the row ids would go: "
-                          "pass id_column= (a column of unique ids)")
-    ids = [str(label) for label in frame.index]
-    if not frame.index.is_unique:
-        twice = frame.index[frame.index.duplicated()][0]
-        raise ConfigError(f"run_frame: the frame's index holds '{twice}' more than once, and the index identifies "
-                          "the rows: reset_index(drop=True), or pass id_column= (a column of unique ids)")
-    rows = frame.reset_index(drop=True)
+        ids = _row_ids(frame[id_column], f"id_column '{id_column}'", "ids must be unique")
+        rows, id_out = frame.drop(columns=id_column), id_column
+    else:
+        ids = _row_ids(frame.index, "the frame's index", "and the index identifies the rows: reset_index(drop=True), "
+                                                          "or pass id_column= (a column of unique ids)")
+        named = frame.index.name
+        rows, id_out = frame.reset_index(drop=True), named if isinstance(named, str) and named else "index"
+    while id_out in rows.columns or id_out in OUTPUT_FIELDS:
+        id_out = CLASH_PREFIX + id_out
     rows.insert(0, id_out, ids)
     return rows, id_out, ids
+
+
+def _row_ids(labels: pd.Index | pd.Series, what: str, hint: str) -> list[str]:
+    """Each row's id: its label as text, the blanks around it trimmed, as the reader trims every id. A missing or
+    blank label, or two labels that are one id once trimmed ('k1 ' and 'k1'), is an error naming them: a row would
+    be lost, or answered for another."""
+    import pandas as pd
+
+    values = pd.Series(labels, dtype=object).reset_index(drop=True)
+    texts = values.astype(str).str.strip()
+    blank = values.isna() | (texts == "")
+    if blank.any():
+        at = int(blank.idxmax())
+        raise ConfigError(f"run_frame: {what} has no id at row {at + 1} ({values[at]!r}): every row needs one, "
+                          f"{hint}")
+    repeated = texts.duplicated()
+    if repeated.any():
+        first, second = values[texts == texts[int(repeated.idxmax())]].iloc[:2]
+        twice = (f"'{first}' more than once" if str(first) == str(second) else
+                 f"{first!r} and {second!r}, one id once the blanks around them are trimmed (as batch trims every id)")
+        raise ConfigError(f"run_frame: {what} holds {twice}, {hint}")
+    return texts.tolist()
 
 
 def _parquet_bytes(rows: pd.DataFrame) -> bytes:

@@ -73,7 +73,7 @@ def resolve(spec: JobSpec) -> Settings:
     pricer = pricer_for(spec.model.name, Price(**spec.pricing.model_dump()) if spec.pricing else None)
     if spec.budget is not None:
         _check_budget(spec, max_tokens, pricer)
-    _check_kept_columns(spec)
+    _check_output_columns(spec)
     provider = PROVIDERS[spec.model.provider]
     return Settings(spec, body_params, max_tokens, pricer, spec.model.base_url or provider.base_url,
                     spec.model.api_key_env or provider.api_key_env, builder, json_output)
@@ -100,7 +100,7 @@ def preflight(job: str | Path | JobSpec, force: bool = False, api_key: str | Non
     check_output_path(spec)
     if spec.cache is not None:
         _check_creatable(spec, "cache.path", spec.cache.path, "the answer cache")
-    api_key = api_key or resolve_api_key(spec, settings.api_key_env)
+    api_key = usable_key(api_key, "api_key") if api_key else resolve_api_key(spec, settings.api_key_env)
     table = InputTable(spec.input.path, spec.input.id_column, settings.builder.columns, spec.output.keep_columns,
                        messages_column=spec.prompt.messages_column)
     if not force:
@@ -119,8 +119,13 @@ def validation_report(plan: Plan) -> str:
             f"model {spec.model.name} at {plan.base_url}")
 
 
-def _check_kept_columns(spec: JobSpec) -> None:
-    """A kept input column must not share a name with a column batch writes: one would silently replace the other."""
+def _check_output_columns(spec: JobSpec) -> None:
+    """The id column and the kept input columns must not share a name with a column batch writes: one would silently
+    replace the other in the final file (ids overwritten by statuses, say)."""
+    if spec.input.id_column in OUTPUT_FIELDS:
+        raise ConfigError(f"{spec.where('input.id_column')}: input.id_column: '{spec.input.id_column}' is also the "
+                          f"name of a result column ({', '.join(OUTPUT_FIELDS)}), which would replace the ids in the "
+                          "output; rename that input column")
     for column in spec.output.keep_columns:
         if column in OUTPUT_FIELDS:
             raise ConfigError(f"{spec.where('output.keep_columns')}: output.keep_columns: '{column}' is also the "
@@ -201,23 +206,40 @@ def _check_creatable(spec: JobSpec, key: str, path: Path, what: str) -> None:
             return
 
 
+def usable_key(key: str, source: str) -> str:
+    """`key` without the blanks around it: a key read from a file ends in a line break, a pasted one may carry a
+    space, and an HTTP header cannot hold either (the request would fail before it left, looking like an outage).
+    A key that is blank, or holds a blank, a control or a non-ASCII character inside, is refused; the error names
+    where the key came from (`source`), never the key."""
+    cleaned = key.strip()
+    if not cleaned:
+        raise ConfigError(f"{source}: the API key is blank")
+    for kind, found in (("a line break", lambda c: c in "\r\n"), ("a blank", str.isspace),
+                        ("a control character", lambda c: not c.isprintable()),
+                        ("a character that is not ASCII", lambda c: not c.isascii())):
+        if any(map(found, cleaned)):  # the kind, not the character: an error never quotes a key
+            raise ConfigError(f"{source}: the API key holds {kind} inside it, which no HTTP header can carry: "
+                              "check that it is the whole key and nothing else")
+    return cleaned
+
+
 def resolve_api_key(spec: JobSpec, var: str | None) -> str:
     """The key from the environment or a .env beside the job file or in the working directory."""
     provider = PROVIDERS[spec.model.provider]
     key = None
     if var:
-        key = os.environ.get(var)
+        key, source = os.environ.get(var), f"the environment variable {var}"
         if not key:
             for env_file in (spec.job_path.parent / ".env", Path(".env")):
                 if env_file.is_file():
                     try:
-                        key = dotenv_values(env_file, encoding="utf-8").get(var)
+                        key, source = dotenv_values(env_file, encoding="utf-8").get(var), f"{env_file}: {var}"
                     except (OSError, UnicodeDecodeError) as exc:
                         raise ConfigError(f"{env_file}: cannot read the .env file: {read_reason(exc)}") from None
                     if key:
                         break
     if key:
-        return key
+        return usable_key(key, source)
     if provider.key_required or spec.model.api_key_env:
         raise ConfigError(
             f"{spec.job_path}: the API key variable {var} is not set: export {var}=... or put it in a .env file"

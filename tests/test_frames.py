@@ -111,3 +111,97 @@ def test_hints_name_the_keyword_argument_not_the_command_line_option(sim, tmp_pa
     (tmp_path / "o.checkpoint" / "fingerprint.json").write_text("{damaged")
     with pytest.raises(batch.ConfigError, match="run with force=True to write it again"):
         batch.run_frame(frame_of(2), model=local_model(sim), **settings)
+
+
+# -- ids: named like an output column, blanks around labels --------------------------------------------------------
+
+def test_an_index_or_id_column_named_like_an_output_column_keeps_its_ids(sim, tmp_path):
+    for name, frame, id_column in [
+        ("index", frame_of(3).rename_axis("status"), None),
+        ("column", frame_of(3).reset_index().rename(columns={"review_id": "cost"}), "cost"),
+        ("unnamed", frame_of(3).reset_index(drop=True).assign(index=["a", "b", "c"]), None),
+    ]:
+        output = tmp_path / f"{name}.parquet"
+        answered = batch.run_frame(frame, template="Classify: {text}", model=local_model(sim), output=output,
+                                   id_column=id_column, progress=False)
+        assert answered.index.equals(frame.index) and answered[frame.columns].equals(frame), name
+        status = "status" if "status" not in frame.columns else "batch_status"
+        assert answered[status].tolist() == ["ok"] * 3, name
+        assert answered["response"].tolist() == [expected(t) for t in frame["text"]], name
+        written = batch.read_results(output)  # the final file: the ids beside every answer column
+        ids = frame[id_column] if id_column else frame.index
+        assert written.iloc[:, 0].tolist() == [str(i) for i in ids] and written.columns[0].startswith("batch_"), name
+        assert written["status"].tolist() == ["ok"] * 3 and written["cost"].notna().all(), name
+    assert sim.stats()["requests"] == 9
+
+
+def test_index_labels_with_blanks_keep_their_rows_and_never_collide(sim, tmp_path):
+    frame = pd.DataFrame({"text": ["a", "b"]}, index=["k1 ", " k2"])
+    answered = batch.run_frame(frame, template="Classify: {text}", model=local_model(sim),
+                               output=tmp_path / "o.parquet", progress=False)
+    assert answered.index.tolist() == ["k1 ", " k2"] and answered["response"].tolist() == [expected("a"), expected("b")]
+
+    refused = [
+        (pd.DataFrame({"text": ["a", "b"]}, index=["k1 ", "k1"]),
+         None, "the frame's index holds 'k1 ' and 'k1', one id once the blanks around them are trimmed"),
+        (pd.DataFrame({"text": ["a", "b"]}, index=["k1", "  "]), None, "the frame's index has no id at row 2"),
+        (pd.DataFrame({"text": ["a", "b"], "key": ["x", None]}), "key", "id_column 'key' has no id at row 2"),
+    ]
+    for frame, id_column, message in refused:
+        with pytest.raises(batch.ConfigError, match=message):
+            batch.run_frame(frame, template="Classify: {text}", model=local_model(sim),
+                            output=tmp_path / "refused" / "o.parquet", id_column=id_column)
+    assert not (tmp_path / "refused").exists() and sim.stats()["requests"] == 2
+
+
+def test_an_id_column_of_dates_or_numbers_matches_its_rows(sim, tmp_path):
+    frame = pd.DataFrame({"text": ["a", "b"], "day": pd.to_datetime(["2024-01-01", "2024-01-02"]),
+                          "score": [1.5, 2.0]})
+    for id_column in ("day", "score"):
+        answered = batch.run_frame(frame, template="Classify: {text}", model=local_model(sim),
+                                   output=tmp_path / f"{id_column}.parquet", id_column=id_column, progress=False)
+        assert answered["status"].tolist() == ["ok", "ok"] and answered[id_column].equals(frame[id_column])
+
+
+@pytest.mark.parametrize("column", ["status", "response", "cost", "error", "model", "attempts"])
+def test_the_command_line_refuses_an_id_column_named_like_an_output_column(sim, make_job, run_cli, column):
+    job = make_job(sim, rows=[{column: "k1", "text": "a"}, {column: "k2", "text": "b"}],
+                   input={"id_column": column})
+    for command in ("validate", "run"):
+        code, _, err = run_cli(command, job)
+        assert code == 2 and f"input.id_column: '{column}' is also the name of a result column" in err
+    assert sim.stats()["requests"] == 0
+
+
+# -- the API key: blanks around it (a key file's line break) -------------------------------------------------------
+
+KEY = "sk-frames-0123456789"
+
+
+def test_a_key_with_a_trailing_line_break_is_sent_without_it(start_sim, make_job, run_cli, tmp_path, monkeypatch):
+    sim = start_sim(api_key=KEY)  # any other Authorization is refused with 401
+    answered = batch.run_frame(frame_of(2), template="Classify: {text}", model=local_model(sim),
+                               output=tmp_path / "py.parquet", api_key=KEY + "\n", progress=False)
+    assert answered["status"].tolist() == ["ok", "ok"]
+
+    job = make_job(sim, rows=[{"review_id": "k1", "text": "a"}], model={"api_key_env": "FRAMES_TEST_KEY"})
+    monkeypatch.setenv("FRAMES_TEST_KEY", f" {KEY}\r\n")
+    assert run_cli("run", job)[0] == 0
+    monkeypatch.delenv("FRAMES_TEST_KEY")
+    (tmp_path / ".env").write_text(f'FRAMES_TEST_KEY="{KEY}\\n"\n')  # a quoted \n: a line break in the value
+    job = make_job(sim, rows=[{"review_id": "k1", "text": "a"}], model={"api_key_env": "FRAMES_TEST_KEY"},
+                   output={"path": "dotenv/result.parquet"})
+    assert run_cli("run", job)[0] == 0
+    assert sim.stats()["by_status"] == {"200": 4}  # every request carried the key: none was refused
+
+
+def test_a_key_with_a_blank_inside_is_refused_before_anything_is_sent(sim, make_job, run_cli, tmp_path, monkeypatch):
+    with pytest.raises(batch.ConfigError, match="api_key: the API key holds a line break inside it") as refused:
+        batch.run_frame(frame_of(2), template="Classify: {text}", model=local_model(sim),
+                        output=tmp_path / "py.parquet", api_key="sk-one\nsk-two")
+    assert "sk-one" not in str(refused.value)
+    job = make_job(sim, rows=[{"review_id": "k1", "text": "a"}], model={"api_key_env": "FRAMES_TEST_KEY"})
+    monkeypatch.setenv("FRAMES_TEST_KEY", "sk-one two")
+    code, _, err = run_cli("run", job)
+    assert code == 2 and "the environment variable FRAMES_TEST_KEY: the API key holds a blank inside it" in err
+    assert "sk-one" not in err and sim.stats()["requests"] == 0
