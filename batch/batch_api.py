@@ -156,6 +156,7 @@ class BatchAnswerer:
         self.returned = 0  # rows that came back without an answer in this run (pending again)
         self.bar: Any = None  # with --wait on a terminal: a tqdm bar of the lines answered across batches
         self._seen: dict[int, BatchFile] = {}  # the batches polled in this run
+        self._anomalies: set[int] = set()  # files whose batch ended naming no file for its answers (warned once)
         self._task: asyncio.Task[None] | None = None
         self._api: openai.AsyncOpenAI | None = None
         if budget is not None:  # what earlier runs' live batches may still cost, held whether it fits or not
@@ -234,7 +235,7 @@ class BatchAnswerer:
                 self.ledger.note("state", entry.number, status=batch.status, counts=counts)
             entry.counts = counts
             self._seen[entry.number] = entry
-            if batch.status in TERMINAL:
+            if batch.status in TERMINAL and not self._results_unnamed(entry, batch):
                 await self._merge(entry, batch, record)
             log.log(logging.INFO if changed else logging.DEBUG, "%s", format_batch(describe(entry)))
         self._show_progress()
@@ -374,15 +375,29 @@ class BatchAnswerer:
         return await self._call("list", look)
 
     # -- merging results --------------------------------------------------------------------------
+    def _results_unnamed(self, entry: BatchFile, batch: Any) -> bool:
+        """An ended batch that reports answered lines but names no file holding them: an anomaly of the
+        provider's, reported (once a run) and looked at again at the next poll; its rows are not sent again."""
+        missing = [f"{entry.counts.get(name, 0)} {name} lines but no {which} file"
+                   for name, which, file_id in (("completed", "output", batch.output_file_id),
+                                                ("failed", "error", batch.error_file_id))
+                   if entry.counts.get(name, 0) and not file_id]
+        if missing and entry.number not in self._anomalies:
+            self._anomalies.add(entry.number)
+            log.warning("file %d: batch %s is %s with %s: not merged yet (looked at again at the next poll; tell the "
+                        "provider if it stays so)", entry.number, batch.id, batch.status, " and ".join(missing))
+        return bool(missing)
+
     async def _merge(self, entry: BatchFile, batch: Any, record: Callable[[Record], None]) -> None:
         """A finished batch's output and error lines into the checkpoint, by custom_id; its rows without one
         are pending again."""
-        paths = []
+        paths: list[tuple[str, Path]] = []
         lost: Gone | None = None  # a result file the provider no longer knows: its rows were not answered
-        for which, file_id in (("output", batch.output_file_id), ("errors", batch.error_file_id)):
+        for which, file_id, reported in (("output", batch.output_file_id, "completed"),
+                                         ("errors", batch.error_file_id, "failed")):
             if file_id:
                 try:
-                    paths.append(await self._download(entry, which, file_id))
+                    paths.append((which, await self._download(entry, which, file_id, entry.counts.get(reported, 0))))
                 except Gone as gone:
                     log.warning("file %d: %s; the rows it answered are pending again", entry.number, gone)
                     lost = gone
@@ -395,14 +410,19 @@ class BatchAnswerer:
         attempts = rows.column("submission").to_pylist()
         outcome = {"ok": 0, "failed": 0, "returned": 0}
         cost, tokens = 0.0, 0
-        for path in paths:
+        for which, path in paths:
             with open(path, encoding="utf-8", errors="replace") as lines:
-                for line in lines:
+                for number, line in enumerate(lines, 1):
                     parsed = _line(line)
-                    at = index.get(parsed.get("custom_id")) if parsed else None
-                    if at is None:
+                    if parsed is None:
                         if line.strip():
-                            log.warning("file %d: a result line for no row of the file: skipped", entry.number)
+                            log.warning("file %d: line %d of batch %s's %s file is not JSON: skipped", entry.number,
+                                        number, batch.id, which)
+                        continue
+                    at = index.get(parsed.get("custom_id"))
+                    if at is None:
+                        log.warning("file %d: line %d of batch %s's %s file answers no row of the file (custom_id "
+                                    "%.70r): skipped", entry.number, number, batch.id, which, parsed.get("custom_id"))
                         continue
                     if seqs[at] < 0:  # deleted from the input: its answer was paid for, so kept by id
                         if at in kept_aside:
@@ -471,16 +491,32 @@ class BatchAnswerer:
             self.stop.halt(exc)
             raise
 
-    async def _download(self, entry: BatchFile, which: str, file_id: str) -> Path:
-        """A result file, streamed to the checkpoint folder (never held whole)."""
+    async def _download(self, entry: BatchFile, which: str, file_id: str, reported: int) -> Path:
+        """A result file, streamed to the checkpoint folder (never held whole); downloaded again (as a transient
+        failure) while it holds fewer lines than the batch reports (`reported`) or ends in a line cut short."""
         path = self.ledger.results_path(entry.number, which)
         tmp = temp_path(path)
 
         async def fetch() -> Path:
+            size, last_line_at, lines = 0, 0, 0
             async with self._client.files.with_streaming_response.content(file_id) as response:
                 with open(tmp, "wb") as out:
                     async for chunk in response.iter_bytes(DOWNLOAD_CHUNK):
                         out.write(chunk)
+                        lines += chunk.count(b"\n")
+                        if (end := chunk.rfind(b"\n")) >= 0:
+                            last_line_at = size + end + 1
+                        size += len(chunk)
+            with open(tmp, "rb") as written:  # a last line without its newline: whole only if it is JSON
+                written.seek(last_line_at)
+                tail = written.read()
+            if tail.strip():
+                if _line(tail.decode("utf-8", "replace")) is None:
+                    raise Failure("retry", "short_download", f"the {which} file {file_id} ends in a line cut short")
+                lines += 1
+            if lines < reported:
+                raise Failure("retry", "short_download", f"the {which} file {file_id} holds {lines} lines where the "
+                              f"batch reports {reported}")
             place(tmp, path)
             return path
 

@@ -367,6 +367,9 @@ class SimConfig:
     batch_p_poll_503: float = 0.0  # ... or 503 (code 1305)
     batch_arrears_after: int | None = None  # once N batches were created, create answers 429 with code 1113
     batch_down_for_calls: int = 0  # the first N Batch API calls (any route) answer 503 with code 1305
+    batch_short_downloads: int = 0  # the first N downloads of result files end after half their lines ...
+    batch_torn_downloads: int = 0  # ... or in the middle of a line (a connection cut the server did not notice)
+    batch_hide_output_polls: int = 0  # the first N polls of an ended batch name no output_file_id (an anomaly)
 
     def __post_init__(self) -> None:
         if self.batch_rate <= 0 or self.batch_speed < 0:

@@ -135,6 +135,8 @@ class BatchService:
         self.created = 0
         self.lines_answered = 0
         self.poll_faults = 0
+        self.cut_downloads = 0
+        self.hidden_outputs = 0
         self.submitted: dict[str, int] = {}
         # Separate seeded streams: the shuffle does not move with the poll faults, nor either with online faults.
         self._order_rng = random.Random(self.config.seed + 2)
@@ -202,7 +204,8 @@ class BatchService:
             by_state[batch.status] = by_state.get(batch.status, 0) + 1
         return {"calls": self.calls, "files_uploaded": self.uploads, "files_kept": len(self.files),
                 "batches_created": self.created, "by_state": by_state, "lines_answered": self.lines_answered,
-                "poll_faults": self.poll_faults, "custom_ids": dict(self.submitted),
+                "poll_faults": self.poll_faults, "cut_downloads": self.cut_downloads,
+                "hidden_outputs": self.hidden_outputs, "custom_ids": dict(self.submitted),
                 "custom_ids_submitted_twice": sorted(c for c, n in self.submitted.items() if n > 1)}
 
     # -- HTTP helpers ---------------------------------------------------------------------------------------
@@ -313,7 +316,22 @@ class BatchService:
             return stored
         if (fault := self._poll_fault(request)) is not None:
             return fault
+        if stored.purpose == "batch_output" and (cut := self._cut_download(stored)) is not None:
+            return web.Response(body=cut, content_type="application/jsonl")
         return web.FileResponse(stored.path, headers={"Content-Type": "application/jsonl"})
+
+    def _cut_download(self, stored: StoredFile) -> bytes | None:
+        """batch_short_downloads / batch_torn_downloads: a result file's first half of lines, or that and half of
+        the next line; None when no cut is due. Reads the file whole: a fault for tests' small files."""
+        cfg = self.config
+        if self.cut_downloads >= cfg.batch_short_downloads + cfg.batch_torn_downloads:
+            return None
+        self.cut_downloads += 1
+        lines = stored.path.read_bytes().splitlines(keepends=True)
+        kept = b"".join(lines[:len(lines) // 2])
+        if self.cut_downloads > cfg.batch_short_downloads:  # torn: half of the next line too
+            kept += lines[len(lines) // 2][:len(lines[len(lines) // 2]) // 2]
+        return kept
 
     async def _delete_file(self, request: web.Request) -> web.Response:
         stored = self._file_or_404(request)
@@ -529,7 +547,7 @@ class BatchService:
             "id": batch.id, "object": "batch", "endpoint": batch.endpoint,
             "errors": {"object": "list", "data": batch.line_errors} if batch.line_errors else None,
             "input_file_id": batch.input_file.id, "completion_window": batch.completion_window,
-            "status": batch.status, "output_file_id": batch.output_file_id, "error_file_id": batch.error_file_id,
+            "status": batch.status, "output_file_id": self._output_file_id(batch), "error_file_id": batch.error_file_id,
             "created_at": stamp(batch.created_at), "in_progress_at": stamp(batch.in_progress_at),
             "expires_at": stamp(batch.expires_at), "finalizing_at": stamp(batch.finalizing_at),
             "completed_at": stamp(batch.completed_at), "failed_at": stamp(batch.failed_at),
@@ -538,6 +556,13 @@ class BatchService:
             "request_counts": {"total": len(batch.order), "completed": batch.completed, "failed": batch.failed},
             "metadata": batch.metadata,
         }
+
+    def _output_file_id(self, batch: SimBatch) -> str | None:
+        """batch_hide_output_polls: the first N answers naming an ended batch's output file leave it out."""
+        if batch.output_file_id is not None and self.hidden_outputs < self.config.batch_hide_output_polls:
+            self.hidden_outputs += 1
+            return None
+        return batch.output_file_id
 
     # -- batches: the clock side ----------------------------------------------------------------------------
 

@@ -566,3 +566,50 @@ def test_the_rows_of_live_files_are_found_in_an_edited_input_by_id(two_live_file
     now = {row_id: seq for seq, row_id in enumerate(edited)}
     assert ledger.files[1].seqs.tolist() == [now.get(f"id{i}", -1) for i in range(0, 25)]
     assert ledger.files[2].seqs.tolist() == [now.get(f"id{i}", -1) for i in range(25, 41)]
+
+
+# -- result files that do not hold what the batch reports ---------------------------------------------------
+
+def test_a_short_or_torn_result_file_is_downloaded_again_and_no_answered_row_is_sent_again(
+        start_sim, make_job, run_cli):
+    sim = start_sim(batch_speed=0, batch_short_downloads=1, batch_torn_downloads=1)
+    job = batch_job(make_job, sim, count=20, per_file=20)
+    assert run_cli("run", job)[0] == EXIT_BATCHES_LIVE
+    sim.advance(3600)
+    code, out, err = run_cli("run", job)
+    assert code == 0, out + err
+    assert "holds 10 lines where the batch reports 20" in err and "ends in a line cut short" in err
+    assert sim.stats()["batch_api"]["cut_downloads"] == 2
+    assert len(sim.stats()["batch_api"]["custom_ids"]) == 20 and submitted_twice(sim) == []
+    frame = output_of(job)
+    assert list(frame["response"]) == [expected_reply(f"review number {i}") for i in range(20)]
+    assert (frame["attempts"] == 1).all() and set(records_per_id(job).values()) == {1}
+
+
+def test_a_result_file_short_at_every_download_stops_with_exit_3_and_the_next_run_merges_it(
+        start_sim, make_job, run_cli):
+    sim = start_sim(batch_speed=0, batch_short_downloads=3)
+    job = batch_job(make_job, sim, count=20, per_file=20)
+    assert run_cli("run", job)[0] == EXIT_BATCHES_LIVE
+    sim.advance(3600)
+    code, out, err = run_cli("run", job)
+    assert code == 3 and "holds 10 lines where the batch reports 20" in out, out + err
+    assert not every_record(job).num_rows  # nothing merged from a file known to be short
+    code, out, err = run_cli("run", job)
+    assert code == 0, out + err
+    assert len(sim.stats()["batch_api"]["custom_ids"]) == 20 and set(records_per_id(job).values()) == {1}
+
+
+def test_an_ended_batch_that_names_no_output_file_is_reported_not_resubmitted(start_sim, make_job, run_cli):
+    sim = start_sim(batch_speed=0, batch_hide_output_polls=2)
+    job = batch_job(make_job, sim, count=10, per_file=10)
+    assert run_cli("run", job)[0] == EXIT_BATCHES_LIVE
+    sim.advance(3600)
+    code, out, err = run_cli("run", job)
+    assert code == EXIT_BATCHES_LIVE, out + err
+    (warning,) = [line for line in err.splitlines() if "but no output file" in line]
+    assert "is completed with 10 completed lines but no output file: not merged yet" in warning
+    code, out, err = run_cli("run", job)  # still hidden once, then named: merged
+    assert code == EXIT_BATCHES_LIVE and "but no output file" in err
+    assert run_cli("run", job)[0] == 0
+    assert len(sim.stats()["batch_api"]["custom_ids"]) == 10 and set(records_per_id(job).values()) == {1}

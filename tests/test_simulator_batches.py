@@ -498,6 +498,26 @@ async def test_forgotten_files_and_batches_answer_404_and_a_restart_forgets_ever
 
 
 @pytest.mark.asyncio
+async def test_result_downloads_cut_short_or_torn_then_whole_and_an_output_file_hidden_from_polls() -> None:
+    async with serve(batch_short_downloads=1, batch_torn_downloads=1, batch_hide_output_polls=1) as s:
+        batch = await submit(s, [line(f"row-{i:04d}", f"review {i}") for i in range(6)])
+        await s.advance(60)
+        hidden = await s.client.batches.retrieve(batch.id)
+        assert hidden.status == "completed" and hidden.request_counts.completed == 6 and hidden.output_file_id is None
+        done = await s.client.batches.retrieve(batch.id)
+        whole = (await s.client.files.retrieve(done.output_file_id)).bytes
+        short = (await s.client.files.content(done.output_file_id)).content
+        torn = (await s.client.files.content(done.output_file_id)).content
+        full = (await s.client.files.content(done.output_file_id)).content
+        assert len(full) == whole and len(parse_jsonl(full)) == 6
+        assert short.endswith(b"\n") and len(parse_jsonl(short)) == 3 and full.startswith(short)
+        assert not torn.endswith(b"\n") and torn.startswith(short) and len(short) < len(torn) < len(full)
+        stats = await s.stats()
+        assert (stats["cut_downloads"], stats["hidden_outputs"]) == (2, 1)
+        assert (await s.client.files.content(batch.input_file_id)).content.count(b"\n") == 6  # inputs never cut
+
+
+@pytest.mark.asyncio
 async def test_a_key_is_required_when_configured() -> None:
     async with serve(api_key="right-key") as s:
         with pytest.raises(openai.AuthenticationError):
