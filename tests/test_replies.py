@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pyarrow as pa
@@ -9,9 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from helpers import output_of
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 
 import batch
-from batch.replies import JSON_TEXT, MAX_DEPTH, parse_reply
+from batch.records import RECORD_FIELDS
+from batch.replies import JSON_TEXT, MAX_DEPTH, column_names, parse_reply
 from batch.simulator import json_answer_for, reply_marker
 
 ROWS = [{"review_id": f"j{i}", "text": f"review {i}"} for i in range(4)]
@@ -246,3 +251,117 @@ def test_a_complete_job_with_edited_output_settings_writes_its_final_file_again(
     assert ("label" in columns) == (edit != {"parse_json": False})
     assert sim.stats()["requests"] == sent
     assert list(batch.read_results(job).columns) == columns
+
+
+# -- the contract, over any JSON value: a final file that reads back ------------------------------------------------
+ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=6)  # lone surrogates included
+KEYS = st.sampled_from(["status", "json_status", "text", "json_text", "id", "", "a"]) | ANY_TEXT  # clashes likely
+LEAVES = (st.none() | st.booleans() | st.integers() | st.integers(-(10**400), 10**400)
+          | st.floats(allow_nan=False, allow_infinity=False) | ANY_TEXT)
+
+
+def wrapped(leaf: object, levels: int) -> object:
+    """`leaf` inside `levels` arrays and objects, alternately."""
+    for level in range(levels):
+        leaf = [leaf] if level % 2 else {"k": leaf}
+    return leaf
+
+
+DEEP = st.builds(wrapped, LEAVES, st.sampled_from([MAX_DEPTH - 2, MAX_DEPTH - 1, MAX_DEPTH, 1000]))
+VALUES = st.recursive(LEAVES, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=3),
+                      max_leaves=8) | DEEP
+REPLIES = st.lists(st.dictionaries(KEYS, VALUES, max_size=4), min_size=1, max_size=4)
+RUNS = itertools.count()  # each example's output path: a checkpoint of its own
+
+
+def depth_of(value: object) -> int:
+    """How many objects and arrays deep `value` goes (an object of scalars: 1), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((item, depth + 1) for item in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def has_lone_surrogate(value: object) -> bool:
+    """Whether a key or a string anywhere in `value` holds half of a surrogate pair on its own."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str) and any(0xD800 <= ord(char) <= 0xDFFF for char in node):
+            return True
+        if isinstance(node, dict):
+            stack.extend([*node.keys(), *node.values()])
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
+
+
+def read_back(cell: object, field: pa.Field) -> object:
+    """The reply's value as the final file gives it back: JSON text parsed, structs and lists item by item."""
+    if cell is None:
+        return None
+    if field.metadata == {k.encode(): v.encode() for k, v in JSON_TEXT.items()}:
+        return json.loads(cell)
+    if pa.types.is_struct(field.type):
+        return {child.name: read_back(cell[child.name], child) for child in field.type}
+    if pa.types.is_list(field.type):
+        return [read_back(item, field.type.value_field) for item in cell]
+    return cell
+
+
+def schema_for(value: object, pick: int) -> dict:
+    """A schema `value` matches, one of several for each JSON type (`pick` chooses): simple types, unions, closed
+    objects (structs), arrays of anything (lists of JSON text), open objects (JSON text)."""
+    if isinstance(value, bool):
+        return {"type": "boolean"}
+    if isinstance(value, int):
+        return [{"type": "integer"}, {"type": "number"}, {"anyOf": [{"type": "integer"}, {"type": "string"}]}][pick % 3]
+    if isinstance(value, float):
+        return {"type": "number"}
+    if isinstance(value, str):
+        return [{"type": "string"}, {"anyOf": [{"type": "integer"}, {"type": "string"}]}][pick % 2]
+    if isinstance(value, list):
+        return [{"type": "array", "items": {}}, {"type": "array"}][pick % 2]
+    if isinstance(value, dict):
+        if pick % 2 or not value or has_lone_surrogate(list(value)):
+            return {"type": "object"}
+        return {"type": "object", "additionalProperties": False, "required": list(value),
+                "properties": {key: schema_for(item, pick) for key, item in value.items()}}
+    return {"type": "null"}
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])  # a whole run each example
+@given(replies=REPLIES, with_schema=st.booleans(), pick=st.integers(0, 5))
+def test_any_json_reply_becomes_a_final_file_that_reads_back(sim, make_job, run_cli, replies, with_schema, pick):
+    """Any JSON object a model replies with (any nesting, integers of any size, floats, any text for keys and
+    strings, lone surrogates included) gives a final file that pandas reads, with every ok reply's values read back
+    exactly from its columns, and every other row bad_json with its reason."""
+    schema = None
+    if with_schema:  # named from the first reply's keys: later replies may not match it
+        named = {key: value for key, value in replies[0].items() if not has_lone_surrogate(key)}
+        if depth_of(named) <= MAX_DEPTH:
+            schema = {"type": "object", "properties": {key: schema_for(value, pick) for key, value in named.items()}}
+    checker = Draft202012Validator(schema) if schema else None
+    path = f"out/{next(RUNS)}.parquet"
+    job = reply_job(make_job, sim, [json.dumps(reply) for reply in replies],
+                    {"path": path, "json_attempts": 1, **({"json_schema": schema} if schema else {})})
+    code, _, err = run_cli("run", job)
+    assert code in (0, 1), err
+    table = pq.read_table(job.parent / path)
+    assert len(table.to_pandas()) == len(replies)
+    kept = [not has_lone_surrogate(reply) and depth_of(reply) <= MAX_DEPTH and
+            (checker is None or checker.is_valid(reply)) for reply in replies]
+    keys = list(dict.fromkeys(key for reply, ok in zip(replies, kept) if ok for key in reply))
+    names = dict(zip(keys, column_names(keys, {"review_id", "text", *RECORD_FIELDS})))
+    for reply, ok, row in zip(replies, kept, table.to_pylist()):
+        if not ok:
+            assert (row["status"], row["error_class"]) == ("failed", "bad_json"), row["error"]
+            assert row["error"].startswith(("the reply holds a lone surrogate", "the reply nests deeper than",
+                                            "the reply does not match output.json_schema"))
+            continue
+        assert row["status"] == "ok", row["error"]
+        for key in keys:
+            assert read_back(row[names[key]], table.schema.field(names[key])) == reply.get(key), key
