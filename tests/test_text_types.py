@@ -78,6 +78,20 @@ def test_any_arrow_text_type_gives_the_same_ids_and_prompts(tmp_path_factory, ro
     assert other == plain
 
 
+@given(rows=st.lists(st.tuples(texts, texts), min_size=1, max_size=8))
+def test_the_same_text_from_csv_or_jsonl_gives_the_prompts_parquet_gives(tmp_path_factory, rows):
+    """CSV has no null (an empty field is empty text), so the values here are text; their prompts and ids match."""
+    folder = tmp_path_factory.mktemp("formats")
+    frame = pd.DataFrame({"key": [f"k{i}" for i in range(len(rows))], "title": [r[0] for r in rows],
+                          "body": [r[1] for r in rows]}, dtype=object)
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), folder / "rows.parquet")
+    frame.to_csv(folder / "rows.csv", index=False, lineterminator="\r\n")  # which quotes a value holding a bare \r
+    frame.to_json(folder / "rows.jsonl", orient="records", lines=True, force_ascii=False)
+    from_parquet = prompts_of(folder / "rows.parquet", "key")
+    for name in ("rows.csv", "rows.jsonl"):
+        assert prompts_of(folder / name, "key") == from_parquet, name
+
+
 def local_model(url: str) -> dict:
     return {"provider": "local", "name": "glm-4-flash", "base_url": url, "params": {"max_tokens": 64}}
 
