@@ -24,7 +24,7 @@ from batch.pricing import Price, Pricer, pricer_for
 from batch.prompts import PromptBuilder
 from batch.reader import InputTable
 from batch.records import OUTPUT_FIELDS
-from batch.schema import JsonOutput, json_output_for
+from batch.schema import JsonOutput, json_output_for, openai_strict
 from batch.writer import Checkpoint
 
 # The files a checkpoint folder holds from its first run: a folder with one is some job's checkpoint.
@@ -64,6 +64,8 @@ def resolve(spec: JobSpec) -> Settings:
     body_params = dict(spec.model.params)
     # Provider-only fields and OpenAI ones go the same way: the SDK's create() has fixed kwargs.
     body_params.update(body_params.pop("extra_body", None) or {})
+    if spec.model.provider == "openai":
+        _check_own_strict_schema(spec, body_params.get("response_format"))
     if json_output is not None and json_output.response_format is not None:
         # A response_format in params is the job's own choice (e.g. strict: false), so it is kept.
         body_params.setdefault("response_format", json_output.response_format)
@@ -77,6 +79,24 @@ def resolve(spec: JobSpec) -> Settings:
     provider = PROVIDERS[spec.model.provider]
     return Settings(spec, body_params, max_tokens, pricer, spec.model.base_url or provider.base_url,
                     spec.model.api_key_env or provider.api_key_env, builder, json_output)
+
+
+def _check_own_strict_schema(spec: JobSpec, response_format: Any) -> None:
+    """A strict json_schema response_format written in params is sent as it is: OpenAI would refuse every request
+    (400) if strict mode does not take it, so validate does, naming the first reason."""
+    wrapper = response_format.get("json_schema") if isinstance(response_format, dict) else None
+    schema = wrapper.get("schema") if isinstance(wrapper, dict) and wrapper.get("strict") is True else None
+    if not isinstance(schema, dict):
+        return
+    made = openai_strict(schema)
+    if made.blocker is None and not made.changes:
+        return
+    problem = f"it cannot take {made.blocker}" if made.blocker else f"it needs {made.changes[0]}"
+    extra = spec.model.params.get("extra_body") or {}
+    key = "model.params.extra_body.response_format" if "response_format" in extra else "model.params.response_format"
+    raise ConfigError(f"{spec.where(key)}: {key}: OpenAI's strict mode refuses this schema ({problem}): "
+                      "fix it, set strict: false, or leave response_format out and set output.json_schema, which "
+                      "batch sends in the form strict mode takes")
 
 
 def stream_params(provider: str, stream_options: Any) -> dict[str, Any]:

@@ -11,6 +11,7 @@ arrives. A reply that fails is asked again (batch.online); the row's error is th
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from batch.replies import parse_reply
 VIA_PROMPT, VIA_RESPONSE_FORMAT = "prompt", "response_format"
 SCHEMA_NOTE = "Answer with one JSON object and nothing else. It must match this JSON Schema:"
 SCHEMA_NAME = "output"  # response_format.json_schema.name: OpenAI wants one ([a-zA-Z0-9_-]{1,64})
+log = logging.getLogger("batch")
 MAX_ERROR_CHARS = 300  # a validation message quotes the value at fault, which may be the whole reply
 
 
@@ -44,9 +46,10 @@ class JsonOutput:
     """What a parse_json job checks of each reply (and, with a schema, what it sends to ask for it)."""
 
     attempts: int  # requests per row for a reply that passes: output.json_attempts
-    schema: dict[str, Any] | None = None
+    schema: dict[str, Any] | None = None  # as sent, and as each reply is checked and typed: see openai_strict
     via: str | None = None  # VIA_PROMPT or VIA_RESPONSE_FORMAT, with a schema
     validator: Validator | None = None
+    strict: bool = True  # response_format's strict: false only for a schema OpenAI's strict mode cannot express
 
     def problem(self, text: str | None) -> str | None:
         """Why the reply is not the JSON asked for (its first problem), or None when it is."""
@@ -80,7 +83,8 @@ class JsonOutput:
             return None
         if self.via == VIA_PROMPT:
             return {"type": "json_object"}
-        return {"type": "json_schema", "json_schema": {"name": SCHEMA_NAME, "schema": self.schema, "strict": True}}
+        return {"type": "json_schema",
+                "json_schema": {"name": SCHEMA_NAME, "schema": self.schema, "strict": self.strict}}
 
     def unsent_tokens(self) -> tuple[int, int]:
         """What the schema costs beside the messages, as (estimate_tokens, prompt_token_bound) of a message: sent
@@ -122,7 +126,123 @@ def json_output_for(spec: JobSpec) -> JsonOutput | None:
     if "object" not in (kinds if isinstance(kinds, list) else [kinds]):
         raise ConfigError(f"{where}: the reply is a JSON object, so the schema's type must be object (got {kinds!r})")
     _check_references(where, schema)
-    return JsonOutput(out.json_attempts, schema, out.schema_via or default_via(spec.model.provider), checker(schema))
+    via, strict = out.schema_via or default_via(spec.model.provider), True
+    if via == VIA_RESPONSE_FORMAT and spec.model.provider == "openai":
+        made = openai_strict(schema)
+        if made.blocker is None:
+            schema = made.schema
+        else:
+            strict = False
+            log.warning("%s: sent with strict: false, as OpenAI's strict mode cannot express it (%s); each reply is "
+                        "still checked against it", where, made.blocker)
+    return JsonOutput(out.json_attempts, schema, via, checker(schema), strict)
+
+
+# -- OpenAI's strict mode ---------------------------------------------------------------------------
+# OpenAI answers 400 to a `strict: true` schema outside the subset it documents (Structured Outputs, "Supported
+# schemas"): every object with additionalProperties false and every property in `required`, recursively; the root an
+# object, not anyOf; none of these keywords.
+STRICT_REFUSED_KEYWORDS = (
+    "allOf", "oneOf", "not", "if", "then", "else", "dependentRequired", "dependentSchemas",
+    "patternProperties", "unevaluatedProperties", "propertyNames", "minProperties", "maxProperties",
+    "unevaluatedItems", "contains", "minContains", "maxContains", "uniqueItems", "prefixItems",
+    "minLength", "maxLength",
+)
+STRICT_FORMATS = ("date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uuid")
+NULL = {"type": "null"}
+
+
+@dataclass
+class StrictSchema:
+    """A schema as OpenAI's strict mode takes it (openai_strict): the changes made, with their JSON paths; or, when no
+    change can make it fit without changing what it accepts, `blocker`, the first reason why."""
+
+    schema: dict[str, Any]
+    changes: list[str]
+    blocker: str | None = None
+
+
+def openai_strict(schema: dict[str, Any]) -> StrictSchema:
+    """`schema` made to fit OpenAI's strict mode, accepting the same replies but for two things strict mode makes
+    every reply do: an object has no keys beyond its properties (additionalProperties false where it was left
+    unset), and an optional key is there, null when it has no value (listed in `required`, null allowed)."""
+    made = StrictSchema(schema, [])
+    try:
+        made.schema = _strict_node(schema, "$", made.changes, root=True)
+    except _NotStrict as exc:
+        made.blocker = str(exc)
+    return made
+
+
+class _NotStrict(Exception):
+    pass
+
+
+def _strict_node(node: Any, path: str, changes: list[str], root: bool = False) -> Any:
+    if not isinstance(node, dict):
+        return node
+    for keyword in STRICT_REFUSED_KEYWORDS:
+        if keyword in node:
+            raise _NotStrict(f"{keyword} at {path}")
+    if node.get("format") is not None and node["format"] not in STRICT_FORMATS:
+        raise _NotStrict(f"format {node['format']!r} at {path}")
+    node = dict(node)
+    if root:
+        if "anyOf" in node or node.get("type", "object") != "object":
+            raise _NotStrict(f"a root that is not type: object alone ({'anyOf' if 'anyOf' in node else node['type']})")
+        if "type" not in node:
+            node["type"] = "object"
+            changes.append(f"{path}: type: object")
+    for key in ("$defs", "definitions"):
+        if isinstance(node.get(key), dict):
+            node[key] = {name: _strict_node(sub, f"{path}.{key}.{name}", changes) for name, sub in node[key].items()}
+    if isinstance(node.get("items"), dict):
+        node["items"] = _strict_node(node["items"], f"{path}.items", changes)
+    if isinstance(node.get("anyOf"), list):
+        node["anyOf"] = [_strict_node(sub, f"{path}.anyOf[{i}]", changes) for i, sub in enumerate(node["anyOf"])]
+    kinds = node.get("type")
+    if kinds == "object" or (isinstance(kinds, list) and "object" in kinds) or "properties" in node:
+        _strict_object(node, path, changes)
+    return node
+
+
+def _strict_object(node: dict[str, Any], path: str, changes: list[str]) -> None:
+    more = node.get("additionalProperties")
+    properties = node.get("properties")
+    if more is None and not isinstance(properties, dict):
+        raise _NotStrict(f"an object whose keys are not fixed at {path} (it has no properties)")
+    if more is None:
+        node["additionalProperties"] = False
+        changes.append(f"{path}: additionalProperties: false")
+    elif more is not False:
+        raise _NotStrict(f"additionalProperties {json.dumps(more)} at {path}: strict mode allows no other keys")
+    properties = properties if isinstance(properties, dict) else {}
+    required = node.get("required") if isinstance(node.get("required"), list) else []
+    node["properties"] = {name: _strict_node(sub, f"{path}.properties.{name}", changes)
+                          for name, sub in properties.items()}
+    for name in properties:
+        if name not in required:
+            node["properties"][name] = _nullable(node["properties"][name])
+            changes.append(f"{path}.properties.{name}: required, and may be null")
+    node["required"] = list(properties)
+
+
+def _nullable(node: Any) -> Any:
+    """`node`, accepting null too (an optional key, as strict mode asks for it)."""
+    if not isinstance(node, dict) or node in ({}, NULL):
+        return node
+    kinds = node.get("type")
+    branches = node.get("anyOf")
+    if kinds == "null" or (isinstance(kinds, list) and "null" in kinds) or \
+            (isinstance(branches, list) and NULL in branches):
+        return node
+    if "const" in node or "enum" in node or "$ref" in node:
+        return {"anyOf": [node, NULL]}
+    if isinstance(kinds, str):
+        return {**node, "type": [kinds, "null"]}
+    if isinstance(branches, list):
+        return {**node, "anyOf": [*branches, NULL]}
+    return {"anyOf": [node, NULL]}
 
 
 def _schema_error(spec: JobSpec, where: str, exc: SchemaError, inline: bool) -> str:

@@ -25,6 +25,8 @@ request only), ``[[garbagechunk:N]]`` (an event that is not JSON after N),
 body's end, as llama-cpp-python's server was seen to do), ``[[nostream]]`` (one JSON body, as a server
 that ignores ``stream`` answers).  ``[[toolcalls:N]]`` answers with N tool calls and no content, streamed as
 deltas by index with the arguments in pieces, the calls interleaved (`tool_call_deltas`).
+``openai_strict`` answers a strict json_schema response_format outside OpenAI's subset with its 400
+(`strict_schema_problem`).
 ``echo_key`` makes every error message and reply quote the Authorization header the request
 carried, as a careless server might.  An outage that ends is ``SimConfig(down_for_requests=N)``: the first N requests
 get 503 with code 1305 (``down_as="503"``) or a proxy's HTML 502 page (``down_as="html"``), the
@@ -180,27 +182,34 @@ def schema_answer_for(model: str, messages: list[dict[str, Any]], schema: dict[s
     return json.dumps(value, ensure_ascii=False)
 
 
-def conforming(schema: Any, seed: str, where: str) -> Any:
+def conforming(schema: Any, seed: str, where: str, root: Any = None) -> Any:
     """A value matching `schema` at JSON path `where`, drawn from a hash of (seed, where).
 
     Kept simple: type, properties and required (an optional key is left out for about half the answers),
     items, minItems and maxItems, enum and const, minimum and maximum, anyOf and oneOf (the first branch that is
-    not null). Other constraints (patterns, lengths, formats, $ref) are not followed.
+    not null; null past a depth of 6, so a recursive schema ends), a `$ref` into the schema (`root`, the schema
+    itself unless given). Other constraints (patterns, lengths, formats) are not followed.
     """
     draw = int(hashlib.sha256(f"{seed}:{where}".encode()).hexdigest()[:12], 16)
     if not isinstance(schema, dict):
         return None
+    root = schema if root is None else root
+    if isinstance(schema.get("$ref"), str):
+        return conforming(_pointed(root, schema["$ref"]), seed, where, root)
+    deep = where.count(".") + where.count("[") > 6
     if "const" in schema:
         return schema["const"]
     if isinstance(schema.get("enum"), list) and schema["enum"]:
         return schema["enum"][draw % len(schema["enum"])]
     for key in ("anyOf", "oneOf"):
         branches = [b for b in schema.get(key) or [] if isinstance(b, dict) and b.get("type") != "null"]
+        if deep and len(branches) < len(schema.get(key) or []):
+            return None
         if branches:
-            return conforming(branches[0], seed, where)
+            return conforming(branches[0], seed, where, root)
     kind = schema.get("type") or ("object" if "properties" in schema else "string")
     if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "null")
+        kind = "null" if deep and "null" in kind else next((k for k in kind if k != "null"), "null")
     if kind == "object":
         required = set(schema.get("required") or [])
         value = {}
@@ -208,12 +217,12 @@ def conforming(schema: Any, seed: str, where: str) -> Any:
             here = f"{where}.{name}"
             keep = name in required or int(hashlib.sha256(f"{seed}:{here}?".encode()).hexdigest()[:8], 16) % 2
             if keep:
-                value[name] = conforming(sub, seed, here)
+                value[name] = conforming(sub, seed, here, root)
         return value
     if kind == "array":
         low = int(schema.get("minItems", 1))
         count = max(low, min(int(schema.get("maxItems", low + 2)), low + draw % 3))
-        return [conforming(schema.get("items") or {}, seed, f"{where}[{i}]") for i in range(count)]
+        return [conforming(schema.get("items") or {}, seed, f"{where}[{i}]", root) for i in range(count)]
     if kind in ("integer", "number"):
         low = schema.get("minimum", 0)
         high = schema.get("maximum", low + 99)
@@ -225,6 +234,19 @@ def conforming(schema: Any, seed: str, where: str) -> Any:
     if kind == "null":
         return None
     return f"{where.rsplit('.', 1)[-1]} {draw % 10000}"
+
+
+def _pointed(root: Any, ref: str) -> Any:
+    """What a `#/...` reference points at in `root` ({} when nothing: any value)."""
+    if not ref.startswith("#"):
+        return {}
+    node = root
+    for part in ref[1:].split("/")[1:]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(node, dict) or part not in node:
+            return {}
+        node = node[part]
+    return node
 
 
 def completion_for(model: str, messages: list[dict[str, Any]], max_tokens: int | None,
@@ -322,6 +344,57 @@ def reply_marker(content: str) -> str:
     return f"[[reply:{base64.urlsafe_b64encode(content.encode('utf-8')).decode('ascii')}]]"
 
 
+def strict_schema_problem(body: dict[str, Any]) -> str | None:
+    """Why OpenAI would refuse the request's response_format (400), in its words, or None: with `strict: true`, a
+    json_schema must be in the subset Structured Outputs documents (the root an object, not anyOf; every object
+    with additionalProperties false and each of its properties in `required`, recursively through properties, items,
+    anyOf and $defs; none of the keywords batch.schema.STRICT_REFUSED_KEYWORDS lists; formats from its list)."""
+    response_format = body.get("response_format")
+    wrapper = response_format.get("json_schema") if isinstance(response_format, dict) else None
+    if not isinstance(wrapper, dict) or wrapper.get("strict") is not True:
+        return None
+    head = f"Invalid schema for response_format '{wrapper.get('name')}': "
+    schema = wrapper.get("schema")
+    if not isinstance(schema, dict) or schema.get("type") != "object" or "anyOf" in schema:
+        kind = schema.get("type") if isinstance(schema, dict) else None
+        return head + f"schema must be a JSON Schema of 'type: \"object\"', got 'type: \"{kind}\"'."
+    problem = _strict_problem(schema, ())
+    return None if problem is None else head + problem
+
+
+def _strict_problem(node: Any, context: tuple[str, ...]) -> str | None:
+    from batch.schema import STRICT_FORMATS, STRICT_REFUSED_KEYWORDS  # only when asked: the simulator starts light
+
+    if not isinstance(node, dict):
+        return None
+    where = f"In context={context!r}, "
+    for keyword in STRICT_REFUSED_KEYWORDS:
+        if keyword in node:
+            return where + f"'{keyword}' is not permitted."
+    if node.get("format") is not None and node["format"] not in STRICT_FORMATS:
+        return where + f"'format' {node['format']!r} is not permitted."
+    kinds = node.get("type")
+    subs: list[tuple[Any, tuple[str, ...]]] = []
+    if kinds == "object" or (isinstance(kinds, list) and "object" in kinds) or "properties" in node:
+        if node.get("additionalProperties") is not False:
+            return where + "'additionalProperties' is required to be supplied and to be false."
+        properties = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+        required = node.get("required") if isinstance(node.get("required"), list) else []
+        missing = [name for name in properties if name not in required]
+        if missing:
+            return where + ("'required' is required to be supplied and to be an array including every key in "
+                            f"properties. Missing '{missing[0]}'.")
+        subs += [(sub, (*context, "properties", name)) for name, sub in properties.items()]
+    if isinstance(node.get("items"), dict):
+        subs.append((node["items"], (*context, "items")))
+    if isinstance(node.get("anyOf"), list):
+        subs += [(sub, (*context, "anyOf", str(i))) for i, sub in enumerate(node["anyOf"])]
+    for key in ("$defs", "definitions"):
+        if isinstance(node.get(key), dict):
+            subs += [(sub, (*context, key, name)) for name, sub in node[key].items()]
+    return next((problem for sub, at in subs if (problem := _strict_problem(sub, at)) is not None), None)
+
+
 def markers_of(prompt: str) -> dict[str, str]:
     """The fault markers in a prompt, by name (``[[slow:50]]`` -> ``{"slow": "50"}``)."""
     return dict(_MARKER_RE.findall(prompt)) if "[[" in prompt else {}
@@ -348,6 +421,7 @@ class SimConfig:
     down_as: str = "503"  # ... answering "503" (JSON, code 1305) or "html" (a proxy's 502 page)
     api_key: str | None = dataclasses.field(default=None, repr=False)  # keep it out of reprs/logs
     keep_bodies: bool = False  # keep every request body parsed (SimulatorThread.bodies()), for tests
+    openai_strict: bool = False  # a strict json_schema response_format outside OpenAI's subset: 400, as OpenAI answers
     echo_key: bool = False  # quote the request's Authorization header in every error message and reply
     history: bool = False  # record every parsed request (prompt, arrived, answered, status) in stats["history"]
     ttft_ms: float = 0  # a streamed answer (stream: true): the wait before its first token, once headers are sent
@@ -530,6 +604,10 @@ class Simulator:
             return self._error(request, 400, "1214", f"请求参数非法 / invalid request: {type(exc).__name__}")
         if cfg.keep_bodies:
             self.bodies.append(body)
+        refused = strict_schema_problem(body) if cfg.openai_strict else None
+        if refused is not None:
+            return self._json(400, {"error": {"message": refused, "type": "invalid_request_error",
+                                              "param": "response_format", "code": None}})
         prompt = chat.prompt
         self._by_prompt[prompt] = self._by_prompt.get(prompt, 0) + 1
         if not cfg.history:
