@@ -603,10 +603,16 @@ def _frame_rows(frame: pd.DataFrame, id_column: str | None) -> tuple[pd.DataFram
                                                           "or pass id_column= (a column of unique ids)")
         named = frame.index.name
         rows, id_out = frame.reset_index(drop=True), named if isinstance(named, str) and named else "index"
-    while id_out in rows.columns or id_out in OUTPUT_FIELDS:
-        id_out = CLASH_PREFIX + id_out
+    id_out = _free_name(id_out, {*rows.columns, *OUTPUT_FIELDS})
     rows.insert(0, id_out, ids)
     return rows, id_out, ids
+
+
+def _free_name(name: str, taken: set[str]) -> str:
+    """`name`, with CLASH_PREFIX before it as often as it takes to be none of `taken`."""
+    while name in taken:
+        name = CLASH_PREFIX + name
+    return name
 
 
 def _row_ids(labels: pd.Index | pd.Series, what: str, hint: str) -> list[str]:
@@ -651,8 +657,10 @@ def _write_if_changed(path: Path, data: bytes) -> None:
 def _beside(frame: pd.DataFrame, ids: list[str], results: pd.DataFrame, result: RunResult) -> pd.DataFrame:
     """`frame` with the answers' columns of `results` (run_frame's final table, in the frame's row order).
 
-    The final file names a reply key that clashes with one of its columns JSON_PREFIX + key (batch.replies): a
-    key named like a kept column of the frame is named here as the frame's other clashes are, with CLASH_PREFIX.
+    A column named like one of the frame's, or like an answer column named before it, gets CLASH_PREFIX (as often as
+    it takes). The final file names a reply key that clashes with one of its columns JSON_PREFIX + key
+    (batch.replies): a key named like a kept column of the frame is named here by the key, as the frame's other
+    clashes are.
     """
     import pandas as pd
 
@@ -661,9 +669,13 @@ def _beside(frame: pd.DataFrame, ids: list[str], results: pd.DataFrame, result: 
         raise RuntimeError("run_frame: the results' rows are not the frame's rows; please report this")
     kept = {c for c in frame.columns if c not in RECORD_FIELDS and c != id_out}  # the frame's own, in the output too
     answers = results[[c for c in results.columns if c not in kept and c != id_out]]
-    keys = {c: c.removeprefix(JSON_PREFIX) if c.removeprefix(JSON_PREFIX) in kept else c for c in answers.columns}
-    answers = answers.rename(columns={c: CLASH_PREFIX + key if key in frame.columns else key
-                                      for c, key in keys.items()})
+    taken = set(frame.columns)  # and each answer column's name once given: every column of the result has its own
+    names = {}
+    for column in answers.columns:
+        key = column.removeprefix(JSON_PREFIX)
+        names[column] = name = _free_name(key if key in kept else column, taken)
+        taken.add(name)
+    answers = answers.rename(columns=names)
     answers.index = frame.index
     joined = pd.concat([frame, answers], axis=1)
     joined.attrs["batch_summary"] = result.summary  # plain JSON values: pandas writes attrs into Parquet as JSON

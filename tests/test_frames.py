@@ -61,6 +61,17 @@ def test_reply_keys_named_like_the_frames_columns_get_the_batch_prefix(sim, tmp_
     assert "json_text" not in answered and "json_label" not in answered
 
 
+def test_every_column_of_the_result_has_a_name_of_its_own(sim, tmp_path):
+    schema = {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}}
+    frame = pd.DataFrame({"text": ["a", "b"], "status": ["new", "old"], "batch_status": [1, 2], "batch_text": [3, 4]})
+    answered = batch.run_frame(frame, template="Classify: {text}", model=local_model(sim),
+                               output=tmp_path / "o.parquet", json_schema=schema, progress=False)
+    assert answered.columns.is_unique and answered[frame.columns].equals(frame)
+    assert answered["batch_batch_status"].tolist() == ["ok", "ok"]
+    assert answered["batch_batch_text"].tolist() == [json.loads(r)["text"] for r in answered["response"]]
+    answered.to_parquet(tmp_path / "whole.parquet")
+
+
 def test_output_settings_go_into_the_job_files_output_section(sim, tmp_path):
     schema_file = tmp_path / "schema.json"
     schema_file.write_text('{"type": "object", "required": ["label"], "properties": {"label": {"type": "string"}}}')
