@@ -26,10 +26,10 @@ EXACT_FLOAT_INTS = range(-(2**53), 2**53 + 1)  # the integers every float64 hold
 # any info string (json, JSON, " json", jsonc, ...) or none; the closing fence is the opening one's characters.
 FENCE = re.compile(r"\A\s*(?P<fence>`{3,}|~{3,})(?:[^\n`]*\n|[ \t]*[A-Za-z][\w.+-]*)?(?P<body>.*?)(?P=fence)[`~]*\s*\Z",
                    re.DOTALL)
-# The only way a JSON text spells a lone surrogate: an escape of one half of a pair (a whole pair reads as one
-# character). No UTF-8 file can hold one.
-SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# How a JSON text spells a lone surrogate: an escape of one half of a pair (a whole pair reads as one character),
+# or the half itself in a text that did not come from UTF-8. No UTF-8 file can hold one.
+LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+MAY_HOLD_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
 
 
 def parse_reply(text: str | None) -> dict[str, Any]:
@@ -56,7 +56,7 @@ def _check_keepable(reply: dict[str, Any], text: str) -> None:
     """ValueError when `reply` (parsed from `text`) nests deeper than MAX_DEPTH or holds a lone surrogate in a key
     or a string. The walk runs only when `text` could hold either: a reply is checked as it arrives."""
     deep = text.count("{") + text.count("[") > MAX_DEPTH
-    if not deep and SURROGATE_ESCAPE.search(text) is None:
+    if not deep and MAY_HOLD_SURROGATE.search(text) is None:
         return
     stack: list[tuple[Any, int]] = [(reply, 1)]
     while stack:

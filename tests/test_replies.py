@@ -81,6 +81,7 @@ def test_parse_reply_accepts_objects_and_fenced_objects(text, expected):
     ("", "the reply is empty"), ("[1, 2]", "not an object"), ("not json", "not JSON"), (None, "the reply is empty"),
     ('{"a": ' + "9" * 5000 + "}", "an integer of more than 4300 digits"),
     ("```json\n{\"a\": 1}", "not JSON"),  # a fence never closed
+    ('{"a": "\ud83d"}', "a lone surrogate"),  # the half itself, not its escape: text that never was UTF-8
 ])
 def test_parse_reply_rejects_the_rest(text, reason):
     with pytest.raises(ValueError, match=reason):

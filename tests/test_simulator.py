@@ -23,6 +23,7 @@ from batch.simulator import (
     completion_for,
     count_tokens,
     main,
+    reply_marker,
 )
 
 MODEL = "glm-4-flash"
@@ -131,6 +132,23 @@ async def test_markers_error_flaky_malformed_nochoices_slow() -> None:
         status, _, _ = await post(session, url, chat("[[slow:150]]"))
         assert status == 200 and asyncio.get_running_loop().time() - started >= 0.14
         assert sim.stats["by_prompt"]["row 7 [[flaky:2]]"] == 3
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_reply_marker_answers_its_text_exactly(stream: bool) -> None:
+    """Any text, brackets and a lone surrogate's escape included, as the content of the answer (streamed: joined)."""
+    text = '```json\n{"a": [[1]], "b": "\\ud83d", "c": "]]"}\n```'
+    async with serve() as (_, url, session):
+        if not stream:
+            status, body, _ = await post(session, url, chat(f"row {reply_marker(text)}"))
+            assert status == 200 and body["choices"][0]["message"]["content"] == text
+            assert body["usage"]["completion_tokens"] == count_tokens(text)
+            return
+        async with session.post(url + "/chat/completions", json=chat(f"row {reply_marker(text)}", stream=True)) as resp:
+            events = [line[6:] for line in (await resp.text()).splitlines() if line.startswith("data: {")]
+        assert "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events
+                       if json.loads(e)["choices"]) == text
 
 
 @pytest.mark.asyncio
