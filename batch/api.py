@@ -258,7 +258,8 @@ def run_frame(frame: pd.DataFrame, *, template: str, model: str | Mapping[str, A
     it a `RunResult`. Raises as `run`.
     """
     options = _options(retry_failed, force, limit, mode, wait, progress, progress_interval, handle_signals)
-    job_file, ids, lock = _frame_job(frame, template, model, output, system, id_column, parse_json, name, settings)
+    with _python_errors():
+        job_file, ids, lock = _frame_job(frame, template, model, output, system, id_column, parse_json, name, settings)
     try:
         result = _run(job_file, options, api_key, lock)
         return _beside(frame, ids, read_results(job_file), result)
@@ -275,8 +276,9 @@ async def arun_frame(frame: pd.DataFrame, *, template: str, model: str | Mapping
                      **settings: Any) -> pd.DataFrame:
     """`run_frame` on the running event loop: the same arguments, result and errors (cancelling: as `arun`)."""
     options = _options(retry_failed, force, limit, mode, wait, progress, progress_interval, handle_signals)
-    job_file, ids, lock = await asyncio.to_thread(_frame_job, frame, template, model, output, system, id_column,
-                                                  parse_json, name, settings)
+    with _python_errors():  # to_thread takes this context along
+        job_file, ids, lock = await asyncio.to_thread(_frame_job, frame, template, model, output, system,
+                                                      id_column, parse_json, name, settings)
     try:
         result = await _arun(job_file, options, api_key, lock)
         return _beside(frame, ids, await asyncio.to_thread(read_results, job_file), result)

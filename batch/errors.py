@@ -58,20 +58,25 @@ class CheckpointDamagedError(BatchError):
 
 
 # Whether the code running was called from Python (batch.api) rather than from the command line: a hint then
-# names a run option as the keyword argument it is there. A context variable: each run's tasks and threads
-# (asyncio.to_thread) carry their caller's.
+# says what to do in Python (a run option as the keyword argument it is there). A context variable: each run's
+# tasks and threads (asyncio.to_thread) carry their caller's.
 _PYTHON_CALLER: ContextVar[bool] = ContextVar("batch_python_caller", default=False)
+
+
+def in_callers_words(command_line: str, python: str) -> str:
+    """A hint as its reader acts on it: `command_line` for the command line's user, `python` for a Python caller."""
+    return python if _PYTHON_CALLER.get() else command_line
 
 
 def option(name: str, value: str = "True") -> str:
     """A run option as the caller writes it: `--retry-failed` on the command line, `retry_failed=True` from Python
     (`value`: what the keyword is given)."""
-    return f"{name.replace('-', '_')}={value}" if _PYTHON_CALLER.get() else f"--{name}"
+    return in_callers_words(f"--{name}", f"{name.replace('-', '_')}={value}")
 
 
 @contextmanager
 def python_caller() -> Iterator[None]:
-    """Hints made within name run options as Python keywords (see `option`)."""
+    """Hints made within are for a Python caller (see `in_callers_words`)."""
     token = _PYTHON_CALLER.set(True)
     try:
         yield

@@ -18,7 +18,7 @@ from dotenv import dotenv_values
 
 from batch.atomic import read_reason
 from batch.config import PROVIDERS, JobSpec, load_job
-from batch.errors import ConfigError
+from batch.errors import ConfigError, in_callers_words
 from batch.guard import compare_fingerprint
 from batch.pricing import Price, Pricer, pricer_for
 from batch.prompts import PromptBuilder
@@ -183,7 +183,8 @@ def check_output_path(spec: JobSpec) -> None:
         raise ConfigError(f"{where} is a folder: name the Parquet file to write, e.g. {given / 'results.parquet'}")
     if given.suffix.lower() != ".parquet":
         raise ConfigError(f"{where}: the output is a Parquet file, so name it .parquet (e.g. "
-                          f"{given.with_suffix('.parquet').name}); for CSV or JSONL, `batch export` it once done")
+                          f"{given.with_suffix('.parquet').name}); for CSV or JSONL, " + in_callers_words(
+                              "`batch export` it once done", "write read_results(...) with to_csv or to_json"))
     own = spec.checkpoint_dir.resolve()
     if own == source or own in source.parents:
         raise ConfigError(f"{where}: its checkpoint folder {spec.checkpoint_dir} would hold the input "

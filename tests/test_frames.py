@@ -216,3 +216,9 @@ def test_a_key_with_a_blank_inside_is_refused_before_anything_is_sent(sim, make_
     code, _, err = run_cli("run", job)
     assert code == 2 and "the environment variable FRAMES_TEST_KEY: the API key holds a blank inside it" in err
     assert "sk-one" not in err and sim.stats()["requests"] == 0
+
+
+def test_an_output_named_for_csv_says_how_to_get_csv_from_python(sim, tmp_path):
+    with pytest.raises(batch.ConfigError, match=r"for CSV or JSONL, write read_results\(...\) with to_csv") as refused:
+        batch.run_frame(frame_of(2), template="Classify: {text}", model=local_model(sim), output=tmp_path / "o.csv")
+    assert "batch export" not in str(refused.value) and sim.stats()["requests"] == 0
