@@ -43,7 +43,8 @@ class RunLock:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             handle.close()
-            raise LockedError(f"{self.path.parent}: another run of this job is alive (pid {holder}); "
+            where = f"pid {holder}" + (": this process" if holder == str(os.getpid()) else "")
+            raise LockedError(f"{self.path.parent}: another run of this job is alive ({where}); "
                               "wait for it or stop it") from None
         handle.seek(0)
         handle.truncate()

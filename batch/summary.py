@@ -70,9 +70,9 @@ class RunStats:
 
 
 def watched() -> bool:
-    """Whether someone watches the run's progress: stdout is a terminal, or the run is in a notebook's kernel,
-    whose cell shows a bar. Elsewhere (cron, CI, a file, a pipe) a bar would be a line four times a second."""
-    return sys.stdout.isatty() or _in_notebook()
+    """Whether someone watches where the bar is drawn: stderr is a terminal, or the run is in a notebook's kernel,
+    whose cell shows it. Elsewhere (cron, CI, a file, a pipe) a bar would be a line four times a second."""
+    return sys.stderr.isatty() or _in_notebook()
 
 
 def _in_notebook() -> bool:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import re
 import signal
 import subprocess
@@ -13,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import until
+from hypothesis import given
+from hypothesis import strategies as st
 from test_api import ctrl_c, local_model, reviews, when
 
 import batch
@@ -128,7 +132,8 @@ async def test_the_same_output_twice_at_once_in_one_process_is_locked_and_the_fi
     written = [path.read_bytes() for path in files]
 
     another_frame = reviews(8)
-    with pytest.raises(batch.LockedError, match=r"o\.checkpoint: another run of this job is alive"):
+    with pytest.raises(batch.LockedError, match=r"o\.checkpoint: another run of this job is alive \(pid \d+: this "
+                                                r"process\); wait for it or stop it"):
         await asyncio.to_thread(batch.run_frame, another_frame, **settings)  # another thread
     with pytest.raises(batch.LockedError, match="another run of this job is alive"):
         await batch.arun_frame(another_frame, **settings)  # the same loop
@@ -158,23 +163,55 @@ print((answered["status"] == "ok").sum())
 """
 
 
+def read_all(terminal: int) -> str:
+    """What a process wrote to a pseudo-terminal, once it has ended (Linux answers EIO at the end)."""
+    chunks = []
+    with contextlib.suppress(OSError):
+        while chunk := os.read(terminal, 4096):
+            chunks.append(chunk)
+    os.close(terminal)
+    return b"".join(chunks).decode()
+
+
 def test_progress_from_a_script_writing_to_a_pipe_is_the_command_lines_lines(start_sim, tmp_path):
     sim = start_sim(latency_ms=200)  # 12 rows, 4 at a time: at least 0.6 s, so a progress line at each 0.25 s tick
-    scripts = {"bare": "", "warnings_only": "import logging; logging.basicConfig(level=logging.WARNING)"}
+    scripts = {"bare": "", "warnings_only": "import logging; logging.basicConfig(level=logging.WARNING)",
+               "stdout_on_a_terminal": ""}
+    terminal, its_end = os.openpty()
     started = {}
-    for name, setup in scripts.items():  # both at once: each spends most of its time importing
+    for name, setup in scripts.items():  # all at once: each spends most of its time importing
         script = tmp_path / f"{name}.py"
         script.write_text(PROGRAM.format(logging=setup), encoding="utf-8")
+        stdout = its_end if name == "stdout_on_a_terminal" else subprocess.PIPE
         started[name] = subprocess.Popen([sys.executable, str(script), sim.url, f"{name}.parquet"],
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                                         stdout=stdout, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    os.close(its_end)
     done = {name: process.communicate(timeout=120) for name, process in started.items()}
     assert {name: process.returncode for name, process in started.items()} == dict.fromkeys(scripts, 0), done
-    assert {name: out for name, (out, _) in done.items()} == dict.fromkeys(scripts, "12\n")
+    assert read_all(terminal) == "12\r\n"
+    assert {name: out for name, (out, _) in done.items()} == {"bare": "12\n", "warnings_only": "12\n",
+                                                              "stdout_on_a_terminal": None}
 
-    err = done["bare"][1]  # a script that configured no logging: the command line's lines on stderr
-    assert "row/s" not in err and "%|" not in err  # no tqdm bar
-    progress = [line for line in err.splitlines() if " batch INFO progress " in line]
-    assert progress and all(re.fullmatch(r"\S+ \S+ batch INFO progress \d+/12 rows .*", line) for line in progress)
+    for name in ("bare", "stdout_on_a_terminal"):  # no logging configured: the command line's lines on stderr
+        err = done[name][1]
+        assert "row/s" not in err and "%|" not in err  # no tqdm bar: stderr is a pipe
+        progress = [line for line in err.splitlines() if " batch INFO progress " in line]
+        assert progress and all(re.fullmatch(r"\S+ \S+ batch INFO progress \d+/12 rows .*", line)
+                                for line in progress)
     assert done["warnings_only"][1] == ""  # the program shows warnings only: its choice; batch.log has them
     in_the_log = logged_lines(tmp_path / "warnings_only.checkpoint" / "batch.log")
     assert any(line.startswith("INFO progress ") and "/12 rows" in line for line in in_the_log)
+
+
+@given(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(), st.booleans(), st.text(max_size=3),
+                 st.none(), st.decimals(allow_nan=False)))
+def test_progress_interval_is_seconds_zero_or_more_or_one_config_error(interval):
+    """Checked before the job is read: a good interval lets the call go on to the job (missing here)."""
+    seconds = isinstance(interval, int | float) and not isinstance(interval, bool)
+    good = seconds and 0 <= interval < float("inf")
+    with pytest.raises(batch.ConfigError) as refused:
+        batch.run("no-such-job.yaml", progress_interval=interval)
+    if good:
+        assert "no-such-job.yaml" in str(refused.value)
+    else:
+        assert str(refused.value) == f"progress_interval is seconds, 0 or more, not {interval!r}"
