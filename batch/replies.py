@@ -13,7 +13,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 log = logging.getLogger("batch")
-TEXT = pa.string()  # a string column, and JSON text
 JSON_PREFIX = "json_"  # a reply key named like a column the output has already is written as json_KEY (column_names)
 # The field metadata of a string column (or struct field, or list item) that holds each value's JSON text (a string
 # in quotes, so 5 and "5" differ) rather than the strings themselves: where values of several JSON types meet.
@@ -215,7 +214,8 @@ def json_text_field(name: str) -> pa.Field:
 
 
 def holds_json_text(field: pa.Field) -> bool:
-    return field.metadata is not None and field.metadata.get(b"batch") == b"json"
+    return field.metadata is not None and all(field.metadata.get(key.encode()) == value.encode()
+                                              for key, value in JSON_TEXT.items())
 
 
 def json_text(value: Any) -> str | None:

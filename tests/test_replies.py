@@ -16,7 +16,7 @@ from jsonschema import Draft202012Validator
 
 import batch
 from batch.records import RECORD_FIELDS
-from batch.replies import JSON_TEXT, MAX_DEPTH, column_names, parse_reply
+from batch.replies import MAX_DEPTH, column_names, parse_reply
 from batch.simulator import json_answer_for, reply_marker
 
 ROWS = [{"review_id": f"j{i}", "text": f"review {i}"} for i in range(4)]
@@ -99,9 +99,13 @@ def final_table(job) -> pa.Table:
     return pq.read_table(job.parent / "out" / "result.parquet")
 
 
-def holds_json_text(table: pa.Table, column: str) -> bool:
-    field = table.schema.field(column)
-    return field.type == pa.string() and field.metadata == {k.encode(): v.encode() for k, v in JSON_TEXT.items()}
+def holds_json_text(field: pa.Field) -> bool:
+    """Whether the field carries the metadata the README documents for a column of JSON text."""
+    return field.type == pa.string() and field.metadata == {b"batch": b"json"}
+
+
+def is_json_text(table: pa.Table, column: str) -> bool:
+    return holds_json_text(table.schema.field(column))
 
 
 BIG = 12345678901234567890123  # a 23-digit order number
@@ -121,7 +125,7 @@ def test_an_integer_beyond_int64_is_kept_exactly_as_json_text(sim, make_job, run
     assert code == 0, err
     table = final_table(job)
     assert table.column("status").to_pylist() == ["ok"] * 4
-    assert holds_json_text(table, "order")  # the file says so: no reader takes "5" for a string
+    assert is_json_text(table, "order")  # the file says so: no reader takes "5" for a string
     assert [json.loads(cell) for cell in table.column("order").to_pylist()] == [BIG, HUGE, 5, -(2**63) - 1]
     if schema:
         assert "cannot hold exactly" in err and "'order'" in err
@@ -212,7 +216,7 @@ def test_values_of_several_types_are_json_text_so_5_and_quoted_5_differ(sim, mak
     code, _, err = run_cli("run", job)
     assert code == 0, err
     table = final_table(job)
-    assert holds_json_text(table, "v")
+    assert is_json_text(table, "v")
     assert table.column("v").to_pylist() == ["5", '"5"', "true", '{"w": "5"}', None]
     exported = job.parent / "export.jsonl"
     assert run_cli("export", job, "--format", "jsonl", "--to", exported)[0] == 0
@@ -304,7 +308,7 @@ def read_back(cell: object, field: pa.Field) -> object:
     """The reply's value as the final file gives it back: JSON text parsed, structs and lists item by item."""
     if cell is None:
         return None
-    if field.metadata == {k.encode(): v.encode() for k, v in JSON_TEXT.items()}:
+    if holds_json_text(field):
         return json.loads(cell)
     if pa.types.is_struct(field.type):
         return {child.name: read_back(cell[child.name], child) for child in field.type}
