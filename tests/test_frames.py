@@ -9,6 +9,8 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import batch
 from batch.simulator import SimulatorThread, answer_for
@@ -222,3 +224,30 @@ def test_an_output_named_for_csv_says_how_to_get_csv_from_python(sim, tmp_path):
     with pytest.raises(batch.ConfigError, match=r"for CSV or JSONL, write read_results\(...\) with to_csv") as refused:
         batch.run_frame(frame_of(2), template="Classify: {text}", model=local_model(sim), output=tmp_path / "o.csv")
     assert "batch export" not in str(refused.value) and sim.stats()["requests"] == 0
+
+
+labels = st.one_of(st.text(st.sampled_from(" \tab\u3000é"), max_size=4),  # blanks around, inside, alone
+                   st.text(st.characters(exclude_categories=("Cs",)), max_size=6), st.integers(-3, 3),
+                   st.floats(allow_nan=True, allow_infinity=False, width=32), st.none())
+
+
+@settings(max_examples=40)  # each example is a whole run_frame (files written, the input scanned)
+@given(values=st.lists(labels, min_size=1, max_size=6), as_column=st.booleans())
+def test_any_labels_give_the_frame_back_whole_or_one_config_error(tmp_path_factory, values, as_column):
+    """Any labels: the rows come back under the frame's own index, or a ConfigError says which labels cannot be ids
+    (blank, missing, or one id once trimmed). Nothing is sent (limit=0; the address answers nothing)."""
+    folder = tmp_path_factory.mktemp("labels")
+    texts = [f"row {i}" for i in range(len(values))]
+    frame = (pd.DataFrame({"text": texts, "key": pd.Series(values, dtype=object)}) if as_column else
+             pd.DataFrame({"text": texts}, index=pd.Index(values, dtype=object)))
+    model = {"provider": "local", "name": "glm-4-flash", "base_url": "http://127.0.0.1:9/v1"}
+    try:
+        answered = batch.run_frame(frame, template="{text}", model=model, output=folder / "o.parquet", limit=0,
+                                   id_column="key" if as_column else None, progress=False)
+    except batch.ConfigError as exc:
+        assert "has no id at row" in str(exc) or "more than once" in str(exc) or "once the blanks" in str(exc)
+        return
+    assert answered.index.equals(frame.index) and answered["text"].tolist() == texts
+    assert (answered["status"] == "pending").all()
+    ids = batch.read_results(folder / "o.parquet").iloc[:, 0].tolist()
+    assert len(set(ids)) == len(values) and all(i == i.strip() and i for i in ids)
