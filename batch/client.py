@@ -20,11 +20,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-from aiohttp.http_exceptions import LineTooLong
 
 from batch.config import DEFAULT_MAX_RESPONSE_BYTES
 from batch.failures import Failure, classify_status, retry_after_seconds
 from batch.logs import hide_secrets, keep_secret
+from batch.sse import EventStream
 
 USER_AGENT = "batch/0.1 (OpenAI-compatible chat completions)"
 # Token counts land in int64 columns: a larger one would stop the checkpoint's writer, not just this row.
@@ -87,14 +87,15 @@ class ChatClient:
         """The completion for a request body that asks for a stream, assembled from its events, and the
         time.perf_counter() of its first content, reasoning or tool-call token (None when none came); raises Failure.
 
-        The assembled answer is checked and masked as a non-streamed one is. A server that answers with
-        one JSON body instead of a stream is taken at its word.
+        The assembled answer is checked and masked as a non-streamed one is. A 200 is read by what it holds,
+        not by its Content-Type (servers label event streams text/plain or application/json, and JSON bodies
+        text/event-stream): one JSON body (a server that ignores `stream`, or an error) is taken at its word.
         """
         try:
             async with self._session.post(self.url, data=body, headers=self._stream_headers) as response:
                 status, headers = response.status, response.headers
-                if status == 200 and response.content_type == "text/event-stream":
-                    return await self._read_events(response)
+                if status == 200:
+                    return await self._read_stream(response)
                 raw, oversize = await self._read(response)
         except TimeoutError as exc:
             raise self._timeout(exc) from None
@@ -117,30 +118,40 @@ class ChatClient:
                                                "(limits.idle_timeout_s)")
         return Failure("retry", "timeout", f"no complete answer within {self.timeout_s:g} s (limits.timeout_s)")
 
-    async def _read_events(self, response: aiohttp.ClientResponse) -> tuple[dict[str, Any], float | None]:
-        """Read server-sent events to the end; the answer they make up, checked, and when its first token came.
+    async def _read_stream(self, response: aiohttp.ClientResponse) -> tuple[dict[str, Any], float | None]:
+        """A 200 to a stream request, read as it comes: one JSON body when it opens with `{` or `[` (after any
+        whitespace), else server-sent events (batch.sse). The answer, checked, and when its first token came.
 
-        aiohttp's own line reader splits the events (a line is capped at max_response_bytes, and so are all
-        of them together). Each `data:` line is one event's JSON, as OpenAI-compatible servers send them;
-        comments (keep-alives) and event names are skipped. The stream is read to its end after [DONE], so
-        its connection can be used again, unless the server then falls silent or drops the connection: the
-        answer is complete.
+        Every byte read counts against max_response_bytes. [DONE] ends the request at once: the rest is not
+        waited for (a server may keep the connection open), and the connection is kept for the next request only
+        when its end is already in. A stream that ends without [DONE] once every choice has its finish_reason is
+        whole (llama.cpp forks and older TGI never send [DONE]); so is one that then falls silent or is dropped.
         """
+        cap, size, opening = self.max_response_bytes, 0, b""
         stream = StreamedAnswer()
-        size, cap = 0, self.max_response_bytes
         try:
-            while line := await response.content.readline(max_line_length=cap):
-                size += len(line)
+            async for piece in response.content.iter_any():
+                size += len(piece)
                 if size > cap:
                     break
-                if line.startswith(b"data:") and not stream.done:
-                    stream.take(line[5:].strip())
-        except LineTooLong:
-            size = cap + 1
+                if opening is not None:  # what the answer is, not yet known: only whitespace came so far
+                    opening += piece
+                    first = opening.lstrip()[:1]
+                    if not first:
+                        continue
+                    if first in b"{[":
+                        raw, oversize = await self._read_chunks(response, opening, cap)
+                        return self._judged(200, response.headers, raw, oversize), None
+                    piece, opening = opening, None
+                if stream.feed(piece):  # [DONE]
+                    response.release()  # kept for reuse if the body's end is in, else closed
+                    return stream.answer(), stream.first_token_at
+            else:
+                stream.end()
         except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError):
-            # After [DONE] the answer is whole: a server that then falls silent, or drops the connection before
-            # the chunked body's end (llama-cpp-python's server did, for every answer), changes nothing.
-            if not stream.done:
+            # A whole answer, then silence or a dropped connection (llama-cpp-python's server drops it before the
+            # chunked body's end, for every answer): the answer stands.
+            if not stream.whole:
                 raise
             response.close()
         if size > cap:
@@ -161,7 +172,12 @@ class ChatClient:
             return b"", f"{length} bytes"
         if length is not None and "Content-Encoding" not in response.headers:
             return await response.read(), None  # exactly `length` bytes: the common case, at aiohttp's speed
-        chunks, size = [], 0
+        return await self._read_chunks(response, b"", cap)
+
+    @staticmethod
+    async def _read_chunks(response: aiohttp.ClientResponse, head: bytes, cap: int) -> tuple[bytes, str | None]:
+        """`head` (read already) and the rest of the body a chunk at a time, as _read returns them."""
+        chunks, size = [head], len(head)
         async for chunk in response.content.iter_any():
             size += len(chunk)
             if size > cap:
@@ -227,30 +243,68 @@ def error_in_200(error: Any) -> Failure:
 
 def accepted(data: dict[str, Any], maybe_surrogates: bool = True) -> dict[str, Any]:
     """An answer, streamed or not, checked and with the key masked (check_answer); a Failure if it is an error."""
-    check_answer(data, maybe_surrogates)
-    if data["choices"][0].get("finish_reason") == "network_error":
-        raise Failure("retry", "server_error", "finish_reason network_error (model inference error)")
+    try:
+        check_answer(data, maybe_surrogates)
+        if data["choices"][0].get("finish_reason") == "network_error":
+            raise Failure("retry", "server_error", "finish_reason network_error (model inference error)")
+    except Failure as failure:
+        raise paid(failure, data) from None
     return data
 
 
-class StreamedAnswer:
-    """A streamed answer put together from its events (`take` each one's data), as the completion it stands for.
+def paid(failure: Failure, data: dict[str, Any]) -> Failure:
+    """`failure`, judging an answer that came, with the answer's usage when it is readable: the answer was paid
+    for whatever its verdict, and the pool counts it (a usage that is itself the failure carries nothing)."""
+    usage = data.get("usage")
+    if usage is None:
+        return failure
+    try:
+        check_usage(usage)
+    except Failure:
+        return failure
+    failure.usage = usage
+    return failure
 
-    Deltas of content and reasoning_content are joined, and tool calls put together by their index
-    (ToolCallDeltas); finish_reason, id, model and usage are taken as they come (usage from the last chunk
-    that has one: Zhipu sends it with the finish_reason, OpenAI-style servers in a chunk of their own before
+
+class StreamedAnswer:
+    """A streamed answer put together from its events (`feed` the stream's bytes as they come, then `end`; or `take`
+    each event's data), as the completion it stands for.
+
+    Each chunk's choices are told apart by their `index` (a request with `n` above 1 streams its choices'
+    deltas interleaved); a choice without one is the chunk's choice at its place. Per choice, deltas of
+    content and reasoning_content are joined and tool calls put together by their index (ToolCallDeltas); a
+    chunk without a delta (a last chunk with only a finish_reason) adds nothing. finish_reason, id, model and
+    usage are taken as they come (usage from the last chunk that has one: Zhipu sends it with the
+    finish_reason, OpenAI-style servers in a chunk of their own before
     [DONE], and only when stream_options.include_usage asks).
     """
 
     def __init__(self) -> None:
         self.first_token_at: float | None = None
-        self.content: list[str] = []
-        self.reasoning: list[str] = []
-        self.tool_calls = ToolCallDeltas()
+        self._events = EventStream()
+        self.choices: dict[int, StreamedChoice] = {}
         self.top: dict[str, Any] = {}  # id, request_id, model, usage: the answer's own fields
-        self.finish_reason: Any = None
-        self.done = False
+        self.done = False  # [DONE] came
         self.events = 0
+
+    @property
+    def whole(self) -> bool:
+        """[DONE] came, or every choice has its finish_reason: nothing is missing, however the stream ends."""
+        return self.done or (bool(self.choices) and all(c.finish_reason is not None for c in self.choices.values()))
+
+    def feed(self, piece: bytes) -> bool:
+        """A piece of the stream's bytes, cut anywhere: the events it completes are taken. True once [DONE] came (what
+        follows it is not read)."""
+        for data in self._events.feed(piece):
+            self.take(data)
+            if self.done:
+                return True
+        return False
+
+    def end(self) -> None:
+        """The stream ended: the event it ended in, if all its lines came, is taken."""
+        for data in self._events.end():
+            self.take(data)
 
     def take(self, data: bytes) -> None:
         """One event's data: a chunk of the answer, or [DONE], its end."""
@@ -258,13 +312,14 @@ class StreamedAnswer:
             self.done = True
             return
         self.events += 1
+        where = f"stream event {self.events}"
         try:
             chunk = json.loads(data)
         except ValueError:
-            raise Failure("retry", "bad_response", f"HTTP 200 whose stream event {self.events} is not JSON "
+            raise Failure("retry", "bad_response", f"HTTP 200 whose {where} is not JSON "
                                                    f"({data[:40].decode('utf-8', 'replace')!r})") from None
         if not isinstance(chunk, dict):
-            raise _unfit(f"stream event {self.events}", chunk, "a JSON object")
+            raise _unfit(where, chunk, "a JSON object")
         error = chunk.get("error")
         if error is not None and not chunk.get("choices"):  # the server gave up mid-answer, as parse_body's 200s
             raise error_in_200(error)
@@ -274,38 +329,66 @@ class StreamedAnswer:
         choices = chunk.get("choices")
         if not choices:  # OpenAI's usage chunk has none
             return
-        choice = choices[0] if isinstance(choices, list) else None
-        delta = choice.get("delta") if isinstance(choice, dict) else None
-        if not isinstance(delta, dict):
-            raise _unfit(f"stream event {self.events}'s choices[0].delta", delta, "an object")
-        for key, parts in (("content", self.content), ("reasoning_content", self.reasoning)):
+        if not isinstance(choices, list):
+            raise _unfit(f"{where}'s choices", choices, "a list")
+        for place, choice in enumerate(choices):
+            if not isinstance(choice, dict):
+                raise _unfit(f"{where}'s choices[{place}]", choice, "an object")
+            index = choice.get("index", place)
+            if type(index) is not int or index < 0:  # type(): a bool is not an index
+                raise _unfit(f"{where}'s choices[{place}].index", index, "a whole number of 0 or more")
+            self._take_choice(self.choices.setdefault(index, StreamedChoice()), choice, f"{where}'s choices[{place}]")
+
+    def _take_choice(self, streamed: StreamedChoice, choice: dict[str, Any], where: str) -> None:
+        delta = choice.get("delta")
+        if delta is None:
+            delta = {}
+        elif not isinstance(delta, dict):
+            raise _unfit(f"{where}.delta", delta, "an object")
+        for key, parts in (("content", streamed.content), ("reasoning_content", streamed.reasoning)):
             piece = delta.get(key)
             if piece is None:
                 continue
             if not isinstance(piece, str):
-                raise _unfit(f"stream event {self.events}'s choices[0].delta.{key}", piece, "a string or null")
+                raise _unfit(f"{where}.delta.{key}", piece, "a string or null")
             if piece and self.first_token_at is None:
                 self.first_token_at = time.perf_counter()
             parts.append(piece)
         if delta.get("tool_calls") is not None:
-            self.tool_calls.take(delta["tool_calls"], f"stream event {self.events}'s choices[0].delta.tool_calls")
+            streamed.tool_calls.take(delta["tool_calls"], f"{where}.delta.tool_calls")
             if self.first_token_at is None:
                 self.first_token_at = time.perf_counter()
-        if choice.get("finish_reason") is not None:  # type: ignore[union-attr]
-            self.finish_reason = choice["finish_reason"]  # type: ignore[index]
+        if choice.get("finish_reason") is not None:
+            streamed.finish_reason = choice["finish_reason"]
 
     def answer(self) -> dict[str, Any]:
-        """The completion the events made up, checked as a non-streamed one (accepted); a Failure if it is cut short."""
-        if not self.done:
-            raise Failure("retry", "bad_response", f"HTTP 200 whose stream ended after {self.events} events "
-                                                   "without [DONE]: the answer may be cut short")
-        if self.finish_reason is None:
-            raise Failure("retry", "bad_response", "HTTP 200 whose stream ended without a finish_reason")
-        message = {"role": "assistant", "content": "".join(self.content) if self.content else None,
-                   "reasoning_content": "".join(self.reasoning) if self.reasoning else None,
-                   "tool_calls": self.tool_calls.calls() or None}
-        return accepted({**self.top, "choices": [{"index": 0, "finish_reason": self.finish_reason,
-                                                  "message": message}]})
+        """The completion the events made up, checked as a non-streamed one (accepted); a Failure if it is cut short
+        (the Failure carries the usage that came, if any: the answer was paid for)."""
+        if not self.whole:
+            raise paid(Failure("retry", "bad_response", f"HTTP 200 whose stream ended after {self.events} events "
+                                                        "without [DONE] or a finish_reason: the answer may be cut "
+                                                        "short"), self.top)
+        if not self.choices or any(c.finish_reason is None for c in self.choices.values()):
+            raise paid(Failure("retry", "bad_response", "HTTP 200 whose stream ended without a finish_reason"),
+                       self.top)
+        choices = [{"index": index, "finish_reason": streamed.finish_reason, "message": streamed.message()}
+                   for index, streamed in sorted(self.choices.items())]
+        return accepted({**self.top, "choices": choices})
+
+
+class StreamedChoice:
+    """One choice of a streamed answer, as its deltas made it so far."""
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.tool_calls = ToolCallDeltas()
+        self.finish_reason: Any = None
+
+    def message(self) -> dict[str, Any]:
+        return {"role": "assistant", "content": "".join(self.content) if self.content else None,
+                "reasoning_content": "".join(self.reasoning) if self.reasoning else None,
+                "tool_calls": self.tool_calls.calls() or None}
 
 
 class ToolCallDeltas:
@@ -387,8 +470,13 @@ def check_answer(data: dict[str, Any], maybe_surrogates: bool = True) -> None:
     if message.get("tool_calls") is not None:
         message["tool_calls"] = _checked_calls(message["tool_calls"], maybe_surrogates)
     usage = data.get("usage")
-    if usage is None:
-        return
+    if usage is not None:
+        check_usage(usage)
+
+
+def check_usage(usage: Any) -> None:
+    """Raise a bad_response naming the first field of an answer's usage that is not what it should be (a string of
+    digits becomes its number, as _check_count says)."""
     if not isinstance(usage, dict):
         raise _unfit("usage", usage, "an object")
     for key in USAGE_COUNTS:

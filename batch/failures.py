@@ -8,7 +8,7 @@ a client that trusts the status would retry forever. So we classify on the code 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from batch.logs import redact
 
@@ -56,6 +56,7 @@ class Failure(Exception):
     message: str
     retry_after: float | None = None
     code: int | None = None  # the server's business code, when it sent one
+    usage: dict[str, Any] | None = None  # the usage of an answer this judges, when one came: it was paid for
 
     def __post_init__(self) -> None:
         # Every failure passes here, and its message may repeat what a server sent: the key (a 401 echoing

@@ -21,7 +21,7 @@ from batch.client import ChatClient
 from batch.failures import Failure, classify
 from batch.limits import Retries, Slots, pool_pause, request_limiter, token_limiter
 from batch.reader import Row
-from batch.records import Record, answer_record, failed_record
+from batch.records import PAID_FIELDS, Record, add_paid_before, answer_record, failed_record, paid_for
 
 if TYPE_CHECKING:
     from batch.preflight import Plan, Settings
@@ -83,18 +83,25 @@ class Pool:
         return json.dumps(body, ensure_ascii=False, sort_keys=True, default=str).encode()
 
     async def answer(self, row: Row, body: bytes, estimated_tokens: int) -> Record:
-        """The result record for a row; raises JobFatal when the job must stop, Unreachable when the API stays down."""
+        """The result record for a row; raises JobFatal when the job must stop, Unreachable when the API stays down.
+
+        An answer that came but was judged a failure (cut short, an odd field) was paid for: its usage is added to
+        the row's record, ok or failed, as the usage of every answer to the row is."""
+        spent: dict[str, Any] = dict.fromkeys(PAID_FIELDS)
         try:
             # Most rows succeed at once: tenacity's per-call state (~30 us, about 4% of a request's
             # client CPU) is built only for a row whose first attempt failed.
-            return await self._attempt(row, body, estimated_tokens, 1)
+            return await self._attempt(row, body, estimated_tokens, 1, spent)
         except Failure as failure:
             first: Failure | None = failure
         except Parked:
             first = None
-        return await self._retry(row, body, estimated_tokens, first)
+        record = await self._retry(row, body, estimated_tokens, first, spent)
+        add_paid_before(record, spent)
+        return record
 
-    async def _retry(self, row: Row, body: bytes, estimated_tokens: int, first: Failure | None) -> Record:
+    async def _retry(self, row: Row, body: bytes, estimated_tokens: int, first: Failure | None,
+                     spent: dict[str, Any]) -> Record:
         attempts = 1
         while True:
             # One AsyncRetrying per row: it keeps per-call state, so it is not shared between tasks.
@@ -107,7 +114,7 @@ class Pool:
                             made, first = first, None
                             raise made
                         attempts += 1
-                        return await self._attempt(row, body, estimated_tokens, attempts)
+                        return await self._attempt(row, body, estimated_tokens, attempts, spent)
             except Parked:
                 continue
             except Failure as failure:
@@ -120,7 +127,10 @@ class Pool:
                     continue  # its retries ran out because the endpoint is down, not because of the row
                 return failed_record(row, failure.error_class, failure.message, attempts, self.model)
 
-    async def _attempt(self, row: Row, body: bytes, estimated_tokens: int, attempts: int) -> Record:
+    async def _attempt(self, row: Row, body: bytes, estimated_tokens: int, attempts: int,
+                       spent: dict[str, Any]) -> Record:
+        """One request; its record, or the Failure it is (the usage of an answer that came with it added to
+        `spent`)."""
         if self.tokens is not None:
             await self.tokens.acquire(min(estimated_tokens + self.max_tokens, self.tokens.max_rate))
         if self.requests is not None:
@@ -152,7 +162,10 @@ class Pool:
                 self.slots.throttled(sent_with, pool_pause(failure))
             else:
                 self.slots.release()
-            if failure.error_class in OUTAGE_CLASSES:
+            if failure.usage is not None:  # an answer came, whatever its verdict: paid for, and the endpoint is up
+                add_paid_before(spent, paid_for(failure.usage, self.pricer))  # type: ignore[arg-type]
+                self._answered()
+            elif failure.error_class in OUTAGE_CLASSES:
                 self._failed_at_endpoint(row, failure, probe)
             else:
                 self._answered()

@@ -90,24 +90,26 @@ def answer_record(row: Row, data: dict[str, Any], latency: float, attempts: int,
     `ttft`: the seconds to its first token, when it was streamed."""
     choice = data["choices"][0]
     message = choice["message"]
-    usage = data.get("usage") or {}
-    prompt_tokens = usage.get("prompt_tokens")
-    completion_tokens = usage.get("completion_tokens")
     return {
         "id": row.id, "seq": row.seq, "status": "ok",
         "response": message.get("content"),
         "reasoning_content": message.get("reasoning_content"),
         "tool_calls": json.dumps(message["tool_calls"], ensure_ascii=False) if message.get("tool_calls") else None,
         "finish_reason": choice.get("finish_reason"),
-        "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-        "total_tokens": total_tokens(usage),
-        "cost": cost_of(pricer, prompt_tokens, completion_tokens,
-                        (usage.get("prompt_tokens_details") or {}).get("cached_tokens")),
+        **paid_for(data.get("usage") or {}, pricer),  # type: ignore[typeddict-item]
         "model": data.get("model") or model,
         "request_id": data.get("request_id") or data.get("id"),
         "latency_s": round(latency, 4), "ttft_s": None if ttft is None else round(ttft, 4), "attempts": attempts,
         "error_class": None, "error": None, "cache_hit": False, "prompt_hash": row.prompt_hash,
     }
+
+
+def paid_for(usage: dict[str, Any], pricer: Pricer | None) -> dict[str, Any]:
+    """What an answer with this usage (checked: client.check_usage) cost: its PAID_FIELDS."""
+    prompt_tokens, completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total_tokens(usage),
+            "cost": cost_of(pricer, prompt_tokens, completion_tokens,
+                            (usage.get("prompt_tokens_details") or {}).get("cached_tokens"))}
 
 
 def failed_record(row: Row, error_class: str, error: str, attempts: int, model: str) -> Record:
@@ -164,5 +166,7 @@ def asked_again(record: Record, before: Record) -> Record:
 
 
 def billed(record: Record) -> bool:
-    """Whether a record holds an answer the server produced (and billed), ok or not (a reply that is not JSON)."""
-    return record["response"] is not None or record["finish_reason"] is not None
+    """Whether a record holds an answer the server produced (and billed), ok or not (a reply that is not JSON), or
+    the usage of answers that came and were judged failures (the pool sums them into the row's record)."""
+    return record["response"] is not None or record["finish_reason"] is not None or \
+        any(record[name] is not None for name in PAID_FIELDS)  # type: ignore[literal-required]

@@ -9,10 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from helpers import output_of
+from helpers import output_of, start_run, summary_of, wait_until
 
 from batch.config import DEFAULT_STREAM_TIMEOUT_S, load_job
-from batch.simulator import answer_for
+from batch.simulator import answer_for, completion_for
 
 MODEL = "glm-4-flash"
 PRICING = {"input": 1.0, "output": 2.0}
@@ -110,6 +110,23 @@ def test_a_stream_left_open_after_done_is_complete(sim, make_job, run_cli):
     assert row["status"] == "ok" and row["attempts"] == 1 and row["response"] == expected_answer(text)
 
 
+def test_done_ends_the_request_at_once(sim, make_job):
+    """A server that keeps the connection open after [DONE] does not hold the row's slot for idle_timeout_s: with one
+    slot, three such rows are answered one after the other, long before one idle limit has passed."""
+    rows = prompt_rows(*(f"then silence {i} [[stall:99]]" for i in range(3)))
+    job = make_job(sim, rows=rows, **streamed(concurrency=1, idle_timeout_s=600, timeout_s=1200))
+    run = start_run(job)
+    try:
+        wait_until(lambda: run.poll() is not None, "the run to end (it waits out idle_timeout_s after [DONE])", 60)
+    finally:
+        run.kill()
+        _, err = run.communicate()
+    assert run.returncode == 0, err
+    out = output_of(job)
+    assert (out["status"] == "ok").all() and (out["attempts"] == 1).all()
+    assert out["response"].tolist() == [expected_answer(row["text"]) for row in rows]
+
+
 def test_a_connection_dropped_after_done_leaves_the_answer_whole(sim, make_job, run_cli):
     text = "then a torn end [[tornend]]"
     job = make_job(sim, rows=prompt_rows(text), **streamed())
@@ -146,7 +163,7 @@ def test_a_stream_reset_mid_answer_is_retried(sim, make_job, run_cli):
 
 @pytest.mark.parametrize(("marker", "error"), [
     ("[[garbagechunk:2]]", "stream event 3 is not JSON"),
-    ("[[nodone]]", "without [DONE]"),
+    ("[[nodone]][[set:choices.0.finish_reason=null]]", "without [DONE] or a finish_reason"),
     ("[[set:choices.0.finish_reason=null]]", "without a finish_reason"),
     # The assembled answer is checked as a non-streamed one is.
     ('[[set:usage.completion_tokens="3.5"]]', 'usage.completion_tokens is "3.5"'),
@@ -232,3 +249,99 @@ def test_stream_limits_defaults(tmp_path):
 def test_stream_settings_checked(tmp_path, run_cli, model, limits, message):
     code, _, err = run_cli("validate", write_job(tmp_path, model, limits))
     assert code == 2 and message in err and "job.yaml line" in err, err
+
+
+# -- streams read as the SSE spec and real servers have them (issue 22) ----------------------------------------
+
+
+@pytest.mark.parametrize("framing", [
+    "[[eol:cr]]", "[[eol:crlf]]", "[[eol:mixed]]", "[[eol:crlf]][[split:7]]", "[[eol:mixed]][[split:3]]",
+    "[[ssefields]][[datalines]][[eol:cr]]", "[[nodelta]]",
+])
+def test_any_framing_the_spec_allows_reads_the_same_answer(sim, make_job, run_cli, framing):
+    """Bare CR, CRLF or both as line endings, pieces cut anywhere (inside a character, between CR and LF),
+    comments, event:/id:/retry: fields, a byte order mark, data over several lines, a last chunk without a delta."""
+    text = f"长一点的中文评论，足够分成好几个片段 {framing} [[think]]"
+    # A short idle limit: read as the old line reader did, a stream of bare CRs is one line that never ends.
+    job = make_job(sim, rows=prompt_rows(text), **streamed(idle_timeout_s=5))
+    assert run_cli("run", job)[0] == 0
+    row = only_row(job)
+    assert row["status"] == "ok" and row["attempts"] == 1 and row["response"] == expected_answer(text)
+    assert row["reasoning_content"].startswith("reasoning about: ") and row["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("label", ["text/plain", "application/json", "application/octet-stream"])
+def test_a_stream_is_read_by_its_content_not_its_label(sim, make_job, run_cli, label):
+    rows = prompt_rows(f"an event stream labelled [[ctype:{label}]]", f"one JSON body [[nostream]][[ctype:{label}]]",
+                       "one JSON body labelled a stream [[nostream]][[ctype:text/event-stream]]")
+    job = make_job(sim, rows=rows, **streamed())
+    assert run_cli("run", job)[0] == 0
+    out = output_of(job).set_index("review_id")
+    assert out["response"].tolist() == [expected_answer(row["text"]) for row in rows]
+    assert (out["attempts"] == 1).all() and (out["cost"] > 0).all()
+    assert out["ttft_s"].notna().tolist() == [True, False, False]
+
+
+def test_a_json_error_labelled_as_a_stream_is_judged_by_its_code(sim, make_job, run_cli):
+    rows = prompt_rows("unsafe, 200 [[error:200:1301]][[ctype:text/event-stream]]",
+                       "unsafe, 400 [[error:400:1301]][[ctype:text/event-stream]]")
+    job = make_job(sim, rows=rows, **streamed())
+    assert run_cli("run", job)[0] == 1
+    out = output_of(job)
+    assert out["error_class"].tolist() == ["content_filter", "content_filter"]
+    assert out["attempts"].tolist() == [1, 1]
+
+
+def test_n_choices_streamed_are_the_choices_unstreamed(sim, make_job, run_cli, tmp_path):
+    """With n: 2 the deltas of both choices come interleaved, each naming its index: never one merged text."""
+    rows = prompt_rows("two answers please", "and two more [[think]]")
+    plain_job = make_job(sim, rows=rows, pricing=PRICING, model={"params": {"n": 2}},
+                         output={"path": "plain/result.parquet"})
+    assert run_cli("run", plain_job)[0] == 0
+    plain = pd.read_parquet(tmp_path / "plain" / "result.parquet").set_index("review_id")
+    job = make_job(sim, rows=rows, **streamed({"params": {"n": 2}}))
+    assert run_cli("run", job)[0] == 0
+    out = output_of(job).set_index("review_id")
+    same = ["status", "response", "reasoning_content", "finish_reason", "prompt_tokens", "completion_tokens",
+            "total_tokens", "cost"]
+    pd.testing.assert_frame_equal(out[same], plain[same])
+    assert out["response"].tolist() == [expected_answer(row["text"]) for row in rows]
+
+
+def spent_at_server(sim) -> int:
+    """The tokens the simulator answered with, over every request it got (each one paid for)."""
+    total = 0
+    for prompt, count in sim.stats()["by_prompt"].items():
+        result = completion_for(MODEL, [{"role": "user", "content": prompt}], 64)
+        total += count * (result["prompt_tokens"] + result["completion_tokens"])
+    return total
+
+
+def test_a_stream_without_done_is_whole_and_counted(sim, make_job, run_cli):
+    """llama.cpp forks and older TGI end with finish_reason and usage but no [DONE]: a whole answer, paid for, which
+    the budget counts (it let every row through, and the breaker called the endpoint down, when such answers were
+    failures that counted nothing)."""
+    rows = prompt_rows(*(f"no done for row {i} [[nodone]]" for i in range(12)))
+    job = make_job(sim, rows=rows, budget={"max_total_tokens": 300}, retry={"max_outage_s": 2},
+                   **streamed(concurrency=1))
+    code, _, err = run_cli("run", job)
+    assert code == 5 and "budget reached" in err, err
+    run = summary_of(job)["run"]
+    assert run["failed"] == 0 and 0 < run["ok"] < len(rows)
+    assert run["total_tokens"] == spent_at_server(sim) <= 300
+
+
+@pytest.mark.parametrize(("stream", "marker"), [(True, "[[set:choices.0.finish_reason=null]]"),
+                                                (False, "[[set:choices.0.message.content=5]]")])
+def test_answers_judged_failures_are_spent_and_not_an_outage(sim, make_job, run_cli, stream, marker):
+    """Every answer that came counts as spent, whatever its verdict: the budget stops on them, the rows' records
+    hold their tokens, and a 200 for every request is never "the endpoint is unreachable"."""
+    rows = prompt_rows(*(f"odd answer {i} {marker}" for i in range(8)))
+    job = make_job(sim, rows=rows, budget={"max_total_tokens": 300}, retry={"max_outage_s": 2},
+                   **streamed({"stream": stream}, concurrency=1))
+    code, _, err = run_cli("run", job)
+    assert code == 5 and "budget reached" in err and "unreachable" not in err, err
+    run = summary_of(job)["run"]
+    assert run["ok"] == 0 and run["error_classes"] == {"bad_response": run["failed"]} and run["failed"] >= 2
+    assert run["total_tokens"] == spent_at_server(sim) <= 300
+    assert sum(sim.stats()["by_prompt"].values()) == 3 * run["failed"]  # each failed row: its three answers
