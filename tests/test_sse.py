@@ -100,7 +100,8 @@ def test_any_split_of_any_framing_reads_the_same_answer(answer, data):
     assert read([stream[i:i + 1] for i in range(len(stream))]) == whole  # every cut at once
     expected = [{"index": c["index"], "finish_reason": c["finish_reason"],
                  "message": {"role": "assistant", "content": "".join(c["content"]) if c["content"] else None,
-                             "reasoning_content": "".join(c["reasoning"]) if c["reasoning"] else None}}
+                             "reasoning_content": "".join(c["reasoning"]) if c["reasoning"] else None,
+                             "tool_calls": None}}
                 for c in answer["choices"]]
     assert isinstance(whole, dict) and whole["choices"] == expected and whole["usage"] == answer["usage"]
 
