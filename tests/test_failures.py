@@ -226,7 +226,10 @@ def test_at_four_times_the_servers_limit_few_requests_are_refused(start_sim, mak
     assert summary["run"]["throttled"] == throttled
     # The first refusals set the limit to the server's 4; then a probe of 5 every few rounds is refused.
     assert throttled <= 0.1 * stats["requests"]
-    assert summary["run"]["concurrency_limit_end"] == pytest.approx(4, abs=1)
+    # Near the server's 4, not the configured 16. How far a probe climbs depends on whether this client, on a
+    # loaded machine, gets 5 or 6 requests in flight at once to be refused: the fake-clock tests in
+    # test_limits.py pin the exact steps; this one is not allowed to fail on the machine's speed.
+    assert 3 <= summary["run"]["concurrency_limit_end"] <= 6
     print(f"adaptive: {throttled} 429s in {stats['requests']} requests, limit at end "
           f"{summary['run']['concurrency_limit_end']}")
 
