@@ -308,7 +308,7 @@ class StreamedAnswer:
 
     def take(self, data: bytes) -> None:
         """One event's data: a chunk of the answer, or [DONE], its end."""
-        if data == b"[DONE]":
+        if data.strip() == b"[DONE]":  # servers have sent it with a blank after it
             self.done = True
             return
         self.events += 1

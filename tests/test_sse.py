@@ -118,3 +118,12 @@ def test_any_split_of_any_framing_reads_the_same_answer(answer, data):
 def test_event_stream_cases(stream, events):
     reader = EventStream()
     assert reader.feed(stream) + reader.end() == events
+
+
+def test_done_with_blanks_around_it_ends_the_answer():
+    stream = StreamedAnswer()
+    chunk = {"choices": [{"index": 0, "delta": {"content": "hi"}}]}
+    assert not stream.feed(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+    assert stream.feed(b"data:  [DONE] \r\n\r\n")
+    with pytest.raises(Failure, match="without a finish_reason"):  # [DONE] came, but no finish_reason did
+        stream.answer()
