@@ -578,9 +578,12 @@ def _frame_job(frame: pd.DataFrame, template: str, model: str | Mapping[str, Any
         lock.acquire()
         _write_if_changed(input_path, data)
         _write_if_changed(job_file, text.encode("utf-8"))
-    except OSError as exc:
+    except BaseException as exc:  # a KeyboardInterrupt midway too: the next call must find the job free
         lock.release()
-        raise ConfigError(f"{out.parent}: cannot write run_frame's input and job file: {exc.strerror or exc}") from None
+        if isinstance(exc, OSError):
+            raise ConfigError(f"{out.parent}: cannot write run_frame's input and job file: "
+                              f"{exc.strerror or exc}") from None
+        raise
     return job_file, ids, lock
 
 

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from test_api import ctrl_c, local_model, reviews, when
 
 import batch
+from batch.guard import RunLock
 
 
 def test_handle_signals_gives_the_programs_own_handlers_back(start_sim, make_job):
@@ -103,7 +104,7 @@ async def test_two_runs_at_once_in_one_process_each_write_their_own_batch_log(st
     second = await asyncio.to_thread(
         batch.run_frame, reviews(12), template="Classify: {text}", output=tmp_path / "second.parquet",
         model={**local_model(answering), "name": "unpriced-model"}, progress_interval=0,
-        limits={"concurrency": 4})
+        limits={"concurrency": 2})  # 12 rows, 2 at a time: at least 0.6 s, a progress line at each tick
     assert (second["status"] == "ok").all()
     first.cancel()
     await until(lambda: "cancellation: taking no more rows" in first_log.read_text(encoding="utf-8"),
@@ -211,3 +212,17 @@ def test_progress_interval_is_seconds_zero_or_more_or_one_config_error(interval)
         assert "no-such-job.yaml" in str(refused.value)
     else:
         assert str(refused.value) == f"progress_interval is seconds, 0 or more, not {interval!r}"
+
+
+def test_a_keyboard_interrupt_while_run_frame_writes_its_input_leaves_the_job_free(sim, tmp_path):
+    settings = {"template": "Classify: {text}", "model": local_model(sim), "output": tmp_path / "o.parquet",
+                "progress": False}
+    os.mkfifo(tmp_path / ".o.input.parquet.tmp")  # where the input is written first: the write waits for a reader
+    lock = RunLock(tmp_path / "o.checkpoint")
+    when(lambda: lock.holder() is not None, ctrl_c)  # the lock taken, the write waiting: the stop button
+    with pytest.raises(KeyboardInterrupt) as interrupted:
+        batch.run_frame(reviews(5), **settings)
+    assert lock.holder() is None  # though the traceback, kept as a notebook keeps it, holds the call's frames
+    assert not (tmp_path / ".o.input.parquet.tmp").exists() and sim.stats()["requests"] == 0
+    assert (batch.run_frame(reviews(5), **settings)["status"] == "ok").all()
+    del interrupted
