@@ -14,6 +14,7 @@ import asyncio
 import logging
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from batch.config import BudgetSpec
 from batch.pricing import Pricer, money, worst_cost
@@ -101,22 +102,38 @@ class Budget:
         return self.max_tokens_total is None or self.spent_tokens + self.held_tokens + hold.tokens <= \
             self.max_tokens_total
 
-    def settle(self, hold: Hold, record: Record | None) -> None:
+    def spend(self, hold: Hold, paid: dict[str, Any]) -> tuple[float, int]:
+        """Count at once an answer that came under `hold` but was judged a failure (`paid`: its PAID_FIELDS, a
+        count it lacks taken at the hold's worst case), so other rows see it before the row is settled; the cost
+        and tokens counted, which `settle` is given back."""
+        cost = hold.cost if paid["cost"] is None else paid["cost"]
+        tokens = hold.tokens if paid["total_tokens"] is None else paid["total_tokens"]
+        self.spent_cost += cost
+        self.spent_tokens += tokens
+        return cost, tokens
+
+    def still_fits(self) -> bool:
+        """Whether what is spent and held is within the limits: a request held for may be sent (again)."""
+        return (self.max_cost is None or self.spent_cost + self.held_cost <= self.max_cost) and \
+            (self.max_tokens_total is None or self.spent_tokens + self.held_tokens <= self.max_tokens_total)
+
+    def settle(self, hold: Hold, record: Record | None, counted: tuple[float, int] = (0.0, 0)) -> None:
         """Release a hold and count what its request really cost: `record` is its answer, or None when no
-        answer came (an error answer is not billed). An answer without usage counts as its worst case."""
+        answer came (an error answer is not billed). An answer without usage counts as its worst case.
+        `counted`: the cost and tokens `spend` counted already, which the record's sums include."""
         self.held_cost -= hold.cost
         self.held_tokens -= hold.tokens
         self.in_flight -= 1
         self._settled.set()
-        if record is None or not billed(record):
+        if record is None or not billed(record):  # what `spend` counted stays counted: it was paid
             return
         cost, tokens = record["cost"], record["total_tokens"]
         if (tokens is None or (cost is None and self.pricer is not None)) and not self._warned_usage:
             self._warned_usage = True
             log.warning("an answer came without token usage: the budget counts it at its worst case "
                         "(%d tokens, %.6g CNY)", hold.tokens, hold.cost)
-        self.spent_cost += hold.cost if cost is None else cost
-        self.spent_tokens += hold.tokens if tokens is None else tokens
+        self.spent_cost += max(0.0, (hold.cost if cost is None else cost) - counted[0])
+        self.spent_tokens += max(0, (hold.tokens if tokens is None else tokens) - counted[1])
 
     def describe(self) -> str:
         parts = []

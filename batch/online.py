@@ -140,11 +140,20 @@ class OnlineAnswerer:
                 self.stop.note(budget.describe(), EXIT_BUDGET)
                 return None
         answer = None
+        counted = [0.0, 0]  # what budget.spend counted of answers judged failures, which the record then sums
+
+        def on_paid(paid: dict[str, Any]) -> bool:
+            """An answer judged a failure: spent now; True when the row's hold still fits, to ask again under it."""
+            cost, tokens = budget.spend(hold, paid)  # type: ignore[union-attr, arg-type]
+            counted[0] += cost
+            counted[1] += tokens
+            return budget.still_fits()  # type: ignore[union-attr]
+
         try:
-            answer = await self.pool.answer(row, body, estimated)
+            answer = await self.pool.answer(row, body, estimated, on_paid if hold is not None else None)
         finally:
             if hold is not None:
-                budget.settle(hold, answer)  # type: ignore[union-attr]
+                budget.settle(hold, answer, (counted[0], counted[1]))  # type: ignore[union-attr]
         return answer
 
     def _keep(self, record: Callable[[Record], None], result: Record) -> None:

@@ -9,9 +9,11 @@ A request holds a slot only while it is in flight: a row waiting for its retry h
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tenacity import RetryCallState
@@ -82,26 +84,28 @@ class Pool:
         body = {"model": self.model, "messages": messages, **self.body_params}
         return json.dumps(body, ensure_ascii=False, sort_keys=True, default=str).encode()
 
-    async def answer(self, row: Row, body: bytes, estimated_tokens: int) -> Record:
+    async def answer(self, row: Row, body: bytes, estimated_tokens: int,
+                     on_paid: Callable[[dict[str, Any]], bool] | None = None) -> Record:
         """The result record for a row; raises JobFatal when the job must stop, Unreachable when the API stays down.
 
         An answer that came but was judged a failure (cut short, an odd field) was paid for: its usage is added to
-        the row's record, ok or failed, as the usage of every answer to the row is."""
+        the row's record, ok or failed, as the usage of every answer to the row is, and given to `on_paid` (the
+        budget counts it at once), which says whether the row may still be asked again."""
         spent: dict[str, Any] = dict.fromkeys(PAID_FIELDS)
         try:
             # Most rows succeed at once: tenacity's per-call state (~30 us, about 4% of a request's
             # client CPU) is built only for a row whose first attempt failed.
-            return await self._attempt(row, body, estimated_tokens, 1, spent)
+            return await self._attempt(row, body, estimated_tokens, 1, spent, on_paid)
         except Failure as failure:
             first: Failure | None = failure
         except Parked:
             first = None
-        record = await self._retry(row, body, estimated_tokens, first, spent)
+        record = await self._retry(row, body, estimated_tokens, first, spent, on_paid)
         add_paid_before(record, spent)
         return record
 
     async def _retry(self, row: Row, body: bytes, estimated_tokens: int, first: Failure | None,
-                     spent: dict[str, Any]) -> Record:
+                     spent: dict[str, Any], on_paid: Callable[[dict[str, Any]], bool] | None) -> Record:
         attempts = 1
         while True:
             # One AsyncRetrying per row: it keeps per-call state, so it is not shared between tasks.
@@ -114,7 +118,7 @@ class Pool:
                             made, first = first, None
                             raise made
                         attempts += 1
-                        return await self._attempt(row, body, estimated_tokens, attempts, spent)
+                        return await self._attempt(row, body, estimated_tokens, attempts, spent, on_paid)
             except Parked:
                 continue
             except Failure as failure:
@@ -128,9 +132,9 @@ class Pool:
                 return failed_record(row, failure.error_class, failure.message, attempts, self.model)
 
     async def _attempt(self, row: Row, body: bytes, estimated_tokens: int, attempts: int,
-                       spent: dict[str, Any]) -> Record:
+                       spent: dict[str, Any], on_paid: Callable[[dict[str, Any]], bool] | None) -> Record:
         """One request; its record, or the Failure it is (the usage of an answer that came with it added to
-        `spent`)."""
+        `spent` and given to `on_paid`: a retry it has no room for makes the failure the row's)."""
         if self.tokens is not None:
             await self.tokens.acquire(min(estimated_tokens + self.max_tokens, self.tokens.max_rate))
         if self.requests is not None:
@@ -163,8 +167,12 @@ class Pool:
             else:
                 self.slots.release()
             if failure.usage is not None:  # an answer came, whatever its verdict: paid for, and the endpoint is up
-                add_paid_before(spent, paid_for(failure.usage, self.pricer))  # type: ignore[arg-type]
+                paid = paid_for(failure.usage, self.pricer)
+                add_paid_before(spent, paid)  # type: ignore[arg-type]
                 self._answered()
+                if on_paid is not None and not on_paid(paid) and failure.scope == "retry":
+                    failure = dataclasses.replace(failure, scope="row", message=f"{failure.message} (not sent "
+                                                  "again: budget has no room for another answer)")
             elif failure.error_class in OUTAGE_CLASSES:
                 self._failed_at_endpoint(row, failure, probe)
             else:

@@ -344,4 +344,17 @@ def test_answers_judged_failures_are_spent_and_not_an_outage(sim, make_job, run_
     run = summary_of(job)["run"]
     assert run["ok"] == 0 and run["error_classes"] == {"bad_response": run["failed"]} and run["failed"] >= 2
     assert run["total_tokens"] == spent_at_server(sim) <= 300
-    assert sum(sim.stats()["by_prompt"].values()) == 3 * run["failed"]  # each failed row: its three answers
+    assert sum(sim.stats()["by_prompt"].values()) == run["attempts"] > run["failed"]  # some rows asked again
+
+
+def test_the_budget_holds_across_a_rows_paid_retries(sim, make_job, run_cli):
+    """A row's answers judged failures are spent as they come: its next attempt is sent only while its reservation
+    still fits beside them, so six paid attempts of a row cannot carry the job past the limit."""
+    rows = prompt_rows(*(f"odd answer {i} [[set:choices.0.message.content=5]]" for i in range(8)))
+    job = make_job(sim, rows=rows, budget={"max_total_tokens": 300}, retry={"max_attempts": 6},
+                   limits={"concurrency": 1})
+    code, _, err = run_cli("run", job)
+    assert code == 5 and "budget reached" in err, err
+    run = summary_of(job)["run"]
+    assert run["total_tokens"] == spent_at_server(sim) <= 300
+    assert run["error_classes"] == {"bad_response": run["failed"]} and run["failed"] >= 2
