@@ -81,6 +81,9 @@ FRAME_INPUT_SUFFIX = ".input.parquet"  # and the frame it was given, OUTPUT_STEM
 SPEC_LABEL = Path("<job spec>")  # what errors name for a job given as Python values
 # run_frame's keyword arguments that go into the job file's output section (path, kept columns: run_frame's own)
 FRAME_OUTPUT_KEYS = [key for key in OutputSpec.model_fields if key not in ("path", "keep_columns", "parse_json")]
+# pandas' nullable integer dtype of each Arrow integer type: an integer column with a null read as float64 rounds
+NULLABLE_INTEGERS = {getattr(pa, f"{sign}int{bits}")(): f"{sign.upper()}Int{bits}" for sign in ("", "u")
+                     for bits in (8, 16, 32, 64)}
 CLASH_PREFIX = "batch_"  # run_frame: a result column named like a column of the frame
 MODES = get_args(JobSpec.model_fields["mode"].annotation)  # RunOptions.mode: the job file's `mode` values
 WAIT_S = 0.25  # a waiting caller wakes this often, so a KeyboardInterrupt is taken even where a wait is not cut short
@@ -305,7 +308,7 @@ def read_results(job: Job) -> pd.DataFrame:
         schema = json_output.schema if json_output else None
         if counts.ok + counts.failed == total and \
                 is_current(spec.output.path, checkpoint, spec.input.path, output_settings(spec, schema)):
-            return pq.read_table(spec.output.path).to_pandas()
+            return _frame_of(pq.read_table(spec.output.path))
         return _answers_so_far(spec, schema, table, checkpoint, states)
 
 
@@ -687,6 +690,20 @@ def _beside(frame: pd.DataFrame, ids: list[str], results: pd.DataFrame, result: 
     return joined
 
 
+def _frame_of(table: pa.Table) -> pd.DataFrame:
+    """`table` as a DataFrame, as pandas reads it (pd.read_parquet) but for an integer column holding a null: that
+    one is pandas' nullable integer (Int64, ...), not float64, which would round every integer beyond 2**53 (a reply
+    key missing from some rows)."""
+    import pandas as pd
+
+    frame = table.to_pandas(types_mapper=lambda type_: pd.api.types.pandas_dtype(NULLABLE_INTEGERS[type_])
+                            if type_ in NULLABLE_INTEGERS else None)
+    for name, column in zip(table.column_names, table.columns):
+        if column.type in NULLABLE_INTEGERS and not column.null_count:  # no null: numpy's integers, as pandas reads it
+            frame[name] = frame[name].astype(column.type.to_pandas_dtype())
+    return frame
+
+
 def _answers_so_far(spec: JobSpec, schema: dict[str, Any] | None, table: Any, checkpoint: Checkpoint, states: Any
                     ) -> pd.DataFrame:
     """The final table's columns from the checkpoint as it is (a live run's log included): each row's last record,
@@ -700,18 +717,19 @@ def _answers_so_far(spec: JobSpec, schema: dict[str, Any] | None, table: Any, ch
         pending.append(sends[states.last(start, ids)[0]])
         pieces.append(pa.table({id_out: ids, **{c: batch.column(c) for c in keep if c != id_out}}))
         start += len(ids)
-    rows = pa.concat_tables(pieces).to_pandas() if pieces else pd.DataFrame(columns=[id_out, *keep])
+    rows = _frame_of(pa.concat_tables(pieces)) if pieces else pd.DataFrame(columns=[id_out, *keep])
     waiting = pd.Series(np.concatenate(pending) if pending else np.zeros(0, bool), index=rows.index)
     chosen = states.last_record_mask(id_batches(table))  # each id's last record
     last = pa.concat_tables([*checkpoint.chosen_records(chosen, ["id", *OUTPUT_FIELDS], checkpoint.has_records()),
                              RECORD_SCHEMA.empty_table().select(["id", *OUTPUT_FIELDS])])
-    answers = last.to_pandas().set_index("id").reindex(rows[id_out].tolist())
+    answers = _frame_of(last).set_index("id").reindex(rows[id_out].tolist())
     answers.index = rows.index
     parts = [rows, answers]
     replies = reply_columns(spec, schema, [last.select(["status", "response"])])
     if replies is not None:
         aligned = pa.Table.from_pandas(answers[["status", "response"]], preserve_index=False)
-        parts.append(pd.DataFrame(dict(replies.columns(aligned)), index=rows.index))
+        columns = dict(replies.columns(aligned))  # none: a table of no columns has no rows either
+        parts.append(_frame_of(pa.table(columns)).set_axis(rows.index) if columns else pd.DataFrame(index=rows.index))
     for part in parts[1:]:
         for column in part.columns:
             part[column] = part[column].mask(waiting)

@@ -251,3 +251,19 @@ def test_any_labels_give_the_frame_back_whole_or_one_config_error(tmp_path_facto
     assert (answered["status"] == "pending").all()
     ids = batch.read_results(folder / "o.parquet").iloc[:, 0].tolist()
     assert len(set(ids)) == len(values) and all(i == i.strip() and i for i in ids)
+
+
+@pytest.mark.parametrize("limit", [None, 1], ids=["final file", "answers so far"])
+def test_integers_beyond_float64_come_back_exact_beside_missing_values(sim, tmp_path, limit):
+    from batch.simulator import reply_marker
+
+    big = 2**53 + 1
+    frame = pd.DataFrame({"text": [reply_marker(json.dumps({"v": big, "w": -big})), reply_marker('{"v": null}')]})
+    schema = {"type": "object", "properties": {"v": {"type": ["integer", "null"]}, "w": {"type": "integer"}}}
+    for reading in ({"parse_json": True}, {"json_schema": schema}):
+        out = tmp_path / f"{sorted(reading)[0]}.parquet"
+        answered = batch.run_frame(frame, template="{text}", model=local_model(sim), output=out, progress=False,
+                                   limit=limit, **reading)
+        assert int(answered["v"].iloc[0]) == big and int(answered["w"].iloc[0]) == -big
+        assert pd.isna(answered["v"].iloc[1]) and pd.isna(answered["w"].iloc[1])
+        assert batch.read_results(out)["v"].iloc[0] == big
