@@ -4,33 +4,63 @@
     import batch
     out = batch.run_frame(reviews, template="Sentiment of: {text}", model="glm-4-flash", output="out/reviews.parquet")
 
-The API is what this package exports (see batch.api); the modules under it are private.
+The API is what this package exports (see batch.api); the modules under it are private. They are imported on
+first use (PEP 562): `import batch` alone costs nothing, so `python -m batch` can set up its signal handling
+(batch/__main__.py) before the ~0.6 s of imports that pyarrow, pandas and aiohttp take.
 """
 
-from batch.api import (
-    ApiRefusedError,
-    BatchError,
-    BatchesLive,
-    BudgetExceededError,
-    CheckpointWriteError,
-    ConfigError,
-    Interrupted,
-    Job,
-    JobSpec,
-    LockedError,
-    RunResult,
-    RunStopped,
-    arun,
-    arun_frame,
-    estimate,
-    read_results,
-    run,
-    run_frame,
-    status,
-)
+from __future__ import annotations
+
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from batch.api import (
+        ApiRefusedError,
+        BatchError,
+        BatchesLive,
+        BudgetExceededError,
+        CheckpointWriteError,
+        ConfigError,
+        Interrupted,
+        Job,
+        JobSpec,
+        LockedError,
+        RunResult,
+        RunStopped,
+        arun,
+        arun_frame,
+        estimate,
+        read_results,
+        run,
+        run_frame,
+        status,
+    )
 
 __all__ = [
     "ApiRefusedError", "BatchError", "BatchesLive", "BudgetExceededError", "CheckpointWriteError", "ConfigError",
     "Interrupted", "Job", "JobSpec", "LockedError", "RunResult", "RunStopped", "arun", "arun_frame", "estimate",
     "read_results", "run", "run_frame", "status",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from batch import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'batch' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """The package, whose exported names stay the API's: importing the private module batch/status.py (or
+    estimate.py) would otherwise set `batch.status` to that module, in place of the function `batch.status`."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in __all__ and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -18,7 +18,7 @@ from batch.estimate import estimate, format_estimate
 from batch.export import export_output
 from batch.logs import LOG_NAME, redact, redact_everywhere, run_log, setup_logging, write_traceback
 from batch.preflight import preflight, resolve, validation_report
-from batch.process import command_line_process
+from batch.process import command_line_process, readers_may_leave
 from batch.runner import RunOptions, run_job
 from batch.status import format_status, job_status
 from batch.summary import format_summary
@@ -70,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    with readers_may_leave():
+        try:
+            return command(argv)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (batch/__main__.py), before a run's own handlers took over
+            print("batch: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+
+def command(argv: list[str]) -> int:
+    """The command `argv` asks for, its user's mistakes and batch's defects each told in one line."""
     if argv[:1] == ["simulate"]:
         from batch.simulator import main as simulate
 
@@ -87,9 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     except BatchError as exc:
         print(f"batch: error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("batch: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except Exception as exc:  # a defect in batch, not a mistake of the user's: not 1, which means "rows failed"
         print(report_internal_error(exc, checkpoint_of(args.job), log_format), file=sys.stderr)
         return EXIT_INTERNAL

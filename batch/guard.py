@@ -62,14 +62,16 @@ class RunLock:
             self._file = None
 
     def holder(self) -> int | None:
-        """The pid of a live holder, or None."""
-        if not self.path.exists():
+        """The pid of a live holder, or None. It only reads (a shared flock needs no write access): `status` writes
+        nothing, and answers on a folder it cannot write."""
+        try:
+            handle = open(self.path, encoding="utf-8")
+        except OSError:  # no lock file: no run yet; one that cannot be read: no run can hold it either
             return None
-        with open(self.path, "a+", encoding="utf-8") as handle:
+        with handle:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                handle.seek(0)
                 text = handle.read().strip()
                 return int(text) if text.isdigit() else -1
             fcntl.flock(handle, fcntl.LOCK_UN)

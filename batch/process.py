@@ -1,18 +1,19 @@
 """The command line's process-wide settings, in one place. Only the CLI enters them: a program that imports
 batch (a notebook, a script) keeps its own allocator and imports as they are.
 
-Each one is about memory: a run holds ~5 bytes per input row, and the rest of its peak is what the
-allocators keep (see the README's Performance section).
+Most are about memory: a run holds ~5 bytes per input row, and the rest of its peak is what the
+allocators keep (see the README's Performance section). One is about the standard streams, whose reader may leave.
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib.abc
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TextIO
 
 import pyarrow as pa
 
@@ -73,3 +74,50 @@ def give_back_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+class _ReaderMayLeave:
+    """A standard stream whose reader may go away (`batch status | head -1`, a closed terminal).
+
+    Python ignores SIGPIPE, so a write to a pipe nobody reads raises BrokenPipeError wherever it happens: in a log
+    line mid-run, in the progress bar, in the summary. Here the first one points the stream's file descriptor at
+    os.devnull, as Python's docs advise (library/signal, "Note on SIGPIPE"), and the text is dropped: the command
+    goes on and ends with its own exit code, and the interpreter's last flush at exit has nothing to fail on.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def readers_may_leave() -> Iterator[None]:
+    """stdout and stderr, for as long as a command runs, taking a reader that went away quietly (_ReaderMayLeave)."""
+    given = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _ReaderMayLeave(sys.stdout), _ReaderMayLeave(sys.stderr)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = given

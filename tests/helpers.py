@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -85,3 +87,15 @@ def record(i: int, status: str = "ok") -> dict:
     if status == "ok":
         rec.update(status="ok", response=f"answer {i}", error_class=None, error=None)
     return rec
+
+
+def can_make_immutable(folder: Path) -> bool:
+    """Whether `chattr +i` works here (root, and a file system that has the flag): a folder even root cannot write."""
+    if os.geteuid() != 0 or shutil.which("chattr") is None:
+        return False
+    probe = folder / "probe"
+    probe.mkdir()
+    made = subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode == 0
+    subprocess.run(["chattr", "-i", str(probe)], capture_output=True)
+    probe.rmdir()
+    return made

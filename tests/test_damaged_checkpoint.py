@@ -9,16 +9,14 @@ immutable) stop the run with exit 70 and one line; at most the requests in fligh
 from __future__ import annotations
 
 import json
-import os
 import resource
 import shutil
 import signal
 import subprocess
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import checkpoint_of, output_of, start_run, wait_until
+from helpers import can_make_immutable, checkpoint_of, output_of, start_run, wait_until
 
 ROWS = [{"review_id": f"r{i:03d}", "text": f"review {i}"} for i in range(20)]
 
@@ -262,21 +260,10 @@ def test_a_full_disk_stops_the_run_at_the_first_failed_write_and_a_rerun_loses_o
     assert list(output_of(job)["review_id"]) == [r["review_id"] for r in BIG]
 
 
-def _can_make_immutable(folder: Path) -> bool:
-    if os.geteuid() != 0 or shutil.which("chattr") is None:
-        return False
-    probe = folder / "probe"
-    probe.mkdir()
-    made = subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode == 0
-    subprocess.run(["chattr", "-i", str(probe)], capture_output=True)
-    probe.rmdir()
-    return made
-
-
 @pytest.mark.parametrize("frozen", ["folder_and_files", "folder"])
 def test_an_immutable_checkpoint_stops_the_run_with_one_line_not_sigbus(start_sim, make_job, run_cli, tmp_path,
                                                                         frozen):
-    if not _can_make_immutable(tmp_path):
+    if not can_make_immutable(tmp_path):
         pytest.skip("needs root and chattr on a file system that supports it")
     sim = start_sim(latency_ms=40)
     rows_per_part = 10
