@@ -50,6 +50,13 @@ class CheckpointWriteError(BatchError):
     exit_code = EXIT_INTERNAL
 
 
+class OutputWriteError(BatchError):
+    """The final file cannot be written (a full disk, a read-only folder): the run stops there, every answer kept
+    in the checkpoint, and a rerun writes the file without sending anything again."""
+
+    exit_code = EXIT_INTERNAL
+
+
 class CheckpointDamagedError(BatchError):
     """A checkpoint part turned out damaged after the run had counted its records: it was moved
     aside, and a new run sends the rows it held."""

@@ -113,27 +113,30 @@ def _write_rows(tmp: Path, windows: Iterator[list[tuple[pa.RecordBatch, pa.Array
     writer = None
     written = flushed = 0  # rows read, rows written out
     held: list[pa.Table] = []
-    try:
-        for window in windows:
-            ids = pa.concat_arrays([i for _, i in window])
-            answers = records.answers(ids, written)
-            parsed = replies.columns(answers) if replies is not None else []
-            at = 0
-            for batch, batch_ids in window:
-                columns = {id_out: batch_ids, **{c: batch.column(c) for c in keep_columns if c != id_out}}
-                columns.update(zip(OUTPUT_FIELDS, answers.slice(at, batch.num_rows).columns))
-                columns.update((name, values.slice(at, batch.num_rows)) for name, values in parsed)
-                at += batch.num_rows
-                held.append(_table(columns, replies))
-            written += len(ids)
-            if written - flushed >= ROW_GROUP_ROWS:
-                writer = _write_group(writer, tmp, held, settings)
-                held, flushed = [], written
-        if held:
-            writer = _write_group(writer, tmp, held, settings)
-    finally:
-        if writer is not None:
-            writer.close()
+    # The file is ours to close, failed write or not: a writer whose close fails (a full disk) would keep it open,
+    # and its space taken after it is deleted, until collected.
+    with pa.OSFile(str(tmp), "wb") as sink:
+        try:
+            for window in windows:
+                ids = pa.concat_arrays([i for _, i in window])
+                answers = records.answers(ids, written)
+                parsed = replies.columns(answers) if replies is not None else []
+                at = 0
+                for batch, batch_ids in window:
+                    columns = {id_out: batch_ids, **{c: batch.column(c) for c in keep_columns if c != id_out}}
+                    columns.update(zip(OUTPUT_FIELDS, answers.slice(at, batch.num_rows).columns))
+                    columns.update((name, values.slice(at, batch.num_rows)) for name, values in parsed)
+                    at += batch.num_rows
+                    held.append(_table(columns, replies))
+                written += len(ids)
+                if written - flushed >= ROW_GROUP_ROWS:
+                    writer = _write_group(writer, sink, held, settings)
+                    held, flushed = [], written
+            if held:
+                writer = _write_group(writer, sink, held, settings)
+        finally:
+            if writer is not None:
+                writer.close()
     return written
 
 
@@ -144,12 +147,12 @@ def _table(columns: dict[str, pa.Array], replies: ReplyColumns | None) -> pa.Tab
                                                for name, values in columns.items()]))
 
 
-def _write_group(writer: pq.ParquetWriter | None, tmp: Path, tables: list[pa.Table], settings: str
+def _write_group(writer: pq.ParquetWriter | None, sink: pa.NativeFile, tables: list[pa.Table], settings: str
                  ) -> pq.ParquetWriter:
     """One row group, whatever size the input's batches are."""
     table = pa.concat_tables(tables)
     if writer is None:
-        writer = pq.ParquetWriter(tmp, table.schema.with_metadata({SETTINGS_KEY: settings.encode("utf-8")}),
+        writer = pq.ParquetWriter(sink, table.schema.with_metadata({SETTINGS_KEY: settings.encode("utf-8")}),
                                   use_dictionary=DICTIONARY_FIELDS)
     writer.write_table(table)
     return writer

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batch.answered import RowStates
+from batch.atomic import os_reason
 from batch.budget import Budget
 from batch.cache import AnswerCache
 from batch.errors import (
@@ -23,6 +24,7 @@ from batch.errors import (
     BatchError,
     CheckpointWriteError,
     ConfigError,
+    OutputWriteError,
 )
 from batch.executor import Answerer, Pending, Stop
 from batch.final import LastRecords, is_current, output_settings, reply_columns, write_final
@@ -337,8 +339,9 @@ class Run:
             write_final(output, self.table.id_batches(out.keep_columns), self.spec.id_column_out,
                         out.keep_columns, LastRecords(groups, done), replies, settings=self._output_settings)
         except OSError as exc:
-            raise ConfigError(f"{output}: cannot write the output: {exc.strerror or exc} "
-                              f"(every answer is safe in {self.spec.checkpoint_dir}; rerun to retry)") from None
+            raise OutputWriteError(f"{output}: cannot write the output: {os_reason(exc)} (every answer is safe in "
+                                   f"{self.spec.checkpoint_dir}: once it can be written, a rerun writes it and sends "
+                                   "nothing)") from None
 
     def _id_batches(self) -> Iterator[pa.Array]:
         return (ids for _, ids in self.table.id_batches([]))

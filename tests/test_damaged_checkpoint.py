@@ -9,6 +9,7 @@ immutable) stop the run with exit 70 and one line; at most the requests in fligh
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import signal
@@ -258,6 +259,54 @@ def test_a_full_disk_stops_the_run_at_the_first_failed_write_and_a_rerun_loses_o
     # What the first run kept was not sent again: at most the requests in flight at the failure were lost.
     assert sim.stats()["requests"] <= len(BIG) + CONCURRENCY
     assert list(output_of(job)["review_id"]) == [r["review_id"] for r in BIG]
+
+
+def rows_with_notes(count: int) -> list[dict[str, str]]:
+    """Rows that each keep 4 KB of random text in the output, and nowhere in the checkpoint: of the files a run
+    writes, the output is by far the largest (~4 KB a row)."""
+    return [{"review_id": f"r{i:02d}", "text": f"review {i}", "note": os.urandom(2048).hex()} for i in range(count)]
+
+
+def test_a_disk_full_while_the_final_file_is_written_stops_the_run_with_70_and_status_names_it(sim, make_job, run_cli):
+    rows = rows_with_notes(40)
+    job = make_job(sim, rows=rows, output={"keep_columns": ["text", "note"]})
+    process = start_run(job, preexec_fn=_file_size_limit(64 * 1024))
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 70, err  # stopped by the disk, not 2: 40 answers were received and kept
+    no_traceback(out, err)
+    output = checkpoint_of(job).parent / "result.parquet"
+    assert err.splitlines() == [line for line in err.splitlines() if line.startswith("batch: error:")]
+    assert str(output) in err and "File too large" in err and "a rerun writes it" in err, err
+    assert list(output.parent.iterdir()) == [checkpoint_of(job)]  # no output, half written or whole
+    code, out, _ = run_cli("status", job)
+    assert code == 0 and "ok 40, failed 0, pending 0" in out
+    assert "last run: stopped on an error (exit 70)" in out and f"{output}: cannot write the output" in out, out
+
+    code, _, err = run_cli("run", job)  # room again: the output is written, nothing sent again
+    assert code == 0, err
+    assert sim.stats()["requests"] == 40
+    assert list(output_of(job)["note"]) == [row["note"] for row in rows]
+
+
+def test_a_disk_that_the_final_file_fills_up_has_room_again_for_the_runs_error(sim, make_job, run_cli, tmp_path):
+    """A real full disk (a small tmpfs): the failed output's temp file is closed and deleted, so its space comes
+    back at once, and the error the run stopped on is noted for `status`."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and a tmpfs mount")
+    try:
+        output = disk / "result.parquet"  # 60 rows: ~240 KB, the checkpoint ~50 KB
+        job = make_job(sim, rows=rows_with_notes(60), output={"path": str(output), "keep_columns": ["text", "note"]})
+        code, out, err = run_cli("run", job)
+        assert code == 70, err
+        assert err.startswith(f"batch: error: {output}: cannot write the output: No space left on device"), err
+        assert sorted(os.listdir(disk)) == ["result.checkpoint"]
+        code, out, _ = run_cli("status", job)
+        assert "last run: stopped on an error (exit 70)" in out and f"{output}: cannot write the output" in out, out
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 @pytest.mark.parametrize("frozen", ["folder_and_files", "folder"])
