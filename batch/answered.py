@@ -251,26 +251,30 @@ class RowStates:
         first = int(sending.argmax())
         return first if len(sending) and sending[first] else len(sending)
 
-    def resent_records(self, retry_failed: bool) -> np.ndarray:
-        """(row, write position of its last record) of each row a run sends again although it has a record.
-
-        Records kept aside by id are not looked at: a row that moved is re-sent without its earlier cost."""
-        rows = np.flatnonzero(self._sends(retry_failed)[self.codes] & (self.codes != 0))
-        return np.stack([rows, self.written[rows].astype(np.int64) - 1], axis=1)
-
-    def paid_record_mask(self) -> np.ndarray:
-        """A mask over write positions: the records whose cost counts in what the job spent. Each id's last
-        record holds the sum over its row's answers (runner: add_paid_before); a record kept aside by id
-        whose row sent again counts too, as its cost was not carried into the new one (resent_records)."""
-        paid = np.zeros(self.record_count, bool)
-        paid[self.written[self.written > 0].astype(np.int64) - 1] = True
-        paid[self._moved_written] = True
-        paid[self._kept_by_id] = True
-        return paid
+    def resent_records(self, retry_failed: bool, id_batches: Callable[[], Iterable[pa.Array]]) -> np.ndarray:
+        """(row, write position of its last record) of each row a run sends again although it has a record: the
+        run adds what that record holds to the new one, so a row's last record holds the sum over all its answers.
+        A row that moved has its last record among those kept aside by id: `id_batches` (the input's ids, in
+        order) is read for them, only when there are some."""
+        sends = self._sends(retry_failed)
+        if self._moved is None:
+            rows = np.flatnonzero(sends[self.codes] & (self.codes != 0))
+            return np.stack([rows, self.written[rows].astype(np.int64) - 1], axis=1)
+        found = [np.empty((0, 2), np.int64)]
+        start = 0
+        for ids in id_batches():
+            codes, written = self.last(start, ids)
+            rows = np.flatnonzero(sends[codes] & (codes != 0) & (written >= 0))
+            found.append(np.stack([rows + start, written[rows]], axis=1))
+            start += len(ids)
+        return np.concatenate(found)
 
     def last_record_mask(self, id_batches: Callable[[], Iterable[pa.Array]]) -> np.ndarray:
         """A mask over write positions: the records that are some id's last, ids no longer in the input
-        included. `id_batches` (the input's ids, in order) is read only when records were kept aside by id."""
+        included. `id_batches` (the input's ids, in order) is read only when records were kept aside by id.
+
+        They are also the records whose cost the job paid: each holds the sum over its row's answers (a row sent
+        again adds its last record's, resent_records), so these sum to what the job spent (Checkpoint.spent)."""
         last = np.zeros(self.record_count, bool)
         last[self._kept_by_id] = True
         if self._moved is None:

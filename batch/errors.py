@@ -32,6 +32,11 @@ class ConfigError(BatchError):
     exit_code = EXIT_BAD_INPUT
 
 
+class InputChangedError(ConfigError):
+    """The input file was edited, replaced or deleted while batch was reading it: rows read before and after the
+    change must not be taken for one table."""
+
+
 class JobFatalError(BatchError):
     """The API refuses the whole job (bad key, arrears, unknown model, quota)."""
 

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from batch.errors import ConfigError
+from batch.errors import ConfigError, InputChangedError
 
 BATCH_ROWS = 8192
 # Arrow's CSV reader reads up to 32 blocks ahead of the consumer: 1 MB blocks held ~35 MB at a million
@@ -71,6 +71,7 @@ class InputTable:
         self.format = path.suffix.lower().lstrip(".")
         if not path.is_file():
             raise ConfigError(f"{path}: {'a folder, not a file' if path.is_dir() else 'input file not found'}")
+        self._version = _version(path)  # the file every later read must still be (_check_unchanged)
         self.columns = self._column_names()
         self._check_columns()
         self.row_hashes: np.ndarray | None = None  # filled by scan(keep_hashes=True)
@@ -116,8 +117,28 @@ class InputTable:
 
     def batches(self, columns: list[str], first_group: int = 0) -> Iterator[pa.RecordBatch]:
         """Record batches holding just `columns`, in input order (Parquet: from row group `first_group`), their
-        text columns as `string` whatever Arrow type they were written in (see plain_text)."""
-        return map(plain_text, self._read_batches(columns, first_group))
+        text columns as `string` whatever Arrow type they were written in (see plain_text).
+
+        Each batch is given only once the file is seen to be the one first read (_check_unchanged): a row count,
+        row hashes and prompt hashes from one version of the input never meet rows or kept columns of another.
+        """
+        try:
+            for batch in self._read_batches(columns, first_group):
+                self._check_unchanged()
+                yield plain_text(batch)
+        except (ConfigError, OSError):
+            self._check_unchanged()  # a file changed mid-read can read as a broken one: the change is what to tell
+            raise
+
+    def _check_unchanged(self) -> None:
+        """InputChangedError unless the file is the one first read: the same inode, size and modification time."""
+        now = _version(self.path)
+        if now == self._version:
+            return
+        what = "was deleted or moved" if now is None else "was edited or replaced"
+        raise InputChangedError(f"{self.path}: the input {what} while batch was reading it; nothing read from two "
+                                "versions of it was used: run again to go on with the input as it is then (every "
+                                "answer received so far is kept in the checkpoint)")
 
     def _read_batches(self, columns: list[str], first_group: int) -> Iterator[pa.RecordBatch]:
         columns = list(dict.fromkeys(columns)) or self.columns[:1]
@@ -466,6 +487,16 @@ class InputTable:
             rows += meta.row_group(group).num_rows
             group += 1
         return group, rows
+
+
+def _version(path: Path) -> tuple[int, int, int, int] | None:
+    """Which version of a file this is: its device and inode (a file put in its place is another), size and
+    modification time in ns (an edit in place); None when there is no file."""
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns
 
 
 class _WithEndLine:

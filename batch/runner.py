@@ -17,6 +17,7 @@ from batch.atomic import os_reason
 from batch.budget import Budget
 from batch.cache import AnswerCache
 from batch.errors import (
+    EXIT_BAD_INPUT,
     EXIT_BATCHES_LIVE,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -24,6 +25,7 @@ from batch.errors import (
     BatchError,
     CheckpointWriteError,
     ConfigError,
+    InputChangedError,
     OutputWriteError,
 )
 from batch.executor import Answerer, Pending, Stop
@@ -226,24 +228,27 @@ class Run:
         rows_left = self.options.limit
         retry_failed = self.options.retry_failed
         start = done.first_to_send(retry_failed)
-        for row in self.table.rows(lambda seq, ids: done.to_send(seq, ids, retry_failed), start):
-            if self.stop.asked or rows_left == 0:
-                return
-            if isinstance(row, Skipped):
-                stats.skipped += row.count
-                continue
-            if rows_left is not None:
-                rows_left -= 1
-            try:
-                messages = self.builder.messages(row.values)
-            except RowPromptError as exc:
+        try:
+            for row in self.table.rows(lambda seq, ids: done.to_send(seq, ids, retry_failed), start):
+                if self.stop.asked or rows_left == 0:
+                    return
+                if isinstance(row, Skipped):
+                    stats.skipped += row.count
+                    continue
+                if rows_left is not None:
+                    rows_left -= 1
                 try:
-                    record(failed_record(row, "bad_prompt", str(exc), 0, self.spec.model.name))
-                except CheckpointWriteError as error:
-                    self._halt(error)
-                    raise
-                continue
-            yield Pending(row, messages)
+                    messages = self.builder.messages(row.values)
+                except RowPromptError as exc:
+                    try:
+                        record(failed_record(row, "bad_prompt", str(exc), 0, self.spec.model.name))
+                    except CheckpointWriteError as error:
+                        self._halt(error)
+                        raise
+                    continue
+                yield Pending(row, messages)
+        except InputChangedError as exc:  # the rows read before the change are sent; the next run reads it anew
+            self.stop.now(str(exc), EXIT_BAD_INPUT)
 
     def _recorder(self, done: RowStates, stats: RunStats) -> Callable[[Record], None]:
         """What keeps a row's record: the run's counts, the checkpoint (raises CheckpointWriteError when it
@@ -273,7 +278,7 @@ class Run:
 
     def _budget(self, done: RowStates, pricer: Pricer | None = None) -> Budget:
         """The job's budget, reserving at `pricer` (the Batch API's), or at the online price."""
-        spent = self.checkpoint.spent(done)
+        spent = self.checkpoint.spent(done, self._id_batches)
         assert self.spec.budget is not None and self.plan.max_tokens is not None  # the preflight's checks
         return Budget(self.spec.budget, self.plan.max_tokens, pricer or self.plan.pricer, spent.cost,
                       spent.total_tokens)
@@ -281,7 +286,7 @@ class Run:
     def _paid_before(self, done: RowStates) -> dict[int, dict[str, Any]]:
         """What earlier runs paid for each row this run sends again (a retried failure, an edited prompt), by row:
         a row's cost and tokens are the sum over all its answers, and the job's spending the sum over its rows."""
-        positions = done.resent_records(self.options.retry_failed)
+        positions = done.resent_records(self.options.retry_failed, self._id_batches)
         if not len(positions):
             return {}
         paid = self.checkpoint.row_groups().take(positions[:, 1], list(PAID_FIELDS))
@@ -305,7 +310,11 @@ class Run:
             output = self.spec.output.path
             # The input too: rows deleted from it leave the answers as they were, and the output must lose them.
             if not is_current(output, self.checkpoint, self.spec.input.path, self._output_settings):
-                self._write_output(output, done)
+                try:
+                    self._write_output(output, done)
+                except InputChangedError as exc:  # its rows would sit beside answers to the rows read before
+                    self.stop.note(str(exc), EXIT_BAD_INPUT)
+                    output = None
         exit_code = self.stop.exit_code
         live = [describe(entry) for entry in self.ledger.live()]
         if exit_code is None:

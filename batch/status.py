@@ -49,7 +49,7 @@ def job_status(spec: JobSpec) -> dict[str, Any]:
     checkpoint = Checkpoint(spec.checkpoint_dir)  # one reader: a damaged file is read, and warned of, once
     total, states = row_states(spec, table, checkpoint)
     counts = states.counts(id_batches(table))
-    spent = checkpoint.spent(states, with_log=True)
+    spent = checkpoint.spent(states, id_batches(table), with_log=True)
     running = RunLock(spec.checkpoint_dir).holder() if spec.checkpoint_dir.is_dir() else None
     return {
         "job": spec.name,

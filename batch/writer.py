@@ -2,7 +2,7 @@
 
 The records are batch.records' layout. Nothing reads the checkpoint whole: row_states reads its
 states a bunch of parts at a time, chosen_records the records a mask over write positions picks
-(each id's last, or those that count as paid), and row_groups takes records by position.
+(each id's last: the row's answer, and what it paid), and row_groups takes records by position.
 
 Every result goes to a write-ahead log the moment it arrives: a plain append survives kill -9,
 and an fsync on a short timer covers power loss. The log is compacted into Parquet part files,
@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
@@ -132,8 +132,8 @@ class Checkpoint:
             return states
 
     def chosen_records(self, chosen: np.ndarray, columns: list[str], with_log: bool = False) -> Iterator[pa.Table]:
-        """`columns` of the records `chosen` (a mask over write positions: RowStates.last_record_mask,
-        paid_record_mask), in write order, read a bunch of parts at a time: never the whole checkpoint at once.
+        """`columns` of the records `chosen` (a mask over write positions: RowStates.last_record_mask), in write
+        order, read a bunch of parts at a time: never the whole checkpoint at once.
         `with_log`: the log's records too, as row_states read them."""
         bunches = _bunches(self._parts(), columns, self._group_rows, self.merge_batch_rows, self._instead)
         if with_log:
@@ -150,11 +150,12 @@ class Checkpoint:
         except DamagedPart as damaged:  # damage in columns row_states does not read
             self._damaged_mid_run(damaged)
 
-    def spent(self, states: RowStates, with_log: bool = False) -> Spent:
-        """What the job has paid so far, summed over the records RowStates.paid_record_mask picks;
-        answers taken from the cache cost no tokens."""
+    def spent(self, states: RowStates, id_batches: Callable[[], Iterable[pa.Array]], with_log: bool = False) -> Spent:
+        """What the job has paid so far, summed over each id's last record (RowStates.last_record_mask; the input's
+        ids are read only when records were kept aside by id); answers taken from the cache cost no tokens."""
         cost, tokens = 0.0, dict.fromkeys(TOKEN_FIELDS, 0)
-        for records in self.chosen_records(states.paid_record_mask(), ["cost", *TOKEN_FIELDS, "cache_hit"], with_log):
+        columns = ["cost", *TOKEN_FIELDS, "cache_hit"]
+        for records in self.chosen_records(states.last_record_mask(id_batches), columns, with_log):
             cost += pc.sum(records.column("cost")).as_py() or 0.0
             sent = records.filter(pc.invert(pc.fill_null(records.column("cache_hit"), False)))
             for name in TOKEN_FIELDS:
