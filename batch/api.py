@@ -375,7 +375,8 @@ async def _execute(job: Job, options: RunOptions, api_key: str | None, control: 
         if api_key:
             keep_secret(api_key)  # before the preflight, whose errors may quote the environment
         spec = _spec_of(job)
-        plan = await asyncio.to_thread(preflight, spec, options.force, api_key)  # scans the input: off the loop
+        # The preflight scans the input: off the loop.
+        plan = await asyncio.to_thread(preflight, spec, options.force, api_key, options.mode)
         if control.asked:
             return None
         keep_secret(plan.api_key)

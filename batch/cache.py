@@ -45,11 +45,11 @@ class AnswerCache:
         # fsync per insert would block the event loop on the disk for every row.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, record TEXT NOT NULL)")
-        columns = [column[1] for column in self._db.execute("PRAGMA table_info(answers)")]
-        if columns != ["key", "record"]:  # another tool's database: its lookups would fail mid-run
+        try:
+            _check_table(self._db, path)
+        except ConfigError:
             self._db.close()
-            raise ConfigError(f"{path}: not an answer cache of batch: its table 'answers' has the columns "
-                              f"{', '.join(columns)}; point cache.path at a new file")
+            raise
         self._in_flight: dict[str, asyncio.Future[dict[str, Any] | None]] = {}
         # Answers are saved a batch per transaction: a transaction per answer cost more CPU than
         # the request itself. What a kill loses is only a cache entry; the row's answer is in the checkpoint.
@@ -110,4 +110,37 @@ class AnswerCache:
             self.save()
         finally:
             self._db.close()
+
+
+def check_answer_cache(path: Path) -> None:
+    """The checks that opening the cache makes (AnswerCache), made without writing anything: a file that is not
+    SQLite, is damaged, or is another tool's database is refused before a run writes or sends anything.
+
+    Opened immutable: nothing is created beside it, no lock is taken or waited for (a live run holds the
+    checkpoint's own cache exclusively), and its write-ahead log is not read, so a table still only there
+    counts as none yet, which the run creates."""
+    if not path.exists():
+        return
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?immutable=1", uri=True)
+        try:
+            _check_table(db, path, created=False)
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise open_error(path, exc) from None
+
+
+def open_error(path: Path, exc: sqlite3.Error | OSError) -> ConfigError:
+    return ConfigError(f"{path}: cannot open the answer cache: {exc} (if it is damaged, delete it: it only keeps "
+                       "identical requests from being paid twice)")
+
+
+def _check_table(db: sqlite3.Connection, path: Path, created: bool = True) -> None:
+    """ConfigError when the table 'answers' is not ours (another tool's database: its lookups would fail mid-run);
+    `created`: it must exist."""
+    columns = [column[1] for column in db.execute("PRAGMA table_info(answers)")]
+    if columns != ["key", "record"] and (columns or created):
+        raise ConfigError(f"{path}: not an answer cache of batch: its table 'answers' has the columns "
+                          f"{', '.join(columns) or 'none'}; point cache.path at a new file")
 

@@ -151,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
     options = RunOptions(retry_failed=args.retry_failed, force=args.force, limit=args.limit,
                          progress_interval_s=args.progress_interval, mode=args.mode, wait=args.wait)
     with command_line_process():
-        plan = preflight(args.job, force=args.force)  # before anything is written: the log file is the first write
+        # Before anything is written: the log file is the first write.
+        plan = preflight(args.job, force=args.force, mode=args.mode)
         redact_everywhere([plan.api_key])
         with run_log(plan.spec.checkpoint_dir, args.log_format):
             summary = asyncio.run(run_job(plan, options))

@@ -299,6 +299,11 @@ class JobSpec(Strict):
         return out.with_name(out.stem + ".checkpoint")
 
     @property
+    def cache_path(self) -> Path:
+        """The answer cache's file: cache.path, shared by jobs, or the checkpoint's own."""
+        return self.cache.path if self.cache else self.checkpoint_dir / "answers.sqlite"
+
+    @property
     def id_column_out(self) -> str:
         return self.input.id_column or "row_id"
 

@@ -17,15 +17,17 @@ from typing import Any
 from dotenv import dotenv_values
 
 from batch.atomic import read_reason
+from batch.cache import check_answer_cache
 from batch.config import PROVIDERS, JobSpec, load_job
 from batch.errors import ConfigError, in_callers_words
-from batch.guard import compare_fingerprint
+from batch.guard import LOCK_NAME, compare_fingerprint
+from batch.logs import LOG_NAME
 from batch.pricing import Price, Pricer, pricer_for
 from batch.prompts import PromptBuilder
 from batch.reader import InputTable
 from batch.records import OUTPUT_FIELDS
 from batch.schema import JsonOutput, json_output_for, openai_strict
-from batch.writer import Checkpoint
+from batch.writer import WAL_NAME, Checkpoint
 
 # The files a checkpoint folder holds from its first run: a folder with one is some job's checkpoint.
 CHECKPOINT_MARKERS = ("fingerprint.json", "wal.jsonl")
@@ -108,18 +110,24 @@ def stream_params(provider: str, stream_options: Any) -> dict[str, Any]:
     return {"stream": True, "stream_options": {**options, "include_usage": True}}
 
 
-def preflight(job: str | Path | JobSpec, force: bool = False, api_key: str | None = None) -> Plan:
+def preflight(job: str | Path | JobSpec, force: bool = False, api_key: str | None = None,
+              mode: str | None = None) -> Plan:
     """Every check a run makes before its lock, its first write and its first request; ConfigError at the first problem.
 
     `job` is a job file, or a JobSpec already checked (batch.api builds one from Python values). `force` (run
     --force) accepts a checkpoint made with other settings. `api_key` (the Python API's) is used instead of the
-    environment's.
+    environment's. `mode` is the run's (--mode; default: the job's): the answer cache is checked for an online
+    run, the one that opens it.
     """
     spec = job if isinstance(job, JobSpec) else load_job(job)
     settings = resolve(spec)
     check_output_path(spec)
+    _check_checkpoint_writable(spec)
     if spec.cache is not None:
         _check_creatable(spec, "cache.path", spec.cache.path, "the answer cache")
+        _check_writable(spec, "cache.path", spec.cache.path, "the answer cache")
+    if (mode or spec.mode) == "online":
+        check_answer_cache(spec.cache_path)
     api_key = usable_key(api_key, "api_key") if api_key else resolve_api_key(spec, settings.api_key_env)
     table = InputTable(spec.input.path, spec.input.id_column, settings.builder.columns, spec.output.keep_columns,
                        messages_column=spec.prompt.messages_column)
@@ -218,13 +226,34 @@ def _holds_a_checkpoint(folder: Path) -> bool:
 
 
 def _check_creatable(spec: JobSpec, key: str, path: Path, what: str) -> None:
-    """The nearest existing folder above `path` must be a folder: a file there would stop the run later."""
+    """The nearest existing folder above `path` must be a folder batch can write in: a file there, or a folder
+    read-only or immutable, would stop the run later (the output's folder: only after every row was paid for)."""
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise ConfigError(f"{spec.where(key)}: {key} {path}: {parent} is a file, not a folder, "
                                   f"so {what} cannot be written there")
+            _check_writable(spec, key, parent, what)
             return
+
+
+def _check_writable(spec: JobSpec, key: str, path: Path, what: str) -> None:
+    """`path`, if it exists, must be writable by this process: the run writes in it (os.access: a read-only mount,
+    an immutable flag, the permissions, as they apply to this user, root included)."""
+    if path.exists() and not os.access(path, os.W_OK | (os.X_OK if path.is_dir() else 0)):
+        raise ConfigError(f"{spec.where(key)}: {key}: {path} cannot be written (read-only, immutable or not "
+                          f"permitted), so {what} cannot be written there")
+
+
+def _check_checkpoint_writable(spec: JobSpec) -> None:
+    """An existing checkpoint folder, and the files in it a run appends to or writes in place, must be writable:
+    the run's first write (its log) would fail, or a later one mid-run."""
+    folder = spec.checkpoint_dir
+    what = "the checkpoint"
+    _check_writable(spec, "output.path", folder, what)
+    for name in (LOG_NAME, WAL_NAME, LOCK_NAME, spec.cache_path.name if spec.cache is None else None):
+        if name is not None:
+            _check_writable(spec, "output.path", folder / name, what)
 
 
 def usable_key(key: str, source: str) -> str:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from batch.answered import RowStates
 from batch.atomic import os_reason
 from batch.budget import Budget
-from batch.cache import AnswerCache
+from batch.cache import AnswerCache, open_error
 from batch.errors import (
     EXIT_BAD_INPUT,
     EXIT_BATCHES_LIVE,
@@ -172,14 +172,13 @@ class Run:
 
     async def _answer_online(self, pool: Pool, done: RowStates, stats: RunStats, progress: Progress) -> None:
         """The rows to send, answered by the online pool, with the answer cache and the budget."""
-        cache_path = self.spec.cache.path if self.spec.cache else self.spec.checkpoint_dir / "answers.sqlite"
+        cache_path = self.spec.cache_path
         try:
             # The checkpoint's own cache is this run's alone: locked for it, with no shared-memory
             # file, whose mmap kills the process (SIGBUS) once the folder cannot be written.
             cache = AnswerCache(cache_path, exclusive=self.spec.cache is None)
-        except (sqlite3.Error, OSError) as exc:
-            raise ConfigError(f"{cache_path}: cannot open the answer cache: {exc} (if it is damaged, "
-                              "delete it: it only keeps identical requests from being paid twice)") from None
+        except (sqlite3.Error, OSError) as exc:  # the preflight checked it; it may have changed since
+            raise open_error(cache_path, exc) from None
         budget = self._budget(done) if self.spec.budget else None
         answerer = self.answerer = OnlineAnswerer(pool, cache, cache_path, budget, self.stop,
                                                   self.spec.limits.concurrency)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import checkpoint_of, output_of
+from helpers import can_make_immutable, checkpoint_of, output_of
 
 ROWS = [{"review_id": "r1", "text": "good"}, {"review_id": "r2", "text": "bad"}, {"review_id": "r3", "text": "ok"}]
 
@@ -302,3 +304,60 @@ def test_output_not_named_parquet_is_refused(sim, make_job, run_cli, tmp_path, n
 def test_a_kept_column_named_like_a_result_column_is_refused(sim, make_job, run_cli, rows, keep, id_column):
     job = make_job(sim, rows=rows, input={"id_column": id_column}, output={"keep_columns": keep})
     refused(run_cli, job, "output.keep_columns", f"'{keep[0]}'", sim=sim)
+
+
+# -- the answer cache and the folders a run writes in: checked before anything is written --------------------
+
+def another_tools_database(path: Path) -> None:
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE answers (question TEXT, answer TEXT)")
+    db.close()
+
+
+@pytest.mark.parametrize("cache", ["text", "another_tool"])
+def test_a_cache_path_that_is_not_an_answer_cache_is_refused_by_validate_as_by_run(sim, make_job, run_cli,
+                                                                                  tmp_path, cache):
+    path = tmp_path / "shared.sqlite"
+    if cache == "text":
+        path.write_text("question,answer\n" * 200)
+    else:
+        another_tools_database(path)
+    job = make_job(sim, rows=ROWS, cache={"path": path.name})
+    needle = "file is not a database" if cache == "text" else "not an answer cache of batch"
+    refused(run_cli, job, str(path), needle, sim=sim)
+    assert not checkpoint_of(job).exists()
+
+
+def test_a_damaged_answer_cache_of_the_checkpoint_is_refused_before_the_run_writes(sim, make_job, run_cli):
+    job = make_job(sim, rows=ROWS)
+    assert run_cli("run", job, "--limit", "1")[0] == 0
+    folder = checkpoint_of(job)
+    (folder / "answers.sqlite").write_bytes(b"not a database" * 100)
+    before = {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
+    sim.reset()
+    line = refused(run_cli, job, "answers.sqlite", "delete it", sim=sim)
+    assert "cannot open the answer cache" in line
+    assert {path.name: path.stat().st_mtime_ns for path in folder.iterdir()} == before  # not even its log
+
+    # The Batch API does not use the answer cache: a batch_api run is not refused for it.
+    code, out, err = run_cli("validate", make_job(sim, rows=ROWS, mode="batch_api"))
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("frozen", ["output_folder", "checkpoint_folder", "checkpoint_log"])
+def test_a_folder_or_file_the_run_would_write_that_cannot_be_written_is_refused_before_any_request(
+        sim, make_job, run_cli, tmp_path, frozen):
+    if not can_make_immutable(tmp_path):
+        pytest.skip("needs root and chattr on a file system that supports it")
+    job = make_job(sim, rows=ROWS)
+    assert run_cli("run", job, "--limit", "1")[0] == 0
+    target = {"output_folder": checkpoint_of(job).parent, "checkpoint_folder": checkpoint_of(job),
+              "checkpoint_log": checkpoint_of(job) / "batch.log"}[frozen]
+    sim.reset()
+    subprocess.run(["chattr", "+i", str(target)], check=True)
+    try:
+        refused(run_cli, job, f"output.path: {target} cannot be written", sim=sim)
+    finally:
+        subprocess.run(["chattr", "-i", str(target)], check=True)
+    assert run_cli("run", job)[0] == 0
+    assert sim.stats()["requests"] == len(ROWS) - 1
