@@ -18,7 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# Starts the local simulator, runs the demo job against it, stops the simulator.
+# Starts the local simulator, runs the demo job against it, stops the simulator. SIM_PORT=N for another port
+# (0: any free one): the simulator hands its port to the job (BATCH_SIMULATOR_PORT, which jobs/demo.yaml reads).
 demo: install
 	$(PY) -m batch.simulator --port $(SIM_PORT) --latency-ms 40 -- $(PY) -m batch run jobs/demo.yaml
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
@@ -64,6 +65,25 @@ def _not_blank(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be empty")
     return value
+
+
+_ENVIRONMENT_REFERENCE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def _from_environment(value: str) -> str:
+    """`${NAME}` and `${NAME:-default}` replaced as a shell does, from the environment: one job file for a server
+    whose address varies (`make demo SIM_PORT=18081`)."""
+
+    def variable(reference: re.Match[str]) -> str:
+        name, default = reference.group(1), reference.group(2)
+        if os.environ.get(name):
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise ValueError(f"names the environment variable {name}, which is not set: export {name}=..., or give "
+                         f"a default, as in ${{{name}:-...}}")
+
+    return _ENVIRONMENT_REFERENCE.sub(variable, value)
 
 
 def _http_url(value: str) -> str:
@@ -158,7 +178,7 @@ class PromptSpec(Strict):
 class ModelSpec(Strict):
     provider: Literal["zhipu", "openai", "local"] = "zhipu"
     name: Name
-    base_url: Annotated[str, AfterValidator(_http_url)] | None = None
+    base_url: Annotated[str, AfterValidator(_from_environment), AfterValidator(_http_url)] | None = None
     api_key_env: Name | None = None
     stream: bool = False  # read the answer as server-sent events: ttft_s recorded, limits.idle_timeout_s applies
     params: Params = Field(default_factory=lambda: Params())

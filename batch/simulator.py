@@ -1101,7 +1101,13 @@ def _add_signal_handler(loop: asyncio.AbstractEventLoop, sig: int, callback: Any
 
 async def _serve(config: SimConfig, host: str, port: int, command: list[str]) -> int:
     simulator = Simulator(config)
-    url = await simulator.start(host, port)
+    try:
+        url = await simulator.start(host, port)
+    except OSError as exc:  # the port taken (another simulator still running?), or the host not this machine's
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        print(f"simulator: cannot listen on {host}:{port}: {why}; pick another port with --port "
+              f"(make demo SIM_PORT=...)", file=sys.stderr)
+        return 2
     print(f"simulator listening on {url}", file=sys.stderr, flush=True)
     loop = asyncio.get_running_loop()
     try:
@@ -1112,7 +1118,8 @@ async def _serve(config: SimConfig, host: str, port: int, command: list[str]) ->
             await stopped.wait()
             return 0
         try:
-            proc = await asyncio.create_subprocess_exec(*command, env={**os.environ, "BATCH_SIMULATOR_URL": url})
+            proc = await asyncio.create_subprocess_exec(*command, env={**os.environ, "BATCH_SIMULATOR_URL": url,
+                                                                          "BATCH_SIMULATOR_PORT": str(simulator.port)})
         except OSError as exc:
             print(f"simulator: cannot run {command[0]!r}: {exc}", file=sys.stderr)
             return 127
@@ -1134,7 +1141,7 @@ def main(argv: list[str] | None = None) -> int:
         args_list, command = args_list[:split], args_list[split + 1:]
     parser = argparse.ArgumentParser(
         prog="python -m batch.simulator", description=__doc__.split("\n\n")[0],
-        epilog="With '-- COMMAND ARGS...' the command runs with BATCH_SIMULATOR_URL set, "
+        epilog="With '-- COMMAND ARGS...' the command runs with BATCH_SIMULATOR_URL and BATCH_SIMULATOR_PORT set, "
                "then the server stops and its exit code is returned.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=18080, help="0 picks a free port")
