@@ -49,15 +49,14 @@ from batch.errors import (
 )
 from batch.estimate import estimate as estimate_job
 from batch.failures import should_send
-from batch.final import is_current, output_settings, reply_columns
+from batch.final import reply_columns
 from batch.guard import RunLock
 from batch.logs import keep_secret, redact, run_log
 from batch.preflight import check_output_path, preflight, resolve
 from batch.records import OUTPUT_FIELDS, RECORD_FIELDS, RECORD_SCHEMA
 from batch.replies import JSON_PREFIX
 from batch.runner import Run, RunOptions
-from batch.schema import json_output_for
-from batch.status import id_batches, job_status, open_input, row_states
+from batch.status import id_batches, job_status, read_job
 from batch.summary import format_summary
 from batch.writer import Checkpoint
 
@@ -300,16 +299,10 @@ def read_results(job: Job) -> pd.DataFrame:
     """
     with _python_errors():
         spec = _spec_of(job)
-        table = open_input(spec)
-        checkpoint = Checkpoint(spec.checkpoint_dir)  # one reader: a damaged file is read, and warned of, once
-        total, states = row_states(spec, table, checkpoint)
-        counts = states.counts(id_batches(table))
-        json_output = json_output_for(spec)  # with a json_schema, its columns are typed by it, as in the output
-        schema = json_output.schema if json_output else None
-        if counts.ok + counts.failed == total and \
-                is_current(spec.output.path, checkpoint, spec.input.path, output_settings(spec, schema)):
+        job_now = read_job(spec)
+        if job_now.final_is_current:
             return _frame_of(pq.read_table(spec.output.path))
-        return _answers_so_far(spec, schema, table, checkpoint, states)
+        return _answers_so_far(spec, job_now.schema, job_now.table, job_now.checkpoint, job_now.states)
 
 
 def status(job: Job) -> dict[str, Any]:

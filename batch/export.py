@@ -21,6 +21,7 @@ from batch.atomic import write_atomic
 from batch.config import JobSpec
 from batch.errors import ConfigError
 from batch.preflight import check_export_target
+from batch.status import read_job
 
 FORMATS = ("csv", "jsonl", "parquet")
 
@@ -30,11 +31,20 @@ def export_output(spec: JobSpec, fmt: Literal["csv", "jsonl", "parquet"], to: Pa
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r} (use one of {', '.join(FORMATS)})")
     source = spec.output.path
-    if not source.is_file():
-        raise ConfigError(f"{source}: no final output yet: the job is not complete "
-                          f"(see `batch status {spec.job_path}`)")
+    job_now = read_job(spec)  # the rule read_results has: a final file older than the input or records is stale
+    if job_now.pending:
+        raise ConfigError(f"{source}: the job is not complete: {job_now.pending} rows pending "
+                          f"(see `batch status {spec.job_path}`; `batch run` answers them)")
+    if not job_now.final_is_current:
+        raise ConfigError(f"{source}: the final output is missing or older than the job's records, input or output "
+                          f"settings: `batch run {spec.job_path}` writes it again, sending nothing")
     to = Path(to)
     check_export_target(spec, to)
+    return export_file(source, fmt, to)
+
+
+def export_file(source: Path, fmt: Literal["csv", "jsonl", "parquet"], to: Path) -> int:
+    """Write the Parquet table `source` to `to` in `fmt`, atomically; returns the number of rows written."""
     try:
         to.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

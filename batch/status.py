@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,13 @@ import pyarrow as pa
 from batch.answered import RowStates
 from batch.config import JobSpec
 from batch.failures import PROMPT_CHANGED, SUBMITTED
+from batch.final import is_current, output_settings
 from batch.guard import RunLock, read_run_mark
 from batch.ledger import Ledger, describe, format_batch
 from batch.pricing import CURRENCY, money
 from batch.prompts import PromptBuilder
 from batch.reader import InputTable
+from batch.schema import json_output_for
 from batch.writer import Checkpoint
 
 
@@ -37,6 +40,34 @@ def row_states(spec: JobSpec, table: InputTable, checkpoint: Checkpoint) -> tupl
     # Rows in live Batch API batches are neither done nor to send.
     Ledger(spec.checkpoint_dir).hold(states, id_batches(table))
     return total, states
+
+
+@dataclass
+class JobReading:
+    """A job as read now, sending nothing: its input, checkpoint, each row's state and whether its final file is
+    the one a run would write now (read_job)."""
+    table: InputTable
+    checkpoint: Checkpoint
+    states: RowStates
+    total: int
+    pending: int
+    schema: dict[str, Any] | None  # output.json_schema as read
+    final_is_current: bool  # every row ok or failed, and the final file written from these records, input, settings
+
+
+def read_job(spec: JobSpec) -> JobReading:
+    """The job as it is: what `read_results` and `export` read. The final file is current only when no row is
+    pending and it is newer than every record and the input, written with the output settings it has now."""
+    table = open_input(spec)
+    checkpoint = Checkpoint(spec.checkpoint_dir)  # one reader: a damaged file is read, and warned of, once
+    total, states = row_states(spec, table, checkpoint)
+    counts = states.counts(id_batches(table))
+    json_output = json_output_for(spec)  # with a json_schema, its columns are typed by it, as in the output
+    schema = json_output.schema if json_output else None
+    pending = total - counts.ok - counts.failed
+    current = pending == 0 and spec.output.path.is_file() and \
+        is_current(spec.output.path, checkpoint, spec.input.path, output_settings(spec, schema))
+    return JobReading(table, checkpoint, states, total, pending, schema, current)
 
 
 def id_batches(table: InputTable) -> Callable[[], Iterator[pa.Array]]:

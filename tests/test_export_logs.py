@@ -12,15 +12,17 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
+import batch
 from batch import logs
 from batch.config import JobSpec, load_job
 from batch.errors import ConfigError
-from batch.export import export_output
+from batch.export import export_file, export_output
 from batch.logs import RedactSecrets, redact_everywhere, run_log, setup_logging
 
 ROWS = [
@@ -120,19 +122,19 @@ def test_export_streams_many_batches_and_odd_types(make_job, tmp_path):
     spec.output.path.parent.mkdir(parents=True)
     pq.write_table(table, spec.output.path, row_group_size=700)
 
-    assert export_output(spec, "jsonl", tmp_path / "t.jsonl") == 5000
+    assert export_file(spec.output.path, "jsonl", tmp_path / "t.jsonl") == 5000
     lines = (tmp_path / "t.jsonl").read_text(encoding="utf-8").splitlines()
     assert json.loads(lines[0]) == {"id": "r0", "text": "中文 text", "score": 0.5, "tags": ["a", "标签"], "kind": "x"}
     assert json.loads(lines[-2])["score"] is None  # NaN is not JSON: null
     assert json.loads(lines[-1])["text"] is None
 
-    assert export_output(spec, "csv", tmp_path / "t.csv") == 5000
+    assert export_file(spec.output.path, "csv", tmp_path / "t.csv") == 5000
     back = pacsv.read_csv(tmp_path / "t.csv").to_pylist()
     assert len(back) == 5000
     assert json.loads(back[0]["tags"]) == ["a", "标签"] and back[1]["kind"] == "y"
     assert back[-2]["score"] is None or math.isnan(back[-2]["score"])
 
-    assert export_output(spec, "parquet", tmp_path / "t.parquet") == 5000
+    assert export_file(spec.output.path, "parquet", tmp_path / "t.parquet") == 5000
     copy, original = pq.read_table(tmp_path / "t.parquet"), pq.read_table(spec.output.path)
     assert copy.schema == original.schema
     assert copy.drop_columns(["score"]).equals(original.drop_columns(["score"]))
@@ -398,3 +400,16 @@ def test_progress_lines_only_when_progress_is_shown(shown):
     progress.close()
     assert progress.bar is None
     assert [line.startswith("progress 0/3 rows") for line in lines] == ([True] if shown else [])
+
+
+def test_export_after_the_input_changed_refuses_as_read_results_sees_pending_rows(finished, run_cli, tmp_path):
+    edited = [{**ROWS[0], "text": "edited: slow delivery"}, *ROWS[1:], {"review_id": "r5", "text": "appended"}]
+    pd.DataFrame(edited).to_csv(finished.input.path, index=False)
+    assert batch.read_results(finished.job_path)["status"].tolist() == ["pending", "ok", "failed", "ok", "pending"]
+
+    to = tmp_path / "x.csv"
+    code, out, err = run_cli("export", finished.job_path, "--format", "csv", "--to", to)
+    assert code == 2 and out == ""
+    assert err.strip() == (f"batch: error: {finished.output.path}: the job is not complete: 2 rows pending (see "
+                           f"`batch status {finished.job_path}`; `batch run` answers them)")
+    assert not to.exists()
