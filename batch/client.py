@@ -356,7 +356,7 @@ class StreamedAnswer:
             parts.append(piece)
         if delta.get("tool_calls") is not None:
             streamed.tool_calls.take(delta["tool_calls"], f"{where}.delta.tool_calls")
-            if self.first_token_at is None:
+            if delta["tool_calls"] and self.first_token_at is None:
                 self.first_token_at = time.perf_counter()
         if choice.get("finish_reason") is not None:
             streamed.finish_reason = choice["finish_reason"]

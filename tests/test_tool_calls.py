@@ -82,6 +82,7 @@ def test_streamed_tool_call_deltas_put_together_are_the_calls(calls, content):
     """Whatever the calls (any text in ids, names and arguments, split into pieces and interleaved by index), the
     streamed answer's calls are the ones sent; no call, no tool_calls."""
     stream = StreamedAnswer()
+    stream.take(json.dumps({"choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": []}}]}).encode())
     if content:
         stream.take(json.dumps({"choices": [{"index": 0, "delta": {"content": content}}]}).encode())
     for delta in tool_call_deltas(calls):
@@ -91,6 +92,7 @@ def test_streamed_tool_call_deltas_put_together_are_the_calls(calls, content):
     message = stream.answer()["choices"][0]["message"]
     assert message.get("tool_calls") == (calls or None)
     assert message["content"] == (content or None)
+    assert (stream.first_token_at is None) == (not calls and not content)  # an empty list of calls is no token
 
 
 def test_calls_sent_whole_without_an_index_are_told_apart_by_their_ids():
@@ -103,3 +105,18 @@ def test_calls_sent_whole_without_an_index_are_told_apart_by_their_ids():
     stream.take(b"[DONE]")
     calls = stream.answer()["choices"][0]["message"]["tool_calls"]
     assert [(call["id"], call["function"]["name"]) for call in calls] == [("call_a", "a"), ("call_b", "b")]
+
+
+def test_tool_calls_come_back_from_the_batch_api_too(start_sim, make_job, run_cli):
+    """A Batch API output line is an answer like an online one: its calls are kept the same way."""
+    sim = start_sim(batch_speed=200, keep_bodies=True)
+    rows = [{"review_id": "r0", "text": "plain"}, {"review_id": "r1", "text": "two calls [[toolcalls:2]]"}]
+    job = make_job(sim, rows=rows, mode="batch_api", batch_api={"poll_interval_s": 0.05},
+                   model={"params": {"max_tokens": 64, "tools": TOOLS}})
+    code, out, err = run_cli("run", job, "--wait")
+    assert code == 0, out + err
+    got = {row["text"]: row for row in pq.read_table(job.parent / "out" / "result.parquet").to_pylist()}
+    assert got["plain"]["tool_calls"] is None
+    calls = json.loads(got["two calls [[toolcalls:2]]"]["tool_calls"])
+    assert [call["function"]["name"] for call in calls] == ["get_weather", "get_time"]
+    assert got["two calls [[toolcalls:2]]"]["finish_reason"] == "tool_calls"
