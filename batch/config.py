@@ -42,6 +42,10 @@ DEFAULT_IDLE_TIMEOUT_S = 60.0
 DEFAULT_STREAM_TIMEOUT_S = 1800.0
 
 
+# Values are YAML 1.1's (keys are the text written: _JobLoader): a name written as yes, on or 2024 is not text.
+YAML_QUOTE_HINT = "quote it: YAML reads an unquoted yes, no, on, off, true, false, null or number as such"
+
+
 class Provider(BaseModel):
     base_url: str
     api_key_env: str | None
@@ -487,6 +491,8 @@ def describe_validation_error(exc: ValidationError, job_path: Path, lines: dict[
             where = f"{loc}: " if loc else ""
             message = err["msg"].removeprefix("Value error, ")
             text = f"{where}{message}{shown}"
+            if err["type"] == "string_type" and (got is None or isinstance(got, bool | int | float)):
+                text += f"; {YAML_QUOTE_HINT}"
         parts.append((_line_of(lines, tuple(str(p) for p in err["loc"])), text))
     head = f"{job_path} line {parts[0][0]}" if parts[0][0] else str(job_path)
     texts = [parts[0][1], *(f"line {line}: {text}" if line else text for line, text in parts[1:])]

@@ -22,7 +22,7 @@ from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
 
 from batch.atomic import read_reason
-from batch.config import JobSpec
+from batch.config import YAML_QUOTE_HINT, JobSpec
 from batch.errors import ConfigError
 from batch.prompts import estimate_tokens, prompt_token_bound, system_text
 from batch.replies import parse_reply
@@ -141,13 +141,14 @@ def json_output_for(spec: JobSpec) -> JsonOutput | None:
 # -- OpenAI's strict mode ---------------------------------------------------------------------------
 # OpenAI answers 400 to a `strict: true` schema outside the subset it documents (Structured Outputs, "Supported
 # schemas"): every object with additionalProperties false and every property in `required`, recursively; the root an
-# object, not anyOf; none of these keywords.
+# object, not anyOf; every value typed (STRICT_TYPED_BY); none of these keywords.
 STRICT_REFUSED_KEYWORDS = (
     "allOf", "oneOf", "not", "if", "then", "else", "dependentRequired", "dependentSchemas",
     "patternProperties", "unevaluatedProperties", "propertyNames", "minProperties", "maxProperties",
     "unevaluatedItems", "contains", "minContains", "maxContains", "uniqueItems", "prefixItems",
     "minLength", "maxLength",
 )
+STRICT_TYPED_BY = ("type", "enum", "const", "anyOf", "$ref", "properties")  # a schema without one: any value at all
 STRICT_FORMATS = ("date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uuid")
 NULL = {"type": "null"}
 
@@ -186,6 +187,8 @@ def _strict_node(node: Any, path: str, changes: list[str], root: bool = False) -
             raise _NotStrict(f"{keyword} at {path}")
     if node.get("format") is not None and node["format"] not in STRICT_FORMATS:
         raise _NotStrict(f"format {node['format']!r} at {path}")
+    if not root and not any(key in node for key in STRICT_TYPED_BY):
+        raise _NotStrict(f"a value of any type at {path} (it says neither type, enum, const, anyOf nor $ref)")
     node = dict(node)
     if root:
         if "anyOf" in node or node.get("type", "object") != "object":
@@ -255,7 +258,7 @@ def _schema_error(spec: JobSpec, where: str, exc: SchemaError, inline: bool) -> 
     text = f"{where} is not a valid JSON Schema at {exc.json_path}: {exc.message}"
     if inline and (exc.instance is None or isinstance(exc.instance, bool | int | float)):
         # required: [on] is [True] in YAML; keys are read as written, values are YAML's.
-        text += " (YAML reads an unquoted yes, no, on, off, true, false, null or number as such: quote it)"
+        text += f" ({YAML_QUOTE_HINT})"
     return text
 
 

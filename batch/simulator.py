@@ -373,7 +373,11 @@ def strict_schema_problem(body: dict[str, Any]) -> str | None:
 
 
 def _strict_problem(node: Any, context: tuple[str, ...]) -> str | None:
-    from batch.schema import STRICT_FORMATS, STRICT_REFUSED_KEYWORDS  # only when asked: the simulator starts light
+    from batch.schema import (  # only when asked: it starts light
+        STRICT_FORMATS,
+        STRICT_REFUSED_KEYWORDS,
+        STRICT_TYPED_BY,
+    )
 
     if not isinstance(node, dict):
         return None
@@ -383,6 +387,8 @@ def _strict_problem(node: Any, context: tuple[str, ...]) -> str | None:
             return where + f"'{keyword}' is not permitted."
     if node.get("format") is not None and node["format"] not in STRICT_FORMATS:
         return where + f"'format' {node['format']!r} is not permitted."
+    if context and not any(key in node for key in STRICT_TYPED_BY):
+        return where + "schema must have a 'type' key."
     kinds = node.get("type")
     subs: list[tuple[Any, tuple[str, ...]]] = []
     if kinds == "object" or (isinstance(kinds, list) and "object" in kinds) or "properties" in node:

@@ -82,6 +82,8 @@ def test_optional_keys_are_sent_as_strict_mode_takes_them_and_every_row_answers(
     ({"pick": {"oneOf": [{"type": "string"}, {"type": "integer"}]}}, "oneOf at $.properties.pick"),
     ({"code": {"type": "string", "minLength": 3}}, "minLength at $.properties.code"),
     ({"link": {"type": "string", "format": "uri"}}, "format 'uri' at $.properties.link"),
+    ({"anything": {"description": "any JSON value"}}, "a value of any type at $.properties.anything"),
+    ({"list": {"type": "array", "items": {}}}, "a value of any type at $.properties.list.items"),
 ])
 def test_a_schema_strict_mode_cannot_express_is_sent_with_strict_false_and_a_warning(
         start_sim, make_job, run_cli, monkeypatch, part, why):

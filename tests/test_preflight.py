@@ -250,6 +250,9 @@ def test_the_strict_job_is_valid_and_runs(sim, run_cli, tmp_path):
     (OUTPUT, f"{OUTPUT}\n  json_schema: {{type: object}}\n  json_attempts: '3'", "output.json_attempts",
      "valid integer"),
     (OUTPUT, "  path: 3", "output.path", "must be a file path, written as text"),
+    # A name YAML reads as a boolean or a number: the line says to quote it.
+    ("  name: glm-4-flash", "  name: 2024", "model.name", "valid string (got 2024); quote it: YAML reads"),
+    ("name: strict-job", "name: yes", "name", "valid string (got True); quote it"),
 ])
 def test_a_wrong_value_names_its_key_and_line(sim, run_cli, tmp_path, old, new, key, needle):
     job = write_job(tmp_path, sim, old, new)
