@@ -46,9 +46,9 @@ class JsonOutput:
     """What a parse_json job checks of each reply (and, with a schema, what it sends to ask for it)."""
 
     attempts: int  # requests per row for a reply that passes: output.json_attempts
-    schema: dict[str, Any] | None = None  # as sent, and as each reply is checked and typed: see openai_strict
+    schema: dict[str, Any] | None = None  # as sent, and as the columns are typed: see openai_strict
     via: str | None = None  # VIA_PROMPT or VIA_RESPONSE_FORMAT, with a schema
-    validator: Validator | None = None
+    validator: Validator | None = None  # of the schema, or for OpenAI's strict mode the one it was made from
     strict: bool = True  # response_format's strict: false only for a schema OpenAI's strict mode cannot express
 
     def problem(self, text: str | None) -> str | None:
@@ -130,35 +130,42 @@ def json_output_for(spec: JobSpec) -> JsonOutput | None:
     if via == VIA_RESPONSE_FORMAT and spec.model.provider == "openai":
         made = openai_strict(schema)
         if made.blocker is None:
-            schema = made.schema
-        else:
-            strict = False
-            log.warning("%s: sent with strict: false, as OpenAI's strict mode cannot express it (%s); each reply is "
-                        "still checked against it", where, made.blocker)
+            return JsonOutput(out.json_attempts, made.schema, via, checker(made.checked))
+        strict = False
+        log.warning("%s: sent with strict: false, as OpenAI's strict mode cannot express it (%s); each reply is "
+                    "still checked against it", where, made.blocker)
     return JsonOutput(out.json_attempts, schema, via, checker(schema), strict)
 
 
 # -- OpenAI's strict mode ---------------------------------------------------------------------------
 # OpenAI answers 400 to a `strict: true` schema outside the subset it documents (Structured Outputs, "Supported
 # schemas"): every object with additionalProperties false and every property in `required`, recursively; the root an
-# object, not anyOf; every value typed (STRICT_TYPED_BY); none of these keywords.
+# object, not anyOf; every value typed (STRICT_TYPED_BY); none of the keywords below, and formats from its list.
+# These change which keys or items a reply may have: a schema with one is sent with strict: false.
 STRICT_REFUSED_KEYWORDS = (
-    "allOf", "oneOf", "not", "if", "then", "else", "dependentRequired", "dependentSchemas",
-    "patternProperties", "unevaluatedProperties", "propertyNames", "minProperties", "maxProperties",
-    "unevaluatedItems", "contains", "minContains", "maxContains", "uniqueItems", "prefixItems",
-    "minLength", "maxLength",
+    "allOf", "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "patternProperties",
+    "unevaluatedProperties", "unevaluatedItems", "prefixItems",
 )
-STRICT_TYPED_BY = ("type", "enum", "const", "anyOf", "$ref", "properties")  # a schema without one: any value at all
+# These only narrow the values a reply may hold: they are left out of what is sent and checked by batch (a reply
+# that breaks one is asked again), as pydantic-ai's OpenAI transformer does; so is a format not in STRICT_FORMATS.
+STRICT_CHECKED_BY_BATCH = (
+    "minLength", "maxLength", "uniqueItems", "minProperties", "maxProperties", "propertyNames", "contains",
+    "minContains", "maxContains",
+)
+STRICT_TYPED_BY = ("type", "enum", "const", "anyOf", "oneOf", "$ref", "properties")  # without one: any value at all
 STRICT_FORMATS = ("date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uuid")
 NULL = {"type": "null"}
 
 
 @dataclass
 class StrictSchema:
-    """A schema as OpenAI's strict mode takes it (openai_strict): the changes made, with their JSON paths; or, when no
-    change can make it fit without changing what it accepts, `blocker`, the first reason why."""
+    """A schema as OpenAI's strict mode takes it (openai_strict): `schema`, to send, and `checked`, the same with the
+    constraints strict mode refuses kept (STRICT_CHECKED_BY_BATCH, oneOf), for batch to check each reply against;
+    the changes made, with their JSON paths. Or, when no change can make it fit without changing which keys or
+    items a reply may have, `blocker`, the first reason why (and the schema as it was)."""
 
     schema: dict[str, Any]
+    checked: dict[str, Any]
     changes: list[str]
     blocker: str | None = None
 
@@ -167,67 +174,86 @@ def openai_strict(schema: dict[str, Any]) -> StrictSchema:
     """`schema` made to fit OpenAI's strict mode, accepting the same replies but for two things strict mode makes
     every reply do: an object has no keys beyond its properties (additionalProperties false where it was left
     unset), and an optional key is there, null when it has no value (listed in `required`, null allowed)."""
-    made = StrictSchema(schema, [])
+    sent = _Strictened(loosen=True)
     try:
-        made.schema = _strict_node(schema, "$", made.changes, root=True)
+        return StrictSchema(sent.node(schema, "$", root=True),
+                            _Strictened(loosen=False).node(schema, "$", root=True), sent.changes)
     except _NotStrict as exc:
-        made.blocker = str(exc)
-    return made
+        return StrictSchema(schema, schema, [], str(exc))
 
 
 class _NotStrict(Exception):
     pass
 
 
-def _strict_node(node: Any, path: str, changes: list[str], root: bool = False) -> Any:
-    if not isinstance(node, dict):
+class _Strictened:
+    """One walk of openai_strict. `loosen`: the schema to send (without the constraints batch checks itself)."""
+
+    def __init__(self, loosen: bool) -> None:
+        self.loosen = loosen
+        self.changes: list[str] = []
+
+    def node(self, node: Any, path: str, root: bool = False) -> Any:
+        if not isinstance(node, dict):
+            return node
+        for keyword in STRICT_REFUSED_KEYWORDS:
+            if keyword in node:
+                raise _NotStrict(f"{keyword} at {path}")
+        if not root and not any(key in node for key in STRICT_TYPED_BY):
+            raise _NotStrict(f"a value of any type at {path} (it says neither type, enum, const, anyOf nor $ref)")
+        if "oneOf" in node and "anyOf" in node:
+            raise _NotStrict(f"both oneOf and anyOf at {path}")
+        node = dict(node)
+        if self.loosen:
+            self._loosen(node, path)
+        if root:
+            if "anyOf" in node or "oneOf" in node or node.get("type", "object") != "object":
+                kind = "anyOf" if "anyOf" in node or "oneOf" in node else node["type"]
+                raise _NotStrict(f"a root that is not type: object alone ({kind})")
+            if "type" not in node:
+                node["type"] = "object"
+                self.changes.append(f"{path}: type: object")
+        for key in ("$defs", "definitions"):
+            if isinstance(node.get(key), dict):
+                node[key] = {name: self.node(sub, f"{path}.{key}.{name}") for name, sub in node[key].items()}
+        if isinstance(node.get("items"), dict):
+            node["items"] = self.node(node["items"], f"{path}.items")
+        for key in ("anyOf", "oneOf"):
+            if isinstance(node.get(key), list):
+                node[key] = [self.node(sub, f"{path}.{key}[{i}]") for i, sub in enumerate(node[key])]
+        kinds = node.get("type")
+        if kinds == "object" or (isinstance(kinds, list) and "object" in kinds) or "properties" in node:
+            self._object(node, path)
         return node
-    for keyword in STRICT_REFUSED_KEYWORDS:
-        if keyword in node:
-            raise _NotStrict(f"{keyword} at {path}")
-    if node.get("format") is not None and node["format"] not in STRICT_FORMATS:
-        raise _NotStrict(f"format {node['format']!r} at {path}")
-    if not root and not any(key in node for key in STRICT_TYPED_BY):
-        raise _NotStrict(f"a value of any type at {path} (it says neither type, enum, const, anyOf nor $ref)")
-    node = dict(node)
-    if root:
-        if "anyOf" in node or node.get("type", "object") != "object":
-            raise _NotStrict(f"a root that is not type: object alone ({'anyOf' if 'anyOf' in node else node['type']})")
-        if "type" not in node:
-            node["type"] = "object"
-            changes.append(f"{path}: type: object")
-    for key in ("$defs", "definitions"):
-        if isinstance(node.get(key), dict):
-            node[key] = {name: _strict_node(sub, f"{path}.{key}.{name}", changes) for name, sub in node[key].items()}
-    if isinstance(node.get("items"), dict):
-        node["items"] = _strict_node(node["items"], f"{path}.items", changes)
-    if isinstance(node.get("anyOf"), list):
-        node["anyOf"] = [_strict_node(sub, f"{path}.anyOf[{i}]", changes) for i, sub in enumerate(node["anyOf"])]
-    kinds = node.get("type")
-    if kinds == "object" or (isinstance(kinds, list) and "object" in kinds) or "properties" in node:
-        _strict_object(node, path, changes)
-    return node
 
+    def _loosen(self, node: dict[str, Any], path: str) -> None:
+        """Leave out what strict mode refuses but batch checks: a narrower value is asked again, not refused."""
+        for keyword in (*STRICT_CHECKED_BY_BATCH, "format"):
+            if keyword in node and (keyword != "format" or node["format"] not in STRICT_FORMATS):
+                del node[keyword]
+                self.changes.append(f"{path}: no {keyword} (batch checks it)")
+        if "oneOf" in node:  # the same branches; that exactly one matches is batch's to check
+            node["anyOf"] = node.pop("oneOf")
+            self.changes.append(f"{path}: anyOf for oneOf (batch checks it)")
 
-def _strict_object(node: dict[str, Any], path: str, changes: list[str]) -> None:
-    more = node.get("additionalProperties")
-    properties = node.get("properties")
-    if more is None and not isinstance(properties, dict):
-        raise _NotStrict(f"an object whose keys are not fixed at {path} (it has no properties)")
-    if more is None:
-        node["additionalProperties"] = False
-        changes.append(f"{path}: additionalProperties: false")
-    elif more is not False:
-        raise _NotStrict(f"additionalProperties {json.dumps(more)} at {path}: strict mode allows no other keys")
-    properties = properties if isinstance(properties, dict) else {}
-    required = node.get("required") if isinstance(node.get("required"), list) else []
-    node["properties"] = {name: _strict_node(sub, f"{path}.properties.{name}", changes)
-                          for name, sub in properties.items()}
-    for name in properties:
-        if name not in required:
-            node["properties"][name] = _nullable(node["properties"][name])
-            changes.append(f"{path}.properties.{name}: required, and may be null")
-    node["required"] = list(properties)
+    def _object(self, node: dict[str, Any], path: str) -> None:
+        more = node.get("additionalProperties")
+        properties = node.get("properties")
+        if more is None and not isinstance(properties, dict):
+            raise _NotStrict(f"an object whose keys are not fixed at {path} (it has no properties)")
+        if more is None:
+            node["additionalProperties"] = False
+            self.changes.append(f"{path}: additionalProperties: false")
+        elif more is not False:
+            raise _NotStrict(f"additionalProperties {json.dumps(more)} at {path}: strict mode allows no other keys")
+        properties = properties if isinstance(properties, dict) else {}
+        required = node.get("required") if isinstance(node.get("required"), list) else []
+        node["properties"] = {name: self.node(sub, f"{path}.properties.{name}") for name, sub in properties.items()}
+        for name in properties:
+            if name not in required:
+                node["properties"][name] = _nullable(node["properties"][name])
+                self.changes.append(f"{path}.properties.{name}: required, and may be null")
+        node["required"] = list(properties)
 
 
 def _nullable(node: Any) -> Any:

@@ -358,7 +358,8 @@ def strict_schema_problem(body: dict[str, Any]) -> str | None:
     """Why OpenAI would refuse the request's response_format (400), in its words, or None: with `strict: true`, a
     json_schema must be in the subset Structured Outputs documents (the root an object, not anyOf; every object
     with additionalProperties false and each of its properties in `required`, recursively through properties, items,
-    anyOf and $defs; none of the keywords batch.schema.STRICT_REFUSED_KEYWORDS lists; formats from its list)."""
+    anyOf and $defs; every value typed; no oneOf, nor the keywords batch.schema.STRICT_REFUSED_KEYWORDS and
+    STRICT_CHECKED_BY_BATCH list; formats from its list)."""
     response_format = body.get("response_format")
     wrapper = response_format.get("json_schema") if isinstance(response_format, dict) else None
     if not isinstance(wrapper, dict) or wrapper.get("strict") is not True:
@@ -374,6 +375,7 @@ def strict_schema_problem(body: dict[str, Any]) -> str | None:
 
 def _strict_problem(node: Any, context: tuple[str, ...]) -> str | None:
     from batch.schema import (  # only when asked: it starts light
+        STRICT_CHECKED_BY_BATCH,
         STRICT_FORMATS,
         STRICT_REFUSED_KEYWORDS,
         STRICT_TYPED_BY,
@@ -382,7 +384,7 @@ def _strict_problem(node: Any, context: tuple[str, ...]) -> str | None:
     if not isinstance(node, dict):
         return None
     where = f"In context={context!r}, "
-    for keyword in STRICT_REFUSED_KEYWORDS:
+    for keyword in (*STRICT_REFUSED_KEYWORDS, *STRICT_CHECKED_BY_BATCH, "oneOf"):
         if keyword in node:
             return where + f"'{keyword}' is not permitted."
     if node.get("format") is not None and node["format"] not in STRICT_FORMATS:

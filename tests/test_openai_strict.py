@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from batch.schema import openai_strict
-from batch.simulator import conforming, strict_schema_problem
+from batch.simulator import conforming, reply_marker, strict_schema_problem
 
 # Optional keys everywhere strict mode looks: the root, a nested object, an array's items, $defs behind a $ref, an
 # anyOf branch; and no additionalProperties anywhere.
@@ -79,9 +79,10 @@ def test_optional_keys_are_sent_as_strict_mode_takes_them_and_every_row_answers(
     ({"extra": {"type": "object"}}, "an object whose keys are not fixed at $.properties.extra"),
     ({"open": {"type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": True}},
      "additionalProperties true at $.properties.open"),
-    ({"pick": {"oneOf": [{"type": "string"}, {"type": "integer"}]}}, "oneOf at $.properties.pick"),
-    ({"code": {"type": "string", "minLength": 3}}, "minLength at $.properties.code"),
-    ({"link": {"type": "string", "format": "uri"}}, "format 'uri' at $.properties.link"),
+    ({"both": {"allOf": [{"type": "string"}, {"type": "string"}]}}, "allOf at $.properties.both"),
+    ({"tags": {"type": "object", "patternProperties": {"^t": {"type": "string"}}, "additionalProperties": False}},
+     "patternProperties at $.properties.tags"),
+    ({"other": {"type": "string", "not": {"const": "x"}}}, "not at $.properties.other"),
     ({"anything": {"description": "any JSON value"}}, "a value of any type at $.properties.anything"),
     ({"list": {"type": "array", "items": {}}}, "a value of any type at $.properties.list.items"),
 ])
@@ -98,6 +99,31 @@ def test_a_schema_strict_mode_cannot_express_is_sent_with_strict_false_and_a_war
     assert code in (0, 1), err  # the reply is the simulator's; the point is that it was not refused
     assert sim.stats()["by_status"] == {"200": 1}
     assert sent_format(sim)["json_schema"] == {"name": "output", "schema": schema, "strict": False}
+
+
+def test_constraints_strict_mode_refuses_are_left_out_of_the_request_and_checked_by_batch(
+        start_sim, make_job, run_cli, monkeypatch):
+    """maxLength, a format OpenAI does not list, oneOf: strict mode refuses them, yet they only narrow the values, so
+    the request goes strict without them (oneOf as anyOf) and batch checks each reply against them."""
+    sim = start_sim(keep_bodies=True, openai_strict=True)
+    schema = {"type": "object", "required": ["code", "link", "pick"], "properties": {
+        "code": {"type": "string", "maxLength": 20}, "link": {"type": "string", "format": "uri"},
+        "pick": {"oneOf": [{"type": "integer"}, {"type": "string"}]}}}
+    too_long = json.dumps({"code": "x" * 21, "link": "l", "pick": 1})
+    job = openai_job(make_job, sim, monkeypatch, schema, texts=("fits", f"too long {reply_marker(too_long)}"))
+    code, _, err = run_cli("run", job)
+    assert code == 1, err
+    assert sim.stats()["by_status"] == {"200": 4}  # 1 + 3 attempts, none refused
+    sent = sent_format(sim)["json_schema"]
+    assert sent["strict"] is True and sent["schema"]["properties"] == {
+        "code": {"type": "string"}, "link": {"type": "string"}, "pick": {"anyOf": [{"type": "integer"},
+                                                                                  {"type": "string"}]}}
+    rows = {row["text"]: row for row in pq.read_table(job.parent / "out" / "result.parquet").to_pylist()}
+    assert rows["fits"]["status"] == "ok"
+    bad = rows[f"too long {reply_marker(too_long)}"]
+    assert (bad["error_class"], bad["attempts"]) == ("bad_json", 3)
+    assert bad["error"].startswith("the reply does not match output.json_schema at $.code: ")
+    assert "is too long" in bad["error"]
 
 
 @pytest.mark.parametrize("where", ["params", "extra_body"])
