@@ -227,7 +227,11 @@ class _Strictened:
         return node
 
     def _loosen(self, node: dict[str, Any], path: str) -> None:
-        """Leave out what strict mode refuses but batch checks: a narrower value is asked again, not refused."""
+        """Leave out what strict mode refuses but batch checks: a narrower value is asked again, not refused. And a
+        $ref with keywords beside it (a description) goes inside an anyOf, which strict mode takes them beside."""
+        if "$ref" in node and len(node) > 1 and "anyOf" not in node and "oneOf" not in node:
+            node["anyOf"] = [{"$ref": node.pop("$ref")}]
+            self.changes.append(f"{path}: $ref inside anyOf, alone")
         for keyword in (*STRICT_CHECKED_BY_BATCH, "format"):
             if keyword in node and (keyword != "format" or node["format"] not in STRICT_FORMATS):
                 del node[keyword]

@@ -358,8 +358,8 @@ def strict_schema_problem(body: dict[str, Any]) -> str | None:
     """Why OpenAI would refuse the request's response_format (400), in its words, or None: with `strict: true`, a
     json_schema must be in the subset Structured Outputs documents (the root an object, not anyOf; every object
     with additionalProperties false and each of its properties in `required`, recursively through properties, items,
-    anyOf and $defs; every value typed; no oneOf, nor the keywords batch.schema.STRICT_REFUSED_KEYWORDS and
-    STRICT_CHECKED_BY_BATCH list; formats from its list)."""
+    anyOf and $defs; every value typed; no keyword beside a $ref; no oneOf, nor the keywords
+    batch.schema.STRICT_REFUSED_KEYWORDS and STRICT_CHECKED_BY_BATCH list; formats from its list)."""
     response_format = body.get("response_format")
     wrapper = response_format.get("json_schema") if isinstance(response_format, dict) else None
     if not isinstance(wrapper, dict) or wrapper.get("strict") is not True:
@@ -391,6 +391,8 @@ def _strict_problem(node: Any, context: tuple[str, ...]) -> str | None:
         return where + f"'format' {node['format']!r} is not permitted."
     if context and not any(key in node for key in STRICT_TYPED_BY):
         return where + "schema must have a 'type' key."
+    if "$ref" in node and len(node) > 1:
+        return where + f"'$ref' cannot have keywords {sorted(key for key in node if key != '$ref')}."
     kinds = node.get("type")
     subs: list[tuple[Any, tuple[str, ...]]] = []
     if kinds == "object" or (isinstance(kinds, list) and "object" in kinds) or "properties" in node:

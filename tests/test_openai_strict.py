@@ -31,7 +31,7 @@ LOOSE = {
         "spans": {"type": "array", "items": {"type": "object", "properties": {"start": {"type": "integer"},
                                                                               "end": {"type": "integer"}},
                                              "required": ["start"]}},
-        "place": {"$ref": "#/$defs/place"},
+        "place": {"$ref": "#/$defs/place", "description": "where it happened"},  # a keyword beside $ref
         "either": {"anyOf": [{"type": "string"}, {"type": "object", "properties": {"x": {"type": "number"}}}]},
     },
     "required": ["score"],
@@ -63,6 +63,8 @@ def test_optional_keys_are_sent_as_strict_mode_takes_them_and_every_row_answers(
     assert sorted(sent["required"]) == sorted(LOOSE["properties"]) and sent["additionalProperties"] is False
     assert sent["properties"]["note"] == {"type": ["string", "null"]}
     assert sent["$defs"]["place"]["required"] == ["city"]
+    assert sent["properties"]["place"] == {"anyOf": [{"$ref": "#/$defs/place"}, {"type": "null"}],
+                                           "description": "where it happened"}
     table = pq.read_table(job.parent / "out" / "result.parquet")
     types = {name: table.schema.field(name).type for name in LOOSE["properties"]}
     assert types["score"] == pa.int64() and types["note"] == pa.string() and types["label"] == pa.string()
