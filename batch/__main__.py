@@ -1,5 +1,6 @@
 """`python -m batch` and the `batch` command."""
 
+import gc
 import signal
 import sys
 
@@ -26,7 +27,11 @@ def main() -> int:
         except OSError:  # nobody reads stderr any more
             pass
         return EXIT_INTERRUPTED
-    return command_line()
+    code = command_line()
+    # Arrow readers left for the interpreter's last teardown can abort it ("terminate called without an active
+    # exception", SIGABRT; apache/arrow#34314): collected here, their threads are joined while Arrow still stands.
+    gc.collect()
+    return code
 
 
 if __name__ == "__main__":
