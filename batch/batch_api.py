@@ -154,6 +154,8 @@ class BatchAnswerer:
         self.unsure_uploads = {entry.number for entry in ledger.live() if entry.file_id is None}
         self.lines_submitted = 0
         self.returned = 0  # rows that came back without an answer in this run (pending again)
+        self.merges = 0  # batches merged (or found lost) in this run: each gives its budget hold back
+        self.budget_waits = False  # a row did not fit beside the holds of live batches: tried again as they end
         self.bar: Any = None  # with --wait on a terminal: a tqdm bar of the lines answered across batches
         self._seen: dict[int, BatchFile] = {}  # the batches polled in this run
         self._anomalies: set[int] = set()  # files whose batch ended naming no file for its answers (warned once)
@@ -211,9 +213,10 @@ class BatchAnswerer:
             if self.stop.asked:
                 break
             interval = min(interval * 2, self.settings.poll_interval_s)
-            returned = self.returned
+            returned, merges = self.returned, self.merges
             await self._collect(record)
-            if self.submit and self.returned > returned and not self.stop.asked:
+            freed = self.budget_waits and self.merges > merges
+            if self.submit and (self.returned > returned or freed) and not self.stop.asked:
                 await self._submit(self.more_rows(record), record)
 
     # -- taking on live batches ------------------------------------------------------------------
@@ -301,7 +304,8 @@ class BatchAnswerer:
         returned = sum(self._give_back_row(seq) for seq in self._seqs(entry))
         self.ledger.note("merged", entry.number, status="lost", outcome={"returned": returned, "lost": gone.what})
         if self.budget is not None:
-            self.budget.give_back(Hold(entry.hold_cost, entry.hold_tokens), 0.0, 0)
+            self.budget.give_back(Hold(entry.hold_cost, entry.hold_tokens))
+        self.merges += 1
         await self._remove(entry, [entry.file_id])
 
     def _give_back_row(self, seq: int) -> bool:
@@ -401,15 +405,16 @@ class BatchAnswerer:
                 except Gone as gone:
                     log.warning("file %d: %s; the rows it answered are pending again", entry.number, gone)
                     lost = gone
-        rows = self.ledger.rows_of(entry.number, ["id", "custom_id", "prompt_hash", "submission"])
+        rows = self.ledger.rows_of(entry.number)
         index = {cid: i for i, cid in enumerate(rows.column("custom_id").to_pylist())}
         seqs = self._seqs(entry)  # by id: the input may have changed since the file was built
         kept_aside: set[int] = set()  # rows no longer in the input whose answer is recorded (by id, seq -1)
         ids = rows.column("id").to_pylist()
         hashes = rows.column("prompt_hash").to_pylist()
         attempts = rows.column("submission").to_pylist()
+        # Files built before the bound was kept count a row without usage at the file's worst case per row.
+        bounds = rows.column("prompt_bound").to_pylist() if "prompt_bound" in rows.column_names else None
         outcome = {"ok": 0, "failed": 0, "returned": 0}
-        cost, tokens = 0.0, 0
         for which, path in paths:
             with open(path, encoding="utf-8", errors="replace") as lines:
                 for number, line in enumerate(lines, 1):
@@ -437,8 +442,8 @@ class BatchAnswerer:
                         continue
                     self._keep(record, result)
                     outcome["ok" if result["status"] == "ok" else "failed"] += 1
-                    cost += result["cost"] or 0.0
-                    tokens += result["total_tokens"] or 0
+                    if self.budget is not None:
+                        self.budget.count(self._worst_case(entry, bounds, at), result)
         why = {"expired": "batch_expired", "cancelled": None}.get(batch.status, "batch_failed")
         for at, seq in enumerate(seqs):  # no line for it: pending again (or failed once its submissions are used up)
             if self._held(seq):
@@ -455,8 +460,16 @@ class BatchAnswerer:
             log.warning("file %d: batch %s failed (%s)", entry.number, batch.id, reasons)
         self.ledger.note("merged", entry.number, status=batch.status, outcome=outcome)
         if self.budget is not None:
-            self.budget.give_back(Hold(entry.hold_cost, entry.hold_tokens), cost, tokens)
+            self.budget.give_back(Hold(entry.hold_cost, entry.hold_tokens))
+        self.merges += 1
         await self._clean(entry, batch)
+
+    def _worst_case(self, entry: BatchFile, bounds: list[int] | None, at: int) -> Hold:
+        """What the budget held for row `at` of the file: what an answer without usage counts as."""
+        assert self.budget is not None
+        if bounds is None:
+            return Hold(entry.hold_cost / entry.rows, -(-entry.hold_tokens // entry.rows))
+        return self.budget.worst_case(bounds[at])
 
     def _held(self, seq: int) -> bool:
         return 0 <= seq < len(self.states.codes) and self.states.is_held(seq)
@@ -568,15 +581,22 @@ class BatchAnswerer:
             if building is not None and (len(building.rows) >= limit_rows or building.bytes + size > limit_bytes):
                 await self._finish(building)
                 building = None
+            bound = prompt_token_bound(pending.messages)
             hold = None
             if self.budget is not None:
-                hold = self.budget.worst_case(prompt_token_bound(pending.messages))
+                hold = self.budget.worst_case(bound)
+                self.budget_waits = False
                 if not self.budget.take(hold):
-                    self.stop.note(self.budget.describe(), EXIT_BUDGET)
+                    # Live batches (and the file being built) hold their worst case: as they end, what they did
+                    # not spend is free again. The budget is reached only when nothing holds any of it.
+                    if self.ledger.live() or (building is not None and len(building.rows)):
+                        self.budget_waits = True
+                    else:
+                        self.stop.note(self.budget.describe(), EXIT_BUDGET)
                     break
             if building is None:
                 building = self._start(self.ledger.next_number())
-            self._add(building, pending, body, hold)
+            self._add(building, pending, body, hold, bound)
         if building is not None:
             await self._finish(building)
 
@@ -591,14 +611,14 @@ class BatchAnswerer:
         tmp = temp_path(path)
         return Building(number, open(tmp, "wb"), tmp, self.ledger.rows_writer(number))
 
-    def _add(self, building: Building, pending: Pending, body: bytes, hold: Hold | None) -> None:
+    def _add(self, building: Building, pending: Pending, body: bytes, hold: Hold | None, bound: int) -> None:
         row = pending.row
         cid = custom_id(building.number, row.id)
         line = b'{"custom_id":"%s","method":"POST","url":"%s","body":%s}\n' % (cid.encode(), self.endpoint.encode(),
                                                                               body)
         building.handle.write(line)
         building.bytes += len(line)
-        building.rows.add(row.seq, row.id, cid, row.prompt_hash, int(self.submissions[row.seq]) + 1)
+        building.rows.add(row.seq, row.id, cid, row.prompt_hash, int(self.submissions[row.seq]) + 1, bound)
         if hold is not None:
             building.hold_cost += hold.cost
             building.hold_tokens += hold.tokens

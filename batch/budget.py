@@ -89,12 +89,10 @@ class Budget:
         self.held_tokens += hold.tokens
         return True
 
-    def give_back(self, hold: Hold, cost: float, tokens: int) -> None:
-        """Release what `take` held for a batch, and count what its answers really cost."""
+    def give_back(self, hold: Hold) -> None:
+        """Release what `take` held for a batch (its answers are counted one by one, by `count`)."""
         self.held_cost -= hold.cost
         self.held_tokens -= hold.tokens
-        self.spent_cost += cost
-        self.spent_tokens += tokens
 
     def _fits(self, hold: Hold) -> bool:
         if self.max_cost is not None and self.spent_cost + self.held_cost + hold.cost > self.max_cost:
@@ -127,13 +125,26 @@ class Budget:
         self._settled.set()
         if record is None or not billed(record):  # what `spend` counted stays counted: it was paid
             return
+        cost, tokens = self._cost_of(hold, record)
+        self.spent_cost += max(0.0, cost - counted[0])
+        self.spent_tokens += max(0, tokens - counted[1])
+
+    def count(self, worst: Hold, record: Record) -> None:
+        """Count what a Batch API answer cost (its batch's hold is given back whole); one without usage counts as
+        `worst`, its row's worst case (an error answer is not billed)."""
+        if billed(record):
+            cost, tokens = self._cost_of(worst, record)
+            self.spent_cost += cost
+            self.spent_tokens += tokens
+
+    def _cost_of(self, worst: Hold, record: Record) -> tuple[float, int]:
+        """A billed answer's cost and tokens, each it lacks (no usage) at `worst`, with one warning a run."""
         cost, tokens = record["cost"], record["total_tokens"]
         if (tokens is None or (cost is None and self.pricer is not None)) and not self._warned_usage:
             self._warned_usage = True
             log.warning("an answer came without token usage: the budget counts it at its worst case "
-                        "(%d tokens, %.6g CNY)", hold.tokens, hold.cost)
-        self.spent_cost += max(0.0, (hold.cost if cost is None else cost) - counted[0])
-        self.spent_tokens += max(0, (hold.tokens if tokens is None else tokens) - counted[1])
+                        "(%d tokens, %.6g CNY)", worst.tokens, worst.cost)
+        return (worst.cost if cost is None else cost), (worst.tokens if tokens is None else tokens)
 
     def describe(self) -> str:
         parts = []

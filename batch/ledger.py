@@ -2,8 +2,9 @@
 
 It lives in the checkpoint folder, as `batches.jsonl` (append-only, each line fsynced before the step
 it records is taken further) beside `batches/`, which holds each file's rows (`file-N.rows.parquet`:
-seq, id, custom_id, prompt_hash, submission) and, until its batch exists, its request lines
-(`file-N.jsonl`). Both are written atomically before the ledger names them. The steps of a file:
+seq, id, custom_id, prompt_hash, submission, prompt_bound: what its worst case for the budget is made of)
+and, until its batch exists, its request lines (`file-N.jsonl`). Both are written atomically before the
+ledger names them. The steps of a file:
 
     file      its rows and custom_ids are in the checkpoint (before anything is uploaded)
     uploaded  the upload returned this file id
@@ -53,7 +54,7 @@ log = logging.getLogger("batch")
 LEDGER_NAME = "batches.jsonl"
 FILES_DIR = "batches"
 ROWS_SCHEMA = pa.schema([("seq", pa.int64()), ("id", pa.string()), ("custom_id", pa.string()),
-                         ("prompt_hash", pa.uint32()), ("submission", pa.int32())])
+                         ("prompt_hash", pa.uint32()), ("submission", pa.int32()), ("prompt_bound", pa.int64())])
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 
 
@@ -101,8 +102,8 @@ class RowsWriter:
     def __len__(self) -> int:
         return len(self.seqs)
 
-    def add(self, seq: int, row_id: str, cid: str, prompt_hash: int | None, submission: int) -> None:
-        for column, value in zip(self._columns, (seq, row_id, cid, prompt_hash, submission)):
+    def add(self, seq: int, row_id: str, cid: str, prompt_hash: int | None, submission: int, prompt_bound: int) -> None:
+        for column, value in zip(self._columns, (seq, row_id, cid, prompt_hash, submission, prompt_bound)):
             column.append(value)
         self.seqs.append(seq)
         if len(self._columns[0]) >= self.SLICE:

@@ -154,7 +154,7 @@ def test_budget_reserves_a_file_worst_case_at_the_batch_price(start_sim, make_jo
     sim = start_sim(batch_speed=0)
     job = batch_job(make_job, sim, count=30, per_file=30, model={"name": "glm-4-plus"}, budget={"max_cost": 0.002})
     code, out, _ = run_cli("run", job)
-    assert code == 5, out  # the file stopped growing at the row that would not fit
+    assert code == EXIT_BATCHES_LIVE, out  # the file stopped growing at the row that would not fit beside it
     (file,) = [e for e in ledger_events(job) if e["event"] == "file"]
     # glm-4-plus: 5 CNY per million tokens online, 2.5 through the Batch API; a row's worst case is its prompt's
     # bound and max_tokens (64)
@@ -546,7 +546,7 @@ def two_live_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for number, ids in ((1, range(0, 25)), (2, range(25, 41))):
         writer = ledger.rows_writer(number)
         for seq in ids:
-            writer.add(seq, f"id{seq}", custom_id(number, f"id{seq}"), 0, 1)
+            writer.add(seq, f"id{seq}", custom_id(number, f"id{seq}"), 0, 1, 10)
         writer.close()
         ledger.note("file", number, tag="t", rows=len(ids), bytes=1, records_before=0, hold_cost=0.0, hold_tokens=0)
     ledger.close()
@@ -613,3 +613,44 @@ def test_an_ended_batch_that_names_no_output_file_is_reported_not_resubmitted(st
     assert code == EXIT_BATCHES_LIVE and "but no output file" in err
     assert run_cli("run", job)[0] == 0
     assert len(sim.stats()["batch_api"]["custom_ids"]) == 10 and set(records_per_id(job).values()) == {1}
+
+
+# -- the budget: answers without usage, and exit 5 only when nothing more fits --------------------------------
+
+def batch_worst_case(i: int, max_tokens: int) -> float:
+    """Row i's worst case at glm-4-plus's Batch API price (2.5 CNY per million tokens, in and out)."""
+    return (prompt_token_bound([{"role": "user", "content": f"Classify: review number {i} [[set:usage=null]]"}])
+            + max_tokens) * 2.5e-6
+
+
+def test_answers_without_usage_count_at_their_worst_case_and_the_budget_is_never_crossed(
+        start_sim, make_job, run_cli):
+    sim = start_sim(batch_speed=0)
+    job = batch_job(make_job, sim, count=30, per_file=30, marked={i: " [[set:usage=null]]" for i in range(30)},
+                    model={"name": "glm-4-plus", "params": {"max_tokens": 8}}, budget={"max_cost": 0.0008})
+    code, out, err = run_cli("run", job)
+    assert code == EXIT_BATCHES_LIVE, out + err  # what is held may come back: not the budget's stop yet
+    (file,) = [e for e in ledger_events(job) if e["event"] == "file"]
+    sim.advance(3600)
+    code, out, err = run_cli("run", job)
+    assert code == 5, out + err  # counted at their worst case, the answers leave no room for another row
+    assert err.count("without token usage") == 1
+    assert len(sim.stats()["batch_api"]["custom_ids"]) == file["rows"]
+    assert sum(batch_worst_case(i, 8) for i in range(file["rows"])) <= 0.0008
+
+
+def test_wait_submits_more_as_live_batches_give_back_what_they_held_and_exit_5_means_nothing_fits(
+        start_sim, make_job, run_cli):
+    sim = start_sim(batch_speed=200)
+    job = batch_job(make_job, sim, count=30, per_file=30, model={"name": "glm-4-plus"}, budget={"max_cost": 0.002})
+    code, out, err = run_cli("run", job, "--wait")
+    files = [e for e in ledger_events(job) if e["event"] == "file"]
+    assert len(files) > 1 and sum(f["rows"] for f in files) > files[0]["rows"]  # more rows once the first ended
+    frame = every_record(job).to_pandas()
+    assert frame["cost"].sum() <= 0.002
+    if code == 5:  # the last rows did not fit: nothing was live any more when it said so
+        assert "budget reached: spent" in out and len(frame) < 30
+        spent = float(out.split("budget reached: spent ")[1].split(" ")[0])
+        assert spent == pytest.approx(frame["cost"].sum(), abs=1e-6)
+    else:
+        assert code == 0 and len(frame) == 30, out + err
