@@ -60,6 +60,13 @@ class ControlPlaneError(JobFatalError):
     """A files/batches call failed for good: the job stops (exit 3); what is recorded is taken on by the next run
     (or by `batch cancel` again)."""
 
+    failure: Failure | None = None  # the last failure, when it was a Failure (a refusal, or retries used up)
+
+
+class WaitForFiles(Exception):
+    """An upload refused while the job's own batches keep files at the provider (its file cap): tried again once
+    they are merged and their files deleted."""
+
 
 class Gone(Exception):
     """The provider no longer knows an id the ledger holds: a 404, asked twice (a server that lost its state, a new
@@ -155,10 +162,13 @@ class BatchAnswerer:
         self.lines_submitted = 0
         self.returned = 0  # rows that came back without an answer in this run (pending again)
         self.merges = 0  # batches merged (or found lost) in this run: each gives its budget hold back
-        self.budget_waits = False  # a row did not fit beside the holds of live batches: tried again as they end
+        # The last submission stopped for room that live batches hold (budget, the provider's file cap): more rows
+        # are put in batches as they end.
+        self.cut_short = False
         self.bar: Any = None  # with --wait on a terminal: a tqdm bar of the lines answered across batches
         self._seen: dict[int, BatchFile] = {}  # the batches polled in this run
         self._anomalies: set[int] = set()  # files whose batch ended naming no file for its answers (warned once)
+        self._waiting_uploads: set[int] = set()  # files whose upload waits for the job's batches to free files
         self._task: asyncio.Task[None] | None = None
         self._api: openai.AsyncOpenAI | None = None
         if budget is not None:  # what earlier runs' live batches may still cost, held whether it fits or not
@@ -215,7 +225,7 @@ class BatchAnswerer:
             interval = min(interval * 2, self.settings.poll_interval_s)
             returned, merges = self.returned, self.merges
             await self._collect(record)
-            freed = self.budget_waits and self.merges > merges
+            freed = self.cut_short and self.merges > merges
             if self.submit and (self.returned > returned or freed) and not self.stop.asked:
                 await self._submit(self.more_rows(record), record)
 
@@ -231,6 +241,8 @@ class BatchAnswerer:
                                          missing=f"batch {entry.batch_id}")
             except Gone as gone:
                 await self._forget(entry, gone)
+                continue
+            except WaitForFiles:
                 continue
             counts = _counts(batch)
             changed = batch.status != entry.status
@@ -270,7 +282,21 @@ class BatchAnswerer:
 
         # An upload whose id a kill kept from the ledger is used, not left to count against the provider's cap.
         file_id = await self._find_upload(name) if entry.number in self.unsure_uploads else None
-        self.ledger.note("uploaded", entry.number, file_id=file_id or await self._call("upload", upload))
+        try:
+            file_id = file_id or await self._call("upload", upload)
+        except ControlPlaneError as refused:
+            # Refused for what the request is (a 4xx, not an outage) while the job's own batches keep files there:
+            # the provider's file cap, most likely, which their merges free. Otherwise the refusal stops the run.
+            if refused.failure is None or refused.failure.scope != "row" or not any(
+                    other.batch_id is not None for other in self.ledger.live() if other is not entry):
+                raise
+            if entry.number not in self._waiting_uploads:
+                self._waiting_uploads.add(entry.number)
+                log.warning("file %d: the upload was refused (%s); waiting for the job's live batches to end and "
+                            "free their files at the provider", entry.number, refused.failure)
+            raise WaitForFiles() from None
+        self._waiting_uploads.discard(entry.number)
+        self.ledger.note("uploaded", entry.number, file_id=file_id)
 
     async def _create_or_upload_again(self, entry: BatchFile) -> str:
         """Make the file's batch; an upload the provider no longer knows (refused at create, then confirmed gone)
@@ -362,12 +388,14 @@ class BatchAnswerer:
         return await self._call("create", create, missing=f"file {entry.file_id}")
 
     async def _find_lost(self, entry: BatchFile) -> str | None:
-        """The batch made of this file whose id a kill kept from the ledger, found by its metadata; or None."""
+        """The batch made of this file whose id a kill kept from the ledger, found by its input file (a field every
+        batch has, where a provider may not echo metadata) or its metadata; or None."""
 
         async def look() -> str | None:
             async for batch in self._client.batches.list(limit=100):  # newest first
                 metadata = batch.metadata or {}
-                if metadata.get("batch_job") == entry.tag and metadata.get("batch_file") == str(entry.number):
+                ours = metadata.get("batch_job") == entry.tag and metadata.get("batch_file") == str(entry.number)
+                if ours or (entry.file_id is not None and batch.input_file_id == entry.file_id):
                     log.info("file %d: found its batch %s (made before the last run was stopped)",
                              entry.number, batch.id)
                     return batch.id
@@ -568,9 +596,13 @@ class BatchAnswerer:
     async def _submit(self, rows: AsyncIterator[Pending], record: Callable[[Record], None]) -> None:
         """The rows handed over, into request files, each recorded, uploaded and made a batch as it fills."""
         building: Building | None = None
+        self.cut_short = False
         limit_rows, limit_bytes = self.settings.max_requests_per_file, self.settings.max_bytes_per_file
         async for pending in rows:
             if self.stop.asked:
+                break
+            if self._waiting_uploads:  # no new file while one waits for room at the provider
+                self.cut_short = True
                 break
             body = self._body(pending.messages)
             size = len(body) + 120 + len(self.endpoint)  # the line around the body, custom_id included
@@ -585,12 +617,11 @@ class BatchAnswerer:
             hold = None
             if self.budget is not None:
                 hold = self.budget.worst_case(bound)
-                self.budget_waits = False
                 if not self.budget.take(hold):
                     # Live batches (and the file being built) hold their worst case: as they end, what they did
                     # not spend is free again. The budget is reached only when nothing holds any of it.
                     if self.ledger.live() or (building is not None and len(building.rows)):
-                        self.budget_waits = True
+                        self.cut_short = True
                     else:
                         self.stop.note(self.budget.describe(), EXIT_BUDGET)
                     break
@@ -643,7 +674,10 @@ class BatchAnswerer:
         self.submissions[seqs] += 1
         entry = self.ledger.files[number]
         entry.seqs = seqs
-        await self._send(entry)
+        try:
+            await self._send(entry)
+        except WaitForFiles:
+            return  # recorded, its rows held: its upload is tried again at each poll
         log.info("file %d: %d rows, %d bytes, submitted as batch %s", number, entry.rows, entry.bytes,
                  entry.batch_id)
 
@@ -681,7 +715,9 @@ class BatchAnswerer:
                     except openai.APIError as exc:
                         raise control_failure(exc) from None
         except Failure as failure:
-            raise ControlPlaneError(f"the Batch API {what} failed: {failure}") from None
+            refused = ControlPlaneError(f"the Batch API {what} failed: {failure}")
+            refused.failure = failure
+            raise refused from None
         raise AssertionError("unreachable")
 
     def _show_progress(self) -> None:

@@ -464,6 +464,7 @@ class SimConfig:
     batch_short_downloads: int = 0  # the first N downloads of result files end after half their lines ...
     batch_torn_downloads: int = 0  # ... or in the middle of a line (a connection cut the server did not notice)
     batch_hide_output_polls: int = 0  # the first N polls of an ended batch name no output_file_id (an anomaly)
+    batch_no_metadata: bool = False  # batch objects leave metadata out (null), as a provider may
 
     def __post_init__(self) -> None:
         if self.batch_rate <= 0 or self.batch_speed < 0:

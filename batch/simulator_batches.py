@@ -554,7 +554,7 @@ class BatchService:
             "expired_at": stamp(batch.expired_at), "cancelling_at": stamp(batch.cancelling_at),
             "cancelled_at": stamp(batch.cancelled_at),
             "request_counts": {"total": len(batch.order), "completed": batch.completed, "failed": batch.failed},
-            "metadata": batch.metadata,
+            "metadata": None if self.config.batch_no_metadata else batch.metadata,
         }
 
     def _output_file_id(self, batch: SimBatch) -> str | None:

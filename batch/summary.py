@@ -166,10 +166,15 @@ def format_summary(summary: dict[str, Any]) -> str:
     odd = {k: v for k, v in run["finish_reasons"].items() if k != "stop"}
     if odd:
         lines.append("  finish reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(odd.items())))
-    if summary.get("batches"):
-        lines.append(f"  {len(summary['batches'])} Batch API batches are still being worked on: run again later, "
+    made = [batch for batch in summary.get("batches") or [] if batch["batch_id"]]
+    waiting = [batch for batch in summary.get("batches") or [] if not batch["batch_id"]]
+    if made:
+        lines.append(f"  {len(made)} Batch API batches are still being worked on: run again later, "
                      f"or use {option('wait')}")
-        lines.extend(f"    {format_batch(batch)}" for batch in summary["batches"])
+        lines.extend(f"    {format_batch(batch)}" for batch in made)
+    if waiting:  # no batch exists for them yet: not listed as batches
+        lines.append(f"  {len(waiting)} Batch API request files ({sum(b['rows'] for b in waiting)} rows) are not "
+                     "made batches yet: the next run uploads them and makes their batches")
     if summary["stopped"]:
         lines.append(f"  stopped: {summary['stopped']}")
     if summary["output"]:

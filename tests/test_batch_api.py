@@ -281,9 +281,11 @@ def test_an_outage_longer_than_the_retries_stops_with_exit_3_and_the_next_run_go
     assert sim.stats()["batch_api"]["files_kept"] == 0
 
 
-def test_a_batch_whose_id_was_lost_is_found_not_created_again(start_sim, make_job, run_cli):
-    """The state a kill between create and its record leaves: the batch exists, the ledger does not name it."""
-    sim = start_sim(batch_speed=0)
+@pytest.mark.parametrize("metadata", ["echoed", "not echoed"])
+def test_a_batch_whose_id_was_lost_is_found_not_created_again(metadata, start_sim, make_job, run_cli):
+    """The state a kill between create and its record leaves: the batch exists, the ledger does not name it; found
+    by its metadata, or by its input file where the provider does not echo metadata."""
+    sim = start_sim(batch_speed=0, batch_no_metadata=metadata == "not echoed")
     job = batch_job(make_job, sim, count=20)
     assert run_cli("run", job)[0] == EXIT_BATCHES_LIVE
     ledger = job.parent / "out" / "result.checkpoint" / "batches.jsonl"
@@ -654,3 +656,34 @@ def test_wait_submits_more_as_live_batches_give_back_what_they_held_and_exit_5_m
         assert spent == pytest.approx(frame["cost"].sum(), abs=1e-6)
     else:
         assert code == 0 and len(frame) == 30, out + err
+
+
+# -- the provider's file cap, and files refused at validation -------------------------------------------------
+
+def test_wait_at_the_file_cap_waits_for_the_jobs_own_batches_to_free_files(start_sim, make_job, run_cli):
+    sim = start_sim(batch_speed=200, batch_max_files=3)  # /v1: an input file stays until the job deletes it
+    job = batch_job(make_job, sim, count=50)
+    code, out, err = run_cli("run", job, "--wait")
+    assert code == 0, out + err
+    assert "waiting for the job's live batches to end and free their files" in err and "file limit reached" in err
+    assert list(output_of(job)["response"]) == [expected_reply(f"review number {i}") for i in range(50)]
+    assert submitted_twice(sim) == [] and set(records_per_id(job).values()) == {1}
+    assert sim.stats()["batch_api"]["files_kept"] == 0
+
+
+def test_a_run_at_the_file_cap_exits_6_naming_only_the_batches_that_exist(start_sim, make_job, run_cli):
+    sim = start_sim(batch_speed=0, batch_max_files=3)
+    job = batch_job(make_job, sim, count=40)
+    code, out, err = run_cli("run", job)
+    assert code == EXIT_BATCHES_LIVE, out + err
+    assert "3 Batch API batches are still being worked on" in out and "not created yet" not in out
+    assert "1 Batch API request files (10 rows) are not made batches yet" in out
+    assert run_until_done(run_cli, sim, job) == 0
+    assert len(output_of(job)) == 40 and submitted_twice(sim) == [] and set(records_per_id(job).values()) == {1}
+
+
+def test_an_upload_refused_with_no_batch_of_the_job_to_wait_for_stops_with_exit_3(start_sim, make_job, run_cli):
+    sim = start_sim(batch_speed=0, batch_max_files=0)
+    job = batch_job(make_job, sim, count=10)
+    code, out, err = run_cli("run", job, "--wait")
+    assert code == 3 and "file limit reached" in out, out + err

@@ -518,6 +518,14 @@ async def test_result_downloads_cut_short_or_torn_then_whole_and_an_output_file_
 
 
 @pytest.mark.asyncio
+async def test_batch_objects_without_metadata() -> None:
+    async with serve(batch_no_metadata=True) as s:
+        made = await submit(s, [line("row-0001", "a")], metadata={"job": "abc"})
+        assert made.metadata is None and made.input_file_id is not None
+        assert [b.metadata async for b in s.client.batches.list()] == [None]
+
+
+@pytest.mark.asyncio
 async def test_a_key_is_required_when_configured() -> None:
     async with serve(api_key="right-key") as s:
         with pytest.raises(openai.AuthenticationError):
