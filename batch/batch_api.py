@@ -157,6 +157,9 @@ class BatchAnswerer:
         self.json_output = plan.json_output  # parse_json (and json_schema): how a reply is checked
         self.max_attempts = plan.spec.retry.max_attempts
         self.submissions = ledger.submissions(len(states.codes))
+        self.max_rows, self.max_bytes = self.settings.max_requests_per_file, self.settings.max_bytes_per_file
+        for entry in ledger.files.values():  # files refused as too big: later ones are built smaller
+            self._shrink(entry.outcome)
         # Files an earlier run recorded but not as uploaded: it may have been stopped after the upload.
         self.unsure_uploads = {entry.number for entry in ledger.live() if entry.file_id is None}
         self.lines_submitted = 0
@@ -473,24 +476,43 @@ class BatchAnswerer:
                     if self.budget is not None:
                         self.budget.count(self._worst_case(entry, bounds, at), result)
         why = {"expired": "batch_expired", "cancelled": None}.get(batch.status, "batch_failed")
+        refusal = Refusal(batch) if batch.status == "failed" else None
+        if refusal is not None:
+            log.warning("file %d: batch %s failed (%s)", entry.number, batch.id, refusal.reasons)
+            # A file that can never pass as it is: its rows go into files of half its lines, or bytes.
+            if refusal.too_many_lines:
+                outcome["max_rows"] = max(1, entry.rows // 2)
+            if refusal.too_many_bytes:
+                outcome["max_bytes"] = max(1, entry.bytes // 2)
+            self._shrink(outcome)
         for at, seq in enumerate(seqs):  # no line for it: pending again (or failed once its submissions are used up)
-            if self._held(seq):
-                if why is not None and lost is None and attempts[at] >= self.max_attempts:
-                    self._keep(record, failed_record(Row(seq, ids[at], {}, hashes[at]), why,
-                                                     f"the batch ended {batch.status} without an answer for it",
-                                                     attempts[at], self.model))
-                    outcome["failed"] += 1
-                else:
-                    outcome["returned"] += self._give_back_row(seq)
-        if batch.status == "failed":
-            errors = getattr(getattr(batch, "errors", None), "data", None) or []
-            reasons = "; ".join(f"{e.code}: {e.message}" for e in errors[:3]) or "no reason given"
-            log.warning("file %d: batch %s failed (%s)", entry.number, batch.id, reasons)
+            if not self._held(seq):
+                continue
+            row = Row(seq, ids[at], {}, hashes[at])
+            line_refused = refusal.of_line(at + 1) if refusal is not None else None
+            if line_refused is not None:  # its own line is at fault: sent again, it would be refused again
+                self._keep(record, failed_record(row, "bad_request", f"batch {batch.id} refused its line: "
+                                                 f"{line_refused}", attempts[at], self.model))
+                outcome["failed"] += 1
+            elif (why is not None and lost is None and attempts[at] >= self.max_attempts
+                  and not (refusal is not None and refusal.too_big)):  # a split file's rows are sent again
+                reason = f" ({refusal.reasons})" if refusal is not None else ""
+                self._keep(record, failed_record(row, why, f"the batch ended {batch.status}{reason} without an "
+                                                 "answer for it", attempts[at], self.model))
+                outcome["failed"] += 1
+            else:
+                outcome["returned"] += self._give_back_row(seq)
         self.ledger.note("merged", entry.number, status=batch.status, outcome=outcome)
         if self.budget is not None:
             self.budget.give_back(Hold(entry.hold_cost, entry.hold_tokens))
         self.merges += 1
         await self._clean(entry, batch)
+
+    def _shrink(self, outcome: dict[str, Any]) -> None:
+        """Build files no bigger than a merged file's outcome allows (max_rows, max_bytes: half a file refused as
+        too big)."""
+        self.max_rows = min(self.max_rows, outcome.get("max_rows", self.max_rows))
+        self.max_bytes = min(self.max_bytes, outcome.get("max_bytes", self.max_bytes))
 
     def _worst_case(self, entry: BatchFile, bounds: list[int] | None, at: int) -> Hold:
         """What the budget held for row `at` of the file: what an answer without usage counts as."""
@@ -597,7 +619,7 @@ class BatchAnswerer:
         """The rows handed over, into request files, each recorded, uploaded and made a batch as it fills."""
         building: Building | None = None
         self.cut_short = False
-        limit_rows, limit_bytes = self.settings.max_requests_per_file, self.settings.max_bytes_per_file
+        limit_rows, limit_bytes = self.max_rows, self.max_bytes
         async for pending in rows:
             if self.stop.asked:
                 break
@@ -607,8 +629,10 @@ class BatchAnswerer:
             body = self._body(pending.messages)
             size = len(body) + 120 + len(self.endpoint)  # the line around the body, custom_id included
             if size > limit_bytes:
+                limit = ("batch_api.max_bytes_per_file" if limit_bytes == self.settings.max_bytes_per_file
+                         else "half a file the provider refused as too big")
                 self._keep(record, failed_record(pending.row, "bad_request", f"its request of {size} bytes is over "
-                                                 f"batch_api.max_bytes_per_file ({limit_bytes})", 0, self.model))
+                                                 f"{limit} ({limit_bytes})", 0, self.model))
                 continue
             if building is not None and (len(building.rows) >= limit_rows or building.bytes + size > limit_bytes):
                 await self._finish(building)
@@ -725,8 +749,7 @@ class BatchAnswerer:
         if not self._seen:
             return
         total = sum(entry.rows for entry in self._seen.values())
-        answered = sum(entry.rows if entry.merged else entry.counts.get("completed", 0) + entry.counts.get("failed", 0)
-                       for entry in self._seen.values())
+        answered = sum(answered_lines(entry) for entry in self._seen.values())
         live = sum(1 for entry in self._seen.values() if entry.live)
         if self.bar is not None:
             self.bar.total, self.bar.n = total, answered
@@ -738,6 +761,13 @@ class BatchAnswerer:
     def live_batches(self) -> list[dict[str, Any]]:
         now = time.time()
         return [describe(entry, now) for entry in self.ledger.live()]
+
+
+def answered_lines(entry: BatchFile) -> int:
+    """Lines of the file answered: as merged (a row sent back to pending was not), else as the provider counts."""
+    if entry.merged:
+        return entry.outcome.get("ok", 0) + entry.outcome.get("failed", 0)
+    return entry.counts.get("completed", 0) + entry.counts.get("failed", 0)
 
 
 def upload_name(entry: BatchFile) -> str:
@@ -765,6 +795,26 @@ def _line_failure(status: Any, body: Any, error: Any) -> Failure:
     if http == 200 and _int_or_none(code) is None:
         return Failure("retry", "server_error", f"a result line without an answer ({code or 'no code'}: {message})")
     return classify_status(http, _int_or_none(code), message)
+
+
+# errors.data codes of a file that can never pass as it is (too many lines, or bytes): it is split, not sent again
+TOO_MANY_LINES = {"too_many_lines", "too_many_requests", "too_many_tasks"}
+TOO_MANY_BYTES = {"too_many_bytes", "file_too_large", "file_size_exceeded"}
+
+
+class Refusal:
+    """Why the provider refused a file at validation (its `errors.data`): per line, and as a whole."""
+
+    def __init__(self, batch: Any) -> None:
+        errors = getattr(getattr(batch, "errors", None), "data", None) or []
+        self.reasons = "; ".join(f"{e.code}: {e.message}" for e in errors[:3]) or "no reason given"
+        self.too_many_lines = any(e.code in TOO_MANY_LINES for e in errors)
+        self.too_many_bytes = any(e.code in TOO_MANY_BYTES for e in errors)
+        self.too_big = self.too_many_lines or self.too_many_bytes
+        self._by_line = {e.line: f"{e.code}: {e.message}" for e in errors if isinstance(e.line, int)}
+
+    def of_line(self, line: int) -> str | None:
+        return self._by_line.get(line)
 
 
 def _counts(batch: Any) -> dict[str, int]:

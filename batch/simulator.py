@@ -465,6 +465,9 @@ class SimConfig:
     batch_torn_downloads: int = 0  # ... or in the middle of a line (a connection cut the server did not notice)
     batch_hide_output_polls: int = 0  # the first N polls of an ended batch name no output_file_id (an anomaly)
     batch_no_metadata: bool = False  # batch objects leave metadata out (null), as a provider may
+    batch_limits_at_validation: bool = False  # a file over the line or byte limit fails validation (too_many_lines,
+    # too_many_bytes) instead of being refused at create
+    batch_fail_validations: int = 0  # the first N files made batches fail validation (code simulated_refusal)
 
     def __post_init__(self) -> None:
         if self.batch_rate <= 0 or self.batch_speed < 0:

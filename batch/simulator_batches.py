@@ -137,6 +137,7 @@ class BatchService:
         self.poll_faults = 0
         self.cut_downloads = 0
         self.hidden_outputs = 0
+        self.refused_files = 0
         self.submitted: dict[str, int] = {}
         # Separate seeded streams: the shuffle does not move with the poll faults, nor either with online faults.
         self._order_rng = random.Random(self.config.seed + 2)
@@ -380,14 +381,16 @@ class BatchService:
         stored = self.files.get(body["input_file_id"])
         if stored is None or stored.purpose != "batch":
             return self._error(request, 400, _BAD_PARAM, f"input_file_id {body['input_file_id']!r}: no such batch file")
-        if stored.lines > self.config.batch_max_lines:
-            return self._error(request, 400, _BAD_PARAM, f"文件超过限制 / {stored.id} has {stored.lines} lines; "
-                               f"at most {self.config.batch_max_lines} per batch")
-        if stored.bytes > self.config.batch_max_bytes:
-            return self._error(request, 400, _BAD_PARAM, f"文件超过限制 / {stored.id} has {stored.bytes} bytes; "
-                               f"at most {self.config.batch_max_bytes} per batch")
+        too_big = self._too_big(stored)
+        if too_big and not self.config.batch_limits_at_validation:
+            return self._error(request, 400, _BAD_PARAM, f"文件超过限制 / {too_big[0]['message']}")
         now = self.now()
         order, line_errors, custom_ids = self._read_input(stored, body["endpoint"])
+        if self.refused_files < self.config.batch_fail_validations:
+            self.refused_files += 1
+            line_errors = [{"code": "simulated_refusal", "line": None, "param": None,
+                            "message": "the simulator refused this file (batch_fail_validations)"}, *line_errors]
+        line_errors = too_big + line_errors
         if not line_errors:
             self._order_rng.shuffle(order)
             for custom_id in custom_ids:
@@ -403,6 +406,17 @@ class BatchService:
         self.batches[batch.id] = batch
         self.created += 1
         return self._json(self.as_object(batch))
+
+    def _too_big(self, stored: StoredFile) -> list[dict[str, Any]]:
+        """The file's breaches of the line and byte limits, as errors.data entries (none: it fits)."""
+        cfg, errors = self.config, []
+        if stored.lines > cfg.batch_max_lines:
+            errors.append({"code": "too_many_lines", "line": None, "param": None,
+                           "message": f"{stored.id} has {stored.lines} lines; at most {cfg.batch_max_lines} per batch"})
+        if stored.bytes > cfg.batch_max_bytes:
+            errors.append({"code": "too_many_bytes", "line": None, "param": None,
+                           "message": f"{stored.id} has {stored.bytes} bytes; at most {cfg.batch_max_bytes} per batch"})
+        return errors
 
     @staticmethod
     def _create_problem(body: dict[str, Any]) -> str | None:

@@ -201,8 +201,9 @@ def test_expired_batch_keeps_its_partial_output_and_resubmits_the_rest(start_sim
     job = batch_job(make_job, sim, count=12, per_file=12)
     assert run_cli("run", job)[0] == EXIT_BATCHES_LIVE
     sim.advance(10)  # validating 1 s, ~8 lines answered, then expired
-    code, out, _ = run_cli("run", job)  # merges the partial output, resubmits the expired lines in a new file
+    code, out, err = run_cli("run", job)  # merges the partial output, resubmits the expired lines in a new file
     assert code == EXIT_BATCHES_LIVE, out
+    assert "Batch API: 8 of 12 lines answered" in err  # the 4 expired lines were not answered
     assert len(every_record(job)) == 8
     files = [e for e in ledger_events(job) if e["event"] == "file"]
     assert [f["rows"] for f in files] == [12, 4]
@@ -687,3 +688,30 @@ def test_an_upload_refused_with_no_batch_of_the_job_to_wait_for_stops_with_exit_
     job = batch_job(make_job, sim, count=10)
     code, out, err = run_cli("run", job, "--wait")
     assert code == 3 and "file limit reached" in out, out + err
+
+
+@pytest.mark.parametrize("limit", ["lines", "bytes"])
+def test_a_file_too_big_for_the_provider_is_split_not_resubmitted_unchanged(limit, start_sim, make_job, run_cli):
+    over = {"batch_max_lines": 8} if limit == "lines" else {"batch_max_bytes": 1500}  # a line is ~200 bytes
+    sim = start_sim(batch_speed=0, batch_limits_at_validation=True, **over)
+    job = batch_job(make_job, sim, count=20, per_file=20)
+    assert run_until_done(run_cli, sim, job) == 0
+    files = [f["rows"] for f in ledger_events(job) if f["event"] == "file"]
+    if limit == "lines":
+        assert files == [20, 10, 10, 5, 5, 5, 5]
+    else:
+        assert files[0] == 20 and max(files[1:]) <= 10 and sum(files) > 40
+    assert list(output_of(job)["response"]) == [expected_reply(f"review number {i}") for i in range(20)]
+    assert set(records_per_id(job).values()) == {1}
+
+
+def test_a_file_refused_at_validation_carries_the_providers_reason_into_its_rows_error(start_sim, make_job, run_cli):
+    sim = start_sim(batch_speed=0, batch_fail_validations=1)
+    job = batch_job(make_job, sim, count=5, retry={"max_attempts": 1})
+    assert run_cli("run", job)[0] == EXIT_BATCHES_LIVE
+    sim.advance(3600)
+    code, out, err = run_cli("run", job)
+    assert code == 1, out + err
+    frame = output_of(job)
+    assert set(frame["error_class"]) == {"batch_failed"}
+    assert frame["error"].str.contains("simulated_refusal: the simulator refused this file").all()
