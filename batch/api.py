@@ -48,7 +48,7 @@ from batch.errors import (
     python_caller,
 )
 from batch.estimate import estimate as estimate_job
-from batch.failures import should_send
+from batch.failures import SUBMITTED, should_send
 from batch.final import reply_columns
 from batch.guard import RunLock
 from batch.logs import keep_secret, redact, run_log
@@ -706,13 +706,18 @@ def _answers_so_far(spec: JobSpec, schema: dict[str, Any] | None, table: Any, ch
 
     id_out, keep = spec.id_column_out, spec.output.keep_columns
     sends = np.array([should_send(states.name(code), False) for code in range(len(states.names) + 1)])
-    pieces, pending, start = [], [], 0
+    in_batch = np.array([states.name(code) == SUBMITTED for code in range(len(states.names) + 1)])
+    pieces, pending, batched, start = [], [], [], 0
     for batch, ids in table.id_batches(keep):
-        pending.append(sends[states.last(start, ids)[0]])
+        codes = states.last(start, ids)[0]
+        pending.append(sends[codes])
+        batched.append(in_batch[codes])
         pieces.append(pa.table({id_out: ids, **{c: batch.column(c) for c in keep if c != id_out}}))
         start += len(ids)
     rows = _frame_of(pa.concat_tables(pieces)) if pieces else pd.DataFrame(columns=[id_out, *keep])
     waiting = pd.Series(np.concatenate(pending) if pending else np.zeros(0, bool), index=rows.index)
+    submitted = pd.Series(np.concatenate(batched) if batched else np.zeros(0, bool), index=rows.index)
+    waiting |= submitted  # no answer shown for a row sitting in a live Batch API batch either
     chosen = states.last_record_mask(id_batches(table))  # each id's last record
     last = pa.concat_tables([*checkpoint.chosen_records(chosen, ["id", *OUTPUT_FIELDS], checkpoint.has_records()),
                              RECORD_SCHEMA.empty_table().select(["id", *OUTPUT_FIELDS])])
@@ -727,5 +732,5 @@ def _answers_so_far(spec: JobSpec, schema: dict[str, Any] | None, table: Any, ch
     for part in parts[1:]:
         for column in part.columns:
             part[column] = part[column].mask(waiting)
-    answers["status"] = answers["status"].mask(waiting, "pending")
+    answers["status"] = answers["status"].mask(waiting, "pending").mask(submitted, "in_batch")
     return pd.concat(parts, axis=1)

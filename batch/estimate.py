@@ -56,8 +56,10 @@ def estimate(settings: Settings, retry_failed: bool = False) -> dict[str, Any]:
             expected += cost_of(pricer, tokens, round(observed or 0)) or 0.0
             most += worst_cost(pricer, bound, max_tokens) if max_tokens else 0.0
     changed = states.counts(id_batches(table)).changed
+    in_batches = states.held()  # skipped too, but not done: their answers come from live Batch API batches
     return {
-        "job": spec.name, "model": spec.model.name, "rows_to_do": rows, "rows_done_before": skipped,
+        "job": spec.name, "model": spec.model.name, "rows_to_do": rows, "rows_done_before": skipped - in_batches,
+        "rows_in_batches": in_batches,
         "rows_without_prompt": unsendable, "rows_changed": changed,
         "prompt_tokens_estimate": prompt_tokens, "tokenizer": TOKENIZER_NOTE,
         "prompt_tokens_max": prompt_bound, "prompt_bound": BOUND_NOTE,
@@ -92,6 +94,7 @@ def format_estimate(e: dict[str, Any]) -> str:
     lines = [
         f"estimate for job {e['job']} ({e['model']}): {e['rows_to_do']} rows to send "
         f"({e['rows_done_before']} done before, {e['rows_without_prompt']} without a prompt"
+        + (f", {e['rows_in_batches']} in live Batch API batches" if e["rows_in_batches"] else "")
         + (f", {e['rows_changed']} whose prompt changed since answered" if e["rows_changed"] else "")
         + "); nothing was sent",
         f"  prompt tokens: ~{e['prompt_tokens_estimate']} expected ({e['tokenizer']}); "

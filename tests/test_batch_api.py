@@ -715,3 +715,17 @@ def test_a_file_refused_at_validation_carries_the_providers_reason_into_its_rows
     frame = output_of(job)
     assert set(frame["error_class"]) == {"batch_failed"}
     assert frame["error"].str.contains("simulated_refusal: the simulator refused this file").all()
+
+
+def test_estimate_and_read_results_show_the_rows_in_live_batches_as_such(start_sim, make_job, run_cli):
+    import batch
+
+    sim = start_sim(batch_speed=0)
+    job = batch_job(make_job, sim, count=15, per_file=10)
+    assert run_cli("run", job, "--limit", "10")[0] == EXIT_BATCHES_LIVE
+    found = json.loads(run_cli("estimate", job, "--json")[1])
+    assert (found["rows_to_do"], found["rows_done_before"], found["rows_in_batches"]) == (5, 0, 10)
+    assert "10 in live Batch API batches" in run_cli("estimate", job)[1]
+    frame = batch.read_results(job)
+    assert frame["status"].tolist() == ["in_batch"] * 10 + ["pending"] * 5
+    assert frame["response"].isna().all()
