@@ -167,14 +167,18 @@ class RowStates:
                                                "position": pa.array(positions[~home]),
                                                "prompt": pa.array(prompts[~home])}))
 
-    def add_one(self, seq: int, state: str | None) -> None:
+    def add_one(self, seq: int, state: str | None, prompt_hash: int | None = None) -> None:
         """A record this run wrote for input row `seq` (once per answer: no arrays built here); seq -1: for an id no
-        longer in the input (a Batch API answer that came after its row was deleted), kept as the id's last record."""
+        longer in the input (a Batch API answer that came after its row was deleted), kept as the id's last record.
+        Judged as `add` judges a record read back: an answer made from other prompt values than the row holds now (a
+        Batch API row edited while its batch was live) is PROMPT_CHANGED, pending again, never the row's answer."""
         position = self._reserve(1)
         if seq < 0:
             self._kept_by_id.append(position)
             return
         self.written[seq] = position + 1
+        if self.row_prompts is not None and prompt_hash is not None and prompt_hash != self.row_prompts[seq]:
+            state = PROMPT_CHANGED
         self.codes[seq] = self._code(state)
 
     def hold(self, seqs: np.ndarray, answered_since: int) -> np.ndarray:
@@ -204,11 +208,13 @@ class RowStates:
         self.record_count += count
         return self.record_count - count
 
-    def settle(self) -> None:
-        """Index the records kept aside by id: once, after the checkpoint's last batch."""
+    def settle(self, keep_prompts: bool = False) -> None:
+        """Index the records kept aside by id: once, after the checkpoint's last batch. `keep_prompts`: the rows'
+        prompt hashes stay (4 bytes a row) to judge the answers this run adds (add_one)."""
         self.row_hashes = None
         if not self._moved_parts:
-            self.row_prompts = None
+            if not keep_prompts:
+                self.row_prompts = None
             return
         moved = pa.concat_tables(self._moved_parts)
         self._moved_parts = []

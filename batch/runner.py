@@ -133,9 +133,11 @@ class Run:
         return summary
 
     async def _execute_marked(self, total: int) -> dict[str, Any]:
-        if self.table.row_hashes is None and self.checkpoint.has_records():
+        live_batches = bool(self.ledger.live())  # their answers, merged by this run, are judged on today's prompts
+        if self.table.row_hashes is None and (live_batches or self.checkpoint.has_records()):
             self.table.scan(keep_hashes=True)  # another run wrote records between our scan and our lock
-        done = self.checkpoint.row_states(total, self.table.row_hashes, self.table.row_prompts)
+        done = self.checkpoint.row_states(total, self.table.row_hashes, self.table.row_prompts,
+                                          keep_prompts=live_batches)
         self.table.row_hashes = self.table.row_prompts = None
         # Rows in a live Batch API batch are not sent again, whatever the mode.
         held = self.ledger.hold(done, self._id_batches)
@@ -261,7 +263,8 @@ class Run:
             stats.add(result)  # this run's spending, before what earlier runs paid for the row is added
             add_paid_before(result, paid_before.pop(result["seq"], None))
             self.checkpoint.append(result)
-            done.add_one(result["seq"], "ok" if result["status"] == "ok" else result["error_class"])
+            done.add_one(result["seq"], "ok" if result["status"] == "ok" else result["error_class"],
+                         result["prompt_hash"])
 
         return record
 

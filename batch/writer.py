@@ -105,7 +105,7 @@ class Checkpoint:
         return Answered(*(table.column(name) for name in STATE_COLUMNS))
 
     def row_states(self, rows: int, row_hashes: np.ndarray | None, row_prompts: np.ndarray | None = None,
-                   with_log: bool = False) -> RowStates:
+                   with_log: bool = False, keep_prompts: bool = False) -> RowStates:
         """The last record of each of the input's rows (its ids' and prompts' hashes from the scan: None when
         there are no records). `with_log`: the log's records too, read without touching it (a run may be alive).
 
@@ -128,7 +128,7 @@ class Checkpoint:
                 else:
                     self._instead[damaged.path] = self._left_out(damaged)
                 continue
-            states.settle()
+            states.settle(keep_prompts)
             return states
 
     def chosen_records(self, chosen: np.ndarray, columns: list[str], with_log: bool = False) -> Iterator[pa.Table]:

@@ -729,3 +729,22 @@ def test_estimate_and_read_results_show_the_rows_in_live_batches_as_such(start_s
     frame = batch.read_results(job)
     assert frame["status"].tolist() == ["in_batch"] * 10 + ["pending"] * 5
     assert frame["response"].isna().all()
+
+
+def test_a_row_edited_while_its_batch_is_live_is_never_paired_with_the_old_answer(start_sim, make_job, run_cli):
+    sim = start_sim(batch_speed=0)
+    job = batch_job(make_job, sim, count=6, per_file=10)
+    assert run_cli("run", job)[0] == EXIT_BATCHES_LIVE
+    table = rows(6)
+    table[0] = {**table[0], "text": table[0]["text"] + " EDITED"}
+    write_input(job, table)
+    sim.advance(3600)
+    code, out, err = run_cli("run", job)  # merges the batch: row 0's answer is to its old text
+    assert code == EXIT_BATCHES_LIVE, out + err  # so row 0 goes again, in a batch of its own
+    assert "all runs: ok 5, failed 0, pending 1" in out, out  # paid for (this run: ok 6), but not row 0's answer
+    sim.advance(3600)
+    code, out, err = run_cli("run", job)
+    assert code == 0, out + err
+    frame = output_of(job)
+    assert frame["response"].tolist() == [expected_reply(r["text"]) for r in table]
+    assert (frame["status"] == "ok").all()
