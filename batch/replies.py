@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sys
 from collections.abc import Iterable
@@ -38,9 +39,11 @@ def parse_reply(text: str | None) -> dict[str, Any]:
     fenced = FENCE.match(text)
     body = fenced.group("body") if fenced else text
     try:
-        value = json.loads(body)
+        value = json.loads(body, parse_constant=_not_json_constant, parse_float=_float64)
+    except NotKept as exc:
+        raise ValueError(f"the reply {exc}") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"the reply is not JSON: {exc.msg} at character {exc.pos}") from None
+        raise ValueError(f"the reply is not JSON: {json_error_at(exc, f'character {exc.pos}')}") from None
     except RecursionError:  # the parser's own limit, near 1,000 levels
         raise ValueError(f"the reply nests deeper than {MAX_DEPTH} levels") from None
     except ValueError:  # the only other: Python reads no integer of more digits than sys.get_int_max_str_digits()
@@ -49,6 +52,30 @@ def parse_reply(text: str | None) -> dict[str, Any]:
         raise ValueError(f"the reply is JSON but not an object (a {type(value).__name__})")
     _check_keepable(value, body)
     return value
+
+
+class NotKept(ValueError):
+    """A number in the reply that no column can keep as JSON wrote it."""
+
+
+def _not_json_constant(name: str) -> float:
+    """Python's json reads NaN, Infinity and -Infinity; JSON has no such values (RFC 8259)."""
+    raise NotKept(f"is not JSON: {name}")
+
+
+def _float64(literal: str) -> float:
+    """A JSON number with a fraction or exponent, as float64; one beyond its range (1e400) would read as infinity,
+    which is not the reply's value and not JSON: refused, as an integer too long for Python is."""
+    value = float(literal)
+    if math.isinf(value):
+        raise NotKept(f"holds a number beyond float64's range ({literal[:40]})")
+    return value
+
+
+def json_error_at(exc: json.JSONDecodeError, where: str) -> str:
+    """What json says is wrong and where, once ("Unterminated string starting at character 31": that message ends
+    in "at" already)."""
+    return f"{exc.msg.removesuffix(' at')} at {where}"
 
 
 def _check_keepable(reply: dict[str, Any], text: str) -> None:

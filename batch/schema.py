@@ -25,7 +25,7 @@ from batch.atomic import read_reason
 from batch.config import YAML_QUOTE_HINT, JobSpec
 from batch.errors import ConfigError
 from batch.prompts import estimate_tokens, prompt_token_bound, system_text
-from batch.replies import parse_reply
+from batch.replies import json_error_at, parse_reply
 
 # Zhipu documents only response_format json_object, and its hosts answer 200 to a json_schema format they then
 # ignore; its own advice is to write the format into the system prompt. Servers that enforce a schema (OpenAI,
@@ -302,7 +302,7 @@ def _read_schema_file(where: str, path: Path) -> dict[str, Any]:
     try:
         schema = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{where}: {path} is not JSON: {exc.msg} at line {exc.lineno}") from None
+        raise ConfigError(f"{where}: {path} is not JSON: {json_error_at(exc, f'line {exc.lineno}')}") from None
     if not isinstance(schema, dict):
         raise ConfigError(f"{where}: {path} holds a JSON {type(schema).__name__}, not a schema (a JSON object)")
     return schema

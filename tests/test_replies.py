@@ -143,6 +143,25 @@ def test_integers_that_fit_stay_int64_and_exact_even_with_gaps(sim, make_job, ru
     assert [json.loads(cell) for cell in table.column("x").to_pylist()] == [1.5, 2, 2**53 + 1]
 
 
+@pytest.mark.parametrize("schema", NUMBER_SCHEMAS, ids=["parse_json", "integer", "number"])
+def test_numbers_json_has_not_or_float64_cannot_hold_are_bad_json_with_the_reason(sim, make_job, run_cli, schema):
+    replies = ['{"order": NaN}', '{"order": Infinity}', '{"order": -Infinity}', '{"order": 1e400}',
+               '{"order": -1.5E+999}', '{"order": "unterminated', '{"order": 1e308}']
+    job = reply_job(make_job, sim, replies, {"json_attempts": 1, **({"json_schema": schema} if schema else {})})
+    assert run_cli("run", job)[0] == 1
+    rows = final_table(job).to_pylist()
+    assert [(row["status"], row["error_class"], row["error"]) for row in rows[:6]] == [
+        ("failed", "bad_json", "the reply is not JSON: NaN"),
+        ("failed", "bad_json", "the reply is not JSON: Infinity"),
+        ("failed", "bad_json", "the reply is not JSON: -Infinity"),
+        ("failed", "bad_json", "the reply holds a number beyond float64's range (1e400)"),
+        ("failed", "bad_json", "the reply holds a number beyond float64's range (-1.5E+999)"),
+        ("failed", "bad_json", "the reply is not JSON: Unterminated string starting at character 10"),
+    ]
+    if schema is None or schema["properties"]["order"]["type"] == "number":
+        assert rows[6]["status"] == "ok" and rows[6]["order"] == 1e308
+
+
 @pytest.mark.parametrize("reply", ['{"a": "\\ud83d"}', '{"\\udc00": 1}', '{"a": [{"b": "x\\ud800y"}]}'],
                          ids=["value", "key", "nested"])
 def test_a_lone_surrogate_is_bad_json_with_the_reason(sim, make_job, run_cli, reply):
