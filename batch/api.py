@@ -601,6 +601,10 @@ def _frame_rows(frame: pd.DataFrame, id_column: str | None) -> tuple[pd.DataFram
         ids = _row_ids(frame[id_column], f"id_column '{id_column}'", "ids must be unique")
         rows, id_out = frame.drop(columns=id_column), id_column
     else:
+        if frame.index.nlevels > 1:  # an id is one label; which join of the levels is up to the caller
+            raise ConfigError(f"run_frame: the frame's index has {frame.index.nlevels} levels (a MultiIndex), and a "
+                              "row's id is one label: pass id_column= (a column of unique ids), or join the levels "
+                              "into one index first")
         ids = _row_ids(frame.index, "the frame's index", "and the index identifies the rows: reset_index(drop=True), "
                                                           "or pass id_column= (a column of unique ids)")
         named = frame.index.name

@@ -267,3 +267,15 @@ def test_integers_beyond_float64_come_back_exact_beside_missing_values(sim, tmp_
         assert int(answered["v"].iloc[0]) == big and int(answered["w"].iloc[0]) == -big
         assert pd.isna(answered["v"].iloc[1]) and pd.isna(answered["w"].iloc[1])
         assert batch.read_results(out)["v"].iloc[0] == big
+
+
+def test_a_multiindex_frame_is_one_config_error_naming_what_to_do(sim, tmp_path):
+    frame = pd.DataFrame({"text": ["a", "b"]}, index=pd.MultiIndex.from_tuples([("x", 1), ("x", 2)]))
+    with pytest.raises(batch.ConfigError, match=r"index has 2 levels \(a MultiIndex\).*pass id_column="):
+        batch.run_frame(frame, template="{text}", model=local_model(sim), output=tmp_path / "o.parquet",
+                        progress=False)
+    assert sim.stats()["requests"] == 0
+    frame["key"] = ["x1", "x2"]
+    answered = batch.run_frame(frame, template="{text}", model=local_model(sim), output=tmp_path / "o.parquet",
+                               progress=False, id_column="key")
+    assert answered.index.equals(frame.index) and answered["status"].tolist() == ["ok", "ok"]
