@@ -32,7 +32,7 @@ import yaml
 from pydantic import ValidationError
 
 from batch.atomic import write_atomic
-from batch.config import JobSpec, OutputSpec, check_job, describe_validation_error, load_job
+from batch.config import JobSpec, OutputSpec, check_job, describe_validation_error, is_mapping_text, load_job
 from batch.errors import (
     EXIT_BATCHES_LIVE,
     EXIT_BUDGET,
@@ -544,6 +544,9 @@ def _frame_job(frame: pd.DataFrame, template: str, model: str | Mapping[str, Any
     if isinstance(settings.get("cache"), Mapping) and "path" in settings["cache"]:  # relative to here, not the file
         settings = {**settings, "cache": {**settings["cache"], "path": str(Path(settings["cache"]["path"]).resolve())}}
     output_keys = {key: settings.pop(key) for key in FRAME_OUTPUT_KEYS if key in settings}
+    if isinstance(output_keys.get("json_schema"), str) and is_mapping_text(output_keys["json_schema"]):
+        raise ConfigError("run_frame: json_schema= is a schema written as text in a string, and a string is a .json "
+                          "file's path: pass the schema as a mapping (json.loads(text)), or the path of a .json file")
     if isinstance(output_keys.get("json_schema"), str | os.PathLike):  # a file: relative to here, as cache.path
         output_keys["json_schema"] = str(Path(output_keys["json_schema"]).expanduser().resolve())
     keep = [c for c in rows.columns if c != id_out and c not in RECORD_FIELDS]

@@ -109,13 +109,13 @@ def _schema_or_path(value: Any) -> Any:
     if value is not None and not isinstance(value, dict | str | os.PathLike):
         raise ValueError("must be a JSON Schema written as a mapping (type: object, properties: ...) or the path of "
                          f"a .json file, not a {_yaml_type(value)}")
-    if isinstance(value, str) and _is_mapping_text(value):
+    if isinstance(value, str) and is_mapping_text(value):
         raise ValueError("is a schema written as text in a string, and a string here is a .json file's path: write "
                          "the schema as a mapping (unquoted, indented under json_schema), or save it to a .json file")
     return value
 
 
-def _is_mapping_text(text: str) -> bool:
+def is_mapping_text(text: str) -> bool:
     """Whether `text` reads as a JSON or YAML mapping (`{"type": "object"}`, `type: object`): no file's path does."""
     try:
         return isinstance(yaml.load(text, _JobLoader), dict)  # JSON is YAML, bar tabs and other rare corners

@@ -279,3 +279,12 @@ def test_a_multiindex_frame_is_one_config_error_naming_what_to_do(sim, tmp_path)
     answered = batch.run_frame(frame, template="{text}", model=local_model(sim), output=tmp_path / "o.parquet",
                                progress=False, id_column="key")
     assert answered.index.equals(frame.index) and answered["status"].tolist() == ["ok", "ok"]
+
+
+@pytest.mark.parametrize("text", ['{"type":"object"}', "type: object"])
+def test_schema_text_in_a_string_is_one_config_error_in_pythons_words(sim, tmp_path, text):
+    with pytest.raises(batch.ConfigError, match=r"^run_frame: json_schema= is a schema written as text in a string.*"
+                                                r"as a mapping \(json.loads\(text\)\)"):
+        batch.run_frame(frame_of(1), template="{text}", model=local_model(sim), output=tmp_path / "o.parquet",
+                        progress=False, json_schema=text)
+    assert sim.stats()["requests"] == 0
