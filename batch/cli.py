@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(default: the job file's mode)")
         command.add_argument("--wait", action="store_true",
                              help="batch_api: poll until every batch is done instead of exiting 6 while some run")
-        command.add_argument("--progress-interval", type=float, default=5.0, metavar="S",
+        command.add_argument("--progress-interval", type=_seconds, default=5.0, metavar="S",
                              help="seconds between progress lines when not on a terminal (default 5)")
         command.add_argument("--log-format", choices=["text", "json"], default="text",
                              help="json: one JSON object per log line, for log shippers")
@@ -182,3 +183,11 @@ def cancel(args: argparse.Namespace) -> int:
     for batch in batches:
         print(f"  {format_batch(batch)}")
     return 0
+
+
+def _seconds(text: str) -> float:
+    """--progress-interval: seconds, 0 or more (a NaN, an infinity or a negative would never or always print)."""
+    value = float(text)  # ValueError: argparse says "invalid _seconds value"
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"is seconds, 0 or more, not {text!r}")
+    return value

@@ -226,3 +226,15 @@ def test_a_keyboard_interrupt_while_run_frame_writes_its_input_leaves_the_job_fr
     assert not (tmp_path / ".o.input.parquet.tmp").exists() and sim.stats()["requests"] == 0
     assert (batch.run_frame(reviews(5), **settings)["status"] == "ok").all()
     del interrupted
+
+
+@pytest.mark.parametrize("interval", ["nan", "inf", "-inf", "-1", "Infinity"])
+def test_the_command_line_refuses_a_progress_interval_that_is_not_seconds_in_one_line(capsys, interval):
+    from batch.cli import main
+
+    with pytest.raises(SystemExit) as exited:  # argparse's own exit, as for any bad option
+        main(["run", "no-such-job.yaml", f"--progress-interval={interval}"])
+    out, err = capsys.readouterr()
+    assert exited.value.code == 2 and out == ""
+    assert err.strip().splitlines()[-1] == (f"batch run: error: argument --progress-interval: is seconds, 0 or more, "
+                                            f"not '{interval}'")
