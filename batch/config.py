@@ -103,6 +103,16 @@ def _path_text(value: Any) -> Any:
     return value
 
 
+def _each_once(names: list[str] | None) -> list[str] | None:
+    """A list of keys, each named once: a key named twice would be two columns of one name."""
+    seen: set[str] = set()
+    for name in names or []:
+        if name in seen:
+            raise ValueError(f"names the key {name!r} twice: name each key once")
+        seen.add(name)
+    return names
+
+
 def _schema_or_path(value: Any) -> Any:
     """A JSON Schema is a mapping, or the text of a .json file's path: a clear line for anything else (true, a list,
     a number), rather than one error per member of the union."""
@@ -255,7 +265,7 @@ class OutputSpec(Strict):
     path: FilePath
     keep_columns: list[str] = Field(default_factory=list)
     parse_json: bool = False  # the reply is a JSON object: its top-level keys become columns
-    json_columns: list[str] | None = None  # with parse_json: only these keys (default: every key seen)
+    json_columns: Annotated[list[str] | None, AfterValidator(_each_once)] = None  # with parse_json: only these keys
     # A JSON Schema the reply must match (a mapping, or a .json file relative to the job file): implies parse_json.
     json_schema: Annotated[dict[str, Any] | FilePath | None, BeforeValidator(_schema_or_path)] = None
     # How the schema is asked for; default by provider (batch.schema.default_via).

@@ -286,3 +286,9 @@ def test_a_cache_path_that_cannot_be_created_is_one_line(sim, make_job, run_cli,
     assert code == 2
     assert err.startswith("batch: error: ") and "answer cache" in err and "Traceback" not in err
     assert sim.stats()["requests"] == 0
+
+
+def test_json_columns_naming_a_key_twice_is_refused_naming_the_key_and_line(sim, make_job, run_cli):
+    job = make_job(sim, rows=ROWS, output={"parse_json": True, "json_columns": ["a", "b", "a"]})
+    line = run_fails(run_cli, job, "output.json_columns", "names the key 'a' twice", sim=sim)
+    assert f"{job} line " in line
