@@ -326,6 +326,9 @@ class JobSpec(Strict):
     # Set by load_job, not by the file.
     job_path: Path = Field(default=Path("."), exclude=True)
     _lines: dict[tuple[str, ...], int] = PrivateAttr(default_factory=dict)
+    # What a relative path is relative to, as errors say it: the job file's folder (load_job joins them to it), or,
+    # for a job given as Python values (a JobSpec, a mapping, run_frame), the working directory.
+    _paths_relative_to: str = PrivateAttr(default="the working directory")
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -340,6 +343,11 @@ class JobSpec(Strict):
     @property
     def id_column_out(self) -> str:
         return self.input.id_column or "row_id"
+
+    @property
+    def paths_relative_to(self) -> str:
+        """What a relative path in this job is relative to, in words: "the job file" or "the working directory"."""
+        return self._paths_relative_to
 
     def where(self, key: str | tuple[str, ...]) -> str:
         """The job file and the line of `key` (dotted, or as its parts when a part may hold a dot), or of its nearest
@@ -373,6 +381,7 @@ def load_job(path: str | Path) -> JobSpec:
         spec.output.json_schema = _relative_to(base, spec.output.json_schema)
     spec.job_path = job_path
     spec._lines = lines
+    spec._paths_relative_to = "the job file"
     check_job(spec)
     return spec
 

@@ -113,7 +113,7 @@ def json_output_for(spec: JobSpec) -> JsonOutput | None:
         return JsonOutput(out.json_attempts)
     where = f"{spec.where('output.json_schema')}: output.json_schema"
     if isinstance(out.json_schema, Path):
-        schema = _read_schema_file(where, out.json_schema)
+        schema = _read_schema_file(where, out.json_schema, spec.paths_relative_to)
         where = f"{where} {out.json_schema}"
     else:
         schema = out.json_schema
@@ -292,11 +292,12 @@ def _schema_error(spec: JobSpec, where: str, exc: SchemaError, inline: bool) -> 
     return text
 
 
-def _read_schema_file(where: str, path: Path) -> dict[str, Any]:
+def _read_schema_file(where: str, path: Path, relative_to: str) -> dict[str, Any]:
+    """The schema in the file at `path`; `relative_to` says, in words, what a relative path was given against."""
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM (Windows editors) is not an error
     except FileNotFoundError:
-        raise ConfigError(f"{where}: {path} not found (a path is relative to the job file)") from None
+        raise ConfigError(f"{where}: {path} not found (a relative path is relative to {relative_to})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{where}: cannot read {path}: {read_reason(exc)}") from None
     try:

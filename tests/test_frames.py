@@ -288,3 +288,31 @@ def test_schema_text_in_a_string_is_one_config_error_in_pythons_words(sim, tmp_p
         batch.run_frame(frame_of(1), template="{text}", model=local_model(sim), output=tmp_path / "o.parquet",
                         progress=False, json_schema=text)
     assert sim.stats()["requests"] == 0
+
+
+@pytest.mark.parametrize("given", ["run_frame", "mapping"])
+def test_a_missing_schema_file_given_from_python_says_it_is_relative_to_the_working_directory(
+        sim, tmp_path, monkeypatch, given):
+    """From Python a relative path is relative to the working directory (a job file's, to the job file): the one
+    line says so, and the same path works once the file is there."""
+    monkeypatch.chdir(tmp_path)
+    output = tmp_path / "out" / "o.parquet"
+
+    def run() -> Any:
+        if given == "run_frame":
+            return batch.run_frame(frame_of(2), template="{text}", model=local_model(sim), output=output,
+                                   progress=False, json_schema="schema.json")
+        (tmp_path / "in.csv").write_text("review_id,text\nr0,a\nr1,b\n")
+        return batch.run({"name": "s", "input": {"path": "in.csv", "id_column": "review_id"},
+                          "prompt": {"template": "{text}"}, "model": local_model(sim),
+                          "output": {"path": str(output), "json_schema": "schema.json"}}, progress=False)
+
+    with pytest.raises(batch.ConfigError) as refused:
+        run()
+    message = str(refused.value)
+    assert "schema.json not found (a relative path is relative to the working directory)" in message, message
+    assert "job file" not in message.partition("not found")[2]
+    assert sim.stats()["requests"] == 0
+    (tmp_path / "schema.json").write_text(json.dumps({"type": "object"}))
+    run()
+    assert sim.stats()["requests"] == 2

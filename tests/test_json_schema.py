@@ -191,7 +191,7 @@ def test_export_to_csv_writes_nested_values_as_json_text(start_sim, make_job, ru
     ({"type": "array", "items": {"type": "string"}}, "the schema's type must be object", "json_schema"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "points at nothing in the schema",
      "json_schema"),
-    ("missing.json", "missing.json not found", "json_schema"),
+    ("missing.json", "missing.json not found (a relative path is relative to the job file)", "json_schema"),
 ])
 def test_an_invalid_schema_is_refused_before_anything_is_sent(sim, make_job, run_cli, schema, message, at):
     """The line named is the key at fault's, when the schema is written in the job file."""
