@@ -534,9 +534,8 @@ class BatchAnswerer:
             if status == 200 and answered and not error:
                 result = answer_record(row, accepted(body), 0.0, attempts, self.pricer, self.model)
                 result["latency_s"] = None  # an output line says nothing of its own duration
-                problem = self.json_output.problem(result["response"]) if self.json_output is not None else None
-                if problem is not None:  # answered and paid for, so kept (not asked again: --retry-failed does)
-                    result.update(status="failed", error_class="bad_json", error=problem)
+                if self.json_output is not None:  # a bad_json row is not asked again here: --retry-failed does
+                    self.json_output.judge(result, self.plan.max_tokens)
                 return result
             raise _line_failure(status, body, error)
         except Failure as failure:

@@ -183,14 +183,7 @@ class Pool:
         ttft = None if first_token_at is None else first_token_at - started
         record = answer_record(row, data, time.perf_counter() - started, attempts, self.pricer, self.model, ttft)
         if self.json_output is not None:
-            problem = self.json_output.problem(record["response"])
-            if problem is not None:  # answered and paid for, so kept: the reply is there to read
-                if record["finish_reason"] == "length":
-                    cap = f"max_tokens {self.max_tokens}: raise it" if self.max_tokens else "the server's length limit"
-                    problem += f" (the answer was cut at {cap})"
-                elif record["tool_calls"] is not None:
-                    problem += " (the model called a tool instead: its calls are in tool_calls)"
-                record.update(status="failed", error_class="bad_json", error=problem)
+            self.json_output.judge(record, self.max_tokens)
         return record
 
     # -- outages: see batch/breaker.py --------------------------------------------------------

@@ -51,6 +51,20 @@ class JsonOutput:
     validator: Validator | None = None  # of the schema, or for OpenAI's strict mode the one it was made from
     strict: bool = True  # response_format's strict: false only for a schema OpenAI's strict mode cannot express
 
+    def judge(self, record: dict[str, Any], max_tokens: int | None) -> None:
+        """An answered row's record made a failed `bad_json` one when its reply is not the JSON asked for, with the
+        reason and why the reply is what it is (cut at max_tokens, a tool called instead): online and Batch API
+        answers alike. The answer is kept: it was paid for, and is there to read."""
+        problem = self.problem(record["response"])
+        if problem is None:
+            return
+        if record["finish_reason"] == "length":
+            cap = f"max_tokens {max_tokens}: raise it" if max_tokens else "the server's length limit"
+            problem += f" (the answer was cut at {cap})"
+        elif record.get("tool_calls") is not None:
+            problem += " (the model called a tool instead: its calls are in tool_calls)"
+        record.update(status="failed", error_class="bad_json", error=problem)
+
     def problem(self, text: str | None) -> str | None:
         """Why the reply is not the JSON asked for (its first problem), or None when it is."""
         try:

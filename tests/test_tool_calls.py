@@ -120,3 +120,21 @@ def test_tool_calls_come_back_from_the_batch_api_too(start_sim, make_job, run_cl
     calls = json.loads(got["two calls [[toolcalls:2]]"]["tool_calls"])
     assert [call["function"]["name"] for call in calls] == ["get_weather", "get_time"]
     assert got["two calls [[toolcalls:2]]"]["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize("mode", ["online", "batch_api"])
+def test_a_reply_that_is_not_the_json_asked_for_says_why_in_the_same_words_online_and_in_the_batch_api(
+        start_sim, make_job, run_cli, mode):
+    """A tool called instead of the JSON asked for, or a reply cut at max_tokens: one wording in both modes."""
+    sim = start_sim(batch_speed=200)
+    rows = [{"review_id": "r0", "text": "calls [[toolcalls:1]]"},
+            {"review_id": "r1", "text": 'cut [[badjson]][[set:choices.0.finish_reason="length"]]'}]
+    job = make_job(sim, rows=rows, mode=mode, batch_api={"poll_interval_s": 0.05},
+                   model={"params": {"max_tokens": 64, "tools": TOOLS}}, output={"parse_json": True})
+    code, out, err = run_cli("run", job, *(["--wait"] if mode == "batch_api" else []))
+    assert code == 1, out + err
+    got = {row["review_id"]: row for row in output_of(job).to_dict("records")}
+    assert {row["error_class"] for row in got.values()} == {"bad_json"}
+    assert got["r0"]["error"] == "the reply is empty (the model called a tool instead: its calls are in tool_calls)"
+    assert got["r1"]["error"].endswith(" (the answer was cut at max_tokens 64: raise it)"), got["r1"]["error"]
+    assert json.loads(got["r0"]["tool_calls"])[0]["function"]["name"] == "get_weather"
