@@ -234,7 +234,10 @@ class BatchAnswerer:
 
     # -- taking on live batches ------------------------------------------------------------------
     async def _collect(self, record: Callable[[Record], None]) -> None:
-        """Each live batch one step on: uploaded, created, polled, and merged once finished."""
+        """Each live batch one step on: uploaded, created, polled, and merged once finished. Every batch is polled
+        before any is merged: a merge that stops the run (a result file short at every download) leaves each
+        batch's state as the provider last told it, for the summary and `status`."""
+        polled = []
         for entry in sorted(self.ledger.live(), key=lambda e: e.number):
             if self.stop.asked:
                 return
@@ -253,6 +256,10 @@ class BatchAnswerer:
                 self.ledger.note("state", entry.number, status=batch.status, counts=counts)
             entry.counts = counts
             self._seen[entry.number] = entry
+            polled.append((entry, batch, changed))
+        for entry, batch, changed in polled:
+            if self.stop.asked:
+                return
             if batch.status in TERMINAL and not self._results_unnamed(entry, batch):
                 await self._merge(entry, batch, record)
             log.log(logging.INFO if changed else logging.DEBUG, "%s", format_batch(describe(entry)))

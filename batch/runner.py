@@ -330,6 +330,7 @@ class Run:
                                 exit_code)
         summary["mode"] = self.mode
         summary["batches"] = live
+        summary["wait"] = self.options.wait  # the words for live batches: "or use --wait" only to a run without it
         try:
             save_summary(summary, self.spec.checkpoint_dir / "summary.json")
         except OSError as exc:  # the run is over and every answer is kept: only this copy of the summary is lost

@@ -16,7 +16,7 @@ from tqdm import tqdm  # the text bar; a notebook's widget is tqdm.notebook's, t
 
 from batch.atomic import write_text_atomic
 from batch.errors import option
-from batch.ledger import format_batch
+from batch.ledger import TERMINAL, format_batch
 from batch.logs import redact
 from batch.pricing import CURRENCY, money
 from batch.records import Record, billed
@@ -168,10 +168,16 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append("  finish reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(odd.items())))
     made = [batch for batch in summary.get("batches") or [] if batch["batch_id"]]
     waiting = [batch for batch in summary.get("batches") or [] if not batch["batch_id"]]
-    if made:
-        lines.append(f"  {len(made)} Batch API batches are still being worked on: run again later, "
-                     f"or use {option('wait')}")
-        lines.extend(f"    {format_batch(batch)}" for batch in made)
+    ended = [batch for batch in made if batch["state"] in TERMINAL]  # as last polled; their results not merged yet
+    working = [batch for batch in made if batch["state"] not in TERMINAL]
+    if working:  # --wait would have waited for them: it is the advice only to a run that did not
+        lines.append(f"  {len(working)} Batch API batches are still being worked on: run again later"
+                     + ("" if summary.get("wait") else f", or use {option('wait')}"))
+        lines.extend(f"    {format_batch(batch)}" for batch in working)
+    if ended:
+        lines.append(f"  {len(ended)} Batch API batches have ended at the provider, their results not merged yet: "
+                     "the next run downloads them")
+        lines.extend(f"    {format_batch(batch)}" for batch in ended)
     if waiting:  # no batch exists for them yet: not listed as batches
         lines.append(f"  {len(waiting)} Batch API request files ({sum(b['rows'] for b in waiting)} rows) are not "
                      "made batches yet: the next run uploads them and makes their batches")

@@ -603,6 +603,24 @@ def test_a_result_file_short_at_every_download_stops_with_exit_3_and_the_next_ru
     assert len(sim.stats()["batch_api"]["custom_ids"]) == 20 and set(records_per_id(job).values()) == {1}
 
 
+def test_a_wait_run_stopped_by_short_result_files_says_what_is_true_of_its_batches(start_sim, make_job, run_cli):
+    """Run with --wait: no "or use --wait"; every batch was polled before a merge stopped the run, and one that has
+    ended is said to have ended, its results still to be merged, not "created" nor "still being worked on"."""
+    sim = start_sim(batch_speed=0, batch_short_downloads=3)
+    job = batch_job(make_job, sim, count=20, per_file=10)
+    assert run_cli("run", job)[0] == EXIT_BATCHES_LIVE
+    sim.advance(3600)
+    code, out, err = run_cli("run", job, "--wait")
+    assert code == 3 and "holds 5 lines where the batch reports 10" in out, out + err
+    assert "--wait" not in out and "still being worked on" not in out and ": created," not in out, out
+    assert "2 Batch API batches have ended at the provider, their results not merged yet: the next run downloads " \
+           "them" in out, out
+    assert out.count("): completed, 10 rows, 10 completed, 0 failed") == 2, out
+    code, out, err = run_cli("run", job)
+    assert code == 0, out + err
+    assert len(sim.stats()["batch_api"]["custom_ids"]) == 20 and set(records_per_id(job).values()) == {1}
+
+
 def test_an_ended_batch_that_names_no_output_file_is_reported_not_resubmitted(start_sim, make_job, run_cli):
     sim = start_sim(batch_speed=0, batch_hide_output_polls=2)
     job = batch_job(make_job, sim, count=10, per_file=10)
