@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from batch.errors import ConfigError
-from batch.records import Record, cached_fields
+from batch.records import CACHED_FIELDS, Record, cached_fields
 
 SAVE_EVERY_ANSWERS = 256
 SAVE_EVERY_S = 1.0
@@ -66,8 +66,9 @@ class AnswerCache:
             kept = json.loads(found[0])
         except (TypeError, ValueError):
             kept = None
-        # A damaged entry is a miss: the row is sent again.
-        return kept if isinstance(kept, dict) and "response" in kept else None
+        # A damaged entry is a miss: the row is sent again. So is one an older batch wrote before a field was kept
+        # (tool_calls): it is not the whole answer, and a hit would be an `ok` row with what it lacks left out.
+        return kept if isinstance(kept, dict) and all(name in kept for name in CACHED_FIELDS) else None
 
     def put(self, key: str, record: Record) -> None:
         self._unsaved[key] = cached_fields(record)

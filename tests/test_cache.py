@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import pandas as pd
@@ -73,3 +74,30 @@ def test_params_in_another_order_are_the_same_request(sim, make_job, run_cli):
     assert "temperature: 0.5\n    max_tokens: 64" in job.read_text()
     assert run_cli("run", job)[0] == 0
     assert sim.stats()["requests"] == 1
+
+
+def test_an_entry_cached_before_a_field_was_kept_is_a_miss_and_is_asked_again(sim, make_job, run_cli, tmp_path):
+    """An older batch cached answers without `tool_calls` (or another field kept since): such an entry is not a
+    whole answer, and a hit on it would be an `ok` row with nothing in it. It is asked again, and replaced; an
+    entry with every field is still a hit."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    rows = [{"review_id": "calls", "text": "calls [[toolcalls:1]]"}, {"review_id": "plain", "text": "plain"}]
+    model = {"params": {"max_tokens": 64, "tools": tools}}
+    assert run_cli("run", make_job(sim, rows=rows, model=model, cache={"path": "shared.sqlite"}))[0] == 0
+    assert sim.stats()["requests"] == 2
+    with sqlite3.connect(tmp_path / "shared.sqlite") as db:  # the call's entry as an older batch wrote it
+        for key, text in db.execute("SELECT key, record FROM answers").fetchall():
+            kept = json.loads(text)
+            if kept["finish_reason"] == "tool_calls":
+                del kept["tool_calls"]
+                db.execute("UPDATE answers SET record = ? WHERE key = ?", (json.dumps(kept), key))
+    second = make_job(sim, rows=rows, model=model, cache={"path": "shared.sqlite"},
+                      output={"path": "other/result.parquet"}, name="another-job")
+    code, out, err = run_cli("run", second)
+    assert code == 0, out + err
+    assert sim.stats()["requests"] == 3  # the old entry asked again, the whole one a hit
+    again = pd.read_parquet(tmp_path / "other" / "result.parquet").set_index("review_id")
+    assert not again.loc["calls", "cache_hit"] and again.loc["plain", "cache_hit"]
+    assert json.loads(again.loc["calls", "tool_calls"])[0]["function"]["name"] == "get_weather"
+    with sqlite3.connect(tmp_path / "shared.sqlite") as db:  # replaced by the whole answer
+        assert all("tool_calls" in json.loads(text) for (text,) in db.execute("SELECT record FROM answers"))
