@@ -132,6 +132,9 @@ class RowStates:
         self.row_prompts = row_prompts  # likewise, and for records kept aside (last)
         self.codes = np.zeros(rows, np.int8)  # 0: no record; else 1 + index into self.names
         self.written = np.zeros(rows, np.uint32)  # 0: no record; else 1 + the record's write position
+        # Batch API batches each row was put in since its last record: requests its next record counts
+        # (`attempts`), whatever answers it (batch/ledger.py counts them, the Batch API adds each new one).
+        self.batch_requests = np.zeros(rows, np.int32)
         self.names: list[str | None] = []  # "ok", or a failure's error_class
         self.record_count = 0  # records seen so far, in write order: the next one's position
         self._moved_parts: list[pa.Table] = []
@@ -177,6 +180,7 @@ class RowStates:
             self._kept_by_id.append(position)
             return
         self.written[seq] = position + 1
+        self.batch_requests[seq] = 0
         if self.row_prompts is not None and prompt_hash is not None and prompt_hash != self.row_prompts[seq]:
             state = PROMPT_CHANGED
         self.codes[seq] = self._code(state)
@@ -188,6 +192,10 @@ class RowStates:
         held = seqs[self.written[seqs].astype(np.int64) <= answered_since]
         self.codes[held] = self._code(SUBMITTED)
         return held
+
+    def batch_requests_since_record(self, seq: int) -> int:
+        """The Batch API requests sent for input row `seq` (seq -1: none known) since its last record."""
+        return int(self.batch_requests[seq]) if 0 <= seq < len(self.batch_requests) else 0
 
     def release(self, seq: int) -> None:
         """A row of a batch that came back without an answer for it: pending again."""
@@ -261,16 +269,19 @@ class RowStates:
         """(row, write position of its last record) of each row a run sends again although it has a record: the
         run adds what that record holds to the new one, so a row's last record holds the sum over all its answers.
         A row that moved has its last record among those kept aside by id: `id_batches` (the input's ids, in
-        order) is read for them, only when there are some."""
+        order) is read for them, only when there are some. Rows held in live Batch API batches count too (their
+        answers may be merged in this run), and so do rows a batch gave back (pending again after a record)."""
         sends = self._sends(retry_failed)
+        if SUBMITTED in self.names:
+            sends[self._code(SUBMITTED)] = True
         if self._moved is None:
-            rows = np.flatnonzero(sends[self.codes] & (self.codes != 0))
+            rows = np.flatnonzero(sends[self.codes] & (self.written != 0))
             return np.stack([rows, self.written[rows].astype(np.int64) - 1], axis=1)
         found = [np.empty((0, 2), np.int64)]
         start = 0
         for ids in id_batches():
             codes, written = self.last(start, ids)
-            rows = np.flatnonzero(sends[codes] & (codes != 0) & (written >= 0))
+            rows = np.flatnonzero(sends[codes] & (written >= 0))
             found.append(np.stack([rows + start, written[rows]], axis=1))
             start += len(ids)
         return np.concatenate(found)

@@ -478,10 +478,10 @@ class BatchAnswerer:
                     if result is None:
                         outcome["returned"] += 1
                         continue
+                    if self.budget is not None:  # first: the record keeps what the budget counted for it
+                        self.budget.count(self._worst_case(entry, bounds, at), result)
                     self._keep(record, result)
                     outcome["ok" if result["status"] == "ok" else "failed"] += 1
-                    if self.budget is not None:
-                        self.budget.count(self._worst_case(entry, bounds, at), result)
         why = {"expired": "batch_expired", "cancelled": None}.get(batch.status, "batch_failed")
         refusal = Refusal(batch) if batch.status == "failed" else None
         if refusal is not None:
@@ -554,6 +554,8 @@ class BatchAnswerer:
             return None
 
     def _keep(self, record: Callable[[Record], None], result: Record) -> None:
+        # Its batch requests are counted by the run with the row's others (RowStates.batch_requests): none of its own.
+        result["attempts"] = 0
         try:
             record(result)
         except CheckpointWriteError as exc:
@@ -702,6 +704,7 @@ class BatchAnswerer:
         seqs = np.frombuffer(building.rows.seqs, np.int64)
         self.states.hold(seqs, self.states.record_count)
         self.submissions[seqs] += 1
+        self.states.batch_requests[seqs] += 1
         entry = self.ledger.files[number]
         entry.seqs = seqs
         try:

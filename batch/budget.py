@@ -124,10 +124,14 @@ class Budget:
         self.in_flight -= 1
         self._settled.set()
         if record is None or not billed(record):  # what `spend` counted stays counted: it was paid
+            if record is not None:
+                _keep_worst_case(record, counted[0], counted[1])
             return
         cost, tokens = self._cost_of(hold, record)
-        self.spent_cost += max(0.0, cost - counted[0])
-        self.spent_tokens += max(0, tokens - counted[1])
+        cost, tokens = max(cost, counted[0]), max(tokens, counted[1])
+        self.spent_cost += cost - counted[0]
+        self.spent_tokens += tokens - counted[1]
+        _keep_worst_case(record, cost, tokens)
 
     def count(self, worst: Hold, record: Record) -> None:
         """Count what a Batch API answer cost (its batch's hold is given back whole); one without usage counts as
@@ -136,6 +140,7 @@ class Budget:
             cost, tokens = self._cost_of(worst, record)
             self.spent_cost += cost
             self.spent_tokens += tokens
+            _keep_worst_case(record, cost, tokens)
 
     def _cost_of(self, worst: Hold, record: Record) -> tuple[float, int]:
         """A billed answer's cost and tokens, each it lacks (no usage) at `worst`, with one warning a run."""
@@ -154,3 +159,11 @@ class Budget:
             parts.append(f"used {self.spent_tokens} of max_total_tokens {self.max_tokens_total}")
         return "budget reached: " + ", ".join(parts) + " (the next request could exceed it)"
 
+
+def _keep_worst_case(record: Record, cost: float, tokens: int) -> None:
+    """Keep in `record` what the budget counted for it (`cost`, `tokens`) beyond the cost and tokens it knows: the
+    worst case of its answers without usage, which the next run's budget then counts as this one did
+    (Checkpoint.spent). The record's own cost stays what is known."""
+    extra_cost, extra_tokens = cost - (record["cost"] or 0.0), tokens - (record["total_tokens"] or 0)
+    record["worst_case_cost"] = extra_cost if extra_cost > 0 else None
+    record["worst_case_tokens"] = extra_tokens if extra_tokens > 0 else None

@@ -271,6 +271,18 @@ class Ledger:
             entry.seqs = seqs[offset:offset + entry.rows]
             offset += entry.rows
 
+    def count_batch_requests(self, states: RowStates) -> None:
+        """Count in `states` (batch_requests) the batches each input row was put in since its last record: the
+        requests its next record adds to `attempts`. A live file's rows are where `hold` found them by id."""
+        written = states.written
+        for entry in self.files.values():
+            seqs = entry.seqs
+            if seqs is None:
+                seqs = self.rows_of(entry.number, ["seq"]).column("seq").to_numpy()
+            seqs = seqs[(seqs >= 0) & (seqs < len(written))]
+            # Built after the row's last record (written is 1 + its position): sent since, and not answered yet.
+            np.add.at(states.batch_requests, seqs[written[seqs].astype(np.int64) <= entry.records_before], 1)
+
     def submissions(self, rows: int) -> np.ndarray:
         """How many times each input row was put in a batch (for `attempts`)."""
         counts = np.zeros(rows, np.int32)

@@ -42,6 +42,8 @@ class Record(TypedDict):
     error: str | None
     cache_hit: bool
     prompt_hash: int | None
+    worst_case_cost: float | None  # what the budget counted beyond `cost` for answers that came without usage
+    worst_case_tokens: int | None  # likewise beyond `total_tokens`: their worst case (None: nothing counted so)
 
 
 RECORD_SCHEMA = pa.schema([
@@ -67,18 +69,28 @@ RECORD_SCHEMA = pa.schema([
     # CRC-32 of the row's prompt values when it was sent (reader.prompt_hashes): a row whose values were
     # edited since is sent again. Null in checkpoints written before it existed: those are taken as unchanged.
     ("prompt_hash", pa.uint32()),
+    # What the budget counted for the row's answers that came without usage (at their worst case) beyond the
+    # cost and tokens it knows: the next run's budget starts from cost + these, as this run counted them. Never in
+    # the output, whose cost stays null (unknown) for such an answer. Null in checkpoints written before them.
+    ("worst_case_cost", pa.float64()),
+    ("worst_case_tokens", pa.int64()),
 ])
 RECORD_FIELDS = RECORD_SCHEMA.names
 assert RECORD_FIELDS == list(Record.__annotations__), "Record and RECORD_SCHEMA list the same fields"
 
 # What the final file shows beside each input row: the input has the id, and the row's place and prompt are its own.
-OUTPUT_FIELDS = [name for name in RECORD_FIELDS if name not in ("id", "seq", "prompt_hash")]
+OUTPUT_FIELDS = [name for name in RECORD_FIELDS
+                 if name not in ("id", "seq", "prompt_hash", "worst_case_cost", "worst_case_tokens")]
 # What the answer cache keeps of an answer: what another row asking the same thing copies.
 CACHED_FIELDS = ("response", "reasoning_content", "tool_calls", "finish_reason", "prompt_tokens", "completion_tokens",
                  "total_tokens", "model", "request_id")
 # What an answer cost: a row's record holds the sum over all its answers (add_paid_before).
 TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 PAID_FIELDS = ("cost", *TOKEN_FIELDS)
+WORST_CASE_FIELDS = ("worst_case_cost", "worst_case_tokens")
+# What a row's record sums over every answer and request sent for it, in every run and mode (add_paid_before): its
+# cost and tokens, what the budget counted at worst case, and its requests (`attempts`).
+CARRIED_FIELDS = (*PAID_FIELDS, *WORST_CASE_FIELDS, "attempts")
 # Dictionary-encoded when written: the fields with a handful of distinct values. The others (ids, answers)
 # are unique per row, and a dictionary builder per column held ~10 MB while it found that out.
 DICTIONARY_FIELDS = ["status", "finish_reason", "model", "error_class"]
@@ -101,6 +113,7 @@ def answer_record(row: Row, data: dict[str, Any], latency: float, attempts: int,
         "request_id": data.get("request_id") or data.get("id"),
         "latency_s": round(latency, 4), "ttft_s": None if ttft is None else round(ttft, 4), "attempts": attempts,
         "error_class": None, "error": None, "cache_hit": False, "prompt_hash": row.prompt_hash,
+        "worst_case_cost": None, "worst_case_tokens": None,
     }
 
 
@@ -120,6 +133,7 @@ def failed_record(row: Row, error_class: str, error: str, attempts: int, model: 
         "total_tokens": None, "cost": None, "model": model, "request_id": None, "latency_s": None, "ttft_s": None,
         "attempts": attempts,
         "error_class": error_class, "error": redact(error), "cache_hit": False, "prompt_hash": row.prompt_hash,
+        "worst_case_cost": None, "worst_case_tokens": None,
     }
 
 
@@ -128,7 +142,7 @@ def cached_record(kept: dict[str, Any], row: Row) -> Record:
     return {
         "id": row.id, "seq": row.seq, "status": "ok", **{name: kept.get(name) for name in CACHED_FIELDS},
         "cost": 0.0, "latency_s": 0.0, "ttft_s": None, "attempts": 0, "error_class": None, "error": None,
-        "cache_hit": True, "prompt_hash": row.prompt_hash,
+        "cache_hit": True, "prompt_hash": row.prompt_hash, "worst_case_cost": None, "worst_case_tokens": None,
     }
 
 
@@ -146,22 +160,21 @@ def total_tokens(usage: dict[str, Any]) -> int | None:
 
 
 def add_paid_before(record: Record, paid: dict[str, Any] | None) -> None:
-    """Add to `record` what earlier answers to its row cost (`paid`: PAID_FIELDS), so the row's record holds the sum
-    over all its answers. A field unknown on either side stays what it was on the other."""
+    """Add to `record` what earlier answers and requests for its row hold (`paid`: some of CARRIED_FIELDS), so the
+    row's record holds the sum over all of them. A field unknown on either side stays what it was on the other."""
     if not paid:
         return
-    for name in PAID_FIELDS:
-        if paid[name] is not None:
-            mine = record[name]
-            record[name] = paid[name] if mine is None else mine + paid[name]
+    for name, value in paid.items():
+        if value is not None:
+            mine = record[name]  # type: ignore[literal-required]
+            record[name] = value if mine is None else mine + value  # type: ignore[literal-required]
 
 
 def asked_again(record: Record, before: Record) -> Record:
     """The row's record after `record`, an answer to a request asked again after `before` (the row's record so far,
     in this run): `record` with the cost, tokens and attempts of both."""
     summed = record.copy()
-    add_paid_before(summed, {name: before[name] for name in PAID_FIELDS})
-    summed["attempts"] += before["attempts"]
+    add_paid_before(summed, {name: before[name] for name in CARRIED_FIELDS})  # type: ignore[literal-required]
     return summed
 
 

@@ -39,7 +39,7 @@ from batch.pricing import Pricer, batch_pricer
 from batch.process import give_back_freed_memory
 from batch.prompts import RowPromptError
 from batch.reader import Skipped
-from batch.records import PAID_FIELDS, Record, add_paid_before, failed_record
+from batch.records import CARRIED_FIELDS, Record, add_paid_before, failed_record
 from batch.summary import Progress, RunStats, build_summary, save_summary
 from batch.writer import Checkpoint
 
@@ -141,6 +141,7 @@ class Run:
         self.table.row_hashes = self.table.row_prompts = None
         # Rows in a live Batch API batch are not sent again, whatever the mode.
         held = self.ledger.hold(done, self._id_batches)
+        self.ledger.count_batch_requests(done)
         if held and self.mode == "online":
             log.info("%d rows sit in live Batch API batches: they are collected from there, not sent online", held)
         stats = RunStats(total)
@@ -253,15 +254,22 @@ class Run:
 
     def _recorder(self, done: RowStates, stats: RunStats) -> Callable[[Record], None]:
         """What keeps a row's record: the run's counts, the checkpoint (raises CheckpointWriteError when it
-        cannot be written) and the resume state."""
-        paid_before = self._paid_before(done)
+        cannot be written) and the resume state.
+
+        A row's record holds everything sent and paid for the row, in every run and mode: the answerer's record
+        counts its own online requests (none for a Batch API answer or the cache's), to which come here the
+        Batch API requests sent for the row since its last record (RowStates.batch_requests) and what that last
+        record holds (CARRIED_FIELDS: it sums all before it)."""
+        carried = self._carried(done)
 
         def record(result: Record) -> None:
+            stats.add(result)  # this run's spending, before what earlier runs paid for the row is added
+            seq = result["seq"]
+            result["attempts"] += done.batch_requests_since_record(seq)
+            add_paid_before(result, carried.pop(seq, None))
             if result["status"] != "ok":
                 log.debug("row %s failed after %d attempts: %s: %s", result["id"], result["attempts"],
                           result["error_class"], result["error"])
-            stats.add(result)  # this run's spending, before what earlier runs paid for the row is added
-            add_paid_before(result, paid_before.pop(result["seq"], None))
             self.checkpoint.append(result)
             done.add_one(result["seq"], "ok" if result["status"] == "ok" else result["error_class"],
                          result["prompt_hash"])
@@ -282,18 +290,20 @@ class Run:
         """The job's budget, reserving at `pricer` (the Batch API's), or at the online price."""
         spent = self.checkpoint.spent(done, self._id_batches)
         assert self.spec.budget is not None and self.plan.max_tokens is not None  # the preflight's checks
-        return Budget(self.spec.budget, self.plan.max_tokens, pricer or self.plan.pricer, spent.cost,
-                      spent.total_tokens)
+        return Budget(self.spec.budget, self.plan.max_tokens, pricer or self.plan.pricer, spent.budget_cost,
+                      spent.budget_tokens)
 
-    def _paid_before(self, done: RowStates) -> dict[int, dict[str, Any]]:
-        """What earlier runs paid for each row this run sends again (a retried failure, an edited prompt), by row:
-        a row's cost and tokens are the sum over all its answers, and the job's spending the sum over its rows."""
+    def _carried(self, done: RowStates) -> dict[int, dict[str, Any]]:
+        """What the last record of each row this run may record again holds (a retried failure, an edited prompt,
+        a row in a live batch), by row: its CARRIED_FIELDS, the sum over all its answers and requests before. So
+        a row's cost, tokens and attempts are the sum over all its answers, and the job's spending the sum over
+        its rows."""
         positions = done.resent_records(self.options.retry_failed, self._id_batches)
         if not len(positions):
             return {}
-        paid = self.checkpoint.row_groups().take(positions[:, 1], list(PAID_FIELDS))
-        return {int(seq): spent for seq, spent in zip(positions[:, 0], paid.to_pylist())
-                if any(spent.values())}
+        paid = self.checkpoint.row_groups().take(positions[:, 1], list(CARRIED_FIELDS))
+        return {int(seq): before for seq, before in zip(positions[:, 0], paid.to_pylist())
+                if any(before.values())}
 
     def _halt(self, error: CheckpointWriteError) -> None:
         """A checkpoint write failed: stop at once. Requests in flight are dropped (their rows stay

@@ -139,6 +139,7 @@ class BatchService:
         self.hidden_outputs = 0
         self.refused_files = 0
         self.submitted: dict[str, int] = {}
+        self.lines_by_prompt: dict[str, int] = {}  # lines submitted in a created batch, by last user message
         # Separate seeded streams: the shuffle does not move with the poll faults, nor either with online faults.
         self._order_rng = random.Random(self.config.seed + 2)
         self._poll_rng = random.Random(self.config.seed + 3)
@@ -207,6 +208,7 @@ class BatchService:
                 "batches_created": self.created, "by_state": by_state, "lines_answered": self.lines_answered,
                 "poll_faults": self.poll_faults, "cut_downloads": self.cut_downloads,
                 "hidden_outputs": self.hidden_outputs, "custom_ids": dict(self.submitted),
+                "lines_by_prompt": dict(self.lines_by_prompt),
                 "custom_ids_submitted_twice": sorted(c for c, n in self.submitted.items() if n > 1)}
 
     # -- HTTP helpers ---------------------------------------------------------------------------------------
@@ -395,6 +397,7 @@ class BatchService:
             self._order_rng.shuffle(order)
             for custom_id in custom_ids:
                 self.submitted[custom_id] = self.submitted.get(custom_id, 0) + 1
+            self._count_prompts(stored, order)
         auto_delete = body.get("auto_delete_input_file", request.path.startswith("/api/paas/v4"))
         batch = SimBatch(
             id=_new_id("batch_"), endpoint=body["endpoint"], input_file=stored,
@@ -438,6 +441,14 @@ class BatchService:
         if not isinstance(body.get("auto_delete_input_file", False), bool):
             return "auto_delete_input_file must be true or false"
         return None
+
+    def _count_prompts(self, stored: StoredFile, offsets: array.array) -> None:
+        """Count the lines of a created batch by prompt (lines_by_prompt): the requests it sends for each."""
+        with stored.path.open("rb") as source:
+            for offset in offsets:
+                source.seek(offset)
+                prompt = parse_chat(json.loads(source.readline())["body"]).prompt
+                self.lines_by_prompt[prompt] = self.lines_by_prompt.get(prompt, 0) + 1
 
     def _read_input(self, stored: StoredFile, endpoint: str) -> tuple[array.array, list[dict[str, Any]], list[str]]:
         """The offsets of an input file's lines, the rules they break (errors.data) and their custom_ids."""

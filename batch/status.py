@@ -94,6 +94,11 @@ def job_status(spec: JobSpec) -> dict[str, Any]:
         "prompt_tokens": spent.prompt_tokens,
         "completion_tokens": spent.completion_tokens,
         "cost": spent.cost,
+        # What the budget counts as spent (the next run starts from it): the cost and tokens above, and answers
+        # that came without usage at their worst case.
+        "budget_cost": spent.budget_cost,
+        "budget_tokens": spent.budget_tokens,
+        "worst_case_tokens": spent.worst_case_tokens,
         "currency": CURRENCY,
         "running_pid": running,
         "last_run": last_run(spec.checkpoint_dir, running),
@@ -142,6 +147,9 @@ def format_status(status: dict[str, Any]) -> str:
         f"  tokens so far: {status['prompt_tokens']} prompt + {status['completion_tokens']} completion, "
         f"cost so far: {money(status['cost'])} {status['currency']}",
     ]
+    if status["worst_case_tokens"]:
+        lines.append(f"  counted against the budget: {money(status['budget_cost'])} {status['currency']}, "
+                     f"{status['budget_tokens']} tokens (answers that came without usage at their worst case)")
     if status["batches"]:
         lines.append(f"  Batch API: {status['in_batches']} pending rows sit in {len(status['batches'])} live batches "
                      "(as the last run saw them):")

@@ -56,6 +56,18 @@ class Spent(NamedTuple):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # What the budget counted beyond those for answers that came without usage, at their worst case.
+    worst_case_cost: float = 0.0
+    worst_case_tokens: int = 0
+
+    @property
+    def budget_cost(self) -> float:
+        """What the budget counts as spent: the known cost, and the worst case of the answers without usage."""
+        return self.cost + self.worst_case_cost
+
+    @property
+    def budget_tokens(self) -> int:
+        return self.total_tokens + self.worst_case_tokens
 
 
 class Checkpoint:
@@ -153,14 +165,16 @@ class Checkpoint:
     def spent(self, states: RowStates, id_batches: Callable[[], Iterable[pa.Array]], with_log: bool = False) -> Spent:
         """What the job has paid so far, summed over each id's last record (RowStates.last_record_mask; the input's
         ids are read only when records were kept aside by id); answers taken from the cache cost no tokens."""
-        cost, tokens = 0.0, dict.fromkeys(TOKEN_FIELDS, 0)
-        columns = ["cost", *TOKEN_FIELDS, "cache_hit"]
+        cost, tokens = 0.0, dict.fromkeys((*TOKEN_FIELDS, "worst_case_tokens"), 0)
+        worst_case_cost = 0.0
+        columns = ["cost", "worst_case_cost", *tokens, "cache_hit"]
         for records in self.chosen_records(states.last_record_mask(id_batches), columns, with_log):
             cost += pc.sum(records.column("cost")).as_py() or 0.0
+            worst_case_cost += pc.sum(records.column("worst_case_cost")).as_py() or 0.0
             sent = records.filter(pc.invert(pc.fill_null(records.column("cache_hit"), False)))
-            for name in TOKEN_FIELDS:
+            for name in tokens:
                 tokens[name] += pc.sum(sent.column(name)).as_py() or 0
-        return Spent(cost, **tokens)
+        return Spent(cost, worst_case_cost=worst_case_cost, **tokens)
 
     def has_records(self) -> bool:
         """Whether a previous run left any record (a part, or a log not yet compacted)."""

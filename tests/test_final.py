@@ -9,6 +9,7 @@ from helpers import checkpoint_of, output_of
 
 from batch.final import LastRecords, write_final
 from batch.reader import InputTable
+from batch.records import OUTPUT_FIELDS
 from batch.writer import Checkpoint
 
 
@@ -32,7 +33,7 @@ def assert_final(job, rows, path: Path | None = None) -> None:
     assert result.column("text").to_pylist() == [r["text"] for r in rows]
     records = Checkpoint(job.parent / "out" / "result.checkpoint").read_all()
     last = {row_id: at for at, row_id in enumerate(records.column("id").to_pylist())}
-    want = records.take([last[r["review_id"]] for r in rows]).drop_columns(["id", "seq", "prompt_hash"])
+    want = records.take([last[r["review_id"]] for r in rows]).select(OUTPUT_FIELDS)
     assert result.drop_columns(["review_id", "text"]).equals(want)
 
 
