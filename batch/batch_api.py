@@ -8,8 +8,9 @@ half way by a kill goes on from its last recorded step, a finished one is downlo
 the checkpoint by custom_id (never by line order), through the same `record` as online answers.
 
 Control plane only: the openai SDK does the files and batches calls (multipart uploads, pagination,
-typed objects), with its own retries off so that tenacity is the one retry layer and Zhipu's business
-codes (1113 arrives as a 429) decide what is retried. This module is imported only by a run that needs
+typed objects), with its own retries off so that tenacity is the one retry layer and the provider's business
+codes (Zhipu's 1113 arrives as a 429) decide what is retried. How lines and batches are written differs by
+provider: its BatchDialect (batch.providers). This module is imported only by a run that needs
 it, so online runs do not pay the SDK's import.
 """
 
@@ -26,7 +27,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import numpy as np
 import openai
@@ -44,6 +44,7 @@ from batch.ledger import TERMINAL, BatchFile, Ledger, RowsWriter, custom_id, des
 from batch.preflight import Plan
 from batch.pricing import Pricer
 from batch.prompts import prompt_token_bound
+from batch.providers import BusinessCodes, batch_dialect_for
 from batch.reader import Row
 from batch.records import Record, answer_record, failed_record
 
@@ -77,27 +78,23 @@ class Gone(Exception):
         self.what = what
 
 
-def endpoint_of(plan: Plan) -> str:
-    """The endpoint the batch's lines go to: Zhipu's dialect names it /v4/..., OpenAI's /v1/..."""
-    path = urlsplit(plan.base_url).path.rstrip("/")
-    zhipu = plan.spec.model.provider == "zhipu" or path.endswith("/paas/v4")
-    return "/v4/chat/completions" if zhipu else "/v1/chat/completions"
-
-
 def control_client(plan: Plan) -> openai.AsyncOpenAI:
-    # Retries off: tenacity (below) is the only layer, and judges Zhipu's codes, which the SDK would retry blindly.
+    # Retries off: tenacity (below) is the only layer, and judges the provider's codes, which the SDK would retry
+    # blindly.
     return openai.AsyncOpenAI(api_key=plan.api_key, base_url=plan.base_url, max_retries=0,
                               timeout=max(plan.spec.limits.timeout_s, 60.0))
 
 
-def control_failure(exc: BaseException) -> Failure:
-    """An SDK error as a Failure, judged like an online answer: by Zhipu's business code first, the status second."""
+def control_failure(exc: BaseException, codes: BusinessCodes) -> Failure:
+    """An SDK error as a Failure, judged like an online answer: by the provider's business code first, the status
+    second."""
     if isinstance(exc, openai.APIStatusError):
         body = exc.body if isinstance(exc.body, dict) else {}
         error = body.get("error", body) if isinstance(body.get("error", body), dict) else {}
         code = error.get("code", getattr(exc, "code", None))
         message = str(error.get("message") or exc.message)[:300]
-        return classify_status(exc.status_code, _int_or_none(code), message, retry_after_seconds(exc.response.headers))
+        return classify_status(exc.status_code, _int_or_none(code), message, retry_after_seconds(exc.response.headers),
+                               codes)
     if isinstance(exc, openai.APITimeoutError):
         return Failure("retry", "timeout", "no answer in time")
     if isinstance(exc, openai.APIConnectionError):
@@ -150,8 +147,8 @@ class BatchAnswerer:
         self.more_rows = more_rows
         self.show_bar = show_bar
         self.settings = plan.spec.batch_api
-        self.endpoint = endpoint_of(plan)
-        self.zhipu = self.endpoint.startswith("/v4/")
+        self.dialect = batch_dialect_for(plan.provider, plan.base_url)
+        self.endpoint = self.dialect.endpoint
         self.tag = job_tag(plan.spec)
         self.model = plan.spec.model.name
         self.json_output = plan.json_output  # parse_json (and json_schema): how a reply is checked
@@ -377,9 +374,8 @@ class BatchAnswerer:
     async def _create(self, entry: BatchFile) -> str:
         """Make the file's batch. A create that failed in transit may have made it: looked for before trying again."""
         metadata = {"batch_job": entry.tag, "batch_file": str(entry.number)}
-        # Zhipu deletes the input file once the batch has read it; OpenAI has no such field (extra_body: the SDK
-        # does not know it).
-        extra = {"auto_delete_input_file": True} if self.zhipu else None
+        # extra_body: the SDK knows no such field (OpenAI has none).
+        extra = {"auto_delete_input_file": True} if self.dialect.auto_delete_input_file else None
         first = True
 
         async def create() -> Any:
@@ -544,7 +540,7 @@ class BatchAnswerer:
                 if self.json_output is not None:  # a bad_json row is not asked again here: --retry-failed does
                     self.json_output.judge(result, self.plan.max_tokens)
                 return result
-            raise _line_failure(status, body, error)
+            raise _line_failure(status, body, error, self.plan.provider.codes)
         except Failure as failure:
             if failure.scope == "row" or (failure.scope == "retry" and attempts >= self.max_attempts):
                 return failed_record(row, failure.error_class, failure.message, attempts, self.model)
@@ -746,7 +742,7 @@ class BatchAnswerer:
                         except openai.NotFoundError:
                             raise Gone(missing) from None
                     except openai.APIError as exc:
-                        raise control_failure(exc) from None
+                        raise control_failure(exc, self.plan.provider.codes) from None
         except Failure as failure:
             refused = ControlPlaneError(f"the Batch API {what} failed: {failure}")
             refused.failure = failure
@@ -791,7 +787,7 @@ def _line(text: str) -> dict[str, Any] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
-def _line_failure(status: Any, body: Any, error: Any) -> Failure:
+def _line_failure(status: Any, body: Any, error: Any, codes: BusinessCodes) -> Failure:
     """A result line that holds no answer: its error, judged as an online one would be."""
     if not isinstance(error, dict):
         error = body.get("error") if isinstance(body, dict) and isinstance(body.get("error"), dict) else {}
@@ -803,7 +799,7 @@ def _line_failure(status: Any, body: Any, error: Any) -> Failure:
     http = status if isinstance(status, int) and status != 200 else 200
     if http == 200 and _int_or_none(code) is None:
         return Failure("retry", "server_error", f"a result line without an answer ({code or 'no code'}: {message})")
-    return classify_status(http, _int_or_none(code), message)
+    return classify_status(http, _int_or_none(code), message, codes=codes)
 
 
 # errors.data codes of a file that can never pass as it is (too many lines, or bytes): it is split, not sent again

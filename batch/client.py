@@ -24,6 +24,7 @@ import aiohttp
 from batch.config import DEFAULT_MAX_RESPONSE_BYTES
 from batch.failures import Failure, classify_status, retry_after_seconds
 from batch.logs import hide_secrets, keep_secret
+from batch.providers import ZHIPU_CODES, BusinessCodes
 from batch.sse import EventStream
 
 USER_AGENT = "batch/0.1 (OpenAI-compatible chat completions)"
@@ -42,11 +43,14 @@ class ChatClient:
 
     `idle_timeout_s` (streamed answers only): the longest silence allowed while waiting for the answer
     and between its chunks, aiohttp's sock_read timeout; `timeout_s` stays the cap on the whole answer.
+    `codes`: the provider's business codes, by which an error answer is judged.
     """
 
     def __init__(self, base_url: str, api_key: str, timeout_s: float, max_connections: int,
-                 max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES, idle_timeout_s: float | None = None) -> None:
+                 max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES, idle_timeout_s: float | None = None,
+                 codes: BusinessCodes = ZHIPU_CODES) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
+        self.codes = codes
         self.timeout_s = timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.max_response_bytes = max_response_bytes
@@ -106,11 +110,11 @@ class ChatClient:
     def _judged(self, status: int, headers: Any, raw: bytes, oversize: str | None) -> dict[str, Any]:
         """A whole (not streamed) answer read by _read: the completion, or the Failure it is."""
         if status != 200:  # judged by its status and what fits of its body
-            raise status_failure(status, raw, retry_after_seconds(headers))
+            raise status_failure(status, raw, retry_after_seconds(headers), self.codes)
         if oversize is not None:
             raise Failure("retry", "bad_response", f"HTTP 200 with an answer of {oversize}, over "
                                                    f"limits.max_response_bytes ({self.max_response_bytes})")
-        return parse_body(raw)
+        return parse_body(raw, self.codes)
 
     def _timeout(self, exc: TimeoutError) -> Failure:
         if isinstance(exc, aiohttp.SocketTimeoutError) and self.idle_timeout_s is not None:
@@ -128,7 +132,7 @@ class ChatClient:
         whole (llama.cpp forks and older TGI never send [DONE]); so is one that then falls silent or is dropped.
         """
         cap, size, opening = self.max_response_bytes, 0, b""
-        stream = StreamedAnswer()
+        stream = StreamedAnswer(self.codes)
         try:
             async for piece in response.content.iter_any():
                 size += len(piece)
@@ -201,7 +205,7 @@ def connection_failure(exc: BaseException) -> Failure:
     return Failure("retry", "connection", f"connection error ({detail})")
 
 
-def status_failure(status: int, raw: bytes, retry_after: float | None) -> Failure:
+def status_failure(status: int, raw: bytes, retry_after: float | None, codes: BusinessCodes = ZHIPU_CODES) -> Failure:
     """A non-200 answer, judged by the business code in its body first (Zhipu: {"error": {"code": ...}})."""
     try:
         body = json.loads(raw)
@@ -215,10 +219,10 @@ def status_failure(status: int, raw: bytes, retry_after: float | None) -> Failur
         message = error
     if message is None:
         message = raw[:300].decode("utf-8", "replace").strip()
-    return classify_status(status, code, str(message)[:300], retry_after)
+    return classify_status(status, code, str(message)[:300], retry_after, codes)
 
 
-def parse_body(body: bytes) -> dict[str, Any]:
+def parse_body(body: bytes, codes: BusinessCodes = ZHIPU_CODES) -> dict[str, Any]:
     """A 200's body as a completion whose recorded fields have the documented types, or the Failure it really is."""
     try:
         data = json.loads(body)
@@ -229,16 +233,16 @@ def parse_body(body: bytes) -> dict[str, Any]:
     error = data.get("error")
     if error is not None and not data.get("choices"):
         # Some gateways answer 200 with an error body: judged by its business code, reported as the 200 it is.
-        raise error_in_200(error)
+        raise error_in_200(error, codes)
     # "\ud800"-style escapes are the only way to a lone surrogate, which no UTF-8 file can hold.
     return accepted(data, maybe_surrogates=b"\\ud" in body or b"\\uD" in body)
 
 
-def error_in_200(error: Any) -> Failure:
+def error_in_200(error: Any, codes: BusinessCodes) -> Failure:
     """An HTTP 200 whose body (or stream event) is an `error` and no choices, judged by its business code."""
     code = _int_or_none(error.get("code")) if isinstance(error, dict) else None
     message = error.get("message") if isinstance(error, dict) else error
-    return classify_status(200, code, str(message or "")[:300])
+    return classify_status(200, code, str(message or "")[:300], codes=codes)
 
 
 def accepted(data: dict[str, Any], maybe_surrogates: bool = True) -> dict[str, Any]:
@@ -276,10 +280,11 @@ class StreamedAnswer:
     chunk without a delta (a last chunk with only a finish_reason) adds nothing. finish_reason, id, model and
     usage are taken as they come (usage from the last chunk that has one: Zhipu sends it with the
     finish_reason, OpenAI-style servers in a chunk of their own before
-    [DONE], and only when stream_options.include_usage asks).
+    [DONE], and only when stream_options.include_usage asks). An error event is judged by `codes`, the provider's.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, codes: BusinessCodes = ZHIPU_CODES) -> None:
+        self.codes = codes
         self.first_token_at: float | None = None
         self._events = EventStream()
         self.choices: dict[int, StreamedChoice] = {}
@@ -322,7 +327,7 @@ class StreamedAnswer:
             raise _unfit(where, chunk, "a JSON object")
         error = chunk.get("error")
         if error is not None and not chunk.get("choices"):  # the server gave up mid-answer, as parse_body's 200s
-            raise error_in_200(error)
+            raise error_in_200(error, self.codes)
         for key in ("id", "request_id", "model", "usage"):
             if chunk.get(key) is not None:
                 self.top[key] = chunk[key]

@@ -21,14 +21,17 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     PrivateAttr,
     ValidationError,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict
 
 from batch.atomic import read_reason
 from batch.errors import ConfigError
+from batch.providers import DEFAULT_PROVIDER, PROVIDERS, Provider, SchemaVia
 
 INPUT_FORMATS = (".csv", ".parquet", ".jsonl")
 # The largest answer body read. A long answer of a thinking model (reasoning and content, each ~128k
@@ -44,20 +47,6 @@ DEFAULT_STREAM_TIMEOUT_S = 1800.0
 
 # Values are YAML 1.1's (keys are the text written: _JobLoader): a name written as yes, on or 2024 is not text.
 YAML_QUOTE_HINT = "quote it: YAML reads an unquoted yes, no, on, off, true, false, null or number as such"
-
-
-class Provider(BaseModel):
-    base_url: str
-    api_key_env: str | None
-    key_required: bool
-
-
-PROVIDERS: dict[str, Provider] = {
-    "zhipu": Provider(base_url="https://open.bigmodel.cn/api/paas/v4/", api_key_env="ZHIPU_API_KEY", key_required=True),
-    "openai": Provider(base_url="https://api.openai.com/v1", api_key_env="OPENAI_API_KEY", key_required=True),
-    # Self-hosted servers (llama.cpp, vLLM) usually accept any key or none.
-    "local": Provider(base_url="http://127.0.0.1:8080/v1", api_key_env="LOCAL_API_KEY", key_required=False),
-}
 
 
 class Strict(BaseModel):
@@ -189,8 +178,20 @@ class PromptSpec(Strict):
         return self
 
 
+def _known_provider(value: Any) -> str:
+    """A provider's name (batch.providers.PROVIDERS), read when the job is: the registry is the one list."""
+    if isinstance(value, str) and value in PROVIDERS:
+        return value
+    names = [repr(name) for name in PROVIDERS]
+    expected = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+    raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+
+
+ProviderName = Annotated[str, PlainValidator(_known_provider)]
+
+
 class ModelSpec(Strict):
-    provider: Literal["zhipu", "openai", "local"] = "zhipu"
+    provider: ProviderName = DEFAULT_PROVIDER
     name: Name
     base_url: Annotated[str, AfterValidator(_from_environment), AfterValidator(_http_url)] | None = None
     api_key_env: Name | None = None
@@ -211,21 +212,22 @@ class ModelSpec(Strict):
                                  "read as the stream it is")
         return self
 
+    @property
+    def provider_rules(self) -> Provider:
+        """The rules of the provider the job names (batch.providers)."""
+        return PROVIDERS[self.provider]
+
     @model_validator(mode="after")
-    def _zhipu_ranges(self) -> ModelSpec:
-        if self.provider != "zhipu":
-            return self
-        for name, (low, high) in ZHIPU_RANGES.items():
+    def _provider_ranges(self) -> ModelSpec:
+        provider = self.provider_rules
+        for name, (low, high) in provider.param_ranges.items():
             value = self.params.get(name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             if not low <= value <= high:
                 hint = " (for greedy decoding set do_sample: false instead)" if name == "temperature" else ""
-                raise ValueError(f"params.{name} {value} is outside Zhipu's range [{low}, {high}]{hint}")
+                raise ValueError(f"params.{name} {value} is outside {provider.label}'s range [{low}, {high}]{hint}")
         return self
-
-
-ZHIPU_RANGES = {"temperature": (0.0, 1.0), "top_p": (0.01, 1.0)}
 
 
 class PricingSpec(Strict):
@@ -268,8 +270,8 @@ class OutputSpec(Strict):
     json_columns: Annotated[list[str] | None, AfterValidator(_each_once)] = None  # with parse_json: only these keys
     # A JSON Schema the reply must match (a mapping, or a .json file relative to the job file): implies parse_json.
     json_schema: Annotated[dict[str, Any] | FilePath | None, BeforeValidator(_schema_or_path)] = None
-    # How the schema is asked for; default by provider (batch.schema.default_via).
-    schema_via: Literal["prompt", "response_format"] | None = None
+    # How the schema is asked for; default: the provider's (batch.providers.Provider.schema_via).
+    schema_via: SchemaVia | None = None
     # Requests per row for a reply that parses and matches: a bad one is asked again at once, up to this many in all.
     json_attempts: int = Field(3, ge=1, le=20)
     checkpoint_rows: int = Field(1000, ge=1)
@@ -295,16 +297,18 @@ class OutputSpec(Strict):
         return self
 
 
-# The Batch API's limits per input file (Zhipu: 50,000 requests and 100 MB; OpenAI: 50,000 and 200 MB).
-BATCH_MAX_REQUESTS = 50_000
-BATCH_MAX_BYTES = {"zhipu": 100_000_000, "openai": 200_000_000, "local": 200_000_000}
+# A Batch API input file's size unless the job sets it: the provider's limits (Provider.batch_max_requests and
+# batch_max_bytes), or these where they are larger (100 MB: a file that fits Zhipu's fits OpenAI's).
+BATCH_REQUESTS = 50_000
+BATCH_BYTES = 100_000_000
 
 
 class BatchApiSpec(Strict):
-    """`mode: batch_api`: the rows go to the provider's Batch API in files of at most these sizes."""
+    """`mode: batch_api`: the rows go to the provider's Batch API in files of at most these sizes (each at most
+    the provider's limit: check_job)."""
 
-    max_requests_per_file: int = Field(BATCH_MAX_REQUESTS, ge=1, le=BATCH_MAX_REQUESTS)
-    max_bytes_per_file: int = Field(100_000_000, ge=4096, le=max(BATCH_MAX_BYTES.values()))
+    max_requests_per_file: int = Field(BATCH_REQUESTS, ge=1)
+    max_bytes_per_file: int = Field(BATCH_BYTES, ge=4096)
     # Polls start at a second and double up to this; a run without --wait polls each batch once.
     poll_interval_s: float = Field(60, gt=0)
 
@@ -396,12 +400,22 @@ def check_job(spec: JobSpec) -> None:
     if spec.retry.initial_backoff_s > spec.retry.max_backoff_s:
         raise ConfigError(f"{spec.where('retry.initial_backoff_s')}: retry.initial_backoff_s: "
                           f"{spec.retry.initial_backoff_s:g} is above retry.max_backoff_s {spec.retry.max_backoff_s:g}")
-    most = BATCH_MAX_BYTES[spec.model.provider]
-    if spec.batch_api.max_bytes_per_file > most:
-        raise ConfigError(f"{spec.where('batch_api.max_bytes_per_file')}: batch_api.max_bytes_per_file: "
-                          f"{spec.batch_api.max_bytes_per_file} is above the {spec.model.provider} Batch API's "
-                          f"limit of {most} bytes per file")
+    _check_batch_file_limits(spec)
     _check_stream_limits(spec)
+
+
+def _check_batch_file_limits(spec: JobSpec) -> None:
+    """A Batch API file at most as large as the provider takes: a size the job sets above the provider's limit is
+    refused, one it leaves out is the default or, where that is larger, the limit."""
+    provider = spec.model.provider_rules
+    for key, most, unit in (("max_requests_per_file", provider.batch_max_requests, "requests"),
+                            ("max_bytes_per_file", provider.batch_max_bytes, "bytes")):
+        value = getattr(spec.batch_api, key)
+        if key not in spec.batch_api.model_fields_set:
+            setattr(spec.batch_api, key, min(value, most))
+        elif value > most:
+            raise ConfigError(f"{spec.where(f'batch_api.{key}')}: batch_api.{key}: {value} is above the "
+                              f"{provider.name} Batch API's limit of {most} {unit} per file")
 
 
 def _check_stream_limits(spec: JobSpec) -> None:

@@ -2,7 +2,8 @@
 
 Zhipu puts the meaning in a business code inside the body (`{"error": {"code": "1113", ...}}`),
 and the HTTP status alone misleads: 1113 (arrears) and 1304 (daily quota) arrive as 429, which
-a client that trusts the status would retry forever. So we classify on the code first, the status second.
+a client that trusts the status would retry forever. So we classify on the code first (by the provider's
+table, batch.providers.BusinessCodes), the status second.
 """
 
 from __future__ import annotations
@@ -11,21 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from batch.logs import redact
+from batch.providers import ZHIPU_CODES, BusinessCodes
 
 Scope = Literal["retry", "row", "job"]
-
-RATE_LIMIT_CODES = {1302, 1303, 1305, 1312}
-ROW_CODES = {1210: "bad_request", 1213: "bad_request", 1214: "bad_request", 1215: "bad_request",
-             1261: "prompt_too_long", 1301: "content_filter"}
-JOB_CODE_CLASSES: list[tuple[range, str]] = [
-    (range(1000, 1006), "auth"),
-    (range(1110, 1122), "account"),
-    (range(1211, 1213), "model_not_found"),
-    (range(1220, 1223), "permission"),
-    (range(1304, 1305), "quota"),
-    (range(1308, 1312), "quota"),
-    (range(1313, 1314), "quota"),
-]
 
 
 # A failed row of these classes may succeed when sent again later (`--retry-failed`); the others
@@ -75,38 +64,41 @@ def classify(exc: BaseException) -> Failure:
     return Failure("retry", "bad_response", f"{type(exc).__name__}: {exc}"[:300])
 
 
-def classify_status(status: int, code: int | None, message: str, retry_after: float | None = None) -> Failure:
+def classify_status(status: int, code: int | None, message: str, retry_after: float | None = None,
+                    codes: BusinessCodes = ZHIPU_CODES) -> Failure:
+    """An error answer as a Failure, judged by its business code in the provider's table `codes` first."""
     described = f"HTTP {status}" + (f" code {code}" if code is not None else "") + (f": {message}" if message else "")
-    failure = judge_status(status, code, described, retry_after)
+    failure = judge_status(status, code, described, retry_after, codes)
     failure.code = code
     return failure
 
 
-def judge_status(status: int, code: int | None, described: str, retry_after: float | None) -> Failure:
+def judge_status(status: int, code: int | None, described: str, retry_after: float | None,
+                 codes: BusinessCodes) -> Failure:
     if code is not None:
-        for codes, error_class in JOB_CODE_CLASSES:
-            if code in codes:
+        for job_codes, error_class in codes.job:
+            if code in job_codes:
                 return Failure("job", error_class, described)
     if status == 200:
         # A gateway's error body in a 200 (Zhipu's 1113 can come so): only its code says what it is.
-        if code in RATE_LIMIT_CODES:
+        if code in codes.rate_limited:
             return Failure("retry", "rate_limited", described, retry_after)
-        if code in ROW_CODES:
-            return Failure("row", ROW_CODES[code], described)
+        if code in codes.row:
+            return Failure("row", codes.row[code], described)
         return Failure("retry", "server_error", described, retry_after)
     if status in (401, 403):
         return Failure("job", "auth", described)
     if status == 429:
-        if code is None or code in RATE_LIMIT_CODES:
+        if code is None or code in codes.rate_limited:
             return Failure("retry", "rate_limited", described, retry_after)
         return Failure("job", "quota", described)
-    if status >= 500 or status == 408 or code in (1200, 1230, 1234):
+    if status >= 500 or status == 408 or code in codes.server_error:
         return Failure("retry", "server_error", described, retry_after)
     if status == 404:
         # Every row would hit the same missing endpoint or model.
         return Failure("job", "not_found", described)
-    if code in ROW_CODES:
-        return Failure("row", ROW_CODES[code], described)
+    if code in codes.row:
+        return Failure("row", codes.row[code], described)
     return Failure("row", "bad_request", described)
 
 

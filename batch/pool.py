@@ -50,7 +50,7 @@ class JobFatal(Exception):
 def make_client(plan: Plan) -> ChatClient:
     limits = plan.spec.limits
     return ChatClient(plan.base_url, plan.api_key, limits.timeout_s, limits.concurrency, limits.max_response_bytes,
-                      limits.idle_timeout_s if plan.spec.model.stream else None)
+                      limits.idle_timeout_s if plan.spec.model.stream else None, plan.provider.codes)
 
 
 class Pool:

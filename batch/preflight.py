@@ -18,12 +18,13 @@ from dotenv import dotenv_values
 
 from batch.atomic import read_reason
 from batch.cache import check_answer_cache
-from batch.config import PROVIDERS, JobSpec, load_job
+from batch.config import JobSpec, load_job
 from batch.errors import ConfigError, in_callers_words
 from batch.guard import LOCK_NAME, compare_fingerprint
 from batch.logs import LOG_NAME
 from batch.pricing import Price, Pricer, pricer_for
 from batch.prompts import PromptBuilder
+from batch.providers import Provider
 from batch.reader import InputTable
 from batch.records import OUTPUT_FIELDS
 from batch.schema import JsonOutput, json_output_for, openai_strict
@@ -38,6 +39,7 @@ class Settings:
     """What the job file alone determines: enough for `estimate`, which needs no key and writes nothing."""
 
     spec: JobSpec
+    provider: Provider  # the rules of the provider the job names
     body_params: dict[str, Any]  # model.params with extra_body merged in: the request body's fields besides messages
     max_tokens: int | None  # as sent, from params or extra_body (extra_body wins, as in the body)
     pricer: Pricer | None  # the job's pricing, or the built-in table's; None: unknown
@@ -66,20 +68,20 @@ def resolve(spec: JobSpec) -> Settings:
     body_params = dict(spec.model.params)
     # Provider-only fields and OpenAI ones go the same way: the SDK's create() has fixed kwargs.
     body_params.update(body_params.pop("extra_body", None) or {})
-    if spec.model.provider == "openai":
+    provider = spec.model.provider_rules
+    if provider.strict_schema:
         _check_own_strict_schema(spec, body_params.get("response_format"))
     if json_output is not None and json_output.response_format is not None:
         # A response_format in params is the job's own choice (e.g. strict: false), so it is kept.
         body_params.setdefault("response_format", json_output.response_format)
     max_tokens = body_params.get("max_tokens")  # a positive int when present: config checked both places
     if spec.model.stream:
-        body_params.update(stream_params(spec.model.provider, body_params.get("stream_options")))
+        body_params.update(stream_params(provider, body_params.get("stream_options")))
     pricer = pricer_for(spec.model.name, Price(**spec.pricing.model_dump()) if spec.pricing else None)
     if spec.budget is not None:
         _check_budget(spec, max_tokens, pricer)
     _check_output_columns(spec)
-    provider = PROVIDERS[spec.model.provider]
-    return Settings(spec, body_params, max_tokens, pricer, spec.model.base_url or provider.base_url,
+    return Settings(spec, provider, body_params, max_tokens, pricer, spec.model.base_url or provider.base_url,
                     spec.model.api_key_env or provider.api_key_env, builder, json_output)
 
 
@@ -101,10 +103,10 @@ def _check_own_strict_schema(spec: JobSpec, response_format: Any) -> None:
                       "batch sends in the form strict mode takes")
 
 
-def stream_params(provider: str, stream_options: Any) -> dict[str, Any]:
-    """The body fields that ask for a stream with its usage: Zhipu sends usage in the last chunk unasked,
-    OpenAI-style servers only when stream_options asks (the job's own stream_options are kept beside it)."""
-    if provider == "zhipu":
+def stream_params(provider: Provider, stream_options: Any) -> dict[str, Any]:
+    """The body fields that ask for a stream with its usage: asked for in stream_options where the provider sends
+    none unasked (the job's own stream_options are kept beside it)."""
+    if provider.stream_usage_unasked:
         return {"stream": True}
     options = stream_options if isinstance(stream_options, dict) else {}
     return {"stream": True, "stream_options": {**options, "include_usage": True}}
@@ -275,7 +277,6 @@ def usable_key(key: str, source: str) -> str:
 
 def resolve_api_key(spec: JobSpec, var: str | None) -> str:
     """The key from the environment or a .env beside the job file or in the working directory."""
-    provider = PROVIDERS[spec.model.provider]
     key = None
     if var:
         key, source = os.environ.get(var), f"the environment variable {var}"
@@ -290,7 +291,7 @@ def resolve_api_key(spec: JobSpec, var: str | None) -> str:
                         break
     if key:
         return usable_key(key, source)
-    if provider.key_required or spec.model.api_key_env:
+    if spec.model.provider_rules.key_required or spec.model.api_key_env:
         raise ConfigError(
             f"{spec.job_path}: the API key variable {var} is not set: export {var}=... or put it in a .env file"
         )

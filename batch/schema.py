@@ -27,18 +27,12 @@ from batch.errors import ConfigError
 from batch.prompts import estimate_tokens, prompt_token_bound, system_text
 from batch.replies import json_error_at, parse_reply
 
-# Zhipu documents only response_format json_object, and its hosts answer 200 to a json_schema format they then
-# ignore; its own advice is to write the format into the system prompt. Servers that enforce a schema (OpenAI,
-# vLLM, llama.cpp's server, which turns it into a grammar) take it as response_format.
+# The two ways a schema is asked for (SchemaVia); which one a provider takes unless the job says: Provider.schema_via.
 VIA_PROMPT, VIA_RESPONSE_FORMAT = "prompt", "response_format"
 SCHEMA_NOTE = "Answer with one JSON object and nothing else. It must match this JSON Schema:"
 SCHEMA_NAME = "output"  # response_format.json_schema.name: OpenAI wants one ([a-zA-Z0-9_-]{1,64})
 log = logging.getLogger("batch")
 MAX_ERROR_CHARS = 300  # a validation message quotes the value at fault, which may be the whole reply
-
-
-def default_via(provider: str) -> str:
-    return VIA_PROMPT if provider == "zhipu" else VIA_RESPONSE_FORMAT
 
 
 @dataclass(frozen=True)
@@ -140,8 +134,9 @@ def json_output_for(spec: JobSpec) -> JsonOutput | None:
     if "object" not in (kinds if isinstance(kinds, list) else [kinds]):
         raise ConfigError(f"{where}: the reply is a JSON object, so the schema's type must be object (got {kinds!r})")
     _check_references(where, schema)
-    via, strict = out.schema_via or default_via(spec.model.provider), True
-    if via == VIA_RESPONSE_FORMAT and spec.model.provider == "openai":
+    provider = spec.model.provider_rules
+    via, strict = out.schema_via or provider.schema_via, True
+    if via == VIA_RESPONSE_FORMAT and provider.strict_schema:
         made = openai_strict(schema)
         if made.blocker is None:
             return JsonOutput(out.json_attempts, made.schema, via, checker(made.checked))
