@@ -193,6 +193,10 @@ class RowStates:
         self.codes[held] = self._code(SUBMITTED)
         return held
 
+    def sends_again(self, seq: int, retry_failed: bool) -> bool:
+        """Whether input row `seq` (seq -1: none) is to be sent again, given its last record (should_send)."""
+        return 0 <= seq < len(self.codes) and should_send(self.name(int(self.codes[seq])), retry_failed)
+
     def batch_requests_since_record(self, seq: int) -> int:
         """The Batch API requests sent for input row `seq` (seq -1: none known) since its last record."""
         return int(self.batch_requests[seq]) if 0 <= seq < len(self.batch_requests) else 0

@@ -271,8 +271,11 @@ class Run:
                 log.debug("row %s failed after %d attempts: %s: %s", result["id"], result["attempts"],
                           result["error_class"], result["error"])
             self.checkpoint.append(result)
-            done.add_one(result["seq"], "ok" if result["status"] == "ok" else result["error_class"],
-                         result["prompt_hash"])
+            done.add_one(seq, "ok" if result["status"] == "ok" else result["error_class"], result["prompt_hash"])
+            # Only the Batch API sends a row twice in a run (an answer to an edited prompt, sent again with --wait):
+            # that row's next record carries this one.
+            if self.mode == "batch_api" and done.sends_again(seq, self.options.retry_failed):
+                carried[seq] = {name: result[name] for name in CARRIED_FIELDS}  # type: ignore[literal-required]
 
         return record
 

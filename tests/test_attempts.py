@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pytest
-from helpers import output_of
+from helpers import output_of, summary_of
 
 from batch.errors import EXIT_BATCHES_LIVE
 from batch.prompts import prompt_token_bound
@@ -184,3 +184,22 @@ def test_batch_answers_without_usage_keep_the_budget_in_later_runs(start_sim, ma
     code, out, err = run_cli("run", job)  # a later run counts them as this one did: nothing more fits
     assert code == 5, out + err
     assert sum(requests_received(sim, r["text"]) for r in rows) == sent
+
+
+def test_a_row_edited_while_its_batch_is_live_and_answered_again_in_the_same_run_keeps_both_answers(
+        start_sim, make_job, run_cli, tmp_path):
+    sim = start_sim(batch_speed=0)
+    job = make_job(sim, rows=marked_rows(4, {}), mode="batch_api", model=PLUS, batch_api=BATCH)
+    assert run_cli("run", job)[0] == EXIT_BATCHES_LIVE
+    edited = marked_rows(4, {0: " edited"})
+    pd.DataFrame(edited).to_csv(tmp_path / "reviews.csv", index=False)
+    sim.advance(3600)
+    sim.reconfigure(batch_speed=1000)
+    code, out, err = run_cli("run", job, "--wait")  # the old prompt's answer merged, the new one sent and merged
+    assert code == 0, out + err
+    frame = output_of(job)
+    assert frame["attempts"].tolist() == [2, 1, 1, 1]
+    assert requests_received(sim, "review number 0") + requests_received(sim, "review number 0 edited") == 2
+    # Both answers were paid for in this run (none in the first): the row's record holds both.
+    assert summary_of(job)["run"]["cost"] == pytest.approx(frame["cost"].sum())
+    assert status_of(run_cli, job)["cost"] == pytest.approx(frame["cost"].sum())
