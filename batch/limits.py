@@ -33,7 +33,8 @@ no part.
 
 Retry-After delays only the request it came with: the row waits out its retry holding no slot, and the
 other rows go on (batch/pool.py). The pool as a whole pauses only when the server says so for everyone:
-a Retry-After on an answer whose code, 1305, says the model is overloaded for every caller (`pool_pause`).
+a Retry-After on an answer whose code says the model is overloaded for every caller (`pool_pause`: the
+provider's BusinessCodes.overloaded, Zhipu's 1305).
 A 1302's Retry-After speaks of our own concurrency, which the limit above already corrects.
 
 Every timed part takes its clock and its sleep as arguments, so the tests drive them with a fake clock.
@@ -58,11 +59,11 @@ from tenacity import (
 )
 
 from batch.failures import Failure
+from batch.providers import ZHIPU_CODES, BusinessCodes
 
 INITIAL_LIMIT = 8  # the default limits.concurrency: a job left at its default never waits for slow start
 PROBE_ROUNDS = 8  # rounds of answers spent at the ceiling - 1 before it is probed again
 MAX_RETRY_AFTER_S = 600.0
-OVERLOADED_CODE = 1305  # Zhipu: "the model is overloaded, try again later": said to everyone, not to us
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[object]]
@@ -198,9 +199,10 @@ class Slots:
                 turn.set_result(self.in_flight)
 
 
-def pool_pause(failure: Failure) -> float | None:
-    """How long every request waits after `failure`: only the server's word for everyone (see the module's doc)."""
-    if failure.code == OVERLOADED_CODE and failure.retry_after is not None:
+def pool_pause(failure: Failure, codes: BusinessCodes = ZHIPU_CODES) -> float | None:
+    """How long every request waits after `failure`: only the server's word for everyone (see the module's doc), by
+    the provider's business `codes`."""
+    if failure.code in codes.overloaded and failure.retry_after is not None:
         return min(failure.retry_after, MAX_RETRY_AFTER_S)
     return None
 

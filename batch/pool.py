@@ -65,6 +65,7 @@ class Pool:
         self.body_params = settings.body_params
         self.max_tokens = settings.max_tokens or 0
         self.json_output = settings.json_output
+        self.codes = settings.provider.codes
         self.stream = spec.model.stream
         self.requests = request_limiter(spec.limits.requests_per_minute)
         self.tokens = token_limiter(spec.limits.tokens_per_minute)
@@ -163,7 +164,7 @@ class Pool:
         except Exception as exc:  # the client raises Failures; anything else is classified too, none escapes raw
             failure = classify(exc)
             if failure.error_class == "rate_limited":
-                self.slots.throttled(sent_with, pool_pause(failure))
+                self.slots.throttled(sent_with, pool_pause(failure, self.codes))
             else:
                 self.slots.release()
             if failure.usage is not None:  # an answer came, whatever its verdict: paid for, and the endpoint is up

@@ -24,6 +24,9 @@ class BusinessCodes:
 
     rate_limited: frozenset[int]
     """Slow down: retried after a pause, also when the status says otherwise (a 200 carrying one)."""
+    overloaded: frozenset[int]
+    """Rate limits said to every caller (the model is overloaded), not to this one: their Retry-After pauses every
+    request, where another rate limit's delays only its own (batch.limits.pool_pause)."""
     server_error: frozenset[int]
     """The server's fault, whatever the status: retried."""
     row: Mapping[int, str]
@@ -36,6 +39,7 @@ class BusinessCodes:
 # OpenAI's codes are words that never read as these numbers: every built-in provider judges by this table.
 ZHIPU_CODES = BusinessCodes(
     rate_limited=frozenset({1302, 1303, 1305, 1312}),
+    overloaded=frozenset({1305}),
     server_error=frozenset({1200, 1230, 1234}),
     row=MappingProxyType({1210: "bad_request", 1213: "bad_request", 1214: "bad_request", 1215: "bad_request",
                           1261: "prompt_too_long", 1301: "content_filter"}),

@@ -142,8 +142,10 @@ def acme_at(sim) -> Provider:
         stream_usage_unasked=False, schema_via="prompt", strict_schema=False,
         batch_dialect=BatchDialect("/v1/chat/completions", auto_delete_input_file=True),
         batch_max_requests=4, batch_max_bytes=1_000_000,
-        codes=BusinessCodes(rate_limited=frozenset({4290}), server_error=frozenset({5030}),
-                            row={4001: "content_filter"}, job=((range(4010, 4020), "account"),)),
+        # Its 1302 says the model is overloaded for every caller (Zhipu's speaks of our own concurrency).
+        codes=BusinessCodes(rate_limited=frozenset({1302}), overloaded=frozenset({1302}),
+                            server_error=frozenset({5030}), row={4001: "content_filter"},
+                            job=((range(4010, 4020), "account"),)),
         param_ranges={"temperature": (0.0, 0.5)},
     )
 
@@ -205,9 +207,27 @@ def test_a_provider_added_to_the_registry_runs_online_by_its_rules(acme, make_jo
     assert code == 3 and "account" in err  # acme's job code stops the run, though it came as a 429
 
 
+def test_a_provider_added_to_the_registry_pauses_every_request_on_its_overloaded_code(acme, make_job, run_cli,
+                                                                                     monkeypatch):
+    """With a local provider, a 1302's Retry-After delays only its own row (test_failures); acme says its 1302 is for
+    every caller: nothing is sent until the pause is over."""
+    monkeypatch.setenv("ACME_API_KEY", ACME_KEY)
+    acme.reconfigure(retry_after=0.3, history=True)
+    rows = [{"review_id": f"r{i}", "text": f"review {i}" + (" [[error:429:1302]]" if i == 0 else "")} for i in range(6)]
+    job = acme_job(make_job, acme, rows=rows, limits={"concurrency": 1}, retry={"max_attempts": 2})
+    code, _, err = run_cli("run", job)
+    assert code == 1, err  # the marked row is refused every time, and fails as rate_limited
+    history = acme.stats()["history"]
+    refused = [h for h in history if h["status"] == 429]
+    assert len(refused) == 2 and len(history) == len(rows) + 1
+    paused = refused[0]["answered"]
+    assert all(h["arrived"] >= paused + 0.3 - 0.005 for h in history if h["arrived"] > paused)
+
+
 def test_a_provider_added_to_the_registry_runs_its_batch_api(acme, make_job, run_cli, monkeypatch):
     monkeypatch.setenv("ACME_API_KEY", ACME_KEY)
     rows = [{"review_id": f"r{i}", "text": f"review {i}"} for i in range(10)]
+    rows[9]["text"] += " [[error:400:4001]]"  # a result line with acme's content-filter code
     job = acme_job(make_job, acme, rows=rows, mode="batch_api")
     assert run_cli("run", job)[0] == EXIT_BATCHES_LIVE
     made = batches(acme, ACME_KEY)
@@ -216,5 +236,7 @@ def test_a_provider_added_to_the_registry_runs_its_batch_api(acme, make_job, run
     acme.advance(3600)
     assert {batch["status"] for batch in batches(acme, ACME_KEY)} == {"completed"}
     assert not inputs & files_kept(acme, ACME_KEY)  # auto_delete_input_file asked, on the /v1 path too
-    assert run_cli("run", job)[0] == 0
-    assert list(pd.read_parquet(job.parent / "out" / "result.parquet")["status"]) == ["ok"] * 10
+    assert run_cli("run", job)[0] == 1
+    result = pd.read_parquet(job.parent / "out" / "result.parquet")
+    assert list(result["status"]) == ["ok"] * 9 + ["failed"]
+    assert result["error_class"].iloc[9] == "content_filter"
