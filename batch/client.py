@@ -13,6 +13,7 @@ the proxy named by the environment, a timeout per request and no hidden retries.
 
 from __future__ import annotations
 
+import codecs
 import json
 import time
 import urllib.request
@@ -27,15 +28,15 @@ from batch.logs import hide_secrets, keep_secret
 from batch.providers import ZHIPU_CODES, BusinessCodes
 from batch.sse import EventStream
 
+BOM = codecs.BOM_UTF8  # some servers start a body with one; JSON (RFC 8259 8.1) lets a reader ignore it
 USER_AGENT = "batch/0.1 (OpenAI-compatible chat completions)"
 # Token counts land in int64 columns: a larger one would stop the checkpoint's writer, not just this row.
 MAX_TOKEN_COUNT = 2**63 - 1
 USAGE_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
-# The text fields of an answer that are recorded, by where they sit: 0 the answer, 1 choices[0], 2 its message.
-TEXT_FIELDS = ((2, "content", "choices[0].message.content"),
-               (2, "reasoning_content", "choices[0].message.reasoning_content"),
-               (1, "finish_reason", "choices[0].finish_reason"),
-               (0, "model", "model"), (0, "id", "id"), (0, "request_id", "request_id"))
+# The text fields of an answer that are recorded, by where they sit: the answer, and each choice and its message.
+ANSWER_TEXT_FIELDS = ("model", "id", "request_id")
+CHOICE_TEXT_FIELDS = ("finish_reason",)
+MESSAGE_TEXT_FIELDS = ("content", "reasoning_content")
 
 
 class ChatClient:
@@ -87,9 +88,10 @@ class ChatClient:
             raise connection_failure(exc) from None
         return self._judged(status, headers, raw, oversize)
 
-    async def stream(self, body: bytes) -> tuple[dict[str, Any], float | None]:
-        """The completion for a request body that asks for a stream, assembled from its events, and the
-        time.perf_counter() of its first content, reasoning or tool-call token (None when none came); raises Failure.
+    async def stream(self, body: bytes, choices: int = 1) -> tuple[dict[str, Any], float | None]:
+        """The completion for a request body that asks for a stream (`choices`: its `n`), assembled from its events,
+        and the time.perf_counter() of its first content, reasoning or tool-call token (None when none came); raises
+        Failure.
 
         The assembled answer is checked and masked as a non-streamed one is. A 200 is read by what it holds,
         not by its Content-Type (servers label event streams text/plain or application/json, and JSON bodies
@@ -99,7 +101,7 @@ class ChatClient:
             async with self._session.post(self.url, data=body, headers=self._stream_headers) as response:
                 status, headers = response.status, response.headers
                 if status == 200:
-                    return await self._read_stream(response)
+                    return await self._read_stream(response, choices)
                 raw, oversize = await self._read(response)
         except TimeoutError as exc:
             raise self._timeout(exc) from None
@@ -122,17 +124,20 @@ class ChatClient:
                                                "(limits.idle_timeout_s)")
         return Failure("retry", "timeout", f"no complete answer within {self.timeout_s:g} s (limits.timeout_s)")
 
-    async def _read_stream(self, response: aiohttp.ClientResponse) -> tuple[dict[str, Any], float | None]:
-        """A 200 to a stream request, read as it comes: one JSON body when it opens with `{` or `[` (after any
-        whitespace), else server-sent events (batch.sse). The answer, checked, and when its first token came.
+    async def _read_stream(self, response: aiohttp.ClientResponse,
+                           choices: int) -> tuple[dict[str, Any], float | None]:
+        """A 200 to a stream request, read as it comes: one JSON body when it opens with `{` or `[` (after a byte
+        order mark, and any whitespace), else server-sent events (batch.sse). The answer, checked, and when its
+        first token came.
 
         Every byte read counts against max_response_bytes. [DONE] ends the request at once: the rest is not
         waited for (a server may keep the connection open), and the connection is kept for the next request only
         when its end is already in. A stream that ends without [DONE] once every choice has its finish_reason is
         whole (llama.cpp forks and older TGI never send [DONE]); so is one that then falls silent or is dropped.
+        Every choice: as many as the request asked for (`choices`), each with its finish_reason.
         """
         cap, size, opening = self.max_response_bytes, 0, b""
-        stream = StreamedAnswer(self.codes)
+        stream = StreamedAnswer(self.codes, choices)
         try:
             async for piece in response.content.iter_any():
                 size += len(piece)
@@ -140,7 +145,9 @@ class ChatClient:
                     break
                 if opening is not None:  # what the answer is, not yet known: only whitespace came so far
                     opening += piece
-                    first = opening.lstrip()[:1]
+                    if BOM.startswith(opening):  # a byte order mark, or the start of one: not yet known
+                        continue
+                    first = opening.removeprefix(BOM).lstrip()[:1]
                     if not first:
                         continue
                     if first in b"{[":
@@ -223,7 +230,8 @@ def status_failure(status: int, raw: bytes, retry_after: float | None, codes: Bu
 
 
 def parse_body(body: bytes, codes: BusinessCodes = ZHIPU_CODES) -> dict[str, Any]:
-    """A 200's body as a completion whose recorded fields have the documented types, or the Failure it really is."""
+    """A 200's body as a completion whose recorded fields have the documented types, or the Failure it really is.
+    A byte order mark before it is not part of it (json.loads of bytes takes it for the encoding's sign)."""
     try:
         data = json.loads(body)
     except ValueError:
@@ -249,7 +257,7 @@ def accepted(data: dict[str, Any], maybe_surrogates: bool = True) -> dict[str, A
     """An answer, streamed or not, checked and with the key masked (check_answer); a Failure if it is an error."""
     try:
         check_answer(data, maybe_surrogates)
-        if data["choices"][0].get("finish_reason") == "network_error":
+        if any(choice.get("finish_reason") == "network_error" for choice in data["choices"]):
             raise Failure("retry", "server_error", "finish_reason network_error (model inference error)")
     except Failure as failure:
         raise paid(failure, data) from None
@@ -283,8 +291,10 @@ class StreamedAnswer:
     [DONE], and only when stream_options.include_usage asks). An error event is judged by `codes`, the provider's.
     """
 
-    def __init__(self, codes: BusinessCodes = ZHIPU_CODES) -> None:
+    def __init__(self, codes: BusinessCodes = ZHIPU_CODES, asked: int = 1) -> None:
+        """`asked`: the choices the request asked for (its `n`)."""
         self.codes = codes
+        self.asked = asked
         self.first_token_at: float | None = None
         self._events = EventStream()
         self.choices: dict[int, StreamedChoice] = {}
@@ -294,8 +304,10 @@ class StreamedAnswer:
 
     @property
     def whole(self) -> bool:
-        """[DONE] came, or every choice has its finish_reason: nothing is missing, however the stream ends."""
-        return self.done or (bool(self.choices) and all(c.finish_reason is not None for c in self.choices.values()))
+        """[DONE] came, or every choice asked for came with its finish_reason: nothing is missing, however the stream
+        ends."""
+        return self.done or (len(self.choices) >= self.asked
+                             and all(c.finish_reason is not None for c in self.choices.values()))
 
     def feed(self, piece: bytes) -> bool:
         """A piece of the stream's bytes, cut anywhere: the events it completes are taken. True once [DONE] came (what
@@ -370,8 +382,10 @@ class StreamedAnswer:
         """The completion the events made up, checked as a non-streamed one (accepted); a Failure if it is cut short
         (the Failure carries the usage that came, if any: the answer was paid for)."""
         if not self.whole:
+            missing = "a finish_reason" if len(self.choices) >= self.asked else \
+                f"all {self.asked} choices asked for (n; {len(self.choices)} came)"
             raise paid(Failure("retry", "bad_response", f"HTTP 200 whose stream ended after {self.events} events "
-                                                        "without [DONE] or a finish_reason: the answer may be cut "
+                                                        f"without [DONE] or {missing}: the answer may be cut "
                                                         "short"), self.top)
         if not self.choices or any(c.finish_reason is None for c in self.choices.values()):
             raise paid(Failure("retry", "bad_response", "HTTP 200 whose stream ended without a finish_reason"),
@@ -452,31 +466,39 @@ def check_answer(data: dict[str, Any], maybe_surrogates: bool = True) -> None:
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices:
         raise _unfit("choices", choices, "a non-empty list")
-    choice = choices[0]
-    if not isinstance(choice, dict):
-        raise _unfit("choices[0]", choice, "an object")
-    message = choice.get("message")
-    if not isinstance(message, dict):
-        raise _unfit("choices[0].message", message, "an object")
-    owners = (data, choice, message)
-    for level, key, name in TEXT_FIELDS:
-        value = owners[level].get(key)
+    for place, choice in enumerate(choices):  # every choice (n above 1), not only the one the row's columns show
+        where = f"choices[{place}]"
+        if not isinstance(choice, dict):
+            raise _unfit(where, choice, "an object")
+        message = choice.get("message")
+        if not isinstance(message, dict):
+            raise _unfit(f"{where}.message", message, "an object")
+        _check_texts(choice, CHOICE_TEXT_FIELDS, f"{where}.", maybe_surrogates)
+        _check_texts(message, MESSAGE_TEXT_FIELDS, f"{where}.message.", maybe_surrogates)
+        if message.get("tool_calls") is not None:
+            message["tool_calls"] = _checked_calls(message["tool_calls"], f"{where}.message.tool_calls",
+                                                   maybe_surrogates)
+    _check_texts(data, ANSWER_TEXT_FIELDS, "", maybe_surrogates)
+    usage = data.get("usage")
+    if usage is not None:
+        check_usage(usage)
+
+
+def _check_texts(owner: dict[str, Any], keys: tuple[str, ...], prefix: str, maybe_surrogates: bool) -> None:
+    """Each of `owner`'s `keys` text or null, valid Unicode, with the key masked in it (`prefix`: where it sits)."""
+    for key in keys:
+        value = owner.get(key)
         if value is None:
             continue
         if not isinstance(value, str):
-            raise _unfit(name, value, "a string or null")
+            raise _unfit(prefix + key, value, "a string or null")
         if maybe_surrogates:
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:
-                raise _unfit(name, value, "valid Unicode text (it holds a lone surrogate)") from None
+                raise _unfit(prefix + key, value, "valid Unicode text (it holds a lone surrogate)") from None
         if value:
-            owners[level][key] = hide_secrets(value)
-    if message.get("tool_calls") is not None:
-        message["tool_calls"] = _checked_calls(message["tool_calls"], maybe_surrogates)
-    usage = data.get("usage")
-    if usage is not None:
-        check_usage(usage)
+            owner[key] = hide_secrets(value)
 
 
 def check_usage(usage: Any) -> None:
@@ -493,18 +515,17 @@ def check_usage(usage: Any) -> None:
         _check_count(details, "cached_tokens", "usage.prompt_tokens_details.")
 
 
-def _checked_calls(calls: Any, maybe_surrogates: bool) -> list[Any]:
-    """message.tool_calls, a list of objects, with the key masked in every text inside (a server may repeat it in a
-    call's arguments); recorded as they came, whatever fields each call has."""
+def _checked_calls(calls: Any, where: str, maybe_surrogates: bool) -> list[Any]:
+    """message.tool_calls (at `where`), a list of objects, with the key masked in every text inside (a server may
+    repeat it in a call's arguments); recorded as they came, whatever fields each call has."""
     if not isinstance(calls, list) or not all(isinstance(call, dict) for call in calls):
-        raise _unfit("choices[0].message.tool_calls", calls, "a list of objects")
+        raise _unfit(where, calls, "a list of objects")
     text = json.dumps(calls, ensure_ascii=False)
     if maybe_surrogates:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise _unfit("choices[0].message.tool_calls", calls, "valid Unicode text (it holds a lone surrogate)") \
-                from None
+            raise _unfit(where, calls, "valid Unicode text (it holds a lone surrogate)") from None
     masked = hide_secrets(text)
     return calls if masked == text else json.loads(masked)
 

@@ -67,6 +67,8 @@ class Pool:
         self.json_output = settings.json_output
         self.codes = settings.provider.codes
         self.stream = spec.model.stream
+        n = self.body_params.get("n")
+        self.choices = n if type(n) is int and n > 0 else 1  # a stream is whole with this many (the request's n)
         self.requests = request_limiter(spec.limits.requests_per_minute)
         self.tokens = token_limiter(spec.limits.tokens_per_minute)
         self.stopping = stopping
@@ -152,7 +154,7 @@ class Pool:
         first_token_at = None
         try:
             if self.stream:
-                data, first_token_at = await self.client.stream(body)
+                data, first_token_at = await self.client.stream(body, self.choices)
             else:
                 data = await self.client.complete(body)
         except asyncio.CancelledError:

@@ -27,7 +27,9 @@ that ignores ``stream`` answers), ``[[nodelta]]`` (the finish_reason's chunk wit
 ``[[toolcalls:N]]`` answers with N tool calls and no content, streamed as deltas by index with the arguments
 in pieces, the calls interleaved (`tool_call_deltas`). How the events are written, byte for byte, is set by
 ``[[eol:lf|crlf|cr|mixed]]``, ``[[ssefields]]``, ``[[datalines]]`` and ``[[split:N]]`` (see `SseFraming`);
-``[[ctype:TYPE]]`` labels any answer (streamed, JSON or error) with that Content-Type; a stream kept open
+``[[ctype:TYPE]]`` labels any answer (streamed, JSON or error) with that Content-Type; ``[[bom]]`` starts a JSON
+body (an answer, or an error) with a UTF-8 byte order mark; ``[[fewerchoices:K]]`` streams the prompt's first answer
+with only its first K choices, each whole, and then ends (no usage, no ``[DONE]``); a stream kept open
 after ``[DONE]`` is ``[[stall:N]]`` with N past its last event. A request with ``n`` above 1 gets that many
 choices (choice 0 is the answer without ``n``), streamed with their deltas interleaved, each naming its
 ``index``. ``openai_strict`` answers a strict json_schema response_format outside OpenAI's subset with its
@@ -52,6 +54,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import codecs
 import contextlib
 import dataclasses
 import hashlib
@@ -77,7 +80,7 @@ _TOKEN_RE = re.compile(f"[{_CJK}]|[^\\W{_CJK}]+|[^\\w\\s]")
 _MARKER_RE = re.compile(
     r"\[\[(error|flaky|malformed|nochoices|hang|reset|slow|bigbody|bigstream|"
     r"cutstream|garbagechunk|errorchunk|stall|nodone|nostream|tornend|badjson|fenced|toolcalls|reply|"
-    r"eol|split|ctype|ssefields|datalines|nodelta)(?::([^\]]*))?\]\]")
+    r"eol|split|ctype|ssefields|datalines|nodelta|bom|fewerchoices)(?::([^\]]*))?\]\]")
 _SCHEMA_BLOCK_RE = re.compile(r"```json\s*(.*?)\s*```", re.DOTALL)
 _SET_RE = re.compile(r"\[\[set:([\w.]+)=([^\]]*)\]\]")
 _MALFORMED_BODY = b'{"id": "x", "choices": ['
@@ -657,9 +660,12 @@ class Simulator:
             self._max_in_flight = self._in_flight
         try:
             response = await self._respond(request, chat)
-            label = markers_of(chat.prompt).get("ctype")
+            markers = markers_of(chat.prompt)
+            label = markers.get("ctype")
             if label is not None and not response.prepared:  # [[ctype:TYPE]] labels every answer, not only streams
                 response.headers["Content-Type"] = label
+            if "bom" in markers and isinstance(response, web.Response) and isinstance(response.body, bytes):
+                response.body = codecs.BOM_UTF8 + response.body  # [[bom]]: a JSON body (answer or error) after a BOM
             return response
         except asyncio.CancelledError:
             self._count("disconnected")  # the client gave up (timeout) before we answered
@@ -827,6 +833,15 @@ class Simulator:
             add(None, **usage)
         if "nodone" not in markers:
             events.append(b"[DONE]")
+        if "fewerchoices" in markers:  # like [[flaky]]: the prompt's first request only
+            seen = self._flaky_seen[prompt] = self._flaky_seen.get(prompt, 0) + 1
+            if seen == 1:  # only the first K choices, each whole, then the end: no usage, no [DONE]
+                kept = {choice.get("index", at) for at, choice in enumerate(choices[:int(_number(
+                    markers["fewerchoices"], 1))])}
+                events = [event for event in events if isinstance(event, dict) and event["choices"]
+                          and all(choice["index"] in kept for choice in event["choices"])]
+                for event in events:
+                    event.pop("usage", None)
 
         cut_after = None
         if "cutstream" in markers:  # like [[flaky]]: the prompt's first request only

@@ -127,3 +127,22 @@ def test_done_with_blanks_around_it_ends_the_answer():
     assert stream.feed(b"data:  [DONE] \r\n\r\n")
     with pytest.raises(Failure, match="without a finish_reason"):  # [DONE] came, but no finish_reason did
         stream.answer()
+
+
+@given(st.integers(1, 4), st.data())
+def test_a_stream_without_done_is_whole_only_with_every_choice_the_request_asked_for(asked, data):
+    """`n` choices asked for: a stream that ends without [DONE] after some of them, each with its finish_reason, is
+    cut short unless all `n` came (in any order)."""
+    came = data.draw(st.lists(st.integers(0, asked - 1), unique=True, min_size=1, max_size=asked))
+    stream = StreamedAnswer(asked=asked)
+    for index in came:
+        stream.take(json.dumps({"choices": [{"index": index, "delta": {"content": f"answer {index}"},
+                                             "finish_reason": "stop"}]}).encode())
+    stream.end()
+    assert stream.whole == (len(came) == asked)
+    if stream.whole:
+        assert [choice["message"]["content"] for choice in stream.answer()["choices"]] == \
+               [f"answer {index}" for index in range(asked)]
+    else:
+        with pytest.raises(Failure, match=f"without \\[DONE\\] or all {asked} choices asked for"):
+            stream.answer()

@@ -308,6 +308,44 @@ def test_n_choices_streamed_are_the_choices_unstreamed(sim, make_job, run_cli, t
     assert out["response"].tolist() == [expected_answer(row["text"]) for row in rows]
 
 
+def test_a_stream_without_done_is_whole_only_with_every_choice_asked_for(sim, make_job, run_cli):
+    """n: 2, and the stream ends (no [DONE]) once choice 0 came whole: choice 1 is missing, so the answer is cut
+    short, retried, and then whole."""
+    rows = prompt_rows("only the first choice [[fewerchoices:1]]", "both choices")
+    job = make_job(sim, rows=rows, retry={"max_attempts": 3, "initial_backoff_s": 0.01},
+                   **streamed({"params": {"n": 2}}))
+    assert run_cli("run", job)[0] == 0
+    out = output_of(job).set_index("review_id")
+    assert out["attempts"].tolist() == [2, 1]
+    assert out["response"].tolist() == [expected_answer(row["text"]) for row in rows]
+    assert sim.stats()["requests"] == 3
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_every_choice_of_an_answer_is_checked_not_only_the_first(sim, make_job, run_cli, stream):
+    rows = prompt_rows("choice 1 is odd [[set:choices.1.finish_reason=5]]")
+    job = make_job(sim, rows=rows, retry={"max_attempts": 1},
+                   **(streamed({"params": {"n": 2}}) if stream else {"model": {"params": {"n": 2}}}))
+    assert run_cli("run", job)[0] == 1
+    row = only_row(job)
+    assert (row["status"], row["error_class"]) == ("failed", "bad_response")
+    assert row["error"] == "HTTP 200 whose choices[1].finish_reason is 5, not a string or null", row["error"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_json_body_after_a_byte_order_mark_is_read_as_json(sim, make_job, run_cli, stream):
+    """A BOM before a JSON body (an answer, the JSON answer to a stream request, an error in a 200 or not) is not part
+    of it: the answer is taken, the error judged by its code."""
+    rows = prompt_rows("fine [[bom]][[nostream]]", "unsafe [[bom]][[error:200:1301]]",
+                       "unsafe, 400 [[bom]][[error:400:1301]]")
+    job = make_job(sim, rows=rows, **(streamed() if stream else {}))
+    assert run_cli("run", job)[0] == 1
+    out = output_of(job).set_index("review_id")
+    assert out.loc["r0", "status"] == "ok" and out.loc["r0", "response"] == expected_answer(rows[0]["text"])
+    assert out["error_class"].tolist()[1:] == ["content_filter", "content_filter"]
+    assert out["attempts"].tolist() == [1, 1, 1]
+
+
 def spent_at_server(sim) -> int:
     """The tokens the simulator answered with, over every request it got (each one paid for)."""
     total = 0
