@@ -240,3 +240,13 @@ def test_a_provider_added_to_the_registry_runs_its_batch_api(acme, make_job, run
     result = pd.read_parquet(job.parent / "out" / "result.parquet")
     assert list(result["status"]) == ["ok"] * 9 + ["failed"]
     assert result["error_class"].iloc[9] == "content_filter"
+
+
+def test_a_provider_added_to_the_registry_judges_its_batch_calls_by_its_codes(acme, make_job, run_cli, monkeypatch):
+    """A batch create refused with Zhipu's 1113 (arrears, an account code to Zhipu's table) as a 429: acme's table
+    does not know 1113, so acme's job is stopped by the status alone (a 429 without a rate-limit code: quota)."""
+    monkeypatch.setenv("ACME_API_KEY", ACME_KEY)
+    acme.reconfigure(batch_arrears_after=0)
+    job = acme_job(make_job, acme, mode="batch_api")
+    code, _, err = run_cli("run", job)
+    assert code == 3 and "quota: HTTP 429 code 1113" in err, err
