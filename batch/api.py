@@ -31,7 +31,12 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import ValidationError
 
-from batch.atomic import write_atomic
+from batch.checkpoint.answered import SUBMITTED, should_send
+from batch.checkpoint.final import reply_columns
+from batch.checkpoint.guard import RunLock
+from batch.checkpoint.writer import Checkpoint
+from batch.commands.estimate import estimate as estimate_job
+from batch.commands.status import id_batches, job_status, read_job
 from batch.config import JobSpec, OutputSpec, check_job, describe_validation_error, is_mapping_text, load_job
 from batch.errors import (
     EXIT_BATCHES_LIVE,
@@ -47,18 +52,13 @@ from batch.errors import (
     option,
     python_caller,
 )
-from batch.estimate import estimate as estimate_job
-from batch.failures import SUBMITTED, should_send
-from batch.final import reply_columns
-from batch.guard import RunLock
 from batch.logs import keep_secret, redact, run_log
 from batch.preflight import check_output_path, preflight, resolve
 from batch.records import OUTPUT_FIELDS, RECORD_FIELDS, RECORD_SCHEMA
-from batch.replies import JSON_PREFIX
+from batch.replies.columns import JSON_PREFIX
 from batch.runner import Run, RunOptions
-from batch.status import id_batches, job_status, read_job
+from batch.storage.atomic import write_atomic
 from batch.summary import format_summary
-from batch.writer import Checkpoint
 
 if TYPE_CHECKING:  # pandas is imported where a DataFrame is made: the command line keeps it out of its runs
     import pandas as pd

@@ -13,15 +13,15 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from batch.commands.estimate import estimate, format_estimate
+from batch.commands.export import export_output
+from batch.commands.status import format_status, job_status
 from batch.config import load_job
 from batch.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, BatchError, ConfigError
-from batch.estimate import estimate, format_estimate
-from batch.export import export_output
 from batch.logs import LOG_NAME, redact, redact_everywhere, run_log, setup_logging, write_traceback
 from batch.preflight import preflight, resolve, validation_report
 from batch.process import command_line_process, readers_may_leave
 from batch.runner import RunOptions, run_job
-from batch.status import format_status, job_status
 from batch.summary import format_summary
 
 log = logging.getLogger("batch")
@@ -163,9 +163,9 @@ def run(args: argparse.Namespace) -> int:
 
 def cancel(args: argparse.Namespace) -> int:
     """`batch cancel job.yaml`: the job's live batches cancelled at the provider, under the run lock."""
-    from batch.batch_api import cancel_batches  # the openai SDK: imported by this command only
-    from batch.guard import RunLock
-    from batch.ledger import format_batch
+    from batch.batch_api.answerer import cancel_batches  # the openai SDK: imported by this command only
+    from batch.batch_api.ledger import format_batch
+    from batch.checkpoint.guard import RunLock
 
     plan = preflight(args.job)
     redact_everywhere([plan.api_key])

@@ -29,8 +29,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict
 
-from batch.atomic import read_reason
-from batch.errors import ConfigError
+from batch.errors import ConfigError, read_reason
 from batch.providers import DEFAULT_PROVIDER, PROVIDERS, Provider, SchemaVia
 
 INPUT_FORMATS = (".csv", ".parquet", ".jsonl")
@@ -314,6 +313,8 @@ class BatchApiSpec(Strict):
 
 
 class JobSpec(Strict):
+    """A job file, validated: every key typed and ranged, each error naming its key and line (load_job)."""
+
     name: Name
     input: InputSpec
     prompt: PromptSpec

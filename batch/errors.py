@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -94,3 +95,15 @@ def python_caller() -> Iterator[None]:
         yield
     finally:
         _PYTHON_CALLER.reset(token)
+
+
+def os_reason(exc: OSError) -> str:
+    """An OS error as a short phrase. pyarrow's carry the path and errno in their text, Python's a filename."""
+    if exc.strerror and exc.filename is None and "Detail:" not in exc.strerror:
+        return exc.strerror
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+def read_reason(exc: OSError | UnicodeDecodeError) -> str:
+    """Why a text file could not be read, as a short phrase."""
+    return "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else os_reason(exc)

@@ -3,7 +3,7 @@
 A run (batch/runner.py) owns the lifecycle: the lock, the checkpoint, the resume state, the
 signals, the final file and the summary. It hands the rows it sends to an `Answerer`, which gets
 their answers and gives each row's record back through `record`. The online pool
-(batch/online.py) is one; a provider's Batch API (batch/batch_api.py) is the other. Both stop
+(batch/online/answerer.py) is one; a provider's Batch API (batch/batch_api/answerer.py) is the other. Both stop
 through the same `Stop`.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from batch.errors import CheckpointWriteError
-from batch.reader import Row
+from batch.input.reader import Row
 from batch.records import Record
 
 log = logging.getLogger("batch")

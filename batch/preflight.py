@@ -10,52 +10,25 @@ request may cost. A job that fails here has not touched its checkpoint folder.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from dotenv import dotenv_values
 
-from batch.atomic import read_reason
-from batch.cache import check_answer_cache
+from batch.checkpoint.guard import LOCK_NAME, compare_fingerprint
+from batch.checkpoint.writer import WAL_NAME, Checkpoint
 from batch.config import JobSpec, load_job
-from batch.errors import ConfigError, in_callers_words
-from batch.guard import LOCK_NAME, compare_fingerprint
+from batch.errors import ConfigError, in_callers_words, read_reason
+from batch.input.prompts import PromptBuilder
+from batch.input.reader import InputTable
 from batch.logs import LOG_NAME
+from batch.money.cache import check_answer_cache
+from batch.plan import CHECKPOINT_MARKERS, Plan, Settings
 from batch.pricing import Price, Pricer, pricer_for
-from batch.prompts import PromptBuilder
 from batch.providers import Provider
-from batch.reader import InputTable
 from batch.records import OUTPUT_FIELDS
-from batch.schema import JsonOutput, json_output_for, openai_strict
-from batch.writer import WAL_NAME, Checkpoint
-
-# The files a checkpoint folder holds from its first run: a folder with one is some job's checkpoint.
-CHECKPOINT_MARKERS = ("fingerprint.json", "wal.jsonl")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What the job file alone determines: enough for `estimate`, which needs no key and writes nothing."""
-
-    spec: JobSpec
-    provider: Provider  # the rules of the provider the job names
-    body_params: dict[str, Any]  # model.params with extra_body merged in: the request body's fields besides messages
-    max_tokens: int | None  # as sent, from params or extra_body (extra_body wins, as in the body)
-    pricer: Pricer | None  # the job's pricing, or the built-in table's; None: unknown
-    base_url: str
-    api_key_env: str | None
-    builder: PromptBuilder
-    json_output: JsonOutput | None  # with parse_json: how replies are checked (and, with a schema, asked for)
-
-
-@dataclass(frozen=True)
-class Plan(Settings):
-    """Settings, checked against the file system and the environment: what `run` and `validate` need."""
-
-    api_key: str
-    table: InputTable  # opened and scanned: columns present, ids unique and non-empty
-    rows: int
+from batch.replies.schema import json_output_for, openai_strict
 
 
 def resolve(spec: JobSpec) -> Settings:

@@ -26,7 +26,7 @@ class BusinessCodes:
     """Slow down: retried after a pause, also when the status says otherwise (a 200 carrying one)."""
     overloaded: frozenset[int]
     """Rate limits said to every caller (the model is overloaded), not to this one: their Retry-After pauses every
-    request, where another rate limit's delays only its own (batch.limits.pool_pause)."""
+    request, where another rate limit's delays only its own (batch.online.limits.pool_pause)."""
     server_error: frozenset[int]
     """The server's fault, whatever the status: retried."""
     row: Mapping[int, str]

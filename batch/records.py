@@ -18,7 +18,7 @@ from batch.logs import redact
 from batch.pricing import Pricer, cost_of
 
 if TYPE_CHECKING:
-    from batch.reader import Row
+    from batch.input.reader import Row
 
 
 class Record(TypedDict):

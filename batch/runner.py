@@ -1,5 +1,5 @@
-"""A whole run: rows from the reader, answered (batch/online.py, or batch/batch_api.py), into the checkpoint, then
-the final output."""
+"""A whole run: rows from the reader, answered (batch/online/answerer.py, or batch/batch_api/answerer.py), into
+the checkpoint, then the final output."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batch.answered import RowStates
-from batch.atomic import os_reason
-from batch.budget import Budget
-from batch.cache import AnswerCache, open_error
+from batch.batch_api.ledger import Ledger, describe
+from batch.checkpoint.answered import RowStates
+from batch.checkpoint.final import LastRecords, is_current, output_settings, reply_columns, write_final
+from batch.checkpoint.guard import RunLock, check_fingerprint, end_run, mark_running
+from batch.checkpoint.writer import Checkpoint
 from batch.errors import (
     EXIT_BAD_INPUT,
     EXIT_BATCHES_LIVE,
@@ -27,21 +28,20 @@ from batch.errors import (
     ConfigError,
     InputChangedError,
     OutputWriteError,
+    os_reason,
 )
 from batch.executor import Answerer, Pending, Stop
-from batch.final import LastRecords, is_current, output_settings, reply_columns, write_final
-from batch.guard import RunLock, check_fingerprint, end_run, mark_running
-from batch.ledger import Ledger, describe
-from batch.online import OnlineAnswerer, cache_write_error
-from batch.pool import Pool, make_client
-from batch.preflight import Plan
+from batch.input.prompts import RowPromptError
+from batch.input.reader import Skipped
+from batch.money.budget import Budget
+from batch.money.cache import AnswerCache, open_error
+from batch.online.answerer import OnlineAnswerer, cache_write_error
+from batch.online.pool import Pool, make_client
+from batch.plan import Plan
 from batch.pricing import Pricer, batch_pricer
 from batch.process import give_back_freed_memory
-from batch.prompts import RowPromptError
-from batch.reader import Skipped
 from batch.records import CARRIED_FIELDS, Record, add_paid_before, failed_record
 from batch.summary import Progress, RunStats, build_summary, save_summary
-from batch.writer import Checkpoint
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -196,8 +196,9 @@ class Run:
 
     async def _answer_batch_api(self, done: RowStates, stats: RunStats, progress: Progress) -> None:
         """The job's live batches taken on (collected when finished) and, in batch_api mode, the rows to send put
-        into new ones (batch/batch_api.py; imported here: the openai SDK's import is paid only by this mode)."""
-        from batch.batch_api import BatchAnswerer
+        into new ones (batch/batch_api/answerer.py; imported here: the openai SDK's import is paid only by this
+        mode)."""
+        from batch.batch_api.answerer import BatchAnswerer
 
         pricer = batch_pricer(self.plan.pricer)
         budget = self._budget(done, pricer) if self.spec.budget else None

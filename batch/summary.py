@@ -14,12 +14,12 @@ from typing import Any
 
 from tqdm import tqdm  # the text bar; a notebook's widget is tqdm.notebook's, taken where it can be drawn
 
-from batch.atomic import write_text_atomic
+from batch.batch_api.ledger import TERMINAL, format_batch
 from batch.errors import option
-from batch.ledger import TERMINAL, format_batch
 from batch.logs import redact
 from batch.pricing import CURRENCY, money
 from batch.records import Record, billed
+from batch.storage.atomic import write_text_atomic
 
 log = logging.getLogger("batch")
 

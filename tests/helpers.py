@@ -16,10 +16,10 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from batch.answered import Answered
-from batch.reader import Row
+from batch.checkpoint.answered import Answered
+from batch.checkpoint.writer import Checkpoint
+from batch.input.reader import Row
 from batch.records import failed_record
-from batch.writer import Checkpoint
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 ROWS = [{"review_id": f"r{i:03d}", "text": f"review {i}"} for i in range(40)]

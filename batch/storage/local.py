@@ -28,7 +28,7 @@ from typing import BinaryIO, cast
 
 import pyarrow as pa
 
-from batch.atomic import fsync_dir
+from batch.storage.atomic import fsync_dir
 from batch.storage.base import (
     AlreadyExists,
     Entry,

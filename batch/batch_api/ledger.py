@@ -1,0 +1,309 @@
+"""The Batch API's ledger: which rows went into which file, and where each file is at the provider.
+
+It lives in the checkpoint folder, as `batches.jsonl` (append-only, each line fsynced before the step
+it records is taken further) beside `batches/`, which holds each file's rows (`file-N.rows.parquet`:
+seq, id, custom_id, prompt_hash, submission, prompt_bound: what its worst case for the budget is made of)
+and, until its batch exists, its request lines (`file-N.jsonl`). Both are written atomically before the
+ledger names them. The steps of a file:
+
+    file      its rows and custom_ids are in the checkpoint (before anything is uploaded)
+    uploaded  the upload returned this file id
+    lost      the provider no longer knows that upload (confirmed by a second 404): it is uploaded again
+    created   the batch create returned this batch id
+    state     a poll saw a new state (for `status`)
+    cancel    `batch cancel` asked the provider to cancel it
+    merged    its results are in the checkpoint; its rows are no longer held (status "lost": the provider no
+              longer knows its batch, and every row of it is pending again)
+    cleaned   its files at the provider are deleted
+
+A kill between two steps leaves the earlier one as the last word, and the next run takes the file on from
+there: a file never recorded is built again, a file not recorded as uploaded is uploaded again (an
+uploaded file costs nothing until a batch is made of it), and a batch whose id was lost between create
+and its record is found with the list call by its metadata (the job's tag, the file's number) instead
+of being created again. So a custom_id (file number + row id) is never in two batches.
+
+This module has no network: a run reads it to hold the rows of live batches back from sending
+(batch/checkpoint/answered.py SUBMITTED) whatever its mode; batch/batch_api/answerer.py drives the provider.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from array import array
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batch.checkpoint.answered import Answered, RowStates
+from batch.checkpoint.guard import fingerprint
+from batch.config import JobSpec
+from batch.errors import CheckpointWriteError, ConfigError
+from batch.storage.atomic import fsync_dir, place, temp_path
+
+log = logging.getLogger("batch")
+
+LEDGER_NAME = "batches.jsonl"
+FILES_DIR = "batches"
+ROWS_SCHEMA = pa.schema([("seq", pa.int64()), ("id", pa.string()), ("custom_id", pa.string()),
+                         ("prompt_hash", pa.uint32()), ("submission", pa.int32()), ("prompt_bound", pa.int64())])
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+
+
+@dataclass
+class BatchFile:
+    """One input file of the job and its batch, as the ledger tells it."""
+
+    number: int
+    tag: str
+    rows: int
+    bytes: int
+    records_before: int  # the checkpoint's record count when it was built: a later record of its row is its answer
+    hold_cost: float
+    hold_tokens: int
+    built_at: float
+    file_id: str | None = None
+    batch_id: str | None = None
+    status: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    cancel_asked: bool = False
+    merged: bool = False
+    cleaned: bool = False
+    outcome: dict[str, Any] = field(default_factory=dict)
+    # Where its rows sit in the input now, found by id (Ledger.place); -1 for a row no longer in the input.
+    seqs: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def live(self) -> bool:
+        return not self.merged
+
+
+class RowsWriter:
+    """A file's rows (ROWS_SCHEMA), written to a temp Parquet file a slice at a time, never all held; `close`
+    puts it in place (fsynced, renamed). Only the rows' positions are kept, 8 bytes a row, to hold them."""
+
+    SLICE = 4096
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = temp_path(path)
+        self.seqs = array("q")
+        self._writer = pq.ParquetWriter(self.tmp, ROWS_SCHEMA)
+        self._columns: list[list[Any]] = [[] for _ in ROWS_SCHEMA.names]
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def add(self, seq: int, row_id: str, cid: str, prompt_hash: int | None, submission: int, prompt_bound: int) -> None:
+        for column, value in zip(self._columns, (seq, row_id, cid, prompt_hash, submission, prompt_bound)):
+            column.append(value)
+        self.seqs.append(seq)
+        if len(self._columns[0]) >= self.SLICE:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._columns[0]:
+            self._writer.write_table(pa.table(dict(zip(ROWS_SCHEMA.names, self._columns)), schema=ROWS_SCHEMA))
+            self._columns = [[] for _ in ROWS_SCHEMA.names]
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+        place(self.tmp, self.path)
+
+
+def job_tag(spec: JobSpec) -> str:
+    """The job's name at the provider (batch metadata, file names): its fingerprint and checkpoint folder."""
+    source = json.dumps([fingerprint(spec), str(spec.checkpoint_dir.resolve())], sort_keys=True, default=str)
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def custom_id(number: int, row_id: str) -> str:
+    """A row's custom_id in file `number`: from its id, deterministic, 6-64 characters, never in two files."""
+    return f"f{number}-{hashlib.blake2b(row_id.encode(), digest_size=12).hexdigest()}"
+
+
+class Ledger:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.path = folder / LEDGER_NAME
+        self.files_dir = folder / FILES_DIR
+        self.files: dict[int, BatchFile] = {}
+        self._handle: Any = None
+        if self.path.exists():
+            self._read()
+
+    def _read(self) -> None:
+        with open(self.path, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                try:
+                    event = json.loads(line)
+                    self._apply(event)
+                except (ValueError, KeyError, TypeError):
+                    if line.endswith("\n"):  # a last line cut short by a kill is a step not taken
+                        log.warning("%s line %d is damaged: skipped", self.path, number)
+
+    def _apply(self, event: dict[str, Any]) -> None:
+        kind, number = event["event"], int(event["file"])
+        if kind == "file":
+            self.files[number] = BatchFile(number, event["tag"], event["rows"], event["bytes"],
+                                           event["records_before"], event["hold_cost"], event["hold_tokens"],
+                                           event["at"])
+            return
+        entry = self.files[number]
+        if kind == "uploaded":
+            entry.file_id = event["file_id"]
+        elif kind == "lost":  # the provider no longer knows the upload: it is uploaded again
+            entry.file_id = None
+        elif kind == "created":
+            entry.batch_id = event["batch_id"]
+        elif kind == "state":
+            entry.status, entry.counts = event["status"], event.get("counts") or {}
+        elif kind == "cancel":
+            entry.cancel_asked = True
+        elif kind == "merged":
+            entry.merged, entry.status, entry.outcome = True, event["status"], event.get("outcome") or {}
+        elif kind == "cleaned":
+            entry.cleaned = True
+
+    def note(self, kind: str, number: int, **values: Any) -> None:
+        """Append a step to the ledger, on disk (fsynced) before the caller goes on."""
+        event = {"event": kind, "file": number, **values, "at": round(time.time(), 3)}
+        try:
+            if self._handle is None:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                new = not self.path.exists()
+                if not new:
+                    self._cut_torn_end()
+                self._handle = open(self.path, "a", encoding="utf-8")
+                if new:
+                    fsync_dir(self.folder)
+            self._handle.write(json.dumps(event, ensure_ascii=False) + "\n")
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+        except OSError as exc:
+            raise CheckpointWriteError(f"{self.path}: cannot write the Batch API ledger: {exc.strerror or exc}; "
+                                       "the run stopped (run the job again once it can be written)") from None
+        self._apply(event)
+
+    def _cut_torn_end(self) -> None:
+        """A last line cut short (a step not taken) is cut off: appended to, it would take the next step with it."""
+        with open(self.path, "rb") as existing:
+            data = existing.read()
+        if data and not data.endswith(b"\n"):
+            os.truncate(self.path, data.rfind(b"\n") + 1)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def live(self) -> list[BatchFile]:
+        return [entry for entry in self.files.values() if entry.live]
+
+    def next_number(self) -> int:
+        return max(self.files, default=0) + 1
+
+    # -- the files of a batch, in the checkpoint folder ------------------------------------------
+    def rows_path(self, number: int) -> Path:
+        return self.files_dir / f"file-{number:06d}.rows.parquet"
+
+    def requests_path(self, number: int) -> Path:
+        return self.files_dir / f"file-{number:06d}.jsonl"
+
+    def results_path(self, number: int, which: str) -> Path:
+        return self.files_dir / f"file-{number:06d}.{which}.jsonl"
+
+    def rows_writer(self, number: int) -> RowsWriter:
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        return RowsWriter(self.rows_path(number))
+
+    def rows_of(self, number: int, columns: list[str] | None = None) -> pa.Table:
+        path = self.rows_path(number)
+        try:
+            return pq.read_table(path, columns=columns)
+        except (OSError, pa.ArrowInvalid) as exc:  # deleted or damaged by hand: the ledger wrote it before naming it
+            reason = "it is missing" if isinstance(exc, FileNotFoundError) else str(exc)
+            raise ConfigError(f"{path}: the rows of Batch API file {number}, which {self.path.name} names, cannot be "
+                              f"read ({reason}); restore the checkpoint folder from a backup") from None
+
+    # -- what a run needs before it sends anything ---------------------------------------------
+    def hold(self, states: RowStates, id_batches: Callable[[], Iterable[pa.Array]]) -> int:
+        """Hold the rows of live batches back (SUBMITTED in `states`), found in the input by id; returns how many
+        are held."""
+        self.place(id_batches)
+        held = 0
+        for entry in self.live():
+            assert entry.seqs is not None
+            held += len(states.hold(entry.seqs[entry.seqs >= 0], entry.records_before))
+        return held
+
+    def place(self, id_batches: Callable[[], Iterable[pa.Array]]) -> None:
+        """Find each live file's rows in the input (`id_batches`: its ids, in order) by id, as `entry.seqs`: the
+        input may have lost, gained or reordered rows since the file was built, and a position recorded then
+        would name another row now."""
+        live = self.live()
+        if not live:
+            return
+        ids = pa.chunked_array([self.rows_of(entry.number, ["id"]).column("id").combine_chunks() for entry in live],
+                               pa.string())
+        # Answered is the checkpoint's index of ids (binary search on hashes, hits confirmed on the ids); the
+        # states it also keeps are not needed here.
+        unknown = pa.chunked_array([pa.nulls(len(ids), pa.string())])
+        index = Answered(ids, unknown, unknown)
+        seqs = np.full(len(ids), -1, np.int64)
+        start = 0
+        for batch in id_batches():
+            at = index.index(batch)
+            found = at.is_valid().to_numpy(zero_copy_only=False)
+            seqs[index.last_positions.take(at.filter(found)).to_numpy()] = start + np.flatnonzero(found)
+            start += len(batch)
+        offset = 0
+        for entry in live:
+            entry.seqs = seqs[offset:offset + entry.rows]
+            offset += entry.rows
+
+    def count_batch_requests(self, states: RowStates) -> None:
+        """Count in `states` (batch_requests) the batches each input row was put in since its last record: the
+        requests its next record adds to `attempts`. A live file's rows are where `hold` found them by id."""
+        written = states.written
+        for entry in self.files.values():
+            seqs = entry.seqs
+            if seqs is None:
+                seqs = self.rows_of(entry.number, ["seq"]).column("seq").to_numpy()
+            seqs = seqs[(seqs >= 0) & (seqs < len(written))]
+            # Built after the row's last record (written is 1 + its position): sent since, and not answered yet.
+            np.add.at(states.batch_requests, seqs[written[seqs].astype(np.int64) <= entry.records_before], 1)
+
+    def submissions(self, rows: int) -> np.ndarray:
+        """How many times each input row was put in a batch (for `attempts`)."""
+        counts = np.zeros(rows, np.int32)
+        for entry in self.files.values():
+            seqs = self.rows_of(entry.number, ["seq"]).column("seq").to_numpy()
+            np.add.at(counts, seqs[seqs < rows], 1)
+        return counts
+
+
+def describe(entry: BatchFile, now: float | None = None) -> dict[str, Any]:
+    """A batch as `status` and the run's summary show it."""
+    age = (now or time.time()) - entry.built_at
+    state = entry.status or ("created" if entry.batch_id else "uploaded" if entry.file_id else "built")
+    return {"file": entry.number, "batch_id": entry.batch_id, "state": state, "rows": entry.rows,
+            "counts": entry.counts, "age_s": round(age, 1), "merged": entry.merged, **entry.outcome}
+
+
+def format_batch(batch: dict[str, Any]) -> str:
+    counts = batch["counts"] or {}
+    done = f", {counts.get('completed', 0)} completed, {counts.get('failed', 0)} failed" if counts else ""
+    minutes = batch["age_s"] / 60
+    age = f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
+    return (f"batch {batch['batch_id'] or '(not created yet)'} (file {batch['file']}): {batch['state']}, "
+            f"{batch['rows']} rows{done}, age {age}")

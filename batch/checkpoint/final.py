@@ -1,0 +1,173 @@
+"""The final output: every input row once, in input order, beside its last record.
+
+The checkpoint is never read whole. The input streams in windows of rows; RowStates says where
+each row's last record was written, and only the row groups holding a window's records are read.
+With parse_json, the replies' keys are found in one streaming pass first (batch.replies), and each
+window's reply columns are made from the records read for it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from batch.checkpoint.answered import RowStates
+from batch.checkpoint.writer import Checkpoint, RowGroups
+from batch.config import JobSpec
+from batch.records import DICTIONARY_FIELDS, OUTPUT_FIELDS, RECORD_FIELDS, RECORD_SCHEMA
+from batch.replies.columns import ReplyColumns
+from batch.storage.atomic import write_atomic
+
+WINDOW_ROWS = 4096  # input rows per read of the checkpoint: its records arrive a row group at a time
+# Rows per row group of the output. The writer holds ~30 KB of metadata per row group until it closes
+# (7 MB at a million rows in 4,096-row groups), and the rows of one group until it is written.
+ROW_GROUP_ROWS = 16_384
+# The final file's footer key holding the settings it was written with (output_settings).
+SETTINGS_KEY = b"batch.output_settings"
+
+
+def output_settings(spec: JobSpec, schema: dict[str, Any] | None) -> str:
+    """What shapes the final file beside the records and the input, as JSON text: its id and kept columns, and
+    the reply columns (`schema`: output.json_schema as read, which a --force resume may have changed)."""
+    out = spec.output
+    return json.dumps({"id_column": spec.id_column_out, "keep_columns": out.keep_columns, "parse_json": out.parse_json,
+                       "json_columns": out.json_columns, "json_schema": schema},
+                      ensure_ascii=False, sort_keys=True, default=str)
+
+
+def is_current(path: Path, checkpoint: Checkpoint, source: Path, settings: str) -> bool:
+    """Whether the final file at `path` is what writing it now would give: no record or `source` (the input) newer
+    than it, and written with these `settings` (an edited schema or kept columns, resumed with --force, are not)."""
+    if checkpoint.newer_than(path, source):
+        return False
+    try:
+        footer = pq.read_metadata(path).metadata or {}
+    except (OSError, pa.ArrowException):  # unreadable: written again
+        return False
+    return footer.get(SETTINGS_KEY) == settings.encode("utf-8")
+
+
+def reply_columns(spec: JobSpec, schema: dict[str, Any] | None, replies: Iterable[pa.Table]) -> ReplyColumns | None:
+    """The reply columns of a parse_json job (None without), from each id's last status and response."""
+    out = spec.output
+    if not out.parse_json:
+        return None
+    return ReplyColumns(replies, out.json_columns, {spec.id_column_out, *out.keep_columns, *RECORD_FIELDS}, schema)
+
+
+class LastRecords:
+    """Each input row's last record, read a window of rows at a time.
+
+    `groups` holds every record in write order (None: no parts); `states` where each row's last one is.
+    """
+
+    def __init__(self, groups: RowGroups | None, states: RowStates) -> None:
+        self.groups = groups
+        self.states = states
+
+    def answers(self, ids: pa.Array, start: int) -> pa.Table:
+        """The output fields of the last record of each of `ids` (input rows start, start+1, ...); nulls when none."""
+        written = self.states.last(start, ids)[1]
+        known = np.flatnonzero(written >= 0)
+        pick = np.full(len(ids), -1, np.int64)
+        if self.groups is None or len(known) == 0:
+            return RECORD_SCHEMA.empty_table().select(OUTPUT_FIELDS).take(pa.array(pick, mask=pick < 0))
+        found = self.groups.take(written[known], ["id", *OUTPUT_FIELDS])
+        if not pc.all(pc.equal(found.column("id"), ids.take(pa.array(known)))).as_py():
+            # Two ids with one 64-bit hash: a record paired with the wrong row. Never seen; refuse rather than guess.
+            raise RuntimeError("a checkpoint record was matched to the wrong input row (hash collision); "
+                               "please report this")
+        pick[known] = np.arange(len(known))
+        return found.select(OUTPUT_FIELDS).take(pa.array(pick, mask=pick < 0))
+
+
+def write_final(path: Path, input_batches: Iterator[tuple[pa.RecordBatch, pa.Array]], id_out: str,
+                keep_columns: list[str], records: LastRecords, replies: ReplyColumns | None = None,
+                window_rows: int = WINDOW_ROWS, settings: str = "") -> int:
+    """Every input row once, in input order, beside its last record (and its reply's columns, with `replies`),
+    reading the checkpoint for `window_rows` input rows at a time; `settings` (output_settings) in its footer.
+
+    Written atomically (batch.storage.atomic): a failed write leaves nothing that looks like output.
+    """
+    written = 0
+
+    def write(tmp: Path) -> None:
+        nonlocal written
+        written = _write_rows(tmp, _windows(input_batches, window_rows), id_out, keep_columns, records, replies,
+                              settings)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, write)
+    return written
+
+
+def _write_rows(tmp: Path, windows: Iterator[list[tuple[pa.RecordBatch, pa.Array]]], id_out: str,
+                keep_columns: list[str], records: LastRecords, replies: ReplyColumns | None, settings: str) -> int:
+    writer = None
+    written = flushed = 0  # rows read, rows written out
+    held: list[pa.Table] = []
+    # The file is ours to close, failed write or not: a writer whose close fails (a full disk) would keep it open,
+    # and its space taken after it is deleted, until collected.
+    with pa.OSFile(str(tmp), "wb") as sink:
+        try:
+            for window in windows:
+                ids = pa.concat_arrays([i for _, i in window])
+                answers = records.answers(ids, written)
+                parsed = replies.columns(answers) if replies is not None else []
+                at = 0
+                for batch, batch_ids in window:
+                    columns = {id_out: batch_ids, **{c: batch.column(c) for c in keep_columns if c != id_out}}
+                    columns.update(zip(OUTPUT_FIELDS, answers.slice(at, batch.num_rows).columns))
+                    columns.update((name, values.slice(at, batch.num_rows)) for name, values in parsed)
+                    at += batch.num_rows
+                    held.append(_table(columns, replies))
+                written += len(ids)
+                if written - flushed >= ROW_GROUP_ROWS:
+                    writer = _write_group(writer, sink, held, settings)
+                    held, flushed = [], written
+            if held:
+                writer = _write_group(writer, sink, held, settings)
+        finally:
+            if writer is not None:
+                writer.close()
+    return written
+
+
+def _table(columns: dict[str, pa.Array], replies: ReplyColumns | None) -> pa.Table:
+    """The window's columns as a table, the reply columns with their fields' metadata (which say JSON text)."""
+    fields = {field.name: field for field in replies.fields} if replies is not None else {}
+    return pa.table(columns, schema=pa.schema([fields.get(name) or pa.field(name, values.type)
+                                               for name, values in columns.items()]))
+
+
+def _write_group(writer: pq.ParquetWriter | None, sink: pa.NativeFile, tables: list[pa.Table], settings: str
+                 ) -> pq.ParquetWriter:
+    """One row group, whatever size the input's batches are."""
+    table = pa.concat_tables(tables)
+    if writer is None:
+        writer = pq.ParquetWriter(sink, table.schema.with_metadata({SETTINGS_KEY: settings.encode("utf-8")}),
+                                  use_dictionary=DICTIONARY_FIELDS)
+    writer.write_table(table)
+    return writer
+
+
+def _windows(batches: Iterator[tuple[pa.RecordBatch, pa.Array]],
+             window_rows: int) -> Iterator[list[tuple[pa.RecordBatch, pa.Array]]]:
+    window: list[tuple[pa.RecordBatch, pa.Array]] = []
+    rows = 0
+    for batch, ids in batches:
+        window.append((batch, ids))
+        rows += batch.num_rows
+        if rows >= window_rows:
+            yield window
+            window, rows = [], 0
+    if window:
+        yield window
+

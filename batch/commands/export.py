@@ -1,0 +1,133 @@
+"""`batch export`: the job's final Parquet table as CSV, JSONL or Parquet, streamed by record batches.
+
+The copy is written atomically (batch.storage.atomic), so the target is either the previous file or the whole new
+one, never half of it. It never overwrites the job's input, output or job file, or a checkpoint's files.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from batch.commands.status import read_job
+from batch.config import JobSpec
+from batch.errors import ConfigError
+from batch.preflight import check_export_target
+from batch.storage.atomic import write_atomic
+
+FORMATS = ("csv", "jsonl", "parquet")
+
+
+def export_output(spec: JobSpec, fmt: Literal["csv", "jsonl", "parquet"], to: Path) -> int:
+    """Write the final output table to `to` in `fmt`; returns the number of rows written."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r} (use one of {', '.join(FORMATS)})")
+    source = spec.output.path
+    job_now = read_job(spec)  # the rule read_results has: a final file older than the input or records is stale
+    if job_now.pending:
+        raise ConfigError(f"{source}: the job is not complete: {job_now.pending} rows pending "
+                          f"(see `batch status {spec.job_path}`; `batch run` answers them)")
+    if not job_now.final_is_current:
+        raise ConfigError(f"{source}: the final output is missing or older than the job's records, input or output "
+                          f"settings: `batch run {spec.job_path}` writes it again, sending nothing")
+    to = Path(to)
+    check_export_target(spec, to)
+    return export_file(source, fmt, to)
+
+
+def export_file(source: Path, fmt: Literal["csv", "jsonl", "parquet"], to: Path) -> int:
+    """Write the Parquet table `source` to `to` in `fmt`, atomically; returns the number of rows written."""
+    try:
+        to.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{to.parent}: cannot create the export folder: {exc.strerror or exc}") from None
+    rows = 0
+
+    def write(tmp: Path) -> None:
+        nonlocal rows
+        with pq.ParquetFile(source) as table:
+            rows = _WRITERS[fmt](table, tmp)
+
+    try:
+        write_atomic(to, write)
+    except OSError as exc:
+        raise ConfigError(f"{to}: cannot write the export: {exc.strerror or exc}") from None
+    except pa.ArrowException as exc:  # a type the format cannot hold, or a damaged output file
+        raise ConfigError(f"{to}: cannot export {source} as {fmt}: {exc}") from None
+    return rows
+
+
+def _write_parquet(source: pq.ParquetFile, tmp: Path) -> int:
+    rows = 0
+    with pq.ParquetWriter(tmp, source.schema_arrow) as writer:
+        for batch in source.iter_batches():
+            writer.write_batch(batch)
+            rows += batch.num_rows
+    return rows
+
+
+def _write_csv(source: pq.ParquetFile, tmp: Path) -> int:
+    rows = 0
+    schema = pa.schema([_csv_field(field) for field in source.schema_arrow])
+    with pacsv.CSVWriter(tmp, schema) as writer:
+        for batch in source.iter_batches():
+            writer.write_batch(pa.RecordBatch.from_arrays(
+                [_csv_column(column) for column in batch.columns], schema=schema))
+            rows += batch.num_rows
+    return rows
+
+
+def _write_jsonl(source: pq.ParquetFile, tmp: Path) -> int:
+    rows = 0
+    with open(tmp, "w", encoding="utf-8", newline="\n") as out:
+        for batch in source.iter_batches():
+            for record in batch.to_pylist():
+                clean = {key: _finite(value) for key, value in record.items()}
+                out.write(json.dumps(clean, ensure_ascii=False, default=_json_default) + "\n")
+            rows += batch.num_rows
+    return rows
+
+
+_WRITERS: dict[str, Callable[[pq.ParquetFile, Path], int]] = {
+    "csv": _write_csv, "jsonl": _write_jsonl, "parquet": _write_parquet}
+
+
+def _csv_type(type_: pa.DataType) -> pa.DataType:
+    """CSV cannot hold lists or structs: those columns are written as JSON text."""
+    if pa.types.is_dictionary(type_):
+        type_ = type_.value_type
+    return pa.string() if pa.types.is_nested(type_) else type_
+
+
+def _csv_field(field: pa.Field) -> pa.Field:
+    return pa.field(field.name, _csv_type(field.type))
+
+
+def _csv_column(column: pa.Array) -> pa.Array:
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    if not pa.types.is_nested(column.type):
+        return column
+    return pa.array([None if v is None else json.dumps(v, ensure_ascii=False, default=_json_default)
+                     for v in column.to_pylist()], pa.string())
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinity are not JSON: they are written as null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)  # Decimal, timedelta and the like

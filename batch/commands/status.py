@@ -1,0 +1,180 @@
+"""`batch status`: what a job has done, without a request."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from batch.batch_api.ledger import Ledger, describe, format_batch
+from batch.checkpoint.answered import PROMPT_CHANGED, SUBMITTED, RowStates
+from batch.checkpoint.final import is_current, output_settings
+from batch.checkpoint.guard import RunLock, read_run_mark
+from batch.checkpoint.writer import Checkpoint
+from batch.config import JobSpec
+from batch.input.prompts import PromptBuilder
+from batch.input.reader import InputTable
+from batch.pricing import CURRENCY, money
+from batch.replies.schema import json_output_for
+
+
+def open_input(spec: JobSpec) -> InputTable:
+    return InputTable(spec.input.path, spec.input.id_column, PromptBuilder(spec.prompt).columns,
+                      spec.output.keep_columns, messages_column=spec.prompt.messages_column)
+
+
+def row_states(spec: JobSpec, table: InputTable, checkpoint: Checkpoint) -> tuple[int, RowStates]:
+    """The input's row count and each row's state in the checkpoint, the log of a live run included: the same
+    resume state a run starts from, read without touching the folder."""
+    records = checkpoint.has_records()
+    total = table.scan(keep_hashes=records)
+    states = checkpoint.row_states(total, table.row_hashes, table.row_prompts, with_log=records)
+    table.row_hashes = table.row_prompts = None
+    # Rows in live Batch API batches are neither done nor to send.
+    Ledger(spec.checkpoint_dir).hold(states, id_batches(table))
+    return total, states
+
+
+@dataclass
+class JobReading:
+    """A job as read now, sending nothing: its input, checkpoint, each row's state and whether its final file is
+    the one a run would write now (read_job)."""
+    table: InputTable
+    checkpoint: Checkpoint
+    states: RowStates
+    total: int
+    pending: int
+    schema: dict[str, Any] | None  # output.json_schema as read
+    final_is_current: bool  # every row ok or failed, and the final file written from these records, input, settings
+
+
+def read_job(spec: JobSpec) -> JobReading:
+    """The job as it is: what `read_results` and `export` read. The final file is current only when no row is
+    pending and it is newer than every record and the input, written with the output settings it has now."""
+    table = open_input(spec)
+    checkpoint = Checkpoint(spec.checkpoint_dir)  # one reader: a damaged file is read, and warned of, once
+    total, states = row_states(spec, table, checkpoint)
+    counts = states.counts(id_batches(table))
+    json_output = json_output_for(spec)  # with a json_schema, its columns are typed by it, as in the output
+    schema = json_output.schema if json_output else None
+    pending = total - counts.ok - counts.failed
+    current = pending == 0 and spec.output.path.is_file() and \
+        is_current(spec.output.path, checkpoint, spec.input.path, output_settings(spec, schema))
+    return JobReading(table, checkpoint, states, total, pending, schema, current)
+
+
+def id_batches(table: InputTable) -> Callable[[], Iterator[pa.Array]]:
+    """The input's ids, a batch at a time, read afresh on each call (RowStates reads them when records moved)."""
+    return lambda: (ids for _, ids in table.id_batches([]))
+
+
+def job_status(spec: JobSpec) -> dict[str, Any]:
+    table = open_input(spec)
+    checkpoint = Checkpoint(spec.checkpoint_dir)  # one reader: a damaged file is read, and warned of, once
+    total, states = row_states(spec, table, checkpoint)
+    counts = states.counts(id_batches(table))
+    spent = checkpoint.spent(states, id_batches(table), with_log=True)
+    running = RunLock(spec.checkpoint_dir).holder() if spec.checkpoint_dir.is_dir() else None
+    return {
+        "job": spec.name,
+        "rows_total": total,
+        "ok": counts.ok,
+        "failed": counts.failed,
+        "pending": total - counts.ok - counts.failed,
+        "changed": counts.changed,
+        "not_in_input": counts.not_in_input,
+        "failed_by_class": failed_by_class(states, table),
+        "prompt_tokens": spent.prompt_tokens,
+        "completion_tokens": spent.completion_tokens,
+        "cost": spent.cost,
+        # What the budget counts as spent (the next run starts from it): the cost and tokens above, and answers
+        # that came without usage at their worst case.
+        "budget_cost": spent.budget_cost,
+        "budget_tokens": spent.budget_tokens,
+        "worst_case_tokens": spent.worst_case_tokens,
+        "currency": CURRENCY,
+        "running_pid": running,
+        "last_run": last_run(spec.checkpoint_dir, running),
+        "output": str(spec.output.path) if spec.output.path.is_file() else None,
+        "in_batches": states.held(),
+        # As the last run saw them (status sends no request): the next run polls them.
+        "batches": [describe(entry) for entry in Ledger(spec.checkpoint_dir).files.values() if entry.live],
+    }
+
+
+def failed_by_class(states: RowStates, table: InputTable) -> dict[str, int]:
+    counted: Counter[str] = Counter()
+    start = 0
+    for _, ids in table.id_batches([]):
+        codes = states.last(start, ids)[0]
+        counted.update({states.name(int(code)): int(n) for code, n in zip(*np.unique(codes, return_counts=True))})
+        start += len(ids)
+    return {name: n for name, n in counted.items() if name not in (None, "ok", PROMPT_CHANGED, SUBMITTED)}
+
+
+def last_run(folder: Path, running: int | None) -> dict[str, Any] | None:
+    """How the last run ended: "finished" (its summary), "did_not_finish" (killed or crashed: its
+    mark is still there and no live run holds the lock), "error" (stopped on an error it could note),
+    or "unreadable" (a damaged summary.json); None before the first run."""
+    marked = read_run_mark(folder) if running is None else None
+    if marked is not None:
+        state = "error" if marked.get("error") else "did_not_finish"
+        return {"state": state, **{k: marked.get(k) for k in ("started_at", "pid", "ended_at", "exit_code", "error")}}
+    path = folder / "summary.json"
+    if not path.exists():
+        return None
+    try:
+        last = json.loads(path.read_text(encoding="utf-8"))
+        return {"state": "finished", "finished_at": last.get("finished_at"), "exit_code": last["exit_code"],
+                "requests_per_s": last["run"]["requests_per_s"], "stopped": last.get("stopped")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}".splitlines()[0]
+        return {"state": "unreadable", "error": f"{path} is damaged ({reason})"}
+
+
+def format_status(status: dict[str, Any]) -> str:
+    lines = [
+        f"job {status['job']}: {status['rows_total']} rows: ok {status['ok']}, failed {status['failed']}, "
+        f"pending {status['pending']}" + (f" ({status['changed']} answered before their prompt changed)"
+                                          if status["changed"] else ""),
+        f"  tokens so far: {status['prompt_tokens']} prompt + {status['completion_tokens']} completion, "
+        f"cost so far: {money(status['cost'])} {status['currency']}",
+    ]
+    if status["worst_case_tokens"]:
+        lines.append(f"  counted against the budget: {money(status['budget_cost'])} {status['currency']}, "
+                     f"{status['budget_tokens']} tokens (answers that came without usage at their worst case)")
+    if status["batches"]:
+        lines.append(f"  Batch API: {status['in_batches']} pending rows sit in {len(status['batches'])} live batches "
+                     "(as the last run saw them):")
+        lines.extend(f"    {format_batch(batch)}" for batch in status["batches"])
+    if status["not_in_input"]:
+        lines.append(f"  not in the input: {status['not_in_input']} answers are for rows no longer in the input "
+                     "(kept in the checkpoint)")
+    if status["failed_by_class"]:
+        lines.append("  failed: " + ", ".join(f"{k} {v}" for k, v in sorted(status["failed_by_class"].items())))
+    last = status["last_run"]
+    if last:
+        lines.append(f"  last run: {_last_run_line(last)}")
+    running = status["running_pid"]
+    lines.append(f"  running now: {'yes, pid ' + str(running) if running else 'no'}")
+    if status["output"]:
+        lines.append(f"  output: {status['output']}")
+    return "\n".join(lines)
+
+
+def _last_run_line(last: dict[str, Any]) -> str:
+    if last["state"] == "did_not_finish":
+        return f"did not finish (killed or crashed), started {last['started_at']}, pid {last['pid']}"
+    if last["state"] == "error":
+        return f"stopped on an error (exit {last['exit_code']}), started {last['started_at']}: {last['error']}"
+    if last["state"] == "unreadable":
+        return f"its summary is unreadable: {last['error']}; the next run writes a new one"
+    stopped = f", stopped: {last['stopped']}" if last["stopped"] else ""
+    when = f"finished {last['finished_at']}, " if last["finished_at"] else ""
+    return f"{when}exit {last['exit_code']}, {last['requests_per_s']} requests/s{stopped}"

@@ -1,0 +1,244 @@
+"""One row's request: through the limits (batch/online/limits.py), the call, retries; its answer or failure as a record
+(batch.records).
+
+Ours are the only retries (the client has none): Zhipu's 1113 (arrears) arrives as HTTP 429 and
+must stop the job, not be retried. See batch/online/client.py for why the call is aiohttp, not the SDK.
+A request holds a slot only while it is in flight: a row waiting for its retry holds none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from tenacity import RetryCallState
+
+from batch.input.reader import Row
+from batch.online.breaker import OUTAGE_CLASSES, Breaker
+from batch.online.client import ChatClient
+from batch.online.failures import Failure, classify
+from batch.online.limits import Retries, Slots, pool_pause, request_limiter, token_limiter
+from batch.records import PAID_FIELDS, Record, add_paid_before, answer_record, failed_record, paid_for
+
+if TYPE_CHECKING:
+    from batch.plan import Plan, Settings
+
+log = logging.getLogger("batch")
+
+
+class Stopped(Exception):
+    """The run is stopping: this row stays pending (not failed) and a resume will send it."""
+
+
+class Parked(Exception):
+    """The endpoint is down: this attempt does not count against the row, which waits for the outage to end."""
+
+
+class JobFatal(Exception):
+    """The API refused the job as a whole; carries the failure that said so."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(str(failure))
+        self.failure = failure
+
+
+def make_client(plan: Plan) -> ChatClient:
+    limits = plan.spec.limits
+    return ChatClient(plan.base_url, plan.api_key, limits.timeout_s, limits.concurrency, limits.max_response_bytes,
+                      limits.idle_timeout_s if plan.spec.model.stream else None, plan.provider.codes)
+
+
+class Pool:
+    def __init__(self, client: ChatClient, settings: Settings, stopping: asyncio.Event) -> None:
+        spec = settings.spec
+        self.client = client
+        self.model = spec.model.name
+        self.pricer = settings.pricer
+        if self.pricer is None:
+            log.warning("no known price for model %s: its cost is recorded as unknown (null); "
+                        "set pricing: {input: ..., output: ...} in the job to count it", self.model)
+        self.body_params = settings.body_params
+        self.max_tokens = settings.max_tokens or 0
+        self.json_output = settings.json_output
+        self.codes = settings.provider.codes
+        self.stream = spec.model.stream
+        n = self.body_params.get("n")
+        self.choices = n if type(n) is int and n > 0 else 1  # a stream is whole with this many (the request's n)
+        self.requests = request_limiter(spec.limits.requests_per_minute)
+        self.tokens = token_limiter(spec.limits.tokens_per_minute)
+        self.stopping = stopping
+        self.slots = Slots(spec.limits.concurrency)
+        self.requests_sent = 0  # counted as each is sent: a row stopped by a job-fatal answer has no record
+        retry = spec.retry
+        self.breaker = Breaker(time.monotonic, retry.max_outage_s, retry.initial_backoff_s or 1.0, retry.max_backoff_s)
+        self._breaker_moved = asyncio.Event()
+        self.retries = Retries(retry.max_attempts, retry.initial_backoff_s, retry.max_backoff_s, stopping)
+
+    def request_body(self, messages: list[dict[str, Any]]) -> bytes:
+        """The request as sent, serialized once: the answer cache keys on these same bytes.
+
+        Sorted keys, so the same request written with its params in another order is the same key.
+        """
+        body = {"model": self.model, "messages": messages, **self.body_params}
+        return json.dumps(body, ensure_ascii=False, sort_keys=True, default=str).encode()
+
+    async def answer(self, row: Row, body: bytes, estimated_tokens: int,
+                     on_paid: Callable[[dict[str, Any]], bool] | None = None) -> Record:
+        """The result record for a row; raises JobFatal when the job must stop, Unreachable when the API stays down.
+
+        An answer that came but was judged a failure (cut short, an odd field) was paid for: its usage is added to
+        the row's record, ok or failed, as the usage of every answer to the row is, and given to `on_paid` (the
+        budget counts it at once), which says whether the row may still be asked again."""
+        spent: dict[str, Any] = dict.fromkeys(PAID_FIELDS)
+        try:
+            # Most rows succeed at once: tenacity's per-call state (~30 us, about 4% of a request's
+            # client CPU) is built only for a row whose first attempt failed.
+            return await self._attempt(row, body, estimated_tokens, 1, spent, on_paid)
+        except Failure as failure:
+            first: Failure | None = failure
+        except Parked:
+            first = None
+        record = await self._retry(row, body, estimated_tokens, first, spent, on_paid)
+        add_paid_before(record, spent)
+        return record
+
+    async def _retry(self, row: Row, body: bytes, estimated_tokens: int, first: Failure | None,
+                     spent: dict[str, Any], on_paid: Callable[[dict[str, Any]], bool] | None) -> Record:
+        attempts = 1
+        while True:
+            # One AsyncRetrying per row: it keeps per-call state, so it is not shared between tasks.
+            # A row parked by an outage starts its retries afresh once the endpoint answers again.
+            retrying = self.retries.retrying(before_sleep=lambda state: log_retry(row, state))
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        if first is not None:  # attempt 1, made above: tenacity judges its failure and waits
+                            made, first = first, None
+                            raise made
+                        attempts += 1
+                        return await self._attempt(row, body, estimated_tokens, attempts, spent, on_paid)
+            except Parked:
+                continue
+            except Failure as failure:
+                if failure.scope == "job":
+                    raise JobFatal(failure) from None
+                if failure.scope == "retry" and self.stopping.is_set():
+                    raise Stopped() from None  # cut short, not failed: its retries are not used up
+                if failure.error_class in OUTAGE_CLASSES and self.breaker.gave_up():
+                    self._outage_began()
+                    continue  # its retries ran out because the endpoint is down, not because of the row
+                return failed_record(row, failure.error_class, failure.message, attempts, self.model)
+
+    async def _attempt(self, row: Row, body: bytes, estimated_tokens: int, attempts: int,
+                       spent: dict[str, Any], on_paid: Callable[[dict[str, Any]], bool] | None) -> Record:
+        """One request; its record, or the Failure it is (the usage of an answer that came with it added to
+        `spent` and given to `on_paid`: a retry it has no room for makes the failure the row's)."""
+        if self.tokens is not None:
+            await self.tokens.acquire(min(estimated_tokens + self.max_tokens, self.tokens.max_rate))
+        if self.requests is not None:
+            await self.requests.acquire()
+        if self.stopping.is_set():
+            raise Stopped()  # woke from a backoff after the run began to stop: send nothing more
+        probe = self.breaker.open and await self._wait_for_probe_turn(row)
+        sent_with = await self.slots.acquire()
+        if self.stopping.is_set():  # the run began to stop while this row waited for its slot
+            self.slots.release()
+            raise Stopped()
+        started = time.perf_counter()
+        self.requests_sent += 1
+        first_token_at = None
+        try:
+            if self.stream:
+                data, first_token_at = await self.client.stream(body, self.choices)
+            else:
+                data = await self.client.complete(body)
+        except asyncio.CancelledError:
+            self.slots.release()
+            if probe:  # cut off (a second Ctrl-C) without a verdict: the next waiter probes
+                self.breaker.probe_abandoned()
+                self._breaker_changed()
+            raise
+        except Exception as exc:  # the client raises Failures; anything else is classified too, none escapes raw
+            failure = classify(exc)
+            if failure.error_class == "rate_limited":
+                self.slots.throttled(sent_with, pool_pause(failure, self.codes))
+            else:
+                self.slots.release()
+            if failure.usage is not None:  # an answer came, whatever its verdict: paid for, and the endpoint is up
+                paid = paid_for(failure.usage, self.pricer)
+                add_paid_before(spent, paid)  # type: ignore[arg-type]
+                self._answered()
+                if on_paid is not None and not on_paid(paid) and failure.scope == "retry":
+                    failure = dataclasses.replace(failure, scope="row", message=f"{failure.message} (not sent "
+                                                  "again: budget has no room for another answer)")
+            elif failure.error_class in OUTAGE_CLASSES:
+                self._failed_at_endpoint(row, failure, probe)
+            else:
+                self._answered()
+            raise failure from None
+        self.slots.succeeded(sent_with)
+        self._answered()
+        ttft = None if first_token_at is None else first_token_at - started
+        record = answer_record(row, data, time.perf_counter() - started, attempts, self.pricer, self.model, ttft)
+        if self.json_output is not None:
+            self.json_output.judge(record, self.max_tokens)
+        return record
+
+    # -- outages: see batch/online/breaker.py --------------------------------------------------------
+    def _answered(self) -> None:
+        outage_s = self.breaker.answered()
+        if outage_s is not None:
+            log.warning("the endpoint answers again after %.1f s without an answer: carrying on", outage_s)
+            self._breaker_changed()
+
+    def _failed_at_endpoint(self, row: Row, failure: Failure, probe: bool) -> None:
+        """An attempt failed at the connection or server level; raises Parked when that is an outage, not the row."""
+        was_open = self.breaker.open
+        if not self.breaker.failed(row.seq, str(failure), probe):
+            return
+        if not was_open:
+            self._outage_began()
+        elif probe:
+            log.info("probe failed (%s); the next one in %.2f s", failure, self.breaker.next_probe_in)
+            self._breaker_changed()
+        raise Parked()
+
+    def _outage_began(self) -> None:
+        b = self.breaker
+        log.warning("the endpoint is not answering (%d attempts failed, nothing answered for %.1f s; last: %s): "
+                    "no row is sent or retried; probing with one request at a time for up to %g s",
+                    b.failures, b.quiet_s, b.last_error, b.max_outage_s)
+        self._breaker_changed()
+
+    def _breaker_changed(self) -> None:
+        """Wake every row waiting in an outage: the probe's verdict is in, or the outage is over."""
+        self._breaker_moved.set()
+        self._breaker_moved = asyncio.Event()
+
+    async def _wait_for_probe_turn(self, row: Row) -> bool:
+        """While the breaker is open: wait; True when this attempt is the probe, False when the outage is over."""
+        while self.breaker.open:
+            if self.stopping.is_set():
+                raise Stopped()
+            wait_s = self.breaker.admit()  # raises Unreachable when the outage outlasts max_outage_s
+            if wait_s is None:
+                log.debug("probing the endpoint with row %s", row.id)
+                return True
+            moved, stopping = (asyncio.ensure_future(event.wait()) for event in (self._breaker_moved, self.stopping))
+            try:
+                await asyncio.wait((moved, stopping), timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                moved.cancel()
+                stopping.cancel()
+        return False
+
+
+def log_retry(row: Row, state: RetryCallState) -> None:
+    failure = state.outcome.exception() if state.outcome else None
+    wait_s = state.next_action.sleep if state.next_action else 0.0
+    log.debug("row %s: attempt %d failed (%s); retrying in %.2f s", row.id, state.attempt_number, failure, wait_s)

@@ -1,0 +1,5 @@
+import sys
+
+from batch.simulator.server import main
+
+sys.exit(main())
