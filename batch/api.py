@@ -58,6 +58,7 @@ from batch.records import OUTPUT_FIELDS, RECORD_FIELDS, RECORD_SCHEMA
 from batch.replies.columns import JSON_PREFIX
 from batch.runner import Run, RunOptions
 from batch.storage.atomic import write_atomic
+from batch.storage.local import object_at
 from batch.summary import format_summary
 
 if TYPE_CHECKING:  # pandas is imported where a DataFrame is made: the command line keeps it out of its runs
@@ -301,7 +302,9 @@ def read_results(job: Job) -> pd.DataFrame:
         spec = _spec_of(job)
         job_now = read_job(spec)
         if job_now.final_is_current:
-            return _frame_of(pq.read_table(spec.output.path))
+            store, key = object_at(spec.output.path)
+            with store.open_read(key) as stream:
+                return _frame_of(pq.read_table(stream))
         return _answers_so_far(spec, job_now.schema, job_now.table, job_now.checkpoint, job_now.states)
 
 

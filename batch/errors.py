@@ -56,6 +56,13 @@ class CheckpointWriteError(BatchError):
     exit_code = EXIT_INTERNAL
 
 
+class CheckpointReadError(BatchError):
+    """A checkpoint part cannot be had from its store (a file that cannot be opened, a store that does not answer):
+    not damage, so nothing is set aside; a rerun once it can be read carries on."""
+
+    exit_code = EXIT_INTERNAL
+
+
 class OutputWriteError(BatchError):
     """The final file cannot be written (a full disk, a read-only folder): the run stops there, every answer kept
     in the checkpoint, and a rerun writes the file without sending anything again."""

@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 from batch.batch_api.ledger import Ledger, describe
 from batch.checkpoint.answered import RowStates
-from batch.checkpoint.final import LastRecords, is_current, output_settings, reply_columns, write_final
+from batch.checkpoint.final import (
+    LastRecords,
+    is_current,
+    made_from,
+    output_footer,
+    output_settings,
+    reply_columns,
+    write_final,
+)
 from batch.checkpoint.guard import RunLock, check_fingerprint, end_run, mark_running
 from batch.checkpoint.writer import Checkpoint
 from batch.errors import (
@@ -325,9 +333,10 @@ class Run:
         if totals["pending"] == 0:
             output = self.spec.output.path
             # The input too: rows deleted from it leave the answers as they were, and the output must lose them.
-            if not is_current(output, self.checkpoint, self.spec.input.path, self._output_settings):
+            footer = output_footer(self._output_settings, made_from(self.checkpoint, self.spec.input.path))
+            if not is_current(output, footer):
                 try:
-                    self._write_output(output, done)
+                    self._write_output(output, done, footer)
                 except InputChangedError as exc:  # its rows would sit beside answers to the rows read before
                     self.stop.note(str(exc), EXIT_BAD_INPUT)
                     output = None
@@ -355,7 +364,7 @@ class Run:
     def _output_settings(self) -> str:
         return output_settings(self.spec, self.plan.json_output.schema if self.plan.json_output else None)
 
-    def _write_output(self, output: Path, done: RowStates) -> None:
+    def _write_output(self, output: Path, done: RowStates, footer: dict[bytes, bytes]) -> None:
         out = self.spec.output
         last = self.checkpoint.chosen_records(done.last_record_mask(self._id_batches), ["status", "response"]) \
             if out.parse_json else []
@@ -363,7 +372,7 @@ class Run:
         groups = self.checkpoint.row_groups() if done.record_count else None
         try:
             write_final(output, self.table.id_batches(out.keep_columns), self.spec.id_column_out,
-                        out.keep_columns, LastRecords(groups, done), replies, settings=self._output_settings)
+                        out.keep_columns, LastRecords(groups, done), replies, footer=footer)
         except OSError as exc:
             raise OutputWriteError(f"{output}: cannot write the output: {os_reason(exc)} (every answer is safe in "
                                    f"{self.spec.checkpoint_dir}: once it can be written, a rerun writes it and sends "

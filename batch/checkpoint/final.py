@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -21,16 +21,19 @@ import pyarrow.parquet as pq
 from batch.checkpoint.answered import RowStates
 from batch.checkpoint.writer import Checkpoint, RowGroups
 from batch.config import JobSpec
+from batch.input.reader import file_version
 from batch.records import DICTIONARY_FIELDS, OUTPUT_FIELDS, RECORD_FIELDS, RECORD_SCHEMA
 from batch.replies.columns import ReplyColumns
-from batch.storage.atomic import write_atomic
+from batch.storage.local import object_at
 
 WINDOW_ROWS = 4096  # input rows per read of the checkpoint: its records arrive a row group at a time
 # Rows per row group of the output. The writer holds ~30 KB of metadata per row group until it closes
 # (7 MB at a million rows in 4,096-row groups), and the rows of one group until it is written.
 ROW_GROUP_ROWS = 16_384
-# The final file's footer key holding the settings it was written with (output_settings).
+# The final file's footer keys: the settings it was written with (output_settings), and what it was made from
+# (made_from).
 SETTINGS_KEY = b"batch.output_settings"
+MADE_FROM_KEY = b"batch.made_from"
 
 
 def output_settings(spec: JobSpec, schema: dict[str, Any] | None) -> str:
@@ -42,16 +45,27 @@ def output_settings(spec: JobSpec, schema: dict[str, Any] | None) -> str:
                       ensure_ascii=False, sort_keys=True, default=str)
 
 
-def is_current(path: Path, checkpoint: Checkpoint, source: Path, settings: str) -> bool:
-    """Whether the final file at `path` is what writing it now would give: no record or `source` (the input) newer
-    than it, and written with these `settings` (an edited schema or kept columns, resumed with --force, are not)."""
-    if checkpoint.newer_than(path, source):
-        return False
+def made_from(checkpoint: Checkpoint, source: Path) -> str:
+    """What a final file written now is made of, as JSON text: the checkpoint's parts as they are (records_version)
+    and the version of the input file `source` (an edit, or another file put in its place, changes it)."""
+    return json.dumps({"records": checkpoint.records_version(), "input": file_version(source)})
+
+
+def output_footer(settings: str, made_of: str) -> dict[bytes, bytes]:
+    """The final file's footer: its settings (output_settings) and what it was made from (made_from)."""
+    return {SETTINGS_KEY: settings.encode("utf-8"), MADE_FROM_KEY: made_of.encode("utf-8")}
+
+
+def is_current(path: Path, footer: dict[bytes, bytes]) -> bool:
+    """Whether the final file at `path` is what writing it now would give: its footer is `footer` (output_footer).
+    A file written before the footer said what it was made from is written again, once."""
+    store, key = object_at(path)
     try:
-        footer = pq.read_metadata(path).metadata or {}
-    except (OSError, pa.ArrowException):  # unreadable: written again
+        with store.open_read(key) as stream:
+            found = pq.read_metadata(stream).metadata or {}
+    except (OSError, pa.ArrowException):  # none, or unreadable: written again
         return False
-    return footer.get(SETTINGS_KEY) == settings.encode("utf-8")
+    return all(found.get(name) == value for name, value in footer.items())
 
 
 def reply_columns(spec: JobSpec, schema: dict[str, Any] | None, replies: Iterable[pa.Table]) -> ReplyColumns | None:
@@ -90,53 +104,52 @@ class LastRecords:
 
 def write_final(path: Path, input_batches: Iterator[tuple[pa.RecordBatch, pa.Array]], id_out: str,
                 keep_columns: list[str], records: LastRecords, replies: ReplyColumns | None = None,
-                window_rows: int = WINDOW_ROWS, settings: str = "") -> int:
+                window_rows: int = WINDOW_ROWS, footer: dict[bytes, bytes] | None = None) -> int:
     """Every input row once, in input order, beside its last record (and its reply's columns, with `replies`),
-    reading the checkpoint for `window_rows` input rows at a time; `settings` (output_settings) in its footer.
+    reading the checkpoint for `window_rows` input rows at a time; `footer` (output_footer) in its footer.
 
-    Written atomically (batch.storage.atomic): a failed write leaves nothing that looks like output.
+    Written as one whole object (batch.storage): a failed write leaves nothing that looks like output.
     """
     written = 0
 
-    def write(tmp: Path) -> None:
+    def write(sink: BinaryIO) -> None:
         nonlocal written
-        written = _write_rows(tmp, _windows(input_batches, window_rows), id_out, keep_columns, records, replies,
-                              settings)
+        written = _write_rows(sink, _windows(input_batches, window_rows), id_out, keep_columns, records, replies,
+                              footer or {})
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, write)
+    store, key = object_at(path)
+    store.replace(key, write)
     return written
 
 
-def _write_rows(tmp: Path, windows: Iterator[list[tuple[pa.RecordBatch, pa.Array]]], id_out: str,
-                keep_columns: list[str], records: LastRecords, replies: ReplyColumns | None, settings: str) -> int:
+def _write_rows(sink: BinaryIO, windows: Iterator[list[tuple[pa.RecordBatch, pa.Array]]], id_out: str,
+                keep_columns: list[str], records: LastRecords, replies: ReplyColumns | None,
+                footer: dict[bytes, bytes]) -> int:
     writer = None
     written = flushed = 0  # rows read, rows written out
     held: list[pa.Table] = []
-    # The file is ours to close, failed write or not: a writer whose close fails (a full disk) would keep it open,
-    # and its space taken after it is deleted, until collected.
-    with pa.OSFile(str(tmp), "wb") as sink:
-        try:
-            for window in windows:
-                ids = pa.concat_arrays([i for _, i in window])
-                answers = records.answers(ids, written)
-                parsed = replies.columns(answers) if replies is not None else []
-                at = 0
-                for batch, batch_ids in window:
-                    columns = {id_out: batch_ids, **{c: batch.column(c) for c in keep_columns if c != id_out}}
-                    columns.update(zip(OUTPUT_FIELDS, answers.slice(at, batch.num_rows).columns))
-                    columns.update((name, values.slice(at, batch.num_rows)) for name, values in parsed)
-                    at += batch.num_rows
-                    held.append(_table(columns, replies))
-                written += len(ids)
-                if written - flushed >= ROW_GROUP_ROWS:
-                    writer = _write_group(writer, sink, held, settings)
-                    held, flushed = [], written
-            if held:
-                writer = _write_group(writer, sink, held, settings)
-        finally:
-            if writer is not None:
-                writer.close()
+    # The store closes the file, failed write or not (a full disk), and deletes it: its space is free at once.
+    try:
+        for window in windows:
+            ids = pa.concat_arrays([i for _, i in window])
+            answers = records.answers(ids, written)
+            parsed = replies.columns(answers) if replies is not None else []
+            at = 0
+            for batch, batch_ids in window:
+                columns = {id_out: batch_ids, **{c: batch.column(c) for c in keep_columns if c != id_out}}
+                columns.update(zip(OUTPUT_FIELDS, answers.slice(at, batch.num_rows).columns))
+                columns.update((name, values.slice(at, batch.num_rows)) for name, values in parsed)
+                at += batch.num_rows
+                held.append(_table(columns, replies))
+            written += len(ids)
+            if written - flushed >= ROW_GROUP_ROWS:
+                writer = _write_group(writer, sink, held, footer)
+                held, flushed = [], written
+        if held:
+            writer = _write_group(writer, sink, held, footer)
+    finally:
+        if writer is not None:
+            writer.close()
     return written
 
 
@@ -147,13 +160,12 @@ def _table(columns: dict[str, pa.Array], replies: ReplyColumns | None) -> pa.Tab
                                                for name, values in columns.items()]))
 
 
-def _write_group(writer: pq.ParquetWriter | None, sink: pa.NativeFile, tables: list[pa.Table], settings: str
-                 ) -> pq.ParquetWriter:
+def _write_group(writer: pq.ParquetWriter | None, sink: BinaryIO, tables: list[pa.Table],
+                 footer: dict[bytes, bytes]) -> pq.ParquetWriter:
     """One row group, whatever size the input's batches are."""
     table = pa.concat_tables(tables)
     if writer is None:
-        writer = pq.ParquetWriter(sink, table.schema.with_metadata({SETTINGS_KEY: settings.encode("utf-8")}),
-                                  use_dictionary=DICTIONARY_FIELDS)
+        writer = pq.ParquetWriter(sink, table.schema.with_metadata(footer), use_dictionary=DICTIONARY_FIELDS)
     writer.write_table(table)
     return writer
 

@@ -5,28 +5,40 @@ states a bunch of parts at a time, chosen_records the records a mask over write 
 (each id's last: the row's answer, and what it paid), and row_groups takes records by position.
 
 Every result goes to a write-ahead log the moment it arrives: a plain append survives kill -9,
-and an fsync on a short timer covers power loss. The log is compacted into Parquet part files,
-each written to a temp file, fsynced and renamed, so a resume never trusts a half-written file.
-A record can sit in both a part and the log (a kill between rename and truncate): readers keep
-the last record per id, and the two copies are identical.
+and an fsync on a short timer covers power loss. The log is a local file; everything else lives in
+a store (batch.storage: a local folder, the checkpoint's own by default) as whole objects.
+The log is compacted into Parquet parts, each an object made by an exclusive create, so a resume
+never trusts a half-written part and two writers never take one name. A record can sit in both a
+part and the log (a kill between the part and the truncate): readers keep the last record per id,
+and the two copies are identical.
+
+Which parts there are, and their order, is in their names (part_key): `part-N.parquet` for the
+log's Nth compaction, `part-N-G.parquet` for a part rewritten from others (a merge, or what could be
+read of a damaged part), read right after `part-N-(G-1)`. A name is never used twice: a new part
+number is one past every number any part (or a damaged copy) ever had, and a rewrite takes the
+next generation; each is created exclusively, so a writer racing another takes the next one.
 
 A damaged checkpoint never stops a resume: a log line that is not JSON is skipped, a record whose
-fields have the wrong types is kept field by field, and a part that cannot be read is moved aside
-(its readable row groups kept). What is lost is pending again, and one warning names the file.
+fields have the wrong types is kept field by field, and a part that cannot be read is set aside
+(copied to `NAME.damaged`, its readable row groups kept in a new part). What is lost is pending
+again, and one warning names the file.
 A write that fails stops the run (CheckpointWriteError): an answer that cannot be kept is not paid for again and again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
 import os
+import re
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, BinaryIO, NamedTuple, NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -34,14 +46,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch.checkpoint.answered import Answered, RowStates
-from batch.errors import CheckpointDamagedError, CheckpointWriteError, os_reason
+from batch.errors import CheckpointDamagedError, CheckpointReadError, CheckpointWriteError, os_reason
 from batch.records import DICTIONARY_FIELDS, RECORD_FIELDS, RECORD_SCHEMA, TOKEN_FIELDS, Record
-from batch.storage.atomic import fsync_dir, write_atomic
+from batch.storage.atomic import fsync_dir
+from batch.storage.base import AlreadyExists, Entry, StorageError, Store, Write
+from batch.storage.local import LocalStore
 
 log = logging.getLogger("batch")
 
 WAL_NAME = "wal.jsonl"
 DAMAGED_SUFFIX = ".damaged"  # a damaged file moved aside keeps its name plus this
+PART_PREFIX = "part-"
+_PART_KEY = re.compile(r"part-(\d+)(?:-(\d+))?\.parquet")
+_NUMBERED_KEY = re.compile(r"part-(\d+)")  # a part, or a damaged part's copy
 MERGE_PARTS_ABOVE = 32
 MERGE_BATCH_ROWS = 4096  # rows per row group of a merged part: the writer holds ~5x a row group
 MERGE_FILE_ROWS = 64 * MERGE_BATCH_ROWS
@@ -70,15 +87,31 @@ class Spent(NamedTuple):
         return self.total_tokens + self.worst_case_tokens
 
 
+def part_key(number: int, generation: int = 0) -> str:
+    """The key of the log's `number`th part, or of its `generation`th rewrite (read right after the one before)."""
+    return f"part-{number:06d}.parquet" if generation == 0 else f"part-{number:06d}-{generation}.parquet"
+
+
+def part_order(key: str) -> tuple[int, int] | None:
+    """(number, generation) of a part's key, by which parts are read; None for a key that is not a part's."""
+    found = _PART_KEY.fullmatch(key)
+    return (int(found[1]), int(found[2] or 0)) if found else None
+
+
 class Checkpoint:
     def __init__(self, folder: Path, rows_per_part: int = 1000, seconds_per_part: float = 10.0, *,
-                 merge_batch_rows: int = MERGE_BATCH_ROWS, merge_file_rows: int = MERGE_FILE_ROWS) -> None:
+                 merge_batch_rows: int = MERGE_BATCH_ROWS, merge_file_rows: int = MERGE_FILE_ROWS,
+                 merge_parts_above: int = MERGE_PARTS_ABOVE, store: Store | None = None) -> None:
+        """`folder` holds the log (a local file); `store` the parts (by default, the same folder)."""
         self.folder = folder
+        self.store = store if store is not None else LocalStore(folder)
         self.rows_per_part = rows_per_part
         self.seconds_per_part = seconds_per_part
-        # Records read and merged at once, and at most per merged file (tests shrink them to cross their edges).
+        # Records read and merged at once, at most per merged file, and the parts that call for a merge (tests
+        # shrink them to cross their edges).
         self.merge_batch_rows = merge_batch_rows
         self.merge_file_rows = merge_file_rows
+        self.merge_parts_above = merge_parts_above
         self._pending: list[Record] = []
         self._wal: Any = None
         self._last_compact = time.monotonic()
@@ -86,11 +119,12 @@ class Checkpoint:
         self._dirty = False
         self._failed: CheckpointWriteError | None = None  # the first write that failed: every later one fails too
         self._owned = False  # opened by a run holding the lock: it may move damaged parts aside
-        self._set_aside_names: set[str] = set()
+        self._set_aside_numbers: set[int] = set()
+        self._next_number: int | None = None  # the next new part's number, once the parts were listed
         self._warned: set[str] = set()  # status reads a damaged file twice: one warning is enough
         # For a reader that leaves the folder alone: each damaged part's readable row groups, read in its place
         # by every later pass, so the record positions row_states handed out stay right.
-        self._instead: dict[Path, list[pa.Table]] = {}
+        self._instead: dict[str, list[pa.Table]] = {}
         self._logged_table: pa.Table | None = None
         self.appended = 0
         # Rows per row group of each part file, by name, as read or written: the final file and the merge
@@ -127,7 +161,8 @@ class Checkpoint:
         columns = ["id", "seq", "status", "error_class", "prompt_hash"]
         while True:
             states = RowStates(rows, row_hashes, row_prompts)
-            bunches = _bunches(self._parts(), columns, self._group_rows, self.merge_batch_rows, self._instead)
+            bunches = _bunches(self.store, self._parts(), columns, self._group_rows, self.merge_batch_rows,
+                               self._instead)
             if with_log:
                 bunches = itertools.chain(bunches, [self._logged().select(columns).combine_chunks()])
             try:
@@ -138,7 +173,7 @@ class Checkpoint:
                 if self._owned:
                     self._set_aside(damaged)
                 else:
-                    self._instead[damaged.path] = self._left_out(damaged)
+                    self._instead[damaged.key] = self._left_out(damaged)
                 continue
             states.settle(keep_prompts)
             return states
@@ -147,7 +182,7 @@ class Checkpoint:
         """`columns` of the records `chosen` (a mask over write positions: RowStates.last_record_mask), in write
         order, read a bunch of parts at a time: never the whole checkpoint at once.
         `with_log`: the log's records too, as row_states read them."""
-        bunches = _bunches(self._parts(), columns, self._group_rows, self.merge_batch_rows, self._instead)
+        bunches = _bunches(self.store, self._parts(), columns, self._group_rows, self.merge_batch_rows, self._instead)
         if with_log:
             bunches = itertools.chain(bunches, [self._logged().select(columns).combine_chunks()])
         at = 0
@@ -181,13 +216,24 @@ class Checkpoint:
         wal = self.folder / WAL_NAME
         return bool(self._parts()) or (wal.exists() and wal.stat().st_size > 0)
 
-    def _parts(self) -> list[Path]:
-        return sorted(self.folder.glob("part-*.parquet"))
+    def _parts(self) -> list[str]:
+        """The parts' keys, in the order their records were written (part_order)."""
+        return [entry.key for entry in self._listed()]
+
+    def _listed(self) -> list[Entry]:
+        parts = [(order, entry) for entry in self.store.list(PART_PREFIX) if (order := part_order(entry.key))]
+        return [entry for _, entry in sorted(parts)]
+
+    def records_version(self) -> str:
+        """What the parts hold, as one value: it changes when a part is written, merged or set aside (each part's
+        key and version: an object store's ETag, a local file's inode and stamp). The final file records it."""
+        listed = "\n".join(f"{entry.key} {entry.version}" for entry in self._listed())
+        return hashlib.sha256(listed.encode("utf-8")).hexdigest()
 
     def row_groups(self) -> RowGroups:
         """The part files as one table of records in write order, read a row group at a time."""
         try:
-            return RowGroups(self._parts(), self._group_rows, self._damaged_mid_run)
+            return RowGroups(self.store, self._parts(), self._group_rows, self._damaged_mid_run)
         except DamagedPart as damaged:
             self._damaged_mid_run(damaged)
 
@@ -202,10 +248,10 @@ class Checkpoint:
         # A run stops on a part damaged now (its records may already count); status and estimate leave it out.
         columns = columns or RECORD_FIELDS
         tables = []
-        for path in self._parts():
+        for key in self._parts():
             try:
-                with _reading(path):
-                    part = _open_part(path)
+                with _reading(self.store, key):
+                    part = _open_part(self.store, key)
                     tables.append(_conformed(part.read(columns=_present(part, columns)), columns))
             except DamagedPart as damaged:
                 if self._owned:
@@ -215,8 +261,8 @@ class Checkpoint:
 
     def _left_out(self, damaged: DamagedPart) -> list[pa.Table]:
         """For a reader that leaves the folder alone: a damaged part's readable row groups, and one warning."""
-        readable = _readable_groups(damaged.path)
-        self._warn_once(f"{damaged.path} is damaged ({damaged.reason}): {sum(t.num_rows for t in readable)} of its "
+        readable = _readable_groups(self.store, damaged.key)
+        self._warn_once(f"{damaged.where} is damaged ({damaged.reason}): {sum(t.num_rows for t in readable)} of its "
                         "records could be read; the next run moves it aside and does the rows of the others again")
         return readable
 
@@ -230,13 +276,6 @@ class Checkpoint:
         if message not in self._warned:
             self._warned.add(message)
             log.warning("%s", message)
-
-    def newer_than(self, path: Path, source: Path) -> bool:
-        """Whether any result on disk, or the `source` it was made from, is newer than `path` (or no `path` exists)."""
-        if not path.exists():
-            return True
-        built = path.stat().st_mtime_ns
-        return any(part.stat().st_mtime_ns > built for part in [source, *self._parts()])
 
     # -- writing ---------------------------------------------------------------------------
     def append(self, record: Record) -> None:
@@ -301,14 +340,14 @@ class Checkpoint:
     def merge(self) -> None:
         """Many parts into a few (_merge_parts). At the end of a run, not at open: a resume reads a thousand
         small parts in a fraction of a second, while merging them first would delay its first request by seconds."""
-        if len(self._parts()) > MERGE_PARTS_ABOVE:
+        if len(self._parts()) > self.merge_parts_above:
             try:
                 self._merge_parts()
             except DamagedPart as damaged:  # its records count in the output already; its rows go again next run
                 self._set_aside(damaged)
 
     @contextlib.contextmanager
-    def _writing(self, path: Path) -> Iterator[None]:
+    def _writing(self, path: Path | str) -> Iterator[None]:
         """OSErrors inside become the run-stopping CheckpointWriteError, naming `path`; once one
         write failed, every later one fails the same way."""
         if self._failed is not None:
@@ -318,7 +357,7 @@ class Checkpoint:
         except OSError as exc:
             raise self._write_failed(path, exc) from None
 
-    def _write_failed(self, path: Path, exc: OSError) -> CheckpointWriteError:
+    def _write_failed(self, path: Path | str, exc: OSError) -> CheckpointWriteError:
         kept = ("the answers in it are lost with it; a new run starts afresh" if isinstance(exc, _Deleted) else
                 "answers written before are kept: run the job again once the folder can be written")
         self._failed = CheckpointWriteError(f"{path}: cannot write the checkpoint: {os_reason(exc)}; "
@@ -332,57 +371,78 @@ class Checkpoint:
             raise _Deleted(2, "it was deleted while the run was writing it")
 
     def _write_part(self, table: pa.Table) -> None:
-        parts = self._parts()
-        number = int(parts[-1].stem.split("-")[1]) + 1 if parts else 1
-        name = f"part-{number:06d}.parquet"
-        with self._writing(self.folder / name):
-            write_atomic(self.folder / name,
-                         lambda tmp: pq.write_table(table, tmp, row_group_size=max(table.num_rows, 1)))
-        self._group_rows[name] = [table.num_rows]
+        if self._next_number is None:
+            numbers = [int(found[1]) for entry in self.store.list(PART_PREFIX)
+                       if (found := _NUMBERED_KEY.match(entry.key))]
+            self._next_number = max(numbers, default=0) + 1
+        key = self._create_new(part_key, self._next_number, _table_writer(table))
+        self._next_number = part_order(key)[0] + 1  # type: ignore[index]
+        self._group_rows[key] = [table.num_rows]
+
+    def _create_new(self, key_of: Callable[[int], str], first: int, write: Write) -> str:
+        """An object made under `key_of(first)`, or the first of `key_of(first + 1)`, ... that no object has (another
+        writer may have taken one): never written over. Returns its key; a failure stops the run."""
+        attempt = first
+        while True:
+            key = key_of(attempt)
+            with self._writing(self.store.where(key)):
+                try:
+                    self.store.create(key, write)
+                    return key
+                except AlreadyExists:
+                    attempt += 1
 
     def _set_aside(self, damaged: DamagedPart) -> None:
-        """Move a damaged part aside (never deleted), keeping its readable row groups under its name,
-        so every later record keeps its place after them."""
-        path = damaged.path
-        if path.name in self._set_aside_names:  # what was kept of it cannot be read either: never loop
-            raise CheckpointDamagedError(f"{path} is damaged ({damaged.reason}) and could not be repaired; "
+        """Set a damaged part aside (a copy never deleted, `NAME.damaged`), keeping its readable row groups in a new
+        part read in its place (part_order), so every later record keeps its place after them."""
+        key = damaged.key
+        number, generation = part_order(key) or (0, 0)
+        if number in self._set_aside_numbers:  # what was kept of it cannot be read either: never loop
+            raise CheckpointDamagedError(f"{damaged.where} is damaged ({damaged.reason}) and could not be repaired; "
                                          "move it out of the folder and run the job again") from None
-        self._set_aside_names.add(path.name)
-        aside = _free_name(path.with_name(path.name + DAMAGED_SUFFIX))
-        readable = _readable_groups(path)
-        with self._writing(path):
-            os.replace(path, aside)
-            self._group_rows.pop(path.name, None)
-            if readable:
-                kept = pa.concat_tables(readable)
-                write_atomic(path, lambda tmp: pq.write_table(kept, tmp, row_group_size=max(kept.num_rows, 1)))
-                self._group_rows[path.name] = [kept.num_rows]
+        self._set_aside_numbers.add(number)
+        readable = _readable_groups(self.store, key)
+
+        def copy(sink: BinaryIO) -> None:
+            with self.store.open_read(key) as source:
+                shutil.copyfileobj(source, sink)
+
+        aside = self._create_new(lambda taken: f"{key}{DAMAGED_SUFFIX}" + (f".{taken}" if taken > 1 else ""), 1, copy)
+        self._group_rows.pop(key, None)
+        if readable:
+            kept = pa.concat_tables(readable)
+            kept_key = self._create_new(lambda g: part_key(number, g), generation + 1, _table_writer(kept))
+            self._group_rows[kept_key] = [kept.num_rows]
+        with self._writing(damaged.where):
+            self.store.delete(key)
         kept_rows = sum(t.num_rows for t in readable)
         log.warning("%s is damaged (%s): moved aside to %s; %d of its records were read and kept, the rows "
-                    "of any others are pending and will be sent again", path, damaged.reason, aside.name, kept_rows)
+                    "of any others are pending and will be sent again", damaged.where, damaged.reason, aside, kept_rows)
 
     def _damaged_mid_run(self, damaged: DamagedPart) -> NoReturn:
         """A part found damaged after the run counted its records: moved aside, and the run stops."""
         self._set_aside(damaged)
         raise CheckpointDamagedError(
-            f"{damaged.path} is damaged ({damaged.reason}): moved aside, its readable records kept; "
+            f"{damaged.where} is damaged ({damaged.reason}): moved aside, its readable records kept; "
             "run the job again to send the rows it held") from None
 
     def _merge_parts(self) -> None:
-        """Runs of consecutive parts into files of up to merge_file_rows records, streamed.
+        """Runs of consecutive parts into parts of up to merge_file_rows records, streamed.
 
-        Each merged file replaces the last part of its run, then the run's other parts are deleted:
-        a kill in between leaves copies of records after their originals and before every later
-        part, so the last record per id is still the right one. A file stays within merge_file_rows
+        Each merged part is read right after the last part of its run (the next generation of its number), then
+        the run's parts are deleted: a kill in between leaves copies of records after their originals and before
+        every later part, so the last record per id is still the right one. A part stays within merge_file_rows
         because the writer holds metadata for every row group until it closes (~30 KB each).
         """
-        for run in _runs_of_parts(self._parts(), self._group_rows, self.merge_file_rows):
+        for run in _runs_of_parts(self.store, self._parts(), self._group_rows, self.merge_file_rows):
             if len(run) > 1:
-                write_atomic(run[-1], lambda tmp, run=run: _write_merged(run, tmp, self.merge_batch_rows))
-                for path in run:
-                    self._group_rows.pop(path.name, None)
-                for path in run[:-1]:
-                    path.unlink()
+                number, generation = part_order(run[-1])  # type: ignore[misc]
+                self._create_new(lambda g, number=number: part_key(number, g), generation + 1,
+                                 lambda sink, run=run: _write_merged(self.store, run, sink, self.merge_batch_rows))
+                for key in run:
+                    self._group_rows.pop(key, None)
+                    with self._writing(self.store.where(key)):
+                        self.store.delete(key)
 
 
 class _Deleted(FileNotFoundError):
@@ -390,50 +450,49 @@ class _Deleted(FileNotFoundError):
 
 
 class DamagedPart(Exception):
-    """A part file that cannot be read (zero bytes, truncated, corrupt)."""
+    """A part that cannot be read (zero bytes, truncated, corrupt); `where` names it for a person."""
 
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = path, reason
+    def __init__(self, key: str, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.key, self.where, self.reason = key, where, reason
 
 
 @contextlib.contextmanager
-def _reading(path: Path) -> Iterator[None]:
+def _reading(store: Store, key: str) -> Iterator[None]:
     try:
         yield
     except FileNotFoundError:  # gone, not damaged: a live run merged it away
         raise
+    except StorageError as exc:  # the store did not give it: not the part's fault
+        raise CheckpointReadError(f"{store.where(key)}: cannot read the checkpoint: {os_reason(exc)}; nothing was "
+                                  "set aside: run the job again once it can be read") from None
     except (pa.ArrowException, OSError) as exc:
-        raise DamagedPart(path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+        raise DamagedPart(key, store.where(key), str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
 
 
-def _open_part(path: Path) -> pq.ParquetFile:
-    return pq.ParquetFile(pa.OSFile(str(path)), pre_buffer=False)  # a native file: no filesystem lookup
+def _open_part(store: Store, key: str) -> pq.ParquetFile:
+    return pq.ParquetFile(store.open_read(key), pre_buffer=False)
 
 
-def _readable_groups(path: Path) -> list[pa.Table]:
+def _table_writer(table: pa.Table) -> Write:
+    """A part of `table`, as one row group."""
+    return lambda sink: pq.write_table(table, sink, row_group_size=max(table.num_rows, 1))
+
+
+def _readable_groups(store: Store, key: str) -> list[pa.Table]:
     """The row groups of a damaged part that can still be read whole; none when its footer is gone."""
     try:
-        with _reading(path):
-            part = _open_part(path)
+        with _reading(store, key):
+            part = _open_part(store, key)
             groups = part.metadata.num_row_groups
             present = _present(part, RECORD_FIELDS)
     except DamagedPart:
         return []
     readable = []
     for group in range(groups):
-        with contextlib.suppress(DamagedPart), _reading(path):
+        with contextlib.suppress(DamagedPart), _reading(store, key):
             readable.append(_conformed(part.read_row_group(group, columns=present, use_threads=False), RECORD_FIELDS))
     return readable
-
-
-def _free_name(path: Path) -> Path:
-    taken = 1
-    found = path
-    while found.exists():
-        taken += 1
-        found = path.with_name(f"{path.name}.{taken}")
-    return found
 
 
 class RowGroups:
@@ -443,14 +502,15 @@ class RowGroups:
     input rows without reading the others.
     """
 
-    def __init__(self, paths: list[Path], known: dict[str, list[int]],
+    def __init__(self, store: Store, keys: list[str], known: dict[str, list[int]],
                  on_damage: Callable[[DamagedPart], NoReturn]) -> None:
-        self.paths = paths
+        self.store = store
+        self.keys = keys
         self._on_damage = on_damage
         groups = []  # (part number, row group, first record's position)
         position = 0
-        for number, path in enumerate(paths):
-            for group, rows in enumerate(_group_rows_of(path, known)):
+        for number, key in enumerate(keys):
+            for group, rows in enumerate(_group_rows_of(store, key, known)):
                 groups.append((number, group, position))
                 position += rows
         self._groups = np.array(groups, np.int64).reshape(-1, 3)
@@ -473,11 +533,11 @@ class RowGroups:
     def _read(self, number: int, group: int, columns: list[str]) -> pa.Table:
         # The part last read stays open: a merged part's footer describes hundreds of row groups, and
         # parsing it again for every window of the final file cost time and ~10 MB of peak RSS at 1M rows.
-        path = self.paths[number]
+        key = self.keys[number]
         try:
-            with _reading(path):
+            with _reading(self.store, key):
                 if self._open is None or self._open[0] != number:
-                    self._open = (number, _open_part(path))
+                    self._open = (number, _open_part(self.store, key))
                 part = self._open[1]
                 read = part.read_row_group(group, columns=_present(part, columns), use_threads=False)
         except DamagedPart as damaged:
@@ -486,15 +546,15 @@ class RowGroups:
         return _conformed(read, columns)
 
 
-def _runs_of_parts(paths: list[Path], known: dict[str, list[int]], file_rows: int) -> list[list[Path]]:
-    runs: list[list[Path]] = []
+def _runs_of_parts(store: Store, keys: list[str], known: dict[str, list[int]], file_rows: int) -> list[list[str]]:
+    runs: list[list[str]] = []
     rows = 0
-    for path in paths:
-        count = sum(_group_rows_of(path, known))
+    for key in keys:
+        count = sum(_group_rows_of(store, key, known))
         if not runs or rows + count > file_rows:
             runs.append([])
             rows = 0
-        runs[-1].append(path)
+        runs[-1].append(key)
         rows += count
     return runs
 
@@ -503,28 +563,28 @@ def _group_rows(meta: pq.FileMetaData) -> list[int]:
     return [meta.row_group(group).num_rows for group in range(meta.num_row_groups)]
 
 
-def _group_rows_of(path: Path, known: dict[str, list[int]]) -> list[int]:
-    if path.name not in known:
-        with _reading(path):
-            known[path.name] = _group_rows(_open_part(path).metadata)
-    return known[path.name]
+def _group_rows_of(store: Store, key: str, known: dict[str, list[int]]) -> list[int]:
+    if key not in known:
+        with _reading(store, key):
+            known[key] = _group_rows(_open_part(store, key).metadata)
+    return known[key]
 
 
-def _write_merged(paths: list[Path], tmp: Path, batch_rows: int) -> None:
-    with pq.ParquetWriter(tmp, RECORD_SCHEMA, use_dictionary=DICTIONARY_FIELDS) as writer:
-        for records in _bunches(paths, RECORD_FIELDS, {}, batch_rows):
+def _write_merged(store: Store, keys: list[str], sink: BinaryIO, batch_rows: int) -> None:
+    with pq.ParquetWriter(sink, RECORD_SCHEMA, use_dictionary=DICTIONARY_FIELDS) as writer:
+        for records in _bunches(store, keys, RECORD_FIELDS, {}, batch_rows):
             writer.write_table(records)
 
 
-def _bunches(paths: list[Path], columns: list[str], known: dict[str, list[int]], batch_rows: int,
-             instead: dict[Path, list[pa.Table]] | None = None) -> Iterator[pa.Table]:
+def _bunches(store: Store, keys: list[str], columns: list[str], known: dict[str, list[int]], batch_rows: int,
+             instead: dict[str, list[pa.Table]] | None = None) -> Iterator[pa.Table]:
     """The parts' records, in write order, as tables of batch_rows or more (the last may be short),
     one chunk each. A killed run leaves many small parts: each is read whole, and they are handled in
     bunches, not one by one. Notes each part's row-group sizes in `known` on the way."""
     held: list[pa.Table] = []
-    for path in paths:
-        tables = (t.select(columns) for t in instead[path]) if instead and path in instead else \
-            _part_tables(path, columns, known, batch_rows)
+    for key in keys:
+        tables = (t.select(columns) for t in instead[key]) if instead and key in instead else \
+            _part_tables(store, key, columns, known, batch_rows)
         for table in tables:
             held.append(table)
             if sum(t.num_rows for t in held) >= batch_rows:
@@ -534,11 +594,12 @@ def _bunches(paths: list[Path], columns: list[str], known: dict[str, list[int]],
         yield pa.concat_tables(held).combine_chunks()
 
 
-def _part_tables(path: Path, columns: list[str], known: dict[str, list[int]], batch_rows: int) -> Iterator[pa.Table]:
+def _part_tables(store: Store, key: str, columns: list[str], known: dict[str, list[int]],
+                 batch_rows: int) -> Iterator[pa.Table]:
     """One part's records: whole when small, else batch_rows at a time. Raises DamagedPart."""
-    with _reading(path):
-        part = _open_part(path)
-        known[path.name] = _group_rows(part.metadata)
+    with _reading(store, key):
+        part = _open_part(store, key)
+        known[key] = _group_rows(part.metadata)
         present = _present(part, columns)
         small = part.metadata.num_rows <= batch_rows
         whole = part.read(columns=present, use_threads=False) if small else None
@@ -547,7 +608,7 @@ def _part_tables(path: Path, columns: list[str], known: dict[str, list[int]], ba
         return
     batches = part.iter_batches(batch_rows, columns=present, use_threads=False)
     while True:
-        with _reading(path):
+        with _reading(store, key):
             batch = next(batches, None)
         if batch is None:
             return

@@ -1,7 +1,7 @@
 """`batch export`: the job's final Parquet table as CSV, JSONL or Parquet, streamed by record batches.
 
-The copy is written atomically (batch.storage.atomic), so the target is either the previous file or the whole new
-one, never half of it. It never overwrites the job's input, output or job file, or a checkpoint's files.
+The copy is written as one whole object (batch.storage), so the target is either the previous file or the whole
+new one, never half of it. It never overwrites the job's input, output or job file, or a checkpoint's files.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -21,7 +21,7 @@ from batch.commands.status import read_job
 from batch.config import JobSpec
 from batch.errors import ConfigError
 from batch.preflight import check_export_target
-from batch.storage.atomic import write_atomic
+from batch.storage.local import object_at
 
 FORMATS = ("csv", "jsonl", "parquet")
 
@@ -44,20 +44,18 @@ def export_output(spec: JobSpec, fmt: Literal["csv", "jsonl", "parquet"], to: Pa
 
 
 def export_file(source: Path, fmt: Literal["csv", "jsonl", "parquet"], to: Path) -> int:
-    """Write the Parquet table `source` to `to` in `fmt`, atomically; returns the number of rows written."""
-    try:
-        to.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"{to.parent}: cannot create the export folder: {exc.strerror or exc}") from None
+    """Write the Parquet table `source` to `to` in `fmt`, as one whole object; returns the number of rows written."""
+    sources, source_key = object_at(source)
+    target, target_key = object_at(to)
     rows = 0
 
-    def write(tmp: Path) -> None:
+    def write(sink: BinaryIO) -> None:
         nonlocal rows
-        with pq.ParquetFile(source) as table:
-            rows = _WRITERS[fmt](table, tmp)
+        with sources.open_read(source_key) as stream, pq.ParquetFile(stream) as table:
+            rows = _WRITERS[fmt](table, sink)
 
     try:
-        write_atomic(to, write)
+        target.replace(target_key, write)
     except OSError as exc:
         raise ConfigError(f"{to}: cannot write the export: {exc.strerror or exc}") from None
     except pa.ArrowException as exc:  # a type the format cannot hold, or a damaged output file
@@ -65,19 +63,19 @@ def export_file(source: Path, fmt: Literal["csv", "jsonl", "parquet"], to: Path)
     return rows
 
 
-def _write_parquet(source: pq.ParquetFile, tmp: Path) -> int:
+def _write_parquet(source: pq.ParquetFile, sink: BinaryIO) -> int:
     rows = 0
-    with pq.ParquetWriter(tmp, source.schema_arrow) as writer:
+    with pq.ParquetWriter(sink, source.schema_arrow) as writer:
         for batch in source.iter_batches():
             writer.write_batch(batch)
             rows += batch.num_rows
     return rows
 
 
-def _write_csv(source: pq.ParquetFile, tmp: Path) -> int:
+def _write_csv(source: pq.ParquetFile, sink: BinaryIO) -> int:
     rows = 0
     schema = pa.schema([_csv_field(field) for field in source.schema_arrow])
-    with pacsv.CSVWriter(tmp, schema) as writer:
+    with pacsv.CSVWriter(sink, schema) as writer:
         for batch in source.iter_batches():
             writer.write_batch(pa.RecordBatch.from_arrays(
                 [_csv_column(column) for column in batch.columns], schema=schema))
@@ -85,18 +83,17 @@ def _write_csv(source: pq.ParquetFile, tmp: Path) -> int:
     return rows
 
 
-def _write_jsonl(source: pq.ParquetFile, tmp: Path) -> int:
+def _write_jsonl(source: pq.ParquetFile, sink: BinaryIO) -> int:
     rows = 0
-    with open(tmp, "w", encoding="utf-8", newline="\n") as out:
-        for batch in source.iter_batches():
-            for record in batch.to_pylist():
-                clean = {key: _finite(value) for key, value in record.items()}
-                out.write(json.dumps(clean, ensure_ascii=False, default=_json_default) + "\n")
-            rows += batch.num_rows
+    for batch in source.iter_batches():
+        lines = (json.dumps({key: _finite(value) for key, value in record.items()}, ensure_ascii=False,
+                            default=_json_default) + "\n" for record in batch.to_pylist())
+        sink.write("".join(lines).encode("utf-8"))
+        rows += batch.num_rows
     return rows
 
 
-_WRITERS: dict[str, Callable[[pq.ParquetFile, Path], int]] = {
+_WRITERS: dict[str, Callable[[pq.ParquetFile, BinaryIO], int]] = {
     "csv": _write_csv, "jsonl": _write_jsonl, "parquet": _write_parquet}
 
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from batch.batch_api.ledger import Ledger, describe, format_batch
 from batch.checkpoint.answered import PROMPT_CHANGED, SUBMITTED, RowStates
-from batch.checkpoint.final import is_current, output_settings
+from batch.checkpoint.final import is_current, made_from, output_footer, output_settings
 from batch.checkpoint.guard import RunLock, read_run_mark
 from batch.checkpoint.writer import Checkpoint
 from batch.config import JobSpec
@@ -64,8 +64,8 @@ def read_job(spec: JobSpec) -> JobReading:
     json_output = json_output_for(spec)  # with a json_schema, its columns are typed by it, as in the output
     schema = json_output.schema if json_output else None
     pending = total - counts.ok - counts.failed
-    current = pending == 0 and spec.output.path.is_file() and \
-        is_current(spec.output.path, checkpoint, spec.input.path, output_settings(spec, schema))
+    current = pending == 0 and is_current(spec.output.path, output_footer(output_settings(spec, schema),
+                                                                           made_from(checkpoint, spec.input.path)))
     return JobReading(table, checkpoint, states, total, pending, schema, current)
 
 

@@ -71,7 +71,7 @@ class InputTable:
         self.format = path.suffix.lower().lstrip(".")
         if not path.is_file():
             raise ConfigError(f"{path}: {'a folder, not a file' if path.is_dir() else 'input file not found'}")
-        self._version = _version(path)  # the file every later read must still be (_check_unchanged)
+        self._version = file_version(path)  # the file every later read must still be (_check_unchanged)
         self.columns = self._column_names()
         self._check_columns()
         self.row_hashes: np.ndarray | None = None  # filled by scan(keep_hashes=True)
@@ -132,7 +132,7 @@ class InputTable:
 
     def _check_unchanged(self) -> None:
         """InputChangedError unless the file is the one first read: the same inode, size and modification time."""
-        now = _version(self.path)
+        now = file_version(self.path)
         if now == self._version:
             return
         what = "was deleted or moved" if now is None else "was edited or replaced"
@@ -489,7 +489,7 @@ class InputTable:
         return group, rows
 
 
-def _version(path: Path) -> tuple[int, int, int, int] | None:
+def file_version(path: Path) -> tuple[int, int, int, int] | None:
     """Which version of a file this is: its device and inode (a file put in its place is another), size and
     modification time in ns (an edit in place); None when there is no file."""
     try:

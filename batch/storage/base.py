@@ -97,6 +97,10 @@ class Store(abc.ABC):
         """Remove the object. A key with no object is no error: S3's DeleteObject cannot tell, and a cleanup
         cut short by a kill is done again."""
 
+    @abc.abstractmethod
+    def where(self, key: str) -> str:
+        """The object as a person finds it (a path, a URL), for messages."""
+
     def read_bytes(self, key: str) -> bytes:
         with self.open_read(key) as stream:
             return stream.read()

@@ -50,6 +50,9 @@ class LocalStore(Store):
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
 
+    def where(self, key: str) -> str:
+        return str(self._path(key))
+
     def open_read(self, key: str) -> BinaryIO:
         path = self._path(key)
         with _failures(key):
@@ -185,3 +188,8 @@ def _failures(key: str) -> Iterator[None]:
         raise NotFound(key) from None
     except OSError as exc:
         raise Unavailable(key, exc.strerror or str(exc), exc.errno or 0) from None
+
+
+def object_at(path: Path) -> tuple[LocalStore, str]:
+    """The store and key a file's path names: its folder, and its name (where an object store's URL will go)."""
+    return LocalStore(path.parent), path.name

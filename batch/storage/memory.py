@@ -9,7 +9,8 @@ the counts so far) go wrong:
     torn         create/replace only: the object keeps just the first half of what was written, and the call
                  returns as if all was well (a damaged object, as a disk or a buggy writer leaves one)
 
-Versions count up per store and are never reused.
+Versions count up per store and are never reused. `writes` lists every write that took effect, in order, as
+(op, key): what a test checks a writer did (never a replace of a part, a key never made twice).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class MemoryStore(Store):
         self._lock = threading.Lock()  # the checkpoint writes from worker threads too
         self._faults: list[Fault] = []
         self.calls: Counter[str] = Counter()
+        self.writes: list[tuple[Op, str]] = []
         for fault in faults or []:
             self.inject(*fault)
 
@@ -62,6 +64,9 @@ class MemoryStore(Store):
         if kind == "torn" and op not in ("create", "replace"):
             raise ValueError("only a write can be torn")
         self._faults.append(Fault(op, nth, kind))
+
+    def where(self, key: str) -> str:
+        return f"memory:{check_key(key)}"
 
     def open_read(self, key: str) -> BinaryIO:
         def read() -> BinaryIO:
@@ -126,6 +131,8 @@ class MemoryStore(Store):
             if fault == "unavailable":
                 raise Unavailable(key, f"injected: call {self.calls[op]} of {op} failed")
             result = act()
+            if op in ("create", "replace", "delete"):
+                self.writes.append((op, key))
             if fault == "torn":
                 whole = self._objects[key]
                 self._objects[key] = whole._replace(data=whole.data[:len(whole.data) // 2])

@@ -13,9 +13,11 @@ from helpers import opened, output_of, record, states
 from batch.checkpoint import answered as answered_module
 from batch.checkpoint.answered import Answered
 from batch.checkpoint.writer import MERGE_PARTS_ABOVE, Checkpoint
+from batch.errors import CheckpointWriteError
 from batch.input.reader import InputTable
 from batch.preflight import preflight
 from batch.runner import RunOptions, run_job
+from batch.storage.memory import Fault, MemoryStore
 
 
 @pytest.mark.asyncio
@@ -203,13 +205,10 @@ def test_first_row_to_send():
 
 
 def test_parts_merge_into_bounded_files_and_a_kill_mid_merge_keeps_the_last_record(tmp_path):
-    from batch.checkpoint.writer import _runs_of_parts, _write_merged
-    from batch.storage.atomic import write_atomic
-
     total = 3 * (MERGE_PARTS_ABOVE + 2)
 
-    def fill(folder):
-        ck = Checkpoint(folder, rows_per_part=3, merge_batch_rows=4, merge_file_rows=9)
+    def fill(folder, store=None):
+        ck = Checkpoint(folder, rows_per_part=3, merge_batch_rows=4, merge_file_rows=9, store=store)
         ck.open()
         for i in range(total):  # each id fails in an early part and is answered in a later one
             ck.append(record(i % 60, "failed" if i < 60 else "ok"))
@@ -224,10 +223,14 @@ def test_parts_merge_into_bounded_files_and_a_kill_mid_merge_keeps_the_last_reco
     assert Checkpoint(tmp_path / "merged").read_all().column("id").to_pylist() == [f"id{i % 60}" for i in range(total)]
     assert states(opened(Checkpoint(tmp_path / "merged"))) == want
 
-    killed = fill(tmp_path / "killed")  # as if killed after the first merged file replaced its last part
-    first = _runs_of_parts(killed._parts(), {}, 9)[0]
-    write_atomic(first[-1], lambda tmp: _write_merged(first, tmp, 4))
-    assert states(opened(Checkpoint(tmp_path / "killed"))) == want
+    # As if killed after the first merged part was made, before its run's parts were deleted.
+    store = MemoryStore([Fault("delete", 1, "unavailable")])
+    killed = fill(tmp_path / "killed", store)
+    parts = len(store.list("part-"))
+    with pytest.raises(CheckpointWriteError):
+        killed.merge()
+    assert len(store.list("part-")) == parts + 1
+    assert states(opened(Checkpoint(tmp_path / "killed", store=store))) == want
 
 
 def test_records_written_between_the_scan_and_the_lock_are_still_found(sim, make_job, run_cli, monkeypatch):
