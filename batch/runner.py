@@ -167,7 +167,6 @@ class Run:
                     stats.throttled, stats.concurrency_limit = pool.slots.throttles, pool.slots.limit
                     stats.attempts += pool.requests_sent
         finally:
-            self.ledger.close()
             self._remove_signal_handlers()
             progress.close()
             self.checkpoint.close(merge=False)

@@ -181,10 +181,7 @@ class BatchAnswerer:
         # In a task of its own, which cancel() stops (a second Ctrl-C) without cancelling the run around it:
         # every step taken is in the ledger, and the next run goes on from there.
         self._task = asyncio.create_task(self._answer(rows, record))
-        try:
-            await asyncio.gather(self._task, return_exceptions=True)
-        finally:
-            self.ledger.close()
+        await asyncio.gather(self._task, return_exceptions=True)
         if self.stop.write_error is not None:
             raise self.stop.write_error
         if not self._task.cancelled() and self._task.exception() is not None:
@@ -836,28 +833,25 @@ async def cancel_batches(plan: Plan) -> list[dict[str, Any]]:
     stop = Stop()
     answerer = BatchAnswerer(plan, ledger, RowStates(0, None), None, None, stop, False, False,
                              lambda _record: _no_rows())
-    try:
-        async with control_client(plan) as api:
-            answerer._api = api
-            for entry in ledger.live():
-                if entry.batch_id is None:
-                    ledger.note("merged", entry.number, status="cancelled", outcome={"returned": entry.rows})
-                    await answerer._clean(entry, None)
-                    continue
-                try:
-                    batch = await answerer._call("poll", lambda e=entry: api.batches.retrieve(e.batch_id),
+    async with control_client(plan) as api:
+        answerer._api = api
+        for entry in ledger.live():
+            if entry.batch_id is None:
+                ledger.note("merged", entry.number, status="cancelled", outcome={"returned": entry.rows})
+                await answerer._clean(entry, None)
+                continue
+            try:
+                batch = await answerer._call("poll", lambda e=entry: api.batches.retrieve(e.batch_id),
+                                             missing=f"batch {entry.batch_id}")
+                if batch.status in ("validating", "in_progress"):  # a batch ending already cannot be cancelled
+                    batch = await answerer._call("cancel", lambda e=entry: api.batches.cancel(e.batch_id),
                                                  missing=f"batch {entry.batch_id}")
-                    if batch.status in ("validating", "in_progress"):  # a batch ending already cannot be cancelled
-                        batch = await answerer._call("cancel", lambda e=entry: api.batches.cancel(e.batch_id),
-                                                     missing=f"batch {entry.batch_id}")
-                        ledger.note("cancel", entry.number)
-                except Gone as gone:  # nothing left to cancel: its rows are pending for the next run
-                    await answerer._forget(entry, gone)
-                    continue
-                if batch.status != entry.status:
-                    ledger.note("state", entry.number, status=batch.status, counts=_counts(batch))
-    finally:
-        ledger.close()
+                    ledger.note("cancel", entry.number)
+            except Gone as gone:  # nothing left to cancel: its rows are pending for the next run
+                await answerer._forget(entry, gone)
+                continue
+            if batch.status != entry.status:
+                ledger.note("state", entry.number, status=batch.status, counts=_counts(batch))
     return [describe(entry) for entry in ledger.files.values() if entry.live]
 
 

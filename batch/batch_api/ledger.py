@@ -1,7 +1,8 @@
 """The Batch API's ledger: which rows went into which file, and where each file is at the provider.
 
-It lives in the checkpoint folder, as `batches.jsonl` (append-only, each line fsynced before the step
-it records is taken further) beside `batches/`, which holds each file's rows (`file-N.rows.parquet`:
+It lives in the checkpoint's store (batch.storage) as one object per step, `ledger/N.json` (the Nth,
+made by an exclusive create and durable before the step it records is taken further: never an append to a
+shared file, which an object store cannot do), beside `batches/`, which holds each file's rows (`file-N.rows.parquet`:
 seq, id, custom_id, prompt_hash, submission, prompt_bound: what its worst case for the budget is made of)
 and, until its batch exists, its request lines (`file-N.jsonl`). Both are written atomically before the
 ledger names them. The steps of a file:
@@ -15,6 +16,9 @@ ledger names them. The steps of a file:
     merged    its results are in the checkpoint; its rows are no longer held (status "lost": the provider no
               longer knows its batch, and every row of it is pending again)
     cleaned   its files at the provider are deleted
+
+A checkpoint written before the steps were objects holds them as lines of `batches.jsonl`: read first, never
+written again.
 
 A kill between two steps leaves the earlier one as the last word, and the next run takes the file on from
 there: a file never recorded is built again, a file not recorded as uploaded is uploaded again (an
@@ -31,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+import re
 import time
 from array import array
 from collections.abc import Callable, Iterable
@@ -47,11 +51,15 @@ from batch.checkpoint.answered import Answered, RowStates
 from batch.checkpoint.guard import fingerprint
 from batch.config import JobSpec
 from batch.errors import CheckpointWriteError, ConfigError
-from batch.storage.atomic import fsync_dir, place, temp_path
+from batch.storage.atomic import place, temp_path
+from batch.storage.base import AlreadyExists, NotFound, Store
+from batch.storage.local import LocalStore
 
 log = logging.getLogger("batch")
 
-LEDGER_NAME = "batches.jsonl"
+LEDGER_NAME = "batches.jsonl"  # the steps as a checkpoint written before they were objects holds them
+EVENTS_PREFIX = "ledger/"
+_EVENT_KEY = re.compile(r"ledger/(\d+)\.json")
 FILES_DIR = "batches"
 ROWS_SCHEMA = pa.schema([("seq", pa.int64()), ("id", pa.string()), ("custom_id", pa.string()),
                          ("prompt_hash", pa.uint32()), ("submission", pa.int32()), ("prompt_bound", pa.int64())])
@@ -132,24 +140,43 @@ def custom_id(number: int, row_id: str) -> str:
 
 
 class Ledger:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, store: Store | None = None) -> None:
+        """`folder`: the checkpoint folder; `store`: where the steps are kept (by default, that folder)."""
         self.folder = folder
-        self.path = folder / LEDGER_NAME
+        self.store = store if store is not None else LocalStore(folder)
         self.files_dir = folder / FILES_DIR
         self.files: dict[int, BatchFile] = {}
-        self._handle: Any = None
-        if self.path.exists():
-            self._read()
+        self._next_event = 1
+        self._read_lines()
+        self._read_events()
 
-    def _read(self) -> None:
-        with open(self.path, encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                try:
-                    event = json.loads(line)
-                    self._apply(event)
-                except (ValueError, KeyError, TypeError):
-                    if line.endswith("\n"):  # a last line cut short by a kill is a step not taken
-                        log.warning("%s line %d is damaged: skipped", self.path, number)
+    def event_keys(self) -> list[str]:
+        """The steps' objects, in the order they were taken."""
+        found = [(int(match[1]), entry.key) for entry in self.store.list(EVENTS_PREFIX)
+                 if (match := _EVENT_KEY.fullmatch(entry.key))]
+        return [key for _, key in sorted(found)]
+
+    def _read_lines(self) -> None:
+        """The steps an older batch appended to batches.jsonl."""
+        try:
+            data = self.store.read_bytes(LEDGER_NAME)
+        except NotFound:
+            return
+        for number, line in enumerate(data.decode("utf-8", "replace").splitlines(keepends=True), 1):
+            # A last line cut short by a kill is a step not taken.
+            self._take(line, f"{self.store.where(LEDGER_NAME)} line {number}", warn=line.endswith("\n"))
+
+    def _read_events(self) -> None:
+        for key in self.event_keys():
+            self._take(self.store.read_bytes(key).decode("utf-8", "replace"), self.store.where(key), warn=True)
+            self._next_event = int(_EVENT_KEY.fullmatch(key)[1]) + 1  # type: ignore[index]
+
+    def _take(self, text: str, where: str, warn: bool) -> None:
+        try:
+            self._apply(json.loads(text))
+        except (ValueError, KeyError, TypeError):
+            if warn:
+                log.warning("%s is damaged: skipped", where)
 
     def _apply(self, event: dict[str, Any]) -> None:
         kind, number = event["event"], int(event["file"])
@@ -175,36 +202,23 @@ class Ledger:
             entry.cleaned = True
 
     def note(self, kind: str, number: int, **values: Any) -> None:
-        """Append a step to the ledger, on disk (fsynced) before the caller goes on."""
+        """Record a step, durable before the caller goes on: the next event's object, made exclusively (a step
+        another process recorded under that number is read by the next run in its place; this one takes the next)."""
         event = {"event": kind, "file": number, **values, "at": round(time.time(), 3)}
-        try:
-            if self._handle is None:
-                self.folder.mkdir(parents=True, exist_ok=True)
-                new = not self.path.exists()
-                if not new:
-                    self._cut_torn_end()
-                self._handle = open(self.path, "a", encoding="utf-8")
-                if new:
-                    fsync_dir(self.folder)
-            self._handle.write(json.dumps(event, ensure_ascii=False) + "\n")
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
-        except OSError as exc:
-            raise CheckpointWriteError(f"{self.path}: cannot write the Batch API ledger: {exc.strerror or exc}; "
-                                       "the run stopped (run the job again once it can be written)") from None
+        data = (json.dumps(event, ensure_ascii=False) + "\n").encode("utf-8")
+        while True:
+            key = f"{EVENTS_PREFIX}{self._next_event:08d}.json"
+            self._next_event += 1
+            try:
+                self.store.create(key, lambda sink: sink.write(data))
+                break
+            except AlreadyExists:
+                continue
+            except OSError as exc:
+                raise CheckpointWriteError(f"{self.store.where(key)}: cannot write the Batch API ledger: "
+                                           f"{exc.strerror or exc}; the run stopped (run the job again once it can "
+                                           "be written)") from None
         self._apply(event)
-
-    def _cut_torn_end(self) -> None:
-        """A last line cut short (a step not taken) is cut off: appended to, it would take the next step with it."""
-        with open(self.path, "rb") as existing:
-            data = existing.read()
-        if data and not data.endswith(b"\n"):
-            os.truncate(self.path, data.rfind(b"\n") + 1)
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
 
     def live(self) -> list[BatchFile]:
         return [entry for entry in self.files.values() if entry.live]
@@ -232,8 +246,8 @@ class Ledger:
             return pq.read_table(path, columns=columns)
         except (OSError, pa.ArrowInvalid) as exc:  # deleted or damaged by hand: the ledger wrote it before naming it
             reason = "it is missing" if isinstance(exc, FileNotFoundError) else str(exc)
-            raise ConfigError(f"{path}: the rows of Batch API file {number}, which {self.path.name} names, cannot be "
-                              f"read ({reason}); restore the checkpoint folder from a backup") from None
+            raise ConfigError(f"{path}: the rows of Batch API file {number}, which the Batch API ledger names, "
+                              f"cannot be read ({reason}); restore the checkpoint folder from a backup") from None
 
     # -- what a run needs before it sends anything ---------------------------------------------
     def hold(self, states: RowStates, id_batches: Callable[[], Iterable[pa.Array]]) -> int:

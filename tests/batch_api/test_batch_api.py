@@ -22,6 +22,7 @@ from helpers import output_of
 from hypothesis import given
 from hypothesis import strategies as st
 
+from batch.batch_api.ledger import Ledger
 from batch.checkpoint.writer import Checkpoint, _wal_table
 from batch.errors import EXIT_BATCHES_LIVE
 from batch.input.prompts import prompt_token_bound
@@ -46,14 +47,17 @@ def submitted_twice(sim: SimulatorThread) -> list[str]:
 
 
 def ledger_events(job: Path) -> list[dict[str, Any]]:
-    path = job.parent / "out" / "result.checkpoint" / "batches.jsonl"
-    if not path.exists():
-        return []
-    events = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        if line.endswith("\n"):
-            events.append(json.loads(line))
-    return events
+    ledger = Ledger(job.parent / "out" / "result.checkpoint")
+    return [json.loads(ledger.store.read_bytes(key)) for key in ledger.event_keys()]
+
+
+def drop_event(job: Path, kind: str, number: int) -> None:
+    """The state a kill before a step was recorded leaves: the ledger without that step of file `number`."""
+    ledger = Ledger(job.parent / "out" / "result.checkpoint")
+    for key in ledger.event_keys():
+        event = json.loads(ledger.store.read_bytes(key))
+        if event["event"] == kind and event["file"] == number:
+            ledger.store.delete(key)
 
 
 def every_record(job: Path) -> pa.Table:
@@ -289,9 +293,7 @@ def test_a_batch_whose_id_was_lost_is_found_not_created_again(metadata, start_si
     sim = start_sim(batch_speed=0, batch_no_metadata=metadata == "not echoed")
     job = batch_job(make_job, sim, count=20)
     assert run_cli("run", job)[0] == EXIT_BATCHES_LIVE
-    ledger = job.parent / "out" / "result.checkpoint" / "batches.jsonl"
-    lines = ledger.read_text().splitlines(keepends=True)
-    ledger.write_text("".join(line for line in lines if '"created"' not in line or '"file": 2' not in line))
+    drop_event(job, "created", 2)
     sim.advance(3600)
     assert run_until_done(run_cli, sim, job) == 0
     assert sim.stats()["batch_api"]["batches_created"] == 2
@@ -303,15 +305,33 @@ def test_an_upload_whose_id_was_lost_is_used_not_uploaded_again(start_sim, make_
     sim = start_sim(batch_speed=0, batch_arrears_after=1)
     job = batch_job(make_job, sim, count=20)
     assert run_cli("run", job)[0] == 3  # file 2 uploaded, its batch refused (arrears)
-    ledger = job.parent / "out" / "result.checkpoint" / "batches.jsonl"
-    lines = ledger.read_text().splitlines(keepends=True)
-    ledger.write_text("".join(line for line in lines if '"uploaded"' not in line or '"file": 2' not in line))
+    drop_event(job, "uploaded", 2)
     sim.reconfigure(batch_arrears_after=None)  # the account is paid up
     sim.advance(3600)
     assert run_until_done(run_cli, sim, job) == 0
     assert sim.stats()["batch_api"]["files_uploaded"] == 2
     assert sim.stats()["batch_api"]["files_kept"] == 0
     assert submitted_twice(sim) == [] and len(output_of(job)) == 20
+
+
+def test_a_checkpoint_whose_ledger_is_the_older_batches_jsonl_is_taken_on(start_sim, make_job, run_cli):
+    """A checkpoint an older batch wrote holds the ledger's steps as lines of batches.jsonl: a run takes its live
+    batches on from there (never made again), and records its own steps as objects beside it."""
+    sim = start_sim(batch_speed=0)
+    job = batch_job(make_job, sim, count=20)
+    assert run_cli("run", job)[0] == EXIT_BATCHES_LIVE
+    folder = job.parent / "out" / "result.checkpoint"
+    older = "".join(json.dumps(event) + "\n" for event in ledger_events(job))
+    (folder / "batches.jsonl").write_text(older)
+    for event in (folder / "ledger").iterdir():
+        event.unlink()
+    sim.advance(3600)
+    assert run_until_done(run_cli, sim, job) == 0
+    assert sim.stats()["batch_api"]["batches_created"] == 2
+    assert submitted_twice(sim) == [] and len(output_of(job)) == 20
+    assert (folder / "batches.jsonl").read_text() == older
+    steps = {event["event"] for event in ledger_events(job)}
+    assert "file" not in steps and {"merged", "cleaned"} <= steps  # taken on where they were, not built again
 
 
 def test_job_file_batch_api_settings_are_checked(make_job, run_cli):
@@ -399,19 +419,37 @@ def test_kill_9_at_any_step_then_reruns_answer_every_row_exactly_once(point, sta
 
 
 def test_a_ledger_line_cut_short_is_dropped_and_the_next_step_recorded_whole(tmp_path):
-    from batch.batch_api.ledger import Ledger
+    from batch.batch_api.ledger import LEDGER_NAME
 
-    ledger = Ledger(tmp_path)
-    ledger.note("file", 1, tag="t", rows=1, bytes=1, records_before=0, hold_cost=0.0, hold_tokens=0)
-    ledger.close()
-    with open(tmp_path / "batches.jsonl", "a", encoding="utf-8") as lines:
-        lines.write('{"event": "uploaded", "fi')  # a kill (or a full disk) mid-line
+    # A checkpoint from before the steps were objects of their own: its batches.jsonl, the last line cut short.
+    built = {"event": "file", "file": 1, "tag": "t", "rows": 1, "bytes": 1, "records_before": 0, "hold_cost": 0.0,
+             "hold_tokens": 0, "at": 0.0}
+    (tmp_path / LEDGER_NAME).write_text(json.dumps(built) + "\n" + '{"event": "uploaded", "fi')  # a kill mid-line
     ledger = Ledger(tmp_path)
     assert ledger.files[1].file_id is None  # the step cut short was not taken
     ledger.note("uploaded", 1, file_id="file-1")
-    ledger.close()
     assert Ledger(tmp_path).files[1].file_id == "file-1"
-    assert all(line.endswith("}") for line in (tmp_path / "batches.jsonl").read_text(encoding="utf-8").splitlines())
+    assert [json.loads(ledger.store.read_bytes(key))["event"] for key in ledger.event_keys()] == ["uploaded"]
+
+
+def test_each_ledger_step_is_an_object_of_its_own_made_exclusively(tmp_path, caplog):
+    """Two writers of one ledger (a zombie run and its successor) never write over each other's steps, and a step
+    whose object is damaged is skipped with a warning, as a damaged line was."""
+    from batch.storage.memory import MemoryStore
+
+    store = MemoryStore()
+    built = {"tag": "t", "rows": 1, "bytes": 1, "records_before": 0, "hold_cost": 0.0, "hold_tokens": 0}
+    first, second = Ledger(tmp_path, store), Ledger(tmp_path, store)
+    first.note("file", 1, **built)
+    second.note("file", 2, **built)
+    first.note("uploaded", 1, file_id="file-a")
+    second.note("uploaded", 2, file_id="file-b")  # its number was taken: the next one
+    store.inject("create", store.calls["create"] + 1, "torn")
+    second.note("created", 2, batch_id="batch-b")  # torn as it was written
+    assert [op for op, _ in store.writes] == ["create"] * 5
+    read = Ledger(tmp_path, store)
+    assert (read.files[1].file_id, read.files[2].file_id, read.files[2].batch_id) == ("file-a", "file-b", None)
+    assert "ledger/00000005.json is damaged: skipped" in caplog.text
 
 
 def test_a_rows_file_the_ledger_names_but_gone_is_one_config_error(tmp_path):
@@ -420,7 +458,6 @@ def test_a_rows_file_the_ledger_names_but_gone_is_one_config_error(tmp_path):
 
     ledger = Ledger(tmp_path)
     ledger.note("file", 1, tag="t", rows=1, bytes=1, records_before=0, hold_cost=0.0, hold_tokens=0)
-    ledger.close()
     with pytest.raises(ConfigError, match=r"file-000001.rows.parquet: .* Batch API file 1, .* \(it is missing\)"):
         ledger.submissions(5)
     ledger.files_dir.mkdir()
@@ -542,7 +579,7 @@ def test_rows_deleted_moved_and_appended_while_batches_are_live_merge_by_id(star
 @pytest.fixture(scope="module")
 def two_live_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ledger folder with two live files: rows id0-id24 (file 1) and id25-id40 (file 2), in that input order."""
-    from batch.batch_api.ledger import Ledger, custom_id
+    from batch.batch_api.ledger import custom_id
 
     folder = tmp_path_factory.mktemp("ledger")
     ledger = Ledger(folder)
@@ -552,7 +589,6 @@ def two_live_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
             writer.add(seq, f"id{seq}", custom_id(number, f"id{seq}"), 0, 1, 10)
         writer.close()
         ledger.note("file", number, tag="t", rows=len(ids), bytes=1, records_before=0, hold_cost=0.0, hold_tokens=0)
-    ledger.close()
     return folder
 
 
