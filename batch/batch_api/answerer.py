@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,7 +33,17 @@ import openai
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 from tqdm.auto import tqdm
 
-from batch.batch_api.ledger import TERMINAL, BatchFile, Ledger, RowsWriter, custom_id, describe, format_batch, job_tag
+from batch.batch_api.ledger import (
+    TERMINAL,
+    BatchFile,
+    Ledger,
+    RowsWriter,
+    custom_id,
+    describe,
+    format_batch,
+    job_tag,
+    keep_spooled,
+)
 from batch.checkpoint.answered import RowStates
 from batch.errors import EXIT_BUDGET, EXIT_JOB_FATAL, CheckpointWriteError, JobFatalError
 from batch.executor import Pending, Stop
@@ -46,7 +56,7 @@ from batch.plan import Plan
 from batch.pricing import Pricer
 from batch.providers import BusinessCodes, batch_dialect_for
 from batch.records import Record, answer_record, failed_record
-from batch.storage.atomic import place, temp_path
+from batch.storage.base import python_file
 
 log = logging.getLogger("batch")
 
@@ -113,7 +123,7 @@ def _int_or_none(value: Any) -> int | None:
 
 @dataclass
 class Building:
-    """A request file being written: its lines, and its rows with their custom_ids, straight to disk."""
+    """A request file being written: its lines, and its rows with their custom_ids, to local spools (never held)."""
 
     number: int
     handle: Any
@@ -273,14 +283,15 @@ class BatchAnswerer:
             self.ledger.note("created", entry.number, batch_id=found)
             self.lines_submitted += entry.rows
             with contextlib.suppress(OSError):
-                self.ledger.requests_path(entry.number).unlink()
+                self.ledger.store.delete(self.ledger.requests_key(entry.number))
 
     async def _upload(self, entry: BatchFile) -> None:
-        path = self.ledger.requests_path(entry.number)
+        key = self.ledger.requests_key(entry.number)
         name = upload_name(entry)
 
         async def upload() -> str:
-            with open(path, "rb") as lines:  # streamed by httpx's multipart writer, never read whole here
+            # Streamed by httpx's multipart writer, never read whole here.
+            with python_file(self.ledger.store.open_read(key)) as lines:
                 made = await self._client.files.create(file=(name, lines, "application/jsonl"), purpose="batch")
             return made.id
 
@@ -426,13 +437,13 @@ class BatchAnswerer:
     async def _merge(self, entry: BatchFile, batch: Any, record: Callable[[Record], None]) -> None:
         """A finished batch's output and error lines into the checkpoint, by custom_id; its rows without one
         are pending again."""
-        paths: list[tuple[str, Path]] = []
+        keys: list[tuple[str, str]] = []
         lost: Gone | None = None  # a result file the provider no longer knows: its rows were not answered
         for which, file_id, reported in (("output", batch.output_file_id, "completed"),
                                          ("errors", batch.error_file_id, "failed")):
             if file_id:
                 try:
-                    paths.append((which, await self._download(entry, which, file_id, entry.counts.get(reported, 0))))
+                    keys.append((which, await self._download(entry, which, file_id, entry.counts.get(reported, 0))))
                 except Gone as gone:
                     log.warning("file %d: %s; the rows it answered are pending again", entry.number, gone)
                     lost = gone
@@ -446,8 +457,9 @@ class BatchAnswerer:
         # Files built before the bound was kept count a row without usage at the file's worst case per row.
         bounds = rows.column("prompt_bound").to_pylist() if "prompt_bound" in rows.column_names else None
         outcome = {"ok": 0, "failed": 0, "returned": 0}
-        for which, path in paths:
-            with open(path, encoding="utf-8", errors="replace") as lines:
+        for which, key in keys:
+            with python_file(self.ledger.store.open_read(key)) as raw, \
+                    io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as lines:
                 for number, line in enumerate(lines, 1):
                     parsed = _line(line)
                     if parsed is None:
@@ -555,13 +567,14 @@ class BatchAnswerer:
             self.stop.halt(exc)
             raise
 
-    async def _download(self, entry: BatchFile, which: str, file_id: str, reported: int) -> Path:
-        """A result file, streamed to the checkpoint folder (never held whole); downloaded again (as a transient
-        failure) while it holds fewer lines than the batch reports (`reported`) or ends in a line cut short."""
-        path = self.ledger.results_path(entry.number, which)
-        tmp = temp_path(path)
+    async def _download(self, entry: BatchFile, which: str, file_id: str, reported: int) -> str:
+        """A result file, streamed to a local spool (never held whole), then kept in the checkpoint's store; downloaded
+        again (as a transient failure) while it holds fewer lines than the batch reports (`reported`) or ends in a
+        line cut short. Returns its key."""
+        key = self.ledger.results_key(entry.number, which)
+        tmp = self.ledger.spool(key)
 
-        async def fetch() -> Path:
+        async def fetch() -> str:
             size, last_line_at, lines = 0, 0, 0
             async with self._client.files.with_streaming_response.content(file_id) as response:
                 with open(tmp, "wb") as out:
@@ -581,13 +594,14 @@ class BatchAnswerer:
             if lines < reported:
                 raise Failure("retry", "short_download", f"the {which} file {file_id} holds {lines} lines where the "
                               f"batch reports {reported}")
-            place(tmp, path)
-            return path
+            keep_spooled(self.ledger.store, key, tmp)
+            return key
 
         try:
             return await self._call("download", fetch, missing=f"the {which} file {file_id}")
         except OSError as exc:
-            raise CheckpointWriteError(f"{path}: cannot write a Batch API result file: {exc.strerror or exc}") from None
+            raise CheckpointWriteError(f"{self.ledger.store.where(key)}: cannot write a Batch API result file: "
+                                       f"{exc.strerror or exc}") from None
 
     async def _clean(self, entry: BatchFile, batch: Any) -> None:
         """Delete the batch's files at the provider (Zhipu keeps at most 1,000) and here, once merged."""
@@ -603,11 +617,10 @@ class BatchAnswerer:
         for file_id in filter(None, remote):
             await self._call("delete", lambda f=file_id: self._delete(f))
         self.ledger.note("cleaned", entry.number)
-        for which in ("output", "errors"):
+        for key in [self.ledger.results_key(entry.number, which) for which in ("output", "errors")] + [
+                self.ledger.requests_key(entry.number)]:
             with contextlib.suppress(OSError):
-                self.ledger.results_path(entry.number, which).unlink()
-        with contextlib.suppress(OSError):
-            self.ledger.requests_path(entry.number).unlink()
+                self.ledger.store.delete(key)
 
     async def _delete(self, file_id: str) -> None:
         try:
@@ -662,10 +675,8 @@ class BatchAnswerer:
         return json.dumps(body, ensure_ascii=False, sort_keys=True, default=str).encode()
 
     def _start(self, number: int) -> Building:
-        self.ledger.files_dir.mkdir(parents=True, exist_ok=True)
-        path = self.ledger.requests_path(number)
-        tmp = temp_path(path)
-        return Building(number, open(tmp, "wb"), tmp, self.ledger.rows_writer(number))
+        spool = self.ledger.spool(self.ledger.requests_key(number))
+        return Building(number, open(spool, "wb"), spool, self.ledger.rows_writer(number))
 
     def _add(self, building: Building, pending: Pending, body: bytes, hold: Hold | None, bound: int) -> None:
         row = pending.row
@@ -682,14 +693,13 @@ class BatchAnswerer:
     async def _finish(self, building: Building) -> None:
         """Record a built file (rows, then lines, then the ledger's line), hold its rows, and send it."""
         number = building.number
+        key = self.ledger.requests_key(number)
         try:
-            building.handle.flush()
-            os.fsync(building.handle.fileno())
             building.handle.close()
-            os.replace(building.path, self.ledger.requests_path(number))
-            building.rows.close()  # fsyncs the folder: both renames are on disk before the ledger names the file
+            keep_spooled(self.ledger.store, key, building.path)
+            building.rows.close()  # both in the store, durable, before the ledger names the file
         except OSError as exc:
-            raise CheckpointWriteError(f"{self.ledger.files_dir}: cannot write a Batch API request file: "
+            raise CheckpointWriteError(f"{self.ledger.store.where(key)}: cannot write a Batch API request file: "
                                        f"{exc.strerror or exc}") from None
         self.ledger.note("file", number, tag=self.tag, rows=len(building.rows), bytes=building.bytes,
                          records_before=self.states.record_count, hold_cost=building.hold_cost,

@@ -36,12 +36,13 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 import time
 from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -51,7 +52,7 @@ from batch.checkpoint.answered import Answered, RowStates
 from batch.checkpoint.guard import fingerprint
 from batch.config import JobSpec
 from batch.errors import CheckpointWriteError, ConfigError
-from batch.storage.atomic import place, temp_path
+from batch.storage.atomic import temp_path
 from batch.storage.base import AlreadyExists, NotFound, Store
 from batch.storage.local import LocalStore
 
@@ -94,15 +95,34 @@ class BatchFile:
         return not self.merged
 
 
+def spool_path(folder: Path, key: str) -> Path:
+    """A local file in the checkpoint `folder` where an object of `key` is written in steps (a file being built, a
+    download) before it goes to the store whole (keep_spooled)."""
+    path = temp_path(folder / key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def keep_spooled(store: Store, key: str, spool: Path) -> None:
+    """The spooled file, whole, as the object `key` (whatever was there: the ledger names it only after), and the
+    spool gone."""
+    def copy(sink: BinaryIO) -> None:
+        with open(spool, "rb") as written:
+            shutil.copyfileobj(written, sink)
+
+    store.replace(key, copy)
+    spool.unlink()
+
+
 class RowsWriter:
-    """A file's rows (ROWS_SCHEMA), written to a temp Parquet file a slice at a time, never all held; `close`
-    puts it in place (fsynced, renamed). Only the rows' positions are kept, 8 bytes a row, to hold them."""
+    """A file's rows (ROWS_SCHEMA), written to a spool a slice at a time, never all held; `close` puts it in the
+    store whole. Only the rows' positions are kept, 8 bytes a row, to hold them."""
 
     SLICE = 4096
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.tmp = temp_path(path)
+    def __init__(self, store: Store, key: str, spool: Path) -> None:
+        self.store, self.key = store, key
+        self.tmp = spool
         self.seqs = array("q")
         self._writer = pq.ParquetWriter(self.tmp, ROWS_SCHEMA)
         self._columns: list[list[Any]] = [[] for _ in ROWS_SCHEMA.names]
@@ -125,7 +145,7 @@ class RowsWriter:
     def close(self) -> None:
         self._flush()
         self._writer.close()
-        place(self.tmp, self.path)
+        keep_spooled(self.store, self.key, self.tmp)
 
 
 def job_tag(spec: JobSpec) -> str:
@@ -144,7 +164,6 @@ class Ledger:
         """`folder`: the checkpoint folder; `store`: where the steps are kept (by default, that folder)."""
         self.folder = folder
         self.store = store if store is not None else LocalStore(folder)
-        self.files_dir = folder / FILES_DIR
         self.files: dict[int, BatchFile] = {}
         self._next_event = 1
         self._read_lines()
@@ -226,27 +245,32 @@ class Ledger:
     def next_number(self) -> int:
         return max(self.files, default=0) + 1
 
-    # -- the files of a batch, in the checkpoint folder ------------------------------------------
-    def rows_path(self, number: int) -> Path:
-        return self.files_dir / f"file-{number:06d}.rows.parquet"
+    # -- the files of a batch, in the checkpoint's store ------------------------------------------
+    def rows_key(self, number: int) -> str:
+        return f"{FILES_DIR}/file-{number:06d}.rows.parquet"
 
-    def requests_path(self, number: int) -> Path:
-        return self.files_dir / f"file-{number:06d}.jsonl"
+    def requests_key(self, number: int) -> str:
+        return f"{FILES_DIR}/file-{number:06d}.jsonl"
 
-    def results_path(self, number: int, which: str) -> Path:
-        return self.files_dir / f"file-{number:06d}.{which}.jsonl"
+    def results_key(self, number: int, which: str) -> str:
+        return f"{FILES_DIR}/file-{number:06d}.{which}.jsonl"
+
+    def spool(self, key: str) -> Path:
+        return spool_path(self.folder, key)
 
     def rows_writer(self, number: int) -> RowsWriter:
-        self.files_dir.mkdir(parents=True, exist_ok=True)
-        return RowsWriter(self.rows_path(number))
+        key = self.rows_key(number)
+        return RowsWriter(self.store, key, self.spool(key))
 
     def rows_of(self, number: int, columns: list[str] | None = None) -> pa.Table:
-        path = self.rows_path(number)
+        key = self.rows_key(number)
         try:
-            return pq.read_table(path, columns=columns)
+            with self.store.open_read(key) as stream:
+                return pq.read_table(stream, columns=columns)
         except (OSError, pa.ArrowInvalid) as exc:  # deleted or damaged by hand: the ledger wrote it before naming it
             reason = "it is missing" if isinstance(exc, FileNotFoundError) else str(exc)
-            raise ConfigError(f"{path}: the rows of Batch API file {number}, which the Batch API ledger names, "
+            raise ConfigError(f"{self.store.where(key)}: the rows of Batch API file {number}, which the Batch API "
+                              "ledger names, "
                               f"cannot be read ({reason}); restore the checkpoint folder from a backup") from None
 
     # -- what a run needs before it sends anything ---------------------------------------------

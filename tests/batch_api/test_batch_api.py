@@ -452,6 +452,22 @@ def test_each_ledger_step_is_an_object_of_its_own_made_exclusively(tmp_path, cap
     assert "ledger/00000005.json is damaged: skipped" in caplog.text
 
 
+def test_a_files_rows_are_spooled_locally_then_kept_whole_in_the_store(tmp_path):
+    from batch.batch_api.ledger import custom_id
+    from batch.storage.memory import MemoryStore
+
+    store = MemoryStore()
+    ledger = Ledger(tmp_path, store)
+    writer = ledger.rows_writer(1)
+    for seq in range(10_000):  # several slices
+        writer.add(seq, f"id{seq}", custom_id(1, f"id{seq}"), 0, 1, 10)
+    assert store.list() == []  # nothing in the store before the file is whole
+    writer.close()
+    assert store.writes == [("replace", "batches/file-000001.rows.parquet")]
+    assert ledger.rows_of(1, ["seq"]).column("seq").to_pylist() == list(range(10_000))
+    assert [path for path in tmp_path.rglob("*") if path.is_file()] == []  # the spool is gone
+
+
 def test_a_rows_file_the_ledger_names_but_gone_is_one_config_error(tmp_path):
     from batch.batch_api.ledger import Ledger
     from batch.errors import ConfigError
@@ -460,8 +476,7 @@ def test_a_rows_file_the_ledger_names_but_gone_is_one_config_error(tmp_path):
     ledger.note("file", 1, tag="t", rows=1, bytes=1, records_before=0, hold_cost=0.0, hold_tokens=0)
     with pytest.raises(ConfigError, match=r"file-000001.rows.parquet: .* Batch API file 1, .* \(it is missing\)"):
         ledger.submissions(5)
-    ledger.files_dir.mkdir()
-    ledger.rows_path(1).write_bytes(b"junk")
+    ledger.store.replace(ledger.rows_key(1), lambda sink: sink.write(b"junk"))
     with pytest.raises(ConfigError, match=r"Batch API file 1, .* cannot be read \(.*Parquet"):
         ledger.submissions(5)
 
