@@ -12,7 +12,7 @@ from typing import IO, Any
 
 from batch.config import JobSpec
 from batch.errors import ConfigError, LockedError, option
-from batch.storage.atomic import write_text_atomic
+from batch.storage.local import delete_at, read_text_at, write_text_at
 
 LOCK_NAME = "lock"
 FINGERPRINT_NAME = "fingerprint.json"
@@ -107,10 +107,10 @@ def _schema_of(schema: Any) -> Any:
 def compare_fingerprint(spec: JobSpec) -> None:
     """Refuse a resume whose settings differ from the ones the checkpoint was made with."""
     path = spec.checkpoint_dir / FINGERPRINT_NAME
-    if not path.exists():
+    stored = stored_fingerprint(path)
+    if stored is None:
         return
     current = json.loads(json.dumps(fingerprint(spec), default=str))
-    stored = stored_fingerprint(path)
     changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
     if changed:
         details = "; ".join(f"{k}: {_short(stored.get(k))} -> {_short(current.get(k))}" for k in changed)
@@ -126,19 +126,21 @@ def check_fingerprint(spec: JobSpec, force: bool) -> None:
     The preflight compared it already; comparing again under the lock catches a run that stored one since.
     """
     path = spec.checkpoint_dir / FINGERPRINT_NAME
-    if path.exists() and not force:
+    if not force and stored_fingerprint(path) is not None:
         compare_fingerprint(spec)
         return
     current = json.loads(json.dumps(fingerprint(spec), default=str))
-    spec.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(current, ensure_ascii=False, indent=2) + "\n")
+    write_text_at(path, json.dumps(current, ensure_ascii=False, indent=2) + "\n")
 
 
-def stored_fingerprint(path: Path) -> dict[str, Any]:
-    """The fingerprint a checkpoint was made with. A damaged one is an error, not "no fingerprint":
-    taken as absent, it would let a changed job mix its answers with the old ones unasked."""
+def stored_fingerprint(path: Path) -> dict[str, Any] | None:
+    """The fingerprint a checkpoint was made with (None: none yet). A damaged one is an error, not "no
+    fingerprint": taken as absent, it would let a changed job mix its answers with the old ones unasked."""
     try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
+        text = read_text_at(path)
+        if text is None:
+            return None
+        stored = json.loads(text)
         if not isinstance(stored, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as exc:
@@ -151,7 +153,7 @@ def stored_fingerprint(path: Path) -> dict[str, Any]:
 
 def mark_running(folder: Path) -> None:
     """Note this run in the checkpoint; end_run() removes the note once the run's summary is saved."""
-    write_text_atomic(folder / RUN_NAME, json.dumps({"pid": os.getpid(), "started_at": _now()}) + "\n")
+    write_text_at(folder / RUN_NAME, json.dumps({"pid": os.getpid(), "started_at": _now()}) + "\n")
 
 
 def end_run(folder: Path, error: str | None = None, exit_code: int | None = None) -> None:
@@ -160,10 +162,10 @@ def end_run(folder: Path, error: str | None = None, exit_code: int | None = None
     path = folder / RUN_NAME
     try:
         if error is None:
-            path.unlink(missing_ok=True)
+            delete_at(path)
         else:
             marked = read_run_mark(folder) or {}
-            write_text_atomic(path, json.dumps({**marked, "ended_at": _now(), "exit_code": exit_code,
+            write_text_at(path, json.dumps({**marked, "ended_at": _now(), "exit_code": exit_code,
                                                 "error": error}, ensure_ascii=False) + "\n")
     except OSError:
         pass
@@ -171,11 +173,11 @@ def end_run(folder: Path, error: str | None = None, exit_code: int | None = None
 
 def read_run_mark(folder: Path) -> dict[str, Any] | None:
     """The note of a run that has not ended well ({} when unreadable), or None."""
-    path = folder / RUN_NAME
-    if not path.exists():
-        return None
     try:
-        marked = json.loads(path.read_text(encoding="utf-8"))
+        text = read_text_at(folder / RUN_NAME)
+        if text is None:
+            return None
+        marked = json.loads(text)
     except (OSError, ValueError):
         return {}
     return marked if isinstance(marked, dict) else {}

@@ -22,6 +22,7 @@ from batch.input.prompts import PromptBuilder
 from batch.input.reader import InputTable
 from batch.pricing import CURRENCY, money
 from batch.replies.schema import json_output_for
+from batch.storage.local import read_text_at
 
 
 def open_input(spec: JobSpec) -> InputTable:
@@ -127,10 +128,11 @@ def last_run(folder: Path, running: int | None) -> dict[str, Any] | None:
         state = "error" if marked.get("error") else "did_not_finish"
         return {"state": state, **{k: marked.get(k) for k in ("started_at", "pid", "ended_at", "exit_code", "error")}}
     path = folder / "summary.json"
-    if not path.exists():
-        return None
     try:
-        last = json.loads(path.read_text(encoding="utf-8"))
+        text = read_text_at(path)
+        if text is None:
+            return None
+        last = json.loads(text)
         return {"state": "finished", "finished_at": last.get("finished_at"), "exit_code": last["exit_code"],
                 "requests_per_s": last["run"]["requests_per_s"], "stopped": last.get("stopped")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
