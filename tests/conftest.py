@@ -13,6 +13,7 @@ import pytest
 import yaml
 from helpers import DATA
 from hypothesis import settings
+from s3_helpers import S3Bucket
 
 from batch.cli import main
 from batch.simulator import SimConfig, SimulatorThread
@@ -114,3 +115,27 @@ def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str,
         return code, out, err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1 (a free port) for this test process, recording every request it is sent
+    (moto's recorder: method, URL, headers) into a file; its endpoint URL."""
+    import os
+
+    # The recorder reads where to write when moto is imported: before the import.
+    os.environ["MOTO_RECORDER_FILEPATH"] = str(tmp_path_factory.mktemp("moto") / "requests.jsonl")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> S3Bucket:
+    """A new bucket on the moto server, with the environment a user's would have (AWS_* variables) for this
+    process and the batch processes it starts; its requests recorded from now on (S3Bucket.requests)."""
+    return S3Bucket.make(moto_server, monkeypatch)

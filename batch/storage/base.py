@@ -20,7 +20,7 @@ import abc
 import errno
 import io
 from collections.abc import Callable
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, ClassVar, NamedTuple
 
 
 class StorageError(OSError):
@@ -75,6 +75,11 @@ Write = Callable[[BinaryIO], object]
 class Store(abc.ABC):
     """Objects on string keys under one root. Every implementation passes tests/storage/test_store.py."""
 
+    # Whether a version names the bytes (S3's ETag: the same bytes written again show the same version) rather than
+    # one write (a local file's inode and stamp, a counter). Either way a compare-and-swap holding a version succeeds
+    # only while the object holds the bytes that were read, which is all a read-modify-write needs.
+    versions_name_bytes: ClassVar[bool] = False
+
     @abc.abstractmethod
     def open_read(self, key: str) -> BinaryIO:
         """The object, as a seekable binary file to read and close (NotFound when there is none)."""
@@ -87,7 +92,7 @@ class Store(abc.ABC):
     def replace(self, key: str, write: Write, if_version: str | None = None) -> str:
         """The object filled by `write`, whatever was under the key; with `if_version`, only if the object there is
         at that version now (else PreconditionFailed: a compare-and-swap). Returns the new version, which differs
-        from every earlier version of the key."""
+        from every earlier version of the key (of other bytes, where versions_name_bytes)."""
 
     @abc.abstractmethod
     def list(self, prefix: str = "") -> list[Entry]:
