@@ -53,7 +53,8 @@ from batch.errors import (
     python_caller,
 )
 from batch.logs import keep_secret, redact, run_log
-from batch.preflight import check_output_path, preflight, resolve
+from batch.plan import OutputSettings
+from batch.preflight import check_output_path, preflight, resolve, settings_of
 from batch.records import OUTPUT_FIELDS, RECORD_FIELDS, RECORD_SCHEMA
 from batch.replies.columns import JSON_PREFIX
 from batch.runner import Run, RunOptions
@@ -299,20 +300,20 @@ def read_results(job: Job) -> pd.DataFrame:
     writes nothing.
     """
     with _python_errors():
-        spec = _spec_of(job)
-        job_now = read_job(spec)
+        settings = settings_of(_spec_of(job))
+        job_now = read_job(settings)
         if job_now.final_is_current:
-            store, key = object_at(spec.output.path)
+            store, key = object_at(settings.locations.output)
             with store.open_read(key) as stream:
                 return _frame_of(pq.read_table(stream))
-        return _answers_so_far(spec, job_now.schema, job_now.table, job_now.checkpoint, job_now.states)
+        return _answers_so_far(settings.output, job_now.schema, job_now.table, job_now.checkpoint, job_now.states)
 
 
 def status(job: Job) -> dict[str, Any]:
     """Rows ok, failed and pending, tokens and cost so far, the last run, whether one is alive: `batch status
     --json`'s object. Sends nothing and writes nothing."""
     with _python_errors():
-        return job_status(_spec_of(job))
+        return job_status(settings_of(_spec_of(job)))
 
 
 def estimate(job: Job, retry_failed: bool = False) -> dict[str, Any]:
@@ -376,7 +377,7 @@ async def _execute(job: Job, options: RunOptions, api_key: str | None, control: 
         if control.asked:
             return None
         keep_secret(plan.api_key)
-        with run_log(plan.spec.checkpoint_dir):
+        with run_log(plan.locations.checkpoint_dir):
             run = control.run = Run(plan, options, lock)
             control.context = contextvars.copy_context()  # the run's: its log lines go to its batch.log
             return RunResult.from_summary(await run.execute())
@@ -708,13 +709,13 @@ def _frame_of(table: pa.Table) -> pd.DataFrame:
     return frame
 
 
-def _answers_so_far(spec: JobSpec, schema: dict[str, Any] | None, table: Any, checkpoint: Checkpoint, states: Any
-                    ) -> pd.DataFrame:
+def _answers_so_far(output: OutputSettings, schema: dict[str, Any] | None, table: Any, checkpoint: Checkpoint,
+                    states: Any) -> pd.DataFrame:
     """The final table's columns from the checkpoint as it is (a live run's log included): each row's last record,
     or "pending"; `schema`: output.json_schema as read."""
     import pandas as pd
 
-    id_out, keep = spec.id_column_out, spec.output.keep_columns
+    id_out, keep = output.id_column, list(output.keep_columns)
     sends = np.array([should_send(states.name(code), False) for code in range(len(states.names) + 1)])
     in_batch = np.array([states.name(code) == SUBMITTED for code in range(len(states.names) + 1)])
     pieces, pending, batched, start = [], [], [], 0
@@ -734,7 +735,7 @@ def _answers_so_far(spec: JobSpec, schema: dict[str, Any] | None, table: Any, ch
     answers = _frame_of(last).set_index("id").reindex(rows[id_out].tolist())
     answers.index = rows.index
     parts = [rows, answers]
-    replies = reply_columns(spec, schema, [last.select(["status", "response"])])
+    replies = reply_columns(output, schema, [last.select(["status", "response"])])
     if replies is not None:
         aligned = pa.Table.from_pandas(answers[["status", "response"]], preserve_index=False)
         columns = dict(replies.columns(aligned))  # none: a table of no columns has no rows either

@@ -19,7 +19,7 @@ from batch.commands.status import format_status, job_status
 from batch.config import load_job
 from batch.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, BatchError, ConfigError
 from batch.logs import LOG_NAME, redact, redact_everywhere, run_log, setup_logging, write_traceback
-from batch.preflight import preflight, resolve, validation_report
+from batch.preflight import preflight, resolve, settings_of, validation_report
 from batch.process import command_line_process, readers_may_leave
 from batch.runner import RunOptions, run_job
 from batch.summary import format_summary
@@ -140,7 +140,7 @@ def inspect(args: argparse.Namespace) -> str:
         found = estimate(resolve(spec), args.retry_failed)
         return json.dumps(found, ensure_ascii=False, indent=2) if args.json else format_estimate(found)
     if args.command == "status":
-        state = job_status(spec)
+        state = job_status(settings_of(spec))
         return json.dumps(state, ensure_ascii=False, indent=2) if args.json else format_status(state)
     rows = export_output(spec, args.format, args.to)
     return f"exported {rows} rows to {args.to}"
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         # Before anything is written: the log file is the first write.
         plan = preflight(args.job, force=args.force, mode=args.mode)
         redact_everywhere([plan.api_key])
-        with run_log(plan.spec.checkpoint_dir, args.log_format):
+        with run_log(plan.locations.checkpoint_dir, args.log_format):
             summary = asyncio.run(run_job(plan, options))
     print(format_summary(summary))
     return int(summary["exit_code"])
@@ -169,16 +169,16 @@ def cancel(args: argparse.Namespace) -> int:
 
     plan = preflight(args.job)
     redact_everywhere([plan.api_key])
-    lock = RunLock(plan.spec.checkpoint_dir)
+    lock = RunLock(plan.locations.checkpoint_dir)
     lock.acquire()
     try:
         batches = asyncio.run(cancel_batches(plan))
     finally:
         lock.release()
     if not batches:
-        print(f"job {plan.spec.name}: no live Batch API batch")
+        print(f"job {plan.name}: no live Batch API batch")
         return 0
-    print(f"job {plan.spec.name}: cancel asked for {len(batches)} batches; the next run merges what they answered "
+    print(f"job {plan.name}: cancel asked for {len(batches)} batches; the next run merges what they answered "
           "and the rest is pending again")
     for batch in batches:
         print(f"  {format_batch(batch)}")

@@ -1,10 +1,12 @@
 """Every check `run` makes before it writes or sends anything, made once: `validate` is exactly this.
 
-`preflight()` turns a job file into a `Plan`: the validated `JobSpec` and every value derived from
-it, resolved once (the request body's params with `extra_body` merged in, the `max_tokens` that is
-sent, the price, the endpoint, the key, the prompt builder, the input table). The pool, the budget,
-the token limiter and `estimate` all read these same values, so they cannot disagree about what a
-request may cost. A job that fails here has not touched its checkpoint folder.
+`preflight()` turns a job file into a `Plan` (batch/plan.py): every value derived from the validated
+`JobSpec`, resolved once and typed (the locations, the limits, the retry and budget settings, the output
+settings, the request body's params with `extra_body` merged in, the `max_tokens` that is sent, the price,
+the endpoint, the key, the prompt builder, the input table). This is the only module that reads the job
+file's keys: the pool, the budget, the token limiter, the Batch API and `estimate` all read these same
+values, so they cannot disagree about what a request may cost. A job that fails here has not touched its
+checkpoint folder.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 from dotenv import dotenv_values
 
-from batch.checkpoint.guard import LOCK_NAME, compare_fingerprint
+from batch.checkpoint.guard import LOCK_NAME, compare_fingerprint, fingerprint
 from batch.checkpoint.writer import WAL_NAME, Checkpoint
 from batch.config import JobSpec, load_job
 from batch.errors import ConfigError, in_callers_words, read_reason
@@ -24,7 +26,17 @@ from batch.input.prompts import PromptBuilder
 from batch.input.reader import InputTable
 from batch.logs import LOG_NAME
 from batch.money.cache import check_answer_cache
-from batch.plan import CHECKPOINT_MARKERS, Plan, Settings
+from batch.plan import (
+    CHECKPOINT_MARKERS,
+    BatchApiSettings,
+    BudgetLimits,
+    Limits,
+    Locations,
+    OutputSettings,
+    Plan,
+    Retry,
+    Settings,
+)
 from batch.pricing import Price, Pricer, pricer_for
 from batch.providers import Provider
 from batch.records import OUTPUT_FIELDS
@@ -33,17 +45,26 @@ from batch.replies.schema import json_output_for, openai_strict
 
 def resolve(spec: JobSpec) -> Settings:
     """The values derived from a job file, with the checks that need nothing but the job file."""
+    settings = settings_of(spec)
+    if settings.provider.strict_schema:
+        _check_own_strict_schema(spec, _merged_params(spec).get("response_format"))
+    if spec.budget is not None:
+        _check_budget(spec, settings.max_tokens, settings.pricer)
+    _check_output_columns(spec)
+    return settings
+
+
+def settings_of(spec: JobSpec) -> Settings:
+    """The values derived from a job file, each once, with only the checks deriving them makes (a schema or a
+    template that cannot be read): what `status` and `export` read a job by, which refuse nothing a run would
+    not (resolve adds the run's checks)."""
     json_output = json_output_for(spec)
     try:
         builder = PromptBuilder(spec.prompt, json_output.system_note if json_output else None)
     except ConfigError as exc:
         raise ConfigError(f"{spec.where('prompt.template')}: {exc}") from None
-    body_params = dict(spec.model.params)
-    # Provider-only fields and OpenAI ones go the same way: the SDK's create() has fixed kwargs.
-    body_params.update(body_params.pop("extra_body", None) or {})
+    body_params = _merged_params(spec)
     provider = spec.model.provider_rules
-    if provider.strict_schema:
-        _check_own_strict_schema(spec, body_params.get("response_format"))
     if json_output is not None and json_output.response_format is not None:
         # A response_format in params is the job's own choice (e.g. strict: false), so it is kept.
         body_params.setdefault("response_format", json_output.response_format)
@@ -51,11 +72,40 @@ def resolve(spec: JobSpec) -> Settings:
     if spec.model.stream:
         body_params.update(stream_params(provider, body_params.get("stream_options")))
     pricer = pricer_for(spec.model.name, Price(**spec.pricing.model_dump()) if spec.pricing else None)
-    if spec.budget is not None:
-        _check_budget(spec, max_tokens, pricer)
-    _check_output_columns(spec)
-    return Settings(spec, provider, body_params, max_tokens, pricer, spec.model.base_url or provider.base_url,
-                    spec.model.api_key_env or provider.api_key_env, builder, json_output)
+    out = spec.output
+    locations = Locations(spec.job_path, spec.input.path, out.path, spec.checkpoint_dir, spec.cache_path,
+                          cache_shared=spec.cache is not None)
+    output = OutputSettings(spec.id_column_out, tuple(out.keep_columns), out.parse_json,
+                            tuple(out.json_columns) if out.json_columns is not None else None, out.checkpoint_rows,
+                            out.checkpoint_seconds)
+    return Settings(
+        spec, spec.name, spec.model.name, spec.mode, spec.model.stream, spec.prompt.system, spec.input.id_column,
+        locations, _limits(spec), Retry(**spec.retry.model_dump()),
+        BudgetLimits(**spec.budget.model_dump()) if spec.budget is not None else None, output,
+        BatchApiSettings(**spec.batch_api.model_dump()), provider, body_params, max_tokens, pricer,
+        spec.model.base_url or provider.base_url, spec.model.api_key_env or provider.api_key_env, builder,
+        json_output)
+
+
+def _limits(spec: JobSpec) -> Limits:
+    limits = spec.limits.model_dump()
+    if not spec.model.stream:  # config refuses an idle timeout without a stream: None says it never applies
+        limits["idle_timeout_s"] = None
+    return Limits(**limits)
+
+
+def _merged_params(spec: JobSpec) -> dict[str, Any]:
+    """model.params with extra_body merged in (it wins): provider-only fields and OpenAI ones go the same way, as
+    the SDK's create() has fixed kwargs."""
+    body_params = dict(spec.model.params)
+    body_params.update(body_params.pop("extra_body", None) or {})
+    return body_params
+
+
+def input_table(settings: Settings) -> InputTable:
+    """The job's input, opened (its columns checked), not yet scanned."""
+    return InputTable(settings.locations.input, settings.input_id_column, settings.builder.columns,
+                      list(settings.output.keep_columns), messages_column=settings.builder.messages_column)
 
 
 def _check_own_strict_schema(spec: JobSpec, response_format: Any) -> None:
@@ -104,22 +154,22 @@ def preflight(job: str | Path | JobSpec, force: bool = False, api_key: str | Non
     if (mode or spec.mode) == "online":
         check_answer_cache(spec.cache_path)
     api_key = usable_key(api_key, "api_key") if api_key else resolve_api_key(spec, settings.api_key_env)
-    table = InputTable(spec.input.path, spec.input.id_column, settings.builder.columns, spec.output.keep_columns,
-                       messages_column=spec.prompt.messages_column)
+    table = input_table(settings)
+    shapes = fingerprint(spec)  # the run stores this one: the schema file as read here, as the run asks for it
     if not force:
-        compare_fingerprint(spec)
+        compare_fingerprint(settings.locations.checkpoint_dir, shapes, spec.job_path)
     # Bad ids or text fail here. The ids' hashes, in input order, are kept only to find the rows of a
     # previous run's records.
     rows = table.scan(keep_hashes=Checkpoint(spec.checkpoint_dir).has_records())
     resolved = {field.name: getattr(settings, field.name) for field in fields(Settings)}
-    return Plan(**resolved, api_key=api_key, table=table, rows=rows)
+    return Plan(**{**resolved, "mode": mode or settings.mode}, api_key=api_key, fingerprint=shapes, table=table,
+                rows=rows)
 
 
 def validation_report(plan: Plan) -> str:
-    spec = plan.spec
     columns = ", ".join(plan.builder.columns)
-    return (f"{spec.job_path}: ok: {plan.rows} rows in {spec.input.path}, prompt columns {columns}, "
-            f"model {spec.model.name} at {plan.base_url}")
+    return (f"{plan.locations.job_file}: ok: {plan.rows} rows in {plan.locations.input}, prompt columns {columns}, "
+            f"model {plan.model} at {plan.base_url}")
 
 
 def _check_output_columns(spec: JobSpec) -> None:
@@ -180,18 +230,19 @@ def check_output_path(spec: JobSpec) -> None:
     _check_creatable(spec, "output.path", given, "the output and its checkpoint folder")
 
 
-def check_export_target(spec: JobSpec, target: Path) -> None:
+def check_export_target(locations: Locations, target: Path) -> None:
     """Refuse an export that would overwrite the job's input, its job file, its output, or a file in a checkpoint
     folder (compared resolved, as for output.path)."""
     to = target.resolve()
-    keep = {"input": spec.input.path, "job file": spec.job_path, "output": spec.output.path}
+    keep = {"input": locations.input, "job file": locations.job_file, "output": locations.output}
     for what, path in keep.items():
         if to == path.resolve() or (to.exists() and path.exists() and os.path.samefile(to, path)):
             raise ConfigError(f"--to {target} is the job's {what} {path}: export to another file")
     if to.is_dir():
         raise ConfigError(f"--to {target} is a folder: name the file to write, e.g. {target / 'results.csv'}")
     for folder in to.parents:
-        if folder == spec.checkpoint_dir.resolve() or (folder.suffix == ".checkpoint" and _holds_a_checkpoint(folder)):
+        if folder == locations.checkpoint_dir.resolve() or (folder.suffix == ".checkpoint" and
+                                                             _holds_a_checkpoint(folder)):
             raise ConfigError(f"--to {target} is inside the checkpoint folder {folder}, which batch manages; "
                               "export elsewhere")
 

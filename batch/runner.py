@@ -99,17 +99,17 @@ class Run:
     def __init__(self, plan: Plan, options: RunOptions, lock: RunLock | None = None) -> None:
         """`lock`: the job's run lock when the caller holds it already; the run takes it otherwise."""
         self.plan = plan
-        self.spec = spec = plan.spec
         self.options = options
         self.builder = plan.builder
         self.table = plan.table
-        self.checkpoint = Checkpoint(spec.checkpoint_dir, spec.output.checkpoint_rows, spec.output.checkpoint_seconds)
+        self.folder = folder = plan.locations.checkpoint_dir
+        self.checkpoint = Checkpoint(folder, plan.output.checkpoint_rows, plan.output.checkpoint_seconds)
         self.stop = Stop()
         self.answerer: Answerer | None = None
-        self.mode = options.mode or spec.mode
+        self.mode = options.mode or plan.mode
         self.batch_api_used = False
-        self.ledger = Ledger(spec.checkpoint_dir)
-        self.lock = lock or RunLock(spec.checkpoint_dir)
+        self.ledger = Ledger(folder)
+        self.lock = lock or RunLock(folder)
         self._signals: list[TakenSignal] = []  # what each signal the run took had before it
 
     async def execute(self) -> dict[str, Any]:
@@ -118,9 +118,9 @@ class Run:
             self.lock.acquire()
         except OSError as exc:
             raise ConfigError(
-                f"{self.spec.checkpoint_dir}: cannot write the checkpoint folder: {exc.strerror}") from None
+                f"{self.folder}: cannot write the checkpoint folder: {exc.strerror}") from None
         try:
-            check_fingerprint(self.spec, self.options.force)
+            check_fingerprint(self.folder, self.plan.fingerprint, self.plan.locations.job_file, self.options.force)
             return await self._execute(total)
         finally:
             self.lock.release()
@@ -128,16 +128,16 @@ class Run:
     async def _execute(self, total: int) -> dict[str, Any]:
         try:
             self.checkpoint.open()
-            mark_running(self.spec.checkpoint_dir)
+            mark_running(self.folder)
         except OSError as exc:
             raise ConfigError(
-                f"{self.spec.checkpoint_dir}: cannot write the checkpoint: {exc.strerror or exc}") from None
+                f"{self.folder}: cannot write the checkpoint: {exc.strerror or exc}") from None
         try:
             summary = await self._execute_marked(total)
         except BatchError as exc:
-            end_run(self.spec.checkpoint_dir, str(exc), exc.exit_code)
+            end_run(self.folder, str(exc), exc.exit_code)
             raise
-        end_run(self.spec.checkpoint_dir)
+        end_run(self.folder)
         return summary
 
     async def _execute_marked(self, total: int) -> dict[str, Any]:
@@ -176,22 +176,22 @@ class Run:
         try:
             self.checkpoint.merge()
         except (OSError, BatchError) as exc:  # every record read is in the output; the next run merges them
-            log.warning("could not merge the checkpoint's parts in %s: %s", self.spec.checkpoint_dir,
+            log.warning("could not merge the checkpoint's parts in %s: %s", self.folder,
                         getattr(exc, "strerror", None) or exc)
         return summary
 
     async def _answer_online(self, pool: Pool, done: RowStates, stats: RunStats, progress: Progress) -> None:
         """The rows to send, answered by the online pool, with the answer cache and the budget."""
-        cache_path = self.spec.cache_path
+        cache_path = self.plan.locations.cache
         try:
             # The checkpoint's own cache is this run's alone: locked for it, with no shared-memory
             # file, whose mmap kills the process (SIGBUS) once the folder cannot be written.
-            cache = AnswerCache(cache_path, exclusive=self.spec.cache is None)
+            cache = AnswerCache(cache_path, exclusive=not self.plan.locations.cache_shared)
         except (sqlite3.Error, OSError) as exc:  # the preflight checked it; it may have changed since
             raise open_error(cache_path, exc) from None
-        budget = self._budget(done) if self.spec.budget else None
+        budget = self._budget(done) if self.plan.budget else None
         answerer = self.answerer = OnlineAnswerer(pool, cache, cache_path, budget, self.stop,
-                                                  self.spec.limits.concurrency)
+                                                  self.plan.limits.concurrency)
         try:
             await self._answer(answerer, done, stats, progress)
         finally:
@@ -208,7 +208,7 @@ class Run:
         from batch.batch_api.answerer import BatchAnswerer
 
         pricer = batch_pricer(self.plan.pricer)
-        budget = self._budget(done, pricer) if self.spec.budget else None
+        budget = self._budget(done, pricer) if self.plan.budget else None
         answerer = BatchAnswerer(self.plan, self.ledger, done, pricer, budget, self.stop,
                                  submit=self.mode == "batch_api", wait=self.options.wait,
                                  more_rows=lambda record: self._rows_to_send(done, stats, record),
@@ -251,7 +251,7 @@ class Run:
                     messages = self.builder.messages(row.values)
                 except RowPromptError as exc:
                     try:
-                        record(failed_record(row, "bad_prompt", str(exc), 0, self.spec.model.name))
+                        record(failed_record(row, "bad_prompt", str(exc), 0, self.plan.model))
                     except CheckpointWriteError as error:
                         self._halt(error)
                         raise
@@ -300,8 +300,8 @@ class Run:
     def _budget(self, done: RowStates, pricer: Pricer | None = None) -> Budget:
         """The job's budget, reserving at `pricer` (the Batch API's), or at the online price."""
         spent = self.checkpoint.spent(done, self._id_batches)
-        assert self.spec.budget is not None and self.plan.max_tokens is not None  # the preflight's checks
-        return Budget(self.spec.budget, self.plan.max_tokens, pricer or self.plan.pricer, spent.budget_cost,
+        assert self.plan.budget is not None and self.plan.max_tokens is not None  # the preflight's checks
+        return Budget(self.plan.budget, self.plan.max_tokens, pricer or self.plan.pricer, spent.budget_cost,
                       spent.budget_tokens)
 
     def _carried(self, done: RowStates) -> dict[int, dict[str, Any]]:
@@ -330,9 +330,9 @@ class Run:
             stats.skipped = max(0, counts.ok + counts.failed - stats.ok - stats.failed)
         output = None
         if totals["pending"] == 0:
-            output = self.spec.output.path
+            output = self.plan.locations.output
             # The input too: rows deleted from it leave the answers as they were, and the output must lose them.
-            footer = output_footer(self._output_settings, made_from(self.checkpoint, self.spec.input.path))
+            footer = output_footer(self._output_settings, made_from(self.checkpoint, self.plan.locations.input))
             if not is_current(output, footer):
                 try:
                     self._write_output(output, done, footer)
@@ -348,33 +348,34 @@ class Run:
                 exit_code = EXIT_BATCHES_LIVE
             else:  # 1 says "complete, some rows failed": a job with rows left (--limit) is not complete
                 exit_code = EXIT_ROWS_FAILED if totals["failed"] and not totals["pending"] else EXIT_OK
-        summary = build_summary(self.spec.name, self.spec.model.name, stats, totals, self.stop.reason, output,
+        summary = build_summary(self.plan.name, self.plan.model, stats, totals, self.stop.reason, output,
                                 exit_code)
         summary["mode"] = self.mode
         summary["batches"] = live
         summary["wait"] = self.options.wait  # the words for live batches: "or use --wait" only to a run without it
         try:
-            save_summary(summary, self.spec.checkpoint_dir / "summary.json")
+            save_summary(summary, self.folder / "summary.json")
         except OSError as exc:  # the run is over and every answer is kept: only this copy of the summary is lost
-            log.warning("could not save the summary in %s: %s", self.spec.checkpoint_dir, exc.strerror or exc)
+            log.warning("could not save the summary in %s: %s", self.folder, exc.strerror or exc)
         return summary
 
     @property
     def _output_settings(self) -> str:
-        return output_settings(self.spec, self.plan.json_output.schema if self.plan.json_output else None)
+        return output_settings(self.plan.output, self.plan.schema)
 
     def _write_output(self, output: Path, done: RowStates, footer: dict[bytes, bytes]) -> None:
-        out = self.spec.output
+        out = self.plan.output
         last = self.checkpoint.chosen_records(done.last_record_mask(self._id_batches), ["status", "response"]) \
             if out.parse_json else []
-        replies = reply_columns(self.spec, self.plan.json_output.schema if self.plan.json_output else None, last)
+        replies = reply_columns(out, self.plan.schema, last)
         groups = self.checkpoint.row_groups() if done.record_count else None
+        keep = list(out.keep_columns)
         try:
-            write_final(output, self.table.id_batches(out.keep_columns), self.spec.id_column_out,
-                        out.keep_columns, LastRecords(groups, done), replies, footer=footer)
+            write_final(output, self.table.id_batches(keep), out.id_column, keep, LastRecords(groups, done), replies,
+                        footer=footer)
         except OSError as exc:
             raise OutputWriteError(f"{output}: cannot write the output: {os_reason(exc)} (every answer is safe in "
-                                   f"{self.spec.checkpoint_dir}: once it can be written, a rerun writes it and sends "
+                                   f"{self.folder}: once it can be written, a rerun writes it and sends "
                                    "nothing)") from None
 
     def _id_batches(self) -> Iterator[pa.Array]:

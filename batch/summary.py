@@ -19,7 +19,7 @@ from batch.errors import option
 from batch.logs import redact
 from batch.pricing import CURRENCY, money
 from batch.records import Record, billed
-from batch.storage.local import write_text_at
+from batch.storage.atomic import write_text_atomic
 
 log = logging.getLogger("batch")
 
@@ -189,7 +189,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def save_summary(summary: dict[str, Any], path: Path) -> None:
-    write_text_at(path, redact(json.dumps(summary, ensure_ascii=False, indent=2)) + "\n")
+    write_text_atomic(path, redact(json.dumps(summary, ensure_ascii=False, indent=2)) + "\n")
 
 
 __all__ = ["RunStats", "Progress", "build_summary", "format_summary", "save_summary"]

@@ -92,7 +92,7 @@ def control_client(plan: Plan) -> openai.AsyncOpenAI:
     # Retries off: tenacity (below) is the only layer, and judges the provider's codes, which the SDK would retry
     # blindly.
     return openai.AsyncOpenAI(api_key=plan.api_key, base_url=plan.base_url, max_retries=0,
-                              timeout=max(plan.spec.limits.timeout_s, 60.0))
+                              timeout=max(plan.limits.timeout_s, 60.0))
 
 
 def control_failure(exc: BaseException, codes: BusinessCodes) -> Failure:
@@ -143,11 +143,11 @@ class BatchAnswerer:
                  more_rows: Callable[[Callable[[Record], None]], AsyncIterator[Pending]],
                  show_bar: bool = False) -> None:
         self.plan = plan
-        self.spec = plan.spec
+        self.retry = plan.retry
         self.ledger = ledger
         self.states = states
         # A line's body is the online request's, less what asks for a stream (model.stream): a batch answers in files.
-        streamed = ("stream", "stream_options") if plan.spec.model.stream else ()
+        streamed = ("stream", "stream_options") if plan.stream else ()
         self.body_params = {k: v for k, v in plan.body_params.items() if k not in streamed}
         self.pricer = pricer
         self.budget = budget
@@ -156,13 +156,13 @@ class BatchAnswerer:
         self.wait = wait
         self.more_rows = more_rows
         self.show_bar = show_bar
-        self.settings = plan.spec.batch_api
+        self.settings = plan.batch_api
         self.dialect = batch_dialect_for(plan.provider, plan.base_url)
         self.endpoint = self.dialect.endpoint
-        self.tag = job_tag(plan.spec)
-        self.model = plan.spec.model.name
+        self.tag = job_tag(plan.fingerprint, plan.locations.checkpoint_dir)
+        self.model = plan.model
         self.json_output = plan.json_output  # parse_json (and json_schema): how a reply is checked
-        self.max_attempts = plan.spec.retry.max_attempts
+        self.max_attempts = plan.retry.max_attempts
         self.submissions = ledger.submissions(len(states.codes))
         self.max_rows, self.max_bytes = self.settings.max_requests_per_file, self.settings.max_bytes_per_file
         for entry in ledger.files.values():  # files refused as too big: later ones are built smaller
@@ -726,7 +726,7 @@ class BatchAnswerer:
     async def _call(self, what: str, call: Callable[[], Awaitable[T]], missing: str | None = None) -> T:
         """A control-plane call, transient failures retried with backoff; ControlPlaneError when it fails for good.
         With `missing` (the id the call names), a 404 is asked again at once, and a second one raises Gone."""
-        retry = self.spec.retry
+        retry = self.retry
         retrying = AsyncRetrying(
             stop=stop_after_attempt(retry.max_attempts), reraise=True,
             wait=wait_exponential_jitter(multiplier=max(retry.initial_backoff_s, 0.01), max=retry.max_backoff_s,
@@ -839,7 +839,7 @@ def _counts(batch: Any) -> dict[str, int]:
 async def cancel_batches(plan: Plan) -> list[dict[str, Any]]:
     """`batch cancel`: ask the provider to cancel the job's live batches (their partial results are merged by the
     next run); a file not yet made a batch is dropped, its rows pending again. The caller holds the run lock."""
-    ledger = Ledger(plan.spec.checkpoint_dir)
+    ledger = Ledger(plan.locations.checkpoint_dir)
     stop = Stop()
     answerer = BatchAnswerer(plan, ledger, RowStates(0, None), None, None, stop, False, False,
                              lambda _record: _no_rows())

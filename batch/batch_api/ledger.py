@@ -49,8 +49,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batch.checkpoint.answered import Answered, RowStates
-from batch.checkpoint.guard import fingerprint
-from batch.config import JobSpec
 from batch.errors import CheckpointWriteError, ConfigError
 from batch.storage.atomic import temp_path
 from batch.storage.base import AlreadyExists, NotFound, Store
@@ -148,9 +146,10 @@ class RowsWriter:
         keep_spooled(self.store, self.key, self.tmp)
 
 
-def job_tag(spec: JobSpec) -> str:
-    """The job's name at the provider (batch metadata, file names): its fingerprint and checkpoint folder."""
-    source = json.dumps([fingerprint(spec), str(spec.checkpoint_dir.resolve())], sort_keys=True, default=str)
+def job_tag(fingerprint: dict[str, Any], folder: Path) -> str:
+    """The job's name at the provider (batch metadata, file names): its fingerprint (guard.fingerprint) and
+    checkpoint folder."""
+    source = json.dumps([fingerprint, str(folder.resolve())], sort_keys=True, default=str)
     return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 

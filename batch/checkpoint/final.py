@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -20,11 +20,13 @@ import pyarrow.parquet as pq
 
 from batch.checkpoint.answered import RowStates
 from batch.checkpoint.writer import Checkpoint, RowGroups
-from batch.config import JobSpec
 from batch.input.reader import file_version
 from batch.records import DICTIONARY_FIELDS, OUTPUT_FIELDS, RECORD_FIELDS, RECORD_SCHEMA
 from batch.replies.columns import ReplyColumns
 from batch.storage.local import object_at
+
+if TYPE_CHECKING:
+    from batch.plan import OutputSettings
 
 WINDOW_ROWS = 4096  # input rows per read of the checkpoint: its records arrive a row group at a time
 # Rows per row group of the output. The writer holds ~30 KB of metadata per row group until it closes
@@ -36,11 +38,10 @@ SETTINGS_KEY = b"batch.output_settings"
 MADE_FROM_KEY = b"batch.made_from"
 
 
-def output_settings(spec: JobSpec, schema: dict[str, Any] | None) -> str:
+def output_settings(out: OutputSettings, schema: dict[str, Any] | None) -> str:
     """What shapes the final file beside the records and the input, as JSON text: its id and kept columns, and
     the reply columns (`schema`: output.json_schema as read, which a --force resume may have changed)."""
-    out = spec.output
-    return json.dumps({"id_column": spec.id_column_out, "keep_columns": out.keep_columns, "parse_json": out.parse_json,
+    return json.dumps({"id_column": out.id_column, "keep_columns": out.keep_columns, "parse_json": out.parse_json,
                        "json_columns": out.json_columns, "json_schema": schema},
                       ensure_ascii=False, sort_keys=True, default=str)
 
@@ -68,12 +69,13 @@ def is_current(path: Path, footer: dict[bytes, bytes]) -> bool:
     return all(found.get(name) == value for name, value in footer.items())
 
 
-def reply_columns(spec: JobSpec, schema: dict[str, Any] | None, replies: Iterable[pa.Table]) -> ReplyColumns | None:
+def reply_columns(out: OutputSettings, schema: dict[str, Any] | None, replies: Iterable[pa.Table]
+                  ) -> ReplyColumns | None:
     """The reply columns of a parse_json job (None without), from each id's last status and response."""
-    out = spec.output
     if not out.parse_json:
         return None
-    return ReplyColumns(replies, out.json_columns, {spec.id_column_out, *out.keep_columns, *RECORD_FIELDS}, schema)
+    wanted = list(out.json_columns) if out.json_columns is not None else None
+    return ReplyColumns(replies, wanted, {out.id_column, *out.keep_columns, *RECORD_FIELDS}, schema)
 
 
 class LastRecords:

@@ -12,7 +12,7 @@ from typing import IO, Any
 
 from batch.config import JobSpec
 from batch.errors import ConfigError, LockedError, option
-from batch.storage.local import delete_at, read_text_at, write_text_at
+from batch.storage.atomic import write_text_atomic
 
 LOCK_NAME = "lock"
 FINGERPRINT_NAME = "fingerprint.json"
@@ -79,8 +79,9 @@ class RunLock:
 
 
 def fingerprint(spec: JobSpec) -> dict[str, Any]:
-    """What shapes the requests: a resume under different values would mix two jobs in one output."""
-    return {
+    """What shapes the requests, as stored (JSON's values): a resume under different values would mix two jobs in
+    one output. Taken by the preflight, once: the run compares and stores the Plan's."""
+    return json.loads(json.dumps({
         "model": spec.model.name,
         "params": spec.model.params,
         "system": spec.prompt.system,
@@ -92,7 +93,7 @@ def fingerprint(spec: JobSpec) -> dict[str, Any]:
         # edited file is a change like an edited inline schema.
         "json_schema": _schema_of(spec.output.json_schema),
         "schema_via": spec.output.schema_via,
-    }
+    }, default=str))
 
 
 def _schema_of(schema: Any) -> Any:
@@ -104,43 +105,40 @@ def _schema_of(schema: Any) -> Any:
     return schema
 
 
-def compare_fingerprint(spec: JobSpec) -> None:
-    """Refuse a resume whose settings differ from the ones the checkpoint was made with."""
-    path = spec.checkpoint_dir / FINGERPRINT_NAME
-    stored = stored_fingerprint(path)
-    if stored is None:
+def compare_fingerprint(folder: Path, current: dict[str, Any], job_file: Path) -> None:
+    """Refuse a resume whose settings (`current`: fingerprint()) differ from the ones the checkpoint in `folder` was
+    made with."""
+    path = folder / FINGERPRINT_NAME
+    if not path.exists():
         return
-    current = json.loads(json.dumps(fingerprint(spec), default=str))
+    stored = stored_fingerprint(path)
     changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
     if changed:
         details = "; ".join(f"{k}: {_short(stored.get(k))} -> {_short(current.get(k))}" for k in changed)
         raise ConfigError(
-            f"{spec.job_path}: the checkpoint in {spec.checkpoint_dir} was made with other settings ({details}); "
+            f"{job_file}: the checkpoint in {folder} was made with other settings ({details}); "
             f"run again with {option('force')} to resume anyway, or change output.path to start afresh"
         )
 
 
-def check_fingerprint(spec: JobSpec, force: bool) -> None:
-    """Store the fingerprint on the first run; refuse a resume whose fingerprint differs, unless forced.
+def check_fingerprint(folder: Path, current: dict[str, Any], job_file: Path, force: bool) -> None:
+    """Store the fingerprint `current` on the first run; refuse a resume whose fingerprint differs, unless forced.
 
     The preflight compared it already; comparing again under the lock catches a run that stored one since.
     """
-    path = spec.checkpoint_dir / FINGERPRINT_NAME
-    if not force and stored_fingerprint(path) is not None:
-        compare_fingerprint(spec)
+    path = folder / FINGERPRINT_NAME
+    if path.exists() and not force:
+        compare_fingerprint(folder, current, job_file)
         return
-    current = json.loads(json.dumps(fingerprint(spec), default=str))
-    write_text_at(path, json.dumps(current, ensure_ascii=False, indent=2) + "\n")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(current, ensure_ascii=False, indent=2) + "\n")
 
 
-def stored_fingerprint(path: Path) -> dict[str, Any] | None:
-    """The fingerprint a checkpoint was made with (None: none yet). A damaged one is an error, not "no
-    fingerprint": taken as absent, it would let a changed job mix its answers with the old ones unasked."""
+def stored_fingerprint(path: Path) -> dict[str, Any]:
+    """The fingerprint a checkpoint was made with. A damaged one is an error, not "no fingerprint":
+    taken as absent, it would let a changed job mix its answers with the old ones unasked."""
     try:
-        text = read_text_at(path)
-        if text is None:
-            return None
-        stored = json.loads(text)
+        stored = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(stored, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as exc:
@@ -153,7 +151,7 @@ def stored_fingerprint(path: Path) -> dict[str, Any] | None:
 
 def mark_running(folder: Path) -> None:
     """Note this run in the checkpoint; end_run() removes the note once the run's summary is saved."""
-    write_text_at(folder / RUN_NAME, json.dumps({"pid": os.getpid(), "started_at": _now()}) + "\n")
+    write_text_atomic(folder / RUN_NAME, json.dumps({"pid": os.getpid(), "started_at": _now()}) + "\n")
 
 
 def end_run(folder: Path, error: str | None = None, exit_code: int | None = None) -> None:
@@ -162,10 +160,10 @@ def end_run(folder: Path, error: str | None = None, exit_code: int | None = None
     path = folder / RUN_NAME
     try:
         if error is None:
-            delete_at(path)
+            path.unlink(missing_ok=True)
         else:
             marked = read_run_mark(folder) or {}
-            write_text_at(path, json.dumps({**marked, "ended_at": _now(), "exit_code": exit_code,
+            write_text_atomic(path, json.dumps({**marked, "ended_at": _now(), "exit_code": exit_code,
                                                 "error": error}, ensure_ascii=False) + "\n")
     except OSError:
         pass
@@ -173,11 +171,11 @@ def end_run(folder: Path, error: str | None = None, exit_code: int | None = None
 
 def read_run_mark(folder: Path) -> dict[str, Any] | None:
     """The note of a run that has not ended well ({} when unreadable), or None."""
+    path = folder / RUN_NAME
+    if not path.exists():
+        return None
     try:
-        text = read_text_at(folder / RUN_NAME)
-        if text is None:
-            return None
-        marked = json.loads(text)
+        marked = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return marked if isinstance(marked, dict) else {}

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from batch.checkpoint.writer import Checkpoint
-from batch.commands.status import id_batches, open_input, row_states
+from batch.commands.status import id_batches, row_states
 from batch.input.prompts import (
     MESSAGE_OVERHEAD_TOKENS,
     REQUEST_OVERHEAD_TOKENS,
@@ -18,6 +18,7 @@ from batch.input.prompts import (
 )
 from batch.input.reader import Skipped
 from batch.plan import Settings
+from batch.preflight import input_table
 from batch.pricing import BATCH_PRICE_FACTOR, CURRENCY, cost_of, money, worst_cost
 
 TOKENIZER_NOTE = "approximation: 1 token per CJK character, 1 per 4 other characters, +4 per message"
@@ -27,10 +28,11 @@ BOUND_NOTE = (f"at most 1 token per UTF-8 byte, +{MESSAGE_OVERHEAD_TOKENS} per m
 
 def estimate(settings: Settings, retry_failed: bool = False) -> dict[str, Any]:
     """`settings` from batch.preflight.resolve: the max_tokens and the price that run uses."""
-    spec, builder, max_tokens, pricer = settings.spec, settings.builder, settings.max_tokens, settings.pricer
-    table = open_input(spec)
-    checkpoint = Checkpoint(spec.checkpoint_dir)  # one reader: a damaged file is read, and warned of, once
-    _, states = row_states(spec, table, checkpoint)
+    builder, max_tokens, pricer = settings.builder, settings.max_tokens, settings.pricer
+    table = input_table(settings)
+    folder = settings.locations.checkpoint_dir
+    checkpoint = Checkpoint(folder)  # one reader: a damaged file is read, and warned of, once
+    _, states = row_states(folder, table, checkpoint)
     observed = _mean_completion_tokens(checkpoint, states.last_record_mask(id_batches(table)))
 
     json_output = settings.json_output
@@ -58,13 +60,13 @@ def estimate(settings: Settings, retry_failed: bool = False) -> dict[str, Any]:
     changed = states.counts(id_batches(table)).changed
     in_batches = states.held()  # skipped too, but not done: their answers come from live Batch API batches
     return {
-        "job": spec.name, "model": spec.model.name, "rows_to_do": rows, "rows_done_before": skipped - in_batches,
+        "job": settings.name, "model": settings.model, "rows_to_do": rows, "rows_done_before": skipped - in_batches,
         "rows_in_batches": in_batches,
         "rows_without_prompt": unsendable, "rows_changed": changed,
         "prompt_tokens_estimate": prompt_tokens, "tokenizer": TOKENIZER_NOTE,
         "prompt_tokens_max": prompt_bound, "prompt_bound": BOUND_NOTE,
         # Included in the two above: what output.json_schema adds to each row's prompt, and where it is sent.
-        "schema_prompt_tokens_per_row": with_schema.extra_tokens(spec.prompt.system) if with_schema else None,
+        "schema_prompt_tokens_per_row": with_schema.extra_tokens(settings.system) if with_schema else None,
         "schema_via": with_schema.via if with_schema else None,
         "max_tokens": max_tokens, "observed_completion_tokens_per_row": observed,
         "completion_tokens_expected": round(rows * observed) if observed is not None else None,

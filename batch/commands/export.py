@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from batch.commands.status import read_job
 from batch.config import JobSpec
 from batch.errors import ConfigError
-from batch.preflight import check_export_target
+from batch.preflight import check_export_target, settings_of
 from batch.storage.local import object_at
 
 FORMATS = ("csv", "jsonl", "parquet")
@@ -30,16 +30,17 @@ def export_output(spec: JobSpec, fmt: Literal["csv", "jsonl", "parquet"], to: Pa
     """Write the final output table to `to` in `fmt`; returns the number of rows written."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r} (use one of {', '.join(FORMATS)})")
-    source = spec.output.path
-    job_now = read_job(spec)  # the rule read_results has: a final file older than the input or records is stale
+    settings = settings_of(spec)
+    source, job_file = settings.locations.output, settings.locations.job_file
+    job_now = read_job(settings)  # the rule read_results has: a final file older than the input or records is stale
     if job_now.pending:
         raise ConfigError(f"{source}: the job is not complete: {job_now.pending} rows pending "
-                          f"(see `batch status {spec.job_path}`; `batch run` answers them)")
+                          f"(see `batch status {job_file}`; `batch run` answers them)")
     if not job_now.final_is_current:
         raise ConfigError(f"{source}: the final output is missing or older than the job's records, input or output "
-                          f"settings: `batch run {spec.job_path}` writes it again, sending nothing")
+                          f"settings: `batch run {job_file}` writes it again, sending nothing")
     to = Path(to)
-    check_export_target(spec, to)
+    check_export_target(settings.locations, to)
     return export_file(source, fmt, to)
 
 

@@ -17,28 +17,21 @@ from batch.checkpoint.answered import PROMPT_CHANGED, SUBMITTED, RowStates
 from batch.checkpoint.final import is_current, made_from, output_footer, output_settings
 from batch.checkpoint.guard import RunLock, read_run_mark
 from batch.checkpoint.writer import Checkpoint
-from batch.config import JobSpec
-from batch.input.prompts import PromptBuilder
 from batch.input.reader import InputTable
+from batch.plan import Settings
+from batch.preflight import input_table
 from batch.pricing import CURRENCY, money
-from batch.replies.schema import json_output_for
-from batch.storage.local import read_text_at
 
 
-def open_input(spec: JobSpec) -> InputTable:
-    return InputTable(spec.input.path, spec.input.id_column, PromptBuilder(spec.prompt).columns,
-                      spec.output.keep_columns, messages_column=spec.prompt.messages_column)
-
-
-def row_states(spec: JobSpec, table: InputTable, checkpoint: Checkpoint) -> tuple[int, RowStates]:
+def row_states(folder: Path, table: InputTable, checkpoint: Checkpoint) -> tuple[int, RowStates]:
     """The input's row count and each row's state in the checkpoint, the log of a live run included: the same
-    resume state a run starts from, read without touching the folder."""
+    resume state a run starts from, read without touching the checkpoint `folder`."""
     records = checkpoint.has_records()
     total = table.scan(keep_hashes=records)
     states = checkpoint.row_states(total, table.row_hashes, table.row_prompts, with_log=records)
     table.row_hashes = table.row_prompts = None
     # Rows in live Batch API batches are neither done nor to send.
-    Ledger(spec.checkpoint_dir).hold(states, id_batches(table))
+    Ledger(folder).hold(states, id_batches(table))
     return total, states
 
 
@@ -55,18 +48,18 @@ class JobReading:
     final_is_current: bool  # every row ok or failed, and the final file written from these records, input, settings
 
 
-def read_job(spec: JobSpec) -> JobReading:
+def read_job(settings: Settings) -> JobReading:
     """The job as it is: what `read_results` and `export` read. The final file is current only when no row is
     pending and it is newer than every record and the input, written with the output settings it has now."""
-    table = open_input(spec)
-    checkpoint = Checkpoint(spec.checkpoint_dir)  # one reader: a damaged file is read, and warned of, once
-    total, states = row_states(spec, table, checkpoint)
+    at = settings.locations
+    table = input_table(settings)
+    checkpoint = Checkpoint(at.checkpoint_dir)  # one reader: a damaged file is read, and warned of, once
+    total, states = row_states(at.checkpoint_dir, table, checkpoint)
     counts = states.counts(id_batches(table))
-    json_output = json_output_for(spec)  # with a json_schema, its columns are typed by it, as in the output
-    schema = json_output.schema if json_output else None
+    schema = settings.schema  # with a json_schema, its columns are typed by it, as in the output
     pending = total - counts.ok - counts.failed
-    current = pending == 0 and is_current(spec.output.path, output_footer(output_settings(spec, schema),
-                                                                           made_from(checkpoint, spec.input.path)))
+    current = pending == 0 and is_current(at.output, output_footer(output_settings(settings.output, schema),
+                                                                   made_from(checkpoint, at.input)))
     return JobReading(table, checkpoint, states, total, pending, schema, current)
 
 
@@ -75,15 +68,16 @@ def id_batches(table: InputTable) -> Callable[[], Iterator[pa.Array]]:
     return lambda: (ids for _, ids in table.id_batches([]))
 
 
-def job_status(spec: JobSpec) -> dict[str, Any]:
-    table = open_input(spec)
-    checkpoint = Checkpoint(spec.checkpoint_dir)  # one reader: a damaged file is read, and warned of, once
-    total, states = row_states(spec, table, checkpoint)
+def job_status(settings: Settings) -> dict[str, Any]:
+    at = settings.locations
+    table = input_table(settings)
+    checkpoint = Checkpoint(at.checkpoint_dir)  # one reader: a damaged file is read, and warned of, once
+    total, states = row_states(at.checkpoint_dir, table, checkpoint)
     counts = states.counts(id_batches(table))
     spent = checkpoint.spent(states, id_batches(table), with_log=True)
-    running = RunLock(spec.checkpoint_dir).holder() if spec.checkpoint_dir.is_dir() else None
+    running = RunLock(at.checkpoint_dir).holder() if at.checkpoint_dir.is_dir() else None
     return {
-        "job": spec.name,
+        "job": settings.name,
         "rows_total": total,
         "ok": counts.ok,
         "failed": counts.failed,
@@ -101,11 +95,11 @@ def job_status(spec: JobSpec) -> dict[str, Any]:
         "worst_case_tokens": spent.worst_case_tokens,
         "currency": CURRENCY,
         "running_pid": running,
-        "last_run": last_run(spec.checkpoint_dir, running),
-        "output": str(spec.output.path) if spec.output.path.is_file() else None,
+        "last_run": last_run(at.checkpoint_dir, running),
+        "output": str(at.output) if at.output.is_file() else None,
         "in_batches": states.held(),
         # As the last run saw them (status sends no request): the next run polls them.
-        "batches": [describe(entry) for entry in Ledger(spec.checkpoint_dir).files.values() if entry.live],
+        "batches": [describe(entry) for entry in Ledger(at.checkpoint_dir).files.values() if entry.live],
     }
 
 
@@ -128,11 +122,10 @@ def last_run(folder: Path, running: int | None) -> dict[str, Any] | None:
         state = "error" if marked.get("error") else "did_not_finish"
         return {"state": state, **{k: marked.get(k) for k in ("started_at", "pid", "ended_at", "exit_code", "error")}}
     path = folder / "summary.json"
+    if not path.exists():
+        return None
     try:
-        text = read_text_at(path)
-        if text is None:
-            return None
-        last = json.loads(text)
+        last = json.loads(path.read_text(encoding="utf-8"))
         return {"state": "finished", "finished_at": last.get("finished_at"), "exit_code": last["exit_code"],
                 "requests_per_s": last["run"]["requests_per_s"], "stopped": last.get("stopped")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:

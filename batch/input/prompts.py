@@ -39,16 +39,17 @@ def system_text(system: str | None, note: str | None) -> str | None:
 
 
 class PromptBuilder:
-    def __init__(self, spec: PromptSpec, system_note: str | None = None) -> None:
-        self.spec = spec
-        self.columns = template_columns(spec.template) if spec.template is not None else [spec.messages_column]
-        system = system_text(spec.system, system_note)
+    def __init__(self, prompt: PromptSpec, system_note: str | None = None) -> None:
+        self.template = prompt.template
+        self.messages_column = prompt.messages_column  # with no template: each row's messages, as JSON
+        self.columns = template_columns(prompt.template) if prompt.template is not None else [prompt.messages_column]
+        system = system_text(prompt.system, system_note)
         self._system = [{"role": "system", "content": system}] if system else []
 
     def messages(self, values: dict[str, Any]) -> list[dict[str, Any]]:
-        if self.spec.template is not None:
+        if self.template is not None:
             return self._system + [{"role": "user", "content": self._render(values)}]
-        return self._system + _parse_messages(values.get(self.spec.messages_column), self.spec.messages_column)
+        return self._system + _parse_messages(values.get(self.messages_column), self.messages_column)
 
     def _render(self, values: dict[str, Any]) -> str:
         rendered = {}
@@ -57,7 +58,7 @@ class PromptBuilder:
             if value is None or (isinstance(value, float) and value != value) or str(value).strip() == "":
                 raise RowPromptError(f"column '{column}' is empty")
             rendered[column] = value
-        return self.spec.template.format_map(rendered)  # type: ignore[union-attr]
+        return self.template.format_map(rendered)  # type: ignore[union-attr]
 
 
 ROLES = ("system", "user", "assistant", "tool")

@@ -14,11 +14,13 @@ import asyncio
 import logging
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from batch.config import BudgetSpec
 from batch.pricing import Pricer, money, worst_cost
 from batch.records import Record, billed
+
+if TYPE_CHECKING:
+    from batch.plan import BudgetLimits
 
 log = logging.getLogger("batch")
 
@@ -32,7 +34,7 @@ class Hold:
 class Budget:
     """`max_tokens` and `pricer` as the preflight resolved them (it refuses a budget without either)."""
 
-    def __init__(self, limits: BudgetSpec, max_tokens: int, pricer: Pricer | None, spent_cost: float,
+    def __init__(self, limits: BudgetLimits, max_tokens: int, pricer: Pricer | None, spent_cost: float,
                  spent_tokens: int) -> None:
         self.max_cost = limits.max_cost
         self.max_tokens_total = limits.max_total_tokens

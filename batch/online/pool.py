@@ -48,16 +48,15 @@ class JobFatal(Exception):
 
 
 def make_client(plan: Plan) -> ChatClient:
-    limits = plan.spec.limits
+    limits = plan.limits
     return ChatClient(plan.base_url, plan.api_key, limits.timeout_s, limits.concurrency, limits.max_response_bytes,
-                      limits.idle_timeout_s if plan.spec.model.stream else None, plan.provider.codes)
+                      limits.idle_timeout_s, plan.provider.codes)
 
 
 class Pool:
     def __init__(self, client: ChatClient, settings: Settings, stopping: asyncio.Event) -> None:
-        spec = settings.spec
         self.client = client
-        self.model = spec.model.name
+        self.model = settings.model
         self.pricer = settings.pricer
         if self.pricer is None:
             log.warning("no known price for model %s: its cost is recorded as unknown (null); "
@@ -66,15 +65,16 @@ class Pool:
         self.max_tokens = settings.max_tokens or 0
         self.json_output = settings.json_output
         self.codes = settings.provider.codes
-        self.stream = spec.model.stream
+        self.stream = settings.stream
         n = self.body_params.get("n")
         self.choices = n if type(n) is int and n > 0 else 1  # a stream is whole with this many (the request's n)
-        self.requests = request_limiter(spec.limits.requests_per_minute)
-        self.tokens = token_limiter(spec.limits.tokens_per_minute)
+        limits = settings.limits
+        self.requests = request_limiter(limits.requests_per_minute)
+        self.tokens = token_limiter(limits.tokens_per_minute)
         self.stopping = stopping
-        self.slots = Slots(spec.limits.concurrency)
+        self.slots = Slots(limits.concurrency)
         self.requests_sent = 0  # counted as each is sent: a row stopped by a job-fatal answer has no record
-        retry = spec.retry
+        retry = settings.retry
         self.breaker = Breaker(time.monotonic, retry.max_outage_s, retry.initial_backoff_s or 1.0, retry.max_backoff_s)
         self._breaker_moved = asyncio.Event()
         self.retries = Retries(retry.max_attempts, retry.initial_backoff_s, retry.max_backoff_s, stopping)

@@ -37,6 +37,10 @@ def place(tmp: Path, path: Path, sync_folder: bool = True) -> None:
         fsync_dir(path.parent)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:

@@ -193,23 +193,3 @@ def _failures(key: str) -> Iterator[None]:
 def object_at(path: Path) -> tuple[LocalStore, str]:
     """The store and key a file's path names: its folder, and its name (where an object store's URL will go)."""
     return LocalStore(path.parent), path.name
-
-
-def read_text_at(path: Path) -> str | None:
-    """The UTF-8 text of the file at `path` (through the store its folder is), or None when there is none."""
-    store, key = object_at(path)
-    try:
-        return store.read_bytes(key).decode("utf-8")
-    except NotFound:
-        return None
-
-
-def write_text_at(path: Path, text: str) -> None:
-    """`text` as the whole file at `path` (through the store its folder is): the old one or the new, never half."""
-    store, key = object_at(path)
-    store.replace(key, lambda sink: sink.write(text.encode("utf-8")))
-
-
-def delete_at(path: Path) -> None:
-    store, key = object_at(path)
-    store.delete(key)
