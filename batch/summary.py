@@ -15,6 +15,7 @@ from typing import Any
 from tqdm import tqdm  # the text bar; a notebook's widget is tqdm.notebook's, taken where it can be drawn
 
 from batch.batch_api.ledger import TERMINAL, format_batch
+from batch.checkpoint.answered import INTERRUPTED
 from batch.errors import option
 from batch.logs import redact
 from batch.pricing import CURRENCY, money
@@ -43,12 +44,13 @@ class RunStats:
 
     def add(self, record: Record) -> None:
         """A record this run made. What it paid counts whether the row is ok or not (a reply that is not JSON
-        was answered and billed); an answer from the cache paid nothing."""
+        was answered and billed); an answer from the cache paid nothing. A row cut short by the run's stop after
+        answers it paid for (INTERRUPTED) is neither: pending."""
         if record["status"] == "ok":
             self.ok += 1
             if record["finish_reason"]:
                 self.finish_reasons[record["finish_reason"]] += 1
-        else:
+        elif record["error_class"] != INTERRUPTED:
             self.failed += 1
             self.error_classes[record["error_class"]] += 1
         if record["cache_hit"] or not billed(record):

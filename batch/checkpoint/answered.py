@@ -32,10 +32,18 @@ PROMPT_CHANGED = "prompt_changed"
 SUBMITTED = "submitted"
 
 
+# The state of a row whose answers so far were paid for but judged failures (cut at a network_error, say) when the
+# run's stop cut its retries short: pending again, its record kept for what those answers cost (and the requests).
+INTERRUPTED = "interrupted"
+
+# The states whose row is pending again, whatever --retry-failed says; each one's record is carried into the next.
+PENDING_AGAIN = (PROMPT_CHANGED, INTERRUPTED)
+
+
 def should_send(state: str | None, retry_failed: bool) -> bool:
-    """Whether a row is sent, given its checkpoint state: None (pending), "ok", PROMPT_CHANGED, SUBMITTED, or a
+    """Whether a row is sent, given its checkpoint state: None (pending), "ok", PENDING_AGAIN, SUBMITTED, or a
     failure's class."""
-    return state is None or state == PROMPT_CHANGED or (retry_failed and state in RETRYABLE_LATER)
+    return state is None or state in PENDING_AGAIN or (retry_failed and state in RETRYABLE_LATER)
 
 
 class Answered:
@@ -349,6 +357,7 @@ class RowStates:
         per_state = dict(zip(self.names, np.bincount(codes, minlength=len(self.names) + 1)[1:].tolist()))
         ok, changed = per_state.pop("ok", 0), per_state.pop(PROMPT_CHANGED, 0)
         per_state.pop(SUBMITTED, 0)  # pending, in a live Batch API batch
+        per_state.pop(INTERRUPTED, 0)  # pending, what it paid for kept
         return RowCounts(ok, sum(per_state.values()), changed, not_in_input)
 
     def _code(self, state: str | None) -> int:

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from batch.batch_api.ledger import Ledger, describe, format_batch
-from batch.checkpoint.answered import PROMPT_CHANGED, SUBMITTED, RowStates
+from batch.checkpoint.answered import PENDING_AGAIN, SUBMITTED, RowStates
 from batch.checkpoint.final import is_current, made_from, output_footer, output_settings
 from batch.checkpoint.guard import RunLock, read_run_mark
 from batch.checkpoint.writer import Checkpoint
@@ -110,7 +110,7 @@ def failed_by_class(states: RowStates, table: InputTable) -> dict[str, int]:
         codes = states.last(start, ids)[0]
         counted.update({states.name(int(code)): int(n) for code, n in zip(*np.unique(codes, return_counts=True))})
         start += len(ids)
-    return {name: n for name, n in counted.items() if name not in (None, "ok", PROMPT_CHANGED, SUBMITTED)}
+    return {name: n for name, n in counted.items() if name not in (None, "ok", *PENDING_AGAIN, SUBMITTED)}
 
 
 def last_run(folder: Path, running: int | None) -> dict[str, Any] | None:

@@ -43,6 +43,8 @@ Every timed part takes its clock and its sleep as arguments, so the tests drive 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -212,11 +214,11 @@ class Retries:
     after an exponential backoff with jitter; never after `max_attempts` attempts or once the run is stopping."""
 
     def __init__(self, max_attempts: int, initial_backoff_s: float, max_backoff_s: float, stopping: asyncio.Event,
-                 sleep: Sleep = asyncio.sleep) -> None:
+                 sleep: Sleep | None = None) -> None:
         self._stop = stop_after_attempt(max_attempts) | stop_when_event_set(stopping)  # type: ignore[arg-type]
         self._backoff = wait_exponential_jitter(multiplier=initial_backoff_s, max=max_backoff_s,
                                                 jitter=initial_backoff_s)
-        self._sleep = sleep
+        self._sleep = sleep or functools.partial(sleep_unless_set, stopping)
 
     def retrying(self, before_sleep: Callable[[RetryCallState], None] | None = None) -> AsyncRetrying:
         """A fresh retry loop: it keeps per-call state, so each row needs its own."""
@@ -228,6 +230,14 @@ class Retries:
         if isinstance(failure, Failure) and failure.retry_after is not None:
             return min(failure.retry_after, MAX_RETRY_AFTER_S)
         return self._backoff(state)
+
+
+async def sleep_unless_set(event: asyncio.Event, seconds: float) -> None:
+    """Sleep `seconds`, or until `event` is set. A row waiting its backoff holds no slot: a stopping run wakes it at
+    once (it then sends nothing: the pool checks), rather than waiting out its grace period for it."""
+    if not event.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), seconds)
 
 
 def token_limiter(per_minute: float | None) -> AsyncLimiter | None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from tenacity import RetryCallState
 
+from batch.checkpoint.answered import INTERRUPTED
 from batch.input.reader import Row
 from batch.online.breaker import OUTAGE_CLASSES, Breaker
 from batch.online.client import ChatClient
@@ -124,15 +125,26 @@ class Pool:
                         return await self._attempt(row, body, estimated_tokens, attempts, spent, on_paid)
             except Parked:
                 continue
+            except Stopped:  # raised before its request was sent
+                return self._cut_short(row, attempts - 1, spent)
             except Failure as failure:
                 if failure.scope == "job":
                     raise JobFatal(failure) from None
                 if failure.scope == "retry" and self.stopping.is_set():
-                    raise Stopped() from None  # cut short, not failed: its retries are not used up
+                    return self._cut_short(row, attempts, spent)
                 if failure.error_class in OUTAGE_CLASSES and self.breaker.gave_up():
                     self._outage_began()
                     continue  # its retries ran out because the endpoint is down, not because of the row
                 return failed_record(row, failure.error_class, failure.message, attempts, self.model)
+
+    def _cut_short(self, row: Row, sent: int, spent: dict[str, Any]) -> Record:
+        """A row whose retries the run's stop cut short: not failed, its retries not used up (Stopped: pending). But
+        when answers came and were judged failures, they were paid for: the row's record keeps what they cost and
+        the `sent` requests, and leaves the row pending (INTERRUPTED), so the next run's record carries them."""
+        if all(spent[name] is None for name in PAID_FIELDS):
+            raise Stopped()
+        return failed_record(row, INTERRUPTED, "the run stopped before this row was asked again (its answers so far "
+                             "were paid for and judged failures)", sent, self.model)
 
     async def _attempt(self, row: Row, body: bytes, estimated_tokens: int, attempts: int,
                        spent: dict[str, Any], on_paid: Callable[[dict[str, Any]], bool] | None) -> Record:

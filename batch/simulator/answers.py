@@ -16,7 +16,7 @@ _TOKEN_RE = re.compile(f"[{_CJK}]|[^\\W{_CJK}]+|[^\\w\\s]")
 _MARKER_RE = re.compile(
     r"\[\[(error|flaky|malformed|nochoices|hang|reset|slow|bigbody|bigstream|"
     r"cutstream|garbagechunk|errorchunk|stall|nodone|nostream|tornend|badjson|fenced|toolcalls|reply|"
-    r"eol|split|ctype|ssefields|datalines|nodelta|bom|fewerchoices)(?::([^\]]*))?\]\]")
+    r"eol|split|ctype|ssefields|datalines|nodelta|bom|fewerchoices|paidfail)(?::([^\]]*))?\]\]")
 _SCHEMA_BLOCK_RE = re.compile(r"```json\s*(.*?)\s*```", re.DOTALL)
 _SET_RE = re.compile(r"\[\[set:([\w.]+)=([^\]]*)\]\]")
 _MALFORMED_BODY = b'{"id": "x", "choices": ['

@@ -6,6 +6,7 @@ runner must survive (rate limits, 5xx, resets, malformed bodies, hangs, arrears)
 switched on through `SimConfig` or triggered per row with markers in the last user
 message: ``[[error:STATUS:CODE]]`` (``[[error:200:1113]]``: an error body in a 200),
 ``[[flaky:N]]``, ``[[malformed]]``, ``[[nochoices]]``, ``[[hang]]``, ``[[reset]]``,
+``[[paidfail:N]]`` (the first N answers billed, with finish_reason network_error),
 ``[[badjson]]`` (a JSON-mode request answered in prose), ``[[badjson:N]]`` (the first N answers to the
 prompt do not match the requested schema: see `completion_for`), ``[[fenced]]`` (JSON in a Markdown fence),
 ``[[slow:MS]]``, ``[[set:PATH=JSON]]`` (a field of the 200 answer set to a JSON value, e.g.
@@ -118,6 +119,7 @@ class Simulator:
         self._max_in_flight = self._in_flight
         self._flaky_seen: dict[str, int] = {}
         self._badjson_seen: dict[str, int] = {}
+        self._paidfail_seen: dict[str, int] = {}
         self.bodies: list[dict[str, Any]] = []
         self._successes = 0
         self._slice, self._slice_count = -1, 0
@@ -394,6 +396,11 @@ class Simulator:
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         }
+        if markers.get("paidfail"):  # [[paidfail:N]]: the first N answers are billed, but the model's inference failed
+            seen = self._paidfail_seen[chat.prompt] = self._paidfail_seen.get(chat.prompt, 0) + 1
+            if seen <= _number(markers["paidfail"], 1):
+                for choice in choices:
+                    choice["finish_reason"] = "network_error"
         for path, value in _SET_RE.findall(chat.prompt):
             _set_field(answer, path, value)
         return request_id, answer

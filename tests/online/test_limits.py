@@ -9,7 +9,15 @@ import random
 import pytest
 
 from batch.online.failures import Failure, classify_status
-from batch.online.limits import INITIAL_LIMIT, PROBE_ROUNDS, AdaptiveLimit, Retries, Slots, pool_pause
+from batch.online.limits import (
+    INITIAL_LIMIT,
+    PROBE_ROUNDS,
+    AdaptiveLimit,
+    Retries,
+    Slots,
+    pool_pause,
+    sleep_unless_set,
+)
 
 
 class FakeClock:
@@ -237,3 +245,14 @@ async def test_retries_stop_after_max_attempts_and_when_the_run_stops():
     with pytest.raises(Failure):
         await attempts_until_done(Retries(30, 1, 1, stopping, sleep=clock.sleep), [server_error()])
     assert clock.slept == []  # stopping: no wait, no second attempt
+
+
+@pytest.mark.asyncio
+async def test_a_backoff_wait_ends_when_the_run_stops():
+    stopping = asyncio.Event()
+    waiting = asyncio.ensure_future(sleep_unless_set(stopping, 3600))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    stopping.set()
+    await asyncio.wait_for(waiting, 5)  # a guard: it returns at the next turn of the loop, not after an hour
+    await asyncio.wait_for(sleep_unless_set(stopping, 3600), 5)  # already stopping: no wait at all
