@@ -56,7 +56,6 @@ from batch.plan import Plan
 from batch.pricing import Pricer
 from batch.providers import BusinessCodes, batch_dialect_for
 from batch.records import Record, answer_record, failed_record
-from batch.storage.base import python_file
 
 log = logging.getLogger("batch")
 
@@ -291,7 +290,7 @@ class BatchAnswerer:
 
         async def upload() -> str:
             # Streamed by httpx's multipart writer, never read whole here.
-            with python_file(self.ledger.store.open_read(key)) as lines:
+            with self.ledger.store.open_read(key) as lines:
                 made = await self._client.files.create(file=(name, lines, "application/jsonl"), purpose="batch")
             return made.id
 
@@ -458,7 +457,7 @@ class BatchAnswerer:
         bounds = rows.column("prompt_bound").to_pylist() if "prompt_bound" in rows.column_names else None
         outcome = {"ok": 0, "failed": 0, "returned": 0}
         for which, key in keys:
-            with python_file(self.ledger.store.open_read(key)) as raw, \
+            with self.ledger.store.open_read(key) as raw, \
                     io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as lines:
                 for number, line in enumerate(lines, 1):
                     parsed = _line(line)

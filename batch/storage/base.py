@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import abc
 import errno
-import io
 from collections.abc import Callable
 from typing import BinaryIO, ClassVar, NamedTuple
 
@@ -82,7 +81,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def open_read(self, key: str) -> BinaryIO:
-        """The object, as a seekable binary file to read and close (NotFound when there is none)."""
+        """The object, as a seekable binary file (an io.IOBase, which io.TextIOWrapper and the openai SDK take) to
+        read and close (NotFound when there is none)."""
 
     @abc.abstractmethod
     def create(self, key: str, write: Write) -> str:
@@ -110,38 +110,6 @@ class Store(abc.ABC):
     def read_bytes(self, key: str) -> bytes:
         with self.open_read(key) as stream:
             return stream.read()
-
-
-def python_file(stream: BinaryIO) -> io.BufferedIOBase:
-    """A stream `open_read` gave, as Python's io classes take it (io.TextIOWrapper, an HTTP client's upload): a
-    store may give a native file (pyarrow's, which reads Parquet without calling back into Python)."""
-    return stream if isinstance(stream, io.BufferedIOBase) else io.BufferedReader(_Raw(stream))
-
-
-class _Raw(io.RawIOBase):
-    def __init__(self, stream: BinaryIO) -> None:
-        self._stream = stream
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
-        data = self._stream.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        return self._stream.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._stream.tell()
-
-    def close(self) -> None:
-        self._stream.close()
-        super().close()
 
 
 def check_key(key: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
@@ -161,6 +162,20 @@ def test_open_read_is_seekable_and_parquet_streams_through_both_ways(store: Stor
         assert stream.read(4) == b"PAR1"
         stream.seek(0)
         assert stream.tell() == 0 and stream.read(4) == b"PAR1"
+
+
+def test_what_open_read_gives_is_a_python_file_read_as_text_lines_and_seeked(store: Store) -> None:
+    """Result files are read as text lines (io.TextIOWrapper), and request files uploaded by the openai SDK, which
+    takes only an io.IOBase: what any store's open_read gives must be one."""
+    store.create("batches/file-000001.output.jsonl", bytes_of(b'{"a": "\xc3\xa9"}\r\n{"b": 2}\n\xff'))
+    with store.open_read("batches/file-000001.output.jsonl") as raw, \
+            io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as lines:
+        assert isinstance(raw, io.IOBase)
+        assert list(lines) == ['{"a": "\u00e9"}\n', '{"b": 2}\n', "\ufffd"]
+    with store.open_read("batches/file-000001.output.jsonl") as raw:
+        assert raw.seek(0, io.SEEK_END) == 23 and raw.tell() == 23
+        raw.seek(2)
+        assert raw.read(1) == b"a"
 
 
 def test_open_read_of_a_missing_key_is_not_found(store: Store) -> None:
