@@ -12,6 +12,7 @@ from helpers import checkpoint_of, record, states
 from hypothesis import given
 from hypothesis import strategies as st
 
+from batch.checkpoint.final import MADE_FROM_KEY
 from batch.checkpoint.writer import MERGE_PARTS_ABOVE, Checkpoint, part_key, part_order
 from batch.errors import CheckpointReadError, CheckpointWriteError
 from batch.input.reader import hash_ids
@@ -183,3 +184,21 @@ def test_whether_the_final_file_is_current_comes_from_what_it_was_made_of_not_fr
     assert code == 2 and "older than the job's records" in err, err
     assert run_cli("run", job)[0] == 0
     assert final.stat().st_mtime_ns != written and sim.stats()["requests"] == 12
+
+
+def test_a_final_file_written_before_it_recorded_what_it_was_made_from_is_written_again_once(sim, make_job,
+                                                                                              run_cli):
+    """The previous version's final file says its settings only: a rerun writes it again from the checkpoint,
+    sending nothing, and the one after leaves it alone."""
+    job = make_job(sim)
+    assert run_cli("run", job)[0] == 0
+    final = job.parent / "out" / "result.parquet"
+    table = pq.read_table(final)
+    older = {key: value for key, value in table.schema.metadata.items() if key != MADE_FROM_KEY}
+    pq.write_table(table.replace_schema_metadata(older), final)
+    assert MADE_FROM_KEY not in pq.read_metadata(final).metadata
+    assert run_cli("run", job)[0] == 0
+    assert MADE_FROM_KEY in pq.read_metadata(final).metadata
+    written = final.stat().st_mtime_ns
+    assert run_cli("run", job)[0] == 0
+    assert final.stat().st_mtime_ns == written and sim.stats()["requests"] == 12
