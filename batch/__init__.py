@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         Job,
         JobSpec,
         LockedError,
+        RunInterrupted,
         RunResult,
         RunStopped,
         arun,
@@ -38,8 +39,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ApiRefusedError", "BatchError", "BatchesLive", "BudgetExceededError", "CheckpointWriteError", "ConfigError",
-    "Interrupted", "Job", "JobSpec", "LockedError", "RunResult", "RunStopped", "arun", "arun_frame", "estimate",
-    "read_results", "run", "run_frame", "status",
+    "Interrupted", "Job", "JobSpec", "LockedError", "RunInterrupted", "RunResult", "RunStopped", "arun", "arun_frame",
+    "estimate", "read_results", "run", "run_frame", "status",
 ]
 
 

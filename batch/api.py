@@ -67,8 +67,8 @@ if TYPE_CHECKING:  # pandas is imported where a DataFrame is made: the command l
 
 __all__ = [
     "ApiRefusedError", "BatchError", "BatchesLive", "BudgetExceededError", "CheckpointWriteError", "ConfigError",
-    "Interrupted", "Job", "JobSpec", "LockedError", "RunResult", "RunStopped", "arun", "arun_frame", "estimate",
-    "read_results", "run", "run_frame", "status",
+    "Interrupted", "Job", "JobSpec", "LockedError", "RunInterrupted", "RunResult", "RunStopped", "arun", "arun_frame",
+    "estimate", "read_results", "run", "run_frame", "status",
 ]
 
 T = TypeVar("T")
@@ -168,7 +168,8 @@ class Interrupted(KeyboardInterrupt):
     finished (or, at a second one, were cut off) and their rows are answered or pending; the next call resumes.
 
     A KeyboardInterrupt, so that a program stops as Ctrl-C asked. `result` is the run's summary, or None
-    when the run was stopped before it began (nothing was written).
+    when the run was stopped before it began (nothing was written). `run` and `run_frame` raise it; the async
+    functions raise `RunInterrupted`.
     """
 
     exit_code = EXIT_INTERRUPTED
@@ -181,6 +182,12 @@ class Interrupted(KeyboardInterrupt):
 
 
 # -- running a job ------------------------------------------------------------------------------------------------
+
+class RunInterrupted(RunStopped):
+    """`arun` or `arun_frame` stopped gracefully by SIGINT or SIGTERM (handle_signals=True): what `Interrupted` is to
+    `run`, as an Exception, since asyncio carries a KeyboardInterrupt raised in a task out of its event loop, past
+    every `except` of the program (its `asyncio.run` would end in a traceback). The command line's exit 130."""
+
 
 def run(job: Job, *, api_key: str | None = None, retry_failed: bool = False, force: bool = False,
         limit: int | None = None, mode: str | None = None, wait: bool = False, progress: bool = True,
@@ -221,7 +228,8 @@ async def arun(job: Job, *, api_key: str | None = None, retry_failed: bool = Fal
 
     Cancelling the awaiting task stops the run gracefully (a second cancellation at once) before the
     CancelledError goes on; the next call resumes. handle_signals=True works where the loop runs in the
-    main thread.
+    main thread: a signal stops the run as Ctrl-C stops `run`, and raises `RunInterrupted` (an Exception, not the
+    KeyboardInterrupt `Interrupted`: the call may be awaited in a task of its own).
     """
     return await _arun(job, _options(retry_failed, force, limit, mode, wait, progress, progress_interval,
                                      handle_signals), api_key)
@@ -333,7 +341,7 @@ def _run(job: Job, options: RunOptions, api_key: str | None, lock: RunLock | Non
 async def _arun(job: Job, options: RunOptions, api_key: str | None, lock: RunLock | None = None) -> RunResult:
     """`arun`, with the job's run lock as for `_run`."""
     control = _Interrupter()
-    return _outcome(await _until_done(_execute(job, options, api_key, control, lock), control))
+    return _outcome(await _until_done(_execute(job, options, api_key, control, lock), control), RunInterrupted)
 
 
 # -- the run's loop, and interrupting it -----------------------------------------------------------------------------
@@ -461,14 +469,15 @@ def _options(retry_failed: bool, force: bool, limit: int | None, mode: str | Non
                       progress_interval_s=float(progress_interval), signals=handle_signals, mode=mode, wait=wait)
 
 
-def _outcome(result: RunResult | None) -> RunResult:
-    """The result of a run that went to its end; the exception for one that stopped early."""
+def _outcome(result: RunResult | None, interrupted: type[Interrupted | RunInterrupted] = Interrupted) -> RunResult:
+    """The result of a run that went to its end; the exception for one that stopped early (`interrupted`: for one a
+    signal stopped)."""
     if result is None:
         raise Interrupted(None)
     if result.exit_code in (EXIT_OK, EXIT_ROWS_FAILED):
         return result
     if result.exit_code == EXIT_INTERRUPTED:
-        raise Interrupted(result)
+        raise interrupted(result)
     stopped = {EXIT_JOB_FATAL: ApiRefusedError, EXIT_BUDGET: BudgetExceededError,
                EXIT_BATCHES_LIVE: BatchesLive}.get(result.exit_code, RunStopped)
     raise stopped(result)

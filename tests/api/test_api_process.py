@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import until
+from helpers import until, wait_until
 from hypothesis import given
 from hypothesis import strategies as st
 from test_api import ctrl_c, local_model, reviews, when
@@ -238,3 +238,47 @@ def test_the_command_line_refuses_a_progress_interval_that_is_not_seconds_in_one
     assert exited.value.code == 2 and out == ""
     assert err.strip().splitlines()[-1] == (f"batch run: error: argument --progress-interval: is seconds, 0 or more, "
                                             f"not '{interval}'")
+
+
+ASYNC_PROGRAM = """
+import asyncio
+import sys
+
+import pandas as pd
+
+import batch
+
+
+async def main():
+    frame = pd.DataFrame({{"text": [f"review {{i}}" for i in range(40)]}})
+    model = {{"provider": "local", "name": "glm-4-flash", "base_url": sys.argv[1]}}
+    call = batch.arun_frame(frame, template="Classify: {{text}}", model=model, output=sys.argv[2],
+                            handle_signals=True, progress=False, limits={{"concurrency": 2}})
+    try:
+        {awaited}
+    except batch.RunInterrupted as stopped:
+        print(stopped.result.stopped, stopped.exit_code, stopped.result.ok + stopped.result.pending)
+
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("awaited", ["await call", "await asyncio.create_task(call)"])
+def test_a_signal_stops_an_async_run_with_an_exception_the_program_catches_awaited_or_in_a_task(
+        start_sim, tmp_path, awaited):
+    """With handle_signals=True a SIGTERM stops arun_frame gracefully, and the program catches RunInterrupted, an
+    Exception: a KeyboardInterrupt raised in a task would leave the event loop past its `except`, in a traceback."""
+    sim = start_sim(latency_ms=300)  # 40 rows, 2 at a time: about 6 s, the signal comes well before the end
+    script = tmp_path / "program.py"
+    script.write_text(ASYNC_PROGRAM.format(awaited=awaited), encoding="utf-8")
+    process = subprocess.Popen([sys.executable, str(script), sim.url, "out.parquet"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        wait_until(lambda: sim.stats()["requests"] >= 2, "the run's first requests")
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and "Traceback" not in err, err
+    assert out == "interrupted by SIGTERM 130 40\n"

@@ -10,7 +10,7 @@ PUBLIC = {
     "status", "estimate", "read_results", "RunResult",
     # what a run can raise
     "BatchError", "ConfigError", "LockedError", "ApiRefusedError", "BudgetExceededError", "CheckpointWriteError",
-    "RunStopped", "BatchesLive", "Interrupted",
+    "RunStopped", "BatchesLive", "Interrupted", "RunInterrupted",
 }
 
 
