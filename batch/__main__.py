@@ -1,25 +1,22 @@
 """`python -m batch` and the `batch` command."""
 
 import gc
-import signal
 import sys
 
 from batch.errors import EXIT_INTERRUPTED  # a module of constants: no imports of its own
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+from batch.interrupts import take_signals  # the standard library's imports only
 
 
 def main() -> int:
     """The command line, with SIGTERM ending it as Ctrl-C does from the start: one line, exit 130 (batch.cli).
 
     Set before the imports (~0.6 s) and kept through the input's scan (seconds on a large file), until a run puts
-    its own handlers in place (batch.runner) and gives this one back after them. Without it SIGTERM kills the
-    process silently there, and Ctrl-C prints a traceback.
+    its own handlers in place (batch.runner) and gives these back after them. Without it SIGTERM kills the
+    process silently there, and Ctrl-C prints a traceback. A signal whose KeyboardInterrupt Python dropped on its
+    way is acted on where the command next asks (batch.interrupts).
     """
     try:
-        signal.signal(signal.SIGTERM, _interrupt)
+        take_signals()
         from batch.cli import main as command_line
     except KeyboardInterrupt:
         try:

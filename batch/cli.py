@@ -18,6 +18,7 @@ from batch.commands.export import export_output
 from batch.commands.status import format_status, job_status
 from batch.config import load_job
 from batch.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, BatchError, ConfigError
+from batch.interrupts import taken_early
 from batch.logs import LOG_NAME, redact, redact_everywhere, run_log, setup_logging, write_traceback
 from batch.preflight import preflight, resolve, settings_of, validation_report
 from batch.process import command_line_process, readers_may_leave
@@ -154,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
     with command_line_process():
         # Before anything is written: the log file is the first write.
         plan = preflight(args.job, force=args.force, mode=args.mode)
+        if taken_early():  # its KeyboardInterrupt was dropped in a finalizer: stopped still, nothing written
+            raise KeyboardInterrupt
         redact_everywhere([plan.api_key])
         with run_log(plan.locations.checkpoint_dir, args.log_format):
             summary = asyncio.run(run_job(plan, options))

@@ -41,6 +41,7 @@ from batch.errors import (
 from batch.executor import Answerer, Pending, Stop
 from batch.input.prompts import RowPromptError
 from batch.input.reader import Skipped
+from batch.interrupts import taken_early
 from batch.money.budget import Budget
 from batch.money.cache import AnswerCache, open_error
 from batch.online.answerer import OnlineAnswerer, cache_write_error
@@ -393,6 +394,9 @@ class Run:
                 self._signals.append(before)
             except (NotImplementedError, RuntimeError, ValueError):
                 pass  # not the main thread (tests run jobs in threads): no handlers
+        early = taken_early()  # before ours were in, its KeyboardInterrupt dropped on its way (batch.interrupts)
+        if early is not None and self._signals:
+            self.interrupt(early)
 
     def _remove_signal_handlers(self) -> None:
         """Give each signal back to the handler it had before the run: the program's or its loop's own."""

@@ -120,3 +120,58 @@ def test_a_signal_during_the_input_scan_ends_the_command_with_one_line_and_130(m
         interrupted_with_one_line(process, job)
     finally:
         process.kill()
+
+
+# The command's own entry point, with SIGTERM arriving while a finalizer runs, as the process opens `sys.argv[1]`:
+# Python drops a KeyboardInterrupt raised there ("Exception ignored in ..."), so the handler's exception is lost and
+# only what the handler noted is left to stop the command.
+SIGNAL_IN_A_FINALIZER = """
+import signal
+import sys
+
+from batch.__main__ import main
+
+arrives_with = sys.argv[1]
+
+
+class Freed:
+    def __del__(self):
+        signal.raise_signal(signal.SIGTERM)
+
+
+def arrive(event, args):
+    global arrives_with
+    if event == "open" and arrives_with is not None and str(args[0]) == arrives_with:
+        arrives_with = None
+        Freed()  # freed at once: its finalizer runs here
+
+
+sys.addaudithook(arrive)
+sys.argv = ["batch", "run", sys.argv[2]]
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("arrives_with", ["the input's scan", "the run's log"])
+def test_a_signal_whose_keyboard_interrupt_python_drops_still_stops_the_command(make_job, tmp_path, arrives_with):
+    """The window between the early handler and the run's own, made deterministic: the signal comes while a finalizer
+    runs, when the input is opened (the scan: nothing written yet) or batch.log (the checkpoint folder made, the
+    run's handlers not in yet). The command stops with 130 all the same, and sends nothing; it went on before."""
+    job = make_job(rows=ROWS, retry={"max_outage_s": 1})  # unreachable: without the stop, exit 3 after 1 s
+    opened = job.parent / "reviews.csv" if arrives_with == "the input's scan" else \
+        checkpoint_of(job) / "batch.log"
+    driver = tmp_path / "driver.py"
+    driver.write_text(SIGNAL_IN_A_FINALIZER, encoding="utf-8")
+    process = subprocess.Popen([sys.executable, str(driver), str(opened), str(job)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, out + err
+    if arrives_with == "the input's scan":
+        assert (out, err) == ("", "batch: interrupted\n")
+        assert not checkpoint_of(job).exists()
+    else:
+        assert "stopped: interrupted by SIGTERM" in out and "Exception ignored" not in err, out + err
+        assert summary_of(job)["run"]["attempts"] == 0
