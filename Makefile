@@ -8,9 +8,13 @@ PANDAS2_TESTS := tests/input/test_text_types.py tests/api/test_frames.py tests/a
 SIM_PORT ?= 18080
 JOB ?= jobs/demo.yaml
 
-.PHONY: install demo demo-batch run status estimate validate test bench lint e2e clean
+.PHONY: install redis-server demo demo-batch run status estimate validate test bench lint e2e clean
 
 install: $(VENV)/.installed
+
+# The tests of limits.shared start their own Redis (Debian's package), on a free port of 127.0.0.1.
+redis-server:
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +44,7 @@ validate: install
 	$(PY) -m batch validate $(JOB)
 
 # pytest exits 5 when it collects nothing; that is a failure here too. Two workers (pytest-xdist): 83 s -> 45 s.
-test: install $(PANDAS2_VENV)/.installed
+test: install redis-server $(PANDAS2_VENV)/.installed
 	$(PY) -m pytest -q -n 2
 	$(PANDAS2_VENV)/bin/python -m pytest -q -p no:cacheprovider $(PANDAS2_TESTS)
 

@@ -85,6 +85,33 @@ def _http_url(value: str) -> str:
     return value
 
 
+REDIS_SCHEMES = ("redis", "rediss")
+
+
+def _redis_url(value: str) -> str:
+    """A Redis server's URL as limits.shared takes it: redis:// (rediss:// for TLS), a host, a port, a database
+    number. What is wrong is said without the URL, whose password must not be shown."""
+    parts = urlsplit(value)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    db = parts.path.removeprefix("/")
+    if parts.scheme not in REDIS_SCHEMES or not parts.hostname or port == -1 or (db and not db.isdigit()) \
+            or parts.query or parts.fragment:
+        raise ValueError("must be a Redis URL: redis://HOST:PORT/DB, with :PASSWORD@ before the host if the "
+                         "server asks for one (rediss:// for TLS)")
+    return value
+
+
+# A URL's password (scheme://user:PASSWORD@host), masked wherever a job file's value is quoted back.
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]+(?=@)", re.IGNORECASE)
+
+
+def mask_url_password(text: str) -> str:
+    return _URL_PASSWORD.sub(r"\1***", text)
+
+
 def _path_text(value: Any) -> Any:
     if not isinstance(value, str | os.PathLike):
         raise ValueError("must be a file path, written as text")
@@ -253,6 +280,17 @@ class LimitsSpec(Strict):
     timeout_s: float = Field(120, gt=0)  # the hard cap on a whole answer (streamed: DEFAULT_STREAM_TIMEOUT_S)
     idle_timeout_s: float | None = Field(None, gt=0)  # streamed only: the longest silence between chunks
     max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, ge=1024)
+    # redis://[:PASSWORD@]HOST[:PORT][/DB]: every process of the account shares these limits there (batch/shared/).
+    shared: Annotated[str, AfterValidator(_from_environment), AfterValidator(_redis_url)] | None = None
+    # How long a process killed without a word keeps its in-flight slots in limits.shared: renewed every third of it.
+    shared_lease_s: float = Field(30, ge=0.3, le=3600)
+
+    @model_validator(mode="after")
+    def _lease_needs_shared(self) -> LimitsSpec:
+        if "shared_lease_s" in self.model_fields_set and self.shared is None \
+                and self.shared_lease_s != type(self).model_fields["shared_lease_s"].default:
+            raise ValueError("shared_lease_s is the lease of a slot in limits.shared: set shared too")
+        return self
 
 
 class RetrySpec(Strict):
@@ -521,7 +559,7 @@ def describe_validation_error(exc: ValidationError, job_path: Path, lines: dict[
             text = f"missing key '{loc}'"
         else:
             got = err.get("input")
-            shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+            shown = "" if isinstance(got, (dict, list)) else mask_url_password(f" (got {got!r})")
             where = f"{loc}: " if loc else ""
             message = err["msg"].removeprefix("Value error, ")
             text = f"{where}{message}{shown}"

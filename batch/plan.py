@@ -48,6 +48,8 @@ class Limits:
     timeout_s: float  # the hard cap on a whole answer
     idle_timeout_s: float | None  # streamed only (None otherwise): the longest silence between chunks
     max_response_bytes: int
+    shared: str | None  # a Redis URL: every process of the account keeps to these limits together (batch/shared/)
+    shared_lease_s: float  # with shared: how long a slot is held for a process that stops renewing it
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,10 @@ def preflight(job: str | Path | JobSpec, force: bool = False, api_key: str | Non
     if (mode or spec.mode) == "online":
         check_answer_cache(spec.cache_path)
     api_key = usable_key(api_key, "api_key") if api_key else resolve_api_key(spec, settings.api_key_env)
+    if spec.limits.shared is not None:  # the run would send nothing until it answers
+        from batch.shared.connection import check_reachable  # the Redis client's import (0.3 s) for this job alone
+
+        check_reachable(spec.limits.shared, spec.where("limits.shared"))
     table = input_table(settings)
     shapes = fingerprint(spec)  # the run stores this one: the schema file as read here, as the run asks for it
     if not force:

@@ -50,6 +50,7 @@ from batch.plan import Plan
 from batch.pricing import Pricer, batch_pricer
 from batch.process import give_back_freed_memory
 from batch.records import CARRIED_FIELDS, Record, add_paid_before, failed_record
+from batch.shared.account import shared_limits
 from batch.summary import Progress, RunStats, build_summary, save_summary
 
 if TYPE_CHECKING:
@@ -157,8 +158,9 @@ class Run:
         progress = Progress(stats, self.options.progress_interval_s, self.options.tty, self.options.progress)
         self._install_signal_handlers()
         try:
-            async with make_client(self.plan) as client:
-                pool = Pool(client, self.plan, self.stop.event)
+            async with make_client(self.plan) as client, shared_limits(
+                    self.plan.limits, self.plan.base_url, self.plan.api_key, self.plan.model) as shared:
+                pool = Pool(client, self.plan, self.stop.event, shared)
                 try:
                     if self.mode == "batch_api" or self.ledger.live():
                         await self._answer_batch_api(done, stats, progress)

@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
-from helpers import DATA
+from helpers import DATA, RedisServer
 from hypothesis import settings
 from s3_helpers import S3Bucket
 
@@ -42,6 +42,17 @@ def start_sim() -> Iterator[Callable[..., SimulatorThread]]:
 @pytest.fixture
 def sim(start_sim: Callable[..., SimulatorThread]) -> SimulatorThread:
     return start_sim()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own (helpers.RedisServer), stopped after it."""
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    server = RedisServer(folder)
+    server.start()
+    yield server
+    server.stop()
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -42,6 +43,53 @@ def start_run(job: Path, *extra: str, **popen: object) -> subprocess.Popen[str]:
     """`batch run JOB` as a process of its own, so a test can signal or kill it."""
     return subprocess.Popen([sys.executable, "-m", "batch", "run", str(job), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)  # type: ignore[call-overload]
+
+
+class RedisServer:
+    """A redis-server of the test's own on a free port of 127.0.0.1, keeping nothing on disk; `stop` and `start`
+    again on the same port is a restart (its data lost, as a server without persistence loses it)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.folder), "--daemonize", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self.answers, f"redis-server on port {self.port}", timeout_s=10)
+
+    def answers(self) -> bool:
+        import redis
+
+        assert self.process is not None and self.process.poll() is None, "redis-server exited"
+        try:
+            return self.client().ping()
+        except redis.RedisError:
+            return False
+
+    def client(self):  # noqa: ANN201 - redis.Redis, imported here: only these tests need the client
+        import redis
+
+        return redis.Redis(port=self.port, socket_connect_timeout=1, socket_timeout=2, decode_responses=True)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+def free_port() -> int:
+    """A port nothing listens on now (the kernel's pick for a socket bound to port 0)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30) -> None:

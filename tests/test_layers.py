@@ -20,7 +20,8 @@ LAYERS = [
     {"batch.logs", "batch.config"},
     {"batch.input"},
     {"batch.records", "batch.replies"},
-    {"batch.plan", "batch.executor", "batch.money", "batch.checkpoint"},
+    # batch.shared: the account's limits in Redis, which the budget (money) and the pool (online) both keep to.
+    {"batch.plan", "batch.executor", "batch.money", "batch.checkpoint", "batch.shared"},
     {"batch.online", "batch.preflight"},
     {"batch.batch_api"},
     {"batch.summary", "batch.commands"},

@@ -37,6 +37,10 @@ a Retry-After on an answer whose code says the model is overloaded for every cal
 provider's BusinessCodes.overloaded, Zhipu's 1305).
 A 1302's Retry-After speaks of our own concurrency, which the limit above already corrects.
 
+With `limits.shared`, a request holds a lease on one of the account's slots too (batch/shared/leases.py), taken
+once it has its own slot: the adaptive limit finds the server's cap for this process, inside the ceiling all the
+processes share.
+
 Every timed part takes its clock and its sleep as arguments, so the tests drive them with a fake clock.
 """
 
@@ -49,6 +53,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiolimiter import AsyncLimiter
 from tenacity import (
@@ -62,6 +67,9 @@ from tenacity import (
 
 from batch.online.failures import Failure
 from batch.providers import ZHIPU_CODES, BusinessCodes
+
+if TYPE_CHECKING:
+    from batch.shared.leases import Leases
 
 INITIAL_LIMIT = 8  # the default limits.concurrency: a job left at its default never waits for slow start
 PROBE_ROUNDS = 8  # rounds of answers spent at the ceiling - 1 before it is probed again
@@ -123,10 +131,13 @@ class Slots:
 
     `acquire` returns the number in flight with the new request (its `sent_with`); each acquire is ended
     by exactly one of `succeeded`, `throttled` or `release` (any other end, which says nothing of the cap).
+    With `shared` leases, a slot is also a lease on one of the account's slots, taken after this process's own.
     """
 
-    def __init__(self, maximum: int, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep) -> None:
+    def __init__(self, maximum: int, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep,
+                 shared: Leases | None = None) -> None:
         self.adaptive = AdaptiveLimit(maximum)
+        self.shared = shared
         self.in_flight = 0
         self._clock = clock
         self._sleep = sleep
@@ -147,6 +158,16 @@ class Slots:
         return self._paused_until > 0
 
     async def acquire(self) -> int:
+        sent_with = await self._acquire_own()
+        if self.shared is not None:
+            try:
+                await self.shared.acquire()
+            except BaseException:  # cancelled while it waited for the account's slot: it holds only its own
+                self._release_own()
+                raise
+        return sent_with
+
+    async def _acquire_own(self) -> int:
         if self.in_flight < self.adaptive.allowed and not self._waiting and not self._paused_until:
             self.in_flight += 1
             return self.in_flight
@@ -156,7 +177,7 @@ class Slots:
             return await turn
         except asyncio.CancelledError:
             if turn.done() and not turn.cancelled():
-                self.release()  # handed a slot just as it was cancelled: pass it on
+                self._release_own()  # handed a slot just as it was cancelled: pass it on
             raise
 
     def succeeded(self, sent_with: int) -> None:
@@ -174,6 +195,11 @@ class Slots:
         self.release()
 
     def release(self) -> None:
+        if self.shared is not None:
+            self.shared.release()
+        self._release_own()
+
+    def _release_own(self) -> None:
         self.in_flight -= 1
         if self._waiting:
             self._hand_out()

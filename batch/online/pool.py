@@ -28,6 +28,7 @@ from batch.records import PAID_FIELDS, Record, add_paid_before, answer_record, f
 
 if TYPE_CHECKING:
     from batch.plan import Plan, Settings
+    from batch.shared.account import SharedLimits
 
 log = logging.getLogger("batch")
 
@@ -55,7 +56,9 @@ def make_client(plan: Plan) -> ChatClient:
 
 
 class Pool:
-    def __init__(self, client: ChatClient, settings: Settings, stopping: asyncio.Event) -> None:
+    def __init__(self, client: ChatClient, settings: Settings, stopping: asyncio.Event,
+                 shared: SharedLimits | None = None) -> None:
+        """`shared`: the account's limits shared with other processes (limits.shared), or None."""
         self.client = client
         self.model = settings.model
         self.pricer = settings.pricer
@@ -73,7 +76,7 @@ class Pool:
         self.requests = request_limiter(limits.requests_per_minute)
         self.tokens = token_limiter(limits.tokens_per_minute)
         self.stopping = stopping
-        self.slots = Slots(limits.concurrency)
+        self.slots = Slots(limits.concurrency, shared=shared.leases if shared is not None else None)
         self.requests_sent = 0  # counted as each is sent: a row stopped by a job-fatal answer has no record
         retry = settings.retry
         self.breaker = Breaker(time.monotonic, retry.max_outage_s, retry.initial_backoff_s or 1.0, retry.max_backoff_s)

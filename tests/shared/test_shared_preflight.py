@@ -1,0 +1,58 @@
+"""limits.shared checked before anything is sent: a bad URL or a Redis that does not answer is exit 2 with one line,
+its password never shown."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import free_port
+
+PASSWORD = "hunter2-secret"
+
+
+@pytest.mark.parametrize("url", [
+    f"http://:{PASSWORD}@127.0.0.1:6379/0",  # not Redis's scheme
+    f"redis://:{PASSWORD}@/0",  # no host
+    f"redis://:{PASSWORD}@127.0.0.1:port/0",  # a port that is not a number
+    f"redis://:{PASSWORD}@127.0.0.1:6379/zero",  # a database that is not a number
+    f"redis://:{PASSWORD}@127.0.0.1:6379/0?ssl=1",  # options batch does not read
+])
+def test_a_url_that_is_not_a_redis_servers_is_one_line_naming_the_key(make_job, sim, run_cli, url):
+    job = make_job(sim, limits={"shared": url})
+    code, out, err = run_cli("run", job)
+    assert code == 2
+    assert err.count("\n") == 1 and "limits.shared" in err and "redis://HOST:PORT/DB" in err
+    assert PASSWORD not in err + out
+    assert sim.stats()["requests"] == 0
+
+
+def test_a_redis_that_does_not_answer_stops_the_run_before_anything_is_sent(make_job, sim, run_cli):
+    job = make_job(sim, limits={"shared": f"redis://:{PASSWORD}@127.0.0.1:{free_port()}/0"})
+    code, out, err = run_cli("run", job)
+    assert code == 2
+    assert err.count("\n") == 1 and "limits.shared" in err and "does not answer" in err
+    assert "redis://:***@127.0.0.1" in err
+    assert PASSWORD not in err + out
+    assert sim.stats()["requests"] == 0
+    assert not (job.parent / "out").exists()
+
+
+def test_the_password_is_masked_in_the_run_log_and_summary(make_job, sim, run_cli, redis_server):
+    redis_server.client().config_set("requirepass", PASSWORD)
+    job = make_job(sim, limits={"shared": f"redis://:{PASSWORD}@127.0.0.1:{redis_server.port}/0"})
+    code, out, err = run_cli("run", job, "-v")
+    assert code == 0, err
+    folder = job.parent / "out" / "result.checkpoint"
+    written = "".join(path.read_text(errors="replace") for path in folder.iterdir() if path.suffix in (".json", ".log"))
+    assert PASSWORD not in err + out + written
+
+
+def test_a_wrong_password_is_one_line_too(make_job, sim, run_cli, redis_server):
+    redis_server.client().config_set("requirepass", PASSWORD)
+    job = make_job(sim, limits={"shared": f"redis://:wrong-{PASSWORD}@127.0.0.1:{redis_server.port}/0"})
+    code, _, err = run_cli("validate", job)
+    assert code == 2 and err.count("\n") == 1 and "refused batch" in err and PASSWORD not in err
+
+
+def test_a_lease_without_shared_limits_is_a_mistake(make_job, sim, run_cli):
+    code, _, err = run_cli("validate", make_job(sim, limits={"shared_lease_s": 5}))
+    assert code == 2 and err.count("\n") == 1 and "shared_lease_s" in err and "set shared too" in err

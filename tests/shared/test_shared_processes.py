@@ -1,0 +1,109 @@
+"""Several `batch run` processes on one account with limits.shared: a real redis-server, the simulator over real HTTP
+counting what is in flight at once (its max_in_flight)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from helpers import start_run, wait_until
+
+from batch.shared.connection import account_key
+
+MODEL = "glm-4-flash"
+
+
+def write_job(folder: Path, sim, shared: str, rows: int = 40, **limits: Any) -> Path:
+    """A job of its own in `folder` (its input, output and checkpoint), on the simulator's account."""
+    folder.mkdir()
+    pd.DataFrame({"review_id": [f"{folder.name}-{i}" for i in range(rows)],
+                  "text": [f"{folder.name} review {i}" for i in range(rows)]}).to_csv(folder / "in.csv", index=False)
+    job = {"name": folder.name, "input": {"path": "in.csv", "id_column": "review_id"},
+           "prompt": {"template": "Classify: {text}"},
+           "model": {"provider": "local", "name": MODEL, "base_url": sim.url, "params": {"max_tokens": 16}},
+           "limits": {"concurrency": 8, "timeout_s": 30, "shared": shared, **limits},
+           "retry": {"max_attempts": 3, "initial_backoff_s": 0.01, "max_backoff_s": 0.05},
+           "output": {"path": "out/result.parquet"}}
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def key(sim, name: str) -> str:
+    """One of the account's keys in Redis: leases, waiting, processes (batch/shared/leases.py)."""
+    return f"{account_key(sim.url, 'no-key', MODEL)}:{name}"
+
+
+def start_together(sim, redis_server, jobs: list[Path], limit: int) -> list:
+    """Start a run of each job, all of them held back until every one waits for a slot (the account's `limit`
+    slots leased to a blocker meanwhile): the runs then compete from the same moment, however long each took
+    to start."""
+    redis = redis_server.client()
+    redis.zadd(key(sim, "leases"), {f"blocker:{n}": time.time() * 1000 + 600_000 for n in range(limit)})
+    runs = [start_run(job) for job in jobs]
+    wait_until(lambda: redis.zcard(key(sim, "waiting")) == len(jobs), "every run waiting for a slot", timeout_s=60)
+    redis.zrem(key(sim, "leases"), *(f"blocker:{n}" for n in range(limit)))
+    return runs
+
+
+def sent_by(sim, job: Path) -> int:
+    """Requests the simulator got from `job`'s run (its prompts name its folder)."""
+    ours = f"Classify: {job.parent.name} "
+    return sum(count for prompt, count in sim.stats()["by_prompt"].items() if prompt.startswith(ours))
+
+
+def finish(process) -> tuple[int, str]:
+    _, err = process.communicate(timeout=120)
+    return process.returncode, err
+
+
+def test_processes_sharing_a_concurrency_of_8_never_have_more_than_8_in_flight(tmp_path, start_sim, redis_server):
+    sim = start_sim(latency_ms=40)
+    runs = start_together(sim, redis_server, [write_job(tmp_path / f"p{k}", sim, redis_server.url) for k in range(3)],
+                          8)
+    for run in runs:
+        code, err = finish(run)
+        assert code == 0, err
+    stats = sim.stats()
+    assert stats["by_status"] == {"200": 120}
+    assert stats["max_in_flight"] <= 8
+    assert stats["max_in_flight"] >= 6  # the processes ran side by side, and used the limit
+    assert redis_server.client().zcard(key(sim, "leases")) == 0, "a run that ended left leases behind"
+
+
+def test_a_process_killed_gives_its_slots_back_within_the_lease(tmp_path, start_sim, redis_server):
+    sim = start_sim(latency_ms=60_000)  # the requests stay in flight until the process is killed
+    run = start_run(write_job(tmp_path / "killed", sim, redis_server.url, concurrency=4, shared_lease_s=1))
+    redis = redis_server.client()
+    wait_until(lambda: redis.zcard(key(sim, "leases")) == 4, "the killed process's 4 leases")
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    wait_until(lambda: redis.zcard(key(sim, "leases")) == 0, "its slots back", timeout_s=1 + 5)
+    sim.reconfigure(latency_ms=0)
+    code, err = finish(start_run(write_job(tmp_path / "next", sim, redis_server.url, concurrency=4,
+                                           shared_lease_s=1)))
+    assert code == 0, err
+
+
+def test_a_redis_restart_mid_run_stops_no_process_nor_lets_more_than_twice_the_limit_fly(tmp_path, start_sim,
+                                                                                           redis_server):
+    sim = start_sim(latency_ms=30)
+    jobs = [write_job(tmp_path / f"p{k}", sim, redis_server.url, rows=300, concurrency=4) for k in range(2)]
+    runs = start_together(sim, redis_server, jobs, 4)
+    wait_until(lambda: all(sent_by(sim, job) >= 20 for job in jobs), "both runs under way")
+    redis_server.stop()
+    sent = [sent_by(sim, job) for job in jobs]
+    wait_until(lambda: all(sent_by(sim, job) >= before + 20 for job, before in zip(jobs, sent)),
+               "each run sending while Redis is away")
+    redis_server.start()
+    for run in runs:
+        code, err = finish(run)
+        assert code == 0, err
+        assert err.count("does not answer") == 1, err  # logged once
+        assert "answers again" in err
+    assert sim.stats()["by_status"] == {"200": 600}
+    assert sim.stats()["max_in_flight"] <= 2 * 4
