@@ -59,7 +59,7 @@ from batch.records import OUTPUT_FIELDS, RECORD_FIELDS, RECORD_SCHEMA
 from batch.replies.columns import JSON_PREFIX
 from batch.runner import Run, RunOptions
 from batch.storage.atomic import write_atomic
-from batch.storage.local import object_at
+from batch.storage.locations import object_at
 from batch.summary import format_summary
 
 if TYPE_CHECKING:  # pandas is imported where a DataFrame is made: the command line keeps it out of its runs
@@ -385,7 +385,7 @@ async def _execute(job: Job, options: RunOptions, api_key: str | None, control: 
         if control.asked:
             return None
         keep_secret(plan.api_key)
-        with run_log(plan.locations.checkpoint_dir):
+        with run_log(plan.locations.local_dir):
             run = control.run = Run(plan, options, lock)
             control.context = contextvars.copy_context()  # the run's: its log lines go to its batch.log
             return RunResult.from_summary(await run.execute())
@@ -586,7 +586,7 @@ def _frame_job(frame: pd.DataFrame, template: str, model: str | Mapping[str, Any
     except yaml.YAMLError as exc:
         raise ConfigError(f"run_frame: a setting cannot be written to the job file: {exc}") from None
     data = _parquet_bytes(rows)
-    lock = RunLock(spec.checkpoint_dir)
+    lock = RunLock(spec.local_dir)
     try:
         lock.acquire()
         _write_if_changed(input_path, data)

@@ -107,7 +107,7 @@ def command(argv: list[str]) -> int:
 def checkpoint_of(job: str) -> Path | None:
     """The job's checkpoint folder, where its batch.log is; None when the job file itself cannot be read."""
     try:
-        return load_job(job).checkpoint_dir
+        return load_job(job).local_dir
     except Exception:  # the error being reported may be this one: it is reported once, where it happened
         return None
 
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         if taken_early():  # its KeyboardInterrupt was dropped in a finalizer: stopped still, nothing written
             raise KeyboardInterrupt
         redact_everywhere([plan.api_key])
-        with run_log(plan.locations.checkpoint_dir, args.log_format):
+        with run_log(plan.locations.local_dir, args.log_format):
             summary = asyncio.run(run_job(plan, options))
     print(format_summary(summary))
     return int(summary["exit_code"])
@@ -172,7 +172,7 @@ def cancel(args: argparse.Namespace) -> int:
 
     plan = preflight(args.job)
     redact_everywhere([plan.api_key])
-    lock = RunLock(plan.locations.checkpoint_dir)
+    lock = RunLock(plan.locations.local_dir)
     lock.acquire()
     try:
         batches = asyncio.run(cancel_batches(plan))

@@ -7,11 +7,13 @@ number is still a fine float). A key written twice is an error, not "the last on
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, cast, get_args
 from urllib.parse import urlsplit
 
 import yaml
@@ -21,6 +23,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     PlainValidator,
     PrivateAttr,
     ValidationError,
@@ -31,6 +34,7 @@ from typing_extensions import TypedDict
 
 from batch.errors import ConfigError, read_reason
 from batch.providers import DEFAULT_PROVIDER, PROVIDERS, Provider, SchemaVia
+from batch.storage.locations import Location, is_url, location
 
 INPUT_FORMATS = (".csv", ".parquet", ".jsonl")
 # The largest answer body read. A long answer of a thinking model (reasoning and content, each ~128k
@@ -170,6 +174,14 @@ def _text_keys(value: Any, where: str) -> None:
 
 Name = Annotated[str, AfterValidator(_not_blank)]
 FilePath = Annotated[Path, BeforeValidator(_path_text), Field(strict=False)]  # written as text in YAML
+
+
+def _place(value: Any) -> Location:
+    return location(_path_text(value))
+
+
+# A local path, or a URL (s3://bucket/key, file:///path; batch.storage.locations): input.path and output.path.
+Place = Annotated[Any, PlainValidator(_place), PlainSerializer(str, return_type=str, when_used="json")]
 # A positive whole number: -16, 0, 2.5 or "16" would be sent to the API as they are. null means unset.
 MaxTokens = Annotated[int, Field(strict=True, gt=0)] | None
 
@@ -188,7 +200,7 @@ class Params(TypedDict, total=False):
 
 
 class InputSpec(Strict):
-    path: FilePath
+    path: Place
     id_column: Name | None = None
 
 
@@ -301,7 +313,7 @@ class RetrySpec(Strict):
 
 
 class OutputSpec(Strict):
-    path: FilePath
+    path: Place
     keep_columns: list[str] = Field(default_factory=list)
     parse_json: bool = False  # the reply is a JSON object: its top-level keys become columns
     json_columns: Annotated[list[str] | None, AfterValidator(_each_once)] = None  # with parse_json: only these keys
@@ -313,6 +325,9 @@ class OutputSpec(Strict):
     json_attempts: int = Field(3, ge=1, le=20)
     checkpoint_rows: int = Field(1000, ge=1)
     checkpoint_seconds: float = Field(10, gt=0)
+    # With the output on a URL, the local folder of what cannot live in an object store (the write-ahead log, the
+    # run lock, the log, files being built); by default one in the system's temp folder named after the output.
+    local_dir: FilePath | None = None
 
     @model_validator(mode="after")
     def _keys_are_text(self) -> OutputSpec:
@@ -374,14 +389,27 @@ class JobSpec(Strict):
     _paths_relative_to: str = PrivateAttr(default="the working directory")
 
     @property
-    def checkpoint_dir(self) -> Path:
+    def checkpoint_dir(self) -> Location:
+        """Where the checkpoint's objects are (parts, ledger, fingerprint): beside the output, a URL with it."""
         out = self.output.path
         return out.with_name(out.stem + ".checkpoint")
 
     @property
+    def local_dir(self) -> Path:
+        """The local folder of what needs a local disk (the write-ahead log, the run lock, the log, spooled files, the
+        default answer cache): the checkpoint folder itself, or, with the checkpoint on a URL, output.local_dir."""
+        folder = self.checkpoint_dir
+        if not is_url(folder):
+            return cast(Path, folder)
+        if self.output.local_dir is not None:
+            return self.output.local_dir
+        named = hashlib.sha256(str(folder).encode("utf-8")).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"batch-{self.output.path.stem}-{named}"
+
+    @property
     def cache_path(self) -> Path:
-        """The answer cache's file: cache.path, shared by jobs, or the checkpoint's own."""
-        return self.cache.path if self.cache else self.checkpoint_dir / "answers.sqlite"
+        """The answer cache's file: cache.path, shared by jobs, or the checkpoint's own (a local SQLite file)."""
+        return self.cache.path if self.cache else self.local_dir / "answers.sqlite"
 
     @property
     def id_column_out(self) -> str:
@@ -418,6 +446,8 @@ def load_job(path: str | Path) -> JobSpec:
     base = job_path.parent
     spec.input.path = _relative_to(base, spec.input.path)
     spec.output.path = _relative_to(base, spec.output.path)
+    if spec.output.local_dir is not None:
+        spec.output.local_dir = _relative_to(base, spec.output.local_dir)
     if spec.cache is not None:
         spec.cache.path = _relative_to(base, spec.cache.path)
     if isinstance(spec.output.json_schema, Path):
@@ -543,7 +573,9 @@ def _line_of(lines: dict[tuple[str, ...], int], key: tuple[str, ...]) -> int | N
     return None
 
 
-def _relative_to(base: Path, path: Path) -> Path:
+def _relative_to(base: Path, path: Location) -> Location:
+    if is_url(path):
+        return path
     path = path.expanduser()
     return path if path.is_absolute() else Path(os.path.normpath(base / path))
 

@@ -19,6 +19,8 @@ from batch.input.reader import InputTable
 from batch.pricing import Pricer
 from batch.providers import Provider
 from batch.replies.schema import JsonOutput
+from batch.storage.base import Store
+from batch.storage.locations import Location, store_at
 
 # The files a checkpoint folder holds from its first run: a folder with one is some job's checkpoint.
 CHECKPOINT_MARKERS = ("fingerprint.json", "wal.jsonl")
@@ -31,11 +33,18 @@ class Locations:
     """Where a job's files are: relative paths joined to the job file's folder (config.load_job)."""
 
     job_file: Path
-    input: Path
-    output: Path
-    checkpoint_dir: Path  # beside the output, named after it
+    input: Location
+    output: Location
+    checkpoint_dir: Location  # beside the output, named after it: its objects (a URL with the output)
+    # What needs a local disk (the write-ahead log, the run lock, the log, spooled files): checkpoint_dir itself, or,
+    # with the checkpoint on a URL, output.local_dir (config.JobSpec.local_dir).
+    local_dir: Path
     cache: Path  # the answer cache's file: cache.path, or the checkpoint's own
     cache_shared: bool  # cache.path given: other jobs may open it too (the checkpoint's own is locked by its run)
+
+    def checkpoint_store(self) -> Store:
+        """The store of the checkpoint's objects (batch.storage): its local folder, or its bucket and prefix."""
+        return store_at(self.checkpoint_dir)
 
 
 @dataclass(frozen=True)

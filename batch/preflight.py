@@ -11,20 +11,22 @@ checkpoint folder.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from dotenv import dotenv_values
 
-from batch.checkpoint.guard import LOCK_NAME, compare_fingerprint, fingerprint
-from batch.checkpoint.writer import WAL_NAME, Checkpoint
+from batch.checkpoint.guard import FINGERPRINT_NAME, LOCK_NAME, compare_fingerprint, fingerprint
+from batch.checkpoint.writer import WAL_NAME, checkpoint_at
 from batch.config import JobSpec, load_job
 from batch.errors import ConfigError, in_callers_words, read_reason
 from batch.input.prompts import PromptBuilder
 from batch.input.reader import InputTable
-from batch.logs import LOG_NAME
+from batch.logs import LOG_NAME, keep_secret, redact
 from batch.money.cache import check_answer_cache
 from batch.plan import (
     CHECKPOINT_MARKERS,
@@ -41,6 +43,8 @@ from batch.pricing import Price, Pricer, pricer_for
 from batch.providers import Provider
 from batch.records import OUTPUT_FIELDS
 from batch.replies.schema import json_output_for, openai_strict
+from batch.storage.base import StorageError
+from batch.storage.locations import STORAGE_SECRET_VARIABLES, input_kind, is_url, store_at
 
 
 def resolve(spec: JobSpec) -> Settings:
@@ -73,8 +77,8 @@ def settings_of(spec: JobSpec) -> Settings:
         body_params.update(stream_params(provider, body_params.get("stream_options")))
     pricer = pricer_for(spec.model.name, Price(**spec.pricing.model_dump()) if spec.pricing else None)
     out = spec.output
-    locations = Locations(spec.job_path, spec.input.path, out.path, spec.checkpoint_dir, spec.cache_path,
-                          cache_shared=spec.cache is not None)
+    locations = Locations(spec.job_path, spec.input.path, out.path, spec.checkpoint_dir, spec.local_dir,
+                          spec.cache_path, cache_shared=spec.cache is not None)
     output = OutputSettings(spec.id_column_out, tuple(out.keep_columns), out.parse_json,
                             tuple(out.json_columns) if out.json_columns is not None else None, out.checkpoint_rows,
                             out.checkpoint_seconds)
@@ -146,6 +150,8 @@ def preflight(job: str | Path | JobSpec, force: bool = False, api_key: str | Non
     """
     spec = job if isinstance(job, JobSpec) else load_job(job)
     settings = resolve(spec)
+    _keep_storage_secrets(spec)
+    _check_input_reachable(spec)
     check_output_path(spec)
     _check_checkpoint_writable(spec)
     if spec.cache is not None:
@@ -164,7 +170,7 @@ def preflight(job: str | Path | JobSpec, force: bool = False, api_key: str | Non
         compare_fingerprint(settings.locations.checkpoint_dir, shapes, spec.job_path)
     # Bad ids or text fail here. The ids' hashes, in input order, are kept only to find the rows of a
     # previous run's records.
-    rows = table.scan(keep_hashes=Checkpoint(spec.checkpoint_dir).has_records())
+    rows = table.scan(keep_hashes=checkpoint_at(settings.locations).has_records())
     resolved = {field.name: getattr(settings, field.name) for field in fields(Settings)}
     return Plan(**{**resolved, "mode": mode or settings.mode}, api_key=api_key, fingerprint=shapes, table=table,
                 rows=rows)
@@ -211,17 +217,21 @@ def check_output_path(spec: JobSpec) -> None:
     out = given.resolve()
     source = spec.input.path.resolve()
     where = f"{spec.where('output.path')}: output.path {given}"
-    if out == source or (out.exists() and source.exists() and os.path.samefile(out, source)):
+    both_local = not is_url(out) and not is_url(source)
+    if out == source or (both_local and out.exists() and source.exists() and os.path.samefile(out, source)):
         raise ConfigError(f"{where} is the input file {spec.input.path}: the results would overwrite it; "
                           "write them to another file")
     if out == spec.job_path.resolve():
         raise ConfigError(f"{where} is the job file: write the results to a .parquet file")
-    if out.is_dir():
+    if not is_url(out) and out.is_dir():
         raise ConfigError(f"{where} is a folder: name the Parquet file to write, e.g. {given / 'results.parquet'}")
     if given.suffix.lower() != ".parquet":
         raise ConfigError(f"{where}: the output is a Parquet file, so name it .parquet (e.g. "
                           f"{given.with_suffix('.parquet').name}); for CSV or JSONL, " + in_callers_words(
                               "`batch export` it once done", "write read_results(...) with to_csv or to_json"))
+    if is_url(out):
+        _check_output_reachable(spec, where)
+        return
     own = spec.checkpoint_dir.resolve()
     if own == source or own in source.parents:
         raise ConfigError(f"{where}: its checkpoint folder {spec.checkpoint_dir} would hold the input "
@@ -240,7 +250,7 @@ def check_export_target(locations: Locations, target: Path) -> None:
     to = target.resolve()
     keep = {"input": locations.input, "job file": locations.job_file, "output": locations.output}
     for what, path in keep.items():
-        if to == path.resolve() or (to.exists() and path.exists() and os.path.samefile(to, path)):
+        if to == path.resolve() or (to.exists() and not is_url(path) and path.exists() and os.path.samefile(to, path)):
             raise ConfigError(f"--to {target} is the job's {what} {path}: export to another file")
     if to.is_dir():
         raise ConfigError(f"--to {target} is a folder: name the file to write, e.g. {target / 'results.csv'}")
@@ -276,14 +286,56 @@ def _check_writable(spec: JobSpec, key: str, path: Path, what: str) -> None:
 
 
 def _check_checkpoint_writable(spec: JobSpec) -> None:
-    """An existing checkpoint folder, and the files in it a run appends to or writes in place, must be writable:
-    the run's first write (its log) would fail, or a later one mid-run."""
-    folder = spec.checkpoint_dir
-    what = "the checkpoint"
-    _check_writable(spec, "output.path", folder, what)
+    """An existing checkpoint folder (its local folder, with the checkpoint on a URL), and the files in it a run
+    appends to or writes in place, must be writable: the run's first write (its log) would fail, or a later one."""
+    folder = spec.local_dir
+    key = "output.local_dir" if is_url(spec.checkpoint_dir) else "output.path"
+    what = "the checkpoint" if key == "output.path" else "the checkpoint's local files (its log, its lock)"
+    if key == "output.local_dir":
+        _check_creatable(spec, key, folder / LOG_NAME, what)
+    _check_writable(spec, key, folder, what)
     for name in (LOG_NAME, WAL_NAME, LOCK_NAME, spec.cache_path.name if spec.cache is None else None):
         if name is not None:
-            _check_writable(spec, "output.path", folder / name, what)
+            _check_writable(spec, key, folder / name, what)
+
+
+def _keep_storage_secrets(spec: JobSpec) -> None:
+    """A job on URLs reads its credentials from the environment: mask them like the API key, before any error of a
+    store's (which may quote a request) is told."""
+    if is_url(spec.input.path) or is_url(spec.output.path):
+        for name in STORAGE_SECRET_VARIABLES:
+            if os.environ.get(name):
+                keep_secret(os.environ[name])
+
+
+def _check_input_reachable(spec: JobSpec) -> None:
+    """An input on a URL: its scheme readable (its fsspec package installed), its bucket there and the credentials
+    good. A missing file is InputTable's to tell."""
+    url = spec.input.path
+    if not is_url(url):
+        return
+    with _remote_failures(f"{spec.where('input.path')}: input.path {url}"):
+        input_kind(url)
+
+
+def _check_output_reachable(spec: JobSpec, where: str) -> None:
+    """The output and its checkpoint on a URL: a scheme batch can write (exclusive creates), the bucket there and the
+    credentials good (one list of the checkpoint's fingerprint: nothing is written)."""
+    with _remote_failures(where):
+        store_at(spec.checkpoint_dir).list(FINGERPRINT_NAME)
+
+
+@contextlib.contextmanager
+def _remote_failures(where: str) -> Iterator[None]:
+    """A store's or a filesystem's failure (a bad URL, no credentials, no such bucket) as one line naming the key."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {redact(str(exc))}") from None
+    except Exception as exc:  # botocore's credential and endpoint errors are no OSErrors
+        reason = exc.strerror if isinstance(exc, StorageError) else (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"{where}: cannot reach it: {redact(str(reason))}; the credentials come from the "
+                          "environment (AWS_* variables, a profile), never from the job file") from None
 
 
 def usable_key(key: str, source: str) -> str:

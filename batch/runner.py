@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batch.batch_api.ledger import Ledger, describe
+from batch.batch_api.ledger import describe, ledger_at
 from batch.checkpoint.answered import RowStates
 from batch.checkpoint.final import (
     LastRecords,
@@ -24,7 +24,7 @@ from batch.checkpoint.final import (
     write_final,
 )
 from batch.checkpoint.guard import RunLock, check_fingerprint, end_run, mark_running
-from batch.checkpoint.writer import Checkpoint
+from batch.checkpoint.writer import checkpoint_at
 from batch.errors import (
     EXIT_BAD_INPUT,
     EXIT_BATCHES_LIVE,
@@ -104,14 +104,14 @@ class Run:
         self.options = options
         self.builder = plan.builder
         self.table = plan.table
-        self.folder = folder = plan.locations.checkpoint_dir
-        self.checkpoint = Checkpoint(folder, plan.output.checkpoint_rows, plan.output.checkpoint_seconds)
+        self.folder = plan.locations.checkpoint_dir
+        self.checkpoint = checkpoint_at(plan.locations, plan.output.checkpoint_rows, plan.output.checkpoint_seconds)
         self.stop = Stop()
         self.answerer: Answerer | None = None
         self.mode = options.mode or plan.mode
         self.batch_api_used = False
-        self.ledger = Ledger(folder)
-        self.lock = lock or RunLock(folder)
+        self.ledger = ledger_at(plan.locations)
+        self.lock = lock or RunLock(plan.locations.local_dir)
         self._signals: list[TakenSignal] = []  # what each signal the run took had before it
 
     async def execute(self) -> dict[str, Any]:
@@ -120,7 +120,7 @@ class Run:
             self.lock.acquire()
         except OSError as exc:
             raise ConfigError(
-                f"{self.folder}: cannot write the checkpoint folder: {exc.strerror}") from None
+                f"{self.plan.locations.local_dir}: cannot write the checkpoint folder: {exc.strerror}") from None
         try:
             check_fingerprint(self.folder, self.plan.fingerprint, self.plan.locations.job_file, self.options.force)
             return await self._execute(total)

@@ -20,7 +20,7 @@ from batch.errors import option
 from batch.logs import redact
 from batch.pricing import CURRENCY, money
 from batch.records import Record, billed
-from batch.storage.atomic import write_text_atomic
+from batch.storage.locations import Location, write_text_at
 
 log = logging.getLogger("batch")
 
@@ -190,8 +190,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     return redact("\n".join(lines))  # `stopped` may quote a server, and a server may quote the key
 
 
-def save_summary(summary: dict[str, Any], path: Path) -> None:
-    write_text_atomic(path, redact(json.dumps(summary, ensure_ascii=False, indent=2)) + "\n")
+def save_summary(summary: dict[str, Any], path: Location) -> None:
+    write_text_at(path, redact(json.dumps(summary, ensure_ascii=False, indent=2)) + "\n")
 
 
 __all__ = ["RunStats", "Progress", "build_summary", "format_summary", "save_summary"]

@@ -838,7 +838,7 @@ def _counts(batch: Any) -> dict[str, int]:
 async def cancel_batches(plan: Plan) -> list[dict[str, Any]]:
     """`batch cancel`: ask the provider to cancel the job's live batches (their partial results are merged by the
     next run); a file not yet made a batch is dropped, its rows pending again. The caller holds the run lock."""
-    ledger = Ledger(plan.locations.checkpoint_dir)
+    ledger = Ledger(plan.locations.local_dir, plan.locations.checkpoint_store())
     stop = Stop()
     answerer = BatchAnswerer(plan, ledger, RowStates(0, None), None, None, stop, False, False,
                              lambda _record: _no_rows())

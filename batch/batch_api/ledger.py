@@ -50,6 +50,7 @@ import pyarrow.parquet as pq
 
 from batch.checkpoint.answered import Answered, RowStates
 from batch.errors import CheckpointWriteError, ConfigError
+from batch.plan import Locations
 from batch.storage.atomic import temp_path
 from batch.storage.base import AlreadyExists, NotFound, Store
 from batch.storage.local import LocalStore
@@ -156,6 +157,11 @@ def job_tag(fingerprint: dict[str, Any], folder: Path) -> str:
 def custom_id(number: int, row_id: str) -> str:
     """A row's custom_id in file `number`: from its id, deterministic, 6-64 characters, never in two files."""
     return f"f{number}-{hashlib.blake2b(row_id.encode(), digest_size=12).hexdigest()}"
+
+
+def ledger_at(locations: Locations) -> Ledger:
+    """A job's ledger: its steps in the checkpoint's store, its files built in the job's local folder."""
+    return Ledger(locations.local_dir, locations.checkpoint_store())
 
 
 class Ledger:

@@ -20,10 +20,9 @@ import pyarrow.parquet as pq
 
 from batch.checkpoint.answered import RowStates
 from batch.checkpoint.writer import Checkpoint, RowGroups
-from batch.input.reader import file_version
 from batch.records import DICTIONARY_FIELDS, OUTPUT_FIELDS, RECORD_FIELDS, RECORD_SCHEMA
 from batch.replies.columns import ReplyColumns
-from batch.storage.local import object_at
+from batch.storage.locations import input_version, object_at
 
 if TYPE_CHECKING:
     from batch.plan import OutputSettings
@@ -49,7 +48,7 @@ def output_settings(out: OutputSettings, schema: dict[str, Any] | None) -> str:
 def made_from(checkpoint: Checkpoint, source: Path) -> str:
     """What a final file written now is made of, as JSON text: the checkpoint's parts as they are (records_version)
     and the version of the input file `source` (an edit, or another file put in its place, changes it)."""
-    return json.dumps({"records": checkpoint.records_version(), "input": file_version(source)})
+    return json.dumps({"records": checkpoint.records_version(), "input": input_version(source)})
 
 
 def output_footer(settings: str, made_of: str) -> dict[bytes, bytes]:

@@ -12,7 +12,7 @@ from typing import IO, Any
 
 from batch.config import JobSpec
 from batch.errors import ConfigError, LockedError, option
-from batch.storage.atomic import write_text_atomic
+from batch.storage.locations import Location, delete_at, read_text_at, write_text_at
 
 LOCK_NAME = "lock"
 FINGERPRINT_NAME = "fingerprint.json"
@@ -105,13 +105,12 @@ def _schema_of(schema: Any) -> Any:
     return schema
 
 
-def compare_fingerprint(folder: Path, current: dict[str, Any], job_file: Path) -> None:
+def compare_fingerprint(folder: Location, current: dict[str, Any], job_file: Path) -> None:
     """Refuse a resume whose settings (`current`: fingerprint()) differ from the ones the checkpoint in `folder` was
     made with."""
-    path = folder / FINGERPRINT_NAME
-    if not path.exists():
+    stored = stored_fingerprint(folder / FINGERPRINT_NAME)
+    if stored is None:
         return
-    stored = stored_fingerprint(path)
     changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
     if changed:
         details = "; ".join(f"{k}: {_short(stored.get(k))} -> {_short(current.get(k))}" for k in changed)
@@ -121,24 +120,26 @@ def compare_fingerprint(folder: Path, current: dict[str, Any], job_file: Path) -
         )
 
 
-def check_fingerprint(folder: Path, current: dict[str, Any], job_file: Path, force: bool) -> None:
+def check_fingerprint(folder: Location, current: dict[str, Any], job_file: Path, force: bool) -> None:
     """Store the fingerprint `current` on the first run; refuse a resume whose fingerprint differs, unless forced.
 
     The preflight compared it already; comparing again under the lock catches a run that stored one since.
     """
     path = folder / FINGERPRINT_NAME
-    if path.exists() and not force:
+    if not force and stored_fingerprint(path) is not None:
         compare_fingerprint(folder, current, job_file)
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(current, ensure_ascii=False, indent=2) + "\n")
+    write_text_at(path, json.dumps(current, ensure_ascii=False, indent=2) + "\n")
 
 
-def stored_fingerprint(path: Path) -> dict[str, Any]:
-    """The fingerprint a checkpoint was made with. A damaged one is an error, not "no fingerprint":
-    taken as absent, it would let a changed job mix its answers with the old ones unasked."""
+def stored_fingerprint(path: Location) -> dict[str, Any] | None:
+    """The fingerprint a checkpoint was made with (None before its first run). A damaged one is an error, not "no
+    fingerprint": taken as absent, it would let a changed job mix its answers with the old ones unasked."""
     try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
+        text = read_text_at(path)
+        if text is None:
+            return None
+        stored = json.loads(text)
         if not isinstance(stored, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as exc:
@@ -149,33 +150,33 @@ def stored_fingerprint(path: Path) -> dict[str, Any]:
     return stored
 
 
-def mark_running(folder: Path) -> None:
+def mark_running(folder: Location) -> None:
     """Note this run in the checkpoint; end_run() removes the note once the run's summary is saved."""
-    write_text_atomic(folder / RUN_NAME, json.dumps({"pid": os.getpid(), "started_at": _now()}) + "\n")
+    write_text_at(folder / RUN_NAME, json.dumps({"pid": os.getpid(), "started_at": _now()}) + "\n")
 
 
-def end_run(folder: Path, error: str | None = None, exit_code: int | None = None) -> None:
+def end_run(folder: Location, error: str | None = None, exit_code: int | None = None) -> None:
     """The run ended: with its summary saved (no error), or on an error the note now tells.
     Best effort: a folder that can no longer be written keeps the note as it was."""
     path = folder / RUN_NAME
     try:
         if error is None:
-            path.unlink(missing_ok=True)
+            delete_at(path)
         else:
             marked = read_run_mark(folder) or {}
-            write_text_atomic(path, json.dumps({**marked, "ended_at": _now(), "exit_code": exit_code,
-                                                "error": error}, ensure_ascii=False) + "\n")
+            write_text_at(path, json.dumps({**marked, "ended_at": _now(), "exit_code": exit_code,
+                                            "error": error}, ensure_ascii=False) + "\n")
     except OSError:
         pass
 
 
-def read_run_mark(folder: Path) -> dict[str, Any] | None:
+def read_run_mark(folder: Location) -> dict[str, Any] | None:
     """The note of a run that has not ended well ({} when unreadable), or None."""
-    path = folder / RUN_NAME
-    if not path.exists():
-        return None
     try:
-        marked = json.loads(path.read_text(encoding="utf-8"))
+        text = read_text_at(folder / RUN_NAME)
+        if text is None:
+            return None
+        marked = json.loads(text)
     except (OSError, ValueError):
         return {}
     return marked if isinstance(marked, dict) else {}

@@ -38,7 +38,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple, NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +51,9 @@ from batch.records import DICTIONARY_FIELDS, RECORD_FIELDS, RECORD_SCHEMA, TOKEN
 from batch.storage.atomic import fsync_dir
 from batch.storage.base import AlreadyExists, Entry, StorageError, Store, Write
 from batch.storage.local import LocalStore
+
+if TYPE_CHECKING:
+    from batch.plan import Locations
 
 log = logging.getLogger("batch")
 
@@ -96,6 +99,11 @@ def part_order(key: str) -> tuple[int, int] | None:
     """(number, generation) of a part's key, by which parts are read; None for a key that is not a part's."""
     found = _PART_KEY.fullmatch(key)
     return (int(found[1]), int(found[2] or 0)) if found else None
+
+
+def checkpoint_at(locations: Locations, rows_per_part: int = 1000, seconds_per_part: float = 10.0) -> Checkpoint:
+    """A job's checkpoint: its log in the job's local folder, its parts in its store (a folder, or a bucket)."""
+    return Checkpoint(locations.local_dir, rows_per_part, seconds_per_part, store=locations.checkpoint_store())
 
 
 class Checkpoint:

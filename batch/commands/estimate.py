@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-from batch.checkpoint.writer import Checkpoint
+from batch.checkpoint.writer import Checkpoint, checkpoint_at
 from batch.commands.status import id_batches, row_states
 from batch.input.prompts import (
     MESSAGE_OVERHEAD_TOKENS,
@@ -30,9 +30,8 @@ def estimate(settings: Settings, retry_failed: bool = False) -> dict[str, Any]:
     """`settings` from batch.preflight.resolve: the max_tokens and the price that run uses."""
     builder, max_tokens, pricer = settings.builder, settings.max_tokens, settings.pricer
     table = input_table(settings)
-    folder = settings.locations.checkpoint_dir
-    checkpoint = Checkpoint(folder)  # one reader: a damaged file is read, and warned of, once
-    _, states = row_states(folder, table, checkpoint)
+    checkpoint = checkpoint_at(settings.locations)  # one reader: a damaged file is read, and warned of, once
+    _, states = row_states(settings.locations, table, checkpoint)
     observed = _mean_completion_tokens(checkpoint, states.last_record_mask(id_batches(table)))
 
     json_output = settings.json_output

@@ -21,7 +21,7 @@ from batch.commands.status import read_job
 from batch.config import JobSpec
 from batch.errors import ConfigError
 from batch.preflight import check_export_target, settings_of
-from batch.storage.local import object_at
+from batch.storage.locations import object_at
 
 FORMATS = ("csv", "jsonl", "parquet")
 

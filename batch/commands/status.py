@@ -6,32 +6,32 @@ import json
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from batch.batch_api.ledger import Ledger, describe, format_batch
+from batch.batch_api.ledger import describe, format_batch, ledger_at
 from batch.checkpoint.answered import PENDING_AGAIN, SUBMITTED, RowStates
 from batch.checkpoint.final import is_current, made_from, output_footer, output_settings
 from batch.checkpoint.guard import RunLock, read_run_mark
-from batch.checkpoint.writer import Checkpoint
+from batch.checkpoint.writer import Checkpoint, checkpoint_at
 from batch.input.reader import InputTable
-from batch.plan import Settings
+from batch.plan import Locations, Settings
 from batch.preflight import input_table
 from batch.pricing import CURRENCY, money
+from batch.storage.locations import Location, object_exists, read_text_at
 
 
-def row_states(folder: Path, table: InputTable, checkpoint: Checkpoint) -> tuple[int, RowStates]:
+def row_states(locations: Locations, table: InputTable, checkpoint: Checkpoint) -> tuple[int, RowStates]:
     """The input's row count and each row's state in the checkpoint, the log of a live run included: the same
-    resume state a run starts from, read without touching the checkpoint `folder`."""
+    resume state a run starts from, read without touching the checkpoint."""
     records = checkpoint.has_records()
     total = table.scan(keep_hashes=records)
     states = checkpoint.row_states(total, table.row_hashes, table.row_prompts, with_log=records)
     table.row_hashes = table.row_prompts = None
     # Rows in live Batch API batches are neither done nor to send.
-    Ledger(folder).hold(states, id_batches(table))
+    ledger_at(locations).hold(states, id_batches(table))
     return total, states
 
 
@@ -53,8 +53,8 @@ def read_job(settings: Settings) -> JobReading:
     pending and it is newer than every record and the input, written with the output settings it has now."""
     at = settings.locations
     table = input_table(settings)
-    checkpoint = Checkpoint(at.checkpoint_dir)  # one reader: a damaged file is read, and warned of, once
-    total, states = row_states(at.checkpoint_dir, table, checkpoint)
+    checkpoint = checkpoint_at(at)  # one reader: a damaged file is read, and warned of, once
+    total, states = row_states(at, table, checkpoint)
     counts = states.counts(id_batches(table))
     schema = settings.schema  # with a json_schema, its columns are typed by it, as in the output
     pending = total - counts.ok - counts.failed
@@ -71,11 +71,11 @@ def id_batches(table: InputTable) -> Callable[[], Iterator[pa.Array]]:
 def job_status(settings: Settings) -> dict[str, Any]:
     at = settings.locations
     table = input_table(settings)
-    checkpoint = Checkpoint(at.checkpoint_dir)  # one reader: a damaged file is read, and warned of, once
-    total, states = row_states(at.checkpoint_dir, table, checkpoint)
+    checkpoint = checkpoint_at(at)  # one reader: a damaged file is read, and warned of, once
+    total, states = row_states(at, table, checkpoint)
     counts = states.counts(id_batches(table))
     spent = checkpoint.spent(states, id_batches(table), with_log=True)
-    running = RunLock(at.checkpoint_dir).holder() if at.checkpoint_dir.is_dir() else None
+    running = RunLock(at.local_dir).holder() if at.local_dir.is_dir() else None
     return {
         "job": settings.name,
         "rows_total": total,
@@ -96,10 +96,10 @@ def job_status(settings: Settings) -> dict[str, Any]:
         "currency": CURRENCY,
         "running_pid": running,
         "last_run": last_run(at.checkpoint_dir, running),
-        "output": str(at.output) if at.output.is_file() else None,
+        "output": str(at.output) if object_exists(at.output) else None,
         "in_batches": states.held(),
         # As the last run saw them (status sends no request): the next run polls them.
-        "batches": [describe(entry) for entry in Ledger(at.checkpoint_dir).files.values() if entry.live],
+        "batches": [describe(entry) for entry in ledger_at(at).files.values() if entry.live],
     }
 
 
@@ -113,7 +113,7 @@ def failed_by_class(states: RowStates, table: InputTable) -> dict[str, int]:
     return {name: n for name, n in counted.items() if name not in (None, "ok", *PENDING_AGAIN, SUBMITTED)}
 
 
-def last_run(folder: Path, running: int | None) -> dict[str, Any] | None:
+def last_run(folder: Location, running: int | None) -> dict[str, Any] | None:
     """How the last run ended: "finished" (its summary), "did_not_finish" (killed or crashed: its
     mark is still there and no live run holds the lock), "error" (stopped on an error it could note),
     or "unreadable" (a damaged summary.json); None before the first run."""
@@ -122,10 +122,11 @@ def last_run(folder: Path, running: int | None) -> dict[str, Any] | None:
         state = "error" if marked.get("error") else "did_not_finish"
         return {"state": state, **{k: marked.get(k) for k in ("started_at", "pid", "ended_at", "exit_code", "error")}}
     path = folder / "summary.json"
-    if not path.exists():
-        return None
     try:
-        last = json.loads(path.read_text(encoding="utf-8"))
+        text = read_text_at(path)
+        if text is None:
+            return None
+        last = json.loads(text)
         return {"state": "finished", "finished_at": last.get("finished_at"), "exit_code": last["exit_code"],
                 "requests_per_s": last["run"]["requests_per_s"], "stopped": last.get("stopped")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import itertools
 import json
 import sys
@@ -21,6 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from batch.errors import ConfigError, InputChangedError
+from batch.storage.locations import input_kind, input_version, is_url, open_input
 
 BATCH_ROWS = 8192
 # Arrow's CSV reader reads up to 32 blocks ahead of the consumer: 1 MB blocks held ~35 MB at a million
@@ -69,18 +71,24 @@ class InputTable:
         self.prompt_columns = prompt_columns
         self.keep_columns = keep_columns
         self.format = path.suffix.lower().lstrip(".")
-        if not path.is_file():
-            raise ConfigError(f"{path}: {'a folder, not a file' if path.is_dir() else 'input file not found'}")
-        self._version = file_version(path)  # the file every later read must still be (_check_unchanged)
+        kind = input_kind(path)
+        if kind != "file":
+            raise ConfigError(f"{path}: {'a folder, not a file' if kind == 'folder' else 'input file not found'}")
+        self._version = input_version(path)  # the file every later read must still be (_check_unchanged)
         self.columns = self._column_names()
         self._check_columns()
         self.row_hashes: np.ndarray | None = None  # filled by scan(keep_hashes=True)
         self.row_prompts: np.ndarray | None = None  # likewise: each row's prompt_hashes
 
+    def _parquet(self) -> pq.ParquetFile:
+        """A reader of the Parquet input: a local file natively (no call back into Python), a URL's through fsspec."""
+        source = open_input(self.path) if is_url(self.path) else pa.OSFile(str(self.path))
+        return pq.ParquetFile(source, pre_buffer=False)
+
     def _column_names(self) -> list[str]:
         try:
             if self.format == "parquet":
-                return list(pq.ParquetFile(self.path).schema_arrow.names)
+                return list(self._parquet().schema_arrow.names)
             if self.format == "csv":
                 return self._csv_header()
             first = next(self._jsonl_records(), None)
@@ -132,7 +140,7 @@ class InputTable:
 
     def _check_unchanged(self) -> None:
         """InputChangedError unless the file is the one first read: the same inode, size and modification time."""
-        now = file_version(self.path)
+        now = input_version(self.path)
         if now == self._version:
             return
         what = "was deleted or moved" if now is None else "was edited or replaced"
@@ -149,8 +157,8 @@ class InputTable:
                 # decoding threads allocate from their own glibc arenas, which keep what they free: threads
                 # cost ~58 MB more peak RSS over a 1M-row final file (here and in writer.py), for no speed.
                 # A reader per row group: one reader's buffers grew by ~1 MB with every row group it read.
-                for group in range(first_group, pq.ParquetFile(self.path).metadata.num_row_groups):
-                    parquet = pq.ParquetFile(pa.OSFile(str(self.path)), pre_buffer=False)
+                for group in range(first_group, self._parquet().metadata.num_row_groups):
+                    parquet = self._parquet()
                     yield from parquet.iter_batches(self.batch_rows, [group], columns, use_threads=False)
             elif self.format == "csv":
                 yield from self._csv_batches(columns)
@@ -199,7 +207,7 @@ class InputTable:
         block, given = self.csv_block_bytes, 0
         while True:
             try:
-                with open(self.path, "rb") as raw, pacsv.open_csv(
+                with open_input(self.path) as raw, pacsv.open_csv(
                         _WithEndLine(raw, end_line), read_options=pacsv.ReadOptions(block_size=block),
                         parse_options=_CSV_PARSE, convert_options=convert) as reader:
                     skip = given
@@ -249,7 +257,8 @@ class InputTable:
         return ConfigError(self._csv_fault() or f"{self.path}: cannot read CSV: {_arrow_message(exc)}")
 
     def _csv_text(self, strict: bool = False) -> IO[str]:
-        return open(self.path, encoding="utf-8-sig", errors="strict" if strict else "replace", newline="")
+        return io.TextIOWrapper(open_input(self.path), encoding="utf-8-sig", errors="strict" if strict else "replace",
+                                newline="")
 
     def _csv_records(self, strict_text: bool = False) -> Iterator[tuple[int, list[str]]]:
         """The raw file's records, the header first, with the line each starts on (the header, and error paths:
@@ -302,7 +311,8 @@ class InputTable:
     def _jsonl_records(self) -> Iterator[tuple[int, dict[str, Any]]]:
         """Each line's object, with its line number."""
         try:
-            with open(self.path, encoding="utf-8-sig") as lines:  # -sig: a BOM (Windows editors) is not an error
+            # -sig: a BOM (Windows editors) is not an error
+            with io.TextIOWrapper(open_input(self.path), encoding="utf-8-sig") as lines:
                 for number, line in enumerate(lines, start=1):
                     if not line.strip():
                         continue
@@ -390,7 +400,7 @@ class InputTable:
         return hashes.count
 
     def _rows_known(self) -> int | None:
-        return pq.ParquetFile(self.path).metadata.num_rows if self.format == "parquet" else None
+        return self._parquet().metadata.num_rows if self.format == "parquet" else None
 
     def _scanned_columns(self, prompts: bool) -> list[str]:
         # Parquet values are typed and were checked when written: reading the text columns would find nothing,
@@ -481,22 +491,12 @@ class InputTable:
         Derived ids number repeated content in input order, so every row must be read for them."""
         if self.format != "parquet" or not self.id_column:
             return 0, 0
-        meta = pq.ParquetFile(self.path).metadata
+        meta = self._parquet().metadata
         group = rows = 0
         while group < meta.num_row_groups and rows + meta.row_group(group).num_rows <= start:
             rows += meta.row_group(group).num_rows
             group += 1
         return group, rows
-
-
-def file_version(path: Path) -> tuple[int, int, int, int] | None:
-    """Which version of a file this is: its device and inode (a file put in its place is another), size and
-    modification time in ns (an edit in place); None when there is no file."""
-    try:
-        found = path.stat()
-    except OSError:
-        return None
-    return found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns
 
 
 class _WithEndLine:

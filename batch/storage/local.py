@@ -189,7 +189,3 @@ def _failures(key: str) -> Iterator[None]:
     except OSError as exc:
         raise Unavailable(key, exc.strerror or str(exc), exc.errno or 0) from None
 
-
-def object_at(path: Path) -> tuple[LocalStore, str]:
-    """The store and key a file's path names: its folder, and its name (where an object store's URL will go)."""
-    return LocalStore(path.parent), path.name

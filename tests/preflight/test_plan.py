@@ -22,7 +22,7 @@ def test_the_plan_holds_the_resolved_values(sim, make_job, tmp_path):
     plan = preflight(job)
     folder = tmp_path / "out" / "result.checkpoint"
     assert plan.locations == Locations(job, tmp_path / "reviews.csv", tmp_path / "out" / "result.parquet", folder,
-                                       tmp_path / "shared" / "answers.sqlite", cache_shared=True)
+                                       folder, tmp_path / "shared" / "answers.sqlite", cache_shared=True)
     # A streamed answer's limits, filled in by the job file's defaults; the job's own values as written.
     assert plan.limits == Limits(4, 600, None, 10, min(DEFAULT_IDLE_TIMEOUT_S, 10), 8 * 1024 * 1024, None, 30)
     assert (plan.budget.max_total_tokens, plan.budget.max_cost) == (10_000, None)

@@ -1,0 +1,155 @@
+"""A job whose input, checkpoint and output are on S3 (a moto server on 127.0.0.1), against the simulator: it runs
+end to end, resumes after kill -9 with its local folder kept or lost, writes every part with an exclusive create,
+and a bad URL, a missing bucket or missing credentials stop it in one line before anything is sent or written."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from helpers import start_run, wait_until
+from s3_helpers import S3Bucket
+
+ROWS = [{"review_id": f"s{i:03d}", "text": f"stored {i}"} for i in range(200)]
+
+
+def on_s3(make_job, sim, s3: S3Bucket, tmp_path: Path, rows=ROWS, **overrides) -> Path:
+    """A job reading s3://BUCKET/in/reviews.csv and writing s3://BUCKET/out/result.parquet."""
+    body = io.BytesIO()
+    pd.DataFrame(rows).to_csv(body, index=False)
+    s3.client().put_object(Bucket=s3.name, Key="in/reviews.csv", Body=body.getvalue())
+    output = {"path": f"{s3.url}/out/result.parquet", "local_dir": str(tmp_path / "local"),
+              **overrides.pop("output", {})}
+    return make_job(sim, rows=rows, input_file="unused.csv", input={"path": f"{s3.url}/in/reviews.csv"},
+                    output=output, **overrides)
+
+
+def output_on(s3: S3Bucket) -> pd.DataFrame:
+    return pd.read_parquet(io.BytesIO(s3.client().get_object(Bucket=s3.name, Key="out/result.parquet")["Body"].read()))
+
+
+def parts_on(s3: S3Bucket) -> list[str]:
+    return [key for key in s3.keys("out/result.checkpoint/") if key.rsplit("/", 1)[1].startswith("part-")]
+
+
+def test_a_job_on_s3_runs_end_to_end_and_every_part_is_an_exclusive_create(sim, make_job, run_cli, s3, tmp_path):
+    job = on_s3(make_job, sim, s3, tmp_path, output={"checkpoint_rows": 50})
+    code, _, err = run_cli("run", job)
+    assert code == 0, err
+    result = output_on(s3)
+    assert list(result["review_id"]) == [row["review_id"] for row in ROWS]
+    assert (result["status"] == "ok").all() and list(result["text"]) == [row["text"] for row in ROWS]
+    assert sim.stats()["requests"] == len(ROWS)
+    # Nothing of the checkpoint's objects is on the local disk: only what cannot be an object (the log, the lock).
+    assert not list((tmp_path / "local").glob("part-*")) and (tmp_path / "local" / "wal.jsonl").exists()
+    assert not (tmp_path / "out").exists()
+    puts = [(entry["url"].split(s3.name + "/", 1)[1].split("?")[0], entry["headers"]) for entry in s3.puts()]
+    part_puts = [(key, headers) for key, headers in puts if key.rsplit("/", 1)[1].startswith("part-")]
+    assert len(part_puts) >= len(ROWS) // 50
+    assert all(headers.get("If-None-Match") == "*" for _, headers in part_puts), part_puts
+    assert {key for key, _ in part_puts} >= set(parts_on(s3))
+    # A rerun sends nothing and keeps the output as it is.
+    code, _, err = run_cli("run", job)
+    assert code == 0, err
+    assert sim.stats()["requests"] == len(ROWS)
+
+
+@pytest.mark.parametrize("local_disk", ["kept", "lost"])
+def test_a_job_on_s3_killed_9_resumes_from_the_bucket(start_sim, make_job, run_cli, s3, tmp_path, local_disk):
+    """A host lost with its disk (the local folder gone) re-sends at most what was in flight plus one part's window;
+    with the folder kept, at most what was in flight."""
+    concurrency, window = 4, 20
+    sim = start_sim(latency_ms=20)
+    job = on_s3(make_job, sim, s3, tmp_path, limits={"concurrency": concurrency},
+                output={"checkpoint_rows": window, "checkpoint_seconds": 60})
+    process = start_run(job)
+    try:
+        wait_until(lambda: len(parts_on(s3)) >= 3, "three parts on S3")
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    finally:
+        process.kill()
+        process.communicate()
+    if local_disk == "lost":
+        for path in (tmp_path / "local").iterdir():
+            path.unlink()
+        (tmp_path / "local").rmdir()
+    sim.reconfigure(latency_ms=0)
+    code, _, err = run_cli("run", job)
+    assert code == 0, err
+    resent = sim.stats()["requests"] - len(ROWS)
+    bound = concurrency + (window if local_disk == "lost" else 0)
+    assert 0 <= resent <= bound, resent
+    result = output_on(s3)
+    assert list(result["review_id"]) == [row["review_id"] for row in ROWS] and (result["status"] == "ok").all()
+    for key in parts_on(s3):
+        body = s3.client().get_object(Bucket=s3.name, Key=key)["Body"].read()
+        pq.read_table(io.BytesIO(body))  # no part half written
+
+
+@pytest.mark.parametrize("case", ["missing bucket", "no credentials", "unknown scheme", "no bucket named"])
+def test_a_bad_url_or_bucket_or_credentials_is_one_line_before_anything_is_sent(
+        sim, make_job, run_cli, s3, tmp_path, monkeypatch, case):
+    job = on_s3(make_job, sim, s3, tmp_path)
+    text = job.read_text()
+    if case == "missing bucket":
+        job.write_text(text.replace(f"{s3.url}/out/", f"{s3.url}-missing/out/"))
+    elif case == "unknown scheme":
+        job.write_text(text.replace(f"{s3.url}/out/", "nosuch://bucket/out/"))
+    elif case == "no bucket named":
+        job.write_text(text.replace(f"{s3.url}/in/reviews.csv", "s3:///reviews.csv"))
+    else:
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.delenv(name)
+        # No instance metadata either: botocore would ask 169.254.169.254, which is no test's to reach.
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    before = s3.keys()
+    for command in ("validate", "run"):
+        code, out, err = run_cli(command, job)
+        assert code == 2, (command, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert str(job) in lines[0] and ("output.path" in lines[0] or "input.path" in lines[0]), lines[0]
+    assert sim.stats()["requests"] == 0
+    assert s3.keys() == before and not (tmp_path / "local").exists()
+    assert "testing-secret" not in err
+
+
+def test_the_storage_secret_is_masked_in_what_batch_says(sim, make_job, run_cli, s3, tmp_path, monkeypatch):
+    secret = "sekret-aws-value-123456"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)  # moto takes any key: the run works
+    job = on_s3(make_job, sim, s3, tmp_path, rows=[{"review_id": "a", "text": f"say {secret}"}])
+    code, out, err = run_cli("run", job)
+    assert code == 0, err
+    assert secret not in out + err
+    log = (tmp_path / "local" / "run.log").read_text() if (tmp_path / "local" / "run.log").exists() else ""
+    assert secret not in log
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_an_input_on_any_fsspec_url_is_read_streamed(sim, make_job, run_cli, tmp_path, scheme):
+    """Reading takes any fsspec filesystem (memory:// here, in this process), and file:// is the local path."""
+    import fsspec
+
+    rows = [{"review_id": f"m{i}", "text": f"mem {i}"} for i in range(30)]
+    body = pd.DataFrame(rows).to_csv(index=False).encode()
+    if scheme == "memory":
+        url = f"memory://inputs-{os.getpid()}/{tmp_path.name}/reviews.csv"
+        with fsspec.filesystem("memory").open(url, "wb") as sink:
+            sink.write(body)
+    else:
+        (tmp_path / "reviews.csv").write_bytes(body)
+        url = f"file://{tmp_path / 'reviews.csv'}"
+    job = make_job(sim, rows=rows, input_file="unused.csv", input={"path": url})
+    code, out, err = run_cli("validate", job)
+    assert code == 0 and f"30 rows in {url if scheme == 'memory' else tmp_path / 'reviews.csv'}" in out, err
+    code, _, err = run_cli("run", job)
+    assert code == 0, err
+    assert list(pd.read_parquet(tmp_path / "out" / "result.parquet")["text"]) == [row["text"] for row in rows]
