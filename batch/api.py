@@ -575,7 +575,8 @@ def _frame_job(frame: pd.DataFrame, template: str, model: str | Mapping[str, Any
     placed = {**values, "input": {**values["input"], "path": str(input_path)},
               "output": {**values["output"], "path": str(out)}}
     spec = _spec_from(placed, job_file)
-    builder = resolve(spec).builder
+    resolved = resolve(spec)
+    builder = resolved.builder
     missing = [c for c in builder.columns if c not in rows.columns]
     if missing:
         raise ConfigError(f"run_frame: the template names column '{missing[0]}', which the frame does not have "
@@ -586,7 +587,7 @@ def _frame_job(frame: pd.DataFrame, template: str, model: str | Mapping[str, Any
     except yaml.YAMLError as exc:
         raise ConfigError(f"run_frame: a setting cannot be written to the job file: {exc}") from None
     data = _parquet_bytes(rows)
-    lock = RunLock(spec.local_dir)
+    lock = RunLock(resolved.locations.local_dir)
     try:
         lock.acquire()
         _write_if_changed(input_path, data)

@@ -357,7 +357,7 @@ BATCH_BYTES = 100_000_000
 
 class BatchApiSpec(Strict):
     """`mode: batch_api`: the rows go to the provider's Batch API in files of at most these sizes (each at most
-    the provider's limit: check_job)."""
+    the provider's limit: check_job refuses a larger one, and the preflight lowers a default above it)."""
 
     max_requests_per_file: int = Field(BATCH_REQUESTS, ge=1)
     max_bytes_per_file: int = Field(BATCH_BYTES, ge=4096)
@@ -475,14 +475,12 @@ def check_job(spec: JobSpec) -> None:
 
 def _check_batch_file_limits(spec: JobSpec) -> None:
     """A Batch API file at most as large as the provider takes: a size the job sets above the provider's limit is
-    refused, one it leaves out is the default or, where that is larger, the limit."""
+    refused (one it leaves out is resolved by the preflight: the default or, where that is larger, the limit)."""
     provider = spec.model.provider_rules
     for key, most, unit in (("max_requests_per_file", provider.batch_max_requests, "requests"),
                             ("max_bytes_per_file", provider.batch_max_bytes, "bytes")):
         value = getattr(spec.batch_api, key)
-        if key not in spec.batch_api.model_fields_set:
-            setattr(spec.batch_api, key, min(value, most))
-        elif value > most:
+        if key in spec.batch_api.model_fields_set and value > most:
             raise ConfigError(f"{spec.where(f'batch_api.{key}')}: batch_api.{key}: {value} is above the "
                               f"{provider.name} Batch API's limit of {most} {unit} per file")
 

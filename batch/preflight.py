@@ -86,7 +86,7 @@ def settings_of(spec: JobSpec) -> Settings:
         spec, spec.name, spec.model.name, spec.mode, spec.model.stream, spec.prompt.system, spec.input.id_column,
         locations, _limits(spec), Retry(**spec.retry.model_dump()),
         BudgetLimits(**spec.budget.model_dump()) if spec.budget is not None else None, output,
-        BatchApiSettings(**spec.batch_api.model_dump()), provider, body_params, max_tokens, pricer,
+        _batch_api(spec), provider, body_params, max_tokens, pricer,
         spec.model.base_url or provider.base_url, spec.model.api_key_env or provider.api_key_env, builder,
         json_output)
 
@@ -96,6 +96,19 @@ def _limits(spec: JobSpec) -> Limits:
     if not spec.model.stream:  # config refuses an idle timeout without a stream: None says it never applies
         limits["idle_timeout_s"] = None
     return Limits(**limits)
+
+
+def _batch_api(spec: JobSpec) -> BatchApiSettings:
+    """batch_api: as written, a file size it leaves out the default or, where that is larger, the provider's limit
+    (config.check_job refuses a size written above it)."""
+    given, provider = spec.batch_api, spec.model.provider_rules
+
+    def size(key: str, most: int) -> int:
+        value: int = getattr(given, key)
+        return value if key in given.model_fields_set else min(value, most)
+
+    return BatchApiSettings(size("max_requests_per_file", provider.batch_max_requests),
+                            size("max_bytes_per_file", provider.batch_max_bytes), given.poll_interval_s)
 
 
 def _merged_params(spec: JobSpec) -> dict[str, Any]:

@@ -15,8 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from batch.config import ModelSpec
+from batch.config import BatchApiSpec, ModelSpec, load_job
 from batch.errors import EXIT_BATCHES_LIVE
+from batch.preflight import preflight
 from batch.providers import PROVIDERS, BatchDialect, BusinessCodes, Provider
 
 ROWS = [{"review_id": f"r{i}", "text": f"review {i}"} for i in range(3)]
@@ -240,6 +241,17 @@ def test_a_provider_added_to_the_registry_runs_its_batch_api(acme, make_job, run
     result = pd.read_parquet(job.parent / "out" / "result.parquet")
     assert list(result["status"]) == ["ok"] * 9 + ["failed"]
     assert result["error_class"].iloc[9] == "content_filter"
+
+
+def test_a_providers_batch_file_limits_are_resolved_into_the_plan_not_written_into_the_job(acme, make_job,
+                                                                                          monkeypatch):
+    """A file size the job leaves out is the provider's limit where that is lower than the default: a value of the
+    Plan, made by the preflight; the job file's values stay as written."""
+    monkeypatch.setenv("ACME_API_KEY", ACME_KEY)
+    spec = load_job(acme_job(make_job, acme, mode="batch_api", batch_api={"max_bytes_per_file": 500_000}))
+    plan = preflight(spec)
+    assert (plan.batch_api.max_requests_per_file, plan.batch_api.max_bytes_per_file) == (4, 500_000)
+    assert spec.batch_api == BatchApiSpec(max_bytes_per_file=500_000) and plan.spec is spec
 
 
 def test_a_provider_added_to_the_registry_judges_its_batch_calls_by_its_codes(acme, make_job, run_cli, monkeypatch):
