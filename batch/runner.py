@@ -50,7 +50,7 @@ from batch.plan import Plan
 from batch.pricing import Pricer, batch_pricer
 from batch.process import give_back_freed_memory
 from batch.records import CARRIED_FIELDS, Record, add_paid_before, failed_record
-from batch.shared.account import shared_limits
+from batch.shared.account import SharedLimits, shared_limits
 from batch.summary import Progress, RunStats, build_summary, save_summary
 
 if TYPE_CHECKING:
@@ -112,6 +112,7 @@ class Run:
         self.batch_api_used = False
         self.ledger = ledger_at(plan.locations)
         self.lock = lock or RunLock(plan.locations.local_dir)
+        self.shared: SharedLimits | None = None  # limits.shared, while the run holds it open
         self._signals: list[TakenSignal] = []  # what each signal the run took had before it
 
     async def execute(self) -> dict[str, Any]:
@@ -160,6 +161,7 @@ class Run:
         try:
             async with make_client(self.plan) as client, shared_limits(
                     self.plan.limits, self.plan.base_url, self.plan.api_key, self.plan.model) as shared:
+                self.shared = shared
                 pool = Pool(client, self.plan, self.stop.event, shared)
                 try:
                     if self.mode == "batch_api" or self.ledger.live():
@@ -192,7 +194,7 @@ class Run:
             cache = AnswerCache(cache_path, exclusive=not self.plan.locations.cache_shared)
         except (sqlite3.Error, OSError) as exc:  # the preflight checked it; it may have changed since
             raise open_error(cache_path, exc) from None
-        budget = self._budget(done) if self.plan.budget else None
+        budget = self._budget(done, shared=self.shared) if self.plan.budget else None
         answerer = self.answerer = OnlineAnswerer(pool, cache, cache_path, budget, self.stop,
                                                   self.plan.limits.concurrency)
         try:
@@ -300,12 +302,17 @@ class Run:
                 return
             progress.refresh()
 
-    def _budget(self, done: RowStates, pricer: Pricer | None = None) -> Budget:
-        """The job's budget, reserving at `pricer` (the Batch API's), or at the online price."""
+    def _budget(self, done: RowStates, pricer: Pricer | None = None, shared: SharedLimits | None = None) -> Budget:
+        """The job's budget, reserving at `pricer` (the Batch API's), or at the online price; held in Redis beside
+        every other process's of the job with `shared` (limits.shared: online only, as the Batch API holds a whole
+        file at once, which batch/shared/spend.py does not take)."""
         spent = self.checkpoint.spent(done, self._id_batches)
         assert self.plan.budget is not None and self.plan.max_tokens is not None  # the preflight's checks
+        locations = self.plan.locations
+        spend = shared.spend(str(locations.output.resolve()), str(locations.checkpoint_dir.resolve())) \
+            if shared is not None else None
         return Budget(self.plan.budget, self.plan.max_tokens, pricer or self.plan.pricer, spent.budget_cost,
-                      spent.budget_tokens)
+                      spent.budget_tokens, spend)
 
     def _carried(self, done: RowStates) -> dict[int, dict[str, Any]]:
         """What the last record of each row this run may record again holds (a retried failure, an edited prompt,

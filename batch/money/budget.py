@@ -11,6 +11,7 @@ flight coming back at its worst, and a job spends up to the last request that co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -21,21 +22,26 @@ from batch.records import Record, billed
 
 if TYPE_CHECKING:
     from batch.plan import BudgetLimits
+    from batch.shared.spend import SharedSpend
 
 log = logging.getLogger("batch")
+
+SHARED_POLL_S = 0.05  # how often a hold the shared budget refused asks again (other processes' settles are not told)
 
 
 @dataclass(frozen=True)
 class Hold:
     cost: float
     tokens: int
+    key: str | None = None  # with limits.shared: the hold's id in Redis (batch/shared/spend.py)
 
 
 class Budget:
     """`max_tokens` and `pricer` as the preflight resolved them (it refuses a budget without either)."""
 
     def __init__(self, limits: BudgetLimits, max_tokens: int, pricer: Pricer | None, spent_cost: float,
-                 spent_tokens: int) -> None:
+                 spent_tokens: int, shared: SharedSpend | None = None) -> None:
+        """`shared`: the job's budget as every process running it holds and spends it (limits.shared)."""
         self.max_cost = limits.max_cost
         self.max_tokens_total = limits.max_total_tokens
         self.max_tokens = max_tokens
@@ -49,6 +55,9 @@ class Budget:
         self._settled = asyncio.Event()
         self._waiting: deque[object] = deque()  # the reservations waiting, in the order they asked
         self._warned_usage = False
+        self.shared = shared
+        if shared is not None:
+            shared.publish((spent_cost, spent_tokens))
 
     def worst_case(self, prompt_bound: int) -> Hold:
         """The most a request with a prompt of at most `prompt_bound` tokens can cost."""
@@ -62,11 +71,28 @@ class Budget:
         Rows reserve in the order they ask (there are more row tasks than requests in flight): a later,
         smaller row does not slip past one that waits, so the rows a budget pays for are the first ones."""
         hold = self.worst_case(prompt_bound)
-        if self._waiting or not self._fits(hold):
+        if self._waiting or not self._fits(hold) or self.shared is not None:
             turn = object()
             self._waiting.append(turn)
             try:
-                while self._waiting[0] is not turn or not self._fits(hold):
+                while True:
+                    if self._waiting[0] is turn and self._fits(hold):
+                        if self.shared is None:
+                            break
+                        mine = (self.spent_cost + self.held_cost, self.spent_tokens + self.held_tokens)
+                        verdict, key = await self.shared.hold(hold.cost, hold.tokens, self.max_cost,
+                                                              self.max_tokens_total, mine)
+                        if verdict.taken:
+                            hold = Hold(hold.cost, hold.tokens, key)
+                            break
+                        if verdict.holds == 0 and self.in_flight == 0:  # no process holds any: nothing will settle
+                            self.reached = True
+                            return None
+                        # Another process's settle is not announced: look again after a while, or at one of ours.
+                        self._settled.clear()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._settled.wait(), SHARED_POLL_S)
+                        continue
                     if self._waiting[0] is turn and self.in_flight == 0:
                         self.reached = True
                         return None
@@ -110,6 +136,8 @@ class Budget:
         tokens = hold.tokens if paid["total_tokens"] is None else paid["total_tokens"]
         self.spent_cost += cost
         self.spent_tokens += tokens
+        if self.shared is not None:
+            self.shared.publish((self.spent_cost, self.spent_tokens))
         return cost, tokens
 
     def still_fits(self) -> bool:
@@ -125,15 +153,16 @@ class Budget:
         self.held_tokens -= hold.tokens
         self.in_flight -= 1
         self._settled.set()
-        if record is None or not billed(record):  # what `spend` counted stays counted: it was paid
-            if record is not None:
-                _keep_worst_case(record, counted[0], counted[1])
-            return
-        cost, tokens = self._cost_of(hold, record)
-        cost, tokens = max(cost, counted[0]), max(tokens, counted[1])
-        self.spent_cost += cost - counted[0]
-        self.spent_tokens += tokens - counted[1]
-        _keep_worst_case(record, cost, tokens)
+        if record is not None and billed(record):
+            cost, tokens = self._cost_of(hold, record)
+            cost, tokens = max(cost, counted[0]), max(tokens, counted[1])
+            self.spent_cost += cost - counted[0]
+            self.spent_tokens += tokens - counted[1]
+            _keep_worst_case(record, cost, tokens)
+        elif record is not None:  # what `spend` counted stays counted: it was paid
+            _keep_worst_case(record, counted[0], counted[1])
+        if self.shared is not None and hold.key is not None:
+            self.shared.settle(hold.key, (self.spent_cost, self.spent_tokens))
 
     def count(self, worst: Hold, record: Record) -> None:
         """Count what a Batch API answer cost (its batch's hold is given back whole); one without usage counts as

@@ -75,6 +75,14 @@ class Pool:
         limits = settings.limits
         self.requests = request_limiter(limits.requests_per_minute)
         self.tokens = token_limiter(limits.tokens_per_minute)
+        # limits.shared: the account's rates too, asked after this process's own pacing (batch/shared/rates.py).
+        self.shared_requests = self.shared_tokens = None
+        if shared is not None and limits.requests_per_minute is not None:
+            rpm = limits.requests_per_minute
+            self.shared_requests = shared.rate("requests", rpm, lambda processes: request_limiter(rpm / processes))
+        if shared is not None and limits.tokens_per_minute is not None:
+            tpm = limits.tokens_per_minute
+            self.shared_tokens = shared.rate("tokens", tpm, lambda processes: token_limiter(tpm / processes))
         self.stopping = stopping
         self.slots = Slots(limits.concurrency, shared=shared.leases if shared is not None else None)
         self.requests_sent = 0  # counted as each is sent: a row stopped by a job-fatal answer has no record
@@ -154,9 +162,14 @@ class Pool:
         """One request; its record, or the Failure it is (the usage of an answer that came with it added to
         `spent` and given to `on_paid`: a retry it has no room for makes the failure the row's)."""
         if self.tokens is not None:
-            await self.tokens.acquire(min(estimated_tokens + self.max_tokens, self.tokens.max_rate))
+            tokens = min(estimated_tokens + self.max_tokens, self.tokens.max_rate)
+            await self.tokens.acquire(tokens)
+            if self.shared_tokens is not None:
+                await self.shared_tokens.acquire(round(tokens))
         if self.requests is not None:
             await self.requests.acquire()
+            if self.shared_requests is not None:
+                await self.shared_requests.acquire()
         if self.stopping.is_set():
             raise Stopped()  # woke from a backoff after the run began to stop: send nothing more
         probe = self.breaker.open and await self._wait_for_probe_turn(row)

@@ -83,7 +83,8 @@ class Leases:
     """This process's in-flight slots under the account's shared `limit` (see the module's doc).
 
     `acquire` waits for a slot; `release` gives one back (its Redis call made in the background, so the pool's
-    release stays synchronous). `keep` renews the leases until cancelled; `close` gives back what is still held.
+    release stays synchronous). `renew` moves the leases' expiry on (batch/shared/account.py calls it every third of
+    the TTL); `close` gives back what is still held.
     """
 
     def __init__(self, link: Link, prefix: str, token: str, limit: int, ttl_s: float, shards: int = 1,
@@ -95,7 +96,7 @@ class Leases:
         self.limit = limit
         self.ttl_ms = max(1, round(ttl_s * 1000))
         self.shards = max(1, shards)
-        self.peers = 1  # the most processes seen sharing the account: the share in an outage is limit / this
+        self.peers = 1  # the processes sharing the account at the last renewal
         self.held: set[str] = set()  # the leases counted in Redis (in an outage: the requests admitted)
         self._clock_ms = clock_ms
         self._poll_s = poll_s
@@ -110,16 +111,21 @@ class Leases:
         link.on_back.append(self.renew)
 
     @property
+    def sharing(self) -> int:
+        """The processes sharing the account, as last seen (at least the shard count): a static share is 1/this."""
+        return max(self.shards, self.peers)
+
+    @property
     def share(self) -> int:
         """The in-flight requests this process keeps to while Redis is away."""
-        return max(1, self.limit // max(self.shards, self.peers))
+        return max(1, self.limit // self.sharing)
 
     def _now(self) -> int:
         return -1 if self._clock_ms is None else self._clock_ms()
 
     def _fallback(self) -> str:
         return (f"this process keeps to {self.share} of the {self.limit} requests in flight "
-                f"(its share among {max(self.shards, self.peers)} processes)")
+                f"(its share among {self.sharing} processes)")
 
     async def acquire(self) -> None:
         async with self._turn:
@@ -174,17 +180,7 @@ class Leases:
         """Move every held lease's expiry a TTL on (adding back any Redis lost) and count the processes sharing."""
         peers = await self._renew(keys=[self.keys[0], self.keys[2]],
                                   args=[self._now(), self.ttl_ms, self.token, *self.held])
-        self.peers = max(self.peers, int(peers))
-
-    async def keep(self) -> None:
-        """Renew the leases every third of their TTL until cancelled."""
-        while True:
-            if not self.link.down:
-                try:
-                    await self.renew()
-                except REDIS_ERRORS as exc:
-                    self.link.lost(exc, self._fallback())
-            await self._sleep(self.ttl_ms / 3000)
+        self.peers = int(peers)
 
     async def close(self) -> None:
         """Give back every lease still held (a run that ends leaves none behind; one killed leaves them to expire)."""
