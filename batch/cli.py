@@ -15,12 +15,13 @@ from pathlib import Path
 
 from batch.commands.estimate import estimate, format_estimate
 from batch.commands.export import export_output
+from batch.commands.shards import format_merge, format_sharded_status, merge_shards, shard_count, sharded_status
 from batch.commands.status import format_status, job_status
 from batch.config import load_job
 from batch.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, BatchError, ConfigError
 from batch.interrupts import taken_early
 from batch.logs import LOG_NAME, redact, redact_everywhere, run_log, setup_logging, write_traceback
-from batch.preflight import preflight, resolve, settings_of, validation_report
+from batch.preflight import ShardAsk, preflight, resolve, settings_of, shard_parts, shard_spec, validation_report
 from batch.process import command_line_process, readers_may_leave
 from batch.runner import RunOptions, run_job
 from batch.summary import format_summary
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("job")
     export.add_argument("--format", choices=["csv", "jsonl", "parquet"], required=True)
     export.add_argument("--to", type=Path, required=True, metavar="PATH")
-    status = commands.add_parser("status", help="rows done / failed / pending, tokens, cost, whether a run is alive")
+    status = commands.add_parser("status", help="rows done / failed / pending, tokens, cost, whether a run is alive "
+                                                "(of each shard, for a job split into shards)")
     status.add_argument("job")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     estimate_cmd = commands.add_parser("estimate", help="rows, tokens and cost still to come; sends nothing")
@@ -66,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("job")
     validate = commands.add_parser("validate", help="check the job file, input and API key without sending anything")
     validate.add_argument("job")
+    merge = commands.add_parser("merge", help="write the output of a job split into shards from every shard's records")
+    merge.add_argument("job")
+    merge.add_argument("--shards", type=_count, metavar="N", help="the number of shards (default: the job file's "
+                                                                  "shards:, or the shard folders in its checkpoint)")
+    merge.add_argument("--partial", action="store_true",
+                       help="write what the shards hold now, though some have not finished")
+    for command in (run, retry, status, estimate_cmd, cancel, validate):
+        command.add_argument("--shard", metavar="K/N", help="run (or read) shard K of N: the rows whose id's CRC-32 "
+                                                           "modulo N is K, in a checkpoint folder of their own")
+        command.add_argument("--shards", type=_count, metavar="N",
+                             help="split the job into N shards; this process's shard is JOB_COMPLETION_INDEX "
+                                  "(Kubernetes Indexed Jobs) or SLURM_ARRAY_TASK_ID (default: the job file's shards:)")
     commands.add_parser("simulate", help="start the local OpenAI-compatible simulator (see --help)", add_help=False)
     return parser
 
@@ -132,16 +146,33 @@ def report_internal_error(exc: Exception, checkpoint_dir: Path | None, log_forma
     return f"{line} (the traceback is in {path}); please report it"
 
 
+def shard_ask(args: argparse.Namespace, need_index: bool = True) -> ShardAsk:
+    """What the command line and the environment say of shards (`need_index`: a count with no index is a mistake)."""
+    return ShardAsk(getattr(args, "shard", None), getattr(args, "shards", None), os.environ, need_index)
+
+
 def inspect(args: argparse.Namespace) -> str:
-    """The commands that send nothing: validate, estimate, status, export."""
+    """The commands that send nothing: validate, estimate, status, merge, export."""
     if args.command == "validate":
-        return validation_report(preflight(args.job))
+        return validation_report(preflight(args.job, shard=shard_ask(args, need_index=False)))
+    if args.command == "merge":
+        spec = load_job(args.job)
+        whole = settings_of(spec)
+        count = shard_count(whole, args.shards)
+        return format_merge(merge_shards(whole, shard_parts(spec, count) if count else None, args.partial))
     spec = load_job(args.job)
+    if args.command in ("estimate", "status"):
+        spec = shard_spec(spec, shard_ask(args, need_index=False))
     if args.command == "estimate":
         found = estimate(resolve(spec), args.retry_failed)
         return json.dumps(found, ensure_ascii=False, indent=2) if args.json else format_estimate(found)
     if args.command == "status":
-        state = job_status(settings_of(spec))
+        settings = settings_of(spec)
+        count = shard_count(settings) if settings.shard is None else None
+        if count is not None:
+            state = sharded_status(settings, shard_parts(spec, count))
+            return json.dumps(state, ensure_ascii=False, indent=2) if args.json else format_sharded_status(state)
+        state = job_status(settings)
         return json.dumps(state, ensure_ascii=False, indent=2) if args.json else format_status(state)
     rows = export_output(spec, args.format, args.to)
     return f"exported {rows} rows to {args.to}"
@@ -154,11 +185,11 @@ def run(args: argparse.Namespace) -> int:
                          progress_interval_s=args.progress_interval, mode=args.mode, wait=args.wait)
     with command_line_process():
         # Before anything is written: the log file is the first write.
-        plan = preflight(args.job, force=args.force, mode=args.mode)
+        plan = preflight(args.job, force=args.force, mode=args.mode, shard=shard_ask(args))
         if taken_early():  # its KeyboardInterrupt was dropped in a finalizer: stopped still, nothing written
             raise KeyboardInterrupt
         redact_everywhere([plan.api_key])
-        with run_log(plan.locations.local_dir, args.log_format):
+        with run_log(plan.locations.local_dir, args.log_format, plan.shard.label if plan.shard else None):
             summary = asyncio.run(run_job(plan, options))
     print(format_summary(summary))
     return int(summary["exit_code"])
@@ -170,7 +201,7 @@ def cancel(args: argparse.Namespace) -> int:
     from batch.batch_api.ledger import format_batch
     from batch.checkpoint.guard import RunLock
 
-    plan = preflight(args.job)
+    plan = preflight(args.job, shard=shard_ask(args))
     redact_everywhere([plan.api_key])
     lock = RunLock(plan.locations.local_dir)
     lock.acquire()
@@ -186,6 +217,13 @@ def cancel(args: argparse.Namespace) -> int:
     for batch in batches:
         print(f"  {format_batch(batch)}")
     return 0
+
+
+def _count(text: str) -> int:
+    """--shards: a whole number, 1 or more."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"is a number of shards, 1 or more, not {text!r}")
+    return int(text)
 
 
 def _seconds(text: str) -> float:

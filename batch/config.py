@@ -34,6 +34,7 @@ from typing_extensions import TypedDict
 
 from batch.errors import ConfigError, read_reason
 from batch.providers import DEFAULT_PROVIDER, PROVIDERS, Provider, SchemaVia
+from batch.shard import Shard
 from batch.storage.locations import Location, is_url, location
 
 INPUT_FORMATS = (".csv", ".parquet", ".jsonl")
@@ -380,6 +381,8 @@ class JobSpec(Strict):
     cache: CacheSpec | None = None
     mode: Literal["online", "batch_api"] = "online"
     batch_api: BatchApiSpec = Field(default_factory=BatchApiSpec)
+    # The job runs as this many shards (batch/shard.py), each its own process: `batch merge` joins their records.
+    shards: int | None = Field(None, ge=1, le=100_000)
 
     # Set by load_job, not by the file.
     job_path: Path = Field(default=Path("."), exclude=True)
@@ -387,12 +390,48 @@ class JobSpec(Strict):
     # What a relative path is relative to, as errors say it: the job file's folder (load_job joins them to it), or,
     # for a job given as Python values (a JobSpec, a mapping, run_frame), the working directory.
     _paths_relative_to: str = PrivateAttr(default="the working directory")
+    # Set by for_shard: this spec is one shard's part of the job.
+    _shard: Shard | None = PrivateAttr(default=None)
+
+    @property
+    def job_checkpoint_dir(self) -> Location:
+        """The job's checkpoint folder, beside the output (a URL with it): its shards' folders sit inside it."""
+        out = self.output.path
+        return out.with_name(out.stem + ".checkpoint")
 
     @property
     def checkpoint_dir(self) -> Location:
-        """Where the checkpoint's objects are (parts, ledger, fingerprint): beside the output, a URL with it."""
-        out = self.output.path
-        return out.with_name(out.stem + ".checkpoint")
+        """Where this spec's checkpoint objects are (parts, ledger, fingerprint): the job's, beside the output (a URL
+        with it), or a shard's inside it (CHECKPOINT/shard=K-of-N)."""
+        return self.job_checkpoint_dir / self._shard.folder if self._shard else self.job_checkpoint_dir
+
+    @property
+    def shard(self) -> Shard | None:
+        return self._shard
+
+    def for_shard(self, shard: Shard) -> JobSpec:
+        """Shard `shard`'s part of this job: its rows (the reader selects them), its own checkpoint folder, and a
+        static share of the job's limits, so the shards together never go past them: concurrency / N in flight (at
+        least 1), requests and tokens per minute / N, budget / N (a share that leaves a shard nothing is refused)."""
+        part = self.model_copy(deep=True)
+        part._shard = shard
+        n = shard.count
+        limits = part.limits
+        limits.concurrency = max(1, limits.concurrency // n)
+        if limits.requests_per_minute is not None:
+            limits.requests_per_minute /= n
+        if limits.tokens_per_minute is not None:
+            limits.tokens_per_minute /= n
+        if part.budget is not None:
+            if part.budget.max_cost is not None:
+                part.budget.max_cost /= n
+            if part.budget.max_total_tokens is not None:
+                if part.budget.max_total_tokens < n:
+                    raise ConfigError(f"{self.where('budget.max_total_tokens')}: budget.max_total_tokens "
+                                      f"{part.budget.max_total_tokens} split over {n} shards leaves some shard no "
+                                      "token at all: raise it or run fewer shards")
+                part.budget.max_total_tokens //= n
+        return part
 
     @property
     def local_dir(self) -> Path:
@@ -401,8 +440,8 @@ class JobSpec(Strict):
         folder = self.checkpoint_dir
         if not is_url(folder):
             return cast(Path, folder)
-        if self.output.local_dir is not None:
-            return self.output.local_dir
+        if self.output.local_dir is not None:  # a shard's local files in a folder of their own, as its objects are
+            return self.output.local_dir / self._shard.folder if self._shard else self.output.local_dir
         named = hashlib.sha256(str(folder).encode("utf-8")).hexdigest()[:16]
         return Path(tempfile.gettempdir()) / f"batch-{self.output.path.stem}-{named}"
 

@@ -22,8 +22,24 @@ TEXT_FORMAT = "%(asctime)s batch %(levelname)s %(message)s"
 TEXT_DATEFMT = "%Y-%m-%d %H:%M:%S"
 
 
+# What the run logging now is part of ("shard 2/4"), named in each of its lines; set by run_log, in the run's context.
+_RUN_LABEL: ContextVar[str | None] = ContextVar("batch_run_label", default=None)
+
+
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT, the message after the run's label ("shard 2/4: ...") when it has one."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        label = _RUN_LABEL.get()
+        if label is not None:
+            record = logging.makeLogRecord(record.__dict__)
+            record.message = f"{label}: {record.message}"
+        return super().formatMessage(record)
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and `extra={"fields": {...}}` at top level."""
+    """One JSON object per line: time, level, logger, message, the run's label ("shard") when it has one, and
+    `extra={"fields": {...}}` at top level."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -32,6 +48,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        label = _RUN_LABEL.get()
+        if label is not None:
+            entry["shard"] = label
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             entry.update({str(k): v for k, v in fields.items() if k not in entry})
@@ -46,7 +65,7 @@ def make_formatter(log_format: Literal["text", "json"]) -> logging.Formatter:
     if log_format == "json":
         return JsonFormatter()
     if log_format == "text":
-        return logging.Formatter(TEXT_FORMAT, TEXT_DATEFMT)
+        return TextFormatter(TEXT_FORMAT, TEXT_DATEFMT)
     raise ValueError(f"log format must be 'text' or 'json', not {log_format!r}")
 
 
@@ -226,10 +245,11 @@ _RUN_LOGGING = _RunLogging()
 
 
 @contextmanager
-def run_log(folder: Path, log_format: Literal["text", "json"] = "text") -> Iterator[None]:
+def run_log(folder: Path, log_format: Literal["text", "json"] = "text", label: str | None = None) -> Iterator[None]:
     """This run's lines, and only this run's, also appended to `folder/batch.log` (the job's checkpoint folder,
     created here): every line from INFO up (DEBUG too when the "batch" logger is set to DEBUG), whatever level the
-    program's logging shows. A program with no logging configured gets them on stderr, as from the command line."""
+    program's logging shows. A program with no logging configured gets them on stderr, as from the command line.
+    `label` (a shard's "shard 2/4") is named in each of the run's lines, on stderr and in the file."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(folder / LOG_NAME, mode="a", encoding="utf-8")
@@ -240,9 +260,11 @@ def run_log(folder: Path, log_format: Literal["text", "json"] = "text") -> Itera
     _guard(handler)
     handler.setLevel(_RUN_LOGGING.enter())
     token = _RUN_LOG.set(handler)
+    label_token = _RUN_LABEL.set(label)
     try:
         yield
     finally:
+        _RUN_LABEL.reset(label_token)
         _RUN_LOG.reset(token)
         _RUN_LOGGING.leave()
         handler.close()

@@ -19,6 +19,7 @@ from batch.input.reader import InputTable
 from batch.pricing import Pricer
 from batch.providers import Provider
 from batch.replies.schema import JsonOutput
+from batch.shard import Shard
 from batch.storage.base import Store
 from batch.storage.locations import Location, store_at
 
@@ -128,6 +129,10 @@ class Settings:
     api_key_env: str | None
     builder: PromptBuilder
     json_output: JsonOutput | None  # with parse_json: how replies are checked (and, with a schema, asked for)
+    shards: int | None  # the job file's `shards: N`: the job runs as this many shards
+    # The shard these settings are for (its rows, its checkpoint folder in locations, its share of limits and budget:
+    # JobSpec.for_shard); None: the whole job.
+    shard: Shard | None
 
     @property
     def schema(self) -> dict[str, Any] | None:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
-from dataclasses import fields
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from batch.pricing import Price, Pricer, pricer_for
 from batch.providers import Provider
 from batch.records import OUTPUT_FIELDS
 from batch.replies.schema import json_output_for, openai_strict
+from batch.shard import Shard, choose_shard
 from batch.storage.base import StorageError
 from batch.storage.locations import STORAGE_SECRET_VARIABLES, input_kind, is_url, store_at
 
@@ -88,7 +89,7 @@ def settings_of(spec: JobSpec) -> Settings:
         BudgetLimits(**spec.budget.model_dump()) if spec.budget is not None else None, output,
         _batch_api(spec), provider, body_params, max_tokens, pricer,
         spec.model.base_url or provider.base_url, spec.model.api_key_env or provider.api_key_env, builder,
-        json_output)
+        json_output, spec.shards, spec.shard)
 
 
 def _limits(spec: JobSpec) -> Limits:
@@ -122,7 +123,8 @@ def _merged_params(spec: JobSpec) -> dict[str, Any]:
 def input_table(settings: Settings) -> InputTable:
     """The job's input, opened (its columns checked), not yet scanned."""
     return InputTable(settings.locations.input, settings.input_id_column, settings.builder.columns,
-                      list(settings.output.keep_columns), messages_column=settings.builder.messages_column)
+                      list(settings.output.keep_columns), messages_column=settings.builder.messages_column,
+                      shard=settings.shard)
 
 
 def _check_own_strict_schema(spec: JobSpec, response_format: Any) -> None:
@@ -153,15 +155,17 @@ def stream_params(provider: Provider, stream_options: Any) -> dict[str, Any]:
 
 
 def preflight(job: str | Path | JobSpec, force: bool = False, api_key: str | None = None,
-              mode: str | None = None) -> Plan:
+              mode: str | None = None, shard: ShardAsk | None = None) -> Plan:
     """Every check a run makes before its lock, its first write and its first request; ConfigError at the first problem.
 
     `job` is a job file, or a JobSpec already checked (batch.api builds one from Python values). `force` (run
     --force) accepts a checkpoint made with other settings. `api_key` (the Python API's) is used instead of the
     environment's. `mode` is the run's (--mode; default: the job's): the answer cache is checked for an online
-    run, the one that opens it.
+    run, the one that opens it. `shard`: what the command line and the environment say of shards (a job file's
+    `shards: N` without an index to pick one is refused).
     """
     spec = job if isinstance(job, JobSpec) else load_job(job)
+    spec = shard_spec(spec, shard or ShardAsk())
     settings = resolve(spec)
     _keep_storage_secrets(spec)
     _check_input_reachable(spec)
@@ -189,10 +193,36 @@ def preflight(job: str | Path | JobSpec, force: bool = False, api_key: str | Non
                 rows=rows)
 
 
+@dataclass(frozen=True)
+class ShardAsk:
+    """What a command was told of shards: --shard K/N, --shards N, the environment's index variables (the command
+    line's; the Python API reads none), and whether a shard count with no index is a mistake (a run) or the whole
+    job (validate, status)."""
+
+    given: str | None = None
+    count: int | None = None
+    environ: Mapping[str, str] = field(default_factory=dict)
+    need_index: bool = True
+
+
+def shard_spec(spec: JobSpec, ask: ShardAsk) -> JobSpec:
+    """`spec`, or the part of it the shard picked by `ask` runs (JobSpec.for_shard); ConfigError for a bad pick."""
+    if spec.shard is not None:  # made for a shard already
+        return spec
+    shard = choose_shard(ask.given, ask.count, spec.shards, spec.where("shards"), ask.environ, ask.need_index)
+    return spec if shard is None else spec.for_shard(shard)
+
+
+def shard_parts(spec: JobSpec, count: int) -> list[Settings]:
+    """The settings of each of the `count` shards of the job `spec` (what `merge` and `status` read)."""
+    return [settings_of(spec.for_shard(Shard(index, count))) for index in range(count)]
+
+
 def validation_report(plan: Plan) -> str:
     columns = ", ".join(plan.builder.columns)
-    return (f"{plan.locations.job_file}: ok: {plan.rows} rows in {plan.locations.input}, prompt columns {columns}, "
-            f"model {plan.model} at {plan.base_url}")
+    part = f" for {plan.shard.label}" if plan.shard else ""
+    return (f"{plan.locations.job_file}: ok: {plan.rows} rows in {plan.locations.input}{part}, prompt columns "
+            f"{columns}, model {plan.model} at {plan.base_url}")
 
 
 def _check_output_columns(spec: JobSpec) -> None:

@@ -23,11 +23,13 @@ from batch.checkpoint.final import (
     reply_columns,
     write_final,
 )
+from batch.checkpoint.finished import mark_finished
 from batch.checkpoint.guard import RunLock, check_fingerprint, end_run, mark_running
 from batch.checkpoint.writer import checkpoint_at
 from batch.errors import (
     EXIT_BAD_INPUT,
     EXIT_BATCHES_LIVE,
+    EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_ROWS_FAILED,
@@ -339,7 +341,10 @@ class Run:
         if self.batch_api_used:  # rows read more than once, and held rows not done: counted from the states
             stats.skipped = max(0, counts.ok + counts.failed - stats.ok - stats.failed)
         output = None
-        if totals["pending"] == 0:
+        if totals["pending"] == 0 and self.plan.shard is not None:
+            # A shard writes no final file: `batch merge` writes the job's one output from every shard's records.
+            self._mark_shard_finished(totals, stats)
+        elif totals["pending"] == 0:
             output = self.plan.locations.output
             # The input too: rows deleted from it leave the answers as they were, and the output must lose them.
             footer = output_footer(self._output_settings, made_from(self.checkpoint, self.plan.locations.input))
@@ -361,6 +366,8 @@ class Run:
         summary = build_summary(self.plan.name, self.plan.model, stats, totals, self.stop.reason, output,
                                 exit_code)
         summary["mode"] = self.mode
+        if self.plan.shard is not None:
+            summary["shard"] = {"index": self.plan.shard.index, "count": self.plan.shard.count}
         summary["batches"] = live
         summary["wait"] = self.options.wait  # the words for live batches: "or use --wait" only to a run without it
         try:
@@ -368,6 +375,18 @@ class Run:
         except OSError as exc:  # the run is over and every answer is kept: only this copy of the summary is lost
             log.warning("could not save the summary in %s: %s", self.folder, exc.strerror or exc)
         return summary
+
+    def _mark_shard_finished(self, totals: dict[str, int], stats: RunStats) -> None:
+        """The shard's _SUCCESS marker, holding its counts (as a job with nothing pending writes its final file)."""
+        if self.stop.write_error is not None:  # what was answered may not all be kept
+            return
+        try:
+            mark_finished(self.folder, {"shard": self.plan.shard.folder,  # type: ignore[union-attr]
+                                                     "rows": stats.rows_total, "ok": totals["ok"],
+                                                     "failed": totals["failed"]})
+        except OSError as exc:
+            self.stop.note(f"{self.folder}: cannot mark the shard finished: {os_reason(exc)} (every "
+                           "answer is kept: a rerun marks it and sends nothing)", EXIT_INTERNAL)
 
     @property
     def _output_settings(self) -> str:

@@ -152,7 +152,7 @@ def build_summary(job: str, model: str, stats: RunStats, totals: dict[str, int],
 def format_summary(summary: dict[str, Any]) -> str:
     run, totals = summary["run"], summary["job_totals"]
     lines = [
-        f"job {summary['job']} ({summary['model']}): {summary['rows_total']} rows",
+        f"job {summary['job']}{_shard_part(summary)} ({summary['model']}): {summary['rows_total']} rows",
         f"  this run: ok {run['ok']}, failed {run['failed']}, skipped (done before) {run['skipped']}",
         f"  all runs: ok {totals['ok']}, failed {totals['failed']}, pending {totals['pending']}",
         *([f"  {totals['not_in_input']} answers are for rows no longer in the input (kept in the checkpoint)"]
@@ -188,6 +188,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary["output"]:
         lines.append(f"  output: {summary['output']}")
     return redact("\n".join(lines))  # `stopped` may quote a server, and a server may quote the key
+
+
+def _shard_part(summary: dict[str, Any]) -> str:
+    shard = summary.get("shard")
+    return f", shard {shard['index']}/{shard['count']}" if shard else ""
 
 
 def save_summary(summary: dict[str, Any], path: Location) -> None:

@@ -22,6 +22,7 @@ from batch.checkpoint.answered import RowStates
 from batch.checkpoint.writer import Checkpoint, RowGroups
 from batch.records import DICTIONARY_FIELDS, OUTPUT_FIELDS, RECORD_FIELDS, RECORD_SCHEMA
 from batch.replies.columns import ReplyColumns
+from batch.shard import shard_of
 from batch.storage.locations import input_version, object_at
 
 if TYPE_CHECKING:
@@ -103,8 +104,38 @@ class LastRecords:
         return found.select(OUTPUT_FIELDS).take(pa.array(pick, mask=pick < 0))
 
 
+class ShardRecords:
+    """Each input row's last record in the checkpoint of the shard the row belongs to (batch/shard.py): the records
+    `batch merge` writes, read as LastRecords reads one checkpoint. `shards[k]` is shard k's LastRecords, whose rows
+    are numbered among the shard's own, in input order: the i-th row of the input that shard k selects is its row i.
+    """
+
+    def __init__(self, shards: list[LastRecords]) -> None:
+        self.shards = shards
+        self._next_row = [0] * len(shards)  # each shard's first row in the next window
+        self._next_start = 0
+
+    def answers(self, ids: pa.Array, start: int) -> pa.Table:
+        """As LastRecords.answers, for input rows start, start+1, ... (asked for in input order, window by window)."""
+        assert start == self._next_start, "windows asked for out of input order"
+        self._next_start += len(ids)
+        which = shard_of(ids, len(self.shards))
+        pieces, placed = [], []
+        for index, records in enumerate(self.shards):
+            rows = np.flatnonzero(which == index)
+            if len(rows):
+                pieces.append(records.answers(ids.take(pa.array(rows)), self._next_row[index]))
+                self._next_row[index] += len(rows)
+                placed.append(rows)
+        if not pieces:
+            return RECORD_SCHEMA.empty_table().select(OUTPUT_FIELDS)
+        order = np.empty(len(ids), np.int64)  # where each input row's answer sits among the pieces
+        order[np.concatenate(placed)] = np.arange(len(ids))
+        return pa.concat_tables([piece.cast(pieces[0].schema) for piece in pieces]).take(pa.array(order))
+
+
 def write_final(path: Path, input_batches: Iterator[tuple[pa.RecordBatch, pa.Array]], id_out: str,
-                keep_columns: list[str], records: LastRecords, replies: ReplyColumns | None = None,
+                keep_columns: list[str], records: LastRecords | ShardRecords, replies: ReplyColumns | None = None,
                 window_rows: int = WINDOW_ROWS, footer: dict[bytes, bytes] | None = None) -> int:
     """Every input row once, in input order, beside its last record (and its reply's columns, with `replies`),
     reading the checkpoint for `window_rows` input rows at a time; `footer` (output_footer) in its footer.
@@ -124,7 +155,7 @@ def write_final(path: Path, input_batches: Iterator[tuple[pa.RecordBatch, pa.Arr
 
 
 def _write_rows(sink: BinaryIO, windows: Iterator[list[tuple[pa.RecordBatch, pa.Array]]], id_out: str,
-                keep_columns: list[str], records: LastRecords, replies: ReplyColumns | None,
+                keep_columns: list[str], records: LastRecords | ShardRecords, replies: ReplyColumns | None,
                 footer: dict[bytes, bytes]) -> int:
     writer = None
     written = flushed = 0  # rows read, rows written out

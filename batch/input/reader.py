@@ -22,6 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from batch.errors import ConfigError, InputChangedError
+from batch.shard import Shard
 from batch.storage.locations import input_kind, input_version, is_url, open_input
 
 BATCH_ROWS = 8192
@@ -56,9 +57,11 @@ class InputTable:
     """One input file (.csv, .parquet, .jsonl) and the columns a job needs from it."""
 
     def __init__(self, path: Path, id_column: str | None, prompt_columns: list[str], keep_columns: list[str],
-                 messages_column: str | None = None, *, batch_rows: int = BATCH_ROWS,
+                 messages_column: str | None = None, *, shard: Shard | None = None, batch_rows: int = BATCH_ROWS,
                  csv_block_bytes: int = CSV_BLOCK_BYTES, csv_max_row_bytes: int = CSV_MAX_ROW_BYTES) -> None:
         self.path = path
+        # A shard's rows only (batch/shard.py): every read below sees them alone, numbered from 0 in input order.
+        self.shard = shard
         # Sizes of what is read at once (tests shrink them to cross their edges with small files).
         self.batch_rows = batch_rows
         self.csv_block_bytes = csv_block_bytes
@@ -382,15 +385,13 @@ class InputTable:
         hashes = _Hashes(self._rows_known())
         prompts = _Hashes(self._rows_known(), np.uint32) if keep_hashes else None
         for batch, ids in self.id_batches(self._scanned_columns(keep_hashes)):
-            empty = pc.equal(ids, "")
-            if pc.any(empty).as_py():
-                row = hashes.count + pc.index(empty, True).as_py() + 1
-                raise ConfigError(f"{self.path} row {row}: empty id in column '{self.id_column}'")
+            if pc.any(pc.equal(ids, "")).as_py():
+                raise ConfigError(f"{self.path} row {self._first_empty_id()}: empty id in column '{self.id_column}'")
             hashes.add(hash_ids(ids))
             if prompts is not None:
                 prompts.add(self.prompt_hashes(batch))
-        if hashes.count == 0:
-            raise ConfigError(f"{self.path}: the input has no rows")
+        if hashes.count == 0 and (self.shard is None or next(self.id_batches([], every_row=True), None) is None):
+            raise ConfigError(f"{self.path}: the input has no rows")  # a shard may have none: it is done at once
         every = hashes.joined()
         if keep_hashes:
             self.row_hashes = every
@@ -399,7 +400,19 @@ class InputTable:
             self._check_unique(np.sort(every) if keep_hashes else _sorted_in_place(every))
         return hashes.count
 
+    def _first_empty_id(self) -> int:
+        """The input row (from 1) of the first empty id, counting every row of the file (a shard's included)."""
+        position = 0
+        for _, ids in self.id_batches([], every_row=True):
+            empty = pc.equal(ids, "")
+            if pc.any(empty).as_py():
+                return position + pc.index(empty, True).as_py() + 1
+            position += len(ids)
+        raise AssertionError("no empty id after all")  # the file was seen to be the same one (_check_unchanged)
+
     def _rows_known(self) -> int | None:
+        if self.shard is not None:  # the file's count, not the shard's
+            return None
         return self._parquet().metadata.num_rows if self.format == "parquet" else None
 
     def _scanned_columns(self, prompts: bool) -> list[str]:
@@ -432,7 +445,8 @@ class InputTable:
         suspects = set(repeated.tolist())
         seen: set[str] = set()
         position = 0
-        for _, texts in self.id_batches([]):  # the ids as they were hashed (a float id 2.0 is "2.0")
+        # The ids as they were hashed (a float id 2.0 is "2.0"); every row, for the row number (one id is one shard's).
+        for _, texts in self.id_batches([], every_row=True):
             for at in np.flatnonzero(np.isin(hash_ids(texts), list(suspects))):
                 row_id = texts[int(at)].as_py()
                 if row_id in seen:
@@ -441,8 +455,20 @@ class InputTable:
                 seen.add(row_id)
             position += len(texts)
 
-    def id_batches(self, columns: list[str], first_group: int = 0) -> Iterator[tuple[pa.RecordBatch, pa.Array]]:
-        """Record batches of `columns` in input order, each with its rows' ids as text."""
+    def id_batches(self, columns: list[str], first_group: int = 0, *, every_row: bool = False
+                   ) -> Iterator[tuple[pa.RecordBatch, pa.Array]]:
+        """Record batches of `columns` in input order, each with its rows' ids as text: the shard's rows only, unless
+        `every_row` (or no shard)."""
+        batches = self._all_id_batches(columns, first_group)
+        if self.shard is None or every_row:
+            yield from batches
+            return
+        for batch, ids in batches:  # after the ids are made: a derived id numbers repeats over the whole file
+            mine = pa.array(self.shard.selects(ids))
+            if pc.any(mine).as_py():
+                yield batch.filter(mine), ids.filter(mine)
+
+    def _all_id_batches(self, columns: list[str], first_group: int) -> Iterator[tuple[pa.RecordBatch, pa.Array]]:
         derived = None if self.id_column else DerivedIds()
         source = [self.id_column] if self.id_column else self.prompt_columns  # a derived id needs the values
         for batch in self.batches(source + columns, first_group):
@@ -488,8 +514,9 @@ class InputTable:
     def _groups_before(self, start: int) -> tuple[int, int]:
         """(row groups, rows) of a Parquet input that end at or before row `start`; (0, 0) otherwise.
 
-        Derived ids number repeated content in input order, so every row must be read for them."""
-        if self.format != "parquet" or not self.id_column:
+        Derived ids number repeated content in input order, so every row must be read for them; a shard's rows are
+        numbered among its own, so row groups say nothing of them."""
+        if self.format != "parquet" or not self.id_column or self.shard is not None:
             return 0, 0
         meta = self._parquet().metadata
         group = rows = 0

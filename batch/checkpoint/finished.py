@@ -1,0 +1,46 @@
+"""A shard's `_SUCCESS` marker: the shard ended with no row pending, and these were its counts.
+
+`batch merge` joins the shards' records only once every shard has one. It is made with an exclusive create
+(the storage seam's `create`: S3's If-None-Match), never a rename, so on an object store two holders of one
+shard cannot both believe they made it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from batch.shard import SUCCESS_NAME
+from batch.storage.base import AlreadyExists, NotFound
+from batch.storage.locations import Location, object_at
+
+
+def mark_finished(folder: Location, counts: dict[str, Any]) -> None:
+    """Note in the shard's checkpoint `folder` that it ended with nothing pending, with its `counts`. A marker left
+    by an earlier run with other counts (a --retry-failed run since) is replaced: the caller holds the run lock."""
+    marker = {**counts, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    body = (json.dumps(marker, ensure_ascii=False, indent=2) + "\n").encode()
+    store, key = object_at(folder / SUCCESS_NAME)
+    try:
+        store.create(key, lambda sink: sink.write(body))
+    except AlreadyExists:
+        before = read_finished(folder) or {}
+        if {k: before.get(k) for k in counts} != counts:
+            store.replace(key, lambda sink: sink.write(body))
+
+
+def read_finished(folder: Location) -> dict[str, Any] | None:
+    """The shard's marker ({} when unreadable), or None when it has not finished."""
+    store, key = object_at(folder / SUCCESS_NAME)
+    try:
+        text = store.read_bytes(key).decode("utf-8")
+    except NotFound:
+        return None
+    except (OSError, UnicodeDecodeError):
+        return {}
+    try:
+        found = json.loads(text)
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}

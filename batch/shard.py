@@ -1,0 +1,109 @@
+"""One job as N shards: which rows are shard K's, which shard a process is, and the shard's own folder.
+
+A row belongs to shard `crc32(id) % N`: CRC-32 of the id's UTF-8 bytes, the same in every process, on every
+host and Python version (Python's own `hash()` of a string is salted per process, so two pods would split the
+rows two different ways). The shard a process runs comes from `--shard K/N`, or, so that one command line serves
+every pod of an array job, from the engine's index variable with the count from `--shards N` or the job file's
+`shards: N`. Every mistake is a ConfigError (exit 2) raised before anything is written or sent.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from batch.errors import ConfigError
+
+# The variables an array-job engine sets to the index of each of its tasks, in the order they are read:
+# Kubernetes Indexed Jobs, then Slurm job arrays (submitted as --array=0-(N-1)).
+INDEX_VARIABLES = ("JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID")
+# A shard's folder inside the job's checkpoint folder: shard=K-of-N.
+FOLDER = re.compile(r"shard=(\d+)-of-(\d+)")
+# The marker a shard writes once it ended with no row pending: `batch merge` waits for one from every shard.
+SUCCESS_NAME = "_SUCCESS"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count` (0 <= index < count)."""
+
+    index: int
+    count: int
+
+    @property
+    def folder(self) -> str:
+        """Its checkpoint folder's name, inside the job's checkpoint folder."""
+        return f"shard={self.index}-of-{self.count}"
+
+    @property
+    def label(self) -> str:
+        """As log lines, summaries and errors name it."""
+        return f"shard {self.index}/{self.count}"
+
+    def selects(self, ids: pa.Array) -> np.ndarray:
+        """Which of `ids` (text) are this shard's rows, as a boolean mask."""
+        return shard_of(ids, self.count) == self.index
+
+
+def shard_of(ids: pa.Array, count: int) -> np.ndarray:
+    """The shard (0 .. count-1) of each of `ids`: crc32 of its UTF-8 bytes, modulo `count`."""
+    return np.fromiter((zlib.crc32(text.encode()) % count for text in ids.to_pylist()), np.int64, len(ids))
+
+
+def parse_shard(text: str, source: str = "--shard") -> Shard:
+    """`K/N` (0 <= K < N) as a Shard; a ConfigError naming `source` and what is wrong otherwise."""
+    found = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if found is None:
+        raise ConfigError(f"{source} {text!r}: a shard is K/N, shard K of N, K from 0 to N-1 (e.g. 0/4)")
+    return _checked(int(found[1]), int(found[2]), source, text)
+
+
+def _checked(index: int, count: int, source: str, text: str) -> Shard:
+    if count < 1:
+        raise ConfigError(f"{source} {text!r}: the shard count must be 1 or more")
+    if index >= count:
+        raise ConfigError(f"{source} {text!r}: shard {index} of {count} does not exist: "
+                          f"shards are numbered 0 to {count - 1}")
+    return Shard(index, count)
+
+
+def choose_shard(given: str | None, count: int | None, job_count: int | None, job_count_where: str,
+                 environ: Mapping[str, str], need_index: bool = True) -> Shard | None:
+    """The shard this process runs, or None for the whole job.
+
+    `given`: --shard K/N. `count`: --shards N. `job_count`: the job file's `shards: N`, at `job_count_where`.
+    Without --shard the index comes from the first of INDEX_VARIABLES set in `environ`; a count without any index
+    is a mistake when `need_index` (a run), and the whole job otherwise (validate, status). Every count given
+    must agree: two different counts split the rows two ways, and rows would be lost or answered twice.
+    """
+    counts = [(f"--shards {count}", count)] if count is not None else []
+    if job_count is not None:
+        counts.append((f"{job_count_where}: shards: {job_count}", job_count))
+    if given is not None:
+        shard = parse_shard(given)
+        counts.insert(0, (f"--shard {given}", shard.count))
+    else:
+        shard = None
+    for (first, first_count), (other, other_count) in zip(counts, counts[1:]):
+        if first_count != other_count:
+            raise ConfigError(f"{first} and {other} disagree on the number of shards: give one count")
+    if shard is not None:
+        return shard
+    variable = next((name for name in INDEX_VARIABLES if environ.get(name, "").strip()), None)
+    if variable is None:
+        if counts and need_index:
+            raise ConfigError(f"{counts[0][0]} splits the job into shards, but this process is none of them: pass "
+                              f"--shard K/{counts[0][1]}, or set {' or '.join(INDEX_VARIABLES)} (an array job does)")
+        return None
+    text = environ[variable].strip()
+    if not counts:
+        raise ConfigError(f"{variable}={text} names a shard, but the job has no shard count: set shards: N in the "
+                          "job file or pass --shards N (or unset the variable to run the whole job)")
+    if not text.isdigit():
+        raise ConfigError(f"{variable}={text!r}: a shard index is a whole number from 0 to {counts[0][1] - 1}")
+    return _checked(int(text), counts[0][1], variable, text)
