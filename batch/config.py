@@ -412,10 +412,13 @@ class JobSpec(Strict):
     def for_shard(self, shard: Shard) -> JobSpec:
         """Shard `shard`'s part of this job: its rows (the reader selects them), its own checkpoint folder, and a
         static share of the job's limits, so the shards together never go past them: concurrency / N in flight (at
-        least 1), requests and tokens per minute / N, budget / N (a share that leaves a shard nothing is refused)."""
+        least 1), requests and tokens per minute / N, budget / N (a share that leaves a shard nothing is refused).
+        With limits.shared, every shard takes from the job's whole limits and budget in Redis instead: nothing split."""
         part = self.model_copy(deep=True)
         part._shard = shard
         n = shard.count
+        if part.limits.shared is not None:
+            return part
         limits = part.limits
         limits.concurrency = max(1, limits.concurrency // n)
         if limits.requests_per_minute is not None:

@@ -213,6 +213,15 @@ def test_each_shard_gets_its_share_of_the_limits_and_the_budget(make_job):
     assert {shard_spec(load_job(tiny), ShardAsk(f"{k}/8")).limits.concurrency for k in range(8)} == {1}  # at least 1
 
 
+def test_with_limits_shared_every_shard_takes_from_the_whole_limits_in_redis(make_job):
+    job = make_job(rows=ROWS[:20], shards=4, limits={"concurrency": 10, "requests_per_minute": 600,
+                                                     "shared": "redis://127.0.0.1:6379/0"},
+                   budget={"max_cost": 2.0}, pricing={"input": 1, "output": 1})
+    part = shard_spec(load_job(job), ShardAsk("1/4"))
+    assert (part.limits.concurrency, part.limits.requests_per_minute, part.budget.max_cost) == (10, 600, 2.0)
+    assert part.checkpoint_dir.name == "shard=1-of-4"
+
+
 def test_a_shard_names_itself_in_its_log_lines(start_sim, make_job):
     sim = start_sim(latency_ms=50)
     job = make_job(sim, rows=ROWS[:40], shards=2, limits={"concurrency": 2})
