@@ -249,3 +249,24 @@ def test_a_batch_api_job_shards_the_same_way_each_with_its_own_ledger(start_sim,
     assert code == 0, err
     merged = pd.read_parquet(job.parent / "out" / "result.parquet")
     assert list(merged["review_id"]) == [row["review_id"] for row in ROWS[:60]] and (merged["status"] == "ok").all()
+
+
+def test_the_kubernetes_indexed_job_runs_every_shard_of_its_job_file_once():
+    deploy = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
+    job = yaml.safe_load((deploy / "indexed-job.yaml").read_text())
+    spec = load_job(deploy / "job.yaml")
+    assert job["spec"]["completionMode"] == "Indexed"  # Kubernetes sets JOB_COMPLETION_INDEX in each pod
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == spec.shards
+    assert job["spec"]["backoffLimitPerIndex"] >= 1
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"][:4] == ["python", "-m", "batch", "run"]
+    mounted = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    job_path = Path(container["command"][4])
+    assert job_path.name == "job.yaml" and str(job_path.parent) == mounted["job"]
+    assert {v["name"]: v for v in pod["volumes"]}["job"]["configMap"]["name"] == "batch-job"
+    assert container["envFrom"][0]["secretRef"]["name"] == "batch-keys"
+    assert str(spec.output.local_dir) == mounted["local"] and str(spec.checkpoint_dir).startswith("s3://")
+    merge = yaml.safe_load((deploy / "merge-job.yaml").read_text())
+    assert merge["spec"]["template"]["spec"]["containers"][0]["command"] == ["python", "-m", "batch", "merge",
+                                                                               str(job_path)]
