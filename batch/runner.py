@@ -4,8 +4,13 @@ the checkpoint, then the final output."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
+import os
+import secrets
 import signal
+import socket
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -31,12 +36,14 @@ from batch.errors import (
     EXIT_BATCHES_LIVE,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
+    EXIT_LOCKED,
     EXIT_OK,
     EXIT_ROWS_FAILED,
     BatchError,
     CheckpointWriteError,
     ConfigError,
     InputChangedError,
+    LockedError,
     OutputWriteError,
     os_reason,
 )
@@ -53,6 +60,8 @@ from batch.pricing import Pricer, batch_pricer
 from batch.process import give_back_freed_memory
 from batch.records import CARRIED_FIELDS, Record, add_paid_before, failed_record
 from batch.shared.account import SharedLimits, shared_limits
+from batch.storage.lease import Lease, LeaseHeld, LeaseLost
+from batch.storage.locations import is_url
 from batch.summary import Progress, RunStats, build_summary, save_summary
 
 if TYPE_CHECKING:
@@ -125,10 +134,56 @@ class Run:
             raise ConfigError(
                 f"{self.plan.locations.local_dir}: cannot write the checkpoint folder: {exc.strerror}") from None
         try:
+            lease = self._take_lease()
+        except BaseException:
+            self.lock.release()
+            raise
+        renewing = asyncio.create_task(self._renew(lease)) if lease is not None else None
+        try:
             check_fingerprint(self.folder, self.plan.fingerprint, self.plan.locations.job_file, self.options.force)
             return await self._execute(total)
         finally:
+            if renewing is not None:
+                renewing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewing
+            if lease is not None:
+                with contextlib.suppress(OSError):  # unreleased, it expires within its ttl
+                    lease.release()
             self.lock.release()
+
+    def _take_lease(self) -> Lease | None:
+        """A checkpoint on a URL has no local lock that other hosts see: its lease (batch/storage/lease.py) makes
+        its run the only one, wherever the others run (exit 4 while another holds it)."""
+        if not is_url(self.folder):
+            return None
+        # A holder is named by its host and local folder: one named like this run, whose local lock this run holds
+        # now, has ended (killed -9 on this host), so its lease is taken over without waiting out its ttl.
+        local = hashlib.sha256(str(self.plan.locations.local_dir.resolve()).encode()).hexdigest()[:8]
+        here = f"{socket.gethostname()}:{local}:"
+        lease = Lease(self.plan.locations.checkpoint_store(), f"{here}{os.getpid()}:{secrets.token_hex(4)}")
+        try:
+            lease.acquire(gone=lambda holder: holder.startswith(here))
+        except LeaseHeld as exc:
+            raise LockedError(f"{self.folder}: another run of this job holds the checkpoint's lease, {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{self.folder}: cannot take the checkpoint's lease: {exc.strerror or exc}") from None
+        log.info("holding the checkpoint's lease %s (epoch %d)", self.folder, lease.epoch)
+        return lease
+
+    async def _renew(self, lease: Lease) -> None:
+        """Renew the lease every ttl/3; a lease taken over stops the run (another holds the checkpoint now). A
+        store that fails a renewal is tried again at the next one: the lease stays ours until its ttl runs out."""
+        while True:
+            await asyncio.sleep(lease.renew_every)
+            try:
+                await asyncio.to_thread(lease.renew)
+            except LeaseLost as exc:
+                self.stop.now(str(exc), EXIT_LOCKED)
+                return
+            except OSError as exc:
+                log.warning("could not renew the checkpoint's lease (tried again in %.0f s): %s",
+                            lease.renew_every, exc)
 
     async def _execute(self, total: int) -> dict[str, Any]:
         try:

@@ -5,6 +5,7 @@ and a bad URL, a missing bucket or missing credentials stop it in one line befor
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 from pathlib import Path
@@ -153,3 +154,48 @@ def test_an_input_on_any_fsspec_url_is_read_streamed(sim, make_job, run_cli, tmp
     code, _, err = run_cli("run", job)
     assert code == 0, err
     assert list(pd.read_parquet(tmp_path / "out" / "result.parquet")["text"]) == [row["text"] for row in rows]
+
+
+def test_a_second_run_while_another_holds_the_checkpoints_lease_exits_4_having_sent_nothing(
+        sim, make_job, run_cli, s3, tmp_path):
+    """Another host (its own local folder, so no local lock is shared) holds the lease: this run is locked out."""
+    from batch.storage.lease import LEASE_KEY, Lease
+    from batch.storage.s3 import S3Store
+
+    job = on_s3(make_job, sim, s3, tmp_path)
+    checkpoint = S3Store(f"{s3.url}/out/result.checkpoint")
+    other = Lease(checkpoint, "other-host:1")
+    other.acquire()
+    code, _, err = run_cli("run", job)
+    assert code == 4, err
+    assert "holds the checkpoint's lease, held by other-host:1 (epoch 1)" in err and len(err.strip().splitlines()) == 1
+    assert sim.stats()["requests"] == 0
+    other.release()  # the other run ended: this one takes the lease over, with the next epoch
+    code, _, err = run_cli("run", job)
+    assert code == 0, err
+    assert sim.stats()["requests"] == len(ROWS)
+    lease = json.loads(checkpoint.read_bytes(LEASE_KEY))
+    assert lease["epoch"] == 2 and lease["expires_at"] == 0  # released at the end of the run
+    assert LEASE_KEY in [key.rsplit("/", 1)[1] for key in s3.keys()]
+    puts = [entry for entry in s3.puts() if entry["url"].split("?")[0].endswith(f"/{LEASE_KEY}")]
+    # Taken by an exclusive create, then only ever swapped: never written unconditionally.
+    assert puts[0]["headers"].get("If-None-Match") == "*"
+    assert all(entry["headers"].get("If-None-Match") == "*" or entry["headers"].get("If-Match") for entry in puts)
+
+
+def test_two_hosts_starting_one_job_at_once_one_runs_the_other_exits_4(start_sim, make_job, s3, tmp_path):
+    sim = start_sim(latency_ms=50)
+    job = on_s3(make_job, sim, s3, tmp_path, limits={"concurrency": 2})
+    # The second host: the same job, its own local folder (as another machine's disk).
+    second = job.with_name("job-second-host.yaml")
+    second.write_text(job.read_text().replace(str(tmp_path / "local"), str(tmp_path / "local-2")))
+    processes = [start_run(job), start_run(second)]
+    codes = []
+    for process in processes:
+        out, err = process.communicate(timeout=120)
+        codes.append((process.returncode, err))
+    assert sorted(code for code, _ in codes) == [0, 4], codes
+    loser_err = next(err for code, err in codes if code == 4)
+    assert "holds the checkpoint's lease" in loser_err
+    assert sim.stats()["requests"] == len(ROWS)  # the loser sent nothing
+    assert list(output_on(s3)["review_id"]) == [row["review_id"] for row in ROWS]

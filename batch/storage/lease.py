@@ -1,0 +1,137 @@
+"""One holder per checkpoint, across hosts: a lease object (`_LEASE`) in the checkpoint's store.
+
+Built on the seam's two conditional writes alone, so it works on every store (a local folder, memory, S3):
+- taken by an exclusive `create` (epoch 1); two takers racing, one wins;
+- renewed by a compare-and-swap on the version the holder last wrote (S3: If-Match on the ETag), every ttl/3;
+  a swap refused means another holder took the lease over: this one is a zombie and must stop (LeaseLost);
+- a lease not renewed for `ttl` seconds is expired, and taken over by a compare-and-swap with epoch + 1, so two
+  takers of an expired lease cannot both win either;
+- released by writing it expired (a swap too: a release never clears a lease someone else holds).
+
+The epoch names a holding: work a holder writes can carry it, so a zombie's writes never collide with the next
+holder's. Expiry is a wall-clock time written in the lease: hosts' clocks must agree to well within the ttl
+(NTP does); the clock is a parameter, so tests move it by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from batch.storage.base import AlreadyExists, NotFound, PreconditionFailed, Store
+
+LEASE_KEY = "_LEASE"
+DEFAULT_TTL_S = 30.0
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    holder: str
+    epoch: int
+    expires_at: float  # seconds since the epoch, by the holder's clock
+
+    def encoded(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode("utf-8")
+
+
+class LeaseHeld(Exception):
+    """Another holder's lease is live: this one may not take it."""
+
+    def __init__(self, state: LeaseState, now: float) -> None:
+        super().__init__(f"held by {state.holder} (epoch {state.epoch}) for {max(state.expires_at - now, 0):.0f} s "
+                         "more unless it renews it")
+        self.state = state
+
+
+class LeaseLost(Exception):
+    """The lease was taken over (or is gone) since this holder last renewed it: it must stop writing."""
+
+
+class Lease:
+    """`holder` (unique to this process) holding the lease in `store`, for `ttl` seconds at a time."""
+
+    def __init__(self, store: Store, holder: str, ttl: float = DEFAULT_TTL_S,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store, self.holder, self.ttl, self.clock = store, holder, ttl, clock
+        self.epoch = 0  # 0 until taken
+        self._version: str | None = None
+
+    @property
+    def renew_every(self) -> float:
+        return self.ttl / 3
+
+    def acquire(self, gone: Callable[[str], bool] = lambda holder: False) -> int:
+        """Take the lease (LeaseHeld while another holder's is live); returns this holding's epoch. `gone(holder)`
+        says a holder is known to have ended (a process of this host whose local lock is now ours): its lease is
+        taken over at once, with the next epoch, instead of after its ttl."""
+        while True:
+            try:
+                return self._write(1, create=True)
+            except AlreadyExists:
+                pass
+            found = self._read()
+            if found is None:  # released by deletion between our create and our read: create again
+                continue
+            state, version = found
+            now = self.clock()
+            ours = state.holder == self.holder  # ours already (a create whose reply was lost): go on holding it
+            if not ours and state.expires_at > now and not gone(state.holder):
+                raise LeaseHeld(state, now)
+            try:
+                return self._swap(state.epoch if ours else state.epoch + 1, version)
+            except (PreconditionFailed, NotFound):  # it changed since it was read (another taker swapped): again
+                continue
+
+    def renew(self) -> None:
+        """Extend the lease by ttl from now; LeaseLost when another holder has it now."""
+        assert self._version is not None, "renew before acquire"
+        try:
+            self._swap(self.epoch, self._version)
+        except (PreconditionFailed, NotFound):
+            raise LeaseLost(f"the lease in {self.store.where(LEASE_KEY)} was taken over since epoch "
+                            f"{self.epoch}: another process holds this checkpoint now") from None
+
+    def release(self) -> None:
+        """Leave the lease expired, so the next taker need not wait out the ttl; a lease lost meanwhile is left be."""
+        if self._version is None:
+            return
+        try:
+            self.store.replace(LEASE_KEY, _bytes(LeaseState(self.holder, self.epoch, 0.0)), if_version=self._version)
+        except (PreconditionFailed, NotFound):
+            pass
+        self._version = None
+
+    def _swap(self, epoch: int, version: str) -> int:
+        return self._write(epoch, if_version=version)
+
+    def _write(self, epoch: int, create: bool = False, if_version: str | None = None) -> int:
+        state = LeaseState(self.holder, epoch, self.clock() + self.ttl)
+        if create:
+            self._version = self.store.create(LEASE_KEY, _bytes(state))
+        else:
+            self._version = self.store.replace(LEASE_KEY, _bytes(state), if_version=if_version)
+        self.epoch = epoch
+        return epoch
+
+    def _read(self) -> tuple[LeaseState, str] | None:
+        """The lease as it is and the version it is at; None when there is none. A lease that is not one (damaged)
+        reads as expired at epoch 0, so it is taken over rather than blocking every run."""
+        listed = self.store.list(LEASE_KEY)
+        entry = next((e for e in listed if e.key == LEASE_KEY), None)
+        if entry is None:
+            return None
+        try:
+            data = json.loads(self.store.read_bytes(LEASE_KEY))
+            state = LeaseState(str(data["holder"]), int(data["epoch"]), float(data["expires_at"]))
+        except NotFound:
+            return None
+        except (ValueError, KeyError, TypeError):
+            state = LeaseState("(damaged)", 0, 0.0)
+        return state, entry.version
+
+
+def _bytes(state: LeaseState) -> Callable[..., object]:
+    data = state.encoded()
+    return lambda sink: sink.write(data)

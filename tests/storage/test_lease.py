@@ -1,0 +1,113 @@
+"""The lease (batch/storage/lease.py) on every store: one holder at a time, renewed, expired and taken over with
+epoch + 1, released; a holder whose lease was taken over learns it at its next renewal. Time is a hand-moved clock."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from test_store import make_store
+
+from batch.storage.base import Store
+from batch.storage.lease import LEASE_KEY, Lease, LeaseHeld, LeaseLost
+from batch.storage.memory import MemoryStore
+
+TTL = 30.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    bucket = request.getfixturevalue("s3") if request.param == "s3" else None
+    return make_store(request.param, tmp_path / "checkpoint", bucket)
+
+
+def test_a_live_lease_has_one_holder_and_an_expired_one_is_taken_over_with_the_next_epoch(store: Store) -> None:
+    clock = Clock()
+    first, second = Lease(store, "host-a:1", TTL, clock), Lease(store, "host-b:2", TTL, clock)
+    assert first.acquire() == 1
+    with pytest.raises(LeaseHeld, match="held by host-a:1 .epoch 1. for 30 s"):
+        second.acquire()
+    clock.now += TTL * 2 / 3
+    first.renew()  # every ttl/3 in a run: still its own
+    clock.now += TTL * 2 / 3  # past the first expiry, within the renewed one
+    with pytest.raises(LeaseHeld):
+        second.acquire()
+    clock.now += TTL  # the first holder stopped renewing (killed, or cut off)
+    assert second.acquire() == 2
+    with pytest.raises(LeaseLost, match="another process holds this checkpoint"):
+        first.renew()  # the zombie learns it at its next renewal, before it writes more
+    second.renew()
+    first.release()  # a lost lease's release leaves the new holder's alone
+    with pytest.raises(LeaseHeld, match="host-b:2 .epoch 2."):
+        Lease(store, "host-c:3", TTL, clock).acquire()
+
+
+def test_a_live_lease_whose_holder_is_known_gone_is_taken_over_at_once(store: Store) -> None:
+    clock = Clock()
+    Lease(store, "host-a:folder-1:100", TTL, clock).acquire()  # then killed -9: never renewed nor released
+    with pytest.raises(LeaseHeld):
+        Lease(store, "host-b:folder-9:7", TTL, clock).acquire(gone=lambda holder: holder.startswith("host-b:"))
+    restarted = Lease(store, "host-a:folder-1:101", TTL, clock)
+    assert restarted.acquire(gone=lambda holder: holder.startswith("host-a:folder-1:")) == 2
+
+
+def test_a_released_lease_is_taken_at_once(store: Store) -> None:
+    clock = Clock()
+    first = Lease(store, "host-a:1", TTL, clock)
+    first.acquire()
+    first.release()
+    assert Lease(store, "host-b:2", TTL, clock).acquire() == 2
+
+
+def race(store: Store, clock: Clock, takers: int, name: str) -> tuple[list[int], list[LeaseHeld]]:
+    """`takers` threads taking the lease at once: the epochs won, and the refusals."""
+    won: list[int] = []
+    held: list[LeaseHeld] = []
+    start = threading.Barrier(takers)
+
+    def taker(n: int) -> None:
+        lease = Lease(store, f"{name}-{n}", TTL, clock)
+        start.wait()
+        try:
+            won.append(lease.acquire())
+        except LeaseHeld as exc:
+            held.append(exc)
+
+    threads = [threading.Thread(target=taker, args=(n,)) for n in range(takers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return won, held
+
+
+def test_racing_takers_of_a_free_or_expired_lease_one_wins(store: Store) -> None:
+    clock = Clock()
+    won, held = race(store, clock, 6, "first")
+    assert won == [1] and len(held) == 5
+    clock.now += 2 * TTL  # the winner never renews: expired
+    won, held = race(store, clock, 6, "second")
+    assert won == [2] and len(held) == 5
+
+
+def test_a_create_whose_reply_was_lost_is_found_to_be_ours() -> None:
+    store = MemoryStore([("create", 1, "lost_reply")])
+    lease = Lease(store, "host-a:1", TTL, Clock())
+    with pytest.raises(OSError):
+        lease.acquire()  # the store says it failed; it had written the lease
+    assert lease.acquire() == 1  # taken again by the same holder: its own, not held against it
+    lease.renew()
+
+
+def test_a_damaged_lease_is_taken_over_not_obeyed(store: Store) -> None:
+    store.create(LEASE_KEY, lambda sink: sink.write(b"not json"))
+    assert Lease(store, "host-a:1", TTL, Clock()).acquire() == 1
