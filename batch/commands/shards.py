@@ -25,7 +25,7 @@ from batch.plan import Settings
 from batch.preflight import input_table
 from batch.pricing import CURRENCY, money
 from batch.shard import FOLDER
-from batch.storage.locations import Location, store_at, write_text_at
+from batch.storage.locations import Location, object_exists, store_at, write_text_at
 
 MERGE_SUMMARY_NAME = "merge.json"  # in the job's checkpoint folder: what the last merge wrote
 
@@ -163,7 +163,7 @@ def sharded_status(whole: Settings, parts: list[Settings]) -> dict[str, Any]:
              for key in ("rows_total", "ok", "failed", "pending", "prompt_tokens", "completion_tokens", "cost")}
     output = whole.locations.output
     return {"job": whole.name, "shard_count": len(parts), **added, "currency": CURRENCY, "shards": shards,
-            "output": str(output) if output.is_file() else None}
+            "output": str(output) if object_exists(output) else None}
 
 
 def format_sharded_status(status: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ statically, and `batch merge` writing the one output a single process would have
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import yaml
 from helpers import start_run, wait_until
 from hypothesis import given
 from hypothesis import strategies as st
+from s3_helpers import S3Bucket
 
 from batch.config import load_job
 from batch.preflight import ShardAsk, shard_spec
@@ -87,9 +89,10 @@ def test_four_shard_processes_merge_into_the_single_process_output(start_sim, ma
     # Each shard runs limits.concurrency / 4 = 8 in flight: the four together stay within the server's 32.
     assert refused <= 0.05 * shard_requests["requests"], shard_requests["by_status"]
     assert shard_requests["max_in_flight"] <= 32
-    for k in range(4):
-        marker = json.loads((shard_folder(job, k, 4) / "_SUCCESS").read_text())
-        assert marker["ok"] == marker["rows"] > 0 and marker["failed"] == 0
+    markers = [json.loads((shard_folder(job, k, 4) / "_SUCCESS").read_text()) for k in range(4)]
+    assert all(marker["ok"] == marker["rows"] > 0 and marker["failed"] == 0 for marker in markers)
+    assert sum(marker["rows"] for marker in markers) == len(ROWS)  # each row in one shard: none lost, none twice
+    assert len(shard_requests["by_prompt"]) == len(ROWS)  # every row was asked for by some shard
     assert not (job.parent / "out" / "result.parquet").exists()  # a shard writes no final file: merge does
 
     code, out, err = run_cli("merge", job)
@@ -270,3 +273,28 @@ def test_the_kubernetes_indexed_job_runs_every_shard_of_its_job_file_once():
     merge = yaml.safe_load((deploy / "merge-job.yaml").read_text())
     assert merge["spec"]["template"]["spec"]["containers"][0]["command"] == ["python", "-m", "batch", "merge",
                                                                                str(job_path)]
+
+
+def test_shards_on_s3_each_keep_their_checkpoint_in_the_bucket_and_merge_there(sim, make_job, run_cli, s3: S3Bucket,
+                                                                               tmp_path):
+    rows = ROWS[:60]
+    body = pd.DataFrame(rows).to_csv(index=False).encode()
+    s3.client().put_object(Bucket=s3.name, Key="in/reviews.csv", Body=body)
+    job = make_job(sim, rows=rows, input_file="unused.csv", shards=2, input={"path": f"{s3.url}/in/reviews.csv"},
+                   output={"path": f"{s3.url}/out/result.parquet", "local_dir": str(tmp_path / "local")})
+    for index in range(2):
+        code, out, err = run_cli("run", job, "--shard", f"{index}/2")
+        assert code == 0, err
+        assert (tmp_path / "local" / f"shard={index}-of-2" / "wal.jsonl").exists()  # its local files its own too
+    markers = [key for key in s3.keys("out/result.checkpoint/") if key.endswith("/_SUCCESS")]
+    assert markers == [f"out/result.checkpoint/shard={k}-of-2/_SUCCESS" for k in range(2)]
+    marker_puts = [entry["headers"] for entry in s3.puts() if "/_SUCCESS" in entry["url"]]
+    assert marker_puts and all(headers.get("If-None-Match") == "*" for headers in marker_puts)  # exclusive creates
+    code, out, err = run_cli("status", job)
+    assert code == 0 and out.count("finished, not running") == 2, out + err
+    code, _, err = run_cli("merge", job)
+    assert code == 0, err
+    stored = s3.client().get_object(Bucket=s3.name, Key="out/result.parquet")["Body"].read()
+    merged = pd.read_parquet(io.BytesIO(stored))
+    assert list(merged["review_id"]) == [row["review_id"] for row in rows] and (merged["status"] == "ok").all()
+    assert sim.stats()["requests"] == len(rows)
