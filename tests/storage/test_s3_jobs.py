@@ -199,3 +199,17 @@ def test_two_hosts_starting_one_job_at_once_one_runs_the_other_exits_4(start_sim
     assert "holds the checkpoint's lease" in loser_err
     assert sim.stats()["requests"] == len(ROWS)  # the loser sent nothing
     assert list(output_on(s3)["review_id"]) == [row["review_id"] for row in ROWS]
+
+
+def test_status_and_export_read_a_job_on_s3(sim, make_job, run_cli, s3, tmp_path):
+    job = on_s3(make_job, sim, s3, tmp_path, rows=ROWS[:20])
+    code, _, err = run_cli("run", job)
+    assert code == 0, err
+    code, out, err = run_cli("status", job, "--json")
+    assert code == 0, err
+    status = json.loads(out)
+    assert (status["ok"], status["pending"], status["output"]) == (20, 0, f"{s3.url}/out/result.parquet")
+    assert status["last_run"]["state"] == "finished"  # its summary.json, read from the bucket
+    code, _, err = run_cli("export", job, "--format", "csv", "--to", tmp_path / "result.csv")
+    assert code == 0, err
+    assert list(pd.read_csv(tmp_path / "result.csv")["review_id"]) == [row["review_id"] for row in ROWS[:20]]
