@@ -36,6 +36,9 @@ ROW_GROUP_ROWS = 16_384
 # (made_from).
 SETTINGS_KEY = b"batch.output_settings"
 MADE_FROM_KEY = b"batch.made_from"
+# The rows written, set as the writer closes: a file cut short or filtered by another program that keeps the footer
+# (pyarrow's write_table of a table read from it does) has another count, so it is not taken for batch's.
+ROWS_KEY = b"batch.rows"
 
 
 def output_settings(out: OutputSettings, schema: dict[str, Any] | None) -> str:
@@ -58,15 +61,17 @@ def output_footer(settings: str, made_of: str) -> dict[bytes, bytes]:
 
 
 def is_current(path: Path, footer: dict[bytes, bytes]) -> bool:
-    """Whether the final file at `path` is what writing it now would give: its footer is `footer` (output_footer).
-    A file written before the footer said what it was made from is written again, once."""
+    """Whether the final file at `path` is what writing it now would give: its footer is `footer` (output_footer),
+    and it holds the rows batch wrote. A file written before the footer said these is written again, once."""
     store, key = object_at(path)
     try:
         with store.open_read(key) as stream:
-            found = pq.read_metadata(stream).metadata or {}
+            meta = pq.read_metadata(stream)
     except (OSError, pa.ArrowException):  # none, or unreadable: written again
         return False
-    return all(found.get(name) == value for name, value in footer.items())
+    found = meta.metadata or {}
+    return (found.get(ROWS_KEY) == str(meta.num_rows).encode()
+            and all(found.get(name) == value for name, value in footer.items()))
 
 
 def reply_columns(out: OutputSettings, schema: dict[str, Any] | None, replies: Iterable[pa.Table]
@@ -179,6 +184,8 @@ def _write_rows(sink: BinaryIO, windows: Iterator[list[tuple[pa.RecordBatch, pa.
                 held, flushed = [], written
         if held:
             writer = _write_group(writer, sink, held, footer)
+        if writer is not None:
+            writer.add_key_value_metadata({ROWS_KEY: str(written).encode()})
     finally:
         if writer is not None:
             writer.close()

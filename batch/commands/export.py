@@ -37,8 +37,9 @@ def export_output(spec: JobSpec, fmt: Literal["csv", "jsonl", "parquet"], to: Pa
         raise ConfigError(f"{source}: the job is not complete: {job_now.pending} rows pending "
                           f"(see `batch status {job_file}`; `batch run` answers them)")
     if not job_now.final_is_current:
-        raise ConfigError(f"{source}: the final output is missing or older than the job's records, input or output "
-                          f"settings: `batch run {job_file}` writes it again, sending nothing")
+        raise ConfigError(f"{source}: the final output is missing, or not the one batch made from the job's records, "
+                          f"input and output settings as they are now: `batch run {job_file}` writes it again, "
+                          "sending nothing")
     to = Path(to)
     check_export_target(settings.locations, to)
     return export_file(source, fmt, to)

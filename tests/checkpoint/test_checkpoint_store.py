@@ -181,9 +181,26 @@ def test_whether_the_final_file_is_current_comes_from_what_it_was_made_of_not_fr
     pq.write_table(records, first)
     os.utime(first, ns=(written - 10**12, written - 10**12))
     code, out, err = run_cli("export", job, "--format", "csv", "--to", tmp_path / "again.csv")
-    assert code == 2 and "older than the job's records" in err, err
+    assert code == 2 and "not the one batch made from the job's records" in err, err
     assert run_cli("run", job)[0] == 0
     assert final.stat().st_mtime_ns != written and sim.stats()["requests"] == 12
+
+
+def test_a_final_file_cut_short_by_another_program_keeping_its_footer_is_not_taken_for_batchs(sim, make_job,
+                                                                                                run_cli, tmp_path):
+    """pyarrow's write_table of a table read from the final file keeps its footer, batch's stamps and all: rows
+    dropped that way must not be exported as the complete job, nor left in place by a rerun."""
+    job = make_job(sim)
+    assert run_cli("run", job)[0] == 0
+    final = job.parent / "out" / "result.parquet"
+    whole = pq.read_table(final)
+    pq.write_table(whole.slice(0, whole.num_rows - 2), final)
+    code, _, err = run_cli("export", job, "--format", "csv", "--to", tmp_path / "out.csv")
+    assert code == 2 and "not the one batch made" in err, err
+    assert not (tmp_path / "out.csv").exists()
+    assert run_cli("run", job)[0] == 0
+    assert pq.read_table(final).equals(whole)  # written again whole from the checkpoint
+    assert sim.stats()["requests"] == whole.num_rows  # sending nothing
 
 
 def test_a_final_file_written_before_it_recorded_what_it_was_made_from_is_written_again_once(sim, make_job,
