@@ -16,6 +16,8 @@ import pytest
 from helpers import start_run, wait_until
 from s3_helpers import S3Bucket
 
+from batch.simulator.answers import reply_marker
+
 ROWS = [{"review_id": f"s{i:03d}", "text": f"stored {i}"} for i in range(200)]
 
 
@@ -124,14 +126,16 @@ def test_a_bad_url_or_bucket_or_credentials_is_one_line_before_anything_is_sent(
 
 
 def test_the_storage_secret_is_masked_in_what_batch_says(sim, make_job, run_cli, s3, tmp_path, monkeypatch):
+    """A server repeating the storage secret (here the model, answering with it) never gets it into the output, the
+    summary or the log: it is masked as the API key is."""
     secret = "sekret-aws-value-123456"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)  # moto takes any key: the run works
-    job = on_s3(make_job, sim, s3, tmp_path, rows=[{"review_id": "a", "text": f"say {secret}"}])
+    job = on_s3(make_job, sim, s3, tmp_path, rows=[{"review_id": "a", "text": reply_marker(f"the key is {secret}")}])
     code, out, err = run_cli("run", job)
     assert code == 0, err
-    assert secret not in out + err
-    log = (tmp_path / "local" / "run.log").read_text() if (tmp_path / "local" / "run.log").exists() else ""
-    assert secret not in log
+    response = output_on(s3)["response"][0]
+    assert response == "the key is ***" and secret not in out + err
+    assert secret not in (tmp_path / "local" / "batch.log").read_text()
 
 
 @pytest.mark.parametrize("scheme", ["memory", "file"])
