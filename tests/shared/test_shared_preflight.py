@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import pytest
 from helpers import free_port
+from hypothesis import given
+from hypothesis import strategies as st
+
+from batch.config import mask_url_password
 
 PASSWORD = "hunter2-secret"
 
@@ -56,3 +60,12 @@ def test_a_wrong_password_is_one_line_too(make_job, sim, run_cli, redis_server):
 def test_a_lease_without_shared_limits_is_a_mistake(make_job, sim, run_cli):
     code, _, err = run_cli("validate", make_job(sim, limits={"shared_lease_s": 5}))
     assert code == 2 and err.count("\n") == 1 and "shared_lease_s" in err and "set shared too" in err
+
+
+@given(user=st.text(st.characters(blacklist_characters=":/@", blacklist_categories=("Zs", "Cc", "Zl", "Zp"))),
+       password=st.text(st.characters(blacklist_characters="@", blacklist_categories=("Zs", "Cc", "Zl", "Zp")),
+                        min_size=1),
+       around=st.sampled_from(["{}", "got '{}'", "a {} and more", "({})"]))
+def test_a_urls_password_is_masked_wherever_it_is_quoted(user, password, around):
+    url = f"redis://{user}:{password}@127.0.0.1:6379/0"
+    assert mask_url_password(around.format(url)) == around.format(f"redis://{user}:***@127.0.0.1:6379/0")
