@@ -216,8 +216,9 @@ class Run:
         progress = Progress(stats, self.options.progress_interval_s, self.options.tty, self.options.progress)
         self._install_signal_handlers()
         try:
+            shards = self.plan.shard.count if self.plan.shard is not None else 1  # an outage's static share: 1/N
             async with make_client(self.plan) as client, shared_limits(
-                    self.plan.limits, self.plan.base_url, self.plan.api_key, self.plan.model) as shared:
+                    self.plan.limits, self.plan.base_url, self.plan.api_key, self.plan.model, shards) as shared:
                 self.shared = shared
                 pool = Pool(client, self.plan, self.stop.event, shared)
                 try:

@@ -3,6 +3,7 @@ counting what is in flight at once (its max_in_flight)."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 import yaml
-from helpers import start_run, wait_until
+from helpers import ROWS, checkpoint_of, start_run, wait_until
 
 from batch.shared.connection import account_key
 
@@ -133,3 +134,21 @@ def test_processes_sharing_a_request_rate_keep_to_it_together(tmp_path, start_si
     # left out: the requests that passed the rates while start_together held the slots go then. The windows are
     # the limits library's sliding counters, approximate by a few requests at a second's edge.
     assert arrivals_in_a_second(sim, after_s=1) <= 48
+
+
+def test_shards_sharing_a_budget_never_cross_it_together(make_job, sim, redis_server):
+    # About 22 tokens a request (a worst case of about 110): each shard alone would answer its 20 rows (some 440
+    # tokens, 880 for both), as each keeps the job's whole budget under limits.shared.
+    job = make_job(sim, rows=ROWS, shards=2, limits={"concurrency": 4, "shared": redis_server.url},
+                   budget={"max_total_tokens": 600})
+    runs = [start_run(job, "--shard", f"{k}/2") for k in range(2)]
+    spent, codes = 0, []
+    for k, run in enumerate(runs):
+        code, err = finish(run)
+        codes.append(code)
+        assert code in (0, 5), err  # a shard that started first may answer all its rows before the budget is reached
+        spent += json.loads((checkpoint_of(job) / f"shard={k}-of-2" / "summary.json").read_text())["run"][
+            "total_tokens"]
+    assert 5 in codes, "the job's budget was never reached"
+    assert 0 < spent <= 600
+    assert sim.stats()["requests"] < len(ROWS)
