@@ -37,7 +37,15 @@ from batch.checkpoint.guard import RunLock
 from batch.checkpoint.writer import Checkpoint
 from batch.commands.estimate import estimate as estimate_job
 from batch.commands.status import id_batches, job_status, read_job
-from batch.config import JobSpec, OutputSpec, check_job, describe_validation_error, is_mapping_text, load_job
+from batch.config import (
+    JobSpec,
+    OutputSpec,
+    check_job,
+    describe_validation_error,
+    dump_job,
+    is_mapping_text,
+    load_job,
+)
 from batch.errors import (
     EXIT_BATCHES_LIVE,
     EXIT_BUDGET,
@@ -583,7 +591,7 @@ def _frame_job(frame: pd.DataFrame, template: str, model: str | Mapping[str, Any
                           f"(columns: {', '.join(map(str, frame.columns))})")
     check_output_path(spec)
     try:
-        text = yaml.safe_dump(values, allow_unicode=True, sort_keys=False)
+        text = dump_job(values)
     except yaml.YAMLError as exc:
         raise ConfigError(f"run_frame: a setting cannot be written to the job file: {exc}") from None
     data = _parquet_bytes(rows)

@@ -469,6 +469,17 @@ class JobSpec(Strict):
         return f"{self.job_path} line {line}" if line is not None else str(self.job_path)
 
 
+def dump_job(values: dict[str, Any]) -> str:
+    """A job file's YAML text that loads back as `values`. Readable (non-ASCII text as it is), except where PyYAML's
+    readable form does not load back the same: it writes U+0085 (NEL) inside a single-quoted scalar, which
+    YAML reads as a line break, so a schema key or template holding one would come back changed; then every
+    non-ASCII character is written as an escape."""
+    text = yaml.safe_dump(values, allow_unicode=True, sort_keys=False)
+    if yaml.safe_load(text) != values:
+        text = yaml.safe_dump(values, allow_unicode=False, sort_keys=False)
+    return text
+
+
 def load_job(path: str | Path) -> JobSpec:
     """Read, parse and validate a job file; relative paths become relative to the file."""
     job_path = Path(path)

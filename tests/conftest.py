@@ -10,12 +10,12 @@ from typing import Any
 
 import pandas as pd
 import pytest
-import yaml
 from helpers import DATA, RedisServer
 from hypothesis import settings
 from s3_helpers import S3Bucket
 
 from batch.cli import main
+from batch.config import dump_job
 from batch.simulator import SimConfig, SimulatorThread
 
 # Tests never fail on wall-clock time: no per-example deadline (two test processes share two cores).
@@ -110,7 +110,7 @@ def make_job(tmp_path: Path) -> Callable[..., Path]:
         }
         job = deep_merge(job, overrides)
         path = tmp_path / "job.yaml"
-        path.write_text(yaml.safe_dump(job, allow_unicode=True), encoding="utf-8")
+        path.write_text(dump_job(job), encoding="utf-8")
         return path
 
     return make

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import batch
-from batch.simulator import SimulatorThread, answer_for
+from batch.simulator import SimulatorThread, answer_for, reply_marker
 
 
 def local_model(sim: SimulatorThread, **params: Any) -> dict[str, Any]:
@@ -255,8 +255,6 @@ def test_any_labels_give_the_frame_back_whole_or_one_config_error(tmp_path_facto
 
 @pytest.mark.parametrize("limit", [None, 1], ids=["final file", "answers so far"])
 def test_integers_beyond_float64_come_back_exact_beside_missing_values(sim, tmp_path, limit):
-    from batch.simulator import reply_marker
-
     big = 2**53 + 1
     frame = pd.DataFrame({"text": [reply_marker(json.dumps({"v": big, "w": -big})), reply_marker('{"v": null}')]})
     schema = {"type": "object", "properties": {"v": {"type": ["integer", "null"]}, "w": {"type": "integer"}}}
@@ -316,3 +314,15 @@ def test_a_missing_schema_file_given_from_python_says_it_is_relative_to_the_work
     (tmp_path / "schema.json").write_text(json.dumps({"type": "object"}))
     run()
     assert sim.stats()["requests"] == 2
+
+
+def test_a_schema_key_holding_a_next_line_character_reaches_the_job_file_unchanged(sim, tmp_path):
+    """PyYAML writes U+0085 (NEL) where YAML reads a line break: the job file run_frame writes must still load back
+    as the settings given, or the schema would refuse the very replies it describes."""
+    key = "a\x85b"
+    schema = {"type": "object", "additionalProperties": False, "required": [key],
+              "properties": {key: {"type": "integer"}}}
+    frame = pd.DataFrame({"text": [f"{reply_marker(json.dumps({key: n}))} row {n}" for n in range(3)]})
+    out = batch.run_frame(frame, template="{text}", model=local_model(sim), output=tmp_path / "out.parquet",
+                          progress=False, json_schema=schema)
+    assert out["status"].tolist() == ["ok"] * 3, out["error"].tolist()
