@@ -34,9 +34,9 @@ from pydantic import ValidationError
 from batch.checkpoint.answered import SUBMITTED, should_send
 from batch.checkpoint.final import reply_columns
 from batch.checkpoint.guard import RunLock
-from batch.checkpoint.writer import Checkpoint
 from batch.commands.estimate import estimate as estimate_job
-from batch.commands.status import id_batches, job_status, read_job
+from batch.commands.shards import read_shards, sharded_estimate, sharded_status
+from batch.commands.status import JobReading, id_batches, job_status, read_job
 from batch.config import (
     JobSpec,
     OutputSpec,
@@ -62,7 +62,7 @@ from batch.errors import (
 )
 from batch.logs import keep_secret, redact, run_log
 from batch.plan import OutputSettings
-from batch.preflight import check_output_path, preflight, resolve, settings_of
+from batch.preflight import check_output_path, job_shards, preflight, resolve, settings_of
 from batch.records import OUTPUT_FIELDS, RECORD_FIELDS, RECORD_SCHEMA
 from batch.replies.columns import JSON_PREFIX
 from batch.runner import Run, RunOptions
@@ -312,30 +312,44 @@ def read_results(job: Job) -> pd.DataFrame:
     """The job's final table: every input row in input order, its id, its kept columns and its answer's columns.
 
     Before the job is complete (or while a run is alive), the answers so far, in the same columns: a row not
-    answered yet, or whose prompt values changed since, has status "pending" and no answer. Sends nothing and
-    writes nothing.
+    answered yet, or whose prompt values changed since, has status "pending" and no answer. A job split into shards
+    reads the output `batch merge` wrote once every shard has finished and it is merged from their records as they
+    are now; before that, each row as its shard's checkpoint holds it. Sends nothing and writes nothing.
     """
     with _python_errors():
-        settings = settings_of(_spec_of(job))
-        job_now = read_job(settings)
-        if job_now.final_is_current:
-            store, key = object_at(settings.locations.output)
-            with store.open_read(key) as stream:
-                return _frame_of(pq.read_table(stream))
-        return _answers_so_far(settings.output, job_now.schema, job_now.table, job_now.checkpoint, job_now.states)
+        spec = _spec_of(job)
+        settings = settings_of(spec)
+        parts = job_shards(spec)
+        if parts is not None:  # split into shards: the merged output, or each row's state in its shard's checkpoint
+            shards = read_shards(settings, parts)
+            if not shards.merged_is_current:
+                return _answers_so_far(settings.output, settings.schema, shards.readings, shards.input_order(settings))
+        else:
+            job_now = read_job(settings)
+            if not job_now.final_is_current:
+                return _answers_so_far(settings.output, settings.schema, [job_now])
+        store, key = object_at(settings.locations.output)
+        with store.open_read(key) as stream:
+            return _frame_of(pq.read_table(stream))
 
 
 def status(job: Job) -> dict[str, Any]:
     """Rows ok, failed and pending, tokens and cost so far, the last run, whether one is alive: `batch status
     --json`'s object. Sends nothing and writes nothing."""
     with _python_errors():
-        return job_status(settings_of(_spec_of(job)))
+        spec = _spec_of(job)
+        parts = job_shards(spec)
+        return job_status(settings_of(spec)) if parts is None else sharded_status(settings_of(spec), parts)
 
 
 def estimate(job: Job, retry_failed: bool = False) -> dict[str, Any]:
     """The rows, tokens and cost still to come: `batch estimate --json`'s object. Sends nothing and writes nothing."""
     with _python_errors():
-        return estimate_job(resolve(_spec_of(job)), retry_failed)
+        spec = _spec_of(job)
+        settings, parts = resolve(spec), job_shards(spec)
+        if parts is not None:
+            return sharded_estimate(settings, parts, retry_failed)
+        return estimate_job(settings, retry_failed)
 
 
 def _run(job: Job, options: RunOptions, api_key: str | None, lock: RunLock | None = None) -> RunResult:
@@ -727,29 +741,39 @@ def _frame_of(table: pa.Table) -> pd.DataFrame:
     return frame
 
 
-def _answers_so_far(output: OutputSettings, schema: dict[str, Any] | None, table: Any, checkpoint: Checkpoint,
-                    states: Any) -> pd.DataFrame:
+def _answers_so_far(output: OutputSettings, schema: dict[str, Any] | None, readings: list[JobReading],
+                    order: np.ndarray | None = None) -> pd.DataFrame:
     """The final table's columns from the checkpoint as it is (a live run's log included): each row's last record,
-    or "pending"; `schema`: output.json_schema as read."""
+    or "pending"; `schema`: output.json_schema as read. `readings`: the job's checkpoint, or each of its shards'
+    (read_shards), whose rows, one shard after another, `order` puts in input order."""
     import pandas as pd
 
     id_out, keep = output.id_column, list(output.keep_columns)
-    sends = np.array([should_send(states.name(code), False) for code in range(len(states.names) + 1)])
-    in_batch = np.array([states.name(code) == SUBMITTED for code in range(len(states.names) + 1)])
-    pieces, pending, batched, start = [], [], [], 0
-    for batch, ids in table.id_batches(keep):
-        codes = states.last(start, ids)[0]
-        pending.append(sends[codes])
-        batched.append(in_batch[codes])
-        pieces.append(pa.table({id_out: ids, **{c: batch.column(c) for c in keep if c != id_out}}))
-        start += len(ids)
-    rows = _frame_of(pa.concat_tables(pieces)) if pieces else pd.DataFrame(columns=[id_out, *keep])
-    waiting = pd.Series(np.concatenate(pending) if pending else np.zeros(0, bool), index=rows.index)
-    submitted = pd.Series(np.concatenate(batched) if batched else np.zeros(0, bool), index=rows.index)
+    pieces, pending, batched, lasts = [], [], [], []
+    for reading in readings:
+        states = reading.states
+        sends = np.array([should_send(states.name(code), False) for code in range(len(states.names) + 1)])
+        in_batch = np.array([states.name(code) == SUBMITTED for code in range(len(states.names) + 1)])
+        start = 0
+        for batch, ids in reading.table.id_batches(keep):
+            codes = states.last(start, ids)[0]
+            pending.append(sends[codes])
+            batched.append(in_batch[codes])
+            pieces.append(pa.table({id_out: ids, **{c: batch.column(c) for c in keep if c != id_out}}))
+            start += len(ids)
+        chosen = states.last_record_mask(id_batches(reading.table))  # each id's last record
+        checkpoint = reading.checkpoint
+        lasts.extend(checkpoint.chosen_records(chosen, ["id", *OUTPUT_FIELDS], checkpoint.has_records()))
+
+    def in_order(values: Any) -> Any:  # a table or an array of the readings' rows, in input order
+        return values if order is None else values.take(order)
+
+    rows = (_frame_of(in_order(pa.concat_tables(pieces, promote_options="permissive"))) if pieces
+            else pd.DataFrame(columns=[id_out, *keep]))
+    waiting = pd.Series(in_order(np.concatenate(pending)) if pending else np.zeros(0, bool), index=rows.index)
+    submitted = pd.Series(in_order(np.concatenate(batched)) if batched else np.zeros(0, bool), index=rows.index)
     waiting |= submitted  # no answer shown for a row sitting in a live Batch API batch either
-    chosen = states.last_record_mask(id_batches(table))  # each id's last record
-    last = pa.concat_tables([*checkpoint.chosen_records(chosen, ["id", *OUTPUT_FIELDS], checkpoint.has_records()),
-                             RECORD_SCHEMA.empty_table().select(["id", *OUTPUT_FIELDS])])
+    last = pa.concat_tables([*lasts, RECORD_SCHEMA.empty_table().select(["id", *OUTPUT_FIELDS])])
     answers = _frame_of(last).set_index("id").reindex(rows[id_out].tolist())
     answers.index = rows.index
     parts = [rows, answers]

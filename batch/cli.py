@@ -15,13 +15,20 @@ from pathlib import Path
 
 from batch.commands.estimate import estimate, format_estimate
 from batch.commands.export import export_output
-from batch.commands.shards import format_merge, format_sharded_status, merge_shards, shard_count, sharded_status
+from batch.commands.shards import (
+    format_merge,
+    format_sharded_estimate,
+    format_sharded_status,
+    merge_shards,
+    sharded_estimate,
+    sharded_status,
+)
 from batch.commands.status import format_status, job_status
 from batch.config import load_job
 from batch.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, BatchError, ConfigError
 from batch.interrupts import taken_early
 from batch.logs import LOG_NAME, redact, redact_everywhere, run_log, setup_logging, write_traceback
-from batch.preflight import ShardAsk, preflight, resolve, settings_of, shard_parts, shard_spec, validation_report
+from batch.preflight import ShardAsk, job_shards, preflight, resolve, settings_of, shard_spec, validation_report
 from batch.process import command_line_process, readers_may_leave
 from batch.runner import RunOptions, run_job
 from batch.summary import format_summary
@@ -74,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "shards:, or the shard folders in its checkpoint)")
     merge.add_argument("--partial", action="store_true",
                        help="write what the shards hold now, though some have not finished")
-    for command in (run, retry, status, estimate_cmd, cancel, validate):
+    for command in (run, retry, status, estimate_cmd, export, cancel, validate):
         command.add_argument("--shard", metavar="K/N", help="run (or read) shard K of N: the rows whose id's CRC-32 "
                                                            "modulo N is K, in a checkpoint folder of their own")
         command.add_argument("--shards", type=_count, metavar="N",
@@ -155,26 +162,28 @@ def inspect(args: argparse.Namespace) -> str:
     """The commands that send nothing: validate, estimate, status, merge, export."""
     if args.command == "validate":
         return validation_report(preflight(args.job, shard=shard_ask(args, need_index=False)))
-    if args.command == "merge":
-        spec = load_job(args.job)
-        whole = settings_of(spec)
-        count = shard_count(whole, args.shards)
-        return format_merge(merge_shards(whole, shard_parts(spec, count) if count else None, args.partial))
     spec = load_job(args.job)
-    if args.command in ("estimate", "status"):
-        spec = shard_spec(spec, shard_ask(args, need_index=False))
+    if args.command == "merge":
+        whole = settings_of(spec)
+        return format_merge(merge_shards(whole, job_shards(spec, args.shards), args.partial))
+    spec = shard_spec(spec, shard_ask(args, need_index=False))
     if args.command == "estimate":
-        found = estimate(resolve(spec), args.retry_failed)
+        settings = resolve(spec)
+        parts = job_shards(spec, args.shards)
+        if parts is not None:
+            found = sharded_estimate(settings, parts, args.retry_failed)
+            return json.dumps(found, ensure_ascii=False, indent=2) if args.json else format_sharded_estimate(found)
+        found = estimate(settings, args.retry_failed)
         return json.dumps(found, ensure_ascii=False, indent=2) if args.json else format_estimate(found)
     if args.command == "status":
         settings = settings_of(spec)
-        count = shard_count(settings) if settings.shard is None else None
-        if count is not None:
-            state = sharded_status(settings, shard_parts(spec, count))
+        parts = job_shards(spec, args.shards)
+        if parts is not None:
+            state = sharded_status(settings, parts)
             return json.dumps(state, ensure_ascii=False, indent=2) if args.json else format_sharded_status(state)
         state = job_status(settings)
         return json.dumps(state, ensure_ascii=False, indent=2) if args.json else format_status(state)
-    rows = export_output(spec, args.format, args.to)
+    rows = export_output(spec, args.format, args.to, args.shards)
     return f"exported {rows} rows to {args.to}"
 
 

@@ -43,9 +43,9 @@ from batch.pricing import Price, Pricer, pricer_for
 from batch.providers import Provider
 from batch.records import OUTPUT_FIELDS
 from batch.replies.schema import json_output_for, openai_strict
-from batch.shard import Shard, choose_shard
+from batch.shard import FOLDER, Shard, choose_shard
 from batch.storage.base import StorageError
-from batch.storage.locations import STORAGE_SECRET_VARIABLES, input_kind, is_url, store_at
+from batch.storage.locations import STORAGE_SECRET_VARIABLES, Location, input_kind, is_url, store_at
 
 
 def resolve(spec: JobSpec) -> Settings:
@@ -213,9 +213,38 @@ def shard_spec(spec: JobSpec, ask: ShardAsk) -> JobSpec:
     return spec if shard is None else spec.for_shard(shard)
 
 
-def shard_parts(spec: JobSpec, count: int) -> list[Settings]:
-    """The settings of each of the `count` shards of the job `spec` (what `merge` and `status` read)."""
-    return [settings_of(spec.for_shard(Shard(index, count))) for index in range(count)]
+def shard_count(settings: Settings, given: int | None = None) -> int | None:
+    """How many shards the job runs as: --shards, the job file's `shards:`, or the shard folders its checkpoint
+    holds (all of one count); None when it is not sharded."""
+    if given is not None and settings.shards is not None and given != settings.shards:
+        raise ConfigError(f"--shards {given} and {settings.locations.job_file}: shards: {settings.shards} disagree on "
+                          "the number of shards: give one count")
+    if given is not None or settings.shards is not None:
+        return given or settings.shards
+    folder = settings.locations.checkpoint_dir
+    counts = sorted({int(found[2]) for found in map(FOLDER.fullmatch, _shard_folders(folder)) if found})
+    if len(counts) > 1:
+        raise ConfigError(f"{folder} holds shards of {' and of '.join(map(str, counts))}: pass --shards N to say "
+                          "which split to read")
+    return counts[0] if counts else None
+
+
+def job_shards(spec: JobSpec, given: int | None = None) -> list[Settings] | None:
+    """The settings of each shard of the whole job `spec` (shard_count: how many; `given`: --shards), or None for a
+    job that is not split, or a `spec` made for one shard (JobSpec.for_shard), which is read as a job of its own.
+    Every command that reads a job across its shards (merge, status, estimate, export, read_results) finds them here."""
+    if spec.shard is not None:
+        return None
+    count = shard_count(settings_of(spec), given)
+    return [settings_of(spec.for_shard(Shard(index, count))) for index in range(count)] if count else None
+
+
+def _shard_folders(folder: Location) -> set[str]:
+    """The names of the shard folders in the job's checkpoint `folder` (on a disk or a bucket)."""
+    try:
+        return {entry.key.split("/", 1)[0] for entry in store_at(folder).list("shard=")}
+    except OSError:  # no checkpoint yet
+        return set()
 
 
 def validation_report(plan: Plan) -> str:

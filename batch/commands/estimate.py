@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pyarrow.compute as pc
 
+from batch.checkpoint.answered import RowStates
 from batch.checkpoint.writer import Checkpoint, checkpoint_at
 from batch.commands.status import id_batches, row_states
 from batch.input.prompts import (
@@ -16,7 +18,7 @@ from batch.input.prompts import (
     estimate_tokens,
     prompt_token_bound,
 )
-from batch.input.reader import Skipped
+from batch.input.reader import InputTable, Skipped
 from batch.plan import Settings
 from batch.preflight import input_table
 from batch.pricing import BATCH_PRICE_FACTOR, CURRENCY, cost_of, money, worst_cost
@@ -26,13 +28,42 @@ BOUND_NOTE = (f"at most 1 token per UTF-8 byte, +{MESSAGE_OVERHEAD_TOKENS} per m
               f"+{REQUEST_OVERHEAD_TOKENS} per request")
 
 
-def estimate(settings: Settings, retry_failed: bool = False) -> dict[str, Any]:
-    """`settings` from batch.preflight.resolve: the max_tokens and the price that run uses."""
-    builder, max_tokens, pricer = settings.builder, settings.max_tokens, settings.pricer
+class EstimateReading(NamedTuple):
+    """What a job's (or a shard's) checkpoint holds, as an estimate reads it."""
+    table: InputTable
+    checkpoint: Checkpoint
+    states: RowStates
+    completion_tokens: int  # of the ok answers so far that came with usage
+    answers: int  # those answers
+
+
+def read_for_estimate(settings: Settings) -> EstimateReading:
     table = input_table(settings)
     checkpoint = checkpoint_at(settings.locations)  # one reader: a damaged file is read, and warned of, once
     _, states = row_states(settings.locations, table, checkpoint)
-    observed = _mean_completion_tokens(checkpoint, states.last_record_mask(id_batches(table)))
+    tokens, answers = _completion_tokens(checkpoint, states.last_record_mask(id_batches(table)))
+    return EstimateReading(table, checkpoint, states, tokens, answers)
+
+
+def mean_completion_tokens(readings: Iterable[EstimateReading]) -> float | None:
+    """The mean completion length of the ok answers the `readings` hold (None: no answer with usage yet)."""
+    tokens = answers = 0
+    for reading in readings:
+        tokens += reading.completion_tokens
+        answers += reading.answers
+    return tokens / answers if answers else None
+
+
+def estimate(settings: Settings, retry_failed: bool = False, reading: EstimateReading | None = None,
+             observed: float | None | Literal["own"] = "own") -> dict[str, Any]:
+    """`settings` from batch.preflight.resolve: the max_tokens and the price that run uses. `reading`: its checkpoint
+    read already (read_for_estimate); `observed`: the answers' mean length to expect, when not the checkpoint's own
+    (a shard's estimate expects the whole job's)."""
+    builder, max_tokens, pricer = settings.builder, settings.max_tokens, settings.pricer
+    reading = reading or read_for_estimate(settings)
+    table, checkpoint, states = reading.table, reading.checkpoint, reading.states
+    if observed == "own":
+        observed = mean_completion_tokens([reading])
 
     json_output = settings.json_output
     with_schema = json_output if json_output is not None and json_output.schema is not None else None
@@ -57,6 +88,8 @@ def estimate(settings: Settings, retry_failed: bool = False) -> dict[str, Any]:
             expected += cost_of(pricer, tokens, round(observed or 0)) or 0.0
             most += worst_cost(pricer, bound, max_tokens) if max_tokens else 0.0
     changed = states.counts(id_batches(table)).changed
+    spent = checkpoint.spent(states, id_batches(table), with_log=True)
+    budget = settings.budget
     in_batches = states.held()  # skipped too, but not done: their answers come from live Batch API batches
     return {
         "job": settings.name, "model": settings.model, "rows_to_do": rows, "rows_done_before": skipped - in_batches,
@@ -77,18 +110,26 @@ def estimate(settings: Settings, retry_failed: bool = False) -> dict[str, Any]:
         # The Batch API (mode: batch_api) bills the same tokens at BATCH_PRICE_FACTOR of the online price.
         "cost_expected_batch_api": expected * BATCH_PRICE_FACTOR if pricer else None,
         "cost_max_batch_api": most * BATCH_PRICE_FACTOR if pricer and max_tokens else None,
+        # What the rows done so far cost, and what the budget counts of it (answers without usage at their worst).
+        "cost_spent": spent.cost, "budget_cost_spent": spent.budget_cost, "budget_tokens_spent": spent.budget_tokens,
+        # A shard's are its share of the job's budget (JobSpec.for_shard); with limits.shared, the whole one, which
+        # every shard takes from in Redis.
+        "budget_max_cost": budget.max_cost if budget else None,
+        "budget_max_total_tokens": budget.max_total_tokens if budget else None,
+        "budget_shared": settings.limits.shared is not None,
         "currency": CURRENCY,
     }
 
 
-def _mean_completion_tokens(checkpoint: Checkpoint, last: np.ndarray) -> float | None:
-    """The mean completion length of the ok answers so far (each id's last record, the log of a live run too)."""
+def _completion_tokens(checkpoint: Checkpoint, last: np.ndarray) -> tuple[int, int]:
+    """The completion tokens of the ok answers so far, and how many they are (each id's last record, the log of a live
+    run too)."""
     tokens = answers = 0
     for records in checkpoint.chosen_records(last, ["status", "completion_tokens"], with_log=True):
         completions = records.column("completion_tokens").filter(pc.equal(records.column("status"), "ok"))
         tokens += pc.sum(completions).as_py() or 0
         answers += pc.count(completions).as_py()  # an answer without usage says nothing about its length
-    return tokens / answers if answers else None
+    return tokens, answers
 
 
 def format_estimate(e: dict[str, Any]) -> str:
@@ -111,6 +152,10 @@ def format_estimate(e: dict[str, Any]) -> str:
         answer.append(f"~{e['completion_tokens_expected']} at the {e['observed_completion_tokens_per_row']:.1f} "
                       "per row answered so far")
     lines.append("  completion tokens: " + ("; ".join(answer) or "unknown: no max_tokens and no answers yet"))
+    if e["cost_spent"]:
+        lines.append(f"  spent so far: {money(e['cost_spent'])} {e['currency']}")
+    if e["budget_max_cost"] is not None or e["budget_max_total_tokens"] is not None:
+        lines.append(f"  budget: {format_budget(e)}")
     if e["cost_expected"] is None:
         lines.append(f"  cost: unknown (no price for {e['model']}: add pricing: to the job)")
     else:
@@ -121,3 +166,15 @@ def format_estimate(e: dict[str, Any]) -> str:
         lines.append(f"  cost through the Batch API (mode: batch_api, half price): "
                      f"~{money(e['cost_expected_batch_api'])} expected, at most {most} {e['currency']}")
     return "\n".join(lines)
+
+
+def format_budget(e: dict[str, Any]) -> str:
+    """The budget of an estimate `e` and what is left of it."""
+    said = []
+    if e["budget_max_cost"] is not None:
+        left = max(0.0, e["budget_max_cost"] - e["budget_cost_spent"])
+        said.append(f"max_cost {money(e['budget_max_cost'])} {e['currency']}, {money(left)} left")
+    if e["budget_max_total_tokens"] is not None:
+        left_tokens = max(0, e["budget_max_total_tokens"] - e["budget_tokens_spent"])
+        said.append(f"max_total_tokens {e['budget_max_total_tokens']}, {left_tokens} left")
+    return "; ".join(said)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -17,32 +18,78 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from batch.commands.shards import (
+    ShardsReading,
+    read_shards,
+    why_waiting,
+    write_shard_rows,
+)
 from batch.commands.status import read_job
 from batch.config import JobSpec
 from batch.errors import ConfigError
-from batch.preflight import check_export_target, settings_of
+from batch.plan import Settings
+from batch.preflight import check_export_target, job_shards, settings_of
 from batch.storage.locations import object_at
 
 FORMATS = ("csv", "jsonl", "parquet")
 
 
-def export_output(spec: JobSpec, fmt: Literal["csv", "jsonl", "parquet"], to: Path) -> int:
-    """Write the final output table to `to` in `fmt`; returns the number of rows written."""
+def export_output(spec: JobSpec, fmt: Literal["csv", "jsonl", "parquet"], to: Path, shards: int | None = None) -> int:
+    """Write the final output table to `to` in `fmt`; returns the number of rows written. A job split into shards
+    (`shards`: --shards) exports its merged output; `spec` made for one shard, that shard's rows."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r} (use one of {', '.join(FORMATS)})")
     settings = settings_of(spec)
-    source, job_file = settings.locations.output, settings.locations.job_file
-    job_now = read_job(settings)  # the rule read_results has: a final file older than the input or records is stale
-    if job_now.pending:
-        raise ConfigError(f"{source}: the job is not complete: {job_now.pending} rows pending "
-                          f"(see `batch status {job_file}`; `batch run` answers them)")
-    if not job_now.final_is_current:
-        raise ConfigError(f"{source}: the final output is missing, or not the one batch made from the job's records, "
-                          f"input and output settings as they are now: `batch run {job_file}` writes it again, "
-                          "sending nothing")
     to = Path(to)
+    if settings.shard is not None:
+        return _export_shard(settings, fmt, to)
+    source, job_file = settings.locations.output, settings.locations.job_file
+    parts = job_shards(spec, shards)
+    if parts is not None:
+        _check_merged(settings, read_shards(settings, parts))
+    else:
+        job_now = read_job(settings)  # the rule read_results has: a final file older than the input or records is stale
+        if job_now.pending:
+            raise ConfigError(f"{source}: the job is not complete: {job_now.pending} rows pending "
+                              f"(see `batch status {job_file}`; `batch run` answers them)")
+        if not job_now.final_is_current:
+            raise ConfigError(f"{source}: the final output is missing, or not the one batch made from the job's "
+                              f"records, input and output settings as they are now: `batch run {job_file}` writes it "
+                              "again, sending nothing")
     check_export_target(settings.locations, to)
     return export_file(source, fmt, to)
+
+
+def _check_merged(whole: Settings, shards: ShardsReading) -> None:
+    """A job split into shards is exported from its merged output, once every shard has finished and it is merged
+    from their records as they are now: a ConfigError naming what is missing otherwise."""
+    source, job_file = whole.locations.output, whole.locations.job_file
+    count = len(shards.parts)
+    if shards.unfinished:
+        raise ConfigError(f"{source}: the job's shards have not all finished: {', '.join(shards.unfinished)}: run "
+                          f"each to the end (`batch run {job_file} --shard K/{count}`), then `batch merge {job_file}` "
+                          f"writes the output to export (`--shard K/{count}` exports one finished shard's rows)")
+    if not shards.merged_is_current:
+        raise ConfigError(f"{source}: every shard has finished, but the output is missing or not merged from their "
+                          f"records as they are now: `batch merge {job_file}` writes it, sending nothing")
+
+
+def _export_shard(part: Settings, fmt: Literal["csv", "jsonl", "parquet"], to: Path) -> int:
+    """Shard `part`'s rows alone, once it has finished (a shard writes no output of its own: they are written from
+    its checkpoint to a file of the export's own first)."""
+    label, job_file = part.shard.label, part.locations.job_file  # type: ignore[union-attr]
+    why = why_waiting(part, read_job(part))
+    if why:
+        raise ConfigError(f"{job_file}: {label} has not finished ({why}): `batch run {job_file} --shard "
+                          f"{part.shard.index}/{part.shard.count}` runs it to the end")  # type: ignore[union-attr]
+    check_export_target(part.locations, to)
+    with tempfile.TemporaryDirectory(prefix="batch-export-") as folder:
+        rows = Path(folder) / "shard.parquet"
+        try:
+            write_shard_rows(part, rows)
+        except OSError as exc:
+            raise ConfigError(f"{to}: cannot export {label}: {exc.strerror or exc}") from None
+        return export_file(rows, fmt, to)
 
 
 def export_file(source: Path, fmt: Literal["csv", "jsonl", "parquet"], to: Path) -> int:

@@ -1,15 +1,22 @@
 """A job run as N shards (batch/shard.py), read as one: `batch merge` writes the job's one output from every
-shard's records, and `batch status` shows each shard."""
+shard's records, `batch status` and `batch estimate` show each shard, and `batch export` and `read_results` read the
+merged output, or each row's state in its shard's checkpoint before it is merged. `job_shards` is where each of them
+finds a job's shards."""
 
 from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from batch.checkpoint.final import (
     LastRecords,
     ShardRecords,
+    is_current,
     made_from,
     output_footer,
     output_settings,
@@ -18,40 +25,17 @@ from batch.checkpoint.final import (
 )
 from batch.checkpoint.finished import read_finished
 from batch.checkpoint.guard import RunLock
-from batch.checkpoint.writer import checkpoint_at
-from batch.commands.status import id_batches, job_status
+from batch.checkpoint.writer import Checkpoint, checkpoint_at
+from batch.commands.estimate import estimate, format_budget, format_estimate, mean_completion_tokens, read_for_estimate
+from batch.commands.status import JobReading, id_batches, job_status, read_job
 from batch.errors import ConfigError, OutputWriteError, os_reason
 from batch.plan import Settings
 from batch.preflight import input_table
 from batch.pricing import CURRENCY, money
-from batch.shard import FOLDER
-from batch.storage.locations import Location, object_exists, store_at, write_text_at
+from batch.shard import shard_of
+from batch.storage.locations import Location, object_exists, write_text_at
 
 MERGE_SUMMARY_NAME = "merge.json"  # in the job's checkpoint folder: what the last merge wrote
-
-
-def shard_count(settings: Settings, given: int | None = None) -> int | None:
-    """How many shards the job runs as: --shards, the job file's `shards:`, or the shard folders its checkpoint
-    holds (all of one count); None when it is not sharded."""
-    if given is not None and settings.shards is not None and given != settings.shards:
-        raise ConfigError(f"--shards {given} and {settings.locations.job_file}: shards: {settings.shards} disagree on "
-                          "the number of shards: give one count")
-    if given is not None or settings.shards is not None:
-        return given or settings.shards
-    folder = settings.locations.checkpoint_dir
-    counts = sorted({int(found[2]) for found in map(FOLDER.fullmatch, _shard_folders(folder)) if found})
-    if len(counts) > 1:
-        raise ConfigError(f"{folder} holds shards of {' and of '.join(map(str, counts))}: pass --shards N to say "
-                          "which split to read")
-    return counts[0] if counts else None
-
-
-def _shard_folders(folder: Location) -> set[str]:
-    """The names of the shard folders in the job's checkpoint `folder` (on a disk or a bucket)."""
-    try:
-        return {entry.key.split("/", 1)[0] for entry in store_at(folder).list("shard=")}
-    except OSError:  # no checkpoint yet
-        return set()
 
 
 def shard_state(part: Settings) -> dict[str, Any]:
@@ -59,6 +43,53 @@ def shard_state(part: Settings) -> dict[str, Any]:
     at = part.locations
     return {"finished": read_finished(at.checkpoint_dir) is not None,
             "running_pid": RunLock(at.local_dir).holder() if at.local_dir.is_dir() else None}
+
+
+def unfinished_shards(parts: list[Settings], states: list[dict[str, Any]]) -> list[str]:
+    """The shards `batch merge` waits for (not finished, or a run of one alive), each named with why."""
+    return [f"{part.shard.label} ({why})"  # type: ignore[union-attr]
+            for part, state in zip(parts, states) if (why := why_unfinished(state))]
+
+
+def merged_footer(whole: Settings, checkpoints: Iterable[Checkpoint]) -> dict[bytes, bytes]:
+    """The footer of the job's output merged from the shards' `checkpoints` (in shard order) as they are now: an
+    output with this footer is the one `batch merge` would write from them."""
+    made = json.dumps([made_from(checkpoint, whole.locations.input) for checkpoint in checkpoints])
+    return output_footer(output_settings(whole.output, whole.schema), made)
+
+
+@dataclass
+class ShardsReading:
+    """A job split into shards as read now, sending nothing: each shard's reading (read_job: the log of a live run
+    included), whether it has finished, and whether the job's output is the one `batch merge` writes from them now."""
+    parts: list[Settings]
+    readings: list[JobReading]
+    unfinished: list[str]  # each shard not finished, named with why (why_waiting)
+    merged_is_current: bool  # every shard finished, no row pending, and the output merged from their records as now
+
+    def input_order(self, whole: Settings) -> np.ndarray:
+        """Where each input row is among the shards' rows put one shard after another (each shard's in input order):
+        row i of the input is row `order[i]` of them."""
+        which = np.concatenate([np.zeros(0, np.int64),
+                                *(shard_of(ids, len(self.parts)) for _, ids in input_table(whole).id_batches([]))])
+        placed = np.argsort(which, kind="stable")  # the input row of each of the shards' rows, one shard after another
+        return np.argsort(placed)
+
+
+def read_shards(whole: Settings, parts: list[Settings]) -> ShardsReading:
+    """Each shard of the job `whole` (`parts`: job_shards) as it is now: what `export` and `read_results` read."""
+    readings = [read_job(part) for part in parts]
+    unfinished = [f"{part.shard.label} ({why})" for part, reading in zip(parts, readings)  # type: ignore[union-attr]
+                  if (why := why_waiting(part, reading))]
+    current = not unfinished and is_current(whole.locations.output,
+                                            merged_footer(whole, (reading.checkpoint for reading in readings)))
+    return ShardsReading(parts, readings, unfinished, current)
+
+
+def why_waiting(part: Settings, reading: JobReading) -> str | None:
+    """Why shard `part` (`reading`: read_job) is not ready to be read as finished, or None: it has not finished, a run
+    of it is alive, or rows of it are pending again (added to the input, or their prompt changed, since it ended)."""
+    return why_unfinished(shard_state(part)) or (f"{reading.pending} rows pending" if reading.pending else None)
 
 
 def merge_shards(whole: Settings, parts: list[Settings] | None, partial: bool = False) -> dict[str, Any]:
@@ -72,25 +103,16 @@ def merge_shards(whole: Settings, parts: list[Settings] | None, partial: bool = 
                           f"--shards, and no shard folder in {at.checkpoint_dir}): `batch run` writes its output")
     states = [shard_state(part) for part in parts]
     if not partial:
-        waiting = [f"{part.shard.label} ({_unfinished(state)})"  # type: ignore[union-attr]
-                   for part, state in zip(parts, states) if state["running_pid"] or not state["finished"]]
+        waiting = unfinished_shards(parts, states)
         if waiting:
             raise ConfigError(f"{at.job_file}: cannot merge yet: {', '.join(waiting)}: run each to the end "
                               "(`batch run` with its --shard), or merge --partial to write what is there")
     readings = [_read_shard(part) for part in parts]
-    out = whole.output
-    replies = reply_columns(out, whole.schema, itertools.chain.from_iterable(
-        reading["checkpoint"].chosen_records(reading["states"].last_record_mask(id_batches(reading["table"])),
-                                             ["status", "response"]) for reading in readings)
-        if out.parse_json else [])
-    records = ShardRecords([LastRecords(reading["checkpoint"].row_groups() if reading["states"].record_count else None,
-                                        reading["states"]) for reading in readings])
-    keep = list(out.keep_columns)
+    records = ShardRecords([_last_records(reading) for reading in readings])
     try:
         # Made from every shard's parts and the input, as one checkpoint's final file is made from its own.
-        made = json.dumps([made_from(reading["checkpoint"], at.input) for reading in readings])
-        rows = write_final(at.output, input_table(whole).id_batches(keep), out.id_column, keep, records, replies,
-                           footer=output_footer(output_settings(out, whole.schema), made))
+        footer = merged_footer(whole, (reading["checkpoint"] for reading in readings))
+        rows = _write_records(whole, at.output, readings, records, footer)
     except OSError as exc:
         raise OutputWriteError(f"{at.output}: cannot write the output: {os_reason(exc)} (every answer is safe in the "
                                "shards' checkpoints: merge again once it can be written)") from None
@@ -103,7 +125,36 @@ def merge_shards(whole: Settings, parts: list[Settings] | None, partial: bool = 
     return summary
 
 
-def _unfinished(state: dict[str, Any]) -> str:
+def write_shard_rows(part: Settings, path: Location) -> int:
+    """Shard `part`'s rows alone, in input order, beside their last records in its parts, written to `path` as the
+    job's output holds them (`batch export --shard`); returns the rows written."""
+    reading = _read_shard(part)
+    return _write_records(part, path, [reading], _last_records(reading))
+
+
+def _last_records(reading: dict[str, Any]) -> LastRecords:
+    return LastRecords(reading["checkpoint"].row_groups() if reading["states"].record_count else None,
+                       reading["states"])
+
+
+def _write_records(settings: Settings, path: Location, readings: list[dict[str, Any]],
+                   records: LastRecords | ShardRecords, footer: dict[bytes, bytes] | None = None) -> int:
+    """The input rows of `settings` (the whole job's, or a shard's) beside their last `records`, read from the
+    checkpoints of `readings` (_read_shard), as a final file at `path`; returns the rows written."""
+    out = settings.output
+    replies = reply_columns(out, settings.schema, itertools.chain.from_iterable(
+        reading["checkpoint"].chosen_records(reading["states"].last_record_mask(id_batches(reading["table"])),
+                                             ["status", "response"]) for reading in readings)
+        if out.parse_json else [])
+    keep = list(out.keep_columns)
+    return write_final(path, input_table(settings).id_batches(keep), out.id_column, keep, records, replies,
+                       footer=footer)
+
+
+def why_unfinished(state: dict[str, Any]) -> str | None:
+    """Why a merge waits for a shard in `state` (shard_state), or None: it has finished and no run of it is alive."""
+    if not state["running_pid"] and state["finished"]:
+        return None
     return f"running, pid {state['running_pid']}" if state["running_pid"] else "not finished"
 
 
@@ -178,4 +229,53 @@ def format_sharded_status(status: dict[str, Any]) -> str:
                      f"{'finished' if shard['finished'] else 'not finished'}, {running}{lease}")
     if status["output"]:
         lines.append(f"  output: {status['output']}")
+    return "\n".join(lines)
+
+
+# What an estimate of a job split into shards adds up over its shards (the rest is the same for every shard).
+_ESTIMATE_SUMS = ("rows_to_do", "rows_done_before", "rows_in_batches", "rows_without_prompt", "rows_changed",
+                  "prompt_tokens_estimate", "prompt_tokens_max", "completion_tokens_expected", "completion_tokens_max",
+                  "cost_expected", "cost_max", "cost_expected_batch_api", "cost_max_batch_api", "cost_spent",
+                  "budget_cost_spent", "budget_tokens_spent")
+
+
+def sharded_estimate(whole: Settings, parts: list[Settings], retry_failed: bool = False) -> dict[str, Any]:
+    """`batch estimate` of a job split into shards (`parts`: each shard's settings; `whole`: from resolve): each
+    shard's rows done, spent and still to come, read from its own checkpoint, with its share of the budget, and
+    those added up. Every shard expects the answers' mean length over all the shards' answers so far."""
+    readings = [read_for_estimate(part) for part in parts]
+    observed = mean_completion_tokens(readings)
+    shards = [{"shard": part.shard.label, **estimate(part, retry_failed, reading, observed)}  # type: ignore[union-attr]
+              for part, reading in zip(parts, readings)]
+    added = {key: None if any(shard[key] is None for shard in shards) else sum(shard[key] for shard in shards)
+             for key in _ESTIMATE_SUMS}
+    budget = whole.budget
+    return {**shards[0], **added, "job": whole.name, "shard_count": len(parts),
+            "budget_max_cost": budget.max_cost if budget else None,
+            "budget_max_total_tokens": budget.max_total_tokens if budget else None,
+            "shards": [{key: shard[key] for key in ("shard", *_ESTIMATE_SUMS, "budget_max_cost",
+                                                    "budget_max_total_tokens", "budget_shared")}
+                       for shard in shards]}
+
+
+def format_sharded_estimate(e: dict[str, Any]) -> str:
+    heading, *rest = format_estimate(e).split("\n")
+    lines = [heading.replace(f"({e['model']}):", f"({e['model']}), {e['shard_count']} shards:", 1), *rest]
+    if e["budget_shared"]:
+        lines.append("  each shard takes from the job's whole budget, in Redis (limits.shared):")
+    elif e["budget_max_cost"] is not None or e["budget_max_total_tokens"] is not None:
+        lines.append(f"  each shard keeps to its share of the budget (the job's / {e['shard_count']}):")
+    else:
+        lines.append("  each shard:")
+    for shard in e["shards"]:
+        line = (f"    {shard['shard']}: {shard['rows_to_do']} rows to send ({shard['rows_done_before']} done before), "
+                f"spent {money(shard['cost_spent'])}")
+        if shard["cost_expected"] is not None:
+            line += f", ~{money(shard['cost_expected'])} expected"
+            if shard["cost_max"] is not None:
+                line += f", at most {money(shard['cost_max'])}"
+        if not shard["budget_shared"] and (shard["budget_max_cost"] is not None
+                                           or shard["budget_max_total_tokens"] is not None):
+            line += f"; its budget: {format_budget({**shard, 'currency': e['currency']})}"
+        lines.append(line)
     return "\n".join(lines)
