@@ -1,10 +1,11 @@
 """`python -m batch` and the `batch` command."""
 
 import gc
+import os
 import sys
 
 from batch.errors import EXIT_INTERRUPTED  # a module of constants: no imports of its own
-from batch.interrupts import take_signals  # the standard library's imports only
+from batch.interrupts import take_signals, taken_early  # the standard library's imports only
 
 
 def main() -> int:
@@ -23,12 +24,32 @@ def main() -> int:
             print("batch: interrupted", file=sys.stderr)
         except OSError:  # nobody reads stderr any more
             pass
-        return EXIT_INTERRUPTED
+        _exit_without_teardown(EXIT_INTERRUPTED)
     code = command_line()
+    if taken_early():
+        _exit_without_teardown(code)
     # Arrow readers left for the interpreter's last teardown can abort it ("terminate called without an active
     # exception", SIGABRT; apache/arrow#34314): collected here, their threads are joined while Arrow still stands.
     gc.collect()
     return code
+
+
+def _exit_without_teardown(code: int) -> None:
+    """The process ends now, skipping the interpreter's teardown: for a command stopped by a signal before a run.
+
+    A signal during the imports or the input's scan can leave an Arrow thread about to call into Python (the CSV
+    reader reads ahead from a Python file object on Arrow's I/O threads; an extension half imported). At teardown
+    Python ends such a thread with pthread_exit, whose unwinding through Arrow's C++ frames is std::terminate:
+    SIGABRT and "terminate called without an active exception" instead of exit 130 (apache/arrow#34314, #45017).
+    Nothing of the command is left to do: its `finally` blocks ran as the KeyboardInterrupt went up, and it had
+    written nothing a teardown would finish; only the standard streams are flushed.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away, a stream closed
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":
