@@ -110,10 +110,14 @@ def test_a_redis_restart_mid_run_stops_no_process_nor_lets_more_than_twice_the_l
     assert sim.stats()["max_in_flight"] <= 2 * 4
 
 
-def arrivals_in_a_second(sim, after_s: float) -> int:
-    """The most requests that arrived at the simulator within any one second, from `after_s` past the first on."""
+def arrivals(sim, after_s: float) -> list[float]:
+    """When requests arrived at the simulator, in order, from `after_s` past the first on."""
     arrived = sorted(entry["arrived"] for entry in sim.stats()["history"])
-    arrived = [at for at in arrived if at >= arrived[0] + after_s]
+    return [at for at in arrived if at >= arrived[0] + after_s]
+
+
+def most_in_a_second(arrived: list[float]) -> int:
+    """The most of these arrivals within any one second."""
     most, start = 0, 0
     for end, at in enumerate(arrived):
         while at - arrived[start] >= 1.0:
@@ -131,9 +135,13 @@ def test_processes_sharing_a_request_rate_keep_to_it_together(tmp_path, start_si
         assert code == 0, err
     assert sim.stats()["by_status"] == {"200": 300}
     # 40 a second for the account, where each process alone sends 40 a second (80 together). The first second is
-    # left out: the requests that passed the rates while start_together held the slots go then. The windows are
-    # the limits library's sliding counters, approximate by a few requests at a second's edge.
-    assert arrivals_in_a_second(sim, after_s=1) <= 48
+    # left out: the requests that passed the rates while start_together held the slots go then. Over the run the
+    # two keep to the account's rate; within one second they may exceed it a little: the windows are the limits
+    # library's sliding counters, approximate at a second's edge, and a loaded machine delivers in bunches what
+    # passed the windows apart (55 arrivals in a second were seen with 7 test suites at once).
+    arrived = arrivals(sim, after_s=1)
+    assert (len(arrived) - 1) / (arrived[-1] - arrived[0]) <= 40 * 1.1
+    assert most_in_a_second(arrived) <= 40 * 1.5
 
 
 def test_shards_sharing_a_budget_never_cross_it_together(make_job, sim, redis_server):
