@@ -139,6 +139,7 @@ def test_processes_sharing_a_request_rate_keep_to_it_together(tmp_path, start_si
     # two keep to the account's rate; within one second they may exceed it a little: the windows are the limits
     # library's sliding counters, approximate at a second's edge, and a loaded machine delivers in bunches what
     # passed the windows apart (55 arrivals in a second were seen with 7 test suites at once).
+    # Measured without the sharing (the second process on an account of its own): 71 a second, 78 in the busiest.
     arrived = arrivals(sim, after_s=1)
     assert (len(arrived) - 1) / (arrived[-1] - arrived[0]) <= 40 * 1.1
     assert most_in_a_second(arrived) <= 40 * 1.5
