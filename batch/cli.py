@@ -36,13 +36,17 @@ from batch.summary import format_summary
 log = logging.getLogger("batch")
 
 
+# Every command's first argument. Paths in the job file are relative to it.
+JOB_HELP = "the job file (YAML); paths in it are relative to its folder"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batch", description="Run an LLM job over a table, checkpointed to Parquet.")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run (or resume) a job")
     retry = commands.add_parser("retry-failed", help="the same as run --retry-failed")
     for command in (run, retry):
-        command.add_argument("job", help="the job file (YAML)")
+        command.add_argument("job", help=JOB_HELP)
         command.add_argument("--retry-failed", action="store_true", default=command is retry,
                              help="send again failed rows whose error may have gone away")
         command.add_argument("--force", action="store_true",
@@ -57,26 +61,28 @@ def build_parser() -> argparse.ArgumentParser:
                              help="seconds between progress lines when not on a terminal (default 5)")
         command.add_argument("--log-format", choices=["text", "json"], default="text",
                              help="json: one JSON object per log line, for log shippers")
-        command.add_argument("-v", "--verbose", action="store_true")
+        command.add_argument("-v", "--verbose", action="store_true",
+                             help="also log every failed attempt and its retry, every row that fails, every probe "
+                                  "of an endpoint that is down and every throttle (429) as a DEBUG line")
     export = commands.add_parser("export", help="write the final table as CSV, JSONL or Parquet")
-    export.add_argument("job")
-    export.add_argument("--format", choices=["csv", "jsonl", "parquet"], required=True)
-    export.add_argument("--to", type=Path, required=True, metavar="PATH")
+    export.add_argument("job", help=JOB_HELP)
+    export.add_argument("--format", choices=["csv", "jsonl", "parquet"], required=True, help="the file's format")
+    export.add_argument("--to", type=Path, required=True, metavar="PATH", help="the file to write")
     status = commands.add_parser("status", help="rows done / failed / pending, tokens, cost, whether a run is alive "
                                                 "(of each shard, for a job split into shards)")
-    status.add_argument("job")
+    status.add_argument("job", help=JOB_HELP)
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     estimate_cmd = commands.add_parser("estimate", help="rows, tokens and cost still to come; sends nothing")
-    estimate_cmd.add_argument("job")
+    estimate_cmd.add_argument("job", help=JOB_HELP)
     estimate_cmd.add_argument("--retry-failed", action="store_true", help="count failed rows a retry would send")
     estimate_cmd.add_argument("--json", action="store_true", help="print the estimate as JSON")
     cancel = commands.add_parser("cancel", help="cancel the job's live Batch API batches (the next run keeps their "
                                                 "partial results)")
-    cancel.add_argument("job")
+    cancel.add_argument("job", help=JOB_HELP)
     validate = commands.add_parser("validate", help="check the job file, input and API key without sending anything")
-    validate.add_argument("job")
+    validate.add_argument("job", help=JOB_HELP)
     merge = commands.add_parser("merge", help="write the output of a job split into shards from every shard's records")
-    merge.add_argument("job")
+    merge.add_argument("job", help=JOB_HELP)
     merge.add_argument("--shards", type=_count, metavar="N", help="the number of shards (default: the job file's "
                                                                   "shards:, or the shard folders in its checkpoint)")
     merge.add_argument("--partial", action="store_true",

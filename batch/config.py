@@ -201,14 +201,26 @@ class Params(TypedDict, total=False):
 
 
 class InputSpec(Strict):
-    path: Place
-    id_column: Name | None = None
+    path: Place = Field(description=(
+        "The input table: .csv (UTF-8 with a header row, every column read as text), .parquet or .jsonl (one JSON "
+        "object per line); a local path (relative to the job file) or a URL (s3://, file://, or any scheme whose "
+        "fsspec package is installed). It is streamed, never loaded whole."))
+    id_column: Name | None = Field(None, description=(
+        "A column holding a unique, non-empty id per row: the key a rerun resumes by (blanks around it trimmed). "
+        "Empty or duplicate ids are refused before any request. Without one, each row's id (row_id) is derived from "
+        "its prompt."))
 
 
 class PromptSpec(Strict):
-    system: str | None = None
-    template: Name | None = None
-    messages_column: Name | None = None
+    system: str | None = Field(None, description="A system message put before every row's messages.")
+    template: Name | None = Field(None, description=(
+        "The user message, its {column} placeholders filled from the row ({{ and }} are literal braces). A row with "
+        "an empty value in a placeholder's column fails as bad_prompt, without a request. Set this or "
+        "messages_column."))
+    messages_column: Name | None = Field(None, description=(
+        "Instead of template: a column holding each row's whole message list, a JSON list of "
+        "{\"role\": ..., \"content\": ...} objects (a JSON string, or in Parquet and JSONL a real list). A row whose "
+        "value is empty or not such a list fails as bad_prompt, without a request."))
 
     @model_validator(mode="after")
     def _one_source(self) -> PromptSpec:
@@ -230,12 +242,28 @@ ProviderName = Annotated[str, PlainValidator(_known_provider)]
 
 
 class ModelSpec(Strict):
-    provider: ProviderName = DEFAULT_PROVIDER
-    name: Name
-    base_url: Annotated[str, AfterValidator(_from_environment), AfterValidator(_http_url)] | None = None
-    api_key_env: Name | None = None
-    stream: bool = False  # read the answer as server-sent events: ttft_s recorded, limits.idle_timeout_s applies
-    params: Params = Field(default_factory=lambda: Params())
+    provider: ProviderName = Field(DEFAULT_PROVIDER, description=(
+        "Whose rules apply (batch.providers.PROVIDERS): the default base_url and key variable, how a JSON Schema is "
+        "asked for, the Batch API's dialect and file limits, the ranges of params."))
+    name: Name = Field(description="The model name sent to the API, e.g. glm-4-flash; it also picks the price.")
+    base_url: Annotated[str, AfterValidator(_from_environment), AfterValidator(_http_url)] | None = Field(
+        None, description=(
+            "The API's base URL, ending before /chat/completions (default: the provider's). ${NAME} in it is the "
+            "environment variable NAME, ${NAME:-default} the default when NAME is unset or empty; an unset variable "
+            "without a default is refused."))
+    api_key_env: Name | None = Field(None, description=(
+        "The environment variable holding the API key (default: the provider's). Setting it makes the key "
+        "required, even for the local provider."))
+    # read the answer as server-sent events: ttft_s recorded, limits.idle_timeout_s applies
+    stream: bool = Field(False, description=(
+        "Ask for the answer as a stream of server-sent events and put it together as it comes: the same answer, "
+        "usage and cost, plus ttft_s (the time to its first token). limits.idle_timeout_s applies, and "
+        "limits.timeout_s defaults to 1800. Set here, not in params."))
+    params: Params = Field(default_factory=lambda: Params(), description=(
+        "Extra fields of the request body, sent as they are (temperature, max_tokens, top_p, stop, "
+        "response_format, ...); the keys of an extra_body mapping inside it are merged into the body too. "
+        "max_tokens, here or in extra_body, must be a whole number above 0. The provider's ranges apply (zhipu: "
+        "temperature 0 to 1, top_p 0.01 to 1)."))
 
     @model_validator(mode="after")
     def _keys_are_text(self) -> ModelSpec:
@@ -272,31 +300,58 @@ class ModelSpec(Strict):
 class PricingSpec(Strict):
     """CNY per million tokens; overrides the built-in table for this job's model."""
 
-    input: float = Field(ge=0)
-    output: float = Field(ge=0)
-    cached_input: float | None = Field(None, ge=0)
+    input: float = Field(ge=0, description="The price of a million prompt tokens, in CNY.")
+    output: float = Field(ge=0, description="The price of a million completion tokens, in CNY.")
+    cached_input: float | None = Field(None, ge=0, description=(
+        "The price of a million prompt tokens served from the provider's context cache, in CNY (default: as "
+        "input)."))
 
 
 class BudgetSpec(Strict):
-    max_cost: float | None = Field(None, gt=0)
-    max_total_tokens: int | None = Field(None, gt=0)
+    max_cost: float | None = Field(None, gt=0, description=(
+        "The most the whole job (all its runs together) may cost, in CNY. Each request's worst case (its prompt at "
+        "one token per byte, an answer of max_tokens) is held before it is sent, so the budget is never crossed; "
+        "when the next request does not fit, the run stops with exit 5. Needs max_tokens and a known price."))
+    max_total_tokens: int | None = Field(None, gt=0, description=(
+        "The same, counted in tokens (prompt + completion of every answer). Needs max_tokens."))
 
 
 class CacheSpec(Strict):
-    path: FilePath  # an SQLite file of answers shared by jobs; relative to the job file
+    path: FilePath = Field(description=(
+        "An SQLite file of answers keyed by request (endpoint, model, params, messages), shared between jobs: a "
+        "request asked before is answered from it, free, and its row marked cache_hit. Relative to the job file."))
 
 
 class LimitsSpec(Strict):
-    concurrency: int = Field(8, ge=1, le=4096)
-    requests_per_minute: float | None = Field(None, gt=0)
-    tokens_per_minute: float | None = Field(None, gt=0)
-    timeout_s: float = Field(120, gt=0)  # the hard cap on a whole answer (streamed: DEFAULT_STREAM_TIMEOUT_S)
-    idle_timeout_s: float | None = Field(None, gt=0)  # streamed only: the longest silence between chunks
-    max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, ge=1024)
+    concurrency: int = Field(8, ge=1, le=4096, description=(
+        "The most requests in flight at once: a ceiling, under which batch finds the server's own limit from its "
+        "429 answers (batch/online/limits.py)."))
+    requests_per_minute: float | None = Field(None, gt=0, description=(
+        "A cap on requests per minute, spread evenly over the minute."))
+    tokens_per_minute: float | None = Field(None, gt=0, description=(
+        "A cap on tokens per minute, each request counted as its estimated prompt tokens plus max_tokens."))
+    # the hard cap on a whole answer (streamed: DEFAULT_STREAM_TIMEOUT_S)
+    timeout_s: float = Field(120, gt=0, description=(
+        "The most one request may take, from sending it to the end of its answer, in seconds; a timeout is "
+        f"retried. With model.stream the default is {DEFAULT_STREAM_TIMEOUT_S:g}."))
+    # streamed only: the longest silence between chunks
+    idle_timeout_s: float | None = Field(None, gt=0, description=(
+        "With model.stream only (refused without it): the longest silence before the answer begins and between "
+        f"its chunks, in seconds; a stream silent longer is a timeout, retried. Default {DEFAULT_IDLE_TIMEOUT_S:g} "
+        "(at most timeout_s); never above timeout_s."))
+    max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, ge=1024, description=(
+        "The largest answer body read (8 MiB by default); a longer answer is a bad_response, retried."))
     # redis://[:PASSWORD@]HOST[:PORT][/DB]: every process of the account shares these limits there (batch/shared/).
-    shared: Annotated[str, AfterValidator(_from_environment), AfterValidator(_redis_url)] | None = None
+    shared: Annotated[str, AfterValidator(_from_environment), AfterValidator(_redis_url)] | None = Field(
+        None, description=(
+            "A Redis server's URL, redis://[:PASSWORD@]HOST[:PORT][/DB] (rediss:// for TLS; ${NAME} is read from "
+            "the environment): every "
+            "process using the same endpoint, key and model (a job's shards, several jobs on one key) keeps to "
+            "these limits, and a job's shards to its budget, together through that Redis server."))
     # How long a process killed without a word keeps its in-flight slots in limits.shared: renewed every third of it.
-    shared_lease_s: float = Field(30, ge=0.3, le=3600)
+    shared_lease_s: float = Field(30, ge=0.3, le=3600, description=(
+        "With limits.shared only: how long a request's slot is held for a process that stops renewing it (renewed "
+        "every third of it), in seconds: a process killed without a word gives its slots back within this."))
 
     @model_validator(mode="after")
     def _lease_needs_shared(self) -> LimitsSpec:
@@ -307,28 +362,52 @@ class LimitsSpec(Strict):
 
 
 class RetrySpec(Strict):
-    max_attempts: int = Field(6, ge=1, le=100)
-    initial_backoff_s: float = Field(1, ge=0)
-    max_backoff_s: float = Field(60, ge=0)
-    max_outage_s: float = Field(300, gt=0)  # how long the endpoint may answer nothing before the run stops (exit 3)
+    max_attempts: int = Field(6, ge=1, le=100, description="Attempts per row, the first one included.")
+    initial_backoff_s: float = Field(1, ge=0, description=(
+        "The first wait before a retry, in seconds (at most max_backoff_s); the wait grows exponentially, with "
+        "jitter. A server's Retry-After replaces it for its request (capped at 600 s)."))
+    max_backoff_s: float = Field(60, ge=0, description="The longest wait between two attempts of a row, in seconds.")
+    # how long the endpoint may answer nothing before the run stops (exit 3)
+    max_outage_s: float = Field(300, gt=0, description=(
+        "How long the endpoint may answer nothing before the run stops (exit 3, the rows not answered still "
+        "pending), in seconds. Meanwhile batch sends one probe request at a time."))
 
 
 class OutputSpec(Strict):
-    path: Place
-    keep_columns: list[str] = Field(default_factory=list)
-    parse_json: bool = False  # the reply is a JSON object: its top-level keys become columns
-    json_columns: Annotated[list[str] | None, AfterValidator(_each_once)] = None  # with parse_json: only these keys
+    path: Place = Field(description=(
+        "The final Parquet file (named .parquet; batch export writes CSV or JSONL from it), a local path (relative "
+        "to the job file) or an s3:// URL. The checkpoint folder goes beside it, named after it (.checkpoint)."))
+    keep_columns: list[str] = Field(default_factory=list, description=(
+        "Input columns copied into the output, after the id column."))
+    parse_json: bool = Field(False, description=(
+        "The reply is a JSON object: its top-level keys become columns. A reply that does not parse is asked again, "
+        "up to json_attempts requests; then the row fails as bad_json."))
+    json_columns: Annotated[list[str] | None, AfterValidator(_each_once)] = Field(None, description=(
+        "With parse_json: only these keys become columns, each named once (default: every key seen)."))
     # A JSON Schema the reply must match (a mapping, or a .json file relative to the job file): implies parse_json.
-    json_schema: Annotated[dict[str, Any] | FilePath | None, BeforeValidator(_schema_or_path)] = None
+    json_schema: Annotated[dict[str, Any] | FilePath | None, BeforeValidator(_schema_or_path)] = Field(
+        None, description=(
+            "A JSON Schema the reply must match: a mapping written here, or the path of a .json file (relative to "
+            "the job file). It implies parse_json, types the columns, and is checked before anything is sent; a "
+            "reply that does not match is asked again like one that does not parse."))
     # How the schema is asked for; default: the provider's (batch.providers.Provider.schema_via).
-    schema_via: SchemaVia | None = None
+    schema_via: SchemaVia | None = Field(None, description=(
+        "How json_schema is asked for (default: the provider's): prompt (response_format json_object and the schema "
+        "in the system prompt) or response_format (a json_schema response_format, strict)."))
     # Requests per row for a reply that parses and matches: a bad one is asked again at once, up to this many in all.
-    json_attempts: int = Field(3, ge=1, le=20)
-    checkpoint_rows: int = Field(1000, ge=1)
-    checkpoint_seconds: float = Field(10, gt=0)
+    json_attempts: int = Field(3, ge=1, le=20, description=(
+        "With parse_json or json_schema: requests per row for a reply that parses (and matches), the first one "
+        "included; each is held against the budget like a new request."))
+    checkpoint_rows: int = Field(1000, ge=1, description=(
+        "Compact the write-ahead log into a Parquet part of the checkpoint after this many results, ..."))
+    checkpoint_seconds: float = Field(10, gt=0, description=(
+        "... or after this many seconds, whichever comes first."))
     # With the output on a URL, the local folder of what cannot live in an object store (the write-ahead log, the
     # run lock, the log, files being built); by default one in the system's temp folder named after the output.
-    local_dir: FilePath | None = None
+    local_dir: FilePath | None = Field(None, description=(
+        "With output.path on a URL only: the local folder of what an object store cannot hold (the write-ahead "
+        "log, the run lock, batch.log, files being built); relative to the job file. Default: a folder in the "
+        "system's temp folder named after the output."))
 
     @model_validator(mode="after")
     def _keys_are_text(self) -> OutputSpec:
@@ -360,29 +439,43 @@ class BatchApiSpec(Strict):
     """`mode: batch_api`: the rows go to the provider's Batch API in files of at most these sizes (each at most
     the provider's limit: check_job refuses a larger one, and the preflight lowers a default above it)."""
 
-    max_requests_per_file: int = Field(BATCH_REQUESTS, ge=1)
-    max_bytes_per_file: int = Field(BATCH_BYTES, ge=4096)
+    max_requests_per_file: int = Field(BATCH_REQUESTS, ge=1, description=(
+        "Rows per Batch API input file, at most the provider's limit (default: this, or the provider's limit where "
+        "lower)."))
+    max_bytes_per_file: int = Field(BATCH_BYTES, ge=4096, description=(
+        "Bytes per Batch API input file, at most the provider's limit (default: this, or the provider's limit where "
+        "lower). A row whose request alone is larger fails as bad_request."))
     # Polls start at a second and double up to this; a run without --wait polls each batch once.
-    poll_interval_s: float = Field(60, gt=0)
+    poll_interval_s: float = Field(60, gt=0, description=(
+        "With --wait: the longest wait between two polls of the job's batches, in seconds (the first comes after "
+        "1 s, then the wait doubles up to this); a run without --wait polls each batch once."))
 
 
 class JobSpec(Strict):
     """A job file, validated: every key typed and ranged, each error naming its key and line (load_job)."""
 
-    name: Name
-    input: InputSpec
-    prompt: PromptSpec
-    model: ModelSpec
-    limits: LimitsSpec = Field(default_factory=LimitsSpec)
-    retry: RetrySpec = Field(default_factory=RetrySpec)
-    output: OutputSpec
-    pricing: PricingSpec | None = None
-    budget: BudgetSpec | None = None
-    cache: CacheSpec | None = None
-    mode: Literal["online", "batch_api"] = "online"
-    batch_api: BatchApiSpec = Field(default_factory=BatchApiSpec)
+    name: Name = Field(description="The job's name, shown in the log and the summary.")
+    input: InputSpec = Field(description="The table whose rows are sent.")
+    prompt: PromptSpec = Field(description="How each row becomes the messages of its request.")
+    model: ModelSpec = Field(description="Where the requests go and what they ask for.")
+    limits: LimitsSpec = Field(default_factory=LimitsSpec, description="How fast requests are sent, and how long "
+                                                                       "an answer may take.")
+    retry: RetrySpec = Field(default_factory=RetrySpec, description="How a failed request is retried.")
+    output: OutputSpec = Field(description="Where the answers go, and how a reply becomes columns.")
+    pricing: PricingSpec | None = Field(None, description=(
+        "This job's model's price, for a model the built-in table (batch/pricing.py) does not know or whose price "
+        "changed: it replaces the table's."))
+    budget: BudgetSpec | None = Field(None, description="The most the whole job may spend.")
+    cache: CacheSpec | None = Field(None, description=(
+        "An answer cache shared between jobs (default: each checkpoint has its own)."))
+    mode: Literal["online", "batch_api"] = Field("online", description=(
+        "How the rows are sent: online, one request per row, as fast as the limits allow; or batch_api, to the "
+        "provider's Batch API in files (half price, answers within 24 h). run --mode overrides it for one run."))
+    batch_api: BatchApiSpec = Field(default_factory=BatchApiSpec, description="The Batch API's files and polls.")
     # The job runs as this many shards (batch/shard.py), each its own process: `batch merge` joins their records.
-    shards: int | None = Field(None, ge=1, le=100_000)
+    shards: int | None = Field(None, ge=1, le=100_000, description=(
+        "Run the job as this many shards, each a process of its own (its shard: --shard K/N, or the index "
+        "JOB_COMPLETION_INDEX or SLURM_ARRAY_TASK_ID gives it); batch merge joins their records."))
 
     # Set by load_job, not by the file.
     job_path: Path = Field(default=Path("."), exclude=True)

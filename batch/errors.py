@@ -19,6 +19,25 @@ EXIT_BATCHES_LIVE = 6
 # can no longer be written. Not 1, which means "complete, some rows failed". 70 is EX_SOFTWARE (sysexits.h).
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
+# What each exit code tells the one who ran the command (the docs' table of exit codes is written from it).
+EXIT_MEANINGS = {
+    EXIT_OK: "Every row is ok; or a --limit run sent what it was asked to and rows are still pending.",
+    EXIT_ROWS_FAILED: "The job is complete, but some rows failed: each one's error_class and error say why; "
+                      "--retry-failed sends again those whose error may have gone away.",
+    EXIT_BAD_INPUT: "A mistake in the command line, the job file, its input, its output path or the environment (a "
+                    "missing API key), or a checkpoint made with other settings: one line names the file, line, key "
+                    "or row. Fix it and run again.",
+    EXIT_JOB_FATAL: "The API refused the whole job (a bad key, arrears, an unknown model, a quota), or the endpoint "
+                    "answered nothing for retry.max_outage_s: the rows not answered stay pending.",
+    EXIT_LOCKED: "Another run of the same job is alive (its lock is held): nothing was done.",
+    EXIT_BUDGET: "The budget is reached: nothing that could cross it was sent; the pending rows wait for a larger "
+                 "budget.",
+    EXIT_BATCHES_LIVE: "Batch API: batches of the job are still being worked on at the provider; what finished is "
+                       "merged. Run again later, or use --wait.",
+    EXIT_INTERNAL: "batch cannot go on: the checkpoint or the final file cannot be written, a checkpoint part was "
+                   "found damaged, or a defect in batch (its traceback goes to batch.log). Answers received are kept.",
+    EXIT_INTERRUPTED: "Stopped by Ctrl-C or SIGTERM: the checkpoint is kept, and a rerun resumes.",
+}
 
 
 class BatchError(Exception):

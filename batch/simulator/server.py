@@ -781,28 +781,37 @@ async def _serve(config: SimConfig, host: str, port: int, command: list[str]) ->
         await simulator.stop()
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The simulator's command line: where to listen, and an option for each SimConfig field."""
+    parser = argparse.ArgumentParser(
+        prog="python -m batch.simulator", description=__doc__.split("\n\n")[0],
+        epilog="With '-- COMMAND ARGS...' the command runs with BATCH_SIMULATOR_URL and BATCH_SIMULATOR_PORT set, "
+               "then the server stops and its exit code is returned.")
+    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    parser.add_argument("--port", type=int, default=18080, help="the port to listen on; 0 picks a free one")
+    parser.add_argument("--api-key-env", metavar="NAME", help="require the key held in this environment variable "
+                                                              "(Authorization: Bearer ...); otherwise answer 401 "
+                                                              "with code 1000")
+    for field in dataclasses.fields(SimConfig):
+        if field.name == "api_key":  # from --api-key-env: a key is never written on a command line
+            continue
+        option, meaning = "--" + field.name.replace("_", "-"), field.metadata["help"]
+        if str(field.type) == "bool":
+            parser.add_argument(option, action="store_true", help=meaning)
+            continue
+        kind = {"int | None": int, "float | None": float}.get(str(field.type))
+        kind = kind or {"float": float, "int": int, "str": str}[str(field.type)]
+        parser.add_argument(option, type=kind, default=field.default, help=meaning)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     command: list[str] = []
     if "--" in args_list:
         split = args_list.index("--")
         args_list, command = args_list[:split], args_list[split + 1:]
-    parser = argparse.ArgumentParser(
-        prog="python -m batch.simulator", description=__doc__.split("\n\n")[0],
-        epilog="With '-- COMMAND ARGS...' the command runs with BATCH_SIMULATOR_URL and BATCH_SIMULATOR_PORT set, "
-               "then the server stops and its exit code is returned.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=18080, help="0 picks a free port")
-    parser.add_argument("--api-key-env", metavar="NAME", help="require the key held in this env variable")
-    for field in dataclasses.fields(SimConfig):
-        if field.name == "api_key":
-            continue
-        if str(field.type) == "bool":
-            parser.add_argument("--" + field.name.replace("_", "-"), action="store_true")
-            continue
-        kind = {"int | None": int, "float | None": float}.get(str(field.type))
-        kind = kind or {"float": float, "int": int, "str": str}[str(field.type)]
-        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=field.default)
+    parser = build_parser()
     args = parser.parse_args(args_list)
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(SimConfig) if f.name != "api_key"}
     if args.api_key_env:

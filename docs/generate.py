@@ -1,0 +1,519 @@
+"""The generated parts of README.md and docs/*.md: written from the code, never by hand (issue 25).
+
+A page asks for one in a cog block (https://cog.readthedocs.io/), hidden from the rendered page by HTML comments:
+
+    <!-- [[[cog import generate; cog.out(generate.cli_reference()) ]]] -->
+    ... what the function returns, written by cog ...
+    <!-- [[[end]]] -->
+
+`python docs/generate.py` (`make docs`) writes every block again; `python docs/generate.py --check` fails when one
+is out of date, which the drift test (tests/docs/) runs. This file lives in docs/ (left out of the site by
+mkdocs.yml's exclude_docs), not in batch/: the runtime package ships the runtime only.
+
+The example outputs come from running the real commands (`batch run`, `status`, `estimate`, `validate`) on the
+repository's demo jobs against the simulator, once per process; what changes from one run to the next (times,
+rates, ports, retry waits) is written as a fixed stand-in, so writing the docs twice gives the same text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import glob
+import inspect
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import types
+import typing
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import annotated_types
+import typing_extensions
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+ROOT = Path(__file__).resolve().parent.parent
+# The files whose cog blocks `make docs` writes and the drift test checks, relative to ROOT.
+COGGED = ("README.md", "docs/*.md", "docs/*/*.md")
+# argparse wraps a usage line to the terminal's width: a fixed one, so the text is the same everywhere.
+HELP_WIDTH = 100
+# What the examples show for what changes from one run to the next.
+SOME_TIME = "2026-12-07 10:00:00"
+SOME_ISO_TIME = "2026-12-07T10:00:00+0000"
+VARIES = "…"
+# The port the demo's simulator listens on (make demo), shown for whichever port the examples' simulator took.
+DEMO_PORT = 18080
+
+
+# ---------------------------------------------------------------------------------------------- the command line
+
+def cli_reference() -> str:
+    """Every command of `batch`: what it does, its usage line and a table of its arguments (batch.cli's parser)."""
+    from batch.cli import build_parser
+    from batch.simulator.server import build_parser as simulator_parser
+
+    parts = []
+    for name, command, help_text in _commands(build_parser()):
+        parts.append(f"### `batch {name}`\n\n{_sentence(help_text)}\n")
+        if name == "simulate":  # its arguments are the simulator's own command line
+            command = simulator_parser()
+            parts.append("`batch simulate ARGS` is `python -m batch.simulator ARGS`: "
+                         f"{_sentence(command.description or '')}\n")
+        parts.append(f"```text\n{_usage(command)}\n```\n")
+        parts.append(_arguments_table(command))
+        if command.epilog:
+            parts.append(f"{_sentence(command.epilog)}\n")
+    return "\n".join(parts)
+
+
+def command_reference(name: str) -> str:
+    """One command's usage line and arguments table, for a page that explains that command."""
+    from batch.cli import build_parser
+
+    for command_name, command, _help in _commands(build_parser()):
+        if command_name == name:
+            return f"```text\n{_usage(command)}\n```\n\n{_arguments_table(command)}"
+    raise KeyError(f"batch has no command {name!r}")
+
+
+def simulator_options() -> str:
+    """The simulator's command line (`python -m batch.simulator`, `batch simulate`): its arguments table."""
+    from batch.simulator.server import build_parser as simulator_parser
+
+    command = simulator_parser()
+    return f"```text\n{_usage(command)}\n```\n\n{_arguments_table(command)}"
+
+
+def _commands(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.ArgumentParser, str]]:
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {choice.dest: choice.help or "" for choice in subparsers._choices_actions}
+    for name, command in subparsers.choices.items():
+        yield name, command, helps[name]
+
+
+def _usage(command: argparse.ArgumentParser) -> str:
+    command.formatter_class = lambda prog: argparse.HelpFormatter(prog, width=HELP_WIDTH)
+    return command.format_usage().strip()
+
+
+def _arguments_table(command: argparse.ArgumentParser) -> str:
+    rows = ["| Argument | Default | Meaning |", "|---|---|---|"]
+    for action in command._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        rows.append(f"| {_cell(_argument(action))} | {_cell(_default(action))} | {_cell(_help(action))} |")
+    return "\n".join(rows) + "\n"
+
+
+def _argument(action: argparse.Action) -> str:
+    if not action.option_strings:
+        return f"`{action.metavar or action.dest}`"
+    takes_value = action.nargs != 0
+    if not takes_value:
+        return ", ".join(f"`{option}`" for option in action.option_strings)
+    if action.choices:
+        value = "{" + ",".join(str(choice) for choice in action.choices) + "}"
+    else:
+        value = action.metavar or action.dest.upper()
+    return ", ".join(f"`{option} {value}`" for option in action.option_strings)
+
+
+def _default(action: argparse.Action) -> str:
+    if action.required:
+        return "required"
+    if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+        return ""
+    if action.default is True:
+        return "on"
+    return f"`{action.default}`"
+
+
+def _help(action: argparse.Action) -> str:
+    if not action.help:
+        raise ValueError(f"{'/'.join(action.option_strings) or action.dest}: an argument without help: give it one, "
+                         "the docs are written from it")
+    text = action.help % {"default": action.default, "prog": "batch"} if "%(" in action.help else action.help
+    return _sentence(text)
+
+
+# --------------------------------------------------------------------------------------------------- exit codes
+
+def exit_codes() -> str:
+    """The exit codes (batch.errors' EXIT_ constants), what each means, and the errors that end with it."""
+    from batch import errors
+
+    codes = {value: name for name, value in vars(errors).items() if name.startswith("EXIT_") and isinstance(value, int)}
+    rows = ["| Code | Meaning | Raised as |", "|---|---|---|"]
+    for code in sorted(codes):
+        meaning = errors.EXIT_MEANINGS.get(code)
+        if not meaning:
+            raise ValueError(f"batch.errors.{codes[code]} has no meaning in EXIT_MEANINGS")
+        # The errors batch.errors defines, not every subclass imported so far (batch.api's, a test's): the same table
+        # whatever the process imported before.
+        raised = [cls for cls in _subclasses(errors.BatchError) if cls.exit_code == code
+                  and cls.__module__ == errors.__name__]
+        as_what = "<br>".join(f"`{cls.__name__}`: {_first_sentence(cls.__doc__ or '')}" for cls in raised)
+        rows.append(f"| {code} | {_cell(meaning)} | {_cell(as_what)} |")
+    return "\n".join(rows) + "\n"
+
+
+def _subclasses(cls: type) -> list[type]:
+    found = []
+    for sub in cls.__subclasses__():
+        found.append(sub)
+        found.extend(_subclasses(sub))
+    return found
+
+
+# -------------------------------------------------------------------------------------------------- the job file
+
+def job_file_reference() -> str:
+    """Every key of a job file (batch.config.JobSpec), section by section: its type, default, range and meaning."""
+    from batch.config import JobSpec
+
+    top = [(name, field) for name, field in _keys(JobSpec) if _section_of(field) is None]
+    sections = [(name, field) for name, field in _keys(JobSpec) if _section_of(field) is not None]
+    parts = ["Top-level keys:\n", _keys_table(top, prefix="")]
+    for name, field in sections:
+        section = _section_of(field)
+        assert section is not None
+        required = "required" if field.is_required() else "optional"
+        parts.append(f"### `{name}`\n\n{field.description} This section is {required}.\n")
+        parts.append(_keys_table(list(_keys(section)), prefix=f"{name}."))
+    return "\n".join(parts)
+
+
+def _keys(model: type[BaseModel]) -> Iterator[tuple[str, FieldInfo]]:
+    for name, field in model.model_fields.items():
+        if field.exclude:  # set by batch (JobSpec.job_path), not by the file
+            continue
+        if not field.description:
+            raise ValueError(f"{model.__name__}.{name} has no description: add Field(..., description=...), the docs "
+                             "are written from it")
+        yield name, field
+
+
+def _section_of(field: FieldInfo) -> type[BaseModel] | None:
+    for candidate in (field.annotation, *typing.get_args(field.annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _keys_table(keys: list[tuple[str, FieldInfo]], prefix: str) -> str:
+    rows = ["| Key | Type | Default | Range | Meaning |", "|---|---|---|---|---|"]
+    for name, field in keys:
+        rows.append(f"| `{prefix}{name}` | {_cell(_type_of(field))} | {_cell(_default_of(field))} | "
+                    f"{_cell(_range_of(field.metadata))} | {_cell(field.description or '')} |")
+    return "\n".join(rows) + "\n"
+
+
+def _type_of(field: FieldInfo) -> str:
+    if _section_of(field) is not None:
+        return "section"
+    return _type_name(field.annotation, field.metadata)
+
+
+def _type_name(annotation: Any, metadata: list[Any]) -> str:
+    """A type as a job file's writer reads it: YAML's words, not Python's."""
+    from batch import config
+
+    named = {config._place: "path or URL", config._known_provider: "provider name",
+             config._http_url: "http(s) URL", config._redis_url: "Redis URL", config._path_text: "path"}
+    for item in metadata:
+        function = getattr(item, "func", None)
+        if function in named:
+            return named[function]
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        inner, *more = typing.get_args(annotation)
+        return _type_name(inner, [*more, *metadata])
+    if origin in (typing.Union, types.UnionType):
+        names = [_type_name(arg, []) for arg in typing.get_args(annotation) if arg is not type(None)]
+        return " or ".join(dict.fromkeys(names))
+    if origin is typing.Literal:
+        return " or ".join(f"`{value}`" for value in typing.get_args(annotation))
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return f"list of {_type_name(item, [])}"
+    if origin is dict or typing_extensions.is_typeddict(annotation):
+        return "mapping"
+    simple = {str: "text", int: "whole number", float: "number", bool: "`true` or `false`", Path: "path"}
+    if annotation in simple:
+        return simple[annotation]
+    raise ValueError(f"no words for the type {annotation!r} in docs/generate.py's _type_name: add them")
+
+
+def _default_of(field: FieldInfo) -> str:
+    if field.is_required():
+        return "required"
+    if field.default_factory is not None:
+        made = field.default_factory()  # type: ignore[call-arg]
+        return "" if isinstance(made, BaseModel) else f"`{made!r}`".replace("'", "")
+    value = field.default
+    if value is None or value is PydanticUndefined:
+        return ""
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    return f"`{value}`"
+
+
+def _range_of(metadata: list[Any]) -> str:
+    bounds = {type(item): item for item in metadata if isinstance(item, annotated_types.BaseMetadata)}
+    low = bounds.get(annotated_types.Ge) or bounds.get(annotated_types.Gt)
+    high = bounds.get(annotated_types.Le) or bounds.get(annotated_types.Lt)
+    low_text = f"{'≥' if isinstance(low, annotated_types.Ge) else '>'} {_number(_bound(low))}" if low else ""
+    high_text = f"{'≤' if isinstance(high, annotated_types.Le) else '<'} {_number(_bound(high))}" if high else ""
+    if isinstance(low, annotated_types.Ge) and isinstance(high, annotated_types.Le):
+        return f"{_number(low.ge)} to {_number(high.le)}"
+    return ", ".join(text for text in (low_text, high_text) if text)
+
+
+def _bound(item: Any) -> Any:
+    return next(getattr(item, name) for name in ("ge", "gt", "le", "lt") if hasattr(item, name))
+
+
+def _number(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) and abs(value) >= 10_000 else f"{value:g}"
+
+
+# ------------------------------------------------------------------------------------------------------- prices
+
+def priced_models() -> str:
+    """The built-in price table (batch.pricing.PRICES), one row per model and tier, in CNY per million tokens."""
+    from batch import pricing
+
+    def cached(price: pricing.Price) -> str:
+        return _price(price.cached_input) if price.cached_input is not None else "as input"
+
+    # (tier, a prompt's and an answer's tokens in it): a pricer is a function, known by what it answers.
+    tiers = ((f"prompt ≤ {pricing.SHORT_PROMPT_MAX:,} tokens, answer ≤ {pricing.SHORT_ANSWER_MAX:,}", 0, 0),
+             (f"prompt ≤ {pricing.SHORT_PROMPT_MAX:,} tokens, answer > {pricing.SHORT_ANSWER_MAX:,}",
+              0, pricing.SHORT_ANSWER_MAX + 1),
+             (f"prompt > {pricing.SHORT_PROMPT_MAX:,} tokens", pricing.SHORT_PROMPT_MAX + 1, 0))
+    rows = ["| Model | Tokens | Input | Cached input | Output |", "|---|---|---|---|---|"]
+    for model, pricer in pricing.PRICES.items():
+        prices = [(tier, pricer(prompt, completion)) for tier, prompt, completion in tiers]
+        shown = [("all", prices[0][1])] if len({price for _, price in prices}) == 1 else prices
+        for tier, price in shown:
+            rows.append(f"| `{model}` | {tier} | {_price(price.input)} | {cached(price)} | {_price(price.output)} |")
+    factor = pricing.BATCH_PRICE_FACTOR
+    return ("\n".join(rows) + "\n\n"
+            f"Prices in {pricing.CURRENCY} per million tokens, as of {pricing.PRICES_AS_OF} (`batch/pricing.py`). "
+            f"Through the Batch API each costs {factor:g} times as much. A model not in the table costs "
+            "\"unknown\", never 0: give its price in the job's `pricing:`.\n")
+
+
+def _price(value: float) -> str:
+    return f"{value:g}"
+
+
+# ---------------------------------------------------------------------------------------------- example outputs
+
+def demo_validate() -> str:
+    """`batch validate jobs/demo.yaml`: the check of the job file, input and key, sending nothing."""
+    return _example("demo_validate")
+
+
+def demo_estimate() -> str:
+    """`batch estimate jobs/demo.yaml` before the demo ran."""
+    return _example("demo_estimate")
+
+
+def demo_summary() -> str:
+    """`batch run jobs/demo.yaml`: the demo's summary (what `make demo` prints)."""
+    return _example("demo_run")
+
+
+def demo_status() -> str:
+    """`batch status jobs/demo.yaml` after the demo ran."""
+    return _example("demo_status")
+
+
+def demo_rerun() -> str:
+    """`batch run jobs/demo.yaml` again: every row done before, nothing sent."""
+    return _example("demo_rerun")
+
+
+def failed_run_summary() -> str:
+    """`batch run jobs/demo-failures.yaml -v`: the summary of a run whose rows fail, each with another class."""
+    return _example("failures_run")
+
+
+def verbose_lines() -> str:
+    """The -v lines (stderr) of that run: each failed attempt and its retry, each failed row."""
+    return _example("failures_run", stream="stderr")
+
+
+def failed_status() -> str:
+    """`batch status jobs/demo-failures.yaml` after that run: the failed rows by class."""
+    return _example("failures_status")
+
+
+# Each example command, run once, in this order, on a copy of EXAMPLE_FILES: its arguments and its exit code.
+EXAMPLE_RUNS: dict[str, tuple[tuple[str, ...], int]] = {
+    "demo_validate": (("validate", "jobs/demo.yaml"), 0),
+    "demo_estimate": (("estimate", "jobs/demo.yaml"), 0),
+    "demo_run": (("run", "jobs/demo.yaml"), 0),
+    "demo_status": (("status", "jobs/demo.yaml"), 0),
+    "demo_rerun": (("run", "jobs/demo.yaml"), 0),
+    "failures_run": (("run", "jobs/demo-failures.yaml", "-v"), 1),
+    "failures_status": (("status", "jobs/demo-failures.yaml"), 0),
+}
+# The files the examples run on, copied to a folder of their own (relative paths as in the repository).
+EXAMPLE_FILES = ("jobs/demo.yaml", "data/reviews.csv", "jobs/demo-failures.yaml", "data/failures.csv")
+
+
+def _example(run: str, stream: str = "stdout") -> str:
+    arguments, _code = EXAMPLE_RUNS[run]
+    return f"```text\n$ batch {' '.join(arguments)}\n{run_examples()[run][stream]}\n```\n"
+
+
+@functools.cache
+def run_examples() -> dict[str, dict[str, str]]:
+    """What each example command printed (stdout, stderr), made the same from run to run (normalise): each run
+    once, on a copy of the example files, against one simulator; the commands of one job file in EXAMPLE_RUNS'
+    order, those of the two job files side by side."""
+    from batch.simulator import SimConfig, SimulatorThread
+
+    with tempfile.TemporaryDirectory(prefix="batch-docs-") as folder, SimulatorThread(SimConfig()) as simulator:
+        for file in EXAMPLE_FILES:
+            (Path(folder) / file).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ROOT / file, Path(folder) / file)
+        env = {**os.environ, "BATCH_SIMULATOR_PORT": str(simulator.port), "NO_PROXY": "127.0.0.1",
+               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+        def run_in_turn(runs: list[str]) -> dict[str, dict[str, str]]:
+            outputs = {}
+            for run in runs:
+                arguments, code = EXAMPLE_RUNS[run]
+                done = subprocess.run([sys.executable, "-m", "batch", *arguments], cwd=folder, env=env,
+                                      capture_output=True, text=True, timeout=300)
+                if done.returncode != code:
+                    raise RuntimeError(f"batch {' '.join(arguments)} exited {done.returncode}, not {code}:\n"
+                                       f"{done.stdout}{done.stderr}")
+                outputs[run] = {"stdout": normalise(done.stdout, folder, simulator.port),
+                                "stderr": normalise(done.stderr, folder, simulator.port)}
+            return outputs
+
+        by_job: dict[str, list[str]] = {}
+        for run, (arguments, _code) in EXAMPLE_RUNS.items():
+            by_job.setdefault(arguments[1], []).append(run)
+        with ThreadPoolExecutor(len(by_job)) as pool:
+            done_by_job = list(pool.map(run_in_turn, by_job.values()))
+    return {run: output for outputs in done_by_job for run, output in outputs.items()}
+
+
+# A progress line comes every --progress-interval seconds (5): a slow machine shows one, a fast one none.
+_PROGRESS_LINE = re.compile(r"^.* batch INFO progress .*\n?", re.MULTILINE)
+_LOG_TIME = re.compile(r"\b\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\b")
+_ISO_TIME = re.compile(r"\b\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}\b")
+_LOCAL_PORT = re.compile(r"\b127\.0\.0\.1:\d+\b")
+# Figures measured by the clock: a run's time and rates, a retry's jittered wait.
+_MEASURED = (
+    re.compile(r"(?<=time: )\d+(\.\d+)? s"),
+    re.compile(r"\d+(\.\d+)?(?= (requests|rows)/s)"),
+    re.compile(r"(?<=retrying in )\d+(\.\d+)?(?= s)"),
+)
+
+
+def normalise(text: str, folder: str, port: int) -> str:
+    """`text` with what differs from run to run replaced by fixed stand-ins: times, measured figures, the
+    simulator's port, the temporary folder."""
+    text = _PROGRESS_LINE.sub("", text)
+    text = text.replace(str(Path(folder).resolve()) + os.sep, "").replace(folder + os.sep, "")
+    text = _LOG_TIME.sub(SOME_TIME, text)
+    text = _ISO_TIME.sub(SOME_ISO_TIME, text)
+    text = _LOCAL_PORT.sub(f"127.0.0.1:{DEMO_PORT}", text)
+    for pattern in _MEASURED:
+        text = pattern.sub(lambda match: VARIES + (" s" if match.group(0).endswith(" s") else ""), text)
+    return text.rstrip("\n")
+
+
+# --------------------------------------------------------------------------------------------------- the site
+
+def docs_map() -> str:
+    """Every page of the site but the home page, in mkdocs.yml's nav order, as a list of links with its title."""
+    import yaml
+
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))["nav"]
+    lines = []
+    for section, page in _pages(nav):
+        if page == "index.md":
+            continue
+        title = _title(ROOT / "docs" / page)
+        lines.append(f"- [{title}]({page})" + (f" ({section})" if section else ""))
+    return "\n".join(lines) + "\n"
+
+
+def _pages(nav: list[Any], section: str = "") -> Iterator[tuple[str, str]]:
+    for entry in nav:
+        if isinstance(entry, str):
+            yield section, entry
+        elif isinstance(entry, dict):
+            for name, value in entry.items():
+                if isinstance(value, list):
+                    yield from _pages(value, name)
+                else:
+                    yield section, value
+
+
+def _title(page: Path) -> str:
+    for line in page.read_text(encoding="utf-8").splitlines():
+        if line.startswith("# "):
+            return line[2:].strip()
+    raise ValueError(f"{page} has no title (a first line '# ...')")
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+
+def _cell(text: str) -> str:
+    """Text for a Markdown table's cell: its pipes escaped, on one line."""
+    return " ".join(text.replace("|", "\\|").split())
+
+
+def _sentence(text: str) -> str:
+    """A help text as a sentence of the docs: as written (it may start with a name, `json: ...`), ended by a stop."""
+    text = text.strip()
+    return text if not text or text.endswith((".", "?", "!", "…")) else text + "."
+
+
+def _first_sentence(text: str) -> str:
+    text = " ".join(inspect.cleandoc(text).split())
+    end = re.search(r"(?<=[.:;])\s", text)
+    return text[:end.start()].rstrip(":;") + "." if end else text
+
+
+def cogged_files(root: Path = ROOT) -> list[str]:
+    """The files with cog blocks, relative to `root`."""
+    return sorted({path for pattern in COGGED for path in glob.glob(pattern, root_dir=root)})
+
+
+def cog(*options: str, root: Path = ROOT, files: list[str] | None = None) -> int:
+    """cog over `files` (default: every cogged file) of `root`, this folder importable as `generate`; its exit
+    status."""
+    from cogapp import Cog
+
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        return Cog().main(["cog", *options, "-I", str(Path(__file__).parent), *(files or cogged_files(root))])
+    finally:
+        os.chdir(here)
+
+
+def main(argv: list[str]) -> int:
+    """`python docs/generate.py`: write every generated part again; `--check`: fail if one is out of date."""
+    return cog("--check", "--diff") if argv == ["--check"] else cog("-r")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
