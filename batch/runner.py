@@ -485,14 +485,24 @@ class Run:
     def _remove_signal_handlers(self) -> None:
         """Give each signal back to the handler it had before the run: the program's or its loop's own."""
         loop = asyncio.get_running_loop()
+        handlers, forgotten = _loop_signal_handlers(loop), False
         for taken in self._signals:
             if taken.loop_handle is not None:
                 # The very Handle the loop had: the signal's C-level handler and wakeup fd are the loop's already.
-                _loop_signal_handlers(loop)[taken.sig] = taken.loop_handle
-                continue
-            loop.remove_signal_handler(taken.sig)  # resets it to Python's default
-            if taken.handler is not None:  # None: set outside Python, which cannot be put back
+                handlers[taken.sig] = taken.loop_handle
+            elif taken.handler is None:  # set outside Python, which cannot be put back: Python's default then
+                loop.remove_signal_handler(taken.sig)
+            else:
+                # The program's handler first, then the loop forgets ours: loop.remove_signal_handler puts Python's
+                # default in place before the program's could go back, and a SIGTERM in between killed the process.
                 signal.signal(taken.sig, taken.handler)
+                if handlers.pop(taken.sig, None) is not None:
+                    forgotten = True
+                else:  # a loop whose table batch cannot read: its own removal, the window with it
+                    loop.remove_signal_handler(taken.sig)
+                    signal.signal(taken.sig, taken.handler)
+        if forgotten and not handlers:  # as loop.remove_signal_handler does once the loop handles no signal: its
+            signal.set_wakeup_fd(-1)  # wakeup fd closes with the loop, and a signal written to it would go astray
         self._signals.clear()
 
     def _on_signal(self, sig: int) -> None:

@@ -282,3 +282,46 @@ def test_a_signal_stops_an_async_run_with_an_exception_the_program_catches_await
         process.kill()
     assert process.returncode == 0 and "Traceback" not in err, err
     assert out == "interrupted by SIGTERM 130 40\n"
+
+
+GIVING_BACK_PROGRAM = """
+import signal
+import sys
+
+import batch
+
+taken = []
+signal.signal(signal.SIGTERM, lambda signum, frame: taken.append(signum))
+giving_back = False
+
+
+def at_every_step(frame, event, arg):
+    # While the run gives the signals back: a SIGTERM after each step it takes (a handler set, asyncio's own
+    # removal returning), so every instant between two of them is tried once.
+    global giving_back
+    if event == "call" and frame.f_code.co_name == "_remove_signal_handlers":
+        giving_back = True
+    elif event == "return" and frame.f_code.co_name == "_remove_signal_handlers":
+        giving_back = False
+        signal.raise_signal(signal.SIGTERM)
+    elif giving_back and (event == "c_return" and getattr(arg, "__name__", "") in ("signal", "set_wakeup_fd")
+                          or event == "return" and frame.f_code.co_name == "remove_signal_handler"):
+        signal.raise_signal(signal.SIGTERM)
+
+
+sys.setprofile(at_every_step)
+result = batch.run(sys.argv[1], progress=False, handle_signals=True)
+sys.setprofile(None)
+print(result.ok, bool(taken))
+"""
+
+
+def test_a_sigterm_while_the_run_gives_the_handlers_back_never_finds_the_default_in_place(make_job, sim, tmp_path):
+    """The program's own SIGTERM handler goes back before the run's is taken away: asyncio's remove_signal_handler
+    would put the default in between, and a SIGTERM then killed the program outright."""
+    job = make_job(sim)
+    script = tmp_path / "program.py"
+    script.write_text(GIVING_BACK_PROGRAM, encoding="utf-8")
+    done = subprocess.run([sys.executable, str(script), str(job)], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert (done.returncode, done.stdout) == (0, "12 True\n"), done.stderr
