@@ -21,6 +21,7 @@ import argparse
 import functools
 import glob
 import inspect
+import json
 import os
 import re
 import shutil
@@ -440,8 +441,9 @@ def normalise(text: str, folder: str, port: int) -> str:
 
 # --------------------------------------------------------------------------------------------------- the site
 
-def docs_map() -> str:
-    """Every page of the site but the home page, in mkdocs.yml's nav order, as a list of links with its title."""
+def docs_map(prefix: str = "") -> str:
+    """Every page of the site but the home page, in mkdocs.yml's nav order, as a list of links with its title;
+    `prefix` before each link (README.md's links start with docs/)."""
     import yaml
 
     nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))["nav"]
@@ -450,7 +452,7 @@ def docs_map() -> str:
         if page == "index.md":
             continue
         title = _title(ROOT / "docs" / page)
-        lines.append(f"- [{title}]({page})" + (f" ({section})" if section else ""))
+        lines.append(f"- [{title}]({prefix}{page})" + (f" ({section})" if section else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -471,6 +473,200 @@ def _title(page: Path) -> str:
         if line.startswith("# "):
             return line[2:].strip()
     raise ValueError(f"{page} has no title (a first line '# ...')")
+
+
+# ------------------------------------------------------------------------------------ the front page and guides
+
+def job_file_section(section: str) -> str:
+    """One section of the job file (`limits`, `retry`, ...): its keys' table, as in job_file_reference."""
+    from batch.config import JobSpec
+
+    field = JobSpec.model_fields[section]
+    model = _section_of(field)
+    if model is None:
+        raise KeyError(f"the job file has no section {section!r}")
+    return _keys_table(list(_keys(model)), prefix=f"{section}.")
+
+
+def providers_tables() -> str:
+    """The built-in providers (batch.providers.PROVIDERS): where each is and whose key it takes, then each rule in
+    which they differ."""
+    from batch.providers import PROVIDERS, ZHIPU_CODES
+
+    providers = list(PROVIDERS.values())
+    where = ["| `provider` | `base_url` | Key variable | Key required |", "|---|---|---|---|"]
+    for provider in providers:
+        required = "yes" if provider.key_required else "no; without one, a placeholder key is sent"
+        where.append(f"| `{provider.name}` | `{provider.base_url}` | `{provider.api_key_env}` | {required} |")
+
+    def usage(provider):
+        return "sent unasked" if provider.stream_usage_unasked else "asked for with `stream_options.include_usage`"
+
+    def schema(provider):
+        form = "in the form OpenAI's strict mode takes" if provider.strict_schema else "as written"
+        return f"`{provider.schema_via}`" + (f", {form}" if provider.schema_via == "response_format" else "")
+
+    def dialect(provider):
+        extra = ", `auto_delete_input_file`" if provider.batch_dialect.auto_delete_input_file else ""
+        return f"`{provider.batch_dialect.endpoint}`{extra}"
+
+    def files(provider):
+        return f"{provider.batch_max_requests:,} requests, {provider.batch_max_bytes:,} bytes"
+
+    def ranges(provider):
+        return ", ".join(f"`{name}` [{low:g}, {high:g}]" for name, (low, high) in provider.param_ranges.items()) \
+            or "none"
+
+    def codes(provider):
+        return "Zhipu's" if provider.codes is ZHIPU_CODES else "its own"
+
+    rules = (("Streamed usage", usage), ("`output.schema_via` default", schema), ("Batch API dialect", dialect),
+             ("Batch API file limits", files), ("`model.params` ranges", ranges), ("Business codes", codes))
+    table = ["| Rule | " + " | ".join(f"`{p.name}`" for p in providers) + " |",
+             "|---|" + "---|" * len(providers)]
+    for name, rule in rules:
+        table.append(f"| {name} | " + " | ".join(_cell(rule(p)) for p in providers) + " |")
+    return "\n".join(where) + "\n\n" + "\n".join(table) + "\n"
+
+
+def retry_failed_classes() -> str:
+    """The failure classes `--retry-failed` sends again (batch.checkpoint.answered.RETRYABLE_LATER), as a list."""
+    from batch.checkpoint.answered import RETRYABLE_LATER
+
+    return ", ".join(f"`{error_class}`" for error_class in sorted(RETRYABLE_LATER)) + "\n"
+
+
+# The one-line errors the docs show, each made by running batch on a small job of its own, in a folder of its own:
+# the job file's lines after the first three (the input, the prompt, the model), the input's text, the commands run
+# before (to make a checkpoint: `run --limit 0` sends nothing), the command, and its exit code.
+_JOB_HEAD = ("name: reviews\n"
+             "input: {path: reviews.csv, id_column: review_id}\n"
+             "prompt: {template: \"Classify: {text}\"}\n")
+_LOCAL_MODEL = "model: {provider: local, name: glm-4-flash, base_url: \"http://127.0.0.1:9/v1\"}\n"
+_OUTPUT = "output: {path: out/reviews.parquet}\n"
+_REVIEWS = "review_id,text\nr1,Love it!\nr2,Broke in a week.\n"
+ERROR_CASES: dict[str, tuple[str, str, tuple[tuple[str, ...], ...], tuple[str, ...], int]] = {
+    "unknown_key": (_LOCAL_MODEL + "limits:\n  concurency: 4\n" + _OUTPUT, _REVIEWS, (), ("validate",), 2),
+    "wrong_type": (_LOCAL_MODEL + "limits:\n  concurrency: true\n" + _OUTPUT, _REVIEWS, (), ("validate",), 2),
+    "out_of_range": (_LOCAL_MODEL + "limits:\n  concurrency: 5000\n" + _OUTPUT, _REVIEWS, (), ("validate",), 2),
+    "duplicate_key": (_LOCAL_MODEL + _LOCAL_MODEL + _OUTPUT, _REVIEWS, (), ("validate",), 2),
+    "provider_range": ("model: {provider: zhipu, name: glm-4-flash, params: {temperature: 1.5}}\n" + _OUTPUT,
+                       _REVIEWS, (), ("validate",), 2),
+    "missing_key": ("model: {provider: zhipu, name: glm-4-flash}\n" + _OUTPUT, _REVIEWS, (), ("validate",), 2),
+    "open_quote": (_LOCAL_MODEL + _OUTPUT, "review_id,text\nr1,\"Love it!\nr2,Broke in a week.\n", (),
+                   ("validate",), 2),
+    "field_count": (_LOCAL_MODEL + _OUTPUT, "review_id,text\nr1,Love it!,5\nr2,Broke in a week.\n", (),
+                    ("validate",), 2),
+    "duplicate_id": (_LOCAL_MODEL + _OUTPUT, "review_id,text\nr1,Love it!\nr1,Broke in a week.\n", (),
+                     ("validate",), 2),
+    "settings_changed": (_LOCAL_MODEL + _OUTPUT, _REVIEWS, (("run", "--limit", "0"), ("edit",)), ("validate",), 2),
+    "not_complete": (_LOCAL_MODEL + _OUTPUT, _REVIEWS, (("run", "--limit", "0"),),
+                     ("export", "--format", "csv", "--to", "out/reviews.csv"), 2),
+}
+
+
+def error_line(*cases: str) -> str:
+    """What batch prints on stderr for each of these ERROR_CASES, in one text block."""
+    lines = "\n".join(error_lines()[case] for case in cases)
+    return f"```text\n{lines}\n```\n"
+
+
+# Runs every case's commands in one process (one start-up, not one per command): its argument is the cases' folders
+# and steps as JSON; it prints each case's last exit code and stderr as JSON.
+_ERROR_DRIVER = """
+import contextlib, io, json, os, sys
+from batch.cli import main
+found = {}
+for case, (folder, steps) in json.loads(sys.argv[1]).items():
+    os.chdir(folder)
+    for step in steps:
+        if step == ["edit"]:  # the template changed since the checkpoint was made
+            with open("job.yaml", encoding="utf-8") as job:
+                text = job.read()
+            with open("job.yaml", "w", encoding="utf-8") as job:
+                job.write(text.replace("Classify:", "Summarise:"))
+            continue
+        said = io.StringIO()
+        with contextlib.redirect_stderr(said), contextlib.redirect_stdout(io.StringIO()):
+            code = main([step[0], "job.yaml", *step[1:]])
+    found[case] = [code, said.getvalue()]
+print(json.dumps(found))
+"""
+
+
+@functools.cache
+def error_lines() -> dict[str, str]:
+    """Every case of ERROR_CASES run, each in a folder of its own: what batch printed on stderr."""
+    with tempfile.TemporaryDirectory(prefix="batch-docs-") as folder:
+        cases = {}
+        for case, (job_text, reviews, before, arguments, _code) in ERROR_CASES.items():
+            (Path(folder) / case).mkdir()
+            (Path(folder) / case / "job.yaml").write_text(_JOB_HEAD + job_text, encoding="utf-8")
+            (Path(folder) / case / "reviews.csv").write_text(reviews, encoding="utf-8")
+            cases[case] = [str(Path(folder) / case), [list(step) for step in (*before, arguments)]]
+        env = {name: value for name, value in os.environ.items() if name not in ("ZHIPU_API_KEY", "OPENAI_API_KEY")}
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+        done = subprocess.run([sys.executable, "-c", _ERROR_DRIVER, json.dumps(cases)], cwd=folder, env=env,
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"the error cases did not run:\n{done.stdout}{done.stderr}")
+        found = {}
+        for case, (code, said) in json.loads(done.stdout).items():
+            if code != ERROR_CASES[case][4]:
+                raise RuntimeError(f"{case}: batch exited {code}, not {ERROR_CASES[case][4]}:\n{said}")
+            found[case] = normalise(said, cases[case][0], DEMO_PORT)
+    return found
+
+
+def simulator_port_taken() -> str:
+    """What the simulator says when its port is taken (as `make demo` shows it), as a text block."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "batch.simulator", "--port", str(port)], capture_output=True,
+                              text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    text = normalise(done.stderr, tempfile.gettempdir(), port)
+    return f"```text\n{text}\n```\n"
+
+
+# The lines of README.md that are cog's own markers: the site's copy has their output only.
+_COG_MARKER = re.compile(r"^.*\[\[\[(cog|end)\b.*$\n?", re.MULTILINE)
+
+
+def readme_as_home() -> str:
+    """README.md as the site's home page (docs/index.md): the same text, without its cog markers, its links into
+    docs/ made relative to docs/ (on GitHub the README links docs/x.md; on the site that page is x.md)."""
+    text = _COG_MARKER.sub("", (ROOT / "README.md").read_text(encoding="utf-8"))
+    return re.sub(r"\]\(docs/", "](", text)
+
+
+def business_codes() -> str:
+    """Zhipu's business codes (batch.providers.ZHIPU_CODES, which every built-in provider judges by): the class each
+    gives a failure, and what batch does about it."""
+    from batch.providers import ZHIPU_CODES as codes
+
+    def listed(numbers) -> str:
+        return ", ".join(str(number) for number in sorted(numbers))
+
+    def span(numbers: range) -> str:
+        return str(numbers.start) if len(numbers) == 1 else f"{numbers.start}-{numbers[-1]}"
+
+    rows = ["| Code | Class | What batch does |", "|---|---|---|",
+            f"| {listed(codes.rate_limited)} | `rate_limited` | retried; a `Retry-After` on "
+            f"{listed(codes.overloaded)} pauses every request |",
+            f"| {listed(codes.server_error)} | `server_error` | retried |"]
+    by_class: dict[str, list[int]] = {}
+    for code, error_class in codes.row.items():
+        by_class.setdefault(error_class, []).append(code)
+    rows += [f"| {listed(numbers)} | `{error_class}` | the row fails |" for error_class, numbers in by_class.items()]
+    job: dict[str, list[str]] = {}
+    for numbers, error_class in codes.job:
+        job.setdefault(error_class, []).append(span(numbers))
+    rows += [f"| {', '.join(spans)} | `{error_class}` | the job stops (exit 3) |" for error_class, spans in job.items()]
+    return "\n".join(rows) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
