@@ -359,6 +359,26 @@ def failed_status() -> str:
     return _example("failures_status")
 
 
+def budget_stop() -> str:
+    """`batch run jobs/demo-budget.yaml`: a run its budget stops (exit 5), the rows it could not pay for pending."""
+    return _example("budget_run")
+
+
+def budget_estimate() -> str:
+    """`batch estimate jobs/demo-budget.yaml` after that run: what the job spent, what is left of its budget."""
+    return _example("budget_estimate")
+
+
+def batch_api_submit() -> str:
+    """`batch run jobs/demo-batch.yaml`: the rows submitted in Batch API files, exit 6 while they are live."""
+    return _example("batch_submit")
+
+
+def batch_api_status() -> str:
+    """`batch status jobs/demo-batch.yaml` after that run: each live batch as the run saw it."""
+    return _example("batch_status")
+
+
 # Each example command, run once, in this order, on a copy of EXAMPLE_FILES: its arguments and its exit code.
 EXAMPLE_RUNS: dict[str, tuple[tuple[str, ...], int]] = {
     "demo_validate": (("validate", "jobs/demo.yaml"), 0),
@@ -368,9 +388,14 @@ EXAMPLE_RUNS: dict[str, tuple[tuple[str, ...], int]] = {
     "demo_rerun": (("run", "jobs/demo.yaml"), 0),
     "failures_run": (("run", "jobs/demo-failures.yaml", "-v"), 1),
     "failures_status": (("status", "jobs/demo-failures.yaml"), 0),
+    "budget_run": (("run", "jobs/demo-budget.yaml"), 5),
+    "budget_estimate": (("estimate", "jobs/demo-budget.yaml"), 0),
+    "batch_submit": (("run", "jobs/demo-batch.yaml"), 6),
+    "batch_status": (("status", "jobs/demo-batch.yaml"), 0),
 }
 # The files the examples run on, copied to a folder of their own (relative paths as in the repository).
-EXAMPLE_FILES = ("jobs/demo.yaml", "data/reviews.csv", "jobs/demo-failures.yaml", "data/failures.csv")
+EXAMPLE_FILES = ("jobs/demo.yaml", "data/reviews.csv", "jobs/demo-failures.yaml", "data/failures.csv",
+                 "jobs/demo-budget.yaml", "jobs/demo-batch.yaml")
 
 
 def _example(run: str, stream: str = "stdout") -> str:
@@ -418,6 +443,8 @@ _PROGRESS_LINE = re.compile(r"^.* batch INFO progress .*\n?", re.MULTILINE)
 _LOG_TIME = re.compile(r"\b\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\b")
 _ISO_TIME = re.compile(r"\b\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}\b")
 _LOCAL_PORT = re.compile(r"\b127\.0\.0\.1:\d+\b")
+# The simulator's Batch API ids (random, as a provider's are).
+_BATCH_ID = re.compile(r"\bbatch_[0-9a-f]{24}\b")
 # Figures measured by the clock: a run's time and rates, a retry's jittered wait.
 _MEASURED = (
     re.compile(r"(?<=time: )\d+(\.\d+)? s"),
@@ -428,12 +455,13 @@ _MEASURED = (
 
 def normalise(text: str, folder: str, port: int) -> str:
     """`text` with what differs from run to run replaced by fixed stand-ins: times, measured figures, the
-    simulator's port, the temporary folder."""
+    simulator's port and Batch API ids, the temporary folder."""
     text = _PROGRESS_LINE.sub("", text)
     text = text.replace(str(Path(folder).resolve()) + os.sep, "").replace(folder + os.sep, "")
     text = _LOG_TIME.sub(SOME_TIME, text)
     text = _ISO_TIME.sub(SOME_ISO_TIME, text)
     text = _LOCAL_PORT.sub(f"127.0.0.1:{DEMO_PORT}", text)
+    text = _BATCH_ID.sub("batch_" + VARIES, text)
     for pattern in _MEASURED:
         text = pattern.sub(lambda match: VARIES + (" s" if match.group(0).endswith(" s") else ""), text)
     return text.rstrip("\n")

@@ -203,12 +203,24 @@ def test_the_examples_show_what_the_commands_print(examples):
     assert not re.search(r"\d\d:\d\d:\d\d", everything.replace("10:00:00", ""))
 
 
+def test_the_money_and_batch_api_examples_show_what_their_pages_explain(examples):
+    stopped = examples["budget_run"]["stdout"]
+    assert "  all runs: ok 9, failed 0, pending 3" in stopped
+    assert "  stopped: budget reached: spent 0.000205 of max_cost 0.0003 CNY" in stopped
+    assert "  budget: max_cost 0.000300 CNY, 0.000095 left" in examples["budget_estimate"]["stdout"]
+    submitted = examples["batch_submit"]["stdout"]
+    assert "  3 Batch API batches are still being worked on: run again later, or use --wait" in submitted
+    assert "    batch batch_… (file 3): created, 2 rows, age 0 min" in submitted
+    assert "  Batch API: 12 pending rows sit in 3 live batches" in examples["batch_status"]["stdout"]
+
+
 _TIMES = st.builds("{} {:02d}:{:02d}:{:02d}".format, st.sampled_from(["2026-12-07", "2031-01-31"]),
                    st.integers(0, 23), st.integers(0, 59), st.integers(0, 59))
 _PIECES = st.one_of(_TIMES, st.integers(1, 65535).map("http://127.0.0.1:{}/v1".format),
                     st.floats(0, 1e4, allow_nan=False).map("time: {:.1f} s, 3 requests".format),
                     st.floats(0, 1e4, allow_nan=False).map("{:.2f} requests/s".format),
                     st.floats(0, 60, allow_nan=False).map("retrying in {:.2f} s".format),
+                    st.binary(min_size=12, max_size=12).map(lambda id_: f"batch batch_{id_.hex()} (file 1)"),
                     st.text(max_size=20))
 
 
@@ -218,6 +230,7 @@ def test_normalising_is_idempotent_and_leaves_nothing_that_varies(text, port):
     assert generate.normalise(once, "/tmp/batch-docs-x", port) == once
     assert not re.search(r"127\.0\.0\.1:(?!18080\b)\d+", once)
     assert not re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", once.replace(generate.SOME_TIME, ""))
+    assert not re.search(r"batch_[0-9a-f]{24}", once)
 
 
 def test_the_exit_codes_table_is_the_same_whatever_was_imported_before():
