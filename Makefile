@@ -54,8 +54,9 @@ $(PANDAS2_VENV)/.installed: pyproject.toml
 	$(PANDAS2_VENV)/bin/python -m pip install --quiet -e '.[dev]' 'pandas>=2.2,<3'
 	touch $@
 
+# Writes its figures to bench/results.json (committed: the docs' performance table is rendered from it).
 bench: install
-	$(PY) -m bench
+	$(PY) -m bench --json bench/results.json
 
 lint: install
 	$(VENV)/bin/ruff check batch tests bench docs/generate.py

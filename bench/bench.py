@@ -11,6 +11,9 @@ Memory and resume start use generated 100,000- and 1,000,000-row inputs, cached 
 (--data-dir) so a rerun skips generating them. No run sends a million requests (that is ~17 minutes
 at ~1,000 req/s): each sends at most --limit rows, and the rows a resume finds answered are written
 straight into the checkpoint as the part files a real run leaves (see fill_checkpoint).
+
+The scale-out parts (shards, shard_memory, s3_parts) are in bench/shards.py; the table and the file it is written
+to (--json; `make bench` writes bench/results.json, which the docs render) in bench/table.py.
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from bench.table import render
 
 MODEL = "glm-4-flash"
 SYSTEM = "You are a careful annotator."
@@ -136,8 +141,10 @@ with open(sys.argv[1], "w") as out:
 """
 
 
-def measured(cmd: list[str], workdir: Path, label: str, timeout_s: float) -> dict[str, Any]:
-    """Run cmd to its end: its exit code, stdout, wall time, the CPU the kernel charged to it, its peak RSS.
+def measured(cmd: list[str], workdir: Path, label: str, timeout_s: float,
+             env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run cmd to its end (in `env`, or this process's environment): its exit code, stdout, wall time, the CPU the
+    kernel charged to it, its peak RSS.
 
     started_at is time.perf_counter() when cmd was spawned (CLOCK_MONOTONIC: the same clock in every process).
     """
@@ -146,7 +153,7 @@ def measured(cmd: list[str], workdir: Path, label: str, timeout_s: float) -> dic
     with open(out, "w") as stdout, open(err, "w") as stderr:
         # Its own session, so the watchdog and an interrupt can end the launcher and cmd together.
         proc = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, str(usage), *cmd], stdout=stdout,
-                                stderr=stderr, start_new_session=True)
+                                stderr=stderr, start_new_session=True, env=env)
 
     def kill() -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -172,20 +179,29 @@ def measured(cmd: list[str], workdir: Path, label: str, timeout_s: float) -> dic
 @contextlib.contextmanager
 def simulator(workdir: Path, label: str, *flags: str) -> Iterator[str]:
     """A simulator process on a free port (--port 0: the kernel picks, so no race); killed on exit."""
-    log = workdir / f"sim-{label}.log"
+    with served(workdir, f"sim-{label}", [sys.executable, "-m", "batch.simulator", "--host", "127.0.0.1", "--port", "0",
+                                         *flags], r"listening on (http://([\d.]+):(\d+)/v1)") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def served(workdir: Path, label: str, cmd: list[str], listening: str,
+           env: dict[str, str] | None = None) -> Iterator[str]:
+    """A server process started by `cmd` (in `env`), once its log (workdir/LABEL.log) shows `listening` (a pattern
+    whose groups are its URL, host and port) and it accepts a connection; the URL. Stopped on exit."""
+    log = workdir / f"{label}.log"
     with open(log, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "batch.simulator", "--host", "127.0.0.1", "--port", "0",
-                                 *flags], stdout=subprocess.DEVNULL, stderr=stderr)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
     try:
         deadline = time.monotonic() + 30
         while True:
-            found = re.search(r"listening on (http://([\d.]+):(\d+)/v1)", log.read_text())
+            found = re.search(listening, log.read_text())
             with contextlib.suppress(OSError):
                 if found:  # printed after bind; a connection proves the server really accepts
                     socket.create_connection((found[2], int(found[3])), timeout=1).close()
                     break
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the simulator did not start: {log.read_text()[-500:]}")
+                raise RuntimeError(f"{label} did not start: {log.read_text()[-500:]}")
             time.sleep(0.05)
         yield found[1]
     finally:
@@ -205,27 +221,37 @@ def sim_call(url: str, path: str) -> dict[str, Any]:  # GET /_stats or POST /_re
 
 def write_job(workdir: Path, url: str, name: str, data: Path, id_column: str, limits: dict[str, Any],
               keep_columns: list[str] | None = None, retry: dict[str, Any] | None = None,
-              stream: bool = False, **extra: Any) -> tuple[Path, Path]:
-    """A job file over `data` (output and checkpoint under workdir/out); its path and its output's."""
+              stream: bool = False, output: dict[str, Any] | None = None, **extra: Any) -> tuple[Path, Path]:
+    """A job file over `data` (output and checkpoint under workdir/out, or the output settings given); its path and
+    its output's (the local one)."""
     import yaml
 
-    output = workdir / "out" / f"{name}.parquet"
+    local_output = workdir / "out" / f"{name}.parquet"
     job = {"name": name, "input": {"path": str(data.resolve()), "id_column": id_column},
            "prompt": {"system": SYSTEM, "template": TEMPLATE},
            "model": {"provider": "local", "name": MODEL, "base_url": url, "params": PARAMS, "stream": stream},
            "limits": {"timeout_s": 60, **limits}, "retry": retry or {"max_attempts": 3},
-           "output": {"path": str(output), **({"keep_columns": keep_columns} if keep_columns else {})}, **extra}
+           "output": {"path": str(local_output), **({"keep_columns": keep_columns} if keep_columns else {}),
+                      **(output or {})}, **extra}
     job_path = workdir / f"{name}.yaml"
     job_path.write_text(yaml.safe_dump(job, sort_keys=False, allow_unicode=True))
-    return job_path, output
+    return job_path, local_output
 
 
 def run_job_file(workdir: Path, job_path: Path, output: Path, label: str, *flags: str,
-                 timeout_s: float = 600) -> dict[str, Any]:
-    """`python -m batch run JOB [flags]` to its end: its process figures and summary.json."""
-    result = measured([sys.executable, "-m", "batch", "run", str(job_path), *flags], workdir, f"batch-{label}",
-                      timeout_s)
+                 timeout_s: float = 600, shard: str | None = None) -> dict[str, Any]:
+    """`python -m batch run JOB [flags]` to its end: its process figures and summary.json. `shard` (K/N): run as
+    the pod of an Indexed Job with that index (JOB_COMPLETION_INDEX), whose summary is in its shard's folder."""
+    env = None
     summary = output.with_name(f"{output.stem}.checkpoint") / "summary.json"
+    if shard is not None:
+        from batch.shard import parse_shard
+
+        chosen = parse_shard(shard)
+        env = {**os.environ, "JOB_COMPLETION_INDEX": str(chosen.index)}
+        summary = summary.parent / chosen.folder / summary.name
+    result = measured([sys.executable, "-m", "batch", "run", str(job_path), *flags], workdir, f"batch-{label}",
+                      timeout_s, env)
     if not summary.exists() or summary.stat().st_mtime < time.time() - result["wall_s"] - 1:
         raise RuntimeError(f"batch run {label} exited with {result['exit']} and no summary: {result['stderr_tail']}")
     return {**result, "summary": json.loads(summary.read_text()), "output": output}
@@ -389,12 +415,14 @@ def data_chunk(start: int, stop: int) -> Any:  # pa.Table
                      "text": [review_text(rng, i) for i in range(start, stop)]})
 
 
-def bench_inputs(folder: Path, rows: int, chunk_rows: int = DATA_CHUNK_ROWS) -> dict[str, Path]:
-    """A `rows`-row Parquet and CSV input (columns id, text), generated `chunk_rows` at a time unless cached."""
+def bench_inputs(folder: Path, rows: int, chunk_rows: int = DATA_CHUNK_ROWS,
+                 formats: tuple[str, ...] = ("parquet", "csv")) -> dict[str, Path]:
+    """A `rows`-row input in each of `formats` (Parquet, CSV; columns id, text), generated `chunk_rows` at a time
+    unless cached."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    paths = {fmt: folder / f"reviews-v{DATA_VERSION}-{rows}.{fmt}" for fmt in ("parquet", "csv")}
+    paths = {fmt: folder / f"reviews-v{DATA_VERSION}-{rows}.{fmt}" for fmt in formats}
     missing = {fmt: path for fmt, path in paths.items() if not path.exists()}
     if not missing:
         return paths
@@ -420,7 +448,7 @@ def bench_inputs(folder: Path, rows: int, chunk_rows: int = DATA_CHUNK_ROWS) -> 
     return paths
 
 
-def fill_checkpoint(folder: Path, start: int, stop: int) -> int:
+def fill_checkpoint(folder: Path, start: int, stop: int, ids: Sequence[str] | None = None) -> int:
     """Answers for rows start..stop-1 written straight into a checkpoint folder, as a run leaves them.
 
     A run compacts its log into a part file every PART_ROWS answers and merges parts only when it
@@ -428,8 +456,8 @@ def fill_checkpoint(folder: Path, start: int, stop: int) -> int:
     (batch.records.RECORD_SCHEMA): the worst case for a resume. These are the same: the ids the
     reader yields, status ok, and the other fields copied from the folder's first real answer when
     there is one (the simulator's, so the sizes match), else from a made-up answer (answer_record).
-    Resuming reads only these files, so its cost is a real resume's. Returns the number of parts
-    written.
+    Resuming reads only these files, so its cost is a real resume's. Row i's id is `ids[i]` (a shard's rows, which
+    it numbers from 0 in input order), else the generated input's row_id(i). Returns the number of parts written.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -449,7 +477,8 @@ def fill_checkpoint(folder: Path, start: int, stop: int) -> int:
     written = 0
     for lo in range(start, stop, PART_ROWS):
         seqs = range(lo, min(stop, lo + PART_ROWS))
-        varying = {"id": [row_id(i) for i in seqs], "seq": list(seqs),
+        varying = {"id": list(ids[seqs.start:seqs.stop]) if ids is not None else [row_id(i) for i in seqs],
+                   "seq": list(seqs),
                    # the simulator's answer: "[model] reply <10 hex> to: <first 32 characters of the prompt>"
                    "response": [f"[{MODEL}] reply {i:010x} to: {TEMPLATE[:32]}" for i in seqs],
                    "request_id": [f"chatcmpl-{i:012x}" for i in seqs]}
@@ -484,13 +513,13 @@ class FirstRequest(threading.Thread):
 
 
 def memory_run(workdir: Path, url: str, job: tuple[Path, Path], label: str, *flags: str,
-               watch: bool = True) -> dict[str, Any]:
+               watch: bool = True, shard: str | None = None) -> dict[str, Any]:
     """One run: peak RSS, wall time, time to its first request, and what it did (from summary.json)."""
     first = FirstRequest(url)  # resets the simulator's counters either way
     if watch:  # not for a run that sends nothing: 200 polls a second would tax its CPU throughout
         first.start()
     try:
-        run = run_job_file(workdir, *job, label, *flags)
+        run = run_job_file(workdir, *job, label, *flags, shard=shard)
     finally:
         if watch:
             first.stop()
@@ -502,6 +531,13 @@ def memory_run(workdir: Path, url: str, job: tuple[Path, Path], label: str, *fla
             "requests": sim_call(url, "/_stats")["requests"], "rows_total": s["rows_total"], "sent": s["run"]["ok"],
             "failed": s["run"]["failed"], "skipped": s["run"]["skipped"], "totals": s["job_totals"],
             "output": s["output"]}
+
+
+def startup_rss_mb(workdir: Path, label: str) -> float:
+    """The peak RSS of the interpreter and batch's imports alone (a run of a job file that does not exist): the
+    floor under every memory figure."""
+    return measured([sys.executable, "-m", "batch", "run", str(workdir / "no.yaml")], workdir, label,
+                    60)["maxrss_kb"] / 1024
 
 
 def memory(workdir: Path, data_dir: Path, sizes: tuple[int, ...], limit: int) -> dict[str, Any]:
@@ -518,9 +554,7 @@ def memory(workdir: Path, data_dir: Path, sizes: tuple[int, ...], limit: int) ->
     results: dict[str, Any] = {"generate_s": time.perf_counter() - generating, "limit": limit,
                                "data": {rows: {k: str(v) for k, v in p.items()} for rows, p in inputs.items()}}
     with simulator(workdir, "memory") as url:
-        # Interpreter and imports alone (a job file that does not exist): the floor under every figure.
-        results["startup_rss_mb"] = measured([sys.executable, "-m", "batch", "run", str(workdir / "no.yaml")],
-                                             workdir, "memory-startup", 60)["maxrss_kb"] / 1024
+        results["startup_rss_mb"] = startup_rss_mb(workdir, "memory-startup")
         limits = {"concurrency": MEMORY_CONCURRENCY}
         for rows in sizes:
             for fmt in ("csv", "parquet"):
@@ -574,13 +608,17 @@ def batch_api_rows(b: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]
 
 
 # -- the table -------------------------------------------------------------------------------------
-PARTS = ("overhead", "rate", "concurrency", "adaptive", "memory", "batch_api")
+PARTS = ("overhead", "rate", "concurrency", "adaptive", "memory", "batch_api", "shards", "shard_memory", "s3_parts")
 
 
 def table_rows(over: dict[str, Any] | None, rate_: dict[str, Any] | None, c: dict[str, Any] | None, n: int,
                mem: dict[str, Any] | None = None, adapt: list[dict[str, Any]] | None = None,
-               batch: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+               batch: dict[str, Any] | None = None, *, shards: dict[str, Any] | None = None,
+               shard_memory: dict[str, Any] | None = None,
+               s3_parts: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The table's rows for the parts that were measured (None: a part left out with --only)."""
+    from bench import shards as scale_out  # imported here: a bare client's process never loads it
+
     rows: list[tuple[str, str, str, bool | None]] = []
     if over is not None:
         rows += overhead_rows(over, n)
@@ -608,6 +646,12 @@ def table_rows(over: dict[str, Any] | None, rate_: dict[str, Any] | None, c: dic
         rows += memory_rows(mem)
     if batch is not None:
         rows += batch_api_rows(batch)
+    if shards is not None:
+        rows += scale_out.shards_rows(shards)
+    if shard_memory is not None:
+        rows += scale_out.shard_memory_rows(shard_memory)
+    if s3_parts is not None:
+        rows += scale_out.s3_parts_rows(s3_parts)
     return [dict(zip(("metric", "value", "target", "met"), row)) for row in rows]
 
 
@@ -680,22 +724,15 @@ def _seconds(value: float | None) -> str:
     return "never" if value is None else f"{value:.2f} s"
 
 
-def render(rows: list[dict[str, Any]]) -> str:
-    cells = [["metric", "value", "target", "met?"]] + [
-        [r["metric"], r["value"], r["target"], {None: "", True: "yes", False: "NO"}[r["met"]]] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(4)]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests: about a minute in all")
     parser.add_argument("--client", choices=CLIENTS, help=argparse.SUPPRESS)  # internal: one bare client
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("-n", type=int, help="overhead requests (default 20,000; --quick 2,000)")
-    parser.add_argument("--json", type=Path, default=Path("out/bench.json"), help="where the table goes as JSON")
+    parser.add_argument("--json", type=Path, default=Path("out/bench.json"),
+                        help="where the results go as JSON: the table, its notes, every figure, the date, commit and "
+                             "machine (make bench: bench/results.json)")
     parser.add_argument("--data-dir", type=Path, default=Path("out/bench-data"),
                         help="where the generated memory inputs are cached (default out/bench-data)")
     parser.add_argument("--only", type=_parts, default=PARTS, metavar="PARTS",
@@ -705,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(asyncio.run(bare_client(args.client, args.url, args.n))))
         return 0
     n = args.n or (2000 if args.quick else 20000)
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()
     got: dict[str, Any] = dict.fromkeys(PARTS)
     with tempfile.TemporaryDirectory(prefix="batch-bench-") as tmp:
         if "overhead" in args.only:
@@ -730,15 +767,66 @@ def main(argv: list[str] | None = None) -> int:
             batch_rows = BATCH_API_ROWS // (10 if args.quick else 1)
             print(f"bench: Batch API submission ({batch_rows:,} rows) ...", file=sys.stderr, flush=True)
             got["batch_api"] = batch_api(Path(tmp), args.data_dir, batch_rows)
+        scale_out_parts(Path(tmp), args, got)
     rows = table_rows(got["overhead"], got["rate"], got["concurrency"], n, got["memory"], got["adaptive"],
-                      got["batch_api"])
+                      got["batch_api"], shards=got["shards"], shard_memory=got["shard_memory"],
+                      s3_parts=got["s3_parts"])
     notes = [memory_note(got["memory"])] if got["memory"] else []
+    if got["shard_memory"]:
+        from bench.shards import shard_memory_note
+
+        notes.append(shard_memory_note(got["shard_memory"]))
+    wall_s = time.perf_counter() - started
     print("\n".join([render(rows), *notes, f"({'quick' if args.quick else 'full'} run of {','.join(args.only)}, "
-                     f"{time.perf_counter() - started:.0f} s, {os.cpu_count()} CPUs)"]))
+                     f"{wall_s:.0f} s, {os.cpu_count()} CPUs)"]))
+    results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **checkout(),
+               "machine": machine(load_before),
+               "mode": "quick" if args.quick else "full", "parts": list(args.only), "wall_s": round(wall_s, 1),
+               "requests": n, "table": rows, "notes": notes, "figures": got}
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"mode": "quick" if args.quick else "full", "parts": args.only, "requests": n,
-                                     "table": rows, "notes": notes, **got}, indent=2, default=str) + "\n")
+    args.json.write_text(json.dumps(results, indent=2, default=str, ensure_ascii=False) + "\n")
     return 0  # a benchmark reports; an unmet target is a finding in the table, not a crash
+
+
+def scale_out_parts(workdir: Path, args: argparse.Namespace, got: dict[str, Any]) -> None:
+    """The scale-out parts (bench/shards.py) asked for by --only, into `got`."""
+    from bench import shards
+
+    scale = 10 if args.quick else 1
+    if "shards" in args.only:
+        print(f"bench: {shards.SHARDS} shards ({shards.SHARD_ROWS // scale:,} rows) ...", file=sys.stderr, flush=True)
+        got["shards"] = shards.shards(workdir, shards.SHARD_ROWS // scale)
+    if "shard_memory" in args.only:
+        rows = shards.SHARD_MEMORY_ROWS // scale
+        print(f"bench: memory of shard 0 of {shards.SHARDS} ({rows:,} rows) ...", file=sys.stderr, flush=True)
+        got["shard_memory"] = shards.shard_memory(workdir, args.data_dir, rows, shards.SHARD_MEMORY_LIMIT // scale)
+    if "s3_parts" in args.only:
+        print("bench: checkpoint parts on S3 (moto) ...", file=sys.stderr, flush=True)
+        got["s3_parts"] = shards.s3_parts(workdir)
+
+
+def checkout() -> dict[str, Any]:
+    """The commit measured, and whether the work tree had changes beside it (None where git cannot tell)."""
+    def git(*args: str) -> str | None:
+        with contextlib.suppress(OSError, subprocess.CalledProcessError):
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                                  cwd=Path(__file__).parent).stdout.strip()
+        return None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "--short=12", "HEAD"), "dirty": None if status is None else bool(status)}
+
+
+def machine(load_before: tuple[float, float, float]) -> dict[str, Any]:
+    """The machine the figures are from: its cores, CPU, Python, and its load average at the start and now."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()]}
 
 
 def _parts(text: str) -> tuple[str, ...]:
