@@ -311,7 +311,8 @@ class BudgetSpec(Strict):
     max_cost: float | None = Field(None, gt=0, description=(
         "The most the whole job (all its runs together) may cost, in CNY. Each request's worst case (its prompt at "
         "one token per byte, an answer of max_tokens) is held before it is sent, so the budget is never crossed; "
-        "when the next request does not fit, the run stops with exit 5. Needs max_tokens and a known price."))
+        "when a request does not fit even with nothing in flight, the run stops with exit 5. Needs max_tokens and "
+        "a known price."))
     max_total_tokens: int | None = Field(None, gt=0, description=(
         "The same, counted in tokens (prompt + completion of every answer). Needs max_tokens."))
 

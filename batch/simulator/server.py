@@ -795,7 +795,8 @@ def build_parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(SimConfig):
         if field.name == "api_key":  # from --api-key-env: a key is never written on a command line
             continue
-        option, meaning = "--" + field.name.replace("_", "-"), field.metadata["help"]
+        # A setting without a meaning still gets its option; the docs' generator refuses it (docs/generate.py).
+        option, meaning = "--" + field.name.replace("_", "-"), field.metadata.get("help")
         if str(field.type) == "bool":
             parser.add_argument(option, action="store_true", help=meaning)
             continue

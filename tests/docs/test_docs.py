@@ -4,6 +4,7 @@ docs/generate.py writes from the code now, and the site builds with --strict (no
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import shutil
@@ -240,3 +241,17 @@ def test_the_exit_codes_table_is_the_same_whatever_was_imported_before():
         """An error defined outside batch.errors (batch.api's, a test's)."""
 
     assert generate.exit_codes() == before
+
+
+def test_every_simulator_setting_is_an_option_with_its_meaning():
+    from batch.simulator import SimConfig
+    from batch.simulator.server import build_parser as simulator_parser
+
+    options = generate.simulator_options()
+    by_option = {action.option_strings[0]: action for action in simulator_parser()._actions if action.option_strings}
+    for field in dataclasses.fields(SimConfig):
+        if field.name == "api_key":  # from --api-key-env
+            continue
+        option = "--" + field.name.replace("_", "-")
+        assert by_option[option].help == field.metadata["help"], option
+        assert f"`{option}" in options and generate._cell(field.metadata["help"]) in options, option
