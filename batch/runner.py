@@ -271,7 +271,7 @@ class Run:
         from batch.batch_api.answerer import BatchAnswerer
 
         pricer = batch_pricer(self.plan.pricer)
-        budget = self._budget(done, pricer) if self.plan.budget else None
+        budget = self._budget(done, pricer, shared=self.shared) if self.plan.budget else None
         answerer = BatchAnswerer(self.plan, self.ledger, done, pricer, budget, self.stop,
                                  submit=self.mode == "batch_api", wait=self.options.wait,
                                  more_rows=lambda record: self._rows_to_send(done, stats, record),
@@ -362,8 +362,8 @@ class Run:
 
     def _budget(self, done: RowStates, pricer: Pricer | None = None, shared: SharedLimits | None = None) -> Budget:
         """The job's budget, reserving at `pricer` (the Batch API's), or at the online price; held in Redis beside
-        every other process's of the job with `shared` (limits.shared: online only, as the Batch API holds a whole
-        file at once, which batch/shared/spend.py does not take)."""
+        every other process's of the job with `shared` (limits.shared; the Batch API holds one growing hold per
+        file, and tells a submitted file's hold as spent until its batch ends)."""
         spent = self.checkpoint.spent(done, self._id_batches)
         assert self.plan.budget is not None and self.plan.max_tokens is not None  # the preflight's checks
         locations = self.plan.locations

@@ -182,8 +182,7 @@ class BatchAnswerer:
         self._api: openai.AsyncOpenAI | None = None
         if budget is not None:  # what earlier runs' live batches may still cost, held whether it fits or not
             for entry in ledger.live():
-                budget.held_cost += entry.hold_cost
-                budget.held_tokens += entry.hold_tokens
+                budget.hold_live(Hold(entry.hold_cost, entry.hold_tokens))
 
     # -- the Answerer ----------------------------------------------------------------------------
     async def answer(self, rows: AsyncIterator[Pending], record: Callable[[Record], None]) -> None:
@@ -652,9 +651,10 @@ class BatchAnswerer:
                 building = None
             bound = prompt_token_bound(pending.messages)
             hold = None
+            number = building.number if building is not None else self.ledger.next_number()
             if self.budget is not None:
                 hold = self.budget.worst_case(bound)
-                if not self.budget.take(hold):
+                if not await self.budget.take(hold, _file_name(number)):
                     # Live batches (and the file being built) hold their worst case: as they end, what they did
                     # not spend is free again. The budget is reached only when nothing holds any of it.
                     if self.ledger.live() or (building is not None and len(building.rows)):
@@ -663,7 +663,7 @@ class BatchAnswerer:
                         self.stop.note(self.budget.describe(), EXIT_BUDGET)
                     break
             if building is None:
-                building = self._start(self.ledger.next_number())
+                building = self._start(number)
             self._add(building, pending, body, hold, bound)
         if building is not None:
             await self._finish(building)
@@ -703,6 +703,8 @@ class BatchAnswerer:
         self.ledger.note("file", number, tag=self.tag, rows=len(building.rows), bytes=building.bytes,
                          records_before=self.states.record_count, hold_cost=building.hold_cost,
                          hold_tokens=building.hold_tokens)
+        if self.budget is not None:
+            self.budget.submit(_file_name(number), Hold(building.hold_cost, building.hold_tokens))
         seqs = np.frombuffer(building.rows.seqs, np.int64)
         self.states.hold(seqs, self.states.record_count)
         self.submissions[seqs] += 1
@@ -772,6 +774,11 @@ class BatchAnswerer:
     def live_batches(self) -> list[dict[str, Any]]:
         now = time.time()
         return [describe(entry, now) for entry in self.ledger.live()]
+
+
+def _file_name(number: int) -> str:
+    """Request file `number` as the budget names its hold (one for all its rows)."""
+    return f"file-{number}"
 
 
 def answered_lines(entry: BatchFile) -> int:

@@ -50,6 +50,10 @@ class Budget:
         self.spent_tokens = spent_tokens
         self.held_cost = 0.0
         self.held_tokens = 0
+        # Of what is held: the worst case of the rows in live Batch API batches. Paid for or not, it is the
+        # provider's to answer, after this process too: with `shared`, it is told as spent by this checkpoint.
+        self.live_cost = 0.0
+        self.live_tokens = 0
         self.in_flight = 0
         self.reached = False
         self._settled = asyncio.Event()
@@ -57,7 +61,7 @@ class Budget:
         self._warned_usage = False
         self.shared = shared
         if shared is not None:
-            shared.publish((spent_cost, spent_tokens))
+            shared.publish(self._committed())
 
     def worst_case(self, prompt_bound: int) -> Hold:
         """The most a request with a prompt of at most `prompt_bound` tokens can cost."""
@@ -107,20 +111,53 @@ class Budget:
         self.in_flight += 1
         return hold
 
-    def take(self, hold: Hold) -> bool:
-        """Hold `hold` now if it fits beside what is spent and held, without waiting (the Batch API reserves a
-        file's rows before submitting it); False, and the budget is reached, when it does not."""
+    async def take(self, hold: Hold, file: str) -> bool:
+        """Hold `hold` for a row of the Batch API file `file` (its name) now, if it fits beside what is spent and
+        held, without waiting for anything to settle (the Batch API reserves a file's rows before submitting it);
+        False when it does not. With `shared`, in one hold of the file's in Redis, beside every process's."""
         if not self._fits(hold):
-            self.reached = True
             return False
+        if self.shared is not None:
+            mine = (self.spent_cost + self.held_cost, self.spent_tokens + self.held_tokens)
+            verdict, _ = await self.shared.hold(hold.cost, hold.tokens, self.max_cost, self.max_tokens_total, mine,
+                                                growing=file)
+            if not verdict.taken:
+                return False
         self.held_cost += hold.cost
         self.held_tokens += hold.tokens
         return True
 
+    def submit(self, file: str, hold: Hold) -> None:
+        """The Batch API file `file`, holding `hold` (what `take` held for its rows), is in the ledger, to be sent:
+        its hold is now a live batch's, which outlives this process (with `shared`, told as this checkpoint's
+        spending, and the file's hold in Redis ended)."""
+        self.live_cost += hold.cost
+        self.live_tokens += hold.tokens
+        if self.shared is not None:
+            self.shared.settle(self.shared.key_of(file), self._committed())
+
+    def hold_live(self, hold: Hold) -> None:
+        """A live batch of an earlier run, holding `hold`: held whether it fits or not (it was sent)."""
+        self.held_cost += hold.cost
+        self.held_tokens += hold.tokens
+        self.live_cost += hold.cost
+        self.live_tokens += hold.tokens
+        if self.shared is not None:
+            self.shared.publish(self._committed())
+
     def give_back(self, hold: Hold) -> None:
-        """Release what `take` held for a batch (its answers are counted one by one, by `count`)."""
+        """Release what a live batch held (its answers are counted one by one, by `count`), once it has ended."""
         self.held_cost -= hold.cost
         self.held_tokens -= hold.tokens
+        self.live_cost -= hold.cost
+        self.live_tokens -= hold.tokens
+        if self.shared is not None:
+            self.shared.publish(self._committed())
+
+    def _committed(self) -> tuple[float, int]:
+        """What this process has spent, or sent to be answered in live batches: what it tells the shared budget it
+        has spent (a live batch's hold is not this run's to renew: it is the provider's until the batch ends)."""
+        return self.spent_cost + self.live_cost, self.spent_tokens + self.live_tokens
 
     def _fits(self, hold: Hold) -> bool:
         if self.max_cost is not None and self.spent_cost + self.held_cost + hold.cost > self.max_cost:
@@ -137,7 +174,7 @@ class Budget:
         self.spent_cost += cost
         self.spent_tokens += tokens
         if self.shared is not None:
-            self.shared.publish((self.spent_cost, self.spent_tokens))
+            self.shared.publish(self._committed())
         return cost, tokens
 
     def still_fits(self) -> bool:
@@ -162,7 +199,7 @@ class Budget:
         elif record is not None:  # what `spend` counted stays counted: it was paid
             _keep_worst_case(record, counted[0], counted[1])
         if self.shared is not None and hold.key is not None:
-            self.shared.settle(hold.key, (self.spent_cost, self.spent_tokens))
+            self.shared.settle(hold.key, self._committed())
 
     def count(self, worst: Hold, record: Record) -> None:
         """Count what a Batch API answer cost (its batch's hold is given back whole); one without usage counts as
@@ -172,6 +209,8 @@ class Budget:
             self.spent_cost += cost
             self.spent_tokens += tokens
             _keep_worst_case(record, cost, tokens)
+            if self.shared is not None:
+                self.shared.publish(self._committed())
 
     def _cost_of(self, worst: Hold, record: Record) -> tuple[float, int]:
         """A billed answer's cost and tokens, each it lacks (no usage) at `worst`, with one warning a run."""

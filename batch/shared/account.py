@@ -6,6 +6,7 @@ Only a job with limits.shared imports the Redis client (a third of a second): th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -34,6 +35,9 @@ class SharedLimits:
         self.leases = leases
         self.budget: SharedSpend | None = None
         self._keeping: asyncio.Task[None] | None = None
+        # Set by close: the renewals end at it even when their task's cancel was lost (Python 3.11's wait_for, which
+        # a Redis call may be in, drops a cancel that comes as its call completes: the task would renew forever).
+        self._closing = asyncio.Event()
 
     def rate(self, name: str, per_minute: float, static_share: Callable[[int], AsyncLimiter]) -> SharedRate:
         """The account's `name` (requests, tokens) per minute; `static_share(N)` is this process's limiter while
@@ -59,7 +63,7 @@ class SharedLimits:
         """Renew the leases and the holds every third of their TTL, and count the processes sharing the account."""
         from batch.shared.connection import REDIS_ERRORS
 
-        while True:
+        while not self._closing.is_set():
             if not self.link.down:
                 try:
                     await self.leases.renew()
@@ -67,10 +71,12 @@ class SharedLimits:
                         await self.budget.renew()
                 except REDIS_ERRORS as exc:
                     self.link.lost(exc, "each process keeps to its static share")
-            await asyncio.sleep(self.leases.ttl_ms / 3000)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self.leases.ttl_ms / 3000)
 
     async def close(self) -> None:
         if self._keeping is not None:
+            self._closing.set()
             self._keeping.cancel()
             await asyncio.gather(self._keeping, return_exceptions=True)
         try:

@@ -6,7 +6,10 @@ the job has spent and holds, and adds the new hold only if it fits under `budget
 `budget.max_total_tokens`: the processes never together cross the budget. What a process has spent is one field
 per checkpoint, written whole (its checkpoint's spend plus this run's), so a process started again replaces its
 number instead of adding it twice. A hold expires unless renewed (with the leases, every third of
-`limits.shared_lease_s`): a process killed gives its holds back.
+`limits.shared_lease_s`): a process killed gives its holds back. A Batch API file holds its rows in one hold that
+grows row by row (HOLD takes a hold's whole, so a renewed or lost one is set right); once the file is in the ledger,
+its hold ends and its worst case is told as the checkpoint's spending until its batch is merged (money/budget.py), so
+a batch still live after its process exits keeps its part of the budget.
 
 An outage (batch/shared/connection.py's Link): a process keeps to its part of what was left at Redis's last
 answer: what it had spent and held then, plus the budget left for everyone then over N processes. So the
@@ -41,8 +44,10 @@ end
 
 # KEYS: holds (id -> expiry), hold cost, hold tokens, spent cost, spent tokens (by checkpoint).
 # ARGV: now ms (negative: Redis's clock), TTL ms, the hold's id, its cost, its tokens, max cost, max tokens (negative:
-# no limit). Returns {taken (1 or 0), holds after, cost spent and held, tokens spent and held} (numbers as text:
-# Redis would cut a Lua number to an integer).
+# no limit). The cost and tokens are the hold's whole, after it grows: a hold of an id held already grows to them (a
+# Batch API file's one hold grows row by row), by what they add to what Redis holds for it (none, if it lost it).
+# Returns {taken (1 or 0), holds after, cost spent and held, tokens spent and held} (numbers as text: Redis would
+# cut a Lua number to an integer).
 HOLD = _NOW + """
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
   redis.call('HDEL', KEYS[2], id)
@@ -50,16 +55,17 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local cost, tokens = sum(KEYS[2]) + sum(KEYS[4]), sum(KEYS[3]) + sum(KEYS[5])
-local holds = redis.call('ZCARD', KEYS[1])
-local add_cost, add_tokens = tonumber(ARGV[4]), tonumber(ARGV[5])
+local add_cost = tonumber(ARGV[4]) - tonumber(redis.call('HGET', KEYS[2], ARGV[3]) or '0')
+local add_tokens = tonumber(ARGV[5]) - tonumber(redis.call('HGET', KEYS[3], ARGV[3]) or '0')
 local max_cost, max_tokens = tonumber(ARGV[6]), tonumber(ARGV[7])
 if (max_cost >= 0 and cost + add_cost > max_cost) or (max_tokens >= 0 and tokens + add_tokens > max_tokens) then
-  return {0, holds, string.format('%.17g', cost), string.format('%.17g', tokens)}
+  return {0, redis.call('ZCARD', KEYS[1]), string.format('%.17g', cost), string.format('%.17g', tokens)}
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
 redis.call('HSET', KEYS[3], ARGV[3], ARGV[5])
-return {1, holds + 1, string.format('%.17g', cost + add_cost), string.format('%.17g', tokens + add_tokens)}
+return {1, redis.call('ZCARD', KEYS[1]), string.format('%.17g', cost + add_cost),
+        string.format('%.17g', tokens + add_tokens)}
 """
 
 # KEYS: as HOLD's. ARGV: now ms, TTL ms, the checkpoint, its cost spent, its tokens spent, then the holds ended
@@ -133,29 +139,36 @@ class SharedSpend:
                 self.spent[1] + sum(tokens for _, tokens in self.held.values()))
 
     async def hold(self, cost: float, tokens: int, max_cost: float | None, max_tokens: int | None,
-                   mine: tuple[float, int]) -> tuple[Verdict, str]:
+                   mine: tuple[float, int], growing: str | None = None) -> tuple[Verdict, str]:
         """Hold `cost` and `tokens` for the job if they fit beside everything spent and held; `mine` is what this
         process has spent and holds (its budget's count), which an outage's allowance is checked against. The
-        verdict, and the hold's id (to settle it by)."""
-        key = f"{self.token}:{next(self._ids)}"
+        verdict, and the hold's id (to settle it by). `growing`: added to this process's hold of that name (a Batch
+        API file's, one hold for all its rows, so the job's holds stay few) instead of a new one."""
+        key = self.key_of(growing) if growing is not None else f"{self.token}:{next(self._ids)}"
+        before = self.held.get(key, (0.0, 0))
+        whole = (before[0] + cost, before[1] + tokens)
         if not self.link.down:
             try:
                 taken, holds, all_cost, all_tokens = await self._hold(keys=self.keys, args=[
-                    self._now(), self.ttl_ms, key, repr(float(cost)), tokens,
+                    self._now(), self.ttl_ms, key, repr(float(whole[0])), whole[1],
                     -1 if max_cost is None else repr(float(max_cost)), -1 if max_tokens is None else max_tokens])
             except REDIS_ERRORS as exc:
                 self.link.lost(exc, OUTAGE)
             else:
                 if taken:
-                    self.held[key] = (cost, tokens)
+                    self.held[key] = whole
                 mine_cost, mine_tokens = self._mine()
                 self._view = (float(all_cost), float(all_tokens), mine_cost, mine_tokens)
                 return Verdict(bool(taken), int(holds)), key
         allowed_cost, allowed_tokens = self._outage_allowance(max_cost, max_tokens)
         fits = mine[0] + cost <= allowed_cost and mine[1] + tokens <= allowed_tokens
         if fits:
-            self.held[key] = (cost, tokens)
+            self.held[key] = whole
         return Verdict(fits, len(self.held)), key
+
+    def key_of(self, name: str) -> str:
+        """The id of this process's hold named `name` (hold's `growing`)."""
+        return f"{self.token}:{name}"
 
     def _outage_allowance(self, max_cost: float | None, max_tokens: int | None) -> tuple[float, float]:
         """What this process may have spent and held while Redis is away: its part of the job's at Redis's last

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 from helpers import until
 
+from batch.shared.account import SharedLimits
 from batch.shared.connection import Link, open_client
 from batch.shared.leases import Leases
 
@@ -106,3 +107,30 @@ async def test_in_an_outage_a_process_keeps_to_its_share_counting_what_it_has_in
     await until(lambda: not own.link.down, "the link back up")
     assert redis_server.client().zcard(f"{PREFIX}:leases") == 4, "the leases held were not given back to Redis"
     await own.link.close()
+
+
+class CancelLosingLeases(Leases):
+    """Leases whose renewal loses a cancel that comes while it waits, as Python 3.11's asyncio.wait_for (which a
+    Redis call may be in) does when the call completes at the same moment."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.renewing = asyncio.Event()
+
+    async def renew(self) -> None:
+        self.renewing.set()
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            pass  # the cancel is lost: the renewal goes on
+        await super().renew()
+
+
+@pytest.mark.asyncio
+async def test_a_run_ends_its_renewals_even_when_their_cancel_is_lost(redis_server):
+    url = redis_server.url
+    lost = CancelLosingLeases(Link(open_client(url), url), PREFIX, "a", 2, 0.3)
+    shared = SharedLimits(lost.link, url, PREFIX, "a", lost)
+    shared.start()
+    await lost.renewing.wait()
+    await asyncio.wait_for(shared.close(), 5)  # a renewal loop that never ends would hold the run open forever

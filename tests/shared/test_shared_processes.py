@@ -13,6 +13,10 @@ import pandas as pd
 import yaml
 from helpers import ROWS, checkpoint_of, start_run, wait_until
 
+import batch
+from batch.batch_api.ledger import ledger_at
+from batch.config import load_job
+from batch.preflight import job_shards
 from batch.shared.connection import account_key
 
 MODEL = "glm-4-flash"
@@ -161,3 +165,36 @@ def test_shards_sharing_a_budget_never_cross_it_together(make_job, sim, redis_se
     assert 5 in codes, "the job's budget was never reached"
     assert 0 < spent <= 600
     assert sim.stats()["requests"] < len(ROWS)
+
+
+def test_batch_api_shards_sharing_a_budget_never_hold_more_than_it_together(make_job, start_sim, redis_server):
+    """Batch API shards under limits.shared: each file's rows are held in Redis beside every process's, and a
+    submitted file's hold stays counted after its process has exited (its batch is live at the provider), so the
+    shards' live batches and spending together never pass the job's budget, at once or one after the other."""
+    sim = start_sim(batch_speed=0)  # no batch ends until the clock is advanced: every hold stays live
+    job = make_job(sim, rows=ROWS, shards=2, mode="batch_api", limits={"shared": redis_server.url},
+                   batch_api={"max_requests_per_file": 8, "poll_interval_s": 0.05}, budget={"max_total_tokens": 600})
+    parts = job_shards(load_job(job))
+    assert parts is not None
+
+    def held_and_spent() -> int:
+        """The worst case of the shards' live batches, and what they have spent, as the budget counts them."""
+        live = sum(entry.hold_tokens for part in parts for entry in ledger_at(part.locations).files.values()
+                   if entry.live)
+        return live + sum(shard["budget_tokens"] for shard in batch.status(job)["shards"])
+
+    for run in [start_run(job, "--shard", f"{k}/2") for k in range(2)]:  # at once
+        code, err = finish(run)
+        assert code in (5, 6), err  # 6: its batches are live; 5: the other's hold the whole budget
+    # Each alone would hold up to 600 (limits.shared keeps the job's whole budget in every shard): together, too.
+    assert 0 < held_and_spent() <= 600
+    code, err = finish(start_run(job, "--shard", "0/2"))  # again, its batches still live: the budget is still held
+    assert code in (5, 6), err
+    assert held_and_spent() <= 600
+
+    sim.advance(3600)  # the batches end: each shard merges what they cost and holds what is left for more rows
+    for k in range(2):
+        code, err = finish(start_run(job, "--shard", f"{k}/2"))
+        assert code in (0, 5, 6), err
+    assert sum(shard["ok"] for shard in batch.status(job)["shards"]) > 0
+    assert held_and_spent() <= 600
