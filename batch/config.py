@@ -427,6 +427,8 @@ class OutputSpec(Strict):
         # Its default, written out (a JobSpec dumped and validated again), is no mistake.
         if self.json_attempts != type(self).model_fields["json_attempts"].default and not self.parse_json:
             raise ValueError("json_attempts is for replies parsed as JSON: set parse_json: true or a json_schema")
+        if self.json_columns is not None and not self.parse_json:  # else ignored: no reply is parsed for its keys
+            raise ValueError("json_columns picks keys of replies parsed as JSON: set parse_json: true or a json_schema")
         return self
 
 

@@ -297,6 +297,8 @@ def test_the_schema_is_part_of_the_checkpoints_settings(sim, make_job, run_cli):
     ({"json_schema": SCORE, "parse_json": False}, "json_schema needs the reply parsed as JSON"),
     ({"schema_via": "prompt"}, "set json_schema too"),
     ({"json_attempts": 2}, "json_attempts is for replies parsed as JSON"),
+    ({"json_columns": ["label"]}, "json_columns picks keys of replies parsed as JSON"),
+    ({"json_columns": ["label"], "parse_json": False}, "json_columns picks keys of replies parsed as JSON"),
     ({"json_schema": SCORE, "json_attempts": 0}, "json_attempts"),
 ])
 def test_output_keys_that_do_not_go_together_are_refused(sim, make_job, run_cli, output, message):
