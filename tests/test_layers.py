@@ -1,4 +1,4 @@
-"""The stages import down, never up, and nothing imports in a loop (ARCHITECTURE.md's layers, read off the code).
+"""The stages import down, never up, and nothing imports in a loop (docs/architecture.md's layers, read off the code).
 
 Every import counts: at the top of a module, inside a function, or for type checking only."""
 

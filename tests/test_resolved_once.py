@@ -1,4 +1,4 @@
-"""Settings are resolved once (ARCHITECTURE.md): only the preflight reads the job file's keys; every stage after it
+"""Settings are resolved once (docs/architecture.md): only the preflight reads the job file's keys; every stage after it
 reads the typed values of the `Plan` (batch/plan.py). Read off the code with `ast`, like tests/test_layers.py."""
 
 from __future__ import annotations

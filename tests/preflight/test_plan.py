@@ -1,5 +1,5 @@
 """The Plan is the resolved job: a run reads its typed values, made once by the preflight, never the job file again
-(ARCHITECTURE.md, "Settings are resolved once"; tests/test_resolved_once.py reads the code for the same rule)."""
+(docs/architecture.md, "Settings are resolved once"; tests/test_resolved_once.py reads the code for the same rule)."""
 
 from __future__ import annotations
 
