@@ -379,6 +379,26 @@ def batch_api_status() -> str:
     return _example("batch_status")
 
 
+def shard_run() -> str:
+    """`batch run jobs/demo-shards.yaml --shard 0/3`: one shard's run, its summary naming it."""
+    return _example("shards_run_0")
+
+
+def shards_status() -> str:
+    """`batch status jobs/demo-shards.yaml` with two of its three shards finished: each shard's state."""
+    return _example("shards_status")
+
+
+def merge_refused() -> str:
+    """`batch merge jobs/demo-shards.yaml` while a shard has not finished: the one line refusing it (exit 2)."""
+    return _example("shards_merge_refused", stream="stderr")
+
+
+def merge_summary() -> str:
+    """`batch merge jobs/demo-shards.yaml` once every shard has finished: the one output, the shards' sums."""
+    return _example("shards_merge")
+
+
 # Each example command, run once, in this order, on a copy of EXAMPLE_FILES: its arguments and its exit code.
 EXAMPLE_RUNS: dict[str, tuple[tuple[str, ...], int]] = {
     "demo_validate": (("validate", "jobs/demo.yaml"), 0),
@@ -392,10 +412,16 @@ EXAMPLE_RUNS: dict[str, tuple[tuple[str, ...], int]] = {
     "budget_estimate": (("estimate", "jobs/demo-budget.yaml"), 0),
     "batch_submit": (("run", "jobs/demo-batch.yaml"), 6),
     "batch_status": (("status", "jobs/demo-batch.yaml"), 0),
+    "shards_run_0": (("run", "jobs/demo-shards.yaml", "--shard", "0/3"), 0),
+    "shards_run_1": (("run", "jobs/demo-shards.yaml", "--shard", "1/3"), 0),
+    "shards_status": (("status", "jobs/demo-shards.yaml"), 0),
+    "shards_merge_refused": (("merge", "jobs/demo-shards.yaml"), 2),
+    "shards_run_2": (("run", "jobs/demo-shards.yaml", "--shard", "2/3"), 0),
+    "shards_merge": (("merge", "jobs/demo-shards.yaml"), 0),
 }
 # The files the examples run on, copied to a folder of their own (relative paths as in the repository).
 EXAMPLE_FILES = ("jobs/demo.yaml", "data/reviews.csv", "jobs/demo-failures.yaml", "data/failures.csv",
-                 "jobs/demo-budget.yaml", "jobs/demo-batch.yaml")
+                 "jobs/demo-budget.yaml", "jobs/demo-batch.yaml", "jobs/demo-shards.yaml")
 
 
 def _example(run: str, stream: str = "stdout") -> str:

@@ -204,6 +204,15 @@ def test_the_examples_show_what_the_commands_print(examples):
     assert not re.search(r"\d\d:\d\d:\d\d", everything.replace("10:00:00", ""))
 
 
+def test_the_scale_out_examples_show_a_shard_a_refused_merge_and_the_merge(examples):
+    assert "job demo-shards, shard 0/3 (glm-4-flash): 2 rows" in examples["shards_run_0"]["stdout"]
+    assert "  shard 2/3: ok 0, failed 0, pending 4, not finished" in examples["shards_status"]["stdout"]
+    assert "cannot merge yet: shard 2/3 (not finished)" in examples["shards_merge_refused"]["stderr"]
+    merged = examples["shards_merge"]["stdout"]
+    assert "job demo-shards: merged 3 shards into out/demo-shards.parquet" in merged
+    assert "  rows: 12: ok 12, failed 0, pending 0" in merged
+
+
 def test_the_money_and_batch_api_examples_show_what_their_pages_explain(examples):
     stopped = examples["budget_run"]["stdout"]
     assert "  all runs: ok 9, failed 0, pending 3" in stopped
