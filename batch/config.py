@@ -403,6 +403,12 @@ class OutputSpec(Strict):
         "Compact the write-ahead log into a Parquet part of the checkpoint after this many results, ..."))
     checkpoint_seconds: float = Field(10, gt=0, description=(
         "... or after this many seconds, whichever comes first."))
+    checkpoint_lease_s: float = Field(30, ge=1, le=3600, description=(
+        "With the checkpoint on a URL (object storage): how long the checkpoint's lease (`_LEASE`) lasts unless its "
+        "run renews it, in seconds; the run renews it every third of this. A run that stops renewing (killed, or "
+        "cut off from the store) loses the checkpoint to the next run after this long, with the next epoch; a "
+        "shorter lease lets a restart take over sooner, and costs a store request every third of it. The hosts' "
+        "clocks must agree to well within it."))
     # With the output on a URL, the local folder of what cannot live in an object store (the write-ahead log, the
     # run lock, the log, files being built); by default one in the system's temp folder named after the output.
     local_dir: FilePath | None = Field(None, description=(

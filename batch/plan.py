@@ -100,6 +100,7 @@ class OutputSettings:
     json_columns: tuple[str, ...] | None
     checkpoint_rows: int
     checkpoint_seconds: float
+    checkpoint_lease_s: float  # a checkpoint on a URL: its lease's time to live (renewed every third of it)
 
 
 @dataclass(frozen=True)

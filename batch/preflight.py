@@ -82,7 +82,7 @@ def settings_of(spec: JobSpec) -> Settings:
                           spec.cache_path, cache_shared=spec.cache is not None)
     output = OutputSettings(spec.id_column_out, tuple(out.keep_columns), out.parse_json,
                             tuple(out.json_columns) if out.json_columns is not None else None, out.checkpoint_rows,
-                            out.checkpoint_seconds)
+                            out.checkpoint_seconds, out.checkpoint_lease_s)
     return Settings(
         spec, spec.name, spec.model.name, spec.mode, spec.model.stream, spec.prompt.system, spec.input.id_column,
         locations, _limits(spec), Retry(**spec.retry.model_dump()),

@@ -44,6 +44,8 @@ class Record(TypedDict):
     prompt_hash: int | None
     worst_case_cost: float | None  # what the budget counted beyond `cost` for answers that came without usage
     worst_case_tokens: int | None  # likewise beyond `total_tokens`: their worst case (None: nothing counted so)
+    epoch: int | None  # the lease epoch of the run that wrote it (batch/storage/lease.py); None: no lease (local)
+    carried: str | None  # what it holds of the row's records before it (carry): JSON of CARRIED_FIELDS; None: nothing
 
 
 RECORD_SCHEMA = pa.schema([
@@ -74,13 +76,22 @@ RECORD_SCHEMA = pa.schema([
     # the output, whose cost stays null (unknown) for such an answer. Null in checkpoints written before them.
     ("worst_case_cost", pa.float64()),
     ("worst_case_tokens", pa.int64()),
+    # The lease epoch of the run that wrote the record: of one id's records, the rule (checkpoint/answered.py) takes
+    # the highest epoch's, so a zombie holder's late answer never hides the new holder's. Null: written without a
+    # lease (a local checkpoint, or before epochs were recorded), epoch 0.
+    ("epoch", pa.int64()),
+    # What the record holds of the row's earlier records (their CARRIED_FIELDS, added by `carry`), as JSON: the
+    # record's own answers are what it holds beyond this. Two holders of one checkpoint (a zombie and the run that
+    # took its lease over) each add up what they saw; the checkpoint sums each holder's own (answered.py). Null:
+    # nothing carried, or written before it was recorded.
+    ("carried", pa.string()),
 ])
 RECORD_FIELDS = RECORD_SCHEMA.names
 assert RECORD_FIELDS == list(Record.__annotations__), "Record and RECORD_SCHEMA list the same fields"
 
 # What the final file shows beside each input row: the input has the id, and the row's place and prompt are its own.
-OUTPUT_FIELDS = [name for name in RECORD_FIELDS
-                 if name not in ("id", "seq", "prompt_hash", "worst_case_cost", "worst_case_tokens")]
+OUTPUT_FIELDS = [name for name in RECORD_FIELDS if name not in (
+    "id", "seq", "prompt_hash", "worst_case_cost", "worst_case_tokens", "epoch", "carried")]
 # What the answer cache keeps of an answer: what another row asking the same thing copies.
 CACHED_FIELDS = ("response", "reasoning_content", "tool_calls", "finish_reason", "prompt_tokens", "completion_tokens",
                  "total_tokens", "model", "request_id")
@@ -113,7 +124,7 @@ def answer_record(row: Row, data: dict[str, Any], latency: float, attempts: int,
         "request_id": data.get("request_id") or data.get("id"),
         "latency_s": round(latency, 4), "ttft_s": None if ttft is None else round(ttft, 4), "attempts": attempts,
         "error_class": None, "error": None, "cache_hit": False, "prompt_hash": row.prompt_hash,
-        "worst_case_cost": None, "worst_case_tokens": None,
+        "worst_case_cost": None, "worst_case_tokens": None, "epoch": None, "carried": None,
     }
 
 
@@ -133,7 +144,7 @@ def failed_record(row: Row, error_class: str, error: str, attempts: int, model: 
         "total_tokens": None, "cost": None, "model": model, "request_id": None, "latency_s": None, "ttft_s": None,
         "attempts": attempts,
         "error_class": error_class, "error": redact(error), "cache_hit": False, "prompt_hash": row.prompt_hash,
-        "worst_case_cost": None, "worst_case_tokens": None,
+        "worst_case_cost": None, "worst_case_tokens": None, "epoch": None, "carried": None,
     }
 
 
@@ -143,6 +154,7 @@ def cached_record(kept: dict[str, Any], row: Row) -> Record:
         "id": row.id, "seq": row.seq, "status": "ok", **{name: kept.get(name) for name in CACHED_FIELDS},
         "cost": 0.0, "latency_s": 0.0, "ttft_s": None, "attempts": 0, "error_class": None, "error": None,
         "cache_hit": True, "prompt_hash": row.prompt_hash, "worst_case_cost": None, "worst_case_tokens": None,
+        "epoch": None, "carried": None,
     }
 
 
@@ -168,6 +180,14 @@ def add_paid_before(record: Record, paid: dict[str, Any] | None) -> None:
         if value is not None:
             mine = record[name]  # type: ignore[literal-required]
             record[name] = value if mine is None else mine + value  # type: ignore[literal-required]
+
+
+def carry(record: Record, before: dict[str, Any] | None) -> None:
+    """Add to `record`, a row's new record, what its record before it holds (`before`: its CARRIED_FIELDS; None:
+    none), and note what was added (`carried`), so its own answers can be told from those it carries."""
+    add_paid_before(record, before)
+    kept = {name: value for name, value in (before or {}).items() if value is not None}
+    record["carried"] = json.dumps(kept, sort_keys=True) if kept else None
 
 
 def asked_again(record: Record, before: Record) -> Record:

@@ -26,6 +26,7 @@ from batch.checkpoint.final import (
     output_footer,
     output_settings,
     reply_columns,
+    with_paid_in_all,
     write_final,
 )
 from batch.checkpoint.finished import mark_finished
@@ -58,7 +59,7 @@ from batch.online.pool import Pool, make_client
 from batch.plan import Plan
 from batch.pricing import Pricer, batch_pricer
 from batch.process import give_back_freed_memory
-from batch.records import CARRIED_FIELDS, Record, add_paid_before, failed_record
+from batch.records import CARRIED_FIELDS, Record, carry, failed_record
 from batch.shared.account import SharedLimits, shared_limits
 from batch.storage.lease import Lease, LeaseHeld, LeaseLost
 from batch.storage.locations import is_url
@@ -124,6 +125,10 @@ class Run:
         self.ledger = ledger_at(plan.locations)
         self.lock = lock or RunLock(plan.locations.local_dir)
         self.shared: SharedLimits | None = None  # limits.shared, while the run holds it open
+        # The checkpoint's lease was taken over by another run (this one is a zombie): it keeps the answers in
+        # flight (paid for) in parts of its own epoch, and writes nothing else: no final file, marker, merge or note.
+        self.lease_lost = False
+        self.lease: Lease | None = None  # a checkpoint on a URL: its lease, while the run holds it
         self._signals: list[TakenSignal] = []  # what each signal the run took had before it
 
     async def execute(self) -> dict[str, Any]:
@@ -134,7 +139,7 @@ class Run:
             raise ConfigError(
                 f"{self.plan.locations.local_dir}: cannot write the checkpoint folder: {exc.strerror}") from None
         try:
-            lease = self._take_lease()
+            lease = self.lease = self._take_lease()
         except BaseException:
             self.lock.release()
             raise
@@ -161,7 +166,8 @@ class Run:
         # now, has ended (killed -9 on this host), so its lease is taken over without waiting out its ttl.
         local = hashlib.sha256(str(self.plan.locations.local_dir.resolve()).encode()).hexdigest()[:8]
         here = f"{socket.gethostname()}:{local}:"
-        lease = Lease(self.plan.locations.checkpoint_store(), f"{here}{os.getpid()}:{secrets.token_hex(4)}")
+        lease = Lease(self.plan.locations.checkpoint_store(), f"{here}{os.getpid()}:{secrets.token_hex(4)}",
+                      self.plan.output.checkpoint_lease_s)
         try:
             lease.acquire(gone=lambda holder: holder.startswith(here))
         except LeaseHeld as exc:
@@ -169,6 +175,7 @@ class Run:
         except OSError as exc:
             raise ConfigError(f"{self.folder}: cannot take the checkpoint's lease: {exc.strerror or exc}") from None
         log.info("holding the checkpoint's lease %s (epoch %d)", self.folder, lease.epoch)
+        self.checkpoint.epoch = lease.epoch  # in its parts' names and its records: a zombie's never meet ours
         return lease
 
     async def _renew(self, lease: Lease) -> None:
@@ -179,11 +186,35 @@ class Run:
             try:
                 await asyncio.to_thread(lease.renew)
             except LeaseLost as exc:
-                self.stop.now(str(exc), EXIT_LOCKED)
+                self._lost(exc)
                 return
             except OSError as exc:
                 log.warning("could not renew the checkpoint's lease (tried again in %.0f s): %s",
                             lease.renew_every, exc)
+
+    def _lost(self, exc: LeaseLost) -> None:
+        self.lease_lost = True
+        self.stop.now(str(exc), EXIT_LOCKED)
+
+    def _still_held(self) -> bool:
+        """Before what only the checkpoint's holder may write (the final file, the shard's marker, a merge of its
+        parts): the lease renewed once more, so a holder taken over while it could not tell (paused, cut off)
+        learns it now. A store that does not answer leaves it as it was: those writes fail the same way."""
+        if self.lease is None or self.lease_lost:
+            return not self.lease_lost
+        try:
+            self.lease.renew()
+        except LeaseLost as exc:
+            self._lost(exc)
+        except OSError:
+            pass
+        return not self.lease_lost
+
+    def _may_send(self) -> bool:
+        """False once the checkpoint was taken over: a lease that ran out unrenewed (the process paused, or cut off
+        from the store) is renewed first, so a holder taken over meanwhile sends nothing more (the new holder
+        sends the rest), beyond what it had in flight."""
+        return self.lease is None or not self.lease.expired() or self._still_held()
 
     async def _execute(self, total: int) -> dict[str, Any]:
         try:
@@ -195,9 +226,11 @@ class Run:
         try:
             summary = await self._execute_marked(total)
         except BatchError as exc:
-            end_run(self.folder, str(exc), exc.exit_code)
+            if not self.lease_lost:
+                end_run(self.folder, str(exc), exc.exit_code)
             raise
-        end_run(self.folder)
+        if not self.lease_lost:  # the note is the new holder's now
+            end_run(self.folder)
         return summary
 
     async def _execute_marked(self, total: int) -> dict[str, Any]:
@@ -236,6 +269,8 @@ class Run:
         summary = self._finish(stats, done)
         # After the final file, not before: the merge's buffers would otherwise sit under the final file's.
         give_back_freed_memory()
+        if self.lease_lost:  # the parts are the new holder's to merge
+            return summary
         try:
             self.checkpoint.merge()
         except (OSError, BatchError) as exc:  # every record read is in the output; the next run merges them
@@ -305,6 +340,8 @@ class Run:
             for row in self.table.rows(lambda seq, ids: done.to_send(seq, ids, retry_failed), start):
                 if self.stop.asked or rows_left == 0:
                     return
+                if not self._may_send():
+                    return
                 if isinstance(row, Skipped):
                     stats.skipped += row.count
                     continue
@@ -337,12 +374,14 @@ class Run:
             stats.add(result)  # this run's spending, before what earlier runs paid for the row is added
             seq = result["seq"]
             result["attempts"] += done.batch_requests_since_record(seq)
-            add_paid_before(result, carried.pop(seq, None))
+            carry(result, carried.pop(seq, None))
             if result["status"] != "ok":
                 log.debug("row %s failed after %d attempts: %s: %s", result["id"], result["attempts"],
                           result["error_class"], result["error"])
             self.checkpoint.append(result)
-            done.add_one(seq, "ok" if result["status"] == "ok" else result["error_class"], result["prompt_hash"])
+            self._may_send()  # an answer after a pause: the task that got it takes no other row once taken over
+            done.add_one(seq, "ok" if result["status"] == "ok" else result["error_class"], result["prompt_hash"],
+                         self.checkpoint.epoch)
             # Only the Batch API sends a row twice in a run (an answer to an edited prompt, sent again with --wait):
             # that row's next record carries this one.
             if self.mode == "batch_api" and done.sends_again(seq, self.options.retry_failed):
@@ -380,7 +419,8 @@ class Run:
         positions = done.resent_records(self.options.retry_failed, self._id_batches)
         if not len(positions):
             return {}
-        paid = self.checkpoint.row_groups().take(positions[:, 1], list(CARRIED_FIELDS))
+        paid = with_paid_in_all(self.checkpoint.row_groups().take(positions[:, 1], list(CARRIED_FIELDS)),
+                                *done.paid_instead(positions[:, 0], positions[:, 1]))
         return {int(seq): before for seq, before in zip(positions[:, 0], paid.to_pylist())
                 if any(before.values())}
 
@@ -397,10 +437,12 @@ class Run:
         if self.batch_api_used:  # rows read more than once, and held rows not done: counted from the states
             stats.skipped = max(0, counts.ok + counts.failed - stats.ok - stats.failed)
         output = None
-        if totals["pending"] == 0 and self.plan.shard is not None:
+        # Taken over, this run writes neither: the new holder does, from every part, this run's included.
+        done_here = totals["pending"] == 0 and self._still_held()
+        if done_here and self.plan.shard is not None:
             # A shard writes no final file: `batch merge` writes the job's one output from every shard's records.
             self._mark_shard_finished(totals, stats)
-        elif totals["pending"] == 0:
+        elif done_here:
             output = self.plan.locations.output
             # The input too: rows deleted from it leave the answers as they were, and the output must lose them.
             footer = output_footer(self._output_settings, made_from(self.checkpoint, self.plan.locations.input))
@@ -427,7 +469,8 @@ class Run:
         summary["batches"] = live
         summary["wait"] = self.options.wait  # the words for live batches: "or use --wait" only to a run without it
         try:
-            save_summary(summary, self.folder / "summary.json")
+            if not self.lease_lost:
+                save_summary(summary, self.folder / "summary.json")
         except OSError as exc:  # the run is over and every answer is kept: only this copy of the summary is lost
             log.warning("could not save the summary in %s: %s", self.folder, exc.strerror or exc)
         return summary

@@ -1,4 +1,5 @@
-"""What the checkpoint holds per id, looked up a batch of ids at a time.
+"""What the checkpoint holds per id, looked up a batch of ids at a time, and the one rule (record_rank) by which one
+of an id's records is its answer.
 
 A Python dict of a million ids costs ~100 MB and seconds to build. Here the ids stay in Arrow,
 ordered by their 64-bit hash, beside those hashes in numpy: a batch is looked up by binary search
@@ -8,6 +9,7 @@ hash are never taken for one another.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
@@ -16,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batch.input.reader import hash_ids
+from batch.records import CARRIED_FIELDS, RECORD_SCHEMA
 
 # A failed row of these classes may succeed when sent again later (`--retry-failed`); the others
 # (content_filter, prompt_too_long, bad_request, bad_prompt) would fail the same way.
@@ -46,18 +49,37 @@ def should_send(state: str | None, retry_failed: bool) -> bool:
     return state is None or state in PENDING_AGAIN or (retry_failed and state in RETRYABLE_LATER)
 
 
-class Answered:
-    """The last record per id among the records given (Arrow arrays id, status, error_class, in the order written)."""
+def record_rank(ok: np.ndarray, epoch: np.ndarray, written: np.ndarray) -> np.ndarray:
+    """THE rule by which one of an id's records is its answer, wherever records meet (resume, status, export, the
+    final file, `batch merge`; the records of one holder, of several runs, or of a zombie holder and the one that took
+    its lease over): the record of highest rank. An answer (`ok`: "ok", to the prompt the row holds now) before a
+    failure; then the highest lease epoch (the holder that took the checkpoint last, so a zombie's late record never
+    hides the new holder's); then the last written (`written`: its write position + 1; 0: no record).
 
-    def __init__(self, ids: pa.ChunkedArray, status: pa.ChunkedArray, error_class: pa.ChunkedArray) -> None:
+    As one unsigned number per record (ok in the top bit, the epoch in the next 31, then the position), so numpy
+    compares many at once. Whatever record wins, what the row paid is the sum over every holder's answers
+    (RowStates.sum_own)."""
+    epoch = np.clip(np.asarray(epoch, np.int64), 0, 2**31 - 1).astype(np.uint64)
+    return (np.asarray(ok, bool).astype(np.uint64) << np.uint64(63)) | (epoch << np.uint64(32)) | \
+        np.asarray(written).astype(np.uint64)
+
+
+class Answered:
+    """The kept record per id (record_rank) among the records given (Arrow arrays id, status, error_class and
+    epoch, in the order written)."""
+
+    def __init__(self, ids: pa.ChunkedArray, status: pa.ChunkedArray, error_class: pa.ChunkedArray,
+                 epoch: pa.ChunkedArray | None = None) -> None:
         # "ok", or the failure's error_class; as a dictionary: a handful of distinct states, 4 bytes a record.
         states = _flat(_state(status, error_class)).dictionary_encode()
         hashes = _hashes(ids.chunks)
-        # Stable sort of the records newest first: of one id's records, the last written comes first.
-        order = np.argsort(hashes[::-1], kind="stable")
-        np.subtract(len(order) - 1, order, out=order)  # positions counted from the newest, back to write order
+        ok = _numpy(pc.fill_null(pc.equal(states.dictionary_decode(), "ok"), False)) if len(hashes) else \
+            np.zeros(0, bool)
+        rank = record_rank(ok, _epochs(epoch, len(hashes)), np.arange(1, len(hashes) + 1))
+        # Sorted by hash, and of one id's records the kept one (highest rank) first.
+        order = np.lexsort((~rank, hashes))
         hashes, ids = hashes[order], _flat(ids).take(order)
-        first = np.ones(len(hashes), dtype=bool)  # the first (newest) record of its id
+        first = np.ones(len(hashes), dtype=bool)  # the first (kept) record of its id
         if len(hashes) > 1:
             same_hash = hashes[1:] == hashes[:-1]
             first[1:] = ~(same_hash & _numpy(pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1))))
@@ -116,7 +138,7 @@ def _numpy(mask: pa.Array) -> np.ndarray:
 
 
 def _keep_newest_per_id(ids: pa.Array, hashes: np.ndarray, first: np.ndarray, start: int) -> None:
-    """Within a run of equal hashes starting at `start`, keep only the first (newest) record of each id."""
+    """Within a run of equal hashes starting at `start`, keep only the first (kept) record of each id."""
     while start > 0 and hashes[start - 1] == hashes[start]:
         start -= 1
     seen: set[str] = set()
@@ -129,6 +151,7 @@ def _keep_newest_per_id(ids: pa.Array, hashes: np.ndarray, first: np.ndarray, st
 
 
 MAX_RECORDS = np.iinfo(np.uint32).max - 1  # write positions are held in 4 bytes a row
+_CARRIED_SCHEMA = pa.schema([RECORD_SCHEMA.field(name) for name in CARRIED_FIELDS])
 
 
 class RowCounts(NamedTuple):
@@ -139,7 +162,8 @@ class RowCounts(NamedTuple):
 
 
 class RowStates:
-    """Per input row: the state of its last record, and where that record was written.
+    """Per input row: the state of its kept record (record_rank: with one holder, its last), and where that record
+    was written.
 
     Almost every record sits at the input row it was sent from (its `seq`), so states are held by
     row position: a byte of state and the record's write position per row, flat in the input's
@@ -159,6 +183,7 @@ class RowStates:
         self.row_prompts = row_prompts  # likewise, and for records kept aside (last)
         self.codes = np.zeros(rows, np.int8)  # 0: no record; else 1 + index into self.names
         self.written = np.zeros(rows, np.uint32)  # 0: no record; else 1 + the record's write position
+        self.epochs = np.zeros(rows, np.int32)  # the lease epoch that wrote the record (0: none, or no lease)
         # Batch API batches each row was put in since its last record: requests its next record counts
         # (`attempts`), whatever answers it (batch/batch_api/ledger.py counts them, the Batch API adds each new one).
         self.batch_requests = np.zeros(rows, np.int32)
@@ -169,48 +194,146 @@ class RowStates:
         self._moved_written = np.empty(0, np.int64)
         self._moved_codes = np.empty(0, np.int8)
         self._moved_prompts = np.empty(0, np.int64)
+        self._moved_epochs = np.empty(0, np.int64)
         self._moved_seen = np.empty(0, bool)  # which records kept aside an input row has claimed (counts)
         self._kept_by_id: list[int] = []  # write positions of this run's records for ids no longer in the input
+        # Rows whose records are not one chain ending in the kept one (several epochs: runs, or a zombie holder and
+        # the one after it; or a kept record before a later one): what they paid is summed over them (sum_own).
+        self._mixed: list[np.ndarray] = []
+        self._paid_rows = np.empty(0, np.int64)  # those rows, sorted
+        self._paid_written = np.empty(0, np.uint32)  # the kept record each was summed beside (written)
+        self._paid = _CARRIED_SCHEMA.empty_table()  # what each paid in all
 
     def add(self, ids: pa.Array, seqs: pa.Array, status: pa.Array, error_class: pa.Array,
-            prompt_hash: pa.Array | None = None) -> None:
+            prompt_hash: pa.Array | None = None, epoch: pa.Array | None = None) -> None:
         """A batch of records from the checkpoint, in the order they were written."""
-        assert self.row_hashes is not None, "RowStates built without the input's hashes"
         first = self._reserve(len(ids))
         positions = np.arange(first, first + len(ids), dtype=np.int64)
-        seq = _numpy(pc.fill_null(seqs, -1)).astype(np.int64, copy=False)
-        inside = (seq >= 0) & (seq < len(self.codes))
-        rows = np.where(inside, seq, 0)
-        home = inside & (self.row_hashes[rows] == hash_ids(ids))
+        home, rows = self.home_rows(ids, seqs)
         prompts = _prompts(prompt_hash, len(ids))
-        rows, at = rows[home], (positions[home] + 1).astype(np.uint32)
-        np.maximum.at(self.written, rows, at)  # of a row's records in this batch, the last written wins
-        won = self.written[rows] == at
+        epochs = _epochs(epoch, len(ids))
+        rows, at, record_epochs = rows[home], (positions[home] + 1).astype(np.uint32), epochs[home]
         codes = self._codes(_state(status, error_class))[home]
         if self.row_prompts is not None:
             codes[_changed(prompts[home], self.row_prompts[rows])] = self._code(PROMPT_CHANGED)
-        self.codes[rows[won]] = codes[won]
+        if len(rows):
+            self._keep(rows, at, codes, record_epochs)
         if not home.all():
             away = pa.array(~home)
             self._moved_parts.append(pa.table({"id": ids.filter(away), "status": status.filter(away),
                                                "error_class": error_class.filter(away),
                                                "position": pa.array(positions[~home]),
-                                               "prompt": pa.array(prompts[~home])}))
+                                               "prompt": pa.array(prompts[~home]),
+                                               "epoch": pa.array(epochs[~home])}))
 
-    def add_one(self, seq: int, state: str | None, prompt_hash: int | None = None) -> None:
+    def home_rows(self, ids: pa.Array, seqs: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """Which records (`ids`, `seqs`) sit at the input row they were sent from (its id hashes like theirs), and
+        that row (0 where not)."""
+        assert self.row_hashes is not None, "RowStates built without the input's hashes"
+        seq = _numpy(pc.fill_null(seqs, -1)).astype(np.int64, copy=False)
+        inside = (seq >= 0) & (seq < len(self.codes))
+        rows = np.where(inside, seq, 0)
+        return inside & (self.row_hashes[rows] == hash_ids(ids)), rows
+
+    def _keep(self, rows: np.ndarray, at: np.ndarray, codes: np.ndarray, epochs: np.ndarray) -> None:
+        """Records of input `rows` (in write order: `at`, position + 1): each row keeps, of them and its record so
+        far, the one record_rank puts first; a row whose records are not one holder's chain ending in the kept one
+        is noted to have what it paid summed (sum_own)."""
+        ok = self._code("ok")
+        rank = record_rank(codes == ok, epochs, at)
+        order = np.lexsort((rank, rows))  # by row, its best record last
+        sorted_rows = rows[order]
+        starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
+        ends = np.r_[starts[1:], len(order)] - 1
+        best, touched = order[ends], sorted_rows[ends]
+        before = self.written[touched] > 0
+        current = record_rank(self.codes[touched] == ok, self.epochs[touched], self.written[touched])
+        wins = rank[best] > current
+        latest = np.maximum.reduceat(order, starts)  # each row's last written record of the batch
+        low, high = np.minimum.reduceat(epochs[order], starts), np.maximum.reduceat(epochs[order], starts)
+        mixed = (low != high) | (best != latest) | (before & (~wins | (self.epochs[touched] != low)))
+        if mixed.any():
+            self._mixed.append(touched[mixed])
+        won, chosen = touched[wins], best[wins]
+        self.written[won], self.codes[won], self.epochs[won] = at[chosen], codes[chosen], epochs[chosen]
+
+    def mixed_rows(self) -> np.ndarray:
+        """The rows whose records are to be summed (sum_own), sorted; none when every row's are one chain."""
+        return np.unique(np.concatenate(self._mixed)) if self._mixed else np.empty(0, np.int64)
+
+    def sum_own(self, records: pa.Table) -> None:
+        """What each of mixed_rows() paid in all, from every one of its records (`records`: columns row, position,
+        epoch, carried and CARRIED_FIELDS, in any order).
+
+        One holder's records of a row are one chain: each adds up the one before (records.carry), so its last holds
+        the chain's answers and what its first carried from before. A row paid, summed over the holders (epochs)
+        that wrote it, each one's last record less what its first carried: with one holder, that is its last record;
+        with a zombie holder and the one that took its lease over, which each carried what it saw, every answer
+        counts once, whichever record is kept. A record written before `carried` was recorded carried nothing."""
+        table = records.sort_by([("row", "ascending"), ("epoch", "ascending"), ("position", "ascending")])
+        rows, epochs = _numpy(table.column("row").combine_chunks()), _numpy(table.column("epoch").combine_chunks())
+        if not len(rows):
+            return
+        group = np.r_[True, (rows[1:] != rows[:-1]) | (epochs[1:] != epochs[:-1])]
+        firsts = np.flatnonzero(group)
+        lasts = np.r_[firsts[1:], len(rows)] - 1
+        carried = [json.loads(text) if text else {} for text in table.column("carried").take(pa.array(firsts))
+                   .to_pylist()]
+        row_of_group = rows[firsts]
+        row_starts = np.flatnonzero(np.r_[True, row_of_group[1:] != row_of_group[:-1]])
+        totals = {}
+        for name in CARRIED_FIELDS:
+            last = table.column(name).combine_chunks().take(pa.array(lasts))
+            known = _numpy(last.is_valid())
+            values = _numpy(pc.fill_null(last, 0)).astype(np.float64)
+            values -= np.array([float(before.get(name) or 0) for before in carried])
+            summed = np.add.reduceat(values * known, row_starts)
+            any_known = np.logical_or.reduceat(known, row_starts)
+            kind = RECORD_SCHEMA.field(name).type
+            totals[name] = pa.array(summed if pa.types.is_floating(kind) else np.rint(summed).astype(np.int64),
+                                    mask=~any_known).cast(kind)
+        self._paid_rows = row_of_group[row_starts].astype(np.int64)
+        self._paid_written = self.written[self._paid_rows].copy()
+        self._paid = pa.table(totals, schema=_CARRIED_SCHEMA)
+
+    def paid_instead(self, rows: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, pa.Table]:
+        """Of input `rows` whose kept record is at write `positions`: which (indices into `rows`) paid other than that
+        record holds (sum_own), and what each paid in all (CARRIED_FIELDS, one row each, in that order)."""
+        if not len(self._paid_rows) or not len(rows):
+            return np.empty(0, np.int64), self._paid.slice(0, 0)
+        at = np.minimum(np.searchsorted(self._paid_rows, rows), len(self._paid_rows) - 1)
+        summed = (self._paid_rows[at] == rows) & (self._paid_written[at].astype(np.int64) == np.asarray(positions) + 1)
+        which = np.flatnonzero(summed)
+        return which, self._paid.take(pa.array(at[which]))
+
+    def paid_in_all(self, last: np.ndarray) -> pa.Table:
+        """What the rows summed (sum_own) whose kept record is marked in `last` (a mask over write positions:
+        last_record_mask) paid in all; those records are unmarked, so the mask and these add up to the job's spend."""
+        if not len(self._paid_rows):
+            return self._paid
+        positions = self._paid_written.astype(np.int64) - 1
+        marked = np.flatnonzero((positions >= 0) & (positions < len(last)))
+        marked = marked[last[positions[marked]]]
+        last[positions[marked]] = False
+        return self._paid.take(pa.array(marked))
+
+    def add_one(self, seq: int, state: str | None, prompt_hash: int | None = None, epoch: int | None = None) -> None:
         """A record this run wrote for input row `seq` (once per answer: no arrays built here); seq -1: for an id no
         longer in the input (a Batch API answer that came after its row was deleted), kept as the id's last record.
         Judged as `add` judges a record read back: an answer made from other prompt values than the row holds now (a
-        Batch API row edited while its batch was live) is PROMPT_CHANGED, pending again, never the row's answer."""
+        Batch API row edited while its batch was live) is PROMPT_CHANGED, pending again, never the row's answer.
+        `epoch`: this run's lease epoch (None: no lease). Kept by record_rank, as records read back are."""
         position = self._reserve(1)
         if seq < 0:
             self._kept_by_id.append(position)
             return
-        self.written[seq] = position + 1
         self.batch_requests[seq] = 0
         if self.row_prompts is not None and prompt_hash is not None and prompt_hash != self.row_prompts[seq]:
             state = PROMPT_CHANGED
-        self.codes[seq] = self._code(state)
+        code, ok = self._code(state), self._code("ok")
+        rank = record_rank(np.array([code == ok]), np.array([epoch or 0]), np.array([position + 1]))
+        if rank[0] > record_rank(self.codes[seq:seq + 1] == ok, self.epochs[seq:seq + 1], self.written[seq:seq + 1])[0]:
+            self.written[seq], self.codes[seq], self.epochs[seq] = position + 1, code, epoch or 0
 
     def hold(self, seqs: np.ndarray, answered_since: int) -> np.ndarray:
         """Mark the rows `seqs` of a live Batch API batch SUBMITTED (neither sent nor put in another batch), except
@@ -257,10 +380,12 @@ class RowStates:
             return
         moved = pa.concat_tables(self._moved_parts)
         self._moved_parts = []
-        self._moved = Answered(moved.column("id"), moved.column("status"), moved.column("error_class"))
+        self._moved = Answered(moved.column("id"), moved.column("status"), moved.column("error_class"),
+                               moved.column("epoch"))
         self._moved_written = _numpy(moved.column("position").take(self._moved.last_positions))
         self._moved_codes = self._codes(self._moved.states.dictionary_decode())
         self._moved_prompts = _numpy(moved.column("prompt").take(self._moved.last_positions))
+        self._moved_epochs = _numpy(moved.column("epoch").take(self._moved.last_positions))
         self._moved_seen = np.zeros(len(self._moved), bool)
 
     def last(self, start: int, ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -272,12 +397,16 @@ class RowStates:
             at = self._moved.index(ids)
             found = _numpy(at.is_valid())
             where = _numpy(at.fill_null(0))
-            newer = found & (self._moved_written[where] > written)
-            codes[newer] = self._moved_codes[where[newer]]
-            written[newer] = self._moved_written[where[newer]]
+            moved_codes = self._moved_codes[where]
             if self.row_prompts is not None:
-                changed = newer & _changed(self._moved_prompts[where], self.row_prompts[start:stop])
-                codes[changed] = self._code(PROMPT_CHANGED)
+                moved_codes = np.where(_changed(self._moved_prompts[where], self.row_prompts[start:stop]),
+                                       self._code(PROMPT_CHANGED), moved_codes)
+            ok = self._code("ok")
+            kept = record_rank(moved_codes == ok, self._moved_epochs[where], self._moved_written[where] + 1) > \
+                record_rank(codes == ok, self.epochs[start:stop], written + 1)
+            kept &= found
+            codes[kept] = moved_codes[kept]
+            written[kept] = self._moved_written[where[kept]]
             self._moved_seen[where[found]] = True
         return codes, written
 
@@ -383,6 +512,15 @@ def _prompts(prompt_hash: pa.Array | None, count: int) -> np.ndarray:
 def _changed(recorded: np.ndarray, current: np.ndarray) -> np.ndarray:
     """Which records were made from other prompt values than the rows hold now (none recorded: unchanged)."""
     return (recorded >= 0) & (recorded != current)
+
+
+def _epochs(epoch: pa.Array | pa.ChunkedArray | None, count: int) -> np.ndarray:
+    """Records' lease epochs as int64, 0 where none was recorded (no lease, or written before epochs were)."""
+    if epoch is None:
+        return np.zeros(count, np.int64)
+    if isinstance(epoch, pa.ChunkedArray):
+        epoch = _flat(epoch)
+    return _numpy(pc.fill_null(epoch, 0).cast(pa.int64())).astype(np.int64, copy=False)
 
 
 def _state(status: pa.Array, error_class: pa.Array) -> pa.Array:

@@ -83,6 +83,22 @@ def reply_columns(out: OutputSettings, schema: dict[str, Any] | None, replies: I
     return ReplyColumns(replies, wanted, {out.id_column, *out.keep_columns, *RECORD_FIELDS}, schema)
 
 
+def with_paid_in_all(records: pa.Table, rows: np.ndarray, paid: pa.Table) -> pa.Table:
+    """`records` with what rows `rows` of it paid in all (`paid`: RowStates.paid_instead) in its paid columns: a row
+    several holders answered costs what every holder paid, whichever holder's record is kept."""
+    if not len(rows):
+        return records
+    mask = np.zeros(records.num_rows, bool)
+    mask[rows] = True
+    for name in paid.column_names:
+        if name in records.column_names:
+            column = records.column(name).combine_chunks()
+            summed = paid.column(name).combine_chunks().cast(column.type)
+            replaced = pc.replace_with_mask(column, pa.array(mask), summed)
+            records = records.set_column(records.schema.get_field_index(name), name, replaced)
+    return records
+
+
 class LastRecords:
     """Each input row's last record, read a window of rows at a time.
 
@@ -105,6 +121,7 @@ class LastRecords:
             # Two ids with one 64-bit hash: a record paired with the wrong row. Never seen; refuse rather than guess.
             raise RuntimeError("a checkpoint record was matched to the wrong input row (hash collision); "
                                "please report this")
+        found = with_paid_in_all(found, *self.states.paid_instead(start + known, written[known]))
         pick[known] = np.arange(len(known))
         return found.select(OUTPUT_FIELDS).take(pa.array(pick, mask=pick < 0))
 

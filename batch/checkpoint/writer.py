@@ -14,9 +14,14 @@ and the two copies are identical.
 
 Which parts there are, and their order, is in their names (part_key): `part-N.parquet` for the
 log's Nth compaction, `part-N-G.parquet` for a part rewritten from others (a merge, or what could be
-read of a damaged part), read right after `part-N-(G-1)`. A name is never used twice: a new part
-number is one past every number any part (or a damaged copy) ever had, and a rewrite takes the
-next generation; each is created exclusively, so a writer racing another takes the next one.
+read of a damaged part), read right after `part-N-(G-1)`. A checkpoint on a URL is held by a lease
+(batch/storage/lease.py), and its holder's parts carry the lease's epoch E: `part-N-eE.parquet`,
+`part-N-eE-G.parquet`, read after the same number's parts of lower epochs. A name is never used
+twice: a new part number is one past every number any part (or a damaged copy) ever had, and a
+rewrite takes the next generation; each is created exclusively, so a writer racing another takes
+the next one, and a zombie holder (its lease taken over while it still writes) never takes a name
+the new holder wants: their epochs differ. Every record carries its epoch too, and of an id's
+records the one kept is chosen by one rule (answered.record_rank), not by where it sits.
 
 A damaged checkpoint never stops a resume: a log line that is not JSON is skipped, a record whose
 fields have the wrong types is kept field by field, and a part that cannot be read is set aside
@@ -47,7 +52,7 @@ import pyarrow.parquet as pq
 
 from batch.checkpoint.answered import Answered, RowStates
 from batch.errors import CheckpointDamagedError, CheckpointReadError, CheckpointWriteError, os_reason
-from batch.records import DICTIONARY_FIELDS, RECORD_FIELDS, RECORD_SCHEMA, TOKEN_FIELDS, Record
+from batch.records import CARRIED_FIELDS, DICTIONARY_FIELDS, RECORD_FIELDS, RECORD_SCHEMA, TOKEN_FIELDS, Record
 from batch.storage.atomic import fsync_dir
 from batch.storage.base import AlreadyExists, Entry, StorageError, Store, Write
 from batch.storage.local import LocalStore
@@ -60,12 +65,12 @@ log = logging.getLogger("batch")
 WAL_NAME = "wal.jsonl"
 DAMAGED_SUFFIX = ".damaged"  # a damaged file moved aside keeps its name plus this
 PART_PREFIX = "part-"
-_PART_KEY = re.compile(r"part-(\d+)(?:-(\d+))?\.parquet")
+_PART_KEY = re.compile(r"part-(\d+)(?:-e(\d+))?(?:-(\d+))?\.parquet")
 _NUMBERED_KEY = re.compile(r"part-(\d+)")  # a part, or a damaged part's copy
 MERGE_PARTS_ABOVE = 32
 MERGE_BATCH_ROWS = 4096  # rows per row group of a merged part: the writer holds ~5x a row group
 MERGE_FILE_ROWS = 64 * MERGE_BATCH_ROWS
-STATE_COLUMNS = ["id", "status", "error_class"]
+STATE_COLUMNS = ["id", "status", "error_class", "epoch"]
 FSYNC_EVERY_S = 1.0
 
 
@@ -90,15 +95,17 @@ class Spent(NamedTuple):
         return self.total_tokens + self.worst_case_tokens
 
 
-def part_key(number: int, generation: int = 0) -> str:
-    """The key of the log's `number`th part, or of its `generation`th rewrite (read right after the one before)."""
-    return f"part-{number:06d}.parquet" if generation == 0 else f"part-{number:06d}-{generation}.parquet"
+def part_key(number: int, generation: int = 0, epoch: int | None = None) -> str:
+    """The key of the log's `number`th part, or of its `generation`th rewrite (read right after the one before),
+    written under the lease's `epoch` (None: no lease, a local checkpoint)."""
+    held = f"-e{epoch}" if epoch else ""
+    return f"part-{number:06d}{held}.parquet" if generation == 0 else f"part-{number:06d}{held}-{generation}.parquet"
 
 
-def part_order(key: str) -> tuple[int, int] | None:
-    """(number, generation) of a part's key, by which parts are read; None for a key that is not a part's."""
+def part_order(key: str) -> tuple[int, int, int] | None:
+    """(number, epoch, generation) of a part's key, by which parts are read; None for a key that is not a part's."""
     found = _PART_KEY.fullmatch(key)
-    return (int(found[1]), int(found[2] or 0)) if found else None
+    return (int(found[1]), int(found[2] or 0), int(found[3] or 0)) if found else None
 
 
 def checkpoint_at(locations: Locations, rows_per_part: int = 1000, seconds_per_part: float = 10.0) -> Checkpoint:
@@ -129,6 +136,9 @@ class Checkpoint:
         self._owned = False  # opened by a run holding the lock: it may move damaged parts aside
         self._set_aside_numbers: set[int] = set()
         self._next_number: int | None = None  # the next new part's number, once the parts were listed
+        # The lease epoch of the run writing it (batch/storage/lease.py): in its parts' names and on each record it
+        # writes. None: no lease (a local checkpoint, which its run lock keeps to one writer).
+        self.epoch: int | None = None
         self._warned: set[str] = set()  # status reads a damaged file twice: one warning is enough
         # For a reader that leaves the folder alone: each damaged part's readable row groups, read in its place
         # by every later pass, so the record positions row_states handed out stay right.
@@ -166,17 +176,17 @@ class Checkpoint:
         A damaged part is moved aside by the run (its lost rows are then pending) and the states read again;
         status and estimate, which leave the folder alone, count the row groups of it that can be read.
         """
-        columns = ["id", "seq", "status", "error_class", "prompt_hash"]
+        columns = ["id", "seq", "status", "error_class", "prompt_hash", "epoch"]
         while True:
             states = RowStates(rows, row_hashes, row_prompts)
-            bunches = _bunches(self.store, self._parts(), columns, self._group_rows, self.merge_batch_rows,
-                               self._instead)
-            if with_log:
-                bunches = itertools.chain(bunches, [self._logged().select(columns).combine_chunks()])
             try:
-                for records in bunches:
+                for records in self._records(columns, with_log):
                     if records.num_rows:
                         states.add(*(records.column(c).chunk(0) for c in columns))
+                mixed = states.mixed_rows()
+                summed = self._records_of_rows(states, mixed, with_log) if len(mixed) else None
+                if summed is not None:
+                    states.sum_own(summed)
             except DamagedPart as damaged:
                 if self._owned:
                     self._set_aside(damaged)
@@ -185,6 +195,28 @@ class Checkpoint:
                 continue
             states.settle(keep_prompts)
             return states
+
+    def _records(self, columns: list[str], with_log: bool) -> Iterator[pa.Table]:
+        """`columns` of every record, in write order, a bunch of parts at a time (with_log: the log's last)."""
+        bunches = _bunches(self.store, self._parts(), columns, self._group_rows, self.merge_batch_rows, self._instead)
+        if with_log:
+            bunches = itertools.chain(bunches, [self._logged().select(columns).combine_chunks()])
+        return bunches
+
+    def _records_of_rows(self, states: RowStates, rows: np.ndarray, with_log: bool) -> pa.Table | None:
+        """What every record of these input `rows` holds of what was paid (RowStates.sum_own), with its row and
+        write position: read only for the rows whose records are not one holder's chain."""
+        columns = ["id", "seq", "epoch", "carried", *CARRIED_FIELDS]
+        found, at = [], 0
+        for records in self._records(columns, with_log):
+            home, seqs = states.home_rows(records.column("id").chunk(0), records.column("seq").chunk(0))
+            mine = home & np.isin(seqs, rows)
+            if mine.any():
+                picked = records.filter(pa.array(mine)).drop_columns(["id", "seq"])
+                found.append(picked.append_column("row", pa.array(seqs[mine]))
+                             .append_column("position", pa.array(at + np.flatnonzero(mine))))
+            at += records.num_rows
+        return pa.concat_tables(found) if found else None
 
     def chosen_records(self, chosen: np.ndarray, columns: list[str], with_log: bool = False) -> Iterator[pa.Table]:
         """`columns` of the records `chosen` (a mask over write positions: RowStates.last_record_mask), in write
@@ -211,7 +243,11 @@ class Checkpoint:
         cost, tokens = 0.0, dict.fromkeys((*TOKEN_FIELDS, "worst_case_tokens"), 0)
         worst_case_cost = 0.0
         columns = ["cost", "worst_case_cost", *tokens, "cache_hit"]
-        for records in self.chosen_records(states.last_record_mask(id_batches), columns, with_log):
+        last = states.last_record_mask(id_batches)
+        # Rows whose records several holders wrote: what they paid in all, in place of their kept record (sum_own).
+        summed = states.paid_in_all(last)
+        summed = summed.append_column("cache_hit", pa.array(np.zeros(summed.num_rows, bool)))
+        for records in itertools.chain(self.chosen_records(last, columns, with_log), [summed.select(columns)]):
             cost += pc.sum(records.column("cost")).as_py() or 0.0
             worst_case_cost += pc.sum(records.column("worst_case_cost")).as_py() or 0.0
             sent = records.filter(pc.invert(pc.fill_null(records.column("cache_hit"), False)))
@@ -290,6 +326,7 @@ class Checkpoint:
         """Log one result; raises CheckpointWriteError when it cannot be kept (the run must stop)."""
         if self._failed is not None:
             raise self._failed
+        record["epoch"] = self.epoch
         try:
             self._wal.write(json.dumps(record, ensure_ascii=False) + "\n")
             self._wal.flush()  # Into the OS now: survives the death of this process.
@@ -383,7 +420,8 @@ class Checkpoint:
             numbers = [int(found[1]) for entry in self.store.list(PART_PREFIX)
                        if (found := _NUMBERED_KEY.match(entry.key))]
             self._next_number = max(numbers, default=0) + 1
-        key = self._create_new(part_key, self._next_number, _table_writer(table))
+        key = self._create_new(lambda number: part_key(number, epoch=self.epoch), self._next_number,
+                               _table_writer(table))
         self._next_number = part_order(key)[0] + 1  # type: ignore[index]
         self._group_rows[key] = [table.num_rows]
 
@@ -404,7 +442,7 @@ class Checkpoint:
         """Set a damaged part aside (a copy never deleted, `NAME.damaged`), keeping its readable row groups in a new
         part read in its place (part_order), so every later record keeps its place after them."""
         key = damaged.key
-        number, generation = part_order(key) or (0, 0)
+        number, epoch, generation = part_order(key) or (0, 0, 0)
         if number in self._set_aside_numbers:  # what was kept of it cannot be read either: never loop
             raise CheckpointDamagedError(f"{damaged.where} is damaged ({damaged.reason}) and could not be repaired; "
                                          "move it out of the folder and run the job again") from None
@@ -419,7 +457,7 @@ class Checkpoint:
         self._group_rows.pop(key, None)
         if readable:
             kept = pa.concat_tables(readable)
-            kept_key = self._create_new(lambda g: part_key(number, g), generation + 1, _table_writer(kept))
+            kept_key = self._create_new(lambda g: part_key(number, g, epoch), generation + 1, _table_writer(kept))
             self._group_rows[kept_key] = [kept.num_rows]
         with self._writing(damaged.where):
             self.store.delete(key)
@@ -444,8 +482,8 @@ class Checkpoint:
         """
         for run in _runs_of_parts(self.store, self._parts(), self._group_rows, self.merge_file_rows):
             if len(run) > 1:
-                number, generation = part_order(run[-1])  # type: ignore[misc]
-                self._create_new(lambda g, number=number: part_key(number, g), generation + 1,
+                number, epoch, generation = part_order(run[-1])  # type: ignore[misc]
+                self._create_new(lambda g, number=number, epoch=epoch: part_key(number, g, epoch), generation + 1,
                                  lambda sink, run=run: _write_merged(self.store, run, sink, self.merge_batch_rows))
                 for key in run:
                     self._group_rows.pop(key, None)

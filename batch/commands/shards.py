@@ -27,7 +27,7 @@ from batch.checkpoint.finished import read_finished
 from batch.checkpoint.guard import RunLock
 from batch.checkpoint.writer import Checkpoint, checkpoint_at
 from batch.commands.estimate import estimate, format_budget, format_estimate, mean_completion_tokens, read_for_estimate
-from batch.commands.status import JobReading, id_batches, job_status, read_job
+from batch.commands.status import JobReading, format_lease, id_batches, job_status, read_job
 from batch.errors import ConfigError, OutputWriteError, os_reason
 from batch.plan import Settings
 from batch.preflight import input_table
@@ -206,10 +206,9 @@ def sharded_status(whole: Settings, parts: list[Settings]) -> dict[str, Any]:
     rows, tokens and cost added up."""
     shards = []
     for part in parts:
-        shards.append({"shard": part.shard.label, **job_status(part), **shard_state(part),  # type: ignore[union-attr]
-                       # Who holds the shard's lease, once shards take one on object storage (the run lock's
-                       # holder, running_pid, is the one on this host).
-                       "lease_holder": None})
+        # Who holds each shard's lease (`lease`: on object storage, wherever it runs) is in its job_status; the run
+        # lock's holder (running_pid) is the run on this host.
+        shards.append({"shard": part.shard.label, **job_status(part), **shard_state(part)})  # type: ignore[union-attr]
     added = {key: sum(shard[key] for shard in shards)
              for key in ("rows_total", "ok", "failed", "pending", "prompt_tokens", "completion_tokens", "cost")}
     output = whole.locations.output
@@ -223,8 +222,10 @@ def format_sharded_status(status: dict[str, Any]) -> str:
              f"  tokens so far: {status['prompt_tokens']} prompt + {status['completion_tokens']} completion, "
              f"cost so far: {money(status['cost'])} {status['currency']}"]
     for shard in status["shards"]:
-        running = f"running (pid {shard['running_pid']})" if shard["running_pid"] else "not running"
-        lease = f", lease held by {shard['lease_holder']}" if shard["lease_holder"] else ""
+        elsewhere = shard["lease"] is not None and shard["lease"]["state"] == "alive"  # its lease renewed: a live run
+        running = f"running (pid {shard['running_pid']})" if shard["running_pid"] else \
+            "running" if elsewhere else "not running"
+        lease = f", lease {format_lease(shard['lease'])}" if shard["lease"] else ""
         lines.append(f"  {shard['shard']}: ok {shard['ok']}, failed {shard['failed']}, pending {shard['pending']}, "
                      f"{'finished' if shard['finished'] else 'not finished'}, {running}{lease}")
     if status["output"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from batch.input.reader import InputTable
 from batch.plan import Locations, Settings
 from batch.preflight import input_table
 from batch.pricing import CURRENCY, money
+from batch.storage.base import Store
+from batch.storage.lease import read_lease
 from batch.storage.locations import Location, object_exists, read_text_at
 
 
@@ -95,12 +98,49 @@ def job_status(settings: Settings) -> dict[str, Any]:
         "worst_case_tokens": spent.worst_case_tokens,
         "currency": CURRENCY,
         "running_pid": running,
+        "lease": lease_status(at.checkpoint_store()),
         "last_run": last_run(at.checkpoint_dir, running),
         "output": str(at.output) if object_exists(at.output) else None,
         "in_batches": states.held(),
         # As the last run saw them (status sends no request): the next run polls them.
         "batches": [describe(entry) for entry in ledger_at(at).files.values() if entry.live],
     }
+
+
+def lease_status(store: Store, now: float | None = None) -> dict[str, Any] | None:
+    """Who holds the checkpoint's lease (a checkpoint on a URL: batch/storage/lease.py), as `status` shows it: the
+    holder (its host, which in Kubernetes is the pod's name, and pid), its epoch, and whether it is alive (renewed
+    within its ttl), expired (its holder stopped renewing: the next run takes it over) or released (its run ended).
+    None: no lease (a local checkpoint, or no run yet)."""
+    try:
+        found = read_lease(store)
+    except OSError:  # no checkpoint yet, or a store that does not answer: status says what it can
+        return None
+    if found is None:
+        return None
+    state, now = found[0], time.time() if now is None else now
+    host, pid = state.holder, None
+    named = state.holder.rsplit(":", 3)  # HOST:FOLDER:PID:TOKEN (runner._take_lease)
+    if len(named) == 4 and named[2].isdigit():
+        host, pid = named[0], int(named[2])
+    alive = state.alive(now)
+    return {"holder": state.holder, "host": host, "pid": pid, "epoch": state.epoch,
+            "state": "alive" if alive else "released" if state.expires_at == 0 else "expired",
+            # Seconds until it expires unless renewed (alive), or since it expired (negative); None once released.
+            "expires_in_s": None if state.expires_at == 0 else round(state.expires_at - now, 1)}
+
+
+def format_lease(lease: dict[str, Any] | None) -> str:
+    """The lease as one phrase: 'held by HOST (pid P), epoch E, alive (20 s left)', and so on."""
+    if lease is None:
+        return "none"
+    who = f"{lease['host']} (pid {lease['pid']})" if lease["pid"] is not None else lease["host"]
+    if lease["state"] == "alive":
+        return f"held by {who}, epoch {lease['epoch']}, alive ({lease['expires_in_s']:.0f} s left unless renewed)"
+    if lease["state"] == "expired":
+        return (f"last held by {who}, epoch {lease['epoch']}, expired {-lease['expires_in_s']:.0f} s ago (the next run "
+                "takes it over)")
+    return f"released by {who}, epoch {lease['epoch']}"
 
 
 def failed_by_class(states: RowStates, table: InputTable) -> dict[str, int]:
@@ -159,6 +199,8 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"  last run: {_last_run_line(last)}")
     running = status["running_pid"]
     lines.append(f"  running now: {'yes, pid ' + str(running) if running else 'no'}")
+    if status["lease"] is not None:
+        lines.append(f"  lease: {format_lease(status['lease'])}")
     if status["output"]:
         lines.append(f"  output: {status['output']}")
     return "\n".join(lines)

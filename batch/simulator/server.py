@@ -141,11 +141,13 @@ class Simulator:
         by_status keys are HTTP statuses as strings ("200" includes malformed and empty
         bodies) plus "reset" (connection aborted) and "disconnected" (the client left
         before the answer).  by_prompt counts every parsed request by last user message,
-        rejected ones included.  max_in_flight counts admitted requests only.  history (with
+        rejected ones included.  max_in_flight counts admitted requests only, in_flight those being answered
+        now.  history (with
         SimConfig.history) lists every parsed request in the order it was answered.
         """
         stats = {"requests": self._requests, "by_status": dict(self._by_status),
                  "by_prompt": dict(self._by_prompt), "max_in_flight": self._max_in_flight,
+                 "in_flight": self._in_flight,
                  "batch_api": self.batches.stats()}
         if self.config.history:
             stats["history"] = list(self._history)

@@ -16,6 +16,7 @@ holder's. Expiry is a wall-clock time written in the lease: hosts' clocks must a
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,7 +24,7 @@ from dataclasses import asdict, dataclass
 from batch.storage.base import AlreadyExists, NotFound, PreconditionFailed, Store
 
 LEASE_KEY = "_LEASE"
-DEFAULT_TTL_S = 30.0
+DEFAULT_TTL_S = 30.0  # the job file's output.checkpoint_lease_s unless it sets one
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,10 @@ class LeaseState:
 
     def encoded(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode("utf-8")
+
+    def alive(self, now: float) -> bool:
+        """Whether its holder may still be writing: not expired (nor released, which writes it expired)."""
+        return self.expires_at > now
 
 
 class LeaseHeld(Exception):
@@ -56,11 +61,20 @@ class Lease:
                  clock: Callable[[], float] = time.time) -> None:
         self.store, self.holder, self.ttl, self.clock = store, holder, ttl, clock
         self.epoch = 0  # 0 until taken
+        self.expires_at = 0.0  # when the lease last written by this holder runs out, by its clock
         self._version: str | None = None
+        # One write at a time: a renewal on a timer (in a thread) and one asked for at once must not both swap from
+        # the same version, or the second would take the first's success for a take-over.
+        self._writing = threading.Lock()
 
     @property
     def renew_every(self) -> float:
         return self.ttl / 3
+
+    def expired(self) -> bool:
+        """Whether this holder's lease has run out unrenewed (a pause, a store that did not answer): another may
+        have taken it over by now, so the holder sends nothing more until a renewal says it is still its own."""
+        return self.clock() >= self.expires_at
 
     def acquire(self, gone: Callable[[str], bool] = lambda holder: False) -> int:
         """Take the lease (LeaseHeld while another holder's is live); returns this holding's epoch. `gone(holder)`
@@ -88,7 +102,8 @@ class Lease:
         """Extend the lease by ttl from now; LeaseLost when another holder has it now."""
         assert self._version is not None, "renew before acquire"
         try:
-            self._swap(self.epoch, self._version)
+            with self._writing:
+                self._swap(self.epoch, self._version)
         except (PreconditionFailed, NotFound):
             raise LeaseLost(f"the lease in {self.store.where(LEASE_KEY)} was taken over since epoch "
                             f"{self.epoch}: another process holds this checkpoint now") from None
@@ -98,7 +113,9 @@ class Lease:
         if self._version is None:
             return
         try:
-            self.store.replace(LEASE_KEY, _bytes(LeaseState(self.holder, self.epoch, 0.0)), if_version=self._version)
+            with self._writing:
+                self.store.replace(LEASE_KEY, _bytes(LeaseState(self.holder, self.epoch, 0.0)),
+                                   if_version=self._version)
         except (PreconditionFailed, NotFound):
             pass
         self._version = None
@@ -112,24 +129,28 @@ class Lease:
             self._version = self.store.create(LEASE_KEY, _bytes(state))
         else:
             self._version = self.store.replace(LEASE_KEY, _bytes(state), if_version=if_version)
-        self.epoch = epoch
+        self.epoch, self.expires_at = epoch, state.expires_at
         return epoch
 
     def _read(self) -> tuple[LeaseState, str] | None:
-        """The lease as it is and the version it is at; None when there is none. A lease that is not one (damaged)
-        reads as expired at epoch 0, so it is taken over rather than blocking every run."""
-        listed = self.store.list(LEASE_KEY)
-        entry = next((e for e in listed if e.key == LEASE_KEY), None)
-        if entry is None:
-            return None
-        try:
-            data = json.loads(self.store.read_bytes(LEASE_KEY))
-            state = LeaseState(str(data["holder"]), int(data["epoch"]), float(data["expires_at"]))
-        except NotFound:
-            return None
-        except (ValueError, KeyError, TypeError):
-            state = LeaseState("(damaged)", 0, 0.0)
-        return state, entry.version
+        return read_lease(self.store)
+
+
+def read_lease(store: Store) -> tuple[LeaseState, str] | None:
+    """The lease in `store` as it is and the version it is at; None when there is none. A lease that is not one
+    (damaged) reads as expired at epoch 0, so it is taken over rather than blocking every run."""
+    listed = store.list(LEASE_KEY)
+    entry = next((e for e in listed if e.key == LEASE_KEY), None)
+    if entry is None:
+        return None
+    try:
+        data = json.loads(store.read_bytes(LEASE_KEY))
+        state = LeaseState(str(data["holder"]), int(data["epoch"]), float(data["expires_at"]))
+    except NotFound:
+        return None
+    except (ValueError, KeyError, TypeError):
+        state = LeaseState("(damaged)", 0, 0.0)
+    return state, entry.version
 
 
 def _bytes(state: LeaseState) -> Callable[..., object]:

@@ -77,8 +77,8 @@ def test_ids_that_share_a_hash_are_told_apart(monkeypatch):
         return pa.chunked_array([pa.array(values, pa.string())])
 
     done = Answered(column(["ab", "cd", "ab", "ef", "cd", "x"]),
-                    column(["failed", "ok", "ok", "failed", "failed", "ok"]),
-                    column(["timeout", None, None, "content_filter", "timeout", None]))
+                    column(["failed", "failed", "ok", "failed", "failed", "ok"]),
+                    column(["timeout", "server_error", None, "content_filter", "timeout", None]))
     assert len(done) == 4
     asked = pa.array(["ab", "cd", "ef", "gh", "x", "y"])
     assert done.state(asked).to_pylist() == ["ok", "timeout", "content_filter", None, "ok", None]
@@ -110,11 +110,12 @@ def test_row_states_keep_each_rows_last_record_and_find_moved_records_by_id():
         ids, seqs, status, error_class = zip(*records)
         states.add(pa.array(ids), pa.array(seqs, pa.int64()), pa.array(status), pa.array(error_class))
 
-    add(("a", 0, "ok", None),
+    # Failures all, but d's answer: of one id's records an answer is kept before any failure (record_rank).
+    add(("a", 0, "failed", "server_error"),
         ("b", 1, "failed", "timeout"),
         ("x", 2, "ok", None),  # an id no longer in the input, at c's row: not c's answer
         ("c", 3, "failed", "content_filter"),  # c was at row 3 when this was written; it is at row 2 now
-        ("b", 1, "ok", None))  # b retried: the last of two records in one batch wins
+        ("b", 1, "failed", "server_error"))  # b retried: the last of two records in one batch wins
     add(("d", 0, "failed", "timeout"),  # d, when it sat at row 0
         ("d", 3, "ok", None),  # and later at its own row: newer, so it wins
         ("a", None, "failed", "timeout"),  # no seq (an old checkpoint): found by id, and newest for a

@@ -111,3 +111,13 @@ def test_a_create_whose_reply_was_lost_is_found_to_be_ours() -> None:
 def test_a_damaged_lease_is_taken_over_not_obeyed(store: Store) -> None:
     store.create(LEASE_KEY, lambda sink: sink.write(b"not json"))
     assert Lease(store, "host-a:1", TTL, Clock()).acquire() == 1
+
+
+@pytest.mark.parametrize("ttl", [0.5, 3601, "soon"])
+def test_a_lease_ttl_out_of_range_is_refused_in_one_line_naming_the_key(sim, make_job, run_cli, ttl) -> None:
+    job = make_job(sim, output={"checkpoint_lease_s": ttl})
+    for command in ("validate", "run"):
+        code, out, err = run_cli(command, job)
+        assert code == 2 and out == "" and err.count("\n") == 1, err
+        assert "output.checkpoint_lease_s" in err and "Traceback" not in err
+    assert sim.stats()["requests"] == 0 and not (job.parent / "out").exists()

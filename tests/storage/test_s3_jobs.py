@@ -8,6 +8,8 @@ import io
 import json
 import os
 import signal
+import socket
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +19,8 @@ from helpers import start_run, wait_until
 from s3_helpers import S3Bucket
 
 from batch.simulator.answers import reply_marker
+from batch.storage.lease import LEASE_KEY
+from batch.storage.s3 import S3Store
 
 ROWS = [{"review_id": f"s{i:03d}", "text": f"stored {i}"} for i in range(200)]
 
@@ -163,8 +167,7 @@ def test_an_input_on_any_fsspec_url_is_read_streamed(sim, make_job, run_cli, tmp
 def test_a_second_run_while_another_holds_the_checkpoints_lease_exits_4_having_sent_nothing(
         sim, make_job, run_cli, s3, tmp_path):
     """Another host (its own local folder, so no local lock is shared) holds the lease: this run is locked out."""
-    from batch.storage.lease import LEASE_KEY, Lease
-    from batch.storage.s3 import S3Store
+    from batch.storage.lease import Lease
 
     job = on_s3(make_job, sim, s3, tmp_path)
     checkpoint = S3Store(f"{s3.url}/out/result.checkpoint")
@@ -217,3 +220,114 @@ def test_status_and_export_read_a_job_on_s3(sim, make_job, run_cli, s3, tmp_path
     code, _, err = run_cli("export", job, "--format", "csv", "--to", tmp_path / "result.csv")
     assert code == 0, err
     assert list(pd.read_csv(tmp_path / "result.csv")["review_id"]) == [row["review_id"] for row in ROWS[:20]]
+
+
+def records_of_parts(s3: S3Bucket, folder: str) -> pd.DataFrame:
+    """Every record in the checkpoint's parts under `folder`, with the part it sits in."""
+    frames = []
+    for key in s3.keys(folder):
+        name = key.rsplit("/", 1)[1]
+        if name.startswith("part-") and name.endswith(".parquet"):
+            body = s3.client().get_object(Bucket=s3.name, Key=key)["Body"].read()
+            frames.append(pd.read_parquet(io.BytesIO(body)).assign(part=name))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_a_zombie_holders_paid_answers_are_kept_beside_the_new_holders_and_merge_keeps_one_per_id(
+        start_sim, make_job, run_cli, s3, tmp_path):
+    """A shard's run paused (SIGSTOP) with requests in flight loses its lease (short ttl) to a run on another host,
+    which does the shard; resumed, the first (a zombie) writes the answers it had in flight under its own epoch and
+    exits 4. Both holders' parts are kept under distinct names; merge keeps, of each id's records, the new holder's
+    answer (the higher epoch), and each row costs every answer either holder paid for; only what was in flight
+    was paid twice."""
+    concurrency, rows = 2, ROWS[:24]
+    sim = start_sim(latency_ms=300)
+    job = on_s3(make_job, sim, s3, tmp_path, rows=rows, shards=1, pricing={"input": 1, "output": 2},
+                limits={"concurrency": concurrency, "timeout_s": 120},
+                output={"checkpoint_rows": 1, "checkpoint_lease_s": 1})
+    other_host = job.with_name("job-other-host.yaml")
+    other_host.write_text(job.read_text().replace(str(tmp_path / "local"), str(tmp_path / "local-2")))
+    folder = "out/result.checkpoint/shard=0-of-1/"
+    checkpoint = S3Store(f"{s3.url}/{folder}")
+
+    def parts(epoch: int) -> list[str]:
+        return [key for key in s3.keys(folder) if f"-e{epoch}." in key]
+
+    zombie = start_run(job, "--shard", "0/1")
+    try:
+        wait_until(lambda: len(parts(1)) >= 2 and sim.stats()["in_flight"] > 0, "parts written, requests in flight")
+        os.kill(zombie.pid, signal.SIGSTOP)
+        in_flight = sim.stats()["in_flight"]
+        wait_until(lambda: json.loads(checkpoint.read_bytes(LEASE_KEY))["expires_at"] < time.time(),
+                   "the paused run's lease to expire")
+        code, _, err = run_cli("status", job, "--json")
+        lease = json.loads(_)["shards"][0]["lease"]
+        assert (lease["epoch"], lease["state"], lease["pid"]) == (1, "expired", zombie.pid)
+        code, out, err = run_cli("run", other_host, "--shard", "0/1")  # takes the lease over: epoch 2
+        assert code == 0, err
+        zombie_parts_before = parts(1)
+        os.kill(zombie.pid, signal.SIGCONT)
+        _, err = zombie.communicate(timeout=60)
+    finally:
+        zombie.kill()
+        zombie.communicate()
+    assert zombie.returncode == 4 and "another process holds this checkpoint now" in err, err
+    # The zombie wrote nothing but its answers' parts: the shard's summary and marker are the new holder's.
+    assert json.loads(checkpoint.read_bytes("summary.json"))["exit_code"] == 0
+    assert json.loads(checkpoint.read_bytes("_SUCCESS"))["ok"] == len(rows)
+    late = sorted(set(parts(1)) - set(zombie_parts_before))
+    assert late, "the zombie's answers in flight were written, in parts of its own epoch"
+    assert parts(2) and not set(parts(1)) & set(parts(2))
+    part_puts = [entry["headers"] for entry in s3.puts() if "/part-" in entry["url"]]
+    assert all(headers.get("If-None-Match") == "*" for headers in part_puts)  # never one written over another
+
+    code, out, err = run_cli("merge", job)
+    assert code == 0, err
+    merged = output_on(s3)
+    assert list(merged["review_id"]) == [row["review_id"] for row in rows] and (merged["status"] == "ok").all()
+    asked = sim.stats()["by_prompt"]
+    times = merged["text"].map(lambda text: asked[f"Classify: {text}"])
+    assert 1 <= (times == 2).sum() <= concurrency and times.max() == 2, asked  # paid twice: what was in flight
+    assert in_flight <= concurrency
+    records = records_of_parts(s3, folder)
+    for row in merged[times == 2].itertuples():
+        mine = records[records["id"] == row.review_id]
+        assert sorted(mine["epoch"]) == [1, 2]  # both answers kept, the zombie's and the new holder's
+        assert row.request_id == mine[mine["epoch"] == 2]["request_id"].item()  # the rule: the higher epoch's
+        assert row.cost == pytest.approx(mine["cost"].sum()) and row.attempts == 2  # both paid for, counted once
+    assert merged["attempts"].sum() == sim.stats()["requests"]  # every request sent, in some row's record
+    one_answer = records.drop_duplicates("id").set_index("id")["cost"]
+    assert merged["cost"].tolist() == pytest.approx([one_answer[i] * n for i, n in zip(merged["review_id"], times)])
+    summary = json.loads(S3Store(f"{s3.url}/out/result.checkpoint").read_bytes("merge.json"))
+    assert summary["cost"] == pytest.approx(merged["cost"].sum())
+
+
+def test_status_shows_who_holds_each_shards_lease_for_the_ttl_the_job_file_sets(start_sim, make_job, run_cli, s3,
+                                                                                tmp_path):
+    sim = start_sim(latency_ms=100)
+    job = on_s3(make_job, sim, s3, tmp_path, rows=ROWS[:60], shards=2, limits={"concurrency": 1},
+                output={"checkpoint_lease_s": 6})
+    host = socket.gethostname()  # in Kubernetes, the pod's name
+    running = start_run(job, "--shard", "0/2")
+    try:
+        wait_until(lambda: sim.stats()["requests"] >= 2, "shard 0 sending")
+        code, out, err = run_cli("status", job, "--json")
+        assert code == 0, err
+        shards = json.loads(out)["shards"]
+        lease = shards[0]["lease"]
+        assert (lease["state"], lease["epoch"], lease["host"], lease["pid"]) == ("alive", 1, host, running.pid)
+        assert 0 < lease["expires_in_s"] <= 6  # renewed for the job file's ttl, not the default 30 s
+        assert lease["holder"].startswith(f"{host}:") and shards[1]["lease"] is None  # shard 1 never ran
+        code, out, _ = run_cli("status", job)
+        held = f"lease held by {host} (pid {running.pid}), epoch 1, alive ("
+        assert code == 0 and held in out.splitlines()[2] and "shard 1/2" in out.splitlines()[3]
+        code, out, _ = run_cli("status", job, "--shard", "0/2")  # one shard's own status
+        assert code == 0 and f"  lease: held by {host} (pid {running.pid}), epoch 1, alive (" in out
+    finally:
+        running.communicate(timeout=120)
+    assert running.returncode == 0
+    code, out, _ = run_cli("status", job, "--shard", "0/2", "--json")
+    assert json.loads(out)["lease"] == {"holder": lease["holder"], "host": host, "pid": running.pid, "epoch": 1,
+                                        "state": "released", "expires_in_s": None}
+    code, out, _ = run_cli("status", job, "--shard", "0/2")
+    assert f"  lease: released by {host} (pid {running.pid}), epoch 1" in out
