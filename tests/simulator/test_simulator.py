@@ -244,13 +244,13 @@ async def test_stats_endpoint_and_reset() -> None:
             stats = await resp.json()
         assert stats.pop("batch_api")["batches_created"] == 0  # the Batch API's counters: test_simulator_batches.py
         assert stats == {"requests": 4, "by_status": {"500": 3, "400": 1},
-                         "by_prompt": {"a": 2, "b": 1}, "max_in_flight": 1}
+                         "by_prompt": {"a": 2, "b": 1}, "max_in_flight": 1, "in_flight": 0}
         async with session.post(base + "/_reset") as resp:
             assert resp.status == 200
         async with session.get(base + "/_stats") as resp:
             stats = await resp.json()
         stats.pop("batch_api")
-        assert stats == {"requests": 0, "by_status": {}, "by_prompt": {}, "max_in_flight": 0}
+        assert stats == {"requests": 0, "by_status": {}, "by_prompt": {}, "max_in_flight": 0, "in_flight": 0}
 
 
 def test_simulator_thread_serves_other_event_loops() -> None:
