@@ -763,7 +763,7 @@ def _answers_so_far(output: OutputSettings, schema: dict[str, Any] | None, readi
             start += len(ids)
         chosen = states.last_record_mask(id_batches(reading.table))  # each id's last record
         checkpoint = reading.checkpoint
-        lasts.extend(checkpoint.chosen_records(chosen, ["id", *OUTPUT_FIELDS], checkpoint.has_records()))
+        lasts.extend(checkpoint.chosen_records(chosen, ["id", *OUTPUT_FIELDS], checkpoint.has_records(), paid=states))
 
     def in_order(values: Any) -> Any:  # a table or an array of the readings' rows, in input order
         return values if order is None else values.take(order)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batch.batch_api.ledger import describe, ledger_at
-from batch.checkpoint.answered import RowStates
+from batch.checkpoint.answered import RowStates, with_paid_in_all
 from batch.checkpoint.final import (
     LastRecords,
     is_current,
@@ -26,7 +26,6 @@ from batch.checkpoint.final import (
     output_footer,
     output_settings,
     reply_columns,
-    with_paid_in_all,
     write_final,
 )
 from batch.checkpoint.finished import mark_finished

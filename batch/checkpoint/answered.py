@@ -306,16 +306,15 @@ class RowStates:
         which = np.flatnonzero(summed)
         return which, self._paid.take(pa.array(at[which]))
 
-    def paid_in_all(self, last: np.ndarray) -> pa.Table:
-        """What the rows summed (sum_own) whose kept record is marked in `last` (a mask over write positions:
-        last_record_mask) paid in all; those records are unmarked, so the mask and these add up to the job's spend."""
-        if not len(self._paid_rows):
-            return self._paid
-        positions = self._paid_written.astype(np.int64) - 1
-        marked = np.flatnonzero((positions >= 0) & (positions < len(last)))
-        marked = marked[last[positions[marked]]]
-        last[positions[marked]] = False
-        return self._paid.take(pa.array(marked))
+    def paid_at(self, positions: np.ndarray) -> tuple[np.ndarray, pa.Table]:
+        """As paid_instead, for records at write `positions` (some rows' kept records: last_record_mask's)."""
+        if not len(self._paid_rows) or not len(positions):
+            return np.empty(0, np.int64), self._paid.slice(0, 0)
+        order = np.argsort(self._paid_written, kind="stable")
+        by_position = self._paid_written[order].astype(np.int64)
+        at = np.minimum(np.searchsorted(by_position, np.asarray(positions) + 1), len(order) - 1)
+        which = np.flatnonzero(by_position[at] == np.asarray(positions) + 1)
+        return which, self._paid.take(pa.array(order[at[which]]))
 
     def add_one(self, seq: int, state: str | None, prompt_hash: int | None = None, epoch: int | None = None) -> None:
         """A record this run wrote for input row `seq` (once per answer: no arrays built here); seq -1: for an id no
@@ -525,3 +524,18 @@ def _epochs(epoch: pa.Array | pa.ChunkedArray | None, count: int) -> np.ndarray:
 
 def _state(status: pa.Array, error_class: pa.Array) -> pa.Array:
     return pc.if_else(pc.equal(status, "ok"), "ok", error_class)
+
+
+def with_paid_in_all(records: pa.Table, rows: np.ndarray, paid: pa.Table) -> pa.Table:
+    """`records` with what its rows `rows` paid in all (`paid`: RowStates.paid_instead or paid_at) in its paid
+    columns: a row several holders answered costs what every holder paid, whichever holder's record is kept."""
+    if not len(rows):
+        return records
+    mask = pa.array(np.isin(np.arange(records.num_rows), rows))
+    for name in paid.column_names:
+        if name in records.column_names:
+            column = records.column(name).combine_chunks()
+            summed = paid.column(name).combine_chunks().cast(column.type)
+            records = records.set_column(records.schema.get_field_index(name), name,
+                                         pc.replace_with_mask(column, mask, summed))
+    return records

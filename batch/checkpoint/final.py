@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batch.checkpoint.answered import RowStates
+from batch.checkpoint.answered import RowStates, with_paid_in_all
 from batch.checkpoint.writer import Checkpoint, RowGroups
 from batch.records import DICTIONARY_FIELDS, OUTPUT_FIELDS, RECORD_FIELDS, RECORD_SCHEMA
 from batch.replies.columns import ReplyColumns
@@ -81,22 +81,6 @@ def reply_columns(out: OutputSettings, schema: dict[str, Any] | None, replies: I
         return None
     wanted = list(out.json_columns) if out.json_columns is not None else None
     return ReplyColumns(replies, wanted, {out.id_column, *out.keep_columns, *RECORD_FIELDS}, schema)
-
-
-def with_paid_in_all(records: pa.Table, rows: np.ndarray, paid: pa.Table) -> pa.Table:
-    """`records` with what rows `rows` of it paid in all (`paid`: RowStates.paid_instead) in its paid columns: a row
-    several holders answered costs what every holder paid, whichever holder's record is kept."""
-    if not len(rows):
-        return records
-    mask = np.zeros(records.num_rows, bool)
-    mask[rows] = True
-    for name in paid.column_names:
-        if name in records.column_names:
-            column = records.column(name).combine_chunks()
-            summed = paid.column(name).combine_chunks().cast(column.type)
-            replaced = pc.replace_with_mask(column, pa.array(mask), summed)
-            records = records.set_column(records.schema.get_field_index(name), name, replaced)
-    return records
 
 
 class LastRecords:

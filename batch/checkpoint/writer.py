@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batch.checkpoint.answered import Answered, RowStates
+from batch.checkpoint.answered import Answered, RowStates, with_paid_in_all
 from batch.errors import CheckpointDamagedError, CheckpointReadError, CheckpointWriteError, os_reason
 from batch.records import CARRIED_FIELDS, DICTIONARY_FIELDS, RECORD_FIELDS, RECORD_SCHEMA, TOKEN_FIELDS, Record
 from batch.storage.atomic import fsync_dir
@@ -218,10 +218,12 @@ class Checkpoint:
             at += records.num_rows
         return pa.concat_tables(found) if found else None
 
-    def chosen_records(self, chosen: np.ndarray, columns: list[str], with_log: bool = False) -> Iterator[pa.Table]:
+    def chosen_records(self, chosen: np.ndarray, columns: list[str], with_log: bool = False,
+                       paid: RowStates | None = None) -> Iterator[pa.Table]:
         """`columns` of the records `chosen` (a mask over write positions: RowStates.last_record_mask), in write
         order, read a bunch of parts at a time: never the whole checkpoint at once.
-        `with_log`: the log's records too, as row_states read them."""
+        `with_log`: the log's records too, as row_states read them. `paid`: the RowStates `chosen` came from, whose
+        rows several holders wrote hold what they paid in all (RowStates.sum_own) in their paid columns."""
         bunches = _bunches(self.store, self._parts(), columns, self._group_rows, self.merge_batch_rows, self._instead)
         if with_log:
             bunches = itertools.chain(bunches, [self._logged().select(columns).combine_chunks()])
@@ -232,8 +234,11 @@ class Checkpoint:
                 mine = np.zeros(records.num_rows, bool)
                 within = chosen[at:at + records.num_rows]
                 mine[:len(within)] = within
+                picked = records.filter(pa.array(mine))
+                if paid is not None:
+                    picked = with_paid_in_all(picked, *paid.paid_at(at + np.flatnonzero(mine)))
                 at += records.num_rows
-                yield records.filter(pa.array(mine))
+                yield picked
         except DamagedPart as damaged:  # damage in columns row_states does not read
             self._damaged_mid_run(damaged)
 
@@ -243,11 +248,7 @@ class Checkpoint:
         cost, tokens = 0.0, dict.fromkeys((*TOKEN_FIELDS, "worst_case_tokens"), 0)
         worst_case_cost = 0.0
         columns = ["cost", "worst_case_cost", *tokens, "cache_hit"]
-        last = states.last_record_mask(id_batches)
-        # Rows whose records several holders wrote: what they paid in all, in place of their kept record (sum_own).
-        summed = states.paid_in_all(last)
-        summed = summed.append_column("cache_hit", pa.array(np.zeros(summed.num_rows, bool)))
-        for records in itertools.chain(self.chosen_records(last, columns, with_log), [summed.select(columns)]):
+        for records in self.chosen_records(states.last_record_mask(id_batches), columns, with_log, paid=states):
             cost += pc.sum(records.column("cost")).as_py() or 0.0
             worst_case_cost += pc.sum(records.column("worst_case_cost")).as_py() or 0.0
             sent = records.filter(pc.invert(pc.fill_null(records.column("cache_hit"), False)))

@@ -18,6 +18,7 @@ import pytest
 from helpers import start_run, wait_until
 from s3_helpers import S3Bucket
 
+import batch
 from batch.simulator.answers import reply_marker
 from batch.storage.lease import LEASE_KEY
 from batch.storage.s3 import S3Store
@@ -281,10 +282,13 @@ def test_a_zombie_holders_paid_answers_are_kept_beside_the_new_holders_and_merge
     part_puts = [entry["headers"] for entry in s3.puts() if "/part-" in entry["url"]]
     assert all(headers.get("If-None-Match") == "*" for headers in part_puts)  # never one written over another
 
+    so_far = batch.read_results(job)  # before the merge: each row as the shard's checkpoint holds it
     code, out, err = run_cli("merge", job)
     assert code == 0, err
     merged = output_on(s3)
     assert list(merged["review_id"]) == [row["review_id"] for row in rows] and (merged["status"] == "ok").all()
+    pd.testing.assert_frame_equal(so_far[["review_id", "response", "request_id", "cost", "attempts"]],
+                                  merged[["review_id", "response", "request_id", "cost", "attempts"]])
     asked = sim.stats()["by_prompt"]
     times = merged["text"].map(lambda text: asked[f"Classify: {text}"])
     assert 1 <= (times == 2).sum() <= concurrency and times.max() == 2, asked  # paid twice: what was in flight
