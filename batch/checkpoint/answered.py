@@ -73,8 +73,11 @@ class Answered:
         # "ok", or the failure's error_class; as a dictionary: a handful of distinct states, 4 bytes a record.
         states = _flat(_state(status, error_class)).dictionary_encode()
         hashes = _hashes(ids.chunks)
-        ok = _numpy(pc.fill_null(pc.equal(states.dictionary_decode(), "ok"), False)) if len(hashes) else \
-            np.zeros(0, bool)
+        # Whether each record is an answer, from the handful of distinct states (never a string per record).
+        ok = np.zeros(len(hashes), bool)
+        if len(states.dictionary):
+            answers = _numpy(pc.fill_null(pc.equal(states.dictionary, "ok"), False))
+            ok = answers[_numpy(pc.fill_null(states.indices, 0))] & _numpy(states.indices.is_valid())
         rank = record_rank(ok, _epochs(epoch, len(hashes)), np.arange(1, len(hashes) + 1))
         # Sorted by hash, and of one id's records the kept one (highest rank) first.
         order = np.lexsort((~rank, hashes))
