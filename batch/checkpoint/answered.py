@@ -186,7 +186,9 @@ class RowStates:
         self.row_prompts = row_prompts  # likewise, and for records kept aside (last)
         self.codes = np.zeros(rows, np.int8)  # 0: no record; else 1 + index into self.names
         self.written = np.zeros(rows, np.uint32)  # 0: no record; else 1 + the record's write position
-        self.epochs = np.zeros(rows, np.int32)  # the lease epoch that wrote the record (0: none, or no lease)
+        # The lease epoch that wrote each row's record (0: none, or no lease): made at the first record written under a
+        # lease, so a local checkpoint's rows cost no more than before.
+        self._epochs: np.ndarray | None = None
         # Batch API batches each row was put in since its last record: requests its next record counts
         # (`attempts`), whatever answers it (batch/batch_api/ledger.py counts them, the Batch API adds each new one).
         self.batch_requests = np.zeros(rows, np.int32)
@@ -250,15 +252,29 @@ class RowStates:
         ends = np.r_[starts[1:], len(order)] - 1
         best, touched = order[ends], sorted_rows[ends]
         before = self.written[touched] > 0
-        current = record_rank(self.codes[touched] == ok, self.epochs[touched], self.written[touched])
+        current = record_rank(self.codes[touched] == ok, self.epochs_of(touched), self.written[touched])
         wins = rank[best] > current
         latest = np.maximum.reduceat(order, starts)  # each row's last written record of the batch
         low, high = np.minimum.reduceat(epochs[order], starts), np.maximum.reduceat(epochs[order], starts)
-        mixed = (low != high) | (best != latest) | (before & (~wins | (self.epochs[touched] != low)))
+        mixed = (low != high) | (best != latest) | (before & (~wins | (self.epochs_of(touched) != low)))
         if mixed.any():
             self._mixed.append(touched[mixed])
         won, chosen = touched[wins], best[wins]
-        self.written[won], self.codes[won], self.epochs[won] = at[chosen], codes[chosen], epochs[chosen]
+        self.written[won], self.codes[won] = at[chosen], codes[chosen]
+        self._set_epochs(won, epochs[chosen])
+
+    def epochs_of(self, rows: np.ndarray | slice) -> np.ndarray:
+        """The lease epoch of these rows' records (0: none, or written without a lease)."""
+        if self._epochs is None:
+            return np.zeros(len(self.codes[rows]), np.int32)
+        return self._epochs[rows]
+
+    def _set_epochs(self, rows: np.ndarray | slice, epochs: np.ndarray) -> None:
+        if self._epochs is None:
+            if not np.any(epochs):
+                return
+            self._epochs = np.zeros(len(self.codes), np.int32)
+        self._epochs[rows] = epochs
 
     def mixed_rows(self) -> np.ndarray:
         """The rows whose records are to be summed (sum_own), sorted; none when every row's are one chain."""
@@ -334,8 +350,10 @@ class RowStates:
             state = PROMPT_CHANGED
         code, ok = self._code(state), self._code("ok")
         rank = record_rank(np.array([code == ok]), np.array([epoch or 0]), np.array([position + 1]))
-        if rank[0] > record_rank(self.codes[seq:seq + 1] == ok, self.epochs[seq:seq + 1], self.written[seq:seq + 1])[0]:
-            self.written[seq], self.codes[seq], self.epochs[seq] = position + 1, code, epoch or 0
+        row = slice(seq, seq + 1)
+        if rank[0] > record_rank(self.codes[row] == ok, self.epochs_of(row), self.written[row])[0]:
+            self.written[seq], self.codes[seq] = position + 1, code
+            self._set_epochs(row, np.array([epoch or 0]))
 
     def hold(self, seqs: np.ndarray, answered_since: int) -> np.ndarray:
         """Mark the rows `seqs` of a live Batch API batch SUBMITTED (neither sent nor put in another batch), except
@@ -405,7 +423,7 @@ class RowStates:
                                        self._code(PROMPT_CHANGED), moved_codes)
             ok = self._code("ok")
             kept = record_rank(moved_codes == ok, self._moved_epochs[where], self._moved_written[where] + 1) > \
-                record_rank(codes == ok, self.epochs[start:stop], written + 1)
+                record_rank(codes == ok, self.epochs_of(slice(start, stop)), written + 1)
             kept &= found
             codes[kept] = moved_codes[kept]
             written[kept] = self._moved_written[where[kept]]
