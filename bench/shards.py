@@ -307,8 +307,8 @@ def parts_of(writes: list[tuple[str, dict[str, str]]], rows: int, wall_s: float,
 
     names = [(key.rsplit("/", 1)[-1], headers) for key, headers in writes]
     orders = {name: part_order(name) for name, _ in names}
-    window_parts = [name for name, _ in names if orders[name] is not None and orders[name][1] == 0]
-    rewritten = [name for name, _ in names if orders[name] is not None and orders[name][1] > 0]
+    window_parts = [name for name, _ in names if orders[name] is not None and orders[name].generation == 0]
+    rewritten = [name for name, _ in names if orders[name] is not None and orders[name].generation > 0]
     markers = [name for name, _ in names if name == SUCCESS_NAME]
     without = [name for name, headers in names
                if (orders[name] is not None or name == SUCCESS_NAME) and headers.get("If-None-Match") != "*"]

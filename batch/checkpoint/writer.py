@@ -102,10 +102,18 @@ def part_key(number: int, generation: int = 0, epoch: int | None = None) -> str:
     return f"part-{number:06d}{held}.parquet" if generation == 0 else f"part-{number:06d}{held}-{generation}.parquet"
 
 
-def part_order(key: str) -> tuple[int, int, int] | None:
+class PartOrder(NamedTuple):
+    """Where a part's records are read, from its key: by number, then epoch, then generation."""
+
+    number: int
+    epoch: int  # the lease epoch of the run that wrote it (0: none)
+    generation: int  # 0: a compaction of the log; more: a part rewritten from others
+
+
+def part_order(key: str) -> PartOrder | None:
     """(number, epoch, generation) of a part's key, by which parts are read; None for a key that is not a part's."""
     found = _PART_KEY.fullmatch(key)
-    return (int(found[1]), int(found[2] or 0), int(found[3] or 0)) if found else None
+    return PartOrder(int(found[1]), int(found[2] or 0), int(found[3] or 0)) if found else None
 
 
 def checkpoint_at(locations: Locations, rows_per_part: int = 1000, seconds_per_part: float = 10.0) -> Checkpoint:
