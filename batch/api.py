@@ -93,6 +93,7 @@ FRAME_OUTPUT_KEYS = [key for key in OutputSpec.model_fields if key not in ("path
 # pandas' nullable integer dtype of each Arrow integer type: an integer column with a null read as float64 rounds
 NULLABLE_INTEGERS = {getattr(pa, f"{sign}int{bits}")(): f"{sign.upper()}Int{bits}" for sign in ("", "u")
                      for bits in (8, 16, 32, 64)}
+NULLABLE_INTEGER_NAMES = frozenset(NULLABLE_INTEGERS.values())
 CLASH_PREFIX = "batch_"  # run_frame: a result column named like a column of the frame
 MODES = get_args(JobSpec.model_fields["mode"].annotation)  # RunOptions.mode: the job file's `mode` values
 WAIT_S = 0.25  # a waiting caller wakes this often, so a KeyboardInterrupt is taken even where a wait is not cut short
@@ -727,18 +728,26 @@ def _beside(frame: pd.DataFrame, ids: list[str], results: pd.DataFrame, result: 
     return joined
 
 
-def _frame_of(table: pa.Table) -> pd.DataFrame:
+def _frame_of(table: pa.Table, nulls_to_come: bool = False) -> pd.DataFrame:
     """`table` as a DataFrame, as pandas reads it (pd.read_parquet) but for an integer column holding a null: that
     one is pandas' nullable integer (Int64, ...), not float64, which would round every integer beyond 2**53 (a reply
-    key missing from some rows)."""
+    key missing from some rows). `nulls_to_come`: every integer column stays nullable, for a caller that blanks rows
+    (pending ones) and then calls `_whole_integers_as_numpy`."""
     import pandas as pd
 
     frame = table.to_pandas(types_mapper=lambda type_: pd.api.types.pandas_dtype(NULLABLE_INTEGERS[type_])
                             if type_ in NULLABLE_INTEGERS else None)
-    for name, column in zip(table.column_names, table.columns):
-        if column.type in NULLABLE_INTEGERS and not column.null_count:  # no null: numpy's integers, as pandas reads it
-            frame[name] = frame[name].astype(column.type.to_pandas_dtype())
+    if not nulls_to_come:
+        _whole_integers_as_numpy(frame)
     return frame
+
+
+def _whole_integers_as_numpy(frame: pd.DataFrame) -> None:
+    """A nullable integer column with no null as numpy's integers, as pandas reads such a column."""
+    for name in frame.columns:
+        dtype = frame[name].dtype
+        if str(dtype) in NULLABLE_INTEGER_NAMES and not frame[name].hasnans:
+            frame[name] = frame[name].astype(dtype.numpy_dtype)
 
 
 def _answers_so_far(output: OutputSettings, schema: dict[str, Any] | None, readings: list[JobReading],
@@ -774,16 +783,18 @@ def _answers_so_far(output: OutputSettings, schema: dict[str, Any] | None, readi
     submitted = pd.Series(in_order(np.concatenate(batched)) if batched else np.zeros(0, bool), index=rows.index)
     waiting |= submitted  # no answer shown for a row sitting in a live Batch API batch either
     last = pa.concat_tables([*lasts, RECORD_SCHEMA.empty_table().select(["id", *OUTPUT_FIELDS])])
-    answers = _frame_of(last).set_index("id").reindex(rows[id_out].tolist())
+    answers = _frame_of(last, nulls_to_come=True).set_index("id").reindex(rows[id_out].tolist())
     answers.index = rows.index
     parts = [rows, answers]
     replies = reply_columns(output, schema, [last.select(["status", "response"])])
     if replies is not None:
         aligned = pa.Table.from_pandas(answers[["status", "response"]], preserve_index=False)
         columns = dict(replies.columns(aligned))  # none: a table of no columns has no rows either
-        parts.append(_frame_of(pa.table(columns)).set_axis(rows.index) if columns else pd.DataFrame(index=rows.index))
-    for part in parts[1:]:
+        parts.append(_frame_of(pa.table(columns), nulls_to_come=True).set_axis(rows.index) if columns
+                     else pd.DataFrame(index=rows.index))
+    for part in parts[1:]:  # a pending row's answer blank: its integers null, never turned to float64
         for column in part.columns:
             part[column] = part[column].mask(waiting)
+        _whole_integers_as_numpy(part)
     answers["status"] = answers["status"].mask(waiting, "pending").mask(submitted, "in_batch")
     return pd.concat(parts, axis=1)

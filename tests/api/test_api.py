@@ -260,6 +260,11 @@ def test_read_results_of_an_incomplete_job_marks_the_pending_rows(sim, make_job,
     assert (so_far["status"] == "ok").sum() == 20 and (so_far["status"] == "pending").sum() == 30
     assert so_far.loc[so_far["status"] == "pending", "response"].isna().all()
     assert so_far["text"].tolist() == [f"t {i}" for i in range(50)]
+    # A pending row's integers are missing, not NaN in a float64 column (pandas' nullable Int64, as read_results
+    # and run_frame give any integer column holding a null).
+    for column in ("prompt_tokens", "completion_tokens", "total_tokens", "attempts"):
+        assert str(so_far[column].dtype) in ("Int64", "Int32"), column  # attempts: int32
+        assert so_far[column].isna().tolist() == [False] * 20 + [True] * 30
 
     batch.run(job, progress=False)
     final = batch.read_results(job)
@@ -276,6 +281,7 @@ def test_run_frame_with_a_limit_returns_the_pending_rows_marked(sim, tmp_path):
     answered = batch.run_frame(reviews(10), limit=4, **settings)
     assert answered["status"].tolist() == ["ok"] * 4 + ["pending"] * 6
     assert answered["label"].notna().tolist() == [True] * 4 + [False] * 6  # the reply's keys, as columns
+    assert str(answered["total_tokens"].dtype) == "Int64" and answered["total_tokens"].isna().sum() == 6
     complete = batch.run_frame(reviews(10), **settings)
     assert list(complete.columns) == list(answered.columns)
     assert complete["label"].head(4).tolist() == answered["label"].head(4).tolist()
