@@ -23,7 +23,7 @@ from batch.records import CARRIED_FIELDS, RECORD_SCHEMA
 # A failed row of these classes may succeed when sent again later (`--retry-failed`); the others
 # (content_filter, prompt_too_long, bad_request, bad_prompt) would fail the same way.
 RETRYABLE_LATER = {"rate_limited", "server_error", "timeout", "connection", "bad_response", "bad_json",
-                   "batch_expired", "batch_failed"}
+                   "batch_expired", "batch_failed", "batch_cancelled"}  # a cancel is over once asked: not the row's
 
 
 # The state of a row whose last record answered other prompt values than the row holds now (the input

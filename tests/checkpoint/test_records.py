@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
+import pytest
 
+from batch.checkpoint.answered import should_send
 from batch.input.reader import Row
 from batch.pricing import flat
 from batch.records import (
@@ -105,3 +107,9 @@ def test_status_counts_every_answer_paid_for_as_the_budget_does(sim, make_job, r
     status = json.loads(run_cli("status", job, "--json")[1])
     assert (status["prompt_tokens"], status["completion_tokens"]) == (
         first["prompt_tokens"] + second["prompt_tokens"], first["completion_tokens"] + second["completion_tokens"])
+
+
+@pytest.mark.parametrize("error_class", ["batch_expired", "batch_failed", "batch_cancelled"])
+def test_rows_of_batches_that_expired_failed_or_were_cancelled_are_sent_again_by_retry_failed(error_class):
+    # None of them says anything of the row: the batch ended without doing it (a cancel is over once asked).
+    assert should_send(error_class, retry_failed=True) and not should_send(error_class, retry_failed=False)
