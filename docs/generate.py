@@ -75,16 +75,6 @@ def cli_reference() -> str:
     return "\n".join(parts)
 
 
-def command_reference(name: str) -> str:
-    """One command's usage line and arguments table, for a page that explains that command."""
-    from batch.cli import build_parser
-
-    for command_name, command, _help in _commands(build_parser()):
-        if command_name == name:
-            return f"```text\n{_usage(command)}\n```\n\n{_arguments_table(command)}"
-    raise KeyError(f"batch has no command {name!r}")
-
-
 def simulator_options() -> str:
     """The simulator's command line (`python -m batch.simulator`, `batch simulate`): its arguments table."""
     from batch.simulator.server import build_parser as simulator_parser
