@@ -32,6 +32,14 @@ log = logging.getLogger("batch")
 
 # What a call to Redis raises when the server is away, restarting or refuses (a full disk, a wrong password).
 REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
+# The head of every Lua script of batch's: `now` in ms, ARGV[1] (the tests' clock) or, when negative, Redis's own.
+LUA_NOW = """
+local now = tonumber(ARGV[1])
+if now < 0 then
+  local time = redis.call('TIME')
+  now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+"""
 CONNECT_TIMEOUT_S = 2.0  # a server that does not take the connection in this long is away
 CALL_TIMEOUT_S = 5.0  # a call that gets no answer in this long finds the server away
 PROBE_S = 0.5  # how often a process looks again at a Redis that did not answer

@@ -28,24 +28,16 @@ import itertools
 import logging
 from collections.abc import Awaitable, Callable
 
-from batch.shared.connection import REDIS_ERRORS, Link
+from batch.shared.connection import LUA_NOW, REDIS_ERRORS, Link
 
 log = logging.getLogger("batch")
 
 POLL_S = 0.01  # how often a process refused a slot asks again (another process's release is not announced)
 WAITING_MS = 250  # how long a refused process counts as waiting: longer than its polls, short after it stops
 
-_NOW = """
-local now = tonumber(ARGV[1])
-if now < 0 then
-  local time = redis.call('TIME')
-  now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-end
-"""
-
 # KEYS: leases, waiting processes. ARGV: now ms (negative: Redis's clock), limit, TTL ms, the new lease's id, the
 # process's token, the leases it holds, how long it counts as waiting if refused (ms). 1: the lease is taken.
-ACQUIRE = _NOW + """
+ACQUIRE = LUA_NOW + """
 local limit, ttl, held = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[6])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
@@ -64,7 +56,7 @@ return 1
 
 # KEYS: leases, processes. ARGV: now ms, TTL ms, the process's token, the ids of the leases it holds. Each lease's
 # expiry moves a TTL on (a lease Redis lost is added back); returns the processes sharing the account now.
-RENEW = _NOW + """
+RENEW = LUA_NOW + """
 local ttl = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[2], now + ttl, ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)

@@ -27,14 +27,10 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from batch.shared.connection import REDIS_ERRORS, Link
+from batch.shared.connection import LUA_NOW, REDIS_ERRORS, Link
 
-_NOW = """
-local now = tonumber(ARGV[1])
-if now < 0 then
-  local time = redis.call('TIME')
-  now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-end
+# The scripts' head: `now`, and sum(key), the total of a hash's values.
+_HEAD = LUA_NOW + """
 local function sum(key)
   local total = 0
   for _, value in ipairs(redis.call('HVALS', key)) do total = total + tonumber(value) end
@@ -48,7 +44,7 @@ end
 # Batch API file's one hold grows row by row), by what they add to what Redis holds for it (none, if it lost it).
 # Returns {taken (1 or 0), holds after, cost spent and held, tokens spent and held} (numbers as text: Redis would
 # cut a Lua number to an integer).
-HOLD = _NOW + """
+HOLD = _HEAD + """
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
   redis.call('HDEL', KEYS[2], id)
   redis.call('HDEL', KEYS[3], id)
@@ -70,7 +66,7 @@ return {1, redis.call('ZCARD', KEYS[1]), string.format('%.17g', cost + add_cost)
 
 # KEYS: as HOLD's. ARGV: now ms, TTL ms, the checkpoint, its cost spent, its tokens spent, then the holds ended
 # (ids), "--", then the holds still held (id, cost, tokens each: renewed, or added back to a Redis that lost them).
-SETTLE = _NOW + """
+SETTLE = _HEAD + """
 redis.call('HSET', KEYS[4], ARGV[3], ARGV[4])
 redis.call('HSET', KEYS[5], ARGV[3], ARGV[5])
 local i = 6
