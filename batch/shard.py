@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from batch.errors import ConfigError
 
@@ -50,9 +51,54 @@ class Shard:
         return shard_of(ids, self.count) == self.index
 
 
-def shard_of(ids: pa.Array, count: int) -> np.ndarray:
+def shard_of(ids: pa.Array | pa.ChunkedArray, count: int) -> np.ndarray:
     """The shard (0 .. count-1) of each of `ids`: crc32 of its UTF-8 bytes, modulo `count`."""
-    return np.fromiter((zlib.crc32(text.encode()) % count for text in ids.to_pylist()), np.int64, len(ids))
+    return (crc32_each(ids) % count).astype(np.int64)
+
+
+def _crc32_table() -> np.ndarray:
+    """The table of the reflected CRC-32 (polynomial 0xEDB88320) that zlib.crc32 computes, one entry per byte."""
+    table = np.arange(256, dtype=np.uint32)
+    for _ in range(8):
+        table = np.where(table & 1, (table >> 1) ^ np.uint32(0xEDB88320), table >> 1).astype(np.uint32)
+    return table
+
+
+_CRC32_TABLE = _crc32_table()
+# Past this many bytes a text's CRC is left to zlib: the table walk below costs about 7 ns per byte of each text, a
+# zlib call from Python about 0.3 us per text (measured over 65,536 texts): the walk wins for ids (12-byte ids:
+# 0.04 s per million against 0.10 s) and loses for prompts of a hundred bytes.
+_LONGEST_WALKED = 32
+
+
+def crc32_each(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """zlib.crc32 of each text's UTF-8 bytes (null: of no bytes), as uint32, without a Python call per text
+    (but per text longer than _LONGEST_WALKED bytes).
+
+    A shard asks this of every id of the input (its rows are found among all of them), on every start. Here the
+    standard table-driven CRC steps all texts through their first byte, then their second, ...: sorted longest
+    first, the texts still going at byte j are a prefix of them, and every step is one vectorised update of it."""
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks()
+    binary = pc.fill_null(texts.cast(pa.large_binary()), b"")
+    offsets = np.frombuffer(binary.buffers()[1], np.int64)[binary.offset:binary.offset + len(binary) + 1]
+    data = binary.buffers()[2]
+    data = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    crc = np.full(len(binary), 0xFFFFFFFF, np.uint32)
+    walked = np.flatnonzero(lengths <= _LONGEST_WALKED)
+    by_length = walked[np.argsort(-lengths[walked], kind="stable")]
+    going = np.bincount(lengths[walked], minlength=1)[::-1].cumsum()[::-1]  # going[j]: ids of j bytes or more
+    state, first = crc[by_length], starts[by_length]
+    for position in range(1, len(going)):
+        ahead = int(going[position])
+        byte = data[first[:ahead] + (position - 1)]
+        state[:ahead] = _CRC32_TABLE[(state[:ahead] ^ byte) & 0xFF] ^ (state[:ahead] >> 8)
+    crc[by_length] = state ^ np.uint32(0xFFFFFFFF)
+    long = np.flatnonzero(lengths > _LONGEST_WALKED)
+    if len(long):
+        crc[long] = np.fromiter(map(zlib.crc32, binary.take(pa.array(long)).to_pylist()), np.uint32, len(long))
+    return crc
 
 
 def parse_shard(text: str, source: str = "--shard") -> Shard:

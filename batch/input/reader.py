@@ -8,7 +8,6 @@ import io
 import itertools
 import json
 import sys
-import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from batch.errors import ConfigError, InputChangedError
-from batch.shard import Shard
+from batch.shard import Shard, crc32_each
 from batch.storage.locations import input_kind, input_version, is_url, open_input
 
 BATCH_ROWS = 8192
@@ -429,8 +428,7 @@ class InputTable:
         texts = [_as_text(batch.column(c)) for c in self.prompt_columns]
         joined = texts[0] if len(texts) == 1 else pc.binary_join_element_wise(
             *texts, "\x1f", null_handling="replace", null_replacement="\x00")
-        return np.fromiter(map(zlib.crc32, pc.fill_null(joined, "\x00").cast(pa.binary()).to_pylist()),
-                           np.uint32, len(joined))
+        return crc32_each(pc.fill_null(joined, "\x00"))
 
     def _id_texts(self, batch: pa.RecordBatch) -> pa.Array:
         return pc.utf8_trim_whitespace(batch.column(self.id_column).cast(pa.string()))

@@ -24,7 +24,7 @@ from s3_helpers import S3Bucket
 
 from batch.config import load_job
 from batch.preflight import ShardAsk, shard_spec
-from batch.shard import Shard, shard_of
+from batch.shard import Shard, crc32_each, shard_of
 
 ROWS = [{"review_id": f"s{i:04d}", "text": f"shard review {i}"} for i in range(400)]
 # What differs between two runs that got the same answers: when they came, and the server's ids for the requests.
@@ -76,6 +76,22 @@ def test_the_shards_partition_any_set_of_ids(ids, count):
     assert (sum(mask.astype(int) for mask in masks) == 1).all() if ids else True  # every id in exactly one shard
     # Stable across processes and hosts: CRC-32 of the UTF-8 bytes, never Python's salted hash().
     assert shard_of(array, count).tolist() == [zlib.crc32(text.encode()) % count for text in sorted(ids)]
+
+
+# Texts short and long (past the 256 bytes the vectorised walk takes, to zlib's), null, in any of Arrow's text
+# types, as a slice of a longer array or in chunks: the reader hands the ids over in each of these shapes.
+some_ids = st.lists(st.one_of(st.none(), st.text(max_size=12), st.text(min_size=80, max_size=300)), max_size=60)
+
+
+@given(some_ids, st.sampled_from([pa.string(), pa.large_string(), pa.string_view()]), st.integers(0, 3),
+       st.integers(1, 4))
+def test_the_vectorised_crc32_of_any_ids_is_zlibs(texts, kind, cut, chunks):
+    whole = pa.array(["before"] * cut + texts + ["after"] * cut, kind).slice(cut, len(texts))
+    expected = [zlib.crc32((text or "").encode()) for text in texts]
+    assert crc32_each(whole).tolist() == expected
+    step = max(1, len(texts) // chunks)
+    pieces = [whole.slice(at, step) for at in range(0, len(texts), step)] or [whole]
+    assert crc32_each(pa.chunked_array(pieces, kind)).tolist() == expected
 
 
 def test_four_shard_processes_merge_into_the_single_process_output(start_sim, make_job, run_cli):
