@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 import traceback
+from collections import Counter
 from pathlib import Path
 
 from batch.commands.estimate import estimate, format_estimate
@@ -32,6 +33,7 @@ from batch.preflight import ShardAsk, job_shards, preflight, resolve, settings_o
 from batch.process import command_line_process, readers_may_leave
 from batch.runner import RunOptions, run_job
 from batch.summary import format_summary
+from batch.wording import counted
 
 log = logging.getLogger("batch")
 
@@ -221,16 +223,27 @@ def cancel(args: argparse.Namespace) -> int:
     lock = RunLock(plan.locations.local_dir)
     lock.acquire()
     try:
-        batches = asyncio.run(cancel_batches(plan))
+        outcome = asyncio.run(cancel_batches(plan))
     finally:
         lock.release()
-    if not batches:
+    if not outcome:
         print(f"job {plan.name}: no live Batch API batch")
         return 0
-    print(f"job {plan.name}: cancel asked for {len(batches)} batches; the next run merges what they answered "
-          "and the rest is pending again")
-    for batch in batches:
-        print(f"  {format_batch(batch)}")
+    said = [f"cancelled {counted(len(outcome.cancelled), 'batch')}" if outcome.cancelled else "nothing to cancel"]
+    if outcome.ended:  # completed, failed, expired, finalizing, or cancelling/cancelled by an earlier cancel
+        states = Counter(batch["state"] for batch in outcome.ended)
+        said.append(f"{counted(len(outcome.ended), 'batch')} already ended or ending ("
+                    + ", ".join(f"{number} {state}" for state, number in sorted(states.items())) + ")")
+    if outcome.dropped:
+        said.append(f"dropped {counted(len(outcome.dropped), 'file')} not yet made a batch")
+    if outcome.lost:
+        said.append(f"{counted(len(outcome.lost), 'batch')} the provider no longer knows")
+    print(f"job {plan.name}: " + "; ".join(said) + "; the next run merges what they answered and the rest is "
+          "pending again")
+    for what, batches in (("cancelled", outcome.cancelled), ("already ended or ending", outcome.ended),
+                          ("dropped", outcome.dropped), ("lost", outcome.lost)):
+        for batch in batches:
+            print(f"  {what}: {format_batch(batch)}")
     return 0
 
 

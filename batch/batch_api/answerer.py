@@ -842,33 +842,67 @@ def _counts(batch: Any) -> dict[str, int]:
     return {name: int(getattr(counts, name, 0) or 0) for name in ("total", "completed", "failed")}
 
 
-async def cancel_batches(plan: Plan) -> list[dict[str, Any]]:
-    """`batch cancel`: ask the provider to cancel the job's live batches (their partial results are merged by the
-    next run); a file not yet made a batch is dropped, its rows pending again. The caller holds the run lock."""
+CANCELLABLE = ("validating", "in_progress")  # a batch in any other state is ending or has ended: not cancellable
+
+
+@dataclass(frozen=True)
+class CancelOutcome:
+    """What `batch cancel` did to each of the job's live files (each one `describe`d as it is now)."""
+
+    cancelled: list[dict[str, Any]]  # a cancel asked now
+    ended: list[dict[str, Any]]  # ended or ending at the provider already (completed, failed, expired, finalizing,
+    # or cancelling/cancelled by an earlier cancel): nothing was asked of it
+    dropped: list[dict[str, Any]]  # built or uploaded, never made a batch: dropped here, its rows pending again
+    lost: list[dict[str, Any]]  # the provider no longer knows its batch: its rows are pending again
+
+    def __bool__(self) -> bool:
+        return bool(self.cancelled or self.ended or self.dropped or self.lost)
+
+
+async def cancel_batches(plan: Plan) -> CancelOutcome:
+    """`batch cancel`: ask the provider to cancel the job's live batches that can still be cancelled (their
+    partial results are merged by the next run), and say which had ended already; a file not yet made a batch is
+    dropped, its rows pending again. The caller holds the run lock."""
     ledger = Ledger(plan.locations.local_dir, plan.locations.checkpoint_store())
     stop = Stop()
     answerer = BatchAnswerer(plan, ledger, RowStates(0, None), None, None, stop, False, False,
                              lambda _record: _no_rows())
+    outcome = CancelOutcome([], [], [], [])
     async with control_client(plan) as api:
         answerer._api = api
+
+        async def retrieve(entry: BatchFile) -> Any:
+            return await answerer._call("poll", lambda: api.batches.retrieve(entry.batch_id),
+                                        missing=f"batch {entry.batch_id}")
+
         for entry in ledger.live():
             if entry.batch_id is None:
                 ledger.note("merged", entry.number, status="cancelled", outcome={"returned": entry.rows})
                 await answerer._clean(entry, None)
+                outcome.dropped.append(describe(entry))
                 continue
             try:
-                batch = await answerer._call("poll", lambda e=entry: api.batches.retrieve(e.batch_id),
-                                             missing=f"batch {entry.batch_id}")
-                if batch.status in ("validating", "in_progress"):  # a batch ending already cannot be cancelled
-                    batch = await answerer._call("cancel", lambda e=entry: api.batches.cancel(e.batch_id),
-                                                 missing=f"batch {entry.batch_id}")
+                batch = await retrieve(entry)
+                asked = batch.status in CANCELLABLE
+                if asked:
+                    try:
+                        batch = await answerer._call("cancel", lambda e=entry: api.batches.cancel(e.batch_id),
+                                                     missing=f"batch {entry.batch_id}")
+                    except ControlPlaneError:
+                        batch = await retrieve(entry)  # refused: it may have ended since the poll, else it fails
+                        if batch.status in CANCELLABLE:
+                            raise
+                        asked = False
+                if asked:
                     ledger.note("cancel", entry.number)
             except Gone as gone:  # nothing left to cancel: its rows are pending for the next run
                 await answerer._forget(entry, gone)
+                outcome.lost.append(describe(entry))
                 continue
             if batch.status != entry.status:
                 ledger.note("state", entry.number, status=batch.status, counts=_counts(batch))
-    return [describe(entry) for entry in ledger.files.values() if entry.live]
+            (outcome.cancelled if asked else outcome.ended).append(describe(ledger.files[entry.number]))
+    return outcome
 
 
 async def _no_rows() -> AsyncIterator[Pending]:

@@ -188,7 +188,7 @@ def test_mode_switch_never_sends_a_row_of_a_live_batch_online(start_sim, make_jo
     assert sim.stats()["requests"] == 0  # every row sits in the live batch
     sim.advance(3)  # validating 1 s, then 5 lines a second: some lines answered, then cancelled
     code, out, _ = run_cli("cancel", job)
-    assert code == 0 and "cancel asked for 1 batches" in out
+    assert code == 0 and "cancelled 1 batch;" in out
     sim.advance(3600)
     code, out, _ = run_cli("run", job, "--mode", "online")  # collects the partial results, the rest online
     assert code == 0, out
@@ -198,6 +198,33 @@ def test_mode_switch_never_sends_a_row_of_a_live_batch_online(start_sim, make_jo
     assert 0 < answered_in_batch < 20
     assert sim.stats()["requests"] == 20 - answered_in_batch  # each row answered once, one way or the other
     assert set(records_per_id(job).values()) == {1}
+
+
+def test_cancel_counts_only_the_batches_it_cancelled_and_names_those_already_ended(start_sim, make_job, run_cli):
+    # Files of 10, 10 and 5 rows; the first one made a batch fails validation. One line a second: after 7 s the
+    # 5-line batch has completed, the other is in progress.
+    sim = start_sim(batch_speed=0, batch_rate=1, batch_finalizing_s=0.1, batch_fail_validations=1)
+    job = batch_job(make_job, sim, count=25, per_file=10)
+    assert run_cli("run", job)[0] == EXIT_BATCHES_LIVE
+    sim.advance(7)
+    states = Counter(b["status"] for b in provider_batches(sim))
+    assert states == {"failed": 1, "completed": 1, "in_progress": 1}
+    code, out, err = run_cli("cancel", job)
+    assert code == 0, out + err
+    head, *listed = out.splitlines()
+    assert "cancelled 1 batch;" in head and "2 batches already ended or ending (1 completed, 1 failed)" in head, head
+    assert sorted(line.split(":")[0].strip() for line in listed) == ["already ended or ending"] * 2 + ["cancelled"]
+    assert Counter(b["status"] for b in provider_batches(sim)) == {"failed": 1, "completed": 1, "cancelling": 1}
+    assert [e["file"] for e in ledger_events(job) if e["event"] == "cancel"] == [
+        int(line.split("(file ")[1].split(")")[0]) for line in listed if line.strip().startswith("cancelled")]
+    code, out, err = run_cli("cancel", job)  # asked again: nothing more is cancelled
+    assert code == 0, out + err
+    assert "nothing to cancel; 3 batches already ended or ending (1 cancelling, 1 completed, 1 failed)" in out, out
+    sim.advance(3600)
+    assert run_until_done(run_cli, sim, job) == 0
+    frame = output_of(job)
+    assert list(frame["response"]) == [expected_reply(f"review number {i}") for i in range(25)]
+    assert submitted_twice(sim) == []
 
 
 def test_expired_batch_keeps_its_partial_output_and_resubmits_the_rest(start_sim, make_job, run_cli):
@@ -522,7 +549,8 @@ def test_forgotten_batches_go_online_in_online_mode_and_cancel_finds_nothing_to_
     sim.forget(provider_batches(sim)[0]["id"])  # the newest: file 2
     code, out, err = run_cli("cancel", job)
     assert code == 0, out + err
-    assert len(lost_warnings(err)) == 1 and "cancel asked for 1 batches" in out and "(file 1)" in out
+    assert len(lost_warnings(err)) == 1 and "cancelled 1 batch; 1 batch the provider no longer knows" in out
+    assert "  cancelled: batch " in out and "(file 1)" in out and "  lost: batch " in out and "(file 2)" in out
     sim.forget()
     code, out, err = run_cli("run", job, "--mode", "online")
     assert code == 0, out + err
