@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from batch.pricing import Pricer, money, worst_cost
+from batch.pricing import CURRENCY, Pricer, money, worst_cost
 from batch.records import Record, billed
 
 if TYPE_CHECKING:
@@ -218,13 +218,13 @@ class Budget:
         if (tokens is None or (cost is None and self.pricer is not None)) and not self._warned_usage:
             self._warned_usage = True
             log.warning("an answer came without token usage: the budget counts it at its worst case "
-                        "(%d tokens, %.6g CNY)", worst.tokens, worst.cost)
+                        "(%d tokens, %s %s)", worst.tokens, money(worst.cost), CURRENCY)
         return (worst.cost if cost is None else cost), (worst.tokens if tokens is None else tokens)
 
     def describe(self) -> str:
         parts = []
         if self.max_cost is not None:
-            parts.append(f"spent {money(self.spent_cost)} of max_cost {self.max_cost:g} CNY")
+            parts.append(f"spent {money(self.spent_cost)} of max_cost {money(self.max_cost)} {CURRENCY}")
         if self.max_tokens_total is not None:
             parts.append(f"used {self.spent_tokens} of max_total_tokens {self.max_tokens_total}")
         return "budget reached: " + ", ".join(parts) + " (the next request could exceed it)"

@@ -216,7 +216,7 @@ def test_the_scale_out_examples_show_a_shard_a_refused_merge_and_the_merge(examp
 def test_the_money_and_batch_api_examples_show_what_their_pages_explain(examples):
     stopped = examples["budget_run"]["stdout"]
     assert "  all runs: ok 9, failed 0, pending 3" in stopped
-    assert "  stopped: budget reached: spent 0.000205 of max_cost 0.0003 CNY" in stopped
+    assert "  stopped: budget reached: spent 0.000205 of max_cost 0.000300 CNY" in stopped
     assert "  budget: max_cost 0.000300 CNY, 0.000095 left" in examples["budget_estimate"]["stdout"]
     submitted = examples["batch_submit"]["stdout"]
     assert "  3 Batch API batches are still being worked on: run again later, or use --wait" in submitted

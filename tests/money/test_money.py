@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
 from helpers import output_of, summary_of
+from hypothesis import given
+from hypothesis import strategies as st
 
 from batch.checkpoint.writer import Checkpoint
-from batch.pricing import PRICES, cost_of, pricer_for
+from batch.pricing import PRICES, cost_of, money, pricer_for
 
 PLUS = {"name": "glm-4-plus"}  # 5 / 5 CNY per million tokens
 JSON_PARAMS = {"max_tokens": 64, "response_format": {"type": "json_object"}}
@@ -102,6 +105,37 @@ def test_answers_without_usage_count_at_their_worst_case(sim, make_job, run_cli)
     assert code == 5, out + err
     assert 0 < sim.stats()["requests"] < 20
     assert err.count("without token usage") == 1
+
+
+def test_every_amount_printed_is_in_the_one_money_format(sim, make_job, run_cli):
+    # The budget's own amounts (max_cost, a worst case counted for an answer without usage) as the summary,
+    # the log, estimate and status print every other amount: batch.pricing.money's six decimals.
+    rows = [{"review_id": f"u{i}", "text": f"review {i}" + (" [[set:usage=null]]" if i == 0 else "")}
+            for i in range(20)]
+    job = make_job(sim, rows=rows, model={**PLUS, "params": {"max_tokens": 8}}, limits={"concurrency": 1},
+                   budget={"max_cost": 0.0016})
+    code, out, err = run_cli("run", job)
+    assert code == 5, out + err
+    said = [out, err]
+    for command in ("estimate", "status"):
+        code, text, error = run_cli(command, job)
+        assert code == 0, text + error
+        said.append(text)
+    printed = "\n".join(said)
+    assert "of max_cost 0.001600 CNY" in out and "of max_cost 0.001600 CNY" in err
+    assert "budget: max_cost 0.001600 CNY" in said[2]
+    assert re.search(r"without token usage: the budget counts it at its worst case \(\d+ tokens, \d\.\d{6} CNY\)",
+                     err), err
+    amounts = re.findall(r"(\S+) CNY\b", printed)
+    assert len(amounts) >= 6 and all(money(float(amount)) == amount for amount in amounts), amounts
+
+
+@given(st.floats(min_value=0, max_value=1e9, allow_nan=False))
+def test_money_is_close_to_the_amount_and_never_a_false_zero(amount):
+    printed = money(amount)
+    assert (float(printed) == 0) == (amount == 0)
+    assert abs(float(printed) - amount) <= max(5e-7, amount * 0.05)
+    assert money(float(printed)) == printed  # what it prints, read back, prints the same
 
 
 def test_token_budget_counts_only_what_was_sent_and_the_cache_still_answers(sim, make_job, run_cli):
