@@ -11,8 +11,9 @@ is out of date, which the drift test (tests/docs/) runs. This file lives in docs
 mkdocs.yml's exclude_docs), not in batch/: the runtime package ships the runtime only.
 
 The example outputs come from running the real commands (`batch run`, `status`, `estimate`, `validate`) on the
-repository's demo jobs against the simulator, once per process; what changes from one run to the next (times,
-rates, ports, retry waits) is written as a fixed stand-in, so writing the docs twice gives the same text.
+repository's demo jobs against the simulator, once per process (some against a simulator set to misbehave:
+slow, capped, failing); what changes from one run to the next (times, rates, ports, retry waits, process ids) is
+written as a fixed stand-in, so writing the docs twice gives the same text.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import types
 import typing
 from collections.abc import Iterator
@@ -341,7 +343,7 @@ def failed_run_summary() -> str:
 
 def verbose_lines() -> str:
     """The -v lines (stderr) of that run: each failed attempt and its retry, each failed row."""
-    return _example("failures_run", stream="stderr")
+    return _example("failures_run", streams=("stderr",))
 
 
 def failed_status() -> str:
@@ -381,12 +383,53 @@ def shards_status() -> str:
 
 def merge_refused() -> str:
     """`batch merge jobs/demo-shards.yaml` while a shard has not finished: the one line refusing it (exit 2)."""
-    return _example("shards_merge_refused", stream="stderr")
+    return _example("shards_merge_refused", streams=("stderr",))
 
 
 def merge_summary() -> str:
     """`batch merge jobs/demo-shards.yaml` once every shard has finished: the one output, the shards' sums."""
     return _example("shards_merge")
+
+
+def progress_line() -> str:
+    """A progress line of the demo (what stderr gets in place of a bar when it is not a terminal), run against a
+    simulator that answers each request after 1 s: the first line once the first round of answers is in."""
+    lines = run_examples()["progress_run"]["progress"].splitlines()
+    # The demo sends 4 rows at once (its limits.concurrency), so their answers come together a second in; a line
+    # before them, or after the next round, depends on the machine's speed, this one does not.
+    line = next((line for line in lines if " progress 4/12 rows " in line), None)
+    if line is None:
+        raise RuntimeError("the demo's run against a slow simulator printed no progress line with 4 of 12 rows done:\n"
+                           + "\n".join(lines))
+    return f"```text\n{line}\n```\n"
+
+
+def throttle_lines() -> str:
+    """`batch run jobs/demo-throttle.yaml -v` against a simulator that takes 2 requests in flight: the refusal of the
+    third, the limit it leads to, the refused row's retry (stderr)."""
+    return _example("throttle_run", streams=("stderr",))
+
+
+def throttle_run() -> str:
+    """That run whole: its -v lines (stderr), then its summary with the requests refused (stdout)."""
+    return _example("throttle_run", streams=("stderr", "stdout"))
+
+
+def outage_stop() -> str:
+    """`batch run jobs/demo-stops.yaml` against a simulator that fails every request with a 500: the outage's
+    warning, the stop once retry.max_outage_s passed (stderr), and the summary, every row pending (stdout)."""
+    return _example("outage_run", streams=("stderr", "stdout"))
+
+
+def arrears_stop() -> str:
+    """`batch run jobs/demo-stops.yaml` against a simulator that says the account is in arrears after 4 answers:
+    the summary of a run the API stopped (stdout)."""
+    return _example("arrears_run")
+
+
+def indented(text: str, prefix: str = "  ") -> str:
+    """`text` with each line but the empty ones after `prefix`: a generated block inside a list item."""
+    return textwrap.indent(text, prefix)
 
 
 # Each example command, run once, in this order, on a copy of EXAMPLE_FILES: its arguments and its exit code.
@@ -408,32 +451,55 @@ EXAMPLE_RUNS: dict[str, tuple[tuple[str, ...], int]] = {
     "shards_merge_refused": (("merge", "jobs/demo-shards.yaml"), 2),
     "shards_run_2": (("run", "jobs/demo-shards.yaml", "--shard", "2/3"), 0),
     "shards_merge": (("merge", "jobs/demo-shards.yaml"), 0),
+    "progress_run": (("run", "jobs/demo.yaml", "--progress-interval", "0"), 0),
+    "throttle_run": (("run", "jobs/demo-throttle.yaml", "-v"), 0),
+    "outage_run": (("run", "jobs/demo-stops.yaml"), 3),
+    "arrears_run": (("run", "jobs/demo-stops.yaml"), 3),
+}
+# The runs against a simulator set to misbehave, by run: the options of `batch simulate` that set it (shown in the
+# command, and read by the simulator's own parser). The other runs have a simulator with the defaults.
+EXAMPLE_SIMULATORS: dict[str, tuple[str, ...]] = {
+    "progress_run": ("--latency-ms", "1000"),
+    "throttle_run": ("--max-concurrency", "2", "--latency-ms", "1000"),
+    "outage_run": ("--fail-after", "0", "--fail-status", "500", "--fail-code", "1200"),
+    "arrears_run": ("--fail-after", "4"),  # then 429 with code 1113, the simulator's default failure
 }
 # The files the examples run on, copied to a folder of their own (relative paths as in the repository).
 EXAMPLE_FILES = ("jobs/demo.yaml", "data/reviews.csv", "jobs/demo-failures.yaml", "data/failures.csv",
-                 "jobs/demo-budget.yaml", "jobs/demo-batch.yaml", "jobs/demo-shards.yaml")
+                 "jobs/demo-budget.yaml", "jobs/demo-batch.yaml", "jobs/demo-shards.yaml", "jobs/demo-throttle.yaml",
+                 "jobs/demo-stops.yaml")
 
 
-def _example(run: str, stream: str = "stdout") -> str:
+def _example(run: str, streams: tuple[str, ...] = ("stdout",)) -> str:
+    """A run's command, as a user types it (under `batch simulate` with its options when its simulator misbehaves),
+    and what it printed on these streams, in this order."""
     arguments, _code = EXAMPLE_RUNS[run]
-    return f"```text\n$ batch {' '.join(arguments)}\n{run_examples()[run][stream]}\n```\n"
+    command = f"batch {' '.join(arguments)}"
+    if run in EXAMPLE_SIMULATORS:
+        command = f"batch simulate {' '.join(EXAMPLE_SIMULATORS[run])} -- {command}"
+    printed = "\n".join(text for stream in streams if (text := run_examples()[run][stream]))
+    return f"```text\n$ {command}\n{printed}\n```\n"
 
 
 @functools.cache
 def run_examples() -> dict[str, dict[str, str]]:
-    """What each example command printed (stdout, stderr), made the same from run to run (normalise): each run
-    once, on a copy of the example files, against one simulator; the commands of one job file in EXAMPLE_RUNS'
-    order, those of the two job files side by side."""
+    """What each example command printed (stdout, stderr, and its progress lines apart), made the same from run to
+    run (normalise): each run once, on a copy of the example files, against a simulator. The runs of one job file
+    against one simulator's settings run in EXAMPLE_RUNS' order, in a folder and against a simulator of their own
+    (in this process: a thread each), side by side with the others."""
     from batch.simulator import SimConfig, SimulatorThread
+    from batch.simulator.server import build_parser as simulator_parser
+    from batch.simulator.server import settings_of
 
-    with tempfile.TemporaryDirectory(prefix="batch-docs-") as folder, SimulatorThread(SimConfig()) as simulator:
-        for file in EXAMPLE_FILES:
-            (Path(folder) / file).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(ROOT / file, Path(folder) / file)
-        env = {**os.environ, "BATCH_SIMULATOR_PORT": str(simulator.port), "NO_PROXY": "127.0.0.1",
-               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-
-        def run_in_turn(runs: list[str]) -> dict[str, dict[str, str]]:
+    def run_in_turn(runs: list[str]) -> dict[str, dict[str, str]]:
+        options = simulator_parser().parse_args(list(EXAMPLE_SIMULATORS.get(runs[0], ())))
+        with tempfile.TemporaryDirectory(prefix="batch-docs-") as folder, \
+                SimulatorThread(SimConfig(**settings_of(options))) as simulator:
+            for file in EXAMPLE_FILES:
+                (Path(folder) / file).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(ROOT / file, Path(folder) / file)
+            env = {**os.environ, "BATCH_SIMULATOR_PORT": str(simulator.port), "NO_PROXY": "127.0.0.1",
+                   "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
             outputs = {}
             for run in runs:
                 arguments, code = EXAMPLE_RUNS[run]
@@ -442,19 +508,22 @@ def run_examples() -> dict[str, dict[str, str]]:
                 if done.returncode != code:
                     raise RuntimeError(f"batch {' '.join(arguments)} exited {done.returncode}, not {code}:\n"
                                        f"{done.stdout}{done.stderr}")
+                # A progress line comes every --progress-interval seconds (5): a slow machine shows one, a fast one
+                # none. They are kept apart, for the one example that shows one.
+                progress = "".join(_PROGRESS_LINE.findall(done.stderr))
                 outputs[run] = {"stdout": normalise(done.stdout, folder, simulator.port),
-                                "stderr": normalise(done.stderr, folder, simulator.port)}
+                                "stderr": normalise(_PROGRESS_LINE.sub("", done.stderr), folder, simulator.port),
+                                "progress": normalise(progress, folder, simulator.port)}
             return outputs
 
-        by_job: dict[str, list[str]] = {}
-        for run, (arguments, _code) in EXAMPLE_RUNS.items():
-            by_job.setdefault(arguments[1], []).append(run)
-        with ThreadPoolExecutor(len(by_job)) as pool:
-            done_by_job = list(pool.map(run_in_turn, by_job.values()))
-    return {run: output for outputs in done_by_job for run, output in outputs.items()}
+    groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for run, (arguments, _code) in EXAMPLE_RUNS.items():
+        groups.setdefault((arguments[1], EXAMPLE_SIMULATORS.get(run, ())), []).append(run)
+    with ThreadPoolExecutor(len(groups)) as pool:
+        done_by_group = list(pool.map(run_in_turn, groups.values()))
+    return {run: output for outputs in done_by_group for run, output in outputs.items()}
 
 
-# A progress line comes every --progress-interval seconds (5): a slow machine shows one, a fast one none.
 _PROGRESS_LINE = re.compile(r"^.* batch INFO progress .*\n?", re.MULTILINE)
 _LOG_TIME = re.compile(r"\b\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\b")
 _ISO_TIME = re.compile(r"\b\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}\b")
@@ -466,18 +535,21 @@ _MEASURED = (
     re.compile(r"(?<=time: )\d+(\.\d+)? s"),
     re.compile(r"\d+(\.\d+)?(?= (requests|rows)/s)"),
     re.compile(r"(?<=retrying in )\d+(\.\d+)?(?= s)"),
+    re.compile(r"(?<=nothing answered for )\d+(\.\d+)?(?= s)"),  # an outage's length so far
 )
+# A process id: of the run that holds a job's lock, say.
+_PID = re.compile(r"(?<=\bpid )\d+")
 
 
 def normalise(text: str, folder: str, port: int) -> str:
     """`text` with what differs from run to run replaced by fixed stand-ins: times, measured figures, the
-    simulator's port and Batch API ids, the temporary folder."""
-    text = _PROGRESS_LINE.sub("", text)
+    simulator's port and Batch API ids, process ids, the temporary folder."""
     text = text.replace(str(Path(folder).resolve()) + os.sep, "").replace(folder + os.sep, "")
     text = _LOG_TIME.sub(SOME_TIME, text)
     text = _ISO_TIME.sub(SOME_ISO_TIME, text)
     text = _LOCAL_PORT.sub(f"127.0.0.1:{DEMO_PORT}", text)
     text = _BATCH_ID.sub("batch_" + VARIES, text)
+    text = _PID.sub(VARIES, text)
     for pattern in _MEASURED:
         text = pattern.sub(lambda match: VARIES + (" s" if match.group(0).endswith(" s") else ""), text)
     return text.rstrip("\n")
@@ -608,6 +680,8 @@ ERROR_CASES: dict[str, tuple[str, str, tuple[tuple[str, ...], ...], tuple[str, .
                      ("export", "--format", "csv", "--to", "out/reviews.csv"), 2),
     # not an error: the warning a damaged write-ahead log gets (a line that is not a record), from status
     "damaged_wal": (_LOCAL_MODEL + _OUTPUT, _REVIEWS, (("run", "--limit", "0"), ("garble",)), ("status",), 0),
+    # a second run while one is alive (its endpoint never answers: it retries, then waits the outage out)
+    "run_locked": (_LOCAL_MODEL + _OUTPUT, _REVIEWS, (("alive",),), ("run",), 4),
 }
 
 
@@ -620,12 +694,27 @@ def error_line(*cases: str) -> str:
 # Runs every case's commands in one process (one start-up, not one per command): its argument is the cases' folders
 # and steps as JSON; it prints each case's last exit code and stderr as JSON.
 _ERROR_DRIVER = """
-import contextlib, io, json, os, sys
+import contextlib, io, json, os, subprocess, sys, time
+from pathlib import Path
+from batch.checkpoint.guard import RunLock
 from batch.cli import main
+cases = json.loads(sys.argv[1])
+# ["alive"]: a run of the case's job in another process, holding its lock until the end. Each starts first, and
+# starts up while the cases before its own run.
+alive = {case: subprocess.Popen([sys.executable, "-m", "batch", "run", "job.yaml"], cwd=folder,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         for case, (folder, steps) in cases.items() if ["alive"] in steps}
 found = {}
-for case, (folder, steps) in json.loads(sys.argv[1]).items():
+for case, (folder, steps) in cases.items():
     os.chdir(folder)
     for step in steps:
+        if step == ["alive"]:  # wait until that run holds the lock
+            lock, deadline = RunLock(Path("out/reviews.checkpoint")), time.monotonic() + 120
+            while lock.holder() is None:
+                if alive[case].poll() is not None or time.monotonic() > deadline:
+                    sys.exit(f"{case}: the run meant to hold the lock ended or never took it")
+                time.sleep(0.05)
+            continue
         if step == ["edit"]:  # the template changed since the checkpoint was made
             with open("job.yaml", encoding="utf-8") as job:
                 text = job.read()
@@ -640,6 +729,9 @@ for case, (folder, steps) in json.loads(sys.argv[1]).items():
         with contextlib.redirect_stderr(said), contextlib.redirect_stdout(io.StringIO()):
             code = main([step[0], "job.yaml", *step[1:]])
     found[case] = [code, said.getvalue()]
+for run in alive.values():  # its folder is thrown away: it need not stop in good order
+    run.kill()
+    run.wait()
 print(json.dumps(found))
 """
 

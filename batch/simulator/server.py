@@ -808,6 +808,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The SimConfig fields a command line (parsed by build_parser) sets, but the key (from --api-key-env)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(SimConfig) if f.name != "api_key"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     command: list[str] = []
@@ -816,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
         args_list, command = args_list[:split], args_list[split + 1:]
     parser = build_parser()
     args = parser.parse_args(args_list)
-    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(SimConfig) if f.name != "api_key"}
+    options = settings_of(args)
     if args.api_key_env:
         options["api_key"] = os.environ.get(args.api_key_env)
         if not options["api_key"]:

@@ -224,6 +224,75 @@ def test_the_money_and_batch_api_examples_show_what_their_pages_explain(examples
     assert "  Batch API: 12 pending rows sit in 3 live batches" in examples["batch_status"]["stdout"]
 
 
+def test_the_limits_examples_show_a_refusal_an_outage_and_an_account_in_arrears(examples):
+    throttled = examples["throttle_run"]
+    assert "batch DEBUG throttled (429) for a request sent as number 3 in flight: concurrency limit 8 -> 2" in \
+        throttled["stderr"]
+    assert "  time: … s, … requests/s, 13 requests, 1 throttled (429)" in throttled["stdout"]
+    outage = examples["outage_run"]
+    assert "batch WARNING the endpoint is not answering (5 attempts failed, nothing answered for … s; last: " \
+        "server_error: HTTP 500 code 1200" in outage["stderr"]
+    assert "  all runs: ok 0, failed 0, pending 12" in outage["stdout"]
+    assert "  stopped: the endpoint is unreachable: nothing answered for … s (retry.max_outage_s 1)" in \
+        outage["stdout"]
+    arrears = examples["arrears_run"]["stdout"]
+    assert "  all runs: ok 4, failed 0, pending 8" in arrears
+    assert "  stopped: the API refused the job: account: HTTP 429 code 1113: " in arrears
+    assert "batch INFO progress 4/12 rows (ok 4, failed 0, skipped 0), 223 tokens, … rows/s" in generate.progress_line()
+    assert "another run of this job is alive (pid …); wait for it or stop it" in generate.error_line("run_locked")
+
+
+def test_a_misbehaving_simulators_command_is_the_one_it_ran_with():
+    """The command an example shows (`batch simulate OPTIONS -- batch run ...`) sets the simulator the example ran
+    against: its options parse, each to a setting other than the default."""
+    from batch.simulator import SimConfig
+    from batch.simulator.server import build_parser as simulator_parser
+    from batch.simulator.server import settings_of
+
+    defaults = dataclasses.asdict(SimConfig())
+    for run, options in generate.EXAMPLE_SIMULATORS.items():
+        assert run in generate.EXAMPLE_RUNS, run
+        settings = settings_of(simulator_parser().parse_args(list(options)))
+        changed = {name for name, value in settings.items() if value != defaults[name]}
+        assert len(changed) == len(options) // 2, (run, changed)
+
+
+# What batch and its simulator print: a log line, an error, a summary's lines. Outside a cog block a page may show
+# what the user types or writes (a command, a job file), never these: they are generated (docs/generate.py).
+_PRINTED = re.compile(r"\bbatch (DEBUG|INFO|WARNING|ERROR) |^[ \t]*(batch: |(this run|all runs): ok \d|stopped: "
+                      r"|job \S.*: \d+ rows|simulator[ :]|estimate for job )", re.MULTILINE)
+
+
+def _blocks_outside_cog(text: str) -> list[str]:
+    outside = re.sub(r"\[\[\[cog.*?\[\[\[end\]\]\]", "", text, flags=re.DOTALL)
+    return re.findall(r"^[ \t]*```[^\n]*\n(.*?)^[ \t]*```", outside, flags=re.DOTALL | re.MULTILINE)
+
+
+def test_no_page_shows_what_batch_prints_by_hand():
+    copied = [(page, block) for page in generate.cogged_files() for block in
+              _blocks_outside_cog((ROOT / page).read_text(encoding="utf-8")) if _PRINTED.search(block)]
+    assert not copied, "a block shows what batch prints outside a cog block: generate it (docs/generate.py)\n" + \
+        "\n".join(f"{page}: {block}" for page, block in copied)
+
+
+@pytest.mark.parametrize("block", [
+    "2026-12-07 02:43:26 batch INFO progress 4/12 rows (ok 4, failed 0, skipped 0), 223 tokens, 0.8 rows/s\n",
+    "  stopped: the API refused the job: account: HTTP 429 code 1113\n",
+    "batch: error: out/demo.checkpoint: another run of this job is alive (pid 26627); wait for it or stop it\n",
+    "job demo (glm-4-flash): 12 rows\n  this run: ok 12, failed 0, skipped (done before) 0\n",
+])
+def test_a_block_of_output_copied_by_hand_is_found(block):
+    page = f"# Page\n\n<!-- [[[cog x ]]] -->\n```text\n{block}```\n<!-- [[[end]]] -->\n\n  ```text\n  {block}  ```\n"
+    found = _blocks_outside_cog(page)
+    assert len(found) == 1 and _PRINTED.search(found[0])
+
+
+def test_a_command_or_a_job_file_is_no_output():
+    page = ("```sh\nbatch run jobs/mine.yaml --limit 5\n```\n\n"
+            "```yaml\nname: reviews\noutput:\n  path: out.parquet\n```\n")
+    assert not any(_PRINTED.search(block) for block in _blocks_outside_cog(page))
+
+
 _TIMES = st.builds("{} {:02d}:{:02d}:{:02d}".format, st.sampled_from(["2026-12-07", "2031-01-31"]),
                    st.integers(0, 23), st.integers(0, 59), st.integers(0, 59))
 _PIECES = st.one_of(_TIMES, st.integers(1, 65535).map("http://127.0.0.1:{}/v1".format),
@@ -231,6 +300,8 @@ _PIECES = st.one_of(_TIMES, st.integers(1, 65535).map("http://127.0.0.1:{}/v1".f
                     st.floats(0, 1e4, allow_nan=False).map("{:.2f} requests/s".format),
                     st.floats(0, 60, allow_nan=False).map("retrying in {:.2f} s".format),
                     st.binary(min_size=12, max_size=12).map(lambda id_: f"batch batch_{id_.hex()} (file 1)"),
+                    st.integers(1, 4_194_304).map("alive (pid {})".format),
+                    st.floats(0, 1e4, allow_nan=False).map("nothing answered for {:.1f} s".format),
                     st.text(max_size=20))
 
 
@@ -241,6 +312,7 @@ def test_normalising_is_idempotent_and_leaves_nothing_that_varies(text, port):
     assert not re.search(r"127\.0\.0\.1:(?!18080\b)\d+", once)
     assert not re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", once.replace(generate.SOME_TIME, ""))
     assert not re.search(r"batch_[0-9a-f]{24}", once)
+    assert not re.search(r"pid \d|nothing answered for \d", once)
 
 
 def test_the_exit_codes_table_is_the_same_whatever_was_imported_before():
