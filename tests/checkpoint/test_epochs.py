@@ -15,6 +15,7 @@ from helpers import record
 from hypothesis import given
 from hypothesis import strategies as st
 
+from batch.checkpoint.answered import record_rank, record_rank_one
 from batch.checkpoint.final import LastRecords
 from batch.checkpoint.writer import Checkpoint, part_key, part_order
 from batch.input.reader import hash_ids
@@ -169,3 +170,11 @@ def test_any_interleaving_of_two_holders_records_keeps_one_record_per_id_by_the_
     assert spent.cost == sum(map(sum, own_paid)) and spent.prompt_tokens == sum(map(sum, own_paid))
     assert np.array_equal(states.last(0, ids)[0] != 0, np.array([any(m["seq"] == r for m in every)
                                                                  for r in range(rows)]))
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(-5, 2**40), st.integers(0, 2**32 - 1)), min_size=1, max_size=30))
+def test_a_record_ranked_as_it_comes_ranks_as_records_read_back(records):
+    """The run ranks each answer alone (record_rank_one), resume ranks records by the array (record_rank): one rule,
+    for any epoch (negative and past 31 bits clipped alike) and any write position."""
+    ok, epoch, written = (np.array(column) for column in zip(*records))
+    assert record_rank(ok, epoch, written).tolist() == [record_rank_one(*each) for each in records]
