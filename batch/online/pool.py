@@ -174,6 +174,10 @@ class Pool:
             raise Stopped()  # woke from a backoff after the run began to stop: send nothing more
         probe = self.breaker.open and await self._wait_for_probe_turn(row)
         sent_with = await self.slots.acquire()
+        while self.breaker.open and not probe:  # it opened while this row waited for its slot: send nothing yet
+            self.slots.release()
+            probe = await self._wait_for_probe_turn(row)
+            sent_with = await self.slots.acquire()
         if self.stopping.is_set():  # the run began to stop while this row waited for its slot
             self.slots.release()
             raise Stopped()

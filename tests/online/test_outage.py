@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 from collections.abc import Iterator
 
@@ -57,6 +58,22 @@ def test_html_error_pages_for_every_request_are_an_outage_too(start_sim, make_jo
     assert_nothing_failed_and_all_pending(job, run_cli)
     # Only the rows in hand when it began were sent; the rest waited.
     assert len(sim.stats()["by_prompt"]) <= ROWS_IN_HAND < len(ROWS)
+
+
+def test_no_row_waiting_for_its_slot_is_sent_once_the_outage_began(start_sim, make_job, run_cli):
+    """The rows in hand wait for the one slot, their retries too; the row that runs out of attempts while others
+    failed opens the breaker. The rows still waiting for the slot then send nothing: the first probe would come after
+    1 s (initial_backoff_s 0), past max_outage_s, so every request sent is an attempt the warning counts."""
+    sim = start_sim(fail_after=0, fail_status=500, fail_code="1200")
+    job = make_job(sim, rows=ROWS, limits={"concurrency": 1},
+                   retry={"max_attempts": 2, "initial_backoff_s": 0, "max_outage_s": 1})
+    code, out, err = run_cli("run", job)
+    assert code == 3, err
+    warned = re.search(r"the endpoint is not answering \((\d+) attempts failed", err)
+    assert warned is not None, err
+    stats = sim.stats()
+    assert stats["requests"] == int(warned.group(1)) and len(stats["by_prompt"]) > 1
+    assert_nothing_failed_and_all_pending(job, run_cli)
 
 
 @pytest.mark.parametrize("down_as", ["503", "html"])
