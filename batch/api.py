@@ -69,6 +69,7 @@ from batch.runner import Run, RunOptions
 from batch.storage.atomic import write_atomic
 from batch.storage.locations import object_at
 from batch.summary import format_summary
+from batch.wording import counted
 
 if TYPE_CHECKING:  # pandas is imported where a DataFrame is made: the command line keeps it out of its runs
     import pandas as pd
@@ -168,7 +169,7 @@ class BatchesLive(RunStopped):
     def __init__(self, result: RunResult) -> None:
         batches = len(result.summary.get("batches") or [])
         with python_caller():
-            super().__init__(result, f"{batches} Batch API batches are still being worked on at the provider: "
+            super().__init__(result, f"{counted(batches, 'Batch API batch')} still being worked on at the provider: "
                                      f"call again later to collect them, or with {option('wait')} to wait for them")
 
 
@@ -642,9 +643,9 @@ def _frame_rows(frame: pd.DataFrame, id_column: str | None) -> tuple[pd.DataFram
         rows, id_out = frame.drop(columns=id_column), id_column
     else:
         if frame.index.nlevels > 1:  # an id is one label; which join of the levels is up to the caller
-            raise ConfigError(f"run_frame: the frame's index has {frame.index.nlevels} levels (a MultiIndex), and a "
-                              "row's id is one label: pass id_column= (a column of unique ids), or join the levels "
-                              "into one index first")
+            raise ConfigError(f"run_frame: the frame's index has {counted(frame.index.nlevels, 'level')} (a "
+                              "MultiIndex), and a row's id is one label: pass id_column= (a column of unique ids), or "
+                              "join the levels into one index first")
         ids = _row_ids(frame.index, "the frame's index", "and the index identifies the rows: reset_index(drop=True), "
                                                           "or pass id_column= (a column of unique ids)")
         named = frame.index.name

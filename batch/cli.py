@@ -192,7 +192,7 @@ def inspect(args: argparse.Namespace) -> str:
         state = job_status(settings)
         return json.dumps(state, ensure_ascii=False, indent=2) if args.json else format_status(state)
     rows = export_output(spec, args.format, args.to, args.shards)
-    return f"exported {rows} rows to {args.to}"
+    return f"exported {counted(rows, 'row')} to {args.to}"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -36,6 +36,7 @@ from batch.errors import ConfigError, read_reason
 from batch.providers import DEFAULT_PROVIDER, PROVIDERS, Provider, SchemaVia
 from batch.shard import Shard
 from batch.storage.locations import Location, is_url, location
+from batch.wording import counted
 
 INPUT_FORMATS = (".csv", ".parquet", ".jsonl")
 # The largest answer body read. A long answer of a thinking model (reasoning and content, each ~128k
@@ -533,8 +534,8 @@ class JobSpec(Strict):
             if part.budget.max_total_tokens is not None:
                 if part.budget.max_total_tokens < n:
                     raise ConfigError(f"{self.where('budget.max_total_tokens')}: budget.max_total_tokens "
-                                      f"{part.budget.max_total_tokens} split over {n} shards leaves some shard no "
-                                      "token at all: raise it or run fewer shards")
+                                      f"{part.budget.max_total_tokens} split over {counted(n, 'shard')} leaves some "
+                                      "shard no token at all: raise it or run fewer shards")
                 part.budget.max_total_tokens //= n
         return part
 

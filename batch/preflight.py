@@ -46,6 +46,7 @@ from batch.replies.schema import json_output_for, openai_strict
 from batch.shard import FOLDER, Shard, choose_shard
 from batch.storage.base import StorageError
 from batch.storage.locations import STORAGE_SECRET_VARIABLES, Location, input_kind, is_url, store_at
+from batch.wording import counted
 
 
 def resolve(spec: JobSpec) -> Settings:
@@ -250,8 +251,8 @@ def _shard_folders(folder: Location) -> set[str]:
 def validation_report(plan: Plan) -> str:
     columns = ", ".join(plan.builder.columns)
     part = f" for {plan.shard.label}" if plan.shard else ""
-    return (f"{plan.locations.job_file}: ok: {plan.rows} rows in {plan.locations.input}{part}, prompt columns "
-            f"{columns}, model {plan.model} at {plan.base_url}")
+    return (f"{plan.locations.job_file}: ok: {counted(plan.rows, 'row')} in {plan.locations.input}{part}, "
+            f"prompt columns {columns}, model {plan.model} at {plan.base_url}")
 
 
 def _check_output_columns(spec: JobSpec) -> None:

@@ -63,6 +63,7 @@ from batch.shared.account import SharedLimits, shared_limits
 from batch.storage.lease import Lease, LeaseHeld, LeaseLost
 from batch.storage.locations import is_url
 from batch.summary import Progress, RunStats, build_summary, save_summary
+from batch.wording import counted
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -243,7 +244,7 @@ class Run:
         held = self.ledger.hold(done, self._id_batches)
         self.ledger.count_batch_requests(done)
         if held and self.mode == "online":
-            log.info("%d rows sit in live Batch API batches: they are collected from there, not sent online", held)
+            log.info("%s in live Batch API batches: collected from there, not sent online", counted(held, "row"))
         stats = RunStats(total)
         progress = Progress(stats, self.options.progress_interval_s, self.options.tty, self.options.progress)
         self._install_signal_handlers()
@@ -375,7 +376,7 @@ class Run:
             result["attempts"] += done.batch_requests_since_record(seq)
             carry(result, carried.pop(seq, None))
             if result["status"] != "ok":
-                log.debug("row %s failed after %d attempts: %s: %s", result["id"], result["attempts"],
+                log.debug("row %s failed after %s: %s: %s", result["id"], counted(result["attempts"], "attempt"),
                           result["error_class"], result["error"])
             self.checkpoint.append(result)
             self._may_send()  # an answer after a pause: the task that got it takes no other row once taken over

@@ -21,6 +21,7 @@ from batch.logs import redact
 from batch.pricing import CURRENCY, money
 from batch.records import Record, billed
 from batch.storage.locations import Location, write_text_at
+from batch.wording import counted
 
 log = logging.getLogger("batch")
 
@@ -115,8 +116,9 @@ class Progress:
         elif time.monotonic() - self._last_line >= self.interval_s:
             self._last_line = time.monotonic()
             rate = (s.ok + s.failed) / max(s.elapsed, 1e-9)
-            log.info("progress %d/%d rows (ok %d, failed %d, skipped %d), %d tokens, %.1f rows/s",
-                     s.done, s.rows_total, s.ok, s.failed, s.skipped, s.prompt_tokens + s.completion_tokens, rate)
+            log.info("progress %d/%s (ok %d, failed %d, skipped %d), %s, %.1f rows/s",
+                     s.done, counted(s.rows_total, "row"), s.ok, s.failed, s.skipped,
+                     counted(s.prompt_tokens + s.completion_tokens, "token"), rate)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -152,15 +154,16 @@ def build_summary(job: str, model: str, stats: RunStats, totals: dict[str, int],
 def format_summary(summary: dict[str, Any]) -> str:
     run, totals = summary["run"], summary["job_totals"]
     lines = [
-        f"job {summary['job']}{_shard_part(summary)} ({summary['model']}): {summary['rows_total']} rows",
+        f"job {summary['job']}{_shard_part(summary)} ({summary['model']}): {counted(summary['rows_total'], 'row')}",
         f"  this run: ok {run['ok']}, failed {run['failed']}, skipped (done before) {run['skipped']}",
         f"  all runs: ok {totals['ok']}, failed {totals['failed']}, pending {totals['pending']}",
-        *([f"  {totals['not_in_input']} answers are for rows no longer in the input (kept in the checkpoint)"]
+        *([f"  not in the input: {counted(totals['not_in_input'], 'answer')} for rows no longer in the input (kept in "
+            "the checkpoint)"]
           if totals.get("not_in_input") else []),
         f"  tokens: {run['prompt_tokens']} prompt + {run['completion_tokens']} completion = {run['total_tokens']}",
         f"  cost: {money(run['cost'])} {run['currency']}"
-        + (f" (+ {run['cost_unknown_rows']} rows of unknown price)" if run["cost_unknown_rows"] else ""),
-        f"  time: {run['wall_s']:.1f} s, {run['requests_per_s']} requests/s, {run['attempts']} requests"
+        + (f" (+ {counted(run['cost_unknown_rows'], 'row')} of unknown price)" if run["cost_unknown_rows"] else ""),
+        f"  time: {run['wall_s']:.1f} s, {run['requests_per_s']} requests/s, {counted(run['attempts'], 'request')}"
         + (f", {run['throttled']} throttled (429)" if run["throttled"] else ""),
     ]
     if run["error_classes"]:
@@ -173,16 +176,17 @@ def format_summary(summary: dict[str, Any]) -> str:
     ended = [batch for batch in made if batch["state"] in TERMINAL]  # as last polled; their results not merged yet
     working = [batch for batch in made if batch["state"] not in TERMINAL]
     if working:  # --wait would have waited for them: it is the advice only to a run that did not
-        lines.append(f"  {len(working)} Batch API batches are still being worked on: run again later"
+        lines.append(f"  {counted(len(working), 'Batch API batch')} still being worked on: run again later"
                      + ("" if summary.get("wait") else f", or use {option('wait')}"))
         lines.extend(f"    {format_batch(batch)}" for batch in working)
     if ended:
-        lines.append(f"  {len(ended)} Batch API batches have ended at the provider, their results not merged yet: "
+        lines.append(f"  {counted(len(ended), 'Batch API batch')} ended at the provider, the results not merged yet: "
                      "the next run downloads them")
         lines.extend(f"    {format_batch(batch)}" for batch in ended)
     if waiting:  # no batch exists for them yet: not listed as batches
-        lines.append(f"  {len(waiting)} Batch API request files ({sum(b['rows'] for b in waiting)} rows) are not "
-                     "made batches yet: the next run uploads them and makes their batches")
+        lines.append(f"  {counted(len(waiting), 'Batch API request file')} "
+                     f"({counted(sum(b['rows'] for b in waiting), 'row')}) not made a batch yet: the next run uploads "
+                     "and submits them")
     if summary["stopped"]:
         lines.append(f"  stopped: {summary['stopped']}")
     if summary["output"]:

@@ -56,6 +56,7 @@ from batch.plan import Plan
 from batch.pricing import Pricer
 from batch.providers import BusinessCodes, batch_dialect_for
 from batch.records import Record, answer_record, failed_record
+from batch.wording import counted
 
 log = logging.getLogger("batch")
 
@@ -339,7 +340,7 @@ class BatchAnswerer:
 
     async def _forget(self, entry: BatchFile, gone: Gone) -> None:
         """A live batch the provider no longer knows: none of its rows was answered, all are pending again."""
-        log.warning("file %d: %s; its %d rows are pending again", entry.number, gone, entry.rows)
+        log.warning("file %d: %s; its rows are pending again (%s)", entry.number, gone, counted(entry.rows, "row"))
         returned = sum(self._give_back_row(seq) for seq in self._seqs(entry))
         self.ledger.note("merged", entry.number, status="lost", outcome={"returned": returned, "lost": gone.what})
         if self.budget is not None:
@@ -422,7 +423,7 @@ class BatchAnswerer:
     def _results_unnamed(self, entry: BatchFile, batch: Any) -> bool:
         """An ended batch that reports answered lines but names no file holding them: an anomaly of the
         provider's, reported (once a run) and looked at again at the next poll; its rows are not sent again."""
-        missing = [f"{entry.counts.get(name, 0)} {name} lines but no {which} file"
+        missing = [f"{counted(entry.counts.get(name, 0), name + ' line')} but no {which} file"
                    for name, which, file_id in (("completed", "output", batch.output_file_id),
                                                 ("failed", "error", batch.error_file_id))
                    if entry.counts.get(name, 0) and not file_id]
@@ -590,8 +591,8 @@ class BatchAnswerer:
                     raise Failure("retry", "short_download", f"the {which} file {file_id} ends in a line cut short")
                 lines += 1
             if lines < reported:
-                raise Failure("retry", "short_download", f"the {which} file {file_id} holds {lines} lines where the "
-                              f"batch reports {reported}")
+                raise Failure("retry", "short_download", f"the {which} file {file_id} holds "
+                              f"{counted(lines, 'line')} where the batch reports {reported}")
             keep_spooled(self.ledger.store, key, tmp)
             return key
 
@@ -643,8 +644,9 @@ class BatchAnswerer:
             if size > limit_bytes:
                 limit = ("batch_api.max_bytes_per_file" if limit_bytes == self.settings.max_bytes_per_file
                          else "half a file the provider refused as too big")
-                self._keep(record, failed_record(pending.row, "bad_request", f"its request of {size} bytes is over "
-                                                 f"{limit} ({limit_bytes})", 0, self.model))
+                self._keep(record, failed_record(pending.row, "bad_request", f"its request of "
+                                                 f"{counted(size, 'byte')} is over {limit} ({limit_bytes})", 0,
+                                                 self.model))
                 continue
             if building is not None and (len(building.rows) >= limit_rows or building.bytes + size > limit_bytes):
                 await self._finish(building)
@@ -715,8 +717,8 @@ class BatchAnswerer:
             await self._send(entry)
         except WaitForFiles:
             return  # recorded, its rows held: its upload is tried again at each poll
-        log.info("file %d: %d rows, %d bytes, submitted as batch %s", number, entry.rows, entry.bytes,
-                 entry.batch_id)
+        log.info("file %d: %s, %s, submitted as batch %s", number, counted(entry.rows, "row"),
+                 counted(entry.bytes, "byte"), entry.batch_id)
 
     # -- calls ------------------------------------------------------------------------------------
     @property
@@ -769,7 +771,8 @@ class BatchAnswerer:
             self.bar.set_postfix_str(f"live batches={live}")
             self.bar.refresh()
         else:
-            log.info("Batch API: %d of %d lines answered, %d batches still at the provider", answered, total, live)
+            log.info("Batch API: %d of %s answered, %s still at the provider", answered, counted(total, "line"),
+                     counted(live, "batch"))
 
     def live_batches(self) -> list[dict[str, Any]]:
         now = time.time()

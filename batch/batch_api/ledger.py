@@ -54,6 +54,7 @@ from batch.plan import Locations
 from batch.storage.atomic import temp_path
 from batch.storage.base import AlreadyExists, NotFound, Store
 from batch.storage.local import LocalStore
+from batch.wording import counted
 
 log = logging.getLogger("batch")
 
@@ -349,4 +350,4 @@ def format_batch(batch: dict[str, Any]) -> str:
     minutes = batch["age_s"] / 60
     age = f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
     return (f"batch {batch['batch_id'] or '(not created yet)'} (file {batch['file']}): {batch['state']}, "
-            f"{batch['rows']} rows{done}, age {age}")
+            f"{counted(batch['rows'], 'row')}{done}, age {age}")

@@ -56,6 +56,7 @@ from batch.records import CARRIED_FIELDS, DICTIONARY_FIELDS, RECORD_FIELDS, RECO
 from batch.storage.atomic import fsync_dir
 from batch.storage.base import AlreadyExists, Entry, StorageError, Store, Write
 from batch.storage.local import LocalStore
+from batch.wording import counted
 
 if TYPE_CHECKING:
     from batch.plan import Locations
@@ -710,7 +711,7 @@ def _wal_table(path: Path, warn: Callable[[str], None], keep_damaged: bool) -> p
             with open(aside, "a", encoding="utf-8") as copy:
                 copy.writelines(line for _, line in damaged)
             kept = f" (kept in {aside.name})"
-        problems.append(f"{len(damaged)} line(s) are not JSON records (line {where}){kept}")
+        problems.append(f"{counted(len(damaged), 'line')} not a JSON record (line {where}){kept}")
     table, salvage = _records_table(records)
     if salvage:
         problems.append(salvage)
@@ -736,7 +737,7 @@ def _records_table(records: list[dict[str, Any]]) -> tuple[pa.Table, str | None]
             kept.append(salvaged)
         else:
             dropped += 1
-    lost = f", {dropped} record(s) without a readable id or status were dropped" if dropped else ""
+    lost = f"; dropped {counted(dropped, 'record')} without a readable id or status" if dropped else ""
     salvage = f"fields of the wrong type ({', '.join(sorted(fields)) or 'none'}) were converted or emptied{lost}"
     return pa.Table.from_pylist(kept, schema=RECORD_SCHEMA), salvage
 

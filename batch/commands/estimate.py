@@ -22,6 +22,7 @@ from batch.input.reader import InputTable, Skipped
 from batch.plan import Settings
 from batch.preflight import input_table
 from batch.pricing import BATCH_PRICE_FACTOR, CURRENCY, cost_of, money, worst_cost
+from batch.wording import counted
 
 TOKENIZER_NOTE = "approximation: 1 token per CJK character, 1 per 4 other characters, +4 per message"
 BOUND_NOTE = (f"at most 1 token per UTF-8 byte, +{MESSAGE_OVERHEAD_TOKENS} per message, "
@@ -134,7 +135,7 @@ def _completion_tokens(checkpoint: Checkpoint, last: np.ndarray) -> tuple[int, i
 
 def format_estimate(e: dict[str, Any]) -> str:
     lines = [
-        f"estimate for job {e['job']} ({e['model']}): {e['rows_to_do']} rows to send "
+        f"estimate for job {e['job']} ({e['model']}): {counted(e['rows_to_do'], 'row')} to send "
         f"({e['rows_done_before']} done before, {e['rows_without_prompt']} without a prompt"
         + (f", {e['rows_in_batches']} in live Batch API batches" if e["rows_in_batches"] else "")
         + (f", {e['rows_changed']} whose prompt changed since answered" if e["rows_changed"] else "")

@@ -30,6 +30,7 @@ from batch.errors import ConfigError
 from batch.plan import Settings
 from batch.preflight import check_export_target, job_shards, settings_of
 from batch.storage.locations import object_at
+from batch.wording import counted
 
 FORMATS = ("csv", "jsonl", "parquet")
 
@@ -50,7 +51,7 @@ def export_output(spec: JobSpec, fmt: Literal["csv", "jsonl", "parquet"], to: Pa
     else:
         job_now = read_job(settings)  # the rule read_results has: a final file older than the input or records is stale
         if job_now.pending:
-            raise ConfigError(f"{source}: the job is not complete: {job_now.pending} rows pending "
+            raise ConfigError(f"{source}: the job is not complete: {counted(job_now.pending, 'row')} pending "
                               f"(see `batch status {job_file}`; `batch run` answers them)")
         if not job_now.final_is_current:
             raise ConfigError(f"{source}: the final output is missing, or not the one batch made from the job's "

@@ -34,6 +34,7 @@ from batch.preflight import input_table
 from batch.pricing import CURRENCY, money
 from batch.shard import shard_of
 from batch.storage.locations import Location, object_exists, write_text_at
+from batch.wording import counted
 
 MERGE_SUMMARY_NAME = "merge.json"  # in the job's checkpoint folder: what the last merge wrote
 
@@ -89,7 +90,8 @@ def read_shards(whole: Settings, parts: list[Settings]) -> ShardsReading:
 def why_waiting(part: Settings, reading: JobReading) -> str | None:
     """Why shard `part` (`reading`: read_job) is not ready to be read as finished, or None: it has not finished, a run
     of it is alive, or rows of it are pending again (added to the input, or their prompt changed, since it ended)."""
-    return why_unfinished(shard_state(part)) or (f"{reading.pending} rows pending" if reading.pending else None)
+    pending = f"{counted(reading.pending, 'row')} pending" if reading.pending else None
+    return why_unfinished(shard_state(part)) or pending
 
 
 def merge_shards(whole: Settings, parts: list[Settings] | None, partial: bool = False) -> dict[str, Any]:
@@ -188,7 +190,7 @@ def _merge_summary(whole: Settings, parts: list[Settings], states: list[dict[str
 
 
 def format_merge(summary: dict[str, Any]) -> str:
-    lines = [f"job {summary['job']}: merged {len(summary['shards'])} shards into {summary['output']}"
+    lines = [f"job {summary['job']}: merged {counted(len(summary['shards']), 'shard')} into {summary['output']}"
              + (" (partial)" if summary["partial"] else ""),
              f"  rows: {summary['rows_total']}: ok {summary['ok']}, failed {summary['failed']}, "
              f"pending {summary['pending']}",
@@ -217,7 +219,8 @@ def sharded_status(whole: Settings, parts: list[Settings]) -> dict[str, Any]:
 
 
 def format_sharded_status(status: dict[str, Any]) -> str:
-    lines = [f"job {status['job']}: {status['shard_count']} shards, {status['rows_total']} rows: ok {status['ok']}, "
+    lines = [f"job {status['job']}: {counted(status['shard_count'], 'shard')}, {counted(status['rows_total'], 'row')}: "
+             f"ok {status['ok']}, "
              f"failed {status['failed']}, pending {status['pending']}",
              f"  tokens so far: {status['prompt_tokens']} prompt + {status['completion_tokens']} completion, "
              f"cost so far: {money(status['cost'])} {status['currency']}"]
@@ -261,7 +264,7 @@ def sharded_estimate(whole: Settings, parts: list[Settings], retry_failed: bool 
 
 def format_sharded_estimate(e: dict[str, Any]) -> str:
     heading, *rest = format_estimate(e).split("\n")
-    lines = [heading.replace(f"({e['model']}):", f"({e['model']}), {e['shard_count']} shards:", 1), *rest]
+    lines = [heading.replace(f"({e['model']}):", f"({e['model']}), {counted(e['shard_count'], 'shard')}:", 1), *rest]
     if e["budget_shared"]:
         lines.append("  each shard takes from the job's whole budget, in Redis (limits.shared):")
     elif e["budget_max_cost"] is not None or e["budget_max_total_tokens"] is not None:
@@ -269,8 +272,8 @@ def format_sharded_estimate(e: dict[str, Any]) -> str:
     else:
         lines.append("  each shard:")
     for shard in e["shards"]:
-        line = (f"    {shard['shard']}: {shard['rows_to_do']} rows to send ({shard['rows_done_before']} done before), "
-                f"spent {money(shard['cost_spent'])}")
+        line = (f"    {shard['shard']}: {counted(shard['rows_to_do'], 'row')} to send "
+                f"({shard['rows_done_before']} done before), spent {money(shard['cost_spent'])}")
         if shard["cost_expected"] is not None:
             line += f", ~{money(shard['cost_expected'])} expected"
             if shard["cost_max"] is not None:

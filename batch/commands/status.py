@@ -24,6 +24,7 @@ from batch.pricing import CURRENCY, money
 from batch.storage.base import Store
 from batch.storage.lease import read_lease
 from batch.storage.locations import Location, object_exists, read_text_at
+from batch.wording import counted
 
 
 def row_states(locations: Locations, table: InputTable, checkpoint: Checkpoint) -> tuple[int, RowStates]:
@@ -176,7 +177,7 @@ def last_run(folder: Location, running: int | None) -> dict[str, Any] | None:
 
 def format_status(status: dict[str, Any]) -> str:
     lines = [
-        f"job {status['job']}: {status['rows_total']} rows: ok {status['ok']}, failed {status['failed']}, "
+        f"job {status['job']}: {counted(status['rows_total'], 'row')}: ok {status['ok']}, failed {status['failed']}, "
         f"pending {status['pending']}" + (f" ({status['changed']} answered before their prompt changed)"
                                           if status["changed"] else ""),
         f"  tokens so far: {status['prompt_tokens']} prompt + {status['completion_tokens']} completion, "
@@ -184,13 +185,14 @@ def format_status(status: dict[str, Any]) -> str:
     ]
     if status["worst_case_tokens"]:
         lines.append(f"  counted against the budget: {money(status['budget_cost'])} {status['currency']}, "
-                     f"{status['budget_tokens']} tokens (answers that came without usage at their worst case)")
+                     f"{counted(status['budget_tokens'], 'token')} (answers that came without usage at their worst "
+                     "case)")
     if status["batches"]:
-        lines.append(f"  Batch API: {status['in_batches']} pending rows sit in {len(status['batches'])} live batches "
-                     "(as the last run saw them):")
+        lines.append(f"  Batch API: {counted(status['in_batches'], 'pending row')} in "
+                     f"{counted(len(status['batches']), 'live batch')} (as the last run saw them):")
         lines.extend(f"    {format_batch(batch)}" for batch in status["batches"])
     if status["not_in_input"]:
-        lines.append(f"  not in the input: {status['not_in_input']} answers are for rows no longer in the input "
+        lines.append(f"  not in the input: {counted(status['not_in_input'], 'answer')} for rows no longer in the input "
                      "(kept in the checkpoint)")
     if status["failed_by_class"]:
         lines.append("  failed: " + ", ".join(f"{k} {v}" for k, v in sorted(status["failed_by_class"].items())))

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from batch.errors import ConfigError, InputChangedError
 from batch.shard import Shard, crc32_each
 from batch.storage.locations import input_kind, input_version, is_url, open_input
+from batch.wording import counted
 
 BATCH_ROWS = 8192
 # Arrow's CSV reader reads up to 32 blocks ahead of the consumer: 1 MB blocks held ~35 MB at a million
@@ -123,7 +124,7 @@ class InputTable:
                 )
             if self.columns.count(column) > 1:
                 raise ConfigError(f"{self.path}: {key} names column '{column}', which appears "
-                                  f"{self.columns.count(column)} times in the input header")
+                                  f"{counted(self.columns.count(column), 'time')} in the input header")
 
     def batches(self, columns: list[str], first_group: int = 0) -> Iterator[pa.RecordBatch]:
         """Record batches holding just `columns`, in input order (Parquet: from row group `first_group`), their

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from batch.pricing import CURRENCY, Pricer, money, worst_cost
 from batch.records import Record, billed
+from batch.wording import counted
 
 if TYPE_CHECKING:
     from batch.plan import BudgetLimits
@@ -218,7 +219,7 @@ class Budget:
         if (tokens is None or (cost is None and self.pricer is not None)) and not self._warned_usage:
             self._warned_usage = True
             log.warning("an answer came without token usage: the budget counts it at its worst case "
-                        "(%d tokens, %s %s)", worst.tokens, money(worst.cost), CURRENCY)
+                        "(%s, %s %s)", counted(worst.tokens, "token"), money(worst.cost), CURRENCY)
         return (worst.cost if cost is None else cost), (worst.tokens if tokens is None else tokens)
 
     def describe(self) -> str:

@@ -27,6 +27,7 @@ from batch.logs import hide_secrets, keep_secret
 from batch.online.failures import Failure, classify_status, retry_after_seconds
 from batch.online.sse import EventStream
 from batch.providers import ZHIPU_CODES, BusinessCodes
+from batch.wording import counted
 
 BOM = codecs.BOM_UTF8  # some servers start a body with one; JSON (RFC 8259 8.1) lets a reader ignore it
 USER_AGENT = "batch/0.1 (OpenAI-compatible chat completions)"
@@ -167,8 +168,8 @@ class ChatClient:
             response.close()
         if size > cap:
             response.close()  # the rest is never read: the connection cannot be reused
-            raise Failure("retry", "bad_response", f"HTTP 200 with a streamed answer of more than {cap} bytes, "
-                                                   f"over limits.max_response_bytes")
+            raise Failure("retry", "bad_response", f"HTTP 200 with a streamed answer of more than "
+                                                   f"{counted(cap, 'byte')}, over limits.max_response_bytes")
         return stream.answer(), stream.first_token_at
 
     async def _read(self, response: aiohttp.ClientResponse) -> tuple[bytes, str | None]:
@@ -180,7 +181,7 @@ class ChatClient:
         cap, length = self.max_response_bytes, response.content_length
         if length is not None and length > cap:
             response.close()  # the rest is never read: the connection cannot be reused
-            return b"", f"{length} bytes"
+            return b"", counted(length, "byte")
         if length is not None and "Content-Encoding" not in response.headers:
             return await response.read(), None  # exactly `length` bytes: the common case, at aiohttp's speed
         return await self._read_chunks(response, b"", cap)
@@ -193,7 +194,7 @@ class ChatClient:
             size += len(chunk)
             if size > cap:
                 response.close()
-                return b"".join(chunks), f"more than {cap} bytes"
+                return b"".join(chunks), f"more than {counted(cap, 'byte')}"
             chunks.append(chunk)
         return b"".join(chunks), None
 
@@ -383,10 +384,10 @@ class StreamedAnswer:
         (the Failure carries the usage that came, if any: the answer was paid for)."""
         if not self.whole:
             missing = "a finish_reason" if len(self.choices) >= self.asked else \
-                f"all {self.asked} choices asked for (n; {len(self.choices)} came)"
-            raise paid(Failure("retry", "bad_response", f"HTTP 200 whose stream ended after {self.events} events "
-                                                        f"without [DONE] or {missing}: the answer may be cut "
-                                                        "short"), self.top)
+                f"all {counted(self.asked, 'choice')} asked for (n; {len(self.choices)} came)"
+            raise paid(Failure("retry", "bad_response", f"HTTP 200 whose stream ended after "
+                                                        f"{counted(self.events, 'event')} without [DONE] or {missing}: "
+                                                        "the answer may be cut short"), self.top)
         if not self.choices or any(c.finish_reason is None for c in self.choices.values()):
             raise paid(Failure("retry", "bad_response", "HTTP 200 whose stream ended without a finish_reason"),
                        self.top)

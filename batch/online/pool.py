@@ -25,6 +25,7 @@ from batch.online.client import ChatClient
 from batch.online.failures import Failure, classify
 from batch.online.limits import Retries, Slots, pool_pause, request_limiter, token_limiter
 from batch.records import PAID_FIELDS, Record, add_paid_before, answer_record, failed_record, paid_for
+from batch.wording import counted
 
 if TYPE_CHECKING:
     from batch.plan import Plan, Settings
@@ -242,9 +243,9 @@ class Pool:
 
     def _outage_began(self) -> None:
         b = self.breaker
-        log.warning("the endpoint is not answering (%d attempts failed, nothing answered for %.1f s; last: %s): "
+        log.warning("the endpoint is not answering (%s failed, nothing answered for %.1f s; last: %s): "
                     "no row is sent or retried; probing with one request at a time for up to %g s",
-                    b.failures, b.quiet_s, b.last_error, b.max_outage_s)
+                    counted(b.failures, "attempt"), b.quiet_s, b.last_error, b.max_outage_s)
         self._breaker_changed()
 
     def _breaker_changed(self) -> None:

@@ -13,6 +13,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from batch.wording import counted
+
 log = logging.getLogger("batch")
 JSON_PREFIX = "json_"  # a reply key named like a column the output has already is written as json_KEY (column_names)
 # The field metadata of a string column (or struct field, or list item) that holds each value's JSON text (a string
@@ -47,7 +49,8 @@ def parse_reply(text: str | None) -> dict[str, Any]:
     except RecursionError:  # the parser's own limit, near 1,000 levels
         raise ValueError(f"the reply nests deeper than {MAX_DEPTH} levels") from None
     except ValueError:  # the only other: Python reads no integer of more digits than sys.get_int_max_str_digits()
-        raise ValueError(f"the reply holds an integer of more than {sys.get_int_max_str_digits()} digits") from None
+        raise ValueError(f"the reply holds an integer of more than {counted(sys.get_int_max_str_digits(), 'digit')}"
+                         ) from None
     if not isinstance(value, dict):
         raise ValueError(f"the reply is JSON but not an object (a {type(value).__name__})")
     _check_keepable(value, body)

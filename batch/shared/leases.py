@@ -29,6 +29,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from batch.shared.connection import LUA_NOW, REDIS_ERRORS, Link
+from batch.wording import counted
 
 log = logging.getLogger("batch")
 
@@ -116,8 +117,8 @@ class Leases:
         return -1 if self._clock_ms is None else self._clock_ms()
 
     def _fallback(self) -> str:
-        return (f"this process keeps to {self.share} of the {self.limit} requests in flight "
-                f"(its share among {self.sharing} processes)")
+        return (f"this process keeps to {self.share} of {counted(self.limit, 'request')} in flight "
+                f"(its share among {counted(self.sharing, 'process')})")
 
     async def acquire(self) -> None:
         async with self._turn:

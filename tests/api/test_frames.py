@@ -93,7 +93,7 @@ def test_the_batch_api_from_python_without_wait_raises_batches_live_and_a_later_
     with pytest.raises(batch.BatchesLive) as stopped:
         batch.run_frame(frame_of(4), **settings)
     message = str(stopped.value)
-    assert "1 Batch API batches are still being worked on" in message and "wait=True" in message
+    assert "1 Batch API batch still being worked on" in message and "wait=True" in message
     assert "stopped: None" not in message and "--wait" not in message
     assert stopped.value.exit_code == 6 and stopped.value.result.pending == 4
     assert "wait=True" in str(stopped.value.result) and "--wait" not in str(stopped.value.result)

@@ -91,11 +91,11 @@ def test_cron_runs_submit_then_collect_into_the_same_records(start_sim, make_job
     job = batch_job(make_job, sim, count=25)
     code, out, _ = run_cli("run", job)
     assert code == EXIT_BATCHES_LIVE, out
-    assert "3 Batch API batches are still being worked on" in out
+    assert "3 Batch API batches still being worked on" in out
     assert not (job.parent / "out" / "result.parquet").exists()
     code, out, _ = run_cli("status", job)
     assert "pending 25" in out and "(file 1)" in out and "failed:" not in out
-    assert "25 pending rows sit in 3 live batches" in out
+    assert "Batch API: 25 pending rows in 3 live batches" in out
     code, out, _ = run_cli("run", job)  # nothing finished yet: still 6, nothing submitted again
     assert code == EXIT_BATCHES_LIVE
     assert sim.stats()["batch_api"]["batches_created"] == 3
@@ -614,7 +614,7 @@ def test_rows_deleted_moved_and_appended_while_batches_are_live_merge_by_id(star
     frame = output_of(job)
     assert frame["review_id"].tolist() == [r["review_id"] for r in edited]
     assert frame["response"].tolist() == [expected_reply(r["text"]) for r in edited]
-    assert "10 answers are for rows no longer in the input" in out
+    assert "not in the input: 10 answers for rows no longer in the input" in out
     assert submitted_twice(sim) == [] and set(records_per_id(job).values()) == {1}
     assert sim.stats()["requests"] == 0
 
@@ -692,7 +692,7 @@ def test_a_wait_run_stopped_by_short_result_files_says_what_is_true_of_its_batch
     code, out, err = run_cli("run", job, "--wait")
     assert code == 3 and "holds 5 lines where the batch reports 10" in out, out + err
     assert "--wait" not in out and "still being worked on" not in out and ": created," not in out, out
-    assert "2 Batch API batches have ended at the provider, their results not merged yet: the next run downloads " \
+    assert "2 Batch API batches ended at the provider, the results not merged yet: the next run downloads " \
            "them" in out, out
     assert out.count("): completed, 10 rows, 10 completed, 0 failed") == 2, out
     code, out, err = run_cli("run", job)
@@ -774,8 +774,8 @@ def test_a_run_at_the_file_cap_exits_6_naming_only_the_batches_that_exist(start_
     job = batch_job(make_job, sim, count=40)
     code, out, err = run_cli("run", job)
     assert code == EXIT_BATCHES_LIVE, out + err
-    assert "3 Batch API batches are still being worked on" in out and "not created yet" not in out
-    assert "1 Batch API request files (10 rows) are not made batches yet" in out
+    assert "3 Batch API batches still being worked on" in out and "not created yet" not in out
+    assert "1 Batch API request file (10 rows) not made a batch yet" in out
     assert run_until_done(run_cli, sim, job) == 0
     assert len(output_of(job)) == 40 and submitted_twice(sim) == [] and set(records_per_id(job).values()) == {1}
 

@@ -107,7 +107,7 @@ def test_verbose_shows_each_retry_throttle_and_failure(start_sim, make_job, run_
                      err)
     assert re.search(r"DEBUG throttled \(429\) for a request sent as number \d in flight: "
                      r"concurrency limit \d -> \d", err)
-    assert re.search(r"DEBUG row r4 failed after 1 attempts: content_filter: HTTP 400 code 1301", err)
+    assert re.search(r"DEBUG row r4 failed after 1 attempt: content_filter: HTTP 400 code 1301", err)
     assert re.search(r"DEBUG row r5 failed after 3 attempts: rate_limited: HTTP 429 code 1302", err)
     assert output_of(job).set_index("review_id").loc["r4", "error_class"] == "content_filter"
     code, _, err = run_cli("run", make_job(sim, rows=rows, output={"path": "quiet/result.parquet"}))

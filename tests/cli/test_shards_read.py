@@ -107,7 +107,7 @@ def test_read_results_and_export_read_every_shard_before_and_after_merge(sim, ma
     changed["text"] = "a new prompt"  # its answer is for the old one: pending again, in shard 1
     pd.DataFrame(edited).to_csv(job.parent / "reviews.csv", index=False)
     code, _, err = run_cli("export", job, "--format", "csv", "--to", tmp_path / "again.csv")
-    assert code == 2 and "shard 1/3 (1 rows pending)" in err and "shard 0/3" not in err
+    assert code == 2 and "shard 1/3 (1 row pending)" in err and "shard 0/3" not in err
     assert statuses(batch.read_results(job)) == {**finished, changed["review_id"]: "pending"}
 
 

@@ -219,9 +219,9 @@ def test_the_money_and_batch_api_examples_show_what_their_pages_explain(examples
     assert "  stopped: budget reached: spent 0.000205 of max_cost 0.000300 CNY" in stopped
     assert "  budget: max_cost 0.000300 CNY, 0.000095 left" in examples["budget_estimate"]["stdout"]
     submitted = examples["batch_submit"]["stdout"]
-    assert "  3 Batch API batches are still being worked on: run again later, or use --wait" in submitted
+    assert "  3 Batch API batches still being worked on: run again later, or use --wait" in submitted
     assert "    batch batch_… (file 3): created, 2 rows, age 0 min" in submitted
-    assert "  Batch API: 12 pending rows sit in 3 live batches" in examples["batch_status"]["stdout"]
+    assert "  Batch API: 12 pending rows in 3 live batches" in examples["batch_status"]["stdout"]
 
 
 def test_the_limits_examples_show_a_refusal_an_outage_and_an_account_in_arrears(examples):

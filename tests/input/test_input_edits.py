@@ -29,7 +29,7 @@ def test_deleted_rows_leave_totals_that_add_up_and_a_final_file_of_the_current_r
     assert code == 0
     assert sim.stats()["requests"] == 0
     assert "all runs: ok 20, failed 0, pending 0" in out
-    assert "5 answers are for rows no longer in the input" in out
+    assert "not in the input: 5 answers for rows no longer in the input" in out
     result = output_of(job)
     assert result["review_id"].tolist() == [r["review_id"] for r in kept]
     assert result["status"].eq("ok").all()
