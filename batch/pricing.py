@@ -99,7 +99,9 @@ def worst_cost(pricer: Pricer, prompt_tokens: int, max_tokens: int) -> float:
 
 
 def money(amount: float) -> str:
-    """An amount for people: six decimals, but never a misleading zero for a tiny amount that is not zero."""
-    if amount == 0 or abs(amount) >= 5e-7:
-        return f"{amount:.6f}"
+    """An amount for people: six decimals, but never a misleading zero for a tiny amount that is not zero (one that
+    six decimals round to zero, 5e-7 included: its binary value is just below it)."""
+    fixed = f"{amount:.6f}"
+    if amount == 0 or float(fixed) != 0:
+        return fixed
     return f"{amount:.2g}"
