@@ -771,9 +771,9 @@ def _answers_so_far(output: OutputSettings, schema: dict[str, Any] | None, readi
             batched.append(in_batch[codes])
             pieces.append(pa.table({id_out: ids, **{c: batch.column(c) for c in keep if c != id_out}}))
             start += len(ids)
-        chosen = states.last_record_mask(id_batches(reading.table))  # each id's last record
         checkpoint = reading.checkpoint
-        lasts.extend(checkpoint.chosen_records(chosen, ["id", *OUTPUT_FIELDS], checkpoint.has_records(), paid=states))
+        lasts.extend(checkpoint.kept_records(states, id_batches(reading.table), ["id", *OUTPUT_FIELDS],
+                                             checkpoint.has_records()))
 
     def in_order(values: Any) -> Any:  # a table or an array of the readings' rows, in input order
         return values if order is None else values.take(order)

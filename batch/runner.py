@@ -420,7 +420,7 @@ class Run:
         if not len(positions):
             return {}
         paid = with_paid_in_all(self.checkpoint.row_groups().take(positions[:, 1], list(CARRIED_FIELDS)),
-                                *done.paid_instead(positions[:, 0], positions[:, 1]))
+                                *done.paid_at(positions[:, 1]))
         return {int(seq): before for seq, before in zip(positions[:, 0], paid.to_pylist())
                 if any(before.values())}
 
@@ -493,7 +493,7 @@ class Run:
 
     def _write_output(self, output: Path, done: RowStates, footer: dict[bytes, bytes]) -> None:
         out = self.plan.output
-        last = self.checkpoint.chosen_records(done.last_record_mask(self._id_batches), ["status", "response"]) \
+        last = self.checkpoint.kept_records(done, self._id_batches, ["status", "response"]) \
             if out.parse_json else []
         replies = reply_columns(out, self.plan.schema, last)
         groups = self.checkpoint.row_groups() if done.record_count else None

@@ -210,13 +210,16 @@ class RowStates:
         self._moved_prompts = np.empty(0, np.int64)
         self._moved_epochs = np.empty(0, np.int64)
         self._moved_seen = np.empty(0, bool)  # which records kept aside an input row has claimed (counts)
+        self._moved_mixed = np.empty(0, np.int64)  # the hashes of ids kept aside whose records are not one chain
         self._kept_by_id: list[int] = []  # write positions of this run's records for ids no longer in the input
         # Rows whose records are not one chain ending in the kept one (several epochs: runs, or a zombie holder and
         # the one after it; or a kept record before a later one): what they paid is summed over them (sum_own).
         self._mixed: list[np.ndarray] = []
-        self._paid_rows = np.empty(0, np.int64)  # those rows, sorted
-        self._paid_written = np.empty(0, np.uint32)  # the kept record each was summed beside (written)
-        self._paid = _CARRIED_SCHEMA.empty_table()  # what each paid in all
+        # The hashes of the ids whose records are summed (sums_wanted: those rows', and ids kept aside by id whose
+        # records are not one chain either), sorted.
+        self._summed_ids = np.empty(0, np.int64)
+        self._paid_positions = np.empty(0, np.int64)  # where the kept record of an id summed may be, sorted
+        self._paid = _CARRIED_SCHEMA.empty_table()  # what that id paid in all, one row per position
 
     def add(self, ids: pa.Array, seqs: pa.Array, status: pa.Array, error_class: pa.Array,
             prompt_hash: pa.Array | None = None, epoch: pa.Array | None = None) -> None:
@@ -240,14 +243,15 @@ class RowStates:
                                                "prompt": pa.array(prompts[~home]),
                                                "epoch": pa.array(epochs[~home])}))
 
-    def home_rows(self, ids: pa.Array, seqs: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        """Which records (`ids`, `seqs`) sit at the input row they were sent from (its id hashes like theirs), and
-        that row (0 where not)."""
+    def home_rows(self, ids: pa.Array, seqs: pa.Array, hashes: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """Which records (`ids`, `seqs`; `hashes`: the ids' hashes, when known) sit at the input row they were sent
+        from (its id hashes like theirs), and that row (0 where not)."""
         assert self.row_hashes is not None, "RowStates built without the input's hashes"
         seq = _numpy(pc.fill_null(seqs, -1)).astype(np.int64, copy=False)
         inside = (seq >= 0) & (seq < len(self.codes))
         rows = np.where(inside, seq, 0)
-        return inside & (self.row_hashes[rows] == hash_ids(ids)), rows
+        return inside & (self.row_hashes[rows] == (hash_ids(ids) if hashes is None else hashes)), rows
 
     def _keep(self, rows: np.ndarray, at: np.ndarray, codes: np.ndarray, epochs: np.ndarray) -> None:
         """Records of input `rows` (in write order: `at`, position + 1): each row keeps, of them and its record so
@@ -296,64 +300,94 @@ class RowStates:
             self._epochs = np.zeros(len(self.codes), np.int32)
         self._epochs[rows] = epochs
 
-    def mixed_rows(self) -> np.ndarray:
-        """The rows whose records are to be summed (sum_own), sorted; none when every row's are one chain."""
-        return np.unique(np.concatenate(self._mixed)) if self._mixed else np.empty(0, np.int64)
+    def sums_wanted(self) -> bool:
+        """Find the ids whose records are not one holder's chain ending in the kept one, whatever input row they sit
+        at: the rows noted so (_keep), the ids kept aside by id whose records are not one chain (several epochs, or
+        the kept one before a later one), and the ids with records both at their row and kept aside (an input
+        edited between runs: the row's chain went on at its new place). Once, after the checkpoint's last batch;
+        True when there are any, whose records sum_own is then given (summed_records picks them)."""
+        self._index_moved()
+        if self.row_hashes is None:  # no record was read
+            return False
+        wanted = [self.row_hashes[np.concatenate(self._mixed)]] if self._mixed else []
+        if self._moved is not None:
+            wanted.append(self._moved_mixed)
+            answered = np.flatnonzero(self.written)  # rows with a record at their own place
+            at = np.minimum(np.searchsorted(self._moved.hashes, self.row_hashes[answered]), len(self._moved) - 1)
+            wanted.append(self._moved.hashes[at[self._moved.hashes[at] == self.row_hashes[answered]]])
+        self._summed_ids = np.unique(np.concatenate(wanted)) if wanted else np.empty(0, np.int64)
+        return len(self._summed_ids) > 0
+
+    def summed_records(self, ids: pa.Array, seqs: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """Of records (`ids`, `seqs`, in write order), which sum_own needs (sums_wanted's ids'), and each one's row
+        (-1: kept aside by id)."""
+        hashes = hash_ids(ids)
+        home, rows = self.home_rows(ids, seqs, hashes)
+        at = np.minimum(np.searchsorted(self._summed_ids, hashes), max(len(self._summed_ids) - 1, 0))
+        wanted = self._summed_ids[at] == hashes if len(self._summed_ids) else np.zeros(len(ids), bool)
+        return wanted, np.where(home, rows, -1)
 
     def sum_own(self, records: pa.Table) -> None:
-        """What each of mixed_rows() paid in all, from every one of its records (`records`: columns row, position,
-        epoch, carried and CARRIED_FIELDS, in any order).
+        """What each id of sums_wanted paid in all, from every one of its records (`records`: columns id, row (-1:
+        kept aside by id), position, epoch, carried and CARRIED_FIELDS, in any order).
 
-        One holder's records of a row are one chain: each adds up the one before (records.carry), so its last holds
-        the chain's answers and what its first carried from before. A row paid, summed over the holders (epochs)
+        One holder's records of an id are one chain: each adds up the one before (records.carry), so its last holds
+        the chain's answers and what its first carried from before. An id paid, summed over the holders (epochs)
         that wrote it, each one's last record less what its first carried: with one holder, that is its last record;
         with a zombie holder and the one that took its lease over, which each carried what it saw, every answer
-        counts once, whichever record is kept. A record written before `carried` was recorded carried nothing."""
-        table = records.sort_by([("row", "ascending"), ("epoch", "ascending"), ("position", "ascending")])
-        rows, epochs = _numpy(table.column("row").combine_chunks()), _numpy(table.column("epoch").combine_chunks())
-        if not len(rows):
+        counts once, whichever record is kept, at its row or kept aside. A record written before `carried` was
+        recorded carried nothing."""
+        keys = hash_ids(records.column("id").combine_chunks())  # the id, as sums_wanted knows it
+        records = records.append_column("key", pa.array(keys))
+        table = records.sort_by([("key", "ascending"), ("epoch", "ascending"), ("position", "ascending")])
+        keys, epochs = _numpy(table.column("key").combine_chunks()), _numpy(table.column("epoch").combine_chunks())
+        if not len(keys):
             return
-        group = np.r_[True, (rows[1:] != rows[:-1]) | (epochs[1:] != epochs[:-1])]
+        group = np.r_[True, (keys[1:] != keys[:-1]) | (epochs[1:] != epochs[:-1])]
         firsts = np.flatnonzero(group)
-        lasts = np.r_[firsts[1:], len(rows)] - 1
+        lasts = np.r_[firsts[1:], len(keys)] - 1
         carried = [json.loads(text) if text else {} for text in table.column("carried").take(pa.array(firsts))
                    .to_pylist()]
-        row_of_group = rows[firsts]
-        row_starts = np.flatnonzero(np.r_[True, row_of_group[1:] != row_of_group[:-1]])
+        key_of_group = keys[firsts]
+        id_starts = np.flatnonzero(np.r_[True, key_of_group[1:] != key_of_group[:-1]])
         totals = {}
         for name in CARRIED_FIELDS:
             last = table.column(name).combine_chunks().take(pa.array(lasts))
             known = _numpy(last.is_valid())
             values = _numpy(pc.fill_null(last, 0)).astype(np.float64)
             values -= np.array([float(before.get(name) or 0) for before in carried])
-            summed = np.add.reduceat(values * known, row_starts)
-            any_known = np.logical_or.reduceat(known, row_starts)
+            summed = np.add.reduceat(values * known, id_starts)
+            any_known = np.logical_or.reduceat(known, id_starts)
             kind = RECORD_SCHEMA.field(name).type
             totals[name] = pa.array(summed if pa.types.is_floating(kind) else np.rint(summed).astype(np.int64),
                                     mask=~any_known).cast(kind)
-        self._paid_rows = row_of_group[row_starts].astype(np.int64)
-        self._paid_written = self.written[self._paid_rows].copy()
-        self._paid = pa.table(totals, schema=_CARRIED_SCHEMA)
-
-    def paid_instead(self, rows: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, pa.Table]:
-        """Of input `rows` whose kept record is at write `positions`: which (indices into `rows`) paid other than that
-        record holds (sum_own), and what each paid in all (CARRIED_FIELDS, one row each, in that order)."""
-        if not len(self._paid_rows) or not len(rows):
-            return np.empty(0, np.int64), self._paid.slice(0, 0)
-        at = np.minimum(np.searchsorted(self._paid_rows, rows), len(self._paid_rows) - 1)
-        summed = (self._paid_rows[at] == rows) & (self._paid_written[at].astype(np.int64) == np.asarray(positions) + 1)
-        which = np.flatnonzero(summed)
-        return which, self._paid.take(pa.array(at[which]))
+        paid = pa.table(totals, schema=_CARRIED_SCHEMA)
+        # Where each id's kept record may be, whichever last() keeps: its row's kept record, and its record kept
+        # aside by id. A position is one record's: one id's sum each.
+        key_of_id = key_of_group[id_starts]
+        row_of_id = np.maximum.reduceat(_numpy(table.column("row").combine_chunks()), np.flatnonzero(
+            np.r_[True, keys[1:] != keys[:-1]]))
+        at_row = np.flatnonzero(row_of_id >= 0)
+        positions, which = [self.written[row_of_id[at_row]].astype(np.int64) - 1], [at_row]
+        if self._moved is not None:
+            at = np.minimum(np.searchsorted(self._moved.hashes, key_of_id), len(self._moved) - 1)
+            aside = np.flatnonzero(self._moved.hashes[at] == key_of_id)
+            positions.append(self._moved_written[at[aside]])
+            which.append(aside)
+        found, of = np.concatenate(positions), np.concatenate(which)
+        order = np.argsort(found, kind="stable")
+        self._paid_positions, self._paid = found[order], paid.take(pa.array(of[order]))
 
     def paid_at(self, positions: np.ndarray) -> tuple[np.ndarray, pa.Table]:
-        """As paid_instead, for records at write `positions` (some rows' kept records: last_record_mask's)."""
-        if not len(self._paid_rows) or not len(positions):
+        """Of the records at write `positions` (ids' kept records: last_record_mask's, last()'s), which (indices into
+        `positions`) are of ids whose records several holders wrote (sum_own), and what each of those ids paid in all
+        (CARRIED_FIELDS, one row each, in that order)."""
+        if not len(self._paid_positions) or not len(positions):
             return np.empty(0, np.int64), self._paid.slice(0, 0)
-        order = np.argsort(self._paid_written, kind="stable")
-        by_position = self._paid_written[order].astype(np.int64)
-        at = np.minimum(np.searchsorted(by_position, np.asarray(positions) + 1), len(order) - 1)
-        which = np.flatnonzero(by_position[at] == np.asarray(positions) + 1)
-        return which, self._paid.take(pa.array(order[at[which]]))
+        positions = np.asarray(positions, np.int64)
+        at = np.minimum(np.searchsorted(self._paid_positions, positions), len(self._paid_positions) - 1)
+        which = np.flatnonzero(self._paid_positions[at] == positions)
+        return which, self._paid.take(pa.array(at[which]))
 
     def add_one(self, seq: int, state: str | None, prompt_hash: int | None = None, epoch: int | None = None) -> None:
         """A record this run wrote for input row `seq` (once per answer: no arrays built here); seq -1: for an id no
@@ -410,12 +444,18 @@ class RowStates:
         return self.record_count - count
 
     def settle(self, keep_prompts: bool = False) -> None:
-        """Index the records kept aside by id: once, after the checkpoint's last batch. `keep_prompts`: the rows'
-        prompt hashes stay (4 bytes a row) to judge the answers this run adds (add_one)."""
+        """Once, after the checkpoint's last batch (and sum_own): the records kept aside by id indexed, the input's
+        hashes let go. `keep_prompts`: the rows' prompt hashes stay (4 bytes a row) to judge the answers this run adds
+        (add_one)."""
+        self._index_moved()
         self.row_hashes = None
+        if self._moved is None and not keep_prompts:
+            self.row_prompts = None
+
+    def _index_moved(self) -> None:
+        """Index the records kept aside by id (once): each id's kept one (record_rank), and the ids whose records
+        kept aside are not one chain ending in it (several epochs, or a later record than the kept one)."""
         if not self._moved_parts:
-            if not keep_prompts:
-                self.row_prompts = None
             return
         moved = pa.concat_tables(self._moved_parts)
         self._moved_parts = []
@@ -426,6 +466,16 @@ class RowStates:
         self._moved_prompts = _numpy(moved.column("prompt").take(self._moved.last_positions))
         self._moved_epochs = _numpy(moved.column("epoch").take(self._moved.last_positions))
         self._moved_seen = np.zeros(len(self._moved), bool)
+        hashes, epochs = _hashes(moved.column("id").chunks), _numpy(moved.column("epoch").combine_chunks())
+        positions = _numpy(moved.column("position").combine_chunks())
+        order = np.lexsort((positions, hashes))
+        hashes, epochs, positions = hashes[order], epochs[order], positions[order]
+        starts = np.flatnonzero(np.r_[True, hashes[1:] != hashes[:-1]])
+        several = (np.minimum.reduceat(epochs, starts) != np.maximum.reduceat(epochs, starts))
+        at = np.searchsorted(self._moved.hashes, hashes[starts])  # each id's kept record (one per hash)
+        before_last = self._moved_written[np.minimum(at, len(self._moved) - 1)] != np.maximum.reduceat(positions,
+                                                                                                         starts)
+        self._moved_mixed = hashes[starts][several | before_last]
 
     def last(self, start: int, ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         """For input rows start, start+1, ... holding `ids`: each one's state code (0: none) and
@@ -567,7 +617,7 @@ def _state(status: pa.Array, error_class: pa.Array) -> pa.Array:
 
 
 def with_paid_in_all(records: pa.Table, rows: np.ndarray, paid: pa.Table) -> pa.Table:
-    """`records` with what its rows `rows` paid in all (`paid`: RowStates.paid_instead or paid_at) in its paid
+    """`records` with what its rows `rows` paid in all (`paid`: RowStates.paid_at) in its paid
     columns: a row several holders answered costs what every holder paid, whichever holder's record is kept."""
     if not len(rows):
         return records

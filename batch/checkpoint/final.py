@@ -105,7 +105,7 @@ class LastRecords:
             # Two ids with one 64-bit hash: a record paired with the wrong row. Never seen; refuse rather than guess.
             raise RuntimeError("a checkpoint record was matched to the wrong input row (hash collision); "
                                "please report this")
-        found = with_paid_in_all(found, *self.states.paid_instead(start + known, written[known]))
+        found = with_paid_in_all(found, *self.states.paid_at(written[known]))
         pick[known] = np.arange(len(known))
         return found.select(OUTPUT_FIELDS).take(pa.array(pick, mask=pick < 0))
 

@@ -1,8 +1,8 @@
 """Checkpoints: the write-ahead log and the Parquet parts it is compacted into (final.py writes the output).
 
 The records are batch.records' layout. Nothing reads the checkpoint whole: row_states reads its
-states a bunch of parts at a time, chosen_records the records a mask over write positions picks
-(each id's last: the row's answer, and what it paid), and row_groups takes records by position.
+states a bunch of parts at a time, kept_records each id's kept record (the row's answer, and what it
+paid), and row_groups takes records by position.
 
 Every result goes to a write-ahead log the moment it arrives: a plain append survives kill -9,
 and an fsync on a short timer covers power loss. The log is a local file; everything else lives in
@@ -192,10 +192,8 @@ class Checkpoint:
                 for records in self._records(columns, with_log):
                     if records.num_rows:
                         states.add(*(records.column(c).chunk(0) for c in columns))
-                mixed = states.mixed_rows()
-                summed = self._records_of_rows(states, mixed, with_log) if len(mixed) else None
-                if summed is not None:
-                    states.sum_own(summed)
+                if states.sums_wanted():
+                    states.sum_own(self._summed_records(states, with_log))
             except DamagedPart as damaged:
                 if self._owned:
                     self._set_aside(damaged)
@@ -212,27 +210,31 @@ class Checkpoint:
             bunches = itertools.chain(bunches, [self._logged().select(columns).combine_chunks()])
         return bunches
 
-    def _records_of_rows(self, states: RowStates, rows: np.ndarray, with_log: bool) -> pa.Table | None:
-        """What every record of these input `rows` holds of what was paid (RowStates.sum_own), with its row and
-        write position: read only for the rows whose records are not one holder's chain."""
+    def _summed_records(self, states: RowStates, with_log: bool) -> pa.Table:
+        """What every record of the ids whose records several holders wrote holds of what was paid (RowStates.sum_own),
+        with its row and write position: read only for those ids (RowStates.summed_records), at their rows or kept
+        aside by id."""
         columns = ["id", "seq", "epoch", "carried", *CARRIED_FIELDS]
-        found, at = [], 0
+        found, at = [RECORD_SCHEMA.empty_table().select(columns).drop_columns(["seq"]).append_column(
+            "row", pa.array([], pa.int64())).append_column("position", pa.array([], pa.int64()))], 0
         for records in self._records(columns, with_log):
-            home, seqs = states.home_rows(records.column("id").chunk(0), records.column("seq").chunk(0))
-            mine = home & np.isin(seqs, rows)
-            if mine.any():
-                picked = records.filter(pa.array(mine)).drop_columns(["id", "seq"])
-                found.append(picked.append_column("row", pa.array(seqs[mine]))
-                             .append_column("position", pa.array(at + np.flatnonzero(mine))))
+            wanted, rows = states.summed_records(records.column("id").chunk(0), records.column("seq").chunk(0))
+            if wanted.any():
+                picked = records.filter(pa.array(wanted)).drop_columns(["seq"])
+                found.append(picked.append_column("row", pa.array(rows[wanted]))
+                             .append_column("position", pa.array(at + np.flatnonzero(wanted))))
             at += records.num_rows
-        return pa.concat_tables(found) if found else None
+        return pa.concat_tables(found)
 
-    def chosen_records(self, chosen: np.ndarray, columns: list[str], with_log: bool = False,
-                       paid: RowStates | None = None) -> Iterator[pa.Table]:
-        """`columns` of the records `chosen` (a mask over write positions: RowStates.last_record_mask), in write
-        order, read a bunch of parts at a time: never the whole checkpoint at once.
-        `with_log`: the log's records too, as row_states read them. `paid`: the RowStates `chosen` came from, whose
-        rows several holders wrote hold what they paid in all (RowStates.sum_own) in their paid columns."""
+    def kept_records(self, states: RowStates, id_batches: Callable[[], Iterable[pa.Array]], columns: list[str],
+                     with_log: bool = False) -> Iterator[pa.Table]:
+        """`columns` of each id's kept record (RowStates.last_record_mask: ids no longer in the input included; the
+        input's ids, `id_batches`, are read only when records were kept aside by id), in write order, read a bunch of
+        parts at a time: never the whole checkpoint at once. Their paid columns hold what the row paid in all
+        (RowStates.sum_own: summed over the holders that wrote it), whichever record is kept: every reader of what
+        was paid (spent, the estimate's answers so far, the results so far) counts it by this one rule.
+        `with_log`: the log's records too, as row_states read them."""
+        chosen = states.last_record_mask(id_batches)
         bunches = _bunches(self.store, self._parts(), columns, self._group_rows, self.merge_batch_rows, self._instead)
         if with_log:
             bunches = itertools.chain(bunches, [self._logged().select(columns).combine_chunks()])
@@ -243,21 +245,19 @@ class Checkpoint:
                 mine = np.zeros(records.num_rows, bool)
                 within = chosen[at:at + records.num_rows]
                 mine[:len(within)] = within
-                picked = records.filter(pa.array(mine))
-                if paid is not None:
-                    picked = with_paid_in_all(picked, *paid.paid_at(at + np.flatnonzero(mine)))
+                picked = with_paid_in_all(records.filter(pa.array(mine)), *states.paid_at(at + np.flatnonzero(mine)))
                 at += records.num_rows
                 yield picked
         except DamagedPart as damaged:  # damage in columns row_states does not read
             self._damaged_mid_run(damaged)
 
     def spent(self, states: RowStates, id_batches: Callable[[], Iterable[pa.Array]], with_log: bool = False) -> Spent:
-        """What the job has paid so far, summed over each id's last record (RowStates.last_record_mask; the input's
-        ids are read only when records were kept aside by id); answers taken from the cache cost no tokens."""
+        """What the job has paid so far, summed over each id's kept record (kept_records); answers taken from the cache
+        cost no tokens."""
         cost, tokens = 0.0, dict.fromkeys((*TOKEN_FIELDS, "worst_case_tokens"), 0)
         worst_case_cost = 0.0
         columns = ["cost", "worst_case_cost", *tokens, "cache_hit"]
-        for records in self.chosen_records(states.last_record_mask(id_batches), columns, with_log, paid=states):
+        for records in self.kept_records(states, id_batches, columns, with_log):
             cost += pc.sum(records.column("cost")).as_py() or 0.0
             worst_case_cost += pc.sum(records.column("worst_case_cost")).as_py() or 0.0
             sent = records.filter(pc.invert(pc.fill_null(records.column("cache_hit"), False)))
@@ -293,7 +293,7 @@ class Checkpoint:
 
     def read_all(self) -> pa.Table:
         """Every record in the part files, in write order (several per id when a failure was retried), whole:
-        for tests and inspection. The commands stream (chosen_records), a run reads by position (row_groups)."""
+        for tests and inspection. The commands stream (kept_records), a run reads by position (row_groups)."""
         return self._read_parts()
 
     def _read_parts(self, columns: list[str] | None = None) -> pa.Table:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, NamedTuple
 
-import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from batch.checkpoint.answered import RowStates
@@ -42,7 +42,7 @@ def read_for_estimate(settings: Settings) -> EstimateReading:
     table = input_table(settings)
     checkpoint = checkpoint_at(settings.locations)  # one reader: a damaged file is read, and warned of, once
     _, states = row_states(settings.locations, table, checkpoint)
-    tokens, answers = _completion_tokens(checkpoint, states.last_record_mask(id_batches(table)))
+    tokens, answers = _completion_tokens(checkpoint, states, id_batches(table))
     return EstimateReading(table, checkpoint, states, tokens, answers)
 
 
@@ -122,11 +122,12 @@ def estimate(settings: Settings, retry_failed: bool = False, reading: EstimateRe
     }
 
 
-def _completion_tokens(checkpoint: Checkpoint, last: np.ndarray) -> tuple[int, int]:
-    """The completion tokens of the ok answers so far, and how many they are (each id's last record, the log of a live
-    run too)."""
+def _completion_tokens(checkpoint: Checkpoint, states: RowStates, id_batches: Callable[[], Iterable[pa.Array]]
+                       ) -> tuple[int, int]:
+    """The completion tokens of the rows answered so far (each id's kept record, the log of a live run too), and how
+    many rows they are: a row's, as its cost, sums every answer paid for it, over every holder that wrote it."""
     tokens = answers = 0
-    for records in checkpoint.chosen_records(last, ["status", "completion_tokens"], with_log=True):
+    for records in checkpoint.kept_records(states, id_batches, ["status", "completion_tokens"], with_log=True):
         completions = records.column("completion_tokens").filter(pc.equal(records.column("status"), "ok"))
         tokens += pc.sum(completions).as_py() or 0
         answers += pc.count(completions).as_py()  # an answer without usage says nothing about its length

@@ -145,8 +145,8 @@ def _write_records(settings: Settings, path: Location, readings: list[dict[str, 
     checkpoints of `readings` (_read_shard), as a final file at `path`; returns the rows written."""
     out = settings.output
     replies = reply_columns(out, settings.schema, itertools.chain.from_iterable(
-        reading["checkpoint"].chosen_records(reading["states"].last_record_mask(id_batches(reading["table"])),
-                                             ["status", "response"]) for reading in readings)
+        reading["checkpoint"].kept_records(reading["states"], id_batches(reading["table"]), ["status", "response"])
+        for reading in readings)
         if out.parse_json else [])
     keep = list(out.keep_columns)
     return write_final(path, input_table(settings).id_batches(keep), out.id_column, keep, records, replies,

@@ -116,7 +116,7 @@ class ReplyColumns:
 
     def __init__(self, replies: Iterable[pa.Table], wanted: list[str] | None, taken: set[str],
                  schema: dict[str, Any] | None = None) -> None:
-        """`replies`: the status and response of each id's last record, in write order (Checkpoint.chosen_records)."""
+        """`replies`: the status and response of each id's last record, in write order (Checkpoint.kept_records)."""
         typed = column_fields(schema) if schema is not None else {}
         kinds: dict[str, set[str]] = {key: set() for key in (wanted if wanted is not None else typed)}
         too_wide: set[str] = set()  # typed keys with a value their type cannot hold exactly

@@ -283,6 +283,9 @@ def test_a_zombie_holders_paid_answers_are_kept_beside_the_new_holders_and_merge
     assert all(headers.get("If-None-Match") == "*" for headers in part_puts)  # never one written over another
 
     so_far = batch.read_results(job)  # before the merge: each row as the shard's checkpoint holds it
+    code, out, err = run_cli("estimate", job, "--json")
+    assert code == 0, err
+    estimated = json.loads(out)
     code, out, err = run_cli("merge", job)
     assert code == 0, err
     merged = output_on(s3)
@@ -304,6 +307,40 @@ def test_a_zombie_holders_paid_answers_are_kept_beside_the_new_holders_and_merge
     assert merged["cost"].tolist() == pytest.approx([one_answer[i] * n for i, n in zip(merged["review_id"], times)])
     summary = json.loads(S3Store(f"{s3.url}/out/result.checkpoint").read_bytes("merge.json"))
     assert summary["cost"] == pytest.approx(merged["cost"].sum())
+    # The estimate's answers so far (what it projects the rows to come from) are summed over holders as the cost is:
+    # a row two holders answered counts both answers' completion tokens.
+    assert estimated["cost_spent"] == pytest.approx(merged["cost"].sum())
+    assert estimated["observed_completion_tokens_per_row"] == pytest.approx(
+        merged["completion_tokens"].sum() / len(merged))
+
+    # The input edited: a new row first, so every record sits at another row than the one holding its id now (kept
+    # aside by id, and matched to its row by id): what each row paid is still summed over both holders, everywhere.
+    added = {"review_id": "s-new", "text": "a row added"}
+    body = io.BytesIO()
+    pd.DataFrame([added, *rows]).to_csv(body, index=False)
+    s3.client().put_object(Bucket=s3.name, Key="in/reviews.csv", Body=body.getvalue())
+    code, out, err = run_cli("estimate", job, "--json")
+    assert code == 0, err
+    estimated = json.loads(out)
+    assert estimated["rows_to_do"] == 1 and estimated["cost_spent"] == pytest.approx(merged["cost"].sum())
+    assert estimated["observed_completion_tokens_per_row"] == pytest.approx(
+        merged["completion_tokens"].sum() / len(merged))
+    so_far = batch.read_results(job)
+    assert so_far["cost"].tolist()[1:] == pytest.approx(merged["cost"].tolist())
+    code, out, err = run_cli("run", other_host, "--shard", "0/1")  # sends the new row alone
+    assert code == 0, err
+    assert sim.stats()["by_prompt"][f"Classify: {added['text']}"] == 1
+    code, out, err = run_cli("merge", job)
+    assert code == 0, err
+    edited = output_on(s3)
+    assert edited["review_id"].tolist() == [added["review_id"], *merged["review_id"]]
+    assert edited["cost"].tolist()[1:] == pytest.approx(merged["cost"].tolist())
+    assert edited["attempts"].tolist()[1:] == merged["attempts"].tolist()
+    summary = json.loads(S3Store(f"{s3.url}/out/result.checkpoint").read_bytes("merge.json"))
+    assert summary["cost"] == pytest.approx(edited["cost"].sum())
+    code, out, err = run_cli("status", job, "--json")
+    assert code == 0, err
+    assert json.loads(out)["cost"] == pytest.approx(edited["cost"].sum())
 
 
 def test_status_shows_who_holds_each_shards_lease_for_the_ttl_the_job_file_sets(start_sim, make_job, run_cli, s3,
