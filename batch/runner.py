@@ -51,7 +51,7 @@ from batch.executor import Answerer, Pending, Stop
 from batch.input.prompts import RowPromptError
 from batch.input.reader import Skipped
 from batch.interrupts import taken_early
-from batch.money.budget import Budget
+from batch.money.budget import Budget, Hold
 from batch.money.cache import AnswerCache, open_error
 from batch.online.answerer import OnlineAnswerer, cache_write_error
 from batch.online.pool import Pool, make_client
@@ -125,6 +125,7 @@ class Run:
         self.ledger = ledger_at(plan.locations)
         self.lock = lock or RunLock(plan.locations.local_dir)
         self.shared: SharedLimits | None = None  # limits.shared, while the run holds it open
+        self.budget: Budget | None = None  # the job's budget, one for the run's every phase (_budget)
         # The checkpoint's lease was taken over by another run (this one is a zombie): it keeps the answers in
         # flight (paid for) in parts of its own epoch, and writes nothing else: no final file, marker, merge or note.
         self.lease_lost = False
@@ -287,7 +288,7 @@ class Run:
             cache = AnswerCache(cache_path, exclusive=not self.plan.locations.cache_shared)
         except (sqlite3.Error, OSError) as exc:  # the preflight checked it; it may have changed since
             raise open_error(cache_path, exc) from None
-        budget = self._budget(done, shared=self.shared) if self.plan.budget else None
+        budget = self._budget(done, self.plan.pricer, shared=self.shared) if self.plan.budget else None
         answerer = self.answerer = OnlineAnswerer(pool, cache, cache_path, budget, self.stop,
                                                   self.plan.limits.concurrency)
         try:
@@ -399,17 +400,26 @@ class Run:
                 return
             progress.refresh()
 
-    def _budget(self, done: RowStates, pricer: Pricer | None = None, shared: SharedLimits | None = None) -> Budget:
-        """The job's budget, reserving at `pricer` (the Batch API's), or at the online price; held in Redis beside
-        every other process's of the job with `shared` (limits.shared; the Batch API holds one growing hold per
-        file, and tells a submitted file's hold as spent until its batch ends)."""
-        spent = self.checkpoint.spent(done, self._id_batches)
-        assert self.plan.budget is not None and self.plan.max_tokens is not None  # the preflight's checks
-        locations = self.plan.locations
-        spend = shared.spend(str(locations.output.resolve()), str(locations.checkpoint_dir.resolve())) \
-            if shared is not None else None
-        return Budget(self.plan.budget, self.plan.max_tokens, pricer or self.plan.pricer, spent.budget_cost,
-                      spent.budget_tokens, spend)
+    def _budget(self, done: RowStates, pricer: Pricer | None, shared: SharedLimits | None = None) -> Budget:
+        """The job's budget, reserving at `pricer` (the Batch API's, or the online price); held in Redis beside every
+        other process's of the job with `shared` (limits.shared; the Batch API holds one growing hold per file).
+
+        One for the run: made at its first phase from what the checkpoint paid, holding the worst case of every live
+        Batch API batch (the provider's to answer, whatever this run's mode: told as spent with `shared`), then
+        carried into the next phase (an online run's, after it took on the live batches) with what the one before
+        spent and what it still holds."""
+        if self.budget is None:
+            spent = self.checkpoint.spent(done, self._id_batches)
+            assert self.plan.budget is not None and self.plan.max_tokens is not None  # the preflight's checks
+            locations = self.plan.locations
+            spend = shared.spend(str(locations.output.resolve()), str(locations.checkpoint_dir.resolve())) \
+                if shared is not None else None
+            self.budget = Budget(self.plan.budget, self.plan.max_tokens, pricer, spent.budget_cost,
+                                 spent.budget_tokens, spend)
+            for entry in self.ledger.live():  # sent: held whether it fits or not
+                self.budget.hold_live(Hold(entry.hold_cost, entry.hold_tokens))
+        self.budget.pricer = pricer
+        return self.budget
 
     def _carried(self, done: RowStates) -> dict[int, dict[str, Any]]:
         """What the last record of each row this run may record again holds (a retried failure, an edited prompt,

@@ -181,9 +181,6 @@ class BatchAnswerer:
         self._waiting_uploads: set[int] = set()  # files whose upload waits for the job's batches to free files
         self._task: asyncio.Task[None] | None = None
         self._api: openai.AsyncOpenAI | None = None
-        if budget is not None:  # what earlier runs' live batches may still cost, held whether it fits or not
-            for entry in ledger.live():
-                budget.hold_live(Hold(entry.hold_cost, entry.hold_tokens))
 
     # -- the Answerer ----------------------------------------------------------------------------
     async def answer(self, rows: AsyncIterator[Pending], record: Callable[[Record], None]) -> None:

@@ -46,7 +46,7 @@ class Budget:
         self.max_cost = limits.max_cost
         self.max_tokens_total = limits.max_total_tokens
         self.max_tokens = max_tokens
-        self.pricer = pricer
+        self.pricer = pricer  # what a hold is reserved at: a run's online phase after its Batch API one sets it
         self.spent_cost = spent_cost
         self.spent_tokens = spent_tokens
         self.held_cost = 0.0

@@ -212,3 +212,22 @@ def test_the_prompt_bound_counts_everything_a_message_carries():
             "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "x" * 500}}]}
     assert prompt_token_bound(plain) == 8 + len("1,2,3") + 8
     assert prompt_token_bound([*plain, call]) > prompt_token_bound(plain) + 500
+
+
+def test_an_online_run_beside_live_batches_never_spends_what_they_hold(start_sim, make_job, run_cli):
+    """`mode: batch_api` leaves a live batch, then the job is run online: the batch's worst case (the provider's to
+    answer, whatever the run's mode) stays held by the budget, so the online rows spend only what is left."""
+    from batch.batch_api.ledger import ledger_at
+    from batch.config import load_job
+    from batch.preflight import settings_of
+
+    sim = start_sim(batch_speed=0)  # no batch ends until the clock is advanced
+    job = make_job(sim, rows=dense_rows(20), model={**PLUS, "params": {"max_tokens": 8}}, budget={"max_cost": 0.004},
+                   batch_api={"poll_interval_s": 0.05})
+    assert run_cli("run", job, "--mode", "batch_api", "--limit", "3")[0] == 6
+    live = sum(entry.hold_cost for entry in ledger_at(settings_of(load_job(job)).locations).live())
+    assert live > 0.001
+    code, out, err = run_cli("run", job, "--mode", "online")
+    assert code == 5, out + err  # the budget left beside the live batch is reached
+    spent = status_of(run_cli, job)["budget_cost"]
+    assert spent > 0 and live + spent <= 0.004

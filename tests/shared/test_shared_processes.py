@@ -167,6 +167,14 @@ def test_shards_sharing_a_budget_never_cross_it_together(make_job, sim, redis_se
     assert sim.stats()["requests"] < len(ROWS)
 
 
+def live_and_spent_tokens(job: Path) -> int:
+    """The worst case of a sharded job's live batches, and what its shards have spent, as the budget counts them."""
+    parts = job_shards(load_job(job))
+    assert parts is not None
+    live = sum(entry.hold_tokens for part in parts for entry in ledger_at(part.locations).files.values() if entry.live)
+    return live + sum(shard["budget_tokens"] for shard in batch.status(job)["shards"])
+
+
 def test_batch_api_shards_sharing_a_budget_never_hold_more_than_it_together(make_job, start_sim, redis_server):
     """Batch API shards under limits.shared: each file's rows are held in Redis beside every process's, and a
     submitted file's hold stays counted after its process has exited (its batch is live at the provider), so the
@@ -174,14 +182,9 @@ def test_batch_api_shards_sharing_a_budget_never_hold_more_than_it_together(make
     sim = start_sim(batch_speed=0)  # no batch ends until the clock is advanced: every hold stays live
     job = make_job(sim, rows=ROWS, shards=2, mode="batch_api", limits={"shared": redis_server.url},
                    batch_api={"max_requests_per_file": 8, "poll_interval_s": 0.05}, budget={"max_total_tokens": 600})
-    parts = job_shards(load_job(job))
-    assert parts is not None
 
     def held_and_spent() -> int:
-        """The worst case of the shards' live batches, and what they have spent, as the budget counts them."""
-        live = sum(entry.hold_tokens for part in parts for entry in ledger_at(part.locations).files.values()
-                   if entry.live)
-        return live + sum(shard["budget_tokens"] for shard in batch.status(job)["shards"])
+        return live_and_spent_tokens(job)
 
     for run in [start_run(job, "--shard", f"{k}/2") for k in range(2)]:  # at once
         code, err = finish(run)
@@ -198,3 +201,22 @@ def test_batch_api_shards_sharing_a_budget_never_hold_more_than_it_together(make
         assert code in (0, 5, 6), err
     assert sum(shard["ok"] for shard in batch.status(job)["shards"]) > 0
     assert held_and_spent() <= 600
+
+
+def test_online_runs_beside_live_batches_leave_their_worst_case_held_in_the_shared_budget(
+        make_job, start_sim, redis_server):
+    """A shard's Batch API run leaves a live batch (the provider's to answer, after its process too); then that shard
+    is run online (`--mode online`), and the other shard too. The live batch's worst case stays counted in the job's
+    budget, in Redis as a Batch API run counts it: the online runs never spend what it holds."""
+    sim = start_sim(batch_speed=0)  # no batch ends until the clock is advanced
+    job = make_job(sim, rows=ROWS, shards=2, limits={"concurrency": 4, "shared": redis_server.url},
+                   batch_api={"poll_interval_s": 0.05}, budget={"max_total_tokens": 600})
+    code, err = finish(start_run(job, "--shard", "0/2", "--mode", "batch_api", "--limit", "4"))
+    assert code == 6, err
+    live = live_and_spent_tokens(job)
+    assert 300 < live <= 600  # 4 rows' worst case (about 110 tokens each), nothing spent yet
+    for k in range(2):
+        code, err = finish(start_run(job, "--shard", f"{k}/2", "--mode", "online"))
+        assert code in (5, 6), err  # 5: the budget left beside the live batch is reached; 6: the batch is live
+    assert sim.stats()["requests"] > 0  # the online runs spent what was left
+    assert live_and_spent_tokens(job) <= 600
