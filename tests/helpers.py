@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -43,6 +44,18 @@ def start_run(job: Path, *extra: str, **popen: object) -> subprocess.Popen[str]:
     """`batch run JOB` as a process of its own, so a test can signal or kill it."""
     return subprocess.Popen([sys.executable, "-m", "batch", "run", str(job), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)  # type: ignore[call-overload]
+
+
+def interrupt(process: subprocess.Popen[str], signals: int) -> None:
+    """Ctrl-C a run started by start_run `signals` times (1 or 2): the second once the run took the first (two at once
+    may reach the process as one), so it stops at once."""
+    process.send_signal(signal.SIGINT)
+    if signals == 2:
+        line = "-"
+        while line and "taking no more rows" not in line:
+            line = process.stderr.readline()
+        assert line, "the run ended before it took the first signal"
+        process.send_signal(signal.SIGINT)
 
 
 class RedisServer:

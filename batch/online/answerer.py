@@ -24,7 +24,7 @@ from batch.input.reader import Row
 from batch.money.budget import Budget
 from batch.money.cache import AnswerCache, request_key
 from batch.online.breaker import Unreachable
-from batch.online.pool import JobFatal, Pool, Stopped
+from batch.online.pool import Asked, JobFatal, Pool, Stopped
 from batch.records import Record, asked_again, cached_record
 
 ROWS_PER_SLOT = 4
@@ -100,9 +100,11 @@ class OnlineAnswerer:
         answer = None  # the last answer, with its own cost (the cache keeps it)
         result = None  # the row's record: the last answer, with the cost of every answer before it
         sending = self.cache.sending(key)
+        asked = Asked()  # the ask under way (a new one each time round): what it paid outlives a cancel
         try:
             for _ in range(self.asks):
-                answer = await self._ask(row, body, estimated, bound)
+                asked = Asked()
+                answer = await self._ask(row, body, estimated, bound, asked)
                 if answer is None:  # the budget is reached: a bad reply paid for before is kept as it is
                     break
                 result = answer if result is None else asked_again(answer, result)
@@ -112,8 +114,10 @@ class OnlineAnswerer:
             if result is not None:  # a bad reply, paid for: kept, with its cost, rather than asked again
                 self._keep(record, result)
             return False
-        except asyncio.CancelledError:  # stopped at once: the request in flight is dropped, a bad reply before it
-            if result is not None and self.stop.write_error is None:  # was paid for and is kept
+        except asyncio.CancelledError:  # stopped at once: the request in flight is dropped; the answers before it were
+            if asked.cut is not None:  # paid for (a bad reply, a billed failure of this ask) and are kept
+                result = asked.cut if result is None else asked_again(asked.cut, result)
+            if result is not None and self.stop.write_error is None:
                 self._keep(record, result)
             raise
         except JobFatal as fatal:
@@ -129,9 +133,10 @@ class OnlineAnswerer:
             self._keep(record, result)
         return True
 
-    async def _ask(self, row: Row, body: bytes, estimated: int, bound: int) -> Record | None:
+    async def _ask(self, row: Row, body: bytes, estimated: int, bound: int, asked: Asked) -> Record | None:
         """One request for the row (and its retries), its worst case (`bound`: prompt tokens at most) held against
-        the budget; None when the budget is reached."""
+        the budget; None when the budget is reached. `asked`: its count (Pool.answer), which a cancel leaves the
+        record of what was paid in."""
         budget, hold = self.budget, None
         if budget is not None:
             # Once reached, rows the cache can answer (above, free) still are; the others stay pending.
@@ -150,10 +155,11 @@ class OnlineAnswerer:
             return budget.still_fits()  # type: ignore[union-attr]
 
         try:
-            answer = await self.pool.answer(row, body, estimated, on_paid if hold is not None else None)
+            answer = await self.pool.answer(row, body, estimated, on_paid if hold is not None else None, asked)
         finally:
-            if hold is not None:
-                budget.settle(hold, answer, (counted[0], counted[1]))  # type: ignore[union-attr]
+            if hold is not None:  # cut off by a cancel: what was paid (asked.cut) is counted as the record holds it
+                budget.settle(hold, answer if answer is not None else asked.cut,  # type: ignore[union-attr]
+                              (counted[0], counted[1]))
         return answer
 
     def _keep(self, record: Callable[[Record], None], result: Record) -> None:

@@ -42,6 +42,17 @@ class Parked(Exception):
     """The endpoint is down: this attempt does not count against the row, which waits for the outage to end."""
 
 
+@dataclasses.dataclass
+class Asked:
+    """One ask of a row (Pool.answer): the requests sent for it, and what the answers to them judged failures cost
+    (PAID_FIELDS). Kept by the caller, so what was paid outlives a cancel that cuts the ask off at once (a second
+    Ctrl-C): `cut` is then the row's record of it (None: nothing was paid)."""
+
+    sent: int = 0
+    spent: dict[str, Any] = dataclasses.field(default_factory=lambda: dict.fromkeys(PAID_FIELDS))
+    cut: Record | None = None
+
+
 class JobFatal(Exception):
     """The API refused the job as a whole; carries the failure that said so."""
 
@@ -101,27 +112,34 @@ class Pool:
         return json.dumps(body, ensure_ascii=False, sort_keys=True, default=str).encode()
 
     async def answer(self, row: Row, body: bytes, estimated_tokens: int,
-                     on_paid: Callable[[dict[str, Any]], bool] | None = None) -> Record:
+                     on_paid: Callable[[dict[str, Any]], bool] | None = None, asked: Asked | None = None) -> Record:
         """The result record for a row; raises JobFatal when the job must stop, Unreachable when the API stays down.
 
         An answer that came but was judged a failure (cut short, an odd field) was paid for: its usage is added to
         the row's record, ok or failed, as the usage of every answer to the row is, and given to `on_paid` (the
-        budget counts it at once), which says whether the row may still be asked again."""
-        spent: dict[str, Any] = dict.fromkeys(PAID_FIELDS)
+        budget counts it at once), which says whether the row may still be asked again. `asked`: the caller's count
+        of this ask, which holds the record of what was paid when a cancel cuts it off."""
+        asked = asked if asked is not None else Asked()
         try:
-            # Most rows succeed at once: tenacity's per-call state (~30 us, about 4% of a request's
-            # client CPU) is built only for a row whose first attempt failed.
-            return await self._attempt(row, body, estimated_tokens, 1, spent, on_paid)
-        except Failure as failure:
-            first: Failure | None = failure
-        except Parked:
-            first = None
-        record = await self._retry(row, body, estimated_tokens, first, spent, on_paid)
-        add_paid_before(record, spent)
+            try:
+                # Most rows succeed at once: tenacity's per-call state (~30 us, about 4% of a request's
+                # client CPU) is built only for a row whose first attempt failed.
+                return await self._attempt(row, body, estimated_tokens, 1, asked, on_paid)
+            except Failure as failure:
+                first: Failure | None = failure
+            except Parked:
+                first = None
+            record = await self._retry(row, body, estimated_tokens, first, asked, on_paid)
+        except asyncio.CancelledError:  # stopped at once: the request in flight is dropped, what came before was paid
+            asked.cut = self._interrupted(row, asked)
+            if asked.cut is not None:
+                add_paid_before(asked.cut, asked.spent)
+            raise
+        add_paid_before(record, asked.spent)
         return record
 
     async def _retry(self, row: Row, body: bytes, estimated_tokens: int, first: Failure | None,
-                     spent: dict[str, Any], on_paid: Callable[[dict[str, Any]], bool] | None) -> Record:
+                     asked: Asked, on_paid: Callable[[dict[str, Any]], bool] | None) -> Record:
         attempts = 1
         while True:
             # One AsyncRetrying per row: it keeps per-call state, so it is not shared between tasks.
@@ -134,34 +152,42 @@ class Pool:
                             made, first = first, None
                             raise made
                         attempts += 1
-                        return await self._attempt(row, body, estimated_tokens, attempts, spent, on_paid)
+                        return await self._attempt(row, body, estimated_tokens, attempts, asked, on_paid)
             except Parked:
                 continue
             except Stopped:  # raised before its request was sent
-                return self._cut_short(row, attempts - 1, spent)
+                return self._cut_short(row, asked)
             except Failure as failure:
                 if failure.scope == "job":
                     raise JobFatal(failure) from None
                 if failure.scope == "retry" and self.stopping.is_set():
-                    return self._cut_short(row, attempts, spent)
+                    return self._cut_short(row, asked)
                 if failure.error_class in OUTAGE_CLASSES and self.breaker.gave_up():
                     self._outage_began()
                     continue  # its retries ran out because the endpoint is down, not because of the row
                 return failed_record(row, failure.error_class, failure.message, attempts, self.model)
 
-    def _cut_short(self, row: Row, sent: int, spent: dict[str, Any]) -> Record:
-        """A row whose retries the run's stop cut short: not failed, its retries not used up (Stopped: pending). But
-        when answers came and were judged failures, they were paid for: the row's record keeps what they cost and
-        the `sent` requests, and leaves the row pending (INTERRUPTED), so the next run's record carries them."""
-        if all(spent[name] is None for name in PAID_FIELDS):
+    def _cut_short(self, row: Row, asked: Asked) -> Record:
+        """A row whose retries the run's stop cut short: not failed, its retries not used up (Stopped: pending),
+        unless answers were paid for (_interrupted)."""
+        record = self._interrupted(row, asked)
+        if record is None:
             raise Stopped()
-        return failed_record(row, INTERRUPTED, "the run stopped before this row was asked again (its answers so far "
-                             "were paid for and judged failures)", sent, self.model)
+        return record
+
+    def _interrupted(self, row: Row, asked: Asked) -> Record | None:
+        """The record of a row whose ask the run's stop cut short (its retries, or, at once, its request in flight),
+        when answers came and were judged failures: they were paid for, so it keeps the requests sent and leaves the
+        row pending (INTERRUPTED), and the next run's record carries them. None when nothing was paid."""
+        if all(asked.spent[name] is None for name in PAID_FIELDS):
+            return None
+        return failed_record(row, INTERRUPTED, "the run stopped before this row was answered (its answers so far "
+                             "were paid for and judged failures)", asked.sent, self.model)
 
     async def _attempt(self, row: Row, body: bytes, estimated_tokens: int, attempts: int,
-                       spent: dict[str, Any], on_paid: Callable[[dict[str, Any]], bool] | None) -> Record:
+                       asked: Asked, on_paid: Callable[[dict[str, Any]], bool] | None) -> Record:
         """One request; its record, or the Failure it is (the usage of an answer that came with it added to
-        `spent` and given to `on_paid`: a retry it has no room for makes the failure the row's)."""
+        `asked.spent` and given to `on_paid`: a retry it has no room for makes the failure the row's)."""
         if self.tokens is not None:
             tokens = min(estimated_tokens + self.max_tokens, self.tokens.max_rate)
             await self.tokens.acquire(tokens)
@@ -184,6 +210,7 @@ class Pool:
             raise Stopped()
         started = time.perf_counter()
         self.requests_sent += 1
+        asked.sent += 1
         first_token_at = None
         try:
             if self.stream:
@@ -204,7 +231,7 @@ class Pool:
                 self.slots.release()
             if failure.usage is not None:  # an answer came, whatever its verdict: paid for, and the endpoint is up
                 paid = paid_for(failure.usage, self.pricer)
-                add_paid_before(spent, paid)  # type: ignore[arg-type]
+                add_paid_before(asked.spent, paid)  # type: ignore[arg-type]
                 self._answered()
                 if on_paid is not None and not on_paid(paid) and failure.scope == "retry":
                     failure = dataclasses.replace(failure, scope="row", message=f"{failure.message} (not sent "

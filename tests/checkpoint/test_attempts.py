@@ -5,14 +5,13 @@ each prompt (online, and lines of the Batch API batches it created)."""
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pytest
-from helpers import output_of, start_run, summary_of, wait_for_answers, wait_until
+from helpers import interrupt, output_of, start_run, summary_of, wait_for_answers, wait_until
 
 from batch.checkpoint.writer import Checkpoint, _wal_table
 from batch.errors import EXIT_BATCHES_LIVE
@@ -206,29 +205,36 @@ def test_a_row_edited_while_its_batch_is_live_and_answered_again_in_the_same_run
     assert status_of(run_cli, job)["cost"] == pytest.approx(frame["cost"].sum())
 
 
-def test_a_row_whose_retry_a_stop_cut_short_keeps_what_its_paid_answers_cost(sim, make_job, run_cli):
-    # Row 0's first answer is billed but failed (finish_reason network_error): it waits a long backoff for its
-    # retry, and the run is stopped there. That answer was paid for: the next run's record of the row holds it.
-    rows = marked_rows(6, {0: " [[paidfail:1]]"})
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_row_whose_retry_a_stop_cut_short_keeps_what_its_paid_answers_cost(start_sim, make_job, run_cli, signals):
+    """Row 0's first answer is billed but failed (finish_reason network_error). One signal: the row waits a long
+    backoff for its retry, and the run stops there. Two: its retry is in flight (slow) when the second stops the run
+    at once, dropping it. Either way the first answer was paid for: the row's record keeps it and the requests sent,
+    pending again, the run's cost counts it, and the next run's record of the row holds it."""
+    sim = start_sim()
+    rows = marked_rows(6, {0: " [[paidfail:1]]" + (" [[slow:3000]]" if signals == 2 else "")})
+    backoff_s = 60 if signals == 1 else 0.01
     job = make_job(sim, rows=rows, model={**PLUS, "params": {"max_tokens": 16}},
-                   retry={"max_attempts": 3, "initial_backoff_s": 60, "max_backoff_s": 60})
+                   retry={"max_attempts": 3, "initial_backoff_s": backoff_s, "max_backoff_s": backoff_s})
     process = start_run(job)
     try:
-        wait_until(lambda: requests_received(sim, rows[0]["text"]) == 1, "row 0's billed, failed answer")
+        wait_until(lambda: requests_received(sim, rows[0]["text"]) == signals, "row 0's billed, failed answer" +
+                   (", and its retry in flight" if signals == 2 else ""))
         wait_for_answers(job, 5)
-        process.send_signal(signal.SIGINT)
+        interrupt(process, signals)
         _, err = process.communicate(timeout=30)
     finally:
         process.kill()
     assert process.returncode == 130, err
     kept = every_record(job).set_index("id").loc["r000"]
-    assert (kept["status"], kept["error_class"], kept["attempts"]) == ("failed", "interrupted", 1)
+    assert (kept["status"], kept["error_class"], kept["attempts"]) == ("failed", "interrupted", signals)
     assert kept["total_tokens"] > 0 and kept["cost"] > 0
+    assert summary_of(job)["run"]["cost"] == pytest.approx(every_record(job)["cost"].sum())
     status = status_of(run_cli, job)
     assert (status["ok"], status["failed"], status["pending"]) == (5, 0, 1)  # pending again, not failed
     assert status["cost"] == pytest.approx(every_record(job)["cost"].sum())  # what was paid is counted
     assert run_cli("run", job)[0] == 0  # no --retry-failed needed: the row was pending
     row = assert_attempts_are_requests(sim, job).set_index("review_id").loc["r000"]
-    assert (row["status"], row["attempts"]) == ("ok", 2)
-    assert row["total_tokens"] == 2 * kept["total_tokens"]  # both answers (the same usage each)
+    assert (row["status"], row["attempts"]) == ("ok", signals + 1)
+    assert row["total_tokens"] == 2 * kept["total_tokens"]  # both answers (the same usage each): not the one dropped
     assert row["cost"] == pytest.approx(2 * kept["cost"])
