@@ -211,6 +211,13 @@ class Run:
             pass
         return not self.lease_lost
 
+    def _holds_lease_now(self) -> bool:
+        """Before a Batch API step that commits or pays (a file claimed, recorded, uploaded, made a batch): the
+        lease renewed now, not only once it looks expired (as `_may_send` does for a row), so the step has the
+        whole ttl before another run may take the checkpoint over. False once taken over (the run stops with exit
+        4), or while a store that does not answer leaves the lease run out."""
+        return self._still_held() and (self.lease is None or not self.lease.expired())
+
     def _may_send(self) -> bool:
         """False once the checkpoint was taken over: a lease that ran out unrenewed (the process paused, or cut off
         from the store) is renewed first, so a holder taken over meanwhile sends nothing more (the new holder
@@ -311,7 +318,7 @@ class Run:
         answerer = BatchAnswerer(self.plan, self.ledger, done, pricer, budget, self.stop,
                                  submit=self.mode == "batch_api", wait=self.options.wait,
                                  more_rows=lambda record: self._rows_to_send(done, stats, record),
-                                 show_bar=progress.bar is not None)
+                                 show_bar=progress.bar is not None, holds_lease=self._holds_lease_now)
         self.answerer = answerer
         self.batch_api_used = True
         try:

@@ -79,6 +79,11 @@ class WaitForFiles(Exception):
     they are merged and their files deleted."""
 
 
+class TakenOver(Exception):
+    """The checkpoint's lease was taken over (this run is a zombie): it records, uploads and creates nothing more. The
+    run was stopped with exit 4 by the check that found it (the runner's `holds_lease`)."""
+
+
 class Gone(Exception):
     """The provider no longer knows an id the ledger holds: a 404, asked twice (a server that lost its state, a new
     key, a file deleted by hand). What it held is taken as never answered, not as a reason to stop."""
@@ -141,7 +146,7 @@ class BatchAnswerer:
     def __init__(self, plan: Plan, ledger: Ledger, states: RowStates, pricer: Pricer | None, budget: Budget | None,
                  stop: Stop, submit: bool, wait: bool,
                  more_rows: Callable[[Callable[[Record], None]], AsyncIterator[Pending]],
-                 show_bar: bool = False) -> None:
+                 show_bar: bool = False, holds_lease: Callable[[], bool] = lambda: True) -> None:
         self.plan = plan
         self.retry = plan.retry
         self.ledger = ledger
@@ -156,6 +161,8 @@ class BatchAnswerer:
         self.wait = wait
         self.more_rows = more_rows
         self.show_bar = show_bar
+        # Renews the checkpoint's lease now (a checkpoint on a URL); False once another run took it over.
+        self.holds_lease = holds_lease
         self.settings = plan.batch_api
         self.dialect = batch_dialect_for(plan.provider, plan.base_url)
         self.endpoint = self.dialect.endpoint
@@ -179,6 +186,7 @@ class BatchAnswerer:
         self._seen: dict[int, BatchFile] = {}  # the batches polled in this run
         self._anomalies: set[int] = set()  # files whose batch ended naming no file for its answers (warned once)
         self._waiting_uploads: set[int] = set()  # files whose upload waits for the job's batches to free files
+        self._building: Building | None = None  # the request file being written, until the ledger records it
         self._task: asyncio.Task[None] | None = None
         self._api: openai.AsyncOpenAI | None = None
 
@@ -198,6 +206,8 @@ class BatchAnswerer:
             async with control_client(self.plan) as api:
                 self._api = api
                 await self._work(rows, record)
+        except TakenOver:
+            pass  # stopped with exit 4 already; what it recorded is the new holder's to take on
         except ControlPlaneError as exc:
             self.stop.now(str(exc), EXIT_JOB_FATAL)
 
@@ -242,6 +252,9 @@ class BatchAnswerer:
             if self.stop.asked:
                 return
             try:
+                if await self._superseded(entry):
+                    await self._drop(entry)
+                    continue
                 await self._send(entry)
                 batch = await self._call("poll", lambda e=entry: self._client.batches.retrieve(e.batch_id),
                                          missing=f"batch {entry.batch_id}")
@@ -286,6 +299,7 @@ class BatchAnswerer:
         name = upload_name(entry)
 
         async def upload() -> str:
+            self._lease_held()
             # Streamed by httpx's multipart writer, never read whole here.
             with self.ledger.store.open_read(key) as lines:
                 made = await self._client.files.create(file=(name, lines, "application/jsonl"), purpose="batch")
@@ -345,6 +359,36 @@ class BatchAnswerer:
         self.merges += 1
         await self._remove(entry, [entry.file_id])
 
+    async def _superseded(self, entry: BatchFile) -> bool:
+        """Whether a file never made a batch has rows answered since it was built (not held for it): it was built by
+        a run taken over before it made a batch of it (the lease is checked before each step, but a pause can fall
+        between the check and the step), and the run that took over sent those rows itself. Made a batch now, they
+        would be paid twice. A batch made of it after all (found by its metadata) is taken on as any other."""
+        if entry.batch_id is not None or entry.seqs is None or self.states.all_held(entry.seqs[entry.seqs >= 0]):
+            return False
+        return await self._find_lost(entry) is None
+
+    async def _drop(self, entry: BatchFile) -> None:
+        """A file never made a batch that is not to be: dropped (its upload deleted), its rows still held pending."""
+        returned = sum(self._give_back_row(seq) for seq in self._seqs(entry))
+        log.warning("file %d: never made a batch, and some of its rows were answered since it was built (by the run "
+                    "that took the checkpoint's lease over): dropped, nothing of it was sent; its other %d rows are "
+                    "pending again", entry.number, returned)
+        self.ledger.note("merged", entry.number, status="dropped", outcome={"returned": returned})
+        if self.budget is not None:
+            self.budget.give_back(Hold(entry.hold_cost, entry.hold_tokens))
+        self.merges += 1
+        await self._remove(entry, [entry.file_id])
+
+    def _lease_held(self) -> None:
+        """Before each step that commits the job to a file or pays for it (a new file's number, a file recorded, an
+        upload, a batch made): the lease renewed now, so a run paused past its lease and taken over meanwhile
+        submits nothing more. What is left is the time between this renewal and the provider's answer: a takeover
+        needs the lease unrenewed for its whole ttl, so only a pause of more than the ttl in that instant (online
+        mode has the same between a row's check and its request) lets a zombie's call through."""
+        if not self.holds_lease():
+            raise TakenOver()
+
     def _give_back_row(self, seq: int) -> bool:
         """A row of a batch that came back without an answer for it: pending again (if this run holds it)."""
         if not self._held(seq):
@@ -389,6 +433,7 @@ class BatchAnswerer:
                 if lost is not None:
                     return lost
             first = False
+            self._lease_held()  # the last step before a batch is paid for
             # The SDK types `endpoint` as OpenAI's /v1 paths; Zhipu's docs and SDK send /v4/chat/completions.
             made = await self._client.batches.create(
                 input_file_id=entry.file_id, endpoint=self.endpoint, completion_window="24h",  # type: ignore[arg-type]
@@ -627,6 +672,17 @@ class BatchAnswerer:
     # -- new batches --------------------------------------------------------------------------------
     async def _submit(self, rows: AsyncIterator[Pending], record: Callable[[Record], None]) -> None:
         """The rows handed over, into request files, each recorded, uploaded and made a batch as it fills."""
+        self._building = None
+        try:
+            await self._fill(rows, record)
+        except TakenOver:
+            if self._building is not None:  # never recorded: nothing of it is anywhere but here
+                _discard(self._building)
+            raise
+        finally:
+            self._building = None
+
+    async def _fill(self, rows: AsyncIterator[Pending], record: Callable[[Record], None]) -> None:
         building: Building | None = None
         self.cut_short = False
         limit_rows, limit_bytes = self.max_rows, self.max_bytes
@@ -647,10 +703,12 @@ class BatchAnswerer:
                 continue
             if building is not None and (len(building.rows) >= limit_rows or building.bytes + size > limit_bytes):
                 await self._finish(building)
-                building = None
+                building = self._building = None
             bound = prompt_token_bound(pending.messages)
             hold = None
-            number = building.number if building is not None else self.ledger.next_number()
+            if building is None:
+                self._lease_held()
+            number = building.number if building is not None else self.ledger.claim_number()
             if self.budget is not None:
                 hold = self.budget.worst_case(bound)
                 if not await self.budget.take(hold, _file_name(number)):
@@ -662,7 +720,7 @@ class BatchAnswerer:
                         self.stop.note(self.budget.describe(), EXIT_BUDGET)
                     break
             if building is None:
-                building = self._start(number)
+                building = self._building = self._start(number)
             self._add(building, pending, body, hold, bound)
         if building is not None:
             await self._finish(building)
@@ -692,6 +750,7 @@ class BatchAnswerer:
         """Record a built file (rows, then lines, then the ledger's line), hold its rows, and send it."""
         number = building.number
         key = self.ledger.requests_key(number)
+        self._lease_held()  # taken over: the file is never recorded, so never taken on by anyone
         try:
             building.handle.close()
             keep_spooled(self.ledger.store, key, building.path)
@@ -702,6 +761,7 @@ class BatchAnswerer:
         self.ledger.note("file", number, tag=self.tag, rows=len(building.rows), bytes=building.bytes,
                          records_before=self.states.record_count, hold_cost=building.hold_cost,
                          hold_tokens=building.hold_tokens)
+        self._building = None  # the ledger's now: taken on by whoever holds the checkpoint next
         if self.budget is not None:
             self.budget.submit(_file_name(number), Hold(building.hold_cost, building.hold_tokens))
         seqs = np.frombuffer(building.rows.seqs, np.int64)
@@ -774,6 +834,13 @@ class BatchAnswerer:
     def live_batches(self) -> list[dict[str, Any]]:
         now = time.time()
         return [describe(entry, now) for entry in self.ledger.live()]
+
+
+def _discard(building: Building) -> None:
+    """A request file given up before the ledger named it: its local spools deleted."""
+    building.handle.close()
+    building.rows.abandon()
+    building.path.unlink(missing_ok=True)
 
 
 def _file_name(number: int) -> str:

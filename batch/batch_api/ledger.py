@@ -5,7 +5,8 @@ made by an exclusive create and durable before the step it records is taken furt
 shared file, which an object store cannot do), beside `batches/`, which holds each file's rows (`file-N.rows.parquet`:
 seq, id, custom_id, prompt_hash, submission, prompt_bound: what its worst case for the budget is made of)
 and, until its batch exists, its request lines (`file-N.jsonl`). Both are written atomically before the
-ledger names them. The steps of a file:
+ledger names them. A file's number is claimed first (`file-N.claim`, an exclusive create): a run taken over while
+paused and the run that took its lease over write one ledger, and never one number. The steps of a file:
 
     file      its rows and custom_ids are in the checkpoint (before anything is uploaded)
     uploaded  the upload returned this file id
@@ -147,6 +148,11 @@ class RowsWriter:
         self._writer.close()
         keep_spooled(self.store, self.key, self.tmp)
 
+    def abandon(self) -> None:
+        """The file given up before the ledger named it: its spool deleted, nothing kept."""
+        self._writer.close()
+        self.tmp.unlink(missing_ok=True)
+
 
 def job_tag(fingerprint: dict[str, Any], folder: Path) -> str:
     """The job's name at the provider (batch metadata, file names): its fingerprint (guard.fingerprint) and
@@ -171,6 +177,7 @@ class Ledger:
         self.folder = folder
         self.store = store if store is not None else LocalStore(folder)
         self.files: dict[int, BatchFile] = {}
+        self._claimed: set[int] = set()  # file numbers this process claimed (claim_number)
         self._next_event = 1
         self._read_lines()
         self._read_events()
@@ -234,24 +241,43 @@ class Ledger:
         while True:
             key = f"{EVENTS_PREFIX}{self._next_event:08d}.json"
             self._next_event += 1
-            try:
-                self.store.create(key, lambda sink: sink.write(data))
+            if self._create(key, data):
                 break
-            except AlreadyExists:
-                continue
-            except OSError as exc:
-                raise CheckpointWriteError(f"{self.store.where(key)}: cannot write the Batch API ledger: "
-                                           f"{exc.strerror or exc}; the run stopped (run the job again once it can "
-                                           "be written)") from None
         self._apply(event)
+
+    def _create(self, key: str, data: bytes) -> bool:
+        """Make the object `key` exclusively: False when it exists (another process made it)."""
+        try:
+            self.store.create(key, lambda sink: sink.write(data))
+        except AlreadyExists:
+            return False
+        except OSError as exc:
+            raise CheckpointWriteError(f"{self.store.where(key)}: cannot write the Batch API ledger: "
+                                       f"{exc.strerror or exc}; the run stopped (run the job again once it can "
+                                       "be written)") from None
+        return True
 
     def live(self) -> list[BatchFile]:
         return [entry for entry in self.files.values() if entry.live]
 
-    def next_number(self) -> int:
-        return max(self.files, default=0) + 1
+    def claim_number(self) -> int:
+        """The number of a new file, this process's own: claimed by the exclusive create of `batches/file-N.claim`,
+        so two processes writing one ledger (a holder paused past its lease, and the run that took the lease over)
+        never build files of one number, whose rows and custom_ids would be taken for each other's. A number
+        claimed and not used yet (the budget cut a file short) is this process's next one; a number claimed by
+        another process, or by a run killed before it recorded its file, is skipped."""
+        number = max(self.files, default=0) + 1
+        while number not in self._claimed:
+            if self._create(self.claim_key(number), b""):
+                self._claimed.add(number)
+            else:
+                number += 1
+        return number
 
     # -- the files of a batch, in the checkpoint's store ------------------------------------------
+    def claim_key(self, number: int) -> str:
+        return f"{FILES_DIR}/file-{number:06d}.claim"
+
     def rows_key(self, number: int) -> str:
         return f"{FILES_DIR}/file-{number:06d}.rows.parquet"
 

@@ -432,6 +432,10 @@ class RowStates:
         """How many rows sit in live Batch API batches."""
         return int((self.codes == self._code(SUBMITTED)).sum()) if SUBMITTED in self.names else 0
 
+    def all_held(self, seqs: np.ndarray) -> bool:
+        """Whether every one of the rows `seqs` sits in a live Batch API batch (SUBMITTED)."""
+        return bool((self.codes[seqs] == self._code(SUBMITTED)).all())
+
     def is_held(self, seq: int) -> bool:
         code = int(self.codes[seq])
         return code != 0 and self.names[code - 1] == SUBMITTED

@@ -26,6 +26,7 @@ they have lines.
 from __future__ import annotations
 
 import array
+import asyncio
 import dataclasses
 import json
 import math
@@ -311,6 +312,8 @@ class BatchService:
                             lines=newlines + (last != b"\n"), created_at=int(self._wall_origin + self.now()))
         self.files[file_id] = stored
         self.uploads += 1
+        if self.config.batch_upload_delay_ms > 0:  # stored and counted already: only the answer is late
+            await asyncio.sleep(self.config.batch_upload_delay_ms / 1000)
         return self._json(stored.as_object())
 
     def _file_or_404(self, request: web.Request) -> StoredFile | web.Response:

@@ -78,6 +78,8 @@ class SimConfig:
                                            "connection cut the server did not notice)")
     batch_hide_output_polls: int = _option(0, "Batch API: the first N polls of an ended batch name no output_file_id "
                                               "(an anomaly)")
+    batch_upload_delay_ms: float = _option(0.0, "Batch API: how long an upload's answer waits once its file is stored "
+                                                "(a test pauses the client in the middle of the call)")
     batch_no_metadata: bool = _option(False, "Batch API: batch objects leave metadata out (null), as a provider may")
     batch_limits_at_validation: bool = _option(False, "Batch API: a file over the line or byte limit fails "
                                                       "validation (too_many_lines, too_many_bytes) instead of being "

@@ -479,6 +479,30 @@ def test_each_ledger_step_is_an_object_of_its_own_made_exclusively(tmp_path, cap
     assert "ledger/00000005.json is damaged: skipped" in caplog.text
 
 
+@given(st.lists(st.sampled_from(["zombie", "new holder", "zombie records", "new holder records"]), max_size=30))
+def test_two_writers_of_one_ledger_never_build_files_of_one_number(steps):
+    """A holder paused past its lease (which knows only the files of the ledger as it read it) and the run that took
+    the lease over claim their new files' numbers in one ledger: whatever order they claim and record in, no number is
+    given to both, and a number claimed but not recorded yet (the budget cut the file short) stays its claimer's."""
+    import tempfile
+
+    from batch.storage.memory import MemoryStore
+
+    store = MemoryStore()
+    built = {"tag": "t", "rows": 1, "bytes": 1, "records_before": 0, "hold_cost": 0.0, "hold_tokens": 0}
+    with tempfile.TemporaryDirectory() as folder:
+        writers = {"zombie": Ledger(Path(folder), store), "new holder": Ledger(Path(folder), store)}
+        given_to: dict[int, str] = {}
+        for step in steps:
+            who, records = step.removesuffix(" records"), step.endswith(" records")
+            number = writers[who].claim_number()
+            assert given_to.setdefault(number, who) == who, f"file {number} given to both"
+            if records:
+                writers[who].note("file", number, **built)
+        assert sorted(Ledger(Path(folder), store).files) == sorted(
+            n for ledger in writers.values() for n in ledger.files)
+
+
 def test_a_files_rows_are_spooled_locally_then_kept_whole_in_the_store(tmp_path):
     from batch.batch_api.ledger import custom_id
     from batch.storage.memory import MemoryStore

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from helpers import start_run, wait_until
 from s3_helpers import S3Bucket
 
 import batch
+from batch.errors import EXIT_BATCHES_LIVE
 from batch.simulator.answers import reply_marker
 from batch.storage.lease import LEASE_KEY
 from batch.storage.s3 import S3Store
@@ -234,6 +236,13 @@ def records_of_parts(s3: S3Bucket, folder: str) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def resume_taken_over(zombie: subprocess.Popen[str]) -> None:
+    """Resume (SIGCONT) a run paused while another took its checkpoint's lease over: it stops with exit 4, saying so."""
+    os.kill(zombie.pid, signal.SIGCONT)
+    _, err = zombie.communicate(timeout=60)
+    assert zombie.returncode == 4 and "another process holds this checkpoint now" in err, err
+
+
 def test_a_zombie_holders_paid_answers_are_kept_beside_the_new_holders_and_merge_keeps_one_per_id(
         start_sim, make_job, run_cli, s3, tmp_path):
     """A shard's run paused (SIGSTOP) with requests in flight loses its lease (short ttl) to a run on another host,
@@ -267,12 +276,10 @@ def test_a_zombie_holders_paid_answers_are_kept_beside_the_new_holders_and_merge
         code, out, err = run_cli("run", other_host, "--shard", "0/1")  # takes the lease over: epoch 2
         assert code == 0, err
         zombie_parts_before = parts(1)
-        os.kill(zombie.pid, signal.SIGCONT)
-        _, err = zombie.communicate(timeout=60)
+        resume_taken_over(zombie)
     finally:
         zombie.kill()
         zombie.communicate()
-    assert zombie.returncode == 4 and "another process holds this checkpoint now" in err, err
     # The zombie wrote nothing but its answers' parts: the shard's summary and marker are the new holder's.
     assert json.loads(checkpoint.read_bytes("summary.json"))["exit_code"] == 0
     assert json.loads(checkpoint.read_bytes("_SUCCESS"))["ok"] == len(rows)
@@ -372,3 +379,58 @@ def test_status_shows_who_holds_each_shards_lease_for_the_ttl_the_job_file_sets(
                                         "state": "released", "expires_in_s": None}
     code, out, _ = run_cli("status", job, "--shard", "0/2")
     assert f"  lease: released by {host} (pid {running.pid}), epoch 1" in out
+
+
+@pytest.mark.parametrize("metadata", [True, False])
+def test_a_batch_api_holder_taken_over_while_paused_submits_nothing_more_and_never_a_row_twice(
+        metadata, start_sim, make_job, run_cli, s3, tmp_path):
+    """mode: batch_api, a shard's checkpoint on S3 with a short lease. The run is paused (SIGSTOP) in the middle of
+    its second file's upload (the simulator answers uploads late); its lease runs out and a run on another host takes
+    the shard over, takes on the file the first recorded and submits the rest. Resumed, the first (a zombie) records,
+    uploads and makes nothing more (the rows it had taken for its next file are the new holder's) and exits 4: no
+    custom_id is ever submitted twice, the new holder's next runs never meet a file they cannot read, and every row
+    ends with the one answer paid for it, in the output's cost."""
+    per_file, rows = 10, ROWS[:40]
+    sim = start_sim(batch_speed=0, batch_upload_delay_ms=3000, batch_no_metadata=not metadata)
+    job = on_s3(make_job, sim, s3, tmp_path, rows=rows, shards=1, mode="batch_api",
+                batch_api={"max_requests_per_file": per_file, "poll_interval_s": 0.05},
+                pricing={"input": 1, "output": 2}, output={"checkpoint_lease_s": 1})
+    other_host = job.with_name("job-other-host.yaml")
+    other_host.write_text(job.read_text().replace(str(tmp_path / "local"), str(tmp_path / "local-2")))
+    folder = "out/result.checkpoint/shard=0-of-1/"
+    checkpoint = S3Store(f"{s3.url}/{folder}")
+
+    zombie = start_run(job, "--shard", "0/1", "--wait")
+    try:
+        wait_until(lambda: sim.stats()["batch_api"]["files_uploaded"] >= 2, "the second file stored, its answer late")
+        os.kill(zombie.pid, signal.SIGSTOP)
+        wait_until(lambda: json.loads(checkpoint.read_bytes(LEASE_KEY))["expires_at"] < time.time(),
+                   "the paused run's lease to expire")
+        sim.reconfigure(batch_upload_delay_ms=0)
+        code, out, err = run_cli("run", other_host, "--shard", "0/1")  # takes the lease over (epoch 2), exits 6
+        assert code == EXIT_BATCHES_LIVE, err
+        batches_before = sim.stats()["batch_api"]["batches_created"]
+        resume_taken_over(zombie)
+    finally:
+        zombie.kill()
+        zombie.communicate()
+    assert sim.stats()["batch_api"]["batches_created"] == batches_before  # the zombie made no batch
+    assert sim.stats()["batch_api"]["custom_ids_submitted_twice"] == []
+    sim.advance(3600)
+    for _ in range(5):  # the new holder collects (and submits what is left) until no batch is live
+        code, out, err = run_cli("run", other_host, "--shard", "0/1")
+        if code != EXIT_BATCHES_LIVE:
+            break
+        sim.advance(3600)
+    assert code == 0, err
+    assert "answers no row" not in err
+    assert sim.stats()["batch_api"]["custom_ids_submitted_twice"] == []
+    code, out, err = run_cli("merge", job)
+    assert code == 0, err
+    merged = output_on(s3)
+    assert sorted(merged["review_id"]) == sorted(row["review_id"] for row in rows) and (merged["status"] == "ok").all()
+    paid = sim.stats()["batch_api"]["lines_answered"]
+    assert paid == len(rows) and merged["attempts"].tolist() == [1] * len(rows)  # each row paid once, and counted
+    records = records_of_parts(s3, folder)
+    assert records["id"].value_counts().max() == 1
+    assert merged["cost"].sum() == pytest.approx(records["cost"].sum()) and (merged["cost"] > 0).all()
