@@ -372,8 +372,8 @@ class BatchAnswerer:
         """A file never made a batch that is not to be: dropped (its upload deleted), its rows still held pending."""
         returned = sum(self._give_back_row(seq) for seq in self._seqs(entry))
         log.warning("file %d: never made a batch, and some of its rows were answered since it was built (by the run "
-                    "that took the checkpoint's lease over): dropped, nothing of it was sent; its other %d rows are "
-                    "pending again", entry.number, returned)
+                    "that took the checkpoint's lease over): dropped, nothing of it was sent; pending again: %s",
+                    entry.number, counted(returned, "row"))
         self.ledger.note("merged", entry.number, status="dropped", outcome={"returned": returned})
         if self.budget is not None:
             self.budget.give_back(Hold(entry.hold_cost, entry.hold_tokens))
