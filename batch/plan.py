@@ -146,6 +146,7 @@ class Plan(Settings):
     """Settings, checked against the file system and the environment: what `run` and `validate` need."""
 
     api_key: str
+    proxy: str | None  # the proxy every request to base_url goes through, online and Batch API (batch/proxy.py)
     # What shapes the requests (checkpoint.guard.fingerprint): the run stores or compares it; the Batch API's job tag.
     fingerprint: dict[str, Any]
     table: InputTable  # opened and scanned: columns present, ids unique and non-empty

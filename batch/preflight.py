@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
@@ -41,6 +42,7 @@ from batch.plan import (
 )
 from batch.pricing import Price, Pricer, pricer_for
 from batch.providers import Provider
+from batch.proxy import env_proxy
 from batch.records import OUTPUT_FIELDS
 from batch.replies.schema import json_output_for, openai_strict
 from batch.shard import FOLDER, Shard, choose_shard
@@ -178,6 +180,9 @@ def preflight(job: str | Path | JobSpec, force: bool = False, api_key: str | Non
     if (mode or spec.mode) == "online":
         check_answer_cache(spec.cache_path)
     api_key = usable_key(api_key, "api_key") if api_key else resolve_api_key(spec, settings.api_key_env)
+    proxy = env_proxy(settings.base_url)
+    if proxy is not None and urlsplit(proxy).password:
+        keep_secret(urlsplit(proxy).password)
     if spec.limits.shared is not None:  # the run would send nothing until it answers
         from batch.shared.connection import check_reachable  # the Redis client's import (0.3 s) for this job alone
 
@@ -190,8 +195,8 @@ def preflight(job: str | Path | JobSpec, force: bool = False, api_key: str | Non
     # previous run's records.
     rows = table.scan(keep_hashes=checkpoint_at(settings.locations).has_records())
     resolved = {field.name: getattr(settings, field.name) for field in fields(Settings)}
-    return Plan(**{**resolved, "mode": mode or settings.mode}, api_key=api_key, fingerprint=shapes, table=table,
-                rows=rows)
+    return Plan(**{**resolved, "mode": mode or settings.mode}, api_key=api_key, proxy=proxy, fingerprint=shapes,
+                table=table, rows=rows)
 
 
 @dataclass(frozen=True)

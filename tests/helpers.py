@@ -11,12 +11,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import pandas as pd
 import pyarrow.parquet as pq
+from aiohttp import web
 
 from batch.checkpoint.answered import Answered
 from batch.checkpoint.writer import Checkpoint
@@ -96,6 +99,77 @@ class RedisServer:
             self.process.kill()
             self.process.wait()
             self.process = None
+
+
+class ForwardProxy:
+    """A forwarding HTTP proxy on 127.0.0.1 in a thread of its own (no CONNECT: it forwards plain http:// requests,
+    which a client sends it in absolute form), counting what it forwards: `requests` lists each one's method and
+    URL. A request not in absolute form (sent to it as if it were the server) is answered 400. `hosts` maps a name
+    only the proxy knows (a `.invalid` one, which no resolver answers) to the host it forwards to: a client can reach
+    such a URL through the proxy alone."""
+
+    HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization", "te", "trailer",
+                  "transfer-encoding", "upgrade", "host", "content-length"}
+
+    def __init__(self, hosts: dict[str, str] | None = None) -> None:
+        self.hosts = hosts or {}
+        self.requests: list[tuple[str, str]] = []
+        self.url = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    async def _forward(self, request: web.BaseRequest) -> web.StreamResponse:
+        if not request.raw_path.startswith(("http://", "https://")):
+            return web.Response(status=400, text="not a proxy request (absolute-form URL expected)")
+        target = request.url
+        self.requests.append((request.method, str(target)))
+        target = target.with_host(self.hosts.get(target.host or "", target.host or ""))
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in self.HOP_BY_HOP}
+        body = await request.read()
+        assert self._session is not None
+        async with self._session.request(request.method, target, headers=headers, data=body or None,
+                                         allow_redirects=False) as upstream:
+            answer = web.StreamResponse(status=upstream.status, headers={
+                k: v for k, v in upstream.headers.items() if k.lower() not in self.HOP_BY_HOP})
+            await answer.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await answer.write(chunk)
+            await answer.write_eof()
+            return answer
+
+    def start(self) -> str:
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = self._loop = asyncio.new_event_loop()
+
+            async def serve() -> web.ServerRunner:
+                self._session = aiohttp.ClientSession(auto_decompress=False)
+                runner = web.ServerRunner(web.Server(self._forward))
+                await runner.setup()
+                site = web.TCPSite(runner, "127.0.0.1", 0)
+                await site.start()
+                self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+                return runner
+
+            runner = loop.run_until_complete(serve())
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(runner.cleanup())
+            loop.run_until_complete(self._session.close())
+            loop.close()
+
+        self._session: aiohttp.ClientSession | None = None
+        self._thread = threading.Thread(target=run, name="forward-proxy", daemon=True)
+        self._thread.start()
+        ready.wait()
+        return self.url
+
+    def stop(self) -> None:
+        if self._thread is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+        self._thread = None
 
 
 def free_port() -> int:

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "batch"
 # Lowest first. A module may import its own layer and the layers below; a name is a module or a stage folder.
 LAYERS = [
     {"batch.errors", "batch.interrupts", "batch.pricing", "batch.process", "batch.providers", "batch.shard",
-     "batch.storage", "batch.wording"},
+     "batch.storage", "batch.wording", "batch.proxy"},
     {"batch.logs", "batch.config"},
     {"batch.input"},
     {"batch.records", "batch.replies"},

@@ -97,7 +97,17 @@ def control_client(plan: Plan) -> openai.AsyncOpenAI:
     # Retries off: tenacity (below) is the only layer, and judges the provider's codes, which the SDK would retry
     # blindly.
     return openai.AsyncOpenAI(api_key=plan.api_key, base_url=plan.base_url, max_retries=0,
-                              timeout=max(plan.limits.timeout_s, 60.0))
+                              timeout=max(plan.limits.timeout_s, 60.0), http_client=_proxied(plan.proxy))
+
+
+def _proxied(proxy: str | None) -> openai.DefaultAsyncHttpxClient:
+    """The SDK's HTTP client, through the plan's proxy (batch/proxy.py: the one the online requests take), never one
+    the SDK would read from the environment itself: a proxy given serves every URL, and without one, a mount of None
+    (no proxy) for every scheme overrides whatever HTTP(S)_PROXY or ALL_PROXY say (the TLS settings the environment
+    gives are kept)."""
+    if proxy is not None:
+        return openai.DefaultAsyncHttpxClient(proxy=proxy)
+    return openai.DefaultAsyncHttpxClient(mounts={"http://": None, "https://": None, "all://": None})
 
 
 def control_failure(exc: BaseException, codes: BusinessCodes) -> Failure:

@@ -8,7 +8,8 @@ header merging, the httpx layer over aiohttp, response wrappers) is the cost, an
 needed for one JSON POST whose failures we classify ourselves anyway (Zhipu's business codes, not
 the SDK's classes, decide what is retried). Importing the SDK also costs about 0.8 s of CPU and
 40 MB at every start. What the SDK would have given us is kept: Bearer auth, base_url joining,
-the proxy named by the environment, a timeout per request and no hidden retries.
+the proxy the environment names (batch/proxy.py, read once into the plan), a timeout per request and no hidden
+retries.
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ from __future__ import annotations
 import codecs
 import json
 import time
-import urllib.request
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -45,12 +44,13 @@ class ChatClient:
 
     `idle_timeout_s` (streamed answers only): the longest silence allowed while waiting for the answer
     and between its chunks, aiohttp's sock_read timeout; `timeout_s` stays the cap on the whole answer.
-    `codes`: the provider's business codes, by which an error answer is judged.
+    `codes`: the provider's business codes, by which an error answer is judged. `proxy`: the proxy every request goes
+    through (the plan's: batch/proxy.py), or None.
     """
 
     def __init__(self, base_url: str, api_key: str, timeout_s: float, max_connections: int,
                  max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES, idle_timeout_s: float | None = None,
-                 codes: BusinessCodes = ZHIPU_CODES) -> None:
+                 codes: BusinessCodes = ZHIPU_CODES, proxy: str | None = None) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.codes = codes
         self.timeout_s = timeout_s
@@ -63,9 +63,9 @@ class ChatClient:
         # One connection per request in flight: aiohttp's default pool of 100 would queue the rest
         # inside the client, where neither the limiter nor the timeout can see them.
         self._connector = aiohttp.TCPConnector(limit=max_connections)
-        # The proxy is looked up once: aiohttp's trust_env re-reads the environment and parses
-        # ~/.netrc in a thread for every request, which cost more CPU than the request itself.
-        self._session = aiohttp.ClientSession(connector=self._connector, proxy=env_proxy(self.url),
+        # The proxy is the plan's, looked up once (batch/proxy.py): aiohttp's trust_env would re-read the environment
+        # and parse ~/.netrc in a thread for every request, which cost more CPU than the request itself.
+        self._session = aiohttp.ClientSession(connector=self._connector, proxy=proxy,
                                               timeout=aiohttp.ClientTimeout(total=timeout_s, sock_read=idle_timeout_s))
 
     async def __aenter__(self) -> ChatClient:
@@ -197,14 +197,6 @@ class ChatClient:
                 return b"".join(chunks), f"more than {counted(cap, 'byte')}"
             chunks.append(chunk)
         return b"".join(chunks), None
-
-
-def env_proxy(url: str) -> str | None:
-    """The proxy HTTPS_PROXY / HTTP_PROXY / ALL_PROXY name for `url`, unless NO_PROXY exempts its host."""
-    parts = urlsplit(url)
-    if parts.hostname and urllib.request.proxy_bypass(parts.hostname):
-        return None
-    return urllib.request.getproxies().get(parts.scheme)
 
 
 def connection_failure(exc: BaseException) -> Failure:

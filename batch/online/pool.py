@@ -64,7 +64,7 @@ class JobFatal(Exception):
 def make_client(plan: Plan) -> ChatClient:
     limits = plan.limits
     return ChatClient(plan.base_url, plan.api_key, limits.timeout_s, limits.concurrency, limits.max_response_bytes,
-                      limits.idle_timeout_s, plan.provider.codes)
+                      limits.idle_timeout_s, plan.provider.codes, plan.proxy)
 
 
 class Pool:

@@ -9,8 +9,9 @@ import socket
 import pytest
 from aiohttp import web
 
-from batch.online.client import ChatClient, env_proxy, parse_body, status_failure
+from batch.online.client import ChatClient, parse_body, status_failure
 from batch.online.failures import Failure
+from batch.proxy import env_proxy
 from batch.simulator import completion_for
 
 REQUEST = {"model": "glm-4-flash", "messages": [{"role": "user", "content": "你好, hello"}], "max_tokens": 8}
@@ -45,7 +46,7 @@ async def test_requests_go_through_the_proxy_the_environment_names(start_sim, mo
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{sim.port}")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    async with ChatClient("http://api.invalid/v1", "k", 5, 2) as client:
+    async with ChatClient("http://api.invalid/v1", "k", 5, 2, proxy=env_proxy("http://api.invalid/v1")) as client:
         answer = await client.complete(BODY)
     assert answer["choices"] and sim.stats()["requests"] == 1
 
