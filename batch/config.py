@@ -641,21 +641,31 @@ def _check_batch_file_limits(spec: JobSpec) -> None:
                               f"{provider.name} Batch API's limit of {most} {unit} per file")
 
 
+def answer_timeouts(spec: JobSpec) -> tuple[float, float | None]:
+    """The cap on a whole answer and the longest silence in a streamed one (None: not streamed), as a run keeps to
+    them: what the job sets, else a streamed answer's defaults (DEFAULT_STREAM_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S).
+    Computed, never written into the job: a default filled in would read as set (a later change of model.stream
+    would then be refused, and a second check would see other values than the first)."""
+    limits = spec.limits
+    if not spec.model.stream:
+        return limits.timeout_s, None
+    timeout = limits.timeout_s if "timeout_s" in limits.model_fields_set else DEFAULT_STREAM_TIMEOUT_S
+    idle = limits.idle_timeout_s if limits.idle_timeout_s is not None else min(DEFAULT_IDLE_TIMEOUT_S, timeout)
+    return timeout, idle
+
+
 def _check_stream_limits(spec: JobSpec) -> None:
-    """Fill in a streamed answer's default limits; refuse an idle timeout that could never apply."""
+    """Refuse an idle timeout that could never apply: without a stream, or above the cap on the whole answer."""
     limits = spec.limits
     if not spec.model.stream:
         if limits.idle_timeout_s is not None:
             raise ConfigError(f"{spec.where('limits.idle_timeout_s')}: limits.idle_timeout_s applies to streamed "
                               "answers only: set model.stream: true, or use limits.timeout_s")
         return
-    if "timeout_s" not in limits.model_fields_set:
-        limits.timeout_s = DEFAULT_STREAM_TIMEOUT_S
-    if limits.idle_timeout_s is None:
-        limits.idle_timeout_s = min(DEFAULT_IDLE_TIMEOUT_S, limits.timeout_s)
-    elif limits.idle_timeout_s > limits.timeout_s:
-        raise ConfigError(f"{spec.where('limits.idle_timeout_s')}: limits.idle_timeout_s {limits.idle_timeout_s:g} "
-                          f"is above limits.timeout_s {limits.timeout_s:g}, the cap on the whole answer: it could "
+    timeout, idle = answer_timeouts(spec)
+    if idle is not None and idle > timeout:
+        raise ConfigError(f"{spec.where('limits.idle_timeout_s')}: limits.idle_timeout_s {idle:g} "
+                          f"is above limits.timeout_s {timeout:g}, the cap on the whole answer: it could "
                           "never apply")
 
 

@@ -50,7 +50,7 @@ class Locations:
 
 @dataclass(frozen=True)
 class Limits:
-    """limits: in the job file, with a streamed answer's defaults filled in (config.check_job)."""
+    """limits: in the job file, with a streamed answer's default timeouts (config.answer_timeouts)."""
 
     concurrency: int
     requests_per_minute: float | None

@@ -23,7 +23,7 @@ from dotenv import dotenv_values
 
 from batch.checkpoint.guard import FINGERPRINT_NAME, LOCK_NAME, compare_fingerprint, fingerprint
 from batch.checkpoint.writer import WAL_NAME, checkpoint_at
-from batch.config import JobSpec, load_job
+from batch.config import JobSpec, answer_timeouts, load_job
 from batch.errors import ConfigError, in_callers_words, read_reason
 from batch.input.prompts import PromptBuilder
 from batch.input.reader import InputTable
@@ -96,10 +96,8 @@ def settings_of(spec: JobSpec) -> Settings:
 
 
 def _limits(spec: JobSpec) -> Limits:
-    limits = spec.limits.model_dump()
-    if not spec.model.stream:  # config refuses an idle timeout without a stream: None says it never applies
-        limits["idle_timeout_s"] = None
-    return Limits(**limits)
+    timeout, idle = answer_timeouts(spec)  # idle None without a stream: it never applies
+    return Limits(**{**spec.limits.model_dump(), "timeout_s": timeout, "idle_timeout_s": idle})
 
 
 def _batch_api(spec: JobSpec) -> BatchApiSettings:

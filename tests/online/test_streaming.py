@@ -12,6 +12,7 @@ import yaml
 from helpers import output_of, start_run, summary_of, wait_until
 
 from batch.config import DEFAULT_STREAM_TIMEOUT_S, load_job
+from batch.preflight import resolve
 from batch.simulator import answer_for, completion_for
 
 MODEL = "glm-4-flash"
@@ -229,12 +230,13 @@ def write_job(tmp_path: Path, model: dict, limits: dict) -> Path:
 
 
 def test_stream_limits_defaults(tmp_path):
-    """Streamed, the hard cap is not the non-streamed 120 s unless the job sets it; the idle limit is filled in."""
-    limits = load_job(write_job(tmp_path, {"stream": True}, {})).limits
+    """Streamed, the hard cap is not the non-streamed 120 s unless the job sets it; the idle limit is filled in (in the
+    resolved limits: the job itself stays as written)."""
+    limits = resolve(load_job(write_job(tmp_path, {"stream": True}, {}))).limits
     assert limits.timeout_s == DEFAULT_STREAM_TIMEOUT_S and limits.idle_timeout_s == 60
-    limits = load_job(write_job(tmp_path, {"stream": True}, {"timeout_s": 30})).limits
+    limits = resolve(load_job(write_job(tmp_path, {"stream": True}, {"timeout_s": 30}))).limits
     assert limits.timeout_s == 30 and limits.idle_timeout_s == 30
-    limits = load_job(write_job(tmp_path, {}, {})).limits
+    limits = resolve(load_job(write_job(tmp_path, {}, {}))).limits
     assert limits.timeout_s == 120 and limits.idle_timeout_s is None
 
 
