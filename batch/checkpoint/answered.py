@@ -515,8 +515,9 @@ class RowStates:
         if self._moved is not None:  # a moved record can make any row answered: look at every row
             return 0
         sending = self._sends(retry_failed)[self.codes]
-        first = int(sending.argmax())
-        return first if len(sending) and sending[first] else len(sending)
+        if not sending.any():  # none (a shard with no rows of the input among them, too)
+            return len(sending)
+        return int(sending.argmax())
 
     def resent_records(self, retry_failed: bool, id_batches: Callable[[], Iterable[pa.Array]]) -> np.ndarray:
         """(row, write position of its last record) of each row a run sends again although it has a record: the

@@ -253,6 +253,26 @@ def test_a_shard_names_itself_in_its_log_lines(start_sim, make_job):
     assert logged and all(" shard 1/2: " in line for line in logged.splitlines())
 
 
+@pytest.mark.parametrize("mode", ["online", "batch_api"])
+def test_a_shard_with_no_rows_finishes_and_the_job_merges(start_sim, make_job, run_cli, mode):
+    """More shards than rows (an Indexed Job with more pods than some shard has rows): an empty shard is a
+    finished shard, in either mode, so merge is not kept waiting for it."""
+    rows = ROWS[:3]
+    empty = sorted(set(range(4)) - set(shard_of(pa.array([row["review_id"] for row in rows]), 4).tolist()))
+    assert empty, "the rows fill every shard: pick other rows"
+    extra = {"mode": "batch_api", "batch_api": {"poll_interval_s": 0.05}} if mode == "batch_api" else {}
+    job = make_job(start_sim(batch_speed=200), rows=rows, shards=4, **extra)
+    done = run_shards(job, 4, *(["--wait"] if mode == "batch_api" else []), env_index=False)
+    assert [p.returncode for p in done] == [0, 0, 0, 0], [p.stderr for p in done]
+    for index in empty:
+        marker = json.loads((shard_folder(job, index, 4) / "_SUCCESS").read_text())
+        assert marker["rows"] == marker["ok"] == 0
+    code, out, err = run_cli("merge", job)
+    assert code == 0, err
+    merged = pd.read_parquet(job.parent / "out" / "result.parquet")
+    assert list(merged["review_id"]) == [row["review_id"] for row in rows] and (merged["status"] == "ok").all()
+
+
 def test_a_batch_api_job_shards_the_same_way_each_with_its_own_ledger(start_sim, make_job, run_cli):
     sim = start_sim(batch_speed=200)
     job = make_job(sim, rows=ROWS[:60], shards=2, mode="batch_api",
