@@ -62,7 +62,7 @@ from batch.errors import (
 )
 from batch.logs import keep_secret, redact, run_log
 from batch.plan import OutputSettings
-from batch.preflight import check_output_path, job_shards, preflight, resolve, settings_of
+from batch.preflight import check_output_path, check_storage_reachable, job_shards, preflight, resolve, settings_of
 from batch.records import OUTPUT_FIELDS, RECORD_FIELDS, RECORD_SCHEMA
 from batch.replies.columns import JSON_PREFIX
 from batch.runner import Run, RunOptions
@@ -320,6 +320,7 @@ def read_results(job: Job) -> pd.DataFrame:
     """
     with _python_errors():
         spec = _spec_of(job)
+        check_storage_reachable(spec)
         settings = settings_of(spec)
         parts = job_shards(spec)
         if parts is not None:  # split into shards: the merged output, or each row's state in its shard's checkpoint

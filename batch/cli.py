@@ -29,7 +29,16 @@ from batch.config import load_job
 from batch.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, BatchError, ConfigError
 from batch.interrupts import taken_early
 from batch.logs import LOG_NAME, redact, redact_everywhere, run_log, setup_logging, write_traceback
-from batch.preflight import ShardAsk, job_shards, preflight, resolve, settings_of, shard_spec, validation_report
+from batch.preflight import (
+    ShardAsk,
+    check_storage_reachable,
+    job_shards,
+    preflight,
+    resolve,
+    settings_of,
+    shard_spec,
+    validation_report,
+)
 from batch.process import command_line_process, readers_may_leave
 from batch.runner import RunOptions, run_job
 from batch.summary import format_summary
@@ -171,6 +180,7 @@ def inspect(args: argparse.Namespace) -> str:
     if args.command == "validate":
         return validation_report(preflight(args.job, shard=shard_ask(args, need_index=False)))
     spec = load_job(args.job)
+    check_storage_reachable(spec)
     if args.command == "merge":
         whole = settings_of(spec)
         return format_merge(merge_shards(whole, job_shards(spec, args.shards), args.partial))

@@ -170,7 +170,7 @@ def preflight(job: str | Path | JobSpec, force: bool = False, api_key: str | Non
     settings = resolve(spec)
     _keep_storage_secrets(spec)
     _check_input_reachable(spec)
-    check_output_path(spec)
+    check_output_path(spec)  # the output's store reachable too, after the checks that need no call
     _check_checkpoint_writable(spec)
     if spec.cache is not None:
         _check_creatable(spec, "cache.path", spec.cache.path, "the answer cache")
@@ -373,6 +373,16 @@ def _check_checkpoint_writable(spec: JobSpec) -> None:
     for name in (LOG_NAME, WAL_NAME, LOCK_NAME, spec.cache_path.name if spec.cache is None else None):
         if name is not None:
             _check_writable(spec, key, folder / name, what)
+
+
+def check_storage_reachable(spec: JobSpec) -> None:
+    """What the commands that only read a job (status, estimate, export, merge, read_results) check before reading
+    its files, as a run's preflight does: its input and output, where on URLs, reachable with the environment's
+    credentials and their buckets there; one line naming the key otherwise, its secrets masked."""
+    _keep_storage_secrets(spec)
+    _check_input_reachable(spec)
+    if is_url(spec.output.path):
+        _check_output_reachable(spec, f"{spec.where('output.path')}: output.path {spec.output.path}")
 
 
 def _keep_storage_secrets(spec: JobSpec) -> None:

@@ -20,7 +20,7 @@ from helpers import start_run, wait_until
 from s3_helpers import S3Bucket
 
 import batch
-from batch.errors import EXIT_BATCHES_LIVE
+from batch.errors import EXIT_BATCHES_LIVE, ConfigError
 from batch.simulator.answers import reply_marker
 from batch.storage.lease import LEASE_KEY
 from batch.storage.s3 import S3Store
@@ -121,12 +121,15 @@ def test_a_bad_url_or_bucket_or_credentials_is_one_line_before_anything_is_sent(
         monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
         monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
     before = s3.keys()
-    for command in ("validate", "run"):
-        code, out, err = run_cli(command, job)
+    # The commands that only read a job check what a run does, before they read (they said "internal error").
+    for command in ("validate", "run", "status", "estimate", "export", "merge"):
+        code, out, err = run_cli(command, job, *(["--format", "csv", "--to", tmp_path / "out.csv"] if command == "export" else []))
         assert code == 2, (command, err)
         lines = err.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in err, err
         assert str(job) in lines[0] and ("output.path" in lines[0] or "input.path" in lines[0]), lines[0]
+    with pytest.raises(ConfigError, match="output.path|input.path"):
+        batch.read_results(job)
     assert sim.stats()["requests"] == 0
     assert s3.keys() == before and not (tmp_path / "local").exists()
     assert "testing-secret" not in err
