@@ -41,6 +41,7 @@ from batch.preflight import (
 )
 from batch.process import command_line_process, readers_may_leave
 from batch.runner import RunOptions, run_job
+from batch.shard import MOST_SHARDS
 from batch.summary import format_summary
 from batch.wording import counted
 
@@ -258,9 +259,9 @@ def cancel(args: argparse.Namespace) -> int:
 
 
 def _count(text: str) -> int:
-    """--shards: a whole number, 1 or more."""
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"is a number of shards, 1 or more, not {text!r}")
+    """--shards: a whole number, 1 to MOST_SHARDS."""
+    if not text.strip().isdigit() or not 1 <= int(text) <= MOST_SHARDS:
+        raise argparse.ArgumentTypeError(f"is a number of shards, 1 to {MOST_SHARDS:,}, not {text!r}")
     return int(text)
 
 

@@ -34,7 +34,7 @@ from typing_extensions import TypedDict
 
 from batch.errors import ConfigError, read_reason
 from batch.providers import DEFAULT_PROVIDER, PROVIDERS, Provider, SchemaVia
-from batch.shard import Shard
+from batch.shard import MOST_SHARDS, Shard
 from batch.storage.locations import Location, is_url, location
 from batch.wording import counted
 
@@ -483,7 +483,7 @@ class JobSpec(Strict):
         "provider's Batch API in files (half price, answers within 24 h). run --mode overrides it for one run."))
     batch_api: BatchApiSpec = Field(default_factory=BatchApiSpec, description="The Batch API's files and polls.")
     # The job runs as this many shards (batch/shard.py), each its own process: `batch merge` joins their records.
-    shards: int | None = Field(None, ge=1, le=100_000, description=(
+    shards: int | None = Field(None, ge=1, le=MOST_SHARDS, description=(
         "Run the job as this many shards, each a process of its own (its shard: --shard K/N, or the index "
         "JOB_COMPLETION_INDEX or SLURM_ARRAY_TASK_ID gives it); batch merge joins their records."))
 

@@ -27,6 +27,9 @@ INDEX_VARIABLES = ("JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID")
 FOLDER = re.compile(r"shard=(\d+)-of-(\d+)")
 # The marker a shard writes once it ended with no row pending: `batch merge` waits for one from every shard.
 SUCCESS_NAME = "_SUCCESS"
+# The most shards a job splits into: Kubernetes' own bound on an Indexed Job's parallelism (10^5,
+# kubernetes/kubernetes#98812). A count beyond it is a typo, and status and merge walk every shard's folder.
+MOST_SHARDS = 100_000
 
 
 @dataclass(frozen=True)
@@ -109,9 +112,15 @@ def parse_shard(text: str, source: str = "--shard") -> Shard:
     return _checked(int(found[1]), int(found[2]), source, text)
 
 
+def check_count(count: int, source: str) -> int:
+    """A shard count from 1 to MOST_SHARDS, or a ConfigError naming `source`."""
+    if not 1 <= count <= MOST_SHARDS:
+        raise ConfigError(f"{source}: the shard count must be from 1 to {MOST_SHARDS:,}, not {count:,}")
+    return count
+
+
 def _checked(index: int, count: int, source: str, text: str) -> Shard:
-    if count < 1:
-        raise ConfigError(f"{source} {text!r}: the shard count must be 1 or more")
+    check_count(count, f"{source} {text!r}")
     if index >= count:
         raise ConfigError(f"{source} {text!r}: shard {index} of {count} does not exist: "
                           f"shards are numbered 0 to {count - 1}")
@@ -127,7 +136,7 @@ def choose_shard(given: str | None, count: int | None, job_count: int | None, jo
     is a mistake when `need_index` (a run), and the whole job otherwise (validate, status). Every count given
     must agree: two different counts split the rows two ways, and rows would be lost or answered twice.
     """
-    counts = [(f"--shards {count}", count)] if count is not None else []
+    counts = [(f"--shards {count}", check_count(count, f"--shards {count}"))] if count is not None else []
     if job_count is not None:
         counts.append((f"{job_count_where}: shards: {job_count}", job_count))
     if given is not None:

@@ -22,6 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from s3_helpers import S3Bucket
 
+from batch.cli import main
 from batch.config import load_job
 from batch.preflight import ShardAsk, shard_spec
 from batch.shard import Shard, crc32_each, shard_of
@@ -179,13 +180,15 @@ def test_a_shard_killed_9_resumes_and_merge_waits_for_it(start_sim, make_job, ru
 BAD_SPECS = [
     (["--shard=5/4"], {}, "shard 5 of 4 does not exist"),
     (["--shard=-1/4"], {}, "--shard '-1/4'"),
-    (["--shard", "0/0"], {}, "the shard count must be 1 or more"),
+    (["--shard", "0/0"], {}, "the shard count must be from 1 to 100,000, not 0"),
     (["--shard", "a/b"], {}, "--shard 'a/b'"),
     ([], {"JOB_COMPLETION_INDEX": "1"}, "JOB_COMPLETION_INDEX=1 names a shard, but the job has no shard count"),
     ([], {"SLURM_ARRAY_TASK_ID": "2"}, "SLURM_ARRAY_TASK_ID=2 names a shard"),
     ([], {"JOB_COMPLETION_INDEX": "4", "X_SHARDS": "4"}, "JOB_COMPLETION_INDEX '4': shard 4 of 4 does not exist"),
     (["--shard", "1/4", "--shards", "3"], {}, "--shard 1/4 and --shards 3 disagree"),
     (["--shards", "4"], {}, "--shards 4 splits the job into shards, but this process is none of them"),
+    # A count past Kubernetes' own bound is a typo: status and merge would walk 10^20 shard folders.
+    (["--shard", "0/99999999999999999999"], {}, "the shard count must be from 1 to 100,000"),
 ]
 
 
@@ -208,6 +211,15 @@ def test_a_bad_shard_spec_is_one_line_and_exit_2_before_anything_is_written(sim,
     assert code == 2 and out == ""
     assert says in err and err.count("\n") == 1, err
     assert not (job.parent / "out").exists() and sim.stats()["requests"] == 0
+
+
+@pytest.mark.parametrize("command", ["run", "status", "merge"])
+def test_a_shards_count_past_kubernetes_bound_is_refused_by_the_command_line(sim, make_job, capsys, command):
+    job = make_job(sim, rows=ROWS[:20])
+    with pytest.raises(SystemExit) as exit_:
+        main([command, str(job), "--shards", "100001"])
+    assert exit_.value.code == 2 and "is a number of shards, 1 to 100,000, not '100001'" in capsys.readouterr().err
+    assert not (job.parent / "out").exists()
 
 
 def test_a_job_file_count_that_disagrees_with_shard_is_refused(sim, make_job, run_cli):

@@ -122,8 +122,9 @@ def test_a_bad_url_or_bucket_or_credentials_is_one_line_before_anything_is_sent(
         monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
     before = s3.keys()
     # The commands that only read a job check what a run does, before they read (they said "internal error").
+    export = ["--format", "csv", "--to", tmp_path / "out.csv"]
     for command in ("validate", "run", "status", "estimate", "export", "merge"):
-        code, out, err = run_cli(command, job, *(["--format", "csv", "--to", tmp_path / "out.csv"] if command == "export" else []))
+        code, out, err = run_cli(command, job, *(export if command == "export" else []))
         assert code == 2, (command, err)
         lines = err.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in err, err
