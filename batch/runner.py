@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import secrets
 import signal
-import socket
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -60,7 +58,7 @@ from batch.pricing import Pricer, batch_pricer
 from batch.process import give_back_freed_memory
 from batch.records import CARRIED_FIELDS, Record, carry, failed_record
 from batch.shared.account import SharedLimits, shared_limits
-from batch.storage.lease import Lease, LeaseHeld, LeaseLost
+from batch.storage.lease import Lease, LeaseHeld, LeaseLost, holder_prefix
 from batch.storage.locations import is_url
 from batch.summary import Progress, RunStats, build_summary, save_summary
 from batch.wording import counted
@@ -165,8 +163,7 @@ class Run:
             return None
         # A holder is named by its host and local folder: one named like this run, whose local lock this run holds
         # now, has ended (killed -9 on this host), so its lease is taken over without waiting out its ttl.
-        local = hashlib.sha256(str(self.plan.locations.local_dir.resolve()).encode()).hexdigest()[:8]
-        here = f"{socket.gethostname()}:{local}:"
+        here = holder_prefix(self.plan.locations.local_dir)
         lease = Lease(self.plan.locations.checkpoint_store(), f"{here}{os.getpid()}:{secrets.token_hex(4)}",
                       self.plan.output.checkpoint_lease_s)
         try:

@@ -22,7 +22,7 @@ from batch.plan import Locations, Settings
 from batch.preflight import input_table
 from batch.pricing import CURRENCY, money
 from batch.storage.base import Store
-from batch.storage.lease import read_lease
+from batch.storage.lease import holder_prefix, read_lease
 from batch.storage.locations import Location, object_exists, read_text_at
 from batch.wording import counted
 
@@ -99,7 +99,7 @@ def job_status(settings: Settings) -> dict[str, Any]:
         "worst_case_tokens": spent.worst_case_tokens,
         "currency": CURRENCY,
         "running_pid": running,
-        "lease": lease_status(at.checkpoint_store()),
+        "lease": lease_status(at.checkpoint_store(), ended_here=None if running else holder_prefix(at.local_dir)),
         "last_run": last_run(at.checkpoint_dir, running),
         "output": str(at.output) if object_exists(at.output) else None,
         "in_batches": states.held(),
@@ -108,11 +108,12 @@ def job_status(settings: Settings) -> dict[str, Any]:
     }
 
 
-def lease_status(store: Store, now: float | None = None) -> dict[str, Any] | None:
+def lease_status(store: Store, now: float | None = None, ended_here: str | None = None) -> dict[str, Any] | None:
     """Who holds the checkpoint's lease (a checkpoint on a URL: batch/storage/lease.py), as `status` shows it: the
     holder (its host, which in Kubernetes is the pod's name, and pid), its epoch, and whether it is alive (renewed
-    within its ttl), expired (its holder stopped renewing: the next run takes it over) or released (its run ended).
-    None: no lease (a local checkpoint, or no run yet)."""
+    within its ttl), ended (within its ttl, but its holder was a run on this host, named `ended_here`, that is no
+    longer running: killed -9; the next run here takes it over at once), expired (its holder stopped renewing: the
+    next run takes it over) or released (its run ended). None: no lease (a local checkpoint, or no run yet)."""
     try:
         found = read_lease(store)
     except OSError:  # no checkpoint yet, or a store that does not answer: status says what it can
@@ -126,7 +127,8 @@ def lease_status(store: Store, now: float | None = None) -> dict[str, Any] | Non
         host, pid = named[0], int(named[2])
     alive = state.alive(now)
     return {"holder": state.holder, "host": host, "pid": pid, "epoch": state.epoch,
-            "state": "alive" if alive else "released" if state.expires_at == 0 else "expired",
+            "state": ("ended" if ended_here and state.holder.startswith(ended_here) else "alive") if alive else
+                     "released" if state.expires_at == 0 else "expired",
             # Seconds until it expires unless renewed (alive), or since it expired (negative); None once released.
             "expires_in_s": None if state.expires_at == 0 else round(state.expires_at - now, 1)}
 
@@ -138,6 +140,9 @@ def format_lease(lease: dict[str, Any] | None) -> str:
     who = f"{lease['host']} (pid {lease['pid']})" if lease["pid"] is not None else lease["host"]
     if lease["state"] == "alive":
         return f"held by {who}, epoch {lease['epoch']}, alive ({lease['expires_in_s']:.0f} s left unless renewed)"
+    if lease["state"] == "ended":
+        return (f"held by {who}, epoch {lease['epoch']}, whose run ended without releasing it (killed?): the next run "
+                f"on this host takes it over, another after {lease['expires_in_s']:.0f} s")
     if lease["state"] == "expired":
         return (f"last held by {who}, epoch {lease['epoch']}, expired {-lease['expires_in_s']:.0f} s ago (the next run "
                 "takes it over)")

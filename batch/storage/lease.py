@@ -15,11 +15,14 @@ holder's. Expiry is a wall-clock time written in the lease: hosts' clocks must a
 
 from __future__ import annotations
 
+import hashlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from batch.storage.base import AlreadyExists, NotFound, PreconditionFailed, Store
 
@@ -134,6 +137,13 @@ class Lease:
 
     def _read(self) -> tuple[LeaseState, str] | None:
         return read_lease(self.store)
+
+
+def holder_prefix(local_dir: Path) -> str:
+    """How a run names itself as a lease holder, up to its pid: this host and its local folder (HOST:FOLDER:). A
+    holder named so, while that folder's run lock is free, is a run that ended here without releasing the lease
+    (killed -9): the next run here takes it over at once, and `status` says it is not running."""
+    return f"{socket.gethostname()}:{hashlib.sha256(str(local_dir.resolve()).encode()).hexdigest()[:8]}:"
 
 
 def read_lease(store: Store) -> tuple[LeaseState, str] | None:

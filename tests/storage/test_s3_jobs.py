@@ -438,3 +438,24 @@ def test_a_batch_api_holder_taken_over_while_paused_submits_nothing_more_and_nev
     records = records_of_parts(s3, folder)
     assert records["id"].value_counts().max() == 1
     assert merged["cost"].sum() == pytest.approx(records["cost"].sum()) and (merged["cost"] > 0).all()
+
+
+def test_status_says_a_shard_killed_9_on_this_host_is_not_running_though_its_lease_has_time_left(
+        start_sim, make_job, run_cli, s3, tmp_path):
+    sim = start_sim(latency_ms=100)
+    job = on_s3(make_job, sim, s3, tmp_path, rows=ROWS[:60], shards=2, limits={"concurrency": 1},
+                output={"checkpoint_lease_s": 600})
+    running = start_run(job, "--shard", "0/2")
+    wait_until(lambda: sim.stats()["requests"] >= 2, "shard 0 sending")
+    running.send_signal(signal.SIGKILL)
+    running.communicate(timeout=60)
+    code, out, err = run_cli("status", job, "--json")
+    assert code == 0, err
+    shard = json.loads(out)["shards"][0]
+    assert shard["running_pid"] is None and shard["lease"]["state"] == "ended", shard  # it said "alive"
+    assert 0 < shard["lease"]["expires_in_s"] <= 600
+    code, out, _ = run_cli("status", job)
+    line = next(line for line in out.splitlines() if "shard 0/2" in line)
+    assert "not finished, not running, lease held by" in line and "whose run ended without releasing it" in line
+    code, out, _ = run_cli("run", job, "--shard", "0/2")  # the next run on this host takes the lease over at once
+    assert code == 0, out
