@@ -45,7 +45,7 @@ from batch.providers import Provider
 from batch.proxy import env_proxy
 from batch.records import OUTPUT_FIELDS
 from batch.replies.schema import json_output_for, openai_strict
-from batch.shard import FOLDER, Shard, choose_shard
+from batch.shard import FOLDER, INDEX_VARIABLES, Shard, choose_shard
 from batch.storage.base import StorageError
 from batch.storage.locations import STORAGE_SECRET_VARIABLES, Location, input_kind, is_url, store_at
 from batch.wording import counted
@@ -254,8 +254,12 @@ def _shard_folders(folder: Location) -> set[str]:
 def validation_report(plan: Plan) -> str:
     columns = ", ".join(plan.builder.columns)
     part = f" for {plan.shard.label}" if plan.shard else ""
+    # The whole of a job split into shards is checked, but no run can be it: say what a run needs (a run without it
+    # is refused, and validate said "ok").
+    runs = (f"; it runs as {counted(plan.shards, 'shard')}: each run needs --shard K/{plan.shards}, or "
+            f"{' or '.join(INDEX_VARIABLES)} set" if plan.shard is None and plan.shards else "")
     return (f"{plan.locations.job_file}: ok: {counted(plan.rows, 'row')} in {plan.locations.input}{part}, "
-            f"prompt columns {columns}, model {plan.model} at {plan.base_url}")
+            f"prompt columns {columns}, model {plan.model} at {plan.base_url}{runs}")
 
 
 def _check_output_columns(spec: JobSpec) -> None:

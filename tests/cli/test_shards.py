@@ -222,6 +222,19 @@ def test_a_shards_count_past_kubernetes_bound_is_refused_by_the_command_line(sim
     assert not (job.parent / "out").exists()
 
 
+def test_validate_of_a_sharded_job_without_an_index_says_what_each_run_needs(sim, make_job, run_cli, monkeypatch):
+    """The whole job is checked, but a run of it without an index is refused: validate says so (it said only ok)."""
+    for name in ("JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
+    job = make_job(sim, rows=ROWS[:20], shards=3)
+    code, out, err = run_cli("validate", job)
+    assert code == 0, err
+    assert ": ok: 20 rows in " in out and ("it runs as 3 shards: each run needs --shard K/3, or JOB_COMPLETION_INDEX "
+                                           "or SLURM_ARRAY_TASK_ID set") in out
+    code, out, _ = run_cli("validate", job, "--shard", "1/3")
+    assert code == 0 and "for shard 1/3" in out and "each run needs" not in out
+
+
 def test_a_job_file_count_that_disagrees_with_shard_is_refused(sim, make_job, run_cli):
     job = make_job(sim, rows=ROWS[:20], shards=4)
     code, _, err = run_cli("run", job, "--shard", "1/3")
