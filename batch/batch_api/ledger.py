@@ -323,8 +323,8 @@ class Ledger:
         live = self.live()
         if not live:
             return
-        ids = pa.chunked_array([self.rows_of(entry.number, ["id"]).column("id").combine_chunks() for entry in live],
-                               pa.string())
+        of_file = [self.rows_of(entry.number, ["id"]).column("id").combine_chunks() for entry in live]
+        ids = pa.chunked_array(of_file, pa.string())
         # Answered is the checkpoint's index of ids (binary search on hashes, hits confirmed on the ids); the
         # states it also keeps are not needed here.
         unknown = pa.chunked_array([pa.nulls(len(ids), pa.string())])
@@ -337,9 +337,15 @@ class Ledger:
             seqs[index.last_positions.take(at.filter(found)).to_numpy()] = start + np.flatnonzero(found)
             start += len(batch)
         offset = 0
-        for entry in live:
-            entry.seqs = seqs[offset:offset + entry.rows]
-            offset += entry.rows
+        for entry, file_ids in zip(live, of_file):
+            # Each file's rows as its rows file holds them, which the merge reads beside them: a rows file written
+            # over (by a run of an older batch taken over while paused) never shifts the rows of the files after it.
+            if len(file_ids) != entry.rows:
+                log.warning("%s holds %s where the ledger recorded %d: written over by another run; its batch's "
+                            "lines are merged for the rows it names, the others are skipped with a warning",
+                            self.store.where(self.rows_key(entry.number)), counted(len(file_ids), "row"), entry.rows)
+            entry.seqs = seqs[offset:offset + len(file_ids)]
+            offset += len(file_ids)
 
     def count_batch_requests(self, states: RowStates) -> None:
         """Count in `states` (batch_requests) the batches each input row was put in since its last record: the

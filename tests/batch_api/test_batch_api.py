@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from helpers import output_of
 from hypothesis import given
@@ -530,6 +531,30 @@ def test_a_rows_file_the_ledger_names_but_gone_is_one_config_error(tmp_path):
     ledger.store.replace(ledger.rows_key(1), lambda sink: sink.write(b"junk"))
     with pytest.raises(ConfigError, match=r"Batch API file 1, .* cannot be read \(.*Parquet"):
         ledger.submissions(5)
+
+
+def test_a_rows_file_written_over_by_another_run_shifts_no_other_files_rows_and_never_crashes_the_merge(
+        start_sim, make_job, run_cli):
+    """A run of an older batch taken over while paused could write its own one-row file over the new holder's rows
+    file of the same number (its batch of ten lines stays live). The next runs find each file's rows by what its rows
+    file holds: the other files merge whole, the lines that answer no row of the written-over file are skipped with a
+    warning (their rows go into a new batch), and the job ends, with no internal error."""
+    sim = start_sim(batch_speed=0)
+    job = batch_job(make_job, sim, count=30, per_file=10)
+    assert run_cli("run", job)[0] == EXIT_BATCHES_LIVE
+    ledger = Ledger(job.parent / "out" / "result.checkpoint")
+    one_row = ledger.rows_of(2).slice(0, 1)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(one_row, buffer)
+    ledger.store.replace(ledger.rows_key(2), lambda sink: sink.write(buffer.getvalue().to_pybytes()))
+    sim.advance(3600)
+    code, _, err = run_cli("run", job)
+    assert code in (0, EXIT_BATCHES_LIVE), err
+    assert "file-000002.rows.parquet holds 1 row where the ledger recorded 10: written over" in err
+    assert err.count("answers no row of the file") == 9
+    assert run_until_done(run_cli, sim, job) == 0
+    frame = output_of(job)
+    assert len(frame) == 30 and set(frame["status"]) == {"ok"}
 
 
 # -- ids the provider no longer knows (a restart that lost its state, a new key, files deleted by hand) ----------
