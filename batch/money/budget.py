@@ -228,7 +228,16 @@ class Budget:
             parts.append(f"spent {money(self.spent_cost)} of max_cost {money(self.max_cost)} {CURRENCY}")
         if self.max_tokens_total is not None:
             parts.append(f"used {self.spent_tokens} of max_total_tokens {self.max_tokens_total}")
+        if self.holds_live():
+            held = [f"{money(self.live_cost)} {CURRENCY}" if self.max_cost is not None else "",
+                    counted(self.live_tokens, "token") if self.max_tokens_total is not None else ""]
+            parts.append(f"live Batch API batches hold {' and '.join(h for h in held if h)} more until they are merged")
         return "budget reached: " + ", ".join(parts) + " (the next request could exceed it)"
+
+    def holds_live(self) -> bool:
+        """Whether live Batch API batches hold part of the budget: what they do not spend is free again once they
+        end, so a run that has no room beside them waits for them (exit 6), as the Batch API mode does."""
+        return self.live_cost > 0 or self.live_tokens > 0
 
 
 def _keep_worst_case(record: Record, cost: float, tokens: int) -> None:

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from batch.errors import EXIT_BUDGET, EXIT_JOB_FATAL, CheckpointWriteError
+from batch.errors import EXIT_BATCHES_LIVE, EXIT_BUDGET, EXIT_JOB_FATAL, CheckpointWriteError
 from batch.executor import Pending, Stop
 from batch.input.prompts import estimate_tokens, prompt_token_bound
 from batch.input.reader import Row
@@ -142,7 +142,7 @@ class OnlineAnswerer:
             # Once reached, rows the cache can answer (above, free) still are; the others stay pending.
             hold = None if budget.reached else await budget.reserve(bound)
             if hold is None:
-                self.stop.note(budget.describe(), EXIT_BUDGET)
+                self.stop.note(budget.describe(), EXIT_BATCHES_LIVE if budget.holds_live() else EXIT_BUDGET)
                 return None
         answer = None
         counted = [0.0, 0]  # what budget.spend counted of answers judged failures, which the record then sums
