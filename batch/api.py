@@ -570,6 +570,10 @@ def _frame_job(frame: pd.DataFrame, template: str, model: str | Mapping[str, Any
     if not isinstance(model, str | Mapping):
         raise ConfigError(f"run_frame: model is the model's name or a mapping of the job file's model section, "
                           f"not {type(model).__name__}")
+    if "://" in str(output):  # a URL: Path() would make s3://b/o.parquet a local folder "s3:" holding "b"
+        raise ConfigError(f"run_frame: output {output} is a URL, and run_frame writes the frame and its job file "
+                          "beside a local output: for a job on object storage, write its job file (input and "
+                          "output URLs, output.local_dir) and call batch.run")
     out = Path(output).expanduser()
     job_file = out.with_name(out.stem + FRAME_JOB_SUFFIX)
     input_path = out.with_name(out.stem + FRAME_INPUT_SUFFIX)

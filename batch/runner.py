@@ -224,6 +224,9 @@ class Run:
     async def _execute(self, total: int) -> dict[str, Any]:
         try:
             self.checkpoint.open()
+            # Read again now that the run holds the checkpoint: another run may have taken steps since __init__.
+            self.ledger = ledger_at(self.plan.locations)
+            self.ledger.clean_up()
             mark_running(self.folder)
         except OSError as exc:
             raise ConfigError(

@@ -63,6 +63,7 @@ LEDGER_NAME = "batches.jsonl"  # the steps as a checkpoint written before they w
 EVENTS_PREFIX = "ledger/"
 _EVENT_KEY = re.compile(r"ledger/(\d+)\.json")
 FILES_DIR = "batches"
+_FILE_KEY = re.compile(r"batches/file-(\d+)\.[a-z.]+")  # a file's request lines, rows, output or errors
 ROWS_SCHEMA = pa.schema([("seq", pa.int64()), ("id", pa.string()), ("custom_id", pa.string()),
                          ("prompt_hash", pa.uint32()), ("submission", pa.int32()), ("prompt_bound", pa.int64())])
 TERMINAL = ("completed", "failed", "expired", "cancelled")
@@ -259,6 +260,19 @@ class Ledger:
 
     def live(self) -> list[BatchFile]:
         return [entry for entry in self.files.values() if entry.live]
+
+    def clean_up(self) -> None:
+        """What a run killed mid-step left, removed by the next run before it takes a step (it holds the lock, or
+        the lease, and read the ledger after taking it): the spools of files being built or downloaded (local,
+        even with the checkpoint on a URL), the store's half-written objects, and the objects of a file written
+        before the ledger named it. A file never named is built again from its rows, never uploaded as it was."""
+        LocalStore(self.folder).clean_up(f"{FILES_DIR}/")
+        for folder in (EVENTS_PREFIX, f"{FILES_DIR}/"):
+            self.store.clean_up(folder)
+        for entry in self.store.list(f"{FILES_DIR}/"):
+            named = _FILE_KEY.fullmatch(entry.key)
+            if named is not None and int(named[1]) not in self.files:
+                self.store.delete(entry.key)
 
     def claim_number(self) -> int:
         """The number of a new file, this process's own: claimed by the exclusive create of `batches/file-N.claim`,

@@ -162,8 +162,10 @@ class Checkpoint:
     def open(self) -> None:
         """Recover a previous run's log into a part, and start a new one (the run holds the lock)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        for stale in self.folder.glob(".*.tmp"):
-            stale.unlink()
+        # What a killed run left half written, through the seam: its temp files here (the local folder) and in the
+        # store (the same folder, or a bucket: its multipart uploads never completed).
+        for store in (LocalStore(self.folder), self.store):
+            store.clean_up()
         wal = self.folder / WAL_NAME
         recovered = _wal_table(wal, self._warn_once, keep_damaged=True)
         if recovered.num_rows:

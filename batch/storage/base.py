@@ -104,6 +104,13 @@ class Store(abc.ABC):
         cut short by a kill is done again."""
 
     @abc.abstractmethod
+    def clean_up(self, folder: str = "") -> int:
+        """Remove what writers killed mid-write left directly in `folder` ("" the root, else a prefix ending in
+        "/"; not in folders below it), never an object: a local store's temp files, an object store's multipart
+        uploads never completed. Returns how many. Only the one writer of the folder's keys calls it (a run holding
+        the checkpoint's lock or lease): a write of another still in progress would fail."""
+
+    @abc.abstractmethod
     def where(self, key: str) -> str:
         """The object as a person finds it (a path, a URL), for messages."""
 
@@ -127,6 +134,14 @@ def check_prefix(prefix: str) -> str:
     if prefix:
         _check_segments(prefix, prefix.split("/")[:-1] or [""], last_may_be_empty=True)
     return prefix
+
+
+def check_folder(folder: str) -> str:
+    """`folder` if it names one: "" (the root) or a prefix of whole segments ending in "/"."""
+    check_prefix(folder)
+    if folder and not folder.endswith("/"):
+        raise ValueError(f"a storage folder ends in '/': {folder!r}")
+    return folder
 
 
 def is_temporary(name: str) -> bool:

@@ -37,6 +37,7 @@ from batch.storage.base import (
     Store,
     Unavailable,
     Write,
+    check_folder,
     check_key,
     check_prefix,
     is_temporary,
@@ -100,6 +101,21 @@ class LocalStore(Store):
             with _folder_locked(path.parent):
                 path.unlink()
                 fsync_dir(path.parent)
+
+    def clean_up(self, folder: str = "") -> int:
+        base = self.root / check_folder(folder) if folder else self.root
+        removed = 0
+        with _failures(folder or "."):
+            try:
+                entries = list(os.scandir(base))
+            except (FileNotFoundError, NotADirectoryError):
+                return 0
+            for entry in entries:
+                if is_temporary(entry.name) and entry.is_file(follow_symlinks=False):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                        removed += 1
+        return removed
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)

@@ -29,6 +29,7 @@ from batch.storage.base import (
     Store,
     Unavailable,
     Write,
+    check_folder,
     check_key,
     check_prefix,
 )
@@ -67,6 +68,10 @@ class MemoryStore(Store):
 
     def where(self, key: str) -> str:
         return f"memory:{check_key(key)}"
+
+    def clean_up(self, folder: str = "") -> int:
+        check_folder(folder)
+        return 0  # a write here is whole or absent: nothing is left half done
 
     def open_read(self, key: str) -> BinaryIO:
         def read() -> BinaryIO:

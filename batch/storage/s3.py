@@ -36,6 +36,7 @@ from batch.storage.base import (
     Store,
     Unavailable,
     Write,
+    check_folder,
     check_key,
     check_prefix,
 )
@@ -113,6 +114,26 @@ class S3Store(Store):
                 if not page.get("IsTruncated"):
                     return sorted(found)
                 token = {"ContinuationToken": page["NextContinuationToken"]}
+
+    def clean_up(self, folder: str = "") -> int:
+        """Abort the multipart uploads begun directly in `folder` and never completed (a writer killed while it sent
+        an object past multipart_above): S3 keeps, and bills, their parts until they are aborted."""
+        base = (f"{self.prefix}/" if self.prefix else "") + check_folder(folder)
+        removed = 0
+        marker: dict[str, str] = {}
+        with _failures(folder or "."):
+            while True:
+                page = self._call("list_multipart_uploads", Bucket=self.bucket, Prefix=base, **marker)
+                for upload in page.get("Uploads", []):
+                    if "/" in upload["Key"][len(base):]:  # in a folder below: not this folder's
+                        continue
+                    with contextlib.suppress(_Missing):
+                        self._call("abort_multipart_upload", Bucket=self.bucket, Key=upload["Key"],
+                                   UploadId=upload["UploadId"])
+                        removed += 1
+                if not page.get("IsTruncated"):
+                    return removed
+                marker = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
 
     def delete(self, key: str) -> None:
         with _failures(key):

@@ -326,3 +326,15 @@ def test_a_schema_key_holding_a_next_line_character_reaches_the_job_file_unchang
     out = batch.run_frame(frame, template="{text}", model=local_model(sim), output=tmp_path / "out.parquet",
                           progress=False, json_schema=schema)
     assert out["status"].tolist() == ["ok"] * 3, out["error"].tolist()
+
+
+def test_run_frame_refuses_an_output_url_in_one_line_and_writes_nothing(sim, tmp_path, monkeypatch):
+    """run_frame writes the frame and its job file beside a local output (each whole, atomically); a URL
+    was taken for a local path (s3://b/o.parquet as a folder "s3:" in the working directory)."""
+    monkeypatch.chdir(tmp_path)
+    frame = pd.DataFrame({"text": ["a", "b"]})
+    with pytest.raises(batch.ConfigError, match=r"^run_frame: output s3://bucket/o\.parquet is a URL"):
+        batch.run_frame(frame, template="Classify: {text}", model=local_model(sim), output="s3://bucket/o.parquet")
+    assert list(tmp_path.iterdir()) == []
+    answered = batch.run_frame(frame, template="Classify: {text}", model=local_model(sim), output="o.parquet")
+    assert list(answered["status"]) == ["ok", "ok"] and list(tmp_path.rglob(".*.tmp")) == []

@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import output_of
+from helpers import output_of, wait_until
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -894,3 +894,54 @@ def test_a_row_edited_while_its_batch_is_live_is_never_paired_with_the_old_answe
     frame = output_of(job)
     assert frame["response"].tolist() == [expected_reply(r["text"]) for r in table]
     assert (frame["status"] == "ok").all()
+
+
+def test_a_request_file_killed_while_spooled_is_removed_and_its_rows_built_again(start_sim, make_job, run_cli):
+    """kill -9 while a request file is being written to its spool (batches/.file-000001.jsonl.tmp): the next run, in
+    either mode, removes the spool (never uploaded, never left), and the rows go into a file built whole."""
+    sim = start_sim(batch_speed=0)
+    count = 30_000
+    job = batch_job(make_job, sim, count=count, per_file=count)
+    folder = job.parent / "out" / "result.checkpoint"
+    spool = folder / "batches" / ".file-000001.jsonl.tmp"
+    process = _spawn(job)
+    try:
+        wait_until(lambda: spool.exists() and spool.stat().st_size > 0 or process.poll() is not None,
+                   "the first request file's spool being written")
+        assert process.poll() is None, "the run ended before its spool was seen"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+    assert spool.exists() and sim.stats()["batch_api"]["files_uploaded"] == 0
+    assert [e for e in ledger_events(job) if e["event"] == "file"] == []  # never named: it was half written
+    leftovers = [path.name for path in folder.rglob(".*.tmp")]
+    assert leftovers, "the kill left no spool to clean"
+    # An online rerun (which builds no file) of a few of the rows: the spool and every temp file are gone.
+    pd.DataFrame(rows(5)).to_csv(job.parent / "reviews.csv", index=False)
+    code, out, err = run_cli("run", job, "--mode", "online")
+    assert code == 0, out + err
+    assert list(folder.rglob(".*.tmp")) == [] and list((folder / "batches").iterdir()) == []
+    # A Batch API rerun builds its file whole, from the rows, and uploads that.
+    pd.DataFrame(rows(20)).to_csv(job.parent / "reviews.csv", index=False)
+    assert run_cli("run", job)[0] == EXIT_BATCHES_LIVE
+    assert sim.stats()["batch_api"]["files_uploaded"] == 1 and len(sim.stats()["batch_api"]["custom_ids"]) == 15
+    sim.advance(3600)
+    assert run_cli("run", job)[0] == 0
+    assert list(output_of(job)["response"]) == [expected_reply(f"review number {i}") for i in range(20)]
+
+
+def test_a_files_objects_the_ledger_never_named_are_deleted_by_the_next_run(start_sim, make_job, run_cli):
+    """A kill after a request file was kept but before the ledger named it leaves its objects (batches/file-N.*):
+    the next run deletes them (the file's rows are pending, and built again when a file is)."""
+    sim = start_sim(batch_speed=0)
+    job = batch_job(make_job, sim, count=10, per_file=10)
+    assert run_cli("run", job)[0] == EXIT_BATCHES_LIVE
+    batches = job.parent / "out" / "result.checkpoint" / "batches"
+    for name in ("file-000002.jsonl", "file-000002.rows.parquet"):
+        (batches / name).write_bytes(b"{}\n")
+    (batches / ".file-000002.jsonl.0a1b2c3d4e5f.tmp").write_bytes(b"{")
+    sim.advance(3600)
+    assert run_cli("run", job)[0] == 0
+    left = sorted(path.name for path in batches.iterdir())
+    assert not [name for name in left if "file-000002" in name or name.endswith(".tmp")], left
+    assert len(output_of(job)) == 10

@@ -459,3 +459,18 @@ def test_status_says_a_shard_killed_9_on_this_host_is_not_running_though_its_lea
     assert "not finished, not running, lease held by" in line and "whose run ended without releasing it" in line
     code, out, _ = run_cli("run", job, "--shard", "0/2")  # the next run on this host takes the lease over at once
     assert code == 0, out
+
+
+def test_a_run_aborts_the_uploads_a_killed_run_left_in_its_checkpoint(sim, make_job, run_cli, s3, tmp_path):
+    """A run killed while it sent a large object leaves a multipart upload never completed (S3 keeps and bills its
+    parts): the next run aborts those of its checkpoint (parts, Batch API files), and leaves anyone else's."""
+    job = on_s3(make_job, sim, s3, tmp_path, rows=ROWS[:20])
+    client = s3.client()
+    for key in ("out/result.checkpoint/part-000009.parquet", "out/result.checkpoint/batches/file-000004.jsonl",
+                "out/result.checkpoint/ledger/00000009.json", "out/elsewhere/keep.parquet"):
+        client.create_multipart_upload(Bucket=s3.name, Key=key)
+    code, _, err = run_cli("run", job)
+    assert code == 0, err
+    left = [upload["Key"] for upload in client.list_multipart_uploads(Bucket=s3.name).get("Uploads", [])]
+    assert left == ["out/elsewhere/keep.parquet"]
+    assert len(output_on(s3)) == 20

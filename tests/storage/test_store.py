@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -234,6 +237,61 @@ def test_local_temp_files_of_a_killed_writer_are_never_listed(tmp_path: Path) ->
     (tmp_path / ".part-000002.parquet.1f2e3d4c5b6a.tmp").write_bytes(b"half")
     (tmp_path / "batches" / ".file-000002.jsonl.1f2e3d4c5b6a.tmp").write_bytes(b"half")
     assert [e.key for e in store.list()] == ["batches/file-000001.jsonl"]
+
+
+KILLED_WRITE = """
+import os, signal, sys
+from batch.storage.local import LocalStore
+
+
+def write(sink):
+    sink.write(b"half an object")
+    sink.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+LocalStore(sys.argv[1]).replace(sys.argv[2], write)
+"""
+
+
+def leave_a_killed_write(store: Store, key: str, request: pytest.FixtureRequest) -> None:
+    """What a writer killed while it wrote `key` leaves: a local store's temp file (a real process, killed -9 in its
+    write), an S3 multipart upload never completed; nothing in memory (a write there is whole or absent)."""
+    if isinstance(store, LocalStore):
+        killed = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(store.root), key], check=False)
+        assert killed.returncode == -signal.SIGKILL
+    elif isinstance(store, S3Store):
+        bucket: S3Bucket = request.getfixturevalue("s3")
+        bucket.client().create_multipart_upload(Bucket=bucket.name, Key=f"{store.prefix}/{key}")
+
+
+def left_over(store: Store, request: pytest.FixtureRequest) -> list[str]:
+    if isinstance(store, LocalStore):
+        return sorted(path.relative_to(store.root).as_posix() for path in store.root.rglob(".*.tmp"))
+    if isinstance(store, S3Store):
+        bucket: S3Bucket = request.getfixturevalue("s3")
+        uploads = bucket.client().list_multipart_uploads(Bucket=bucket.name, Prefix=f"{store.prefix}/")
+        return sorted(upload["Key"].removeprefix(f"{store.prefix}/") for upload in uploads.get("Uploads", []))
+    return []
+
+
+def test_clean_up_removes_what_a_killed_write_left_in_its_folder_and_nothing_else(
+        store: Store, request: pytest.FixtureRequest) -> None:
+    store.create("batches/file-000001.jsonl", bytes_of(b"{}\n"))
+    for key in ("batches/file-000002.jsonl", "batches/deeper/file-000003.jsonl", "ledger/00000001.json"):
+        leave_a_killed_write(store, key, request)
+    kinds = {LocalStore: 3, S3Store: 3}
+    assert len(left_over(store, request)) == next((n for kind, n in kinds.items() if isinstance(store, kind)), 0)
+    assert [entry.key for entry in store.list()] == ["batches/file-000001.jsonl"]  # a leftover is never an object
+    removed = store.clean_up("batches/")
+    assert removed == (1 if isinstance(store, LocalStore | S3Store) else 0)
+    assert all(not leftover.startswith("batches/file-000002") for leftover in left_over(store, request))
+    assert len(left_over(store, request)) == (2 if isinstance(store, LocalStore | S3Store) else 0)  # below, beside
+    assert store.clean_up() == 0 and store.clean_up("ledger/") == (1 if left_over(store, request) else 0)
+    assert [entry.key for entry in store.list()] == ["batches/file-000001.jsonl"]
+    assert store.read_bytes("batches/file-000001.jsonl") == b"{}\n"
+    with pytest.raises(ValueError):
+        store.clean_up("batches")  # a folder ends in "/"
 
 
 def test_local_store_reads_files_it_did_not_write(tmp_path: Path) -> None:
