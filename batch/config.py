@@ -543,11 +543,20 @@ class JobSpec(Strict):
     def local_dir(self) -> Path:
         """The local folder of what needs a local disk (the write-ahead log, the run lock, the log, spooled files, the
         default answer cache): the checkpoint folder itself, or, with the checkpoint on a URL, output.local_dir."""
-        folder = self.checkpoint_dir
+        return self._local_dir(self._shard)
+
+    @property
+    def job_local_dir(self) -> Path:
+        """The local folder of a run of the whole job (not a shard's), whichever part of it this spec is for: where
+        an unsharded run's write-ahead log is."""
+        return self._local_dir(None)
+
+    def _local_dir(self, shard: Shard | None) -> Path:
+        folder = self.job_checkpoint_dir / shard.folder if shard else self.job_checkpoint_dir
         if not is_url(folder):
             return cast(Path, folder)
         if self.output.local_dir is not None:  # a shard's local files in a folder of their own, as its objects are
-            return self.output.local_dir / self._shard.folder if self._shard else self.output.local_dir
+            return self.output.local_dir / shard.folder if shard else self.output.local_dir
         named = hashlib.sha256(str(folder).encode("utf-8")).hexdigest()[:16]
         return Path(tempfile.gettempdir()) / f"batch-{self.output.path.stem}-{named}"
 

@@ -25,6 +25,10 @@ from batch.storage.locations import Location, store_at
 
 # The files a checkpoint folder holds from its first run: a folder with one is some job's checkpoint.
 CHECKPOINT_MARKERS = ("fingerprint.json", "wal.jsonl")
+# A checkpoint's Batch API ledger (batch_api/ledger.py), in its store: one object per step, or the file an older batch
+# appended the steps to. A checkpoint holding either has sent rows in batches, answered or not yet.
+LEDGER_EVENTS_PREFIX = "ledger/"
+LEDGER_NAME = "batches.jsonl"
 
 Mode = Literal["online", "batch_api"]
 
@@ -151,3 +155,6 @@ class Plan(Settings):
     fingerprint: dict[str, Any]
     table: InputTable  # opened and scanned: columns present, ids unique and non-empty
     rows: int
+    # A run of the whole job whose N shards answered every row, all finished, and whose output is merged from them as
+    # they are now (preflight.check_layout): N, and the run sends nothing. None otherwise.
+    merged_shards: int | None = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,8 +21,10 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
+from batch.checkpoint.final import is_current, merged_footer
+from batch.checkpoint.finished import shard_state, why_unfinished
 from batch.checkpoint.guard import FINGERPRINT_NAME, LOCK_NAME, compare_fingerprint, fingerprint
-from batch.checkpoint.writer import WAL_NAME, checkpoint_at
+from batch.checkpoint.writer import WAL_NAME, Checkpoint, checkpoint_at, part_order
 from batch.config import JobSpec, answer_timeouts, load_job
 from batch.errors import ConfigError, in_callers_words, read_reason
 from batch.input.prompts import PromptBuilder
@@ -31,6 +33,8 @@ from batch.logs import LOG_NAME, keep_secret, redact
 from batch.money.cache import check_answer_cache
 from batch.plan import (
     CHECKPOINT_MARKERS,
+    LEDGER_EVENTS_PREFIX,
+    LEDGER_NAME,
     BatchApiSettings,
     BudgetLimits,
     Limits,
@@ -46,7 +50,7 @@ from batch.proxy import env_proxy
 from batch.records import OUTPUT_FIELDS
 from batch.replies.schema import json_output_for, openai_strict
 from batch.shard import FOLDER, INDEX_VARIABLES, Shard, choose_shard
-from batch.storage.base import StorageError
+from batch.storage.base import Entry, StorageError, Store
 from batch.storage.locations import STORAGE_SECRET_VARIABLES, Location, input_kind, is_url, store_at
 from batch.wording import counted
 
@@ -166,12 +170,14 @@ def preflight(job: str | Path | JobSpec, force: bool = False, api_key: str | Non
     `shards: N` without an index to pick one is refused).
     """
     spec = job if isinstance(job, JobSpec) else load_job(job)
-    spec = shard_spec(spec, shard or ShardAsk())
+    ask = shard or ShardAsk()
+    spec = shard_spec(spec, ask)
     settings = resolve(spec)
     _keep_storage_secrets(spec)
     _check_input_reachable(spec)
     check_output_path(spec)  # the output's store reachable too, after the checks that need no call
     _check_checkpoint_writable(spec)
+    merged_shards = check_layout(spec, spec.shard.count if spec.shard else ask.count or spec.shards)
     if spec.cache is not None:
         _check_creatable(spec, "cache.path", spec.cache.path, "the answer cache")
         _check_writable(spec, "cache.path", spec.cache.path, "the answer cache")
@@ -194,7 +200,7 @@ def preflight(job: str | Path | JobSpec, force: bool = False, api_key: str | Non
     rows = table.scan(keep_hashes=checkpoint_at(settings.locations).has_records())
     resolved = {field.name: getattr(settings, field.name) for field in fields(Settings)}
     return Plan(**{**resolved, "mode": mode or settings.mode}, api_key=api_key, proxy=proxy, fingerprint=shapes,
-                table=table, rows=rows)
+                table=table, rows=rows, merged_shards=merged_shards)
 
 
 @dataclass(frozen=True)
@@ -219,18 +225,30 @@ def shard_spec(spec: JobSpec, ask: ShardAsk) -> JobSpec:
 
 def shard_count(settings: Settings, given: int | None = None) -> int | None:
     """How many shards the job runs as: --shards, the job file's `shards:`, or the shard folders its checkpoint
-    holds (all of one count); None when it is not sharded."""
+    holds (all of one count); None when it is not sharded. A checkpoint holding answers of other layouts than the one
+    asked for (or, none asked for, of more than one) is refused, as a run in that layout would be (check_layout)."""
+    at = settings.locations
     if given is not None and settings.shards is not None and given != settings.shards:
-        raise ConfigError(f"--shards {given} and {settings.locations.job_file}: shards: {settings.shards} disagree on "
+        raise ConfigError(f"--shards {given} and {at.job_file}: shards: {settings.shards} disagree on "
                           "the number of shards: give one count")
-    if given is not None or settings.shards is not None:
-        return given or settings.shards
-    folder = settings.locations.checkpoint_dir
-    counts = sorted({int(found[2]) for found in map(FOLDER.fullmatch, _shard_folders(folder)) if found})
-    if len(counts) > 1:
-        raise ConfigError(f"{folder} holds shards of {' and of '.join(map(str, counts))}: pass --shards N to say "
-                          "which split to read")
-    return counts[0] if counts else None
+    layouts = checkpoint_layouts(at.checkpoint_dir, at.local_dir)
+    count = given or settings.shards
+    if count is not None:
+        if layouts.answered and count not in layouts.answered:
+            raise ConfigError(f"{at.checkpoint_dir} holds {layout_words(layouts.answered)}, none of "
+                              f"{counted(count, 'shard')}: "
+                              f"{_how_to_read(layouts.answered)}")
+        return count
+    held = layouts.answered or sorted(layouts.shards)
+    if len(held) > 1:
+        raise ConfigError(f"{at.checkpoint_dir} holds {layout_words(held)}: {_how_to_read(held)}")
+    return held[0] if held else None
+
+
+def _how_to_read(held: Sequence[int | None]) -> str:
+    if held == [None]:
+        return "it is read without --shards or shards: N"
+    return "pass --shards N to say which split to read"
 
 
 def job_shards(spec: JobSpec, given: int | None = None) -> list[Settings] | None:
@@ -240,15 +258,101 @@ def job_shards(spec: JobSpec, given: int | None = None) -> list[Settings] | None
     if spec.shard is not None:
         return None
     count = shard_count(settings_of(spec), given)
-    return [settings_of(spec.for_shard(Shard(index, count))) for index in range(count)] if count else None
+    return _shards_of(spec, count) if count else None
 
 
-def _shard_folders(folder: Location) -> set[str]:
-    """The names of the shard folders in the job's checkpoint `folder` (on a disk or a bucket)."""
+def _shards_of(spec: JobSpec, count: int) -> list[Settings]:
+    return [settings_of(spec.for_shard(Shard(index, count))) for index in range(count)]
+
+
+@dataclass(frozen=True)
+class Layouts:
+    """What a job's checkpoint folder holds, layout by layout: the answers of a run of the whole job (records, or
+    Batch API batches, at its root), and its shard folders (shard=K-of-N) of each count N. A job's rows are answered
+    in one layout: a run in another reads none of these answers, so it would send their rows again and pay twice."""
+
+    unsharded: bool  # answers at the root
+    shards: dict[int, bool]  # each count N of its shard folders: whether one of them holds answers
+
+    @property
+    def answered(self) -> list[int | None]:
+        """The layouts holding answers: None for the unsharded one, N for N shards."""
+        return ([None] if self.unsharded else []) + sorted(count for count, held in self.shards.items() if held)
+
+
+def layout_words(layouts: Sequence[int | None]) -> str:
+    """Layouts (Layouts.answered) as a checkpoint holds them: 'answers of an unsharded run and of 4 shards
+    (shard=K-of-4)'."""
+    return "answers of " + " and of ".join("an unsharded run" if count is None else
+                                           f"{counted(count, 'shard')} (shard=K-of-{count})" for count in layouts)
+
+
+def checkpoint_layouts(folder: Location, local_dir: Path) -> Layouts:
+    """The layouts the job's checkpoint `folder` holds (`local_dir`: the whole job's local folder, where an unsharded
+    run's write-ahead log is): one listing of its shard folders, one of its root."""
+    store = store_at(folder)
     try:
-        return {entry.key.split("/", 1)[0] for entry in store_at(folder).list("shard=")}
+        listed = store.list("shard=")
     except OSError:  # no checkpoint yet
-        return set()
+        return Layouts(False, {})
+    shards: dict[int, bool] = {}
+    for entry in listed:
+        name, _, key = entry.key.partition("/")
+        if found := FOLDER.fullmatch(name):
+            count = int(found[2])
+            shards[count] = shards.get(count, False) or _holds_answers(key, entry.size)
+    try:
+        unsharded = (Checkpoint(local_dir, store=store).has_records()
+                     or any(_holds_answers(entry.key, entry.size) for entry in _ledger_entries(store)))
+    except OSError:
+        unsharded = False
+    return Layouts(unsharded, shards)
+
+
+def _ledger_entries(store: Store) -> list[Entry]:
+    return [*store.list(LEDGER_EVENTS_PREFIX), *store.list(LEDGER_NAME)]
+
+
+def _holds_answers(key: str, size: int) -> bool:
+    """Whether the object `key` of a checkpoint (`size` bytes) holds answers, or rows sent for them: a part of
+    records, a write-ahead log with something in it, a Batch API ledger's step."""
+    return (part_order(key) is not None or key.startswith(LEDGER_EVENTS_PREFIX) or key == LEDGER_NAME
+            or (key == WAL_NAME and size > 0))
+
+
+def check_layout(spec: JobSpec, count: int | None) -> int | None:
+    """A run of `spec` in the layout `count` (N shards, or None: unsharded) must be the one the job's checkpoint holds
+    answers of, if any: a run in another reads none of them, so it would pay for their rows again and go past the
+    job's budget. ConfigError naming what the checkpoint holds and what to do; or, for an unsharded run of a job
+    whose N shards all finished and whose output is merged from them as they are now, N: the job is complete, and
+    the run sends nothing (a cron that reruns the job keeps working)."""
+    layouts = checkpoint_layouts(spec.job_checkpoint_dir, spec.job_local_dir)
+    held = layouts.answered
+    if not [layout for layout in held if layout != count]:
+        return None
+    if count is None and len(held) == 1 and _merged_and_current(spec, held[0]):  # type: ignore[arg-type]
+        return held[0]
+    this = ("unsharded" if count is None else f"shard {spec.shard.index}/{count}" if spec.shard
+            else counted(count, "shard"))
+    if held == [None]:
+        todo = "run it unsharded (no --shard, --shards or shards: N)"
+    elif len(held) == 1:
+        todo = (f"run each shard to the end (`--shard K/{held[0]}`, or `--shards {held[0]}` with an array job's "
+                f"index), then `batch merge`" + (" (a plain run is then a no-op)" if count is None else ""))
+    else:
+        todo = "answers of two layouts are never merged into one output"
+    raise ConfigError(f"{spec.job_checkpoint_dir} holds {layout_words(held)}, and this run is {this}: it would send "
+                      f"their rows again and pay for them twice; {todo}, or set a new output.path to start over")
+
+
+def _merged_and_current(spec: JobSpec, count: int) -> bool:
+    """Whether the job's `count` shards have all finished, none is running, and the job's output is the one `batch
+    merge` writes from their records and the input as they are now (so no row of theirs is pending either)."""
+    parts = _shards_of(spec, count)
+    if any(why_unfinished(shard_state(part)) for part in parts):
+        return False
+    return is_current(spec.output.path, merged_footer(settings_of(spec), (checkpoint_at(part.locations)
+                                                                          for part in parts)))
 
 
 def validation_report(plan: Plan) -> str:
@@ -258,8 +362,14 @@ def validation_report(plan: Plan) -> str:
     # is refused, and validate said "ok").
     runs = (f"; it runs as {counted(plan.shards, 'shard')}: each run needs --shard K/{plan.shards}, or "
             f"{' or '.join(INDEX_VARIABLES)} set" if plan.shard is None and plan.shards else "")
+    done = f"; complete: {merged_words(plan.merged_shards)}, so a run sends nothing" if plan.merged_shards else ""
     return (f"{plan.locations.job_file}: ok: {counted(plan.rows, 'row')} in {plan.locations.input}{part}, "
-            f"prompt columns {columns}, model {plan.model} at {plan.base_url}{runs}")
+            f"prompt columns {columns}, model {plan.model} at {plan.base_url}{runs}{done}")
+
+
+def merged_words(count: int) -> str:
+    """What a run of a job its `count` shards answered and merged (Plan.merged_shards) says it does."""
+    return f"the job's shards (shard=K-of-{count}) have all finished and its output is merged from them"
 
 
 def _check_output_columns(spec: JobSpec) -> None:

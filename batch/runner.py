@@ -26,7 +26,7 @@ from batch.checkpoint.final import (
     reply_columns,
     write_final,
 )
-from batch.checkpoint.finished import mark_finished
+from batch.checkpoint.finished import mark_finished, read_finished
 from batch.checkpoint.guard import RunLock, check_fingerprint, end_run, mark_running
 from batch.checkpoint.writer import checkpoint_at
 from batch.errors import (
@@ -57,6 +57,7 @@ from batch.plan import Plan
 from batch.pricing import Pricer, batch_pricer
 from batch.process import give_back_freed_memory
 from batch.records import CARRIED_FIELDS, Record, carry, failed_record
+from batch.shard import Shard
 from batch.shared.account import SharedLimits, shared_limits
 from batch.storage.lease import Lease, LeaseHeld, LeaseLost, holder_prefix
 from batch.storage.locations import is_url
@@ -131,6 +132,8 @@ class Run:
         self._signals: list[TakenSignal] = []  # what each signal the run took had before it
 
     async def execute(self) -> dict[str, Any]:
+        if self.plan.merged_shards is not None:
+            return self._merged_already(self.plan.merged_shards)
         total = self.plan.rows
         try:
             self.lock.acquire()
@@ -155,6 +158,17 @@ class Run:
                 with contextlib.suppress(OSError):  # unreleased, it expires within its ttl
                     lease.release()
             self.lock.release()
+
+    def _merged_already(self, count: int) -> dict[str, Any]:
+        """The summary of a run of the whole job that its `count` shards answered, all finished and merged
+        (preflight.check_layout): nothing sent, nothing written, the counts their _SUCCESS markers hold."""
+        markers = [read_finished(self.folder / Shard(index, count).folder) or {} for index in range(count)]
+        totals = {name: sum(int(marker.get(name) or 0) for marker in markers) for name in ("ok", "failed")}
+        stats = RunStats(self.plan.rows)
+        stats.skipped = totals["ok"] + totals["failed"]
+        summary = build_summary(self.plan.name, self.plan.model, stats, {**totals, "pending": 0, "not_in_input": 0},
+                                None, self.plan.locations.output, EXIT_ROWS_FAILED if totals["failed"] else EXIT_OK)
+        return {**summary, "mode": self.mode, "batches": [], "merged_shards": count}
 
     def _take_lease(self) -> Lease | None:
         """A checkpoint on a URL has no local lock that other hosts see: its lease (batch/storage/lease.py) makes

@@ -18,6 +18,7 @@ from batch.batch_api.ledger import TERMINAL, format_batch
 from batch.checkpoint.answered import INTERRUPTED
 from batch.errors import option
 from batch.logs import redact
+from batch.preflight import merged_words
 from batch.pricing import CURRENCY, money
 from batch.records import Record, billed
 from batch.storage.locations import Location, write_text_at
@@ -187,6 +188,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  {counted(len(waiting), 'Batch API request file')} "
                      f"({counted(sum(b['rows'] for b in waiting), 'row')}) not made a batch yet: the next run uploads "
                      "and submits them")
+    if summary.get("merged_shards"):
+        lines.append(f"  nothing sent: {merged_words(summary['merged_shards'])}")
     if summary["stopped"]:
         lines.append(f"  stopped: {summary['stopped']}")
     if summary["output"]:

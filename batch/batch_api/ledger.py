@@ -51,7 +51,8 @@ import pyarrow.parquet as pq
 
 from batch.checkpoint.answered import Answered, RowStates
 from batch.errors import CheckpointWriteError, ConfigError
-from batch.plan import Locations
+from batch.plan import LEDGER_EVENTS_PREFIX as EVENTS_PREFIX
+from batch.plan import LEDGER_NAME, Locations
 from batch.storage.atomic import temp_path
 from batch.storage.base import AlreadyExists, NotFound, Store
 from batch.storage.local import LocalStore
@@ -59,8 +60,6 @@ from batch.wording import counted
 
 log = logging.getLogger("batch")
 
-LEDGER_NAME = "batches.jsonl"  # the steps as a checkpoint written before they were objects holds them
-EVENTS_PREFIX = "ledger/"
 _EVENT_KEY = re.compile(r"ledger/(\d+)\.json")
 FILES_DIR = "batches"
 _FILE_KEY = re.compile(r"batches/file-(\d+)\.[a-z.]+")  # a file's request lines, rows, output or errors

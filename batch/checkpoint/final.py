@@ -26,7 +26,7 @@ from batch.shard import shard_of
 from batch.storage.locations import input_version, object_at
 
 if TYPE_CHECKING:
-    from batch.plan import OutputSettings
+    from batch.plan import OutputSettings, Settings
 
 WINDOW_ROWS = 4096  # input rows per read of the checkpoint: its records arrive a row group at a time
 # Rows per row group of the output. The writer holds ~30 KB of metadata per row group until it closes
@@ -58,6 +58,13 @@ def made_from(checkpoint: Checkpoint, source: Path) -> str:
 def output_footer(settings: str, made_of: str) -> dict[bytes, bytes]:
     """The final file's footer: its settings (output_settings) and what it was made from (made_from)."""
     return {SETTINGS_KEY: settings.encode("utf-8"), MADE_FROM_KEY: made_of.encode("utf-8")}
+
+
+def merged_footer(whole: Settings, checkpoints: Iterable[Checkpoint]) -> dict[bytes, bytes]:
+    """The footer of the job's output merged from the shards' `checkpoints` (in shard order) as they are now: an
+    output with this footer is the one `batch merge` would write from them."""
+    made = json.dumps([made_from(checkpoint, whole.locations.input) for checkpoint in checkpoints])
+    return output_footer(output_settings(whole.output, whole.schema), made)
 
 
 def is_current(path: Path, footer: dict[bytes, bytes]) -> bool:

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from batch.checkpoint.guard import RunLock
 from batch.shard import SUCCESS_NAME
 from batch.storage.base import AlreadyExists, NotFound
 from batch.storage.locations import Location, object_at
+
+if TYPE_CHECKING:
+    from batch.plan import Settings
 
 
 def mark_finished(folder: Location, counts: dict[str, Any]) -> None:
@@ -44,3 +48,17 @@ def read_finished(folder: Location) -> dict[str, Any] | None:
     except ValueError:
         return {}
     return found if isinstance(found, dict) else {}
+
+
+def shard_state(part: Settings) -> dict[str, Any]:
+    """Whether a shard has finished (its _SUCCESS marker) and whether a run of it is alive (its run lock held)."""
+    at = part.locations
+    return {"finished": read_finished(at.checkpoint_dir) is not None,
+            "running_pid": RunLock(at.local_dir).holder() if at.local_dir.is_dir() else None}
+
+
+def why_unfinished(state: dict[str, Any]) -> str | None:
+    """Why a merge waits for a shard in `state` (shard_state), or None: it has finished and no run of it is alive."""
+    if not state["running_pid"] and state["finished"]:
+        return None
+    return f"running, pid {state['running_pid']}" if state["running_pid"] else "not finished"

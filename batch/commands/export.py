@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from batch.checkpoint.finished import shard_state
 from batch.commands.shards import (
     ShardsReading,
     read_shards,
@@ -79,7 +80,7 @@ def _export_shard(part: Settings, fmt: Literal["csv", "jsonl", "parquet"], to: P
     """Shard `part`'s rows alone, once it has finished (a shard writes no output of its own: they are written from
     its checkpoint to a file of the export's own first)."""
     label, job_file = part.shard.label, part.locations.job_file  # type: ignore[union-attr]
-    why = why_waiting(part, read_job(part))
+    why = why_waiting(shard_state(part), read_job(part).pending)
     if why:
         raise ConfigError(f"{job_file}: {label} has not finished ({why}): `batch run {job_file} --shard "
                           f"{part.shard.index}/{part.shard.count}` runs it to the end")  # type: ignore[union-attr]

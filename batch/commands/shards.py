@@ -7,56 +7,25 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from batch.checkpoint.final import (
-    LastRecords,
-    ShardRecords,
-    is_current,
-    made_from,
-    output_footer,
-    output_settings,
-    reply_columns,
-    write_final,
-)
-from batch.checkpoint.finished import read_finished
-from batch.checkpoint.guard import RunLock
-from batch.checkpoint.writer import Checkpoint, checkpoint_at
+from batch.checkpoint.final import LastRecords, ShardRecords, is_current, merged_footer, reply_columns, write_final
+from batch.checkpoint.finished import shard_state, why_unfinished
+from batch.checkpoint.writer import checkpoint_at
 from batch.commands.estimate import estimate, format_budget, format_estimate, mean_completion_tokens, read_for_estimate
 from batch.commands.status import JobReading, format_lease, id_batches, job_status, read_job
 from batch.errors import ConfigError, OutputWriteError, os_reason
 from batch.plan import Settings
-from batch.preflight import input_table
+from batch.preflight import checkpoint_layouts, input_table
 from batch.pricing import CURRENCY, money
 from batch.shard import shard_of
 from batch.storage.locations import Location, object_exists, write_text_at
 from batch.wording import counted
 
 MERGE_SUMMARY_NAME = "merge.json"  # in the job's checkpoint folder: what the last merge wrote
-
-
-def shard_state(part: Settings) -> dict[str, Any]:
-    """Whether a shard has finished (its _SUCCESS marker) and whether a run of it is alive (its run lock held)."""
-    at = part.locations
-    return {"finished": read_finished(at.checkpoint_dir) is not None,
-            "running_pid": RunLock(at.local_dir).holder() if at.local_dir.is_dir() else None}
-
-
-def unfinished_shards(parts: list[Settings], states: list[dict[str, Any]]) -> list[str]:
-    """The shards `batch merge` waits for (not finished, or a run of one alive), each named with why."""
-    return [f"{part.shard.label} ({why})"  # type: ignore[union-attr]
-            for part, state in zip(parts, states) if (why := why_unfinished(state))]
-
-
-def merged_footer(whole: Settings, checkpoints: Iterable[Checkpoint]) -> dict[bytes, bytes]:
-    """The footer of the job's output merged from the shards' `checkpoints` (in shard order) as they are now: an
-    output with this footer is the one `batch merge` would write from them."""
-    made = json.dumps([made_from(checkpoint, whole.locations.input) for checkpoint in checkpoints])
-    return output_footer(output_settings(whole.output, whole.schema), made)
 
 
 @dataclass
@@ -80,18 +49,23 @@ class ShardsReading:
 def read_shards(whole: Settings, parts: list[Settings]) -> ShardsReading:
     """Each shard of the job `whole` (`parts`: job_shards) as it is now: what `export` and `read_results` read."""
     readings = [read_job(part) for part in parts]
-    unfinished = [f"{part.shard.label} ({why})" for part, reading in zip(parts, readings)  # type: ignore[union-attr]
-                  if (why := why_waiting(part, reading))]
+    unfinished = waiting_shards(parts, [shard_state(part) for part in parts], [reading.pending for reading in readings])
     current = not unfinished and is_current(whole.locations.output,
                                             merged_footer(whole, (reading.checkpoint for reading in readings)))
     return ShardsReading(parts, readings, unfinished, current)
 
 
-def why_waiting(part: Settings, reading: JobReading) -> str | None:
-    """Why shard `part` (`reading`: read_job) is not ready to be read as finished, or None: it has not finished, a run
-    of it is alive, or rows of it are pending again (added to the input, or their prompt changed, since it ended)."""
-    pending = f"{counted(reading.pending, 'row')} pending" if reading.pending else None
-    return why_unfinished(shard_state(part)) or pending
+def why_waiting(state: dict[str, Any], pending: int) -> str | None:
+    """Why a shard (`state`: shard_state; `pending`: its rows with no answer now) is not ready to be read as finished,
+    or None: it has not finished, a run of it is alive, or rows of it are pending again (added to the input, or their
+    prompt changed, since it ended). What `merge`, `export` and `read_results` wait for."""
+    return why_unfinished(state) or (f"{counted(pending, 'row')} pending" if pending else None)
+
+
+def waiting_shards(parts: list[Settings], states: list[dict[str, Any]], pending: list[int]) -> list[str]:
+    """Each shard of `parts` not ready to be read as finished (why_waiting), named with why."""
+    return [f"{part.shard.label} ({why})"  # type: ignore[union-attr]
+            for part, state, rows in zip(parts, states, pending) if (why := why_waiting(state, rows))]
 
 
 def merge_shards(whole: Settings, parts: list[Settings] | None, partial: bool = False) -> dict[str, Any]:
@@ -103,13 +77,16 @@ def merge_shards(whole: Settings, parts: list[Settings] | None, partial: bool = 
     if not parts:
         raise ConfigError(f"{at.job_file}: the job is not split into shards (no shards: N in the job file, no "
                           f"--shards, and no shard folder in {at.checkpoint_dir}): `batch run` writes its output")
+    count = len(parts)
+    if count not in checkpoint_layouts(at.checkpoint_dir, at.local_dir).shards:  # an output of nothing but pending rows
+        raise ConfigError(f"{at.job_file}: nothing to merge: {at.checkpoint_dir} holds no shard of {count} "
+                          f"(shard=K-of-{count}): run them first (`batch run {at.job_file} --shard K/{count}`)")
     states = [shard_state(part) for part in parts]
-    if not partial:
-        waiting = unfinished_shards(parts, states)
-        if waiting:
-            raise ConfigError(f"{at.job_file}: cannot merge yet: {', '.join(waiting)}: run each to the end "
-                              "(`batch run` with its --shard), or merge --partial to write what is there")
+    if not partial:  # before each shard is read: a shard not finished is told at once
+        _refuse_waiting(at.job_file, waiting_shards(parts, states, [0] * count))
     readings = [_read_shard(part) for part in parts]
+    if not partial:  # rows pending again in a finished shard (the input edited since) are never merged as answered
+        _refuse_waiting(at.job_file, waiting_shards(parts, states, [reading["pending"] for reading in readings]))
     records = ShardRecords([_last_records(reading) for reading in readings])
     try:
         # Made from every shard's parts and the input, as one checkpoint's final file is made from its own.
@@ -125,6 +102,12 @@ def merge_shards(whole: Settings, parts: list[Settings] | None, partial: bool = 
     except OSError:
         pass  # the output is written; only this copy of the summary is lost (it was printed)
     return summary
+
+
+def _refuse_waiting(job_file: Location, waiting: list[str]) -> None:
+    if waiting:
+        raise ConfigError(f"{job_file}: cannot merge yet: {', '.join(waiting)}: run each to the end "
+                          "(`batch run` with its --shard), or merge --partial to write what is there")
 
 
 def write_shard_rows(part: Settings, path: Location) -> int:
@@ -151,13 +134,6 @@ def _write_records(settings: Settings, path: Location, readings: list[dict[str, 
     keep = list(out.keep_columns)
     return write_final(path, input_table(settings).id_batches(keep), out.id_column, keep, records, replies,
                        footer=footer)
-
-
-def why_unfinished(state: dict[str, Any]) -> str | None:
-    """Why a merge waits for a shard in `state` (shard_state), or None: it has finished and no run of it is alive."""
-    if not state["running_pid"] and state["finished"]:
-        return None
-    return f"running, pid {state['running_pid']}" if state["running_pid"] else "not finished"
 
 
 def _read_shard(part: Settings) -> dict[str, Any]:
