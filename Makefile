@@ -8,13 +8,25 @@ PANDAS2_TESTS := tests/input/test_text_types.py tests/api/test_frames.py tests/a
 SIM_PORT ?= 18080
 JOB ?= jobs/demo.yaml
 
-.PHONY: install redis-server demo demo-batch run status estimate validate test bench lint docs e2e clean
+.PHONY: install redis-server azurite demo demo-batch run status estimate validate test bench lint docs e2e clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed azurite
 
 # The tests of limits.shared start their own Redis (Debian's package), on a free port of 127.0.0.1.
 redis-server:
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+
+# The tests of az:// start their own Azurite (Azure Blob Storage's emulator, from npm) on 127.0.0.1: its newest
+# version for node 20 (3.36 wants node 21), into .tools/ (git-ignored). Debian's nodejs and npm when there are none.
+AZURITE_VERSION := 3.35.0
+AZURITE := .tools/azurite/node_modules/.bin/azurite-blob
+azurite: $(AZURITE)
+
+$(AZURITE):
+	@command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm)
+	mkdir -p .tools/azurite
+	npm install --silent --no-save --no-audit --no-fund --prefix .tools/azurite azurite@$(AZURITE_VERSION)
+	touch $@
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,7 +56,7 @@ validate: install
 	$(PY) -m batch validate $(JOB)
 
 # pytest exits 5 when it collects nothing; that is a failure here too. Two workers (pytest-xdist): 83 s -> 45 s.
-test: install redis-server $(PANDAS2_VENV)/.installed
+test: install redis-server azurite $(PANDAS2_VENV)/.installed
 	$(PY) -m pytest -q -n 2
 	$(PANDAS2_VENV)/bin/python -m pytest -q -p no:cacheprovider $(PANDAS2_TESTS)
 
@@ -84,4 +96,4 @@ $(E2E_VENV)/.installed:
 	touch $@
 
 clean:
-	rm -rf $(VENV) $(PANDAS2_VENV) $(E2E_VENV) out site
+	rm -rf $(VENV) $(PANDAS2_VENV) $(E2E_VENV) out site .tools

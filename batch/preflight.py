@@ -51,7 +51,14 @@ from batch.records import OUTPUT_FIELDS
 from batch.replies.schema import json_output_for, openai_strict
 from batch.shard import FOLDER, INDEX_VARIABLES, Shard, choose_shard
 from batch.storage.base import Entry, StorageError, Store
-from batch.storage.locations import STORAGE_SECRET_VARIABLES, Location, input_kind, is_url, store_at
+from batch.storage.locations import (
+    STORAGE_SECRET_VARIABLES,
+    Location,
+    credentials_from,
+    input_kind,
+    is_url,
+    store_at,
+)
 from batch.wording import counted
 
 
@@ -514,19 +521,19 @@ def _check_input_reachable(spec: JobSpec) -> None:
     url = spec.input.path
     if not is_url(url):
         return
-    with _remote_failures(f"{spec.where('input.path')}: input.path {url}"):
+    with _remote_failures(f"{spec.where('input.path')}: input.path {url}", url):
         input_kind(url)
 
 
 def _check_output_reachable(spec: JobSpec, where: str) -> None:
     """The output and its checkpoint on a URL: a scheme batch can write (exclusive creates), the bucket there and the
     credentials good (one list of the checkpoint's fingerprint: nothing is written)."""
-    with _remote_failures(where):
+    with _remote_failures(where, spec.output.path):
         store_at(spec.checkpoint_dir).list(FINGERPRINT_NAME)
 
 
 @contextlib.contextmanager
-def _remote_failures(where: str) -> Iterator[None]:
+def _remote_failures(where: str, url: Location) -> Iterator[None]:
     """A store's or a filesystem's failure (a bad URL, no credentials, no such bucket) as one line naming the key."""
     try:
         yield
@@ -535,7 +542,7 @@ def _remote_failures(where: str) -> Iterator[None]:
     except Exception as exc:  # botocore's credential and endpoint errors are no OSErrors
         reason = exc.strerror if isinstance(exc, StorageError) else (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"{where}: cannot reach it: {redact(str(reason))}; the credentials come from the "
-                          "environment (AWS_* variables, a profile), never from the job file") from None
+                          f"{credentials_from(url)}, never from the job file") from None
 
 
 def usable_key(key: str, source: str) -> str:

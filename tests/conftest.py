@@ -10,6 +10,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from bucket_helpers import BUCKETS, AzureContainer, Emulator, GCSBucket, start_azurite, start_fake_gcs_server
 from helpers import DATA, RedisServer
 from hypothesis import settings
 from s3_helpers import S3Bucket
@@ -164,3 +165,37 @@ def s3(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> S3Bucket:
     """A new bucket on the moto server, with the environment a user's would have (AWS_* variables) for this
     process and the batch processes it starts; its requests recorded from now on (S3Bucket.requests)."""
     return S3Bucket.make(moto_server, monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
+    """A Google Cloud Storage emulator (fake-gcs-server) on 127.0.0.1 for this test process."""
+    server = start_fake_gcs_server(tmp_path_factory.mktemp("gcs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def azurite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
+    """An Azure Blob Storage emulator (Azurite) on 127.0.0.1 for this test process."""
+    server = start_azurite(tmp_path_factory.mktemp("azurite"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gcs(gcs_server: Emulator, monkeypatch: pytest.MonkeyPatch) -> GCSBucket:
+    """A new bucket on the GCS emulator, with the environment a user's would have (STORAGE_EMULATOR_HOST)."""
+    return GCSBucket.make(gcs_server, monkeypatch)
+
+
+@pytest.fixture
+def azure(azurite_server: Emulator, monkeypatch: pytest.MonkeyPatch) -> AzureContainer:
+    """A new container on Azurite, with the environment a user's would have (AZURE_STORAGE_CONNECTION_STRING)."""
+    return AzureContainer.make(azurite_server, monkeypatch)
+
+
+@pytest.fixture(params=list(BUCKETS))
+def bucket(request: pytest.FixtureRequest) -> S3Bucket | GCSBucket | AzureContainer:
+    """A new bucket on each object store in turn (S3 on moto, GCS on fake-gcs-server, Azure on Azurite)."""
+    return request.getfixturevalue(BUCKETS[request.param])

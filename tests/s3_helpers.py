@@ -8,6 +8,7 @@ import os
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 
@@ -45,6 +46,12 @@ class S3Bucket:
         listed = self.client().list_objects_v2(Bucket=self.name, Prefix=prefix)
         return sorted(item["Key"] for item in listed.get("Contents", []))
 
+    def put(self, key: str, data: bytes) -> None:
+        self.client().put_object(Bucket=self.name, Key=key, Body=data)
+
+    def get(self, key: str) -> bytes:
+        return bytes(self.client().get_object(Bucket=self.name, Key=key)["Body"].read())
+
     def requests(self) -> list[dict[str, Any]]:
         """Every request sent for this bucket since it was made (moto's recording): method, url, headers."""
         with urllib.request.urlopen(f"{self.endpoint}/moto-api/recorder/download-recording") as reply:
@@ -58,6 +65,18 @@ class S3Bucket:
         objects = [entry for entry in self.requests() if f"/{self.name}/" in entry["url"]]
         return [entry for entry in objects if entry["method"] == "PUT" and "uploadId=" not in entry["url"]
                 or entry["method"] == "POST" and "uploadId=" in entry["url"]]
+
+    def writes(self) -> list[tuple[str, str]]:
+        """Every write of an object (bucket_helpers.GCSBucket.writes's terms): its key and condition."""
+        from bucket_helpers import CREATE, SWAP, UNCONDITIONAL
+
+        found = []
+        for entry in self.puts():
+            key = entry["url"].split(f"/{self.name}/", 1)[1].split("?")[0]
+            headers = entry["headers"]
+            found.append((unquote(key), CREATE if headers.get("If-None-Match") == "*" else SWAP
+                          if headers.get("If-Match") else UNCONDITIONAL))
+        return found
 
     def _moto(self, action: str) -> None:
         urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/moto-api/{action}", method="POST")).close()

@@ -2,26 +2,53 @@
 
 A URL is a `UrlPath`: a pure path whose first segment is its scheme, so it is joined, split and renamed as a local
 path is (`out.with_name(...)`, `folder / "part-000001.parquet"`, `.parent`, `.suffix`), and prints as the URL it is.
-Only what touches the bytes goes through here: `store_at` gives the Store of a folder (LocalStore, or S3Store for
-s3://), `object_at` a file's store and key, `open_input` a seekable file to read. Credentials come from each
-filesystem's own environment (AWS_* variables, profiles), never from a job file.
+Only what touches the bytes goes through here: `store_at` gives the Store of a folder (LocalStore, or the bucket's
+store for a writable scheme), `object_at` a file's store and key, `open_input` a seekable file to read. Credentials
+come from each filesystem's own environment (AWS_* variables, profiles; WRITABLE says each), never from a job
+file.
 
-Writing needs the conditional writes of the seam (batch.storage.base): S3 has them (s3fs); `file://` is a local
-path. Another scheme can be read (an input) but not written to: WRITABLE_SCHEMES says which.
+Writing needs the conditional writes of the seam (batch.storage.base): S3 (s3fs), Google Cloud Storage (gcsfs) and
+Azure Blob Storage (adlfs) have them (batch.storage.bucket); `file://` is a local path. Another scheme can be read
+(an input) but not written to: WRITABLE_SCHEMES says which.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, cast
 
 from batch.storage.base import NotFound, Store
 from batch.storage.local import LocalStore
 
-WRITABLE_SCHEMES = ("s3",)
+
+@dataclass(frozen=True)
+class WritableScheme:
+    """A scheme batch writes to: its store (a module imported only for such a URL, and the class in it), the
+    packages it needs and the extra of batch that installs them (None: batch's own dependencies), and where its
+    credentials come from, for messages."""
+
+    module: str
+    store: str
+    packages: str
+    extra: str | None
+    credentials: str
+
+
+WRITABLE = {
+    "s3": WritableScheme("batch.storage.s3", "S3Store", "s3fs", None, "AWS_* variables, a profile, an instance role"),
+    "gs": WritableScheme("batch.storage.gcs", "GCSStore", "gcsfs", "gcs",
+                         "GOOGLE_APPLICATION_CREDENTIALS, gcloud's login, the metadata server"),
+    "az": WritableScheme("batch.storage.azure", "AzureStore", "adlfs and azure-storage-blob", "azure",
+                         "AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_NAME with a key, a SAS token "
+                         "or a service principal"),
+}
+WRITABLE_SCHEMES = tuple(WRITABLE)
 # The environment's storage credentials a job's errors could quote: masked like the API key (batch.logs).
 STORAGE_SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AZURE_STORAGE_KEY",
+                            "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_CLIENT_SECRET",
                             "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN", "GOOGLE_OAUTH_ACCESS_TOKEN")
 _URL = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)", re.DOTALL)
 
@@ -83,11 +110,29 @@ def store_at(folder: Location) -> Store:
     """The store whose root is `folder`: a local folder's, or a bucket's under a prefix."""
     if not isinstance(folder, UrlPath):
         return LocalStore(folder)
-    if folder.scheme not in WRITABLE_SCHEMES:
-        raise ValueError(f"{folder}: batch writes only to local paths and {', '.join(WRITABLE_SCHEMES)}:// URLs")
-    from batch.storage.s3 import S3Store  # s3fs is loaded only by a job on S3
+    if folder.scheme not in WRITABLE:
+        raise ValueError(f"{folder}: batch writes only to local paths and "
+                         f"{', '.join(scheme + '://' for scheme in WRITABLE_SCHEMES)} URLs")
+    return cast(Store, getattr(_store_module(folder), WRITABLE[folder.scheme].store)(str(folder)))
 
-    return S3Store(str(folder))
+
+def _store_module(url: UrlPath) -> Any:
+    """The module of a writable scheme's store, imported now (a job elsewhere never loads its library); ValueError
+    naming the extra to install when its library is not."""
+    scheme = WRITABLE[url.scheme]
+    try:
+        return importlib.import_module(scheme.module)
+    except ImportError as exc:
+        if scheme.extra is None:
+            raise
+        raise ValueError(f"{url.scheme}:// URLs need {scheme.packages}, not installed ({exc.name} is missing): "
+                         f"pip install 'batch[{scheme.extra}]'") from None
+
+
+def credentials_from(url: Location) -> str:
+    """Where a URL's credentials come from, for a message."""
+    scheme = WRITABLE.get(url.scheme) if isinstance(url, UrlPath) else None
+    return f"the environment ({scheme.credentials})" if scheme else "the environment of its fsspec filesystem"
 
 
 def object_at(path: Location) -> tuple[Store, str]:
@@ -128,10 +173,8 @@ def filesystem(url: UrlPath) -> Any:
     ValueError naming the package to install for a scheme fsspec knows but has not got."""
     import fsspec
 
-    if url.scheme == "s3":
-        from batch.storage.s3 import default_filesystem
-
-        return default_filesystem()
+    if url.scheme in WRITABLE:  # the filesystem the store writes through, made from the environment as it is
+        return _store_module(url).default_filesystem()
     try:
         return fsspec.filesystem(url.scheme)
     except (ImportError, ValueError) as exc:

@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_store import make_store
+from test_store import STORES, bucket_for, make_store
 
 from batch.storage.base import Store
 from batch.storage.lease import LEASE_KEY, Lease, LeaseHeld, LeaseLost
@@ -24,10 +24,9 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(params=["local", "memory", "s3"])
+@pytest.fixture(params=STORES)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
-    bucket = request.getfixturevalue("s3") if request.param == "s3" else None
-    return make_store(request.param, tmp_path / "checkpoint", bucket)
+    return make_store(request.param, tmp_path / "checkpoint", bucket_for(request, request.param))
 
 
 def test_a_live_lease_has_one_holder_and_an_expired_one_is_taken_over_with_the_next_epoch(store: Store) -> None:

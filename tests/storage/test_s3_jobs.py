@@ -1,6 +1,8 @@
-"""A job whose input, checkpoint and output are on S3 (a moto server on 127.0.0.1), against the simulator: it runs
-end to end, resumes after kill -9 with its local folder kept or lost, writes every part with an exclusive create,
-and a bad URL, a missing bucket or missing credentials stop it in one line before anything is sent or written."""
+"""A job whose input, checkpoint and output are on object storage (S3 on a moto server, GCS on fake-gcs-server,
+Azure on Azurite, each on 127.0.0.1; the `bucket` fixture runs a test on each), against the simulator: it runs end to
+end, resumes after kill -9 with its local folder kept or lost, writes every part with an exclusive create, two hosts
+starting it at once run it once, and a bad URL, a missing bucket or missing credentials stop it in one line before
+anything is sent or written."""
 
 from __future__ import annotations
 
@@ -10,12 +12,14 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from bucket_helpers import CREATE, SWAP
 from helpers import start_run, wait_until
 from s3_helpers import S3Bucket
 
@@ -23,46 +27,51 @@ import batch
 from batch.errors import EXIT_BATCHES_LIVE, ConfigError
 from batch.simulator.answers import reply_marker
 from batch.storage.lease import LEASE_KEY
+from batch.storage.locations import WRITABLE
 from batch.storage.s3 import S3Store
 
 ROWS = [{"review_id": f"s{i:03d}", "text": f"stored {i}"} for i in range(200)]
 
 
-def on_s3(make_job, sim, s3: S3Bucket, tmp_path: Path, rows=ROWS, **overrides) -> Path:
-    """A job reading s3://BUCKET/in/reviews.csv and writing s3://BUCKET/out/result.parquet."""
+def on_bucket(make_job, sim, bucket, tmp_path: Path, rows=ROWS, **overrides) -> Path:
+    """A job reading SCHEME://BUCKET/in/reviews.csv and writing SCHEME://BUCKET/out/result.parquet."""
     body = io.BytesIO()
     pd.DataFrame(rows).to_csv(body, index=False)
-    s3.client().put_object(Bucket=s3.name, Key="in/reviews.csv", Body=body.getvalue())
-    output = {"path": f"{s3.url}/out/result.parquet", "local_dir": str(tmp_path / "local"),
+    bucket.put("in/reviews.csv", body.getvalue())
+    output = {"path": f"{bucket.url}/out/result.parquet", "local_dir": str(tmp_path / "local"),
               **overrides.pop("output", {})}
-    return make_job(sim, rows=rows, input_file="unused.csv", input={"path": f"{s3.url}/in/reviews.csv"},
+    return make_job(sim, rows=rows, input_file="unused.csv", input={"path": f"{bucket.url}/in/reviews.csv"},
                     output=output, **overrides)
 
 
-def output_on(s3: S3Bucket) -> pd.DataFrame:
-    return pd.read_parquet(io.BytesIO(s3.client().get_object(Bucket=s3.name, Key="out/result.parquet")["Body"].read()))
+def output_on(bucket) -> pd.DataFrame:
+    return pd.read_parquet(io.BytesIO(bucket.get("out/result.parquet")))
 
 
-def parts_on(s3: S3Bucket) -> list[str]:
-    return [key for key in s3.keys("out/result.checkpoint/") if key.rsplit("/", 1)[1].startswith("part-")]
+def parts_on(bucket) -> list[str]:
+    return [key for key in bucket.keys("out/result.checkpoint/") if key.rsplit("/", 1)[1].startswith("part-")]
 
 
-def test_a_job_on_s3_runs_end_to_end_and_every_part_is_an_exclusive_create(sim, make_job, run_cli, s3, tmp_path):
-    job = on_s3(make_job, sim, s3, tmp_path, output={"checkpoint_rows": 50})
+def test_a_job_on_a_bucket_runs_end_to_end_and_every_part_is_an_exclusive_create(sim, make_job, run_cli, bucket,
+                                                                                 tmp_path):
+    job = on_bucket(make_job, sim, bucket, tmp_path, output={"checkpoint_rows": 50})
     code, _, err = run_cli("run", job)
     assert code == 0, err
-    result = output_on(s3)
+    result = output_on(bucket)
     assert list(result["review_id"]) == [row["review_id"] for row in ROWS]
     assert (result["status"] == "ok").all() and list(result["text"]) == [row["text"] for row in ROWS]
     assert sim.stats()["requests"] == len(ROWS)
     # Nothing of the checkpoint's objects is on the local disk: only what cannot be an object (the log, the lock).
     assert not list((tmp_path / "local").glob("part-*")) and (tmp_path / "local" / "wal.jsonl").exists()
     assert not (tmp_path / "out").exists()
-    puts = [(entry["url"].split(s3.name + "/", 1)[1].split("?")[0], entry["headers"]) for entry in s3.puts()]
-    part_puts = [(key, headers) for key, headers in puts if key.rsplit("/", 1)[1].startswith("part-")]
-    assert len(part_puts) >= len(ROWS) // 50
-    assert all(headers.get("If-None-Match") == "*" for _, headers in part_puts), part_puts
-    assert {key for key, _ in part_puts} >= set(parts_on(s3))
+    writes = bucket.writes()
+    part_writes = [(key, condition) for key, condition in writes if key.rsplit("/", 1)[1].startswith("part-")]
+    assert len(part_writes) >= len(ROWS) // 50
+    assert all(condition == CREATE for _, condition in part_writes), part_writes
+    assert {key for key, _ in part_writes} >= set(parts_on(bucket))
+    # The lease taken by an exclusive create, then only swapped; the shard's end marker an exclusive create.
+    lease_writes = [condition for key, condition in writes if key.endswith(f"/{LEASE_KEY}")]
+    assert lease_writes[0] == CREATE and set(lease_writes[1:]) <= {SWAP}, lease_writes
     # A rerun sends nothing and keeps the output as it is.
     code, _, err = run_cli("run", job)
     assert code == 0, err
@@ -70,16 +79,17 @@ def test_a_job_on_s3_runs_end_to_end_and_every_part_is_an_exclusive_create(sim, 
 
 
 @pytest.mark.parametrize("local_disk", ["kept", "lost"])
-def test_a_job_on_s3_killed_9_resumes_from_the_bucket(start_sim, make_job, run_cli, s3, tmp_path, local_disk):
+def test_a_job_on_a_bucket_killed_9_resumes_from_the_bucket(start_sim, make_job, run_cli, bucket, tmp_path,
+                                                           local_disk):
     """A host lost with its disk (the local folder gone) re-sends at most what was in flight plus one part's window;
     with the folder kept, at most what was in flight."""
     concurrency, window = 4, 20
     sim = start_sim(latency_ms=20)
-    job = on_s3(make_job, sim, s3, tmp_path, limits={"concurrency": concurrency},
-                output={"checkpoint_rows": window, "checkpoint_seconds": 60})
+    job = on_bucket(make_job, sim, bucket, tmp_path, limits={"concurrency": concurrency},
+                    output={"checkpoint_rows": window, "checkpoint_seconds": 60})
     process = start_run(job)
     try:
-        wait_until(lambda: len(parts_on(s3)) >= 3, "three parts on S3")
+        wait_until(lambda: len(parts_on(bucket)) >= 3, "three parts in the bucket")
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
     finally:
@@ -95,21 +105,61 @@ def test_a_job_on_s3_killed_9_resumes_from_the_bucket(start_sim, make_job, run_c
     resent = sim.stats()["requests"] - len(ROWS)
     bound = concurrency + (window if local_disk == "lost" else 0)
     assert 0 <= resent <= bound, resent
-    result = output_on(s3)
+    result = output_on(bucket)
     assert list(result["review_id"]) == [row["review_id"] for row in ROWS] and (result["status"] == "ok").all()
-    for key in parts_on(s3):
-        body = s3.client().get_object(Bucket=s3.name, Key=key)["Body"].read()
-        pq.read_table(io.BytesIO(body))  # no part half written
+    for key in parts_on(bucket):
+        pq.read_table(io.BytesIO(bucket.get(key)))  # no part half written
 
 
-@pytest.mark.parametrize("case", ["missing bucket", "no credentials", "unknown scheme", "no bucket named"])
+def refused_in_one_line(run_cli, job: Path) -> str:
+    """The one line `validate` and `run` exit 2 with (the run's), naming the job file and the key at fault. The
+    commands that only read a job check what a run does, before they read (they said "internal error")."""
+    export = ["--format", "csv", "--to", job.parent / "out.csv"]
+    for command in ("validate", "status", "estimate", "export", "merge", "run"):
+        code, out, err = run_cli(command, job, *(export if command == "export" else []))
+        assert code == 2, (command, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert str(job) in lines[0] and ("output.path" in lines[0] or "input.path" in lines[0]), lines[0]
+    with pytest.raises(ConfigError, match="output.path|input.path"):
+        batch.read_results(job)
+    return lines[0]
+
+
+def test_a_missing_bucket_is_one_line_before_anything_is_sent(sim, make_job, run_cli, bucket, tmp_path):
+    job = on_bucket(make_job, sim, bucket, tmp_path)
+    job.write_text(job.read_text().replace(f"{bucket.url}/out/", f"{bucket.url}-missing/out/"))
+    before = bucket.keys()
+    line = refused_in_one_line(run_cli, job)
+    assert "output.path" in line and "the bucket does not exist" in line, line
+    assert sim.stats()["requests"] == 0
+    assert bucket.keys() == before and not (tmp_path / "local").exists()
+    assert not [key for key, _ in bucket.writes() if key != "in/reviews.csv"]
+
+
+@pytest.mark.parametrize(("scheme", "package", "extra", "named"), [
+    ("gs", "gcsfs", "gcs", "gcsfs"), ("az", "adlfs", "azure", "adlfs and azure-storage-blob")])
+@pytest.mark.parametrize("key", ["output.path", "input.path"])
+def test_a_url_whose_library_is_not_installed_names_the_extra_in_one_line(
+        sim, make_job, run_cli, tmp_path, monkeypatch, scheme, package, extra, named, key):
+    """Without gcsfs (adlfs) a gs:// (az://) path is exit 2, one line naming the extra that installs it."""
+    for name in [name for name in sys.modules if name == package or name.startswith(f"{package}.")] + [package]:
+        monkeypatch.setitem(sys.modules, name, None)  # what `import` finds for a package that is not installed
+    monkeypatch.delitem(sys.modules, WRITABLE[scheme].module, raising=False)
+    url = f"{scheme}://bucket/out/result.parquet" if key == "output.path" else f"{scheme}://bucket/in/reviews.csv"
+    job = make_job(sim, **({"output": {"path": url}} if key == "output.path" else {"input": {"path": url}}))
+    line = refused_in_one_line(run_cli, job)
+    assert f"{key} {url}" in line and f"{scheme}:// URLs need {named}, not installed" in line, line
+    assert line.endswith(f"pip install 'batch[{extra}]'"), line
+    assert sim.stats()["requests"] == 0 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["no credentials", "unknown scheme", "no bucket named"])
 def test_a_bad_url_or_bucket_or_credentials_is_one_line_before_anything_is_sent(
         sim, make_job, run_cli, s3, tmp_path, monkeypatch, case):
-    job = on_s3(make_job, sim, s3, tmp_path)
+    job = on_bucket(make_job, sim, s3, tmp_path)
     text = job.read_text()
-    if case == "missing bucket":
-        job.write_text(text.replace(f"{s3.url}/out/", f"{s3.url}-missing/out/"))
-    elif case == "unknown scheme":
+    if case == "unknown scheme":
         job.write_text(text.replace(f"{s3.url}/out/", "nosuch://bucket/out/"))
     elif case == "no bucket named":
         job.write_text(text.replace(f"{s3.url}/in/reviews.csv", "s3:///reviews.csv"))
@@ -121,19 +171,10 @@ def test_a_bad_url_or_bucket_or_credentials_is_one_line_before_anything_is_sent(
         monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
         monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
     before = s3.keys()
-    # The commands that only read a job check what a run does, before they read (they said "internal error").
-    export = ["--format", "csv", "--to", tmp_path / "out.csv"]
-    for command in ("validate", "run", "status", "estimate", "export", "merge"):
-        code, out, err = run_cli(command, job, *(export if command == "export" else []))
-        assert code == 2, (command, err)
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and "Traceback" not in err, err
-        assert str(job) in lines[0] and ("output.path" in lines[0] or "input.path" in lines[0]), lines[0]
-    with pytest.raises(ConfigError, match="output.path|input.path"):
-        batch.read_results(job)
+    line = refused_in_one_line(run_cli, job)
     assert sim.stats()["requests"] == 0
     assert s3.keys() == before and not (tmp_path / "local").exists()
-    assert "testing-secret" not in err
+    assert "testing-secret" not in line
 
 
 def test_the_storage_secret_is_masked_in_what_batch_says(sim, make_job, run_cli, s3, tmp_path, monkeypatch):
@@ -141,7 +182,8 @@ def test_the_storage_secret_is_masked_in_what_batch_says(sim, make_job, run_cli,
     summary or the log: it is masked as the API key is."""
     secret = "sekret-aws-value-123456"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)  # moto takes any key: the run works
-    job = on_s3(make_job, sim, s3, tmp_path, rows=[{"review_id": "a", "text": reply_marker(f"the key is {secret}")}])
+    job = on_bucket(make_job, sim, s3, tmp_path,
+                    rows=[{"review_id": "a", "text": reply_marker(f"the key is {secret}")}])
     code, out, err = run_cli("run", job)
     assert code == 0, err
     response = output_on(s3)["response"][0]
@@ -176,7 +218,7 @@ def test_a_second_run_while_another_holds_the_checkpoints_lease_exits_4_having_s
     """Another host (its own local folder, so no local lock is shared) holds the lease: this run is locked out."""
     from batch.storage.lease import Lease
 
-    job = on_s3(make_job, sim, s3, tmp_path)
+    job = on_bucket(make_job, sim, s3, tmp_path)
     checkpoint = S3Store(f"{s3.url}/out/result.checkpoint")
     other = Lease(checkpoint, "other-host:1")
     other.acquire()
@@ -197,9 +239,10 @@ def test_a_second_run_while_another_holds_the_checkpoints_lease_exits_4_having_s
     assert all(entry["headers"].get("If-None-Match") == "*" or entry["headers"].get("If-Match") for entry in puts)
 
 
-def test_two_hosts_starting_one_job_at_once_one_runs_the_other_exits_4(start_sim, make_job, s3, tmp_path):
+def test_two_hosts_starting_one_job_at_once_one_runs_the_other_exits_4(start_sim, make_job, bucket, tmp_path):
+    """The lease taken by two racing processes: one exclusive create wins, the other process exits 4."""
     sim = start_sim(latency_ms=50)
-    job = on_s3(make_job, sim, s3, tmp_path, limits={"concurrency": 2})
+    job = on_bucket(make_job, sim, bucket, tmp_path, rows=ROWS[:80], limits={"concurrency": 2})
     # The second host: the same job, its own local folder (as another machine's disk).
     second = job.with_name("job-second-host.yaml")
     second.write_text(job.read_text().replace(str(tmp_path / "local"), str(tmp_path / "local-2")))
@@ -211,12 +254,12 @@ def test_two_hosts_starting_one_job_at_once_one_runs_the_other_exits_4(start_sim
     assert sorted(code for code, _ in codes) == [0, 4], codes
     loser_err = next(err for code, err in codes if code == 4)
     assert "holds the checkpoint's lease" in loser_err
-    assert sim.stats()["requests"] == len(ROWS)  # the loser sent nothing
-    assert list(output_on(s3)["review_id"]) == [row["review_id"] for row in ROWS]
+    assert sim.stats()["requests"] == 80  # the loser sent nothing
+    assert list(output_on(bucket)["review_id"]) == [row["review_id"] for row in ROWS[:80]]
 
 
 def test_status_and_export_read_a_job_on_s3(sim, make_job, run_cli, s3, tmp_path):
-    job = on_s3(make_job, sim, s3, tmp_path, rows=ROWS[:20])
+    job = on_bucket(make_job, sim, s3, tmp_path, rows=ROWS[:20])
     code, _, err = run_cli("run", job)
     assert code == 0, err
     code, out, err = run_cli("status", job, "--json")
@@ -256,7 +299,7 @@ def test_a_zombie_holders_paid_answers_are_kept_beside_the_new_holders_and_merge
     was paid twice."""
     concurrency, rows = 2, ROWS[:24]
     sim = start_sim(latency_ms=300)
-    job = on_s3(make_job, sim, s3, tmp_path, rows=rows, shards=1, pricing={"input": 1, "output": 2},
+    job = on_bucket(make_job, sim, s3, tmp_path, rows=rows, shards=1, pricing={"input": 1, "output": 2},
                 limits={"concurrency": concurrency, "timeout_s": 120},
                 output={"checkpoint_rows": 1, "checkpoint_lease_s": 1})
     other_host = job.with_name("job-other-host.yaml")
@@ -357,7 +400,7 @@ def test_a_zombie_holders_paid_answers_are_kept_beside_the_new_holders_and_merge
 def test_status_shows_who_holds_each_shards_lease_for_the_ttl_the_job_file_sets(start_sim, make_job, run_cli, s3,
                                                                                 tmp_path):
     sim = start_sim(latency_ms=100)
-    job = on_s3(make_job, sim, s3, tmp_path, rows=ROWS[:60], shards=2, limits={"concurrency": 1},
+    job = on_bucket(make_job, sim, s3, tmp_path, rows=ROWS[:60], shards=2, limits={"concurrency": 1},
                 output={"checkpoint_lease_s": 6})
     host = socket.gethostname()  # in Kubernetes, the pod's name
     running = start_run(job, "--shard", "0/2")

@@ -11,35 +11,44 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from bucket_helpers import BUCKETS
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from s3_helpers import S3Bucket
 
 from batch.storage.base import AlreadyExists, Entry, NotFound, PreconditionFailed, Store, Unavailable
 from batch.storage.local import LocalStore
+from batch.storage.locations import location, store_at
 from batch.storage.memory import MemoryStore
 from batch.storage.s3 import S3Store
 
-STORES = ["local", "memory", "s3"]
+STORES = ["local", "memory", *BUCKETS]
 
 
-def make_store(kind: str, root: Path, bucket: S3Bucket | None = None) -> Store:
+def make_store(kind: str, root: Path, bucket: Any = None) -> Store:
+    """A store of `kind`: a local folder, memory, or a folder in `bucket` (conftest's BUCKETS) through batch's URL."""
     if kind == "s3":
         assert bucket is not None
         # Small parts, so a test's object crosses into a multipart upload (moto takes parts of 5 MiB and up).
         return S3Store(f"{bucket.url}/{root.name}", multipart_above=6 * 2**20, part_size=5 * 2**20)
+    if kind in BUCKETS:
+        assert bucket is not None
+        return store_at(location(f"{bucket.url}/{root.name}"))
     return LocalStore(root) if kind == "local" else MemoryStore()
+
+
+def bucket_for(request: pytest.FixtureRequest, kind: str) -> Any:
+    return request.getfixturevalue(BUCKETS[kind]) if kind in BUCKETS else None
 
 
 @pytest.fixture(params=STORES)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
-    bucket = request.getfixturevalue("s3") if request.param == "s3" else None
-    return make_store(request.param, tmp_path / "root", bucket)
+    return make_store(request.param, tmp_path / "root", bucket_for(request, request.param))
 
 
 def bytes_of(data: bytes):
@@ -441,14 +450,25 @@ class StoreAgainstModel(RuleBasedStateMachine):
         assert [(e.key, e.version) for e in self.store.list()] == sorted((k, v) for k, (_, v) in self.model.items())
 
 
-class S3StoreAgainstModel(StoreAgainstModel):
-    kind = "s3"
-    bucket: S3Bucket | None = None  # the test's, set by the fixture below
+class BucketStoreAgainstModel(StoreAgainstModel):
+    bucket: Any = None  # the test's, set by its fixture below
 
 
-@pytest.fixture
-def s3_for_the_model(s3: S3Bucket) -> None:
-    S3StoreAgainstModel.bucket = s3
+def bucket_for_the_model(kind: str) -> Any:
+    """The test case of a machine on a bucket of `kind`, the bucket handed to it by a fixture."""
+
+    class OnBucket(BucketStoreAgainstModel):
+        pass
+
+    OnBucket.kind = kind
+
+    @pytest.fixture
+    def given_a_bucket(request: pytest.FixtureRequest) -> None:
+        OnBucket.bucket = request.getfixturevalue(BUCKETS[kind])
+
+    # Each step on a bucket is a request or two to its server: fewer sequences again.
+    OnBucket.TestCase.settings = settings(max_examples=5, stateful_step_count=20)
+    return given_a_bucket, pytest.mark.usefixtures(f"bucket_for_the_{kind}_model")(OnBucket.TestCase)
 
 
 class LocalStoreAgainstModel(StoreAgainstModel):
@@ -463,7 +483,6 @@ class MemoryStoreAgainstModel(StoreAgainstModel):
 LocalStoreAgainstModel.TestCase.settings = settings(max_examples=25, stateful_step_count=20)
 TestLocalStoreAgainstModel = LocalStoreAgainstModel.TestCase
 TestMemoryStoreAgainstModel = MemoryStoreAgainstModel.TestCase
-# Each S3 step is a request or two to moto: fewer sequences again.
-S3StoreAgainstModel.TestCase.settings = settings(max_examples=5, stateful_step_count=20)
-TestS3StoreAgainstModel = pytest.mark.usefixtures("s3_for_the_model")(S3StoreAgainstModel.TestCase)
-
+bucket_for_the_s3_model, TestS3StoreAgainstModel = bucket_for_the_model("s3")
+bucket_for_the_gs_model, TestGCSStoreAgainstModel = bucket_for_the_model("gs")
+bucket_for_the_az_model, TestAzureStoreAgainstModel = bucket_for_the_model("az")
