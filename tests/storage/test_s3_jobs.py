@@ -439,7 +439,7 @@ def test_a_batch_api_holder_taken_over_while_paused_submits_nothing_more_and_nev
     ends with the one answer paid for it, in the output's cost."""
     per_file, rows = 10, ROWS[:40]
     sim = start_sim(batch_speed=0, batch_upload_delay_ms=3000, batch_no_metadata=not metadata)
-    job = on_s3(make_job, sim, s3, tmp_path, rows=rows, shards=1, mode="batch_api",
+    job = on_bucket(make_job, sim, s3, tmp_path, rows=rows, shards=1, mode="batch_api",
                 batch_api={"max_requests_per_file": per_file, "poll_interval_s": 0.05},
                 pricing={"input": 1, "output": 2}, output={"checkpoint_lease_s": 1})
     other_host = job.with_name("job-other-host.yaml")
@@ -486,7 +486,7 @@ def test_a_batch_api_holder_taken_over_while_paused_submits_nothing_more_and_nev
 def test_status_says_a_shard_killed_9_on_this_host_is_not_running_though_its_lease_has_time_left(
         start_sim, make_job, run_cli, s3, tmp_path):
     sim = start_sim(latency_ms=100)
-    job = on_s3(make_job, sim, s3, tmp_path, rows=ROWS[:60], shards=2, limits={"concurrency": 1},
+    job = on_bucket(make_job, sim, s3, tmp_path, rows=ROWS[:60], shards=2, limits={"concurrency": 1},
                 output={"checkpoint_lease_s": 600})
     running = start_run(job, "--shard", "0/2")
     wait_until(lambda: sim.stats()["requests"] >= 2, "shard 0 sending")
@@ -507,7 +507,7 @@ def test_status_says_a_shard_killed_9_on_this_host_is_not_running_though_its_lea
 def test_a_run_aborts_the_uploads_a_killed_run_left_in_its_checkpoint(sim, make_job, run_cli, s3, tmp_path):
     """A run killed while it sent a large object leaves a multipart upload never completed (S3 keeps and bills its
     parts): the next run aborts those of its checkpoint (parts, Batch API files), and leaves anyone else's."""
-    job = on_s3(make_job, sim, s3, tmp_path, rows=ROWS[:20])
+    job = on_bucket(make_job, sim, s3, tmp_path, rows=ROWS[:20])
     client = s3.client()
     for key in ("out/result.checkpoint/part-000009.parquet", "out/result.checkpoint/batches/file-000004.jsonl",
                 "out/result.checkpoint/ledger/00000009.json", "out/elsewhere/keep.parquet"):
