@@ -18,6 +18,9 @@ EXIT_BATCHES_LIVE = 6
 # batch itself cannot go on: an unexpected error (its traceback goes to batch.log), or the checkpoint
 # can no longer be written. Not 1, which means "complete, some rows failed". 70 is EX_SOFTWARE (sysexits.h).
 EXIT_INTERNAL = 70
+# A server the job needs (its object store, its Redis) did not answer before anything was done: the same command may
+# succeed later, unlike a mistake (2). 75 is EX_TEMPFAIL (sysexits.h); an orchestrator retries it.
+EXIT_UNREACHABLE = 75
 EXIT_INTERRUPTED = 130
 # What each exit code tells the one who ran the command (the docs' table of exit codes is written from it).
 EXIT_MEANINGS = {
@@ -36,6 +39,8 @@ EXIT_MEANINGS = {
                        "merged. Run again later, or use --wait.",
     EXIT_INTERNAL: "batch cannot go on: the checkpoint or the final file cannot be written, a checkpoint part was "
                    "found damaged, or a defect in batch (its traceback goes to batch.log). Answers received are kept.",
+    EXIT_UNREACHABLE: "A server the job needs did not answer (its object store, or its Redis under limits.shared): "
+                      "nothing was sent or written. Run again once it answers; a Kubernetes Job retries it.",
     EXIT_INTERRUPTED: "Stopped by Ctrl-C or SIGTERM: the checkpoint is kept, and a rerun resumes.",
 }
 
@@ -55,6 +60,13 @@ class ConfigError(BatchError):
 class InputChangedError(ConfigError):
     """The input file was edited, replaced or deleted while batch was reading it: rows read before and after the
     change must not be taken for one table."""
+
+
+class UnreachableError(BatchError):
+    """A server the job needs did not answer (a connection refused or timed out, its name not resolved) before
+    anything was sent or written: not the job's mistake, and a later run may find it up."""
+
+    exit_code = EXIT_UNREACHABLE
 
 
 class JobFatalError(BatchError):

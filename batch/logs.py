@@ -161,8 +161,19 @@ def _guard(handler: logging.Handler) -> logging.Handler:
     return handler
 
 
+class _OneLine(logging.Filter):
+    """A library's record as one line: its logger's name and its message's first line, without the traceback it may
+    carry."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = f"{record.name}: {(record.getMessage().splitlines() or [''])[0]}", None
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
 def setup_logging(verbose: bool, log_format: Literal["text", "json"] = "text") -> logging.Handler:
-    """The "batch" logger to stderr only, replacing (and closing) whatever handlers it had."""
+    """The "batch" logger to stderr only, replacing (and closing) whatever handlers it had; other libraries' records
+    shown under -v only, one line each (see _library_handler)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(make_formatter(log_format))
     for old in log.handlers:
@@ -171,7 +182,37 @@ def setup_logging(verbose: bool, log_format: Literal["text", "json"] = "text") -
     log.handlers[:] = [_guard(handler)]
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
+    root = logging.getLogger()
+    for old in [old for old in root.handlers if getattr(old, "batch_libraries", False)]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(_library_handler(verbose, log_format))
     return handler
+
+
+class _StderrNow(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler writing to whatever sys.stderr is when a record comes (a handler on the root logger outlives the
+    command that put it there: in a program calling the command line twice, or a test, the first one's stream may
+    be closed)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def _library_handler(verbose: bool, log_format: Literal["text", "json"]) -> logging.Handler:
+    """Where the command line puts what other libraries log. Without a handler of the program's, Python's last
+    resort prints their warnings whole on stderr (gcsfs logs each request it gives up on with its traceback, beside
+    batch's own line saying the store does not answer): under -v they are shown one line each, masked; else not."""
+    handler: logging.Handler = _StderrNow() if verbose else logging.NullHandler()
+    handler.setFormatter(make_formatter(log_format))
+    handler.addFilter(_OneLine())
+    handler.batch_libraries = True  # type: ignore[attr-defined]  # the one setup_logging replaces
+    return _guard(handler)
 
 
 # The batch.log of the run the code at hand works for. run_log sets it in the run's context, which the run's tasks,

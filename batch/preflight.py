@@ -26,7 +26,7 @@ from batch.checkpoint.finished import shard_state, why_unfinished
 from batch.checkpoint.guard import FINGERPRINT_NAME, LOCK_NAME, compare_fingerprint, fingerprint
 from batch.checkpoint.writer import WAL_NAME, Checkpoint, checkpoint_at, part_order
 from batch.config import JobSpec, answer_timeouts, load_job
-from batch.errors import ConfigError, in_callers_words, read_reason
+from batch.errors import ConfigError, UnreachableError, in_callers_words, read_reason
 from batch.input.prompts import PromptBuilder
 from batch.input.reader import InputTable
 from batch.logs import LOG_NAME, keep_secret, redact
@@ -50,7 +50,7 @@ from batch.proxy import env_proxy
 from batch.records import OUTPUT_FIELDS
 from batch.replies.schema import json_output_for, openai_strict
 from batch.shard import FOLDER, INDEX_VARIABLES, Shard, choose_shard
-from batch.storage.base import Entry, StorageError, Store
+from batch.storage.base import Entry, StorageError, Store, is_unreachable
 from batch.storage.locations import (
     STORAGE_SECRET_VARIABLES,
     Location,
@@ -534,13 +534,17 @@ def _check_output_reachable(spec: JobSpec, where: str) -> None:
 
 @contextlib.contextmanager
 def _remote_failures(where: str, url: Location) -> Iterator[None]:
-    """A store's or a filesystem's failure (a bad URL, no credentials, no such bucket) as one line naming the key."""
+    """A store's or a filesystem's failure (a bad URL, no credentials, no such bucket) as one line naming the key;
+    a server that did not answer is UnreachableError (a later run may find it up), anything else ConfigError."""
     try:
         yield
     except ValueError as exc:
         raise ConfigError(f"{where}: {redact(str(exc))}") from None
     except Exception as exc:  # botocore's credential and endpoint errors are no OSErrors
         reason = exc.strerror if isinstance(exc, StorageError) else (str(exc).splitlines() or [type(exc).__name__])[0]
+        if is_unreachable(exc):
+            raise UnreachableError(f"{where}: its store does not answer: {redact(str(reason))}; nothing was sent or "
+                                   f"written: run again once it answers") from None
         raise ConfigError(f"{where}: cannot reach it: {redact(str(reason))}; the credentials come from the "
                           f"{credentials_from(url)}, never from the job file") from None
 

@@ -20,12 +20,13 @@ from urllib.parse import urlsplit
 import redis
 import redis.asyncio
 import redis.asyncio.retry
+import redis.exceptions
 import redis.retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
 from batch.config import mask_url_password
-from batch.errors import ConfigError
+from batch.errors import ConfigError, UnreachableError
 from batch.logs import keep_secret
 
 log = logging.getLogger("batch")
@@ -58,17 +59,22 @@ def keep_password_secret(url: str) -> None:
 
 
 def check_reachable(url: str, where: str) -> None:
-    """The server answers a PING within CONNECT_TIMEOUT_S, or a ConfigError naming the key and the reason (the
-    preflight's check: a run sends nothing until its shared limits can be kept)."""
+    """The server answers a PING within CONNECT_TIMEOUT_S (the preflight's check: a run sends nothing until its
+    shared limits can be kept), else one line naming the key and the reason: a ConfigError when the server refused
+    batch (a password, a command), an UnreachableError when it did not answer (a later run may find it up)."""
     keep_password_secret(url)
     client = redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=CONNECT_TIMEOUT_S,
                                   retry=redis.retry.Retry(NoBackoff(), 0))
     try:
         client.ping()
     except (RedisError, OSError) as exc:
-        what = "refused batch" if isinstance(exc, AuthenticationError | ResponseError) else "does not answer"
-        raise ConfigError(f"{where}: limits.shared: the Redis server at {shown_url(url)} {what}: "
-                          f"{mask_url_password(str(exc)) or type(exc).__name__}") from None
+        refused = isinstance(exc, AuthenticationError | ResponseError)  # AuthenticationError is a ConnectionError
+        silent = not refused and isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError
+                                            | OSError)
+        error = UnreachableError if silent else ConfigError
+        what = "does not answer" if silent else "refused batch"
+        raise error(f"{where}: limits.shared: the Redis server at {shown_url(url)} {what}: "
+                    f"{mask_url_password(str(exc)) or type(exc).__name__}") from None
     finally:
         client.close()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import errno
+import socket
 from collections.abc import Callable
 from typing import BinaryIO, ClassVar, NamedTuple
 
@@ -58,6 +59,25 @@ class PreconditionFailed(StorageError):
 class Unavailable(StorageError):
     """The store could not do the call (a full or read-only disk, a network error): whether a write took effect
     is unknown to the caller until it reads again (an object store's reply can be lost after the write)."""
+
+
+class Unreachable(Unavailable):
+    """The store did not answer at all (a connection refused, reset or timed out; its name not resolved): no call
+    reached it, and the same call may succeed once it answers again."""
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether `exc`, or an error it was raised from or while handling, is the network failing to reach a server:
+    what every storage library here wraps in its own errors (botocore's EndpointConnectionError, azure-core's
+    ServiceRequestError, aiohttp's ClientConnectorError) keeps the socket's error in its chain."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ConnectionError | TimeoutError | socket.gaierror):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 class Entry(NamedTuple):

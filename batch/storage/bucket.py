@@ -34,10 +34,12 @@ from batch.storage.base import (
     StorageError,
     Store,
     Unavailable,
+    Unreachable,
     Write,
     check_folder,
     check_key,
     check_prefix,
+    is_unreachable,
 )
 
 SPOOL_IN_MEMORY = 8 * 2**20
@@ -162,7 +164,7 @@ class BucketStore(Store):
     @contextlib.contextmanager
     def _failures(self, key: str) -> Iterator[None]:
         """What the store and the network say, as the seam's errors: a missing key NotFound, a missing bucket or
-        anything else Unavailable."""
+        anything else Unavailable (Unreachable when no call reached it)."""
         try:
             yield
         except (NotFound, AlreadyExists, PreconditionFailed, Unavailable):
@@ -174,6 +176,8 @@ class BucketStore(Store):
         except Refused:
             raise Unavailable(key, "a condition the call did not send was refused") from None
         except Exception as exc:
+            if is_unreachable(exc):
+                raise Unreachable(key, reason(exc)) from None
             translated = self._unavailable(key, exc)
             if translated is not None:
                 raise translated from None

@@ -209,6 +209,28 @@ def test_text_format(capsys):
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d batch INFO hello 世界\n", err)
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_other_libraries_records_are_one_line_under_v_and_unseen_otherwise(capsys, monkeypatch, verbose):
+    """gcsfs logs each request it gives up on with its traceback, beside batch's own line: without a handler of the
+    command line's, Python's last resort printed it whole on stderr."""
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # the root logger as a program has it (not pytest's)
+    setup_logging(verbose=verbose)
+    logs.keep_secret(SECRET)
+    try:
+        raise ConnectionRefusedError(111, f"Connect call failed for {SECRET}")
+    except ConnectionRefusedError:
+        logging.getLogger("gcsfs").exception("_request out of retries on exception: %s\nsecond line", "refused")
+    logging.getLogger("botocore.credentials").warning("Found credentials in environment variables.")
+    err = capsys.readouterr().err
+    if not verbose:
+        assert err == ""
+        return
+    lines = err.splitlines()
+    assert len(lines) == 2 and "Traceback" not in err and SECRET not in err, err
+    assert lines[0].endswith(" ERROR gcsfs: _request out of retries on exception: refused")
+    assert lines[1].endswith(" WARNING botocore.credentials: Found credentials in environment variables.")
+
+
 def test_json_lines_parse_and_carry_fields(capsys):
     setup_logging(verbose=True, log_format="json")
     log.info("progress %d/%d rows", 3, 10, extra={"fields": {"done": 3, "total": 10, "名字": "值"}})

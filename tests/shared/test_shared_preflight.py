@@ -1,5 +1,5 @@
-"""limits.shared checked before anything is sent: a bad URL or a Redis that does not answer is exit 2 with one line,
-its password never shown."""
+"""limits.shared checked before anything is sent: a bad URL is exit 2 with one line, a Redis that does not answer
+exit 75, its password never shown."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from batch.config import mask_url_password
+from batch.errors import EXIT_UNREACHABLE
 
 PASSWORD = "hunter2-secret"
 
@@ -29,10 +30,13 @@ def test_a_url_that_is_not_a_redis_servers_is_one_line_naming_the_key(make_job, 
     assert sim.stats()["requests"] == 0
 
 
-def test_a_redis_that_does_not_answer_stops_the_run_before_anything_is_sent(make_job, sim, run_cli):
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_a_redis_that_does_not_answer_stops_the_run_before_anything_is_sent(make_job, sim, run_cli, command):
+    """A Redis that is down is no mistake in the job: exit 75 (EX_TEMPFAIL), which a Kubernetes Job retries, where
+    a mistake is 2, on which the Job's podFailurePolicy fails the index."""
     job = make_job(sim, limits={"shared": f"redis://:{PASSWORD}@127.0.0.1:{free_port()}/0"})
-    code, out, err = run_cli("run", job)
-    assert code == 2
+    code, out, err = run_cli(command, job)
+    assert code == EXIT_UNREACHABLE
     assert err.count("\n") == 1 and "limits.shared" in err and "does not answer" in err
     assert "redis://:***@127.0.0.1" in err
     assert PASSWORD not in err + out

@@ -20,11 +20,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from bucket_helpers import CREATE, SWAP
-from helpers import start_run, wait_until
+from helpers import free_port, start_run, wait_until
 from s3_helpers import S3Bucket
 
 import batch
-from batch.errors import EXIT_BATCHES_LIVE, ConfigError
+from batch.errors import EXIT_BATCHES_LIVE, EXIT_UNREACHABLE, ConfigError
 from batch.simulator.answers import reply_marker
 from batch.storage.lease import LEASE_KEY
 from batch.storage.locations import WRITABLE
@@ -175,6 +175,27 @@ def test_a_bad_url_or_bucket_or_credentials_is_one_line_before_anything_is_sent(
     assert sim.stats()["requests"] == 0
     assert s3.keys() == before and not (tmp_path / "local").exists()
     assert "testing-secret" not in line
+
+
+def test_an_object_store_that_does_not_answer_is_exit_75_in_one_line_before_anything_is_sent(
+        sim, make_job, run_cli, s3, tmp_path, monkeypatch):
+    """A store that is down is no mistake in the job (2, which a Kubernetes Job's podFailurePolicy fails the index
+    on): exit 75, which the Job retries, for a run and for every command that reads the job."""
+    job = on_bucket(make_job, sim, s3, tmp_path)
+    before = s3.keys()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # the store's server, down
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's retries of a refused connection, cut short
+    export = ["--format", "csv", "--to", tmp_path / "out.csv"]
+    for command in ("validate", "status", "estimate", "export", "merge", "run"):
+        code, out, err = run_cli(command, job, *(export if command == "export" else []))
+        assert code == EXIT_UNREACHABLE, (command, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert str(job) in lines[0] and "input.path" in lines[0] and "does not answer" in lines[0], lines[0]
+        assert "run again once it answers" in lines[0] and "testing-secret" not in lines[0]
+    assert sim.stats()["requests"] == 0
+    monkeypatch.undo()
+    assert s3.keys() == before and not (tmp_path / "local").exists()
 
 
 def test_the_storage_secret_is_masked_in_what_batch_says(sim, make_job, run_cli, s3, tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ from bucket_helpers import BUCKETS
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from s3_helpers import S3Bucket
 
 from batch.storage.base import AlreadyExists, Entry, NotFound, PreconditionFailed, Store, Unavailable
 from batch.storage.local import LocalStore
