@@ -21,8 +21,9 @@ from batch.logs import redact
 from batch.preflight import merged_words
 from batch.pricing import CURRENCY, money
 from batch.records import Record, billed
+from batch.shard import Shard
 from batch.storage.locations import Location, write_text_at
-from batch.wording import counted
+from batch.wording import counted, job_named
 
 log = logging.getLogger("batch")
 
@@ -155,7 +156,8 @@ def build_summary(job: str, model: str, stats: RunStats, totals: dict[str, int],
 def format_summary(summary: dict[str, Any]) -> str:
     run, totals = summary["run"], summary["job_totals"]
     lines = [
-        f"job {summary['job']}{_shard_part(summary)} ({summary['model']}): {counted(summary['rows_total'], 'row')}",
+        f"{job_named(summary['job'], _shard_label(summary))} ({summary['model']}): "
+        f"{counted(summary['rows_total'], 'row')}",
         f"  this run: ok {run['ok']}, failed {run['failed']}, skipped (done before) {run['skipped']}",
         f"  all runs: ok {totals['ok']}, failed {totals['failed']}, pending {totals['pending']}",
         *([f"  not in the input: {counted(totals['not_in_input'], 'answer')} for rows no longer in the input (kept in "
@@ -197,9 +199,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     return redact("\n".join(lines))  # `stopped` may quote a server, and a server may quote the key
 
 
-def _shard_part(summary: dict[str, Any]) -> str:
+def _shard_label(summary: dict[str, Any]) -> str | None:
     shard = summary.get("shard")
-    return f", shard {shard['index']}/{shard['count']}" if shard else ""
+    return Shard(shard["index"], shard["count"]).label if shard else None
 
 
 def save_summary(summary: dict[str, Any], path: Location) -> None:

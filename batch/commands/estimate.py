@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 
 from batch.checkpoint.answered import RowStates
 from batch.checkpoint.writer import Checkpoint, checkpoint_at
-from batch.commands.status import id_batches, row_states
+from batch.commands.status import id_batches, row_states, shard_named
 from batch.input.prompts import (
     MESSAGE_OVERHEAD_TOKENS,
     REQUEST_OVERHEAD_TOKENS,
@@ -22,7 +22,7 @@ from batch.input.reader import InputTable, Skipped
 from batch.plan import Settings
 from batch.preflight import input_table
 from batch.pricing import BATCH_PRICE_FACTOR, CURRENCY, cost_of, money, worst_cost
-from batch.wording import counted
+from batch.wording import counted, job_named
 
 TOKENIZER_NOTE = "approximation: 1 token per CJK character, 1 per 4 other characters, +4 per message"
 BOUND_NOTE = (f"at most 1 token per UTF-8 byte, +{MESSAGE_OVERHEAD_TOKENS} per message, "
@@ -93,7 +93,8 @@ def estimate(settings: Settings, retry_failed: bool = False, reading: EstimateRe
     budget = settings.budget
     in_batches = states.held()  # skipped too, but not done: their answers come from live Batch API batches
     return {
-        "job": settings.name, "model": settings.model, "rows_to_do": rows, "rows_done_before": skipped - in_batches,
+        "job": settings.name, **shard_named(settings), "model": settings.model, "rows_to_do": rows,
+        "rows_done_before": skipped - in_batches,
         "rows_in_batches": in_batches,
         "rows_without_prompt": unsendable, "rows_changed": changed,
         "prompt_tokens_estimate": prompt_tokens, "tokenizer": TOKENIZER_NOTE,
@@ -136,7 +137,7 @@ def _completion_tokens(checkpoint: Checkpoint, states: RowStates, id_batches: Ca
 
 def format_estimate(e: dict[str, Any]) -> str:
     lines = [
-        f"estimate for job {e['job']} ({e['model']}): {counted(e['rows_to_do'], 'row')} to send "
+        f"estimate for {job_named(e['job'], e.get('shard'))} ({e['model']}): {counted(e['rows_to_do'], 'row')} to send "
         f"({e['rows_done_before']} done before, {e['rows_without_prompt']} without a prompt"
         + (f", {e['rows_in_batches']} in live Batch API batches" if e["rows_in_batches"] else "")
         + (f", {e['rows_changed']} whose prompt changed since answered" if e["rows_changed"] else "")

@@ -68,9 +68,9 @@ def _check_merged(whole: Settings, shards: ShardsReading) -> None:
     source, job_file = whole.locations.output, whole.locations.job_file
     count = len(shards.parts)
     if shards.unfinished:
-        raise ConfigError(f"{source}: the job's shards have not all finished: {', '.join(shards.unfinished)}: run "
+        raise ConfigError(f"{source}: cannot export the job's output yet: {', '.join(shards.unfinished)}: run "
                           f"each to the end (`batch run {job_file} --shard K/{count}`), then `batch merge {job_file}` "
-                          f"writes the output to export (`--shard K/{count}` exports one finished shard's rows)")
+                          f"writes the output to export (`--shard K/{count}` exports one completed shard's rows)")
     if not shards.merged_is_current:
         raise ConfigError(f"{source}: every shard has finished, but the output is missing or not merged from their "
                           f"records as they are now: `batch merge {job_file}` writes it, sending nothing")
@@ -82,8 +82,8 @@ def _export_shard(part: Settings, fmt: Literal["csv", "jsonl", "parquet"], to: P
     label, job_file = part.shard.label, part.locations.job_file  # type: ignore[union-attr]
     why = why_waiting(shard_state(part), read_job(part).pending)
     if why:
-        raise ConfigError(f"{job_file}: {label} has not finished ({why}): `batch run {job_file} --shard "
-                          f"{part.shard.index}/{part.shard.count}` runs it to the end")  # type: ignore[union-attr]
+        raise ConfigError(f"{job_file}: cannot export {label} yet ({why}): it can be once `batch run {job_file} "
+                          f"--shard {part.shard.index}/{part.shard.count}` has run it to the end")  # type: ignore[union-attr]
     check_export_target(part.locations, to)
     with tempfile.TemporaryDirectory(prefix="batch-export-") as folder:
         rows = Path(folder) / "shard.parquet"

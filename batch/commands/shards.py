@@ -58,7 +58,8 @@ def read_shards(whole: Settings, parts: list[Settings]) -> ShardsReading:
 def why_waiting(state: dict[str, Any], pending: int) -> str | None:
     """Why a shard (`state`: shard_state; `pending`: its rows with no answer now) is not ready to be read as finished,
     or None: it has not finished, a run of it is alive, or rows of it are pending again (added to the input, or their
-    prompt changed, since it ended). What `merge`, `export` and `read_results` wait for."""
+    prompt changed, since it ended). What `merge`, `export` and `read_results` wait for. The phrase is the whole
+    reason ("not finished", "running, pid 12", "3 rows pending"): a line naming it says nothing of its own on why."""
     return why_unfinished(state) or (f"{counted(pending, 'row')} pending" if pending else None)
 
 
@@ -186,7 +187,7 @@ def sharded_status(whole: Settings, parts: list[Settings]) -> dict[str, Any]:
     for part in parts:
         # Who holds each shard's lease (`lease`: on object storage, wherever it runs) is in its job_status; the run
         # lock's holder (running_pid) is the run on this host.
-        shards.append({"shard": part.shard.label, **job_status(part), **shard_state(part)})  # type: ignore[union-attr]
+        shards.append({**job_status(part), **shard_state(part)})  # job_status names the shard
     added = {key: sum(shard[key] for shard in shards)
              for key in ("rows_total", "ok", "failed", "pending", "prompt_tokens", "completion_tokens", "cost")}
     output = whole.locations.output
@@ -225,12 +226,12 @@ def sharded_estimate(whole: Settings, parts: list[Settings], retry_failed: bool 
     those added up. Every shard expects the answers' mean length over all the shards' answers so far."""
     readings = [read_for_estimate(part) for part in parts]
     observed = mean_completion_tokens(readings)
-    shards = [{"shard": part.shard.label, **estimate(part, retry_failed, reading, observed)}  # type: ignore[union-attr]
-              for part, reading in zip(parts, readings)]
+    shards = [estimate(part, retry_failed, reading, observed) for part, reading in zip(parts, readings)]
     added = {key: None if any(shard[key] is None for shard in shards) else sum(shard[key] for shard in shards)
              for key in _ESTIMATE_SUMS}
     budget = whole.budget
-    return {**shards[0], **added, "job": whole.name, "shard_count": len(parts),
+    alike = {key: value for key, value in shards[0].items() if key != "shard"}  # the same in every shard's
+    return {**alike, **added, "job": whole.name, "shard_count": len(parts),
             "budget_max_cost": budget.max_cost if budget else None,
             "budget_max_total_tokens": budget.max_total_tokens if budget else None,
             "shards": [{key: shard[key] for key in ("shard", *_ESTIMATE_SUMS, "budget_max_cost",

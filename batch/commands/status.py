@@ -24,7 +24,7 @@ from batch.pricing import CURRENCY, money
 from batch.storage.base import Store
 from batch.storage.lease import holder_prefix, read_lease
 from batch.storage.locations import Location, object_exists, read_text_at
-from batch.wording import counted
+from batch.wording import counted, job_named
 
 
 def row_states(locations: Locations, table: InputTable, checkpoint: Checkpoint) -> tuple[int, RowStates]:
@@ -72,6 +72,12 @@ def id_batches(table: InputTable) -> Callable[[], Iterator[pa.Array]]:
     return lambda: (ids for _, ids in table.id_batches([]))
 
 
+def shard_named(settings: Settings) -> dict[str, str]:
+    """The shard whose part of the job `settings` is, as its status and estimate name it ({"shard": "shard 1/4"}, as
+    its log lines do), or nothing for the whole job."""
+    return {"shard": settings.shard.label} if settings.shard else {}
+
+
 def job_status(settings: Settings) -> dict[str, Any]:
     at = settings.locations
     table = input_table(settings)
@@ -82,6 +88,7 @@ def job_status(settings: Settings) -> dict[str, Any]:
     running = RunLock(at.local_dir).holder() if at.local_dir.is_dir() else None
     return {
         "job": settings.name,
+        **shard_named(settings),
         "rows_total": total,
         "ok": counts.ok,
         "failed": counts.failed,
@@ -182,9 +189,9 @@ def last_run(folder: Location, running: int | None) -> dict[str, Any] | None:
 
 def format_status(status: dict[str, Any]) -> str:
     lines = [
-        f"job {status['job']}: {counted(status['rows_total'], 'row')}: ok {status['ok']}, failed {status['failed']}, "
-        f"pending {status['pending']}" + (f" ({status['changed']} answered before their prompt changed)"
-                                          if status["changed"] else ""),
+        f"{job_named(status['job'], status.get('shard'))}: {counted(status['rows_total'], 'row')}: "
+        f"ok {status['ok']}, failed {status['failed']}, pending {status['pending']}"
+        + (f" ({status['changed']} answered before their prompt changed)" if status["changed"] else ""),
         f"  tokens so far: {status['prompt_tokens']} prompt + {status['completion_tokens']} completion, "
         f"cost so far: {money(status['cost'])} {status['currency']}",
     ]

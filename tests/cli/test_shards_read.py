@@ -6,11 +6,15 @@ shard processes against the simulator over HTTP; local folders and a moto S3 ser
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
+from collections import Counter
+from collections.abc import Iterator
 
 import pandas as pd
 import pyarrow as pa
@@ -21,7 +25,10 @@ from hypothesis import strategies as st
 from s3_helpers import S3Bucket
 
 import batch
-from batch.shard import shard_of
+from batch.checkpoint.guard import RunLock
+from batch.commands.shards import why_waiting
+from batch.config import load_job
+from batch.shard import Shard, shard_of
 
 FAIL = " [[error:400:1214]]"  # the simulator answers 400 with an invalid-request code: the row fails, not retried
 ROWS = [{"review_id": f"r{i:03d}", "text": f"shard read {i}" + (FAIL if i % 7 == 3 else "")} for i in range(90)]
@@ -76,7 +83,8 @@ def test_read_results_and_export_read_every_shard_before_and_after_merge(sim, ma
     assert list(one["review_id"]) == [row["review_id"] for row in shard_rows(ROWS, 1, 3)]
     assert statuses(one) == {key: expected[key] for key in one["review_id"]}
     code, _, err = run_cli("export", job, "--shard", "2/3", "--format", "csv", "--to", tmp_path / "two.csv")
-    assert code == 2 and "shard 2/3 has not finished" in err and "--shard 2/3" in err and err.count("\n") == 1
+    assert code == 2 and "cannot export shard 2/3 yet (not finished)" in err and "--shard 2/3" in err
+    assert err.count("\n") == 1
 
     code, _, err = run_cli("merge", job, "--partial")  # what is there: not the job's answers yet
     assert code == 0, err
@@ -194,6 +202,72 @@ def test_shards_on_s3_read_and_export_from_the_bucket(sim, make_job, run_cli, s3
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "all.parquet"), stored)
 
 
+def said_twice(line: str, *names: object) -> set[str]:
+    """The pairs of words `line` says more than once, the commands it quotes (in backticks) and the paths `names`
+    left out: 'has not finished (not finished)' says 'not finished' twice."""
+    for name in names:
+        line = line.replace(str(name), " ")
+    words = re.findall(r"[a-z']+", re.sub(r"`[^`]*`", " ", line.lower()))
+    return {" ".join(pair) for pair, times in Counter(zip(words, words[1:])).items() if times > 1}
+
+
+@contextlib.contextmanager
+def shard_in(state: str, job, run_cli, rows: list[dict]) -> Iterator[None]:
+    """Shard 1/2 of `job` in `state` (a key of SHARD_STATES) while the context is open."""
+    if state == "stopped part way":
+        code, _, err = run_cli("run", job, "--shard", "1/2", "--limit", "2")
+        assert code == 0, err
+    if state == "rows pending again":
+        code, _, err = run_cli("run", job, "--shard", "1/2")
+        assert code in (0, 1), err
+        edited = [dict(row) for row in rows]
+        shard_rows(edited, 1, 2)[0]["text"] = "a new prompt"  # its answer is for the old one: pending again
+        pd.DataFrame(edited).to_csv(job.parent / "reviews.csv", index=False)
+    lock = RunLock(load_job(job).for_shard(Shard(1, 2)).local_dir)
+    if state == "running":  # a live run of it: the holder of its run lock (this process)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+SHARD_STATES = {"no checkpoint": "not finished", "stopped part way": "not finished",
+                "running": f"running, pid {os.getpid()}", "rows pending again": "1 row pending"}
+
+
+@pytest.mark.parametrize("state", SHARD_STATES)
+def test_every_line_on_a_shard_not_ready_says_why_once(sim, make_job, run_cli, tmp_path, state):
+    """export --shard, export and merge, refusing while shard 1/2 is in each state it can be in: one line naming the
+    shard and why, each thing said once."""
+    rows = ROWS[:30]
+    job = make_job(sim, rows=rows, shards=2)
+    code, _, err = run_cli("run", job, "--shard", "0/2")
+    assert code in (0, 1), err
+    with shard_in(state, job, run_cli, rows):
+        for command in (["export", "--shard", "1/2"], ["export"], ["merge"]):
+            target = ["--format", "csv", "--to", tmp_path / "rows.csv"] if command[0] == "export" else []
+            code, out, err = run_cli(command[0], job, *command[1:], *target)
+            assert code == 2 and out == "" and err.count("\n") == 1, err
+            why = SHARD_STATES[state]
+            assert err.count(why) == 1 and ("shard 1/2 yet (" if "--shard" in command else "shard 1/2 (") + why in err
+            assert said_twice(err, job, load_job(job).output.path) == set(), err
+            told = re.sub(r"`[^`]*`", "", err)
+            assert [told.count(word) for word in ("finished", "running", "pending")] == [
+                why.count(word) for word in ("finished", "running", "pending")], err
+    assert not (tmp_path / "rows.csv").exists()
+
+
+@settings(max_examples=100)
+@given(finished=st.booleans(), running_pid=st.none() | st.integers(1, 2**22), pending=st.integers(0, 10**6))
+def test_why_a_shard_is_waited_for_is_one_reason_said_once(finished, running_pid, pending):
+    why = why_waiting({"finished": finished, "running_pid": running_pid}, pending)
+    assert (why is None) == (finished and not running_pid and not pending)
+    if why is not None:
+        assert said_twice(f"shard 1/2 ({why})") == set()
+        assert why.count("finished") + why.count("running") + why.count("pending") == 1, why
+
+
 # -- a property: any split of rows among shards, each row in any state --------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -246,3 +320,26 @@ def test_read_results_gives_each_id_once_with_the_state_its_shard_holds(shared_s
     assert frame.loc[frame["status"] == "ok", "response"].notna().all()
     assert frame.loc[frame["status"] != "ok", "response"].isna().all()
     assert list(frame["text"]) == [row["text"] for row in rows]
+
+
+@pytest.mark.parametrize("command", ["status", "estimate"])
+def test_status_and_estimate_of_one_shard_name_it_as_its_run_does(sim, make_job, run_cli, command):
+    """`status`/`estimate --shard K/N` read one shard: their first line and their JSON name it, as its run's summary
+    and log lines do ("shard 1/3"); of the whole job, each shard's entry names its own and the whole names none."""
+    job = make_job(sim, rows=ROWS[:30], shards=3)
+    code, ran, err = run_cli("run", job, "--shard", "1/3", "-v")  # -v: a line for the row that fails
+    assert code in (0, 1), err
+    logged = (load_job(job).for_shard(Shard(1, 3)).local_dir / "batch.log").read_text()
+    assert ran.startswith("job test-job, shard 1/3 (") and "shard 1/3: " in logged  # its summary, its log lines
+    for which in (["--shard", "1/3"], ["--shards", "3"]):
+        code, text, err = run_cli(command, job, *which)
+        assert code == 0, err
+        code, out, err = run_cli(command, job, *which, "--json")
+        assert code == 0, err
+        found = json.loads(out)
+        heading = text.splitlines()[0]
+        if which[0] == "--shard":
+            assert found["shard"] == "shard 1/3" and "job test-job, shard 1/3" in heading, heading
+        else:
+            assert "shard" not in found and "shard " not in heading, heading
+            assert [entry["shard"] for entry in found["shards"]] == ["shard 0/3", "shard 1/3", "shard 2/3"]
