@@ -181,7 +181,7 @@ class Run:
         lease = Lease(self.plan.locations.checkpoint_store(), f"{here}{os.getpid()}:{secrets.token_hex(4)}",
                       self.plan.output.checkpoint_lease_s)
         try:
-            lease.acquire(gone=lambda holder: holder.startswith(here))
+            lease.acquire(gone=lambda holder: holder.startswith(here), above=self.checkpoint.last_epoch())
         except LeaseHeld as exc:
             raise LockedError(f"{self.folder}: another run of this job holds the checkpoint's lease, {exc}") from None
         except OSError as exc:

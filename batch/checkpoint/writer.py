@@ -272,6 +272,11 @@ class Checkpoint:
         wal = self.folder / WAL_NAME
         return bool(self._parts()) or (wal.exists() and wal.stat().st_size > 0)
 
+    def last_epoch(self) -> int:
+        """The highest lease epoch the parts' names carry (0: none): every holder so far wrote under one at most it."""
+        return max((order.epoch for entry in self.store.list(PART_PREFIX) if (order := part_order(entry.key))),
+                   default=0)
+
     def _parts(self) -> list[str]:
         """The parts' keys, in the order their records were written (part_order)."""
         return [entry.key for entry in self._listed()]

@@ -1,7 +1,8 @@
 """One holder per checkpoint, across hosts: a lease object (`_LEASE`) in the checkpoint's store.
 
 Built on the seam's two conditional writes alone, so it works on every store (a local folder, memory, S3):
-- taken by an exclusive `create` (epoch 1); two takers racing, one wins;
+- taken by an exclusive `create` (epoch 1, or above the epochs the store's work already names); two takers racing,
+  one wins;
 - renewed by a compare-and-swap on the version the holder last wrote (S3: If-Match on the ETag), every ttl/3;
   a swap refused means another holder took the lease over: this one is a zombie and must stop (LeaseLost);
 - a lease not renewed for `ttl` seconds is expired, and taken over by a compare-and-swap with epoch + 1, so two
@@ -79,13 +80,15 @@ class Lease:
         have taken it over by now, so the holder sends nothing more until a renewal says it is still its own."""
         return self.clock() >= self.expires_at
 
-    def acquire(self, gone: Callable[[str], bool] = lambda holder: False) -> int:
+    def acquire(self, gone: Callable[[str], bool] = lambda holder: False, above: int = 0) -> int:
         """Take the lease (LeaseHeld while another holder's is live); returns this holding's epoch. `gone(holder)`
         says a holder is known to have ended (a process of this host whose local lock is now ours): its lease is
-        taken over at once, with the next epoch, instead of after its ttl."""
+        taken over at once, with the next epoch, instead of after its ttl. `above`: the highest epoch the store's
+        work names (the checkpoint's parts): a lease lost or damaged (read as epoch 0) no longer tells which epochs
+        the holders before it used, and the new holding's must be above all of them."""
         while True:
             try:
-                return self._write(1, create=True)
+                return self._write(above + 1, create=True)
             except AlreadyExists:
                 pass
             found = self._read()
@@ -97,7 +100,7 @@ class Lease:
             if not ours and state.expires_at > now and not gone(state.holder):
                 raise LeaseHeld(state, now)
             try:
-                return self._swap(state.epoch if ours else state.epoch + 1, version)
+                return self._swap(state.epoch if ours else max(state.epoch, above) + 1, version)
             except (PreconditionFailed, NotFound):  # it changed since it was read (another taker swapped): again
                 continue
 

@@ -7,10 +7,12 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_store import STORES, bucket_for, make_store
 
 from batch.storage.base import Store
-from batch.storage.lease import LEASE_KEY, Lease, LeaseHeld, LeaseLost
+from batch.storage.lease import LEASE_KEY, Lease, LeaseHeld, LeaseLost, LeaseState, read_lease
 from batch.storage.memory import MemoryStore
 
 TTL = 30.0
@@ -110,6 +112,29 @@ def test_a_create_whose_reply_was_lost_is_found_to_be_ours() -> None:
 def test_a_damaged_lease_is_taken_over_not_obeyed(store: Store) -> None:
     store.create(LEASE_KEY, lambda sink: sink.write(b"not json"))
     assert Lease(store, "host-a:1", TTL, Clock()).acquire() == 1
+
+
+@pytest.mark.parametrize("lease", [b"garbage", b'{"holder": "host-a:1", "epoch": 2, "expi', b"", None])
+def test_a_lease_damaged_or_lost_is_taken_above_every_epoch_used_before(store: Store, lease: bytes | None) -> None:
+    """The holders before may have written parts of epochs up to `above`: a lease that no longer says which (its
+    bytes no lease, or the object gone) is taken above them, so the new holder's parts never share their epoch."""
+    clock = Clock()
+    if lease is not None:
+        store.create(LEASE_KEY, lambda sink: sink.write(lease))
+    assert Lease(store, "host-b:2", TTL, clock).acquire(above=3) == 4
+    clock.now += 2 * TTL
+    assert Lease(store, "host-c:3", TTL, clock).acquire(above=2) == 5  # a lease that says more than `above`: above it
+
+
+@settings(max_examples=100)
+@given(data=st.binary(max_size=80) | st.builds(lambda epoch: LeaseState("host-a:1", epoch, 0.0).encoded(),
+                                                 st.integers(0, 2**31)),
+       above=st.integers(0, 2**31))
+def test_any_lease_left_is_taken_above_it_and_above_every_epoch_used(data: bytes, above: int) -> None:
+    store = MemoryStore()
+    store.create(LEASE_KEY, lambda sink: sink.write(data))
+    said = read_lease(store)[0].epoch  # type: ignore[index]  # 0 for bytes that are no lease
+    assert Lease(store, "host-b:2", TTL, Clock()).acquire(above=above) == max(said, above) + 1
 
 
 @pytest.mark.parametrize("ttl", [0.5, 3601, "soon"])

@@ -260,6 +260,25 @@ def test_a_second_run_while_another_holds_the_checkpoints_lease_exits_4_having_s
     assert all(entry["headers"].get("If-None-Match") == "*" or entry["headers"].get("If-Match") for entry in puts)
 
 
+@pytest.mark.parametrize("garbage", [b"garbage", b'{"holder": "other-host:1", "epoch": 1, "expi'])
+def test_a_garbage_lease_is_taken_above_every_epoch_the_parts_before_name(sim, make_job, run_cli, s3, tmp_path,
+                                                                          garbage):
+    """A `_LEASE` whose bytes are no lease says nothing of the epochs before: the next run takes one above every epoch
+    in the checkpoint's part names, so none of its parts shares an epoch with an earlier holder's."""
+    job = on_bucket(make_job, sim, s3, tmp_path, output={"checkpoint_rows": 20})
+    code, _, err = run_cli("run", job, "--limit", "50")
+    assert code == 0, err
+    before = parts_on(s3)
+    assert before and all("-e1." in key for key in before)
+    s3.put(f"out/result.checkpoint/{LEASE_KEY}", garbage)
+    code, _, err = run_cli("run", job)
+    assert code == 0, err
+    after = [key for key in parts_on(s3) if key not in before]
+    assert after and all("-e2." in key for key in after), after
+    assert json.loads(s3.get(f"out/result.checkpoint/{LEASE_KEY}"))["epoch"] == 2
+    assert sim.stats()["requests"] == len(ROWS) and (output_on(s3)["status"] == "ok").all()
+
+
 def test_two_hosts_starting_one_job_at_once_one_runs_the_other_exits_4(start_sim, make_job, bucket, tmp_path):
     """The lease taken by two racing processes: one exclusive create wins, the other process exits 4."""
     sim = start_sim(latency_ms=50)
