@@ -554,13 +554,17 @@ class JobSpec(Strict):
         return self._local_dir(None)
 
     def _local_dir(self, shard: Shard | None) -> Path:
-        folder = self.job_checkpoint_dir / shard.folder if shard else self.job_checkpoint_dir
+        """The whole job's local folder, or `shard`'s inside it (LOCAL/shard=K-of-N), as its objects are in the job's
+        checkpoint: what names the folder (its run lock's error, its batch.log) names the shard."""
+        folder = self.job_checkpoint_dir
         if not is_url(folder):
-            return cast(Path, folder)
-        if self.output.local_dir is not None:  # a shard's local files in a folder of their own, as its objects are
-            return self.output.local_dir / shard.folder if shard else self.output.local_dir
-        named = hashlib.sha256(str(folder).encode("utf-8")).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / f"batch-{self.output.path.stem}-{named}"
+            job_folder = cast(Path, folder)
+        elif self.output.local_dir is not None:
+            job_folder = self.output.local_dir
+        else:
+            named = hashlib.sha256(str(folder).encode("utf-8")).hexdigest()[:16]
+            job_folder = Path(tempfile.gettempdir()) / f"batch-{self.output.path.stem}-{named}"
+        return job_folder / shard.folder if shard else job_folder
 
     @property
     def cache_path(self) -> Path:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from helpers import free_port, start_run, wait_until
 from s3_helpers import S3Bucket
 
 import batch
+from batch.checkpoint.guard import RunLock
+from batch.config import load_job
 from batch.errors import EXIT_BATCHES_LIVE, EXIT_UNREACHABLE, ConfigError
 from batch.simulator.answers import reply_marker
 from batch.storage.lease import LEASE_KEY
@@ -258,6 +262,28 @@ def test_a_second_run_while_another_holds_the_checkpoints_lease_exits_4_having_s
     # Taken by an exclusive create, then only ever swapped: never written unconditionally.
     assert puts[0]["headers"].get("If-None-Match") == "*"
     assert all(entry["headers"].get("If-None-Match") == "*" or entry["headers"].get("If-Match") for entry in puts)
+
+
+def test_a_second_run_of_a_shard_here_names_the_shards_own_local_folder(sim, make_job, run_cli, s3, tmp_path):
+    """Without output.local_dir, a job on a bucket keeps its local files in the temp folder (batch-NAME-HASH) and a
+    shard its own inside it, shard=K-of-N, as its objects are: a second run of the shard here is refused naming it."""
+    job = on_bucket(make_job, sim, s3, tmp_path, shards=2, output={"local_dir": None})
+    whole = load_job(job).local_dir
+    assert whole.parent == Path(tempfile.gettempdir()) and whole.name.startswith("batch-result-")
+    shard_folder = whole / "shard=0-of-2"
+    live = RunLock(shard_folder)  # a run of shard 0/2 alive on this host holds it
+    try:
+        live.acquire()
+        code, _, err = run_cli("run", job, "--shard", "0/2")
+        assert code == 4 and err.count("\n") == 1, err
+        assert f"{shard_folder}: another run of this job is alive (pid {os.getpid()}" in err
+        live.release()
+        code, _, err = run_cli("run", job, "--shard", "0/2")
+        assert code == 0, err
+        assert (shard_folder / "wal.jsonl").exists() and (shard_folder / "batch.log").exists()
+    finally:
+        live.release()
+        shutil.rmtree(whole, ignore_errors=True)
 
 
 @pytest.mark.parametrize("garbage", [b"garbage", b'{"holder": "other-host:1", "epoch": 1, "expi'])
