@@ -139,14 +139,16 @@ def command(argv: list[str]) -> int:
         print(f"batch: error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:  # a defect in batch, not a mistake of the user's: not 1, which means "rows failed"
-        print(report_internal_error(exc, checkpoint_of(args.job), log_format), file=sys.stderr)
+        print(report_internal_error(exc, log_folder(args), log_format), file=sys.stderr)
         return EXIT_INTERNAL
 
 
-def checkpoint_of(job: str) -> Path | None:
-    """The job's checkpoint folder, where its batch.log is; None when the job file itself cannot be read."""
+def log_folder(args: argparse.Namespace) -> Path | None:
+    """The folder of the batch.log the command's run writes its lines to (run_log): the job's local folder, or, for
+    one shard (--shard, or --shards with the index from the environment), that shard's own; None when the job file
+    itself cannot be read."""
     try:
-        return load_job(job).local_dir
+        return shard_spec(load_job(args.job), shard_ask(args, need_index=False)).local_dir
     except Exception:  # the error being reported may be this one: it is reported once, where it happened
         return None
 

@@ -6,9 +6,10 @@ import re
 import sqlite3
 from pathlib import Path
 
+import pytest
 from helpers import output_of
 
-from batch.cli import report_internal_error
+from batch.cli import build_parser, log_folder, report_internal_error
 from batch.config import load_job
 from batch.logs import redact_everywhere, setup_logging
 
@@ -50,6 +51,35 @@ def test_the_traceback_goes_to_batch_log_in_the_checkpoint_folder_with_the_key_m
                         line)
     logged = (checkpoint / "batch.log").read_text()
     assert "Traceback (most recent call last)" in logged and "sk-very-secret-key" not in logged
+
+
+@pytest.mark.parametrize("named", [["--shard", "1/2"], ["--shards", "2", "JOB_COMPLETION_INDEX=1"],
+                                   ["JOB_COMPLETION_INDEX=1"], []])
+def test_an_internal_errors_traceback_goes_to_the_batch_log_its_run_writes(sim, make_job, run_cli, monkeypatch,
+                                                                           named):
+    """A shard's run writes its lines to the batch.log in its own folder: the traceback of an internal error in it
+    goes there too, and the error line names that file, however the shard was named (--shard, or --shards / the
+    job file's shards: with an array job's index). A run of the whole job: the job's own batch.log."""
+    rows = [{"review_id": f"r{i}", "text": f"review {i} [[error:400:1214]]"} for i in range(6)]  # -v logs each
+    job = make_job(sim, rows=rows, shards=2 if named[-1:] == ["JOB_COMPLETION_INDEX=1"] and "--shards" not in named
+                   else None)
+    given = [word for word in named if "=" not in word]
+    for variable in (word for word in named if "=" in word):
+        monkeypatch.setenv(*variable.split("=", 1))
+    code, _, err = run_cli("run", job, *given, "-v")
+    assert code == 1, err  # its rows failed (400), each logged
+    args = build_parser().parse_args(["run", str(job), *given])
+    try:
+        raise RuntimeError("a defect")
+    except RuntimeError as exc:
+        line = report_internal_error(exc, log_folder(args))
+    path = Path(re.search(r"the traceback is in (\S+)\)", line).group(1))
+    run_folder = load_job(job).checkpoint_dir / ("shard=1-of-2" if named else "")
+    assert path == run_folder / "batch.log", line
+    logged = path.read_text()
+    assert "Traceback (most recent call last)" in logged and "RuntimeError: a defect" in logged
+    if named:  # the file the run wrote its own lines to, each naming the shard
+        assert "shard 1/2: " in logged.split("Traceback")[0]
 
 
 def test_a_cache_file_of_another_tool_is_a_one_line_error_before_any_request(sim, make_job, run_cli):
