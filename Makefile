@@ -1,4 +1,5 @@
-# Every target installs what it needs into .venv first, so a fresh clone works with `make demo` / `make test`.
+# Every target installs what it needs first, so a fresh clone works with `make demo` / `make test`: the venv (.venv)
+# for all of them, Azurite (which needs npm) only for `make install` and `make test`, whose tests of az:// run it.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -36,23 +37,23 @@ $(VENV)/.installed: pyproject.toml
 
 # Starts the local simulator, runs the demo job against it, stops the simulator. SIM_PORT=N for another port
 # (0: any free one): the simulator hands its port to the job (BATCH_SIMULATOR_PORT, which jobs/demo.yaml reads).
-demo: install
+demo: $(VENV)/.installed
 	$(PY) -m batch.simulator --port $(SIM_PORT) --latency-ms 40 -- $(PY) -m batch run jobs/demo.yaml
 
 # The same demo through the Batch API (the simulator's, in Zhipu's dialect): submit, poll until done, merge.
-demo-batch: install
+demo-batch: $(VENV)/.installed
 	$(PY) -m batch.simulator --port $(SIM_PORT) -- $(PY) -m batch run jobs/demo-batch.yaml --wait
 
-run: install
+run: $(VENV)/.installed
 	$(PY) -m batch run $(JOB)
 
-status: install
+status: $(VENV)/.installed
 	$(PY) -m batch status $(JOB)
 
-estimate: install
+estimate: $(VENV)/.installed
 	$(PY) -m batch estimate $(JOB)
 
-validate: install
+validate: $(VENV)/.installed
 	$(PY) -m batch validate $(JOB)
 
 # pytest exits 5 when it collects nothing; that is a failure here too. Two workers (pytest-xdist): 83 s -> 45 s.
@@ -67,16 +68,16 @@ $(PANDAS2_VENV)/.installed: pyproject.toml
 	touch $@
 
 # Writes its figures to bench/results.json (committed: the docs' performance table is rendered from it).
-bench: install
+bench: $(VENV)/.installed
 	$(PY) -m bench --json bench/results.json
 
-lint: install
+lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check batch tests bench docs/generate.py
 
 # The documentation: every generated part of README.md and docs/*.md written again from the code (cog blocks calling
 # docs/generate.py; it runs the example commands against the simulator), then the site built into site/, offline,
 # failing on any broken link or anchor.
-docs: install
+docs: $(VENV)/.installed
 	$(PY) docs/generate.py
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
@@ -86,7 +87,7 @@ docs: install
 # prompt longer than one token (llama.cpp PR #26954); the portable AVX2 build does not.
 # --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS and would reinstall a cached native build.
 E2E_VENV := .venv-e2e
-e2e: install $(E2E_VENV)/.installed
+e2e: $(VENV)/.installed $(E2E_VENV)/.installed
 	BATCH_E2E_PYTHON=$(E2E_VENV)/bin/python $(PY) -m pytest -q -s tests/e2e_smollm2.py
 
 $(E2E_VENV)/.installed:

@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="json: one JSON object per log line, for log shippers")
         command.add_argument("-v", "--verbose", action="store_true",
                              help="also log every failed attempt and its retry, every row that fails, every probe "
-                                  "of an endpoint that is down and every throttle (429) as a DEBUG line")
+                                  "of an endpoint that is down and every throttle (429) as a DEBUG line, and what "
+                                  "other libraries log (WARNING and up), one line each")
     export = commands.add_parser("export", help="write the final table as CSV, JSONL or Parquet")
     export.add_argument("job", help=JOB_HELP)
     export.add_argument("--format", choices=["csv", "jsonl", "parquet"], required=True, help="the file's format")
