@@ -43,7 +43,7 @@ from batch.process import command_line_process, readers_may_leave
 from batch.runner import RunOptions, run_job
 from batch.shard import MOST_SHARDS
 from batch.summary import format_summary
-from batch.wording import counted
+from batch.wording import counted, job_named
 
 log = logging.getLogger("batch")
 
@@ -206,7 +206,7 @@ def inspect(args: argparse.Namespace) -> str:
         state = job_status(settings)
         return json.dumps(state, ensure_ascii=False, indent=2) if args.json else format_status(state)
     rows = export_output(spec, args.format, args.to, args.shards)
-    return f"exported {counted(rows, 'row')} to {args.to}"
+    return f"exported {counted(rows, 'row')}{f' of {spec.shard.label}' if spec.shard else ''} to {args.to}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -240,8 +240,9 @@ def cancel(args: argparse.Namespace) -> int:
         outcome = asyncio.run(cancel_batches(plan))
     finally:
         lock.release()
+    job = job_named(plan.name, plan.shard.label if plan.shard else None)
     if not outcome:
-        print(f"job {plan.name}: no live Batch API batch")
+        print(f"{job}: no live Batch API batch")
         return 0
     said = [f"cancelled {counted(len(outcome.cancelled), 'batch')}" if outcome.cancelled else "nothing to cancel"]
     if outcome.ended:  # completed, failed, expired, finalizing, or cancelling/cancelled by an earlier cancel
@@ -252,7 +253,7 @@ def cancel(args: argparse.Namespace) -> int:
         said.append(f"dropped {counted(len(outcome.dropped), 'file')} not yet made a batch")
     if outcome.lost:
         said.append(f"{counted(len(outcome.lost), 'batch')} the provider no longer knows")
-    print(f"job {plan.name}: " + "; ".join(said) + "; the next run merges what they answered and the rest is "
+    print(f"{job}: " + "; ".join(said) + "; the next run merges what they answered and the rest is "
           "pending again")
     for what, batches in (("cancelled", outcome.cancelled), ("already ended or ending", outcome.ended),
                           ("dropped", outcome.dropped), ("lost", outcome.lost)):

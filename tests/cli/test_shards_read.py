@@ -343,3 +343,14 @@ def test_status_and_estimate_of_one_shard_name_it_as_its_run_does(sim, make_job,
         else:
             assert "shard" not in found and "shard " not in heading, heading
             assert [entry["shard"] for entry in found["shards"]] == ["shard 0/3", "shard 1/3", "shard 2/3"]
+
+
+def test_cancel_and_export_of_one_shard_name_it(sim, make_job, run_cli, tmp_path):
+    job = make_job(sim, rows=ROWS[:30], shards=3)
+    code, _, err = run_cli("run", job, "--shard", "1/3")
+    assert code in (0, 1), err
+    code, out, err = run_cli("cancel", job, "--shard", "1/3")
+    assert (code, out) == (0, "job test-job, shard 1/3: no live Batch API batch\n"), err
+    code, out, err = run_cli("export", job, "--shard", "1/3", "--format", "csv", "--to", tmp_path / "one.csv")
+    rows = len(shard_rows(ROWS[:30], 1, 3))
+    assert (code, out) == (0, f"exported {rows} rows of shard 1/3 to {tmp_path / 'one.csv'}\n"), err
