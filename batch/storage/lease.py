@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from batch.storage.base import AlreadyExists, NotFound, PreconditionFailed, Store
 
@@ -157,13 +159,24 @@ def read_lease(store: Store) -> tuple[LeaseState, str] | None:
     if entry is None:
         return None
     try:
-        data = json.loads(store.read_bytes(LEASE_KEY))
-        state = LeaseState(str(data["holder"]), int(data["epoch"]), float(data["expires_at"]))
+        state = _lease_of(json.loads(store.read_bytes(LEASE_KEY)))
     except NotFound:
         return None
     except (ValueError, KeyError, TypeError):
         state = LeaseState("(damaged)", 0, 0.0)
     return state, entry.version
+
+
+def _lease_of(data: Any) -> LeaseState:
+    """The lease the JSON `data` is (as LeaseState.encoded writes it); ValueError, KeyError or TypeError when it is
+    none: an epoch that is no whole number from 0 up, or an expiry that is no finite time (one never expiring would
+    block every run)."""
+    holder, epoch, expires_at = data["holder"], data["epoch"], data["expires_at"]
+    if not isinstance(holder, str) or type(epoch) is not int or epoch < 0:
+        raise ValueError("not a lease's holder and epoch")
+    if type(expires_at) not in (int, float) or not math.isfinite(expires_at):
+        raise ValueError("not a lease's expiry")
+    return LeaseState(holder, epoch, float(expires_at))
 
 
 def _bytes(state: LeaseState) -> Callable[..., object]:

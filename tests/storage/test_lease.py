@@ -3,16 +3,18 @@ epoch + 1, released; a holder whose lease was taken over learns it at its next r
 
 from __future__ import annotations
 
+import json
+import math
 import threading
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_store import STORES, bucket_for, make_store
 
 from batch.storage.base import Store
-from batch.storage.lease import LEASE_KEY, Lease, LeaseHeld, LeaseLost, LeaseState, read_lease
+from batch.storage.lease import LEASE_KEY, Lease, LeaseHeld, LeaseLost, read_lease
 from batch.storage.memory import MemoryStore
 
 TTL = 30.0
@@ -126,15 +128,32 @@ def test_a_lease_damaged_or_lost_is_taken_above_every_epoch_used_before(store: S
     assert Lease(store, "host-c:3", TTL, clock).acquire(above=2) == 5  # a lease that says more than `above`: above it
 
 
+VALUES = (st.none() | st.booleans() | st.integers(-2, 2**40) | st.floats(allow_nan=True, allow_infinity=True)
+          | st.text(max_size=8))
+# What a `_LEASE` may hold: any bytes, or a JSON object with a lease's keys and any values (a lease, or one damaged).
+LEFT = st.binary(max_size=80) | st.fixed_dictionaries(
+    {"holder": VALUES | st.just("host-a:1"), "epoch": VALUES, "expires_at": VALUES}).map(
+    lambda data: json.dumps(data).encode())
+
+
 @settings(max_examples=100)
-@given(data=st.binary(max_size=80) | st.builds(lambda epoch: LeaseState("host-a:1", epoch, 0.0).encoded(),
-                                                 st.integers(0, 2**31)),
-       above=st.integers(0, 2**31))
-def test_any_lease_left_is_taken_above_it_and_above_every_epoch_used(data: bytes, above: int) -> None:
-    store = MemoryStore()
-    store.create(LEASE_KEY, lambda sink: sink.write(data))
-    said = read_lease(store)[0].epoch  # type: ignore[index]  # 0 for bytes that are no lease
-    assert Lease(store, "host-b:2", TTL, Clock()).acquire(above=above) == max(said, above) + 1
+@given(left=LEFT, above=st.integers(0, 2**31))
+@example(left=b'{"holder": "host-a:1", "epoch": 1e400, "expires_at": 0}', above=1)  # an epoch of infinity
+@example(left=b'{"holder": "host-a:1", "epoch": 1, "expires_at": 1e400}', above=1)  # a lease never expiring
+@example(left=b'{"holder": "host-a:1", "epoch": true, "expires_at": 0}', above=1)
+def test_whatever_a_lease_holds_it_is_obeyed_or_taken_above_every_epoch_used(left: bytes, above: int) -> None:
+    """A live lease is obeyed; anything else left in `_LEASE` is taken over, above its epoch (a lease's) and above
+    every epoch the store's work names: never an error, never an epoch used before."""
+    store, clock = MemoryStore(), Clock()
+    store.create(LEASE_KEY, lambda sink: sink.write(left))
+    said = read_lease(store)[0]  # type: ignore[index]
+    lease = Lease(store, "host-b:2", TTL, clock)
+    try:
+        epoch = lease.acquire(above=above)
+    except LeaseHeld:
+        assert said.alive(clock.now) and said.holder != "(damaged)" and math.isfinite(said.expires_at)
+        return
+    assert epoch == max(said.epoch, above) + 1 and epoch > above >= 0
 
 
 @pytest.mark.parametrize("ttl", [0.5, 3601, "soon"])
