@@ -24,6 +24,7 @@ from dotenv import dotenv_values
 from batch.checkpoint.final import is_current, merged_footer
 from batch.checkpoint.finished import shard_state, why_unfinished
 from batch.checkpoint.guard import FINGERPRINT_NAME, LOCK_NAME, compare_fingerprint, fingerprint
+from batch.checkpoint.layout import layout_of_run, layout_words, other_layout_refused, read_layout
 from batch.checkpoint.writer import WAL_NAME, Checkpoint, checkpoint_at, part_order
 from batch.config import JobSpec, answer_timeouts, load_job
 from batch.errors import ConfigError, UnreachableError, in_callers_words, read_reason
@@ -287,13 +288,6 @@ class Layouts:
         return ([None] if self.unsharded else []) + sorted(count for count, held in self.shards.items() if held)
 
 
-def layout_words(layouts: Sequence[int | None]) -> str:
-    """Layouts (Layouts.answered) as a checkpoint holds them: 'answers of an unsharded run and of 4 shards
-    (shard=K-of-4)'."""
-    return "answers of " + " and of ".join("an unsharded run" if count is None else
-                                           f"{counted(count, 'shard')} (shard=K-of-{count})" for count in layouts)
-
-
 def checkpoint_layouts(folder: Location, local_dir: Path) -> Layouts:
     """The layouts the job's checkpoint `folder` holds (`local_dir`: the whole job's local folder, where an unsharded
     run's write-ahead log is): one listing of its shard folders, one of its root."""
@@ -313,6 +307,11 @@ def checkpoint_layouts(folder: Location, local_dir: Path) -> Layouts:
                      or any(_holds_answers(entry.key, entry.size) for entry in _ledger_entries(store)))
     except OSError:
         unsharded = False
+    claimed, count = read_layout(folder)  # a run of it sent, or was about to: its answers may be in no part yet
+    if claimed and count is None:
+        unsharded = True
+    elif claimed and count is not None:
+        shards[count] = True
     return Layouts(unsharded, shards)
 
 
@@ -339,17 +338,7 @@ def check_layout(spec: JobSpec, count: int | None) -> int | None:
         return None
     if count is None and len(held) == 1 and _merged_and_current(spec, held[0]):  # type: ignore[arg-type]
         return held[0]
-    this = ("unsharded" if count is None else f"shard {spec.shard.index}/{count}" if spec.shard
-            else counted(count, "shard"))
-    if held == [None]:
-        todo = "run it unsharded (no --shard, --shards or shards: N)"
-    elif len(held) == 1:
-        todo = (f"run each shard to the end (`--shard K/{held[0]}`, or `--shards {held[0]}` with an array job's "
-                f"index), then `batch merge`" + (" (a plain run is then a no-op)" if count is None else ""))
-    else:
-        todo = "answers of two layouts are never merged into one output"
-    raise ConfigError(f"{spec.job_checkpoint_dir} holds {layout_words(held)}, and this run is {this}: it would send "
-                      f"their rows again and pay for them twice; {todo}, or set a new output.path to start over")
+    raise ConfigError(other_layout_refused(spec.job_checkpoint_dir, held, layout_of_run(spec.shard, count), count))
 
 
 def _merged_and_current(spec: JobSpec, count: int) -> bool:

@@ -28,6 +28,7 @@ from batch.checkpoint.final import (
 )
 from batch.checkpoint.finished import mark_finished, read_finished
 from batch.checkpoint.guard import RunLock, check_fingerprint, end_run, mark_running
+from batch.checkpoint.layout import LayoutTaken, claim_layout, layout_of_run, other_layout_refused
 from batch.checkpoint.writer import checkpoint_at
 from batch.errors import (
     EXIT_BAD_INPUT,
@@ -147,6 +148,7 @@ class Run:
             raise
         renewing = asyncio.create_task(self._renew(lease)) if lease is not None else None
         try:
+            self._claim_layout()
             check_fingerprint(self.folder, self.plan.fingerprint, self.plan.locations.job_file, self.options.force)
             return await self._execute(total)
         finally:
@@ -158,6 +160,19 @@ class Run:
                 with contextlib.suppress(OSError):  # unreleased, it expires within its ttl
                     lease.release()
             self.lock.release()
+
+    def _claim_layout(self) -> None:
+        """The job's checkpoint answers its rows in this run's layout from now on (checkpoint/layout.py), or this run
+        stops having sent and written nothing: a run of another layout claimed it since the preflight looked."""
+        shard = self.plan.shard
+        root = self.folder.parent if shard else self.folder  # a shard's folder is shard=K-of-N in the job's
+        count = shard.count if shard else None
+        try:
+            claim_layout(root, count)
+        except LayoutTaken as taken:
+            raise ConfigError(other_layout_refused(root, [taken.claimed], layout_of_run(shard, count), count)) from None
+        except OSError as exc:
+            raise CheckpointWriteError(f"{root}: cannot claim the checkpoint's layout: {os_reason(exc)}") from None
 
     def _merged_already(self, count: int) -> dict[str, Any]:
         """The summary of a run of the whole job that its `count` shards answered, all finished and merged

@@ -10,13 +10,16 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pytest
+from helpers import start_run, wait_until
 from s3_helpers import S3Bucket
 
+from batch.checkpoint.layout import LAYOUT_NAME, LayoutTaken, claim_layout, read_layout
 from batch.shard import shard_of
 from batch.wording import counted
 
@@ -205,7 +208,9 @@ def test_layouts_on_s3_are_read_from_the_bucket(sim, make_job, run_cli, s3: S3Bu
                        (["validate", job, "--shard", "2/3"], "shard 2/3")):
         err = refused(run_cli, *args)
         assert f"{s3.url}/out/result.checkpoint holds answers of 2 shards (shard=K-of-2), and this run is {this}" in err
-    assert not [key for key in s3.keys("out/result.checkpoint/") if "shard=" not in key or "-of-3" in key]
+    # the shards' first run claimed their layout; nothing else is outside their folders, no run of 3 wrote anything
+    assert [key for key in s3.keys("out/result.checkpoint/") if "shard=" not in key or "-of-3" in key] == [
+        f"out/result.checkpoint/{LAYOUT_NAME}"]
     code, _, err = run_cli("merge", job)
     assert code == 0, err
     code, out, err = run_cli("run", job)
@@ -225,3 +230,63 @@ def test_the_run_layout_that_holds_the_answers_goes_on(sim, make_job, run_cli, c
     assert sim.stats()["requests"] == len(ROWS) and set(sim.stats()["by_prompt"].values()) == {1}
     code, _, err = run_cli("merge", job)
     assert code == 0, err
+
+
+def test_a_run_of_another_layout_is_refused_while_the_first_has_answers_in_its_log_alone(
+        start_sim, make_job, run_cli, s3: S3Bucket, tmp_path):
+    """With the checkpoint on a bucket, a shard killed before its first part (or still running) holds its answers in
+    its write-ahead log alone, on its host's disk: a run of another layout found no answer of it in the bucket and
+    paid for its rows again. The shard's first run claimed the layout (_LAYOUT) before it sent anything: the other
+    layout is refused, and the shard resumes."""
+    sim = start_sim(latency_ms=200)
+    job = make_job(sim, rows=ROWS, limits={"concurrency": 2},
+                   output={"path": f"{s3.url}/out/result.parquet", "local_dir": str(tmp_path / "local"),
+                           "checkpoint_seconds": 3600})
+    shard = start_run(job, "--shard", "0/2")
+    wait_until(lambda: sim.stats()["requests"] >= 3, "shard 0/2 answering")
+    shard.send_signal(signal.SIGKILL)
+    shard.communicate(timeout=60)
+    assert not [key for key in s3.keys("out/") if "part-" in key]  # its answers are in its write-ahead log alone
+    sent = sim.stats()["requests"]
+    for command in ("validate", "run"):
+        err = refused(run_cli, command, job)
+        assert "holds answers of 2 shards (shard=K-of-2), and this run is unsharded" in err
+    err = refused(run_cli, "run", job, "--shard", "0/3")
+    assert "holds answers of 2 shards (shard=K-of-2), and this run is shard 0/3" in err
+    assert sim.stats()["requests"] == sent
+    run_all_shards(run_cli, job, 2)
+    assert sim.stats()["requests"] <= len(ROWS) + 2  # at most what was in flight at the kill, sent again
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_runs_of_two_layouts_started_at_once_never_both_send(start_sim, make_job, attempt):
+    """Both pass the preflight (nothing is claimed yet); each takes its own lock; one makes _LAYOUT, the other finds
+    it made for another layout and stops, exit 2, having sent nothing: every row is sent once."""
+    sim = start_sim(latency_ms=1000)  # no answer is written before every run's preflight has looked
+    job = make_job(sim, rows=ROWS[:12])
+    runs = [start_run(job), start_run(job, "--shard", "0/2"), start_run(job, "--shard", "1/3")]
+    ended = [(run.wait(timeout=120), run.communicate()[1]) for run in runs]
+    codes = sorted(code for code, _ in ended)
+    assert codes[0] == 0 and codes[1:] == [2, 2], ended
+    winner = next(index for index, (code, _) in enumerate(ended) if code == 0)
+    for code, err in ended:
+        if code == 2:
+            assert err.count("\n") == 1 and "it would send their rows again and pay for them twice" in err, err
+    ids = pa.array([row["review_id"] for row in ROWS[:12]])
+    rows = [len(ids), int((shard_of(ids, 2) == 0).sum()), int((shard_of(ids, 3) == 1).sum())][winner]
+    assert sim.stats()["requests"] == rows  # each of the winner's rows once, no other sent
+
+
+def test_a_layout_is_claimed_once_and_never_replaced(tmp_path):
+    root = tmp_path / "result.checkpoint"
+    root.mkdir()
+    assert read_layout(root) == (False, None)
+    claim_layout(root, 4)
+    claim_layout(root, 4)  # the same layout again: another shard of it, or a rerun
+    for other in (None, 3):
+        with pytest.raises(LayoutTaken) as taken:
+            claim_layout(root, other)
+        assert taken.value.claimed == 4
+    assert read_layout(root) == (True, 4)
+    (root / LAYOUT_NAME).write_text("not json")  # no run writes this: no claim, the checkpoint's answers tell
+    assert read_layout(root) == (False, None)
