@@ -534,7 +534,7 @@ def _remote_failures(where: str, url: Location) -> Iterator[None]:
         if is_unreachable(exc):
             raise UnreachableError(f"{where}: its store does not answer: {redact(str(reason))}; nothing was sent or "
                                    f"written: run again once it answers") from None
-        raise ConfigError(f"{where}: cannot reach it: {redact(str(reason))}; the credentials come from the "
+        raise ConfigError(f"{where}: cannot reach it: {redact(str(reason))}; the credentials come from "
                           f"{credentials_from(url)}, never from the job file") from None
 
 

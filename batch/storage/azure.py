@@ -124,4 +124,10 @@ def default_filesystem() -> AzureBlobFileSystem:
 
 @functools.lru_cache(maxsize=8)
 def _filesystem_for(settings: tuple[tuple[str, str], ...]) -> AzureBlobFileSystem:
-    return AzureBlobFileSystem(skip_instance_cache=True)
+    try:
+        return AzureBlobFileSystem(skip_instance_cache=True)
+    except ValueError as exc:  # adlfs: "unable to connect to account for Must provide either a connection_string..."
+        said = reason(exc).removeprefix("unable to connect to account for ").rstrip("!.")
+        raise ValueError(f"no usable Azure credentials in the environment ({said}): set "
+                         "AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_NAME with a key, a SAS token or a "
+                         "service principal") from None

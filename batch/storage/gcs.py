@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 from urllib.parse import quote
@@ -162,4 +163,9 @@ def _filesystem_for(settings: tuple[tuple[str, str], ...]) -> GCSFileSystem:
     # An emulator takes no credentials (google-cloud-storage's own client goes anonymous for it too): looking for
     # some would ask the metadata server of a machine that is not on Google's cloud.
     emulated = dict(settings).get("STORAGE_EMULATOR_HOST")
+    key_file = dict(settings).get("GOOGLE_APPLICATION_CREDENTIALS")
+    if key_file and not emulated and not os.path.isfile(key_file):
+        # gcsfs would go on to its other ways, the metadata server last, which off Google's cloud does not answer
+        # (exit 75, after a minute): the mistake is the variable's
+        raise ValueError(f"GOOGLE_APPLICATION_CREDENTIALS names {key_file}, which is not a file")
     return GCSFileSystem(skip_instance_cache=True, token="anon" if emulated else None)

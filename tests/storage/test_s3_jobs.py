@@ -202,6 +202,26 @@ def test_an_object_store_that_does_not_answer_is_exit_75_in_one_line_before_anyt
     assert s3.keys() == before and not (tmp_path / "local").exists()
 
 
+@pytest.mark.parametrize("scheme", ["gs", "az"])
+def test_credentials_the_environment_gets_wrong_are_one_line_naming_the_variable(
+        sim, make_job, run_cli, tmp_path, monkeypatch, request, scheme):
+    """A GOOGLE_APPLICATION_CREDENTIALS naming no file was an outage (exit 75, after 50 s of gcsfs trying the metadata
+    server); no Azure credentials at all quoted adlfs ("... with credentials!!") without saying where they go."""
+    bucket = request.getfixturevalue({"gs": "gcs", "az": "azure"}[scheme])
+    job = on_bucket(make_job, sim, bucket, tmp_path)
+    if scheme == "gs":
+        monkeypatch.delenv("STORAGE_EMULATOR_HOST")
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-such-key.json"))
+        said = f"GOOGLE_APPLICATION_CREDENTIALS names {tmp_path / 'no-such-key.json'}, which is not a file"
+    else:
+        monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING")
+        said = "no usable Azure credentials in the environment"
+    line = refused_in_one_line(run_cli, job)
+    assert said in line and "AZURE_STORAGE_CONNECTION_STRING" in line if scheme == "az" else said in line, line
+    assert "!!" not in line and "the the" not in line
+    assert sim.stats()["requests"] == 0
+
+
 def test_the_storage_secret_is_masked_in_what_batch_says(sim, make_job, run_cli, s3, tmp_path, monkeypatch):
     """A server repeating the storage secret (here the model, answering with it) never gets it into the output, the
     summary or the log: it is masked as the API key is."""
