@@ -58,6 +58,11 @@ def claim_layout(root: Location, count: int | None) -> None:
         return
     except AlreadyExists:
         pass
+    except OSError:
+        # An unsharded run that claimed the root first clears what killed writers left there (Store.clean_up),
+        # which, on a local folder, is this create's file being written: the claim it made tells.
+        if not read_layout(root)[0]:
+            raise
     claimed, shards = read_layout(root)
     if claimed and shards != count:
         raise LayoutTaken(shards)

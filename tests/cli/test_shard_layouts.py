@@ -267,7 +267,7 @@ def test_runs_of_two_layouts_started_at_once_never_both_send(start_sim, make_job
     runs = [start_run(job), start_run(job, "--shard", "0/2"), start_run(job, "--shard", "1/3")]
     ended = [(run.wait(timeout=120), run.communicate()[1]) for run in runs]
     codes = sorted(code for code, _ in ended)
-    assert codes[0] == 0 and codes[1:] == [2, 2], ended
+    assert codes[0] == 0 and codes[1:] == [2, 2], "\n".join(f"{code}: {err}" for code, err in ended)
     winner = next(index for index, (code, _) in enumerate(ended) if code == 0)
     for code, err in ended:
         if code == 2:
