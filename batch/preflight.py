@@ -254,9 +254,11 @@ def shard_count(settings: Settings, given: int | None = None) -> int | None:
 
 
 def _how_to_read(held: Sequence[int | None]) -> str:
-    if held == [None]:
-        return "it is read without --shards or shards: N"
-    return "pass --shards N to say which split to read"
+    """How a command reads a checkpoint holding answers of the layouts `held`: one layout at a time, by its count."""
+    ways = ["without --shards or shards: N" if count is None else f"with --shards {count}" for count in held]
+    if len(ways) == 1:
+        return f"read it {ways[0]}"
+    return f"read one layout at a time, {' or '.join(ways)}; the answers of the others are left out of it"
 
 
 def job_shards(spec: JobSpec, given: int | None = None) -> list[Settings] | None:

@@ -131,6 +131,10 @@ def test_status_estimate_and_export_of_two_layouts_say_so_in_one_line(sim, make_
                  ["export", job, "--format", "csv", "--to", tmp_path / "x.csv"], ["merge", job], ["run", job],
                  ["run", job, "--shard", "1/3"]):
         assert both in refused(run_cli, *args)
+    for args in (["status", job], ["estimate", job], ["merge", job]):  # the ones that read say how to read one
+        assert refused(run_cli, *args).endswith(
+            ": read one layout at a time, without --shards or shards: N or with --shards 3; the answers of the others "
+            "are left out of it\n")
     assert sim.stats()["requests"] == 15
 
 
@@ -179,6 +183,7 @@ def test_merge_with_a_count_the_checkpoint_does_not_hold_writes_nothing(sim, mak
                  ["status", job, "--shards", "5"]):
         err = refused(run_cli, *args)
         assert f"{checkpoint(job)} holds answers of 2 shards (shard=K-of-2), none of " in err
+        assert err.endswith(": read it with --shards 2\n"), err  # it said "pass --shards N", which was passed
     assert output(job).read_bytes() == merged
 
 
