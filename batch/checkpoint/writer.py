@@ -33,6 +33,7 @@ A write that fails stops the run (CheckpointWriteError): an answer that cannot b
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import itertools
 import json
@@ -40,6 +41,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -73,6 +75,7 @@ MERGE_BATCH_ROWS = 4096  # rows per row group of a merged part: the writer holds
 MERGE_FILE_ROWS = 64 * MERGE_BATCH_ROWS
 STATE_COLUMNS = ["id", "status", "error_class", "epoch"]
 FSYNC_EVERY_S = 1.0
+SLOW_WRITE_S = 10.0  # a part's write taking longer is told: the run waits on it (a store slow, or not answering)
 
 
 class Spent(NamedTuple):
@@ -145,6 +148,8 @@ class Checkpoint:
         self._owned = False  # opened by a run holding the lock: it may move damaged parts aside
         self._set_aside_numbers: set[int] = set()
         self._next_number: int | None = None  # the next new part's number, once the parts were listed
+        # How long a part's write may take before the run says it waits on it (tests: 0).
+        self.slow_write_s = SLOW_WRITE_S
         # The lease epoch of the run writing it (batch/storage/lease.py): in its parts' names and on each record it
         # writes. None: no lease (a local checkpoint, which its run lock keeps to one writer).
         self.epoch: int | None = None
@@ -448,7 +453,7 @@ class Checkpoint:
         attempt = first
         while True:
             key = key_of(attempt)
-            with self._writing(self.store.where(key)):
+            with self._writing(self.store.where(key)), _told_if_slow(self.store.where(key), self.slow_write_s):
                 try:
                     self.store.create(key, write)
                     return key
@@ -531,6 +536,22 @@ def _reading(store: Store, key: str) -> Iterator[None]:
                                   "set aside: run the job again once it can be read") from None
     except (pa.ArrowException, OSError) as exc:
         raise DamagedPart(key, store.where(key), str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+
+
+@contextlib.contextmanager
+def _told_if_slow(where: str, after_s: float) -> Iterator[None]:
+    """A warning, from a timer's thread (in the caller's context, by which the run's batch.log is found), when the
+    write in the block has not returned after `after_s`: the run waits on a part's write, and a store that stopped
+    answering would leave it silent for as long as its library retries (a minute and more)."""
+    timer = threading.Timer(after_s, contextvars.copy_context().run,
+                            args=(log.warning, "writing %s has taken %.0f s so far: its store is slow or does not "
+                                  "answer, and the run waits for it", where, after_s))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _open_part(store: Store, key: str) -> pq.ParquetFile:

@@ -8,6 +8,8 @@ the counts so far) go wrong:
                  PUT or DELETE: the caller cannot tell it from `unavailable` without reading again)
     torn         create/replace only: the object keeps just the first half of what was written, and the call
                  returns as if all was well (a damaged object, as a disk or a buggy writer leaves one)
+    stalled      the call waits until the test sets `resume`, then goes as asked (a store that stopped
+                 answering while its library retries)
 
 Versions count up per store and are never reused. `writes` lists every write that took effect, in order, as
 (op, key): what a test checks a writer did (never a replace of a part, a key never made twice).
@@ -35,7 +37,7 @@ from batch.storage.base import (
 )
 
 Op = Literal["open_read", "create", "replace", "list", "delete"]
-FaultKind = Literal["unavailable", "lost_reply", "torn"]
+FaultKind = Literal["unavailable", "lost_reply", "torn", "stalled"]
 T = TypeVar("T")
 
 
@@ -57,6 +59,7 @@ class MemoryStore(Store):
         self._lock = threading.Lock()  # the checkpoint writes from worker threads too
         self._faults: list[Fault] = []
         self.calls: Counter[str] = Counter()
+        self.resume = threading.Event()  # what a stalled call waits for
         self.writes: list[tuple[Op, str]] = []
         for fault in faults or []:
             self.inject(*fault)
@@ -132,9 +135,13 @@ class MemoryStore(Store):
         """`act` under the store's lock, as this call's fault (if one is injected for it) has it go."""
         with self._lock:
             self.calls[op] += 1
-            fault = next((f.kind for f in self._faults if f.op == op and f.nth == self.calls[op]), None)
+            nth = self.calls[op]
+            fault = next((f.kind for f in self._faults if f.op == op and f.nth == nth), None)
+        if fault == "stalled":  # outside the lock: the store's other calls go on meanwhile
+            self.resume.wait()
+        with self._lock:
             if fault == "unavailable":
-                raise Unavailable(key, f"injected: call {self.calls[op]} of {op} failed")
+                raise Unavailable(key, f"injected: call {nth} of {op} failed")
             result = act()
             if op in ("create", "replace", "delete"):
                 self.writes.append((op, key))
@@ -142,7 +149,7 @@ class MemoryStore(Store):
                 whole = self._objects[key]
                 self._objects[key] = whole._replace(data=whole.data[:len(whole.data) // 2])
             elif fault == "lost_reply":
-                raise Unavailable(key, f"injected: the reply to call {self.calls[op]} of {op} was lost")
+                raise Unavailable(key, f"injected: the reply to call {nth} of {op} was lost")
             return result
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import checkpoint_of, record, states
+from helpers import checkpoint_of, record, states, wait_until
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -221,3 +223,27 @@ def test_a_final_file_written_before_it_recorded_what_it_was_made_from_is_writte
     written = final.stat().st_mtime_ns
     assert run_cli("run", job)[0] == 0
     assert final.stat().st_mtime_ns == written and sim.stats()["requests"] == 12
+
+
+def test_a_part_write_that_does_not_return_is_told_while_the_run_waits_on_it(tmp_path: Path, caplog) -> None:
+    """A part is written in the run's loop: a store that stopped answering (its library retrying for a minute and
+    more) left the run silent meanwhile. A warning comes once the write has taken slow_write_s, the write going on."""
+    store = MemoryStore([Fault("create", 1, "stalled")])
+    ck = Checkpoint(tmp_path, rows_per_part=1, store=store)
+    ck.slow_write_s = 0  # the write is stalled until the test resumes it, so it is slow whatever the threshold
+    ck.open()
+    writing = threading.Thread(target=ck.append, args=(record(1),))
+    with caplog.at_level(logging.WARNING, logger="batch"):
+        writing.start()
+        try:
+            wait_until(lambda: "has taken 0 s so far: its store is slow or does not answer" in caplog.text,
+                       "the slow write told")
+            assert writing.is_alive() and parts_of(store) == []
+        finally:
+            store.resume.set()
+            writing.join(timeout=60)
+    assert len(parts_of(store)) == 1 and caplog.text.count("so far") == 1
+    ck.slow_write_s = 3600
+    ck.append(record(2))  # a write that returns in time says nothing
+    assert len(parts_of(store)) == 2 and caplog.text.count("so far") == 1
+    ck.close()
