@@ -310,10 +310,11 @@ def checkpoint_layouts(folder: Location, local_dir: Path) -> Layouts:
     except OSError:
         unsharded = False
     claimed, count = read_layout(folder)  # a run of it sent, or was about to: its answers may be in no part yet
-    if claimed and count is None:
-        unsharded = True
-    elif claimed and count is not None:
-        shards[count] = True
+    if claimed:
+        if count is None:
+            unsharded = True
+        else:
+            shards[count] = True
     return Layouts(unsharded, shards)
 
 

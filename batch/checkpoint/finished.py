@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from batch.checkpoint.guard import RunLock
 from batch.shard import SUCCESS_NAME
-from batch.storage.base import AlreadyExists, NotFound
+from batch.storage.base import AlreadyExists, NotFound, marker_object
 from batch.storage.locations import Location, object_at
 
 if TYPE_CHECKING:
@@ -38,16 +38,11 @@ def read_finished(folder: Location) -> dict[str, Any] | None:
     """The shard's marker ({} when unreadable), or None when it has not finished."""
     store, key = object_at(folder / SUCCESS_NAME)
     try:
-        text = store.read_bytes(key).decode("utf-8")
+        return marker_object(store.read_bytes(key))
     except NotFound:
         return None
-    except (OSError, UnicodeDecodeError):
+    except (OSError, ValueError):
         return {}
-    try:
-        found = json.loads(text)
-    except ValueError:
-        return {}
-    return found if isinstance(found, dict) else {}
 
 
 def shard_state(part: Settings) -> dict[str, Any]:

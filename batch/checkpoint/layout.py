@@ -16,7 +16,7 @@ import json
 from collections.abc import Sequence
 
 from batch.shard import Shard
-from batch.storage.base import AlreadyExists, NotFound
+from batch.storage.base import AlreadyExists, marker_object
 from batch.storage.locations import Location, object_at
 from batch.wording import counted
 
@@ -37,12 +37,9 @@ def read_layout(root: Location) -> tuple[bool, int | None]:
     tells."""
     store, key = object_at(root / LAYOUT_NAME)
     try:
-        found = json.loads(store.read_bytes(key))
-    except NotFound:
+        shards = marker_object(store.read_bytes(key)).get("shards", False)
+    except (OSError, ValueError):  # NotFound among them: no claim
         return False, None
-    except (OSError, ValueError):
-        return False, None
-    shards = found.get("shards", False) if isinstance(found, dict) else False
     if shards is None or (type(shards) is int and shards >= 1):
         return True, shards
     return False, None
@@ -57,13 +54,13 @@ def claim_layout(root: Location, count: int | None) -> None:
         store.create(key, lambda sink: sink.write(body))
         return
     except AlreadyExists:
-        pass
+        claimed, shards = read_layout(root)
     except OSError:
         # An unsharded run that claimed the root first clears what killed writers left there (Store.clean_up),
         # which, on a local folder, is this create's file being written: the claim it made tells.
-        if not read_layout(root)[0]:
+        claimed, shards = read_layout(root)
+        if not claimed:
             raise
-    claimed, shards = read_layout(root)
     if claimed and shards != count:
         raise LayoutTaken(shards)
 

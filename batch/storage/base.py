@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import abc
 import errno
+import json
 import socket
 from collections.abc import Callable
-from typing import BinaryIO, ClassVar, NamedTuple
+from typing import Any, BinaryIO, ClassVar, NamedTuple
 
 
 class StorageError(OSError):
@@ -78,6 +79,20 @@ def is_unreachable(exc: BaseException) -> bool:
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
     return False
+
+
+def marker_object(data: bytes) -> dict[str, Any]:
+    """The JSON object a marker batch writes holds (a lease, a shard's _SUCCESS, a checkpoint's layout); ValueError
+    when `data` is none: not UTF-8, not JSON, nested past the parser's depth (a RecursionError, which is no
+    ValueError), or JSON of another kind. Whatever a damaged or foreign object holds, its reader gets one error to
+    take it as damaged by."""
+    try:
+        found = json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("nested too deep") from None
+    if not isinstance(found, dict):
+        raise ValueError(f"a JSON {type(found).__name__}, not an object")
+    return found
 
 
 class Entry(NamedTuple):

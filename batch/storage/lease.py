@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from batch.storage.base import AlreadyExists, NotFound, PreconditionFailed, Store
+from batch.storage.base import AlreadyExists, NotFound, PreconditionFailed, Store, marker_object
 
 LEASE_KEY = "_LEASE"
 DEFAULT_TTL_S = 30.0  # the job file's output.checkpoint_lease_s unless it sets one
@@ -159,7 +159,7 @@ def read_lease(store: Store) -> tuple[LeaseState, str] | None:
     if entry is None:
         return None
     try:
-        state = _lease_of(json.loads(store.read_bytes(LEASE_KEY)))
+        state = _lease_of(marker_object(store.read_bytes(LEASE_KEY)))
     except NotFound:
         return None
     except (ValueError, KeyError, TypeError):
