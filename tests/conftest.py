@@ -136,6 +136,7 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     moto checks a write's condition (If-None-Match, If-Match) and then writes, in two steps; S3 does both at once.
     Its requests are handled one at a time, so two racing writers meet the atomic conditional writes S3 gives."""
+    import io
     import os
     import threading
 
@@ -148,6 +149,12 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     one_at_a_time = threading.Lock()
 
     def serialized(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        # The body read whole before the turn is taken: a client stopped mid-request (a test's SIGSTOPped run
+        # sending a part) held the turn while moto read from its socket, and every other request waited for ever.
+        length = environ.get("CONTENT_LENGTH")
+        body = environ["wsgi.input"].read(int(length)) if length else environ["wsgi.input"].read() \
+            if environ.get("wsgi.input_terminated") else b""
+        environ["wsgi.input"] = io.BytesIO(body)
         with one_at_a_time:
             return list(app(environ, start_response))
 
