@@ -182,7 +182,7 @@ def _place(value: Any) -> Location:
     return location(_path_text(value))
 
 
-# A local path, or a URL (s3://bucket/key, gs://, az://, file:///path; batch.storage.locations): input.path and
+# A local path, or a URL (s3://bucket/key, gs://, az://, oss://, file:///path; batch.storage.locations): input.path and
 # output.path.
 Place = Annotated[Any, PlainValidator(_place), PlainSerializer(str, return_type=str, when_used="json")]
 # A positive whole number: -16, 0, 2.5 or "16" would be sent to the API as they are. null means unset.
@@ -379,8 +379,8 @@ class RetrySpec(Strict):
 class OutputSpec(Strict):
     path: Place = Field(description=(
         "The final Parquet file (named .parquet; batch export writes CSV or JSONL from it), a local path (relative "
-        "to the job file) or an s3://, gs:// or az:// URL. The checkpoint folder goes beside it, named after it "
-        "(.checkpoint)."))
+        "to the job file) or an s3://, gs://, az:// or oss:// URL. The checkpoint folder goes beside it, named after "
+        "it (.checkpoint)."))
     keep_columns: list[str] = Field(default_factory=list, description=(
         "Input columns copied into the output, after the id column."))
     parse_json: bool = Field(False, description=(

@@ -8,6 +8,8 @@ s3_helpers.S3Bucket (`url`, `keys`, `put`, `get`), so a test runs the same over 
   key with `ifGenerationMatch=0` answers 200.
 - Azure: Azurite (npm), installed by `make azurite` into .tools/azurite (its newest version for node 20), run
   in memory with its telemetry off.
+- Alibaba Cloud OSS: no emulator exists, so tests/oss_server.py is the project's own, built from OSS's API
+  reference (what it copies, with its sources, is in its docstring); oss2 talks to it as to OSS.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ AZURITE_ACCOUNT = "devstoreaccount1"
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
 # The fixture (conftest.py) of each writable scheme's bucket, for tests run over every object store.
-BUCKETS = {"s3": "s3", "gs": "gcs", "az": "azure"}
+BUCKETS = {"s3": "s3", "gs": "gcs", "az": "azure", "oss": "oss"}
 _names = itertools.count(1)
 
 
@@ -210,4 +212,63 @@ class AzureContainer:
             condition = (CREATE if headers.get("if-none-match") == "*" else SWAP if headers.get("if-match")
                          else UNCONDITIONAL)
             found.append((unquote(request[1][len(prefix):]), condition))
+        return found
+
+
+@dataclass
+class OSSBucket:
+    server: Any  # oss_server.OSSServer
+    name: str
+
+    @classmethod
+    def make(cls, server: Any, monkeypatch: pytest.MonkeyPatch) -> OSSBucket:
+        for name in [name for name in os.environ if name.startswith("OSS_")]:
+            monkeypatch.delenv(name)
+        monkeypatch.setenv("OSS_ENDPOINT", server.endpoint)
+        monkeypatch.setenv("OSS_ACCESS_KEY_ID", "testing-key-id")
+        monkeypatch.setenv("OSS_ACCESS_KEY_SECRET", "testing-secret")
+        bucket = cls(server, bucket_name())
+        bucket.client().create_bucket()
+        return bucket
+
+    @property
+    def url(self) -> str:
+        return f"oss://{self.name}"
+
+    def client(self) -> Any:
+        import oss2
+
+        return oss2.Bucket(oss2.Auth("testing-key-id", "testing-secret"), self.server.endpoint, self.name)
+
+    def keys(self, prefix: str = "") -> list[str]:
+        import oss2
+
+        return sorted(item.key for item in oss2.ObjectIteratorV2(self.client(), prefix=prefix))
+
+    def put(self, key: str, data: bytes) -> None:
+        self.client().put_object(key, data)
+
+    def get(self, key: str) -> bytes:
+        return bytes(self.client().get_object(key).read())
+
+    def writes(self) -> list[tuple[str, str]]:
+        """Every write of an object in this bucket in the server's log (a PutObject, or the request that completes a
+        multipart upload): its key and condition. OSS has no compare-and-swap: a swap is the exclusive create of the
+        key's next generation (batch.storage.oss), shown here as the swap of the key it is."""
+        from batch.storage.oss import GENERATION
+
+        found = []
+        prefix = f"/{self.name}/"
+        for request in self.server.requests():
+            query = request.get("query") or {}
+            completing = request["method"] == "POST" and "uploadId" in query
+            putting = request["method"] == "PUT" and not {"partNumber", "uploadId"} & set(query)
+            if not (completing or putting) or not request["path"].startswith(prefix):
+                continue
+            key = unquote(request["path"][len(prefix):])
+            if not key:  # the bucket's own (made, its versioning set)
+                continue
+            exclusive = str(request["headers"].get("x-oss-forbid-overwrite", "")).lower() == "true"
+            name, generation, _ = key.partition(GENERATION)
+            found.append((name, SWAP if generation and exclusive else CREATE if exclusive else UNCONDITIONAL))
         return found

@@ -10,7 +10,15 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from bucket_helpers import BUCKETS, AzureContainer, Emulator, GCSBucket, start_azurite, start_fake_gcs_server
+from bucket_helpers import (
+    BUCKETS,
+    AzureContainer,
+    Emulator,
+    GCSBucket,
+    OSSBucket,
+    start_azurite,
+    start_fake_gcs_server,
+)
 from helpers import DATA, RedisServer
 from hypothesis import settings
 from s3_helpers import S3Bucket
@@ -202,7 +210,25 @@ def azure(azurite_server: Emulator, monkeypatch: pytest.MonkeyPatch) -> AzureCon
     return AzureContainer.make(azurite_server, monkeypatch)
 
 
+@pytest.fixture(scope="session")
+def oss_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """An Alibaba Cloud OSS server of the project's own (tests/oss_server.py) on 127.0.0.1 for this test process."""
+    from oss_server import OSSServer
+
+    server = OSSServer(tmp_path_factory.mktemp("oss") / "requests.jsonl")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def oss(oss_server: Any, monkeypatch: pytest.MonkeyPatch) -> OSSBucket:
+    """A new bucket on the OSS server, with the environment a user's would have (OSS_ENDPOINT, OSS_ACCESS_KEY_*)."""
+    return OSSBucket.make(oss_server, monkeypatch)
+
+
 @pytest.fixture(params=list(BUCKETS))
-def bucket(request: pytest.FixtureRequest) -> S3Bucket | GCSBucket | AzureContainer:
-    """A new bucket on each object store in turn (S3 on moto, GCS on fake-gcs-server, Azure on Azurite)."""
+def bucket(request: pytest.FixtureRequest) -> S3Bucket | GCSBucket | AzureContainer | OSSBucket:
+    """A new bucket on each object store in turn (S3 on moto, GCS on fake-gcs-server, Azure on Azurite, OSS on the
+    project's own server)."""
     return request.getfixturevalue(BUCKETS[request.param])

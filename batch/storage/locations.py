@@ -7,9 +7,9 @@ store for a writable scheme), `object_at` a file's store and key, `open_input` a
 come from each filesystem's own environment (AWS_* variables, profiles; WRITABLE says each), never from a job
 file.
 
-Writing needs the conditional writes of the seam (batch.storage.base): S3 (s3fs), Google Cloud Storage (gcsfs) and
-Azure Blob Storage (adlfs) have them (batch.storage.bucket); `file://` is a local path. Another scheme can be read
-(an input) but not written to: WRITABLE_SCHEMES says which.
+Writing needs the conditional writes of the seam (batch.storage.base): S3 (s3fs), Google Cloud Storage (gcsfs),
+Azure Blob Storage (adlfs) and Alibaba Cloud OSS (oss2) have them (batch.storage.bucket); `file://` is a local path.
+Another scheme can be read (an input) but not written to: WRITABLE_SCHEMES says which.
 """
 
 from __future__ import annotations
@@ -44,12 +44,15 @@ WRITABLE = {
     "az": WritableScheme("batch.storage.azure", "AzureStore", "adlfs and azure-storage-blob", "azure",
                          "AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_NAME with a key, a SAS token "
                          "or a service principal"),
+    "oss": WritableScheme("batch.storage.oss", "OSSStore", "oss2 and ossfs", "oss",
+                          "OSS_ENDPOINT with OSS_ACCESS_KEY_ID and OSS_ACCESS_KEY_SECRET, or OSS_SESSION_TOKEN too"),
 }
 WRITABLE_SCHEMES = tuple(WRITABLE)
 # The environment's storage credentials a job's errors could quote: masked like the API key (batch.logs).
 STORAGE_SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AZURE_STORAGE_KEY",
                             "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_CLIENT_SECRET",
-                            "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN", "GOOGLE_OAUTH_ACCESS_TOKEN")
+                            "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN", "GOOGLE_OAUTH_ACCESS_TOKEN",
+                            "OSS_ACCESS_KEY_SECRET", "OSS_SESSION_TOKEN")
 _URL = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)", re.DOTALL)
 
 

@@ -1,8 +1,8 @@
 """A job whose input, checkpoint and output are on object storage (S3 on a moto server, GCS on fake-gcs-server,
-Azure on Azurite, each on 127.0.0.1; the `bucket` fixture runs a test on each), against the simulator: it runs end to
-end, resumes after kill -9 with its local folder kept or lost, writes every part with an exclusive create, two hosts
-starting it at once run it once, and a bad URL, a missing bucket or missing credentials stop it in one line before
-anything is sent or written."""
+Azure on Azurite, OSS on the project's own server, each on 127.0.0.1; the `bucket` fixture runs a test on each),
+against the simulator: it runs end to end, resumes after kill -9 with its local folder kept or lost, writes every part
+with an exclusive create, two hosts starting it at once run it once, and a bad URL, a missing bucket or missing
+credentials stop it in one line before anything is sent or written."""
 
 from __future__ import annotations
 
@@ -142,7 +142,8 @@ def test_a_missing_bucket_is_one_line_before_anything_is_sent(sim, make_job, run
 
 
 @pytest.mark.parametrize(("scheme", "package", "extra", "named"), [
-    ("gs", "gcsfs", "gcs", "gcsfs"), ("az", "adlfs", "azure", "adlfs and azure-storage-blob")])
+    ("gs", "gcsfs", "gcs", "gcsfs"), ("az", "adlfs", "azure", "adlfs and azure-storage-blob"),
+    ("oss", "oss2", "oss", "oss2 and ossfs")])
 @pytest.mark.parametrize("key", ["output.path", "input.path"])
 def test_a_url_whose_library_is_not_installed_names_the_extra_in_one_line(
         sim, make_job, run_cli, tmp_path, monkeypatch, scheme, package, extra, named, key):
