@@ -109,12 +109,24 @@ class Lease:
     def renew(self) -> None:
         """Extend the lease by ttl from now; LeaseLost when another holder has it now."""
         assert self._version is not None, "renew before acquire"
-        try:
-            with self._writing:
+        with self._writing:
+            try:
                 self._swap(self.epoch, self._version)
-        except (PreconditionFailed, NotFound):
-            raise LeaseLost(f"the lease in {self.store.where(LEASE_KEY)} was taken over since epoch "
-                            f"{self.epoch}: another process holds this checkpoint now") from None
+                return
+            except (PreconditionFailed, NotFound):
+                pass
+            # A renewal of ours that took effect while its reply was lost (an Unavailable the runner tried again
+            # after) moved the lease past the version held: a lease naming this holder and epoch is still ours
+            # (holders are unique; a take-over or a release writes another holder or epoch), so swap from there.
+            found = self._read()
+            if found is not None and (found[0].holder, found[0].epoch) == (self.holder, self.epoch):
+                try:
+                    self._swap(self.epoch, found[1])
+                    return
+                except (PreconditionFailed, NotFound):
+                    pass
+        raise LeaseLost(f"the lease in {self.store.where(LEASE_KEY)} was taken over since epoch {self.epoch}: "
+                        "another process holds this checkpoint now")
 
     def release(self) -> None:
         """Leave the lease expired, so the next taker need not wait out the ttl; a lease lost meanwhile is left be."""

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from test_store import STORES, bucket_for, make_store
 
 from batch.storage.base import Store
-from batch.storage.lease import LEASE_KEY, Lease, LeaseHeld, LeaseLost, read_lease
+from batch.storage.lease import LEASE_KEY, Lease, LeaseHeld, LeaseLost, LeaseState, read_lease
 from batch.storage.memory import MemoryStore
 
 TTL = 30.0
@@ -109,6 +109,24 @@ def test_a_create_whose_reply_was_lost_is_found_to_be_ours() -> None:
         lease.acquire()  # the store says it failed; it had written the lease
     assert lease.acquire() == 1  # taken again by the same holder: its own, not held against it
     lease.renew()
+
+
+def test_a_renewal_whose_reply_was_lost_leaves_the_lease_ours_and_a_take_over_is_still_found() -> None:
+    """The runner tries a failed renewal again at the next: a first one that had taken effect is no take-over (it
+    was: exit 4 with the lease still ours, on OSS after one failed check, anywhere after a lost reply)."""
+    store = MemoryStore([("replace", 1, "lost_reply")])
+    clock = Clock()
+    lease = Lease(store, "host-a:1", TTL, clock)
+    lease.acquire()
+    with pytest.raises(OSError):
+        lease.renew()  # the store says it failed; it had written the lease
+    clock.now += 5
+    lease.renew()
+    assert read_lease(store)[0] == LeaseState("host-a:1", 1, clock.now + TTL)
+    clock.now += 2 * TTL  # expired: taken over by another holder
+    assert Lease(store, "host-b:2", TTL, clock).acquire() == 2
+    with pytest.raises(LeaseLost):
+        lease.renew()
 
 
 def test_a_damaged_lease_is_taken_over_not_obeyed(store: Store) -> None:
