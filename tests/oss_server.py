@@ -10,6 +10,7 @@ behaviour, limited to what the storage code uses, with the wire format matched t
   FileAlreadyExists when the key exists, and is ignored in a bucket whose versioning is Enabled or Suspended:
   https://www.alibabacloud.com/help/en/oss/developer-reference/prevent-objects-from-being-overwritten-by-objects-with-the-same-names-1
   https://www.alibabacloud.com/help/en/oss/user-guide/0042-00000214 (the CompleteMultipartUpload case)
+- GetObject / HeadObject with If-Match: another ETag is 412 PreconditionFailed.
 - Range: a valid range gives 206 + Content-Range; an invalid or out-of-range one is ignored (200, whole object)
   unless `x-oss-range-behavior: standard`, which clamps the end and answers 416 InvalidRange for a start past the end:
   https://www.alibabacloud.com/help/en/oss/how-to-obtain-oss-resources-by-segmenting-http-range-requests
@@ -431,6 +432,11 @@ class OSSServer:
 
     @staticmethod
     def _read(stored: StoredObject, headers: dict[str, str], head: bool) -> Reply:
+        # GetObject's and HeadObject's If-Match: another ETag than the object's is 412 PreconditionFailed
+        # (https://www.alibabacloud.com/help/en/oss/developer-reference/getobject)
+        wanted_etag = headers.get("if-match")
+        if wanted_etag is not None and wanted_etag.strip('"').upper() != stored.etag.strip('"'):
+            raise OSSError(412, "PreconditionFailed", "At least one of the pre-conditions you specified did not hold.")
         size = len(stored.body)
         reply_headers = {"ETag": stored.etag, "Last-Modified": formatdate(stored.modified, usegmt=True),
                          "Content-Type": stored.content_type, "x-oss-object-type": stored.object_type,

@@ -9,13 +9,15 @@ batch copes:
   silently overwrite: such a bucket is refused, in one line, at the first call (the preflight's listing).
 - PutObject has no If-Match (nor does the current SDK, alibabacloud-oss-v2, offer one): no compare-and-swap, which
   the lease needs. It is built from exclusive creates: a key swapped once is kept as generations, objects named
-  `KEY~swap~NNNNNNNNNNNN` that are each written once, by an exclusive create, and never deleted while the key
-  lives. A swap from generation N creates generation N + 1: of two swappers from N one wins, and a swapper holding
-  an older generation finds N + 1 taken. A key never swapped is the plain object as any other store's. The key's
-  object is its newest generation (or the plain one): every read, listing and version here says so, and no batch
-  code sees a generation's name. A swap racing an unconditional `replace` or a `delete` of the same key is not
-  ordered by it (batch never does either to a key it swaps: the lease). A generation is ~100 bytes and the lease
-  writes one per ttl/3 (8,640 a day at the default ttl): they go with the checkpoint folder.
+  `KEY~swap~NNNNNNNNNNNN` (LATEST - N, so the newest is listed first) that are each written once, by an exclusive
+  create, and never deleted while the key lives. A swap from generation N creates generation N + 1: of two swappers
+  from N one wins, and a swapper holding an older generation finds N + 1 taken. A key never swapped is the plain
+  object as any other store's. The key's object is its newest generation (or the plain one): every read, listing
+  and version here says so, and no batch code sees a generation's name. A read finds the newest in one LIST of one
+  object, however many there are; a listing of the folder lists them all. A swap racing an unconditional `replace`
+  or a `delete` of the same key is not ordered by it (batch never does either to a key it swaps: the lease). A
+  generation is ~100 bytes and the lease writes one per ttl/3 (8,640 a day at the default ttl): they go with the
+  checkpoint folder.
 
 Credentials and the endpoint come from the environment Alibaba's tools read: OSS_ACCESS_KEY_ID,
 OSS_ACCESS_KEY_SECRET, OSS_SESSION_TOKEN (STS) and OSS_ENDPOINT (the region's, e.g.
@@ -35,13 +37,16 @@ from typing import Any, BinaryIO, NamedTuple
 import oss2
 from oss2.exceptions import OssError, RequestError, ServerError
 
-from batch.storage.base import StorageError, Unavailable, Unreachable
+from batch.storage.base import StorageError, Unavailable
 from batch.storage.bucket import ABSENT, BucketStore, Missing, NoBucket, Refused, environment, reason, size_of
 
 MULTIPART_ABOVE = 64 * 2**20  # bytes sent in one PutObject at most (OSS allows 5 GiB; memory is the limit here)
 PART_SIZE = 16 * 2**20  # OSS takes parts of 100 KiB to 5 GiB, at most 10,000 of them
-GENERATION = "~swap~"
+GENERATION = "~swap~"  # no key of batch's holds it (_name refuses one that does)
 _GENERATION_NAME = re.compile(rf"(.+){re.escape(GENERATION)}(\d{{12}})")
+# Generation N is named LATEST - N, so a key's newest generation comes first in a listing: one LIST of one object
+# finds it, however many there are.
+LATEST = 10**12 - 1
 _GENERATION_VERSION = re.compile(r"\S+ \(generation (\d+)\)")
 _FORBID_OVERWRITE = {"x-oss-forbid-overwrite": "true"}
 _VERSIONING_CHECKED: set[tuple[str, str]] = set()  # (endpoint, bucket) found without versioning, once per process
@@ -76,31 +81,47 @@ class OSSStore(BucketStore):
     def _current(self, name: str) -> tuple[str, str] | None:
         """The object that is `name` now (its newest generation, else the plain object) and its version; None when
         there is neither."""
-        found: tuple[str, str] | None = None
-        for physical, _, version in self._physical(name):
-            if physical == name and found is None:
-                found = physical, version
-            elif (generation := _GENERATION_NAME.fullmatch(physical)) and generation[1] == name:
-                found = physical, _generation_version(int(generation[2]), version)
-        return found
+        newest = self._newest_generation(name)
+        if newest is not None:
+            return newest
+        try:
+            return name, str(self._call(self.client.head_object, name).etag)
+        except Missing:
+            return None
+
+    def _newest_generation(self, name: str) -> tuple[str, str] | None:
+        page = self._call(self.client.list_objects_v2, prefix=name + GENERATION, max_keys=1)
+        for item in page.object_list:
+            if found := _GENERATION_NAME.fullmatch(item.key):
+                return item.key, _generation_version(LATEST - int(found[2]), str(item.etag))
+        return None
 
     def _list(self, prefix: str) -> Iterator[tuple[str, int, str]]:
-        """Each key's object as its newest generation says (the listing is in name order: a plain object before its
-        generations, a generation before the next)."""
+        """Each key's object as its newest generation says (in name order, a plain object comes before its
+        generations, the newest generation first). A key is listed if its own name starts with `prefix`."""
         keys: dict[str, tuple[int, str]] = {}
         for physical, size, version in self._physical(prefix):
             if generation := _GENERATION_NAME.fullmatch(physical):
-                keys[generation[1]] = size, _generation_version(int(generation[2]), version)
+                name = generation[1]
+                if name.startswith(prefix) and _generation_of(keys.get(name, (0, ""))[1]) == 0:
+                    keys[name] = size, _generation_version(LATEST - int(generation[2]), version)
             else:
                 keys[physical] = size, version
         return iter([(name, size, version) for name, (size, version) in keys.items()])
 
     def _cat(self, name: str) -> bytes:
-        current = self._existing(name)
+        newest = self._newest_generation(name)
+        current = newest[0] if newest else name
         return bytes(self._call(lambda: self.client.get_object(current).read()))
 
+    def _name(self, key: str) -> str:
+        if GENERATION in key:  # a bug: batch names no key so
+            raise ValueError(f"a storage key on OSS cannot hold {GENERATION!r}: {key!r}")
+        return super()._name(key)
+
     def _open(self, name: str) -> Any:
-        current = self._existing(name)
+        newest = self._newest_generation(name)
+        current = newest[0] if newest else name
         head = self._call(self.client.head_object, current)
         return _RangeReader(self, current, head.content_length, head.etag)
 
@@ -109,16 +130,11 @@ class OSSStore(BucketStore):
         return current[1] if current else None
 
     def _delete(self, name: str) -> None:
-        # the generations first: a plain object left alone is the key's older self, never a newer one
-        for physical, _, _ in self._physical(name + GENERATION):
+        # the generations first (the oldest first: a delete cut short leaves the key as an older self of its, and
+        # the delete is done again by whoever cleans up), then the plain object
+        for physical, _, _ in reversed(list(self._physical(name + GENERATION))):
             self._call(self.client.delete_object, physical)
         self._call(self.client.delete_object, name)
-
-    def _existing(self, name: str) -> str:
-        current = self._current(name)
-        if current is None:
-            raise Missing
-        return current[0]
 
     # -- writes ---------------------------------------------------------------------------------------------------
 
@@ -140,13 +156,13 @@ class OSSStore(BucketStore):
         taken back if not."""
         base = _generation_of(version)
         made = self._send_generation(name, body, base + 1)
-        base_name = f"{name}{GENERATION}{base:012d}" if base else name
+        base_name = _generation_name(name, base) if base else name
         try:
             still = self._call(self.client.head_object, base_name).etag
         except Missing:
             still = None
         if still != version.split(" ", 1)[0]:
-            self._call(self.client.delete_object, f"{name}{GENERATION}{base + 1:012d}")
+            self._call(self.client.delete_object, _generation_name(name, base + 1))
             raise Refused
         return made
 
@@ -161,7 +177,7 @@ class OSSStore(BucketStore):
                 newest = _generation_of(current[1]) if current else 0
 
     def _send_generation(self, name: str, body: BinaryIO, generation: int) -> str:
-        return _generation_version(generation, self._send(f"{name}{GENERATION}{generation:012d}", body, exclusive=True))
+        return _generation_version(generation, self._send(_generation_name(name, generation), body, exclusive=True))
 
     def _send(self, name: str, body: BinaryIO, exclusive: bool) -> str:
         """`body` as the object `name`, in one PutObject or in parts past multipart_above; its ETag. Exclusive:
@@ -196,6 +212,8 @@ class OSSStore(BucketStore):
         try:
             status = self._call(self.client.get_bucket_versioning).status
         except ServerError as exc:
+            if exc.status != 403:  # a server's failure: Unavailable, as any call's
+                raise
             raise ValueError(f"oss://{self.bucket}: cannot read whether its versioning is on ({exc.code or exc.status}"
                              "); batch needs to know, as OSS ignores x-oss-forbid-overwrite in a versioned bucket: "
                              "allow oss:GetBucketVersioning to these credentials") from None
@@ -240,6 +258,8 @@ class OSSStore(BucketStore):
         """One oss2 call: a refused forbid-overwrite Refused, a missing key Missing, a missing bucket NoBucket."""
         try:
             return method(*args, **kwargs)
+        except RequestError as exc:  # no answer: requests' own error, which oss2 keeps aside, says which
+            raise exc.exception from None
         except ServerError as exc:
             if exc.code == "NoSuchBucket":
                 raise NoBucket from None
@@ -250,8 +270,8 @@ class OSSStore(BucketStore):
             raise
 
     def _unavailable(self, key: str, exc: Exception) -> StorageError | None:
-        if isinstance(exc, RequestError):  # no answer: requests' error, kept aside by oss2
-            return Unreachable(key, reason(exc.exception))
+        if type(exc).__module__.split(".")[0] in ("requests", "urllib3"):  # what is_unreachable did not know
+            return Unavailable(key, reason(exc))
         if isinstance(exc, OssError):
             said = exc.code or exc.message or f"HTTP {exc.status}"
             return Unavailable(key, f"{said} (HTTP {exc.status})" if exc.code else said)
@@ -281,10 +301,8 @@ class _RangeReader(io.RawIOBase):
         try:
             got = self._store._call(lambda: self._store.client.get_object(self._name, byte_range=(start, end - 1),
                                                                           headers=headers).read())
-        except ServerError as exc:
-            if exc.status == 412:  # replaced since the open
-                raise Missing from None
-            raise
+        except Refused:  # 412: replaced since the open
+            raise Missing from None
         return bytes(got)
 
     def readinto(self, buffer: Any) -> int:
@@ -299,6 +317,10 @@ class _RangeReader(io.RawIOBase):
 
     def tell(self) -> int:
         return self._position
+
+
+def _generation_name(name: str, generation: int) -> str:
+    return f"{name}{GENERATION}{LATEST - generation:012d}"
 
 
 def _generation_version(generation: int, etag: str) -> str:
@@ -320,6 +342,8 @@ def credentials() -> Credentials:
     if not endpoint:
         raise ValueError("oss:// URLs need OSS_ENDPOINT in the environment: the endpoint of the bucket's region, "
                          "e.g. https://oss-cn-hangzhou.aliyuncs.com")
+    if "://" not in endpoint:  # oss2 would take it as http://: the data and an STS token sent in clear
+        endpoint = f"https://{endpoint}"
     if not (key_id and secret):
         raise ValueError("no OSS credentials in the environment: set OSS_ACCESS_KEY_ID and OSS_ACCESS_KEY_SECRET "
                          "(and OSS_SESSION_TOKEN for STS credentials)")

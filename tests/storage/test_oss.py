@@ -17,10 +17,10 @@ from helpers import free_port, start_run, wait_until
 from test_s3_jobs import ROWS, on_bucket, output_on, refused_in_one_line, resume_taken_over
 
 from batch.errors import EXIT_UNREACHABLE
-from batch.storage.base import AlreadyExists, NotFound, PreconditionFailed
+from batch.storage.base import AlreadyExists, NotFound, PreconditionFailed, Unavailable
 from batch.storage.lease import LEASE_KEY
 from batch.storage.locations import location, store_at
-from batch.storage.oss import GENERATION, OSSStore
+from batch.storage.oss import GENERATION, LATEST, OSSStore
 
 
 def bytes_of(data: bytes):
@@ -34,10 +34,14 @@ def test_a_swapped_key_is_its_newest_generation_and_no_reader_sees_one(oss) -> N
         version = store.replace(LEASE_KEY, bytes_of(str(n).encode()), if_version=version)
     store.create("part-000001-e1.parquet", bytes_of(b"part"))
     generations = [key for key in oss.keys("job/") if GENERATION in key]
-    assert generations == [f"job/{LEASE_KEY}{GENERATION}{n:012d}" for n in (1, 2, 3)]
+    # named newest first, so one listing of one object finds the newest
+    assert generations == [f"job/{LEASE_KEY}{GENERATION}{LATEST - n:012d}" for n in (3, 2, 1)]
     assert [(entry.key, entry.size, entry.version) for entry in store.list()] == [
         (LEASE_KEY, 1, version), ("part-000001-e1.parquet", 4, store.list("part-")[0].version)]
+    sent_before = len(oss.server.requests())
     assert store.read_bytes(LEASE_KEY) == b"3"
+    assert [(r["method"], r["query"].get("max-keys")) for r in oss.server.requests()[sent_before:]] == [
+        ("GET", "1"), ("GET", None)]  # the newest generation's name, then its bytes: however many there are
     with store.open_read(LEASE_KEY) as stream:
         assert stream.read() == b"3"
     with pytest.raises(PreconditionFailed) as stale:  # a holder of an older generation finds its successor taken
@@ -50,6 +54,16 @@ def test_a_swapped_key_is_its_newest_generation_and_no_reader_sees_one(oss) -> N
     with pytest.raises(PreconditionFailed):  # a swap of a key deleted since takes its write back
         store.replace(LEASE_KEY, bytes_of(b"late"), if_version=version)
     assert [key for key in oss.keys("job/") if LEASE_KEY in key] == []
+
+
+def test_an_object_replaced_while_it_is_read_fails_the_read_not_mixing_two_versions(oss) -> None:
+    store = OSSStore(f"{oss.url}/job")
+    store.replace("summary.json", bytes_of(b"0123456789"))
+    with store.open_read("summary.json") as stream:
+        assert stream.read(4) == b"0123"
+        store.replace("summary.json", bytes_of(b"abcdefghij"))
+        with pytest.raises(NotFound):
+            stream.read(4)
 
 
 def test_a_big_object_goes_up_in_parts_and_its_exclusive_create_is_refused_before_its_parts_are_sent(oss) -> None:
@@ -79,6 +93,19 @@ def test_a_bucket_with_versioning_on_is_refused_in_one_line_before_anything_is_s
     line = refused_in_one_line(run_cli, job)
     assert f"oss://{oss.name} has versioning Enabled, where OSS ignores x-oss-forbid-overwrite" in line, line
     assert sim.stats()["requests"] == 0 and oss.keys() == before and not (tmp_path / "local").exists()
+
+
+def test_versioning_unreadable_for_want_of_a_permission_is_refused_and_a_failing_server_is_unavailable(oss) -> None:
+    oss.server.fail_next(1, status=503, code="ServiceUnavailable")  # the first call: the versioning's
+    store = OSSStore(f"{oss.url}/job")
+    with pytest.raises(Unavailable, match="ServiceUnavailable"):
+        store.list()
+    assert store.list() == []  # asked again, and found off
+    other = f"{oss.name}-2"  # its versioning not asked yet
+    oss2.Bucket(oss.client().auth, oss.server.endpoint, other).create_bucket()
+    oss.server.fail_next(1, status=403, code="AccessDenied")
+    with pytest.raises(ValueError, match="allow oss:GetBucketVersioning"):
+        OSSStore(f"oss://{other}/job").list()
 
 
 @pytest.mark.parametrize("unset", ["OSS_ENDPOINT", "OSS_ACCESS_KEY_SECRET"])
