@@ -147,6 +147,11 @@ class Checkpoint:
         self._failed: CheckpointWriteError | None = None  # the first write that failed: every later one fails too
         self._owned = False  # opened by a run holding the lock: it may move damaged parts aside
         self._set_aside_numbers: set[int] = set()
+        # The parts a run under a lease reads: those there at its open and those it made. A zombie holder (a run
+        # paused while this one took the lease over) writes its answers in flight as parts of its own epoch, which
+        # may land among this run's mid-run: read, they would shift every later record from the place the run's
+        # row states gave it. They are the next reader's (a rerun, merge, status). None: every part (a reader).
+        self._known: set[str] | None = None
         self._next_number: int | None = None  # the next new part's number, once the parts were listed
         # How long a part's write may take before the run says it waits on it (tests: 0).
         self.slow_write_s = SLOW_WRITE_S
@@ -178,6 +183,8 @@ class Checkpoint:
         self._wal = open(wal, "w", encoding="utf-8")
         fsync_dir(self.folder)
         self._owned = True
+        if self.epoch is not None:
+            self._known = {entry.key for entry in self._listed()}
 
     def answered(self) -> Answered:
         """The last record per id in the part files (the log is in them after open() and close())."""
@@ -287,7 +294,8 @@ class Checkpoint:
         return [entry.key for entry in self._listed()]
 
     def _listed(self) -> list[Entry]:
-        parts = [(order, entry) for entry in self.store.list(PART_PREFIX) if (order := part_order(entry.key))]
+        parts = [(order, entry) for entry in self.store.list(PART_PREFIX) if (order := part_order(entry.key))
+                 and (self._known is None or entry.key in self._known)]
         return [entry for _, entry in sorted(parts)]
 
     def records_version(self) -> str:
@@ -456,6 +464,8 @@ class Checkpoint:
             with self._writing(self.store.where(key)), _told_if_slow(self.store.where(key), self.slow_write_s):
                 try:
                     self.store.create(key, write)
+                    if self._known is not None:
+                        self._known.add(key)
                     return key
                 except AlreadyExists:
                     attempt += 1

@@ -484,6 +484,57 @@ def test_a_zombie_holders_paid_answers_are_kept_beside_the_new_holders_and_merge
     assert json.loads(out)["cost"] == pytest.approx(edited["cost"].sum())
 
 
+def test_a_zombies_late_parts_written_while_the_new_holder_runs_are_left_to_the_next_reader(start_sim, make_job,
+                                                                                              run_cli, s3, tmp_path):
+    """A run paused (SIGSTOP) loses its lease to a run on another host and is resumed while that run is sending: its
+    answers in flight land as parts of its own epoch in the middle of the new holder's. The new holder reads the
+    parts it knew at its start and its own, and finishes (it wrote its output reading a zombie part at another's
+    place: exit 70, no output); the next run reads them all, and every row's record and cost is right."""
+    rows = [{"review_id": f"z{i:03d}", "text": f"zombie {i}"} for i in range(60)]
+    sim = start_sim(latency_ms=300)
+    job = on_bucket(make_job, sim, s3, tmp_path, rows=rows, limits={"concurrency": 2, "timeout_s": 120},
+                    output={"checkpoint_rows": 1, "checkpoint_lease_s": 1})
+    other_host = job.with_name("job-other-host.yaml")
+    other_host.write_text(job.read_text().replace(str(tmp_path / "local"), str(tmp_path / "local-2")))
+    folder = "out/result.checkpoint/"
+
+    def parts(epoch: int) -> list[str]:
+        return [key for key in s3.keys(folder) if f"-e{epoch}." in key]
+
+    zombie = start_run(job)
+    new_holder = None
+    try:
+        wait_until(lambda: len(parts(1)) >= 2 and sim.stats()["in_flight"] > 0, "parts written, requests in flight")
+        os.kill(zombie.pid, signal.SIGSTOP)
+        checkpoint = S3Store(f"{s3.url}/{folder}")
+        wait_until(lambda: json.loads(checkpoint.read_bytes(LEASE_KEY))["expires_at"] < time.time(),
+                   "the paused run's lease to expire")
+        new_holder = start_run(other_host)
+        wait_until(lambda: len(parts(2)) >= 2, "the new holder writing parts")
+        before = set(parts(1))
+        resume_taken_over(zombie)
+        assert set(parts(1)) - before, "the zombie wrote its answers in flight"
+        assert new_holder.poll() is None, "the new holder still running when the zombie's parts landed"
+        _, err = new_holder.communicate(timeout=120)
+        assert new_holder.returncode == 0, err
+    finally:
+        for process in (zombie, new_holder):
+            if process is not None:
+                process.kill()
+                process.communicate()
+    result = output_on(s3)
+    assert list(result["review_id"]) == [row["review_id"] for row in rows] and (result["status"] == "ok").all()
+    sent = sim.stats()["requests"]
+    code, out, err = run_cli("run", job)  # reads the zombie's parts too: sends nothing, the output written again
+    assert code == 0 and sim.stats()["requests"] == sent, err
+    again = output_on(s3)
+    asked = sim.stats()["by_prompt"]
+    times = again["text"].map(lambda text: asked[f"Classify: {text}"])
+    assert (times == 2).any() and again["attempts"].tolist() == times.tolist()  # each answer paid, in its row
+    paid = records_of_parts(s3, folder).groupby("id")["cost"].sum()
+    assert again["cost"].tolist() == pytest.approx([paid[i] for i in again["review_id"]])
+
+
 def test_status_shows_who_holds_each_shards_lease_for_the_ttl_the_job_file_sets(start_sim, make_job, run_cli, s3,
                                                                                 tmp_path):
     sim = start_sim(latency_ms=100)
