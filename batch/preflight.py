@@ -433,18 +433,20 @@ def check_output_path(spec: JobSpec) -> None:
     _check_creatable(spec, "output.path", given, "the output and its checkpoint folder")
 
 
-def check_export_target(locations: Locations, target: Path) -> None:
+def check_export_target(locations: Locations, target: Location) -> None:
     """Refuse an export that would overwrite the job's input, its job file, its output, or a file in a checkpoint
     folder (compared resolved, as for output.path)."""
     to = target.resolve()
+    local = not is_url(to)
     keep = {"input": locations.input, "job file": locations.job_file, "output": locations.output}
     for what, path in keep.items():
-        if to == path.resolve() or (to.exists() and not is_url(path) and path.exists() and os.path.samefile(to, path)):
+        if to == path.resolve() or (local and to.exists() and not is_url(path) and path.exists()
+                                    and os.path.samefile(to, path)):
             raise ConfigError(f"--to {target} is the job's {what} {path}: export to another file")
-    if to.is_dir():
+    if local and to.is_dir():
         raise ConfigError(f"--to {target} is a folder: name the file to write, e.g. {target / 'results.csv'}")
     for folder in to.parents:
-        if folder == locations.checkpoint_dir.resolve() or (folder.suffix == ".checkpoint" and
+        if folder == locations.checkpoint_dir.resolve() or (local and folder.suffix == ".checkpoint" and
                                                              _holds_a_checkpoint(folder)):
             raise ConfigError(f"--to {target} is inside the checkpoint folder {folder}, which batch manages; "
                               "export elsewhere")

@@ -30,19 +30,20 @@ from batch.config import JobSpec
 from batch.errors import ConfigError
 from batch.plan import Settings
 from batch.preflight import check_export_target, job_shards, settings_of
-from batch.storage.locations import object_at
+from batch.storage.locations import Location, location, object_at
 from batch.wording import counted
 
 FORMATS = ("csv", "jsonl", "parquet")
 
 
-def export_output(spec: JobSpec, fmt: Literal["csv", "jsonl", "parquet"], to: Path, shards: int | None = None) -> int:
+def export_output(spec: JobSpec, fmt: Literal["csv", "jsonl", "parquet"], to: Location | str,
+                  shards: int | None = None) -> int:
     """Write the final output table to `to` in `fmt`; returns the number of rows written. A job split into shards
     (`shards`: --shards) exports its merged output; `spec` made for one shard, that shard's rows."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r} (use one of {', '.join(FORMATS)})")
     settings = settings_of(spec)
-    to = Path(to)
+    to = location(to)
     if settings.shard is not None:
         return _export_shard(settings, fmt, to)
     source, job_file = settings.locations.output, settings.locations.job_file
@@ -76,7 +77,7 @@ def _check_merged(whole: Settings, shards: ShardsReading) -> None:
                           f"records as they are now: `batch merge {job_file}` writes it, sending nothing")
 
 
-def _export_shard(part: Settings, fmt: Literal["csv", "jsonl", "parquet"], to: Path) -> int:
+def _export_shard(part: Settings, fmt: Literal["csv", "jsonl", "parquet"], to: Location) -> int:
     """Shard `part`'s rows alone, once it has finished (a shard writes no output of its own: they are written from
     its checkpoint to a file of the export's own first)."""
     label, job_file = part.shard.label, part.locations.job_file  # type: ignore[union-attr]
@@ -94,10 +95,13 @@ def _export_shard(part: Settings, fmt: Literal["csv", "jsonl", "parquet"], to: P
         return export_file(rows, fmt, to)
 
 
-def export_file(source: Path, fmt: Literal["csv", "jsonl", "parquet"], to: Path) -> int:
+def export_file(source: Path, fmt: Literal["csv", "jsonl", "parquet"], to: Location) -> int:
     """Write the Parquet table `source` to `to` in `fmt`, as one whole object; returns the number of rows written."""
     sources, source_key = object_at(source)
-    target, target_key = object_at(to)
+    try:
+        target, target_key = object_at(to)
+    except ValueError as exc:  # a scheme batch does not write to, or its library not installed
+        raise ConfigError(f"--to {exc}") from None
     rows = 0
 
     def write(sink: BinaryIO) -> None:

@@ -359,6 +359,25 @@ def test_status_and_export_read_a_job_on_s3(sim, make_job, run_cli, s3, tmp_path
     assert list(pd.read_csv(tmp_path / "result.csv")["review_id"]) == [row["review_id"] for row in ROWS[:20]]
 
 
+def test_an_export_to_a_bucket_is_written_there_and_a_url_it_cannot_write_is_one_line(sim, make_job, run_cli, bucket,
+                                                                                        tmp_path, monkeypatch):
+    """`--to` a URL wrote a local folder named after it (`./oss:/bucket/...`), saying it had exported."""
+    job = on_bucket(make_job, sim, bucket, tmp_path, rows=ROWS[:20])
+    code, _, err = run_cli("run", job)
+    assert code == 0, err
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli("export", job, "--format", "csv", "--to", f"{bucket.url}/exports/result.csv")
+    assert code == 0 and f"to {bucket.url}/exports/result.csv" in out + err, err
+    exported = pd.read_csv(io.BytesIO(bucket.get("exports/result.csv")))
+    assert list(exported["review_id"]) == [row["review_id"] for row in ROWS[:20]]
+    for to, said in ((f"{bucket.url}/out/result.parquet", "is the job's output"),
+                     (f"{bucket.url}/out/result.checkpoint/x.csv", "inside the checkpoint folder"),
+                     ("nosuch://bucket/result.csv", "batch writes only to local paths and s3://")):
+        code, out, err = run_cli("export", job, "--format", "csv", "--to", to)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and said in err, (to, err)
+    assert not [path for path in tmp_path.rglob("*") if ":" in path.name]  # nothing written locally instead
+
+
 def records_of_parts(s3: S3Bucket, folder: str) -> pd.DataFrame:
     """Every record in the checkpoint's parts under `folder`, with the part it sits in."""
     frames = []
