@@ -26,6 +26,8 @@ https://oss-cn-hangzhou.aliyuncs.com), never from a job file.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import io
 import os
@@ -36,6 +38,7 @@ from typing import Any, BinaryIO, NamedTuple
 
 import oss2
 from oss2.exceptions import OssError, RequestError, ServerError
+from ossfs import OSSFileSystem
 
 from batch.storage.base import StorageError, Unavailable
 from batch.storage.bucket import ABSENT, BucketStore, Missing, NoBucket, Refused, environment, reason, size_of
@@ -177,6 +180,9 @@ class OSSStore(BucketStore):
                 newest = _generation_of(current[1]) if current else 0
 
     def _send_generation(self, name: str, body: BinaryIO, generation: int) -> str:
+        if generation > LATEST:  # numbered down from LATEST: past it, names a listing would not find (a loop)
+            raise Unavailable(name, f"no generation can follow {LATEST:,}: objects named {GENERATION}... that batch "
+                              "did not write are under this key; move them away")
         return _generation_version(generation, self._send(_generation_name(name, generation), body, exclusive=True))
 
     def _send(self, name: str, body: BinaryIO, exclusive: bool) -> str:
@@ -258,8 +264,8 @@ class OSSStore(BucketStore):
         """One oss2 call: a refused forbid-overwrite Refused, a missing key Missing, a missing bucket NoBucket."""
         try:
             return method(*args, **kwargs)
-        except RequestError as exc:  # no answer: requests' own error, which oss2 keeps aside, says which
-            raise exc.exception from None
+        except RequestError as exc:
+            raise _no_answer(exc) from exc.exception
         except ServerError as exc:
             if exc.code == "NoSuchBucket":
                 raise NoBucket from None
@@ -319,6 +325,20 @@ class _RangeReader(io.RawIOBase):
         return self._position
 
 
+def _no_answer(exc: RequestError) -> OSError:
+    """A request that got no answer, said as the socket's error says it ("Connection refused"), not as oss2's text
+    (a dict) nor requests' (a paragraph); raised from requests' error, so is_unreachable finds the socket's in its
+    chain."""
+    cause: BaseException | None = exc.exception
+    said, seen = reason(exc.exception), set()
+    while cause is not None and id(cause) not in seen:
+        if type(cause).__module__ == "builtins" and isinstance(cause, OSError) and cause.strerror:
+            said = cause.strerror
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return OSError(said)
+
+
 def _generation_name(name: str, generation: int) -> str:
     return f"{name}{GENERATION}{LATEST - generation:012d}"
 
@@ -365,8 +385,32 @@ def _session(settings: tuple[tuple[str, str], ...]) -> oss2.Session:
 
 def default_filesystem() -> Any:
     """ossfs's filesystem (an input read from oss://) with the environment's endpoint and credentials."""
-    from ossfs import OSSFileSystem
-
     found = credentials()
-    return OSSFileSystem(endpoint=found.endpoint, key=found.key_id, secret=found.secret, token=found.token or None,
-                         skip_instance_cache=True)
+    return _InputFilesystem(endpoint=found.endpoint, key=found.key_id, secret=found.secret, token=found.token or None,
+                            skip_instance_cache=True)
+
+
+class _InputFilesystem(OSSFileSystem):  # type: ignore[misc]
+    """ossfs's filesystem whose failures are Python's file errors: ossfs lets some of oss2's through (a missing
+    bucket's NoSuchBucket, whose text is the reply as a dict), which a message would quote whole."""
+
+    def info(self, path: str, **kwargs: Any) -> Any:
+        with _as_file_errors(path):
+            return super().info(path, **kwargs)
+
+    def open(self, path: str, *args: Any, **kwargs: Any) -> Any:
+        with _as_file_errors(path):
+            return super().open(path, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _as_file_errors(path: str) -> Iterator[None]:
+    try:
+        yield
+    except RequestError as exc:
+        raise _no_answer(exc) from exc.exception
+    except ServerError as exc:
+        said = f"{exc.message or exc.code} ({exc.code or 'HTTP'} {exc.status})"
+        if exc.status == 404:
+            raise FileNotFoundError(errno.ENOENT, said, path) from None
+        raise OSError(errno.EACCES if exc.status == 403 else errno.EIO, said, path) from None

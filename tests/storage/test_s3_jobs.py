@@ -130,12 +130,18 @@ def refused_in_one_line(run_cli, job: Path) -> str:
     return lines[0]
 
 
-def test_a_missing_bucket_is_one_line_before_anything_is_sent(sim, make_job, run_cli, bucket, tmp_path):
+@pytest.mark.parametrize("key", ["output.path", "input.path"])
+def test_a_missing_bucket_is_one_line_before_anything_is_sent(sim, make_job, run_cli, bucket, tmp_path, key):
     job = on_bucket(make_job, sim, bucket, tmp_path)
-    job.write_text(job.read_text().replace(f"{bucket.url}/out/", f"{bucket.url}-missing/out/"))
+    place = f"{bucket.url}/out/" if key == "output.path" else f"{bucket.url}/in/"
+    job.write_text(job.read_text().replace(place, place.replace(bucket.url, f"{bucket.url}-missing")))
     before = bucket.keys()
-    line = refused_in_one_line(run_cli, job)
-    assert "output.path" in line and "the bucket does not exist" in line, line
+    if key == "output.path":
+        line = refused_in_one_line(run_cli, job)
+        assert key in line and "the bucket does not exist" in line, line
+    for command in ("validate", "run"):  # the input's: as a local file missing (OSS's said the reply as a dict)
+        code, _, err = run_cli(command, job)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "{" not in err, err
     assert sim.stats()["requests"] == 0
     assert bucket.keys() == before and not (tmp_path / "local").exists()
     assert not [key for key, _ in bucket.writes() if key != "in/reviews.csv"]
