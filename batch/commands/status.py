@@ -221,10 +221,12 @@ def format_status(status: dict[str, Any]) -> str:
 
 
 def _last_run_line(last: dict[str, Any]) -> str:
+    # a note whose start could not be read back when the run ended (its store failing then) says no start
+    started = f", started {last['started_at']}" if last.get("started_at") else ""
     if last["state"] == "did_not_finish":
-        return f"did not finish (killed or crashed), started {last['started_at']}, pid {last['pid']}"
+        return f"did not finish (killed or crashed){started}, pid {last['pid']}"
     if last["state"] == "error":
-        return f"stopped on an error (exit {last['exit_code']}), started {last['started_at']}: {last['error']}"
+        return f"stopped on an error (exit {last['exit_code']}){started}: {last['error']}"
     if last["state"] == "unreadable":
         return f"its summary is unreadable: {last['error']}; the next run writes a new one"
     stopped = f", stopped: {last['stopped']}" if last["stopped"] else ""

@@ -106,3 +106,13 @@ def test_status_names_no_output_while_its_path_is_a_folder(sim, make_job, run_cl
     code, out, err = run_cli("status", job, "--json")
     assert code == 0, err
     assert json.loads(out)["output"] is None
+
+
+def test_a_run_ended_on_an_error_whose_start_could_not_be_read_back_says_no_start() -> None:
+    """Its store failing when the run ended, the note kept the error alone: status said "started None"."""
+    from batch.commands.status import _last_run_line
+
+    ended = {"state": "error", "exit_code": 70, "started_at": None, "pid": None, "error": "the store failed"}
+    assert _last_run_line(ended) == "stopped on an error (exit 70): the store failed"
+    ended["started_at"] = "2026-12-07 15:00:00"
+    assert _last_run_line(ended) == "stopped on an error (exit 70), started 2026-12-07 15:00:00: the store failed"
