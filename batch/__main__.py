@@ -1,6 +1,6 @@
 """`python -m batch` and the `batch` command."""
 
-import gc
+import atexit
 import os
 import sys
 
@@ -26,16 +26,21 @@ def main() -> int:
             pass
         _exit_without_teardown(EXIT_INTERRUPTED)
     code = command_line()
-    if taken_early():
-        _exit_without_teardown(code)
-    # Arrow readers left for the interpreter's last teardown can abort it ("terminate called without an active
-    # exception", SIGABRT; apache/arrow#34314): collected here, their threads are joined while Arrow still stands.
-    gc.collect()
-    return code
+    # The command is done: the process ends without the interpreter's teardown. Arrow's thread pools do not always
+    # survive it: one `batch status` in ~50 ended in SIGABRT ("terminate called without an active exception",
+    # exit 134) after printing its status, its work done (apache/arrow#34314; a gc.collect() here first did not
+    # help). What a teardown does that matters is done first: the atexit functions (logging's shutdown, which
+    # flushes and closes batch.log; the libraries' own), unless a signal stopped the command early (then as
+    # before: nothing of it is left to finish), and the standard streams' flush.
+    if not taken_early():
+        atexit._run_exitfuncs()
+    _exit_without_teardown(code)
+    return code  # not reached
 
 
 def _exit_without_teardown(code: int) -> None:
-    """The process ends now, skipping the interpreter's teardown: for a command stopped by a signal before a run.
+    """The process ends now, skipping the interpreter's teardown: for every command once it is done (main says why),
+    and at once for one stopped by a signal before a run.
 
     A signal during the imports or the input's scan can leave an Arrow thread about to call into Python (the CSV
     reader reads ahead from a Python file object on Arrow's I/O threads; an extension half imported). At teardown

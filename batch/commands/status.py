@@ -62,9 +62,16 @@ def read_job(settings: Settings) -> JobReading:
     counts = states.counts(id_batches(table))
     schema = settings.schema  # with a json_schema, its columns are typed by it, as in the output
     pending = total - counts.ok - counts.failed
-    current = pending == 0 and is_current(at.output, output_footer(output_settings(settings.output, schema),
-                                                                   made_from(checkpoint, at.input)))
-    return JobReading(table, checkpoint, states, total, pending, schema, current)
+    return JobReading(table, checkpoint, states, total, pending, schema,
+                      pending == 0 and _output_is_current(settings, checkpoint))
+
+
+def _output_is_current(settings: Settings, checkpoint: Checkpoint) -> bool:
+    """Whether the final file is the one batch writes from the checkpoint's records, the input and the output
+    settings as they are now."""
+    at = settings.locations
+    return is_current(at.output, output_footer(output_settings(settings.output, settings.schema),
+                                               made_from(checkpoint, at.input)))
 
 
 def id_batches(table: InputTable) -> Callable[[], Iterator[pa.Array]]:
@@ -86,13 +93,15 @@ def job_status(settings: Settings) -> dict[str, Any]:
     counts = states.counts(id_batches(table))
     spent = checkpoint.spent(states, id_batches(table), with_log=True)
     running = RunLock(at.local_dir).holder() if at.local_dir.is_dir() else None
+    pending = total - counts.ok - counts.failed
+    output = object_exists(at.output)
     return {
         "job": settings.name,
         **shard_named(settings),
         "rows_total": total,
         "ok": counts.ok,
         "failed": counts.failed,
-        "pending": total - counts.ok - counts.failed,
+        "pending": pending,
         "changed": counts.changed,
         "not_in_input": counts.not_in_input,
         "failed_by_class": failed_by_class(states, table),
@@ -108,7 +117,11 @@ def job_status(settings: Settings) -> dict[str, Any]:
         "running_pid": running,
         "lease": lease_status(at.checkpoint_store(), ended_here=None if running else holder_prefix(at.local_dir)),
         "last_run": last_run(at.checkpoint_dir, running),
-        "output": str(at.output) if object_exists(at.output) else None,
+        "output": str(at.output) if output else None,
+        # False: not written from the records as they are now (a run writes it again, sending nothing): a zombie
+        # holder's answers in flight that came after the run that wrote it, the input edited, other settings
+        "output_current": (pending == 0 and _output_is_current(settings, checkpoint))
+        if output and settings.shard is None else None,  # a shard writes none of its own: merge does
         "in_batches": states.held(),
         # As the last run saw them (status sends no request): the next run polls them.
         "batches": [describe(entry) for entry in ledger_at(at).files.values() if entry.live],
@@ -216,7 +229,8 @@ def format_status(status: dict[str, Any]) -> str:
     if status["lease"] is not None:
         lines.append(f"  lease: {format_lease(status['lease'])}")
     if status["output"]:
-        lines.append(f"  output: {status['output']}")
+        stale = " (not written from the records as they are now: a run writes it again, sending nothing)"
+        lines.append(f"  output: {status['output']}{stale if status.get('output_current') is False else ''}")
     return "\n".join(lines)
 
 

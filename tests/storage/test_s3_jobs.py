@@ -549,6 +549,8 @@ def test_a_zombies_late_parts_written_while_the_new_holder_runs_are_left_to_the_
                 process.communicate()
     result = output_on(s3)
     assert list(result["review_id"]) == [row["review_id"] for row in rows] and (result["status"] == "ok").all()
+    code, out, err = run_cli("status", job)  # the output misses the zombie's late answers: status says so
+    assert code == 0 and "(not written from the records as they are now: a run writes it again" in out, out
     sent = sim.stats()["requests"]
     code, out, err = run_cli("run", job)  # reads the zombie's parts too: sends nothing, the output written again
     assert code == 0 and sim.stats()["requests"] == sent, err
@@ -558,6 +560,8 @@ def test_a_zombies_late_parts_written_while_the_new_holder_runs_are_left_to_the_
     assert (times == 2).any() and again["attempts"].tolist() == times.tolist()  # each answer paid, in its row
     paid = records_of_parts(s3, folder).groupby("id")["cost"].sum()
     assert again["cost"].tolist() == pytest.approx([paid[i] for i in again["review_id"]])
+    code, out, err = run_cli("status", job, "--json")
+    assert code == 0 and json.loads(out)["output_current"] is True, out
 
 
 def test_status_shows_who_holds_each_shards_lease_for_the_ttl_the_job_file_sets(start_sim, make_job, run_cli, s3,
