@@ -10,6 +10,7 @@ import os
 import secrets
 import signal
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,7 @@ class Run:
         # The checkpoint's lease was taken over by another run (this one is a zombie): it keeps the answers in
         # flight (paid for) in parts of its own epoch, and writes nothing else: no final file, marker, merge or note.
         self.lease_lost = False
+        self.lost_because = ""  # the take-over, as LeaseLost says it
         self.lease: Lease | None = None  # a checkpoint on a URL: its lease, while the run holds it
         self._signals: list[TakenSignal] = []  # what each signal the run took had before it
 
@@ -220,7 +222,7 @@ class Run:
                             lease.renew_every, exc)
 
     def _lost(self, exc: LeaseLost) -> None:
-        self.lease_lost = True
+        self.lease_lost, self.lost_because = True, str(exc)
         self.stop.now(str(exc), EXIT_LOCKED)
 
     def _still_held(self) -> bool:
@@ -263,8 +265,9 @@ class Run:
         try:
             summary = await self._execute_marked(total)
         except BatchError as exc:
-            if not self.lease_lost:
-                end_run(self.folder, str(exc), exc.exit_code)
+            if not self._still_held():  # taken over (its parts merged away under a final file being written)
+                raise LockedError(self.lost_because) from None
+            end_run(self.folder, str(exc), exc.exit_code)
             raise
         if not self.lease_lost:  # the note is the new holder's now
             end_run(self.folder)
@@ -303,17 +306,52 @@ class Run:
             self._remove_signal_handlers()
             progress.close()
             self.checkpoint.close(merge=False)
-        summary = self._finish(stats, done)
-        # After the final file, not before: the merge's buffers would otherwise sit under the final file's.
+        with self._lease_renewed_meanwhile():
+            # The merge before the final file: the file's footer names the parts it was made from, and a merge
+            # after it left it stale at once (export refused it until another run). A merge keeps every record at
+            # its place in write order, so the row states read at the start still point at them.
+            if not self.lease_lost and self._still_held():  # taken over: the parts are the new holder's to merge
+                try:
+                    self.checkpoint.merge()
+                except (OSError, BatchError) as exc:  # every record is kept as it was; the next run merges them
+                    log.warning("could not merge the checkpoint's parts in %s: %s", self.folder,
+                                getattr(exc, "strerror", None) or exc)
+                give_back_freed_memory()  # the merge's buffers, before the final file's
+            summary = self._finish(stats, done)
         give_back_freed_memory()
-        if self.lease_lost:  # the parts are the new holder's to merge
-            return summary
-        try:
-            self.checkpoint.merge()
-        except (OSError, BatchError) as exc:  # every record read is in the output; the next run merges them
-            log.warning("could not merge the checkpoint's parts in %s: %s", self.folder,
-                        getattr(exc, "strerror", None) or exc)
         return summary
+
+    @contextlib.contextmanager
+    def _lease_renewed_meanwhile(self) -> Iterator[None]:
+        """The lease renewed on a thread of its own while the run works without its event loop (the merge, the final
+        file: minutes on a large job, past the ttl), so that a healthy run keeps it; a take-over found then stops
+        the run as one found by the loop's renewals does (exit 4, nothing more written)."""
+        lease = self.lease
+        if lease is None or self.lease_lost:
+            yield
+            return
+        done, lost = threading.Event(), []
+
+        def renew() -> None:
+            while not done.wait(lease.renew_every):
+                try:
+                    lease.renew()
+                except LeaseLost as exc:
+                    lost.append(exc)
+                    return
+                except OSError as exc:
+                    log.warning("could not renew the checkpoint's lease (tried again in %.0f s): %s",
+                                lease.renew_every, exc)
+
+        renewing = threading.Thread(target=renew, name="batch-lease", daemon=True)
+        renewing.start()
+        try:
+            yield
+        finally:
+            done.set()
+            renewing.join()
+            if lost:
+                self._lost(lost[0])
 
     async def _answer_online(self, pool: Pool, done: RowStates, stats: RunStats, progress: Progress) -> None:
         """The rows to send, answered by the online pool, with the answer cache and the budget."""

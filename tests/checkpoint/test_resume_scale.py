@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import opened, output_of, record, states
 
+import batch
 from batch.checkpoint import answered as answered_module
 from batch.checkpoint.answered import Answered
 from batch.checkpoint.writer import MERGE_PARTS_ABOVE, Checkpoint
@@ -48,6 +49,9 @@ async def test_resume_over_many_parts_sends_only_the_rest_and_merges_them_at_the
     assert list(result["review_id"]) == [r["review_id"] for r in rows]
     assert list(result["text"]) == [r["text"] for r in rows] and set(result["status"]) == {"ok"}
     assert list(result["response"][:200]) == [f"answer {i}" for i in range(200)]
+    # The output is the one made from the records as they are now, merged: `export` takes it at once (the merge
+    # came after the final file, whose footer then named parts gone: export refused it until a second run).
+    assert batch.status(job)["output_current"] is True
 
 
 def test_merge_streams_parts_into_row_groups_and_the_last_record_wins(tmp_path):

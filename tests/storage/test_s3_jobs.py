@@ -564,6 +564,67 @@ def test_a_zombies_late_parts_written_while_the_new_holder_runs_are_left_to_the_
     assert code == 0 and json.loads(out)["output_current"] is True, out
 
 
+def test_a_run_keeps_its_lease_while_it_merges_its_parts_and_writes_its_output(start_sim, make_job, run_cli, s3,
+                                                                                 tmp_path):
+    """The merge and the final file run without the event loop, whose task renewed the lease: a run whose end took
+    longer than the ttl let its lease run out (a black-box pass: a run started meanwhile took it over, and both
+    wrote the output and the summary). Watched from the end's start: the lease never runs out while the run is."""
+    rows = [{"review_id": f"m{i:03d}", "text": f"merged {i}"} for i in range(300)]
+    sim = start_sim()
+    job = on_bucket(make_job, sim, s3, tmp_path, rows=rows, limits={"concurrency": 16},
+                    output={"checkpoint_rows": 1, "checkpoint_lease_s": 1})
+    checkpoint = S3Store(f"{s3.url}/out/result.checkpoint")
+    first = start_run(job)
+    try:
+        wait_until(lambda: sim.stats()["requests"] == len(rows), "every row answered: the run's end begins")
+        started, ran_out = time.monotonic(), []
+        while first.poll() is None:
+            lease = json.loads(checkpoint.read_bytes(LEASE_KEY))
+            if 0 < lease["expires_at"] < time.time() and first.poll() is None:  # 0: released, at its very end
+                ran_out.append(lease)
+            time.sleep(0.1)
+        ended_after = time.monotonic() - started
+        _, err = first.communicate(timeout=120)
+    finally:
+        first.kill()
+        first.communicate()
+    assert first.returncode == 0, err
+    assert ended_after > 2, f"the end took {ended_after:.1f} s: not past the ttl, the test shows nothing"
+    assert not ran_out, ran_out
+    assert list(output_on(s3)["review_id"]) == [row["review_id"] for row in rows]
+
+
+def test_a_run_taken_over_while_it_writes_its_output_exits_4_and_leaves_the_new_holders_notes(start_sim, make_job,
+                                                                                                 run_cli, s3, tmp_path):
+    """Paused in its end (the merge, the final file) past its lease's ttl, while a run on another host took the
+    checkpoint over and merged the parts away: it failed reading them (exit 70) and noted that error as the job's
+    last run, over the new holder's finished run."""
+    rows = [{"review_id": f"w{i:03d}", "text": f"written {i}"} for i in range(300)]
+    sim = start_sim()
+    job = on_bucket(make_job, sim, s3, tmp_path, rows=rows, limits={"concurrency": 16},
+                    output={"checkpoint_rows": 1, "checkpoint_lease_s": 1})
+    other_host = job.with_name("job-other-host.yaml")
+    other_host.write_text(job.read_text().replace(str(tmp_path / "local"), str(tmp_path / "local-2")))
+    checkpoint = S3Store(f"{s3.url}/out/result.checkpoint")
+    paused = start_run(job)
+    try:
+        wait_until(lambda: sim.stats()["requests"] == len(rows), "every row answered: the run's end begins")
+        time.sleep(0.5)  # into the merge: a time, not a wait for something (its parts are being read)
+        os.kill(paused.pid, signal.SIGSTOP)
+        wait_until(lambda: 0 < json.loads(checkpoint.read_bytes(LEASE_KEY))["expires_at"] < time.time(),
+                   "the paused run's lease to run out")
+        code, _, err = run_cli("run", other_host)
+        assert code == 0, err
+        resume_taken_over(paused)
+    finally:
+        paused.kill()
+        paused.communicate()
+    code, out, err = run_cli("status", job, "--json")
+    assert code == 0 and json.loads(out)["last_run"]["state"] == "finished", out
+    assert sim.stats()["requests"] == len(rows)
+    assert list(output_on(s3)["review_id"]) == [row["review_id"] for row in rows]
+
+
 def test_status_shows_who_holds_each_shards_lease_for_the_ttl_the_job_file_sets(start_sim, make_job, run_cli, s3,
                                                                                 tmp_path):
     sim = start_sim(latency_ms=100)
