@@ -42,7 +42,6 @@ from batch.preflight import (
 from batch.process import command_line_process, readers_may_leave
 from batch.runner import RunOptions, run_job
 from batch.shard import MOST_SHARDS
-from batch.storage.locations import location
 from batch.summary import format_summary
 from batch.wording import counted, job_named
 
@@ -81,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write the final table as CSV, JSONL or Parquet")
     export.add_argument("job", help=JOB_HELP)
     export.add_argument("--format", choices=["csv", "jsonl", "parquet"], required=True, help="the file's format")
-    export.add_argument("--to", type=location, required=True, metavar="PATH",
+    export.add_argument("--to", required=True, metavar="PATH",
                         help="the file to write: a local path, or a URL of a store batch writes to (s3://...)")
     status = commands.add_parser("status", help="rows done / failed / pending, tokens, cost, whether a run is alive "
                                                 "(of each shard, for a job split into shards)")

@@ -30,7 +30,7 @@ from batch.config import JobSpec
 from batch.errors import ConfigError
 from batch.plan import Settings
 from batch.preflight import check_export_target, job_shards, settings_of
-from batch.storage.locations import Location, location, object_at
+from batch.storage.locations import Location, is_url, location, object_at
 from batch.wording import counted
 
 FORMATS = ("csv", "jsonl", "parquet")
@@ -43,7 +43,7 @@ def export_output(spec: JobSpec, fmt: Literal["csv", "jsonl", "parquet"], to: Lo
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r} (use one of {', '.join(FORMATS)})")
     settings = settings_of(spec)
-    to = location(to)
+    to = _target(to)
     if settings.shard is not None:
         return _export_shard(settings, fmt, to)
     source, job_file = settings.locations.output, settings.locations.job_file
@@ -61,6 +61,17 @@ def export_output(spec: JobSpec, fmt: Literal["csv", "jsonl", "parquet"], to: Lo
                               "again, sending nothing")
     check_export_target(settings.locations, to)
     return export_file(source, fmt, to)
+
+
+def _target(to: Location | str) -> Location:
+    """Where --to names: a local path, or a URL's object (a URL ending in "/" names a folder: refused)."""
+    try:
+        found = location(to)
+    except ValueError as exc:
+        raise ConfigError(f"--to {exc}") from None
+    if is_url(found) and str(to).endswith("/"):
+        raise ConfigError(f"--to {to} is a folder: name the file to write, e.g. {found / 'results.csv'}")
+    return found
 
 
 def _check_merged(whole: Settings, shards: ShardsReading) -> None:
@@ -113,6 +124,8 @@ def export_file(source: Path, fmt: Literal["csv", "jsonl", "parquet"], to: Locat
         target.replace(target_key, write)
     except OSError as exc:
         raise ConfigError(f"{to}: cannot write the export: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a store refusing the bucket (OSS with versioning on)
+        raise ConfigError(f"--to {exc}") from None
     except pa.ArrowException as exc:  # a type the format cannot hold, or a damaged output file
         raise ConfigError(f"{to}: cannot export {source} as {fmt}: {exc}") from None
     return rows
