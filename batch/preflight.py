@@ -58,6 +58,7 @@ from batch.storage.locations import (
     credentials_from,
     input_kind,
     is_url,
+    object_exists,
     store_at,
 )
 from batch.wording import counted
@@ -420,7 +421,10 @@ def check_output_path(spec: JobSpec) -> None:
                               "`batch export` it once done", "write read_results(...) with to_csv or to_json"))
     if is_url(out):
         _check_output_reachable(spec, where)
-        return
+        with _remote_failures(where, out):
+            under = store_at(out).list()  # objects under it: what a bucket's console shows as a folder
+        if under:
+            raise ConfigError(f"{where} is a folder: name the Parquet file to write, e.g. {given / 'results.parquet'}")
     own = spec.checkpoint_dir.resolve()
     if own == source or own in source.parents:
         raise ConfigError(f"{where}: its checkpoint folder {spec.checkpoint_dir} would hold the input "
@@ -430,7 +434,8 @@ def check_output_path(spec: JobSpec) -> None:
         if folder == source_checkpoint or (folder.suffix == ".checkpoint" and _holds_a_checkpoint(folder)):
             raise ConfigError(f"{where} is inside the checkpoint folder {folder}, which batch manages; "
                               "put the output elsewhere")
-    _check_creatable(spec, "output.path", given, "the output and its checkpoint folder")
+    if not is_url(out):
+        _check_creatable(spec, "output.path", given, "the output and its checkpoint folder")
 
 
 def check_export_target(locations: Locations, target: Location) -> None:
@@ -452,7 +457,9 @@ def check_export_target(locations: Locations, target: Location) -> None:
                               "export elsewhere")
 
 
-def _holds_a_checkpoint(folder: Path) -> bool:
+def _holds_a_checkpoint(folder: Location) -> bool:
+    if is_url(folder):  # a checkpoint on a bucket: its fingerprint (its log stays local)
+        return object_exists(folder / CHECKPOINT_MARKERS[0])
     return any((folder / name).exists() for name in CHECKPOINT_MARKERS)
 
 

@@ -147,6 +147,33 @@ def test_a_missing_bucket_is_one_line_before_anything_is_sent(sim, make_job, run
     assert not [key for key, _ in bucket.writes() if key != "in/reviews.csv"]
 
 
+@pytest.mark.parametrize("kind", ["s3", "oss"])
+def test_an_output_on_a_bucket_tangled_with_a_folder_or_a_checkpoint_is_refused_as_on_disk(sim, make_job, run_cli,
+                                                                                           request, tmp_path, kind):
+    """The local checks of output.path, on a bucket too: `validate` and `run` went on (and wrote a checkpoint inside
+    another's, or beside objects under the output's name)."""
+    bucket = request.getfixturevalue(kind)
+    job = on_bucket(make_job, sim, bucket, tmp_path, rows=ROWS[:5])
+    code, _, err = run_cli("run", job)
+    assert code == 0, err
+    text = job.read_text()
+    bucket.put("out/taken.parquet/notes.txt", b"a folder's object")
+    cases = {f"{bucket.url}/out/result.checkpoint/x.parquet": "is inside the checkpoint folder",
+             f"{bucket.url}/out/taken.parquet": "is a folder: name the Parquet file to write"}
+    for output, said in cases.items():
+        job.write_text(text.replace(f"{bucket.url}/out/result.parquet", output))
+        before = bucket.keys()
+        for command in ("validate", "run"):
+            code, _, err = run_cli(command, job)
+            assert code == 2 and len(err.strip().splitlines()) == 1 and said in err, (output, command, err)
+        assert bucket.keys() == before
+    inside = job.with_name("inside.yaml")  # an input inside the output's own checkpoint folder
+    inside.write_text(text.replace(f"{bucket.url}/in/reviews.csv", f"{bucket.url}/out/result.checkpoint/in.csv"))
+    bucket.put("out/result.checkpoint/in.csv", bucket.get("in/reviews.csv"))
+    code, _, err = run_cli("validate", inside)
+    assert code == 2 and "would hold the input" in err, err
+
+
 @pytest.mark.parametrize(("scheme", "package", "extra", "named"), [
     ("gs", "gcsfs", "gcs", "gcsfs"), ("az", "adlfs", "azure", "adlfs and azure-storage-blob"),
     ("oss", "oss2", "oss", "oss2 and ossfs")])
