@@ -371,8 +371,8 @@ def credentials() -> Credentials:
     if "://" not in endpoint:  # oss2 would take it as http://: the data and an STS token sent in clear
         endpoint = f"https://{endpoint}"
     if endpoint.partition("://")[0].lower() not in ("http", "https"):  # oss2 would make a host name of it
-        raise ValueError(f"OSS_ENDPOINT {endpoint} is no http(s):// URL: the endpoint of the bucket's region, e.g. "
-                         "https://oss-cn-hangzhou.aliyuncs.com")
+        raise ValueError(f"OSS_ENDPOINT {endpoint} is not an http:// or https:// URL: the endpoint of the bucket's "
+                         "region, e.g. https://oss-cn-hangzhou.aliyuncs.com")
     if not (key_id and secret):
         raise ValueError("no OSS credentials in the environment: set OSS_ACCESS_KEY_ID and OSS_ACCESS_KEY_SECRET "
                          "(and OSS_SESSION_TOKEN for STS credentials)")

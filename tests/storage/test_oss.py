@@ -139,7 +139,7 @@ def test_an_endpoint_of_another_scheme_is_one_line_naming_the_variable(sim, make
     job = on_bucket(make_job, sim, oss, tmp_path)
     monkeypatch.setenv("OSS_ENDPOINT", "ftp://oss-cn-hangzhou.aliyuncs.com")
     line = refused_in_one_line(run_cli, job)
-    assert "OSS_ENDPOINT ftp://oss-cn-hangzhou.aliyuncs.com is no http(s):// URL" in line, line
+    assert "OSS_ENDPOINT ftp://oss-cn-hangzhou.aliyuncs.com is not an http:// or https:// URL" in line, line
 
 
 def test_an_export_to_a_bucket_it_cannot_write_or_to_a_folder_is_one_line(sim, make_job, run_cli, oss, tmp_path):
