@@ -97,6 +97,18 @@ class TakenSignal:
     loop_handle: asyncio.Handle | None  # the running loop's own handler (loop.add_signal_handler), if it had one
 
 
+def _renewed(lease: Lease) -> LeaseLost | None:
+    """One renewal of the lease: None when it is still ours (or the store failed it: said, and the lease stays ours
+    until its ttl runs out, the next renewal trying again), the LeaseLost when another holds it now."""
+    try:
+        lease.renew()
+    except LeaseLost as exc:
+        return exc
+    except OSError as exc:
+        log.warning("could not renew the checkpoint's lease (tried again in %.0f s): %s", lease.renew_every, exc)
+    return None
+
+
 def _loop_signal_handlers(loop: asyncio.AbstractEventLoop) -> dict[int, asyncio.Handle]:
     """The loop's signal handlers by signal. asyncio offers no way to read them but this attribute of its Unix
     loops; a loop without it (another implementation) is taken as having none."""
@@ -212,14 +224,10 @@ class Run:
         store that fails a renewal is tried again at the next one: the lease stays ours until its ttl runs out."""
         while True:
             await asyncio.sleep(lease.renew_every)
-            try:
-                await asyncio.to_thread(lease.renew)
-            except LeaseLost as exc:
-                self._lost(exc)
+            lost = await asyncio.to_thread(_renewed, lease)
+            if lost is not None:
+                self._lost(lost)
                 return
-            except OSError as exc:
-                log.warning("could not renew the checkpoint's lease (tried again in %.0f s): %s",
-                            lease.renew_every, exc)
 
     def _lost(self, exc: LeaseLost) -> None:
         self.lease_lost, self.lost_because = True, str(exc)
@@ -334,14 +342,9 @@ class Run:
 
         def renew() -> None:
             while not done.wait(lease.renew_every):
-                try:
-                    lease.renew()
-                except LeaseLost as exc:
-                    lost.append(exc)
+                if (taken := _renewed(lease)) is not None:
+                    lost.append(taken)
                     return
-                except OSError as exc:
-                    log.warning("could not renew the checkpoint's lease (tried again in %.0f s): %s",
-                                lease.renew_every, exc)
 
         renewing = threading.Thread(target=renew, name="batch-lease", daemon=True)
         renewing.start()

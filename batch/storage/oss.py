@@ -100,22 +100,28 @@ class OSSStore(BucketStore):
                 return item.key, _generation_version(LATEST - int(found[2]), str(item.etag))
         return None
 
+    def _now_named(self, name: str) -> str:
+        """The object that is `name` now: its newest generation, else the plain object (which may be missing)."""
+        newest = self._newest_generation(name)
+        return newest[0] if newest else name
+
     def _list(self, prefix: str) -> Iterator[tuple[str, int, str]]:
         """Each key's object as its newest generation says (in name order, a plain object comes before its
         generations, the newest generation first). A key is listed if its own name starts with `prefix`."""
         keys: dict[str, tuple[int, str]] = {}
+        swapped: set[str] = set()  # the keys whose newest generation was listed
         for physical, size, version in self._physical(prefix):
             if generation := _GENERATION_NAME.fullmatch(physical):
                 name = generation[1]
-                if name.startswith(prefix) and _generation_of(keys.get(name, (0, ""))[1]) == 0:
+                if name.startswith(prefix) and name not in swapped:
+                    swapped.add(name)
                     keys[name] = size, _generation_version(LATEST - int(generation[2]), version)
             else:
                 keys[physical] = size, version
         return iter([(name, size, version) for name, (size, version) in keys.items()])
 
     def _cat(self, name: str) -> bytes:
-        newest = self._newest_generation(name)
-        current = newest[0] if newest else name
+        current = self._now_named(name)
         return bytes(self._call(lambda: self.client.get_object(current).read()))
 
     def _name(self, key: str) -> str:
@@ -124,8 +130,7 @@ class OSSStore(BucketStore):
         return super()._name(key)
 
     def _open(self, name: str) -> Any:
-        newest = self._newest_generation(name)
-        current = newest[0] if newest else name
+        current = self._now_named(name)
         head = self._call(self.client.head_object, current)
         if head.content_length <= self.read_whole_up_to:
             # One GET for the whole of it: Parquet reads a part in ~20 small ranges (the footer, each column
@@ -170,7 +175,7 @@ class OSSStore(BucketStore):
             still = self._call(self.client.head_object, base_name).etag
         except Missing:
             still = None
-        if still != version.split(" ", 1)[0]:
+        if still != _etag_of(version):
             self._call(self.client.delete_object, _generation_name(name, base + 1))
             raise Refused
         return made
@@ -353,6 +358,11 @@ def _generation_version(generation: int, etag: str) -> str:
     """A generation's version: its ETag (naming its bytes, as a plain object's version does) and its number (which
     the next swap creates the successor of)."""
     return f"{etag} (generation {generation})"
+
+
+def _etag_of(version: str) -> str:
+    """The ETag a version names (a generation's version holds its number after it)."""
+    return version.split(" ", 1)[0]
 
 
 def _generation_of(version: str) -> int:

@@ -16,13 +16,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import free_port, start_run, wait_until
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from oss2.exceptions import RequestError
 from test_s3_jobs import ROWS, on_bucket, output_on, refused_in_one_line, resume_taken_over
 
 from batch.errors import EXIT_UNREACHABLE
 from batch.storage.base import AlreadyExists, NotFound, PreconditionFailed, Unavailable
 from batch.storage.lease import LEASE_KEY
 from batch.storage.locations import location, store_at
-from batch.storage.oss import GENERATION, LATEST, OSSStore
+from batch.storage.oss import GENERATION, LATEST, OSSStore, _no_answer
 
 
 def bytes_of(data: bytes):
@@ -233,3 +236,20 @@ def _versioning(status: str):
     config = oss2.models.BucketVersioningConfig()
     config.status = status
     return config
+
+
+@settings(max_examples=200)
+@given(st.lists(st.sampled_from(["plain", "socket", "library"]), min_size=1, max_size=8),
+       st.integers(min_value=-1, max_value=7))
+def test_a_request_without_an_answer_says_the_deepest_socket_error_of_any_chain(kinds, loop_to) -> None:
+    """oss2 keeps requests' error aside, which keeps urllib3's, which keeps the socket's: whatever the chain (a cycle
+    included), the line says the socket's reason found deepest, else requests' own, and never walks for ever."""
+    chain = [ConnectionRefusedError(111, f"socket {i}") if kind == "socket" else
+             OSError(f"library {i}") if kind == "library" else ValueError(f"plain {i}") for i, kind in enumerate(kinds)]
+    for outer, inner in zip(chain, chain[1:]):
+        outer.__context__ = inner
+    if 0 <= loop_to < len(chain):
+        chain[-1].__context__ = chain[loop_to]
+    said = str(_no_answer(RequestError(chain[0])))
+    sockets = [error.strerror for error in chain if isinstance(error, ConnectionRefusedError)]
+    assert said == (sockets[-1] if sockets else str(chain[0]).splitlines()[0] or type(chain[0]).__name__)
